@@ -1,0 +1,1 @@
+"""r1vl.kernels: fused linear GRPO loss and log-probs (installed from kernels/)."""

@@ -1,0 +1,43 @@
+"""r1vl: a kernel-optimised StepGRPO trainer for multimodal LLMs.
+
+`kernels/` is installed as the subpackage `r1vl.kernels` (never as a top-level
+`kernels` package: transformers probes for Hugging Face's package of that name).
+"""
+from setuptools import find_packages, setup
+
+trainer_packages = find_packages(include=["r1vl", "r1vl.*"])
+kernel_packages = ["r1vl.kernels"] + [
+    "r1vl.kernels." + p for p in find_packages(where="kernels")
+]
+
+setup(
+    name="r1vl",
+    version="0.1.0",
+    description="Fast, faithful StepGRPO (R1-VL) training for Qwen2-VL / Qwen2.5-VL",
+    python_requires=">=3.10",
+    packages=trainer_packages + kernel_packages,
+    package_dir={"r1vl.kernels": "kernels"},
+    package_data={"r1vl": ["configs/*.yaml", "configs/*.json"]},
+    install_requires=[
+        "torch>=2.6,<2.14",
+        "triton>=3.2,<3.10",
+        "transformers>=5.19,<5.23",
+        "numpy>=1.26",
+        "pillow>=10",
+        "pyyaml>=6",
+        "tqdm>=4.66",
+        "safetensors>=0.4",
+        "math-verify>=0.7,<0.10",
+    ],
+    extras_require={
+        "vllm": ["vllm>=0.10"],
+        "flash": ["flash-attn>=2.6"],
+        "dev": [
+            "pytest>=8",
+            "hypothesis>=6.100",
+            "liger-kernel>=0.6,<0.9",
+            "matplotlib>=3.8",
+            "tensorboard>=2.16",
+        ],
+    },
+)
