@@ -1,0 +1,280 @@
+"""Public API: argument validation, backend dispatch and the nn.Module.
+
+    linear_logprobs(hidden, weight, targets, ...)             -> logp (, entropy)
+    fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, ...) -> (loss, metrics)
+    FusedLinearGRPOLoss(beta=..., ...)(hidden, weight, targets, mask, advantages, ...)
+
+Backends: "auto" = Triton on CUDA tensors, chunked PyTorch on CPU; "triton" forces
+the Triton kernels (on CPU only under TRITON_INTERPRET=1, which must be set before
+the kernels module is first imported); "torch" forces the chunked PyTorch path.
+Every user mistake is a ValueError naming the offending argument.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from .chunked import chunked_linear_logprobs
+from .objective import grpo_objective
+
+BACKENDS = ("auto", "triton", "torch")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+IS_LEVELS = ("token", "sequence")
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# fp64 is accepted by the torch backend only (finite-difference checks); it computes in fp64.
+INPUT_DTYPES = FLOAT_DTYPES + (torch.float64,)
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _check_tensor(name: str, x, *, shape=None, dtypes=None, device=None, float_ok=False):
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if shape is not None and tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(x.shape)}")
+    if dtypes is not None and x.dtype not in dtypes:
+        raise ValueError(f"{name}: expected dtype in {[str(d) for d in dtypes]}, got {x.dtype}")
+    if float_ok and not x.is_floating_point():
+        raise ValueError(f"{name}: expected a floating-point tensor, got {x.dtype}")
+    if device is not None and x.device != device:
+        raise ValueError(f"{name}: expected device {device} (hidden's), got {x.device}")
+
+
+def _check_number(name: str, x, *, positive=False, nonneg=False):
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise ValueError(f"{name}: expected a number, got {type(x).__name__}")
+    if x != x or x in (float("inf"), float("-inf")):
+        raise ValueError(f"{name}: expected a finite number, got {x}")
+    if positive and not x > 0:
+        raise ValueError(f"{name}: expected > 0, got {x}")
+    if nonneg and not x >= 0:
+        raise ValueError(f"{name}: expected >= 0, got {x}")
+
+
+def _check_linear(hidden, weight, bias, targets, temperature, *, hidden_ndims):
+    _check_tensor("hidden", hidden, dtypes=INPUT_DTYPES)
+    if hidden.dim() not in hidden_ndims:
+        want = " or ".join(f"{d}-D" for d in hidden_ndims)
+        raise ValueError(f"hidden: expected {want}, got shape {tuple(hidden.shape)}")
+    dev = hidden.device
+    _check_tensor("weight", weight, dtypes=(hidden.dtype,), device=dev)
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight: expected shape [V, {hidden.shape[-1]}] (hidden size last), "
+                         f"got {tuple(weight.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError("weight: vocabulary size must be > 0")
+    if bias is not None:
+        _check_tensor("bias", bias, shape=(weight.shape[0],), dtypes=(hidden.dtype,), device=dev)
+    _check_tensor("targets", targets, shape=hidden.shape[:-1], dtypes=(torch.int64,), device=dev)
+    _check_number("temperature", temperature, positive=True)
+
+
+def _check_target_range(targets, vocab, where=None):
+    t = targets if where is None else targets[where]
+    if t.numel() == 0:
+        return
+    lo, hi = int(t.min()), int(t.max())
+    if lo < 0 or hi >= vocab:
+        raise ValueError(f"targets: token ids must lie in [0, {vocab}) (weight has {vocab} rows)"
+                         f"{' at unmasked positions' if where is not None else ''}; got min {lo}, max {hi}")
+
+
+def _resolve_backend(backend, device, dtype):
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" and dtype != torch.float64 else "torch"
+    if backend == "triton" and dtype == torch.float64:
+        raise ValueError("hidden: float64 is supported by backend='torch' only")
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
+                         "r1vl.kernels' Triton module is imported; use backend='torch' or 'auto'")
+    return backend
+
+
+def _logprob_fn(backend):
+    if backend == "torch":
+        return chunked_linear_logprobs
+    try:
+        from .triton_grpo import triton_linear_logprobs
+    except ImportError as exc:  # triton missing or broken
+        raise ValueError(f"backend='triton' is unavailable: {exc}") from exc
+    return triton_linear_logprobs
+
+
+# ----------------------------------------------------------------------------- functions
+
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    backend: str = "auto",
+):
+    """Log-probs of `targets` under softmax((hidden·Wᵀ + bias)/temperature), without logits.
+
+    hidden [B,T,H] or [N,H] (fp32/bf16/fp16; fp64 on the torch backend), weight [V,H] (same
+    dtype), targets int64 with hidden's leading shape. Returns fp32 log-probs (fp64 for fp64
+    inputs) shaped like targets, and each row's entropy (same dtype) when `return_entropy`.
+    Differentiable w.r.t. hidden, weight and bias (logp and entropy); under torch.no_grad
+    nothing is saved.
+    """
+    _check_linear(hidden, weight, bias, targets, temperature, hidden_ndims=(2, 3))
+    be = _resolve_backend(backend, hidden.device, hidden.dtype)
+    _check_target_range(targets, weight.shape[0])
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    logp, ent = _logprob_fn(be)(h2, weight, bias, targets.reshape(-1), temperature=temperature,
+                                return_entropy=bool(return_entropy))
+    logp = logp.view(targets.shape)
+    if return_entropy:
+        return logp, ent.view(targets.shape)
+    return logp
+
+
+def fused_linear_grpo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    old_logprobs: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    beta: float = 0.04,
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+    temperature: float = 1.0,
+    loss_type: str = "grpo",
+    importance_sampling_level: str = "token",
+    max_completion_length: int | None = None,
+    num_items_in_batch: int | float | torch.Tensor | None = None,
+    rollout_is_ratio: torch.Tensor | None = None,
+    return_entropy: bool = False,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """TRL's GRPO loss straight from the LM head, never materialising [tokens, vocab] logits.
+
+    hidden [B,T,H], weight [V,H], targets/mask [B,T], advantages [B]; optional
+    old/ref log-probs and rollout_is_ratio [B,T]. Returns (0-dim loss, metrics) with
+    metrics kl, clip_ratio_low, clip_ratio_high, clip_ratio (and entropy) as detached
+    0-dim fp32 tensors. Masked-out positions are never read from the vocabulary: their
+    targets may be any id (padding) and they cost no vocabulary work.
+    """
+    _check_linear(hidden, weight, bias, targets, temperature, hidden_ndims=(3,))
+    b, t = targets.shape
+    dev = hidden.device
+    _check_tensor("mask", mask, shape=(b, t), device=dev)
+    if mask.dtype != torch.bool and mask.is_complex():
+        raise ValueError(f"mask: expected bool, integer or float, got {mask.dtype}")
+    _check_tensor("advantages", advantages, shape=(b,), device=dev, float_ok=True)
+    for name, x in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs),
+                    ("rollout_is_ratio", rollout_is_ratio)):
+        if x is not None:
+            _check_tensor(name, x, shape=(b, t), device=dev, float_ok=True)
+    for name, x in (("beta", beta), ("epsilon_low", epsilon_low), ("epsilon_high", epsilon_high)):
+        _check_number(name, x, nonneg=True)
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {loss_type!r}")
+    if importance_sampling_level not in IS_LEVELS:
+        raise ValueError(f"importance_sampling_level: expected one of {IS_LEVELS}, "
+                         f"got {importance_sampling_level!r}")
+    if loss_type == "dr_grpo":
+        if max_completion_length is None:
+            raise ValueError("max_completion_length: required when loss_type='dr_grpo'")
+    if max_completion_length is not None:
+        if isinstance(max_completion_length, bool) or not isinstance(max_completion_length, int) \
+                or max_completion_length <= 0:
+            raise ValueError(f"max_completion_length: expected a positive int, got {max_completion_length!r}")
+    if num_items_in_batch is not None:
+        n_items = num_items_in_batch
+        if isinstance(n_items, torch.Tensor):
+            if n_items.numel() != 1:
+                raise ValueError(f"num_items_in_batch: expected a scalar, got shape {tuple(n_items.shape)}")
+            n_items = float(n_items)
+        _check_number("num_items_in_batch", n_items, positive=True)
+    be = _resolve_backend(backend, dev, hidden.dtype)
+
+    on = (mask != 0).reshape(-1)
+    _check_target_range(targets.reshape(-1), weight.shape[0], where=on)
+    n_on = int(on.sum())
+    rows = None if n_on == on.numel() else on.nonzero().squeeze(1)
+    safe_targets = targets.reshape(-1) if rows is None else torch.where(on, targets.reshape(-1), 0)
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    logp, ent = _logprob_fn(be)(h2, weight, bias, safe_targets, temperature=temperature,
+                                return_entropy=bool(return_entropy), rows=rows)
+    return grpo_objective(
+        logp.view(b, t), mask, advantages,
+        old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, rollout_is_ratio=rollout_is_ratio,
+        beta=float(beta), epsilon_low=float(epsilon_low), epsilon_high=float(epsilon_high),
+        loss_type=loss_type, importance_sampling_level=importance_sampling_level,
+        max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
+        entropy=None if ent is None else ent.view(b, t).detach(),
+    )
+
+
+class FusedLinearGRPOLoss(nn.Module):
+    """nn.Module form of `fused_linear_grpo_loss`: hyper-parameters in __init__, tensors in forward.
+
+    forward(hidden, weight, targets, mask, advantages, bias=None, old_logprobs=None,
+            ref_logprobs=None, rollout_is_ratio=None, num_items_in_batch=None) -> (loss, metrics)
+    """
+
+    def __init__(
+        self,
+        beta: float = 0.04,
+        epsilon_low: float = 0.2,
+        epsilon_high: float = 0.2,
+        temperature: float = 1.0,
+        loss_type: str = "grpo",
+        importance_sampling_level: str = "token",
+        max_completion_length: int | None = None,
+        return_entropy: bool = False,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        # validate early (a bad config should fail at construction, not at step 1)
+        for name, x in (("beta", beta), ("epsilon_low", epsilon_low), ("epsilon_high", epsilon_high)):
+            _check_number(name, x, nonneg=True)
+        _check_number("temperature", temperature, positive=True)
+        if loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {loss_type!r}")
+        if importance_sampling_level not in IS_LEVELS:
+            raise ValueError(f"importance_sampling_level: expected one of {IS_LEVELS}, "
+                             f"got {importance_sampling_level!r}")
+        if loss_type == "dr_grpo" and max_completion_length is None:
+            raise ValueError("max_completion_length: required when loss_type='dr_grpo'")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        self.beta = beta
+        self.epsilon_low = epsilon_low
+        self.epsilon_high = epsilon_high
+        self.temperature = temperature
+        self.loss_type = loss_type
+        self.importance_sampling_level = importance_sampling_level
+        self.max_completion_length = max_completion_length
+        self.return_entropy = return_entropy
+        self.backend = backend
+
+    def forward(self, hidden, weight, targets, mask, advantages, bias=None, old_logprobs=None,
+                ref_logprobs=None, rollout_is_ratio=None, num_items_in_batch=None):
+        return fused_linear_grpo_loss(
+            hidden, weight, targets, mask, advantages, bias=bias,
+            old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, beta=self.beta,
+            epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high,
+            temperature=self.temperature, loss_type=self.loss_type,
+            importance_sampling_level=self.importance_sampling_level,
+            max_completion_length=self.max_completion_length,
+            num_items_in_batch=num_items_in_batch, rollout_is_ratio=rollout_is_ratio,
+            return_entropy=self.return_entropy, backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (f"beta={self.beta}, epsilon_low={self.epsilon_low}, epsilon_high={self.epsilon_high}, "
+                f"temperature={self.temperature}, loss_type={self.loss_type!r}, "
+                f"importance_sampling_level={self.importance_sampling_level!r}, backend={self.backend!r}")

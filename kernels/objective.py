@@ -1,0 +1,91 @@
+"""The GRPO objective on per-token log-probs: ratio, clip, KL, aggregation, metrics.
+
+Everything here works on [B, T] tensors (O(tokens) memory): the vocabulary-sized
+work happens before, in a backend's log-prob op, which never materialises [N, V].
+Autograd differentiates these few element-wise ops; the gradient that reaches the
+log-prob op is one fp32 number per token.
+
+Semantics are TRL's GRPOTrainer loss (see reference.py for the formula). Masked-out
+positions (mask == 0) never contribute, not even NaN/inf: old/ref log-probs and
+ratios there are replaced by zeros before any arithmetic.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def grpo_objective(
+    logp: torch.Tensor,
+    mask: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    old_logprobs: torch.Tensor | None,
+    ref_logprobs: torch.Tensor | None,
+    rollout_is_ratio: torch.Tensor | None,
+    beta: float,
+    epsilon_low: float,
+    epsilon_high: float,
+    loss_type: str,
+    importance_sampling_level: str,
+    max_completion_length: int | None,
+    num_items_in_batch,
+    entropy: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(loss, metrics) from fp32 (or fp64) log-probs `logp` [B, T] (differentiable).
+
+    Arguments are assumed validated by the caller (api.py)."""
+    acc = logp.dtype  # fp32 (fp64 when the inputs were fp64)
+    on = mask != 0
+    m = mask.to(acc)
+    zero = torch.zeros((), dtype=acc, device=logp.device)
+
+    old = logp.detach() if old_logprobs is None else old_logprobs.to(acc)
+    log_ratio = torch.where(on, logp - old, zero)
+    if importance_sampling_level == "sequence":
+        seq = (log_ratio * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
+        log_ratio = seq.expand_as(logp)
+    ratio = torch.exp(log_ratio)
+    clipped = torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
+    adv = advantages.to(acc).unsqueeze(1)
+    per_token = -torch.minimum(ratio * adv, clipped * adv)
+    if rollout_is_ratio is not None:
+        per_token = per_token * torch.where(on, rollout_is_ratio.to(acc), zero)
+    kl = None
+    if ref_logprobs is not None:
+        diff = torch.where(on, ref_logprobs.to(acc) - logp, zero)
+        kl = torch.exp(diff) - diff - 1.0
+        if beta != 0.0:
+            per_token = per_token + beta * kl
+    per_token = torch.where(on, per_token * m, zero)
+
+    n_tok = m.sum().clamp(min=1.0)
+    if loss_type == "grpo":
+        loss = (per_token.sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+    elif loss_type == "bnpo":
+        loss = per_token.sum() / n_tok
+    elif loss_type == "dr_grpo":
+        loss = per_token.sum() / float(per_token.shape[0] * max_completion_length)
+    elif loss_type == "dapo":
+        if num_items_in_batch is None:
+            loss = per_token.sum() / n_tok
+        else:
+            loss = per_token.sum() / torch.as_tensor(
+                num_items_in_batch, dtype=acc, device=logp.device)
+    else:  # validated upstream
+        raise ValueError(f"loss_type={loss_type!r}")
+
+    with torch.no_grad():
+        def masked_mean(x: torch.Tensor) -> torch.Tensor:
+            return torch.where(on, x * m, zero).sum() / n_tok
+
+        low = ((ratio < 1.0 - epsilon_low) & (adv < 0)).to(acc)
+        high = ((ratio > 1.0 + epsilon_high) & (adv > 0)).to(acc)
+        metrics = {
+            "kl": masked_mean(kl) if kl is not None else zero.clone(),
+            "clip_ratio_low": masked_mean(low),
+            "clip_ratio_high": masked_mean(high),
+            "clip_ratio": masked_mean(torch.maximum(low, high)),
+        }
+        if entropy is not None:
+            metrics["entropy"] = masked_mean(entropy)
+    return loss, metrics

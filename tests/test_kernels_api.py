@@ -1,0 +1,114 @@
+"""Argument validation (clear ValueErrors naming the argument) and backend dispatch."""
+import os
+
+import pytest
+import torch
+
+from kernel_cases import make_case
+from r1vl.kernels import FusedLinearGRPOLoss, fused_linear_grpo_loss, linear_logprobs
+
+
+@pytest.fixture(scope="module")
+def case():
+    return make_case(B=2, T=4, H=8, V=11, seed=0)
+
+
+def _loss(case, **over):
+    args = dict(hidden=case.hidden, weight=case.weight, targets=case.targets, mask=case.mask,
+                advantages=case.advantages)
+    kw = {k: over.pop(k) for k in list(over) if k not in args}
+    args.update(over)
+    return fused_linear_grpo_loss(args["hidden"], args["weight"], args["targets"], args["mask"],
+                                  args["advantages"], **kw)
+
+
+BAD_LOSS_INPUTS = [
+    ("backend", dict(backend="cuda")),
+    ("loss_type", dict(loss_type="ppo")),
+    ("importance_sampling_level", dict(importance_sampling_level="seq")),
+    ("max_completion_length", dict(loss_type="dr_grpo")),
+    ("max_completion_length", dict(loss_type="dr_grpo", max_completion_length=0)),
+    ("num_items_in_batch", dict(loss_type="dapo", num_items_in_batch=0)),
+    ("temperature", dict(temperature=0.0)),
+    ("epsilon_low", dict(epsilon_low=-0.1)),
+    ("beta", dict(beta=float("nan"))),
+    ("hidden", dict(hidden=torch.zeros(2, 4, 8, dtype=torch.int32))),
+    ("hidden", dict(hidden=torch.zeros(8, 8))),                     # loss needs [B,T,H]
+    ("weight", dict(weight=torch.zeros(11, 9))),                    # hidden size mismatch
+    ("weight", dict(weight=torch.zeros(11, 8, dtype=torch.bfloat16))),  # dtype mismatch
+    ("bias", dict(bias=torch.zeros(12))),
+    ("targets", dict(targets=torch.zeros(2, 4, dtype=torch.int32))),
+    ("targets", dict(targets=torch.zeros(2, 5, dtype=torch.int64))),
+    ("targets", dict(targets=torch.full((2, 4), 11))),              # out of range
+    ("targets", dict(targets=torch.full((2, 4), -1))),
+    ("mask", dict(mask=torch.ones(2, 5))),
+    ("advantages", dict(advantages=torch.zeros(2, 1))),
+    ("advantages", dict(advantages=torch.zeros(2, dtype=torch.int64))),
+    ("old_logprobs", dict(old_logprobs=torch.zeros(2, 3))),
+    ("ref_logprobs", dict(ref_logprobs=torch.zeros(4, 2))),
+    ("rollout_is_ratio", dict(rollout_is_ratio=torch.zeros(2))),
+]
+
+
+@pytest.mark.parametrize("name,over", BAD_LOSS_INPUTS, ids=[f"{n}-{i}" for i, (n, _) in
+                                                            enumerate(BAD_LOSS_INPUTS)])
+def test_bad_loss_inputs(case, name, over):
+    with pytest.raises(ValueError, match=name):
+        _loss(case, **over)
+
+
+def test_masked_targets_may_be_padding(case):
+    t = case.targets.clone()
+    m = case.mask.clone()
+    m[1, 3] = False
+    t[1, 3] = -100
+    loss, _ = _loss(case, targets=t, mask=m, backend="torch")
+    assert torch.isfinite(loss)
+    t[1, 2] = -100   # now an unmasked position is out of range
+    m[1, 2] = True
+    with pytest.raises(ValueError, match="targets"):
+        _loss(case, targets=t, mask=m)
+
+
+def test_bad_linear_logprobs_inputs(case):
+    with pytest.raises(ValueError, match="targets"):
+        linear_logprobs(case.hidden, case.weight, case.targets[:, :2])
+    with pytest.raises(ValueError, match="targets"):
+        linear_logprobs(case.hidden, case.weight, torch.full((2, 4), 11))
+    with pytest.raises(ValueError, match="hidden"):
+        linear_logprobs(case.hidden[0, 0], case.weight, case.targets[0, 0])
+    with pytest.raises(ValueError, match="hidden"):
+        linear_logprobs(case.hidden.double(), case.weight.double(), case.targets, backend="triton")
+    with pytest.raises(ValueError, match="backend"):
+        linear_logprobs(case.hidden, case.weight, case.targets, backend="cpu")
+
+
+def test_module_validates_at_construction():
+    with pytest.raises(ValueError, match="max_completion_length"):
+        FusedLinearGRPOLoss(loss_type="dr_grpo")
+    with pytest.raises(ValueError, match="loss_type"):
+        FusedLinearGRPOLoss(loss_type="x")
+    with pytest.raises(ValueError, match="backend"):
+        FusedLinearGRPOLoss(backend="x")
+    with pytest.raises(ValueError, match="temperature"):
+        FusedLinearGRPOLoss(temperature=-1.0)
+
+
+def test_triton_on_cpu_requires_interpreter(case, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        linear_logprobs(case.hidden, case.weight, case.targets, backend="triton")
+
+
+def test_auto_is_torch_on_cpu(case, monkeypatch):
+    import r1vl.kernels.api as api
+    assert api._resolve_backend("auto", torch.device("cpu"), torch.float32) == "torch"
+    assert api._resolve_backend("auto", torch.device("cuda", 0), torch.bfloat16) == "triton"
+    a = linear_logprobs(case.hidden, case.weight, case.targets)
+    b = linear_logprobs(case.hidden, case.weight, case.targets, backend="torch")
+    assert torch.equal(a, b)
+
+
+def test_interpreter_flag_set_by_conftest():
+    if not torch.cuda.is_available():
+        assert os.environ.get("TRITON_INTERPRET") == "1"

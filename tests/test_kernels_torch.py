@@ -1,0 +1,204 @@
+"""Chunked PyTorch backend (backend="torch") against the fp64 materialised reference.
+
+Tolerances: see kernel_cases.py (fp32: values 1e-5, gradients 1e-4 relative to the
+largest reference magnitude; bf16/fp16: values 1e-4, gradients 1e-2; fp64 gradcheck:
+torch.autograd.gradcheck's defaults, eps=1e-6, atol=1e-5, rtol=1e-3).
+"""
+import pytest
+import torch
+
+import r1vl.kernels.chunked as chunked
+from kernel_cases import TOL, check_loss, make_case, rel_err
+from r1vl.kernels import (fused_linear_grpo_loss, linear_logprobs,
+                          reference_grpo_loss, reference_linear_logprobs)
+
+LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo"]
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Force several row chunks (3 rows of V=53 per chunk) to exercise chunk edges."""
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", 3 * 4 * 53)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("inputs", ["none", "old", "old+ref+ris"])
+def test_loss_matrix(loss_type, level, inputs, small_chunks):
+    seed = LOSS_TYPES.index(loss_type) * 10 + len(level) + len(inputs)
+    case = make_case(seed=seed, masked_row=1)
+    check_loss(case, "torch", use_old="old" in inputs, use_ref="ref" in inputs,
+               use_ris="ris" in inputs, loss_type=loss_type, importance_sampling_level=level,
+               temperature=0.7, max_completion_length=9, return_entropy=True)
+
+
+def test_clipping_is_exercised():
+    """The matrix cases really clip (both sides), so the clip branches are compared."""
+    case = make_case(B=8, T=16, seed=3)
+    _, m = reference_grpo_loss(case.hidden, case.weight, case.targets, case.mask,
+                               case.advantages, bias=case.bias, old_logprobs=case.old)
+    assert 0 < float(m["clip_ratio_low"]) < 1 and 0 < float(m["clip_ratio_high"]) < 1
+    check_loss(case, "torch", use_ref=True, beta=0.1, epsilon_low=0.1, epsilon_high=0.28)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs(dtype):
+    case = make_case(dtype=dtype, seed=5, masked_row=0)
+    check_loss(case, "torch", use_ris=True, temperature=1.3, return_entropy=True)
+
+
+def test_dapo_num_items_and_beta_zero():
+    case = make_case(seed=6)
+    check_loss(case, "torch", loss_type="dapo", num_items_in_batch=40, beta=0.0)
+    check_loss(case, "torch", loss_type="dapo", num_items_in_batch=torch.tensor(17.0))
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 5, 7), (2, 3, 1, 2), (4, 5, 33, 257)])
+def test_odd_shapes(shape, small_chunks):
+    B, T, H, V = shape
+    case = make_case(B, T, H, V, seed=7, bias=V % 2 == 1)
+    check_loss(case, "torch", use_ris=True, temperature=0.9, importance_sampling_level="sequence")
+
+
+def test_all_masked_batch():
+    """Nothing unmasked: loss 0, metrics 0, zero (finite) gradients."""
+    case = make_case(seed=8)
+    case.mask[:] = False
+    h = case.hidden.clone().requires_grad_()
+    w = case.weight.clone().requires_grad_()
+    loss, metrics = fused_linear_grpo_loss(h, w, case.targets, case.mask, case.advantages,
+                                           old_logprobs=case.old, ref_logprobs=case.ref,
+                                           backend="torch", return_entropy=True)
+    loss.backward()
+    assert float(loss) == 0.0 and all(float(v) == 0.0 for v in metrics.values())
+    assert h.grad.abs().max() == 0 and w.grad.abs().max() == 0
+
+
+def test_masked_positions_ignore_nonfinite_inputs():
+    """Padding may carry -inf old/ref log-probs and any target id: no NaN leaks."""
+    case = make_case(seed=9, masked_row=2)
+    old, ref = case.old.clone(), case.ref.clone()
+    old[2] = float("-inf")
+    ref[2] = float("nan")
+    h = case.hidden.clone().requires_grad_()
+    loss, _ = fused_linear_grpo_loss(h, case.weight, case.targets, case.mask, case.advantages,
+                                     old_logprobs=old, ref_logprobs=ref, backend="torch",
+                                     importance_sampling_level="sequence")
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(h.grad).all()
+    assert h.grad[2].abs().max() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_logprobs_and_entropy_grads(dtype, small_chunks):
+    case = make_case(B=2, T=9, seed=10, dtype=dtype)
+    h, w, b = (x.detach().clone().requires_grad_() for x in (case.hidden, case.weight, case.bias))
+    logp, ent = linear_logprobs(h, w, case.targets, bias=b, temperature=0.8,
+                                return_entropy=True, backend="torch")
+    assert logp.shape == case.targets.shape and logp.dtype == torch.float32
+    h64, w64, b64 = (x.detach().double().requires_grad_() for x in (h, w, b))
+    rlogp, rent = reference_linear_logprobs(h64, w64, case.targets, bias=b64, temperature=0.8,
+                                            return_entropy=True)
+    tol = TOL[dtype]
+    assert rel_err(logp, rlogp) <= tol["value"] and rel_err(ent, rent) <= tol["value"]
+    gl, ge = torch.randn_like(logp), torch.randn_like(ent)   # both outputs carry gradient
+    grads = torch.autograd.grad((logp * gl).sum() + (ent * ge).sum(), (h, w, b))
+    rgrads = torch.autograd.grad((rlogp * gl).sum() + (rent * ge).sum(), (h64, w64, b64))
+    for g, rg in zip(grads, rgrads):
+        assert rel_err(g, rg) <= tol["grad"]
+
+
+def test_linear_logprobs_2d_and_no_grad_path():
+    case = make_case(seed=11, bias=False)
+    h2 = case.hidden.reshape(-1, case.hidden.shape[-1]).requires_grad_()
+    with torch.no_grad():
+        logp = linear_logprobs(h2, case.weight, case.targets.reshape(-1).clamp(min=0))
+    assert logp.grad_fn is None and logp.shape == (h2.shape[0],)
+    ref = reference_linear_logprobs(h2.detach(), case.weight, case.targets.reshape(-1).clamp(min=0))
+    assert rel_err(logp, ref) <= 1e-5
+
+
+def test_tied_embeddings():
+    """lm_head tied to the input embeddings: both uses' gradients reach the weight."""
+    g = torch.Generator().manual_seed(12)
+    V, H, B, T = 41, 16, 2, 6
+    emb = torch.randn(V, H, generator=g)
+    proj = torch.randn(H, H, generator=g) / H ** 0.5
+    ids = torch.randint(0, V, (B, T), generator=g)
+    targets = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    adv = torch.randn(B, generator=g)
+
+    def run(weight, fn, **kw):
+        hidden = torch.tanh(weight[ids] @ proj.to(weight.dtype))
+        loss, _ = fn(hidden, weight, targets, mask, adv, temperature=0.9, **kw)
+        return torch.autograd.grad(loss, weight)[0]
+
+    got = run(emb.clone().requires_grad_(), fused_linear_grpo_loss, backend="torch")
+    want = run(emb.double().requires_grad_(), reference_grpo_loss)
+    assert rel_err(got, want) <= 1e-4
+
+
+def test_finite_difference_fp64():
+    """gradcheck through the whole op (chunked path in fp64, several chunks)."""
+    case = make_case(B=2, T=3, H=4, V=6, seed=13, masked_row=None, dtype=torch.float64)
+    case.mask[1, 2] = False
+    old, ref = case.old.double(), case.ref.double()
+    saved = chunked.CHUNK_BYTES
+    chunked.CHUNK_BYTES = 2 * 8 * 6
+    try:
+        for level in ("token", "sequence"):
+            def f(h, w, b):
+                loss, _ = fused_linear_grpo_loss(
+                    h, w, case.targets, case.mask, case.advantages, bias=b, old_logprobs=old,
+                    ref_logprobs=ref, rollout_is_ratio=case.ris.double(), temperature=0.7,
+                    importance_sampling_level=level, backend="torch", beta=0.3)
+                return loss
+
+            inputs = tuple(x.detach().clone().requires_grad_() for x in
+                           (case.hidden, case.weight, case.bias))
+            assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-5, rtol=1e-3)
+
+        def g(h, w, b):
+            lp, ent = linear_logprobs(h, w, case.targets.clamp(min=0), bias=b, temperature=1.5,
+                                      return_entropy=True, backend="torch")
+            return lp, ent
+
+        assert torch.autograd.gradcheck(g, inputs, eps=1e-6, atol=1e-5, rtol=1e-3)
+    finally:
+        chunked.CHUNK_BYTES = saved
+
+
+def test_rows_without_gradient_skip_work(monkeypatch):
+    """Backward recomputes logits only for rows that carry gradient (masked rows don't)."""
+    case = make_case(B=4, T=8, seed=14, masked_row=3)
+    seen = []
+    orig = chunked._chunk_logits
+
+    def spy(h_rows, *a):
+        seen.append(h_rows.shape[0])
+        return orig(h_rows, *a)
+
+    monkeypatch.setattr(chunked, "_chunk_logits", spy)
+    h = case.hidden.clone().requires_grad_()
+    loss, _ = fused_linear_grpo_loss(h, case.weight, case.targets, case.mask, case.advantages,
+                                     backend="torch")
+    n_fwd = len(seen)
+    loss.backward()
+    n_on = int(case.mask.sum())
+    assert sum(seen[:n_fwd]) == n_on and sum(seen[n_fwd:]) == n_on
+
+
+def test_module_matches_function():
+    from r1vl.kernels import FusedLinearGRPOLoss
+    case = make_case(seed=15)
+    mod = FusedLinearGRPOLoss(beta=0.1, loss_type="bnpo", temperature=0.8, backend="torch",
+                              return_entropy=True)
+    a, ma = mod(case.hidden, case.weight, case.targets, case.mask, case.advantages,
+                bias=case.bias, old_logprobs=case.old, ref_logprobs=case.ref)
+    b, mb = fused_linear_grpo_loss(case.hidden, case.weight, case.targets, case.mask,
+                                   case.advantages, bias=case.bias, old_logprobs=case.old,
+                                   ref_logprobs=case.ref, beta=0.1, loss_type="bnpo",
+                                   temperature=0.8, backend="torch", return_entropy=True)
+    assert torch.equal(a, b) and all(torch.equal(ma[k], mb[k]) for k in mb)
+    assert "entropy" in ma and "bnpo" in repr(mod)
