@@ -70,7 +70,7 @@ def test_all_masked_batch():
                                            old_logprobs=case.old, ref_logprobs=case.ref,
                                            backend="torch", return_entropy=True)
     loss.backward()
-    assert float(loss) == 0.0 and all(float(v) == 0.0 for v in metrics.values())
+    assert loss.item() == 0.0 and all(float(v) == 0.0 for v in metrics.values())
     assert h.grad.abs().max() == 0 and w.grad.abs().max() == 0
 
 

@@ -1,0 +1,196 @@
+"""Triton backend (backend="triton") against the fp64 reference.
+
+On a CPU-only machine these run in the Triton interpreter (conftest sets
+TRITON_INTERPRET=1 before anything imports the kernels), at small shapes. Some
+tests shrink the block sizes so that several row blocks, vocabulary tiles and
+hidden-size slices (with ragged edges) are exercised. On a CUDA machine the same
+tests run the compiled kernels, plus the `cuda`-marked ones at larger shapes.
+
+Tolerances: see kernel_cases.py (fp32: values 1e-5, gradients 1e-4 relative to the
+largest reference magnitude; bf16/fp16: values 1e-4, gradients 1e-2). On GPU the
+bf16 tensor-core path rounds dlogits to bf16 before the gradient GEMMs, so the
+cuda-marked bf16 test allows 2e-2 on gradients.
+"""
+import pytest
+import torch
+
+import r1vl.kernels.triton_grpo as tg
+from kernel_cases import TOL, check_loss, make_case, rel_err
+from r1vl.kernels import (fused_linear_grpo_loss, linear_logprobs,
+                          reference_grpo_loss, reference_linear_logprobs)
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _on(case, dev=DEV):
+    for name in ("hidden", "weight", "bias", "targets", "mask", "advantages", "old", "ref", "ris"):
+        x = getattr(case, name)
+        if x is not None:
+            setattr(case, name, x.to(dev))
+    return case
+
+
+@pytest.fixture
+def tiny_blocks(monkeypatch):
+    """16-row blocks, 32-column vocab tiles, 16-wide hidden slices: many programs/tiles."""
+    monkeypatch.setattr(tg, "_config", lambda n, v, d, interp: dict(BLOCK_M=16, BLOCK_V=32,
+                                                                    BLOCK_K=16))
+
+
+def _check_cpu(case, **kw):
+    # the reference runs on CPU in fp64; compare gradients there
+    return check_loss(_on(case), "triton", **kw)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_loss_matrix(loss_type, level):
+    with_old = loss_type in ("grpo", "dapo") or level == "sequence"
+    case = make_case(B=3, T=9, H=24, V=61, seed=len(loss_type) + len(level), masked_row=2)
+    _check_cpu(case, use_old=with_old, use_ref=loss_type != "dr_grpo", use_ris=loss_type == "bnpo",
+               loss_type=loss_type, importance_sampling_level=level, temperature=0.7,
+               max_completion_length=12, return_entropy=True)
+
+
+def test_many_blocks_and_ragged_edges(tiny_blocks):
+    """N=40 rows (3 blocks, last partial), V=75 (3 tiles, last partial), H=37 (3 slices)."""
+    case = make_case(B=4, T=10, H=37, V=75, seed=21, masked_row=1)
+    _check_cpu(case, use_ris=True, temperature=1.3, return_entropy=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs(dtype, tiny_blocks):
+    case = make_case(B=2, T=12, H=40, V=70, dtype=dtype, seed=22, masked_row=0)
+    _check_cpu(case, use_ris=True, importance_sampling_level="sequence", return_entropy=True)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 5, 7), (2, 3, 1, 2)])
+def test_tiny_shapes(shape):
+    B, T, H, V = shape
+    _check_cpu(make_case(B, T, H, V, seed=23, bias=V % 2 == 1), temperature=0.9)
+
+
+def test_no_bias_temperature_one_beta_zero():
+    _check_cpu(make_case(seed=24, bias=False), beta=0.0)
+
+
+def test_linear_logprobs_entropy_grads_and_no_grad(tiny_blocks):
+    case = _on(make_case(B=2, T=9, H=20, V=50, seed=25))
+    h, w, b = (x.detach().clone().requires_grad_() for x in (case.hidden, case.weight, case.bias))
+    logp, ent = linear_logprobs(h, w, case.targets, bias=b, temperature=0.8,
+                                return_entropy=True, backend="triton")
+    h64, w64, b64 = (x.detach().cpu().double().requires_grad_() for x in (h, w, b))
+    rlogp, rent = reference_linear_logprobs(h64, w64, case.targets.cpu(), bias=b64,
+                                            temperature=0.8, return_entropy=True)
+    assert rel_err(logp.cpu(), rlogp) <= 1e-5 and rel_err(ent.cpu(), rent) <= 1e-5
+    gl = torch.randn(logp.shape, generator=torch.Generator().manual_seed(0))
+    ge = torch.randn(ent.shape, generator=torch.Generator().manual_seed(1))
+    grads = torch.autograd.grad((logp * gl.to(DEV)).sum() + (ent * ge.to(DEV)).sum(), (h, w, b))
+    rgrads = torch.autograd.grad((rlogp * gl).sum() + (rent * ge).sum(), (h64, w64, b64))
+    for g, rg in zip(grads, rgrads):
+        assert rel_err(g.cpu(), rg) <= 1e-4
+    with torch.no_grad():
+        lp2 = linear_logprobs(h, w, case.targets, bias=b, temperature=0.8, backend="triton")
+    assert lp2.grad_fn is None and torch.allclose(lp2, logp.detach(), atol=1e-6)
+
+
+def test_backends_agree_and_tied_weights():
+    """Triton and chunked torch give the same loss/grads, also with an lm_head tied to
+    the input embeddings (the weight gets both gradient contributions)."""
+    g = torch.Generator().manual_seed(26)
+    V, H, B, T = 45, 24, 2, 7
+    emb = torch.randn(V, H, generator=g)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    targets = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.rand(B, T, generator=g) < 0.8
+    adv = torch.randn(B, generator=g)
+
+    def run(backend):
+        w = emb.clone().to(DEV).requires_grad_()
+        hidden = torch.tanh(w[ids.to(DEV)] * 0.5)
+        loss, m = fused_linear_grpo_loss(hidden, w, targets.to(DEV), mask.to(DEV), adv.to(DEV),
+                                         temperature=0.9, backend=backend)
+        loss.backward()
+        return loss.detach().cpu(), w.grad.cpu()
+
+    (lt, gt), (lc, gc) = run("triton"), run("torch")
+    assert abs(float(lt) - float(lc)) <= 1e-5 * max(1.0, abs(float(lc)))
+    assert rel_err(gt, gc) <= 1e-4
+
+
+def test_rows_skip_vocab_work(monkeypatch):
+    """Masked rows are not in the forward row list; rows without gradient are not
+    in the backward one."""
+    case = _on(make_case(B=4, T=6, seed=27, masked_row=3))
+    launched = []
+    for name in ("_logprob_fwd_kernel", "_logprob_bwd_kernel"):
+        kern = getattr(tg, name)
+
+        class Spy:
+            def __init__(self, k, tag):
+                self.k, self.tag = k, tag
+
+            def __getitem__(self, grid):
+                def launch(*args, **kw):
+                    launched.append((self.tag, args[4].numel(), args[8] if self.tag == "bwd" else None))
+                    return self.k[grid](*args, **kw)
+                return launch
+
+        monkeypatch.setattr(tg, name, Spy(kern, name[9:12]))
+    h = case.hidden.clone().requires_grad_()
+    loss, _ = fused_linear_grpo_loss(h, case.weight, case.targets, case.mask, case.advantages,
+                                     backend="triton")
+    loss.backward()
+    n_on = int(case.mask.sum())
+    assert [(t, n) for t, n, _ in launched] == [("fwd", n_on), ("bwd", n_on)]
+    assert h.grad[3].abs().max() == 0
+
+
+def test_all_masked_and_single_token():
+    case = _on(make_case(B=2, T=3, seed=28))
+    case.mask[:] = False
+    h = case.hidden.clone().requires_grad_()
+    loss, metrics = fused_linear_grpo_loss(h, case.weight, case.targets, case.mask,
+                                           case.advantages, backend="triton", return_entropy=True)
+    loss.backward()
+    assert loss.item() == 0.0 and h.grad.abs().max() == 0
+    one = make_case(B=1, T=1, H=8, V=20, seed=29)
+    _check_cpu(one, return_entropy=True)
+
+
+def test_matches_liger_chunked_grpo():
+    """Same objective as liger-kernel's LigerFusedLinearGRPOLoss (grpo, token level,
+    old + ref log-probs, β=0.04) — an independent implementation of TRL's loss."""
+    liger = pytest.importorskip("liger_kernel.chunked_loss")
+    case = make_case(B=3, T=8, H=16, V=40, seed=30, bias=False)
+    case.mask = case.mask.float()
+    ours_h = case.hidden.clone().requires_grad_()
+    their_h = case.hidden.clone().requires_grad_()
+    loss, m = fused_linear_grpo_loss(ours_h, case.weight, case.targets, case.mask, case.advantages,
+                                     old_logprobs=case.old, ref_logprobs=case.ref,
+                                     temperature=0.8, backend="torch")
+    mod = liger.LigerFusedLinearGRPOLoss(beta=0.04, compiled=False, use_ref_model=True,
+                                         loss_type="grpo", temperature=0.8)
+    out = mod(their_h, case.weight, case.targets, case.mask, case.advantages,
+              ref_per_token_logps=case.ref, old_per_token_logps=case.old)
+    their_loss, their_metrics = out[0], out[1]
+    assert abs(float(loss) - float(their_loss)) <= 1e-5 * max(1.0, abs(float(loss)))
+    assert abs(float(m["kl"]) - float(their_metrics[0])) <= 1e-5
+    assert abs(float(m["clip_ratio"]) - float(their_metrics[1])) <= 1e-6
+    loss.backward()
+    their_loss.backward()
+    assert rel_err(ours_h.grad, their_h.grad) <= 1e-4
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_compiled_kernels(dtype):
+    """Compiled kernels (default blocks) at a shape with many tiles, vs the fp64 reference."""
+    case = make_case(B=4, T=200, H=320, V=3001, dtype=dtype, seed=31, masked_row=1)
+    tol = dict(TOL[dtype])
+    if dtype == torch.bfloat16:
+        tol["grad"] = 2e-2
+    elif dtype == torch.float32:
+        tol["grad"] = 1e-3
+    check_loss(_on(case, "cuda"), "triton", tol=tol, use_ris=True, temperature=0.7,
+               importance_sampling_level="sequence", return_entropy=True)
