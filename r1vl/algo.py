@@ -1,0 +1,280 @@
+"""StepGRPO's algorithmic pieces: group-relative advantages, batch building, micro-batching,
+log-probs without grad, and the update (μ passes of the fused loss, then AdamW).
+
+Every function takes plain inputs (tensors, lists, dataclasses) so that each stage is
+testable alone; train.py strings them together.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+# --------------------------------------------------------------------------- advantages
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: bool = True,
+                     eps: float = 1e-4) -> torch.Tensor:
+    """(r - mean_group) / (std_group + eps) for consecutive groups of `group_size` rewards
+    (prompt-major order); without `scale` only the mean is removed. std is the unbiased
+    sample std (as in TRL / the R1-VL code); a group of identical rewards gets advantage 0."""
+    r = torch.as_tensor(rewards, dtype=torch.float32)
+    if r.dim() != 1:
+        raise ValueError(f"rewards: expected a 1-D tensor, got shape {tuple(r.shape)}")
+    if group_size < 1 or r.numel() % group_size:
+        raise ValueError(f"rewards: {r.numel()} values do not split into groups of {group_size}")
+    g = r.view(-1, group_size)
+    mean = g.mean(dim=1, keepdim=True)
+    adv = g - mean
+    if scale:
+        std = g.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(mean)
+        adv = adv / (std + eps)
+    return adv.reshape(-1)
+
+
+# --------------------------------------------------------------------------- batches
+
+
+@dataclass
+class SeqBatch:
+    """Prompt (left-padded) + continuation (right-padded) sequences.
+
+    inputs: model inputs for the whole sequences; targets/mask [B, T]: continuation tokens
+    and which are real; start: column of the first continuation token (the hidden state at
+    start-1 scores it)."""
+
+    inputs: dict[str, torch.Tensor]
+    targets: torch.Tensor
+    mask: torch.Tensor
+    start: int
+    image_counts: list[int] = field(default_factory=list)  # images per sequence (for slicing)
+
+    @property
+    def size(self) -> int:
+        return self.targets.shape[0]
+
+    def slice(self, idx: Sequence[int]) -> "SeqBatch":
+        """Rows `idx` (a contiguous or arbitrary list), trimmed to their longest continuation."""
+        idx = list(idx)
+        rows = torch.tensor(idx, dtype=torch.long)
+        mask = self.mask[rows]
+        t = int(mask.sum(1).max().item()) if mask.numel() else 0
+        t = max(t, 1)
+        end = self.start + t
+        inputs = {}
+        for k, v in self.inputs.items():
+            if k in ("pixel_values", "image_grid_thw"):
+                continue
+            inputs[k] = v[rows, :end] if v.dim() == 2 else v[rows]
+        if "image_grid_thw" in self.inputs:
+            grid = self.inputs["image_grid_thw"]
+            pix = self.inputs["pixel_values"]
+            patches = grid.prod(-1)
+            img_off = [0]
+            for c in self.image_counts:
+                img_off.append(img_off[-1] + c)
+            patch_off = torch.cat([torch.zeros(1, dtype=torch.long), patches.cumsum(0)]).tolist()
+            sel_img = [j for i in idx for j in range(img_off[i], img_off[i + 1])]
+            if sel_img:
+                inputs["image_grid_thw"] = grid[sel_img]
+                inputs["pixel_values"] = torch.cat([pix[patch_off[j]: patch_off[j + 1]] for j in sel_img])
+        return SeqBatch(inputs, self.targets[rows, :t], mask[:, :t], self.start,
+                        [self.image_counts[i] for i in idx] if self.image_counts else [])
+
+    def to(self, device) -> "SeqBatch":
+        return SeqBatch({k: v.to(device) for k, v in self.inputs.items()}, self.targets.to(device),
+                        self.mask.to(device), self.start, self.image_counts)
+
+
+def build_batch(processor, prompt_texts: list[str], images: list, continuations: list[list[int]],
+                *, dtype: torch.dtype = torch.float32) -> SeqBatch:
+    """Tokenise prompts (left padding) and append continuation token ids (right padding).
+
+    images[i] is prompt i's image or None; continuations[i] the token ids after prompt i."""
+    if len(prompt_texts) != len(continuations) or len(images) != len(prompt_texts):
+        raise ValueError("build_batch: prompt_texts, images and continuations must have the same length")
+    enc = processor(prompt_texts, [im for im in images if im is not None], padding_side="left")
+    B, P = enc["input_ids"].shape
+    T = max(1, max((len(c) for c in continuations), default=1))
+    pad = processor.pad_token_id
+    targets = torch.full((B, T), pad, dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.long)
+    for i, c in enumerate(continuations):
+        if c:
+            targets[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+            mask[i, : len(c)] = 1
+    inputs = {
+        "input_ids": torch.cat([enc["input_ids"], targets], dim=1),
+        "attention_mask": torch.cat([enc["attention_mask"], mask], dim=1),
+    }
+    if "mm_token_type_ids" in enc:
+        inputs["mm_token_type_ids"] = torch.cat(
+            [enc["mm_token_type_ids"], torch.zeros((B, T), dtype=enc["mm_token_type_ids"].dtype)], dim=1)
+    if "pixel_values" in enc:
+        inputs["pixel_values"] = enc["pixel_values"].to(dtype)
+        inputs["image_grid_thw"] = enc["image_grid_thw"]
+    counts = [0 if im is None else 1 for im in images]
+    return SeqBatch(inputs, targets, mask, P, counts)
+
+
+def micro_batches(n: int, size: int) -> list[list[int]]:
+    """Consecutive index groups of at most `size` covering range(n)."""
+    if size < 1:
+        raise ValueError(f"micro-batch size must be >= 1, got {size}")
+    return [list(range(s, min(n, s + size))) for s in range(0, n, size)]
+
+
+# --------------------------------------------------------------------------- log-probs
+
+
+@torch.no_grad()
+def compute_logprobs(policy: nn.Module, batch: SeqBatch, *, micro_batch_size: int,
+                     temperature: float = 1.0) -> torch.Tensor:
+    """fp32 log-probs [B, T] of batch.targets (0 where mask is 0), micro-batched, no grad.
+    `policy` is an r1vl.models.PolicyWithLoss (or a module wrapping one)."""
+    out = torch.zeros(batch.targets.shape, dtype=torch.float32)
+    inner = policy.module if hasattr(policy, "module") else policy  # no DDP hooks without grad
+    was_training = inner.training
+    inner.eval()
+    try:
+        for idx in micro_batches(batch.size, micro_batch_size):
+            mb = batch.slice(idx)
+            lp = inner(mb.inputs, mb.targets, mb.mask, start=mb.start, mode="logprobs", temperature=temperature)
+            t = lp.shape[1]
+            out[idx[0]: idx[-1] + 1, :t] = lp.float().cpu() * mb.mask.cpu()
+    finally:
+        inner.train(was_training)
+    return out.to(batch.targets.device)
+
+
+# --------------------------------------------------------------------------- update
+
+
+@dataclass
+class UpdateConfig:
+    beta: float = 0.04
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    num_iterations: int = 1
+    loss_type: str = "grpo"
+    importance_sampling_level: str = "token"
+    temperature: float = 1.0
+    max_completion_length: int | None = None
+    micro_batch_size: int = 16
+    max_grad_norm: float = 1.0
+
+
+def _no_sync(model: nn.Module, skip: bool):
+    if skip and hasattr(model, "no_sync"):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def grpo_update(policy: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, batch: SeqBatch,
+                advantages: torch.Tensor, cfg: UpdateConfig, *, ref_logprobs: torch.Tensor | None = None,
+                rollout_is_ratio: torch.Tensor | None = None) -> dict[str, float]:
+    """μ = cfg.num_iterations optimisation passes over `batch`; each pass runs the fused GRPO
+    loss over micro-batches (gradients accumulated, synchronised once under DDP), clips the
+    gradient norm and takes one optimizer (and scheduler) step.
+
+    The per-micro-batch losses are weighted so that their sum equals the loss of the whole
+    batch under cfg.loss_type. Old log-probs are taken before the first pass when μ > 1
+    (with μ = 1 the ratio is exactly 1 and the detached current log-probs serve)."""
+    B = batch.size
+    old = None
+    if cfg.num_iterations > 1:
+        old = compute_logprobs(policy, batch, micro_batch_size=cfg.micro_batch_size, temperature=cfg.temperature)
+    groups = micro_batches(B, cfg.micro_batch_size)
+    total_tokens = float(batch.mask.sum().item())
+    params = [p for p in policy.parameters() if p.requires_grad]
+    sums: dict[str, float] = {}
+    for _ in range(cfg.num_iterations):
+        optimizer.zero_grad(set_to_none=True)
+        for gi, idx in enumerate(groups):
+            mb = batch.slice(idx)
+            t = mb.targets.shape[1]
+            rows = slice(idx[0], idx[-1] + 1)
+            kwargs: dict[str, Any] = dict(
+                advantages=advantages[rows].float(),
+                beta=cfg.beta, epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,
+                temperature=cfg.temperature, loss_type=cfg.loss_type,
+                importance_sampling_level=cfg.importance_sampling_level, return_entropy=True,
+            )
+            if old is not None:
+                kwargs["old_logprobs"] = old[rows, :t]
+            if ref_logprobs is not None and cfg.beta != 0:
+                kwargs["ref_logprobs"] = ref_logprobs[rows, :t]
+            if rollout_is_ratio is not None:
+                kwargs["rollout_is_ratio"] = rollout_is_ratio[rows, :t]
+            if cfg.loss_type == "dr_grpo":
+                kwargs["max_completion_length"] = cfg.max_completion_length
+                weight = len(idx) / B
+            elif cfg.loss_type == "dapo":
+                kwargs["num_items_in_batch"] = max(total_tokens, 1.0)
+                weight = 1.0
+            else:  # grpo (mean over sequences), bnpo (token mean per micro-batch, as TRL)
+                weight = len(idx) / B
+            with _no_sync(policy, gi < len(groups) - 1):
+                loss, metrics = policy(mb.inputs, mb.targets, mb.mask, start=mb.start, mode="grpo", **kwargs)
+                (loss * weight).backward()
+            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) * weight
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * len(idx) / B
+        grad_norm = _clip(params, cfg.max_grad_norm)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm
+    mu = cfg.num_iterations
+    return {k: v / mu for k, v in sums.items()}
+
+
+def _clip(params: list[torch.Tensor], max_norm: float) -> float:
+    if max_norm and max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    grads = [p.grad.detach().norm() for p in params if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else 0.0
+
+
+def sft_step(policy: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, batch: SeqBatch, *,
+             micro_batch_size: int, max_grad_norm: float = 1.0) -> dict[str, float]:
+    """One supervised step: token-mean negative log-likelihood of the continuations (computed
+    from hidden states by r1vl.kernels.linear_logprobs; no vocabulary logits), accumulated over
+    micro-batches, gradient clipping, optimizer and scheduler step."""
+    optimizer.zero_grad(set_to_none=True)
+    groups = micro_batches(batch.size, micro_batch_size)
+    total = float(batch.mask.sum().item())
+    loss_sum = 0.0
+    for gi, idx in enumerate(groups):
+        mb = batch.slice(idx)
+        with _no_sync(policy, gi < len(groups) - 1):
+            loss, n = policy(mb.inputs, mb.targets, mb.mask, start=mb.start, mode="sft")
+            w = float(n) / max(total, 1.0)
+            (loss * w).backward()
+        loss_sum += float(loss.detach()) * w
+    params = [p for p in policy.parameters() if p.requires_grad]
+    grad_norm = _clip(params, max_grad_norm)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return {"loss": loss_sum, "grad_norm": grad_norm, "tokens": total}
+
+
+def lr_lambda(kind: str, total_steps: int, warmup_steps: int, final_ratio: float = 0.0):
+    """Multiplier schedule for torch.optim.lr_scheduler.LambdaLR."""
+
+    def f(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if kind == "constant" or total_steps <= warmup_steps:
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        if kind == "linear":
+            return final_ratio + (1 - final_ratio) * (1.0 - progress)
+        return final_ratio + (1 - final_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f

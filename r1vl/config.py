@@ -1,0 +1,348 @@
+"""One dataclass tree for the whole run; YAML files in configs/ plus dotted CLI overrides.
+
+    cfg = load_config("configs/qwen2vl_2b.yaml", ["train.max_steps=10", "seed=3"])
+
+The defaults of the dataclasses below ARE the embedded default run (tiny model,
+built-in synthetic task, CPU-friendly sizes); configs/default.yaml spells the same
+values out (a test keeps the two equal). A YAML file or an override may only name
+keys that exist here; values are checked against the field's type (and, where a
+field lists them, its allowed choices or its lower bound), and a mistake is one
+`ConfigError` naming the key, the expected type and what was given.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user's mistake in a config file or override (names the key)."""
+
+
+def _choices(*values: str) -> dict:
+    return {"choices": values}
+
+
+def _min(bound: float, *, strict: bool = False) -> dict:
+    return {"min": bound, "strict": strict}
+
+
+@dataclass
+class TinyModelConfig:
+    """Sizes of the randomly initialised Qwen2-VL used when model.path == "tiny"."""
+
+    vocab_size: int = field(default=1024, metadata=_min(300))  # byte-level BPE incl. 256 bytes
+    hidden_size: int = field(default=128, metadata=_min(32))
+    intermediate_size: int = field(default=384, metadata=_min(1))
+    num_hidden_layers: int = field(default=3, metadata=_min(1))
+    num_attention_heads: int = field(default=4, metadata=_min(1))
+    num_key_value_heads: int = field(default=2, metadata=_min(1))
+    # vision tower (patch 14, 2x2 merge as in Qwen2-VL)
+    vision_depth: int = field(default=2, metadata=_min(1))
+    vision_embed_dim: int = field(default=64, metadata=_min(32))
+    vision_num_heads: int = field(default=2, metadata=_min(1))
+    vision_mlp_ratio: int = field(default=2, metadata=_min(1))
+    tokenizer_corpus_size: int = field(default=2000, metadata=_min(1))  # synthetic samples for BPE
+
+
+@dataclass
+class ModelConfig:
+    path: str = "tiny"  # "tiny" or a local HF checkpoint dir (or a hub id when the hub is reachable)
+    dtype: str = field(default="float32", metadata=_choices("float32", "bfloat16", "float16"))
+    attn_implementation: str = field(
+        default="sdpa", metadata=_choices("auto", "eager", "sdpa", "flash_attention_2")
+    )
+    gradient_checkpointing: bool = False
+    freeze_vision: bool = False
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+
+@dataclass
+class DataConfig:
+    # "synthetic" = the built-in task (generated into synthetic_dir), else a path the loader reads
+    train: str = "synthetic"
+    test: str = "synthetic"
+    synthetic_dir: str = ""  # "" = <output_dir>/data
+    synthetic_train_size: int = field(default=3000, metadata=_min(1))
+    synthetic_test_size: int = field(default=200, metadata=_min(1))
+    eval_size: int = field(default=200, metadata=_min(0))  # held-out items evaluated; 0 = all
+    min_pixels: int = field(default=56 * 56, metadata=_min(1))
+    max_pixels: int = field(default=112 * 112, metadata=_min(1))
+    max_prompt_length: int = field(default=512, metadata=_min(1))
+    skip_bad_rows: bool = False
+
+
+@dataclass
+class WarmupConfig:
+    """Supervised warm-up on the reference solutions (next-token cross-entropy)."""
+
+    steps: int = field(default=150, metadata=_min(0))
+    batch_size: int = field(default=8, metadata=_min(1))  # per rank
+    lr: float = field(default=3e-3, metadata=_min(0.0, strict=True))
+    warmup_steps: int = field(default=10, metadata=_min(0))  # linear lr warm-up, then cosine to 10%
+    max_length: int = field(default=1024, metadata=_min(1))
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = field(default="hf", metadata=_choices("hf", "vllm"))
+    num_generations: int = field(default=8, metadata=_min(1))  # G
+    temperature: float = field(default=1.0, metadata=_min(0.0))
+    top_p: float = field(default=1.0, metadata=_min(0.0, strict=True))
+    top_k: int = field(default=0, metadata=_min(0))
+    max_completion_length: int = field(default=96, metadata=_min(1))
+    batch_size: int = field(default=32, metadata=_min(1))  # sequences per generate() call
+
+
+@dataclass
+class AlgorithmConfig:
+    beta: float = field(default=0.04, metadata=_min(0.0))
+    epsilon_low: float = field(default=0.2, metadata=_min(0.0))
+    epsilon_high: float = field(default=0.2, metadata=_min(0.0))
+    num_iterations: int = field(default=1, metadata=_min(1))  # mu
+    loss_type: str = field(default="grpo", metadata=_choices("grpo", "bnpo", "dr_grpo", "dapo"))
+    importance_sampling_level: str = field(default="token", metadata=_choices("token", "sequence"))
+    scale_rewards: bool = True  # divide by the group's std (+1e-4)
+    accuracy_weight: float = 1.0  # StepRAR
+    validity_weight: float = 1.0  # StepRVR
+    alpha: float = field(default=0.1, metadata=_min(0.0))
+    accuracy_variant: str = field(default="paper", metadata=_choices("paper", "official"))
+    reward_workers: int = field(default=0, metadata=_min(0))  # 0 = in-process
+    reward_timeout_s: float = field(default=5.0, metadata=_min(0.0, strict=True))
+
+
+@dataclass
+class OptimConfig:
+    lr: float = field(default=1e-3, metadata=_min(0.0, strict=True))
+    weight_decay: float = field(default=0.0, metadata=_min(0.0))
+    beta1: float = 0.9
+    beta2: float = 0.99
+    eps: float = 1e-8
+    max_grad_norm: float = field(default=1.0, metadata=_min(0.0))  # 0 = no clipping
+    scheduler: str = field(default="constant", metadata=_choices("constant", "linear", "cosine"))
+    warmup_steps: int = field(default=0, metadata=_min(0))
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = field(default=40, metadata=_min(0))
+    prompts_per_step: int = field(default=4, metadata=_min(1))  # per rank; x G completions
+    micro_batch_size: int = field(default=16, metadata=_min(1))  # sequences per forward/backward
+    save_every: int = field(default=0, metadata=_min(0))  # 0 = only the final checkpoint
+    save_final: bool = True
+    resume: Union[bool, str] = False  # true = latest checkpoint in output_dir, or a checkpoint path
+    eval_before: bool = True
+    eval_after: bool = True
+    eval_batch_size: int = field(default=64, metadata=_min(1))
+
+
+@dataclass
+class LoggingConfig:
+    level: str = field(default="INFO", metadata=_choices("DEBUG", "INFO", "WARNING", "ERROR"))
+    progress: bool = True
+    tensorboard: bool = True
+    plot: bool = True
+
+
+@dataclass
+class DistributedConfig:
+    backend: str = field(default="auto", metadata=_choices("auto", "gloo", "nccl"))
+    num_threads: int = field(default=0, metadata=_min(0))  # torch threads per rank; 0 = cores // ranks
+    timeout_s: int = field(default=1800, metadata=_min(1))
+
+
+@dataclass
+class Config:
+    output_dir: str = "runs/default"
+    seed: int = 0
+    deepspeed: str = ""  # a DeepSpeed JSON (ZeRO-2/3); "" = plain DDP
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    return str(tp)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp` (int→float widening only)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif origin is list:
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        if isinstance(value, list):
+            return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    elif tp is Any:
+        return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _check_meta(value: Any, f: dataclasses.Field, key: str) -> None:
+    meta = f.metadata
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(f"{key}: expected one of {list(meta['choices'])}, got {value!r}")
+    if "min" in meta and isinstance(value, (int, float)):
+        bound = meta["min"]
+        bad = value <= bound if meta.get("strict") else value < bound
+        if bad:
+            rel = ">" if meta.get("strict") else ">="
+            raise ConfigError(f"{key}: expected a value {rel} {bound}, got {value!r}")
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or '<root>'}: expected a mapping, got {data!r}")
+    for name in data:
+        if name not in fields:
+            where = prefix.rstrip(".") or "the top level"
+            raise ConfigError(
+                f"unknown config key '{prefix}{name}' (keys in {where}: {', '.join(sorted(fields))})"
+            )
+    kwargs = {}
+    for name, f in fields.items():
+        tp = hints[name]
+        key = prefix + name
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, data.get(name) or {}, key + ".")
+        elif name in data:
+            value = _coerce(data[name], tp, key)
+            _check_meta(value, f, key)
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected dotted.key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if key.startswith("--"):
+        key = key[2:]
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw  # keep it as a string; the type check decides
+    return key.split("."), value
+
+
+def _set_dotted(tree: dict, parts: list[str], value: Any) -> None:
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        elif not isinstance(nxt, dict):
+            raise ConfigError(f"override {'.'.join(parts)}: '{'.'.join(parts[: i + 1])}' is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict) -> Config:
+    return _build(Config, data, "")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults ← YAML file (if any) ← `dotted.key=value` overrides; validated."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({e})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: expected a mapping at the top level, got {type(loaded).__name__}")
+        tree = loaded
+    for item in overrides:
+        parts, value = _parse_override(item)
+        _set_dotted(tree, parts, value)
+    cfg = from_dict(tree)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks (single fields are checked while loading)."""
+    if cfg.algorithm.loss_type == "dr_grpo" and cfg.rollout.max_completion_length <= 0:
+        raise ConfigError("algorithm.loss_type=dr_grpo needs rollout.max_completion_length > 0")
+    if cfg.model.tiny.hidden_size % cfg.model.tiny.num_attention_heads:
+        raise ConfigError("model.tiny.hidden_size must be divisible by model.tiny.num_attention_heads")
+    head_dim = cfg.model.tiny.hidden_size // cfg.model.tiny.num_attention_heads
+    if head_dim < 32 or head_dim % 8:
+        raise ConfigError(
+            f"model.tiny: head_dim = hidden_size / num_attention_heads = {head_dim}; expected a multiple"
+            " of 8 and >= 32 (vLLM's CPU attention refuses smaller heads)"
+        )
+    if cfg.model.tiny.num_attention_heads % cfg.model.tiny.num_key_value_heads:
+        raise ConfigError("model.tiny.num_attention_heads must be divisible by model.tiny.num_key_value_heads")
+    if cfg.model.tiny.vision_embed_dim % cfg.model.tiny.vision_num_heads:
+        raise ConfigError("model.tiny.vision_embed_dim must be divisible by model.tiny.vision_num_heads")
+    if cfg.data.min_pixels > cfg.data.max_pixels:
+        raise ConfigError(
+            f"data.min_pixels ({cfg.data.min_pixels}) must not exceed data.max_pixels ({cfg.data.max_pixels})"
+        )
+    if cfg.rollout.num_generations < 2 and cfg.train.max_steps > 0:
+        raise ConfigError("rollout.num_generations: expected >= 2 (group-relative advantages need a group)")
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,139 @@
+"""Greedy evaluation on a held-out split: accuracy (final answer correct), mean StepRAR,
+mean StepRVR. Used by train.py after the warm-up and after StepGRPO, and as a CLI:
+
+    python -m r1vl.eval --model runs/default/final --data runs/default/data [--n 200]
+
+--model: a checkpoint directory (HF layout, as the trainer saves); --data: a directory
+holding test.jsonl (the built-in task's layout), or any file / dataset directory that
+r1vl.data.load_dataset reads. Prints one JSON object (and writes it with --out).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from r1vl.rollout.base import Prompt, SamplingConfig
+
+log = logging.getLogger(__name__)
+
+
+def make_prompt(processor, sample) -> Prompt:
+    """The R1-VL prompt for one sample: chat template around (image, instruction + question)."""
+    from r1vl.data import format_prompt
+
+    text = processor.chat_prompt(format_prompt(sample.problem), with_image=sample.image is not None)
+    return Prompt(text=text, image=sample.image)
+
+
+def score(texts: Sequence[str], samples: Sequence[Any], *, alpha: float = 0.1, variant: str = "paper",
+          accuracy_weight: float = 1.0, validity_weight: float = 1.0, workers: int = 0,
+          timeout_s: float = 5.0) -> dict[str, list[float]]:
+    """StepRAR, StepRVR, their weighted total, and `correct` (final answer right) per text;
+    samples[i] is the sample texts[i] answers. `timeouts`: math-verify calls that timed out."""
+    from r1vl.rewards import score_batch
+
+    res = score_batch(list(texts), [s.solution for s in samples], [s.key_steps for s in samples],
+                      weights=(accuracy_weight, validity_weight), workers=workers, timeout_s=timeout_s,
+                      alpha=alpha, variant=variant)
+    rar = [float(x) for x in res["accuracy"]]
+    rvr = [float(x) for x in res["validity"]]
+    total = [accuracy_weight * a + validity_weight * v for a, v in zip(rar, rvr)]
+    if alpha < 1.0:  # StepRAR = 1[correct] + alpha*k with k <= 1
+        correct = [1.0 if a >= 1.0 else 0.0 for a in rar]
+    else:
+        plain = score_batch(list(texts), [s.solution for s in samples], [None] * len(samples),
+                            weights=(1.0, 0.0), workers=workers, timeout_s=timeout_s, alpha=0.0, variant=variant)
+        correct = [1.0 if a >= 1.0 else 0.0 for a in plain["accuracy"]]
+    timeouts = res.get("timeouts", 0)
+    return {"accuracy": rar, "validity": rvr, "total": total, "correct": correct,
+            "timeouts": float(timeouts if isinstance(timeouts, (int, float)) else sum(timeouts))}
+
+
+def evaluate(engine, processor, samples: Sequence[Any], *, max_new_tokens: int, batch_size: int = 64,
+             d=None, alpha: float = 0.1, variant: str = "paper", reward_workers: int = 0,
+             reward_timeout_s: float = 5.0) -> dict[str, float]:
+    """Greedy decoding of every sample (sharded over ranks when `d` is an r1vl.utils.Dist);
+    returns held-out means over all ranks: accuracy, step_rar, step_rvr, reward, completion_length."""
+    from r1vl.utils import Dist, StatReducer
+
+    d = d or Dist()
+    t0 = time.perf_counter()
+    mine = list(samples)[d.rank:: d.world]
+    stats = StatReducer()
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
+    for s in range(0, len(mine), batch_size):
+        chunk = mine[s: s + batch_size]
+        comps = engine.generate([make_prompt(processor, x) for x in chunk], 1, sampling)
+        sc = score([c.text for c in comps], chunk, alpha=alpha, variant=variant, workers=reward_workers,
+                   timeout_s=reward_timeout_s)
+        stats.add("accuracy", sc["correct"])
+        stats.add("step_rar", sc["accuracy"])
+        stats.add("step_rvr", sc["validity"])
+        stats.add("reward", sc["total"])
+        stats.add("completion_length", [len(c.token_ids) for c in comps])
+        stats.add("truncated", [1.0 if c.finish_reason == "length" else 0.0 for c in comps])
+    stats.add("n", float(len(mine)), weight=1.0)
+    out = stats.reduce(d)
+    out["n"] = int(round(out["n"] * d.world)) if d.world > 1 else len(mine)
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def _resolve_data(path: str) -> str:
+    p = Path(path)
+    if p.is_dir() and (p / "test.jsonl").is_file():
+        return str(p / "test.jsonl")
+    return str(p)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m r1vl.eval", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="checkpoint directory (HF layout)")
+    ap.add_argument("--data", required=True, help="directory with test.jsonl, or a dataset file/directory")
+    ap.add_argument("--n", type=int, default=0, help="evaluate the first N items (0 = all)")
+    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--min-pixels", type=int, default=56 * 56)
+    ap.add_argument("--max-pixels", type=int, default=112 * 112)
+    ap.add_argument("--alpha", type=float, default=0.1)
+    ap.add_argument("--variant", choices=("paper", "official"), default="paper")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    ap.add_argument("--out", default="", help="also write the JSON result here")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        from r1vl.data import load_dataset
+        from r1vl.models import ModelLoadError, load_pretrained
+        from r1vl.rollout.hf_engine import HFEngine
+
+        data_path = _resolve_data(args.data)
+        if not Path(data_path).exists():
+            raise FileNotFoundError(f"--data {args.data}: no such file or directory")
+        if not Path(args.model).is_dir():
+            raise ModelLoadError(f"--model {args.model}: no such directory")
+        samples = load_dataset(data_path, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+        if args.n:
+            samples = list(samples)[: args.n]
+        model, processor = load_pretrained(args.model, dtype=args.dtype, min_pixels=args.min_pixels,
+                                           max_pixels=args.max_pixels)
+        engine = HFEngine(model, processor, batch_size=args.batch_size)
+        res = evaluate(engine, processor, samples, max_new_tokens=args.max_new_tokens,
+                       batch_size=args.batch_size, alpha=args.alpha, variant=args.variant)
+    except (ValueError, FileNotFoundError, OSError, KeyError) as e:
+        print(f"r1vl.eval: error: {e}", file=sys.stderr)
+        return 2
+    res = {"model": args.model, "data": data_path, **res}
+    text = json.dumps(res, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,527 @@
+"""Policy / reference models, the processor, and the fused LM head.
+
+- `build_tiny(corpus, ...)`: a randomly initialised small Qwen2-VL (tied embeddings,
+  head_dim >= 32 so vLLM's CPU attention accepts it) with a byte-level BPE tokenizer
+  trained on `corpus`, Qwen2-VL's special tokens, a Qwen2-VL-style chat template and
+  the PIL image processor. `save_tiny(dir)` / `model.save_pretrained` + `processor.save_pretrained`
+  give a checkpoint that loads back with AutoModelForImageTextToText, AutoTokenizer and
+  AutoImageProcessor (and AutoProcessor where torchvision is installed).
+- `load_policy(cfg)`: "tiny" or a local Hugging Face checkpoint (Qwen2-VL / Qwen2.5-VL).
+- `VLProcessor`: chat template + tokenizer + image processor, expanding each image's
+  `<|image_pad|>` into its patch-token count. transformers' Qwen2VLProcessor insists on a
+  torchvision video processor, which this project cannot rely on; this class needs only
+  the tokenizer and the image processor.
+- `FusedLMHead` replaces `model.lm_head`: called with hidden states only it is the plain
+  linear head (generation: last position only); called with targets it returns log-probs or
+  the GRPO loss from `r1vl.kernels` without materialising vocabulary logits. Running the loss
+  inside the head's own forward lets ZeRO-3 gather the weight there.
+- `PolicyWithLoss`: the module that DDP / DeepSpeed wrap; its forward runs the base model
+  (last hidden states only) and then the head in one of the modes "sft", "logprobs", "grpo".
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import logging
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+IMAGE_TOKEN = "<|image_pad|>"
+
+# Qwen2-VL's conversation layout (no default system turn: the tiny model's prompts stay short).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' or 'image' in part %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+class ModelLoadError(ValueError):
+    """The model path is wrong or does not hold a loadable checkpoint."""
+
+
+# --------------------------------------------------------------------------- processor
+
+
+def _image_processor_class():
+    """The PIL Qwen2-VL image processor (no torchvision) under any transformers 5.x."""
+    import transformers
+
+    cls = getattr(transformers, "Qwen2VLImageProcessorPil", None)
+    if cls is None:  # releases where the PIL backend carries the plain name
+        cls = transformers.Qwen2VLImageProcessor
+    return cls
+
+
+def make_image_processor(min_pixels: int, max_pixels: int):
+    return _image_processor_class()(min_pixels=min_pixels, max_pixels=max_pixels)
+
+
+class VLProcessor:
+    """Chat template + tokenizer + (PIL) image processor for Qwen2-VL-style models."""
+
+    def __init__(self, tokenizer, image_processor, chat_template: str | None = None):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        if chat_template is not None:
+            tokenizer.chat_template = chat_template
+        if not getattr(tokenizer, "chat_template", None):
+            raise ModelLoadError("the tokenizer has no chat template")
+        self.image_token = IMAGE_TOKEN
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
+            raise ModelLoadError(f"the tokenizer has no {IMAGE_TOKEN} token")
+        self.merge_size = int(getattr(image_processor, "merge_size", 2))
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = "<|endoftext|>"
+
+    # -- ids
+    @property
+    def pad_token_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+    def stop_token_ids(self) -> list[int]:
+        ids = []
+        for tok in ("<|im_end|>", "<|endoftext|>"):
+            i = self.tokenizer.convert_tokens_to_ids(tok)
+            if i is not None and i != self.tokenizer.unk_token_id:
+                ids.append(int(i))
+        return ids
+
+    # -- text
+    def chat_prompt(self, question: str, with_image: bool = True) -> str:
+        content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": question}]
+        return self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def batch_decode(self, seqs: Iterable[Sequence[int]]) -> list[str]:
+        return [self.decode(s) for s in seqs]
+
+    # -- batches
+    def __call__(self, texts: list[str], images: list | None = None, padding_side: str = "left") -> dict:
+        """Tokenise chat texts (one image per `<|image_pad|>` placeholder, in order) into a
+        padded batch: input_ids, attention_mask, mm_token_type_ids, pixel_values, image_grid_thw."""
+        images = [im for im in (images or []) if im is not None]
+        out: dict[str, torch.Tensor] = {}
+        if images:
+            feats = self.image_processor(images=images, return_tensors="pt")
+            out["pixel_values"] = feats["pixel_values"]
+            out["image_grid_thw"] = feats["image_grid_thw"]
+            counts = (feats["image_grid_thw"].prod(-1) // self.merge_size**2).tolist()
+        else:
+            counts = []
+        expanded, k = [], 0
+        for text in texts:
+            parts = text.split(self.image_token)
+            pieces = [parts[0]]
+            for part in parts[1:]:
+                if k >= len(counts):
+                    raise ValueError(f"more {self.image_token} placeholders in the texts than images ({len(counts)})")
+                pieces.append(self.image_token * int(counts[k]) + part)
+                k += 1
+            expanded.append("".join(pieces))
+        if k != len(counts):
+            raise ValueError(f"{len(counts)} images but {k} {self.image_token} placeholders in the texts")
+        enc = self.tokenizer(expanded, padding=True, padding_side=padding_side, return_tensors="pt",
+                             add_special_tokens=False)
+        out["input_ids"] = enc["input_ids"]
+        out["attention_mask"] = enc["attention_mask"]
+        out["mm_token_type_ids"] = (enc["input_ids"] == self.image_token_id).to(torch.int32)
+        return out
+
+    # -- persistence
+    def save_pretrained(self, path: str | Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(path)
+        self.image_processor.save_pretrained(path)
+        cfg_file = path / "preprocessor_config.json"
+        if cfg_file.is_file():  # the canonical type name loads under every transformers 5.x
+            data = json.loads(cfg_file.read_text())
+            data["image_processor_type"] = "Qwen2VLImageProcessor"
+            cfg_file.write_text(json.dumps(data, indent=2))
+        (path / "chat_template.jinja").write_text(self.tokenizer.chat_template)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, min_pixels: int | None = None,
+                        max_pixels: int | None = None) -> "VLProcessor":
+        from transformers import AutoTokenizer
+
+        path = str(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        kwargs = {}
+        if min_pixels is not None:
+            kwargs["min_pixels"] = min_pixels
+        if max_pixels is not None:
+            kwargs["max_pixels"] = max_pixels
+        image_processor = _image_processor_class().from_pretrained(path, **kwargs)
+        template = getattr(tokenizer, "chat_template", None)
+        if not template:
+            for name in ("chat_template.jinja", "chat_template.json"):
+                f = Path(path) / name
+                if f.is_file():
+                    text = f.read_text()
+                    template = json.loads(text)["chat_template"] if name.endswith(".json") else text
+                    break
+        return cls(tokenizer, image_processor, chat_template=template)
+
+
+# --------------------------------------------------------------------------- tiny model
+
+
+def train_tokenizer(corpus: Iterable[str], vocab_size: int):
+    """Byte-level BPE (digits split one by one, as Qwen2's pre-tokeniser does) trained on
+    `corpus`, with Qwen2-VL's special tokens; returns a PreTrainedTokenizerFast."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(corpus), trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=SPECIAL_TOKENS[3:],
+        model_max_length=32768,
+        clean_up_tokenization_spaces=False,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_config(tokenizer, *, hidden_size: int = 128, intermediate_size: int = 384, num_hidden_layers: int = 3,
+                num_attention_heads: int = 4, num_key_value_heads: int = 2, vision_depth: int = 2,
+                vision_embed_dim: int = 64, vision_num_heads: int = 2, vision_mlp_ratio: int = 2,
+                max_position_embeddings: int = 4096):
+    from transformers import Qwen2VLConfig
+
+    head_dim = hidden_size // num_attention_heads
+    if head_dim * num_attention_heads != hidden_size or head_dim < 32 or head_dim % 8:
+        raise ValueError(f"tiny model: head_dim {hidden_size}/{num_attention_heads} must be an integer >= 32, "
+                         "a multiple of 8 (vLLM's CPU attention refuses smaller heads)")
+    half = head_dim // 2  # M-RoPE splits the rotary half-dims over (time, height, width)
+    t = half // 4
+    hgt = (half - t) // 2
+    mrope = [t, hgt, half - t - hgt]
+    ids = {s: tokenizer.convert_tokens_to_ids(s) for s in SPECIAL_TOKENS}
+    eos, pad = ids["<|im_end|>"], ids["<|endoftext|>"]
+    return Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            num_hidden_layers=num_hidden_layers,
+            num_attention_heads=num_attention_heads,
+            num_key_value_heads=num_key_value_heads,
+            max_position_embeddings=max_position_embeddings,
+            rope_scaling={"type": "mrope", "mrope_section": mrope},
+            rope_theta=10000.0,
+            rms_norm_eps=1e-6,
+            bos_token_id=pad,
+            eos_token_id=eos,
+            pad_token_id=pad,
+            tie_word_embeddings=True,
+        ),
+        vision_config=dict(
+            depth=vision_depth,
+            embed_dim=vision_embed_dim,
+            hidden_size=hidden_size,
+            num_heads=vision_num_heads,
+            mlp_ratio=vision_mlp_ratio,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            in_channels=3,
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+        bos_token_id=pad,
+        eos_token_id=eos,
+        pad_token_id=pad,
+    )
+
+
+def build_tiny(corpus: Iterable[str] | None = None, *, vocab_size: int = 1024, seed: int = 0,
+               min_pixels: int = 56 * 56, max_pixels: int = 112 * 112, out_dir: str | Path | None = None,
+               attn_implementation: str = "sdpa", **sizes: int):
+    """A randomly initialised small Qwen2-VL and its processor, built locally (no hub).
+
+    corpus: texts the BPE tokenizer is trained on (None: 2,000 samples of the built-in
+    synthetic task, prompts and solutions). sizes: see `tiny_config` (hidden_size,
+    intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads,
+    vision_depth, vision_embed_dim, vision_num_heads, vision_mlp_ratio). With `out_dir`
+    the pair is saved there (HF layout; loads back with the Auto classes).
+    Returns (model, processor)."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    if corpus is None:
+        corpus = synthetic_corpus(2000, seed=seed)
+    tokenizer = train_tokenizer(corpus, vocab_size)
+    config = tiny_config(tokenizer, **sizes)
+    config._attn_implementation = attn_implementation
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = config.eos_token_id
+    model.generation_config.pad_token_id = config.pad_token_id
+    model.generation_config.bos_token_id = config.bos_token_id
+    processor = VLProcessor(tokenizer, make_image_processor(min_pixels, max_pixels))
+    if out_dir is not None:
+        save_pretrained(model, processor, out_dir)
+    return model, processor
+
+
+def synthetic_corpus(n: int, seed: int = 0) -> list[str]:
+    """Texts of n samples of the built-in task (prompt + reference solution), for BPE training."""
+    import tempfile
+
+    from r1vl.data import format_prompt
+    from r1vl.data.synthetic import generate
+
+    with tempfile.TemporaryDirectory() as tmp:
+        train_path, _ = generate(tmp, n, 1, seed)
+        texts = []
+        with open(train_path) as f:
+            for line in f:
+                row = json.loads(line)
+                texts.append(format_prompt(row["problem"]))
+                texts.append(row["solution"])
+    return texts
+
+
+def corpus_from_samples(samples) -> list[str]:
+    from r1vl.data import format_prompt
+
+    texts = []
+    for s in samples:
+        texts.append(format_prompt(s.problem))
+        texts.append(s.solution)
+    return texts
+
+
+def save_pretrained(model, processor: VLProcessor, out_dir: str | Path) -> None:
+    """HF layout: model (safetensors) + tokenizer + image processor + chat template."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = unwrap(model)
+    head = model.lm_head
+    if isinstance(head, FusedLMHead):  # save the standard nn.Linear layout
+        model.lm_head = head.as_linear()
+    try:
+        model.save_pretrained(out_dir, safe_serialization=True)
+    finally:
+        model.lm_head = head
+    processor.save_pretrained(out_dir)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_pretrained(path: str | Path, *, dtype: str = "float32", attn_implementation: str = "sdpa",
+                    min_pixels: int | None = None, max_pixels: int | None = None):
+    """A Qwen2-VL / Qwen2.5-VL checkpoint via AutoModelForImageTextToText, and its processor."""
+    from transformers import AutoModelForImageTextToText
+
+    p = Path(path)
+    local = p.exists()
+    if local and not (p / "config.json").is_file():
+        raise ModelLoadError(f"model.path {str(path)!r}: directory has no config.json (not a HF checkpoint)")
+    if not local and (str(path).startswith((".", "/", "~")) or str(path).count("/") != 1):
+        raise ModelLoadError(f"model.path {str(path)!r}: no such directory (and not a hub id 'org/name')")
+    kwargs: dict[str, Any] = {"dtype": _DTYPES[dtype]}
+    if attn_implementation != "auto":
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(str(path), **kwargs)
+        processor = VLProcessor.from_pretrained(str(path), min_pixels=min_pixels, max_pixels=max_pixels)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"model.path {str(path)!r}: cannot load ({str(e).splitlines()[0]})") from None
+    return model, processor
+
+
+def load_policy(model_cfg, *, min_pixels: int, max_pixels: int, seed: int = 0,
+                corpus: Iterable[str] | None = None, cache_dir: str | Path | None = None):
+    """(model, processor) for config section `model` (r1vl.config.ModelConfig).
+
+    "tiny": built from `corpus` (saved to `cache_dir` when given, which the other ranks then
+    load, so every rank has the same tokenizer and weights)."""
+    if model_cfg.path == "tiny":
+        t = model_cfg.tiny
+        model, processor = build_tiny(
+            corpus, vocab_size=t.vocab_size, seed=seed, min_pixels=min_pixels, max_pixels=max_pixels,
+            out_dir=cache_dir, attn_implementation=model_cfg.attn_implementation if
+            model_cfg.attn_implementation != "auto" else "sdpa",
+            hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+            num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
+            num_key_value_heads=t.num_key_value_heads, vision_depth=t.vision_depth,
+            vision_embed_dim=t.vision_embed_dim, vision_num_heads=t.vision_num_heads,
+            vision_mlp_ratio=t.vision_mlp_ratio,
+        )
+        model = model.to(_DTYPES[model_cfg.dtype])
+        return model, processor
+    return load_pretrained(model_cfg.path, dtype=model_cfg.dtype, attn_implementation=model_cfg.attn_implementation,
+                           min_pixels=min_pixels, max_pixels=max_pixels)
+
+
+def make_reference(model) -> nn.Module:
+    """A frozen copy of the policy (for the KL term)."""
+    ref = copy.deepcopy(unwrap(model))
+    ref.eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+def unwrap(model):
+    """The HF model inside DDP / DeepSpeed / PolicyWithLoss wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif isinstance(model, PolicyWithLoss):
+            model = model.model
+        else:
+            return model
+
+
+# --------------------------------------------------------------------------- fused head
+
+
+class FusedLMHead(nn.Module):
+    """The LM head, owning the same weight (and bias) Parameters as the original nn.Linear
+    (tied embeddings stay tied). forward(hidden) -> logits (generation); with targets:
+
+    mode="logprobs": fp32 log-probs of `targets` [B,T] (and entropy when asked);
+    mode="grpo": (loss, metrics) of r1vl.kernels.fused_linear_grpo_loss."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.in_features = self.weight.shape[1]
+        self.out_features = self.weight.shape[0]
+
+    def as_linear(self) -> nn.Linear:
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device="meta", dtype=self.weight.dtype)
+        lin.weight = self.weight
+        if self.bias is not None:
+            lin.bias = self.bias
+        return lin
+
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                advantages: torch.Tensor | None = None, *, mode: str = "logits", temperature: float = 1.0,
+                return_entropy: bool = False, **loss_kwargs: Any):
+        if targets is None:
+            return F.linear(hidden, self.weight, self.bias)
+        from r1vl.kernels import fused_linear_grpo_loss, linear_logprobs
+
+        if mode == "logprobs":
+            return linear_logprobs(hidden, self.weight, targets, bias=self.bias, temperature=temperature,
+                                   return_entropy=return_entropy)
+        if mode == "grpo":
+            return fused_linear_grpo_loss(hidden, self.weight, targets, mask, advantages, bias=self.bias,
+                                          temperature=temperature, return_entropy=return_entropy, **loss_kwargs)
+        raise ValueError(f"FusedLMHead: unknown mode {mode!r} (expected 'logits', 'logprobs' or 'grpo')")
+
+
+def install_fused_head(model) -> FusedLMHead:
+    """Replace model.lm_head (an nn.Linear) by a FusedLMHead over the same parameters."""
+    head = model.lm_head
+    if not isinstance(head, FusedLMHead):
+        head = FusedLMHead(head)
+        model.lm_head = head
+    return head
+
+
+def _model_forward_keys(model) -> set[str]:
+    return set(inspect.signature(model.model.forward).parameters)
+
+
+class PolicyWithLoss(nn.Module):
+    """What DDP/DeepSpeed wrap: base-model forward (last hidden states only) + the fused head.
+
+    forward(batch, targets, mask, mode=...): `batch` holds the model inputs (input_ids,
+    attention_mask, pixel_values, image_grid_thw, mm_token_type_ids); the hidden state at
+    position t scores token t+1, and only positions [start, start + T) are sent to the
+    head, where T = targets.shape[1].
+
+    mode "sft": returns the masked mean negative log-likelihood (0-dim) and token count;
+    mode "logprobs": fp32 log-probs [B,T] (and entropy when return_entropy);
+    mode "grpo": (loss, metrics) with advantages / old / ref log-probs in kwargs."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        install_fused_head(model)
+        self._keys = _model_forward_keys(model)
+
+    def hidden_states(self, batch: dict) -> torch.Tensor:
+        inputs = {k: v for k, v in batch.items() if k in self._keys}
+        out = self.model.model(**inputs, use_cache=False, return_dict=True)
+        return out.last_hidden_state
+
+    def forward(self, batch: dict, targets: torch.Tensor, mask: torch.Tensor, *, start: int, mode: str,
+                **kwargs: Any):
+        hidden = self.hidden_states(batch)
+        T = targets.shape[1]
+        h = hidden[:, start - 1: start - 1 + T]
+        head = self.model.lm_head
+        if mode == "sft":
+            logp = head(h, targets, mode="logprobs")
+            m = mask.to(logp.dtype)
+            n = m.sum()
+            return -(logp * m).sum() / n.clamp(min=1.0), n
+        if mode == "logprobs":
+            return head(h, targets, mode="logprobs", **kwargs)
+        if mode == "grpo":
+            return head(h, targets, mask, kwargs.pop("advantages"), mode="grpo", **kwargs)
+        raise ValueError(f"PolicyWithLoss: unknown mode {mode!r}")

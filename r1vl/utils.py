@@ -1,0 +1,379 @@
+"""Plumbing for train.py: distributed set-up and reductions, seeded data streams, RNG
+states, atomic checkpoints, and the metrics writers (JSONL, TensorBoard, PNG plot)."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------- distributed
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1 and dist.is_available() and dist.is_initialized()
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+
+def init_distributed(backend: str = "auto", timeout_s: int = 1800, num_threads: int = 0) -> Dist:
+    """Read torchrun's environment; start the process group (gloo on CPU, NCCL on CUDA);
+    set the torch thread count (default: the cores this process may use / local ranks)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    if num_threads <= 0:
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:
+            cores = os.cpu_count() or 1
+        num_threads = max(1, cores // max(1, local_world))
+    torch.set_num_threads(num_threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass  # already set in this process
+    if world > 1 and not dist.is_initialized():
+        if backend == "auto":
+            backend = "nccl" if cuda else "gloo"
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    return Dist(rank=rank, world=world, local_rank=local_rank, device=device)
+
+
+def all_reduce_sum(values: Sequence[float], d: Dist) -> list[float]:
+    t = torch.tensor(list(values), dtype=torch.float64)
+    if d.enabled:
+        if dist.get_backend() == "nccl":
+            t = t.to(d.device)
+        dist.all_reduce(t)
+    return t.cpu().tolist()
+
+
+def all_gather_objects(obj: Any, d: Dist) -> list[Any]:
+    if not d.enabled:
+        return [obj]
+    out: list[Any] = [None] * d.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, d: Dist) -> Any:
+    if not d.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class StatReducer:
+    """Collects (sum, sum of squares, count) per name on each rank; `reduce` combines all ranks
+    in one collective and returns means (and stds for the names in `with_std`)."""
+
+    def __init__(self):
+        self._v: dict[str, list[float]] = {}
+
+    def add(self, name: str, values: Sequence[float] | float, weight: float | None = None) -> None:
+        if isinstance(values, (int, float)):
+            w = 1.0 if weight is None else weight
+            vals = [float(values) * w, float(values) ** 2 * w, w]
+        else:
+            xs = [float(x) for x in values]
+            vals = [sum(xs), sum(x * x for x in xs), float(len(xs))]
+        cur = self._v.setdefault(name, [0.0, 0.0, 0.0])
+        for i in range(3):
+            cur[i] += vals[i]
+
+    def reduce(self, d: Dist, with_std: Sequence[str] = ()) -> dict[str, float]:
+        names = sorted(self._v)
+        flat = [x for n in names for x in self._v[n]]
+        tot = all_reduce_sum(flat, d) if flat else []
+        out = {}
+        for i, n in enumerate(names):
+            s, s2, c = tot[3 * i: 3 * i + 3]
+            mean = s / c if c else float("nan")
+            out[n] = mean
+            if n in with_std:
+                var = max(0.0, s2 / c - mean * mean) if c else float("nan")
+                out[n + "_std"] = math.sqrt(var)
+        return out
+
+
+# --------------------------------------------------------------------------- data streams
+
+
+class IndexStream:
+    """An endless, seeded, per-epoch-shuffled index stream over n items, sharded by rank.
+
+    `take(step, k)` returns the k indices this rank uses at `step` (each step consumes k
+    per rank, world*k globally; epochs reshuffle with seed + epoch). It is a pure function
+    of (seed, step), so the data position after resuming is the step number itself."""
+
+    def __init__(self, n: int, *, world: int, rank: int, seed: int):
+        if n < 1:
+            raise ValueError("IndexStream: empty dataset")
+        self.n, self.world, self.rank, self.seed = n, world, rank, seed
+        self._perm: dict[int, list[int]] = {}
+
+    def _epoch(self, e: int) -> list[int]:
+        if e not in self._perm:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + e)
+            self._perm = {e: torch.randperm(self.n, generator=g).tolist()}
+        return self._perm[e]
+
+    def take(self, step: int, k: int) -> list[int]:
+        out = []
+        for j in range(k):
+            pos = (step * k + j) * self.world + self.rank  # global position of this rank's j-th item
+            e, off = divmod(pos, self.n)
+            out.append(self._epoch(e)[off])
+        return out
+
+
+def derive_seed(*parts: int) -> int:
+    s = 0x9E3779B9
+    for p in parts:
+        s = (s * 1_000_003 + int(p) + 0x7F4A7C15) % (2**31 - 1)
+    return s
+
+
+# --------------------------------------------------------------------------- RNG
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state(st["cuda"])
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+STATE_FILE = "trainer_state.pt"
+_PHASES = {"warmup": 0, "grpo": 1}
+
+
+def checkpoint_name(phase: str, step: int) -> str:
+    return f"{phase}-{step:06d}"
+
+
+def parse_checkpoint_name(name: str) -> tuple[int, int] | None:
+    try:
+        phase, step = name.rsplit("-", 1)
+        return _PHASES[phase], int(step)
+    except (ValueError, KeyError):
+        return None
+
+
+def atomic_dir_write(final: Path, write) -> None:
+    """write(tmp_dir) then rename onto `final`: an interrupted save never leaves a partial
+    directory under the final name, and the previous good checkpoint stays intact."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    write(tmp)
+    old = None
+    if final.exists():
+        old = final.parent / f".old-{final.name}-{os.getpid()}"
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return None
+    best, best_key = None, None
+    for p in ckpt_dir.iterdir():
+        key = parse_checkpoint_name(p.name)
+        if key is None or not (p / STATE_FILE).is_file():
+            continue
+        if best_key is None or key > best_key:
+            best, best_key = p, key
+    return best
+
+
+def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
+    if keep <= 0:
+        return
+    items = sorted(
+        (parse_checkpoint_name(p.name), p) for p in Path(ckpt_dir).iterdir() if parse_checkpoint_name(p.name)
+    )
+    for _, p in items[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+class MetricsWriter:
+    """metrics.jsonl (+ TensorBoard when installed) on rank 0; nothing elsewhere."""
+
+    def __init__(self, out_dir: Path, *, enabled: bool, tensorboard: bool):
+        self.enabled = enabled
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(log_dir=str(Path(out_dir) / "tensorboard"))
+            except Exception as e:  # tensorboard not installed or broken: JSONL only
+                log.info("TensorBoard disabled (%s)", e.__class__.__name__)
+
+    def truncate_after(self, phase: str, step: int) -> None:
+        """Drop records written after a checkpoint at (phase, step) (a killed run's tail)."""
+        if not self.enabled or not self.path.is_file():
+            return
+        cut = (_PHASES.get(phase, 0), step)
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by the kill
+            ph = rec.get("phase")
+            if ph == "eval":  # held-out evals run after the warm-up / after the last StepGRPO step
+                key = (1, 0) if rec.get("after") == "warmup" else (2, rec.get("step", 0))
+            else:
+                key = (_PHASES.get(ph, 0), rec.get("step", 0))
+            if key <= cut:
+                keep.append(line)
+        self.path.write_text("".join(k + "\n" for k in keep))
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, allow_nan=True) + "\n")
+        if self.tb is not None:
+            step = record.get("global_step", record.get("step", 0))
+            prefix = record.get("phase", "train")
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "global_step"):
+                    self.tb.add_scalar(f"{prefix}/{k}", v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    out = []
+    if Path(path).is_file():
+        for line in Path(path).read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return out
+
+
+def plot_run(metrics_path: Path, png_path: Path, title: str = "") -> bool:
+    """PNG of training reward / accuracy per step (warm-up loss on its own axis) with the
+    held-out accuracy points. Returns False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    recs = read_metrics(metrics_path)
+    warm = [r for r in recs if r.get("phase") == "warmup"]
+    grpo = [r for r in recs if r.get("phase") == "grpo"]
+    evals = [r for r in recs if r.get("phase") == "eval"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    ax = axes[0]
+    if warm:
+        ax.plot([r["step"] for r in warm], [r["loss"] for r in warm], color="tab:gray")
+    ax.set_xlabel("warm-up step")
+    ax.set_ylabel("SFT loss (nats/token)")
+    ax.set_title("warm-up")
+    ax = axes[1]
+    if grpo:
+        xs = [r["step"] for r in grpo]
+        ax.plot(xs, [r["reward_mean"] for r in grpo], label="reward (StepRAR+StepRVR)", color="tab:blue")
+        ax.plot(xs, [r["accuracy"] for r in grpo], label="rollout accuracy", color="tab:orange")
+    for r in evals:
+        x = 0 if r.get("after") == "warmup" else r.get("step", 0)
+        ax.scatter([x], [r["accuracy"]], color="tab:red", zorder=3)
+        ax.annotate(f"{r['accuracy']:.2f}", (x, r["accuracy"]), textcoords="offset points", xytext=(4, 4))
+    ax.scatter([], [], color="tab:red", label="held-out accuracy (greedy)")
+    ax.set_xlabel("StepGRPO step")
+    ax.set_title("StepGRPO")
+    ax.legend(loc="lower right", fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+class Timer:
+    def __init__(self):
+        self.t = {}
+
+    def __call__(self, name: str):
+        timer = self
+
+        class _T:
+            def __enter__(self_inner):
+                self_inner.t0 = time.perf_counter()
+
+            def __exit__(self_inner, *exc):
+                timer.t[name] = timer.t.get(name, 0.0) + time.perf_counter() - self_inner.t0
+
+        return _T()

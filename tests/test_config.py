@@ -1,0 +1,109 @@
+"""Config loader: YAML + dotted overrides, unknown keys, bad types, the shipped configs."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from r1vl.config import Config, ConfigError, dump_config, load_config, to_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_equal_default_yaml():
+    # configs/default.yaml spells out the embedded default: the two must not drift apart
+    assert to_dict(load_config(ROOT / "configs" / "default.yaml")) == to_dict(load_config(None))
+
+
+@pytest.mark.parametrize("name", ["default.yaml", "qwen2vl_2b.yaml", "qwen2vl_7b.yaml"])
+def test_shipped_configs_load(name):
+    cfg = load_config(ROOT / "configs" / name)
+    assert isinstance(cfg, Config)
+
+
+def test_paper_recipe_values():
+    for name in ("qwen2vl_2b.yaml", "qwen2vl_7b.yaml"):
+        cfg = load_config(ROOT / "configs" / name)
+        assert cfg.rollout.num_generations == 4
+        assert cfg.rollout.temperature == 1.0
+        assert cfg.algorithm.beta == 0.04
+        assert cfg.optim.lr == 1e-6
+        assert cfg.rollout.max_completion_length == 1024
+        assert cfg.data.max_prompt_length == 512
+        assert cfg.model.dtype == "bfloat16"
+        assert cfg.algorithm.accuracy_weight == 1.0 and cfg.algorithm.validity_weight == 1.0
+        assert cfg.model.path != "tiny"
+
+
+def test_overrides_and_yaml(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("seed: 7\ntrain:\n  max_steps: 5\nmodel:\n  tiny:\n    hidden_size: 256\n")
+    cfg = load_config(f, ["train.max_steps=9", "optim.lr=3e-4", "train.resume=true", "output_dir=runs/x",
+                          "algorithm.scale_rewards=false", "--warmup.steps=0"])
+    assert cfg.seed == 7  # from the file
+    assert cfg.train.max_steps == 9  # override beats file
+    assert cfg.model.tiny.hidden_size == 256
+    assert cfg.optim.lr == pytest.approx(3e-4)
+    assert cfg.train.resume is True
+    assert cfg.output_dir == "runs/x"
+    assert cfg.algorithm.scale_rewards is False
+    assert cfg.warmup.steps == 0
+    cfg2 = load_config(None, ["train.resume=runs/x/checkpoints/grpo-000010", "optim.lr=1"])
+    assert cfg2.train.resume == "runs/x/checkpoints/grpo-000010"
+    assert isinstance(cfg2.optim.lr, float)  # int widened to float
+
+
+def test_resolved_config_roundtrip(tmp_path):
+    cfg = load_config(None, ["seed=3", "rollout.num_generations=6"])
+    dump_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert to_dict(again) == to_dict(cfg)
+
+
+@pytest.mark.parametrize("override, words", [
+    ("train.max_stepz=3", ["unknown config key 'train.max_stepz'", "max_steps"]),
+    ("trian.max_steps=3", ["unknown config key 'trian'"]),
+    ("train.max_steps=abc", ["train.max_steps", "expected int", "'abc'"]),
+    ("train.max_steps=1.5", ["train.max_steps", "expected int"]),
+    ("optim.lr=fast", ["optim.lr", "expected float"]),
+    ("train.resume=1.5", ["train.resume", "bool or str"]),
+    ("logging.progress=maybe", ["logging.progress", "expected bool"]),
+    ("train.max_steps=-1", ["train.max_steps", ">= 0"]),
+    ("optim.lr=0", ["optim.lr", "> 0"]),
+    ("rollout.engine=sglang", ["rollout.engine", "'hf'", "'vllm'"]),
+    ("algorithm.loss_type=ppo", ["algorithm.loss_type", "grpo"]),
+    ("train=3", ["train", "expected a mapping"]),
+    ("model.tiny.hidden_size=64", ["head_dim", "32"]),
+    ("rollout.num_generations=1", ["num_generations", ">= 2"]),
+    ("novalue", ["dotted.key=value"]),
+])
+def test_bad_overrides_name_the_key(override, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(lst)
+    unk = tmp_path / "unk.yaml"
+    unk.write_text(yaml.safe_dump({"rollout": {"G": 4}}))
+    with pytest.raises(ConfigError, match="rollout.G"):
+        load_config(unk)
+
+
+def test_cli_reports_config_errors(capsys):
+    from r1vl.train import main
+
+    assert main(["train.max_steps=abc"]) == 2
+    err = capsys.readouterr().err
+    assert "train.max_steps" in err and "expected int" in err
+    assert "Traceback" not in err
