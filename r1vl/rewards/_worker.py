@@ -1,0 +1,37 @@
+"""A reward worker process: `python -m r1vl.rewards._worker READ_FD WRITE_FD` (started by pool.py).
+
+It is a plain interpreter started with subprocess, not a multiprocessing child:
+the caller's `__main__` is never re-imported (no `if __name__ == "__main__"`
+guard needed in user scripts) and nothing is forked from a process with
+threads. It scores each received task in its main thread, so the signal-based
+math-verify deadline works, and answers every task as soon as it is scored.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from multiprocessing.connection import Connection
+
+
+def main(read_fd: int, write_fd: int) -> None:
+    inbox = Connection(read_fd, writable=False)
+    outbox = Connection(write_fd, readable=False)
+    try:
+        from r1vl.rewards.pool import _score_one
+        from r1vl.rewards.verify import math_equal
+
+        math_equal("1", "1", 30.0)  # warm up: import math-verify and sympy before saying ready
+        outbox.send(("ready", os.getpid()))
+        while True:
+            msg = inbox.recv()
+            if msg is None:
+                break
+            tasks, alpha, variant, timeout_s = msg
+            for task in tasks:
+                outbox.send((task[0], _score_one(task, alpha, variant, timeout_s)))
+    except (EOFError, BrokenPipeError, KeyboardInterrupt):
+        pass
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]))

@@ -1,0 +1,349 @@
+"""`score_batch`: StepRAR + StepRVR for many completions, in a pool of worker processes.
+
+Each worker is a separate interpreter (`r1vl.rewards._worker`) that scores one completion at a time in its
+main thread, so math-verify runs under the signal-based per-call deadline of
+`verify.py` (soft timeout: the call is abandoned, the completion counts as
+"not verified", the worker carries on). Workers report every completion as
+soon as it is scored; a worker silent for longer than a hard deadline
+(`timeout_s` + a grace period) is stuck somewhere a signal cannot reach (C
+code) or has died: it is killed and replaced, the completion it was on is
+scored without math-verify (counted as a timeout) and the rest of its chunk is
+re-queued. So a batch always finishes, in bounded time, with one result per
+completion.
+
+Pools are created on first use and kept (one per worker count) until
+`close_pools()` or interpreter exit; the first batch pays the workers' start-up
+(importing sympy, about a second, in parallel).
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from typing import Any, Mapping, Sequence
+
+from r1vl.rewards.core import (
+    DEFAULT_ALPHA,
+    VARIANTS,
+    AccuracyResult,
+    accuracy_details,
+    as_text,
+    key_step_groups,
+    validity_reward,
+)
+from r1vl.rewards.verify import DEFAULT_TIMEOUT_S, signals_usable
+
+logger = logging.getLogger(__name__)
+
+_STARTUP_TIMEOUT_S = 120.0
+# the directory holding the r1vl package, put on the workers' PYTHONPATH
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_MIN_GRACE_S = 2.0
+
+# One scored completion: (accuracy, validity, k, correct, timed_out)
+_Result = tuple[float, float, float, bool, bool]
+# One task: (index, completion, solution, key-step groups)
+_Task = tuple[int, str, str, list]
+
+
+def _score_one(task: _Task, alpha: float, variant: str, timeout_s: float | None,
+               use_math_verify: bool = True) -> _Result:
+    _, completion, solution, groups = task
+    acc = accuracy_details(completion, solution, groups, alpha=alpha, variant=variant,
+                           timeout_s=timeout_s, use_math_verify=use_math_verify)
+    return (acc.reward, validity_reward(completion), acc.key_step_fraction, acc.correct, acc.timed_out)
+
+
+@dataclass
+class _Worker:
+    process: subprocess.Popen
+    inbox: Connection  # results from the worker
+    outbox: Connection  # tasks to the worker
+    ready: bool = False
+    pending: deque = field(default_factory=deque)  # tasks sent, not yet answered
+    last_heard: float = 0.0
+
+
+class RewardPool:
+    """A fixed number of reward worker processes with soft and hard per-completion deadlines."""
+
+    def __init__(self, workers: int):
+        if workers < 1:
+            raise ValueError(f"RewardPool needs workers >= 1, got {workers}")
+        self.size = workers
+        self._lock = threading.Lock()
+        self._workers: list[_Worker] = [self._spawn() for _ in range(workers)]
+        self.killed = 0  # workers killed at their hard deadline, over the pool's life
+        self._start_failures = 0
+
+    def _spawn(self) -> _Worker:
+        task_r, task_w = os.pipe()  # parent -> worker
+        res_r, res_w = os.pipe()  # worker -> parent
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "r1vl.rewards._worker", str(task_r), str(res_w)],
+                pass_fds=(task_r, res_w), stdin=subprocess.DEVNULL, env=env,
+            )
+        finally:
+            os.close(task_r)
+            os.close(res_w)
+        return _Worker(process=proc, inbox=Connection(res_r, writable=False),
+                       outbox=Connection(task_w, readable=False), last_heard=time.monotonic())
+
+    @staticmethod
+    def _kill(w: _Worker) -> None:
+        try:
+            w.process.kill()
+            w.process.wait(timeout=10)
+        except Exception:  # noqa: BLE001
+            pass
+        for c in (w.inbox, w.outbox):
+            try:
+                c.close()
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        with self._lock:
+            for w in self._workers:
+                try:
+                    w.outbox.send(None)
+                except (OSError, ValueError):
+                    pass
+            for w in self._workers:
+                try:
+                    w.process.wait(timeout=2)
+                except subprocess.TimeoutExpired:
+                    pass
+                self._kill(w)
+            self._workers = []
+
+    def map(self, tasks: Sequence[_Task], *, alpha: float, variant: str,
+            timeout_s: float | None) -> tuple[list[_Result], int]:
+        """Score tasks; returns (results in task order, number of hard kills)."""
+        with self._lock:
+            return self._map(list(tasks), alpha, variant, timeout_s)
+
+    def _map(self, tasks: list[_Task], alpha, variant, timeout_s) -> tuple[list[_Result], int]:
+        n = len(tasks)
+        results: list[_Result | None] = [None] * n
+        slot = {t[0]: i for i, t in enumerate(tasks)}
+        if n == 0:
+            return [], 0
+        chunk = max(1, min(16, math.ceil(n / (4 * self.size))))
+        queue: deque[list[_Task]] = deque(tasks[i:i + chunk] for i in range(0, n, chunk))
+        soft = float(timeout_s) if timeout_s and timeout_s > 0 else 0.0
+        hard = soft + max(_MIN_GRACE_S, soft) if soft else None
+        kills = 0
+        remaining = n
+        started = time.monotonic()
+
+        def send(w: _Worker, part: list[_Task]) -> bool:
+            try:
+                w.outbox.send((part, alpha, variant, timeout_s))
+            except (OSError, ValueError):
+                return False
+            w.pending.extend(part)
+            w.last_heard = time.monotonic()
+            return True
+
+        def replace(i: int, w: _Worker, reason: str) -> None:
+            nonlocal kills, remaining
+            self._kill(w)
+            if w.pending:
+                stuck = w.pending.popleft()
+                logger.warning("reward worker %s (%s): completion %d scored without math-verify",
+                               w.process.pid, reason, stuck[0])
+                results[slot[stuck[0]]] = _score_one(stuck, alpha, variant, timeout_s,
+                                                     use_math_verify=False)
+                remaining -= 1
+                kills += 1
+                if w.pending:
+                    queue.appendleft(list(w.pending))
+            self._workers[i] = self._spawn()
+
+        while remaining > 0:
+            now = time.monotonic()
+            for w in self._workers:
+                if w.ready and not w.pending and queue:
+                    part = queue.popleft()
+                    if not send(w, part):
+                        queue.appendleft(part)
+            if not any(w.ready for w in self._workers) and now - started > _STARTUP_TIMEOUT_S:
+                raise RuntimeError(f"no reward worker started within {_STARTUP_TIMEOUT_S:.0f}s")
+            # wait for a message, at most until the nearest hard deadline
+            wait_s = 1.0
+            if hard is not None:
+                for w in self._workers:
+                    if w.pending:
+                        wait_s = min(wait_s, max(0.0, w.last_heard + hard - now))
+            conns = {w.inbox: i for i, w in enumerate(self._workers)}
+            for conn in wait(list(conns), timeout=wait_s):
+                i = conns[conn]
+                w = self._workers[i]
+                try:
+                    msg = conn.recv()
+                except (EOFError, OSError):
+                    replace(i, w, "died")
+                    continue
+                w.last_heard = time.monotonic()
+                if msg[0] == "ready":
+                    w.ready = True
+                    continue
+                idx, res = msg
+                if w.pending and w.pending[0][0] == idx:
+                    w.pending.popleft()
+                if results[slot[idx]] is None:
+                    results[slot[idx]] = res
+                    remaining -= 1
+            if hard is not None:
+                now = time.monotonic()
+                for i, w in enumerate(self._workers):
+                    if w.pending and now - w.last_heard > hard:
+                        replace(i, w, f"silent for more than {hard:.1f}s")
+            for i, w in enumerate(self._workers):
+                if w.process.poll() is not None:
+                    if not w.ready:
+                        self._start_failures += 1
+                        if self._start_failures > 3 * self.size:
+                            raise RuntimeError("reward workers keep exiting at start-up "
+                                               f"(exit code {w.process.returncode})")
+                    replace(i, w, "exited")
+        self.killed += kills
+        return results, kills  # type: ignore[return-value]
+
+
+_pools: dict[int, RewardPool] = {}
+_pools_lock = threading.Lock()
+
+
+def get_pool(workers: int) -> RewardPool:
+    """The shared pool with `workers` processes (created on first use)."""
+    with _pools_lock:
+        pool = _pools.get(workers)
+        if pool is None:
+            pool = _pools[workers] = RewardPool(workers)
+        return pool
+
+
+def close_pools() -> None:
+    """Stop every shared reward pool (also done at interpreter exit)."""
+    with _pools_lock:
+        for pool in _pools.values():
+            pool.close()
+        _pools.clear()
+
+
+atexit.register(close_pools)
+
+# A one-process pool that runs StepRAR for callers off the main thread (no signals there).
+_SANDBOX_WORKERS = -1
+
+
+def sandbox_accuracy(completion: Any, solution: Any, key_steps: Any, *, alpha: float,
+                     variant: str, timeout_s: float | None) -> AccuracyResult:
+    with _pools_lock:
+        pool = _pools.get(_SANDBOX_WORKERS)
+        if pool is None:
+            pool = _pools[_SANDBOX_WORKERS] = RewardPool(1)
+    task = (0, as_text(completion), as_text(solution), key_step_groups(key_steps))
+    (res,), _ = pool.map([task], alpha=alpha, variant=variant, timeout_s=timeout_s)
+    return AccuracyResult(res[0], res[2], res[3], res[4])
+
+
+def default_workers() -> int:
+    """min(4, CPUs available to this process)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(4, cpus))
+
+
+def _weights(weights: Any) -> tuple[float, float]:
+    if isinstance(weights, Mapping):
+        unknown = set(weights) - {"accuracy", "validity"}
+        if unknown:
+            raise ValueError(f"weights: unknown keys {sorted(unknown)}; expected 'accuracy', 'validity'")
+        return float(weights.get("accuracy", 1.0)), float(weights.get("validity", 1.0))
+    w = tuple(weights)
+    if len(w) != 2:
+        raise ValueError(f"weights must be (w_acc, w_val), got {weights!r}")
+    return float(w[0]), float(w[1])
+
+
+def score_batch(completions: Sequence[Any], solutions: Sequence[Any], key_steps: Sequence[Any] | None = None,
+                *, weights: Any = (1.0, 1.0), workers: int | None = None,
+                timeout_s: float | None = DEFAULT_TIMEOUT_S, alpha: float = DEFAULT_ALPHA,
+                variant: str = "paper") -> dict[str, list[float]]:
+    """Score completion i against solutions[i] / key_steps[i] (lists of equal length).
+
+    Returns, per completion (lists in input order):
+      "accuracy"  StepRAR        "validity"  StepRVR
+      "total"     w_acc*StepRAR + w_val*StepRVR
+      "key_steps" k (fraction of key-step groups matched)
+      "correct"   1.0 if the answer was judged right
+      "timed_out" 1.0 if math-verify hit its deadline (or the worker was killed)
+    and the batch counts "num_timeouts" = [sum of timed_out] and
+    "num_killed" = [workers killed at the hard deadline], as one-element lists.
+
+    weights: (w_acc, w_val) or {"accuracy": w, "validity": w}; both 1 as in the paper.
+    workers: processes (default min(4, CPUs)); 0 scores in this process
+    (signal deadlines; off the main thread that falls back to the sandbox).
+    timeout_s: per-completion math-verify deadline; None or 0 disables it
+    (and with it the hard deadline) -- only for trusted input.
+    Equal, item by item, to `accuracy_reward` / `validity_reward`.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    n = len(completions)
+    if len(solutions) != n:
+        raise ValueError(f"score_batch: {n} completions but {len(solutions)} solutions")
+    if key_steps is None:
+        key_steps = [None] * n
+    elif len(key_steps) != n:
+        raise ValueError(f"score_batch: {n} completions but {len(key_steps)} key_steps")
+    w_acc, w_val = _weights(weights)
+    if workers is None:
+        workers = default_workers()
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
+    tasks = [(i, as_text(c), as_text(s), key_step_groups(k))
+             for i, (c, s, k) in enumerate(zip(completions, solutions, key_steps))]
+
+    kills = 0
+    if n and timeout_s and timeout_s > 0 and workers == 0 and not signals_usable():
+        workers = 1  # no signal deadline off the main thread: use a worker process
+    if workers == 0 or n == 0:
+        results = [_score_one(t, alpha, variant, timeout_s) for t in tasks]
+    else:
+        try:
+            results, kills = get_pool(workers).map(tasks, alpha=alpha, variant=variant,
+                                                   timeout_s=timeout_s)
+        except RuntimeError:
+            logger.exception("reward pool failed; scoring %d completions in this process", n)
+            results = [_score_one(t, alpha, variant, timeout_s) for t in tasks]
+
+    acc = [r[0] for r in results]
+    val = [r[1] for r in results]
+    timed_out = [1.0 if r[4] else 0.0 for r in results]
+    return {
+        "accuracy": acc,
+        "validity": val,
+        "total": [w_acc * a + w_val * v for a, v in zip(acc, val)],
+        "key_steps": [r[2] for r in results],
+        "correct": [1.0 if r[3] else 0.0 for r in results],
+        "timed_out": timed_out,
+        "num_timeouts": [float(sum(timed_out))],
+        "num_killed": [float(kills)],
+    }

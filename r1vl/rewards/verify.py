@@ -1,0 +1,174 @@
+"""math-verify under a per-call timeout that cannot hang the caller.
+
+math-verify's own timeout uses `signal.alarm` with whole seconds and works only
+in the main thread; it also swallows its timeouts (returns "not equal"), so a
+caller cannot count them. Here math-verify's timeouts are switched off and each
+call (parse + parse + verify for one completion) runs under our own
+`setitimer` deadline, which:
+
+* has sub-second resolution, restores any timer/handler the caller had set,
+  and raises a `BaseException` subclass so that math-verify's and sympy's
+  `except Exception` blocks cannot swallow it (a flag set by the handler also
+  catches a swallowed one);
+* works in the main thread of any process -- in particular in the worker
+  processes of `score_batch`, whose tasks run in the workers' main threads.
+
+Off the main thread a signal cannot be used: `r1vl.rewards.accuracy_reward`
+then sends the completion to a one-process sandbox (see `pool.py`). A
+computation stuck inside C code that never returns to the interpreter (a
+signal handler only runs between bytecodes) is caught by the pool's hard
+deadline, which kills the worker.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = 3.0
+
+_CACHE_MAX_ITEMS = 4096
+_CACHE_MAX_CHARS = 512
+
+
+class _Deadline(BaseException):
+    """Raised by our SIGALRM handler; a BaseException so `except Exception` does not eat it."""
+
+
+class _DropTimeoutDisabledWarning(logging.Filter):
+    # math-verify warns once per process that its own timeout is disabled: that is
+    # by design here (ours replaces it), so the warning is noise.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Timeout is disabled" not in record.getMessage()
+
+
+for _name in ("math_verify.parser", "math_verify.grader"):
+    logging.getLogger(_name).addFilter(_DropTimeoutDisabledWarning())
+
+
+def signals_usable() -> bool:
+    """True when this thread may install a SIGALRM handler (the main thread, on POSIX)."""
+    return hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+
+
+def call_with_deadline(fn: Callable[[], Any], seconds: float | None) -> tuple[bool, Any]:
+    """Run `fn()` with a wall-clock deadline. Returns (finished, value).
+
+    finished is False when the deadline passed (value is then None). An
+    exception from fn is treated as a finished call with value None. With
+    seconds None or <= 0, or where signals cannot be used, fn runs without a
+    deadline (callers that need one off the main thread use the sandbox).
+    """
+    if not seconds or seconds <= 0 or not signals_usable():
+        try:
+            return True, fn()
+        except Exception:  # noqa: BLE001 -- a verifier error means "not verified"
+            logger.debug("math-verify raised", exc_info=True)
+            return True, None
+
+    global _fired
+    fired = False
+    armed = True
+    _fired = False
+
+    def on_alarm(signum, frame):  # noqa: ARG001
+        nonlocal fired
+        global _fired
+        if armed:
+            fired = _fired = True
+            raise _Deadline()
+
+    old_handler = signal.signal(signal.SIGALRM, on_alarm)
+    start = time.monotonic()
+    old_delay, old_interval = 0.0, 0.0
+    value = None
+    try:
+        try:
+            old_delay, old_interval = signal.setitimer(signal.ITIMER_REAL, float(seconds))
+            value = fn()
+        finally:
+            armed = False
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    except _Deadline:
+        value = None
+    except Exception:  # noqa: BLE001
+        logger.debug("math-verify raised", exc_info=True)
+        value = None
+    finally:
+        signal.signal(signal.SIGALRM, old_handler)
+        if old_delay > 0:  # give the caller's own timer back, minus the time we used
+            remaining = max(old_delay - (time.monotonic() - start), 1e-3)
+            signal.setitimer(signal.ITIMER_REAL, remaining, old_interval)
+    if fired:
+        return False, None
+    return True, value
+
+
+# ---------------------------------------------------------------------------------
+# math-verify calls (its own timeouts off: ours wraps the whole computation)
+
+_parse_cache: dict[str, Any] = {}
+_fired = False  # set by the deadline handler: results computed after it fired are never cached
+
+
+def _parse(text: str):
+    from math_verify import parse
+
+    if len(text) <= _CACHE_MAX_CHARS:
+        hit = _parse_cache.get(text)
+        if hit is not None:
+            return hit
+    parsed = parse(text, parsing_timeout=None)
+    if len(text) <= _CACHE_MAX_CHARS and not _fired:
+        if len(_parse_cache) >= _CACHE_MAX_ITEMS:
+            _parse_cache.clear()
+        _parse_cache[text] = parsed
+    return parsed
+
+
+def _verify(gold, target) -> bool:
+    from math_verify import verify
+
+    return bool(verify(gold, target, timeout_seconds=None))
+
+
+def math_equal(gold: str, pred: str, timeout_s: float | None = DEFAULT_TIMEOUT_S) -> tuple[bool, bool]:
+    """Is `pred` mathematically equal to `gold` by math-verify? Returns (equal, timed_out).
+
+    `verify(parse(gold), parse(pred))`: gold first, as math-verify expects.
+    """
+
+    def work() -> bool:
+        g = _parse(gold)
+        p = _parse(pred)
+        return _verify(g, p)
+
+    return _run(work, timeout_s)
+
+
+def math_equal_official(completion: str, solution: str,
+                        timeout_s: float | None = DEFAULT_TIMEOUT_S) -> tuple[bool, bool]:
+    """The authors' check: `verify(parse(completion), parse(solution))` on the whole texts.
+
+    The argument order (the completion in math-verify's "gold" slot) is theirs
+    and is kept: math-verify is not symmetric. Returns (equal, timed_out).
+    """
+
+    def work() -> bool:
+        answer = _parse(completion)
+        return _verify(answer, _parse(solution))
+
+    return _run(work, timeout_s)
+
+
+def _run(work: Callable[[], bool], timeout_s: float | None) -> tuple[bool, bool]:
+    # A deadline that fires inside parse() unwinds through it (nothing cached); one that
+    # some library code swallowed still sets _fired, which also blocks caching.
+    finished, value = call_with_deadline(work, timeout_s)
+    if not finished:
+        return False, True
+    return bool(value), False
