@@ -40,18 +40,11 @@ def score(texts: Sequence[str], samples: Sequence[Any], *, alpha: float = 0.1, v
     res = score_batch(list(texts), [s.solution for s in samples], [s.key_steps for s in samples],
                       weights=(accuracy_weight, validity_weight), workers=workers, timeout_s=timeout_s,
                       alpha=alpha, variant=variant)
-    rar = [float(x) for x in res["accuracy"]]
-    rvr = [float(x) for x in res["validity"]]
-    total = [accuracy_weight * a + validity_weight * v for a, v in zip(rar, rvr)]
-    if alpha < 1.0:  # StepRAR = 1[correct] + alpha*k with k <= 1
-        correct = [1.0 if a >= 1.0 else 0.0 for a in rar]
-    else:
-        plain = score_batch(list(texts), [s.solution for s in samples], [None] * len(samples),
-                            weights=(1.0, 0.0), workers=workers, timeout_s=timeout_s, alpha=0.0, variant=variant)
-        correct = [1.0 if a >= 1.0 else 0.0 for a in plain["accuracy"]]
-    timeouts = res.get("timeouts", 0)
-    return {"accuracy": rar, "validity": rvr, "total": total, "correct": correct,
-            "timeouts": float(timeouts if isinstance(timeouts, (int, float)) else sum(timeouts))}
+    return {"accuracy": [float(x) for x in res["accuracy"]],
+            "validity": [float(x) for x in res["validity"]],
+            "total": [float(x) for x in res["total"]],
+            "correct": [float(x) for x in res["correct"]],
+            "timeouts": float(sum(res.get("num_timeouts", [0.0])))}
 
 
 def evaluate(engine, processor, samples: Sequence[Any], *, max_new_tokens: int, batch_size: int = 64,

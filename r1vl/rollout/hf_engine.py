@@ -45,14 +45,18 @@ class HFEngine:
 
     model: a Qwen2-VL-style HF model (its lm_head may be r1vl.models.FusedLMHead);
     processor: r1vl.models.VLProcessor; batch_size: sequences per generate() call;
-    synced_gpus: pass-through for ZeRO-3 (every rank must then call generate equally often)."""
+    synced_gpus: pass-through for ZeRO-3 (every rank must then call generate equally often);
+    eos_token_ids: ids that end a completion (default: the processor's <|im_end|>, <|endoftext|>)."""
 
-    def __init__(self, model: nn.Module, processor, *, batch_size: int = 32, synced_gpus: bool = False):
+    def __init__(self, model: nn.Module, processor, *, batch_size: int = 32, synced_gpus: bool = False,
+                 eos_token_ids: list[int] | None = None):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
         self.processor = processor
         self.batch_size = batch_size
         self.synced_gpus = synced_gpus
-        self.eos_ids = processor.stop_token_ids()
+        self.eos_ids = list(eos_token_ids) if eos_token_ids else processor.stop_token_ids()
         self.pad_id = processor.pad_token_id
         self.last_stats: dict[str, float] = {}
 

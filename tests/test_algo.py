@@ -1,0 +1,197 @@
+"""StepGRPO algorithm pieces: advantages, batch building / slicing, log-probs, the update step."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from r1vl.algo import (SeqBatch, UpdateConfig, build_batch, compute_logprobs, group_advantages, grpo_update,
+                       lr_lambda, micro_batches, sft_step)
+from r1vl.models import PolicyWithLoss, build_tiny
+
+CORPUS = [f"### Step 1: {a} + {b} = {a + b}\n### The final answer is: {a + b}" for a in range(12) for b in range(12)]
+SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+             num_key_value_heads=1, vision_depth=1, vision_embed_dim=32, vision_num_heads=1)
+
+
+# --------------------------------------------------------------------------- advantages
+
+
+def test_group_advantages_values():
+    r = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 5.0, 5.0, 5.0])
+    a = group_advantages(r, 4)
+    g = r[:4]
+    want = (g - g.mean()) / (g.std() + 1e-4)  # unbiased std, as TRL / the R1-VL code
+    torch.testing.assert_close(a[:4], want)
+    assert torch.equal(a[4:], torch.zeros(4))  # identical rewards: no signal, no NaN
+    torch.testing.assert_close(group_advantages(r, 4, scale=False)[:4], g - g.mean())
+    # groups are normalised independently, prompt-major
+    a2 = group_advantages(torch.tensor([0.0, 1.0, 10.0, 30.0]), 2)
+    s1, s2 = 0.5 ** 0.5, 200 ** 0.5
+    want2 = torch.tensor([-0.5 / (s1 + 1e-4), 0.5 / (s1 + 1e-4), -10 / (s2 + 1e-4), 10 / (s2 + 1e-4)])
+    torch.testing.assert_close(a2, want2)
+    # sums to zero within each group
+    x = torch.randn(24)
+    assert group_advantages(x, 6).view(4, 6).sum(1).abs().max() < 1e-4
+
+
+def test_group_advantages_bad_input():
+    with pytest.raises(ValueError, match="groups of 4"):
+        group_advantages(torch.zeros(6), 4)
+    with pytest.raises(ValueError, match="1-D"):
+        group_advantages(torch.zeros(2, 2), 2)
+
+
+def test_micro_batches_and_schedule():
+    assert micro_batches(5, 2) == [[0, 1], [2, 3], [4]]
+    with pytest.raises(ValueError):
+        micro_batches(3, 0)
+    f = lr_lambda("cosine", 10, 2, final_ratio=0.1)
+    assert f(0) == 0.5 and f(1) == 1.0 and f(2) == 1.0
+    assert abs(f(10) - 0.1) < 1e-9
+    assert lr_lambda("constant", 10, 0)(7) == 1.0
+    assert lr_lambda("linear", 10, 0)(5) == pytest.approx(0.5)
+
+
+# --------------------------------------------------------------------------- batches
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, proc = build_tiny(CORPUS, vocab_size=320, seed=0, **SIZES)
+    return model, proc
+
+
+def _img(seed, w=56, h=56):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8"))
+
+
+def _batch(proc, n=6, seed=0):
+    rng = np.random.default_rng(seed)
+    texts = [proc.chat_prompt("What is " + " + ".join(str(x) for x in rng.integers(0, 9, size=1 + i % 3)) + "?")
+             for i in range(n)]
+    images = [_img(seed * 100 + i, 56 if i % 2 else 84, 56) for i in range(n)]
+    hi = len(proc.tokenizer)  # ordinary tokens only (the 14 special tokens come first)
+    conts = [rng.integers(20, hi, size=int(rng.integers(2, 9))).tolist() for _ in range(n)]
+    return build_batch(proc, texts, images, conts), conts
+
+
+def test_build_batch_layout(tiny):
+    _, proc = tiny
+    b, conts = _batch(proc)
+    B, T = b.targets.shape
+    assert B == 6 and T == max(len(c) for c in conts)
+    for i, c in enumerate(conts):
+        assert b.targets[i, : len(c)].tolist() == c
+        assert b.mask[i].sum() == len(c)
+        assert b.inputs["input_ids"][i, b.start: b.start + len(c)].tolist() == c
+    assert b.inputs["input_ids"].shape == (B, b.start + T)
+    assert (b.inputs["attention_mask"][:, b.start - 1] == 1).all()  # left padding: prompts end together
+    assert b.inputs["image_grid_thw"].shape[0] == 6
+    assert b.inputs["pixel_values"].shape[0] == int(b.inputs["image_grid_thw"].prod(-1).sum())
+    # one <|image_pad|> per merged patch
+    n_img_tokens = (b.inputs["input_ids"] == proc.image_token_id).sum(1)
+    assert n_img_tokens.tolist() == (b.inputs["image_grid_thw"].prod(-1) // 4).tolist()
+
+
+def test_slice_and_logprobs_are_padding_invariant(tiny):
+    model, proc = tiny
+    b, _ = _batch(proc, n=6, seed=1)
+    pol = PolicyWithLoss(model)
+    full = compute_logprobs(pol, b, micro_batch_size=6)
+    parts = compute_logprobs(pol, b, micro_batch_size=2)
+    torch.testing.assert_close(full, parts, atol=1e-5, rtol=1e-5)
+    # each row alone (no padding at all) gives the same log-probs
+    for i in (0, 3, 5):
+        one = b.slice([i])
+        lp = compute_logprobs(pol, SeqBatch(one.inputs, one.targets, one.mask, one.start, one.image_counts),
+                              micro_batch_size=1)
+        n = int(b.mask[i].sum())
+        torch.testing.assert_close(lp[0, :n], full[i, :n], atol=1e-5, rtol=1e-5)
+    assert (full[b.mask == 0] == 0).all()
+
+
+def test_no_vocab_logits_in_training(tiny, monkeypatch):
+    """Training and log-prob passes never call the full model forward (which computes logits)."""
+    model, proc = tiny
+    model = copy.deepcopy(model)
+    b, _ = _batch(proc, n=4, seed=2)
+
+    def boom(*a, **k):
+        raise AssertionError("the model's logits forward was called")
+
+    monkeypatch.setattr(type(model), "forward", boom)
+    pol = PolicyWithLoss(model)
+    opt = torch.optim.AdamW(pol.parameters(), lr=1e-3)
+    m = grpo_update(pol, opt, None, b, torch.tensor([1.0, -1.0, 0.5, -0.5]), UpdateConfig(micro_batch_size=2),
+                    ref_logprobs=compute_logprobs(pol, b, micro_batch_size=4))
+    assert np.isfinite(m["loss"])
+    sft_step(pol, opt, None, b, micro_batch_size=2)
+
+
+# --------------------------------------------------------------------------- the update
+
+
+def _loss_with_old(pol, b, adv, old):
+    with torch.no_grad():
+        loss, _ = pol(b.inputs, b.targets, b.mask, start=b.start, mode="grpo", advantages=adv, old_logprobs=old,
+                      beta=0.0)
+    return float(loss)
+
+
+def test_update_decreases_loss_on_fixed_batch(tiny):
+    model, proc = tiny
+    model = copy.deepcopy(model)
+    b, _ = _batch(proc, n=8, seed=3)
+    pol = PolicyWithLoss(model)
+    adv = group_advantages(torch.tensor([1.0, 0.0, 2.0, 0.0, 1.0, 1.0, 0.0, 2.0]), 4)
+    old = compute_logprobs(pol, b, micro_batch_size=8)
+    before_lp = old.clone()
+    opt = torch.optim.AdamW(pol.parameters(), lr=3e-3)
+    cfg = UpdateConfig(beta=0.0, num_iterations=4, micro_batch_size=4, epsilon_low=10.0, epsilon_high=10.0)
+    l0 = _loss_with_old(pol, b, adv, old)
+    for _ in range(3):
+        m = grpo_update(pol, opt, None, b, adv, cfg)
+    l1 = _loss_with_old(pol, b, adv, old)
+    assert l0 == pytest.approx(-0.0, abs=1e-5)  # ratio 1: -mean(A) over each group = 0
+    assert l1 < l0 - 0.05
+    assert np.isfinite(m["grad_norm"]) and m["grad_norm"] > 0
+    # the log-likelihood of positive-advantage completions went up, negative went down
+    after = compute_logprobs(pol, b, micro_batch_size=8)
+    delta = ((after - before_lp) * b.mask).sum(1)
+    assert (delta[adv > 0] > 0).all() and (delta[adv < 0] < 0).all()
+
+
+def test_sft_loss_decreases(tiny):
+    model, proc = tiny
+    model = copy.deepcopy(model)
+    b, _ = _batch(proc, n=4, seed=4)
+    pol = PolicyWithLoss(model)
+    opt = torch.optim.AdamW(pol.parameters(), lr=3e-3)
+    losses = [sft_step(pol, opt, None, b, micro_batch_size=2)["loss"] for _ in range(8)]
+    assert losses[-1] < losses[0] * 0.8
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_micro_batching_matches_one_batch(tiny, loss_type):
+    """Gradient accumulation over micro-batches gives the full batch's loss and step."""
+    model, proc = tiny
+    b, _ = _batch(proc, n=6, seed=5)
+    adv = torch.tensor([1.0, -1.0, 0.3, -0.3, 2.0, -2.0])
+    results = []
+    for mbs in (6, 2):
+        pol = PolicyWithLoss(copy.deepcopy(model))
+        ref = compute_logprobs(pol, b, micro_batch_size=6) - 0.1 * b.mask  # a reference that differs
+        opt = torch.optim.SGD(pol.parameters(), lr=0.1)
+        m = grpo_update(pol, opt, None, b, adv, UpdateConfig(micro_batch_size=mbs, loss_type=loss_type,
+                                                              max_completion_length=8, max_grad_norm=0.0),
+                        ref_logprobs=ref)
+        results.append((m, [p.detach().clone() for p in pol.parameters()]))
+    (m6, p6), (m2, p2) = results
+    if loss_type in ("grpo", "dr_grpo", "dapo"):  # bnpo normalises per micro-batch (as TRL does)
+        assert m2["loss"] == pytest.approx(m6["loss"], rel=1e-4, abs=1e-6)
+        for x, y in zip(p6, p2):
+            torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
+    assert m2["kl"] == pytest.approx(m6["kl"], rel=0.05)

@@ -1,0 +1,129 @@
+"""The tiny Qwen2-VL + processor: shapes, tokenizer, save / load with the Auto classes,
+the fused head against materialised logits, bad model paths."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from r1vl.models import (SPECIAL_TOKENS, FusedLMHead, ModelLoadError, PolicyWithLoss, VLProcessor, build_tiny,
+                         load_pretrained, save_pretrained)
+
+CORPUS = [f"### Step 1: the bar for {c} reads {v}\n### The final answer is: {v}"
+          for c in ("red", "blue", "green", "orange") for v in range(40)]
+SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+             num_key_value_heads=1, vision_depth=1, vision_embed_dim=32, vision_num_heads=1)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_tiny(CORPUS, vocab_size=360, seed=0, **SIZES)
+
+
+def _img(w=56, h=84):
+    rng = np.random.default_rng(0)
+    return Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8"))
+
+
+def test_tiny_shape(tiny):
+    model, proc = tiny
+    cfg = model.config
+    text = cfg.text_config
+    assert text.hidden_size // text.num_attention_heads >= 32  # vLLM's CPU attention needs head_dim >= 32
+    assert cfg.tie_word_embeddings
+    assert model.lm_head.weight is model.model.language_model.embed_tokens.weight
+    assert text.vocab_size == len(proc.tokenizer) <= 360
+    assert sum(text.rope_parameters["mrope_section"]) * 2 == text.hidden_size // text.num_attention_heads
+    assert model.config.vision_config.embed_dim // model.config.vision_config.num_heads >= 32
+
+
+def test_tokenizer_specials_and_template(tiny):
+    _, proc = tiny
+    tok = proc.tokenizer
+    for s in SPECIAL_TOKENS:
+        ids = tok(s, add_special_tokens=False)["input_ids"]
+        assert len(ids) == 1 and tok.convert_ids_to_tokens(ids[0]) == s
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
+    text = proc.chat_prompt("How many?")
+    assert text == "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>How many?<|im_end|>\n" \
+                   "<|im_start|>assistant\n"
+    # byte-level BPE: any text round-trips, digits are single tokens
+    s = "### Step 2: 12 + 7 = 19 ✓ ünïcode"
+    assert tok.decode(tok(s, add_special_tokens=False)["input_ids"]) == s
+    assert all(len(tok(d, add_special_tokens=False)["input_ids"]) == 1 for d in "0123456789")
+
+
+def test_processor_expands_image_tokens(tiny):
+    _, proc = tiny
+    enc = proc([proc.chat_prompt("a"), proc.chat_prompt("bb")], [_img(56, 84), _img(112, 56)])
+    grid = enc["image_grid_thw"]
+    assert grid.tolist() == [[1, 6, 4], [1, 4, 8]]
+    counts = (enc["input_ids"] == proc.image_token_id).sum(1).tolist()
+    assert counts == [6, 8]
+    assert enc["mm_token_type_ids"].sum().item() == 14
+    assert enc["pixel_values"].shape[0] == int(grid.prod(-1).sum())
+    with pytest.raises(ValueError, match="placeholders"):
+        proc([proc.chat_prompt("a")], [_img(), _img()])
+
+
+def test_save_and_load_with_auto_classes(tiny, tmp_path):
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+    model, proc = tiny
+    PolicyWithLoss(model)  # installs the fused head: saving must still give the standard layout
+    assert isinstance(model.lm_head, FusedLMHead)
+    save_pretrained(model, proc, tmp_path)
+    assert isinstance(model.lm_head, FusedLMHead)
+    again = AutoModelForImageTextToText.from_pretrained(tmp_path)
+    assert type(again).__name__ == "Qwen2VLForConditionalGeneration"
+    assert isinstance(again.lm_head, torch.nn.Linear)
+    sd0, sd1 = model.state_dict(), again.state_dict()
+    assert set(sd0) == set(sd1)
+    for k in sd0:
+        torch.testing.assert_close(sd0[k], sd1[k], rtol=0, atol=0)
+    assert again.lm_head.weight is again.model.language_model.embed_tokens.weight
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    assert tok.get_vocab() == proc.tokenizer.get_vocab() and tok.chat_template == proc.tokenizer.chat_template
+    ip = AutoImageProcessor.from_pretrained(tmp_path)
+    assert ip.merge_size == 2 and ip.patch_size == 14
+    p2 = VLProcessor.from_pretrained(tmp_path)
+    e1 = proc([proc.chat_prompt("x")], [_img()])
+    e2 = p2([p2.chat_prompt("x")], [_img()])
+    for k in e1:
+        torch.testing.assert_close(e1[k], e2[k])
+    m2, _ = load_pretrained(tmp_path)
+    x = {k: v for k, v in e1.items()}
+    with torch.no_grad():
+        h1 = model.model(**x).last_hidden_state
+        h2 = m2.model(**x).last_hidden_state
+    torch.testing.assert_close(h1, h2)
+
+
+def test_fused_head_matches_logits(tiny):
+    model, proc = tiny
+    pol = PolicyWithLoss(model)
+    enc = proc([proc.chat_prompt("read the bar")], [_img()])
+    with torch.no_grad():
+        h = pol.hidden_states(enc)
+        targets = enc["input_ids"][:, 1:]
+        lp = model.lm_head(h[:, :-1], targets, mode="logprobs")
+        logits = model.lm_head(h[:, :-1])  # no targets: the plain linear head (generation)
+        want = torch.log_softmax(logits.double(), -1).gather(-1, targets[..., None])[..., 0]
+    torch.testing.assert_close(lp.double(), want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="mode"):
+        model.lm_head(h, targets, mode="nope")
+
+
+@pytest.mark.parametrize("path, words", [
+    ("/nonexistent/dir/model", ["no such directory"]),
+    ("not a hub id", ["no such directory"]),
+])
+def test_bad_model_paths(path, words):
+    with pytest.raises(ModelLoadError) as e:
+        load_pretrained(path)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_dir_without_config(tmp_path):
+    with pytest.raises(ModelLoadError, match="config.json"):
+        load_pretrained(tmp_path)
