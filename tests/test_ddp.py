@@ -1,0 +1,107 @@
+"""DDP with 2 gloo ranks: each rank updates on its half of a batch; the averaged gradient
+gives the same parameters as one process on the whole batch, on both ranks. Plus the
+reductions and the per-rank data streams the trainer uses."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from r1vl.utils import IndexStream
+
+pytestmark = pytest.mark.slow
+
+CORPUS = [f"### Step 1: {a} x {b} = {a * b}\n### The final answer is: {a * b}" for a in range(10) for b in range(10)]
+SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+             num_key_value_heads=1, vision_depth=1, vision_embed_dim=32, vision_num_heads=1)
+ADV = [1.0, -1.0, 0.5, -0.5, 2.0, -2.0, 0.1, -0.1]
+
+
+def _setup():
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_algo import _batch
+
+    from r1vl.models import PolicyWithLoss, build_tiny
+
+    torch.manual_seed(0)
+    model, proc = build_tiny(CORPUS, vocab_size=300, seed=0, **SIZES)
+    batch, _ = _batch(proc, n=8, seed=11)
+    return PolicyWithLoss(model), batch
+
+
+def _update(policy, batch, adv):
+    from r1vl.algo import UpdateConfig, compute_logprobs, grpo_update
+
+    ref = compute_logprobs(policy, batch, micro_batch_size=8) - 0.05 * batch.mask
+    opt = torch.optim.SGD(policy.parameters(), lr=0.05)
+    cfg = UpdateConfig(micro_batch_size=2, max_grad_norm=0.0, beta=0.04)
+    return grpo_update(policy, opt, None, batch, adv, cfg, ref_logprobs=ref)
+
+
+def _worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        from r1vl.utils import Dist, StatReducer
+
+        policy, batch = _setup()
+        half = list(range(rank * 4, rank * 4 + 4))
+        ddp = DDP(policy, broadcast_buffers=False)
+        _update(ddp, batch.slice(half), torch.tensor(ADV)[half])
+        torch.save({k: v.detach() for k, v in policy.state_dict().items()}, os.path.join(out_dir, f"rank{rank}.pt"))
+        st = StatReducer()
+        st.add("x", [float(rank)] * (rank + 1))  # rank 0: [0], rank 1: [1, 1]
+        r = st.reduce(Dist(rank=rank, world=world), with_std=("x",))
+        torch.save(r, os.path.join(out_dir, f"stats{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_gloo_ranks_match_single_process(tmp_path):
+    # fork: the children inherit the imported modules (spawn would re-import torch + transformers)
+    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    p0 = torch.load(tmp_path / "rank0.pt")
+    p1 = torch.load(tmp_path / "rank1.pt")
+    policy, batch = _setup()
+    before = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+    _update(policy, batch, torch.tensor(ADV))
+    single = policy.state_dict()
+    moved = 0
+    for k in single:
+        torch.testing.assert_close(p0[k], p1[k], rtol=0, atol=0)  # ranks agree exactly
+        torch.testing.assert_close(p0[k], single[k], rtol=1e-4, atol=1e-6)  # = the whole batch at once
+        moved += int(not torch.equal(before[k], single[k]))
+    assert moved > 0
+    s0 = torch.load(tmp_path / "stats0.pt")
+    s1 = torch.load(tmp_path / "stats1.pt")
+    assert s0 == s1
+    assert s0["x"] == pytest.approx(2 / 3) and s0["x_std"] == pytest.approx((2 / 9) ** 0.5)
+
+
+def test_index_stream_shards_are_disjoint_and_deterministic():
+    n, k, world = 50, 3, 4
+    streams = [IndexStream(n, world=world, rank=r, seed=5) for r in range(world)]
+    seen = []
+    for step in range(4):  # 4 steps x 3 x 4 ranks = 48 < 50: no index twice within the epoch
+        for s in streams:
+            seen.extend(s.take(step, k))
+    assert len(seen) == len(set(seen)) == 48
+    again = IndexStream(n, world=world, rank=2, seed=5)
+    assert [again.take(s, k) for s in range(6)] == [streams[2].take(s, k) for s in range(6)]
+    assert IndexStream(n, world=world, rank=2, seed=6).take(0, k) != streams[2].take(0, k)
+    # later epochs cover everything again
+    one = IndexStream(10, world=1, rank=0, seed=0)
+    assert sorted(one.take(1, 10)) == list(range(10))
