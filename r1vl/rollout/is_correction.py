@@ -1,0 +1,91 @@
+"""Truncated importance sampling for the rollout-engine / trainer mismatch.
+
+The engine samples with its own kernels (vLLM: other attention, other matmul
+order, maybe another dtype), so the log-probability it assigns to a sampled token
+is not exactly the trainer's. With
+
+    ratio_t = exp(logp_old_trainer_t - logp_engine_t),  truncated at `cap`,
+
+the policy-gradient estimate built from engine samples is re-weighted towards
+what the trainer's policy would have sampled (truncation bounds the variance).
+The ratio is a constant (no gradient) that multiplies each token's loss term;
+it is ≈ 1 when engine and trainer agree, and it is passed to the fused loss as
+`rollout_is_ratio`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+
+def truncated_is_ratio(
+    trainer_logp: torch.Tensor,
+    engine_logp: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    cap: float = 2.0,
+) -> torch.Tensor:
+    """min(exp(trainer_logp - engine_logp), cap), elementwise, without gradient.
+
+    trainer_logp, engine_logp: same shape (e.g. [B, T]); mask: 1 on real
+    completion tokens, 0 on padding (padding positions get ratio 1).
+    """
+    if trainer_logp.shape != engine_logp.shape:
+        raise ValueError(
+            f"trainer_logp {tuple(trainer_logp.shape)} and engine_logp "
+            f"{tuple(engine_logp.shape)} must have the same shape"
+        )
+    if not cap > 0:
+        raise ValueError(f"rollout.is_cap must be > 0, got {cap}")
+    with torch.no_grad():
+        log_ratio = trainer_logp.detach().float() - engine_logp.detach().to(
+            trainer_logp.device
+        ).float()
+        # clamp in log space so exp never overflows; NaN (both -inf) counts as agreement
+        log_ratio = torch.nan_to_num(log_ratio, nan=0.0, posinf=math.log(cap))
+        ratio = torch.exp(log_ratio.clamp(max=math.log(cap)))
+        if mask is not None:
+            ratio = torch.where(mask.to(ratio.device).bool(), ratio, torch.ones_like(ratio))
+    return ratio
+
+
+def is_ratio_stats(ratio: torch.Tensor, mask: torch.Tensor | None = None, cap: float = 2.0) -> dict:
+    """mean / max / min of the ratio over real tokens and the fraction truncated at cap."""
+    with torch.no_grad():
+        r = ratio.float()
+        if mask is not None:
+            r = r[mask.to(r.device).bool()]
+        else:
+            r = r.reshape(-1)
+        if r.numel() == 0:
+            return {"is_ratio_mean": 1.0, "is_ratio_max": 1.0, "is_ratio_min": 1.0, "is_ratio_capped_frac": 0.0}
+        return {
+            "is_ratio_mean": r.mean().item(),
+            "is_ratio_max": r.max().item(),
+            "is_ratio_min": r.min().item(),
+            "is_ratio_capped_frac": (r >= cap * (1 - 1e-6)).float().mean().item(),
+        }
+
+
+def pad_engine_logprobs(
+    logprobs: Sequence[Sequence[float] | None],
+    length: int,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad per-completion engine log-probs to [len(logprobs), length].
+
+    Returns (values, mask): mask is 1 where the engine gave a log-prob. A
+    completion without log-probs (None) is all-masked, so its ratio is 1.
+    Longer rows are cut to `length` (the trainer's completion length).
+    """
+    values = torch.zeros(len(logprobs), length, dtype=torch.float32)
+    mask = torch.zeros(len(logprobs), length, dtype=torch.bool)
+    for i, row in enumerate(logprobs):
+        if row is None:
+            continue
+        row = list(row)[:length]
+        if row:
+            values[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
+            mask[i, : len(row)] = True
+    return values.to(device), mask.to(device)

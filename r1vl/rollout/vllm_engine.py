@@ -1,0 +1,572 @@
+"""The colocated vLLM rollout engine.
+
+One vLLM engine per trainer rank, inside the trainer's process
+(`distributed_executor_backend="external_launcher"`): the trainer's process group
+must exist before the engine is built, every rank builds its engine at the same
+time (start-up is collective), and ranks of one tensor-parallel group share an
+engine shard and see the same prompts. With TP = 1 (the default) every rank runs
+its own engine on its own prompts.
+
+One rollout, as the trainer drives it (see `VLLMEngine`):
+
+    engine.wake()                    # weights back on the GPU (KV cache still released)
+    engine.load_weights(named)       # HF-named policy weights, bounded buckets; resets caches
+    engine.generate(prompts, n, s)   # wakes the KV cache, samples, returns Completions
+    engine.sleep()                   # level 1: weights to host RAM, level 2: dropped
+
+Sleep mode exists on CUDA only. Elsewhere (the CPU test machine) sleep()/wake()
+keep their call sequence and state checks but release nothing; that is logged
+once. vLLM is imported lazily: this module imports without it.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+import torch
+
+from r1vl.rollout.base import Completion, Prompt, SamplingConfig
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass
+class VLLMEngineConfig:
+    """Construction arguments of the colocated engine (`rollout.vllm.*` in the config).
+
+    model: a directory (or hub id) with config.json, tokenizer and processor files;
+      with load_format="dummy" its weights are not read (the trainer pushes the
+      policy's weights before the first generate()).
+    """
+
+    model: str
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.3  # fraction of the GPU for weights + KV (CUDA)
+    kv_cache_memory_bytes: int | None = None  # exact KV size; needed on CPU (256 MiB there)
+    max_model_len: int = 4096
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    enforce_eager: bool = False  # no CUDA graphs / torch.compile (required on CPU)
+    enable_sleep_mode: bool | None = None  # None: on CUDA only
+    sleep_level: int = 1  # 1: weights offloaded to host, 2: weights dropped (all must be pushed)
+    enable_prefix_caching: bool = True
+    dtype: str = "auto"
+    seed: int = 0  # engine seed on rank r is seed + r // tensor_parallel_size
+    load_format: str = "auto"  # "dummy": random start-up weights, the trainer pushes its own
+    limit_images_per_prompt: int = 1
+    min_pixels: int | None = None  # image processor bounds; the same as the trainer's
+    max_pixels: int | None = None
+    weight_bucket_bytes: int = 512 * MiB  # bound on one load_weights() push
+    logprobs_mode: str = "processed_logprobs"  # log-probs after temperature / top-k / top-p
+    extra_engine_args: dict = field(default_factory=dict)  # passed through to vllm.LLM
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"rollout.vllm.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.sleep_level not in (1, 2):
+            raise ValueError(f"rollout.vllm.sleep_level must be 1 or 2, got {self.sleep_level}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(
+                f"rollout.vllm.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if self.weight_bucket_bytes <= 0:
+            raise ValueError(f"rollout.vllm.weight_bucket_bytes must be > 0, got {self.weight_bucket_bytes}")
+        if self.logprobs_mode not in ("raw_logprobs", "processed_logprobs"):
+            raise ValueError(
+                "rollout.vllm.logprobs_mode must be 'raw_logprobs' or 'processed_logprobs', "
+                f"got {self.logprobs_mode!r}"
+            )
+
+
+# ------------------------------------------------------------------ weight names
+
+
+# Wrappers that prefix parameter names: DDP / DeepSpeed engines, torch.compile, PEFT.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "base_model.model.")
+
+
+def hf_to_vllm_name(name: str, *, tie_word_embeddings: bool) -> str | None:
+    """Map a Hugging Face Qwen2-VL / Qwen2.5-VL parameter name to vLLM's module tree.
+
+    Accepts the transformers >= 4.52 layout (`model.language_model.*`,
+    `model.visual.*`, `lm_head.*`) and the original checkpoint layout (`model.*`,
+    `visual.*`), with wrapper prefixes stripped. Returns None for a parameter the
+    engine does not hold (`lm_head.weight` when the head is tied to the embeddings).
+    q/k/v and gate/up stay separate here: vLLM's per-layer loaders stack them.
+    """
+    changed = True
+    while changed:
+        changed = False
+        for p in _WRAPPER_PREFIXES:
+            if name.startswith(p):
+                name, changed = name[len(p):], True
+    if name.startswith("lm_head."):
+        return None if tie_word_embeddings else "language_model." + name
+    if name.startswith("model.language_model."):
+        return "language_model.model." + name[len("model.language_model."):]
+    if name.startswith("model.visual."):
+        return "visual." + name[len("model.visual."):]
+    if name.startswith("visual."):
+        return name
+    if name.startswith("language_model.model.") or name.startswith("language_model.lm_head."):
+        if tie_word_embeddings and name.startswith("language_model.lm_head."):
+            return None
+        return name  # already vLLM-named
+    if name.startswith("model."):
+        return "language_model.model." + name[len("model."):]
+    raise ValueError(
+        f"cannot map parameter {name!r} to vLLM's Qwen2-VL layout: expected a name under "
+        "model.language_model., model.visual., visual., model. or lm_head."
+    )
+
+
+_BLOCK_RE = re.compile(r"^(.*?\.(?:layers|blocks)\.\d+)\.")
+
+
+def weight_group(vllm_name: str) -> str:
+    """The unit that must not be split across two pushes: a decoder layer / vision
+    block, else the owning module. vLLM fuses q/k/v and gate/up into one layer and
+    processes a layer once all its pieces arrived, so a layer is pushed whole."""
+    m = _BLOCK_RE.match(vllm_name)
+    return m.group(1) if m else vllm_name.rpartition(".")[0]
+
+
+def iter_weight_buckets(
+    named_tensors: Iterable[tuple[str, torch.Tensor]],
+    *,
+    bucket_bytes: int,
+    tie_word_embeddings: bool,
+) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Group HF-named tensors into vLLM-named buckets of about `bucket_bytes`.
+
+    The input is consumed lazily (a ZeRO-3 gather can sit behind it); a bucket is
+    closed only between weight groups, so one group larger than the bound makes
+    a bucket of its own. Tensors are detached, never copied.
+    """
+    bucket: list[tuple[str, torch.Tensor]] = []
+    size, group = 0, None
+    for hf_name, tensor in named_tensors:
+        name = hf_to_vllm_name(hf_name, tie_word_embeddings=tie_word_embeddings)
+        if name is None:
+            continue
+        g = weight_group(name)
+        if bucket and g != group and size >= bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, tensor.detach()))
+        size += tensor.numel() * tensor.element_size()
+        group = g
+    if bucket:
+        yield bucket
+
+
+# ------------------------------------------------------- CUDA allocator settings
+
+
+def strip_expandable_segments(conf: str) -> tuple[str, bool]:
+    """Remove `expandable_segments:True` from a PYTORCH_CUDA_ALLOC_CONF string.
+
+    vLLM's sleep-mode allocator refuses to start when the setting is on. Returns
+    the cleaned string and whether it was on.
+    """
+    parts = [p.strip() for p in conf.split(",") if p.strip()]
+    kept, had = [], False
+    for p in parts:
+        key, _, value = p.partition(":")
+        if key.strip() == "expandable_segments":
+            had = had or value.strip().lower() == "true"
+            continue
+        kept.append(p)
+    return ",".join(kept), had
+
+
+def _set_expandable_segments(enabled: bool) -> None:
+    torch.cuda.memory._set_allocator_settings(f"expandable_segments:{'True' if enabled else 'False'}")
+
+
+# ------------------------------------------------------------------------ engine
+
+
+def _vllm_worker_load_weights(worker, weights: list[tuple[str, torch.Tensor]]) -> list[str]:
+    """Runs inside vLLM's worker (in-process): the model's own loader (CUDA path)."""
+    loaded = worker.model_runner.model.load_weights(weights=weights)
+    return sorted(loaded) if loaded is not None else []
+
+
+def _vllm_worker_param_names(worker) -> list[str]:
+    return [n for n, _ in worker.model_runner.model.named_parameters()]
+
+
+def _vllm_worker_refresh_tied_head(worker) -> bool:
+    """CPU path: the tied lm_head shares its weight with embed_tokens, but the CPU
+    backend keeps a repacked copy per layer; re-derive the head's copy."""
+    lm = worker.model_runner.model
+    lm = getattr(lm, "language_model", lm)
+    head = getattr(lm, "lm_head", None)
+    method = getattr(head, "quant_method", None)
+    if head is None or method is None or not hasattr(method, "process_weights_after_loading"):
+        return False
+    method.process_weights_after_loading(head)
+    return True
+
+
+class VLLMEngine:
+    """Colocated vLLM engine implementing `r1vl.rollout.base.RolloutEngine`.
+
+    Build it on every rank at the same time, after `torch.distributed` is
+    initialised. State: "awake" → sleep() → "asleep" → wake() → "weights" (weights
+    resident, KV released) → generate() wakes the KV cache → "awake".
+    """
+
+    def __init__(self, config: VLLMEngineConfig) -> None:
+        import torch.distributed as dist
+
+        self.config = config
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError(
+                "VLLMEngine runs vLLM with distributed_executor_backend='external_launcher': "
+                "initialise torch.distributed (torchrun + init_process_group) before building it"
+            )
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        tp = config.tensor_parallel_size
+        if self.world_size % tp:
+            raise ValueError(
+                f"rollout.vllm.tensor_parallel_size={tp} must divide the world size {self.world_size}"
+            )
+        self.tp_size = tp
+        self.dp_rank = self.rank // tp  # which engine replica this rank belongs to
+        self.tp_group = None
+        if tp > 1:  # object exchange for prompts inside each TP group (gloo: CPU objects)
+            for k in range(self.world_size // tp):
+                g = dist.new_group(ranks=list(range(k * tp, (k + 1) * tp)), backend="gloo")
+                if k == self.dp_rank:
+                    self.tp_group = g
+
+        self.is_cuda = torch.cuda.is_available()
+        sleep_mode = config.enable_sleep_mode
+        if sleep_mode is None:
+            sleep_mode = self.is_cuda
+        if sleep_mode and not self.is_cuda:
+            log.warning("vLLM sleep mode needs CUDA; building the engine without it")
+            sleep_mode = False
+        self.sleep_mode = bool(sleep_mode)
+        self._restore_expandable = False
+        if self.sleep_mode:
+            conf, had = strip_expandable_segments(os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""))
+            if had:
+                # vLLM's memory pool refuses expandable segments; keep them for the
+                # trainer's allocations and switch them off while vLLM allocates
+                log.warning(
+                    "PYTORCH_CUDA_ALLOC_CONF has expandable_segments:True, incompatible with vLLM "
+                    "sleep mode: it is switched off while vLLM allocates and back on for training"
+                )
+                os.environ["PYTORCH_CUDA_ALLOC_CONF"] = conf
+                self._restore_expandable = True
+
+        # the engine reads these (external_launcher uses env://; torchrun sets them)
+        os.environ.setdefault("RANK", str(self.rank))
+        os.environ.setdefault("LOCAL_RANK", str(self.rank % max(torch.cuda.device_count(), 1)))
+        os.environ.setdefault("WORLD_SIZE", str(self.world_size))
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process: direct model access
+
+        from vllm import LLM  # lazy: the main virtualenv has no vllm
+
+        kwargs: dict[str, Any] = dict(
+            model=config.model,
+            tensor_parallel_size=tp,
+            distributed_executor_backend="external_launcher",
+            seed=config.seed + self.dp_rank,
+            enable_sleep_mode=self.sleep_mode,
+            enforce_eager=config.enforce_eager,
+            max_model_len=config.max_model_len,
+            max_num_seqs=config.max_num_seqs,
+            enable_prefix_caching=config.enable_prefix_caching,
+            dtype=config.dtype,
+            load_format=config.load_format,
+            limit_mm_per_prompt={"image": config.limit_images_per_prompt, "video": 0},
+            logprobs_mode=config.logprobs_mode,
+        )
+        if config.kv_cache_memory_bytes is not None:
+            kwargs["kv_cache_memory_bytes"] = int(config.kv_cache_memory_bytes)
+        else:
+            kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
+        if config.max_num_batched_tokens is not None:
+            kwargs["max_num_batched_tokens"] = config.max_num_batched_tokens
+        mm = {k: v for k, v in (("min_pixels", config.min_pixels), ("max_pixels", config.max_pixels)) if v}
+        if mm:
+            kwargs["mm_processor_kwargs"] = mm
+        kwargs.update(config.extra_engine_args)
+
+        with self._vllm_allocating():
+            self.llm = LLM(**kwargs)
+        hf_config = self.llm.llm_engine.model_config.hf_config
+        self.tie_word_embeddings = bool(
+            getattr(hf_config, "tie_word_embeddings", False)
+            or getattr(getattr(hf_config, "text_config", None), "tie_word_embeddings", False)
+        )
+        self.state = "awake"
+        self.weights_version = 0  # bumped by every load_weights()
+        self._noop_logged = False
+        self._slept_level = 1
+        self._needs_full_push = False
+        self.calls: list[str] = []  # phase log: sleep / wake / load_weights / generate
+        log.info(
+            "vLLM engine up on rank %d/%d (tp=%d, sleep_mode=%s, level=%d, tied head=%s)",
+            self.rank, self.world_size, tp, self.sleep_mode, config.sleep_level, self.tie_word_embeddings,
+        )
+
+    # ---------------------------------------------------------------- memory
+
+    @contextlib.contextmanager
+    def _vllm_allocating(self):
+        """While vLLM allocates from its pool, expandable segments must be off."""
+        if not self._restore_expandable:
+            yield
+            return
+        _set_expandable_segments(False)
+        try:
+            yield
+        finally:
+            _set_expandable_segments(True)
+
+    def _note_noop(self, what: str) -> None:
+        if not self._noop_logged:
+            log.info(
+                "vLLM sleep mode is not available here (CUDA only): %s() and the other "
+                "sleep/wake calls keep their order but release no memory", what,
+            )
+            self._noop_logged = True
+
+    def sleep(self, level: int | None = None) -> None:
+        """Release the engine's memory for training: level 1 offloads the weights to
+        host RAM and drops the KV cache, level 2 drops both (every weight must then
+        be pushed again before generate())."""
+        level = self.config.sleep_level if level is None else level
+        if level not in (1, 2):
+            raise ValueError(f"sleep level must be 1 or 2, got {level}")
+        self.calls.append(f"sleep{level}")
+        if self.state == "asleep":
+            return
+        if self.sleep_mode:
+            if self.is_cuda:
+                torch.cuda.synchronize()
+            self.llm.sleep(level=level)
+            if self.is_cuda:
+                torch.cuda.empty_cache()
+        else:
+            self._note_noop("sleep")
+        self.state = "asleep"
+        self._slept_level = level
+
+    def wake(self) -> None:
+        """Bring the weights back (before load_weights()); the KV cache comes back
+        in generate(), after the weight push, so the peak stays low."""
+        self.calls.append("wake")
+        if self.state != "asleep":
+            return
+        if self.sleep_mode:
+            if self.is_cuda:
+                torch.cuda.empty_cache()
+            with self._vllm_allocating():
+                self.llm.wake_up(tags=["weights"])
+        else:
+            self._note_noop("wake")
+        self.state = "weights"
+        # a level-2 sleep really dropped the weights only where sleep mode exists
+        self._needs_full_push = self.sleep_mode and self._slept_level == 2
+
+    def _wake_kv(self) -> None:
+        if self.state == "asleep":
+            self.wake()
+        if self.state == "weights":
+            if self._needs_full_push_pending():
+                raise RuntimeError(
+                    "the engine slept at level 2 (weights dropped) and not every weight was "
+                    "pushed since: call load_weights() with the full policy before generate()"
+                )
+            if self.sleep_mode:
+                with self._vllm_allocating():
+                    self.llm.wake_up(tags=["kv_cache"])
+            self.state = "awake"
+
+    def _needs_full_push_pending(self) -> bool:
+        return self._needs_full_push
+
+    # --------------------------------------------------------------- weights
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Push HF-named policy weights (a lazy iterable is fine: it is consumed
+        bucket by bucket, `weight_bucket_bytes` at a time, each layer whole), then
+        reset the prefix cache and the multimodal caches so nothing computed with
+        the old weights is reused."""
+        self.calls.append("load_weights")
+        if self.state == "asleep":
+            self.wake()
+        loaded: set[str] = set()
+        n_buckets = 0
+        quiet = _quiet_partial_reload_logs() if not self.is_cuda else contextlib.nullcontext()
+        with quiet:
+            for bucket in iter_weight_buckets(
+                named_tensors,
+                bucket_bytes=self.config.weight_bucket_bytes,
+                tie_word_embeddings=self.tie_word_embeddings,
+            ):
+                n_buckets += 1
+                loaded.update(self._push_bucket(bucket))
+        if n_buckets == 0:
+            raise ValueError("load_weights() got no weights")
+        if not self.is_cuda and self.tie_word_embeddings:
+            self.llm.collective_rpc(_vllm_worker_refresh_tied_head)
+        if self._needs_full_push_pending():
+            expected = set(self.llm.collective_rpc(_vllm_worker_param_names)[0])
+            missing = sorted(expected - loaded)
+            if missing:
+                raise RuntimeError(
+                    f"after a level-2 sleep every weight must be pushed; missing {len(missing)}: "
+                    f"{missing[:5]}{' ...' if len(missing) > 5 else ''}"
+                )
+            self._needs_full_push = False
+        self.reset_caches()
+        self.weights_version += 1
+
+    def _push_bucket(self, bucket: list[tuple[str, torch.Tensor]]) -> list[str]:
+        if self.is_cuda:
+            # unquantized CUDA layers use the checkpoint layout as is: the model's loader
+            # copies (and TP-shards) in place; it reports the vLLM names it filled
+            return self.llm.collective_rpc(_vllm_worker_load_weights, args=(bucket,))[0]
+        # CPU backend repacks linear weights after loading: go through vLLM's in-place
+        # reload, which re-runs that processing layer by layer
+        self.llm.collective_rpc(
+            "reload_weights", kwargs=dict(weights_iterator=iter(bucket), is_checkpoint_format=True)
+        )
+        return []
+
+    def reset_caches(self) -> None:
+        """Forget everything derived from the previous weights: prefix KV blocks,
+        cached vision-encoder outputs, processed multimodal inputs."""
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("vLLM refused to reset its prefix cache (requests still running?)")
+        self.llm.llm_engine.reset_encoder_cache()
+        self.llm.reset_mm_cache()
+
+    # ------------------------------------------------------------ generation
+
+    def generate(self, prompts: list[Prompt], n: int, sampling: SamplingConfig) -> list[Completion]:
+        """n completions per prompt, prompt-major, with the engine's per-token
+        log-probs of the sampled tokens when sampling.return_logprobs."""
+        from vllm import SamplingParams
+
+        self.calls.append("generate")
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        if self.config.load_format == "dummy" and self.weights_version == 0:
+            raise RuntimeError("engine built with load_format='dummy': call load_weights() before generate()")
+        self._wake_kv()
+
+        local = list(prompts)
+        if self.tp_group is not None:  # the TP group generates the union of its prompts
+            import torch.distributed as dist
+
+            gathered: list[list[Prompt] | None] = [None] * self.tp_size
+            dist.all_gather_object(gathered, local, group=self.tp_group)
+            my_pos = self.rank % self.tp_size
+            offset = sum(len(g) for g in gathered[:my_pos])
+            all_prompts = [p for g in gathered for p in g]
+        else:
+            offset, all_prompts = 0, local
+
+        greedy = sampling.temperature <= 0
+        per_req = 1 if greedy else n  # vLLM allows n > 1 only when sampling
+        copies = n if greedy else 1
+        requests, params = [], []
+        for i, p in enumerate(all_prompts):
+            req: dict[str, Any] = {"prompt": p.text}
+            if p.image is not None:
+                req["multi_modal_data"] = {"image": p.image}
+            for c in range(copies):
+                seed = None
+                if sampling.seed is not None:
+                    seed = sampling.seed + 100_003 * self.dp_rank + n * i + c
+                requests.append(req)
+                params.append(
+                    SamplingParams(
+                        n=per_req,
+                        temperature=0.0 if greedy else sampling.temperature,
+                        top_p=sampling.top_p,
+                        top_k=sampling.top_k if sampling.top_k > 0 else 0,
+                        max_tokens=sampling.max_new_tokens,
+                        stop=list(sampling.stop) or None,
+                        include_stop_str_in_output=True,  # text covers exactly token_ids
+                        seed=seed,
+                        logprobs=0 if sampling.return_logprobs else None,
+                        skip_special_tokens=True,
+                    )
+                )
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+
+        completions: list[Completion] = []
+        for k, out in enumerate(outputs):
+            prompt_index = k // copies
+            for c in sorted(out.outputs, key=lambda o: o.index):
+                lps = None
+                if sampling.return_logprobs:
+                    if c.logprobs is None:
+                        raise RuntimeError("vLLM returned no log-probs although they were requested")
+                    lps = [float(pos[tok].logprob) for pos, tok in zip(c.logprobs, c.token_ids)]
+                completions.append(
+                    Completion(
+                        prompt_index=prompt_index,
+                        token_ids=list(c.token_ids),
+                        text=c.text,
+                        finish_reason="length" if c.finish_reason == "length" else "stop",
+                        logprobs=lps,
+                    )
+                )
+        if self.tp_group is not None:
+            lo, hi = offset * n, (offset + len(local)) * n
+            completions = completions[lo:hi]
+            for c in completions:
+                c.prompt_index -= offset
+        return completions
+
+    # ----------------------------------------------------------------- misc
+
+    def memory_stats(self) -> dict:
+        """GPU memory now (bytes): torch allocator allocated/reserved and the device's
+        used memory, which also counts vLLM's own pool. Empty off CUDA."""
+        if not self.is_cuda:
+            return {}
+        free, total = torch.cuda.mem_get_info()
+        return {
+            "allocated": torch.cuda.memory_allocated(),
+            "reserved": torch.cuda.memory_reserved(),
+            "device_used": total - free,
+        }
+
+
+@contextlib.contextmanager
+def _quiet_partial_reload_logs():
+    """Each bucket reloads part of the model; vLLM warns about every layer that the
+    bucket did not carry. Those warnings are expected here: hide them."""
+    names = (
+        "vllm.model_executor.model_loader.reload.layerwise",
+        "vllm.model_executor.model_loader.reload.inplace",
+    )
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
