@@ -28,6 +28,15 @@ venv: $(VENV)/.installed
 test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
+# The embedded default StepGRPO run on $(NPROC) ranks (gloo on CPU, NCCL on GPUs); extra config
+# overrides go in ARGS, e.g. `make train ARGS="seed=1 output_dir=runs/seed1"`. The single-process
+# --check first turns a bad config/data/model path into one line (torchrun's own failure report
+# is a page). torchrun's flag is spelled out: Python 3.11's argparse calls `--nproc` ambiguous.
+ARGS ?=
+train: venv
+	$(PY) -m r1vl.train --check $(ARGS)
+	$(VENV)/bin/torchrun --nproc-per-node $(NPROC) -m r1vl.train $(ARGS)
+
 bench-small: venv
 	$(PY) bench/bench_loss.py --small
 

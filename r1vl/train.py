@@ -204,6 +204,10 @@ def run(cfg: Config) -> dict:
                             init_distributed, plot_run, seed_everything, set_rng_state)
 
     t_start = time.time()
+    preflight(cfg)
+    if cfg.deepspeed:
+        raise UserError(f"deepspeed={cfg.deepspeed}: DeepSpeed is not wired into this version of the trainer "
+                        "(plain DDP); leave the key empty")
     d = init_distributed(cfg.distributed.backend, cfg.distributed.timeout_s, cfg.distributed.num_threads)
     setup_logging(cfg, d)
     out = Path(cfg.output_dir)
@@ -457,6 +461,24 @@ def run(cfg: Config) -> dict:
 # --------------------------------------------------------------------------- CLI
 
 
+def preflight(cfg: Config) -> None:
+    """The user-input checks of a run, without starting one (single process, cheap)."""
+    for key, path in (("data.train", cfg.data.train), ("data.test", cfg.data.test)):
+        if path != "synthetic" and not Path(path).exists():
+            raise UserError(f"{key}: {path} does not exist")
+    if cfg.model.path != "tiny":
+        p = Path(cfg.model.path)
+        if p.exists():
+            if not (p / "config.json").is_file():
+                raise UserError(f"model.path {cfg.model.path!r}: directory has no config.json (not a HF checkpoint)")
+        elif str(cfg.model.path).startswith((".", "/", "~")) or str(cfg.model.path).count("/") != 1:
+            raise UserError(f"model.path {cfg.model.path!r}: no such directory (and not a hub id 'org/name')")
+    if cfg.deepspeed and not Path(cfg.deepspeed).is_file():
+        raise UserError(f"deepspeed: {cfg.deepspeed} does not exist")
+    find_resume(cfg)
+
+
+
 def parse_args(argv: list[str] | None):
     ap = argparse.ArgumentParser(
         prog="python -m r1vl.train",
@@ -464,6 +486,9 @@ def parse_args(argv: list[str] | None):
         epilog="Overrides: dotted.key=value, e.g. train.max_steps=10 seed=1 output_dir=runs/x",
     )
     ap.add_argument("--config", default=None, help="YAML config file (default: the embedded default)")
+    ap.add_argument("--check", action="store_true",
+                    help="only validate the config, data paths, model path and resume point, then exit "
+                         "(make train runs this before torchrun, whose own error report is long)")
     ap.add_argument("overrides", nargs="*", help="dotted.key=value")
     return ap.parse_args(argv)
 
@@ -472,6 +497,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.check:
+            preflight(cfg)
+            print(f"r1vl.train: config OK (output_dir={cfg.output_dir})")
+            return 0
         run(cfg)
     except (ConfigError, UserError) as e:
         _fail(e)
