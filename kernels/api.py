@@ -94,14 +94,15 @@ def _resolve_backend(backend, device, dtype):
     return backend
 
 
-def _logprob_fn(backend):
+def _backend_fns(backend):
+    """(log-prob op, GRPO objective) of a backend."""
     if backend == "torch":
-        return chunked_linear_logprobs
+        return chunked_linear_logprobs, grpo_objective
     try:
-        from .triton_grpo import triton_linear_logprobs
+        from .triton_grpo import triton_grpo_objective, triton_linear_logprobs
     except ImportError as exc:  # triton missing or broken
         raise ValueError(f"backend='triton' is unavailable: {exc}") from exc
-    return triton_linear_logprobs
+    return triton_linear_logprobs, triton_grpo_objective
 
 
 # ----------------------------------------------------------------------------- functions
@@ -128,8 +129,9 @@ def linear_logprobs(
     be = _resolve_backend(backend, hidden.device, hidden.dtype)
     _check_target_range(targets, weight.shape[0])
     h2 = hidden.reshape(-1, hidden.shape[-1])
-    logp, ent = _logprob_fn(be)(h2, weight, bias, targets.reshape(-1), temperature=temperature,
-                                return_entropy=bool(return_entropy))
+    logprob_fn = _backend_fns(be)[0]
+    logp, ent = logprob_fn(h2, weight, bias, targets.reshape(-1), temperature=temperature,
+                           return_entropy=bool(return_entropy))
     logp = logp.view(targets.shape)
     if return_entropy:
         return logp, ent.view(targets.shape)
@@ -163,8 +165,10 @@ def fused_linear_grpo_loss(
     hidden [B,T,H], weight [V,H], targets/mask [B,T], advantages [B]; optional
     old/ref log-probs and rollout_is_ratio [B,T]. Returns (0-dim loss, metrics) with
     metrics kl, clip_ratio_low, clip_ratio_high, clip_ratio (and entropy) as detached
-    0-dim fp32 tensors. Masked-out positions are never read from the vocabulary: their
-    targets may be any id (padding) and they cost no vocabulary work.
+    0-dim fp32 tensors. Gradients flow to hidden, weight and bias only: advantages,
+    old/ref log-probs and rollout_is_ratio are constants. Masked-out positions are never
+    read from the vocabulary: their targets may be any id (padding) and they cost no
+    vocabulary work.
     """
     _check_linear(hidden, weight, bias, targets, temperature, hidden_ndims=(3,))
     b, t = targets.shape
@@ -206,9 +210,10 @@ def fused_linear_grpo_loss(
     rows = None if n_on == on.numel() else on.nonzero().squeeze(1)
     safe_targets = targets.reshape(-1) if rows is None else torch.where(on, targets.reshape(-1), 0)
     h2 = hidden.reshape(-1, hidden.shape[-1])
-    logp, ent = _logprob_fn(be)(h2, weight, bias, safe_targets, temperature=temperature,
-                                return_entropy=bool(return_entropy), rows=rows)
-    return grpo_objective(
+    logprob_fn, objective_fn = _backend_fns(be)
+    logp, ent = logprob_fn(h2, weight, bias, safe_targets, temperature=temperature,
+                           return_entropy=bool(return_entropy), rows=rows)
+    return objective_fn(
         logp.view(b, t), mask, advantages,
         old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, rollout_is_ratio=rollout_is_ratio,
         beta=float(beta), epsilon_low=float(epsilon_low), epsilon_high=float(epsilon_high),

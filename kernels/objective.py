@@ -39,6 +39,10 @@ def grpo_objective(
     m = mask.to(acc)
     zero = torch.zeros((), dtype=acc, device=logp.device)
 
+    # advantages, old/ref log-probs and rollout_is_ratio are constants of the objective
+    old_logprobs, ref_logprobs, rollout_is_ratio, advantages = (
+        None if x is None else x.detach()
+        for x in (old_logprobs, ref_logprobs, rollout_is_ratio, advantages))
     old = logp.detach() if old_logprobs is None else old_logprobs.to(acc)
     log_ratio = torch.where(on, logp - old, zero)
     if importance_sampling_level == "sequence":

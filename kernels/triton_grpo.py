@@ -21,16 +21,19 @@ Gradients are accumulated in fp32 and cast to the parameters' dtypes at the end.
 Tied embeddings need nothing special: the op returns dweight to autograd, which
 adds it to the embedding's gradient.
 
-The GRPO maths on top (ratio, clip, KL, aggregation: O(tokens) work, no [N, V]
-buffer) is objective.py, shared with the chunked path.
+The GRPO maths on top (`_grpo_objective_kernel`: ratio, clip, KL, aggregation and
+metrics, O(tokens) work, no [N, V] buffer) is one more launch with one program per
+sequence; it computes dloss/dlogp in its forward, so its backward is a scale, and
+feeds that per-token gradient to the log-prob backward above. objective.py is the
+same maths in plain PyTorch for the chunked path.
 
 Interpreter (CPU, TRITON_INTERPRET=1 set before this module is imported): the
 interpreter's bf16/fp16 arithmetic is unreliable, so with UPCAST every loaded tile
 is converted to fp32 before any arithmetic; on GPU, half-precision tiles feed
 tl.dot directly (fp32 accumulator) and fp32 tiles use IEEE fp32 dots.
 
-Layout: kernels, then the autograd Function that launches them, then the
-functional wrapper.
+Layout: kernels, then the autograd Functions that launch them, each followed by
+its functional wrapper.
 """
 from __future__ import annotations
 
@@ -178,6 +181,120 @@ def _logprob_bwd_kernel(
                               mask=v_ok[:, None] & k_ok[None, :])
 
 
+@triton.jit
+def _grpo_objective_kernel(
+    logp_ptr, mask_ptr, adv_ptr, old_ptr, ref_ptr, ris_ptr, ent_ptr, norm_ptr,
+    dlogp_ptr, out_ptr,
+    T, beta, lo, hi, inv_b,
+    HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, USE_KL: tl.constexpr, HAS_RIS: tl.constexpr,
+    HAS_ENT: tl.constexpr, SEQ_LEVEL: tl.constexpr, PER_SEQ_NORM: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """One program per sequence: the GRPO per-token loss, its masked aggregation and
+    dloss/dlogp for every token (written to dlogp_ptr), from [B, T] fp32 inputs.
+
+    out[b] = (loss share, Σ kl·m, Σ low·m, Σ high·m, Σ either·m, Σ entropy·m).
+    The loss weight of token t is c·m_t with c = inv_b / max(1, Σ_t m) (grpo,
+    PER_SEQ_NORM) or 1 / norm (bnpo, dr_grpo, dapo; norm precomputed on the host side).
+    d(−min(rA, clip(r)A))/dr follows torch.minimum/clamp's conventions at ties."""
+    b = tl.program_id(0)
+    base = b.to(tl.int64) * T
+    adv = tl.load(adv_ptr + b)
+    adv_neg = tl.where(adv < 0.0, 1.0, 0.0)
+    adv_pos = tl.where(adv > 0.0, 1.0, 0.0)
+
+    # pass 1: the sequence's mask count (and its mean log-ratio at sequence level)
+    cnt = 0.0
+    lr_sum = 0.0
+    for t0 in range(0, T, BLOCK_T):
+        offs = t0 + tl.arange(0, BLOCK_T)
+        ok = offs < T
+        m = tl.load(mask_ptr + base + offs, mask=ok, other=0.0)
+        cnt += tl.sum(m, axis=0)
+        if SEQ_LEVEL and HAS_OLD:
+            lp = tl.load(logp_ptr + base + offs, mask=ok, other=0.0)
+            old = tl.load(old_ptr + base + offs, mask=ok, other=0.0)
+            lr_sum += tl.sum(tl.where(m != 0, (lp - old) * m, 0.0), axis=0)
+    denom = tl.maximum(cnt, 1.0)
+    if PER_SEQ_NORM:
+        c = inv_b / denom
+    else:
+        c = 1.0 / tl.load(norm_ptr)
+    r_seq = tl.exp(lr_sum / denom)
+
+    # pass 2: per-token loss, metrics, and the token-local part of dloss/dlogp
+    acc_loss = 0.0
+    acc_kl = 0.0
+    acc_low = 0.0
+    acc_high = 0.0
+    acc_clip = 0.0
+    acc_ent = 0.0
+    acc_s = 0.0        # Σ m·ris·dpg: the sequence-level ratio's shared gradient factor
+    for t0 in range(0, T, BLOCK_T):
+        offs = t0 + tl.arange(0, BLOCK_T)
+        ok = offs < T
+        m = tl.load(mask_ptr + base + offs, mask=ok, other=0.0)
+        on = m != 0
+        lp = tl.load(logp_ptr + base + offs, mask=ok, other=0.0)
+        if SEQ_LEVEL:
+            r = tl.zeros((BLOCK_T,), dtype=tl.float32) + r_seq
+        elif HAS_OLD:
+            old = tl.load(old_ptr + base + offs, mask=ok, other=0.0)
+            r = tl.exp(tl.where(on, lp - old, 0.0))
+        else:
+            r = tl.zeros((BLOCK_T,), dtype=tl.float32) + 1.0
+        clipped = tl.minimum(tl.maximum(r, lo), hi)
+        pg1 = r * adv
+        pg2 = clipped * adv
+        inside = tl.where(r >= lo, 1.0, 0.0) * tl.where(r <= hi, 1.0, 0.0)
+        dpg = tl.where(pg1 < pg2, -adv, tl.where(pg1 > pg2, -adv * inside, -adv * (1.0 + inside) * 0.5))
+        loss_tok = -tl.minimum(pg1, pg2)
+        if HAS_RIS:
+            ris = tl.where(on, tl.load(ris_ptr + base + offs, mask=ok, other=0.0), 0.0)
+            loss_tok = loss_tok * ris
+            dpg = dpg * ris
+        if SEQ_LEVEL:
+            acc_s += tl.sum(tl.where(on, m * dpg, 0.0), axis=0)
+            dtok = tl.zeros((BLOCK_T,), dtype=tl.float32)
+        else:
+            dtok = dpg * r
+        if HAS_REF:
+            ref = tl.load(ref_ptr + base + offs, mask=ok, other=0.0)
+            d = tl.where(on, ref - lp, 0.0)
+            kl = tl.exp(d) - d - 1.0
+            acc_kl += tl.sum(tl.where(on, kl * m, 0.0), axis=0)
+            if USE_KL:
+                loss_tok += beta * kl
+                dtok += beta * (1.0 - tl.exp(d))
+        acc_loss += tl.sum(tl.where(on, loss_tok * m, 0.0), axis=0)
+        low = tl.where(r < lo, adv_neg, 0.0)
+        high = tl.where(r > hi, adv_pos, 0.0)
+        acc_low += tl.sum(tl.where(on, low * m, 0.0), axis=0)
+        acc_high += tl.sum(tl.where(on, high * m, 0.0), axis=0)
+        acc_clip += tl.sum(tl.where(on, tl.maximum(low, high) * m, 0.0), axis=0)
+        if HAS_ENT:
+            ent = tl.load(ent_ptr + base + offs, mask=ok, other=0.0)
+            acc_ent += tl.sum(tl.where(on, ent * m, 0.0), axis=0)
+        tl.store(dlogp_ptr + base + offs, tl.where(on, c * m * dtok, 0.0), mask=ok)
+
+    if SEQ_LEVEL:
+        # pass 3: r_seq = exp(Σ m(logp − old) / max(1, Σ m)) ⇒ ∂r_seq/∂logp_t = r_seq·m_t / max(1, Σ m)
+        shared = c * acc_s * r_seq / denom
+        for t0 in range(0, T, BLOCK_T):
+            offs = t0 + tl.arange(0, BLOCK_T)
+            ok = offs < T
+            m = tl.load(mask_ptr + base + offs, mask=ok, other=0.0)
+            dl = tl.load(dlogp_ptr + base + offs, mask=ok, other=0.0)
+            tl.store(dlogp_ptr + base + offs, dl + tl.where(m != 0, shared * m, 0.0), mask=ok)
+
+    tl.store(out_ptr + b * 6 + 0, acc_loss * c)
+    tl.store(out_ptr + b * 6 + 1, acc_kl)
+    tl.store(out_ptr + b * 6 + 2, acc_low)
+    tl.store(out_ptr + b * 6 + 3, acc_high)
+    tl.store(out_ptr + b * 6 + 4, acc_clip)
+    tl.store(out_ptr + b * 6 + 5, acc_ent)
+
+
 # ----------------------------------------------------------------------------- launch
 
 def _pow2(x: int, lo: int, hi: int) -> int:
@@ -308,3 +425,67 @@ def triton_linear_logprobs(hidden, weight, bias, targets, *, temperature=1.0,
     logp, ent = TritonLinearLogprobsFunction.apply(
         hidden, weight, bias, targets, rows, float(temperature), bool(return_entropy))
     return logp, (ent if return_entropy else None)
+
+
+class TritonGRPOObjectiveFunction(torch.autograd.Function):
+    """The GRPO objective on per-token log-probs in one Triton launch. Forward also
+    computes dloss/dlogp (one fp32 per token), so backward is a scale."""
+
+    @staticmethod
+    def forward(ctx, logp, mask, advantages, old, ref, ris, entropy, norm, beta, lo, hi,
+                seq_level, per_seq_norm):
+        bsz, t = logp.shape
+        dlogp = torch.empty_like(logp)
+        out = torch.empty(bsz, 6, dtype=torch.float32, device=logp.device)
+        dummy = logp
+        _grpo_objective_kernel[(bsz,)](
+            logp, mask, advantages,
+            old if old is not None else dummy, ref if ref is not None else dummy,
+            ris if ris is not None else dummy, entropy if entropy is not None else dummy,
+            norm, dlogp, out, t, beta, lo, hi, 1.0 / bsz,
+            HAS_OLD=old is not None, HAS_REF=ref is not None, USE_KL=ref is not None and beta != 0.0,
+            HAS_RIS=ris is not None, HAS_ENT=entropy is not None, SEQ_LEVEL=seq_level,
+            PER_SEQ_NORM=per_seq_norm, BLOCK_T=_pow2(t, 16, 1024),
+        )
+        sums = out.sum(0)
+        ctx.save_for_backward(dlogp)
+        stats = sums[1:] / mask.sum().clamp(min=1.0)
+        ctx.mark_non_differentiable(stats)
+        return sums[0], stats
+
+    @staticmethod
+    def backward(ctx, g_loss, _g_stats):
+        (dlogp,) = ctx.saved_tensors
+        if g_loss is None:
+            return (None,) * 13
+        return (dlogp * g_loss,) + (None,) * 12
+
+
+def triton_grpo_objective(logp, mask, advantages, *, old_logprobs, ref_logprobs, rollout_is_ratio,
+                          beta, epsilon_low, epsilon_high, loss_type, importance_sampling_level,
+                          max_completion_length, num_items_in_batch, entropy=None):
+    """Same contract as objective.grpo_objective (validated arguments; old/ref/ris and
+    advantages are constants). Returns (0-dim loss, metrics dict of 0-dim fp32 tensors)."""
+    f32 = dict(dtype=torch.float32)
+
+    def prep(x):
+        return None if x is None else x.detach().to(**f32).contiguous()
+
+    m = mask.to(**f32).contiguous()
+    if loss_type == "grpo":
+        norm = torch.ones(1, device=logp.device, **f32)                 # unused
+    elif loss_type == "dr_grpo":
+        norm = torch.full((1,), float(logp.shape[0] * max_completion_length), device=logp.device, **f32)
+    elif loss_type == "dapo" and num_items_in_batch is not None:
+        norm = torch.as_tensor(num_items_in_batch, device=logp.device, **f32).reshape(1)
+    else:                                                               # bnpo, dapo default
+        norm = m.sum().clamp(min=1.0).reshape(1)
+    loss, stats = TritonGRPOObjectiveFunction.apply(
+        logp.contiguous(), m, prep(advantages), prep(old_logprobs), prep(ref_logprobs),
+        prep(rollout_is_ratio), prep(entropy), norm, float(beta), 1.0 - float(epsilon_low),
+        1.0 + float(epsilon_high), importance_sampling_level == "sequence", loss_type == "grpo")
+    metrics = {"kl": stats[0], "clip_ratio_low": stats[1], "clip_ratio_high": stats[2],
+               "clip_ratio": stats[3]}
+    if entropy is not None:
+        metrics["entropy"] = stats[4]
+    return loss, metrics

@@ -17,8 +17,9 @@ LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo"]
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """Force several row chunks (3 rows of V=53 per chunk) to exercise chunk edges."""
-    monkeypatch.setattr(chunked, "CHUNK_BYTES", 3 * 4 * 53)
+    """Force several row blocks (5 rows) and vocabulary chunks (16 columns), ragged ends."""
+    monkeypatch.setattr(chunked, "ROW_BLOCK", 5)
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", 4 * 5 * 16)
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
@@ -139,45 +140,44 @@ def test_tied_embeddings():
     assert rel_err(got, want) <= 1e-4
 
 
-def test_finite_difference_fp64():
-    """gradcheck through the whole op (chunked path in fp64, several chunks)."""
+def test_finite_difference_fp64(monkeypatch):
+    """gradcheck through the whole op (chunked path in fp64, several row blocks and
+    vocabulary chunks)."""
     case = make_case(B=2, T=3, H=4, V=6, seed=13, masked_row=None, dtype=torch.float64)
     case.mask[1, 2] = False
     old, ref = case.old.double(), case.ref.double()
-    saved = chunked.CHUNK_BYTES
-    chunked.CHUNK_BYTES = 2 * 8 * 6
-    try:
-        for level in ("token", "sequence"):
-            def f(h, w, b):
-                loss, _ = fused_linear_grpo_loss(
-                    h, w, case.targets, case.mask, case.advantages, bias=b, old_logprobs=old,
-                    ref_logprobs=ref, rollout_is_ratio=case.ris.double(), temperature=0.7,
-                    importance_sampling_level=level, backend="torch", beta=0.3)
-                return loss
+    monkeypatch.setattr(chunked, "ROW_BLOCK", 2)
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", 4 * 2 * 4)       # 4 of the 6 columns per chunk
+    for level in ("token", "sequence"):
+        def f(h, w, b):
+            loss, _ = fused_linear_grpo_loss(
+                h, w, case.targets, case.mask, case.advantages, bias=b, old_logprobs=old,
+                ref_logprobs=ref, rollout_is_ratio=case.ris.double(), temperature=0.7,
+                importance_sampling_level=level, backend="torch", beta=0.3)
+            return loss
 
-            inputs = tuple(x.detach().clone().requires_grad_() for x in
-                           (case.hidden, case.weight, case.bias))
-            assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-5, rtol=1e-3)
+        inputs = tuple(x.detach().clone().requires_grad_() for x in
+                       (case.hidden, case.weight, case.bias))
+        assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-5, rtol=1e-3)
 
-        def g(h, w, b):
-            lp, ent = linear_logprobs(h, w, case.targets.clamp(min=0), bias=b, temperature=1.5,
-                                      return_entropy=True, backend="torch")
-            return lp, ent
+    def g(h, w, b):
+        lp, ent = linear_logprobs(h, w, case.targets.clamp(min=0), bias=b, temperature=1.5,
+                                  return_entropy=True, backend="torch")
+        return lp, ent
 
-        assert torch.autograd.gradcheck(g, inputs, eps=1e-6, atol=1e-5, rtol=1e-3)
-    finally:
-        chunked.CHUNK_BYTES = saved
+    assert torch.autograd.gradcheck(g, inputs, eps=1e-6, atol=1e-5, rtol=1e-3)
 
 
-def test_rows_without_gradient_skip_work(monkeypatch):
-    """Backward recomputes logits only for rows that carry gradient (masked rows don't)."""
+def test_rows_without_gradient_skip_work(monkeypatch, small_chunks):
+    """Logits are computed only for unmasked rows in forward and recomputed only for
+    rows that carry gradient in backward: rows x columns computed = n_on x V each way."""
     case = make_case(B=4, T=8, seed=14, masked_row=3)
     seen = []
     orig = chunked._chunk_logits
 
-    def spy(h_rows, *a):
-        seen.append(h_rows.shape[0])
-        return orig(h_rows, *a)
+    def spy(h_rows, weight, bias, v0, v1, inv_t):
+        seen.append(h_rows.shape[0] * (v1 - v0))
+        return orig(h_rows, weight, bias, v0, v1, inv_t)
 
     monkeypatch.setattr(chunked, "_chunk_logits", spy)
     h = case.hidden.clone().requires_grad_()
@@ -185,8 +185,9 @@ def test_rows_without_gradient_skip_work(monkeypatch):
                                      backend="torch")
     n_fwd = len(seen)
     loss.backward()
-    n_on = int(case.mask.sum())
-    assert sum(seen[:n_fwd]) == n_on and sum(seen[n_fwd:]) == n_on
+    n_on, vocab = int(case.mask.sum()), case.weight.shape[0]
+    assert n_on < case.mask.numel()
+    assert sum(seen[:n_fwd]) == n_on * vocab and sum(seen[n_fwd:]) == n_on * vocab
 
 
 def test_module_matches_function():
