@@ -97,6 +97,11 @@ def build_batch(processor, prompt_texts: list[str], images: list, continuations:
     images[i] is prompt i's image or None; continuations[i] the token ids after prompt i."""
     if len(prompt_texts) != len(continuations) or len(images) != len(prompt_texts):
         raise ValueError("build_batch: prompt_texts, images and continuations must have the same length")
+    bad = set(processor.vision_token_ids()) if hasattr(processor, "vision_token_ids") else set()
+    for i, c in enumerate(continuations):
+        if bad.intersection(c):
+            raise ValueError(f"build_batch: continuation {i} contains image placeholder tokens "
+                             f"{sorted(bad.intersection(c))}; engines must suppress them")
     enc = processor(prompt_texts, [im for im in images if im is not None], padding_side="left")
     B, P = enc["input_ids"].shape
     T = max(1, max((len(c) for c in continuations), default=1))

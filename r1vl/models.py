@@ -110,6 +110,16 @@ class VLProcessor:
     def pad_token_id(self) -> int:
         return int(self.tokenizer.pad_token_id)
 
+    def vision_token_ids(self) -> list[int]:
+        """Placeholder tokens a completion must never contain (the model would look for image
+        features for them); engines suppress them while sampling."""
+        ids = []
+        for tok in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>"):
+            i = self.tokenizer.convert_tokens_to_ids(tok)
+            if i is not None and i != self.tokenizer.unk_token_id:
+                ids.append(int(i))
+        return ids
+
     def stop_token_ids(self) -> list[int]:
         ids = []
         for tok in ("<|im_end|>", "<|endoftext|>"):

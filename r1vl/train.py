@@ -127,11 +127,9 @@ def make_engine(cfg: Config, model, processor):
         from r1vl.rollout.hf_engine import HFEngine
 
         return HFEngine(model, processor, batch_size=cfg.rollout.batch_size)
-    try:
-        from r1vl.rollout.vllm_engine import VLLMEngine  # noqa: F401  (the next issue)
-    except ImportError:
-        raise UserError("rollout.engine=vllm: r1vl.rollout.vllm_engine is not available in this install") from None
-    return VLLMEngine.from_config(cfg, model, processor)
+    # the colocated vLLM engine (r1vl/rollout/vllm_engine.py) plugs in here with its config section
+    raise UserError("rollout.engine=vllm: the vLLM engine is not wired into this version of the trainer; "
+                    "use rollout.engine=hf")
 
 
 def make_optimizer(params, lr: float, cfg: Config, total_steps: int, warmup_steps: int, kind: str,
@@ -248,7 +246,7 @@ def run(cfg: Config) -> dict:
         train_policy = DDP(policy, device_ids=[d.device.index] if d.device.type == "cuda" else None,
                            broadcast_buffers=False)
     engine = make_engine(cfg, model, processor)
-    writer = MetricsWriter(out, enabled=d.main, tensorboard=cfg.logging.tensorboard)
+    writer = MetricsWriter(out, enabled=d.main, tensorboard=cfg.logging.tensorboard, fresh=resume_dir is None)
     if resume_dir is not None:
         writer.truncate_after(state["phase"], state["step"])
         set_rng_state(state["rng"][d.rank])

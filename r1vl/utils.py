@@ -260,9 +260,11 @@ def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
 class MetricsWriter:
     """metrics.jsonl (+ TensorBoard when installed) on rank 0; nothing elsewhere."""
 
-    def __init__(self, out_dir: Path, *, enabled: bool, tensorboard: bool):
+    def __init__(self, out_dir: Path, *, enabled: bool, tensorboard: bool, fresh: bool = True):
         self.enabled = enabled
         self.path = Path(out_dir) / "metrics.jsonl"
+        if enabled and fresh and self.path.exists():  # a new run (not a resume) starts a new log
+            self.path.unlink()
         self.tb = None
         if enabled and tensorboard:
             try:

@@ -58,6 +58,7 @@ class HFEngine:
         self.synced_gpus = synced_gpus
         self.eos_ids = list(eos_token_ids) if eos_token_ids else processor.stop_token_ids()
         self.pad_id = processor.pad_token_id
+        self.suppress_ids = processor.vision_token_ids()  # image placeholders never appear in outputs
         self.last_stats: dict[str, float] = {}
 
     # -- interface
@@ -135,6 +136,7 @@ class HFEngine:
             return_dict_in_generate=True,
             output_logits=sampling.return_logprobs,
             synced_gpus=self.synced_gpus,
+            suppress_tokens=self.suppress_ids or None,
         )
         if greedy:
             kwargs.update(temperature=None, top_p=None, top_k=None)
