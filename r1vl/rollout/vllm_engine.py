@@ -24,6 +24,7 @@ import contextlib
 import logging
 import os
 import re
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
@@ -192,6 +193,76 @@ def _set_expandable_segments(enabled: bool) -> None:
     torch.cuda.memory._set_allocator_settings(f"expandable_segments:{'True' if enabled else 'False'}")
 
 
+# ------------------------------------------------------------- policy weights
+
+
+def _unwrap_policy(model):
+    """The HF model inside DDP / DeepSpeed (`.module`) and r1vl's PolicyWithLoss (`.model`)."""
+    from torch import nn
+
+    while True:
+        inner = getattr(model, "module", None)
+        if isinstance(inner, nn.Module):
+            model = inner
+            continue
+        if type(model).__name__ == "PolicyWithLoss" and isinstance(getattr(model, "model", None), nn.Module):
+            model = model.model
+            continue
+        return model
+
+
+def policy_named_tensors(model) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF-named full tensors of a policy, one parameter at a time.
+
+    A DeepSpeed ZeRO-3 parameter (it has `ds_id`) is gathered alone and copied out,
+    so at most one bucket of full weights exists at once; every rank must iterate
+    together (the gather is collective). Other parameters are yielded as they are.
+    """
+    model = _unwrap_policy(model)
+    for name, p in model.named_parameters():
+        if hasattr(p, "ds_id"):
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                yield name, p.data.detach().clone()
+        else:
+            yield name, p.detach()
+
+
+def ensure_process_group() -> None:
+    """A one-rank gloo group when the trainer runs without torchrun (the engine's
+    external_launcher mode needs a process group)."""
+    import socket
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RuntimeError("WORLD_SIZE > 1 but torch.distributed is not initialised: init it before the engine")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(port))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+
+
+def write_engine_model_dir(model, processor, out_dir: str | os.PathLike) -> None:
+    """config.json + tokenizer / processor files (no weights) for an engine started
+    with load_format="dummy": the trainer pushes the policy's weights itself."""
+    from pathlib import Path
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    hf = _unwrap_policy(model)
+    hf.config.save_pretrained(out)
+    gen = getattr(hf, "generation_config", None)
+    if gen is not None:
+        gen.save_pretrained(out)
+    processor.save_pretrained(out)
+
+
 # ------------------------------------------------------------------------ engine
 
 
@@ -318,11 +389,64 @@ class VLLMEngine:
         self._noop_logged = False
         self._slept_level = 1
         self._needs_full_push = False
-        self.calls: list[str] = []  # phase log: sleep / wake / load_weights / generate
+        self.policy = None  # a bound trainer model (bind_policy): pushed on every wake()
+        self.calls: deque[str] = deque(maxlen=64)  # recent phases: sleep / wake / load_weights / generate
         log.info(
             "vLLM engine up on rank %d/%d (tp=%d, sleep_mode=%s, level=%d, tied head=%s)",
             self.rank, self.world_size, tp, self.sleep_mode, config.sleep_level, self.tie_word_embeddings,
         )
+
+    @classmethod
+    def from_config(cls, cfg, model, processor) -> "VLLMEngine":
+        """The engine for a trainer config (r1vl.config.Config), bound to `model`.
+
+        Every rank calls this at the same time. Rank 0 writes the model's config and
+        processor to <output_dir>/vllm_engine_model; the engine starts from dummy
+        weights, and the policy's weights are pushed before it returns. Options come
+        from `cfg.rollout.vllm` when the config has that section (field names of
+        VLLMEngineConfig), else defaults; off CUDA: eager mode and a 256 MiB KV cache.
+        """
+        import dataclasses
+        from pathlib import Path
+
+        import torch.distributed as dist
+
+        ensure_process_group()
+        model_dir = Path(cfg.output_dir) / "vllm_engine_model"
+        if dist.get_rank() == 0:
+            write_engine_model_dir(model, processor, model_dir)
+        dist.barrier()
+        opts: dict[str, Any] = dict(
+            model=str(model_dir),
+            load_format="dummy",
+            dtype=cfg.model.dtype,
+            seed=cfg.seed,
+            max_model_len=cfg.data.max_prompt_length + cfg.rollout.max_completion_length,
+            min_pixels=cfg.data.min_pixels,
+            max_pixels=cfg.data.max_pixels,
+        )
+        if not torch.cuda.is_available():
+            opts.update(enforce_eager=True, kv_cache_memory_bytes=256 * MiB)
+        section = getattr(cfg.rollout, "vllm", None)
+        if section is not None:
+            values = dataclasses.asdict(section) if dataclasses.is_dataclass(section) else dict(vars(section))
+            names = {f.name for f in dataclasses.fields(VLLMEngineConfig)}
+            for k, v in values.items():
+                if k not in names:
+                    raise ValueError(
+                        f"rollout.vllm.{k}: not an engine option (expected one of {', '.join(sorted(names))})"
+                    )
+                if v is not None and not (k == "kv_cache_memory_bytes" and v == 0):
+                    opts[k] = v
+        engine = cls(VLLMEngineConfig(**opts))
+        engine.bind_policy(model)
+        return engine
+
+    def bind_policy(self, model) -> None:
+        """Follow `model` (a policy, possibly wrapped): its weights are pushed now and
+        on every wake(), so a trainer's rollout is just wake() → generate() → sleep()."""
+        self.policy = model
+        self.load_weights(policy_named_tensors(model))
 
     # ---------------------------------------------------------------- memory
 
@@ -368,11 +492,17 @@ class VLLMEngine:
         self._slept_level = level
 
     def wake(self) -> None:
-        """Bring the weights back (before load_weights()); the KV cache comes back
-        in generate(), after the weight push, so the peak stays low."""
+        """Bring the weights back (the KV cache comes back in generate(), after the
+        weight push, so the peak stays low). With a bound policy (from_config /
+        bind_policy) its current weights are pushed here and the caches reset:
+        empty_cache → wake weights → push → reset caches."""
         self.calls.append("wake")
-        if self.state != "asleep":
-            return
+        if self.state == "asleep":
+            self._wake_weights_only()
+        if self.policy is not None:
+            self.load_weights(policy_named_tensors(self.policy))
+
+    def _wake_weights_only(self) -> None:
         if self.sleep_mode:
             if self.is_cuda:
                 torch.cuda.empty_cache()
@@ -409,8 +539,8 @@ class VLLMEngine:
         reset the prefix cache and the multimodal caches so nothing computed with
         the old weights is reused."""
         self.calls.append("load_weights")
-        if self.state == "asleep":
-            self.wake()
+        if self.state == "asleep":  # weights must be resident to be overwritten
+            self._wake_weights_only()
         loaded: set[str] = set()
         n_buckets = 0
         quiet = _quiet_partial_reload_logs() if not self.is_cuda else contextlib.nullcontext()
@@ -505,14 +635,18 @@ class VLLMEngine:
                         top_k=sampling.top_k if sampling.top_k > 0 else 0,
                         max_tokens=sampling.max_new_tokens,
                         stop=list(sampling.stop) or None,
-                        include_stop_str_in_output=True,  # text covers exactly token_ids
+                        include_stop_str_in_output=True,  # the stop string stays in token_ids
                         seed=seed,
                         logprobs=0 if sampling.return_logprobs else None,
                         skip_special_tokens=True,
+                        detokenize=bool(sampling.stop),  # stop strings need vLLM's own text
                     )
                 )
         outputs = self.llm.generate(requests, params, use_tqdm=False)
 
+        # text = the full decode of token_ids (vLLM's incremental text holds back a
+        # trailing partial UTF-8 character); the same as the trainer's decode
+        tokenizer = self.llm.get_tokenizer()
         completions: list[Completion] = []
         for k, out in enumerate(outputs):
             prompt_index = k // copies
@@ -526,7 +660,7 @@ class VLLMEngine:
                     Completion(
                         prompt_index=prompt_index,
                         token_ids=list(c.token_ids),
-                        text=c.text,
+                        text=tokenizer.decode(list(c.token_ids), skip_special_tokens=True),
                         finish_reason="length" if c.finish_reason == "length" else "stop",
                         logprobs=lps,
                     )

@@ -1,0 +1,88 @@
+"""The real-engine vLLM suite: runs in .venv-vllm (`make test-vllm`), nowhere else.
+
+Without an importable vllm (the main .venv) these files are not collected, and the
+run's header says so; with R1VL_REQUIRE_VLLM=1 (set by `make test-vllm`) a missing
+vllm is an error instead.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+HAVE_VLLM = importlib.util.find_spec("vllm") is not None
+REQUIRED = os.environ.get("R1VL_REQUIRE_VLLM") == "1"
+SKIP_REASON = "tests/vllm not collected: vllm is not importable here (run `make test-vllm`, which uses .venv-vllm)"
+
+if not HAVE_VLLM:
+    if REQUIRED:
+        raise pytest.UsageError(
+            f"R1VL_REQUIRE_VLLM=1 but vllm is not importable by {sys.executable}: "
+            "build the virtualenv with `make venv-vllm`"
+        )
+    collect_ignore_glob = ["test_*.py"]
+
+# vLLM switches torch's trace logging on: keep failure reports readable
+logging.getLogger("torch").setLevel(logging.WARNING)
+
+HERE = Path(__file__).parent
+if str(HERE) not in sys.path:  # the helper modules beside the tests
+    sys.path.insert(0, str(HERE))
+
+
+def pytest_report_header(config):
+    return None if HAVE_VLLM else SKIP_REASON
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def process_group():
+    """A one-rank gloo group: the engine runs with distributed_executor_backend=external_launcher."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        port = free_port()
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    # the group lives until the interpreter exits: vLLM's engines hold on to it
+
+
+@pytest.fixture(scope="session")
+def tiny_tied(tmp_path_factory):
+    from tiny_qwen2vl import build_tiny_qwen2vl
+
+    path = tmp_path_factory.mktemp("tiny_tied")
+    model, processor = build_tiny_qwen2vl(path, tie_word_embeddings=True)
+    return path, model, processor
+
+
+@pytest.fixture(scope="session")
+def tiny_untied(tmp_path_factory):
+    from tiny_qwen2vl import build_tiny_qwen2vl
+
+    path = tmp_path_factory.mktemp("tiny_untied")
+    model, processor = build_tiny_qwen2vl(path, tie_word_embeddings=False, seed=1)
+    return path, model, processor
+
+
+def engine_config(path, **kw):
+    """The CPU settings that work here: eager, a 256 MiB KV cache, float32."""
+    from r1vl.rollout.vllm_engine import VLLMEngineConfig
+    from tiny_qwen2vl import MAX_PIXELS, MIN_PIXELS
+
+    opts = dict(model=str(path), kv_cache_memory_bytes=256 << 20, enforce_eager=True, dtype="float32",
+                max_model_len=1024, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, max_num_seqs=32)
+    opts.update(kw)
+    return VLLMEngineConfig(**opts)
