@@ -18,9 +18,9 @@ def main(read_fd: int, write_fd: int) -> None:
     outbox = Connection(write_fd, readable=False)
     try:
         from r1vl.rewards.pool import _score_one
-        from r1vl.rewards.verify import math_equal
+        from r1vl.rewards.verify import healthy, warm_up
 
-        math_equal("1", "1", 30.0)  # warm up: import math-verify and sympy before saying ready
+        warm_up()  # import math-verify and sympy before saying ready
         outbox.send(("ready", os.getpid()))
         while True:
             msg = inbox.recv()
@@ -28,7 +28,13 @@ def main(read_fd: int, write_fd: int) -> None:
                 break
             tasks, alpha, variant, timeout_s = msg
             for task in tasks:
-                outbox.send((task[0], _score_one(task, alpha, variant, timeout_s)))
+                result = _score_one(task, alpha, variant, timeout_s)
+                outbox.send((task[0], result))
+                if result[4] and not healthy():
+                    # a deadline left math-verify/sympy in a broken state: say so and exit;
+                    # the pool re-queues the rest of the chunk and starts a fresh worker
+                    outbox.send(("recycle", os.getpid()))
+                    sys.exit(3)
     except (EOFError, BrokenPipeError, KeyboardInterrupt):
         pass
 

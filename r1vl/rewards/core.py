@@ -28,11 +28,12 @@ it has no final-answer header); reward 1[correct] + alpha*k, alpha*k also when
 no answer is given.
 
 Why the default differs: math-verify's parse of a whole completion extracts
-*some* expression of it, not necessarily the final answer, so under the
-official variant a completion whose steps write the right number but whose
-final answer is different (or missing) can be scored correct; and a completion
-with no answer at all still collects alpha*k. The paper variant rewards only
-what the completion states as its answer.
+*some* expression of it (in practice the last one it can parse), not
+necessarily the final answer, so under the official variant a completion whose
+steps write the right number but whose final answer is different and not a
+parseable expression ("eight", "cannot be determined") or missing is scored
+correct; and a completion with no answer at all still collects alpha*k. The
+paper variant rewards only what the completion states as its answer.
 
 StepRVR -- step-wise reasoning validity (`validity_reward`)
 -----------------------------------------------------------
@@ -57,7 +58,13 @@ from r1vl.data.format import (
     step_numbers,
     step_sections,
 )
-from r1vl.rewards.verify import DEFAULT_TIMEOUT_S, math_equal, math_equal_official, signals_usable
+from r1vl.rewards.verify import (
+    DEFAULT_TIMEOUT_S,
+    math_equal,
+    math_equal_official,
+    signals_usable,
+    verify_broken,
+)
 
 VARIANTS = ("paper", "official")
 DEFAULT_ALPHA = 0.1
@@ -210,7 +217,7 @@ def accuracy_reward(completion: Any, solution: Any, key_steps: Any = None, *,
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    if timeout_s and timeout_s > 0 and not signals_usable():
+    if timeout_s and timeout_s > 0 and (not signals_usable() or verify_broken()):
         from r1vl.rewards.pool import sandbox_accuracy
 
         return sandbox_accuracy(completion, solution, key_steps, alpha=alpha,

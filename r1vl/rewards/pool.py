@@ -68,6 +68,7 @@ class _Worker:
     inbox: Connection  # results from the worker
     outbox: Connection  # tasks to the worker
     ready: bool = False
+    recycling: bool = False  # announced its exit (broken math-verify state): nothing to blame
     pending: deque = field(default_factory=deque)  # tasks sent, not yet answered
     last_heard: float = 0.0
 
@@ -160,7 +161,9 @@ class RewardPool:
         def replace(i: int, w: _Worker, reason: str) -> None:
             nonlocal kills, remaining
             self._kill(w)
-            if w.pending:
+            if w.recycling and w.pending:
+                queue.appendleft(list(w.pending))
+            elif w.pending:
                 stuck = w.pending.popleft()
                 logger.warning("reward worker %s (%s): completion %d scored without math-verify",
                                w.process.pid, reason, stuck[0])
@@ -199,6 +202,9 @@ class RewardPool:
                 w.last_heard = time.monotonic()
                 if msg[0] == "ready":
                     w.ready = True
+                    continue
+                if msg[0] == "recycle":
+                    w.recycling = True
                     continue
                 idx, res = msg
                 if w.pending and w.pending[0][0] == idx:

@@ -22,6 +22,7 @@ deadline, which kills the worker.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -31,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 3.0
 
+_IMPORT_RETRY_S = 0.05
 _CACHE_MAX_ITEMS = 4096
 _CACHE_MAX_CHARS = 512
 
@@ -48,6 +50,18 @@ class _DropTimeoutDisabledWarning(logging.Filter):
 
 for _name in ("math_verify.parser", "math_verify.grader"):
     logging.getLogger(_name).addFilter(_DropTimeoutDisabledWarning())
+
+
+def _importing(frame) -> bool:
+    """Is the interrupted code (or a caller of it) executing an import?
+
+    Every import runs a module body under importlib's bootstrap frames.
+    """
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def signals_usable() -> bool:
@@ -78,9 +92,15 @@ def call_with_deadline(fn: Callable[[], Any], seconds: float | None) -> tuple[bo
     def on_alarm(signum, frame):  # noqa: ARG001
         nonlocal fired
         global _fired
-        if armed:
-            fired = _fired = True
-            raise _Deadline()
+        if not armed:
+            return
+        if _importing(frame):
+            # never interrupt an import: a half-executed module stays broken in
+            # sys.modules (sympy would then fail on every later call). Try again soon.
+            signal.setitimer(signal.ITIMER_REAL, _IMPORT_RETRY_S)
+            return
+        fired = _fired = True
+        raise _Deadline()
 
     old_handler = signal.signal(signal.SIGALRM, on_alarm)
     start = time.monotonic()
@@ -165,10 +185,60 @@ def math_equal_official(completion: str, solution: str,
     return _run(work, timeout_s)
 
 
+_warm = False
+
+
+def warm_up() -> None:
+    """Import math-verify and the parts of sympy it loads lazily, without a deadline.
+
+    Done once per process before the first deadline, so that a deadline never
+    lands in the middle of those imports.
+    """
+    global _warm
+    if _warm:
+        return
+    from math_verify import parse, verify
+
+    for gold, pred in (("1", "1"), ("$\\frac{1}{2}$", "0.5"), ("x = 2", "2"), ("\\sqrt{25}", "5"),
+                       ("\\{1, 2\\}", "(1, 2)"), ("30^\\circ", "\\pi/6"), ("A", "B")):
+        verify(parse(gold, parsing_timeout=None), parse(pred, parsing_timeout=None), timeout_seconds=None)
+    _warm = True
+
+
+def healthy() -> bool:
+    """Does math-verify still work in this process (after a deadline interrupted it)?"""
+    try:
+        from math_verify import parse, verify
+
+        return bool(verify(parse("2", parsing_timeout=None, raise_on_error=True),
+                           parse("$\\frac{4}{2}$", parsing_timeout=None, raise_on_error=True),
+                           timeout_seconds=None, raise_on_error=True))
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def _run(work: Callable[[], bool], timeout_s: float | None) -> tuple[bool, bool]:
+    if not _warm:
+        try:
+            warm_up()
+        except Exception:  # noqa: BLE001
+            logger.warning("math-verify warm-up failed", exc_info=True)
     # A deadline that fires inside parse() unwinds through it (nothing cached); one that
     # some library code swallowed still sets _fired, which also blocks caching.
     finished, value = call_with_deadline(work, timeout_s)
     if not finished:
+        global _broken
+        if not _broken and not healthy():
+            _broken = True
+            logger.error("a math-verify deadline left sympy broken in process %d; further "
+                         "accuracy_reward calls here go to a sandbox process", os.getpid())
         return False, True
     return bool(value), False
+
+
+_broken = False
+
+
+def verify_broken() -> bool:
+    """True once a deadline has left math-verify unusable in this process."""
+    return _broken
