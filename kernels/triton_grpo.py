@@ -29,8 +29,9 @@ same maths in plain PyTorch for the chunked path.
 
 Interpreter (CPU, TRITON_INTERPRET=1 set before this module is imported): the
 interpreter's bf16/fp16 arithmetic is unreliable, so with UPCAST every loaded tile
-is converted to fp32 before any arithmetic; on GPU, half-precision tiles feed
-tl.dot directly (fp32 accumulator) and fp32 tiles use IEEE fp32 dots.
+is converted to fp32 before any arithmetic. On GPU, bf16 tiles feed tl.dot directly
+(fp32 accumulator), fp16 tiles are upcast (TF32 dots: fp16 dlogits would underflow)
+and fp32 tiles use IEEE fp32 dots (see `_flags`).
 
 Layout: kernels, then the autograd Functions that launch them, each followed by
 its functional wrapper.
@@ -310,8 +311,13 @@ def _config(n_rows: int, vocab: int, hdim: int, interpret: bool) -> dict:
 
 
 def _flags(hidden: torch.Tensor) -> dict:
+    """UPCAST: convert tiles to fp32 before any arithmetic (always in the interpreter; for
+    fp16 on GPU too, where dlogits of order 1e-9 would underflow as fp16 GEMM operands —
+    fp32 tiles then use TF32 dots). IEEE: exact fp32 dots for fp32 inputs. bf16 on GPU
+    feeds bf16 tiles (and bf16-rounded dlogits) to tensor-core dots with fp32 accumulators."""
     interpret = hidden.device.type != "cuda"
-    return dict(UPCAST=interpret, IEEE=(not interpret) and hidden.dtype == torch.float32)
+    return dict(UPCAST=interpret or hidden.dtype == torch.float16,
+                IEEE=(not interpret) and hidden.dtype == torch.float32)
 
 
 def _forward(hidden, weight, bias, targets, temperature, need_entropy, rows):

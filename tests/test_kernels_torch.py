@@ -203,3 +203,27 @@ def test_module_matches_function():
                                    temperature=0.8, backend="torch", return_entropy=True)
     assert torch.equal(a, b) and all(torch.equal(ma[k], mb[k]) for k in mb)
     assert "entropy" in ma and "bnpo" in repr(mod)
+
+
+try:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+except ImportError:  # hypothesis is a dev extra
+    given = None
+
+if given is not None:
+    @settings(max_examples=25, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(B=st.integers(1, 4), T=st.integers(1, 9), H=st.integers(1, 20), V=st.integers(2, 70),
+           loss_type=st.sampled_from(LOSS_TYPES), level=st.sampled_from(["token", "sequence"]),
+           temperature=st.sampled_from([0.5, 1.0, 1.7]), flags=st.integers(0, 15),
+           seed=st.integers(0, 10_000))
+    def test_property_random_configs(small_chunks, B, T, H, V, loss_type, level, temperature,
+                                     flags, seed):
+        """Random shapes and options (fp32, forced multi-chunk): torch backend == reference."""
+        case = make_case(B, T, H, V, seed=seed, bias=bool(flags & 1),
+                         masked_row=0 if (flags & 8 and B > 1) else None)
+        check_loss(case, "torch", use_old=bool(flags & 2), use_ref=bool(flags & 4),
+                   use_ris=bool(flags & 8), loss_type=loss_type, importance_sampling_level=level,
+                   temperature=temperature, max_completion_length=T + 3,
+                   return_entropy=bool(flags & 2))
