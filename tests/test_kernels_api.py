@@ -126,16 +126,17 @@ def test_non_contiguous_views(backend):
     """A sliced [B, T, H] view of a longer sequence (the usual completion slice) and a
     transposed-storage weight give the same results as contiguous copies."""
     from r1vl.kernels import reference_grpo_loss
+    dev = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
     big = make_case(B=2, T=9, H=16, V=30, seed=40)
-    hidden = big.hidden[:, 2:8]                      # non-contiguous view
-    weight = big.weight.T.contiguous().T             # column-major storage
+    hidden = big.hidden.to(dev)[:, 2:8]              # non-contiguous view
+    weight = big.weight.to(dev).T.contiguous().T     # column-major storage
     assert not hidden.is_contiguous() and not weight.is_contiguous()
-    tg, m = big.targets[:, 2:8], big.mask[:, 2:8]
+    tg, m, adv = big.targets[:, 2:8].to(dev), big.mask[:, 2:8].to(dev), big.advantages.to(dev)
     h = hidden.detach().requires_grad_()
-    loss, _ = fused_linear_grpo_loss(h[:, :], weight, tg, m, big.advantages, backend=backend)
+    loss, _ = fused_linear_grpo_loss(h, weight, tg, m, adv, backend=backend)
     (gh,) = torch.autograd.grad(loss, h)
     h64 = hidden.detach().double().requires_grad_()
-    rloss, _ = reference_grpo_loss(h64, weight.double(), tg, m, big.advantages)
+    rloss, _ = reference_grpo_loss(h64, weight.double(), tg, m, adv)
     (rgh,) = torch.autograd.grad(rloss, h64)
     assert abs(loss.item() - rloss.item()) <= 1e-5
     assert float((gh.double() - rgh).abs().max()) <= 1e-4 * float(rgh.abs().max())
