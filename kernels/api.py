@@ -174,7 +174,7 @@ def fused_linear_grpo_loss(
     b, t = targets.shape
     dev = hidden.device
     _check_tensor("mask", mask, shape=(b, t), device=dev)
-    if mask.dtype != torch.bool and mask.is_complex():
+    if mask.is_complex():
         raise ValueError(f"mask: expected bool, integer or float, got {mask.dtype}")
     _check_tensor("advantages", advantages, shape=(b,), device=dev, float_ok=True)
     for name, x in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs),
