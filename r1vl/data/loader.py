@@ -1,0 +1,366 @@
+"""Loaders for the R1-VL RL format: JSON Lines, a Hugging Face `datasets` directory, or parquet.
+
+Every row has
+  image_path  the image file, relative to the data file's directory (or absolute);
+              tabular sources may carry an `image` column instead (PIL image,
+              {"bytes", "path"} struct as Hugging Face writes it, raw bytes, or a path)
+  problem     the question (the trainer adds the R1-VL instruction with `format_prompt`)
+  solution    a reference response containing `### The final answer is: X`
+  key_steps   {"Steps": [[phrasing, ...], ...]}, a list of such groups, or null /
+              empty for none (derive them with `python -m r1vl.data.keysteps`);
+              a JSON string holding one of those is accepted too
+Other columns are kept in `Sample.meta`.
+
+Rows are validated when the data set is loaded (every field, the key-step
+structure, the final answer, and that each image exists and has a readable
+header); images are decoded, converted to RGB and resized only when an item is
+accessed. A bad row raises `DataError` naming the file, the row and what is
+wrong; with `skip_bad_rows=True` bad rows are skipped, counted, and reported
+once (a warning, and `dataset.skipped`). Rows are numbered from 1 in JSON
+Lines files (line numbers) and from 0 in parquet / `datasets` tables.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from r1vl.data.format import FINAL_ANSWER, extract_final_answer
+from r1vl.data.images import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MIN_PIXELS,
+    MAX_ASPECT,
+    check_pixel_bounds,
+    resize_image,
+)
+
+logger = logging.getLogger(__name__)
+
+_KNOWN = ("image_path", "image", "problem", "solution", "key_steps")
+
+
+class DataError(ValueError):
+    """A data file or row is not in the expected format (the message names the file and row)."""
+
+
+@dataclass
+class Sample:
+    problem: str
+    solution: str
+    key_steps: list[list[str]]  # groups of equivalent phrasings; [] for none
+    answer: str  # the solution's final answer
+    source: str  # "file:row"
+    image: Any = None  # PIL.Image.Image (RGB, resized) or None
+    meta: dict = field(default_factory=dict)  # the row's other fields (e.g. "family", "id")
+
+
+def normalize_key_steps(value: Any) -> list[list[str]]:
+    """Validate key steps and return them as a list of groups of non-empty strings.
+
+    Raises ValueError (with what is wrong) for anything else.
+    """
+    if value is None:
+        return []
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return []
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            raise ValueError("key_steps is a string that is not JSON; expected "
+                             '{"Steps": [[phrasing, ...], ...]} or a list of groups') from None
+    if isinstance(value, dict):
+        if "Steps" not in value:
+            raise ValueError(f"key_steps object has no 'Steps' key (keys: {sorted(map(str, value))})")
+        value = value["Steps"]
+        if value is None:
+            return []
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"key_steps must be a list of groups, got {type(value).__name__}")
+    groups = []
+    for gi, group in enumerate(value):
+        if isinstance(group, str):
+            group = [group]
+        if not isinstance(group, (list, tuple)) or not group:
+            raise ValueError(f"key_steps group {gi} must be a non-empty list of strings, got {group!r}")
+        alts = []
+        for alt in group:
+            if isinstance(alt, (int, float)) and not isinstance(alt, bool):
+                alt = str(alt)
+            if not isinstance(alt, str) or not alt.strip():
+                raise ValueError(f"key_steps group {gi} has an empty or non-string phrasing {alt!r}")
+            alts.append(alt)
+        groups.append(alts)
+    return groups
+
+
+# ------------------------------------------------------------------------------ images
+
+class _ImageRef:
+    """Where an image comes from: a file path or in-memory bytes (or an already-open PIL image)."""
+
+    __slots__ = ("path", "data", "pil")
+
+    def __init__(self, path: str | None = None, data: bytes | None = None, pil: Any = None):
+        self.path, self.data, self.pil = path, data, pil
+
+    def describe(self) -> str:
+        return self.path if self.path else "embedded image"
+
+    def open(self) -> Image.Image:
+        if self.pil is not None:
+            return self.pil
+        if self.data is not None:
+            return Image.open(io.BytesIO(self.data))
+        return Image.open(self.path)
+
+    def check(self) -> None:
+        """Header check: the file exists and PIL recognises it; raises ValueError otherwise."""
+        if self.path and self.data is None and self.pil is None and not os.path.isfile(self.path):
+            raise ValueError(f"image {self.path} does not exist")
+        try:
+            if self.pil is not None:
+                w, h = self.pil.size
+            else:
+                with self.open() as img:
+                    w, h = img.size
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise ValueError(f"image {self.describe()} is not a readable image ({e})") from None
+        if w <= 0 or h <= 0:
+            raise ValueError(f"image {self.describe()} is empty ({w}x{h})")
+        if max(w, h) / min(w, h) > MAX_ASPECT:
+            raise ValueError(f"image {self.describe()} is {w}x{h}: aspect ratio above {MAX_ASPECT}, "
+                             "which Qwen2-VL cannot take")
+
+
+def _image_ref(row: dict, base: Path) -> _ImageRef:
+    if row.get("image_path") not in (None, ""):
+        p = row["image_path"]
+        if not isinstance(p, str):
+            raise ValueError(f"image_path must be a string, got {type(p).__name__}")
+        return _ImageRef(path=str(base / p))
+    img = row.get("image")
+    if img is None:
+        raise ValueError("missing field 'image_path' (or an 'image' column)")
+    if isinstance(img, Image.Image):
+        return _ImageRef(pil=img)
+    if isinstance(img, (bytes, bytearray)):
+        return _ImageRef(data=bytes(img))
+    if isinstance(img, str):
+        return _ImageRef(path=str(base / img))
+    if isinstance(img, dict):  # Hugging Face's {"bytes": ..., "path": ...}
+        if img.get("bytes"):
+            return _ImageRef(data=bytes(img["bytes"]), path=img.get("path") or None)
+        if img.get("path"):
+            return _ImageRef(path=str(base / img["path"]))
+    raise ValueError(f"cannot read the 'image' column value of type {type(img).__name__}")
+
+
+# ------------------------------------------------------------------------------ rows
+
+@dataclass
+class _Row:
+    problem: str
+    solution: str
+    key_steps: list[list[str]]
+    answer: str
+    source: str
+    image: _ImageRef
+    meta: dict
+
+
+def _validate(row: Any, base: Path, source: str, check_images: bool) -> _Row:
+    if not isinstance(row, dict):
+        raise ValueError(f"a row must be a JSON object, got {type(row).__name__}")
+    for key in ("problem", "solution"):
+        if key not in row or row[key] is None:
+            raise ValueError(f"missing field '{key}'")
+        if not isinstance(row[key], str) or not row[key].strip():
+            raise ValueError(f"field '{key}' must be a non-empty string")
+    if "key_steps" not in row:
+        raise ValueError("missing field 'key_steps' (derive it with `python -m r1vl.data.keysteps IN OUT`, "
+                         "or set it to null for none)")
+    try:
+        key_steps = normalize_key_steps(row["key_steps"])
+    except ValueError as e:
+        raise ValueError(f"malformed key_steps: {e}") from None
+    answer = extract_final_answer(row["solution"])
+    if answer is None:
+        raise ValueError(f"the solution has no non-empty '{FINAL_ANSWER}' line")
+    ref = _image_ref(row, base)
+    if check_images:
+        ref.check()
+    meta = {k: v for k, v in row.items() if k not in _KNOWN}
+    return _Row(row["problem"], row["solution"], key_steps, answer, source, ref, meta)
+
+
+class R1VLDataset(Sequence):
+    """A read-only sequence of `Sample`s; images are opened and resized on access."""
+
+    def __init__(self, path: str, rows: list[_Row], *, min_pixels: int, max_pixels: int,
+                 skipped: list[tuple[str, str]] | None = None):
+        self.path = path
+        self._rows = rows
+        self.min_pixels = min_pixels
+        self.max_pixels = max_pixels
+        self.skipped = skipped or []  # (source, reason) of every skipped bad row
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        r = self._rows[i]
+        return Sample(problem=r.problem, solution=r.solution, key_steps=r.key_steps, answer=r.answer,
+                      source=r.source, image=self._load_image(r), meta=dict(r.meta))
+
+    def _load_image(self, r: _Row) -> Image.Image:
+        try:
+            img = r.image.open()
+            img.load()
+            return resize_image(img, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise DataError(f"{r.source}: cannot load image {r.image.describe()}: {e}") from None
+
+    def __repr__(self) -> str:
+        return f"R1VLDataset({self.path!r}, {len(self)} rows, {len(self.skipped)} skipped)"
+
+
+# ------------------------------------------------------------------------------ sources
+
+def _jsonl_rows(path: Path):
+    """(row number, parsed object or an Exception) per non-blank line; a .json array is accepted too."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e})") from None
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: invalid JSON ({e})") from None
+        for i, obj in enumerate(items):
+            yield i, obj
+        return
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            yield lineno, ValueError(f"invalid JSON ({e.msg} at column {e.colno})")
+
+
+def _table_rows(table_like, n: int):
+    for i in range(n):
+        yield i, table_like(i)
+
+
+def _parquet_source(path: Path):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow, or r1vl[dev])") from None
+    try:
+        table = pq.read_table(path, memory_map=True)
+    except Exception as e:  # noqa: BLE001 -- pyarrow raises many types for a bad file
+        raise DataError(f"{path}: not a readable parquet file ({e})") from None
+    columns = table.column_names
+
+    def row(i):
+        return {c: table.column(c)[i].as_py() for c in columns}
+
+    return _table_rows(row, table.num_rows)
+
+
+def _hf_source(path: Path):
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{path}: reading a Hugging Face datasets directory needs the `datasets` package "
+                        "(pip install datasets, or r1vl[dev])") from None
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"{path}: not a Hugging Face datasets directory ({e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        splits = list(ds)
+        if len(splits) != 1:
+            raise DataError(f"{path}: a DatasetDict with splits {splits}; pass one split's directory, "
+                            f"e.g. {path / splits[0]}")
+        ds = ds[splits[0]]
+    if "image" in ds.column_names and isinstance(ds.features.get("image"), datasets.Image):
+        ds = ds.cast_column("image", datasets.Image(decode=False))  # decode lazily, ourselves
+
+    def row(i):
+        return ds[i]
+
+    return _table_rows(row, len(ds))
+
+
+def _is_hf_dir(path: Path) -> bool:
+    return any((path / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
+
+
+def load_dataset(path: str | os.PathLike, *, min_pixels: int = DEFAULT_MIN_PIXELS,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, skip_bad_rows: bool = False,
+                 check_images: bool = True) -> R1VLDataset:
+    """Load and validate a data set: a .jsonl (or .json array) file, a .parquet file, or a
+    Hugging Face `datasets` directory (load_from_disk). Returns a Sequence of `Sample`.
+
+    Image paths are relative to the file's directory (the dataset directory for
+    `datasets`). Bad rows raise `DataError` unless skip_bad_rows. check_images=False
+    skips the per-row image header check (faster for huge sets; errors then surface
+    on access).
+    """
+    path = Path(path)
+    try:
+        check_pixel_bounds(min_pixels, max_pixels)
+    except ValueError as e:
+        raise DataError(f"min_pixels/max_pixels: {e}") from None
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    if path.is_dir():
+        if not _is_hf_dir(path):
+            hint = [p.name for p in sorted(path.glob("*.jsonl"))[:3]]
+            raise DataError(f"{path}: a directory but not a Hugging Face datasets directory; pass a data "
+                            f"file{' such as ' + ', '.join(str(path / h) for h in hint) if hint else ''}")
+        source, base = _hf_source(path), path
+    elif path.suffix in (".jsonl", ".json"):
+        source, base = _jsonl_rows(path), path.parent
+    elif path.suffix == ".parquet":
+        source, base = _parquet_source(path), path.parent
+    else:
+        raise DataError(f"{path}: unsupported data file (expected .jsonl, .json, .parquet or a "
+                        "datasets directory)")
+
+    rows: list[_Row] = []
+    skipped: list[tuple[str, str]] = []
+    for number, obj in source:
+        where = f"{path}:{number}"
+        try:
+            if isinstance(obj, Exception):
+                raise obj
+            rows.append(_validate(obj, base, where, check_images))
+        except ValueError as e:
+            if not skip_bad_rows:
+                raise DataError(f"{where}: {e}") from None
+            skipped.append((where, str(e)))
+    if skipped:
+        logger.warning("%s: skipped %d bad row(s) of %d; first: %s: %s", path, len(skipped),
+                       len(skipped) + len(rows), skipped[0][0], skipped[0][1])
+    if not rows:
+        raise DataError(f"{path}: no usable rows" + (f" ({len(skipped)} bad)" if skipped else ""))
+    return R1VLDataset(str(path), rows, min_pixels=min_pixels, max_pixels=max_pixels, skipped=skipped)
+

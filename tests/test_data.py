@@ -1,0 +1,223 @@
+"""Loader, image sizing and bad-row handling."""
+import json
+import logging
+import math
+import random
+
+import pytest
+from PIL import Image
+
+from r1vl.data import DataError, Sample, load_dataset, normalize_key_steps, resize_image, smart_resize
+from r1vl.data.images import check_pixel_bounds
+
+SOL = "### Image Description:\nx\n### Rationales:\ny\n### Step 1:\n2 + 2 = 4\n### The final answer is: 4"
+
+
+def write_rows(tmp_path, rows, name="data.jsonl", image_size=(60, 40), mode="RGB"):
+    (tmp_path / "img").mkdir(exist_ok=True)
+    Image.new(mode, image_size, "red" if mode == "RGB" else None).save(tmp_path / "img" / "a.png")
+    path = tmp_path / name
+    with open(path, "w") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return path
+
+
+def row(**over):
+    r = {"image_path": "img/a.png", "problem": "What is 2 + 2?", "solution": SOL,
+         "key_steps": {"Steps": [["2 + 2 = 4", "2+2=4"]]}, "family": "add"}
+    r.update(over)
+    return {k: v for k, v in r.items() if v is not ...}
+
+
+# ------------------------------------------------------------------------------ image sizing
+
+@pytest.mark.parametrize("h,w,mn,mx,expected", [
+    (84, 84, 56 * 56, 112 * 112, (84, 84)),
+    (100, 100, 56 * 56, 112 * 112, (112, 112)),     # rounds to multiples of 28
+    (10, 10, 56 * 56, 112 * 112, (56, 56)),         # scaled up to min_pixels
+    (1000, 500, 56 * 56, 112 * 112, (140, 56)),     # scaled down to max_pixels, aspect kept
+    (10, 1000, 56 * 56, 12845056, (28, 560)),       # 10 px rounds to 0: scaled up to min_pixels
+])
+def test_smart_resize_examples(h, w, mn, mx, expected):
+    assert smart_resize(h, w, min_pixels=mn, max_pixels=mx) == expected
+
+
+def test_smart_resize_bounds_multiples_and_fixed_point_of_qwen_processor():
+    hf = pytest.importorskip("transformers.models.qwen2_vl.image_processing_pil_qwen2_vl").smart_resize
+    rng = random.Random(0)
+    for _ in range(3000):
+        h, w = rng.randint(1, 2000), rng.randint(1, 2000)
+        if max(h, w) / min(h, w) > 200:
+            continue
+        mn = rng.choice([784, 3136, rng.randint(1, 50000)])
+        mx = rng.choice([112 * 112, 1003520, mn + rng.randint(0, 50000)])
+        try:
+            got = smart_resize(h, w, min_pixels=mn, max_pixels=mx)
+        except ValueError:
+            with pytest.raises(ValueError):
+                check_pixel_bounds(mn, mx)
+            continue
+        gh, gw = got
+        assert gh % 28 == 0 and gw % 28 == 0 and mn <= gh * gw <= mx
+        # the Qwen2-VL processor leaves our size alone, and where its own rule stays within
+        # the bounds we agree with it
+        assert tuple(hf(gh, gw, min_pixels=mn, max_pixels=mx)) == got
+        theirs = tuple(hf(h, w, min_pixels=mn, max_pixels=mx))
+        if theirs[0] >= 28 and theirs[1] >= 28 and mn <= theirs[0] * theirs[1] <= mx:
+            assert theirs == got
+
+
+def test_smart_resize_errors():
+    with pytest.raises(ValueError, match="aspect"):
+        smart_resize(1, 300)
+    with pytest.raises(ValueError, match="min_pixels"):
+        smart_resize(50, 50, min_pixels=1000, max_pixels=1500)  # no multiple of 784 in range
+    with pytest.raises(ValueError, match="positive"):
+        smart_resize(0, 10)
+
+
+def test_smart_resize_keeps_aspect_roughly():
+    h, w = smart_resize(300, 900, min_pixels=3136, max_pixels=100_000)
+    assert abs(math.log((w / h) / 3.0)) < 0.25
+
+
+def test_resize_image_rgb_and_transparency_on_white():
+    img = Image.new("RGBA", (50, 30), (0, 0, 0, 0))
+    out = resize_image(img, min_pixels=3136, max_pixels=112 * 112)
+    assert out.mode == "RGB" and out.size[0] % 28 == 0 and out.size[1] % 28 == 0
+    assert out.getpixel((5, 5)) == (255, 255, 255)
+    grey = resize_image(Image.new("L", (56, 56), 7), min_pixels=3136, max_pixels=3136)
+    assert grey.mode == "RGB" and grey.size == (56, 56) and grey.getpixel((0, 0)) == (7, 7, 7)
+    p = Image.new("P", (56, 56))
+    assert resize_image(p, min_pixels=3136, max_pixels=3136).mode == "RGB"
+
+
+# ------------------------------------------------------------------------------ loader
+
+def test_load_jsonl(tmp_path):
+    path = write_rows(tmp_path, [row(), "", row(problem="Q2")])
+    ds = load_dataset(path, min_pixels=56 * 56, max_pixels=112 * 112)
+    assert len(ds) == 2
+    s = ds[0]
+    assert isinstance(s, Sample)
+    assert s.problem == "What is 2 + 2?" and s.answer == "4" and s.solution == SOL
+    assert s.key_steps == [["2 + 2 = 4", "2+2=4"]]
+    assert s.source == f"{path}:1" and ds[1].source == f"{path}:3"  # line numbers
+    assert s.meta == {"family": "add"}
+    assert s.image.mode == "RGB" and s.image.size == (84, 56)  # 60x40 -> 84x56 (>= 3136 pixels)
+    assert [x.problem for x in ds[0:2]] == ["What is 2 + 2?", "Q2"]
+    assert list(ds)[1].problem == "Q2"
+
+
+@pytest.mark.parametrize("bad,match", [
+    (row(problem=...), "missing field 'problem'"),
+    (row(solution=...), "missing field 'solution'"),
+    (row(problem=""), "'problem' must be a non-empty string"),
+    (row(key_steps=...), "missing field 'key_steps'"),
+    (row(key_steps={"steps": []}), "malformed key_steps.*'Steps'"),
+    (row(key_steps=[["ok"], []]), "malformed key_steps.*group 1"),
+    (row(key_steps=[["ok", ""]]), "malformed key_steps.*empty"),
+    (row(key_steps="not json"), "malformed key_steps"),
+    (row(key_steps=5), "malformed key_steps"),
+    (row(solution="no answer line"), "final answer"),
+    (row(solution="### The final answer is:   "), "final answer"),
+    (row(image_path="img/missing.png"), "does not exist"),
+    (row(image_path=..., image=...), "missing field 'image_path'"),
+    (row(image_path="notimage.txt"), "not a readable image"),
+    ("{not json", "invalid JSON"),
+    ("[1, 2]", "must be a JSON object"),
+])
+def test_bad_rows_name_file_row_and_problem(tmp_path, bad, match):
+    (tmp_path / "notimage.txt").write_text("hello")
+    path = write_rows(tmp_path, [row(), bad])
+    with pytest.raises(DataError, match=match) as ei:
+        load_dataset(path)
+    assert f"{path}:2" in str(ei.value)
+
+
+def test_skip_bad_rows_counts_and_reports_once(tmp_path, caplog):
+    path = write_rows(tmp_path, [row(), row(solution="none"), "{oops", row(problem="Q3")])
+    with caplog.at_level(logging.WARNING):
+        ds = load_dataset(path, skip_bad_rows=True)
+    assert len(ds) == 2 and [s.problem for s in ds] == ["What is 2 + 2?", "Q3"]
+    assert [src for src, _ in ds.skipped] == [f"{path}:2", f"{path}:3"]
+    warnings = [r for r in caplog.records if "skipped 2 bad row" in r.getMessage()]
+    assert len(warnings) == 1
+
+
+def test_key_steps_forms(tmp_path):
+    assert normalize_key_steps(None) == []
+    assert normalize_key_steps({"Steps": []}) == []
+    assert normalize_key_steps('{"Steps": [["a"], "b"]}') == [["a"], ["b"]]
+    assert normalize_key_steps([["a", 3]]) == [["a", "3"]]
+    path = write_rows(tmp_path, [row(key_steps=None), row(key_steps=[["x"]])])
+    assert [s.key_steps for s in load_dataset(path)] == [[], [["x"]]]
+
+
+def test_image_unreadable_after_load_is_a_data_error(tmp_path):
+    path = write_rows(tmp_path, [row()])
+    ds = load_dataset(path)
+    (tmp_path / "img" / "a.png").write_bytes(b"garbage")
+    with pytest.raises(DataError, match=f"{path}:1"):
+        ds[0]
+
+
+def test_paths_and_formats(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_dataset(tmp_path / "nope.jsonl")
+    write_rows(tmp_path, [row()], name="train.jsonl")
+    with pytest.raises(DataError, match="train.jsonl"):
+        load_dataset(tmp_path)  # a plain directory is not implicit
+    (tmp_path / "x.csv").write_text("a,b\n")
+    with pytest.raises(DataError, match="unsupported"):
+        load_dataset(tmp_path / "x.csv")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(DataError, match="no usable rows"):
+        load_dataset(empty)
+    with pytest.raises(DataError, match="min_pixels"):
+        load_dataset(tmp_path / "train.jsonl", min_pixels=2000, max_pixels=1000)
+
+
+def test_json_array_file(tmp_path):
+    write_rows(tmp_path, [])
+    (tmp_path / "d.json").write_text(json.dumps([row(), row(problem="Q2")]))
+    ds = load_dataset(tmp_path / "d.json")
+    assert [s.problem for s in ds] == ["What is 2 + 2?", "Q2"] and ds[1].source.endswith("d.json:1")
+
+
+def test_parquet_with_embedded_images(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGB", (84, 84), "blue").save(buf, format="PNG")
+    table = pa.table({
+        "image": [{"bytes": buf.getvalue(), "path": None}, {"bytes": b"junk", "path": None}],
+        "problem": ["Q1", "Q2"], "solution": [SOL, SOL],
+        "key_steps": ['{"Steps": [["2 + 2 = 4"]]}', None],
+    })
+    pq.write_table(table, tmp_path / "d.parquet")
+    with pytest.raises(DataError, match=r"d.parquet:1: .*not a readable image"):
+        load_dataset(tmp_path / "d.parquet")
+    ds = load_dataset(tmp_path / "d.parquet", skip_bad_rows=True)
+    assert len(ds) == 1 and ds[0].image.size == (84, 84) and ds[0].key_steps == [["2 + 2 = 4"]]
+    assert ds[0].source.endswith("d.parquet:0")
+
+
+def test_hf_datasets_directory(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    Image.new("RGB", (84, 84), "green").save(tmp_path / "g.png")
+    ds = datasets.Dataset.from_dict({
+        "image": [str(tmp_path / "g.png")], "problem": ["Q"], "solution": [SOL],
+        "key_steps": [{"Steps": [["2 + 2 = 4"]]}],
+    }).cast_column("image", datasets.Image())
+    ds.save_to_disk(str(tmp_path / "hf"))
+    loaded = load_dataset(tmp_path / "hf")
+    assert len(loaded) == 1 and loaded[0].image.size == (84, 84) and loaded[0].answer == "4"
+    datasets.DatasetDict({"train": ds, "test": ds}).save_to_disk(str(tmp_path / "hfdict"))
+    with pytest.raises(DataError, match="pass one split"):
+        load_dataset(tmp_path / "hfdict")
+    assert len(load_dataset(tmp_path / "hfdict" / "train")) == 1
