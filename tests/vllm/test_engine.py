@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from conftest import engine_config
+from vllm_test_utils import engine_config
 from hf_reference import hf_greedy, hf_logprobs, perturb_
 from tiny_qwen2vl import noise_image
 

@@ -1,0 +1,137 @@
+"""The parts of the colocated vLLM engine that need no vLLM: weight names and
+buckets, allocator settings, config checks, construction preconditions. (The
+engine itself is tested on the real vLLM CPU backend in tests/vllm/.)"""
+import sys
+
+import pytest
+import torch
+
+from r1vl.rollout.vllm_engine import (
+    VLLMEngine,
+    VLLMEngineConfig,
+    hf_to_vllm_name,
+    iter_weight_buckets,
+    strip_expandable_segments,
+    weight_group,
+)
+
+
+def test_module_imports_without_vllm():
+    """vLLM is imported lazily (the main virtualenv has none)."""
+    import subprocess
+
+    code = "import sys, r1vl.rollout.vllm_engine; assert 'vllm' not in sys.modules, 'vllm imported eagerly'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("hf, vllm", [
+    ("model.language_model.layers.3.self_attn.q_proj.weight", "language_model.model.layers.3.self_attn.q_proj.weight"),
+    ("model.language_model.embed_tokens.weight", "language_model.model.embed_tokens.weight"),
+    ("model.language_model.norm.weight", "language_model.model.norm.weight"),
+    ("model.visual.blocks.0.attn.qkv.weight", "visual.blocks.0.attn.qkv.weight"),
+    ("model.visual.merger.mlp.0.bias", "visual.merger.mlp.0.bias"),
+    ("lm_head.weight", "language_model.lm_head.weight"),
+    # the original checkpoint layout (Qwen2-VL / Qwen2.5-VL on the hub)
+    ("model.layers.0.mlp.gate_proj.weight", "language_model.model.layers.0.mlp.gate_proj.weight"),
+    ("visual.patch_embed.proj.weight", "visual.patch_embed.proj.weight"),
+    # wrappers: DDP / DeepSpeed, torch.compile, PEFT
+    ("module.model.language_model.norm.weight", "language_model.model.norm.weight"),
+    ("_orig_mod.module.lm_head.weight", "language_model.lm_head.weight"),
+    ("base_model.model.model.visual.blocks.1.norm1.weight", "visual.blocks.1.norm1.weight"),
+    ("language_model.model.norm.weight", "language_model.model.norm.weight"),
+])
+def test_hf_to_vllm_names(hf, vllm):
+    assert hf_to_vllm_name(hf, tie_word_embeddings=False) == vllm
+
+
+def test_tied_head_is_not_pushed_and_bad_names_are_errors():
+    assert hf_to_vllm_name("lm_head.weight", tie_word_embeddings=True) is None
+    assert hf_to_vllm_name("language_model.lm_head.weight", tie_word_embeddings=True) is None
+    with pytest.raises(ValueError, match="rotary.inv_freq"):
+        hf_to_vllm_name("rotary.inv_freq", tie_word_embeddings=False)
+
+
+def test_weight_groups_keep_layers_whole():
+    assert weight_group("language_model.model.layers.12.self_attn.k_proj.weight") == "language_model.model.layers.12"
+    assert weight_group("visual.blocks.3.mlp.fc1.bias") == "visual.blocks.3"
+    assert weight_group("visual.merger.mlp.0.weight") == "visual.merger.mlp.0"
+    assert weight_group("language_model.model.embed_tokens.weight") == "language_model.model.embed_tokens"
+
+
+def _fake_policy(layers=4, width=16):
+    named = [("model.language_model.embed_tokens.weight", torch.zeros(32, width))]
+    for i in range(layers):
+        for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
+            named.append((f"model.language_model.layers.{i}.{p}.weight", torch.zeros(width, width)))
+    named.append(("model.language_model.norm.weight", torch.zeros(width)))
+    named.append(("lm_head.weight", torch.zeros(32, width)))
+    return named
+
+
+def test_buckets_are_bounded_lazy_and_never_split_a_layer():
+    named = _fake_policy()
+    layer_bytes = 5 * 16 * 16 * 4
+    consumed = []
+
+    def lazy():
+        for item in named:
+            consumed.append(item[0])
+            yield item
+
+    it = iter_weight_buckets(lazy(), bucket_bytes=layer_bytes, tie_word_embeddings=False)
+    first = next(it)
+    assert len(consumed) < len(named), "the input was read ahead of the first bucket"
+    buckets = [first, *it]
+    flat = [n for b in buckets for n, _ in b]
+    assert len(flat) == len(named) and all(n.startswith("language_model.") for n in flat)
+    for b in buckets:
+        groups = [weight_group(n) for n, _ in b]
+        size = sum(t.numel() * t.element_size() for _, t in b)
+        # closed as soon as the bound is reached at a group boundary
+        assert size < 2 * layer_bytes + 32 * 16 * 4
+    seen = {}
+    for k, b in enumerate(buckets):
+        for n, _ in b:
+            g = weight_group(n)
+            assert seen.setdefault(g, k) == k, f"{g} split across buckets"
+    tied = list(iter_weight_buckets(iter(named), bucket_bytes=1 << 30, tie_word_embeddings=True))
+    assert len(tied) == 1 and not any("lm_head" in n for n, _ in tied[0])
+
+
+def test_buckets_do_not_copy():
+    t = torch.ones(4, 4)
+    (bucket,) = list(iter_weight_buckets([("model.language_model.norm.weight", t)], bucket_bytes=1,
+                                         tie_word_embeddings=False))
+    assert bucket[0][1].data_ptr() == t.data_ptr()
+
+
+@pytest.mark.parametrize("conf, cleaned, had", [
+    ("", "", False),
+    ("expandable_segments:True", "", True),
+    ("max_split_size_mb:128,expandable_segments:True", "max_split_size_mb:128", True),
+    ("expandable_segments:False,garbage_collection_threshold:0.6", "garbage_collection_threshold:0.6", False),
+    (" expandable_segments : true , max_split_size_mb:64", "max_split_size_mb:64", True),
+])
+def test_strip_expandable_segments(conf, cleaned, had):
+    assert strip_expandable_segments(conf) == (cleaned, had)
+
+
+@pytest.mark.parametrize("kw, key", [
+    (dict(tensor_parallel_size=0), "tensor_parallel_size"),
+    (dict(sleep_level=3), "sleep_level"),
+    (dict(gpu_memory_utilization=1.5), "gpu_memory_utilization"),
+    (dict(weight_bucket_bytes=0), "weight_bucket_bytes"),
+    (dict(logprobs_mode="raw_logits"), "logprobs_mode"),
+])
+def test_config_errors_name_the_key(kw, key):
+    with pytest.raises(ValueError, match=f"rollout.vllm.{key}"):
+        VLLMEngineConfig(model="m", **kw)
+
+
+def test_engine_needs_a_process_group():
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group exists in this test process")
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        VLLMEngine(VLLMEngineConfig(model="m"))
