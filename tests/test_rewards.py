@@ -290,3 +290,17 @@ def test_megabyte_completion():
     big = make(steps=("4 and 3 " * 100_000, "4 + 3 = 7"), answer="7")
     assert accuracy_reward(big, SOL, KS) == pytest.approx(1.1)
     assert validity_reward(big) == 1.0
+
+
+def test_integer_fast_path_agrees_with_math_verify():
+    from r1vl.rewards.core import _CANONICAL_INT
+    from r1vl.rewards.verify import math_equal
+
+    values = ["0", "1", "-1", "7", "10", "-10", "100", "999999999999", "999999999998", "123456", "-123456"]
+    for a in values:
+        assert _CANONICAL_INT.match(a)
+        for b in values:
+            if a != b:
+                assert math_equal(a, b, 5.0) == (False, False), (a, b)
+    for not_plain in ("007", "-0", "+7", "7.0", "1e3", "٣", "1000000000000"):
+        assert not _CANONICAL_INT.match(not_plain)

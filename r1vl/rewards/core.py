@@ -46,6 +46,7 @@ otherwise 0.0. (Same as the authors' code; there is one variant.)
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +68,7 @@ from r1vl.rewards.verify import (
 )
 
 VARIANTS = ("paper", "official")
+_CANONICAL_INT = re.compile(r"(?:-?[1-9][0-9]{0,11}|0)\Z", re.ASCII)
 DEFAULT_ALPHA = 0.1
 
 
@@ -190,6 +192,10 @@ def accuracy_details(completion: Any, solution: Any, key_steps: Any = None, *,
                 return AccuracyResult(bonus, k, False, False)
             if pred == gold:
                 return AccuracyResult(1.0 + bonus, k, True, False)
+            if _CANONICAL_INT.match(pred) and _CANONICAL_INT.match(gold):
+                # two different integers written plainly: math-verify can only say "different"
+                # (checked against it in the tests); skipping it saves ~2 ms per completion
+                return AccuracyResult(bonus, k, False, False)
             if not use_math_verify:
                 return AccuracyResult(bonus, k, False, True)
             equal, timed_out = math_equal(gold, pred, timeout_s)

@@ -195,23 +195,24 @@ class RewardPool:
                 i = conns[conn]
                 w = self._workers[i]
                 try:
-                    msg = conn.recv()
+                    while True:  # drain everything this worker has sent: fewer wake-ups
+                        msg = conn.recv()
+                        w.last_heard = time.monotonic()
+                        if msg[0] == "ready":
+                            w.ready = True
+                        elif msg[0] == "recycle":
+                            w.recycling = True
+                        else:
+                            idx, res = msg
+                            if w.pending and w.pending[0][0] == idx:
+                                w.pending.popleft()
+                            if results[slot[idx]] is None:
+                                results[slot[idx]] = res
+                                remaining -= 1
+                        if not conn.poll():
+                            break
                 except (EOFError, OSError):
                     replace(i, w, "died")
-                    continue
-                w.last_heard = time.monotonic()
-                if msg[0] == "ready":
-                    w.ready = True
-                    continue
-                if msg[0] == "recycle":
-                    w.recycling = True
-                    continue
-                idx, res = msg
-                if w.pending and w.pending[0][0] == idx:
-                    w.pending.popleft()
-                if results[slot[idx]] is None:
-                    results[slot[idx]] = res
-                    remaining -= 1
             if hard is not None:
                 now = time.monotonic()
                 for i, w in enumerate(self._workers):

@@ -1,0 +1,128 @@
+"""score_batch: equal to the per-item functions, in any worker configuration, and it always finishes."""
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from r1vl.rewards import accuracy_reward, score_batch, validity_reward
+from r1vl.rewards.pool import RewardPool, get_pool
+
+SOL = ("### Image Description:\nTwo numbers: 4 and 3.\n### Rationales:\nAdd.\n### Let's think step by step.\n"
+       "### Step 1:\nThe numbers are 4 and 3.\n### Step 2:\n4 + 3 = 7.\n### The final answer is: 7")
+KS = {"Steps": [["4 and 3"], ["4 + 3 = 7", "4+3=7"]]}
+
+
+def completions():
+    out = [SOL, SOL.replace(": 7", ": 7.0"), SOL.replace(": 7", ": 8"), SOL.replace(": 7", ": eight"),
+           SOL.replace("### The final answer is: 7", ""), SOL.replace("### Step 2:", "### Step 3:"),
+           "", "\ud800 surrogate", "### The final answer is: \\frac{14}{2}", "garbage " * 50,
+           SOL.replace("4 + 3 = 7", "4+3=7")]
+    return out * 2 + ["### The final answer is: $2^{2^{2^{30}}}$"]  # the last one hits the deadline
+
+
+def per_item(cs, sols, kss, variant, timeout_s=0.3):
+    acc = [accuracy_reward(c, s, k, variant=variant, timeout_s=timeout_s) for c, s, k in zip(cs, sols, kss)]
+    val = [validity_reward(c) for c in cs]
+    return acc, val
+
+
+@pytest.mark.parametrize("variant", ["paper", "official"])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_equals_per_item_functions(variant, workers):
+    cs = completions()
+    sols = [SOL] * len(cs)
+    kss = ([KS, None, [["4 + 3 = 7"]]] * len(cs))[:len(cs)]
+    res = score_batch(cs, sols, kss, workers=workers, timeout_s=0.3, variant=variant)
+    acc, val = per_item(cs, sols, kss, variant)
+    assert res["accuracy"] == pytest.approx(acc)
+    assert res["validity"] == val
+    assert res["total"] == pytest.approx([a + v for a, v in zip(acc, val)])
+    n = len(cs)
+    assert all(len(res[k]) == n for k in ("accuracy", "validity", "total", "key_steps", "correct", "timed_out"))
+    # the $2^{2^{2^{30}}}$ answers hit the deadline: counted, scored as not verified
+    assert res["num_timeouts"] == [sum(res["timed_out"])]
+    if variant == "paper":
+        assert res["timed_out"][-1] == 1.0
+    assert res["num_killed"] == [0.0]
+
+
+def test_weights_alpha_and_argument_errors():
+    res = score_batch([SOL], [SOL], [KS], weights=(2.0, 0.5), workers=0, alpha=0.3)
+    assert res["accuracy"] == [pytest.approx(1.3)] and res["total"] == [pytest.approx(2 * 1.3 + 0.5)]
+    res = score_batch([SOL], [SOL], None, weights={"validity": 0.0}, workers=0)
+    assert res["total"] == [1.0] and res["key_steps"] == [0.0] and res["correct"] == [1.0]
+    with pytest.raises(ValueError, match="solutions"):
+        score_batch([SOL], [], None)
+    with pytest.raises(ValueError, match="key_steps"):
+        score_batch([SOL], [SOL], [KS, KS])
+    with pytest.raises(ValueError, match="weights"):
+        score_batch([SOL], [SOL], None, weights={"acc": 1.0})
+    with pytest.raises(ValueError, match="variant"):
+        score_batch([SOL], [SOL], None, variant="x")
+    assert score_batch([], [], [], workers=2)["total"] == []
+
+
+def test_off_the_main_thread():
+    out = {}
+
+    def run():
+        out["res"] = score_batch([SOL.replace(": 7", ": 7.0")], [SOL], [KS], workers=0, timeout_s=2.0)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(120)
+    assert out["res"]["accuracy"] == [pytest.approx(1.1)]
+
+
+def _wait_ready(pool, timeout=120):
+    deadline = time.monotonic() + timeout
+    pool.map([(0, SOL, SOL, [])], alpha=0.1, variant="paper", timeout_s=5.0)  # waits for a ready worker
+    while time.monotonic() < deadline and not all(w.ready or _poll_ready(w) for w in pool._workers):
+        time.sleep(0.05)
+
+
+def _poll_ready(w):
+    if w.inbox.poll():
+        msg = w.inbox.recv()
+        w.ready = msg[0] == "ready"
+    return w.ready
+
+
+def test_a_stuck_worker_is_killed_and_the_batch_completes():
+    pool = RewardPool(2)
+    try:
+        _wait_ready(pool)
+        victim = pool._workers[0].process.pid
+        os.kill(victim, signal.SIGSTOP)  # like a worker stuck in C code: no signal handler runs
+        cs = [SOL.replace(": 7", f": {i}") for i in range(12)]
+        t0 = time.monotonic()
+        results, kills = pool.map([(i, c, SOL, [["4 and 3"]]) for i, c in enumerate(cs)],
+                                  alpha=0.1, variant="paper", timeout_s=0.5)
+        assert time.monotonic() - t0 < 60
+        assert kills == 1 and all(r is not None for r in results)
+        victim_results = [r for r in results if r[4]]  # the stuck item: scored without math-verify
+        assert len(victim_results) == 1 and victim_results[0][0] == pytest.approx(0.1)
+        expected = [accuracy_reward(c, SOL, [["4 and 3"]]) for c in cs]
+        for r, e in zip(results, expected):
+            if not r[4]:
+                assert r[0] == pytest.approx(e)
+        assert all(w.process.pid != victim for w in pool._workers)
+    finally:
+        pool.close()
+
+
+def test_a_dead_worker_is_replaced():
+    pool = RewardPool(1)
+    try:
+        _wait_ready(pool)
+        os.kill(pool._workers[0].process.pid, signal.SIGKILL)
+        results, _ = pool.map([(i, SOL, SOL, []) for i in range(5)], alpha=0.1, variant="paper", timeout_s=2.0)
+        assert [r[0] for r in results] == [1.0] * 5
+    finally:
+        pool.close()
+
+
+def test_shared_pool_is_reused():
+    assert get_pool(2) is get_pool(2)
