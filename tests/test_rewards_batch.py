@@ -96,7 +96,7 @@ def test_a_stuck_worker_is_killed_and_the_batch_completes():
         _wait_ready(pool)
         victim = pool._workers[0].process.pid
         os.kill(victim, signal.SIGSTOP)  # like a worker stuck in C code: no signal handler runs
-        cs = [SOL.replace(": 7", f": {i}") for i in range(12)]
+        cs = [SOL.replace(": 7", f": {i}.5") for i in range(12)]  # not plain integers: math-verify needed
         t0 = time.monotonic()
         results, kills = pool.map([(i, c, SOL, [["4 and 3"]]) for i, c in enumerate(cs)],
                                   alpha=0.1, variant="paper", timeout_s=0.5)
