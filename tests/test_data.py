@@ -221,3 +221,11 @@ def test_hf_datasets_directory(tmp_path):
     with pytest.raises(DataError, match="pass one split"):
         load_dataset(tmp_path / "hfdict")
     assert len(load_dataset(tmp_path / "hfdict" / "train")) == 1
+
+
+def test_jsonl_line_separators_inside_strings_and_crlf(tmp_path):
+    r = row(problem="first\u2028second\x85third")
+    path = write_rows(tmp_path, [])
+    path.write_bytes((json.dumps(r, ensure_ascii=False) + "\r\n" + json.dumps(row()) + "\r\n").encode())
+    ds = load_dataset(path)
+    assert len(ds) == 2 and ds[0].problem == "first\u2028second\x85third" and ds[1].source.endswith(":2")

@@ -200,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     counts = {"rows": 0, "derived": 0, "kept": 0, "none_found": 0}
     try:
-        with open(args.input, encoding="utf-8") as fin:
-            lines = fin.read().splitlines()
+        with open(args.input, encoding="utf-8", newline="") as fin:
+            lines = fin.read().split("\n")  # not splitlines(): JSON strings may hold U+2028
         out_lines = []
         for lineno, line in enumerate(lines, start=1):
             if not line.strip():

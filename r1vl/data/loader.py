@@ -253,7 +253,9 @@ def _jsonl_rows(path: Path):
         for i, obj in enumerate(items):
             yield i, obj
         return
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # split on "\n" only: str.splitlines() would also break at U+2028 & co., which JSON
+    # strings may contain unescaped
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
