@@ -126,3 +126,26 @@ def test_a_dead_worker_is_replaced():
 
 def test_shared_pool_is_reused():
     assert get_pool(2) is get_pool(2)
+
+
+def test_workers_exit_when_their_parent_dies(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import os, sys\n"
+            "from r1vl.rewards.pool import RewardPool\n"
+            "p = RewardPool(1)\n"
+            "p.map([(0, 'a', 'a', [])], alpha=0.1, variant='paper', timeout_s=2.0)\n"
+            "print(p._workers[0].process.pid, flush=True)\n"
+            "os._exit(0)\n")  # no atexit: the worker is orphaned
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    pid = int(out.stdout.split()[-1])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.kill(pid, signal.SIGKILL)
+    pytest.fail("an orphaned reward worker kept running")

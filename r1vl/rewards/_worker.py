@@ -12,6 +12,8 @@ import os
 import sys
 from multiprocessing.connection import Connection
 
+_PARENT_CHECK_S = 2.0
+
 
 def main(read_fd: int, write_fd: int) -> None:
     inbox = Connection(read_fd, writable=False)
@@ -22,7 +24,12 @@ def main(read_fd: int, write_fd: int) -> None:
 
         warm_up()  # import math-verify and sympy before saying ready
         outbox.send(("ready", os.getpid()))
+        parent = os.getppid()
         while True:
+            if not inbox.poll(_PARENT_CHECK_S):
+                if os.getppid() != parent:  # orphaned (the pool's process died): stop
+                    break
+                continue
             msg = inbox.recv()
             if msg is None:
                 break
