@@ -31,6 +31,7 @@ setup(
     ],
     extras_require={
         "vllm": ["vllm>=0.10"],
+        "data": ["datasets>=2.19", "pyarrow>=14"],
         "flash": ["flash-attn>=2.6"],
         "dev": [
             "pytest>=8",
@@ -38,6 +39,8 @@ setup(
             "liger-kernel>=0.6,<0.9",
             "matplotlib>=3.8",
             "tensorboard>=2.16",
+            "datasets>=2.19",
+            "pyarrow>=14",
         ],
     },
 )
