@@ -641,6 +641,8 @@ def save_checkpoint(engine, directory: str | os.PathLike, *, processor=None, cli
     (bf16 module, fp32 master weights and optimizer state per rank, lr scheduler,
     `client_state`), the 16-bit HF model + processor at the top (when `processor` is
     given), and whatever rank 0's `write_extra(tmp_dir)` adds (e.g. trainer_state.pt).
+    `client_state` must be the same on every rank (DeepSpeed keeps rank 0's under ZeRO-0/1/2);
+    per-rank data (RNG states) belongs in `write_extra`, gathered first.
     Written to a temporary sibling and renamed when complete. Collective."""
     def write(tmp: Path) -> None:
         engine.save_checkpoint(str(tmp), tag=CHECKPOINT_TAG, client_state={"r1vl": dict(client_state or {})},
