@@ -121,13 +121,19 @@ _TARGETS = {
 
 
 def _rope_mode(mod) -> str:
-    """"multimodal": the module still has apply_multimodal_rotary_pos_emb (transformers 4.x),
-    Liger's own switch patches it; "standard": 5.x layout (M-RoPE recomposed into cos/sin,
-    attention calls apply_rotary_pos_emb); "none": neither (unknown layout: left alone)."""
-    if hasattr(mod, "apply_multimodal_rotary_pos_emb"):
+    """Which RoPE function the text attention of `mod` calls (the global names its forward
+    looks up): "multimodal" (transformers 4.x: apply_multimodal_rotary_pos_emb, which Liger's
+    own switch patches), "standard" (5.x: apply_rotary_pos_emb on cos/sin whose M-RoPE
+    sections the rotary embedding already recomposed, equal halves), "none" (unknown)."""
+    names: set[str] = set()
+    for attr in dir(mod):
+        cls = getattr(mod, attr)
+        if isinstance(cls, type) and attr.endswith("Attention") and "Vision" not in attr and hasattr(cls, "forward"):
+            names.update(getattr(cls.forward, "__code__", None).co_names if hasattr(cls.forward, "__code__") else ())
+    if "apply_multimodal_rotary_pos_emb" in names:
         return "multimodal"
     rotary = [getattr(mod, n) for n in dir(mod) if n.endswith("RotaryEmbedding") and "Vision" not in n]
-    if hasattr(mod, "apply_rotary_pos_emb") and any(hasattr(c, "recomposition_frequencies") for c in rotary):
+    if "apply_rotary_pos_emb" in names and any(hasattr(c, "recomposition_frequencies") for c in rotary):
         return "standard"
     return "none"
 

@@ -1,0 +1,224 @@
+"""Model speed-ups (r1vl.speedups): attention choice, gradient checkpointing, and Liger's
+Qwen2-VL / Qwen2.5-VL patch with the pinned liger-kernel / transformers versions.
+
+On CPU the patch is applied to tiny models and checked structurally (which forwards and
+module functions are Liger's); Liger's RMSNorm/SwiGLU/LayerNorm kernels cannot run under
+Triton's interpreter, its RoPE kernel can and is compared with transformers' RoPE on the
+tiny model's real M-RoPE cos/sin. On CUDA (marked) the patched model's log-probs match.
+"""
+import copy
+import logging
+import re
+
+import pytest
+import torch
+
+from r1vl import speedups
+from r1vl.models import PolicyWithLoss, build_tiny
+
+CORPUS = [f"### Step 1: {a} x {b} = {a * b}\n### The final answer is: {a * b}" for a in range(10) for b in range(10)]
+SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+             num_key_value_heads=1, vision_depth=1, vision_embed_dim=32, vision_num_heads=1)
+
+# every module-level name liger's patch (or ours) may rebind, restored after each test
+PATCHED_NAMES = {
+    "qwen2_vl": ("apply_multimodal_rotary_pos_emb", "apply_rotary_pos_emb", "Qwen2RMSNorm", "Qwen2VLRMSNorm",
+                 "LayerNorm", "CrossEntropyLoss", "Qwen2MLP"),
+    "qwen2_5_vl": ("apply_multimodal_rotary_pos_emb", "apply_rotary_pos_emb", "Qwen2RMSNorm", "Qwen2_5_VLRMSNorm",
+                   "CrossEntropyLoss", "Qwen2MLP"),
+}
+
+
+@pytest.fixture
+def restore_transformers(monkeypatch):
+    """Liger patches transformers' modules for the whole process: undo it after the test
+    (names that did not exist are deleted again)."""
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
+    from transformers.models.qwen2_vl import modeling_qwen2_vl
+
+    mods = {"qwen2_vl": modeling_qwen2_vl, "qwen2_5_vl": modeling_qwen2_5_vl}
+    missing = object()
+    saved = {(fam, name): getattr(mods[fam], name, missing) for fam, names in PATCHED_NAMES.items() for name in names}
+    for cls in (modeling_qwen2_vl.Qwen2VLForConditionalGeneration, modeling_qwen2_5_vl.Qwen2_5_VLForConditionalGeneration):
+        monkeypatch.setattr(cls, "forward", cls.forward)
+    yield mods
+    for (fam, name), value in saved.items():
+        if value is missing:
+            if hasattr(mods[fam], name):
+                delattr(mods[fam], name)
+        else:
+            setattr(mods[fam], name, value)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_tiny(CORPUS, vocab_size=300, seed=0, **SIZES)
+
+
+def _tiny_qwen25():
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    cfg = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1,
+                         rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]}),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=1, out_hidden_size=64,
+                           fullatt_block_indexes=[0], window_size=28),
+        image_token_id=120, video_token_id=121, vision_start_token_id=122)
+    torch.manual_seed(0)
+    return Qwen2_5_VLForConditionalGeneration(cfg)
+
+
+# --------------------------------------------------------------------------- attention / checkpointing
+
+
+def test_attention_choice(monkeypatch):
+    assert speedups.resolve_attn_implementation("auto", "cpu") == "sdpa"
+    assert speedups.resolve_attn_implementation("eager", "cpu") == "eager"
+    with pytest.raises(speedups.SpeedupError, match="needs a CUDA device"):
+        speedups.resolve_attn_implementation("flash_attention_2", "cpu")
+    with pytest.raises(speedups.SpeedupError, match="expected one of"):
+        speedups.resolve_attn_implementation("flash", "cpu")
+    monkeypatch.setattr(speedups, "flash_attn_available", lambda: False)
+    assert speedups.resolve_attn_implementation("auto", "cuda") == "sdpa"
+    with pytest.raises(speedups.SpeedupError, match="flash-attn is not installed"):
+        speedups.resolve_attn_implementation("flash_attention_2", "cuda")
+    monkeypatch.setattr(speedups, "flash_attn_available", lambda: True)
+    assert speedups.resolve_attn_implementation("auto", "cuda") == "flash_attention_2"
+
+
+def test_cpu_speedups_skip_liger_in_one_line_and_checkpointing_keeps_gradients(tiny, caplog):
+    model, proc = tiny
+    from r1vl.algo import build_batch
+
+    batch = build_batch(proc, [proc.chat_prompt("What is 2 x 3?", with_image=False)] * 2, [None, None],
+                        [[30, 31, 32], [40, 41]])
+
+    def grads(m):
+        pol = PolicyWithLoss(m)
+        pol.train()
+        loss, _ = pol(batch.inputs, batch.targets, batch.mask, start=batch.start, mode="sft")
+        loss.backward()
+        return {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}
+
+    plain = copy.deepcopy(model)
+    fast = copy.deepcopy(model)
+    with caplog.at_level(logging.INFO, logger="r1vl.speedups"):
+        report = speedups.apply_speedups(fast, device="cpu", attn_implementation="eager", gradient_checkpointing=True)
+    lines = [r.getMessage() for r in caplog.records if r.name == "r1vl.speedups"]
+    assert len(lines) == 1 and "Liger kernels skipped on cpu" in lines[0]
+    assert report == {"device": "cpu", "attn_implementation": "eager", "gradient_checkpointing": True, "liger": []}
+    assert fast.config._attn_implementation == "eager" and fast.model.visual.config._attn_implementation == "eager"
+    assert fast.is_gradient_checkpointing and fast.model.language_model.gradient_checkpointing
+    assert type(fast.model.language_model.norm).forward is type(plain.model.language_model.norm).forward
+    g0, g1 = grads(plain), grads(fast)
+    assert sorted(g0) == sorted(g1)
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-6, msg=k)
+    speedups.set_gradient_checkpointing(fast, False)
+    assert not fast.is_gradient_checkpointing
+
+
+# --------------------------------------------------------------------------- Liger
+
+
+def test_pinned_versions():
+    import importlib.metadata as md
+
+    from packaging.version import Version
+
+    tv, lv = Version(md.version("transformers")), Version(md.version("liger-kernel"))
+    assert Version("5.19") <= tv < Version("5.23"), f"transformers {tv}: liger-kernel 0.8.5's Qwen2-VL patch is tested on 5.19-5.22"
+    assert Version("0.8.5") <= lv < Version("0.9"), f"liger-kernel {lv}"
+
+
+def test_liger_patches_qwen2_vl(tiny, restore_transformers):
+    from liger_kernel.transformers.layer_norm import LigerLayerNorm
+    from liger_kernel.transformers.rms_norm import LigerRMSNorm
+    from liger_kernel.transformers.rope import liger_rotary_pos_emb
+    from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
+
+    mod = restore_transformers["qwen2_vl"]
+    hf_rope = mod.apply_rotary_pos_emb
+    model = copy.deepcopy(tiny[0])
+    cls_forward = type(model).forward
+    patched = speedups.apply_liger(PolicyWithLoss(model))  # finds the HF model inside the wrapper
+    assert patched == ["rms_norm", "swiglu", "layer_norm", "rope"]
+    text, vision = model.model.language_model, model.model.visual
+    for norm in [text.norm] + [m for layer in text.layers for m in (layer.input_layernorm,
+                                                                    layer.post_attention_layernorm)]:
+        assert norm.forward.__func__ is LigerRMSNorm.forward and norm.forward.__self__ is norm
+    for layer in text.layers:
+        assert layer.mlp.forward.__func__ is LigerSwiGLUMLP.forward
+    for block in vision.blocks:
+        assert block.norm1.forward.__func__ is LigerLayerNorm.forward
+        assert block.norm2.forward.__func__ is LigerLayerNorm.forward
+    # the attention's RoPE (transformers 5.x: standard rope on recomposed M-RoPE cos/sin) is Liger's
+    assert mod.apply_rotary_pos_emb is liger_rotary_pos_emb
+    # models built later get Liger's classes; the head / loss are never Liger's
+    assert mod.Qwen2VLRMSNorm is LigerRMSNorm and mod.Qwen2MLP is LigerSwiGLUMLP
+    assert type(model).forward is cls_forward and "forward" not in vars(model)
+    assert getattr(mod, "CrossEntropyLoss", None) is None or "liger" not in mod.CrossEntropyLoss.__module__
+    # the trainer's reference model is a deepcopy: its patched forwards are bound to the copy
+    ref = copy.deepcopy(model)
+    assert ref.model.language_model.norm.forward.__self__ is ref.model.language_model.norm
+    assert ref.model.language_model.norm.forward.__func__ is LigerRMSNorm.forward
+
+    # Liger's RoPE kernel (runs under Triton's interpreter on CPU) = transformers' on the
+    # tiny model's own M-RoPE cos/sin, values and gradients
+    torch.manual_seed(0)
+    B, T, D = 2, 7, model.config.text_config.hidden_size // model.config.text_config.num_attention_heads
+    position_ids = torch.stack([torch.arange(T).expand(B, T), torch.arange(T).flip(0).expand(B, T),
+                                (torch.arange(T) % 3).expand(B, T)])
+    cos, sin = text.rotary_emb(torch.zeros(1, dtype=torch.float32), position_ids)
+    assert torch.equal(cos[..., : D // 2], cos[..., D // 2:])  # the layout Liger's kernel assumes
+    q = torch.randn(B, 2, T, D, requires_grad=True)
+    k = torch.randn(B, 1, T, D, requires_grad=True)
+    w = torch.randn(B, 2, T, D)
+    outs = []
+    for fn in (hf_rope, liger_rotary_pos_emb):
+        qe, ke = fn(q, k, cos, sin)
+        gq, gk = torch.autograd.grad((qe * w).sum() + (ke * w[:, :1]).sum() * 0.5, (q, k))
+        outs.append((qe.detach(), ke.detach(), gq, gk))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_liger_patches_qwen2_5_vl(restore_transformers):
+    from liger_kernel.transformers.rms_norm import LigerRMSNorm
+    from liger_kernel.transformers.rope import liger_rotary_pos_emb
+    from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
+
+    mod = restore_transformers["qwen2_5_vl"]
+    model = _tiny_qwen25()
+    assert speedups.apply_liger(model) == ["rms_norm", "swiglu", "rope"]  # its vision norms are RMSNorms
+    text, vision = model.model.language_model, model.model.visual
+    assert text.norm.forward.__func__ is LigerRMSNorm.forward
+    assert text.layers[0].mlp.forward.__func__ is LigerSwiGLUMLP.forward
+    assert vision.blocks[0].norm1.forward.__func__ is LigerRMSNorm.forward
+    assert mod.apply_rotary_pos_emb is liger_rotary_pos_emb and "forward" not in vars(model)
+
+
+def test_liger_refuses_a_transformers_without_its_targets(tiny, restore_transformers, monkeypatch):
+    mod = restore_transformers["qwen2_vl"]
+    monkeypatch.delattr(mod, "Qwen2VLRMSNorm")
+    with pytest.raises(speedups.SpeedupError, match=re.escape("modeling_qwen2_vl.Qwen2VLRMSNorm")):
+        speedups.apply_liger(copy.deepcopy(tiny[0]))
+    with pytest.raises(speedups.SpeedupError, match="unsupported model"):
+        speedups.apply_liger(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.cuda
+def test_liger_on_cuda_keeps_logprobs(tiny, restore_transformers):
+    from r1vl.algo import build_batch, compute_logprobs
+
+    model, proc = tiny
+    batch = build_batch(proc, [proc.chat_prompt("What is 2 x 3?", with_image=False)] * 2, [None, None],
+                        [[30, 31, 32], [40, 41]]).to("cuda")
+    plain = PolicyWithLoss(copy.deepcopy(model).cuda())
+    fast_model = copy.deepcopy(model).cuda()
+    report = speedups.apply_speedups(fast_model, device="cuda", attn_implementation="sdpa")
+    assert report["liger"] == ["rms_norm", "swiglu", "layer_norm", "rope"]
+    want = compute_logprobs(plain, batch, micro_batch_size=2)
+    got = compute_logprobs(PolicyWithLoss(fast_model), batch, micro_batch_size=2)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
