@@ -48,7 +48,8 @@ class TinyModelConfig:
     vision_embed_dim: int = field(default=64, metadata=_min(32))
     vision_num_heads: int = field(default=2, metadata=_min(1))
     vision_mlp_ratio: int = field(default=2, metadata=_min(1))
-    tokenizer_corpus_size: int = field(default=2000, metadata=_min(1))  # synthetic samples for BPE
+    tokenizer_corpus_size: int = field(default=2000, metadata=_min(1))  # training samples for BPE
+    max_token_length: int = field(default=12, metadata=_min(0))  # BPE merges across words, <= N bytes; 0 = word-level
 
 
 @dataclass

@@ -213,15 +213,22 @@ class VLProcessor:
 # --------------------------------------------------------------------------- tiny model
 
 
-def train_tokenizer(corpus: Iterable[str], vocab_size: int):
-    """Byte-level BPE (digits split one by one, as Qwen2's pre-tokeniser does) trained on
-    `corpus`, with Qwen2-VL's special tokens; returns a PreTrainedTokenizerFast."""
+def train_tokenizer(corpus: Iterable[str], vocab_size: int, max_token_length: int = 12):
+    """Byte-level BPE trained on `corpus`, with Qwen2-VL's special tokens; digits are always
+    split one by one (as Qwen2's pre-tokeniser does). Returns a PreTrainedTokenizerFast.
+
+    max_token_length > 0: merges may cross word boundaries (no word-splitting regex), each
+    token at most that many bytes -- the fixed instruction and section headers of the R1-VL
+    format then take about half the tokens of word-level BPE, which halves the tiny default's
+    sequence lengths. 0: classic word-level byte-level BPE (GPT-2 / Qwen2 style)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
+    cross_words = max_token_length > 0
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        [pre_tokenizers.Digits(individual_digits=True),
+         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=not cross_words)]
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
@@ -229,6 +236,7 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int):
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
+        max_token_length=max_token_length if cross_words else None,
     )
     tok.train_from_iterator(list(corpus), trainer)
     fast = PreTrainedTokenizerFast(
@@ -300,11 +308,12 @@ def tiny_config(tokenizer, *, hidden_size: int = 128, intermediate_size: int = 3
 
 def build_tiny(corpus: Iterable[str] | None = None, *, vocab_size: int = 1024, seed: int = 0,
                min_pixels: int = 56 * 56, max_pixels: int = 112 * 112, out_dir: str | Path | None = None,
-               attn_implementation: str = "sdpa", **sizes: int):
+               attn_implementation: str = "sdpa", max_token_length: int = 12, **sizes: int):
     """A randomly initialised small Qwen2-VL and its processor, built locally (no hub).
 
     corpus: texts the BPE tokenizer is trained on (None: 2,000 samples of the built-in
-    synthetic task, prompts and solutions). sizes: see `tiny_config` (hidden_size,
+    synthetic task, prompts and solutions); vocab_size / max_token_length: see
+    `train_tokenizer` (the vocabulary ends up smaller when the corpus has fewer merges). sizes: see `tiny_config` (hidden_size,
     intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads,
     vision_depth, vision_embed_dim, vision_num_heads, vision_mlp_ratio). With `out_dir`
     the pair is saved there (HF layout; loads back with the Auto classes).
@@ -313,7 +322,7 @@ def build_tiny(corpus: Iterable[str] | None = None, *, vocab_size: int = 1024, s
 
     if corpus is None:
         corpus = synthetic_corpus(2000, seed=seed)
-    tokenizer = train_tokenizer(corpus, vocab_size)
+    tokenizer = train_tokenizer(corpus, vocab_size, max_token_length)
     config = tiny_config(tokenizer, **sizes)
     config._attn_implementation = attn_implementation
     with torch.random.fork_rng(devices=[]):
@@ -409,6 +418,7 @@ def load_policy(model_cfg, *, min_pixels: int, max_pixels: int, seed: int = 0,
         t = model_cfg.tiny
         model, processor = build_tiny(
             corpus, vocab_size=t.vocab_size, seed=seed, min_pixels=min_pixels, max_pixels=max_pixels,
+            max_token_length=t.max_token_length,
             out_dir=cache_dir, attn_implementation=model_cfg.attn_implementation if
             model_cfg.attn_implementation != "auto" else "sdpa",
             hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,

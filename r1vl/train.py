@@ -243,8 +243,12 @@ def run(cfg: Config) -> dict:
     if d.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        train_policy = DDP(policy, device_ids=[d.device.index] if d.device.type == "cuda" else None,
-                           broadcast_buffers=False)
+        import inspect
+
+        # the model's buffers (rotary tables) are constants: no per-forward buffer broadcast
+        sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                else {"broadcast_buffers": False})
+        train_policy = DDP(policy, device_ids=[d.device.index] if d.device.type == "cuda" else None, **sync)
     engine = make_engine(cfg, model, processor)
     writer = MetricsWriter(out, enabled=d.main, tensorboard=cfg.logging.tensorboard, fresh=resume_dir is None)
     if resume_dir is not None:
@@ -301,7 +305,7 @@ def run(cfg: Config) -> dict:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(phase="warmup", loss=f"{r['loss']:.3f}")
-            if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and step + 1 < cfg.warmup.steps:
+            if cfg.train.save_every and ((step + 1) % cfg.train.save_every == 0 or step + 1 == cfg.warmup.steps):
                 save_checkpoint(cfg, d, policy, processor, opt, sched, "warmup", step + 1, ckpt_extra())
         del opt, sched
     if in_warmup:
