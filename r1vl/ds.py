@@ -474,20 +474,26 @@ def generation_kwargs(model: Any) -> dict:
 def make_reference(model: nn.Module) -> nn.Module:
     """A frozen full copy (eval, no grad) of the HF policy inside `model` (engine,
     PolicyWithLoss or HF model), for the KL term. Under ZeRO-3 the copy is built on the
-    meta device and filled from bucketed gathers (collective), so it never holds two
-    initialisations; buffers (rotary tables) are copied as they are."""
+    meta device, allocated in the policy's parameter dtypes and filled from bucketed
+    gathers (collective): no random initialisation, no fp32 detour; buffers (rotary
+    tables) are copied as they are (fp32)."""
     from r1vl.models import make_reference as plain_reference
     from r1vl.models import unwrap
 
     hf = unwrap(model)
     if not is_zero3(hf):
         return plain_reference(hf)
+    dtypes = {name: p.dtype for name, p in hf.named_parameters()}
     with torch.device("meta"):
         ref = type(hf)(copy.deepcopy(hf.config))
+    tied = bool(getattr(ref.config, "tie_word_embeddings", False) or getattr(
+        getattr(ref.config, "text_config", None), "tie_word_embeddings", False))
+    for name, p in ref.named_parameters():  # on meta: free; parameters get the policy's dtype,
+        if name in dtypes:                   # buffers (rotary tables) keep theirs
+            p.data = p.data.to(dtypes[name])
     device = next((b.device for b in hf.buffers()), None) or _accelerator_device()
     ref.to_empty(device=device)
-    if getattr(ref.config, "tie_word_embeddings", False) or getattr(
-            getattr(ref.config, "text_config", None), "tie_word_embeddings", False):
+    if tied:
         ref.tie_weights()
     dst = dict(ref.named_parameters())
     seen = set()
@@ -495,7 +501,7 @@ def make_reference(model: nn.Module) -> nn.Module:
         for name, t in named_parameters(hf, bucket_bytes=256 * MiB):
             if name not in dst:
                 raise KeyError(f"make_reference: the rebuilt model has no parameter {name!r}")
-            dst[name].data = t.to(dst[name].device)
+            dst[name].copy_(t)
             seen.add(name)
         missing = set(dst) - seen
         if missing:

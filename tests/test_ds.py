@@ -386,6 +386,10 @@ def _run_rank(rank, stage, out):
     if rank == 0:
         _save({k: v.to(torch.bfloat16) for k, v in after.items()}, out, "bf16_after.pt")
     ds.save_pretrained(engine3, proc, out / "hf_bf16")
+    ref3 = ds.make_reference(engine3)  # bf16 parameters equal to the policy's, fp32 rotary tables
+    res["ref_bf16_params"] = sorted({str(p.dtype) for p in ref3.parameters()})
+    res["ref_bf16_buffers"] = sorted({str(b.dtype) for b in ref3.buffers()})
+    res["ref_bf16_equal"] = all(torch.equal(p.float(), after[k]) for k, p in ref3.named_parameters())
     # a new phase on the same engine: fresh AdamW moments, new lr and schedule
     ds.reset_optimizer(engine3, lr=0.5 * LR, lr_lambda=lambda s: 0.5 ** s)
     res["reset_empty"] = len(ds.base_optimizer(engine3).state) == 0
@@ -497,6 +501,8 @@ def _check_common(res, out, stage):
         # shipped bf16 config: finite, every trainable tensor moved, bf16 module weights
         assert all(math.isfinite(x) for x in r["bf16_loss"]) and math.isfinite(r["bf16_norm"]) and r["bf16_norm"] > 0
         assert r["bf16_moved"] == len(single) and r["bf16_dtypes"] == ["torch.bfloat16"]
+        assert r["ref_bf16_params"] == ["torch.bfloat16"] and r["ref_bf16_buffers"] == ["torch.float32"]
+        assert r["ref_bf16_equal"]
         assert r["reset_empty"] and r["reset_steps"] == [1.0] and r["reset_lr0"] == 0.5 * LR
         assert r["reset_lr"] == pytest.approx(0.25 * LR)  # the new schedule stepped once
     # generation: greedy tokens of the saved model, in one plain process
