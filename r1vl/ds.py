@@ -58,6 +58,10 @@ class DeepSpeedConfigError(ValueError):
     """A user's mistake in a DeepSpeed JSON file (names the file and the key)."""
 
 
+class DeepSpeedCheckpointError(ValueError):
+    """A resume point without DeepSpeed state (written by a run without `deepspeed=`)."""
+
+
 # --------------------------------------------------------------------------- config
 
 
@@ -676,10 +680,12 @@ def load_checkpoint(engine, directory: str | os.PathLike, *, load_optimizer_stat
     client_state. Collective."""
     directory = Path(directory)
     if not has_checkpoint(directory):
-        raise FileNotFoundError(f"{directory}: no DeepSpeed checkpoint (expected a '{CHECKPOINT_TAG}/' folder)")
+        raise DeepSpeedCheckpointError(
+            f"{directory}: no DeepSpeed state (no '{CHECKPOINT_TAG}/' folder): the checkpoint was written by a run "
+            "without deepspeed=...; resume it with the same setting")
     path, client = engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG,
                                           load_optimizer_states=load_optimizer_states,
                                           load_lr_scheduler_states=load_optimizer_states)
     if path is None:
-        raise RuntimeError(f"{directory}: DeepSpeed could not load the checkpoint")
+        raise DeepSpeedCheckpointError(f"{directory}: DeepSpeed could not load its checkpoint")
     return dict((client or {}).get("r1vl") or {})

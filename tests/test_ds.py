@@ -133,6 +133,12 @@ def test_config_from_trainer_config():
     assert out["train_batch_size"] == 5 * 5 * 4 and out["gradient_clipping"] == 0.5
 
 
+def test_load_checkpoint_without_deepspeed_state_is_a_clear_error(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ds.DeepSpeedCheckpointError, match="written by a run without deepspeed"):
+        ds.load_checkpoint(object(), tmp_path)
+
+
 def test_named_parameters_without_zero3_yields_the_parameters_themselves():
     lin = torch.nn.Linear(4, 4)
     emb = torch.nn.Embedding(4, 4)

@@ -172,8 +172,9 @@ def test_liger_patches_qwen2_vl(tiny, restore_transformers):
                                 (torch.arange(T) % 3).expand(B, T)])
     cos, sin = text.rotary_emb(torch.zeros(1, dtype=torch.float32), position_ids)
     assert torch.equal(cos[..., : D // 2], cos[..., D // 2:])  # the layout Liger's kernel assumes
-    q = torch.randn(B, 2, T, D, requires_grad=True)
-    k = torch.randn(B, 1, T, D, requires_grad=True)
+    # laid out as in the attention: projections viewed as [B, T, H, D], then transposed (not contiguous)
+    q = torch.randn(B, T, 2, D).transpose(1, 2).requires_grad_()
+    k = torch.randn(B, T, 1, D).transpose(1, 2).requires_grad_()
     w = torch.randn(B, 2, T, D)
     outs = []
     for fn in (hf_rope, liger_rotary_pos_emb):
