@@ -1,6 +1,7 @@
 """DeepSpeed ZeRO-2/3 for the r1vl trainer: config, engine, gathers, reference model,
 generation, checkpoints. Every function takes plain inputs; train.py strings them together:
 
+    ds.check_config(cfg)                                            # preflight (--check), one process
     ds_cfg = ds.config_from_trainer(cfg, world_size=d.world)        # "auto" keys filled
     opt = torch.optim.AdamW(trainable_params, ...); sched = LambdaLR(opt, ...)
     engine = ds.initialize(PolicyWithLoss(model), ds_cfg, optimizer=opt, scheduler=sched)
@@ -183,6 +184,26 @@ def config_from_trainer(cfg, world_size: int) -> dict:
     if not cfg.deepspeed:
         raise DeepSpeedConfigError("deepspeed: no DeepSpeed config file given")
     return load_config(cfg.deepspeed, **trainer_batch_values(cfg, world_size))
+
+
+def check_config(cfg) -> dict:
+    """Preflight (one process, before torchrun starts the ranks): the file named by
+    `cfg.deepspeed` is valid and agrees with the trainer for some world size. An explicit
+    train_batch_size fixes the world size (it must be a multiple of micro batch x
+    accumulation); the ranks check it again against their real world size. Returns the
+    config filled for that world size (1 when train_batch_size is "auto")."""
+    raw = read_config(cfg.deepspeed)
+    vals = trainer_batch_values(cfg, 1)
+    tbs = raw.get("train_batch_size", AUTO)
+    per_rank = vals["micro_batch_size"] * vals["gradient_accumulation_steps"]
+    if tbs != AUTO and isinstance(tbs, int) and not isinstance(tbs, bool):
+        if tbs <= 0 or tbs % per_rank:
+            raise DeepSpeedConfigError(
+                f"{cfg.deepspeed}: train_batch_size = {tbs} is not a multiple of micro batch x accumulation steps "
+                f"= {per_rank} (from train.micro_batch_size, train.prompts_per_step, rollout.num_generations); "
+                "set it to \"auto\"")
+        vals["world_size"] = tbs // per_rank
+    return fill_config(raw, source=str(cfg.deepspeed), **vals)
 
 
 def zero_stage(ds_config: dict) -> int:

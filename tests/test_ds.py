@@ -133,6 +133,20 @@ def test_config_from_trainer_config():
     assert out["train_batch_size"] == 5 * 5 * 4 and out["gradient_clipping"] == 0.5
 
 
+def test_preflight_check_without_ranks(tmp_path):
+    from r1vl.config import load_config
+
+    path = tmp_path / "z.json"
+    overrides = ["train.prompts_per_step=4", "rollout.num_generations=8", "train.micro_batch_size=16"]
+    path.write_text(json.dumps({"train_batch_size": 128, "zero_optimization": {"stage": 3}}))
+    out = ds.check_config(load_config(None, [f"deepspeed={path}"] + overrides))
+    assert out["train_batch_size"] == 128 and out["gradient_accumulation_steps"] == 2  # 4 ranks x 16 x 2
+    path.write_text(json.dumps({"train_batch_size": 100}))
+    with pytest.raises(ds.DeepSpeedConfigError, match="not a multiple of micro batch x accumulation steps = 32"):
+        ds.check_config(load_config(None, [f"deepspeed={path}"] + overrides))
+    assert ds.check_config(load_config(None, [f"deepspeed={ZERO2}"] + overrides))["train_batch_size"] == 32
+
+
 def test_load_checkpoint_without_deepspeed_state_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ds.DeepSpeedCheckpointError, match="written by a run without deepspeed"):
