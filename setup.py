@@ -32,11 +32,14 @@ setup(
     extras_require={
         "vllm": ["vllm>=0.10"],
         "data": ["datasets>=2.19", "pyarrow>=14"],
+        "deepspeed": ["deepspeed>=0.19.8,<0.20"],
+        "liger": ["liger-kernel>=0.8.5,<0.9"],
         "flash": ["flash-attn>=2.6"],
         "dev": [
             "pytest>=8",
             "hypothesis>=6.100",
-            "liger-kernel>=0.6,<0.9",
+            "liger-kernel>=0.8.5,<0.9",
+            "deepspeed>=0.19.8,<0.20",
             "matplotlib>=3.8",
             "tensorboard>=2.16",
             "datasets>=2.19",
