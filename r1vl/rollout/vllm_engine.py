@@ -20,6 +20,7 @@ once. vLLM is imported lazily: this module imports without it.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -66,7 +67,9 @@ class VLLMEngineConfig:
     min_pixels: int | None = None  # image processor bounds; the same as the trainer's
     max_pixels: int | None = None
     weight_bucket_bytes: int = 512 * MiB  # bound on one load_weights() push
-    logprobs_mode: str = "processed_logprobs"  # log-probs after temperature / top-k / top-p
+    logprobs_mode: str = "processed_logprobs"  # log-probs of the distribution sampled from
+    stop_token_ids: list[int] = field(default_factory=list)  # ids that end a completion, besides EOS
+    suppress_token_ids: list[int] = field(default_factory=list)  # never sampled (image placeholders)
     extra_engine_args: dict = field(default_factory=dict)  # passed through to vllm.LLM
 
     def __post_init__(self) -> None:
@@ -405,6 +408,8 @@ class VLLMEngine:
 
         with self._vllm_allocating():
             self.llm = LLM(**kwargs)
+        # runs before vLLM's own exit-time teardown (atexit is last-in, first-out)
+        atexit.register(self.close)
         if config.load_format == "dummy":
             self.llm.collective_rpc(_vllm_worker_reset_attention_scales)
         hf_config = self.llm.llm_engine.model_config.hf_config
@@ -445,6 +450,11 @@ class VLLMEngine:
             write_engine_model_dir(model, processor, model_dir)
         dist.barrier()
         opts: dict[str, Any] = dict(
+            # as the HF engine: completions end on the processor's stop ids and never
+            # contain image placeholders
+            stop_token_ids=list(processor.stop_token_ids()) if hasattr(processor, "stop_token_ids") else [],
+            suppress_token_ids=(list(processor.vision_token_ids())
+                                if hasattr(processor, "vision_token_ids") else []),
             model=str(model_dir),
             load_format="dummy",
             dtype=cfg.model.dtype,
@@ -642,6 +652,9 @@ class VLLMEngine:
         else:
             offset, all_prompts = 0, local
 
+        # -100 is vLLM's bound for a logit bias: e^-100 of the mass, never sampled; the
+        # processed log-probs are then those of the distribution actually sampled from
+        suppress = {int(t): -100.0 for t in self.config.suppress_token_ids} or None
         greedy = sampling.temperature <= 0
         per_req = 1 if greedy else n  # vLLM allows n > 1 only when sampling
         copies = n if greedy else 1
@@ -668,6 +681,8 @@ class VLLMEngine:
                         logprobs=0 if sampling.return_logprobs else None,
                         skip_special_tokens=True,
                         detokenize=bool(sampling.stop),  # stop strings need vLLM's own text
+                        stop_token_ids=list(self.config.stop_token_ids) or None,
+                        logit_bias=suppress,
                     )
                 )
         outputs = self.llm.generate(requests, params, use_tqdm=False)
@@ -703,16 +718,26 @@ class VLLMEngine:
     # ----------------------------------------------------------------- misc
 
     def close(self) -> None:
-        """Shut the engine down (call it last, on every rank). vLLM's teardown also
-        destroys torch.distributed's default process group, as it does for groups
-        it created; without close() the same teardown runs at interpreter exit and
-        complains when the trainer has already destroyed the group."""
+        """Shut the engine down (last, on every rank, before the process group ends).
+        vLLM's teardown also destroys torch.distributed's default process group. Runs
+        by itself at interpreter exit; if the group is gone by then, vLLM's teardown is
+        skipped (it would fail on the destroyed group)."""
+        import torch.distributed as dist
+
         llm = getattr(self, "llm", None)
         if llm is None:
             return
         self.policy = None
-        llm.llm_engine.engine_core.shutdown()
         self.llm = None
+        core = llm.llm_engine.engine_core
+        if dist.is_initialized():
+            core.shutdown()
+        else:
+            # the trainer already ended the process group: vLLM's teardown would fail on
+            # it; the process is exiting, so only its exit-time hook is dropped
+            finalizer = getattr(core, "_finalizer", None)
+            if finalizer is not None:
+                finalizer.detach()
         if self.is_cuda:
             torch.cuda.empty_cache()
 

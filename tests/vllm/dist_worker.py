@@ -63,14 +63,19 @@ def main() -> None:
     ]
     greedy = SamplingConfig(max_new_tokens=8, temperature=0.0, return_logprobs=True)
 
+    # from_config set the HF engine's rules: stop on the processor's stop ids, never
+    # sample image placeholders; the HF reference applies the same ones
+    stop_ids, suppress = processor.stop_token_ids(), processor.vision_token_ids()
+    assert engine.config.stop_token_ids == stop_ids and engine.config.suppress_token_ids == suppress
+
     def check_greedy(tag: str) -> float:
         comps = engine.generate(prompts, 1, greedy)
         assert [c.prompt_index for c in comps] == [0, 1], (tag, [c.prompt_index for c in comps])
         worst = 0.0
         for p, c in zip(prompts, comps):
-            ref = hf_greedy(model, processor, p.text, p.image, 8)
+            ref = hf_greedy(model, processor, p.text, p.image, 8, eos_ids=stop_ids, suppress_ids=suppress)
             assert c.token_ids == ref, f"rank {rank} {tag}: vLLM {c.token_ids} != HF {ref}"
-            lp = hf_logprobs(model, processor, p.text, c.token_ids, p.image)
+            lp = hf_logprobs(model, processor, p.text, c.token_ids, p.image, suppress_ids=suppress)
             worst = max(worst, float((torch.tensor(c.logprobs) - lp).abs().max()))
         assert worst < 1e-4, f"rank {rank} {tag}: log-prob difference {worst}"
         return worst
@@ -88,17 +93,26 @@ def main() -> None:
     engine.wake()  # bound policy: its new weights are pushed here
     res["lp_diff_after_update"] = check_greedy("after update")
 
-    # IS ratio with the engine in sync: ~1
+    # IS ratio with the engine in sync. The engine reports the log-probs of what it
+    # sampled from (placeholders suppressed): against that reference the ratio is 1;
+    # against the trainer's full-vocabulary log-probs it is <= 1 (the placeholders'
+    # mass, large only in an untrained model)
     T = 0.8
     comps = engine.generate(prompts, 2, SamplingConfig(max_new_tokens=8, temperature=T, seed=5,
                                                        return_logprobs=True))
+    assert not any(set(c.token_ids) & set(suppress) for c in comps)
     L = max(len(c.token_ids) for c in comps)
     eng_lp, mask = pad_engine_logprobs([c.logprobs for c in comps], L)
-    tr_lp = torch.zeros_like(eng_lp)
+    sampler_lp, trainer_lp = torch.zeros_like(eng_lp), torch.zeros_like(eng_lp)
     for i, c in enumerate(comps):
         p = prompts[c.prompt_index]
-        tr_lp[i, : len(c.token_ids)] = hf_logprobs(model, processor, p.text, c.token_ids, p.image, temperature=T)
-    res.update(is_ratio_stats(truncated_is_ratio(tr_lp, eng_lp, mask), mask))
+        n = len(c.token_ids)
+        sampler_lp[i, :n] = hf_logprobs(model, processor, p.text, c.token_ids, p.image, temperature=T,
+                                        suppress_ids=suppress)
+        trainer_lp[i, :n] = hf_logprobs(model, processor, p.text, c.token_ids, p.image, temperature=T)
+    res.update(is_ratio_stats(truncated_is_ratio(sampler_lp, eng_lp, mask), mask))
+    full = is_ratio_stats(truncated_is_ratio(trainer_lp, eng_lp, mask), mask)
+    res["trainer_is_ratio_min"], res["trainer_is_ratio_max"] = full["is_ratio_min"], full["is_ratio_max"]
     engine.sleep()
     res["calls"] = list(engine.calls)
     res["wall_s"] = time.time() - t0

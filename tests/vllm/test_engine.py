@@ -10,7 +10,7 @@ import torch
 
 from vllm_test_utils import engine_config
 from hf_reference import hf_greedy, hf_logprobs, perturb_
-from tiny_qwen2vl import noise_image
+from tiny_qwen2vl import MAX_PIXELS, MIN_PIXELS, noise_image
 
 from r1vl.rollout.base import Prompt, SamplingConfig
 from r1vl.rollout.is_correction import is_ratio_stats, pad_engine_logprobs, truncated_is_ratio
@@ -20,10 +20,17 @@ LP_ATOL = 1e-4  # float32 on both sides; measured differences are ~1e-6
 
 
 def prompts_for(processor):
+    """A text prompt and two image prompts; images go through the trainer's resize
+    (r1vl.data.resize_image), one of them from an odd size that must be resized."""
+    from r1vl.data import resize_image
+
+    def fit(img):
+        return resize_image(img, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+
     return [
-        Prompt(processor.chat_prompt("What shapes are in the picture?"), noise_image(0)),
+        Prompt(processor.chat_prompt("What shapes are in the picture?"), fit(noise_image(0, (131, 45)))),
         Prompt(processor.chat_prompt("What is the sum of 3 and 4?", with_image=False)),
-        Prompt(processor.chat_prompt("Count the squares.", with_image=True), noise_image(1, (56, 112))),
+        Prompt(processor.chat_prompt("Count the squares.", with_image=True), fit(noise_image(1, (56, 112)))),
     ]
 
 
@@ -68,9 +75,11 @@ def test_text_and_image_generation_match_hf(tied_engine, tiny_tied):
     prompts = prompts_for(processor)
     assert_matches_hf(tied_engine, model, processor, prompts)
     # the engine expanded each image exactly as the trainer's processor does
-    out = tied_engine.llm.generate({"prompt": prompts[0].text, "multi_modal_data": {"image": prompts[0].image}},
-                                   use_tqdm=False)[0]
-    assert out.prompt_token_ids == processor([prompts[0].text], [prompts[0].image])["input_ids"][0].tolist()
+    for p in (prompts[0], prompts[2]):
+        out = tied_engine.llm.generate({"prompt": p.text, "multi_modal_data": {"image": p.image}},
+                                       use_tqdm=False)[0]
+        assert out.prompt_token_ids == processor([p.text], [p.image])["input_ids"][0].tolist()
+    assert prompts[0].image.size != (131, 45)  # it was resized on the way
 
 
 def test_sampling_n_prompt_major_and_seeded(tied_engine, tiny_tied):
@@ -105,6 +114,36 @@ def test_weight_update_matches_hf(which, request):
         engine.sleep()
     assert [c.token_ids for c in after] != [c.token_ids for c in before], "the update changed nothing"
     assert engine.weights_version >= 2
+
+
+def test_stop_ids_stop_strings_and_suppressed_tokens(tied_engine, tiny_tied):
+    """The HF engine's rules, as from_config sets them: extra stop ids end a completion
+    (the id included), stop strings end it (kept in text and token_ids), suppressed
+    ids are never sampled (greedy then equals HF's greedy with suppress_tokens)."""
+    import dataclasses
+
+    _, model, processor = tiny_tied
+    prompt = prompts_for(processor)[1]
+    free = tied_engine.generate([prompt], 1, GREEDY)[0]
+    first, second = free.token_ids[0], free.token_ids[1]
+    e = tied_engine
+    saved = e.config
+    try:
+        e.config = dataclasses.replace(saved, stop_token_ids=[second])
+        c = e.generate([prompt], 1, GREEDY)[0]
+        assert c.token_ids == [first, second] and c.finish_reason == "stop"
+        e.config = dataclasses.replace(saved, suppress_token_ids=[first])
+        c = e.generate([prompt], 1, GREEDY)[0]
+        assert first not in c.token_ids
+        assert c.token_ids == hf_greedy(model, processor, prompt.text, None, 8, suppress_ids=[first])
+        lp = hf_logprobs(model, processor, prompt.text, c.token_ids, suppress_ids=[first])
+        torch.testing.assert_close(torch.tensor(c.logprobs), lp, atol=LP_ATOL, rtol=0)
+    finally:
+        e.config = saved
+    stop = processor.decode(free.token_ids[:3])[-2:]
+    c = e.generate([prompt], 1, SamplingConfig(max_new_tokens=8, temperature=0.0, stop=[stop]))[0]
+    assert c.finish_reason == "stop" and c.text.endswith(stop) and len(c.token_ids) <= 3
+    assert c.text == processor.decode(c.token_ids)
 
 
 def test_prefix_cache_reset_on_weight_push(tied_engine, tiny_tied):

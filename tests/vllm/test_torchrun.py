@@ -36,6 +36,7 @@ def test_two_ranks_tp1(tmp_path):
         assert r["world"] == 2 and r["tp"] == 1
         assert r["lp_diff_initial"] < 1e-4 and r["lp_diff_after_update"] < 1e-4
         assert abs(r["is_ratio_mean"] - 1) < 1e-3 and abs(r["is_ratio_max"] - 1) < 1e-3
+        assert 0.8 < r["trainer_is_ratio_min"] <= r["trainer_is_ratio_max"] <= 1 + 1e-5
         # from_config pushed the bound policy; wake() pushed it again after the update
         assert r["calls"] == ["load_weights", "generate", "generate", "sleep1", "wake", "load_weights",
                               "generate", "generate", "sleep1"]
