@@ -135,3 +135,48 @@ def test_engine_needs_a_process_group():
         pytest.skip("a process group exists in this test process")
     with pytest.raises(RuntimeError, match="init_process_group"):
         VLLMEngine(VLLMEngineConfig(model="m"))
+
+
+class _Processor:
+    def stop_token_ids(self):
+        return [2, 0]
+
+    def vision_token_ids(self):
+        return [9, 10, 11]
+
+
+def test_engine_options_from_the_trainer_config():
+    from dataclasses import dataclass
+
+    from r1vl.config import Config
+    from r1vl.rollout.vllm_engine import engine_options
+
+    cfg = Config()
+    opts = engine_options(cfg, _Processor(), "/x/vllm_engine_model")
+    assert opts["model"] == "/x/vllm_engine_model" and opts["load_format"] == "dummy"
+    assert opts["max_model_len"] == cfg.data.max_prompt_length + cfg.rollout.max_completion_length
+    assert (opts["min_pixels"], opts["max_pixels"]) == (cfg.data.min_pixels, cfg.data.max_pixels)
+    assert opts["stop_token_ids"] == [2, 0] and opts["suppress_token_ids"] == [9, 10, 11]
+    if not torch.cuda.is_available():
+        assert opts["enforce_eager"] is True and opts["kv_cache_memory_bytes"] == 256 << 20
+    VLLMEngineConfig(**opts)  # a valid engine config
+
+    @dataclass
+    class Section:  # what the trainer's rollout.vllm section holds
+        tensor_parallel_size: int = 2
+        sleep_level: int = 2
+        kv_cache_memory_bytes: int = 0  # 0 = unset
+        gpu_memory_utilization: float = 0.5
+
+    cfg.rollout.vllm = Section()
+    opts = engine_options(cfg, _Processor(), "m")
+    assert opts["tensor_parallel_size"] == 2 and opts["sleep_level"] == 2
+    assert opts["gpu_memory_utilization"] == 0.5
+
+    @dataclass
+    class Bad:
+        tensor_paralel_size: int = 2
+
+    cfg.rollout.vllm = Bad()
+    with pytest.raises(ValueError, match="rollout.vllm.tensor_paralel_size"):
+        engine_options(cfg, _Processor(), "m")

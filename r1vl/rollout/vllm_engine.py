@@ -7,12 +7,16 @@ time (start-up is collective), and ranks of one tensor-parallel group share an
 engine shard and see the same prompts. With TP = 1 (the default) every rank runs
 its own engine on its own prompts.
 
-One rollout, as the trainer drives it (see `VLLMEngine`):
+Built by the trainer with `VLLMEngine.from_config(cfg, model, processor)`, the
+engine is bound to the policy and one rollout is
 
-    engine.wake()                    # weights back on the GPU (KV cache still released)
-    engine.load_weights(named)       # HF-named policy weights, bounded buckets; resets caches
+    engine.wake()                    # empty_cache → weights back → push the policy's
+                                     #   weights (bounded buckets) → reset caches
     engine.generate(prompts, n, s)   # wakes the KV cache, samples, returns Completions
     engine.sleep()                   # level 1: weights to host RAM, level 2: dropped
+
+`load_weights(named_tensors)` pushes HF-named weights explicitly (an engine built
+from a VLLMEngineConfig is not bound to a policy and is driven that way).
 
 Sleep mode exists on CUDA only. Elsewhere (the CPU test machine) sleep()/wake()
 keep their call sequence and state checks but release nothing; that is logged
@@ -266,12 +270,60 @@ def write_engine_model_dir(model, processor, out_dir: str | os.PathLike) -> None
     processor.save_pretrained(out)
 
 
+def engine_options(cfg, processor, model_dir: str) -> dict[str, Any]:
+    """VLLMEngineConfig arguments for a trainer config (r1vl.config.Config).
+
+    From the trainer's sections: dtype, seed, max_model_len (prompt + completion
+    lengths), the image pixel bounds; from the processor, as the HF engine does:
+    the stop ids and the image-placeholder ids (suppressed). Then every field of
+    `cfg.rollout.vllm` when the config has that section (VLLMEngineConfig's field
+    names; None, or 0 for kv_cache_memory_bytes, leaves the default). Off CUDA:
+    eager mode and a 256 MiB KV cache unless the section sets one.
+    """
+    import dataclasses
+
+    opts: dict[str, Any] = dict(
+        model=model_dir,
+        load_format="dummy",
+        dtype=cfg.model.dtype,
+        seed=cfg.seed,
+        max_model_len=cfg.data.max_prompt_length + cfg.rollout.max_completion_length,
+        min_pixels=cfg.data.min_pixels,
+        max_pixels=cfg.data.max_pixels,
+        stop_token_ids=list(processor.stop_token_ids()) if hasattr(processor, "stop_token_ids") else [],
+        suppress_token_ids=list(processor.vision_token_ids()) if hasattr(processor, "vision_token_ids") else [],
+    )
+    section = getattr(cfg.rollout, "vllm", None)
+    if section is not None:
+        values = dataclasses.asdict(section) if dataclasses.is_dataclass(section) else dict(vars(section))
+        names = {f.name for f in dataclasses.fields(VLLMEngineConfig)} - {"model"}
+        for k, v in values.items():
+            if k not in names:
+                raise ValueError(
+                    f"rollout.vllm.{k}: not an engine option (expected one of {', '.join(sorted(names))})"
+                )
+            if v is not None and not (k == "kv_cache_memory_bytes" and v == 0):  # 0: unset
+                opts[k] = v
+    if not torch.cuda.is_available():
+        # vLLM's CPU backend: eager only, and an explicit KV size (its default
+        # fraction of host RAM is refused on a small machine)
+        opts["enforce_eager"] = True
+        opts.setdefault("kv_cache_memory_bytes", 256 * MiB)
+    return opts
+
+
 # ------------------------------------------------------------------------ engine
+
+
+def _worker_model(worker):
+    """The model inside a vLLM worker, unwrapped from CUDA-graph wrappers."""
+    runner = worker.model_runner
+    return runner.get_model() if hasattr(runner, "get_model") else runner.model
 
 
 def _vllm_worker_load_weights(worker, weights: list[tuple[str, torch.Tensor]]) -> list[str]:
     """Runs inside vLLM's worker (in-process): the model's own loader (CUDA path)."""
-    loaded = worker.model_runner.model.load_weights(weights=weights)
+    loaded = _worker_model(worker).load_weights(weights=weights)
     return sorted(loaded) if loaded is not None else []
 
 
@@ -279,7 +331,7 @@ def _vllm_worker_reset_attention_scales(worker) -> int:
     """Undo the dummy loader's random values in the attention layers' (unquantised:
     unit) q/k/v/prob scale buffers."""
     n = 0
-    for module in worker.model_runner.model.modules():
+    for module in _worker_model(worker).modules():
         for name in ("_q_scale", "_k_scale", "_v_scale", "_prob_scale"):
             buf = module._buffers.get(name)
             if buf is not None:
@@ -292,13 +344,13 @@ def _vllm_worker_reset_attention_scales(worker) -> int:
 
 
 def _vllm_worker_param_names(worker) -> list[str]:
-    return [n for n, _ in worker.model_runner.model.named_parameters()]
+    return [n for n, _ in _worker_model(worker).named_parameters()]
 
 
 def _vllm_worker_refresh_tied_head(worker) -> bool:
     """CPU path: the tied lm_head shares its weight with embed_tokens, but the CPU
     backend keeps a repacked copy per layer; re-derive the head's copy."""
-    lm = worker.model_runner.model
+    lm = _worker_model(worker)
     lm = getattr(lm, "language_model", lm)
     head = getattr(lm, "lm_head", None)
     method = getattr(head, "quant_method", None)
@@ -424,6 +476,8 @@ class VLLMEngine:
         self._needs_full_push = False
         self.policy = None  # a bound trainer model (bind_policy): pushed on every wake()
         self.calls: deque[str] = deque(maxlen=64)  # recent phases: sleep / wake / load_weights / generate
+        # CUDA memory after each phase (sleep, wake, sync, generate): the trainer logs it
+        self.memory_timeline: deque[dict] = deque(maxlen=256)
         log.info(
             "vLLM engine up on rank %d/%d (tp=%d, sleep_mode=%s, level=%d, tied head=%s)",
             self.rank, self.world_size, tp, self.sleep_mode, config.sleep_level, self.tie_word_embeddings,
@@ -435,47 +489,19 @@ class VLLMEngine:
 
         Every rank calls this at the same time. Rank 0 writes the model's config and
         processor to <output_dir>/vllm_engine_model; the engine starts from dummy
-        weights, and the policy's weights are pushed before it returns. Options come
-        from `cfg.rollout.vllm` when the config has that section (field names of
-        VLLMEngineConfig), else defaults; off CUDA: eager mode and a 256 MiB KV cache.
+        weights and the policy's weights are pushed before it returns. Options: see
+        `engine_options`.
         """
-        import dataclasses
         from pathlib import Path
 
         import torch.distributed as dist
 
-        ensure_process_group()
         model_dir = Path(cfg.output_dir) / "vllm_engine_model"
+        opts = engine_options(cfg, processor, str(model_dir))
+        ensure_process_group()
         if dist.get_rank() == 0:
             write_engine_model_dir(model, processor, model_dir)
         dist.barrier()
-        opts: dict[str, Any] = dict(
-            # as the HF engine: completions end on the processor's stop ids and never
-            # contain image placeholders
-            stop_token_ids=list(processor.stop_token_ids()) if hasattr(processor, "stop_token_ids") else [],
-            suppress_token_ids=(list(processor.vision_token_ids())
-                                if hasattr(processor, "vision_token_ids") else []),
-            model=str(model_dir),
-            load_format="dummy",
-            dtype=cfg.model.dtype,
-            seed=cfg.seed,
-            max_model_len=cfg.data.max_prompt_length + cfg.rollout.max_completion_length,
-            min_pixels=cfg.data.min_pixels,
-            max_pixels=cfg.data.max_pixels,
-        )
-        if not torch.cuda.is_available():
-            opts.update(enforce_eager=True, kv_cache_memory_bytes=256 * MiB)
-        section = getattr(cfg.rollout, "vllm", None)
-        if section is not None:
-            values = dataclasses.asdict(section) if dataclasses.is_dataclass(section) else dict(vars(section))
-            names = {f.name for f in dataclasses.fields(VLLMEngineConfig)}
-            for k, v in values.items():
-                if k not in names:
-                    raise ValueError(
-                        f"rollout.vllm.{k}: not an engine option (expected one of {', '.join(sorted(names))})"
-                    )
-                if v is not None and not (k == "kv_cache_memory_bytes" and v == 0):
-                    opts[k] = v
         engine = cls(VLLMEngineConfig(**opts))
         engine.bind_policy(model)
         return engine
@@ -528,6 +554,7 @@ class VLLMEngine:
             self._note_noop("sleep")
         self.state = "asleep"
         self._slept_level = level
+        self._mark("sleep")
 
     def wake(self) -> None:
         """Bring the weights back (the KV cache comes back in generate(), after the
@@ -551,6 +578,7 @@ class VLLMEngine:
         self.state = "weights"
         # a level-2 sleep really dropped the weights only where sleep mode exists
         self._needs_full_push = self.sleep_mode and self._slept_level == 2
+        self._mark("wake")
 
     def _wake_kv(self) -> None:
         if self.state == "asleep":
@@ -605,6 +633,7 @@ class VLLMEngine:
             self._needs_full_push = False
         self.reset_caches()
         self.weights_version += 1
+        self._mark("sync")
 
     def _push_bucket(self, bucket: list[tuple[str, torch.Tensor]]) -> list[str]:
         if self.is_cuda:
@@ -708,6 +737,7 @@ class VLLMEngine:
                         logprobs=lps,
                     )
                 )
+        self._mark("generate")
         if self.tp_group is not None:
             lo, hi = offset * n, (offset + len(local)) * n
             completions = completions[lo:hi]
@@ -740,6 +770,10 @@ class VLLMEngine:
                 finalizer.detach()
         if self.is_cuda:
             torch.cuda.empty_cache()
+
+    def _mark(self, phase: str) -> None:
+        if self.is_cuda:
+            self.memory_timeline.append({"phase": phase, **self.memory_stats()})
 
     def memory_stats(self) -> dict:
         """GPU memory now (bytes): torch allocator allocated/reserved and the device's
