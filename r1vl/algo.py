@@ -174,9 +174,35 @@ class UpdateConfig:
 
 
 def _no_sync(model: nn.Module, skip: bool):
-    if skip and hasattr(model, "no_sync"):
+    from r1vl.ds import is_engine
+
+    if skip and hasattr(model, "no_sync") and not is_engine(model):  # DeepSpeed: ds.backward(last=...)
         return model.no_sync()
     return contextlib.nullcontext()
+
+
+def _backward(policy: nn.Module, loss: torch.Tensor, last: bool) -> None:
+    from r1vl import ds
+
+    if ds.is_engine(policy):
+        ds.backward(policy, loss, last=last)
+    else:
+        loss.backward()
+
+
+def _optimizer_step(policy: nn.Module, params: list[torch.Tensor], optimizer, scheduler: Any,
+                    max_grad_norm: float) -> float:
+    """Clip, step the optimizer and the scheduler; returns the gradient norm before clipping.
+    A DeepSpeed engine does all three itself (gradient_clipping = optim.max_grad_norm)."""
+    from r1vl import ds
+
+    if ds.is_engine(policy):
+        return ds.step(policy)
+    grad_norm = _clip(params, max_grad_norm)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return grad_norm
 
 
 def grpo_update(policy: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, batch: SeqBatch,
@@ -198,7 +224,8 @@ def grpo_update(policy: nn.Module, optimizer: torch.optim.Optimizer, scheduler: 
     params = [p for p in policy.parameters() if p.requires_grad]
     sums: dict[str, float] = {}
     for _ in range(cfg.num_iterations):
-        optimizer.zero_grad(set_to_none=True)
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
         for gi, idx in enumerate(groups):
             mb = batch.slice(idx)
             t = mb.targets.shape[1]
@@ -225,14 +252,11 @@ def grpo_update(policy: nn.Module, optimizer: torch.optim.Optimizer, scheduler: 
                 weight = len(idx) / B
             with _no_sync(policy, gi < len(groups) - 1):
                 loss, metrics = policy(mb.inputs, mb.targets, mb.mask, start=mb.start, mode="grpo", **kwargs)
-                (loss * weight).backward()
+                _backward(policy, loss * weight, last=gi == len(groups) - 1)
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) * weight
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * len(idx) / B
-        grad_norm = _clip(params, cfg.max_grad_norm)
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
+        grad_norm = _optimizer_step(policy, params, optimizer, scheduler, cfg.max_grad_norm)
         sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm
     mu = cfg.num_iterations
     return {k: v / mu for k, v in sums.items()}
@@ -250,7 +274,8 @@ def sft_step(policy: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
     """One supervised step: token-mean negative log-likelihood of the continuations (computed
     from hidden states by r1vl.kernels.linear_logprobs; no vocabulary logits), accumulated over
     micro-batches, gradient clipping, optimizer and scheduler step."""
-    optimizer.zero_grad(set_to_none=True)
+    if optimizer is not None:
+        optimizer.zero_grad(set_to_none=True)
     groups = micro_batches(batch.size, micro_batch_size)
     total = float(batch.mask.sum().item())
     loss_sum = 0.0
@@ -259,13 +284,10 @@ def sft_step(policy: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
         with _no_sync(policy, gi < len(groups) - 1):
             loss, n = policy(mb.inputs, mb.targets, mb.mask, start=mb.start, mode="sft")
             w = float(n) / max(total, 1.0)
-            (loss * w).backward()
+            _backward(policy, loss * w, last=gi == len(groups) - 1)
         loss_sum += float(loss.detach()) * w
     params = [p for p in policy.parameters() if p.requires_grad]
-    grad_norm = _clip(params, max_grad_norm)
-    optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
+    grad_norm = _optimizer_step(policy, params, optimizer, scheduler, max_grad_norm)
     return {"loss": loss_sum, "grad_norm": grad_norm, "tokens": total}
 
 
