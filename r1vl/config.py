@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import yaml
 
@@ -60,6 +60,7 @@ class ModelConfig:
         default="sdpa", metadata=_choices("auto", "eager", "sdpa", "flash_attention_2")
     )
     gradient_checkpointing: bool = False
+    liger: bool = True  # Liger's RMSNorm/SwiGLU/LayerNorm/RoPE kernels on CUDA (skipped on CPU)
     freeze_vision: bool = False
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
 
@@ -91,6 +92,27 @@ class WarmupConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """The colocated vLLM engine (rollout.engine=vllm). Field names are those of
+    r1vl.rollout.vllm_engine.VLLMEngineConfig; model dir, dtype, seed, max_model_len
+    (data.max_prompt_length + rollout.max_completion_length), pixel bounds, stop and
+    suppressed ids come from the rest of the config. None / 0 = the engine's default."""
+
+    tensor_parallel_size: int = field(default=1, metadata=_min(1))
+    gpu_memory_utilization: float = field(default=0.3, metadata=_min(0.0, strict=True))  # weights + KV (CUDA)
+    kv_cache_memory_bytes: int = field(default=0, metadata=_min(0))  # 0: from gpu_memory_utilization; CPU: 256 MiB
+    max_num_seqs: int = field(default=256, metadata=_min(1))
+    max_num_batched_tokens: Optional[int] = None
+    enforce_eager: bool = False  # forced on CPU
+    enable_sleep_mode: Optional[bool] = None  # None: on CUDA only
+    sleep_level: int = field(default=1, metadata=_choices(1, 2))  # 1: weights to host RAM, 2: dropped
+    enable_prefix_caching: bool = True
+    limit_images_per_prompt: int = field(default=1, metadata=_min(1))
+    weight_bucket_bytes: int = field(default=512 << 20, metadata=_min(1))  # bound on one weight push
+    logprobs_mode: str = field(default="processed_logprobs", metadata=_choices("processed_logprobs", "raw_logprobs"))
+
+
+@dataclass
 class RolloutConfig:
     engine: str = field(default="hf", metadata=_choices("hf", "vllm"))
     num_generations: int = field(default=8, metadata=_min(1))  # G
@@ -99,6 +121,9 @@ class RolloutConfig:
     top_k: int = field(default=0, metadata=_min(0))
     max_completion_length: int = field(default=96, metadata=_min(1))
     batch_size: int = field(default=32, metadata=_min(1))  # sequences per generate() call
+    # truncated importance sampling (engine log-probs vs the trainer's; rollout.engine=vllm)
+    is_cap: float = field(default=2.0, metadata=_min(0.0, strict=True))
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
 
 @dataclass
@@ -337,6 +362,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("model.tiny.num_attention_heads must be divisible by model.tiny.num_key_value_heads")
     if cfg.model.tiny.vision_embed_dim % cfg.model.tiny.vision_num_heads:
         raise ConfigError("model.tiny.vision_embed_dim must be divisible by model.tiny.vision_num_heads")
+    if cfg.rollout.vllm.gpu_memory_utilization > 1:
+        raise ConfigError(f"rollout.vllm.gpu_memory_utilization: expected a fraction in (0, 1], got "
+                          f"{cfg.rollout.vllm.gpu_memory_utilization}")
     if cfg.data.min_pixels > cfg.data.max_pixels:
         raise ConfigError(
             f"data.min_pixels ({cfg.data.min_pixels}) must not exceed data.max_pixels ({cfg.data.max_pixels})"
