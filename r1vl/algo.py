@@ -207,18 +207,21 @@ def _optimizer_step(policy: nn.Module, params: list[torch.Tensor], optimizer, sc
 
 def grpo_update(policy: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, batch: SeqBatch,
                 advantages: torch.Tensor, cfg: UpdateConfig, *, ref_logprobs: torch.Tensor | None = None,
-                rollout_is_ratio: torch.Tensor | None = None) -> dict[str, float]:
+                rollout_is_ratio: torch.Tensor | None = None,
+                old_logprobs: torch.Tensor | None = None) -> dict[str, float]:
     """μ = cfg.num_iterations optimisation passes over `batch`; each pass runs the fused GRPO
     loss over micro-batches (gradients accumulated, synchronised once under DDP), clips the
     gradient norm and takes one optimizer (and scheduler) step.
 
     The per-micro-batch losses are weighted so that their sum equals the loss of the whole
     batch under cfg.loss_type. Old log-probs are taken before the first pass when μ > 1
-    (with μ = 1 the ratio is exactly 1 and the detached current log-probs serve)."""
+    (with μ = 1 the ratio is exactly 1 and the detached current log-probs serve); a caller
+    that already has them (the IS correction needs them too) passes `old_logprobs`."""
     B = batch.size
     old = None
     if cfg.num_iterations > 1:
-        old = compute_logprobs(policy, batch, micro_batch_size=cfg.micro_batch_size, temperature=cfg.temperature)
+        old = old_logprobs if old_logprobs is not None else compute_logprobs(
+            policy, batch, micro_batch_size=cfg.micro_batch_size, temperature=cfg.temperature)
     groups = micro_batches(B, cfg.micro_batch_size)
     total_tokens = float(batch.mask.sum().item())
     params = [p for p in policy.parameters() if p.requires_grad]
