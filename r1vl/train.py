@@ -16,6 +16,7 @@ tensorboard/, checkpoints/<phase>-<step>/ (resume points), warmup/ and final/ (H
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -122,14 +123,26 @@ def build_model(cfg: Config, d, corpus_samples, resume_dir: Path | None):
         raise UserError(str(e)) from None
 
 
-def make_engine(cfg: Config, model, processor):
+_OPEN_ENGINES: list = []  # closed by _shutdown() before the process group ends
+
+
+def make_engine(cfg: Config, model, processor, weights=None):
+    """The rollout engine. hf: generates with `model` itself. vllm: the colocated engine
+    (r1vl/rollout/vllm_engine.py), built on every rank at the same time, bound to `model`:
+    each wake() pushes the current weights (`weights`: a callable returning HF-named
+    tensors, e.g. bucketed ZeRO-3 gathers) and resets its caches."""
     if cfg.rollout.engine == "hf":
         from r1vl.rollout.hf_engine import HFEngine
 
         return HFEngine(model, processor, batch_size=cfg.rollout.batch_size)
-    # the colocated vLLM engine (r1vl/rollout/vllm_engine.py) plugs in here with its config section
-    raise UserError("rollout.engine=vllm: the vLLM engine is not wired into this version of the trainer; "
-                    "use rollout.engine=hf")
+    from r1vl.rollout.vllm_engine import VLLMEngine
+
+    try:
+        engine = VLLMEngine.from_config(cfg, model, processor, weights=weights)
+    except ImportError as e:
+        raise UserError(str(e)) from None
+    _OPEN_ENGINES.append(engine)
+    return engine
 
 
 def make_optimizer(params, lr: float, cfg: Config, total_steps: int, warmup_steps: int, kind: str,
@@ -162,11 +175,25 @@ def setup_logging(cfg: Config, d) -> None:
 def save_checkpoint(cfg: Config, d, policy, processor, optimizer, scheduler, phase: str, step: int,
                     extra: dict) -> None:
     """checkpoints/<phase>-<step>/: HF model + processor + trainer_state.pt (optimizer,
-    scheduler, every rank's RNG states, phase/step = data position). Atomic on rank 0."""
+    scheduler, every rank's RNG states, phase/step = data position). Atomic on rank 0.
+    `policy` a DeepSpeed engine: every rank writes its part (ds/: fp32 masters, optimizer
+    and scheduler state per rank; the 16-bit HF model gathered), trainer_state.pt holds
+    the rest; `optimizer` / `scheduler` are unused."""
+    from r1vl import ds
     from r1vl.models import save_pretrained
     from r1vl.utils import STATE_FILE, all_gather_objects, atomic_dir_write, checkpoint_name, prune_checkpoints, rng_state
 
     rngs = all_gather_objects(rng_state(), d)
+    ck_dir = Path(cfg.output_dir) / "checkpoints"
+    if ds.is_engine(policy):
+        state = {"phase": phase, "step": step, "rng": rngs, "world": d.world, "deepspeed": True, **extra}
+        ds.save_checkpoint(policy, ck_dir / checkpoint_name(phase, step), processor=processor,
+                           client_state={"phase": phase, "step": step},
+                           write_extra=lambda tmp: torch.save(state, tmp / STATE_FILE))
+        if d.main:
+            prune_checkpoints(ck_dir, keep=2)
+        d.barrier()
+        return
     if d.main:
         state = {"phase": phase, "step": step, "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "rng": rngs, "world": d.world, **extra}
@@ -175,16 +202,25 @@ def save_checkpoint(cfg: Config, d, policy, processor, optimizer, scheduler, pha
             save_pretrained(policy, processor, tmp)
             torch.save(state, tmp / STATE_FILE)
 
-        ck_dir = Path(cfg.output_dir) / "checkpoints"
         atomic_dir_write(ck_dir / checkpoint_name(phase, step), write)
         prune_checkpoints(ck_dir, keep=2)
     d.barrier()
 
 
+def _device_used(device) -> int:
+    free, total = torch.cuda.mem_get_info(device)
+    return total - free
+
+
 def save_model_dir(path: Path, d, policy, processor) -> None:
+    """HF layout (16-bit under DeepSpeed, gathered from every rank), written atomically."""
+    from r1vl import ds
     from r1vl.models import save_pretrained
     from r1vl.utils import atomic_dir_write
 
+    if ds.is_engine(policy):
+        ds.save_pretrained(policy, processor, path)  # collective
+        return
     if d.main:
         atomic_dir_write(path, lambda tmp: save_pretrained(policy, processor, tmp))
     d.barrier()
@@ -198,14 +234,11 @@ def run(cfg: Config) -> dict:
     from r1vl.eval import evaluate, make_prompt, score
     from r1vl.models import PolicyWithLoss, load_pretrained, make_reference, unwrap
     from r1vl.rollout.base import SamplingConfig
-    from r1vl.utils import (STATE_FILE, IndexStream, MetricsWriter, StatReducer, Timer, derive_seed,
-                            init_distributed, plot_run, seed_everything, set_rng_state)
+    from r1vl.utils import (STATE_FILE, IndexStream, MetricsWriter, StatReducer, Timer, all_gather_objects,
+                            derive_seed, init_distributed, plot_run, seed_everything, set_rng_state)
 
     t_start = time.time()
     preflight(cfg)
-    if cfg.deepspeed:
-        raise UserError(f"deepspeed={cfg.deepspeed}: DeepSpeed is not wired into this version of the trainer "
-                        "(plain DDP); leave the key empty")
     d = init_distributed(cfg.distributed.backend, cfg.distributed.timeout_s, cfg.distributed.num_threads)
     setup_logging(cfg, d)
     out = Path(cfg.output_dir)
@@ -232,15 +265,48 @@ def run(cfg: Config) -> dict:
             raise UserError(f"train.resume: {resume_dir} was written by {state.get('world')} rank(s), "
                             f"this run has {d.world}")
         log.info("resuming from %s (%s step %d)", resume_dir, state["phase"], state["step"])
+    if resume_dir is not None and bool(cfg.deepspeed) != bool(state.get("deepspeed", False)):
+        raise UserError(f"train.resume: {resume_dir} was written " + (
+            "by a DeepSpeed run; resume it with the same deepspeed=..." if state.get("deepspeed")
+            else "without DeepSpeed (no ds/ state); resume it with deepspeed= left empty"))
     model, processor = build_model(cfg, d, train_set, resume_dir)
     model.to(d.device)
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    from r1vl.speedups import apply_speedups
+
+    apply_speedups(model, device=d.device, attn_implementation=cfg.model.attn_implementation,
+                   gradient_checkpointing=cfg.model.gradient_checkpointing, liger=cfg.model.liger)
     if cfg.model.freeze_vision:
         unwrap(model).model.visual.requires_grad_(False)
     policy = PolicyWithLoss(model)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    phase = state.get("phase", "warmup")
+    in_warmup = phase == "warmup"
+    mu = cfg.algorithm.num_iterations
+
+    def warmup_optimizer():
+        return make_optimizer(params, cfg.warmup.lr, cfg, cfg.warmup.steps, cfg.warmup.warmup_steps, "cosine",
+                              final_ratio=0.1)
+
+    def grpo_optimizer():
+        return make_optimizer(params, cfg.optim.lr, cfg, cfg.train.max_steps * mu, cfg.optim.warmup_steps,
+                              cfg.optim.scheduler)
+
     train_policy = policy
-    if d.enabled:
+    use_ds = bool(cfg.deepspeed)
+    engine_built_for_warmup = in_warmup and cfg.warmup.steps > 0
+    if use_ds:
+        # one engine for both phases, built with the first phase's AdamW + schedule (the
+        # warm-up -> StepGRPO switch resets them in place); the engine casts to bf16 and,
+        # under ZeRO-3, partitions every parameter
+        from r1vl import ds
+
+        ds_cfg = ds.config_from_trainer(cfg, d.world)
+        opt0, sched0 = warmup_optimizer() if engine_built_for_warmup else grpo_optimizer()
+        train_policy = ds.initialize(policy, ds_cfg, optimizer=opt0, scheduler=sched0)
+        del opt0, sched0
+        if resume_dir is not None:
+            ds.load_checkpoint(train_policy, resume_dir)
+    elif d.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         import inspect
@@ -249,12 +315,22 @@ def run(cfg: Config) -> dict:
         sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
                 else {"broadcast_buffers": False})
         train_policy = DDP(policy, device_ids=[d.device.index] if d.device.type == "cuda" else None, **sync)
-    engine = make_engine(cfg, model, processor)
+    use_vllm = cfg.rollout.engine == "vllm"
+    engine = make_engine(cfg, model, processor,
+                         weights=(lambda: ds.named_parameters(train_policy)) if use_ds else None)
+    if use_vllm:
+        engine.sleep()  # training memory first; every rollout wakes it (and pushes the weights)
+
+    def gen_context():
+        """ZeRO-3 + HF engine: full weights on every rank, hooks off, for generate()."""
+        if use_ds and not use_vllm:
+            return ds.gathered_for_generation(train_policy)
+        return contextlib.nullcontext()
+
     writer = MetricsWriter(out, enabled=d.main, tensorboard=cfg.logging.tensorboard, fresh=resume_dir is None)
     if resume_dir is not None:
         writer.truncate_after(state["phase"], state["step"])
         set_rng_state(state["rng"][d.rank])
-    params = [p for p in policy.parameters() if p.requires_grad]
     prior_wall = float(state.get("wall_seconds", 0.0))
 
     total_bar = cfg.warmup.steps + cfg.train.max_steps
@@ -269,17 +345,17 @@ def run(cfg: Config) -> dict:
                 "wall_seconds": prior_wall + time.time() - t_start}
 
     # ---- 1. warm-up (SFT on reference solutions)
-    phase = state.get("phase", "warmup")
-    in_warmup = phase == "warmup"
     start = state.get("step", 0) if in_warmup else cfg.warmup.steps
     if bar is not None:
         bar.update(min(start, cfg.warmup.steps) if in_warmup else cfg.warmup.steps)
     if in_warmup and cfg.warmup.steps > 0:
-        opt, sched = make_optimizer(params, cfg.warmup.lr, cfg, cfg.warmup.steps, cfg.warmup.warmup_steps,
-                                    "cosine", final_ratio=0.1)
-        if resume_dir is not None and state["phase"] == "warmup":
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
+        if use_ds:  # the engine steps its own optimizer and schedule (restored by load_checkpoint)
+            opt, sched = None, train_policy.lr_scheduler
+        else:
+            opt, sched = warmup_optimizer()
+            if resume_dir is not None and state["phase"] == "warmup":
+                opt.load_state_dict(state["optimizer"])
+                sched.load_state_dict(state["scheduler"])
         stream = IndexStream(len(train_set), world=d.world, rank=d.rank, seed=derive_seed(cfg.seed, 1))
         eos = processor.stop_token_ids()[0]
         for step in range(start, cfg.warmup.steps):
@@ -290,8 +366,8 @@ def run(cfg: Config) -> dict:
                          : cfg.warmup.max_length] + [eos] for s in samples]
             batch = build_batch(processor, [p.text for p in prompts], [p.image for p in prompts], conts,
                                 dtype=next(model.parameters()).dtype).to(d.device)
-            m = sft_step(train_policy, opt, sched, batch, micro_batch_size=cfg.train.micro_batch_size,
-                         max_grad_norm=cfg.optim.max_grad_norm)
+            m = sft_step(train_policy, opt, None if use_ds else sched, batch,
+                         micro_batch_size=cfg.train.micro_batch_size, max_grad_norm=cfg.optim.max_grad_norm)
             dt = time.perf_counter() - t0
             st = StatReducer()
             st.add("loss", m["loss"])
@@ -306,17 +382,30 @@ def run(cfg: Config) -> dict:
                 bar.update(1)
                 bar.set_postfix(phase="warmup", loss=f"{r['loss']:.3f}")
             if cfg.train.save_every and ((step + 1) % cfg.train.save_every == 0 or step + 1 == cfg.warmup.steps):
-                save_checkpoint(cfg, d, policy, processor, opt, sched, "warmup", step + 1, ckpt_extra())
+                save_checkpoint(cfg, d, train_policy, processor, opt, sched, "warmup", step + 1, ckpt_extra())
         del opt, sched
     if in_warmup:
-        save_model_dir(out / "warmup", d, policy, processor)
+        save_model_dir(out / "warmup", d, train_policy, processor)
 
     # ---- 2. evaluate the warm-up checkpoint
     ev_kw = dict(max_new_tokens=cfg.rollout.max_completion_length, batch_size=cfg.train.eval_batch_size, d=d,
                  alpha=cfg.algorithm.alpha, variant=cfg.algorithm.accuracy_variant,
                  reward_workers=cfg.algorithm.reward_workers, reward_timeout_s=cfg.algorithm.reward_timeout_s)
+
+    def run_eval() -> dict:
+        """Greedy held-out evaluation with the rollout engine (vLLM: woken, i.e. given the
+        current weights, and put back to sleep; HF under ZeRO-3: on gathered weights)."""
+        if use_vllm:
+            engine.wake()
+            try:
+                return evaluate(engine, processor, eval_set, **ev_kw)
+            finally:
+                engine.sleep()
+        with gen_context():
+            return evaluate(engine, processor, eval_set, **ev_kw)
+
     if state.get("eval_warmup") is None and cfg.train.eval_before:
-        ev = evaluate(engine, processor, eval_set, **ev_kw)
+        ev = run_eval()
         state["eval_warmup"] = ev
         writer.write({"phase": "eval", "after": "warmup", "step": 0, **ev})
         log.info("held-out after warm-up: accuracy %.3f, StepRAR %.3f, StepRVR %.3f (n=%d, %.0fs)",
@@ -327,19 +416,30 @@ def run(cfg: Config) -> dict:
     ref_policy = None
     if a.beta != 0 and cfg.train.max_steps > 0:
         if in_warmup:
-            ref_model = make_reference(model)
+            ref_model = ds.make_reference(train_policy) if use_ds else make_reference(model)
         else:  # resumed inside StepGRPO: the reference is the saved warm-up model
             ref_model, _ = load_pretrained(out / "warmup", dtype=cfg.model.dtype,
                                            attn_implementation=cfg.model.attn_implementation)
-            ref_model.to(d.device).eval().requires_grad_(False)
+            if not use_ds:
+                ref_model.to(d.device)
+            ref_model.eval().requires_grad_(False)
         ref_policy = PolicyWithLoss(ref_model)
+        if use_ds:  # ZeRO-3: partitioned like the policy (inference engine); else bf16 on the device
+            ref_policy = ds.prepare_reference(ref_policy, ds_cfg)
     g_start = state["step"] if phase == "grpo" else 0
-    mu = a.num_iterations
-    opt, sched = make_optimizer(params, cfg.optim.lr, cfg, cfg.train.max_steps * mu, cfg.optim.warmup_steps,
-                                cfg.optim.scheduler)
-    if phase == "grpo":
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
+    if use_ds:
+        if engine_built_for_warmup:  # warm-up -> StepGRPO: fresh AdamW state, the GRPO schedule
+            from r1vl.algo import lr_lambda
+
+            ds.reset_optimizer(train_policy, lr=cfg.optim.lr,
+                               lr_lambda=lr_lambda(cfg.optim.scheduler, cfg.train.max_steps * mu,
+                                                   cfg.optim.warmup_steps))
+        opt, sched = None, train_policy.lr_scheduler
+    else:
+        opt, sched = grpo_optimizer()
+        if phase == "grpo":
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
     if bar is not None and g_start:
         bar.update(g_start)
     ucfg = UpdateConfig(beta=a.beta, epsilon_low=a.epsilon_low, epsilon_high=a.epsilon_high, num_iterations=mu,
@@ -350,6 +450,8 @@ def run(cfg: Config) -> dict:
     stream = IndexStream(len(train_set), world=d.world, rank=d.rank, seed=derive_seed(cfg.seed, 2))
     G = ro.num_generations
     dtype = next(model.parameters()).dtype
+    use_is = use_vllm  # the engine's own log-probs: truncated importance sampling against the trainer's
+    cuda = d.device.type == "cuda"
     step = g_start
     for step in range(g_start, cfg.train.max_steps):
         tm = Timer()
@@ -357,10 +459,12 @@ def run(cfg: Config) -> dict:
         samples = [train_set[i] for i in stream.take(step, cfg.train.prompts_per_step)]
         prompts = [make_prompt(processor, s) for s in samples]
         with tm("rollout"):
-            engine.wake()
+            engine.wake()  # vLLM: weights back, the current policy pushed, caches reset
             sampling = SamplingConfig(max_new_tokens=ro.max_completion_length, temperature=ro.temperature,
-                                      top_p=ro.top_p, top_k=ro.top_k, seed=derive_seed(cfg.seed, 3, d.rank, step))
-            comps = engine.generate(prompts, G, sampling)
+                                      top_p=ro.top_p, top_k=ro.top_k, seed=derive_seed(cfg.seed, 3, d.rank, step),
+                                      return_logprobs=use_is)
+            with gen_context():
+                comps = engine.generate(prompts, G, sampling)
             engine.sleep()
         with tm("reward"):
             sc = score([c.text for c in comps], [samples[c.prompt_index] for c in comps], alpha=a.alpha,
@@ -375,9 +479,22 @@ def run(cfg: Config) -> dict:
             if ref_policy is not None:
                 ref_lp = compute_logprobs(ref_policy, batch, micro_batch_size=cfg.train.micro_batch_size,
                                           temperature=ucfg.temperature)
+            old_lp = is_ratio = None
+            if use_is:  # ratio = min(exp(trainer_logp_old - engine_logp), rollout.is_cap) per token
+                from r1vl.rollout.is_correction import is_ratio_stats, pad_engine_logprobs, truncated_is_ratio
+
+                old_lp = compute_logprobs(train_policy, batch, micro_batch_size=cfg.train.micro_batch_size,
+                                          temperature=ucfg.temperature)
+                eng_lp, eng_mask = pad_engine_logprobs([c.logprobs for c in comps], batch.targets.shape[1],
+                                                       device=old_lp.device)
+                is_mask = eng_mask & batch.mask.bool()
+                is_ratio = truncated_is_ratio(old_lp, eng_lp, is_mask, cap=ro.is_cap)
+                is_st = is_ratio_stats(is_ratio, is_mask, cap=ro.is_cap)
         with tm("update"):
-            m = grpo_update(train_policy, opt, sched, batch, adv.to(d.device), ucfg, ref_logprobs=ref_lp)
-            engine.load_weights(unwrap(model).named_parameters())
+            m = grpo_update(train_policy, opt, None if use_ds else sched, batch, adv.to(d.device), ucfg,
+                            ref_logprobs=ref_lp, rollout_is_ratio=is_ratio, old_logprobs=old_lp)
+            if not use_vllm:  # the HF engine generates with the trainer's own parameters: a no-op
+                engine.load_weights(unwrap(model).named_parameters())
         dt = time.perf_counter() - t0
         # ---- metrics, reduced over ranks
         st = StatReducer()
@@ -399,6 +516,10 @@ def run(cfg: Config) -> dict:
         for k, v in tm.t.items():
             st.add("seconds_" + k, v)
         st.add("seconds_step", dt)
+        if use_is:
+            st.add("is_ratio_mean", is_st["is_ratio_mean"])
+            st.add("is_ratio_capped_frac", is_st["is_ratio_capped_frac"])
+            is_max = max(all_gather_objects(is_st["is_ratio_max"], d))
         r = st.reduce(d, with_std=("reward", "step_rar", "step_rvr"))
         rec = {"phase": "grpo", "step": step + 1, "loss": r["loss"],
                "reward_mean": r["reward"], "reward_std": r["reward_std"],
@@ -416,25 +537,36 @@ def run(cfg: Config) -> dict:
                "tokens_per_s": r["gen_tokens"] * d.world / max(r.get("seconds_rollout", 0.0), 1e-9),
                "train_tokens_per_s": r["train_tokens"] * d.world / max(r.get("seconds_update", 0.0) +
                                                                      r.get("seconds_logprob", 0.0), 1e-9)}
+        if use_is:
+            rec.update(is_ratio_mean=r["is_ratio_mean"], is_ratio_max=is_max,
+                       is_ratio_capped_frac=r["is_ratio_capped_frac"])
+        if cuda:  # rank 0's GPU memory at each phase boundary (bench/bench_memory.py plots it)
+            timeline = list(getattr(engine, "memory_timeline", ()))
+            if hasattr(engine, "memory_timeline"):
+                engine.memory_timeline.clear()
+            timeline.append({"phase": "train", "allocated": torch.cuda.memory_allocated(d.device),
+                             "reserved": torch.cuda.memory_reserved(d.device),
+                             "device_used": _device_used(d.device)})
+            rec["memory"] = timeline
         writer.write(rec)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(phase="grpo", reward=f"{rec['reward_mean']:.2f}", acc=f"{rec['accuracy']:.2f}")
         if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0:
-            save_checkpoint(cfg, d, policy, processor, opt, sched, "grpo", step + 1, ckpt_extra())
+            save_checkpoint(cfg, d, train_policy, processor, opt, sched, "grpo", step + 1, ckpt_extra())
     if bar is not None:
         bar.close()
 
     # ---- 4. final evaluation, summary, checkpoint, plot
     summary: dict[str, Any] = {}
     ev0 = state.get("eval_warmup")
-    ev1 = evaluate(engine, processor, eval_set, **ev_kw) if cfg.train.eval_after else None
+    ev1 = run_eval() if cfg.train.eval_after else None
     if ev1 is not None:
         writer.write({"phase": "eval", "after": "grpo", "step": cfg.train.max_steps, **ev1})
         log.info("held-out after StepGRPO: accuracy %.3f, StepRAR %.3f, StepRVR %.3f (n=%d)",
                  ev1["accuracy"], ev1["step_rar"], ev1["step_rvr"], ev1["n"])
     if cfg.train.save_final:
-        save_model_dir(out / "final", d, policy, processor)
+        save_model_dir(out / "final", d, train_policy, processor)
     wall = time.time() - t_start
     if d.main:
         def pick(ev, k):
@@ -477,6 +609,10 @@ def preflight(cfg: Config) -> None:
             raise UserError(f"model.path {cfg.model.path!r}: no such directory (and not a hub id 'org/name')")
     if cfg.deepspeed and not Path(cfg.deepspeed).is_file():
         raise UserError(f"deepspeed: {cfg.deepspeed} does not exist")
+    if cfg.deepspeed:
+        from r1vl import ds
+
+        ds.check_config(cfg)
     find_resume(cfg)
 
 
@@ -523,7 +659,9 @@ def _is_user_error(e: Exception) -> bool:
     except ImportError:  # pragma: no cover
         return False
     names = {c.__name__ for c in type(e).__mro__}
-    return isinstance(e, ModelLoadError) or bool(names & {"DataError", "DatasetError", "BadRowError"})
+    return isinstance(e, ModelLoadError) or bool(names & {"DataError", "DatasetError", "BadRowError",
+                                                          "DeepSpeedConfigError", "DeepSpeedCheckpointError",
+                                                          "SpeedupError"})
 
 
 def _fail(e: Exception) -> None:
@@ -536,6 +674,12 @@ def _fail(e: Exception) -> None:
 def _shutdown() -> None:
     import torch.distributed as dist
 
+    while _OPEN_ENGINES:  # vLLM's teardown needs the process group
+        engine = _OPEN_ENGINES.pop()
+        try:
+            engine.close()
+        except Exception as e:  # pragma: no cover
+            log.warning("closing the rollout engine failed: %s", e)
     if dist.is_available() and dist.is_initialized():
         try:
             dist.destroy_process_group()

@@ -475,6 +475,7 @@ class VLLMEngine:
         self._slept_level = 1
         self._needs_full_push = False
         self.policy = None  # a bound trainer model (bind_policy): pushed on every wake()
+        self._policy_weights = None  # () -> its HF-named tensors
         self.calls: deque[str] = deque(maxlen=64)  # recent phases: sleep / wake / load_weights / generate
         # CUDA memory after each phase (sleep, wake, sync, generate): the trainer logs it
         self.memory_timeline: deque[dict] = deque(maxlen=256)
@@ -484,13 +485,13 @@ class VLLMEngine:
         )
 
     @classmethod
-    def from_config(cls, cfg, model, processor) -> "VLLMEngine":
+    def from_config(cls, cfg, model, processor, *, weights=None) -> "VLLMEngine":
         """The engine for a trainer config (r1vl.config.Config), bound to `model`.
 
         Every rank calls this at the same time. Rank 0 writes the model's config and
         processor to <output_dir>/vllm_engine_model; the engine starts from dummy
         weights and the policy's weights are pushed before it returns. Options: see
-        `engine_options`.
+        `engine_options`. `weights`: see `bind_policy`.
         """
         from pathlib import Path
 
@@ -503,14 +504,18 @@ class VLLMEngine:
             write_engine_model_dir(model, processor, model_dir)
         dist.barrier()
         engine = cls(VLLMEngineConfig(**opts))
-        engine.bind_policy(model)
+        engine.bind_policy(model, weights=weights)
         return engine
 
-    def bind_policy(self, model) -> None:
+    def bind_policy(self, model, *, weights=None) -> None:
         """Follow `model` (a policy, possibly wrapped): its weights are pushed now and
-        on every wake(), so a trainer's rollout is just wake() → generate() → sleep()."""
+        on every wake(), so a trainer's rollout is just wake() → generate() → sleep().
+        `weights`: a zero-argument callable returning the HF-named tensors to push
+        (e.g. `lambda: r1vl.ds.named_parameters(engine)`, bucketed ZeRO-3 gathers);
+        default: `policy_named_tensors(model)` (one gather per ZeRO-3 parameter)."""
         self.policy = model
-        self.load_weights(policy_named_tensors(model))
+        self._policy_weights = weights if weights is not None else (lambda: policy_named_tensors(model))
+        self.load_weights(self._policy_weights())
 
     # ---------------------------------------------------------------- memory
 
@@ -565,7 +570,7 @@ class VLLMEngine:
         if self.state == "asleep":
             self._wake_weights_only()
         if self.policy is not None:
-            self.load_weights(policy_named_tensors(self.policy))
+            self.load_weights(self._policy_weights())
 
     def _wake_weights_only(self) -> None:
         if self.sleep_mode:
