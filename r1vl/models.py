@@ -328,13 +328,21 @@ def build_tiny(corpus: Iterable[str] | None = None, *, vocab_size: int = 1024, s
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Qwen2VLForConditionalGeneration(config)
-    model.generation_config.eos_token_id = config.eos_token_id
-    model.generation_config.pad_token_id = config.pad_token_id
-    model.generation_config.bos_token_id = config.bos_token_id
+    for key in ("eos_token_id", "pad_token_id", "bos_token_id"):
+        setattr(model.generation_config, key, _config_token_id(config, key))
     processor = VLProcessor(tokenizer, make_image_processor(min_pixels, max_pixels))
     if out_dir is not None:
         save_pretrained(model, processor, out_dir)
     return model, processor
+
+
+def _config_token_id(config, key: str):
+    """`key` (eos/pad/bos_token_id) of a Qwen2-VL config: top level where transformers keeps
+    it (5.20+), else its text_config (5.19 keeps the text model's ids there only)."""
+    value = getattr(config, key, None)
+    if value is None:
+        value = getattr(getattr(config, "text_config", None), key, None)
+    return value
 
 
 def synthetic_corpus(n: int, seed: int = 0) -> list[str]:
