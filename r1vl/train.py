@@ -582,6 +582,7 @@ def run(cfg: Config) -> dict:
             "wall_seconds": wall, "wall_seconds_total": prior_wall + wall,
             "resumed_from": str(resume_dir) if resume_dir is not None else None,
             "world_size": d.world, "seed": cfg.seed,
+            "device": torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else str(d.device),
         }
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if cfg.logging.plot:

@@ -50,6 +50,11 @@ def test_stepgrpo_run_with_vllm_engine(tmp_path):
         for key in ("reward_mean", "loss", "step_rar_mean", "step_rvr_mean", "grad_norm"):
             assert math.isfinite(r[key]), (key, r)
         assert r["completion_length"] > 0
+        # truncated IS against the engine's own log-probs: ≈ 1 because wake() pushed the current
+        # weights (stale dummy or pre-warm-up weights would put it far off); what is left is the
+        # mass of the image-placeholder tokens, which the engine never samples (logit bias)
+        assert 0.95 < r["is_ratio_mean"] <= 1.0 + 1e-3, r
+        assert r["is_ratio_mean"] <= r["is_ratio_max"] <= 2.0 and 0.0 <= r["is_ratio_capped_frac"] <= 1.0, r
     assert [r["after"] for r in rows if r.get("phase") == "eval"] == ["warmup", "grpo"]
     assert (out / "summary.json").is_file()
     assert (out / "vllm_engine_model" / "config.json").is_file()  # the engine was the vLLM one
