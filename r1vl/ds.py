@@ -265,20 +265,53 @@ def prepare_runtime() -> None:
     (cached across runs) unless TORCH_EXTENSIONS_DIR is set. On a CPU-only machine the
     collectives run on the gloo process group; DeepSpeed's optional shared-memory
     all-reduce op (a minutes-long C++ JIT build on first use, no gain for the tiny CPU
-    runs) is switched off unless R1VL_DS_CPU_SHM=1."""
+    runs) is switched off unless R1VL_DS_CPU_SHM=1. Also on CPU: DeepSpeed's Muon optimizer
+    module (imported by every engine to test `isinstance(opt, MuonWithAuxAdam)`; r1vl never
+    uses Muon) is imported with its torch.compile decorators off: compiling them costs each
+    rank about 7 s of CPU at start-up. torch's deprecation warnings for the collectives that
+    DeepSpeed calls (one per call) are silenced."""
+    import warnings
+
     build = _repo_build_dir()
     if build is not None and "TORCH_EXTENSIONS_DIR" not in os.environ:
         os.environ["TORCH_EXTENSIONS_DIR"] = str(build / "torch_extensions")
     from deepspeed.accelerator import get_accelerator
 
-    if get_accelerator().device_name() == "cpu" and os.environ.get("R1VL_DS_CPU_SHM", "0") != "1":
+    cpu = get_accelerator().device_name() == "cpu"
+    if cpu and os.environ.get("R1VL_DS_CPU_SHM", "0") != "1":
         import deepspeed.ops
 
         ops = deepspeed.ops.__compatible_ops__  # probed once per process; DeepSpeed reads this dict
         ops["deepspeed_shm_comm"] = False
+    if cpu:
+        _import_muon_uncompiled()
+    warnings.filterwarnings("ignore", category=FutureWarning,
+                            message=r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated")
     ds_logger = logging.getLogger("DeepSpeed")
     if not log.isEnabledFor(logging.DEBUG):
         ds_logger.setLevel(logging.WARNING)
+
+
+def _import_muon_uncompiled() -> None:
+    import sys
+
+    if "deepspeed.runtime.zero.muon.original_muon" in sys.modules:
+        return
+    try:
+        from deepspeed.runtime import compiler
+    except ImportError:  # another DeepSpeed layout: leave it alone
+        return
+    real = getattr(compiler, "compile", None)
+    if real is None or not hasattr(compiler, "dummy_decorator"):
+        return
+    compiler.compile = lambda: compiler.dummy_decorator
+    try:
+        import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401
+        import deepspeed.runtime.zero.muon.original_muon  # noqa: F401
+    except ImportError:
+        pass
+    finally:
+        compiler.compile = real
 
 
 def _ensure_process_group() -> None:

@@ -1,0 +1,158 @@
+"""The trainer under DeepSpeed, through its real entry point: `torchrun --nproc-per-node 2
+-m r1vl.train deepspeed=configs/ds_zero{3,2}.json` (gloo, CPU, bf16 as the shipped configs
+say) on a tiny model: warm-up steps on the DeepSpeed engine, evaluation with gathered
+weights, the warm-up -> StepGRPO optimizer reset, StepGRPO steps with a ZeRO reference
+model, DeepSpeed checkpoints, a gathered 16-bit final model; then a resume from the step-2
+checkpoint ends bit-for-bit where the uninterrupted run ended.
+
+The policy starts from a briefly warmed-up tiny model (built once, in-process, without
+DeepSpeed) so that StepGRPO's rewards vary within groups and its gradients are not zero:
+otherwise equal weights after a resume would prove nothing about the restored state."""
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("deepspeed")
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "model.tiny.hidden_size=64", "model.tiny.intermediate_size=128", "model.tiny.num_hidden_layers=1",
+    "model.tiny.num_attention_heads=2", "model.tiny.num_key_value_heads=1", "model.tiny.vision_depth=1",
+    "model.tiny.vision_embed_dim=32", "model.tiny.vision_num_heads=1", "model.tiny.vocab_size=400",
+    "model.tiny.tokenizer_corpus_size=60",
+]
+RUN = [
+    "data.synthetic_train_size=60", "data.synthetic_test_size=6", "data.eval_size=4",
+    "warmup.batch_size=2", "warmup.warmup_steps=1", "train.eval_batch_size=4",
+    "rollout.num_generations=4", "rollout.max_completion_length=80", "train.prompts_per_step=2",
+    "train.micro_batch_size=2", "logging.progress=false", "logging.tensorboard=false", "logging.plot=false",
+    # pinned (the embedded defaults are tuned for the full-size default run)
+    "rollout.temperature=1.0", "rollout.top_p=1.0", "rollout.top_k=0", "algorithm.beta=0.04",
+    "algorithm.num_iterations=1", "optim.lr=0.001", "optim.scheduler=constant", "optim.warmup_steps=0",
+]
+TIMING = ("seconds", "tokens_per_s", "wall")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from r1vl.data.synthetic import generate
+
+    d = tmp_path_factory.mktemp("data")
+    generate(str(d), 60, 6, 0)
+    (d / "r1vl_synthetic.json").write_text(json.dumps({"n_train": 60, "n_test": 6, "seed": 0}))
+    return d
+
+
+@pytest.fixture(scope="module")
+def warm_model(tmp_path_factory, data_dir):
+    """A tiny Qwen2-VL after 100 SFT steps (one process, no DeepSpeed): it writes the R1-VL
+    format often enough that StepGRPO's groups get different rewards."""
+    from r1vl.train import main
+
+    out = tmp_path_factory.mktemp("warm")
+    assert main([f"output_dir={out}", f"data.synthetic_dir={data_dir}", *TINY, *RUN, "warmup.steps=100",
+                 "warmup.lr=0.01", "warmup.batch_size=4", "train.max_steps=0", "train.eval_before=false",
+                 "train.eval_after=false", "train.save_final=false", "distributed.num_threads=1"]) == 0
+    return out / "warmup"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(stage: int, out: Path, model: Path, data_dir: Path, *extra: str) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "r1vl.train",
+           f"deepspeed={ROOT / 'configs' / f'ds_zero{stage}.json'}", f"output_dir={out}", f"model.path={model}",
+           f"data.synthetic_dir={data_dir}", *RUN, "warmup.steps=2", "warmup.lr=0.001", "train.max_steps=3",
+           "train.save_every=1", *extra]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-60:])
+        pytest.fail(f"torchrun r1vl.train (ZeRO-{stage}) exited {proc.returncode}:\n{tail}")
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _strip(rec: dict) -> dict:
+    return {k: v for k, v in rec.items() if not any(t in k for t in TIMING)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [3, 2])
+def test_deepspeed_two_ranks_train_then_resume_equals_uninterrupted(stage, tmp_path, warm_model, data_dir):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    a = tmp_path / "uninterrupted"
+    _torchrun(stage, a, warm_model, data_dir)
+    recs = _metrics(a)
+    assert [(r["phase"], r["step"]) for r in recs] == [("warmup", 1), ("warmup", 2), ("eval", 0), ("grpo", 1),
+                                                       ("grpo", 2), ("grpo", 3), ("eval", 3)]
+    grpo = [r for r in recs if r["phase"] == "grpo"]
+    for r in recs:
+        if r["phase"] in ("warmup", "grpo"):
+            assert math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]), r
+    for r in grpo:
+        for k in ("reward_mean", "kl", "entropy", "lr"):
+            assert math.isfinite(r[k]), (k, r)
+        assert r["lr"] == pytest.approx(1e-3)  # the StepGRPO schedule replaced the warm-up's (1e-4 at its end)
+    assert recs[1]["lr"] == pytest.approx(1e-4)
+    assert any(r["grad_norm"] > 0 for r in grpo) and grpo[-1]["kl"] > 0  # StepGRPO moved the weights
+    ck = a / "checkpoints"
+    assert sorted(p.name for p in ck.iterdir()) == ["grpo-000002", "grpo-000003"]
+    for name in ("grpo-000002", "grpo-000003"):  # DeepSpeed state + 16-bit HF model + trainer state
+        assert (ck / name / "ds").is_dir() and (ck / name / "model.safetensors").is_file()
+        assert (ck / name / "trainer_state.pt").is_file()
+    state = torch.load(ck / "grpo-000003" / "trainer_state.pt", weights_only=False)
+    assert state["deepspeed"] and state["world"] == 2 and len(state["rng"]) == 2 and "optimizer" not in state
+    final = AutoModelForImageTextToText.from_pretrained(a / "final")  # gathered, loads with the Auto class
+    assert final.dtype == torch.bfloat16 and final.config.tie_word_embeddings
+    before = load_file(warm_model / "model.safetensors")
+    after = load_file(a / "final" / "model.safetensors")
+    assert any(not torch.equal(before[k].to(after[k].dtype), after[k]) for k in after)
+
+    # resume: the files a run killed right after its step-2 checkpoint leaves behind
+    b = tmp_path / "resumed"
+    shutil.copytree(a, b)
+    for p in (b / "checkpoints" / "grpo-000003", b / "final"):
+        shutil.rmtree(p)
+    (b / "summary.json").unlink()
+    _torchrun(stage, b, warm_model, data_dir, "train.resume=true")
+    summary = json.loads((b / "summary.json").read_text())
+    assert summary["resumed_from"].endswith("grpo-000002")
+    resumed = load_file(b / "final" / "model.safetensors")
+    assert resumed.keys() == after.keys()
+    for k in after:
+        assert torch.equal(resumed[k], after[k]), k
+    assert [_strip(r) for r in _metrics(b)] == [_strip(r) for r in recs]
+
+
+def test_bad_deepspeed_config_is_one_clear_error(tmp_path, capsys):
+    from r1vl.train import main
+
+    bad = tmp_path / "ds.json"
+    bad.write_text(json.dumps({"optimizer": {"type": "AdamW"}, "zero_optimization": {"stage": 3}}))
+    assert main([f"output_dir={tmp_path / 'out'}", f"deepspeed={bad}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("r1vl.train: error:") and len(err.splitlines()) == 1
+    assert str(bad) in err and "'optimizer'" in err
+    bad.write_text(json.dumps({"train_micro_batch_size_per_gpu": 3}))
+    assert main([f"output_dir={tmp_path / 'out'}", f"deepspeed={bad}", "train.micro_batch_size=2"]) == 2
+    err = capsys.readouterr().err
+    assert "train_micro_batch_size_per_gpu" in err and "train.micro_batch_size" in err
