@@ -72,8 +72,8 @@ class DataConfig:
     test: str = "synthetic"
     synthetic_dir: str = ""  # "" = <output_dir>/data
     synthetic_train_size: int = field(default=3000, metadata=_min(1))
-    synthetic_test_size: int = field(default=200, metadata=_min(1))
-    eval_size: int = field(default=200, metadata=_min(0))  # held-out items evaluated; 0 = all
+    synthetic_test_size: int = field(default=400, metadata=_min(1))
+    eval_size: int = field(default=400, metadata=_min(0))  # held-out items evaluated; 0 = all
     min_pixels: int = field(default=56 * 56, metadata=_min(1))
     max_pixels: int = field(default=112 * 112, metadata=_min(1))
     max_prompt_length: int = field(default=512, metadata=_min(1))
@@ -84,9 +84,9 @@ class DataConfig:
 class WarmupConfig:
     """Supervised warm-up on the reference solutions (next-token cross-entropy)."""
 
-    steps: int = field(default=150, metadata=_min(0))
-    batch_size: int = field(default=8, metadata=_min(1))  # per rank
-    lr: float = field(default=3e-3, metadata=_min(0.0, strict=True))
+    steps: int = field(default=400, metadata=_min(0))
+    batch_size: int = field(default=4, metadata=_min(1))  # per rank
+    lr: float = field(default=5e-4, metadata=_min(0.0, strict=True))
     warmup_steps: int = field(default=10, metadata=_min(0))  # linear lr warm-up, then cosine to 10%
     max_length: int = field(default=1024, metadata=_min(1))
 
@@ -116,10 +116,10 @@ class VLLMConfig:
 class RolloutConfig:
     engine: str = field(default="hf", metadata=_choices("hf", "vllm"))
     num_generations: int = field(default=8, metadata=_min(1))  # G
-    temperature: float = field(default=1.0, metadata=_min(0.0))
+    temperature: float = field(default=0.7, metadata=_min(0.0))
     top_p: float = field(default=1.0, metadata=_min(0.0, strict=True))
     top_k: int = field(default=0, metadata=_min(0))
-    max_completion_length: int = field(default=96, metadata=_min(1))
+    max_completion_length: int = field(default=64, metadata=_min(1))
     batch_size: int = field(default=32, metadata=_min(1))  # sequences per generate() call
     # truncated importance sampling (engine log-probs vs the trainer's; rollout.engine=vllm)
     is_cap: float = field(default=2.0, metadata=_min(0.0, strict=True))
@@ -145,7 +145,7 @@ class AlgorithmConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = field(default=1e-3, metadata=_min(0.0, strict=True))
+    lr: float = field(default=5e-5, metadata=_min(0.0, strict=True))
     weight_decay: float = field(default=0.0, metadata=_min(0.0))
     beta1: float = 0.9
     beta2: float = 0.99
@@ -157,7 +157,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = field(default=40, metadata=_min(0))
+    max_steps: int = field(default=60, metadata=_min(0))
     prompts_per_step: int = field(default=4, metadata=_min(1))  # per rank; x G completions
     micro_batch_size: int = field(default=16, metadata=_min(1))  # sequences per forward/backward
     save_every: int = field(default=0, metadata=_min(0))  # 0 = only the final checkpoint

@@ -56,8 +56,15 @@ def evaluate(engine, processor, samples: Sequence[Any], *, max_new_tokens: int, 
 
     d = d or Dist()
     t0 = time.perf_counter()
-    mine = list(samples)[d.rank:: d.world]
+    samples = list(samples)
+    # per-family accuracy when the rows say which family they are (the built-in task does);
+    # the name list comes from the whole set so that every rank reduces the same keys
+    families = sorted({str(getattr(x, "meta", {}).get("family")) for x in samples
+                       if getattr(x, "meta", {}).get("family") is not None})
+    mine = samples[d.rank:: d.world]
     stats = StatReducer()
+    for fam in families:
+        stats.add("accuracy_" + fam, [])
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
     for s in range(0, len(mine), batch_size):
         chunk = mine[s: s + batch_size]
@@ -65,6 +72,10 @@ def evaluate(engine, processor, samples: Sequence[Any], *, max_new_tokens: int, 
         sc = score([c.text for c in comps], chunk, alpha=alpha, variant=variant, workers=reward_workers,
                    timeout_s=reward_timeout_s)
         stats.add("accuracy", sc["correct"])
+        for x, ok in zip(chunk, sc["correct"]):
+            fam = getattr(x, "meta", {}).get("family")
+            if fam is not None:
+                stats.add("accuracy_" + str(fam), [ok])
         stats.add("step_rar", sc["accuracy"])
         stats.add("step_rvr", sc["validity"])
         stats.add("reward", sc["total"])
