@@ -62,6 +62,7 @@ def evaluate(engine, processor, samples: Sequence[Any], *, max_new_tokens: int, 
     families = sorted({str(getattr(x, "meta", {}).get("family")) for x in samples
                        if getattr(x, "meta", {}).get("family") is not None})
     mine = samples[d.rank:: d.world]
+    local_correct: list[float] = []
     stats = StatReducer()
     for fam in families:
         stats.add("accuracy_" + fam, [])
@@ -72,6 +73,7 @@ def evaluate(engine, processor, samples: Sequence[Any], *, max_new_tokens: int, 
         sc = score([c.text for c in comps], chunk, alpha=alpha, variant=variant, workers=reward_workers,
                    timeout_s=reward_timeout_s)
         stats.add("accuracy", sc["correct"])
+        local_correct.extend(sc["correct"])
         for x, ok in zip(chunk, sc["correct"]):
             fam = getattr(x, "meta", {}).get("family")
             if fam is not None:
@@ -85,7 +87,35 @@ def evaluate(engine, processor, samples: Sequence[Any], *, max_new_tokens: int, 
     out = stats.reduce(d)
     out["n"] = int(round(out["n"] * d.world)) if d.world > 1 else len(mine)
     out["seconds"] = time.perf_counter() - t0
+    # per-item correctness in the order of `samples` (rank r evaluated items r, r+world, ...):
+    # lets two evaluations of the same items be compared pairwise (see paired_comparison)
+    from r1vl.utils import all_gather_objects
+
+    shards = all_gather_objects(local_correct, d)
+    items = [0.0] * len(samples)
+    for r, shard in enumerate(shards):
+        for j, ok in enumerate(shard):
+            items[r + j * d.world] = ok
+    out["correct_items"] = items
     return out
+
+
+def paired_comparison(before: Sequence[float], after: Sequence[float]) -> dict[str, float]:
+    """Two evaluations of the same items: how many flipped each way, and the exact two-sided
+    sign-test (McNemar) p-value of "no change"; plus each accuracy's standard error."""
+    import math
+
+    if len(before) != len(after):
+        raise ValueError("paired_comparison: the two evaluations cover different items")
+    fixed = sum(1 for b, a in zip(before, after) if a > b)
+    broken = sum(1 for b, a in zip(before, after) if a < b)
+    n = fixed + broken
+    k = min(fixed, broken)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n if n else 1.0
+    m = max(1, len(before))
+    pb, pa = sum(before) / m, sum(after) / m
+    return {"fixed": fixed, "broken": broken, "p_value": min(1.0, 2 * tail),
+            "stderr_before": math.sqrt(pb * (1 - pb) / m), "stderr_after": math.sqrt(pa * (1 - pa) / m)}
 
 
 def _resolve_data(path: str) -> str:
@@ -108,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variant", choices=("paper", "official"), default="paper")
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     ap.add_argument("--out", default="", help="also write the JSON result here")
+    ap.add_argument("--per-item", action="store_true", help="include per-item correctness (0/1, data order)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -131,7 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, OSError, KeyError) as e:
         print(f"r1vl.eval: error: {e}", file=sys.stderr)
         return 2
+    items = res.pop("correct_items")
     res = {"model": args.model, "data": data_path, **res}
+    if args.per_item:
+        res["correct_items"] = items
     text = json.dumps(res, indent=2)
     print(text)
     if args.out:

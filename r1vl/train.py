@@ -407,7 +407,8 @@ def run(cfg: Config) -> dict:
     if state.get("eval_warmup") is None and cfg.train.eval_before:
         ev = run_eval()
         state["eval_warmup"] = ev
-        writer.write({"phase": "eval", "after": "warmup", "step": 0, **ev})
+        writer.write({"phase": "eval", "after": "warmup", "step": 0,
+                      **{k: v for k, v in ev.items() if k != "correct_items"}})
         log.info("held-out after warm-up: accuracy %.3f, StepRAR %.3f, StepRVR %.3f (n=%d, %.0fs)",
                  ev["accuracy"], ev["step_rar"], ev["step_rvr"], ev["n"], ev["seconds"])
 
@@ -562,7 +563,8 @@ def run(cfg: Config) -> dict:
     ev0 = state.get("eval_warmup")
     ev1 = run_eval() if cfg.train.eval_after else None
     if ev1 is not None:
-        writer.write({"phase": "eval", "after": "grpo", "step": cfg.train.max_steps, **ev1})
+        writer.write({"phase": "eval", "after": "grpo", "step": cfg.train.max_steps,
+                      **{k: v for k, v in ev1.items() if k != "correct_items"}})
         log.info("held-out after StepGRPO: accuracy %.3f, StepRAR %.3f, StepRVR %.3f (n=%d)",
                  ev1["accuracy"], ev1["step_rar"], ev1["step_rvr"], ev1["n"])
     if cfg.train.save_final:
@@ -583,7 +585,16 @@ def run(cfg: Config) -> dict:
             "resumed_from": str(resume_dir) if resume_dir is not None else None,
             "world_size": d.world, "seed": cfg.seed,
             "device": torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else str(d.device),
+            "process_seconds": time.time() - _process_start(),
         }
+        for name, ev in (("after_warmup", ev0), ("final", ev1)):
+            if ev is not None:
+                summary[f"accuracy_by_family_{name}"] = {k[len("accuracy_"):]: v for k, v in ev.items()
+                                                         if k.startswith("accuracy_")}
+        if ev0 is not None and ev1 is not None and ev0.get("correct_items") and ev1.get("correct_items"):
+            from r1vl.eval import paired_comparison
+
+            summary["paired"] = paired_comparison(ev0["correct_items"], ev1["correct_items"])
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if cfg.logging.plot:
             plot_run(out / "metrics.jsonl", out / "plot.png", title=f"r1vl StepGRPO (seed {cfg.seed})")
@@ -594,6 +605,22 @@ def run(cfg: Config) -> dict:
 
 
 # --------------------------------------------------------------------------- CLI
+
+
+def _process_start() -> float:
+    """Wall-clock start of this process (Linux /proc; else this module's import time)."""
+    try:
+        import os
+
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(float(x.split()[1]) for x in Path("/proc/stat").read_text().splitlines()
+                    if x.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return _IMPORTED_AT
+
+
+_IMPORTED_AT = time.time()
 
 
 def preflight(cfg: Config) -> None:

@@ -1,0 +1,183 @@
+"""The trainer end to end on a very small run: outputs, checkpoints, kill + resume equality,
+bad-input errors, the eval CLI."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from r1vl.train import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# seconds-scale run: 1-layer tiny model, a few prompts, short completions
+FAST = [
+    "model.tiny.hidden_size=64", "model.tiny.intermediate_size=128", "model.tiny.num_hidden_layers=1",
+    "model.tiny.num_attention_heads=2", "model.tiny.num_key_value_heads=1", "model.tiny.vision_depth=1",
+    "model.tiny.vision_embed_dim=32", "model.tiny.vision_num_heads=1", "model.tiny.vocab_size=400",
+    "model.tiny.tokenizer_corpus_size=60",
+    "data.synthetic_train_size=60", "data.synthetic_test_size=6", "data.eval_size=4",
+    "warmup.steps=2", "warmup.batch_size=2", "warmup.warmup_steps=1",
+    "rollout.num_generations=2", "rollout.max_completion_length=10", "train.prompts_per_step=2",
+    "train.micro_batch_size=2", "train.eval_batch_size=4",
+    "logging.progress=false", "logging.tensorboard=false", "distributed.num_threads=1",
+]
+TIMING = ("seconds", "tokens_per_s", "lr_", "wall")
+
+
+def _strip(rec):
+    return {k: v for k, v in rec.items() if not any(t in k for t in TIMING)}
+
+
+def _metrics(out):
+    return [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """The synthetic task generated once for every run of this module."""
+    from r1vl.data.synthetic import generate
+
+    d = tmp_path_factory.mktemp("data")
+    generate(str(d), 60, 6, 0)
+    (d / "r1vl_synthetic.json").write_text(json.dumps({"n_train": 60, "n_test": 6, "seed": 0}))
+    return d
+
+
+def _args(out, data_dir, *extra):
+    return [f"output_dir={out}", f"data.synthetic_dir={data_dir}", *FAST, *extra]
+
+
+def test_end_to_end_outputs(tmp_path, data_dir):
+    out = tmp_path / "run"
+    assert main(_args(out, data_dir, "train.max_steps=2", "train.save_every=1")) == 0
+    recs = _metrics(out)
+    phases = [r["phase"] for r in recs]
+    assert phases == ["warmup", "warmup", "eval", "grpo", "grpo", "eval"]
+    g = recs[3]
+    for k in ("step", "loss", "reward_mean", "reward_std", "step_rar_mean", "step_rar_std", "step_rvr_mean",
+              "step_rvr_std", "accuracy", "kl", "clip_ratio_low", "clip_ratio_high", "clip_ratio", "entropy",
+              "completion_length", "seconds_rollout", "seconds_reward", "seconds_logprob", "seconds_update",
+              "tokens_per_s"):
+        assert k in g, k
+    assert all(torch.isfinite(torch.tensor(float(g[k]))) for k in ("loss", "kl", "entropy", "reward_mean"))
+    summary = json.loads((out / "summary.json").read_text())
+    for k in ("accuracy_after_warmup", "accuracy_final", "reward_after_warmup", "reward_final", "steps",
+              "wall_seconds"):
+        assert summary[k] is not None, k
+    assert summary["steps"] == 2
+    assert (out / "config.yaml").is_file() and (out / "plot.png").stat().st_size > 1000
+    from r1vl.config import load_config
+
+    assert load_config(out / "config.yaml").train.max_steps == 2  # the resolved config reloads
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts == ["grpo-000001", "grpo-000002"]  # warm-up's and older ones pruned (keep 2)
+    from transformers import AutoModelForImageTextToText
+
+    final = AutoModelForImageTextToText.from_pretrained(out / "final")
+    assert final.config.tie_word_embeddings
+
+
+def test_kill_and_resume_equals_uninterrupted(tmp_path, data_dir):
+    """A run killed (SIGKILL) mid-training and resumed with train.resume=true ends with the same
+    parameters and the same per-step metrics as a run that was never interrupted."""
+    extra = ("train.max_steps=6", "train.save_every=1", "logging.plot=false", "train.eval_after=false")
+    ref = tmp_path / "uninterrupted"
+    assert main(_args(ref, data_dir, *extra)) == 0
+
+    out = tmp_path / "killed"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "r1vl.train", *_args(out, data_dir, *extra)], cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        ck = out / "checkpoints"
+        if ck.is_dir() and any(p.name.startswith("grpo-") for p in ck.iterdir()):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    assert not (out / "final").exists()
+
+    assert main(_args(out, data_dir, *extra, "train.resume=true")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from"] and "grpo-" in summary["resumed_from"]
+    from safetensors.torch import load_file
+
+    a = load_file(ref / "final" / "model.safetensors")
+    b = load_file(out / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ra = [_strip(r) for r in _metrics(ref)]
+    rb = [_strip(r) for r in _metrics(out)]
+    assert ra == rb
+
+
+def test_atomic_checkpoint_write(tmp_path):
+    from r1vl.utils import STATE_FILE, atomic_dir_write, latest_checkpoint
+
+    ck = tmp_path / "checkpoints"
+
+    def good(tmp):
+        tmp.mkdir()
+        (tmp / STATE_FILE).write_text("ok")
+
+    atomic_dir_write(ck / "grpo-000001", good)
+
+    def crash(tmp):
+        tmp.mkdir()
+        (tmp / "model.safetensors").write_text("partial")
+        raise KeyboardInterrupt  # killed in the middle of writing
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_dir_write(ck / "grpo-000002", crash)
+    assert latest_checkpoint(ck).name == "grpo-000001"  # the partial save is invisible
+    with pytest.raises(KeyboardInterrupt):
+        atomic_dir_write(ck / "grpo-000001", crash)  # re-saving under the same name
+    assert (ck / "grpo-000001" / STATE_FILE).read_text() == "ok"
+
+
+@pytest.mark.parametrize("override, words", [
+    ("data.train=/nonexistent/train.jsonl", ["data.train", "/nonexistent/train.jsonl", "does not exist"]),
+    ("model.path=/nonexistent/model", ["model.path", "no such directory"]),
+    ("model.path=.", ["model.path", "config.json"]),
+    ("train.resume=/nonexistent/ckpt", ["train.resume", "not a checkpoint"]),
+    ("deepspeed=ds.json", ["deepspeed"]),
+])
+def test_bad_inputs_one_clear_message(tmp_path, capsys, override, words):
+    assert main([f"output_dir={tmp_path}", override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("r1vl.train: error:") and len(err.splitlines()) == 1
+    for w in words:
+        assert w in err
+
+
+def test_cli_bad_input_exit_code_no_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "r1vl.train", f"output_dir={tmp_path}", "data.test=/no/such/dir"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and "data.test" in r.stderr
+
+
+def test_eval_cli(tmp_path, data_dir, capsys):
+    from r1vl.eval import main as eval_main
+    from r1vl.models import build_tiny, synthetic_corpus
+
+    build_tiny(synthetic_corpus(30), vocab_size=400, out_dir=tmp_path / "m", hidden_size=64,
+               intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+               vision_depth=1, vision_embed_dim=32, vision_num_heads=1)
+    assert eval_main(["--model", str(tmp_path / "m"), "--data", str(data_dir), "--n", "3",
+                      "--max-new-tokens", "8"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["n"] == 3 and 0.0 <= res["accuracy"] <= 1.0 and "step_rar" in res and "step_rvr" in res
+    assert eval_main(["--model", str(tmp_path / "nope"), "--data", str(data_dir)]) == 2
+    assert "--model" in capsys.readouterr().err
+    assert eval_main(["--model", str(tmp_path / "m"), "--data", str(tmp_path / "nodata")]) == 2
+    assert "--data" in capsys.readouterr().err
