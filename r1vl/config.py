@@ -101,6 +101,7 @@ class VLLMConfig:
     tensor_parallel_size: int = field(default=1, metadata=_min(1))
     gpu_memory_utilization: float = field(default=0.3, metadata=_min(0.0, strict=True))  # weights + KV (CUDA)
     kv_cache_memory_bytes: int = field(default=0, metadata=_min(0))  # 0: from gpu_memory_utilization; CPU: 256 MiB
+    max_model_len: Optional[int] = None  # None: data.max_prompt_length + image tokens + max_completion_length
     max_num_seqs: int = field(default=256, metadata=_min(1))
     max_num_batched_tokens: Optional[int] = None
     enforce_eager: bool = False  # forced on CPU

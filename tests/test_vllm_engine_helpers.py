@@ -154,7 +154,8 @@ def test_engine_options_from_the_trainer_config():
     cfg = Config()
     opts = engine_options(cfg, _Processor(), "/x/vllm_engine_model")
     assert opts["model"] == "/x/vllm_engine_model" and opts["load_format"] == "dummy"
-    assert opts["max_model_len"] == cfg.data.max_prompt_length + cfg.rollout.max_completion_length
+    assert opts["max_model_len"] == (cfg.data.max_prompt_length + cfg.data.max_pixels // 784  # + image tokens
+                                     + cfg.rollout.max_completion_length)
     assert (opts["min_pixels"], opts["max_pixels"]) == (cfg.data.min_pixels, cfg.data.max_pixels)
     assert opts["stop_token_ids"] == [2, 0] and opts["suppress_token_ids"] == [9, 10, 11]
     if not torch.cuda.is_available():

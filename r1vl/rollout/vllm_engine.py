@@ -273,8 +273,9 @@ def write_engine_model_dir(model, processor, out_dir: str | os.PathLike) -> None
 def engine_options(cfg, processor, model_dir: str) -> dict[str, Any]:
     """VLLMEngineConfig arguments for a trainer config (r1vl.config.Config).
 
-    From the trainer's sections: dtype, seed, max_model_len (prompt + completion
-    lengths), the image pixel bounds; from the processor, as the HF engine does:
+    From the trainer's sections: dtype, seed, max_model_len (prompt text + the largest
+    image's tokens + completion: an image of max_pixels is max_pixels / 28^2 tokens for
+    Qwen2-VL's 14-pixel patches merged 2x2), the image pixel bounds; from the processor, as the HF engine does:
     the stop ids and the image-placeholder ids (suppressed). Then every field of
     `cfg.rollout.vllm` when the config has that section (VLLMEngineConfig's field
     names; None, or 0 for kv_cache_memory_bytes, leaves the default). Off CUDA:
@@ -287,7 +288,8 @@ def engine_options(cfg, processor, model_dir: str) -> dict[str, Any]:
         load_format="dummy",
         dtype=cfg.model.dtype,
         seed=cfg.seed,
-        max_model_len=cfg.data.max_prompt_length + cfg.rollout.max_completion_length,
+        max_model_len=cfg.data.max_prompt_length + cfg.data.max_pixels // (28 * 28)
+        + cfg.rollout.max_completion_length,
         min_pixels=cfg.data.min_pixels,
         max_pixels=cfg.data.max_pixels,
         stop_token_ids=list(processor.stop_token_ids()) if hasattr(processor, "stop_token_ids") else [],
