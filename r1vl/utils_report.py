@@ -1,0 +1,122 @@
+"""Collect finished runs (their summary.json, and the wall time `/usr/bin/time -v` measured
+around the launcher) into one JSON file and a Markdown table:
+
+    python -m r1vl.utils_report runs/seed0 runs/seed1 runs/seed2 \\
+        --time-logs logs/seed0.time logs/seed1.time logs/seed2.time \\
+        --command "torchrun --nproc-per-node 4 -m r1vl.train seed=S output_dir=runs/seedS" \\
+        --json bench/results/default_runs.json --md docs/default_runs.md --plot docs/default_run.png
+
+The plot is copied from the first run (its plot.png)."""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import shutil
+import sys
+from pathlib import Path
+
+
+def parse_time_log(path: str | Path) -> dict:
+    """Elapsed wall, user and system seconds from GNU time's -v output."""
+    text = Path(path).read_text(errors="replace")
+    out = {}
+    m = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", text)
+    if m:
+        parts = [float(x) for x in m.group(1).split(":")]
+        secs = 0.0
+        for p in parts:
+            secs = secs * 60 + p
+        out["wall_seconds"] = secs
+    for key, name in (("User time (seconds)", "user_seconds"), ("System time (seconds)", "system_seconds")):
+        m = re.search(re.escape(key) + r": ([\d.]+)", text)
+        if m:
+            out[name] = float(m.group(1))
+    m = re.search(r"Exit status: (\d+)", text)
+    if m:
+        out["exit_status"] = int(m.group(1))
+    return out
+
+
+def collect(run_dirs: list[str], time_logs: list[str]) -> list[dict]:
+    rows = []
+    for i, rd in enumerate(run_dirs):
+        s = json.loads((Path(rd) / "summary.json").read_text())
+        row = {"run": str(rd), "seed": s.get("seed"), "accuracy_after_warmup": s["accuracy_after_warmup"],
+               "accuracy_final": s["accuracy_final"], "reward_after_warmup": s.get("reward_after_warmup"),
+               "reward_final": s.get("reward_final"), "eval_n": s.get("eval_n"),
+               "paired": s.get("paired"), "by_family_after_warmup": s.get("accuracy_by_family_after_warmup"),
+               "by_family_final": s.get("accuracy_by_family_final"),
+               "trainer_wall_seconds": s.get("wall_seconds"), "process_seconds": s.get("process_seconds")}
+        if i < len(time_logs):
+            row["launcher"] = parse_time_log(time_logs[i])
+        rows.append(row)
+    return rows
+
+
+def to_markdown(rows: list[dict], command: str, machine: str) -> str:
+    lines = [
+        "# The default run, three seeds",
+        "",
+        f"Command (S = 0, 1, 2): `{command}`",
+        "",
+        f"Machine: {machine}. Wall time is GNU time's elapsed time around torchrun (all four",
+        "ranks, start-up and both evaluations included).",
+        "",
+        "| seed | held-out accuracy after warm-up | after StepGRPO | change | items fixed / broken | "
+        "sign-test p | wall |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        p = r.get("paired") or {}
+        se0, se1 = p.get("stderr_before"), p.get("stderr_after")
+        a0 = f"{r['accuracy_after_warmup']:.3f}" + (f" ± {se0:.3f}" if se0 is not None else "")
+        a1 = f"{r['accuracy_final']:.3f}" + (f" ± {se1:.3f}" if se1 is not None else "")
+        wall = (r.get("launcher") or {}).get("wall_seconds")
+        wall_s = f"{wall / 60:.1f} min" if wall else "n/a"
+        fb = f"{p['fixed']} / {p['broken']}" if p else "n/a"
+        pv = f"{p['p_value']:.2g}" if p else "n/a"
+        lines.append(f"| {r['seed']} | {a0} | {a1} | {r['accuracy_final'] - r['accuracy_after_warmup']:+.3f} | "
+                     f"{fb} | {pv} | {wall_s} |")
+    lines += ["", "± is the standard error of each accuracy over the n held-out items; the sign test",
+              "compares the two evaluations item by item (items right only after StepGRPO vs only before).",
+              "", "Per task family (after warm-up → after StepGRPO):", ""]
+    fams = sorted({f for r in rows for f in (r.get("by_family_final") or {})})
+    if fams:
+        lines.append("| seed | " + " | ".join(fams) + " |")
+        lines.append("|---|" + "---|" * len(fams))
+        for r in rows:
+            b, a = r.get("by_family_after_warmup") or {}, r.get("by_family_final") or {}
+            cells = [f"{b.get(f, float('nan')):.2f} → {a.get(f, float('nan')):.2f}" for f in fams]
+            lines.append(f"| {r['seed']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m r1vl.utils_report", description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+")
+    ap.add_argument("--time-logs", nargs="*", default=[])
+    ap.add_argument("--command", default="torchrun --nproc-per-node 4 -m r1vl.train seed=S output_dir=runs/seedS")
+    ap.add_argument("--machine", default=f"{platform.machine()}, {platform.processor() or 'CPU'}")
+    ap.add_argument("--json", default="")
+    ap.add_argument("--md", default="")
+    ap.add_argument("--plot", default="")
+    args = ap.parse_args(argv)
+    rows = collect(args.runs, args.time_logs)
+    doc = {"command": args.command, "machine": args.machine, "runs": rows}
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+    md = to_markdown(rows, args.command, args.machine)
+    if args.md:
+        Path(args.md).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.md).write_text(md)
+    if args.plot:
+        shutil.copyfile(Path(args.runs[0]) / "plot.png", args.plot)
+    sys.stdout.write(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
