@@ -462,6 +462,10 @@ class VLLMEngine:
 
         with self._vllm_allocating():
             self.llm = LLM(**kwargs)
+        if not self.is_cuda:
+            # the CPU worker replaces torch.set_num_threads by a warning, which vLLM's own
+            # multimodal processing then triggers on every request: hide that one logger
+            logging.getLogger("vllm.v1.worker.cpu_worker").setLevel(logging.ERROR)
         # runs before vLLM's own exit-time teardown (atexit is last-in, first-out)
         atexit.register(self.close)
         if config.load_format == "dummy":
