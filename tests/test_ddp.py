@@ -2,6 +2,7 @@
 gives the same parameters as one process on the whole batch, on both ranks. Plus the
 reductions and the per-rank data streams the trainer uses."""
 import os
+import sys
 import socket
 
 import pytest
@@ -10,6 +11,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from r1vl.utils import IndexStream
+
+sys.path.insert(0, os.path.dirname(__file__))  # the sibling test modules' helpers
 
 pytestmark = pytest.mark.slow
 
@@ -20,9 +23,6 @@ ADV = [1.0, -1.0, 0.5, -0.5, 2.0, -2.0, 0.1, -0.1]
 
 
 def _setup():
-    import sys
-
-    sys.path.insert(0, os.path.dirname(__file__))
     from test_algo import _batch
 
     from r1vl.models import PolicyWithLoss, build_tiny
@@ -71,8 +71,9 @@ def _free_port():
 
 
 def test_ddp_two_gloo_ranks_match_single_process(tmp_path):
-    # fork: the children inherit the imported modules (spawn would re-import torch + transformers)
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    # spawn, not fork: a fork of the pytest process after earlier tests ran threads (OpenMP,
+    # the reward pool's readers) deadlocked in the child in a full-suite run
+    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     p0 = torch.load(tmp_path / "rank0.pt")
     p1 = torch.load(tmp_path / "rank1.pt")
     policy, batch = _setup()
@@ -105,3 +106,32 @@ def test_index_stream_shards_are_disjoint_and_deterministic():
     # later epochs cover everything again
     one = IndexStream(10, world=1, rank=0, seed=0)
     assert sorted(one.take(1, 10)) == list(range(10))
+
+
+def test_torchrun_two_ranks_end_to_end(tmp_path):
+    """`torchrun --nproc-per-node 2 -m r1vl.train` on a very small run: both ranks train, rank 0
+    alone writes the outputs, metrics are reduced over the ranks."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_train import FAST
+
+    from r1vl.data.synthetic import generate
+
+    data = tmp_path / "data"
+    generate(str(data), 60, 6, 0)
+    (data / "r1vl_synthetic.json").write_text(json.dumps({"n_train": 60, "n_test": 6, "seed": 0}))
+    out = tmp_path / "run"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "r1vl.train",
+           f"output_dir={out}", f"data.synthetic_dir={data}", *FAST, "train.max_steps=2", "logging.plot=false"]
+    r = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["phase"] for x in recs] == ["warmup", "warmup", "eval", "grpo", "grpo", "eval"]
+    assert recs[2]["n"] == 4  # the 4 held-out items were split over the 2 ranks and summed back
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 2
+    assert (out / "final" / "model.safetensors").is_file()

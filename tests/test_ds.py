@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO-2/3 (r1vl.ds).
 
 Fast: filling the DeepSpeed JSON from the trainer's config and its errors; the shipped
-configs. Slow (two gloo ranks on CPU, forked): ZeRO-3 and ZeRO-2 trainings of a tiny
+configs. Slow (two gloo ranks on CPU, spawned): ZeRO-3 and ZeRO-2 trainings of a tiny
 Qwen2-VL whose fused GRPO loss runs inside the LM head's forward (tied to embed_tokens)
 match one process on the whole batch; the shipped bf16 configs train (finite loss, moving
 weights); gathered 16-bit saves load with the Auto classes and equal the gathered weights;
@@ -179,8 +179,8 @@ _CACHE: dict = {}
 
 
 def _setup():
-    """(model, processor, batch, ref_logprobs, initial state) built once per process and
-    inherited by the forked ranks (fork copies the parent's memory)."""
+    """(model, processor, batch, ref_logprobs, initial state) built once per process
+    (deterministic: the spawned ranks rebuild exactly what the parent compares against)."""
     if not _CACHE:
         from r1vl.algo import build_batch, compute_logprobs
         from r1vl.models import PolicyWithLoss, build_tiny
@@ -474,8 +474,9 @@ def _free_port():
 
 def _run_two_ranks(stage, out):
     pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install -e '.[deepspeed]')")
-    _setup()  # built once in the parent; the forked ranks inherit it
-    mp.start_processes(_worker, args=(stage, _free_port(), str(out)), nprocs=WORLD, join=True, start_method="fork")
+    # spawn, not fork: forking the pytest process after earlier tests ran threads (OpenMP,
+    # the reward pool's readers) can deadlock the child
+    mp.start_processes(_worker, args=(stage, _free_port(), str(out)), nprocs=WORLD, join=True, start_method="spawn")
     return [torch.load(out / f"res{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
