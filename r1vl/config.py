@@ -167,6 +167,7 @@ class TrainConfig:
     eval_before: bool = True
     eval_after: bool = True
     eval_batch_size: int = field(default=64, metadata=_min(1))
+    eval_every: int = field(default=0, metadata=_min(0))  # held-out evals during StepGRPO; 0 = only after
 
 
 @dataclass

@@ -554,6 +554,11 @@ def run(cfg: Config) -> dict:
         if bar is not None:
             bar.update(1)
             bar.set_postfix(phase="grpo", reward=f"{rec['reward_mean']:.2f}", acc=f"{rec['accuracy']:.2f}")
+        if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < cfg.train.max_steps:
+            evk = run_eval()  # before this step's checkpoint: a resume never repeats or skips it
+            writer.write({"phase": "eval", "after": "grpo", "step": step + 1, "final": False,
+                          **{k: v for k, v in evk.items() if k != "correct_items"}})
+            log.info("held-out at StepGRPO step %d: accuracy %.3f", step + 1, evk["accuracy"])
         if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0:
             save_checkpoint(cfg, d, train_policy, processor, opt, sched, "grpo", step + 1, ckpt_extra())
     if bar is not None:
@@ -564,7 +569,7 @@ def run(cfg: Config) -> dict:
     ev0 = state.get("eval_warmup")
     ev1 = run_eval() if cfg.train.eval_after else None
     if ev1 is not None:
-        writer.write({"phase": "eval", "after": "grpo", "step": cfg.train.max_steps,
+        writer.write({"phase": "eval", "after": "grpo", "step": cfg.train.max_steps, "final": True,
                       **{k: v for k, v in ev1.items() if k != "correct_items"}})
         log.info("held-out after StepGRPO: accuracy %.3f, StepRAR %.3f, StepRVR %.3f (n=%d)",
                  ev1["accuracy"], ev1["step_rar"], ev1["step_rvr"], ev1["n"])

@@ -286,8 +286,13 @@ class MetricsWriter:
             except json.JSONDecodeError:
                 continue  # a line cut short by the kill
             ph = rec.get("phase")
-            if ph == "eval":  # held-out evals run after the warm-up / after the last StepGRPO step
-                key = (1, 0) if rec.get("after") == "warmup" else (2, rec.get("step", 0))
+            if ph == "eval":  # after the warm-up, during StepGRPO (before that step's save), at the end
+                if rec.get("after") == "warmup":
+                    key = (1, 0)
+                elif rec.get("final", True):
+                    key = (2, rec.get("step", 0))
+                else:
+                    key = (1, rec.get("step", 0))
             else:
                 key = (_PHASES.get(ph, 0), rec.get("step", 0))
             if key <= cut:
@@ -346,16 +351,25 @@ def plot_run(metrics_path: Path, png_path: Path, title: str = "") -> bool:
     ax = axes[1]
     if grpo:
         xs = [r["step"] for r in grpo]
-        ax.plot(xs, [r["reward_mean"] for r in grpo], label="reward (StepRAR+StepRVR)", color="tab:blue")
-        ax.plot(xs, [r["accuracy"] for r in grpo], label="rollout accuracy", color="tab:orange")
+        for key, label, colour in (("reward_mean", "rollout reward (StepRAR+StepRVR)", "tab:blue"),
+                                   ("accuracy", "rollout accuracy", "tab:orange")):
+            ys = [r[key] for r in grpo]
+            k = max(1, min(9, len(ys) // 6))  # a centred moving average over k steps (raw values faint)
+            smooth = [sum(ys[max(0, i - k // 2): i + k // 2 + 1]) / len(ys[max(0, i - k // 2): i + k // 2 + 1])
+                      for i in range(len(ys))]
+            ax.plot(xs, ys, color=colour, alpha=0.25, linewidth=0.8)
+            ax.plot(xs, smooth, color=colour, label=label + (f" ({k}-step mean)" if k > 1 else ""))
     for r in evals:
         x = 0 if r.get("after") == "warmup" else r.get("step", 0)
+        if r.get("after") == "warmup" and not grpo:
+            continue
         ax.scatter([x], [r["accuracy"]], color="tab:red", zorder=3)
         ax.annotate(f"{r['accuracy']:.2f}", (x, r["accuracy"]), textcoords="offset points", xytext=(4, 4))
     ax.scatter([], [], color="tab:red", label="held-out accuracy (greedy)")
     ax.set_xlabel("StepGRPO step")
     ax.set_title("StepGRPO")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.set_ylim(bottom=0.0)
+    ax.legend(loc="center", fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
