@@ -158,10 +158,10 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = field(default=80, metadata=_min(0))
+    max_steps: int = field(default=60, metadata=_min(0))
     prompts_per_step: int = field(default=4, metadata=_min(1))  # per rank; x G completions
     micro_batch_size: int = field(default=16, metadata=_min(1))  # sequences per forward/backward
-    save_every: int = field(default=20, metadata=_min(0))  # 0 = only the final checkpoint
+    save_every: int = field(default=0, metadata=_min(0))  # 0 = only the final checkpoint
     save_final: bool = True
     resume: Union[bool, str] = False  # true = latest checkpoint in output_dir, or a checkpoint path
     eval_before: bool = True
