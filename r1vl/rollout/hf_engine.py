@@ -110,6 +110,13 @@ class HFEngine:
         return out
 
     # -- internals
+    def _takes_mm_types(self) -> bool:
+        if not hasattr(self, "_mm_types"):
+            import inspect
+
+            self._mm_types = "mm_token_type_ids" in inspect.signature(self.model.forward).parameters
+        return self._mm_types
+
     def _rng_devices(self) -> list:
         dev = next(self.model.parameters()).device
         return [dev] if dev.type == "cuda" else []
@@ -121,6 +128,8 @@ class HFEngine:
         texts = [p.text for _, p in items]
         images = [p.image for _, p in items if p.image is not None]
         batch = self.processor(texts, images, padding_side="left")
+        if not self._takes_mm_types():  # transformers releases whose Qwen2-VL has no such input
+            batch.pop("mm_token_type_ids", None)
         device = next(self.model.parameters()).device
         batch = {k: v.to(device) for k, v in batch.items()}
         if "pixel_values" in batch:
