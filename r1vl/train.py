@@ -127,6 +127,16 @@ def build_model(cfg: Config, d, corpus_samples, resume_dir: Path | None):
 _OPEN_ENGINES: list = []  # closed by _shutdown() before the process group ends
 
 
+def check_prompt_lengths(batch, samples_per_row, limit: int) -> None:
+    """data.max_prompt_length: prompts are never truncated (a cut image or instruction would
+    train on a different question); a longer one stops the run naming the row."""
+    lengths = batch.inputs["attention_mask"][:, : batch.start].sum(1).tolist()
+    for n, sample in zip(lengths, samples_per_row):
+        if n > limit:
+            raise UserError(f"{getattr(sample, 'source', '?')}: the prompt is {int(n)} tokens (image tokens "
+                            f"included), over data.max_prompt_length={limit}; raise it or lower data.max_pixels")
+
+
 def make_engine(cfg: Config, model, processor, weights=None):
     """The rollout engine. hf: generates with `model` itself. vllm: the colocated engine
     (r1vl/rollout/vllm_engine.py), built on every rank at the same time, bound to `model`:
@@ -367,6 +377,7 @@ def run(cfg: Config) -> dict:
                          : cfg.warmup.max_length] + [eos] for s in samples]
             batch = build_batch(processor, [p.text for p in prompts], [p.image for p in prompts], conts,
                                 dtype=next(model.parameters()).dtype).to(d.device)
+            check_prompt_lengths(batch, samples, cfg.data.max_prompt_length)
             m = sft_step(train_policy, opt, None if use_ds else sched, batch,
                          micro_batch_size=cfg.train.micro_batch_size, max_grad_norm=cfg.optim.max_grad_norm)
             dt = time.perf_counter() - t0
@@ -476,6 +487,7 @@ def run(cfg: Config) -> dict:
         batch = build_batch(processor, [prompts[c.prompt_index].text for c in comps],
                             [prompts[c.prompt_index].image for c in comps], [c.token_ids for c in comps],
                             dtype=dtype).to(d.device)
+        check_prompt_lengths(batch, [samples[c.prompt_index] for c in comps], cfg.data.max_prompt_length)
         with tm("logprob"):
             ref_lp = None
             if ref_policy is not None:

@@ -159,6 +159,12 @@ def test_bad_inputs_one_clear_message(tmp_path, capsys, override, words):
         assert w in err
 
 
+def test_prompt_over_max_prompt_length(tmp_path, data_dir, capsys):
+    assert main(_args(tmp_path / "run", data_dir, "data.max_prompt_length=20", "train.max_steps=1")) == 2
+    err = capsys.readouterr().err
+    assert "max_prompt_length=20" in err and "train.jsonl:" in err
+
+
 def test_cli_bad_input_exit_code_no_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "r1vl.train", f"output_dir={tmp_path}", "data.test=/no/such/dir"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
