@@ -18,6 +18,7 @@ from torch import nn
 
 from .chunked import chunked_linear_logprobs
 from .objective import grpo_objective
+from .onepass import onepass_grpo_loss
 
 BACKENDS = ("auto", "triton", "torch")
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -92,6 +93,13 @@ def _resolve_backend(backend, device, dtype):
         raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
                          "r1vl.kernels' Triton module is imported; use backend='torch' or 'auto'")
     return backend
+
+
+def _onepass_enabled() -> bool:
+    """The torch backend's token-level loss forms its gradients in forward (onepass.py,
+    three GEMMs instead of four); R1VL_KERNEL_ONEPASS=0 selects the two-pass path
+    (log-probs, then the objective, recomputing logits in backward) for comparisons."""
+    return os.environ.get("R1VL_KERNEL_ONEPASS", "1") != "0"
 
 
 def _backend_fns(backend):
@@ -210,6 +218,13 @@ def fused_linear_grpo_loss(
     rows = None if n_on == on.numel() else on.nonzero().squeeze(1)
     safe_targets = targets.reshape(-1) if rows is None else torch.where(on, targets.reshape(-1), 0)
     h2 = hidden.reshape(-1, hidden.shape[-1])
+    if be == "torch" and importance_sampling_level == "token" and _onepass_enabled():
+        return onepass_grpo_loss(
+            h2, weight, bias, safe_targets, rows, mask, advantages, old_logprobs=old_logprobs,
+            ref_logprobs=ref_logprobs, rollout_is_ratio=rollout_is_ratio, beta=beta,
+            epsilon_low=epsilon_low, epsilon_high=epsilon_high, temperature=temperature,
+            loss_type=loss_type, max_completion_length=max_completion_length,
+            num_items_in_batch=num_items_in_batch, return_entropy=return_entropy)
     logprob_fn, objective_fn = _backend_fns(be)
     logp, ent = logprob_fn(h2, weight, bias, safe_targets, temperature=temperature,
                            return_entropy=bool(return_entropy), rows=rows)

@@ -38,29 +38,11 @@ def grpo_objective(
     on = mask != 0
     m = mask.to(acc)
     zero = torch.zeros((), dtype=acc, device=logp.device)
-
-    # advantages, old/ref log-probs and rollout_is_ratio are constants of the objective
-    old_logprobs, ref_logprobs, rollout_is_ratio, advantages = (
-        None if x is None else x.detach()
-        for x in (old_logprobs, ref_logprobs, rollout_is_ratio, advantages))
-    old = logp.detach() if old_logprobs is None else old_logprobs.to(acc)
-    log_ratio = torch.where(on, logp - old, zero)
-    if importance_sampling_level == "sequence":
-        seq = (log_ratio * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
-        log_ratio = seq.expand_as(logp)
-    ratio = torch.exp(log_ratio)
-    clipped = torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
-    adv = advantages.to(acc).unsqueeze(1)
-    per_token = -torch.minimum(ratio * adv, clipped * adv)
-    if rollout_is_ratio is not None:
-        per_token = per_token * torch.where(on, rollout_is_ratio.to(acc), zero)
-    kl = None
-    if ref_logprobs is not None:
-        diff = torch.where(on, ref_logprobs.to(acc) - logp, zero)
-        kl = torch.exp(diff) - diff - 1.0
-        if beta != 0.0:
-            per_token = per_token + beta * kl
-    per_token = torch.where(on, per_token * m, zero)
+    adv = advantages.detach().to(acc).unsqueeze(1)
+    per_token, ratio, kl = per_token_terms(
+        logp, on, m, adv, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
+        rollout_is_ratio=rollout_is_ratio, beta=beta, epsilon_low=epsilon_low,
+        epsilon_high=epsilon_high, importance_sampling_level=importance_sampling_level)
 
     n_tok = m.sum().clamp(min=1.0)
     if loss_type == "grpo":
@@ -93,3 +75,53 @@ def grpo_objective(
         if entropy is not None:
             metrics["entropy"] = masked_mean(entropy)
     return loss, metrics
+
+
+def per_token_terms(logp, on, m, adv, *, old_logprobs, ref_logprobs, rollout_is_ratio, beta,
+                    epsilon_low, epsilon_high, importance_sampling_level):
+    """(masked per-token loss, ratio, k3 KL or None) on [B, T] (or any shape at token level).
+
+    `on` = mask != 0, `m` = mask in logp's dtype, `adv` broadcastable to logp. The
+    per-token loss is −min(r·A, clip(r)·A)·ris + β·KL, times m, zero where masked;
+    r = exp(logp − old) (sequence level: exp of the sequence's masked mean log-ratio),
+    r ≡ 1 with a live gradient when old is None. The loss's value and its gradient
+    w.r.t. logp both come from these ops (the one-pass path differentiates them on
+    chunks of rows), so every path shares torch.minimum/clamp's conventions at ties."""
+    acc = logp.dtype
+    zero = torch.zeros((), dtype=acc, device=logp.device)
+    # old/ref log-probs and rollout_is_ratio are constants of the objective
+    old_logprobs, ref_logprobs, rollout_is_ratio = (
+        None if x is None else x.detach() for x in (old_logprobs, ref_logprobs, rollout_is_ratio))
+    old = logp.detach() if old_logprobs is None else old_logprobs.to(acc)
+    log_ratio = torch.where(on, logp - old, zero)
+    if importance_sampling_level == "sequence":
+        seq = (log_ratio * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
+        log_ratio = seq.expand_as(logp)
+    ratio = torch.exp(log_ratio)
+    clipped = torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
+    per_token = -torch.minimum(ratio * adv, clipped * adv)
+    if rollout_is_ratio is not None:
+        per_token = per_token * torch.where(on, rollout_is_ratio.to(acc), zero)
+    kl = None
+    if ref_logprobs is not None:
+        diff = torch.where(on, ref_logprobs.to(acc) - logp, zero)
+        kl = torch.exp(diff) - diff - 1.0
+        if beta != 0.0:
+            per_token = per_token + beta * kl
+    return torch.where(on, per_token * m, zero), ratio, kl
+
+
+def token_weights(mask, *, loss_type, max_completion_length, num_items_in_batch, dtype):
+    """w [B, T] with loss = Σ per_token·w for every loss type (per_token already masked):
+    grpo 1/(B·max(1, Σ_t m)) per sequence; bnpo and dapo without num_items 1/max(1, Σ m);
+    dr_grpo 1/(B·max_completion_length); dapo with num_items_in_batch 1/num_items."""
+    m = mask.to(dtype)
+    bsz = mask.shape[0]
+    if loss_type == "grpo":
+        return (1.0 / (bsz * m.sum(-1, keepdim=True).clamp(min=1.0))).expand_as(m)
+    if loss_type == "dr_grpo":
+        return torch.full_like(m, 1.0 / float(bsz * max_completion_length))
+    if loss_type == "dapo" and num_items_in_batch is not None:
+        n = torch.as_tensor(num_items_in_batch, dtype=dtype, device=mask.device)
+        return (1.0 / n).expand_as(m)
+    return (1.0 / m.sum().clamp(min=1.0)).expand_as(m)

@@ -1,5 +1,9 @@
 """Chunked PyTorch backend (backend="torch") against the fp64 materialised reference.
 
+Every test runs twice: with the one-pass token-level loss (onepass.py, the default)
+and with the two-pass path (R1VL_KERNEL_ONEPASS=0: log-probs, then the objective,
+recomputing logits in backward). Sequence-level cases take the two-pass path either way.
+
 Tolerances: see kernel_cases.py (fp32: values 1e-5, gradients 1e-4 relative to the
 largest reference magnitude; bf16/fp16: values 1e-4, gradients 1e-2; fp64 gradcheck:
 torch.autograd.gradcheck's defaults, eps=1e-6, atol=1e-5, rtol=1e-3).
@@ -8,6 +12,7 @@ import pytest
 import torch
 
 import r1vl.kernels.chunked as chunked
+import r1vl.kernels.onepass as onepass
 from kernel_cases import TOL, check_loss, make_case, rel_err
 from r1vl.kernels import (fused_linear_grpo_loss, linear_logprobs,
                           reference_grpo_loss, reference_linear_logprobs)
@@ -15,11 +20,20 @@ from r1vl.kernels import (fused_linear_grpo_loss, linear_logprobs,
 LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo"]
 
 
+@pytest.fixture(autouse=True, params=["onepass", "twopass"])
+def loss_path(request, monkeypatch):
+    monkeypatch.setenv("R1VL_KERNEL_ONEPASS", "1" if request.param == "onepass" else "0")
+    return request.param
+
+
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """Force several row blocks (5 rows) and vocabulary chunks (16 columns), ragged ends."""
+    """Force several row blocks (5 rows) and vocabulary chunks (16 columns), ragged ends;
+    one-pass chunks of 3 rows."""
     monkeypatch.setattr(chunked, "ROW_BLOCK", 5)
     monkeypatch.setattr(chunked, "CHUNK_BYTES", 4 * 5 * 16)
+    monkeypatch.setattr(onepass, "CHUNK_BYTES_CPU", 1)
+    monkeypatch.setattr(onepass, "MAX_ROWS", 3)
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
@@ -168,11 +182,30 @@ def test_finite_difference_fp64(monkeypatch):
     assert torch.autograd.gradcheck(g, inputs, eps=1e-6, atol=1e-5, rtol=1e-3)
 
 
-def test_rows_without_gradient_skip_work(monkeypatch, small_chunks):
-    """Logits are computed only for unmasked rows in forward and recomputed only for
-    rows that carry gradient in backward: rows x columns computed = n_on x V each way."""
+def test_rows_without_gradient_skip_work(monkeypatch, small_chunks, loss_path):
+    """Two-pass: logits are computed only for unmasked rows in forward and recomputed
+    only for rows that carry gradient in backward: rows x columns = n_on x V each way.
+    One-pass: n_on x V logits once, in forward, and no vocabulary work in backward."""
     case = make_case(B=4, T=8, seed=14, masked_row=3)
     seen = []
+    if loss_path == "onepass":
+        orig_logits = onepass._Gemms.logits
+
+        def spy_logits(self, h_c):
+            z = orig_logits(self, h_c)
+            seen.append(z.numel())
+            return z
+
+        monkeypatch.setattr(onepass._Gemms, "logits", spy_logits)
+        h = case.hidden.clone().requires_grad_()
+        loss, _ = fused_linear_grpo_loss(h, case.weight, case.targets, case.mask,
+                                         case.advantages, backend="torch")
+        n_fwd = len(seen)
+        loss.backward()
+        n_on, vocab = int(case.mask.sum()), case.weight.shape[0]
+        assert n_on < case.mask.numel() and n_fwd > 1     # several chunks
+        assert sum(seen) == n_on * vocab and len(seen) == n_fwd
+        return
     orig = chunked._chunk_logits
 
     def spy(h_rows, weight, bias, v0, v1, inv_t):
@@ -227,3 +260,48 @@ if given is not None:
                    use_ris=bool(flags & 8), loss_type=loss_type, importance_sampling_level=level,
                    temperature=temperature, max_completion_length=T + 3,
                    return_entropy=bool(flags & 2))
+
+
+def test_onepass_upstream_gradient_and_partial_needs(small_chunks, loss_path):
+    """The saved gradients are scaled by the incoming gradient; only the inputs that
+    require grad get one; a retained graph gives the same gradients twice."""
+    case = make_case(B=3, T=6, seed=31, masked_row=1)
+    kw = dict(bias=None, old_logprobs=case.old, ref_logprobs=case.ref, backend="torch")
+    h = case.hidden.clone().requires_grad_()
+    w = case.weight.clone().requires_grad_()
+    loss, _ = fused_linear_grpo_loss(h, w, case.targets, case.mask, case.advantages, **kw)
+    g1 = torch.autograd.grad(loss, (h, w), retain_graph=True)
+    g3 = torch.autograd.grad(-3.0 * loss, (h, w), retain_graph=True)
+    g1b = torch.autograd.grad(loss, (h, w))
+    for a, b, c in zip(g1, g3, g1b):
+        assert a.abs().max() > 0
+        assert torch.allclose(b, -3.0 * a, rtol=1e-6, atol=1e-7)
+        assert torch.equal(a, c)
+    h2 = case.hidden.clone().requires_grad_()
+    loss2, _ = fused_linear_grpo_loss(h2, case.weight, case.targets, case.mask, case.advantages,
+                                      **kw)
+    (gh,) = torch.autograd.grad(loss2, (h2,))
+    assert torch.allclose(gh, g1[0], rtol=1e-6, atol=1e-7)
+
+
+def test_onepass_matches_twopass(monkeypatch):
+    """Both torch paths agree to fp32 rounding on the same inputs (bf16 inputs too)."""
+    for dtype in (torch.float32, torch.bfloat16):
+        case = make_case(B=4, T=9, H=32, V=97, seed=32, dtype=dtype, masked_row=2)
+        out = {}
+        for flag in ("1", "0"):
+            monkeypatch.setenv("R1VL_KERNEL_ONEPASS", flag)
+            h = case.hidden.clone().requires_grad_()
+            w = case.weight.clone().requires_grad_()
+            b = case.bias.clone().requires_grad_()
+            loss, m = fused_linear_grpo_loss(h, w, case.targets, case.mask, case.advantages,
+                                             bias=b, old_logprobs=case.old, ref_logprobs=case.ref,
+                                             rollout_is_ratio=case.ris, temperature=0.8,
+                                             loss_type="bnpo", return_entropy=True)
+            loss.backward()
+            out[flag] = (loss.detach(), m, h.grad, w.grad, b.grad)
+        (l1, m1, *g1), (l0, m0, *g0) = out["1"], out["0"]
+        assert abs(float(l1) - float(l0)) <= 1e-6 * max(1.0, abs(float(l0)))
+        assert all(abs(float(m1[k]) - float(m0[k])) <= 1e-6 for k in m0)
+        for a, b in zip(g1, g0):
+            assert rel_err(a, b) <= (1e-5 if dtype == torch.float32 else 1e-2)

@@ -1,0 +1,241 @@
+"""One-pass GRPO loss from the LM head: loss and gradients in one sweep, three GEMMs.
+
+The two-pass paths (chunked.py, triton_grpo.py) compute log-probs in forward and
+recompute every logits tile in backward: four GEMM-sized products per step
+(h·Wᵀ twice, dlogits·W, dlogitsᵀ·h). At token-level importance sampling the GRPO
+loss is a weighted sum of per-token terms whose weights depend on the mask alone
+(objective.token_weights), so dloss/dlogp_t is known as soon as logp_t is, and the
+whole gradient can be formed in forward while each chunk's logits are live:
+
+    for each chunk of C needed rows (C·V·4 bytes ≈ CHUNK_BYTES):
+        z      = (h_c·Wᵀ + b)/τ                       [C, V] fp32   GEMM 1
+        logp_c = z[target] − lse(z);  entropy from the same z (metric)
+        g_c    = w_c · ∂per_token/∂logp  (objective.per_token_terms, autograd on [C])
+        dz     = g_c·(onehot − softmax(z))/τ          in place over z
+        dh_c   = dz·W                                  GEMM 2 (each row once: final)
+        dW    += dzᵀ·h_c ;  db += Σ_rows dz           GEMM 3 (fp32 accumulator)
+
+Forward then evaluates the loss and metrics with objective.grpo_objective on the
+collected log-probs (the same value as the two-pass path) and saves dh, dW, db;
+backward only scales them by the incoming gradient. Memory: one [C, V] fp32 chunk
+(plus its low-precision copy for the tensor-core GEMMs on CUDA), dh, and an fp32
+dW [V, H] held from forward to backward; never [N, V].
+
+On CUDA with bf16/fp16 inputs the GEMMs take the input dtype and write fp32
+(`torch.mm(..., out_dtype=torch.float32)`), so logits are not rounded to bf16;
+dlogits are rounded to the input dtype as the operand of GEMMs 2 and 3 (as in the
+Triton backward). On CPU the chunk and the weight are upcast to fp32 (fp64 inputs
+stay fp64) before any arithmetic.
+
+Used by api.fused_linear_grpo_loss for backend "torch" at importance_sampling_level
+"token" when a gradient is needed; sequence-level ratios couple all tokens of a
+sequence, so that case keeps the two-pass path.
+"""
+from __future__ import annotations
+
+import torch
+
+from .objective import grpo_objective, per_token_terms, token_weights
+
+# Size of one [rows, V] fp32 logits chunk. On CUDA larger chunks keep the GEMMs
+# efficient (M = rows); the chunk and its bf16 copy are the path's only V-wide
+# temporaries. Tuned on the GPU (bench/NOTES.md); CPU keeps the chunked path's size.
+CHUNK_BYTES_CPU = 32 << 20
+CHUNK_BYTES_CUDA = 512 << 20
+MAX_ROWS = 16384
+
+_OUT_DTYPE_OK: dict[str, bool] = {}
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _chunk_rows(count: int, vocab: int, device: torch.device) -> int:
+    budget = CHUNK_BYTES_CUDA if device.type == "cuda" else CHUNK_BYTES_CPU
+    return max(1, min(count, MAX_ROWS, budget // (4 * vocab)))
+
+
+def _out_dtype_ok(device: torch.device) -> bool:
+    """Whether torch.mm/addmm accept out_dtype=fp32 for half inputs on this device
+    (CUDA builds since torch 2.8); checked once per device type with a tiny product."""
+    key = device.type
+    if key not in _OUT_DTYPE_OK:
+        try:
+            a = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
+            torch.mm(a, a, out_dtype=torch.float32)
+            acc = torch.zeros(2, 2, dtype=torch.float32, device=device)
+            torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+            _OUT_DTYPE_OK[key] = bool(acc[0, 0] == 2.0)
+        except (RuntimeError, TypeError, NotImplementedError):
+            _OUT_DTYPE_OK[key] = False
+    return _OUT_DTYPE_OK[key]
+
+
+class _Gemms:
+    """The three products in the right precision for the inputs' device and dtype.
+
+    half_ops: operands stay in the input dtype (tensor cores) with fp32 outputs;
+    otherwise operands are upcast to the accumulation dtype first."""
+
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor):
+        self.acc = _acc_dtype(hidden)
+        self.half_ops = (hidden.device.type == "cuda" and hidden.dtype in (torch.bfloat16, torch.float16)
+                         and _out_dtype_ok(hidden.device))
+        self.w = weight if (self.half_ops or weight.dtype == self.acc) else weight.to(self.acc)
+
+    def rows(self, h_c: torch.Tensor) -> torch.Tensor:
+        return h_c if self.half_ops else h_c.to(self.acc)
+
+    def logits(self, h_c: torch.Tensor) -> torch.Tensor:
+        if self.half_ops:
+            return torch.mm(h_c, self.w.T, out_dtype=torch.float32)
+        return h_c @ self.w.T
+
+    def operand(self, dz: torch.Tensor) -> torch.Tensor:
+        return dz.to(self.w.dtype) if self.half_ops else dz
+
+    def dhidden(self, dz_op: torch.Tensor) -> torch.Tensor:
+        if self.half_ops:
+            return torch.mm(dz_op, self.w, out_dtype=torch.float32)
+        return dz_op @ self.w
+
+    def add_dweight(self, dw: torch.Tensor, dz_op: torch.Tensor, h_c: torch.Tensor) -> None:
+        if self.half_ops:
+            torch.addmm(dw, dz_op.T, h_c, out_dtype=torch.float32, out=dw)
+        else:
+            dw.addmm_(dz_op.T, h_c)
+
+
+def _token_grad(logp_c, adv_c, w_c, old_c, ref_c, ris_c, hp) -> torch.Tensor:
+    """w · ∂per_token/∂logp on a chunk of unmasked rows (all `on`), by autograd on
+    objective.per_token_terms: the same ops, hence the same tie conventions."""
+    with torch.enable_grad():
+        lp = logp_c.detach().requires_grad_()
+        on = torch.ones_like(lp, dtype=torch.bool)
+        per_tok, _, _ = per_token_terms(
+            lp, on, torch.ones_like(lp), adv_c, old_logprobs=old_c, ref_logprobs=ref_c,
+            rollout_is_ratio=ris_c, beta=hp["beta"], epsilon_low=hp["epsilon_low"],
+            epsilon_high=hp["epsilon_high"], importance_sampling_level="token")
+        (g,) = torch.autograd.grad((per_tok * w_c).sum(), lp)
+    return g
+
+
+class OnePassGRPOLossFunction(torch.autograd.Function):
+    """(loss, kl, clip_low, clip_high, clip, entropy) with gradients formed in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, rows, mask, advantages, old, ref, ris, hp):
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], \
+            bias is not None and ctx.needs_input_grad[2]
+        n, hdim = hidden.shape
+        v = weight.shape[0]
+        bsz, t = mask.shape
+        dev = hidden.device
+        ops = _Gemms(hidden, weight)
+        acc = ops.acc
+        inv_t = 1.0 / hp["temperature"]
+        need_ent = hp["return_entropy"]
+
+        flat = lambda x: None if x is None else x.detach().reshape(-1)  # noqa: E731
+        w_tok = flat(token_weights(mask, loss_type=hp["loss_type"],
+                                   max_completion_length=hp["max_completion_length"],
+                                   num_items_in_batch=hp["num_items_in_batch"], dtype=acc))
+        adv_tok = advantages.detach().to(acc).unsqueeze(1).expand(bsz, t).reshape(-1)
+        old_f, ref_f, ris_f = flat(old), flat(ref), flat(ris)
+
+        logp = torch.zeros(n, dtype=acc, device=dev)
+        ent = torch.zeros(n, dtype=acc, device=dev) if need_ent else None
+        dh = torch.zeros_like(hidden) if need_h else None
+        dw = torch.zeros(v, hdim, dtype=acc, device=dev) if need_w else None
+        db = torch.zeros(v, dtype=acc, device=dev) if need_b else None
+        b_acc = None if bias is None else bias.to(acc)
+
+        count = n if rows is None else rows.numel()
+        step = _chunk_rows(count, v, dev)
+        for s in range(0, count, step):
+            r = slice(s, min(count, s + step)) if rows is None else rows[s:s + step]
+            h_c = ops.rows(hidden[r])
+            tgt = targets[r].unsqueeze(1)
+            z = ops.logits(h_c)
+            if b_acc is not None:
+                z += b_acc
+            if inv_t != 1.0:
+                z *= inv_t
+            lse = torch.logsumexp(z, dim=-1, keepdim=True)
+            logp_c = (z.gather(1, tgt) - lse).squeeze(1)
+            logp[r] = logp_c
+            z -= lse                                         # log p
+            if need_ent:
+                p = torch.exp(z)
+                ent[r] = -torch.bmm(p.unsqueeze(1), z.unsqueeze(2)).reshape(-1)
+                del p
+            if not (need_h or need_w or need_b):
+                del z
+                continue
+            g = _token_grad(logp_c, adv_tok[r], w_tok[r],
+                            None if old_f is None else old_f[r].to(acc),
+                            None if ref_f is None else ref_f[r].to(acc),
+                            None if ris_f is None else ris_f[r].to(acc), hp)
+            dz = z.exp_()                                    # p, in place
+            dz *= -g.unsqueeze(1)
+            dz.scatter_add_(1, tgt, g.unsqueeze(1))          # g·(onehot − p)
+            if inv_t != 1.0:
+                dz *= inv_t                                  # dlogits
+            if need_b:
+                db += dz.sum(0)
+            dz_op = ops.operand(dz)
+            if need_h:
+                dh[r] = ops.dhidden(dz_op).to(hidden.dtype)
+            if need_w:
+                ops.add_dweight(dw, dz_op, h_c)
+            del z, dz, dz_op
+
+        loss, metrics = grpo_objective(
+            logp.view(bsz, t), mask, advantages, old_logprobs=old, ref_logprobs=ref,
+            rollout_is_ratio=ris, beta=hp["beta"], epsilon_low=hp["epsilon_low"],
+            epsilon_high=hp["epsilon_high"], loss_type=hp["loss_type"],
+            importance_sampling_level="token", max_completion_length=hp["max_completion_length"],
+            num_items_in_batch=hp["num_items_in_batch"],
+            entropy=None if ent is None else ent.view(bsz, t))
+        stats = [metrics[k] for k in ("kl", "clip_ratio_low", "clip_ratio_high", "clip_ratio")]
+        stats.append(metrics["entropy"] if need_ent else loss.new_zeros(()))
+        ctx.mark_non_differentiable(*stats)
+        ctx.save_for_backward(dh, dw, db)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return (loss, *stats)
+
+    @staticmethod
+    def backward(ctx, g_loss, *_g_stats):
+        dh, dw, db = ctx.saved_tensors
+        none = (None,) * 8
+        if g_loss is None:
+            return (None, None, None) + none
+        w_dtype, b_dtype = ctx.dtypes
+        out_h = None if dh is None else dh * g_loss.to(dh.dtype)
+        out_w = None if dw is None else (dw * g_loss.to(dw.dtype)).to(w_dtype)
+        out_b = None if db is None else (db * g_loss.to(db.dtype)).to(b_dtype)
+        return (out_h, out_w, out_b) + none
+
+
+def onepass_grpo_loss(hidden, weight, bias, targets, rows, mask, advantages, *, old_logprobs,
+                      ref_logprobs, rollout_is_ratio, beta, epsilon_low, epsilon_high,
+                      temperature, loss_type, max_completion_length, num_items_in_batch,
+                      return_entropy):
+    """Token-level GRPO loss of validated inputs (api.py): hidden [N, H] (N = B·T),
+    targets [N] (safe ids at masked rows), rows = indices of the unmasked rows or None
+    when all are unmasked, mask/old/ref/ris [B, T], advantages [B].
+    Returns (0-dim loss, metrics dict) as grpo_objective: fp32 (fp64 for fp64 inputs)."""
+    if isinstance(num_items_in_batch, torch.Tensor):
+        num_items_in_batch = float(num_items_in_batch)
+    hp = dict(beta=float(beta), epsilon_low=float(epsilon_low), epsilon_high=float(epsilon_high),
+              temperature=float(temperature), loss_type=loss_type,
+              max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
+              return_entropy=bool(return_entropy))
+    loss, kl, low, high, clip, ent = OnePassGRPOLossFunction.apply(
+        hidden, weight, bias, targets, rows, mask, advantages, old_logprobs, ref_logprobs,
+        rollout_is_ratio, hp)
+    metrics = {"kl": kl, "clip_ratio_low": low, "clip_ratio_high": high, "clip_ratio": clip}
+    if return_entropy:
+        metrics["entropy"] = ent
+    return loss, metrics
