@@ -4,9 +4,14 @@
     fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, ...) -> (loss, metrics)
     FusedLinearGRPOLoss(beta=..., ...)(hidden, weight, targets, mask, advantages, ...)
 
-Backends: "auto" = Triton on CUDA tensors, chunked PyTorch on CPU; "triton" forces
-the Triton kernels (on CPU only under TRITON_INTERPRET=1, which must be set before
-the kernels module is first imported); "torch" forces the chunked PyTorch path.
+Backends: "triton" = the streaming Triton kernels (triton_grpo.py; on CPU only under
+TRITON_INTERPRET=1, which must be set before the kernels module is first imported);
+"torch" = chunked GEMMs through PyTorch: at token level the one-pass loss (onepass.py:
+gradients formed in forward, three GEMMs, with the Triton row kernels of
+triton_rows.py on CUDA), else the two-pass chunked path (chunked.py). "auto" = on CPU
+"torch"; on CUDA "torch" for the token-level loss and "triton" for log-probs alone and
+for the sequence-level loss (AUTO_CUDA; the choice is settled by bench/bench_loss.py
+on the GPU, see bench/NOTES.md).
 Every user mistake is a ValueError naming the offending argument.
 """
 from __future__ import annotations
@@ -82,11 +87,17 @@ def _check_target_range(targets, vocab, where=None):
                          f"{' at unmasked positions' if where is not None else ''}; got min {lo}, max {hi}")
 
 
-def _resolve_backend(backend, device, dtype):
+# backend="auto" on CUDA, per operation: the streaming kernels never write logits, which
+# suits forward-only log-probs; the one-pass loss does three GEMMs where the streaming
+# forward+backward recomputes logits (four) and accumulates dW with atomics.
+AUTO_CUDA = {"logprobs": "triton", "loss_token": "torch", "loss_sequence": "triton"}
+
+
+def _resolve_backend(backend, device, dtype, op="logprobs"):
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        backend = "triton" if device.type == "cuda" and dtype != torch.float64 else "torch"
+        backend = AUTO_CUDA[op] if device.type == "cuda" and dtype != torch.float64 else "torch"
     if backend == "triton" and dtype == torch.float64:
         raise ValueError("hidden: float64 is supported by backend='torch' only")
     if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -210,7 +221,7 @@ def fused_linear_grpo_loss(
                 raise ValueError(f"num_items_in_batch: expected a scalar, got shape {tuple(n_items.shape)}")
             n_items = float(n_items)
         _check_number("num_items_in_batch", n_items, positive=True)
-    be = _resolve_backend(backend, dev, hidden.dtype)
+    be = _resolve_backend(backend, dev, hidden.dtype, op="loss_" + importance_sampling_level)
 
     on = (mask != 0).reshape(-1)
     _check_target_range(targets.reshape(-1), weight.shape[0], where=on)

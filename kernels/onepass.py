@@ -24,8 +24,10 @@ dW [V, H] held from forward to backward; never [N, V].
 On CUDA with bf16/fp16 inputs the GEMMs take the input dtype and write fp32
 (`torch.mm(..., out_dtype=torch.float32)`), so logits are not rounded to bf16;
 dlogits are rounded to the input dtype as the operand of GEMMs 2 and 3 (as in the
-Triton backward). On CPU the chunk and the weight are upcast to fp32 (fp64 inputs
-stay fp64) before any arithmetic.
+Triton backward). The per-row softmax work runs in the two Triton row kernels of
+triton_rows.py on CUDA (two reads of the chunk, one bf16 write; ROW_KERNELS), in
+PyTorch ops elsewhere. On CPU the chunk and the weight are upcast to fp32 (fp64
+inputs stay fp64) before any arithmetic.
 
 Used by api.fused_linear_grpo_loss for backend "torch" at importance_sampling_level
 "token" when a gradient is needed; sequence-level ratios couple all tokens of a
@@ -44,7 +46,26 @@ CHUNK_BYTES_CPU = 32 << 20
 CHUNK_BYTES_CUDA = 512 << 20
 MAX_ROWS = 16384
 
+# Per-row softmax work on the chunk: "auto" = the Triton row kernels (triton_rows.py)
+# on CUDA, PyTorch ops elsewhere; "triton" forces the kernels (on CPU only under
+# TRITON_INTERPRET=1, for tests); "torch" forces PyTorch ops.
+ROW_KERNELS = "auto"
+
 _OUT_DTYPE_OK: dict[str, bool] = {}
+
+
+def _use_row_kernels(hidden: torch.Tensor) -> bool:
+    if hidden.dtype == torch.float64 or ROW_KERNELS == "torch":
+        return False
+    if ROW_KERNELS == "triton":
+        return True
+    if hidden.device.type != "cuda":
+        return False
+    try:
+        from . import triton_rows  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
@@ -83,6 +104,10 @@ class _Gemms:
         self.half_ops = (hidden.device.type == "cuda" and hidden.dtype in (torch.bfloat16, torch.float16)
                          and _out_dtype_ok(hidden.device))
         self.w = weight if (self.half_ops or weight.dtype == self.acc) else weight.to(self.acc)
+        self.row_kernels = _use_row_kernels(hidden)
+        if self.row_kernels:
+            from . import triton_rows
+            self.rowk = triton_rows
 
     def rows(self, h_c: torch.Tensor) -> torch.Tensor:
         return h_c if self.half_ops else h_c.to(self.acc)
@@ -153,43 +178,60 @@ class OnePassGRPOLossFunction(torch.autograd.Function):
 
         count = n if rows is None else rows.numel()
         step = _chunk_rows(count, v, dev)
+        need_grad = need_h or need_w or need_b
+        buf = None
+        if ops.row_kernels and need_grad:
+            buf = torch.empty(min(step, count), v, dtype=ops.w.dtype, device=dev)
         for s in range(0, count, step):
             r = slice(s, min(count, s + step)) if rows is None else rows[s:s + step]
             h_c = ops.rows(hidden[r])
-            tgt = targets[r].unsqueeze(1)
-            z = ops.logits(h_c)
-            if b_acc is not None:
-                z += b_acc
-            if inv_t != 1.0:
-                z *= inv_t
-            lse = torch.logsumexp(z, dim=-1, keepdim=True)
-            logp_c = (z.gather(1, tgt) - lse).squeeze(1)
-            logp[r] = logp_c
-            z -= lse                                         # log p
-            if need_ent:
-                p = torch.exp(z)
-                ent[r] = -torch.bmm(p.unsqueeze(1), z.unsqueeze(2)).reshape(-1)
-                del p
-            if not (need_h or need_w or need_b):
-                del z
+            tgt = targets[r]
+            if ops.row_kernels:
+                y = ops.logits(h_c)                          # raw; bias and 1/τ applied in-kernel
+                lse, logp_c, ent_c = ops.rowk.row_stats(y, bias, tgt, inv_t, need_ent)
+                logp[r] = logp_c.to(acc)
+                if need_ent:
+                    ent[r] = ent_c.to(acc)
+            else:
+                z = ops.logits(h_c)
+                if b_acc is not None:
+                    z += b_acc
+                if inv_t != 1.0:
+                    z *= inv_t
+                lse = torch.logsumexp(z, dim=-1, keepdim=True)
+                logp_c = (z.gather(1, tgt.unsqueeze(1)) - lse).squeeze(1)
+                logp[r] = logp_c
+                z -= lse                                     # log p
+                if need_ent:
+                    p = torch.exp(z)
+                    ent[r] = -torch.bmm(p.unsqueeze(1), z.unsqueeze(2)).reshape(-1)
+                    del p
+            if not need_grad:
                 continue
-            g = _token_grad(logp_c, adv_tok[r], w_tok[r],
+            g = _token_grad(logp[r], adv_tok[r], w_tok[r],
                             None if old_f is None else old_f[r].to(acc),
                             None if ref_f is None else ref_f[r].to(acc),
                             None if ris_f is None else ris_f[r].to(acc), hp)
-            dz = z.exp_()                                    # p, in place
-            dz *= -g.unsqueeze(1)
-            dz.scatter_add_(1, tgt, g.unsqueeze(1))          # g·(onehot − p)
-            if inv_t != 1.0:
-                dz *= inv_t                                  # dlogits
-            if need_b:
-                db += dz.sum(0)
-            dz_op = ops.operand(dz)
+            if ops.row_kernels:
+                dz_op = ops.rowk.row_grad(y, bias, tgt, lse, g, inv_t, out=buf[:y.shape[0]])
+                del y
+                if need_b:
+                    db += dz_op.to(acc).sum(0)
+            else:
+                dz = z.exp_()                                # p, in place
+                dz *= -g.unsqueeze(1)
+                dz.scatter_add_(1, tgt.unsqueeze(1), g.unsqueeze(1))   # g·(onehot − p)
+                if inv_t != 1.0:
+                    dz *= inv_t                              # dlogits
+                if need_b:
+                    db += dz.sum(0)
+                dz_op = ops.operand(dz)
+                del z, dz
             if need_h:
                 dh[r] = ops.dhidden(dz_op).to(hidden.dtype)
             if need_w:
                 ops.add_dweight(dw, dz_op, h_c)
-            del z, dz, dz_op
+            del dz_op
 
         loss, metrics = grpo_objective(
             logp.view(bsz, t), mask, advantages, old_logprobs=old, ref_logprobs=ref,

@@ -103,7 +103,11 @@ def test_triton_on_cpu_requires_interpreter(case, monkeypatch):
 def test_auto_is_torch_on_cpu(case, monkeypatch):
     import r1vl.kernels.api as api
     assert api._resolve_backend("auto", torch.device("cpu"), torch.float32) == "torch"
-    assert api._resolve_backend("auto", torch.device("cuda", 0), torch.bfloat16) == "triton"
+    cuda = torch.device("cuda", 0)
+    assert api._resolve_backend("auto", cuda, torch.bfloat16) == "triton"
+    assert api._resolve_backend("auto", cuda, torch.bfloat16, op="loss_token") == "torch"
+    assert api._resolve_backend("auto", cuda, torch.bfloat16, op="loss_sequence") == "triton"
+    assert api._resolve_backend("auto", cuda, torch.float64, op="loss_token") == "torch"
     a = linear_logprobs(case.hidden, case.weight, case.targets)
     b = linear_logprobs(case.hidden, case.weight, case.targets, backend="torch")
     assert torch.equal(a, b)

@@ -1,0 +1,85 @@
+"""Triton row kernels of the one-pass path (kernels/triton_rows.py).
+
+On a CPU-only machine they run in the Triton interpreter (conftest sets
+TRITON_INTERPRET=1), at small shapes; on CUDA the compiled kernels. Compared with
+fp64 PyTorch on the same values: lse/log-prob/entropy to 1e-5 relative (fp32
+arithmetic), dlogits to 1e-5 in fp32 and to bf16 rounding in bf16 (2^-8 relative; 2^-7 in the
+interpreter, whose fp32→bf16 conversion truncates).
+Then the whole one-pass loss with the row kernels against the fp64 reference.
+"""
+import pytest
+import torch
+
+import r1vl.kernels.onepass as onepass
+from kernel_cases import check_loss, make_case, rel_err
+from r1vl.kernels import triton_rows
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _torch_rows(y, bias, tgt, inv_t, g):
+    z = (y.double() + (0 if bias is None else bias.double())) * inv_t
+    lse = torch.logsumexp(z, -1)
+    logp = z.gather(1, tgt.unsqueeze(1)).squeeze(1) - lse
+    p = torch.softmax(z, -1)
+    ent = -(p * torch.log_softmax(z, -1)).sum(-1)
+    onehot = torch.nn.functional.one_hot(tgt, z.shape[1]).double()
+    dz = g.double().unsqueeze(1) * (onehot - p) * inv_t
+    return lse, logp, ent, dz
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("inv_t", [1.0, 1 / 0.7])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_row_kernels_match_torch(with_bias, inv_t, out_dtype, monkeypatch):
+    # several vocabulary blocks per row with a ragged last one
+    monkeypatch.setattr(triton_rows, "_block_v", lambda v, interp: 64)
+    g0 = torch.Generator().manual_seed(int(with_bias) + int(inv_t * 10))
+    C, V = 7, 203
+    y = (torch.randn(C, V, generator=g0) * 3).to(DEV)
+    y[2, :] -= 100.0                    # exp(z) underflows in fp32 without the running max
+    bias = (torch.randn(V, generator=g0)).to(DEV) if with_bias else None
+    tgt = torch.randint(0, V, (C,), generator=g0).to(DEV)
+    g = torch.randn(C, generator=g0).to(DEV)
+    (mx, logs), logp, ent = triton_rows.row_stats(y, bias, tgt, inv_t, True)
+    lse = mx + logs
+    out = torch.full((C, V), float("nan"), dtype=out_dtype, device=DEV)   # poisoned
+    triton_rows.row_grad(y, bias, tgt, (mx, logs), g, inv_t, out)
+    r_lse, r_logp, r_ent, r_dz = _torch_rows(y.cpu(), None if bias is None else bias.cpu(),
+                                            tgt.cpu(), inv_t, g.cpu())
+    # fp32 rounding of (y + b)·inv_t scales with |z|: 1e-6 of the row's largest |z|, plus 1e-5
+    zmax = ((y.cpu().double() + (0 if bias is None else bias.cpu().double())) * inv_t).abs().amax(1)
+    for got, want in ((lse, r_lse), (logp, r_logp), (ent, r_ent)):
+        assert ((got.cpu().double() - want).abs() <= 1e-5 + 1e-6 * zmax).all(), (got, want)
+    assert torch.isfinite(out).all()
+    # bf16: one rounding, 2^-8 relative; the interpreter's fp32→bf16 store truncates
+    # instead of rounding, up to one bf16 ulp (2^-7 relative at the bottom of a binade)
+    bf16_tol = 2 ** -8 if DEV == "cuda" else 2 ** -7
+    assert rel_err(out.cpu(), r_dz) < (1e-5 if out_dtype == torch.float32 else bf16_tol)
+
+
+def test_row_kernels_strided_rows_and_no_entropy():
+    """A chunk that is a row-slice of a wider buffer (stride > V); entropy not asked."""
+    g0 = torch.Generator().manual_seed(3)
+    big = torch.randn(5, 80, generator=g0).to(DEV)
+    y = big[:, :50]
+    tgt = torch.tensor([0, 49, 7, 7, 20]).to(DEV)
+    (mx, logs), logp, ent = triton_rows.row_stats(y, None, tgt, 1.0, False)
+    lse = mx + logs
+    assert ent is None
+    r_lse, r_logp, _, _ = _torch_rows(y.cpu(), None, tgt.cpu(), 1.0, torch.zeros(5))
+    assert rel_err(lse.cpu(), r_lse) < 1e-6 and rel_err(logp.cpu(), r_logp) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_onepass_with_row_kernels(dtype, monkeypatch):
+    """The one-pass loss with the row kernels (as on CUDA) == fp64 reference, in several
+    chunks, with masked rows, bias, temperature and entropy."""
+    monkeypatch.setattr(onepass, "ROW_KERNELS", "triton")
+    monkeypatch.setattr(onepass, "MAX_ROWS", 4)
+    monkeypatch.setenv("R1VL_KERNEL_ONEPASS", "1")
+    case = make_case(B=3, T=6, H=24, V=61, seed=41, dtype=dtype, masked_row=1)
+    for name in ("hidden", "weight", "bias", "targets", "mask", "advantages", "old", "ref", "ris"):
+        setattr(case, name, getattr(case, name).to(DEV))
+    check_loss(case, "torch", use_ris=True, temperature=0.7, return_entropy=True,
+               loss_type="bnpo")
