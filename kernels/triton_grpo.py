@@ -76,40 +76,53 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, m_ok, offs_v, v_ok, D, stride_h, str
 
 @triton.jit
 def _logprob_fwd_kernel(
-    h_ptr, w_ptr, b_ptr, tgt_ptr, rows_ptr, logp_ptr, lse_ptr, ent_ptr,
-    n_rows, V, D, stride_h, stride_w, inv_t,
+    h_ptr, w_ptr, b_ptr, tgt_ptr, rows_ptr, m_out, s_out, t_out, zt_out,
+    n_rows, V, D, stride_h, stride_w, inv_t, v_per_split,
     HAS_BIAS: tl.constexpr, NEED_ENT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """Program (i, j): rows block i × vocabulary split j (columns [j·v_per_split, …)).
+    Writes per row, for its split, at [j, row position]: the max m, Σ exp(z − m), the
+    entropy partial Σ exp(z − m)·(z − m) and the target's logit (0 when the target lies
+    outside the split); `_combine_splits` folds the splits."""
     pid = tl.program_id(0)
+    split = tl.program_id(1)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < n_rows
     rows = tl.load(rows_ptr + offs_m, mask=m_ok, other=0).to(tl.int64)
     tgt = tl.load(tgt_ptr + rows, mask=m_ok, other=0)
+    v_lo = split * v_per_split
+    v_hi = tl.minimum(V, v_lo + v_per_split)
 
-    run_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    # running max from a finite floor: no −inf − −inf, and empty columns add exp(floor − m) = 0
+    run_max = tl.full((BLOCK_M,), -1.0e38, dtype=tl.float32)
     run_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)       # Σ exp(z − run_max)
-    run_zsum = tl.zeros((BLOCK_M,), dtype=tl.float32)      # Σ exp(z − run_max)·z
+    run_t = tl.zeros((BLOCK_M,), dtype=tl.float32)         # Σ exp(z − run_max)·(z − run_max)
     z_tgt = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for v0 in range(0, V, BLOCK_V):
+    for v0 in range(v_lo, v_hi, BLOCK_V):
         offs_v = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
-        v_ok = offs_v < V
+        v_ok = offs_v < v_hi
         z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, m_ok, offs_v, v_ok, D, stride_h, stride_w,
                          inv_t, HAS_BIAS, UPCAST, IEEE, BLOCK_M, BLOCK_V, BLOCK_K)
-        z = tl.where(v_ok[None, :], z, float("-inf"))
+        z = tl.where(v_ok[None, :], z, -1.0e38)
         new_max = tl.maximum(run_max, tl.max(z, axis=1))
-        scale = tl.exp(run_max - new_max)
-        p = tl.exp(z - new_max[:, None])                    # 0 in padded columns
-        run_sum = run_sum * scale + tl.sum(p, axis=1)
+        shift = run_max - new_max                           # ≤ 0
+        scale = tl.exp(shift)
+        d = z - new_max[:, None]
+        p = tl.where(v_ok[None, :], tl.exp(d), 0.0)
         if NEED_ENT:
-            run_zsum = run_zsum * scale + tl.sum(p * tl.where(v_ok[None, :], z, 0.0), axis=1)
-        z_tgt += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z, 0.0), axis=1)
+            # relative to the running max: no cancellation at large |z|
+            run_t = scale * (run_t + shift * run_sum) + tl.sum(p * d, axis=1)
+        run_sum = run_sum * scale + tl.sum(p, axis=1)
+        hit = (offs_v[None, :] == tgt[:, None]) & v_ok[None, :]
+        z_tgt += tl.sum(tl.where(hit, z, 0.0), axis=1)
         run_max = new_max
-    lse = run_max + tl.log(run_sum)
-    tl.store(logp_ptr + rows, z_tgt - lse, mask=m_ok)
-    tl.store(lse_ptr + rows, lse, mask=m_ok)
+    out = split * n_rows + offs_m
+    tl.store(m_out + out, run_max, mask=m_ok)
+    tl.store(s_out + out, run_sum, mask=m_ok)
+    tl.store(zt_out + out, z_tgt, mask=m_ok)
     if NEED_ENT:
-        tl.store(ent_ptr + rows, lse - run_zsum / run_sum, mask=m_ok)
+        tl.store(t_out + out, run_t, mask=m_ok)
 
 
 @triton.jit
@@ -320,6 +333,45 @@ def _flags(hidden: torch.Tensor) -> dict:
                 IEEE=(not interpret) and hidden.dtype == torch.float32)
 
 
+def _splits(n_row_blocks: int, vocab: int, block_v: int, interpret: bool) -> tuple[int, int]:
+    """(number of vocabulary splits, columns per split) for the forward grid. Few row
+    blocks (short batches) leave SMs idle, so the vocabulary is split until there are
+    about 2 programs per SM; each split is a whole number of 256-column tiles (any
+    BLOCK_V <= 256 divides it). The interpreter keeps one split (cost = programs)."""
+    if interpret:
+        return 1, vocab
+    target = 2 * _sm_count()
+    n = max(1, min(-(-target // max(1, n_row_blocks)), -(-vocab // 2048)))
+    per = -(-vocab // n)
+    per = -(-per // 256) * 256
+    return -(-vocab // per), per
+
+
+_SM_COUNT: list[int] = []
+
+
+def _sm_count() -> int:
+    if not _SM_COUNT:
+        _SM_COUNT.append(torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count)
+    return _SM_COUNT[0]
+
+
+def _combine_splits(m, s, t, zt, need_entropy):
+    """Fold [splits, n] partials: lse = M + log Σ s_j e^(m_j − M), logp = Σ zt_j − lse,
+    entropy = log S − Σ e^(m_j − M)(t_j + (m_j − M) s_j) / S."""
+    mx = m.max(0).values
+    gap = m - mx
+    w = torch.exp(gap)
+    tot = (s * w).sum(0)
+    log_s = torch.log(tot)
+    logp = (zt.sum(0) - mx) - log_s
+    lse = mx + log_s
+    ent = None
+    if need_entropy:
+        ent = log_s - (w * (t + gap * s)).sum(0) / tot
+    return logp, lse, ent
+
+
 def _forward(hidden, weight, bias, targets, temperature, need_entropy, rows):
     n, d = hidden.shape
     v = weight.shape[0]
@@ -332,15 +384,48 @@ def _forward(hidden, weight, bias, targets, temperature, need_entropy, rows):
     n_act = rows.numel()
     if n_act == 0:
         return logp, lse, ent
-    cfg = _config(n_act, v, d, INTERPRET)
-    grid = (triton.cdiv(n_act, cfg["BLOCK_M"]),)
-    _logprob_fwd_kernel[grid](
+    if INTERPRET:
+        cfg = _config(n_act, v, d, INTERPRET)
+        kernel, bm, bv = _logprob_fwd_kernel, cfg["BLOCK_M"], cfg["BLOCK_V"]
+    else:
+        # autotuned over _FWD_CONFIGS, keyed on (V, D, dtype); the split layout assumes
+        # the largest BLOCK_M of the table (row blocks are then never fewer than that)
+        cfg, kernel, bm, bv = {}, _fwd_tuned(), 64, 256
+    n_split, per = _splits(triton.cdiv(n_act, bm), v, bv, INTERPRET)
+    part = torch.empty(4, n_split, n_act, dtype=torch.float32, device=dev)
+    grid = lambda meta: (triton.cdiv(n_act, meta["BLOCK_M"]), n_split)  # noqa: E731
+    kernel[grid](
         hidden, weight, bias if bias is not None else weight, targets, rows,
-        logp, lse, ent if ent is not None else lse,
-        n_act, v, d, hidden.stride(0), weight.stride(0), 1.0 / temperature,
+        part[0], part[1], part[2], part[3],
+        n_act, v, d, hidden.stride(0), weight.stride(0), 1.0 / temperature, per,
         HAS_BIAS=bias is not None, NEED_ENT=need_entropy, **_flags(hidden), **cfg,
     )
+    lp_a, lse_a, ent_a = _combine_splits(part[0], part[1], part[2], part[3], need_entropy)
+    logp[rows] = lp_a
+    lse[rows] = lse_a
+    if need_entropy:
+        ent[rows] = ent_a
     return logp, lse, ent
+
+
+# Forward configs tried on the GPU (BLOCK_M, BLOCK_V, BLOCK_K, warps, stages); results are
+# cached per (V, D, dtype) in-process and, where this Triton supports it, on disk.
+_FWD_CONFIGS = [(64, 128, 64, 4, 4), (64, 256, 64, 8, 3), (128, 128, 64, 8, 3),
+                (128, 256, 64, 8, 3), (128, 128, 128, 8, 3), (64, 128, 128, 4, 3)]
+_FWD_TUNED: list = []
+
+
+def _fwd_tuned():
+    if not _FWD_TUNED:
+        import inspect
+        configs = [triton.Config(dict(BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk), num_warps=w, num_stages=st)
+                   for bm, bv, bk, w, st in _FWD_CONFIGS]
+        kw = {}
+        if "cache_results" in inspect.signature(triton.autotune).parameters:
+            kw["cache_results"] = True
+        _FWD_TUNED.append(triton.autotune(configs=configs, key=["V", "D", "UPCAST", "IEEE"],
+                                          **kw)(_logprob_fwd_kernel))
+    return _FWD_TUNED[0]
 
 
 def _backward(hidden, weight, bias, targets, lse, ent, g, e, temperature, need):

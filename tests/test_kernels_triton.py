@@ -137,6 +137,9 @@ def test_rows_skip_vocab_work(monkeypatch):
                 return launch
 
         monkeypatch.setattr(tg, name, Spy(kern, name[9:12]))
+    if not tg.INTERPRET:                       # compiled: the forward goes through the autotuner
+        tuned = tg._fwd_tuned()
+        monkeypatch.setattr(tg, "_fwd_tuned", lambda: Spy(tuned, "fwd"))
     h = case.hidden.clone().requires_grad_()
     loss, _ = fused_linear_grpo_loss(h, case.weight, case.targets, case.mask, case.advantages,
                                      backend="triton")
@@ -144,6 +147,29 @@ def test_rows_skip_vocab_work(monkeypatch):
     n_on = int(case.mask.sum())
     assert [(t, n) for t, n, _ in launched] == [("fwd", n_on), ("bwd", n_on)]
     assert h.grad[3].abs().max() == 0
+
+
+@pytest.mark.parametrize("per", [25, 13, 75])
+def test_forward_vocabulary_splits(monkeypatch, tiny_blocks, per):
+    """The forward grid split over the vocabulary (as on GPU for short batches): per-split
+    partial max/sum/entropy/target logit folded by _combine_splits, splits not a multiple
+    of the tile width, the target in any split, logits far from zero (−100: exp underflows
+    without the running max)."""
+    v = 75
+    monkeypatch.setattr(tg, "_splits", lambda nb, vocab, bv, interp: (-(-vocab // per), per))
+    case = make_case(B=3, T=7, H=20, V=v, seed=33, masked_row=1)
+    case.bias = case.bias - 100.0
+    case = _on(case)
+    logp, ent = linear_logprobs(case.hidden, case.weight, case.targets.clamp(min=0),
+                                bias=case.bias, temperature=0.8, return_entropy=True,
+                                backend="triton")
+    rlogp, rent = reference_linear_logprobs(case.hidden.cpu().double(), case.weight.cpu().double(),
+                                            case.targets.clamp(min=0).cpu(),
+                                            bias=case.bias.cpu().double(), temperature=0.8,
+                                            return_entropy=True)
+    assert (logp.cpu().double() - rlogp).abs().max() <= 1e-4
+    assert (ent.cpu().double() - rent).abs().max() <= 1e-4
+    _check_cpu(case, use_ris=True, temperature=0.8, return_entropy=True)
 
 
 def test_all_masked_and_single_token():
