@@ -19,7 +19,8 @@ Forward then evaluates the loss and metrics with objective.grpo_objective on the
 collected log-probs (the same value as the two-pass path) and saves dh, dW, db;
 backward only scales them by the incoming gradient. Memory: one [C, V] fp32 chunk
 (plus its low-precision copy for the tensor-core GEMMs on CUDA), dh, and an fp32
-dW [V, H] held from forward to backward; never [N, V].
+dW [V, H] held from forward to backward and scaled in place there (a second
+backward through a retained graph recomputes them); never [N, V].
 
 On CUDA with bf16/fp16 inputs the GEMMs take the input dtype and write fp32
 (`torch.mm(..., out_dtype=torch.float32)`), so logits are not rounded to bf16;
@@ -146,93 +147,103 @@ def _token_grad(logp_c, adv_c, w_c, old_c, ref_c, ris_c, hp) -> torch.Tensor:
     return g
 
 
+def _sweep(hidden, weight, bias, targets, rows, mask, advantages, old, ref, ris, hp, need):
+    """The chunk loop: (logp [N], entropy [N] or None, dh, dW (fp32), db (fp32)); the
+    gradients (of the inputs flagged in `need`) are those of Σ per_token·w, unscaled."""
+    need_h, need_w, need_b = need
+    n, hdim = hidden.shape
+    v = weight.shape[0]
+    bsz, t = mask.shape
+    dev = hidden.device
+    ops = _Gemms(hidden, weight)
+    acc = ops.acc
+    inv_t = 1.0 / hp["temperature"]
+    need_ent = hp["return_entropy"]
+
+    flat = lambda x: None if x is None else x.detach().reshape(-1)  # noqa: E731
+    w_tok = flat(token_weights(mask, loss_type=hp["loss_type"],
+                               max_completion_length=hp["max_completion_length"],
+                               num_items_in_batch=hp["num_items_in_batch"], dtype=acc))
+    adv_tok = advantages.detach().to(acc).unsqueeze(1).expand(bsz, t).reshape(-1)
+    old_f, ref_f, ris_f = flat(old), flat(ref), flat(ris)
+
+    logp = torch.zeros(n, dtype=acc, device=dev)
+    ent = torch.zeros(n, dtype=acc, device=dev) if need_ent else None
+    dh = torch.zeros_like(hidden) if need_h else None
+    dw = torch.zeros(v, hdim, dtype=acc, device=dev) if need_w else None
+    db = torch.zeros(v, dtype=acc, device=dev) if need_b else None
+    b_acc = None if bias is None else bias.to(acc)
+
+    count = n if rows is None else rows.numel()
+    step = _chunk_rows(count, v, dev)
+    need_grad = need_h or need_w or need_b
+    buf = None
+    if ops.row_kernels and need_grad:
+        buf = torch.empty(min(step, count), v, dtype=ops.w.dtype, device=dev)
+    for s in range(0, count, step):
+        r = slice(s, min(count, s + step)) if rows is None else rows[s:s + step]
+        h_c = ops.rows(hidden[r])
+        tgt = targets[r]
+        if ops.row_kernels:
+            y = ops.logits(h_c)                          # raw; bias and 1/τ applied in-kernel
+            lse, logp_c, ent_c = ops.rowk.row_stats(y, bias, tgt, inv_t, need_ent)
+            logp[r] = logp_c.to(acc)
+            if need_ent:
+                ent[r] = ent_c.to(acc)
+        else:
+            z = ops.logits(h_c)
+            if b_acc is not None:
+                z += b_acc
+            if inv_t != 1.0:
+                z *= inv_t
+            lse = torch.logsumexp(z, dim=-1, keepdim=True)
+            logp_c = (z.gather(1, tgt.unsqueeze(1)) - lse).squeeze(1)
+            logp[r] = logp_c
+            z -= lse                                     # log p
+            if need_ent:
+                p = torch.exp(z)
+                ent[r] = -torch.bmm(p.unsqueeze(1), z.unsqueeze(2)).reshape(-1)
+                del p
+        if not need_grad:
+            continue
+        g = _token_grad(logp[r], adv_tok[r], w_tok[r],
+                        None if old_f is None else old_f[r].to(acc),
+                        None if ref_f is None else ref_f[r].to(acc),
+                        None if ris_f is None else ris_f[r].to(acc), hp)
+        if ops.row_kernels:
+            dz_op = ops.rowk.row_grad(y, bias, tgt, lse, g, inv_t, out=buf[:y.shape[0]])
+            del y
+            if need_b:
+                db += dz_op.to(acc).sum(0)
+        else:
+            dz = z.exp_()                                # p, in place
+            dz *= -g.unsqueeze(1)
+            dz.scatter_add_(1, tgt.unsqueeze(1), g.unsqueeze(1))   # g·(onehot − p)
+            if inv_t != 1.0:
+                dz *= inv_t                              # dlogits
+            if need_b:
+                db += dz.sum(0)
+            dz_op = ops.operand(dz)
+            del z, dz
+        if need_h:
+            dh[r] = ops.dhidden(dz_op).to(hidden.dtype)
+        if need_w:
+            ops.add_dweight(dw, dz_op, h_c)
+        del dz_op
+
+    return logp, ent, dh, dw, db
+
+
 class OnePassGRPOLossFunction(torch.autograd.Function):
     """(loss, kl, clip_low, clip_high, clip, entropy) with gradients formed in forward."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, rows, mask, advantages, old, ref, ris, hp):
-        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], \
-            bias is not None and ctx.needs_input_grad[2]
-        n, hdim = hidden.shape
-        v = weight.shape[0]
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                bias is not None and ctx.needs_input_grad[2])
         bsz, t = mask.shape
-        dev = hidden.device
-        ops = _Gemms(hidden, weight)
-        acc = ops.acc
-        inv_t = 1.0 / hp["temperature"]
-        need_ent = hp["return_entropy"]
-
-        flat = lambda x: None if x is None else x.detach().reshape(-1)  # noqa: E731
-        w_tok = flat(token_weights(mask, loss_type=hp["loss_type"],
-                                   max_completion_length=hp["max_completion_length"],
-                                   num_items_in_batch=hp["num_items_in_batch"], dtype=acc))
-        adv_tok = advantages.detach().to(acc).unsqueeze(1).expand(bsz, t).reshape(-1)
-        old_f, ref_f, ris_f = flat(old), flat(ref), flat(ris)
-
-        logp = torch.zeros(n, dtype=acc, device=dev)
-        ent = torch.zeros(n, dtype=acc, device=dev) if need_ent else None
-        dh = torch.zeros_like(hidden) if need_h else None
-        dw = torch.zeros(v, hdim, dtype=acc, device=dev) if need_w else None
-        db = torch.zeros(v, dtype=acc, device=dev) if need_b else None
-        b_acc = None if bias is None else bias.to(acc)
-
-        count = n if rows is None else rows.numel()
-        step = _chunk_rows(count, v, dev)
-        need_grad = need_h or need_w or need_b
-        buf = None
-        if ops.row_kernels and need_grad:
-            buf = torch.empty(min(step, count), v, dtype=ops.w.dtype, device=dev)
-        for s in range(0, count, step):
-            r = slice(s, min(count, s + step)) if rows is None else rows[s:s + step]
-            h_c = ops.rows(hidden[r])
-            tgt = targets[r]
-            if ops.row_kernels:
-                y = ops.logits(h_c)                          # raw; bias and 1/τ applied in-kernel
-                lse, logp_c, ent_c = ops.rowk.row_stats(y, bias, tgt, inv_t, need_ent)
-                logp[r] = logp_c.to(acc)
-                if need_ent:
-                    ent[r] = ent_c.to(acc)
-            else:
-                z = ops.logits(h_c)
-                if b_acc is not None:
-                    z += b_acc
-                if inv_t != 1.0:
-                    z *= inv_t
-                lse = torch.logsumexp(z, dim=-1, keepdim=True)
-                logp_c = (z.gather(1, tgt.unsqueeze(1)) - lse).squeeze(1)
-                logp[r] = logp_c
-                z -= lse                                     # log p
-                if need_ent:
-                    p = torch.exp(z)
-                    ent[r] = -torch.bmm(p.unsqueeze(1), z.unsqueeze(2)).reshape(-1)
-                    del p
-            if not need_grad:
-                continue
-            g = _token_grad(logp[r], adv_tok[r], w_tok[r],
-                            None if old_f is None else old_f[r].to(acc),
-                            None if ref_f is None else ref_f[r].to(acc),
-                            None if ris_f is None else ris_f[r].to(acc), hp)
-            if ops.row_kernels:
-                dz_op = ops.rowk.row_grad(y, bias, tgt, lse, g, inv_t, out=buf[:y.shape[0]])
-                del y
-                if need_b:
-                    db += dz_op.to(acc).sum(0)
-            else:
-                dz = z.exp_()                                # p, in place
-                dz *= -g.unsqueeze(1)
-                dz.scatter_add_(1, tgt.unsqueeze(1), g.unsqueeze(1))   # g·(onehot − p)
-                if inv_t != 1.0:
-                    dz *= inv_t                              # dlogits
-                if need_b:
-                    db += dz.sum(0)
-                dz_op = ops.operand(dz)
-                del z, dz
-            if need_h:
-                dh[r] = ops.dhidden(dz_op).to(hidden.dtype)
-            if need_w:
-                ops.add_dweight(dw, dz_op, h_c)
-            del dz_op
-
+        logp, ent, dh, dw, db = _sweep(hidden, weight, bias, targets, rows, mask, advantages,
+                                       old, ref, ris, hp, need)
         loss, metrics = grpo_objective(
             logp.view(bsz, t), mask, advantages, old_logprobs=old, ref_logprobs=ref,
             rollout_is_ratio=ris, beta=hp["beta"], epsilon_low=hp["epsilon_low"],
@@ -241,22 +252,31 @@ class OnePassGRPOLossFunction(torch.autograd.Function):
             num_items_in_batch=hp["num_items_in_batch"],
             entropy=None if ent is None else ent.view(bsz, t))
         stats = [metrics[k] for k in ("kl", "clip_ratio_low", "clip_ratio_high", "clip_ratio")]
-        stats.append(metrics["entropy"] if need_ent else loss.new_zeros(()))
+        stats.append(metrics["entropy"] if ent is not None else loss.new_zeros(()))
         ctx.mark_non_differentiable(*stats)
-        ctx.save_for_backward(dh, dw, db)
+        # the gradients ride on ctx (not save_for_backward: backward scales them in place)
+        ctx.grads = (dh, dw, db)
+        ctx.save_for_backward(hidden, weight, bias, targets, rows, mask, advantages, old, ref, ris)
+        ctx.hp, ctx.need = hp, need
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return (loss, *stats)
 
     @staticmethod
     def backward(ctx, g_loss, *_g_stats):
-        dh, dw, db = ctx.saved_tensors
+        # The gradients were formed in forward. The first backward scales them in place and
+        # hands them over (no second V×H copy at the peak); a later one through a retained
+        # graph (gradcheck, retain_graph=True) recomputes them from the saved inputs.
         none = (None,) * 8
         if g_loss is None:
             return (None, None, None) + none
+        if ctx.grads is None:
+            _, _, dh, dw, db = _sweep(*ctx.saved_tensors, ctx.hp, ctx.need)
+        else:
+            (dh, dw, db), ctx.grads = ctx.grads, None
         w_dtype, b_dtype = ctx.dtypes
-        out_h = None if dh is None else dh * g_loss.to(dh.dtype)
-        out_w = None if dw is None else (dw * g_loss.to(dw.dtype)).to(w_dtype)
-        out_b = None if db is None else (db * g_loss.to(db.dtype)).to(b_dtype)
+        out_h = None if dh is None else dh.mul_(g_loss.to(dh.dtype))
+        out_w = None if dw is None else dw.mul_(g_loss.to(dw.dtype)).to(w_dtype)
+        out_b = None if db is None else db.mul_(g_loss.to(db.dtype)).to(b_dtype)
         return (out_h, out_w, out_b) + none
 
 
