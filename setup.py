@@ -36,6 +36,8 @@ setup(
         "deepspeed": ["deepspeed>=0.19.8,<0.20"],
         "liger": ["liger-kernel>=0.8.5,<0.9"],
         "flash": ["flash-attn>=2.6"],
+        # bench/bench_step.py's peer: TRL's GRPOTrainer, pinned to the version the benchmark was written against
+        "bench": ["trl==1.16.0", "accelerate>=1.10.1"],
         "dev": [
             "pytest>=8",
             "hypothesis>=6.100",
@@ -45,6 +47,8 @@ setup(
             "tensorboard>=2.16",
             "datasets>=2.19",
             "pyarrow>=14",
+            "trl==1.16.0",
+            "accelerate>=1.10.1",
         ],
     },
 )
