@@ -4,26 +4,38 @@ For each shape (hidden size H, vocabulary V, tokens N) one forward+backward of t
 GRPO loss from the LM head (grpo, token level, β=0.04, old + ref log-probs given,
 every token unmasked), timed and memory-measured for:
 
-  fused          r1vl.kernels.fused_linear_grpo_loss (backend "auto": Triton on CUDA,
-                 chunked PyTorch on CPU)
-  reference      r1vl.kernels.reference_grpo_loss in fp32: materialised logits, eager
-  liger_chunked  liger-kernel's LigerFusedLinearGRPOLoss (torch.compile'd on CUDA)
-  liger_triton   liger-kernel's Triton GRPO loss on materialised logits (CUDA only)
-  floor          the three bare LM-head GEMMs of forward+backward: h·Wᵀ, dlogits·W,
-                 dlogitsᵀ·h (dlogits prepared outside the timed region)
+  fused_<backend>   r1vl.kernels.fused_linear_grpo_loss(..., backend=<backend>), one row per
+                    backend named in --backends (default: triton,torch on CUDA; torch on CPU)
+  logprobs_<backend> forward-only r1vl.kernels.linear_logprobs under torch.no_grad (the
+                    old/ref log-prob case), compared with floor_fwd
+  reference         r1vl.kernels.reference_grpo_loss in fp32: materialised logits, eager
+  liger_chunked     liger-kernel's LigerFusedLinearGRPOLoss (torch.compile'd on CUDA)
+  liger_triton      liger-kernel's Triton GRPO loss on materialised logits (CUDA only)
+  floor             the three bare LM-head GEMMs of forward+backward: h·Wᵀ, dlogits·W,
+                    dlogitsᵀ·h in the input dtype (dlogits prepared outside the timed region;
+                    taken in row chunks when [N, V] buffers would exceed --floor-chunk-gib)
+  floor_fwd         the one GEMM h·Wᵀ of the forward
 
-Prints a table (median ms, peak memory, ratio to the floor, fused's speed-up over
-each peer) and writes bench/results/loss_<device>.json:
+Inputs are random (never zeros) and the timed calls rotate among --input-sets sets of
+them, so that no cache holds a previous call's operands. CUDA: median of
+triton.testing.do_bench (event-timed, L2 flushed between calls); CPU: median of --reps
+wall-clock repeats. Peak memory is the peak of live allocator bytes during one call,
+above what was live before it (the inputs): on CUDA torch.cuda.max_memory_allocated; on
+CPU the c10 allocator's alloc/free events recorded by torch.profiler(profile_memory=True),
+summed in time order (bench_cpu_memory.py cross-checks that with process RSS).
+
+Prints a table (median ms, peak memory, TFLOP/s, ratio to the floor, speed-up over
+liger's chunked loss) and the issue's targets as PASS/FAIL, and writes (after every
+shape, so a run cut short keeps what it measured) bench/results/loss_<device>.json:
   {"rows": [{"impl", "device", "hidden", "vocab", "tokens", "dtype", "ms_median",
-             "peak_mem_bytes", "versions"}], "config": {...}}
+             "peak_mem_bytes", "versions", ...}], "config": {...}, "targets": [...]}
+<device> is "cpu", or the GPU's model ("h100", "h200") on CUDA.
 
-Peak memory is the peak of live allocator bytes during one forward+backward, above
-what was live before it (inputs): on CUDA torch.cuda.max_memory_allocated; on CPU
-the c10 allocator's alloc/free events recorded by torch.profiler(profile_memory=True),
-summed in time order (see bench_cpu_memory.py for a cross-check with process RSS).
-
-    python bench/bench_loss.py            # default shapes (Qwen2-VL-2B/7B heads), bf16, CUDA
-    python bench/bench_loss.py --small    # CPU-sized shapes, fp32
+    python bench/bench_loss.py                      # Qwen2-VL-2B/7B heads x 4096/16384 tokens, bf16, CUDA
+    python bench/bench_loss.py --heads 7b --tokens 16384 --backends triton
+    python bench/bench_loss.py --long               # + 131072 tokens at the 2B head (fused + floor)
+    python bench/bench_loss.py --small              # CPU-sized shapes, fp32
+    python bench/plot_loss.py bench/results/loss_h100.json   # PNG of time and memory vs tokens
 """
 from __future__ import annotations
 
@@ -34,55 +46,78 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
 
-from r1vl.kernels import fused_linear_grpo_loss, reference_grpo_loss
+from r1vl.kernels import (fused_linear_grpo_loss, linear_logprobs, reference_grpo_loss)
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DEFAULT_SHAPES = [(1536, 151936, 4096), (1536, 151936, 16384),
-                  (3584, 152064, 4096), (3584, 152064, 16384)]
+HEADS = {"2b": (1536, 151936), "7b": (3584, 152064)}       # Qwen2-VL-2B / -7B LM heads
+DEFAULT_TOKENS = (4096, 16384)
+LONG_SHAPE = (1536, 151936, 131072)                          # --long: fused + floor only
 SMALL_SHAPES = [(256, 8192, 512), (512, 32000, 1024)]
-IMPLS = ("fused", "reference", "liger_chunked", "liger_triton", "floor")
+PEERS = ("reference", "liger_chunked", "liger_triton", "floor", "floor_fwd")
+LONG_IMPLS = ("fused", "floor")
+# issue 6's targets, judged at the 7B head, 16384 tokens, bf16
+TARGET_SHAPE = (3584, 152064, 16384)
+TARGET_DTYPE = "bfloat16"
 
 
 # ----------------------------------------------------------------------------- inputs
 
 def make_inputs(hidden: int, vocab: int, tokens: int, dtype, device, seed: int = 0) -> dict:
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    """Random inputs of the benchmark's shape: hidden [B, ≤512, H] with logits of order
+    one, weight [V, H], random targets, every token unmasked, old/ref log-probs near a
+    uniform policy's (so the clipped and KL terms are live)."""
+    device = torch.device(device)
+    g = torch.Generator(device=device).manual_seed(seed)     # drawn on the device: fast at 7B sizes
     seq = min(512, tokens)
     batch = max(1, tokens // seq)
 
     def rnd(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+        return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)
 
-    inp = dict(
+    return dict(
         hidden=rnd(batch, seq, hidden, scale=2.0 / math.sqrt(hidden)).requires_grad_(),
         weight=rnd(vocab, hidden).requires_grad_(),
-        targets=torch.randint(0, vocab, (batch, seq), generator=g).to(device),
+        targets=torch.randint(0, vocab, (batch, seq), generator=g, device=device),
         mask=torch.ones(batch, seq, device=device),
-        advantages=torch.randn(batch, generator=g).to(device),
-        old=(-math.log(vocab) + 0.3 * torch.randn(batch, seq, generator=g)).to(device),
-        ref=(-math.log(vocab) + 0.3 * torch.randn(batch, seq, generator=g)).to(device),
+        advantages=torch.randn(batch, generator=g, device=device),
+        old=-math.log(vocab) + 0.3 * torch.randn(batch, seq, generator=g, device=device),
+        ref=-math.log(vocab) + 0.3 * torch.randn(batch, seq, generator=g, device=device),
     )
-    return inp
 
 
 # ----------------------------------------------------------------------------- implementations
+# Each factory returns fn(inp) -> loss tensor (or None) doing one call on one input set.
 
 def _grads(loss, inp):
     torch.autograd.grad(loss, (inp["hidden"], inp["weight"]))
+    return loss
 
 
-def run_fused(inp):
-    loss, _ = fused_linear_grpo_loss(inp["hidden"], inp["weight"], inp["targets"], inp["mask"],
-                                     inp["advantages"], old_logprobs=inp["old"],
-                                     ref_logprobs=inp["ref"], beta=0.04, loss_type="grpo")
-    _grads(loss, inp)
+def make_fused(backend):
+    def run(inp):
+        loss, _ = fused_linear_grpo_loss(inp["hidden"], inp["weight"], inp["targets"], inp["mask"],
+                                         inp["advantages"], old_logprobs=inp["old"],
+                                         ref_logprobs=inp["ref"], beta=0.04, loss_type="grpo",
+                                         backend=backend)
+        return _grads(loss, inp)
+    return run
+
+
+def make_logprobs(backend):
+    def run(inp):
+        with torch.no_grad():
+            logp = linear_logprobs(inp["hidden"], inp["weight"], inp["targets"], backend=backend)
+        return logp.sum()
+    return run
 
 
 def run_reference(inp):
@@ -90,7 +125,7 @@ def run_reference(inp):
                                   inp["advantages"], old_logprobs=inp["old"],
                                   ref_logprobs=inp["ref"], beta=0.04, loss_type="grpo",
                                   dtype=torch.float32)
-    _grads(loss, inp)
+    return _grads(loss, inp)
 
 
 def make_liger_chunked(device):
@@ -101,7 +136,7 @@ def make_liger_chunked(device):
     def run(inp):
         out = mod(inp["hidden"], inp["weight"], inp["targets"], inp["mask"], inp["advantages"],
                   ref_per_token_logps=inp["ref"], old_per_token_logps=inp["old"])
-        _grads(out[0], inp)
+        return _grads(out[0], inp)
     return run
 
 
@@ -119,20 +154,64 @@ def make_liger_triton(device):
                                    inp["advantages"], completion_mask=inp["mask"],
                                    temperature=1.0, beta=0.04, eps_low=0.2, eps_high=0.2,
                                    loss_type="grpo", reduce=True)
-        _grads(loss, inp)
+        return _grads(loss, inp)
     return run
 
 
-def make_floor(inp):
-    h = inp["hidden"].detach().reshape(-1, inp["hidden"].shape[-1])
-    w = inp["weight"].detach()
-    dlogits = torch.randn(h.shape[0], w.shape[0], device=h.device).to(h.dtype)
+def _row_chunks(n: int, vocab: int, elem: int, max_bytes: int) -> list[tuple[int, int]]:
+    """Equal row chunks whose [rows, V] buffer stays under max_bytes."""
+    k = max(1, math.ceil(n * vocab * elem / max_bytes))
+    rows = math.ceil(n / k)
+    return [(s, min(n, s + rows)) for s in range(0, n, rows)]
 
-    def run(_inp):
-        _logits = h @ w.T
-        _dh = dlogits @ w
-        _dw = dlogits.T @ h
-    return run, dlogits
+
+class Floor:
+    """The bare LM-head GEMMs in the input dtype, on per-input-set buffers made outside
+    the timed region: h·Wᵀ (forward), and with `backward` dlogits·W and dlogitsᵀ·h too.
+    Output buffers are allocated inside the call (so the peak counts them), [rows, V]
+    ones per row chunk; dlogits is one random [rows, V] chunk reused for every chunk."""
+
+    def __init__(self, backward: bool, max_bytes: int):
+        self.backward = backward
+        self.max_bytes = max_bytes
+        self.dlogits = {}
+
+    def prepare(self, inp):
+        if not self.backward:
+            return
+        h, w = inp["hidden"], inp["weight"]
+        n, v = h.numel() // h.shape[-1], w.shape[0]
+        chunks = _row_chunks(n, v, h.element_size(), self.max_bytes)
+        rows = chunks[0][1]
+        g = torch.Generator(device=h.device).manual_seed(123)
+        dl = torch.empty(rows, v, dtype=h.dtype, device=h.device)
+        for s in range(0, rows, 1024):                      # random, in bounded fp32 pieces
+            e = min(rows, s + 1024)
+            dl[s:e] = torch.randn(e - s, v, generator=g, device=h.device) / v
+        self.dlogits[id(inp)] = dl
+
+    def __call__(self, inp):
+        h = inp["hidden"].detach()
+        h = h.reshape(-1, h.shape[-1])
+        w = inp["weight"].detach()
+        n, v = h.shape[0], w.shape[0]
+        chunks = _row_chunks(n, v, h.element_size(), self.max_bytes)
+        logits = torch.empty(chunks[0][1], v, dtype=h.dtype, device=h.device)
+        if not self.backward:
+            for s, e in chunks:
+                torch.mm(h[s:e], w.T, out=logits[: e - s])
+            return None
+        dl = self.dlogits[id(inp)]
+        dh = torch.empty_like(h)
+        dw = torch.empty_like(w)
+        for i, (s, e) in enumerate(chunks):
+            torch.mm(h[s:e], w.T, out=logits[: e - s])
+            torch.mm(dl[: e - s], w, out=dh[s:e])
+            if i == 0:
+                torch.mm(dl[: e - s].T, h[s:e], out=dw)
+            else:
+                dw.addmm_(dl[: e - s].T, h[s:e])
+        return None
 
 
 # ----------------------------------------------------------------------------- measurement
@@ -142,23 +221,36 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_ms(fn, inp, device, warmup: int, reps: int) -> float:
-    for _ in range(warmup):
+def time_ms(fn, sets, device, warmup: int, reps: int, max_ms: float = 4000.0) -> float:
+    """Median milliseconds of fn over calls that rotate among the input sets. On CUDA
+    do_bench gets about `reps` calls' worth of time, at most max_ms (slow peers)."""
+    state = {"i": 0}
+
+    def call():
+        inp = sets[state["i"] % len(sets)]
+        state["i"] += 1
         fn(inp)
+
+    for _ in range(max(1, warmup)):          # compile / autotune / handle creation
+        call()
     _sync(device)
+    if device.type == "cuda":
+        import triton.testing
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        call()
+        end.record()
+        torch.cuda.synchronize()
+        est = max(start.elapsed_time(end), 1e-3)
+        # do_bench runs about rep / est timed calls after about warmup / est warm ones
+        return float(triton.testing.do_bench(call, warmup=max(10.0, est),
+                                             rep=min(max(50.0, reps * est), max_ms),
+                                             return_mode="median"))
     times = []
     for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn(inp)
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn(inp)
-            times.append((time.perf_counter() - t0) * 1e3)
+        t0 = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
 
@@ -209,108 +301,287 @@ def device_name(device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
+def device_slug(device) -> str:
+    """'cpu', or the GPU model in lower case ('NVIDIA H100 80GB HBM3' -> 'h100')."""
+    if device.type != "cuda":
+        return device.type
+    name = torch.cuda.get_device_name(device).lower()
+    m = re.search(r"\b([a-z]{1,2}\d{2,4}[a-z]?)\b", name.replace("nvidia", ""))
+    return m.group(1) if m else (re.sub(r"[^a-z0-9]+", "_", name).strip("_") or "cuda")
+
+
+def gemm_flops(impl: str, hidden: int, vocab: int, tokens: int) -> float:
+    """FLOPs of the LM-head GEMMs the impl must do at least: one for forward-only
+    (logprobs_*, floor_fwd), three for forward+backward."""
+    one = 2.0 * tokens * vocab * hidden
+    return one if impl.startswith(("logprobs_", "floor_fwd")) else 3.0 * one
+
+
 # ----------------------------------------------------------------------------- main
 
-def bench_shape(hidden, vocab, tokens, dtype, device, impls, warmup, reps, vers, dev_name):
+def build(impl, device, floor_chunk_bytes):
+    """(fn, prepare-or-None) of an impl name."""
+    if impl.startswith("fused_"):
+        return make_fused(impl[len("fused_"):]), None
+    if impl.startswith("logprobs_"):
+        return make_logprobs(impl[len("logprobs_"):]), None
+    if impl == "reference":
+        return run_reference, None
+    if impl == "liger_chunked":
+        return make_liger_chunked(device), None
+    if impl == "liger_triton":
+        return make_liger_triton(device), None
+    if impl in ("floor", "floor_fwd"):
+        f = Floor(backward=impl == "floor", max_bytes=floor_chunk_bytes)
+        return f, f.prepare
+    raise ValueError(f"unknown impl {impl!r}")
+
+
+class _Unavailable(Exception):
+    """An impl that cannot run here (peer not installed, CUDA-only on CPU)."""
+
+
+def _free(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def bench_shape(hidden, vocab, tokens, dtype, device, impls, args, vers, dev_name):
     rows = []
-    inp = make_inputs(hidden, vocab, tokens, dtype, device)
+    sets = [make_inputs(hidden, vocab, tokens, dtype, device, seed=s) for s in range(args.input_sets)]
     for impl in impls:
         row = dict(impl=impl, device=dev_name, hidden=hidden, vocab=vocab, tokens=tokens,
                    dtype=str(dtype).replace("torch.", ""), ms_median=None, peak_mem_bytes=None,
-                   versions=vers)
-        extra = None
+                   versions=vers, input_sets=len(sets))
+        fn = prepare = out = None
         try:
-            if impl == "fused":
-                fn = run_fused
-            elif impl == "reference":
-                fn = run_reference
-            elif impl == "liger_chunked":
-                fn = make_liger_chunked(device)
-            elif impl == "liger_triton":
-                fn = make_liger_triton(device)
-            else:
-                fn, extra = make_floor(inp)
-            row["ms_median"] = round(time_ms(fn, inp, device, warmup, reps), 3)
-            row["peak_mem_bytes"] = int(peak_bytes(fn, inp, device))
-        except (ImportError, RuntimeError, torch.OutOfMemoryError) as exc:  # peer missing / OOM
-            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            try:
+                fn, prepare = build(impl, device, int(args.floor_chunk_gib * 2**30))
+            except (ImportError, RuntimeError) as exc:   # a peer missing or not for this device
+                raise _Unavailable(f"{type(exc).__name__}: {exc}") from exc
+            if prepare is not None:
+                for inp in sets:
+                    prepare(inp)
+            ms = time_ms(fn, sets, device, args.warmup, args.reps, args.max_ms)
+            row["ms_median"] = round(ms, 4)
+            row["tflops"] = round(gemm_flops(impl, hidden, vocab, tokens) / (ms * 1e-3) / 1e12, 3)
+            row["peak_mem_bytes"] = int(peak_bytes(fn, sets[0], device))
+            out = fn(sets[1 % len(sets)])
+            if out is not None:
+                row["loss_value"] = float(out.detach().float())
+        except Exception as exc:  # noqa: BLE001 - a peer missing, OOM, a kernel failing: record, go on
+            name = "unavailable" if isinstance(exc, _Unavailable) else type(exc).__name__
+            row["error"] = f"{name}: {(str(exc).splitlines() or [''])[0][:300]}"
+            if not isinstance(exc, (_Unavailable, torch.OutOfMemoryError)):
+                traceback.print_exc(limit=4, file=sys.stderr)
         finally:
-            del extra
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            fn = prepare = out = None
+            for inp in sets:
+                for t in (inp["hidden"], inp["weight"]):
+                    t.grad = None
+            _free(device)
         rows.append(row)
-        status = f"{row['ms_median']:.1f} ms" if row["ms_median"] is not None else row["error"]
-        print(f"  {impl:14s} {status}", file=sys.stderr, flush=True)
+        status = (f"{row['ms_median']:.3f} ms, {row['peak_mem_bytes'] / 2**20:.1f} MiB"
+                  if row["ms_median"] is not None else row["error"])
+        print(f"  {impl:16s} {status}", file=sys.stderr, flush=True)
+    del sets
+    _free(device)
     return rows
 
 
+def _key(r):
+    return (r["hidden"], r["vocab"], r["tokens"], r["dtype"])
+
+
+def _by_impl(rows, shape):
+    return {r["impl"]: r for r in rows if _key(r) == shape}
+
+
 def print_table(rows):
-    shapes = sorted({(r["hidden"], r["vocab"], r["tokens"], r["dtype"]) for r in rows})
-    hdr = (f"{'H':>5} {'V':>7} {'N':>6} {'dtype':>8} {'impl':>14} {'ms':>10} {'peak MiB':>10} "
-           f"{'x floor':>8} {'fused speed-up':>15}")
+    shapes = sorted({_key(r) for r in rows})
+    hdr = (f"{'H':>5} {'V':>7} {'N':>7} {'dtype':>8} {'impl':>16} {'ms':>10} {'peak MiB':>10} "
+           f"{'TFLOP/s':>8} {'x floor':>8} {'vs liger':>9}")
     print(hdr)
     print("-" * len(hdr))
     for shp in shapes:
-        group = {r["impl"]: r for r in rows if (r["hidden"], r["vocab"], r["tokens"], r["dtype"]) == shp}
-        floor = group.get("floor", {}).get("ms_median")
-        fused = group.get("fused", {}).get("ms_median")
-        for impl in IMPLS:
-            r = group.get(impl)
-            if r is None:
-                continue
+        group = _by_impl(rows, shp)
+
+        def ms_of(name):
+            return group.get(name, {}).get("ms_median")
+
+        liger = ms_of("liger_chunked")
+        for impl, r in group.items():
             ms = r["ms_median"]
+            lead = f"{shp[0]:>5} {shp[1]:>7} {shp[2]:>7} {shp[3]:>8} {impl:>16}"
             if ms is None:
-                print(f"{shp[0]:>5} {shp[1]:>7} {shp[2]:>6} {shp[3]:>8} {impl:>14} "
-                      f"{'n/a':>10}  ({r.get('error', '')[:60]})")
+                print(f"{lead} {'n/a':>10}  ({r.get('error', '')[:70]})")
                 continue
-            mib = r["peak_mem_bytes"] / 2**20
+            floor = ms_of("floor_fwd") if impl.startswith(("logprobs_", "floor_fwd")) else ms_of("floor")
             xf = f"{ms / floor:.2f}" if floor else "-"
-            su = f"{ms / fused:.2f}x" if fused and impl not in ("fused", "floor") else "-"
-            print(f"{shp[0]:>5} {shp[1]:>7} {shp[2]:>6} {shp[3]:>8} {impl:>14} {ms:>10.2f} "
-                  f"{mib:>10.1f} {xf:>8} {su:>15}")
+            vs = f"{liger / ms:.2f}x" if liger and impl.startswith("fused_") else "-"
+            print(f"{lead} {ms:>10.3f} {r['peak_mem_bytes'] / 2**20:>10.1f} {r.get('tflops', 0):>8.3g} "
+                  f"{xf:>8} {vs:>9}")
+
+
+def check_targets(rows, shape, dtype_name, note=""):
+    """The issue's targets at `shape` (H, V, N) and dtype, per backend: list of dicts."""
+    group = _by_impl(rows, (*shape, dtype_name))
+    out = []
+
+    def ms(name):
+        return group.get(name, {}).get("ms_median")
+
+    def peak(name):
+        return group.get(name, {}).get("peak_mem_bytes")
+
+    def add(name, impl, value, op, limit, why_missing):
+        ok = None if value is None else (value <= limit if op == "<=" else value >= limit)
+        out.append(dict(target=name, impl=impl, value=None if value is None else round(value, 4),
+                        op=op, limit=limit, passed=ok, missing=why_missing if value is None else None,
+                        shape=list(shape), dtype=dtype_name, note=note or None))
+
+    backends = sorted({r["impl"].split("_", 1)[1] for r in group.values()
+                       if r["impl"].startswith(("fused_", "logprobs_"))})
+    for be in backends:
+        f, lp = f"fused_{be}", f"logprobs_{be}"
+        if ms(f) is not None or f in group:
+            add("fwd+bwd time / floor (3 GEMMs)", f,
+                ms(f) / ms("floor") if ms(f) and ms("floor") else None, "<=", 1.5,
+                "fused or floor not measured")
+            add("liger_chunked time / fused time", f,
+                ms("liger_chunked") / ms(f) if ms(f) and ms("liger_chunked") else None, ">=", 3.0,
+                "fused or liger_chunked not measured")
+            add("peak memory / reference's", f,
+                peak(f) / peak("reference") if peak(f) is not None and peak("reference") else None,
+                "<=", 1 / 8, "fused or reference not measured")
+        if ms(lp) is not None or lp in group:
+            add("logprobs time / one GEMM", lp,
+                ms(lp) / ms("floor_fwd") if ms(lp) and ms("floor_fwd") else None, "<=", 1.2,
+                "logprobs or floor_fwd not measured")
+    return out
+
+
+def print_targets(targets, shape, dtype_name, note=""):
+    print(f"\ntargets at H={shape[0]} V={shape[1]} N={shape[2]} {dtype_name}{note}:")
+    if not targets:
+        print("  n/a: no fused_/logprobs_ row at this shape and dtype")
+    for t in targets:
+        verdict = "n/a " if t["passed"] is None else ("PASS" if t["passed"] else "FAIL")
+        val = f"{t['value']:.3f}" if t["value"] is not None else f"({t['missing']})"
+        print(f"  {verdict}  {t['impl']:<16} {t['target']:<34} {val:>8}  (target {t['op']} {t['limit']:.3g})")
+
+
+def parse_shapes(args) -> list[tuple[int, int, int]]:
+    if args.shapes:
+        return [tuple(int(x) for x in s.lower().split("x")) for s in args.shapes.split(",") if s]
+    if args.small and not (args.heads or args.tokens):
+        return list(SMALL_SHAPES)
+    heads = []
+    for h in (args.heads or "2b,7b").split(","):
+        h = h.strip().lower()
+        heads.append(HEADS[h] if h in HEADS else tuple(int(x) for x in h.split("x")))
+    tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else list(DEFAULT_TOKENS)
+    return [(hd, v, n) for hd, v in heads for n in tokens]
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true", help="CPU-sized shapes (fp32 unless --dtype)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     ap.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--heads", default=None,
+                    help="comma-separated heads: 2b, 7b or HxV (default 2b,7b)")
+    ap.add_argument("--tokens", default=None,
+                    help=f"comma-separated token counts (default {','.join(map(str, DEFAULT_TOKENS))})")
     ap.add_argument("--shapes", default=None,
-                    help="comma-separated HxVxN triples, e.g. 1536x151936x4096")
-    ap.add_argument("--impls", default=",".join(IMPLS))
-    ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--warmup", type=int, default=None)
+                    help="comma-separated HxVxN triples, e.g. 1536x151936x4096 (overrides --heads/--tokens)")
+    ap.add_argument("--long", action="store_true",
+                    help=f"also {LONG_SHAPE[2]} tokens at the 2B head: fused backends and floor only")
+    ap.add_argument("--backends", default=None,
+                    help="comma-separated fused backends to time, one fused_<b> and logprobs_<b> row "
+                         "each (default auto,triton,torch on CUDA, torch on CPU)")
+    ap.add_argument("--impls", default=None,
+                    help="comma-separated subset of rows: fused, logprobs (all backends), "
+                         f"fused_<b>, logprobs_<b>, {', '.join(PEERS)} (default all)")
+    ap.add_argument("--input-sets", type=int, default=2, help="input sets the timed calls rotate among")
+    ap.add_argument("--reps", type=int, default=None,
+                    help="timed repeats (CPU), or about that many calls' worth of do_bench time (CUDA)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed calls first (compilation)")
+    ap.add_argument("--max-ms", type=float, default=4000.0,
+                    help="CUDA: most do_bench time per impl and shape, ms (caps slow peers' repeats)")
+    ap.add_argument("--floor-chunk-gib", type=float, default=8.0,
+                    help="largest [rows, V] buffer of the floor's GEMMs, GiB (row chunks beyond)")
+    ap.add_argument("--targets-at", default=None,
+                    help="HxVxN where the targets are judged (default the issue's "
+                         f"{'x'.join(map(str, TARGET_SHAPE))} in {TARGET_DTYPE}); any dtype then")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/loss_<device>.json)")
+    ap.add_argument("--png", default=None, help="also plot time and memory against tokens to this PNG")
     args = ap.parse_args(argv)
+    if args.input_sets < 1:
+        ap.error("--input-sets: at least 1")
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype or ("float32" if args.small or device.type == "cpu" else "bfloat16"))
-    if args.shapes:
-        shapes = [tuple(int(x) for x in s.lower().split("x")) for s in args.shapes.split(",")]
+    dtype_name = str(dtype).replace("torch.", "")
+    backends = [b for b in (args.backends or ("auto,triton,torch" if device.type == "cuda" else "torch")).split(",") if b]
+    all_impls = [f"fused_{b}" for b in backends] + [f"logprobs_{b}" for b in backends] + list(PEERS)
+    if args.impls:
+        impls = []
+        for i in (x for x in args.impls.split(",") if x):
+            if i in ("fused", "logprobs"):
+                impls += [f"{i}_{b}" for b in backends]
+            elif i in all_impls or i.startswith(("fused_", "logprobs_")):
+                impls.append(i)
+            else:
+                ap.error(f"--impls: unknown {i!r}; choose from fused, logprobs, {', '.join(all_impls)}")
     else:
-        shapes = SMALL_SHAPES if args.small else DEFAULT_SHAPES
-    impls = [i for i in args.impls.split(",") if i]
-    bad = [i for i in impls if i not in IMPLS]
-    if bad:
-        ap.error(f"--impls: unknown {bad}; choose from {IMPLS}")
-    reps = args.reps or (3 if device.type == "cpu" else 10)
-    warmup = args.warmup if args.warmup is not None else (1 if device.type == "cpu" else 3)
+        impls = all_impls
+    shapes = parse_shapes(args)
+    plan = [(s, impls) for s in shapes]
+    if args.long:
+        long_impls = [i for i in impls if i.startswith("fused_") or i == "floor"]
+        plan.append((LONG_SHAPE, long_impls))
+    reps = args.reps or (3 if device.type == "cpu" else 20)
+    warmup = args.warmup if args.warmup is not None else (1 if device.type == "cpu" else 2)
+    args.reps, args.warmup = reps, warmup
     vers = versions()
     dev_name = device_name(device)
-    rows = []
-    for hidden, vocab, tokens in shapes:
-        print(f"H={hidden} V={vocab} N={tokens} {dtype} on {dev_name}", file=sys.stderr, flush=True)
-        rows += bench_shape(hidden, vocab, tokens, dtype, device, impls, warmup, reps, vers, dev_name)
-    print_table(rows)
-    out = Path(args.out) if args.out else RESULTS / f"loss_{device.type}.json"
+    out = Path(args.out) if args.out else RESULTS / f"loss_{device_slug(device)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.targets_at:
+        tshape = tuple(int(x) for x in args.targets_at.lower().split("x"))
+        tdtype, tnote = dtype_name, " (--targets-at: not the issue's shape)"
+    else:
+        tshape, tdtype, tnote = TARGET_SHAPE, TARGET_DTYPE, ""
     config = dict(loss_type="grpo", importance_sampling_level="token", beta=0.04,
-                  old_and_ref_logprobs=True, mask="all ones", reps=reps, warmup=warmup,
-                  reference_dtype="float32", peak_mem="allocator bytes above the live inputs",
+                  old_and_ref_logprobs=True, mask="all ones", backends=backends, reps=reps,
+                  warmup=warmup, input_sets=args.input_sets, max_ms=args.max_ms,
+                  timing="triton.testing.do_bench median" if device.type == "cuda"
+                  else "median of wall-clock repeats",
+                  reference_dtype="float32", floor="bare GEMMs in the input dtype",
+                  floor_chunk_gib=args.floor_chunk_gib,
+                  peak_mem="allocator bytes above the live inputs",
                   argv=sys.argv[1:] if argv is None else argv)
-    out.write_text(json.dumps({"rows": rows, "config": config}, indent=2) + "\n")
+    rows, targets = [], []
+
+    def write():
+        out.write_text(json.dumps({"rows": rows, "config": config, "targets": targets}, indent=2) + "\n")
+
+    for (hidden, vocab, tokens), shape_impls in plan:
+        print(f"H={hidden} V={vocab} N={tokens} {dtype_name} on {dev_name}", file=sys.stderr, flush=True)
+        rows += bench_shape(hidden, vocab, tokens, dtype, device, shape_impls, args, vers, dev_name)
+        write()
+    print_table(rows)
+    targets = check_targets(rows, tshape, tdtype, tnote.strip(" ()"))
+    print_targets(targets, tshape, tdtype, tnote)
+    write()
     print(f"wrote {out}", file=sys.stderr)
+    if args.png:
+        from plot_loss import plot  # bench/ is on sys.path when run as a script
+        plot([out], Path(args.png))
+        print(f"wrote {args.png}", file=sys.stderr)
     return rows
 
 

@@ -1,0 +1,106 @@
+"""Plot bench_loss.py results: time and peak memory against tokens, one line per
+implementation and LM head (fused backends, the materialised reference, liger's
+chunked loss and the GEMM floor by default).
+
+    python bench/plot_loss.py bench/results/loss_h100.json                 # -> loss_h100.png beside it
+    python bench/plot_loss.py a.json b.json --merge-out bench/results/loss_h100.json \\
+        --png bench/results/loss_h100.png                                   # merge runs, then plot
+
+Several JSON files (e.g. one per GPU call) are merged row by row: a later file's row
+replaces an earlier one with the same impl, device, shape and dtype. --merge-out
+writes the merged rows (the last file's config, every file's targets) in the same schema.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+DEFAULT_IMPLS = ("fused_*", "reference", "liger_chunked", "floor")
+COLORS = {"reference": "tab:red", "liger_chunked": "tab:orange", "liger_triton": "tab:brown",
+          "floor": "black", "floor_fwd": "dimgray"}
+FUSED_COLORS = ["tab:blue", "tab:green", "tab:purple", "tab:cyan", "tab:olive"]
+
+
+def merge(paths: list[Path]) -> dict:
+    rows: dict[tuple, dict] = {}
+    config, targets = {}, []
+    for p in paths:
+        data = json.loads(Path(p).read_text())
+        for r in data["rows"]:
+            rows[(r["impl"], r["device"], r["hidden"], r["vocab"], r["tokens"], r["dtype"])] = r
+        config = data.get("config", config)
+        targets += data.get("targets", [])
+    return {"rows": list(rows.values()), "config": config, "targets": targets}
+
+
+def _wanted(impl: str, patterns) -> bool:
+    return any(impl.startswith(p[:-1]) if p.endswith("*") else impl == p for p in patterns)
+
+
+def plot(paths: list[Path], png: Path, impls=DEFAULT_IMPLS) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = merge(paths)
+    rows = [r for r in data["rows"] if r.get("ms_median") is not None and _wanted(r["impl"], impls)]
+    gib = max((r["peak_mem_bytes"] for r in rows), default=0) >= 2**30
+    unit, scale = ("GiB", 2**30) if gib else ("MiB", 2**20)
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.8))
+    heads = sorted({(r["hidden"], r["vocab"]) for r in rows})
+    styles = ["-", "--", ":", "-."]
+    fused = sorted({r["impl"] for r in rows if r["impl"].startswith("fused_")})
+    color = dict(COLORS, **{f: FUSED_COLORS[i % len(FUSED_COLORS)] for i, f in enumerate(fused)})
+    for hi, head in enumerate(heads):
+        for impl in sorted({r["impl"] for r in rows}):
+            pts = sorted((r["tokens"], r["ms_median"], r["peak_mem_bytes"] / scale) for r in rows
+                         if r["impl"] == impl and (r["hidden"], r["vocab"]) == head)
+            if not pts:
+                continue
+            n = [p[0] for p in pts]
+            kw = dict(color=color.get(impl, "gray"), linestyle=styles[hi % len(styles)], marker="o",
+                      label=f"{impl}, H={head[0]} V={head[1]}")
+            ax_t.plot(n, [p[1] for p in pts], **kw)
+            ax_m.plot(n, [p[2] for p in pts], **kw)
+    devices = sorted({r["device"] for r in rows})
+    dtypes = sorted({r["dtype"] for r in rows})
+    for ax, ylabel in ((ax_t, "forward+backward, median ms"), (ax_m, f"peak memory above inputs, {unit}")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("tokens")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    ax_t.set_title("time")
+    ax_m.set_title("peak memory")
+    handles, labels = ax_t.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, max(1, len(labels))), fontsize=8,
+               bbox_to_anchor=(0.5, 0.0))
+    fig.suptitle(f"fused linear GRPO loss: {', '.join(devices)}, {', '.join(dtypes)}", fontsize=10)
+    rows_of_legend = (len(labels) + 3) // 4
+    fig.tight_layout(rect=(0, 0.06 * rows_of_legend, 1, 1))
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return png
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("json", nargs="+", type=Path, help="bench_loss.py JSON file(s), merged in order")
+    ap.add_argument("--png", type=Path, default=None, help="output (default: the first JSON's name, .png)")
+    ap.add_argument("--merge-out", type=Path, default=None, help="write the merged JSON here")
+    ap.add_argument("--impls", default=",".join(DEFAULT_IMPLS),
+                    help="comma-separated impls to draw ('prefix*' matches a prefix)")
+    args = ap.parse_args(argv)
+    if args.merge_out:
+        args.merge_out.parent.mkdir(parents=True, exist_ok=True)
+        args.merge_out.write_text(json.dumps(merge(args.json), indent=2) + "\n")
+        print(f"wrote {args.merge_out}")
+    png = args.png or (args.merge_out or args.json[0]).with_suffix(".png")
+    plot(args.json, png, tuple(i for i in args.impls.split(",") if i))
+    print(f"wrote {png}")
+
+
+if __name__ == "__main__":
+    main()
