@@ -92,16 +92,16 @@ def _logprob_fwd_kernel(
     rows = tl.load(rows_ptr + offs_m, mask=m_ok, other=0).to(tl.int64)
     tgt = tl.load(tgt_ptr + rows, mask=m_ok, other=0)
     v_lo = split * v_per_split
-    v_hi = tl.minimum(V, v_lo + v_per_split)
+    v_hi = v_lo + v_per_split            # may pass V in the last split: masked below
 
     # running max from a finite floor: no −inf − −inf, and empty columns add exp(floor − m) = 0
     run_max = tl.full((BLOCK_M,), -1.0e38, dtype=tl.float32)
     run_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)       # Σ exp(z − run_max)
     run_t = tl.zeros((BLOCK_M,), dtype=tl.float32)         # Σ exp(z − run_max)·(z − run_max)
     z_tgt = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for v0 in range(v_lo, v_hi, BLOCK_V):
-        offs_v = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
-        v_ok = offs_v < v_hi
+    for i0 in range(0, v_per_split, BLOCK_V):         # plain-int bounds (Triton 3.6's interpreter)
+        offs_v = (v_lo + i0 + tl.arange(0, BLOCK_V)).to(tl.int64)
+        v_ok = (offs_v < v_hi) & (offs_v < V)
         z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, m_ok, offs_v, v_ok, D, stride_h, stride_w,
                          inv_t, HAS_BIAS, UPCAST, IEEE, BLOCK_M, BLOCK_V, BLOCK_K)
         z = tl.where(v_ok[None, :], z, -1.0e38)
