@@ -44,7 +44,7 @@ from .objective import grpo_objective, per_token_terms, token_weights
 # efficient (M = rows); the chunk and its bf16 copy are the path's only V-wide
 # temporaries. Tuned on the GPU (bench/NOTES.md); CPU keeps the chunked path's size.
 CHUNK_BYTES_CPU = 32 << 20
-CHUNK_BYTES_CUDA = 512 << 20
+CHUNK_BYTES_CUDA = 256 << 20
 MAX_ROWS = 16384
 
 # Per-row softmax work on the chunk: "auto" = the Triton row kernels (triton_rows.py)
