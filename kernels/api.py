@@ -8,7 +8,9 @@ Backends: "triton" = the streaming Triton kernels (triton_grpo.py; on CPU only u
 TRITON_INTERPRET=1, which must be set before the kernels module is first imported);
 "torch" = chunked GEMMs through PyTorch: at token level the one-pass loss (onepass.py:
 gradients formed in forward, three GEMMs, with the Triton row kernels of
-triton_rows.py on CUDA), else the two-pass chunked path (chunked.py). "auto" = on CPU
+triton_rows.py on CUDA), else the two-pass chunked path (chunked.py); log-probs without
+autograd on CUDA go through full-row chunks, one GEMM + the row-stats kernel each
+(onepass.gemm_logprobs). "auto" = on CPU
 "torch"; on CUDA "torch" for the token-level loss and "triton" for log-probs alone and
 for the sequence-level loss (AUTO_CUDA; the choice is settled by bench/bench_loss.py
 on the GPU, see bench/NOTES.md).
@@ -23,7 +25,7 @@ from torch import nn
 
 from .chunked import chunked_linear_logprobs
 from .objective import grpo_objective
-from .onepass import onepass_grpo_loss
+from .onepass import gemm_logprobs, onepass_grpo_loss
 
 BACKENDS = ("auto", "triton", "torch")
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -149,6 +151,11 @@ def linear_logprobs(
     _check_target_range(targets, weight.shape[0])
     h2 = hidden.reshape(-1, hidden.shape[-1])
     logprob_fn = _backend_fns(be)[0]
+    tracked = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if be == "torch" and hidden.device.type == "cuda" and not tracked:
+        # forward only on CUDA: full-row chunks, one cuBLAS GEMM + the row-stats kernel each
+        logprob_fn = gemm_logprobs
     logp, ent = logprob_fn(h2, weight, bias, targets.reshape(-1), temperature=temperature,
                            return_entropy=bool(return_entropy))
     logp = logp.view(targets.shape)

@@ -147,6 +147,54 @@ def _token_grad(logp_c, adv_c, w_c, old_c, ref_c, ris_c, hp) -> torch.Tensor:
     return g
 
 
+def _chunk_logprobs(ops, h_c, tgt, bias, b_acc, inv_t, need_ent):
+    """One chunk's logits and per-row statistics: (y, lse, logp [C], entropy [C] or None).
+    Row kernels: y = raw h_c·Wᵀ (bias and 1/τ are applied in-kernel), lse = (max, log s).
+    PyTorch ops: y = log p (overwritten in place), lse [C, 1]."""
+    if ops.row_kernels:
+        y = ops.logits(h_c)
+        lse, logp_c, ent_c = ops.rowk.row_stats(y, bias, tgt, inv_t, need_ent)
+        return y, lse, logp_c.to(ops.acc), None if ent_c is None else ent_c.to(ops.acc)
+    z = ops.logits(h_c)
+    if b_acc is not None:
+        z += b_acc
+    if inv_t != 1.0:
+        z *= inv_t
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)
+    logp_c = (z.gather(1, tgt.unsqueeze(1)) - lse).squeeze(1)
+    z -= lse                                             # log p
+    ent_c = None
+    if need_ent:
+        p = torch.exp(z)
+        ent_c = -torch.bmm(p.unsqueeze(1), z.unsqueeze(2)).reshape(-1)
+    return z, lse, logp_c, ent_c
+
+
+def gemm_logprobs(hidden, weight, bias, targets, *, temperature=1.0, return_entropy=False,
+                  rows=None):
+    """Forward-only log-probs (no autograd) through full-row chunks: one GEMM per chunk and
+    the row-stats kernel on CUDA. Same contract as chunked.chunked_linear_logprobs without
+    gradients: (logp [N], entropy [N] or None), fp32 (fp64 for fp64 inputs)."""
+    n = hidden.shape[0]
+    v = weight.shape[0]
+    ops = _Gemms(hidden, weight)
+    logp = torch.zeros(n, dtype=ops.acc, device=hidden.device)
+    ent = torch.zeros(n, dtype=ops.acc, device=hidden.device) if return_entropy else None
+    b_acc = None if bias is None else bias.to(ops.acc)
+    count = n if rows is None else rows.numel()
+    step = _chunk_rows(count, v, hidden.device)
+    with torch.no_grad():
+        for s in range(0, count, step):
+            r = slice(s, min(count, s + step)) if rows is None else rows[s:s + step]
+            y, _, logp_c, ent_c = _chunk_logprobs(ops, ops.rows(hidden[r]), targets[r], bias, b_acc,
+                                                  1.0 / temperature, return_entropy)
+            del y
+            logp[r] = logp_c
+            if return_entropy:
+                ent[r] = ent_c
+    return logp, ent
+
+
 def _sweep(hidden, weight, bias, targets, rows, mask, advantages, old, ref, ris, hp, need):
     """The chunk loop: (logp [N], entropy [N] or None, dh, dW (fp32), db (fp32)); the
     gradients (of the inputs flagged in `need`) are those of Σ per_token·w, unscaled."""
@@ -184,27 +232,12 @@ def _sweep(hidden, weight, bias, targets, rows, mask, advantages, old, ref, ris,
         r = slice(s, min(count, s + step)) if rows is None else rows[s:s + step]
         h_c = ops.rows(hidden[r])
         tgt = targets[r]
-        if ops.row_kernels:
-            y = ops.logits(h_c)                          # raw; bias and 1/τ applied in-kernel
-            lse, logp_c, ent_c = ops.rowk.row_stats(y, bias, tgt, inv_t, need_ent)
-            logp[r] = logp_c.to(acc)
-            if need_ent:
-                ent[r] = ent_c.to(acc)
-        else:
-            z = ops.logits(h_c)
-            if b_acc is not None:
-                z += b_acc
-            if inv_t != 1.0:
-                z *= inv_t
-            lse = torch.logsumexp(z, dim=-1, keepdim=True)
-            logp_c = (z.gather(1, tgt.unsqueeze(1)) - lse).squeeze(1)
-            logp[r] = logp_c
-            z -= lse                                     # log p
-            if need_ent:
-                p = torch.exp(z)
-                ent[r] = -torch.bmm(p.unsqueeze(1), z.unsqueeze(2)).reshape(-1)
-                del p
+        y, lse, logp_c, ent_c = _chunk_logprobs(ops, h_c, tgt, bias, b_acc, inv_t, need_ent)
+        logp[r] = logp_c
+        if need_ent:
+            ent[r] = ent_c
         if not need_grad:
+            del y
             continue
         g = _token_grad(logp[r], adv_tok[r], w_tok[r],
                         None if old_f is None else old_f[r].to(acc),
@@ -216,7 +249,7 @@ def _sweep(hidden, weight, bias, targets, rows, mask, advantages, old, ref, ris,
             if need_b:
                 db += dz_op.to(acc).sum(0)
         else:
-            dz = z.exp_()                                # p, in place
+            dz = y.exp_()                                # y = log p: p, in place
             dz *= -g.unsqueeze(1)
             dz.scatter_add_(1, tgt.unsqueeze(1), g.unsqueeze(1))   # g·(onehot − p)
             if inv_t != 1.0:
@@ -224,7 +257,7 @@ def _sweep(hidden, weight, bias, targets, rows, mask, advantages, old, ref, ris,
             if need_b:
                 db += dz.sum(0)
             dz_op = ops.operand(dz)
-            del z, dz
+            del y, dz
         if need_h:
             dh[r] = ops.dhidden(dz_op).to(hidden.dtype)
         if need_w:
