@@ -133,14 +133,15 @@ class _Gemms:
             dw.addmm_(dz_op.T, h_c)
 
 
-def _token_grad(logp_c, adv_c, w_c, old_c, ref_c, ris_c, hp) -> torch.Tensor:
-    """w · ∂per_token/∂logp on a chunk of unmasked rows (all `on`), by autograd on
+def _token_grad(logp_c, m_c, adv_c, w_c, old_c, ref_c, ris_c, hp) -> torch.Tensor:
+    """w · ∂per_token/∂logp on a chunk of unmasked rows (all `on`; m_c = their mask
+    values, which weight tokens when fractional), by autograd on
     objective.per_token_terms: the same ops, hence the same tie conventions."""
     with torch.enable_grad():
         lp = logp_c.detach().requires_grad_()
         on = torch.ones_like(lp, dtype=torch.bool)
         per_tok, _, _ = per_token_terms(
-            lp, on, torch.ones_like(lp), adv_c, old_logprobs=old_c, ref_logprobs=ref_c,
+            lp, on, m_c, adv_c, old_logprobs=old_c, ref_logprobs=ref_c,
             rollout_is_ratio=ris_c, beta=hp["beta"], epsilon_low=hp["epsilon_low"],
             epsilon_high=hp["epsilon_high"], importance_sampling_level="token")
         (g,) = torch.autograd.grad((per_tok * w_c).sum(), lp)
@@ -213,6 +214,7 @@ def _sweep(hidden, weight, bias, targets, rows, mask, advantages, old, ref, ris,
                                max_completion_length=hp["max_completion_length"],
                                num_items_in_batch=hp["num_items_in_batch"], dtype=acc))
     adv_tok = advantages.detach().to(acc).unsqueeze(1).expand(bsz, t).reshape(-1)
+    m_tok = mask.detach().to(acc).reshape(-1)
     old_f, ref_f, ris_f = flat(old), flat(ref), flat(ris)
 
     logp = torch.zeros(n, dtype=acc, device=dev)
@@ -239,7 +241,7 @@ def _sweep(hidden, weight, bias, targets, rows, mask, advantages, old, ref, ris,
         if not need_grad:
             del y
             continue
-        g = _token_grad(logp[r], adv_tok[r], w_tok[r],
+        g = _token_grad(logp[r], m_tok[r], adv_tok[r], w_tok[r],
                         None if old_f is None else old_f[r].to(acc),
                         None if ref_f is None else ref_f[r].to(acc),
                         None if ris_f is None else ris_f[r].to(acc), hp)

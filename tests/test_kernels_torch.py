@@ -312,3 +312,16 @@ def test_onepass_matches_twopass(monkeypatch):
         assert all(abs(float(m1[k]) - float(m0[k])) <= 1e-6 for k in m0)
         for a, b in zip(g1, g0):
             assert rel_err(a, b) <= (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_fractional_mask_weights(loss_type):
+    """A float mask weights tokens (0.5, 0.25), not just selects them: both torch paths
+    match the reference's weighting in loss and gradients."""
+    case = make_case(B=3, T=7, seed=43, masked_row=2)
+    w = case.mask.float()
+    w[0, 1:4] *= 0.5
+    w[1, 2] *= 0.25
+    case.mask = w
+    check_loss(case, "torch", use_ris=True, loss_type=loss_type, max_completion_length=9,
+               temperature=0.9)
