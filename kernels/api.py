@@ -6,14 +6,13 @@
 
 Backends: "triton" = the streaming Triton kernels (triton_grpo.py; on CPU only under
 TRITON_INTERPRET=1, which must be set before the kernels module is first imported);
-"torch" = chunked GEMMs through PyTorch: at token level the one-pass loss (onepass.py:
-gradients formed in forward, three GEMMs, with the Triton row kernels of
-triton_rows.py on CUDA), else the two-pass chunked path (chunked.py); log-probs without
-autograd on CUDA go through full-row chunks, one GEMM + the row-stats kernel each
-(onepass.gemm_logprobs). "auto" = on CPU
-"torch"; on CUDA "torch" for the token-level loss and "triton" for log-probs alone and
-for the sequence-level loss (AUTO_CUDA; the choice is settled by bench/bench_loss.py
-on the GPU, see bench/NOTES.md).
+"torch" = chunked GEMMs through PyTorch: the one-pass loss (onepass.py: gradients
+formed in forward, three GEMMs, with the Triton row kernels of triton_rows.py on CUDA;
+at sequence level with whole sequences per chunk while they fit), else the two-pass
+chunked path (chunked.py); log-probs without autograd on CUDA go through full-row
+chunks, one GEMM + the row-stats kernel each (onepass.gemm_logprobs).
+"auto" = "torch" on CPU; on CUDA "torch" for the loss and "triton" for log-probs alone
+(AUTO_CUDA; the choice is settled by bench/bench_loss.py on the GPU, see bench/NOTES.md).
 Every user mistake is a ValueError naming the offending argument.
 """
 from __future__ import annotations
@@ -25,7 +24,7 @@ from torch import nn
 
 from .chunked import chunked_linear_logprobs
 from .objective import grpo_objective
-from .onepass import gemm_logprobs, onepass_grpo_loss
+from .onepass import gemm_logprobs, onepass_grpo_loss, sequence_fits
 
 BACKENDS = ("auto", "triton", "torch")
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -91,8 +90,9 @@ def _check_target_range(targets, vocab, where=None):
 
 # backend="auto" on CUDA, per operation: the streaming kernels never write logits, which
 # suits forward-only log-probs; the one-pass loss does three GEMMs where the streaming
-# forward+backward recomputes logits (four) and accumulates dW with atomics.
-AUTO_CUDA = {"logprobs": "triton", "loss_token": "torch", "loss_sequence": "triton"}
+# forward+backward recomputes logits (four) and accumulates dW with atomics (at sequence
+# level too, with whole sequences per chunk, while onepass.sequence_fits).
+AUTO_CUDA = {"logprobs": "triton", "loss_token": "torch", "loss_sequence": "torch"}
 
 
 def _resolve_backend(backend, device, dtype, op="logprobs"):
@@ -236,13 +236,15 @@ def fused_linear_grpo_loss(
     rows = None if n_on == on.numel() else on.nonzero().squeeze(1)
     safe_targets = targets.reshape(-1) if rows is None else torch.where(on, targets.reshape(-1), 0)
     h2 = hidden.reshape(-1, hidden.shape[-1])
-    if be == "torch" and importance_sampling_level == "token" and _onepass_enabled():
+    if be == "torch" and _onepass_enabled() and (
+            importance_sampling_level == "token" or sequence_fits(mask, weight.shape[0], dev)):
         return onepass_grpo_loss(
             h2, weight, bias, safe_targets, rows, mask, advantages, old_logprobs=old_logprobs,
             ref_logprobs=ref_logprobs, rollout_is_ratio=rollout_is_ratio, beta=beta,
             epsilon_low=epsilon_low, epsilon_high=epsilon_high, temperature=temperature,
             loss_type=loss_type, max_completion_length=max_completion_length,
-            num_items_in_batch=num_items_in_batch, return_entropy=return_entropy)
+            num_items_in_batch=num_items_in_batch, return_entropy=return_entropy,
+            importance_sampling_level=importance_sampling_level)
     logprob_fn, objective_fn = _backend_fns(be)
     logp, ent = logprob_fn(h2, weight, bias, safe_targets, temperature=temperature,
                            return_entropy=bool(return_entropy), rows=rows)

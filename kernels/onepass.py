@@ -30,9 +30,10 @@ triton_rows.py on CUDA (two reads of the chunk, one bf16 write; ROW_KERNELS), in
 PyTorch ops elsewhere. On CPU the chunk and the weight are upcast to fp32 (fp64
 inputs stay fp64) before any arithmetic.
 
-Used by api.fused_linear_grpo_loss for backend "torch" at importance_sampling_level
-"token" when a gradient is needed; sequence-level ratios couple all tokens of a
-sequence, so that case keeps the two-pass path.
+Used by api.fused_linear_grpo_loss for backend "torch". A sequence-level ratio couples
+all tokens of a sequence, so there the chunks hold whole sequences (their log-probs,
+hence the ratio and its shared gradient, are complete inside the chunk); when one
+sequence's tokens exceed a chunk (sequence_fits), the two-pass path is used.
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ from .objective import grpo_objective, per_token_terms, token_weights
 CHUNK_BYTES_CPU = 32 << 20
 CHUNK_BYTES_CUDA = 256 << 20
 MAX_ROWS = 16384
+SEQUENCE_CHUNK_FACTOR = 4
 
 # Per-row softmax work on the chunk: "auto" = the Triton row kernels (triton_rows.py)
 # on CUDA, PyTorch ops elsewhere; "triton" forces the kernels (on CPU only under
@@ -196,6 +198,57 @@ def gemm_logprobs(hidden, weight, bias, targets, *, temperature=1.0, return_entr
     return logp, ent
 
 
+def _sequence_chunks(mask, step):
+    """Chunks of whole sequences for the sequence-level ratio: [(start, end, (b0, b1))]
+    over positions in the list of unmasked rows (row-major, as nonzero() orders them),
+    each holding sequences b0..b1-1 and at most `step` rows where a sequence fits;
+    a longer sequence gets a chunk of its own (sequence_fits says when that happens)."""
+    counts = (mask != 0).sum(1).tolist()
+    chunks, b0, start, rows = [], 0, 0, 0
+    for b, c in enumerate(counts):
+        if rows and rows + c > step:
+            chunks.append((start, start + rows, (b0, b)))
+            b0, start, rows = b, start + rows, 0
+        rows += c
+    if rows:
+        chunks.append((start, start + rows, (b0, len(counts))))
+    return chunks
+
+
+def sequence_fits(mask, vocab, device) -> bool:
+    """Whether the one-pass loss can keep each sequence's logits live at once: a chunk may
+    grow past the usual size to hold the longest sequence, up to SEQUENCE_CHUNK_FACTOR ×
+    the chunk budget (at 256 MiB on CUDA and the 7B vocabulary: 1,764 tokens). Otherwise
+    the sequence-level loss takes the two-pass path."""
+    counts = (mask != 0).sum(1)
+    longest = int(counts.max()) if counts.numel() else 0
+    budget = CHUNK_BYTES_CUDA if device.type == "cuda" else CHUNK_BYTES_CPU
+    return longest <= min(MAX_ROWS, max(1, SEQUENCE_CHUNK_FACTOR * budget // (4 * vocab)))
+
+
+def _sequence_grad(logp, r, seqs, mask, advantages, old, ref, ris, w, hp):
+    """w · ∂per_token/∂logp for the unmasked rows `r` of sequences b0..b1-1 at sequence
+    level: their [k, T] log-probs are complete here, so the sequence ratio (and its
+    gradient shared by all the sequence's tokens) is exact."""
+    b0, b1 = seqs
+    t = mask.shape[1]
+    acc = logp.dtype
+    local = (torch.arange(r.start, r.stop, device=logp.device) if isinstance(r, slice) else r) - b0 * t
+    part = lambda x: None if x is None else x.detach()[b0:b1].to(acc)  # noqa: E731
+    with torch.enable_grad():
+        lp = torch.zeros((b1 - b0) * t, dtype=acc, device=logp.device)
+        lp[local] = logp[r]
+        lp = lp.view(b1 - b0, t).requires_grad_()
+        m = mask[b0:b1]
+        per_tok, _, _ = per_token_terms(
+            lp, m != 0, m.to(acc), advantages.detach()[b0:b1].to(acc).unsqueeze(1),
+            old_logprobs=part(old), ref_logprobs=part(ref), rollout_is_ratio=part(ris),
+            beta=hp["beta"], epsilon_low=hp["epsilon_low"], epsilon_high=hp["epsilon_high"],
+            importance_sampling_level="sequence")
+        (g,) = torch.autograd.grad((per_tok * w[b0:b1]).sum(), lp)
+    return g.reshape(-1)[local]
+
+
 def _sweep(hidden, weight, bias, targets, rows, mask, advantages, old, ref, ris, hp, need):
     """The chunk loop: (logp [N], entropy [N] or None, dh, dW (fp32), db (fp32)); the
     gradients (of the inputs flagged in `need`) are those of Σ per_token·w, unscaled."""
@@ -226,12 +279,16 @@ def _sweep(hidden, weight, bias, targets, rows, mask, advantages, old, ref, ris,
 
     count = n if rows is None else rows.numel()
     step = _chunk_rows(count, v, dev)
+    seq_level = hp["importance_sampling_level"] == "sequence"
+    chunks = _sequence_chunks(mask, step) if seq_level else \
+        [(s, min(count, s + step), None) for s in range(0, count, step)]
     need_grad = need_h or need_w or need_b
     buf = None
     if ops.row_kernels and need_grad:
-        buf = torch.empty(min(step, count), v, dtype=ops.w.dtype, device=dev)
-    for s in range(0, count, step):
-        r = slice(s, min(count, s + step)) if rows is None else rows[s:s + step]
+        buf = torch.empty(min(max(e - s for s, e, _ in chunks), count), v, dtype=ops.w.dtype,
+                          device=dev)
+    for s, e, seqs in chunks:
+        r = slice(s, e) if rows is None else rows[s:e]
         h_c = ops.rows(hidden[r])
         tgt = targets[r]
         y, lse, logp_c, ent_c = _chunk_logprobs(ops, h_c, tgt, bias, b_acc, inv_t, need_ent)
@@ -241,10 +298,14 @@ def _sweep(hidden, weight, bias, targets, rows, mask, advantages, old, ref, ris,
         if not need_grad:
             del y
             continue
-        g = _token_grad(logp[r], m_tok[r], adv_tok[r], w_tok[r],
-                        None if old_f is None else old_f[r].to(acc),
-                        None if ref_f is None else ref_f[r].to(acc),
-                        None if ris_f is None else ris_f[r].to(acc), hp)
+        if seqs is None:
+            g = _token_grad(logp[r], m_tok[r], adv_tok[r], w_tok[r],
+                            None if old_f is None else old_f[r].to(acc),
+                            None if ref_f is None else ref_f[r].to(acc),
+                            None if ris_f is None else ris_f[r].to(acc), hp)
+        else:
+            g = _sequence_grad(logp, r, seqs, mask, advantages, old, ref, ris,
+                               w_tok.view(bsz, t), hp)
         if ops.row_kernels:
             dz_op = ops.rowk.row_grad(y, bias, tgt, lse, g, inv_t, out=buf[:y.shape[0]])
             del y
@@ -283,7 +344,8 @@ class OnePassGRPOLossFunction(torch.autograd.Function):
             logp.view(bsz, t), mask, advantages, old_logprobs=old, ref_logprobs=ref,
             rollout_is_ratio=ris, beta=hp["beta"], epsilon_low=hp["epsilon_low"],
             epsilon_high=hp["epsilon_high"], loss_type=hp["loss_type"],
-            importance_sampling_level="token", max_completion_length=hp["max_completion_length"],
+            importance_sampling_level=hp["importance_sampling_level"],
+            max_completion_length=hp["max_completion_length"],
             num_items_in_batch=hp["num_items_in_batch"],
             entropy=None if ent is None else ent.view(bsz, t))
         stats = [metrics[k] for k in ("kl", "clip_ratio_low", "clip_ratio_high", "clip_ratio")]
@@ -318,8 +380,9 @@ class OnePassGRPOLossFunction(torch.autograd.Function):
 def onepass_grpo_loss(hidden, weight, bias, targets, rows, mask, advantages, *, old_logprobs,
                       ref_logprobs, rollout_is_ratio, beta, epsilon_low, epsilon_high,
                       temperature, loss_type, max_completion_length, num_items_in_batch,
-                      return_entropy):
-    """Token-level GRPO loss of validated inputs (api.py): hidden [N, H] (N = B·T),
+                      return_entropy, importance_sampling_level="token"):
+    """GRPO loss of validated inputs (api.py); at sequence level only when
+    sequence_fits(mask, V, device): hidden [N, H] (N = B·T),
     targets [N] (safe ids at masked rows), rows = indices of the unmasked rows or None
     when all are unmasked, mask/old/ref/ris [B, T], advantages [B].
     Returns (0-dim loss, metrics dict) as grpo_objective: fp32 (fp64 for fp64 inputs)."""
@@ -328,7 +391,8 @@ def onepass_grpo_loss(hidden, weight, bias, targets, rows, mask, advantages, *, 
     hp = dict(beta=float(beta), epsilon_low=float(epsilon_low), epsilon_high=float(epsilon_high),
               temperature=float(temperature), loss_type=loss_type,
               max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
-              return_entropy=bool(return_entropy))
+              return_entropy=bool(return_entropy),
+              importance_sampling_level=importance_sampling_level)
     loss, kl, low, high, clip, ent = OnePassGRPOLossFunction.apply(
         hidden, weight, bias, targets, rows, mask, advantages, old_logprobs, ref_logprobs,
         rollout_is_ratio, hp)

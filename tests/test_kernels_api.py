@@ -106,7 +106,7 @@ def test_auto_is_torch_on_cpu(case, monkeypatch):
     cuda = torch.device("cuda", 0)
     assert api._resolve_backend("auto", cuda, torch.bfloat16) == "triton"
     assert api._resolve_backend("auto", cuda, torch.bfloat16, op="loss_token") == "torch"
-    assert api._resolve_backend("auto", cuda, torch.bfloat16, op="loss_sequence") == "triton"
+    assert api._resolve_backend("auto", cuda, torch.bfloat16, op="loss_sequence") == "torch"
     assert api._resolve_backend("auto", cuda, torch.float64, op="loss_token") == "torch"
     a = linear_logprobs(case.hidden, case.weight, case.targets)
     b = linear_logprobs(case.hidden, case.weight, case.targets, backend="torch")

@@ -107,3 +107,21 @@ def test_gemm_logprobs(row_kernels, dtype, monkeypatch):
     assert logp.dtype == torch.float32 and (logp.cpu()[~keep] == 0).all()
     assert rel_err(logp.cpu()[keep], rlogp[keep]) <= 1e-5
     assert rel_err(ent.cpu()[keep], rent[keep]) <= 1e-5
+
+
+@pytest.mark.parametrize("row_kernels", ["torch", "triton"])
+def test_onepass_sequence_chunks_larger_than_budget(row_kernels, monkeypatch):
+    """At sequence level a chunk grows past the row budget to hold a whole sequence
+    (up to SEQUENCE_CHUNK_FACTOR × the budget): budget 3 rows, sequences of up to 9."""
+    monkeypatch.setattr(onepass, "ROW_KERNELS", row_kernels)
+    monkeypatch.setenv("R1VL_KERNEL_ONEPASS", "1")
+    V = 61
+    monkeypatch.setattr(onepass, "CHUNK_BYTES_CUDA" if DEV == "cuda" else "CHUNK_BYTES_CPU",
+                        4 * V * 3)
+    case = make_case(B=3, T=9, H=24, V=V, seed=45, masked_row=1)
+    for name in ("hidden", "weight", "bias", "targets", "mask", "advantages", "old", "ref", "ris"):
+        setattr(case, name, getattr(case, name).to(DEV))
+    assert onepass.sequence_fits(case.mask, V, case.hidden.device)
+    assert onepass._chunk_rows(int(case.mask.sum()), V, case.hidden.device) == 3
+    check_loss(case, "torch", use_ris=True, importance_sampling_level="sequence",
+               temperature=0.9, return_entropy=True)

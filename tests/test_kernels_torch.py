@@ -32,7 +32,7 @@ def small_chunks(monkeypatch):
     one-pass chunks of 3 rows."""
     monkeypatch.setattr(chunked, "ROW_BLOCK", 5)
     monkeypatch.setattr(chunked, "CHUNK_BYTES", 4 * 5 * 16)
-    monkeypatch.setattr(onepass, "CHUNK_BYTES_CPU", 1)
+    monkeypatch.setattr(onepass, "CHUNK_BYTES_CPU", 1 << 40)   # MAX_ROWS binds
     monkeypatch.setattr(onepass, "MAX_ROWS", 3)
 
 
@@ -325,3 +325,31 @@ def test_fractional_mask_weights(loss_type):
     case.mask = w
     check_loss(case, "torch", use_ris=True, loss_type=loss_type, max_completion_length=9,
                temperature=0.9)
+
+
+@pytest.mark.parametrize("max_rows", [7, 12, 100])
+@pytest.mark.parametrize("masked", [None, 1])
+def test_onepass_sequence_level(monkeypatch, loss_path, max_rows, masked):
+    """Sequence-level ratios on the one-pass path: chunks of whole sequences (one, several,
+    or all per chunk; with a fully masked sequence and partial masks), == fp64 reference.
+    A sequence longer than a chunk falls back to the two-pass path (same result)."""
+    monkeypatch.setattr(onepass, "CHUNK_BYTES_CPU", 1 << 40)   # MAX_ROWS binds
+    monkeypatch.setattr(onepass, "MAX_ROWS", max_rows)
+    calls = []
+    orig = onepass._sequence_grad
+    monkeypatch.setattr(onepass, "_sequence_grad", lambda *a: calls.append(a[2]) or orig(*a))
+    case = make_case(B=5, T=7, seed=44, masked_row=masked)
+    for loss_type in ("grpo", "bnpo"):
+        calls.clear()
+        check_loss(case, "torch", use_ris=True, loss_type=loss_type,
+                   importance_sampling_level="sequence", temperature=0.8, return_entropy=True)
+        if loss_path == "onepass":
+            seqs = [b for b0, b1 in calls for b in range(b0, b1)]
+            assert seqs == list(range(5))                # each sequence in exactly one chunk
+            assert len(calls) > 1 or max_rows == 100
+        else:
+            assert calls == []
+    monkeypatch.setattr(onepass, "MAX_ROWS", 3)          # every sequence has > 3 tokens
+    calls.clear()
+    check_loss(case, "torch", importance_sampling_level="sequence")
+    assert calls == []
