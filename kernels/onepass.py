@@ -22,7 +22,7 @@ backward only scales them by the incoming gradient. Memory: one [C, V] fp32 chun
 dW [V, H] held from forward to backward and scaled in place there (a second
 backward through a retained graph recomputes them); never [N, V].
 
-On CUDA with bf16/fp16 inputs the GEMMs take the input dtype and write fp32
+On CUDA with bf16 inputs the GEMMs take bf16 operands and write fp32
 (`torch.mm(..., out_dtype=torch.float32)`), so logits are not rounded to bf16;
 dlogits are rounded to the input dtype as the operand of GEMMs 2 and 3 (as in the
 Triton backward). The per-row softmax work runs in the two Triton row kernels of
@@ -99,12 +99,14 @@ def _out_dtype_ok(device: torch.device) -> bool:
 class _Gemms:
     """The three products in the right precision for the inputs' device and dtype.
 
-    half_ops: operands stay in the input dtype (tensor cores) with fp32 outputs;
-    otherwise operands are upcast to the accumulation dtype first."""
+    half_ops (bf16 on CUDA): operands stay bf16 (tensor cores) with fp32 outputs;
+    otherwise operands are upcast to the accumulation dtype first. fp16 is upcast: as an
+    fp16 GEMM operand, dlogits of order 1e-9 would underflow (the streaming Triton
+    kernels upcast fp16 tiles for the same reason)."""
 
     def __init__(self, hidden: torch.Tensor, weight: torch.Tensor):
         self.acc = _acc_dtype(hidden)
-        self.half_ops = (hidden.device.type == "cuda" and hidden.dtype in (torch.bfloat16, torch.float16)
+        self.half_ops = (hidden.device.type == "cuda" and hidden.dtype == torch.bfloat16
                          and _out_dtype_ok(hidden.device))
         self.w = weight if (self.half_ops or weight.dtype == self.acc) else weight.to(self.acc)
         self.row_kernels = _use_row_kernels(hidden)
