@@ -49,18 +49,11 @@ def prepare_data(cfg: Config, d) -> tuple[str, str]:
     if "synthetic" in (train, test):
         err = None
         if d.main:
-            stamp = syn_dir / "r1vl_synthetic.json"
-            want = {"n_train": cfg.data.synthetic_train_size, "n_test": cfg.data.synthetic_test_size,
-                    "seed": cfg.seed}
-            try:
-                have = json.loads(stamp.read_text()) if stamp.is_file() else None
-                if have != want or not (syn_dir / "train.jsonl").is_file():
-                    from r1vl.data.synthetic import generate
+            from r1vl.data.synthetic import prepare_task
 
-                    log.info("generating the synthetic task into %s (%d train, %d held-out)", syn_dir,
-                             want["n_train"], want["n_test"])
-                    generate(str(syn_dir), want["n_train"], want["n_test"], cfg.seed)
-                    stamp.write_text(json.dumps(want))
+            try:
+                prepare_task(syn_dir, cfg.data.synthetic_train_size, cfg.data.synthetic_test_size,
+                             cfg.seed)
             except OSError as e:
                 err = f"data.synthetic_dir {syn_dir}: cannot write the synthetic task ({e})"
         err = broadcast_object(err, d)

@@ -118,11 +118,10 @@ def test_torchrun_two_ranks_end_to_end(tmp_path):
 
     from test_train import FAST
 
-    from r1vl.data.synthetic import generate
+    from r1vl.data.synthetic import prepare_task
 
     data = tmp_path / "data"
-    generate(str(data), 60, 6, 0)
-    (data / "r1vl_synthetic.json").write_text(json.dumps({"n_train": 60, "n_test": 6, "seed": 0}))
+    prepare_task(data, 60, 6, 0)
     out = tmp_path / "run"
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "r1vl.train",

@@ -120,3 +120,16 @@ def test_cli(tmp_path):
     res = subprocess.run([sys.executable, "-m", "r1vl.data.synthetic", "--out", str(out), "--n", "2",
                           "--families", "zzz"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "unknown families" in res.stderr
+
+
+def test_prepare_task_generates_only_when_the_stamp_differs(tmp_path):
+    from r1vl.data.synthetic import STAMP, prepare_task
+
+    assert prepare_task(tmp_path, 12, 3, 0) is True
+    first = (tmp_path / "train.jsonl").read_text()
+    assert json.loads((tmp_path / STAMP).read_text()) == {"n_train": 12, "n_test": 3, "seed": 0}
+    assert prepare_task(tmp_path, 12, 3, 0) is False
+    assert prepare_task(tmp_path, 12, 3, 1) is True
+    assert (tmp_path / "train.jsonl").read_text() != first
+    (tmp_path / "train.jsonl").unlink()
+    assert prepare_task(tmp_path, 12, 3, 1) is True

@@ -41,11 +41,10 @@ def _metrics(out):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """The synthetic task generated once for every run of this module."""
-    from r1vl.data.synthetic import generate
+    from r1vl.data.synthetic import prepare_task
 
     d = tmp_path_factory.mktemp("data")
-    generate(str(d), 60, 6, 0)
-    (d / "r1vl_synthetic.json").write_text(json.dumps({"n_train": 60, "n_test": 6, "seed": 0}))
+    prepare_task(d, 60, 6, 0)
     return d
 
 

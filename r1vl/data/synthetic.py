@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import random
 import sys
@@ -288,6 +289,26 @@ def generate(out_dir: str | os.PathLike, n_train: int, n_test: int, seed: int,
             raise RuntimeError(f"could not draw a held-out item unlike the {n_train} train items")
         test.append(it)
     return str(_write_split(out, "train", train)), str(_write_split(out, "test", test))
+
+
+STAMP = "r1vl_synthetic.json"
+log = logging.getLogger(__name__)
+
+
+def prepare_task(out_dir: str | os.PathLike, n_train: int, n_test: int, seed: int) -> bool:
+    """The task with these sizes and seed in out_dir, generated only when the directory's
+    stamp (STAMP: the sizes and seed it was written with) differs or train.jsonl is
+    missing. Returns whether it generated. Raises OSError when out_dir is not writable."""
+    out = Path(out_dir)
+    stamp = out / STAMP
+    want = {"n_train": n_train, "n_test": n_test, "seed": seed}
+    have = json.loads(stamp.read_text()) if stamp.is_file() else None
+    if have == want and (out / "train.jsonl").is_file():
+        return False
+    log.info("generating the synthetic task into %s (%d train, %d held-out)", out, n_train, n_test)
+    generate(out, n_train, n_test, seed)
+    stamp.write_text(json.dumps(want))
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
