@@ -75,9 +75,12 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _budget(device: torch.device) -> int:
+    return CHUNK_BYTES_CUDA if device.type == "cuda" else CHUNK_BYTES_CPU
+
+
 def _chunk_rows(count: int, vocab: int, device: torch.device) -> int:
-    budget = CHUNK_BYTES_CUDA if device.type == "cuda" else CHUNK_BYTES_CPU
-    return max(1, min(count, MAX_ROWS, budget // (4 * vocab)))
+    return max(1, min(count, MAX_ROWS, _budget(device) // (4 * vocab)))
 
 
 def _out_dtype_ok(device: torch.device) -> bool:
@@ -137,18 +140,17 @@ class _Gemms:
             dw.addmm_(dz_op.T, h_c)
 
 
-def _token_grad(logp_c, m_c, adv_c, w_c, old_c, ref_c, ris_c, hp) -> torch.Tensor:
-    """w · ∂per_token/∂logp on a chunk of unmasked rows (all `on`; m_c = their mask
-    values, which weight tokens when fractional), by autograd on
-    objective.per_token_terms: the same ops, hence the same tie conventions."""
+def _terms_grad(lp, on, m, adv, old, ref, ris, w, hp, level) -> torch.Tensor:
+    """w · ∂per_token/∂logp by autograd on objective.per_token_terms (the same ops as the
+    loss value, hence the same tie conventions), for a chunk's log-probs `lp`: a flat
+    chunk of unmasked rows at token level, [k, T] whole sequences at sequence level."""
     with torch.enable_grad():
-        lp = logp_c.detach().requires_grad_()
-        on = torch.ones_like(lp, dtype=torch.bool)
+        lp = lp.detach().requires_grad_()
         per_tok, _, _ = per_token_terms(
-            lp, on, m_c, adv_c, old_logprobs=old_c, ref_logprobs=ref_c,
-            rollout_is_ratio=ris_c, beta=hp["beta"], epsilon_low=hp["epsilon_low"],
-            epsilon_high=hp["epsilon_high"], importance_sampling_level="token")
-        (g,) = torch.autograd.grad((per_tok * w_c).sum(), lp)
+            lp, on, m, adv, old_logprobs=old, ref_logprobs=ref, rollout_is_ratio=ris,
+            beta=hp["beta"], epsilon_low=hp["epsilon_low"], epsilon_high=hp["epsilon_high"],
+            importance_sampling_level=level)
+        (g,) = torch.autograd.grad((per_tok * w).sum(), lp)
     return g
 
 
@@ -224,8 +226,7 @@ def sequence_fits(mask, vocab, device) -> bool:
     the sequence-level loss takes the two-pass path."""
     counts = (mask != 0).sum(1)
     longest = int(counts.max()) if counts.numel() else 0
-    budget = CHUNK_BYTES_CUDA if device.type == "cuda" else CHUNK_BYTES_CPU
-    return longest <= min(MAX_ROWS, max(1, SEQUENCE_CHUNK_FACTOR * budget // (4 * vocab)))
+    return longest <= min(MAX_ROWS, max(1, SEQUENCE_CHUNK_FACTOR * _budget(device) // (4 * vocab)))
 
 
 def _sequence_grad(logp, r, seqs, mask, advantages, old, ref, ris, w, hp):
@@ -237,17 +238,12 @@ def _sequence_grad(logp, r, seqs, mask, advantages, old, ref, ris, w, hp):
     acc = logp.dtype
     local = (torch.arange(r.start, r.stop, device=logp.device) if isinstance(r, slice) else r) - b0 * t
     part = lambda x: None if x is None else x.detach()[b0:b1].to(acc)  # noqa: E731
-    with torch.enable_grad():
-        lp = torch.zeros((b1 - b0) * t, dtype=acc, device=logp.device)
-        lp[local] = logp[r]
-        lp = lp.view(b1 - b0, t).requires_grad_()
-        m = mask[b0:b1]
-        per_tok, _, _ = per_token_terms(
-            lp, m != 0, m.to(acc), advantages.detach()[b0:b1].to(acc).unsqueeze(1),
-            old_logprobs=part(old), ref_logprobs=part(ref), rollout_is_ratio=part(ris),
-            beta=hp["beta"], epsilon_low=hp["epsilon_low"], epsilon_high=hp["epsilon_high"],
-            importance_sampling_level="sequence")
-        (g,) = torch.autograd.grad((per_tok * w[b0:b1]).sum(), lp)
+    lp = torch.zeros((b1 - b0) * t, dtype=acc, device=logp.device)
+    lp[local] = logp[r]
+    m = mask[b0:b1]
+    g = _terms_grad(lp.view(b1 - b0, t), m != 0, m.to(acc),
+                    advantages.detach()[b0:b1].to(acc).unsqueeze(1), part(old), part(ref), part(ris),
+                    w[b0:b1], hp, "sequence")
     return g.reshape(-1)[local]
 
 
@@ -301,10 +297,12 @@ def _sweep(hidden, weight, bias, targets, rows, mask, advantages, old, ref, ris,
             del y
             continue
         if seqs is None:
-            g = _token_grad(logp[r], m_tok[r], adv_tok[r], w_tok[r],
+            # unmasked rows only (all `on`); m weights them when the mask is fractional
+            lp_c = logp[r]
+            g = _terms_grad(lp_c, torch.ones_like(lp_c, dtype=torch.bool), m_tok[r], adv_tok[r],
                             None if old_f is None else old_f[r].to(acc),
                             None if ref_f is None else ref_f[r].to(acc),
-                            None if ris_f is None else ris_f[r].to(acc), hp)
+                            None if ris_f is None else ris_f[r].to(acc), w_tok[r], hp, "token")
         else:
             g = _sequence_grad(logp, r, seqs, mask, advantages, old, ref, ris,
                                w_tok.view(bsz, t), hp)

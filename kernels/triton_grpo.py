@@ -333,7 +333,7 @@ def _flags(hidden: torch.Tensor) -> dict:
                 IEEE=(not interpret) and hidden.dtype == torch.float32)
 
 
-def _splits(n_row_blocks: int, vocab: int, block_v: int, interpret: bool) -> tuple[int, int]:
+def _splits(n_row_blocks: int, vocab: int, interpret: bool) -> tuple[int, int]:
     """(number of vocabulary splits, columns per split) for the forward grid. Few row
     blocks (short batches) leave SMs idle, so the vocabulary is split until there are
     about 2 programs per SM; each split is a whole number of 256-column tiles (any
@@ -386,12 +386,13 @@ def _forward(hidden, weight, bias, targets, temperature, need_entropy, rows):
         return logp, lse, ent
     if INTERPRET:
         cfg = _config(n_act, v, d, INTERPRET)
-        kernel, bm, bv = _logprob_fwd_kernel, cfg["BLOCK_M"], cfg["BLOCK_V"]
+        kernel, bm = _logprob_fwd_kernel, cfg["BLOCK_M"]
     else:
-        # autotuned over _FWD_CONFIGS, keyed on (V, D, dtype); the split layout assumes
-        # the largest BLOCK_M of the table (row blocks are then never fewer than that)
-        cfg, kernel, bm, bv = {}, _fwd_tuned(), 64, 256
-    n_split, per = _splits(triton.cdiv(n_act, bm), v, bv, INTERPRET)
+        # autotuned over _FWD_CONFIGS, keyed on (V, D, dtype); the split count is planned
+        # for BLOCK_M = 64, the table's smallest (a tuned 128 halves the row blocks, so
+        # about one program per SM instead of two)
+        cfg, kernel, bm = {}, _fwd_tuned(), 64
+    n_split, per = _splits(triton.cdiv(n_act, bm), v, INTERPRET)
     part = torch.empty(4, n_split, n_act, dtype=torch.float32, device=dev)
     grid = lambda meta: (triton.cdiv(n_act, meta["BLOCK_M"]), n_split)  # noqa: E731
     kernel[grid](

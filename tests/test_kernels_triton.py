@@ -156,7 +156,7 @@ def test_forward_vocabulary_splits(monkeypatch, tiny_blocks, per):
     of the tile width, the target in any split, logits far from zero (−100: exp underflows
     without the running max)."""
     v = 75
-    monkeypatch.setattr(tg, "_splits", lambda nb, vocab, bv, interp: (-(-vocab // per), per))
+    monkeypatch.setattr(tg, "_splits", lambda nb, vocab, interp: (-(-vocab // per), per))
     case = make_case(B=3, T=7, H=20, V=v, seed=33, masked_row=1)
     case.bias = case.bias - 100.0
     case = _on(case)
