@@ -62,6 +62,8 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     liger: bool = True  # Liger's RMSNorm/SwiGLU/LayerNorm/RoPE kernels on CUDA (skipped on CPU)
     freeze_vision: bool = False
+    # run the vision tower once per distinct image of a forward, not once per completion (exact)
+    dedup_images: bool = True
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
 
 

@@ -510,6 +510,106 @@ def install_fused_head(model) -> FusedLMHead:
     return head
 
 
+# --------------------------------------------------------------------------- repeated images
+
+
+# Keyword arguments of the vision tower's forward that de-duplication understands; with any
+# other (precomputed sequence lengths, hidden states or attentions asked for) it stays out.
+_DEDUP_KWARGS = {"grid_thw", "return_dict"}
+
+
+def install_image_dedup(model) -> bool:
+    """Run the vision tower once per distinct image of a call instead of once per sequence.
+
+    A StepGRPO batch holds each prompt's image G times (G completions per prompt, next to each
+    other), and so does every forward over it: rollout prefill, old / reference log-probs and
+    the update. Hooks on `model.model.visual` drop each image that is equal, pixel for pixel
+    and grid for grid, to the one before it, run the tower on the rest, and index the outputs
+    back to one block per image. Values are the same; the gradient of a shared image is the
+    sum over its copies, as before. Returns False for a model without a vision tower.
+    Idempotent; the hooks travel with copy.deepcopy (they keep no reference to the module)."""
+    visual = getattr(getattr(model, "model", None), "visual", None)
+    if not isinstance(visual, nn.Module):
+        return False
+    if not getattr(visual, "_r1vl_image_dedup", False):
+        visual.register_forward_pre_hook(_dedup_before, with_kwargs=True)
+        visual.register_forward_hook(_dedup_after, with_kwargs=True)
+        visual._r1vl_image_dedup = True
+    visual._r1vl_dedup_on = True
+    return True
+
+
+def _dedup_before(module: nn.Module, args: tuple, kwargs: dict):
+    module._r1vl_dedup_plan = None
+    if not getattr(module, "_r1vl_dedup_on", True) or len(args) != 1 or set(kwargs) - _DEDUP_KWARGS:
+        return None
+    pixels, grid = args[0], kwargs.get("grid_thw")
+    if not isinstance(pixels, torch.Tensor) or not isinstance(grid, torch.Tensor) or grid.dim() != 2 \
+            or grid.shape[0] < 2:
+        return None
+    rows = grid.tolist()
+    sizes = [t * h * w for t, h, w in rows]
+    if sum(sizes) != pixels.shape[0]:
+        return None
+    segs = pixels.split(sizes)
+    pairs = [i for i in range(1, len(rows)) if rows[i] == rows[i - 1]]
+    if not pairs:
+        return None
+    equal = torch.stack([(segs[i] == segs[i - 1]).all() for i in pairs]).tolist()  # one device sync
+    dup = {i for i, e in zip(pairs, equal) if e}
+    if not dup:
+        return None
+    slot, keep = [], []
+    for i in range(len(rows)):
+        if i not in dup:
+            keep.append(i)
+        slot.append(len(keep) - 1)
+    module._r1vl_dedup_plan = (slot, [sizes[i] for i in keep])
+    if not getattr(module, "_r1vl_dedup_logged", False):
+        module._r1vl_dedup_logged = True
+        log.info("image de-duplication: the vision tower runs %d of %d images in this call (repeats of the "
+                 "image before; model.dedup_images=false turns it off)", len(keep), len(rows))
+    kept = torch.tensor(keep, device=grid.device)
+    return (torch.cat([segs[i] for i in keep]),), {**kwargs, "grid_thw": grid.index_select(0, kept)}
+
+
+def _block_index(slot: list[int], sizes: list[int], device) -> torch.Tensor:
+    """Row indices that lay out block slot[i] (of `sizes`, stored back to back) for each i."""
+    starts = [0]
+    for n in sizes[:-1]:
+        starts.append(starts[-1] + n)
+    return torch.cat([torch.arange(starts[j], starts[j] + sizes[j]) for j in slot]).to(device)
+
+
+def _dedup_after(module: nn.Module, args: tuple, kwargs: dict, output):
+    plan, module._r1vl_dedup_plan = getattr(module, "_r1vl_dedup_plan", None), None
+    if plan is None:
+        return None
+    slot, sizes = plan
+    merge = int(getattr(module, "spatial_merge_size", 1)) ** 2
+    merged = [n // merge for n in sizes]
+    index: dict[int, torch.Tensor] = {}
+
+    def expand(t):
+        if not isinstance(t, torch.Tensor) or t.dim() == 0:
+            return t
+        for rows in (sizes, merged):  # patches (last_hidden_state), merged tokens (pooler_output)
+            if t.shape[0] == sum(rows):
+                key = 0 if rows is sizes else 1
+                if key not in index:
+                    index[key] = _block_index(slot, rows, t.device)
+                return t.index_select(0, index[key])
+        raise RuntimeError(f"image de-duplication: the vision tower returned a tensor of {t.shape[0]} rows "
+                           f"for {sum(sizes)} patches / {sum(merged)} merged tokens; set "
+                           "model.dedup_images=false")
+
+    if isinstance(output, torch.Tensor):  # older transformers: the merged tokens
+        return expand(output)
+    for k in list(output.keys()):
+        output[k] = expand(output[k])
+    return output
+
+
 def _model_forward_keys(model) -> set[str]:
     return set(inspect.signature(model.model.forward).parameters)
 
@@ -526,10 +626,14 @@ class PolicyWithLoss(nn.Module):
     mode "logprobs": fp32 log-probs [B,T] (and entropy when return_entropy);
     mode "grpo": (loss, metrics) with advantages / old / ref log-probs in kwargs."""
 
-    def __init__(self, model):
+    def __init__(self, model, *, dedup_images: bool = True):
         super().__init__()
         self.model = model
         install_fused_head(model)
+        if dedup_images:
+            install_image_dedup(model)
+        elif getattr(getattr(model, "model", None), "visual", None) is not None:
+            model.model.visual._r1vl_dedup_on = False
         self._keys = _model_forward_keys(model)
 
     def hidden_states(self, batch: dict) -> torch.Tensor:

@@ -127,3 +127,80 @@ def test_bad_model_paths(path, words):
 def test_dir_without_config(tmp_path):
     with pytest.raises(ModelLoadError, match="config.json"):
         load_pretrained(tmp_path)
+
+
+# --------------------------------------------------------------------------- repeated images
+
+
+def _patch_counter(model):
+    """Patches the vision tower embeds per call (a hook on its patch embedding)."""
+    counts: list[int] = []
+    model.model.visual.patch_embed.register_forward_hook(lambda m, a, o: counts.append(o.shape[0]))
+    return counts
+
+
+def _grpo_grads(pol, batch, adv):
+    pol.zero_grad(set_to_none=True)
+    loss, _ = pol(batch.inputs, batch.targets, batch.mask, start=batch.start, mode="grpo", advantages=adv,
+                  beta=0.0)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in pol.named_parameters() if p.grad is not None}
+
+
+def test_image_dedup_same_loss_and_grads_fewer_patches(tiny):
+    import copy
+
+    from r1vl.algo import build_batch
+
+    model, proc = tiny
+    on_model, off_model = copy.deepcopy(model), copy.deepcopy(model)
+    on, off = PolicyWithLoss(on_model), PolicyWithLoss(off_model, dedup_images=False)
+    a, b = _img(), _img(84, 56)
+    c = Image.fromarray(np.asarray(a)[:, ::-1].copy())  # a's size and grid, other pixels
+    # groups of a prompt's copies, a text-only row, then a and c: same grid, different pixels
+    images = [a, a, a, None, b, b, a, c]
+    batch = build_batch(proc, [proc.chat_prompt("read the bar", im is not None) for im in images], images,
+                        [[50 + i, 60, 70 + i][: 1 + i % 3] for i in range(len(images))])
+    adv = torch.linspace(-1, 1, len(images))
+    n_on, n_off = _patch_counter(on_model), _patch_counter(off_model)
+    loss_on, g_on = _grpo_grads(on, batch, adv)
+    loss_off, g_off = _grpo_grads(off, batch, adv)
+    per_image = [int(g.prod()) for g in batch.inputs["image_grid_thw"]]
+    assert n_off == [sum(per_image)]
+    assert n_on == [per_image[0] + per_image[3] + per_image[5] + per_image[6]]  # a, b, a, c
+    torch.testing.assert_close(loss_on, loss_off)
+    assert g_on.keys() == g_off.keys() and any("visual" in k for k in g_on)
+    for k in g_on:
+        torch.testing.assert_close(g_on[k], g_off[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_image_dedup_travels_with_deepcopy_and_stays_out_of_unknown_calls(tiny):
+    from r1vl.models import make_reference
+
+    model, proc = tiny
+    pol = PolicyWithLoss(model)
+    ref = make_reference(pol)  # copies the hooks; they must act on the copy, not on `model`
+    n_model, n_ref = _patch_counter(model), _patch_counter(ref)
+    enc = proc([proc.chat_prompt("read the bar")] * 3, [_img()] * 3, padding_side="left")
+    with torch.no_grad():
+        h_ref = PolicyWithLoss(ref).hidden_states(enc)
+        h = pol.hidden_states(enc)
+    per_image = int(enc["image_grid_thw"][0].prod())
+    assert n_ref == [per_image] and n_model == [per_image]
+    torch.testing.assert_close(h_ref, h)
+    # a keyword the hooks do not know (hidden states asked for): all three images go through
+    n_model.clear()
+    with torch.no_grad():
+        out = model.model.visual(enc["pixel_values"], grid_thw=enc["image_grid_thw"], output_hidden_states=True)
+    assert n_model == [3 * per_image] and out.pooler_output.shape[0] == 3 * per_image // 4
+
+
+def test_image_dedup_in_generation(tiny):
+    model, proc = tiny
+    PolicyWithLoss(model)
+    counts = _patch_counter(model)
+    enc = proc([proc.chat_prompt("read the bar")] * 4, [_img()] * 4, padding_side="left")
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=2, do_sample=False)
+    assert counts == [int(enc["image_grid_thw"][0].prod())]  # prefill: one image's patches, not four
+    assert (out[:, -2:] == out[:1, -2:]).all()  # greedy: the four copies agree

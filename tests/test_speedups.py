@@ -223,3 +223,31 @@ def test_liger_on_cuda_keeps_logprobs(tiny, restore_transformers):
     want = compute_logprobs(plain, batch, micro_batch_size=2)
     got = compute_logprobs(PolicyWithLoss(fast_model), batch, micro_batch_size=2)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_image_dedup_qwen2_5_vl_window_attention():
+    """Qwen2.5-VL's tower reorders patches into windows: the de-duplicated call must still
+    give each image its own block, in the original order (pooler_output and last_hidden_state)."""
+    import copy
+
+    from r1vl.models import install_image_dedup
+
+    plain = _tiny_qwen25().eval()
+    plain.model.visual.window_size = 56  # windows of 2x2 merged tokens: a real reordering
+    model = copy.deepcopy(plain)
+    assert install_image_dedup(model)
+    vis, cfg = model.model.visual, model.config.vision_config
+    grid = torch.tensor([[1, 8, 12]] * 2 + [[1, 12, 8]] + [[1, 8, 12]] * 2)
+    per = 8 * 12
+    dim = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2
+    g = torch.Generator().manual_seed(0)
+    a, b, c = (torch.randn(per, dim, generator=g) for _ in range(3))
+    pixels = torch.cat([a, a, b, c, c])
+    seen: list[int] = []
+    vis.patch_embed.register_forward_hook(lambda m, args, o: seen.append(o.shape[0]))
+    with torch.no_grad():
+        got = vis(pixels, grid_thw=grid)
+        want = plain.model.visual(pixels, grid_thw=grid)
+    assert seen == [3 * per]
+    torch.testing.assert_close(got.pooler_output, want.pooler_output, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, atol=1e-5, rtol=1e-5)
