@@ -148,10 +148,18 @@ class VLProcessor:
         images = [im for im in (images or []) if im is not None]
         out: dict[str, torch.Tensor] = {}
         if images:
-            feats = self.image_processor(images=images, return_tensors="pt")
-            out["pixel_values"] = feats["pixel_values"]
-            out["image_grid_thw"] = feats["image_grid_thw"]
-            counts = (feats["image_grid_thw"].prod(-1) // self.merge_size**2).tolist()
+            # a StepGRPO batch passes each prompt's image object G times: process it once
+            slot: dict[int, int] = {}
+            index = [slot.setdefault(id(im), len(slot)) for im in images]
+            unique = list({id(im): im for im in images}.values())
+            feats = self.image_processor(images=unique, return_tensors="pt")
+            pixels, grid = feats["pixel_values"], feats["image_grid_thw"]
+            if len(unique) < len(images):
+                blocks = pixels.split(grid.prod(-1).tolist())
+                pixels, grid = torch.cat([blocks[j] for j in index]), grid[index]
+            out["pixel_values"] = pixels
+            out["image_grid_thw"] = grid
+            counts = (grid.prod(-1) // self.merge_size**2).tolist()
         else:
             counts = []
         expanded, k = [], 0

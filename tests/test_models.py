@@ -204,3 +204,22 @@ def test_image_dedup_in_generation(tiny):
         out = model.generate(**enc, max_new_tokens=2, do_sample=False)
     assert counts == [int(enc["image_grid_thw"][0].prod())]  # prefill: one image's patches, not four
     assert (out[:, -2:] == out[:1, -2:]).all()  # greedy: the four copies agree
+
+
+def test_processor_processes_a_repeated_image_once(tiny, monkeypatch):
+    model, proc = tiny
+    a, b = _img(), _img(84, 56)
+    b2 = b.copy()  # equal pixels, another object: processed on its own
+    images = [a, a, b, a, b2, b2]
+    texts = [proc.chat_prompt("read the bar")] * len(images)
+    one_by_one = [proc([t], [im]) for t, im in zip(texts, images)]
+    want = {k: torch.cat([enc[k] for enc in one_by_one]) for k in ("pixel_values", "image_grid_thw")}
+    calls: list[int] = []
+    inner = proc.image_processor.__class__.__call__
+    monkeypatch.setattr(proc.image_processor.__class__, "__call__",
+                        lambda self, images=None, **kw: (calls.append(len(images)), inner(self, images=images, **kw))[1])
+    got = proc(texts, images)
+    assert calls == [3]  # a, b, b2
+    for k in ("pixel_values", "image_grid_thw"):
+        torch.testing.assert_close(got[k], want[k], atol=0, rtol=0)
+    assert got["input_ids"].shape[0] == len(images)
