@@ -296,6 +296,7 @@ def _r1vl_config(a: dict):
         f"model.attn_implementation={a['attn']}",
         f"model.gradient_checkpointing={str(a['gradient_checkpointing']).lower()}",
         f"model.dedup_images={str(a.get('dedup_images', True)).lower()}",
+        f"model.share_prompts={str(a.get('share_prompts', True)).lower()}",
         f"data.min_pixels={a['min_pixels']}", f"data.max_pixels={a['max_pixels']}",
         f"data.max_prompt_length={a['max_prompt_length']}",
         "rollout.engine=hf", f"rollout.num_generations={a['num_generations']}",
@@ -427,12 +428,13 @@ def run_r1vl(a: dict, work: Path, variant: str) -> dict:
         return {"skipped": f"skipped: {e}"}
     if liger and not sp["liger"]:
         return {"skipped": LIGER_CPU_REASON}
-    policy = PolicyWithLoss(model, dedup_images=a["dedup_images"])
+    policy = PolicyWithLoss(model, dedup_images=a["dedup_images"], share_prompts=a["share_prompts"])
     if loss_path == "materialised":
         model.lm_head = _materialised_head_class()(model.lm_head)
     params = [p for p in policy.parameters() if p.requires_grad]
     a_cfg, ro = cfg.algorithm, cfg.rollout
-    ref_policy = PolicyWithLoss(make_reference(model), dedup_images=a["dedup_images"]) if a_cfg.beta != 0 else None
+    ref_policy = (PolicyWithLoss(make_reference(model), dedup_images=a["dedup_images"],
+                                 share_prompts=a["share_prompts"]) if a_cfg.beta != 0 else None)
     mu = a_cfg.num_iterations
     steps = a["warmup"] + a["repeats"]
     opt, sched = make_optimizer(params, cfg.optim.lr, cfg, steps * mu, cfg.optim.warmup_steps, cfg.optim.scheduler)
@@ -494,7 +496,7 @@ def run_r1vl(a: dict, work: Path, variant: str) -> dict:
                                         "same GRPO objective (bench-only MaterialisedLMHead)"),
                             "liger": sp["liger"] or [], "attn_implementation": sp["attn_implementation"],
                             "gradient_checkpointing": sp["gradient_checkpointing"],
-                            "dedup_images": a["dedup_images"],
+                            "dedup_images": a["dedup_images"], "share_prompts": a["share_prompts"],
                             "optimizer": f"torch.optim.AdamW(betas=({cfg.optim.beta1}, {cfg.optim.beta2}), "
                                          f"eps={cfg.optim.eps}, weight_decay={cfg.optim.weight_decay}), "
                                          f"clip {cfg.optim.max_grad_norm}",
@@ -861,6 +863,9 @@ def parse_args(argv=None):
     ap.add_argument("--dedup-images", action=argparse.BooleanOptionalAction, default=True,
                     help="r1vl: vision tower once per distinct image (model.dedup_images); TRL runs it per "
                          "completion")
+    ap.add_argument("--share-prompts", action=argparse.BooleanOptionalAction, default=True,
+                    help="r1vl: old/ref log-probs forward each prompt once and share its KV cache with "
+                         "its G completions (model.share_prompts)")
     ap.add_argument("--reward-workers", type=int, default=0, help="r1vl.rewards.score_batch workers (0: in-process)")
     ap.add_argument("--warmup", type=int, help="untimed steps first")
     ap.add_argument("--repeats", type=int, help="timed steps (median)")

@@ -618,6 +618,68 @@ def _dedup_after(module: nn.Module, args: tuple, kwargs: dict, output):
     return output
 
 
+def _prompt_groups(batch: dict, start: int, config) -> tuple[list[int], list[int], list[list[int]]] | None:
+    """(first row of each group, each row's group, each row's image indices) when some row
+    repeats the prompt of the row before it (ids, mask, image pixels), else None. Only for
+    image batches of models whose 3-D rope positions `_rope_positions` can compute."""
+    ids, am = batch.get("input_ids"), batch.get("attention_mask")
+    if ids is None or am is None or ids.shape[0] < 2 or "image_grid_thw" not in batch \
+            or "pixel_values_videos" in batch or not 1 <= start <= ids.shape[1]:
+        return None
+    image_token = getattr(config, "image_token_id", None)
+    merge = getattr(getattr(config, "vision_config", None), "spatial_merge_size", None)
+    if image_token is None or merge is None:
+        return None
+    grid = batch["image_grid_thw"]
+    per_image = [t * h * w // merge ** 2 for t, h, w in grid.tolist()]
+    per_row = (ids[:, :start] == image_token).sum(1).tolist()
+    image_rows, j = [], 0
+    for need in per_row:
+        row = []
+        while need > 0 and j < len(per_image):
+            row.append(j)
+            need -= per_image[j]
+            j += 1
+        if need != 0:
+            return None
+        image_rows.append(row)
+    if j != len(per_image):
+        return None
+    p, m = ids[:, :start], am[:, :start]
+    same = ((p[1:] == p[:-1]).all(1) & (m[1:] == m[:-1]).all(1)).tolist()
+    pairs = [i for i in range(1, len(same) + 1) if same[i - 1]]
+    if not pairs:
+        return None
+    blocks = batch["pixel_values"].split([t * h * w for t, h, w in grid.tolist()])
+    checks = [(blocks[a] == blocks[b]).all() for i in pairs for a, b in zip(image_rows[i], image_rows[i - 1])]
+    equal = torch.stack(checks).tolist() if checks else []
+    dup, k = set(), 0
+    for i in pairs:
+        n = len(image_rows[i])
+        if all(equal[k:k + n]):
+            dup.add(i)
+        k += n
+    if not dup:
+        return None
+    keep, index = [], []
+    for i in range(len(per_row)):
+        if i not in dup:
+            keep.append(i)
+        index.append(len(keep) - 1)
+    return keep, index, image_rows
+
+
+def _rope_positions(base: nn.Module, batch: dict) -> torch.Tensor:
+    """The 3-D (temporal, height, width) rope positions that the model's own forward derives
+    for `batch` (get_rope_index with the same arguments), without touching its rope_deltas."""
+    fn = base.get_rope_index
+    wanted = inspect.signature(fn).parameters
+    kwargs = {k: batch.get(k) for k in ("mm_token_type_ids", "image_grid_thw", "attention_mask") if k in wanted}
+    if "video_grid_thw" in wanted:
+        kwargs["video_grid_thw"] = None
+    return fn(batch["input_ids"], **kwargs)[0]
+
+
 def _model_forward_keys(model) -> set[str]:
     return set(inspect.signature(model.model.forward).parameters)
 
@@ -634,7 +696,7 @@ class PolicyWithLoss(nn.Module):
     mode "logprobs": fp32 log-probs [B,T] (and entropy when return_entropy);
     mode "grpo": (loss, metrics) with advantages / old / ref log-probs in kwargs."""
 
-    def __init__(self, model, *, dedup_images: bool = True):
+    def __init__(self, model, *, dedup_images: bool = True, share_prompts: bool = True):
         super().__init__()
         self.model = model
         install_fused_head(model)
@@ -642,6 +704,7 @@ class PolicyWithLoss(nn.Module):
             install_image_dedup(model)
         elif getattr(getattr(model, "model", None), "visual", None) is not None:
             model.model.visual._r1vl_dedup_on = False
+        self.share_prompts = share_prompts
         self._keys = _model_forward_keys(model)
 
     def hidden_states(self, batch: dict) -> torch.Tensor:
@@ -649,11 +712,51 @@ class PolicyWithLoss(nn.Module):
         out = self.model.model(**inputs, use_cache=False, return_dict=True)
         return out.last_hidden_state
 
+    def head_inputs(self, batch: dict, start: int, length: int) -> torch.Tensor:
+        """Hidden states at positions [start - 1, start - 1 + length): those that score the
+        continuation. Without autograd (old / reference log-probs), rows that repeat the row
+        before's prompt (ids, mask and image pixels) share one prompt forward: the prompt runs
+        once per group, its KV cache is copied to each row, and only the continuations run."""
+        if self.share_prompts and not torch.is_grad_enabled():
+            plan = _prompt_groups(batch, start, self.model.config)
+            if plan is not None:
+                return self._shared_prompt_hidden(batch, start, length, *plan)
+        return self.hidden_states(batch)[:, start - 1: start - 1 + length]
+
+    def _shared_prompt_hidden(self, batch: dict, start: int, length: int, keep: list[int], index: list[int],
+                              image_rows: list[list[int]]) -> torch.Tensor:
+        base = self.model.model
+        ids, am = batch["input_ids"], batch["attention_mask"]
+        pos = _rope_positions(base, batch)  # [3, B, L], as the plain forward computes them
+        dev = ids.device
+        kept, rows = torch.tensor(keep, device=dev), torch.tensor(index, device=dev)
+        prompt = {"input_ids": ids[kept, :start], "attention_mask": am[kept, :start],
+                  "position_ids": pos[:, kept, :start]}
+        if "mm_token_type_ids" in batch and "mm_token_type_ids" in self._keys:
+            prompt["mm_token_type_ids"] = batch["mm_token_type_ids"][kept, :start]
+        imgs = [j for r in keep for j in image_rows[r]]
+        if imgs:
+            grid = batch["image_grid_thw"]
+            blocks = batch["pixel_values"].split(grid.prod(-1).tolist())
+            prompt["pixel_values"] = torch.cat([blocks[j] for j in imgs])
+            prompt["image_grid_thw"] = grid[torch.tensor(imgs, device=grid.device)]
+        out = base(**prompt, use_cache=True, return_dict=True)
+        first = out.last_hidden_state[:, -1:].index_select(0, rows)
+        if length == 1:
+            return first
+        cache = out.past_key_values
+        cache.batch_select_indices(rows)
+        end = start + length - 1
+        cont = {"input_ids": ids[:, start:end], "attention_mask": am[:, :end], "position_ids": pos[:, :, start:end]}
+        if "mm_token_type_ids" in batch and "mm_token_type_ids" in self._keys:
+            cont["mm_token_type_ids"] = batch["mm_token_type_ids"][:, start:end]
+        rest = base(**cont, past_key_values=cache, use_cache=True, return_dict=True).last_hidden_state
+        return torch.cat([first, rest], dim=1)
+
     def forward(self, batch: dict, targets: torch.Tensor, mask: torch.Tensor, *, start: int, mode: str,
                 **kwargs: Any):
-        hidden = self.hidden_states(batch)
         T = targets.shape[1]
-        h = hidden[:, start - 1: start - 1 + T]
+        h = self.head_inputs(batch, start, T)
         head = self.model.lm_head
         if mode == "sft":
             logp = head(h, targets, mode="logprobs")

@@ -281,7 +281,7 @@ def run(cfg: Config) -> dict:
                    gradient_checkpointing=cfg.model.gradient_checkpointing, liger=cfg.model.liger)
     if cfg.model.freeze_vision:
         unwrap(model).model.visual.requires_grad_(False)
-    policy = PolicyWithLoss(model, dedup_images=cfg.model.dedup_images)
+    policy = PolicyWithLoss(model, dedup_images=cfg.model.dedup_images, share_prompts=cfg.model.share_prompts)
     params = [p for p in policy.parameters() if p.requires_grad]
     phase = state.get("phase", "warmup")
     in_warmup = phase == "warmup"
@@ -429,7 +429,8 @@ def run(cfg: Config) -> dict:
             if not use_ds:
                 ref_model.to(d.device)
             ref_model.eval().requires_grad_(False)
-        ref_policy = PolicyWithLoss(ref_model, dedup_images=cfg.model.dedup_images)
+        ref_policy = PolicyWithLoss(ref_model, dedup_images=cfg.model.dedup_images,
+                                    share_prompts=cfg.model.share_prompts)
         if use_ds:  # ZeRO-3: partitioned like the policy (inference engine); else bf16 on the device
             ref_policy = ds.prepare_reference(ref_policy, ds_cfg)
     g_start = state["step"] if phase == "grpo" else 0

@@ -223,3 +223,59 @@ def test_processor_processes_a_repeated_image_once(tiny, monkeypatch):
     for k in ("pixel_values", "image_grid_thw"):
         torch.testing.assert_close(got[k], want[k], atol=0, rtol=0)
     assert got["input_ids"].shape[0] == len(images)
+
+
+# --------------------------------------------------------------------------- shared prompt forward
+
+
+def _lm_calls(model):
+    """(rows, positions) of each language-model call."""
+    calls: list[tuple[int, int]] = []
+    model.model.language_model.register_forward_pre_hook(
+        lambda m, a, k: calls.append(tuple(k["inputs_embeds"].shape[:2])), with_kwargs=True)
+    return calls
+
+
+@pytest.mark.parametrize("micro", [10, 4, 3])
+def test_shared_prompt_logprobs_match_the_plain_forward(tiny, micro):
+    import copy
+
+    from r1vl.algo import build_batch, compute_logprobs
+
+    model, proc = tiny
+    on_model = copy.deepcopy(model)
+    on, off = PolicyWithLoss(on_model), PolicyWithLoss(copy.deepcopy(model), share_prompts=False)
+    a, b = _img(), _img(84, 56)
+    c = Image.fromarray(np.asarray(a)[:, ::-1].copy())
+    # groups of one prompt; a text-only pair; same text, other image; same image, other text
+    images = [a, a, a, None, None, b, b, a, c, c]
+    questions = ["read the bar"] * 8 + ["what colour"] * 2
+    prompts = [proc.chat_prompt(q, im is not None) for q, im in zip(questions, images)]
+    batch = build_batch(proc, prompts, images, [[50 + i, 60, 70 + i, 80, 81][: 1 + i % 5] for i in range(10)])
+    calls = _lm_calls(on_model)
+    got = compute_logprobs(on, batch, micro_batch_size=micro)
+    want = compute_logprobs(off, batch, micro_batch_size=micro)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    assert (want != 0).sum() == batch.mask.sum()
+    # prompt-only forwards: one row per group of repeated prompts within a micro-batch; a
+    # micro-batch without repeats runs whole rows. micro 4: [a a a -] [- b b a] [c c];
+    # micro 3: [a a a] [- - b] [b a c] (no repeat) [c] (one row)
+    prompt_rows = sum(r for r, n in calls if n == batch.start)
+    whole_rows = sum(r for r, n in calls if n > batch.start)
+    assert (prompt_rows, whole_rows) == {10: (5, 0), 4: (2 + 3 + 1, 0), 3: (1 + 2, 3 + 1)}[micro]
+
+
+def test_shared_prompt_only_without_autograd(tiny):
+    from r1vl.algo import build_batch
+
+    model, proc = tiny
+    pol = PolicyWithLoss(model)
+    calls = _lm_calls(model)
+    batch = build_batch(proc, [proc.chat_prompt("read the bar")] * 4, [_img()] * 4, [[50, 60]] * 4)
+    pol(batch.inputs, batch.targets, batch.mask, start=batch.start, mode="grpo", advantages=torch.ones(4),
+        beta=0.0)[0].backward()
+    assert calls == [(4, batch.start + 2)]  # the update keeps one forward of whole rows
+    calls.clear()
+    with torch.no_grad():
+        pol(batch.inputs, batch.targets, batch.mask, start=batch.start, mode="logprobs")
+    assert calls == [(1, batch.start), (4, 1)]

@@ -251,3 +251,40 @@ def test_image_dedup_qwen2_5_vl_window_attention():
     assert seen == [3 * per]
     torch.testing.assert_close(got.pooler_output, want.pooler_output, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, atol=1e-5, rtol=1e-5)
+
+
+def test_shared_prompt_logprobs_qwen2_5_vl():
+    """Qwen2.5-VL's rope positions (get_rope_index with its own arguments) through the shared
+    prompt forward: the same log-probs as whole rows, with left-padded prompts."""
+    import copy
+
+    model = _tiny_qwen25().eval()
+    cfg = model.config
+    vc = cfg.vision_config
+    dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
+    g = torch.Generator().manual_seed(0)
+    grids = [[1, 4, 4], [1, 4, 6]]
+    pix = [torch.randn(t * h * w, dim, generator=g) for t, h, w in grids]
+
+    def prompt(img, text):
+        return [cfg.vision_start_token_id] + [cfg.image_token_id] * (int(torch.tensor(grids[img]).prod()) // 4) + text
+
+    rows = [(0, [5, 6]), (0, [5, 6]), (1, [7]), (1, [7]), (1, [7])]
+    prompts = [prompt(i, t) for i, t in rows]
+    conts = [[10, 11, 12], [13], [14, 15], [16, 17, 18], [19]]
+    P, T = max(map(len, prompts)), max(map(len, conts))
+    ids = torch.zeros(len(rows), P + T, dtype=torch.long)
+    am = torch.zeros_like(ids)
+    for r, (p, c) in enumerate(zip(prompts, conts)):
+        ids[r, P - len(p): P] = torch.tensor(p)
+        ids[r, P: P + len(c)] = torch.tensor(c)
+        am[r, P - len(p): P + len(c)] = 1
+    batch = {"input_ids": ids, "attention_mask": am, "mm_token_type_ids": (ids == cfg.image_token_id).int(),
+             "pixel_values": torch.cat([pix[i] for i, _ in rows]),
+             "image_grid_thw": torch.tensor([grids[i] for i, _ in rows])}
+    targets, mask = ids[:, P:], am[:, P:]
+    on, off = PolicyWithLoss(model), PolicyWithLoss(copy.deepcopy(model), share_prompts=False)
+    with torch.no_grad():
+        got = on(batch, targets, mask, start=P, mode="logprobs")
+        want = off(batch, targets, mask, start=P, mode="logprobs")
+    torch.testing.assert_close(got * mask, want * mask, atol=2e-5, rtol=1e-5)
