@@ -225,6 +225,33 @@ def test_liger_on_cuda_keeps_logprobs(tiny, restore_transformers):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("attn", ["sdpa", "flash_attention_2"])
+def test_shared_prompt_logprobs_on_cuda(tiny, attn):
+    """The shared prompt forward (a KV cache over left-padded prompts, right-padded
+    continuations) against whole rows, with CUDA's attention kernels."""
+    import numpy as np
+    from PIL import Image
+
+    from r1vl.algo import build_batch, compute_logprobs
+
+    def _img(w=56, h=84, seed=0):
+        return Image.fromarray((np.random.default_rng(seed).random((h, w, 3)) * 255).astype("uint8"))
+
+    if attn == "flash_attention_2":
+        pytest.importorskip("flash_attn")
+    model, proc = tiny
+    model = copy.deepcopy(model).to("cuda", torch.bfloat16)
+    speedups.set_attn_implementation(model, attn, torch.device("cuda"))
+    images = [_img()] * 3 + [_img(84, 56)] * 3
+    prompts = [proc.chat_prompt("read the bar")] * 3 + [proc.chat_prompt("what colour")] * 3
+    batch = build_batch(proc, prompts, images, [[30, 31, 32], [40], [41, 42], [43, 44, 45, 46], [47], [48, 49]],
+                        dtype=torch.bfloat16).to("cuda")
+    got = compute_logprobs(PolicyWithLoss(model), batch, micro_batch_size=6)
+    want = compute_logprobs(PolicyWithLoss(model, share_prompts=False), batch, micro_batch_size=6)
+    torch.testing.assert_close(got, want, rtol=0, atol=3e-2)
+
+
 def test_image_dedup_qwen2_5_vl_window_attention():
     """Qwen2.5-VL's tower reorders patches into windows: the de-duplicated call must still
     give each image its own block, in the original order (pooler_output and last_hidden_state)."""
