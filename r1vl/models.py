@@ -20,7 +20,9 @@
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import inspect
 import json
 import logging
@@ -669,6 +671,69 @@ def _prompt_groups(batch: dict, start: int, config) -> tuple[list[int], list[int
     return keep, index, image_rows
 
 
+def _prompt_cache_allowed(model: nn.Module) -> bool:
+    """A shared prompt needs a KV cache inside the decoder layers. Without autograd or
+    without checkpointing that always holds; under HF's gradient checkpointing a layer keeps
+    the cache only where transformers has `_can_checkpoint_with_cache` (5.22): older ones
+    drop it, and the shared path would then be wrong, so it is not taken."""
+    if not torch.is_grad_enabled() or not model.training:
+        return True
+    if not any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
+        return True
+    from transformers import modeling_layers
+
+    return hasattr(getattr(modeling_layers, "GradientCheckpointingLayer", object), "_can_checkpoint_with_cache")
+
+
+@contextlib.contextmanager
+def _cache_through_checkpointing(model: nn.Module):
+    """Let checkpointed decoder layers keep the KV cache during a shared prompt forward.
+    Safe here because both caches of that path are replay-safe: the prompt's recording
+    layer replaces (never appends) on a checkpoint's recompute, and the prefix layer never
+    stores."""
+    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True
+              and hasattr(m, "_can_checkpoint_with_cache")]
+    saved = [vars(m).get("_can_checkpoint_with_cache") for m in layers]
+    for m in layers:
+        m._can_checkpoint_with_cache = True
+    try:
+        yield
+    finally:
+        for m, was in zip(layers, saved):
+            if was is None:
+                del m._can_checkpoint_with_cache  # back to the class's value
+            else:
+                m._can_checkpoint_with_cache = was
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_layers():
+    """(RecordLayer, PrefixLayer): the two replay-safe cache layers of the shared prompt forward."""
+    from transformers.cache_utils import DynamicLayer
+
+    class RecordLayer(DynamicLayer):
+        """The prompt forward's cache layer: holds the last keys/values it was given."""
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            self.keys, self.values = key_states, value_states
+            return key_states, value_states
+
+    class PrefixLayer(DynamicLayer):
+        """The continuation forward's cache layer: a fixed prefix, prepended, never grown."""
+
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+            super().__init__()
+            self.lazy_initialization(keys, values)
+            self.keys, self.values = keys, values
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+    return RecordLayer, PrefixLayer
+
+
 def _rope_positions(base: nn.Module, batch: dict) -> torch.Tensor:
     """The 3-D (temporal, height, width) rope positions that the model's own forward derives
     for `batch` (get_rope_index with the same arguments), without touching its rope_deltas."""
@@ -714,10 +779,11 @@ class PolicyWithLoss(nn.Module):
 
     def head_inputs(self, batch: dict, start: int, length: int) -> torch.Tensor:
         """Hidden states at positions [start - 1, start - 1 + length): those that score the
-        continuation. Without autograd (old / reference log-probs), rows that repeat the row
-        before's prompt (ids, mask and image pixels) share one prompt forward: the prompt runs
-        once per group, its KV cache is copied to each row, and only the continuations run."""
-        if self.share_prompts and not torch.is_grad_enabled():
+        continuation. Rows that repeat the prompt (ids, mask and image pixels) of the row
+        before share one prompt forward: the prompt runs once per group, each row attends to
+        its group's keys and values, and only the continuations run. Gradients flow to the
+        shared prompt as the sum over its rows, as with whole rows."""
+        if self.share_prompts and _prompt_cache_allowed(self.model):
             plan = _prompt_groups(batch, start, self.model.config)
             if plan is not None:
                 return self._shared_prompt_hidden(batch, start, length, *plan)
@@ -725,32 +791,41 @@ class PolicyWithLoss(nn.Module):
 
     def _shared_prompt_hidden(self, batch: dict, start: int, length: int, keep: list[int], index: list[int],
                               image_rows: list[list[int]]) -> torch.Tensor:
+        from transformers.cache_utils import DynamicCache
+
         base = self.model.model
         ids, am = batch["input_ids"], batch["attention_mask"]
         pos = _rope_positions(base, batch)  # [3, B, L], as the plain forward computes them
         dev = ids.device
         kept, rows = torch.tensor(keep, device=dev), torch.tensor(index, device=dev)
+        mm = batch.get("mm_token_type_ids") if "mm_token_type_ids" in self._keys else None
         prompt = {"input_ids": ids[kept, :start], "attention_mask": am[kept, :start],
                   "position_ids": pos[:, kept, :start]}
-        if "mm_token_type_ids" in batch and "mm_token_type_ids" in self._keys:
-            prompt["mm_token_type_ids"] = batch["mm_token_type_ids"][kept, :start]
+        if mm is not None:
+            prompt["mm_token_type_ids"] = mm[kept, :start]
         imgs = [j for r in keep for j in image_rows[r]]
         if imgs:
             grid = batch["image_grid_thw"]
             blocks = batch["pixel_values"].split(grid.prod(-1).tolist())
             prompt["pixel_values"] = torch.cat([blocks[j] for j in imgs])
             prompt["image_grid_thw"] = grid[torch.tensor(imgs, device=grid.device)]
-        out = base(**prompt, use_cache=True, return_dict=True)
-        first = out.last_hidden_state[:, -1:].index_select(0, rows)
-        if length == 1:
-            return first
-        cache = out.past_key_values
-        cache.batch_select_indices(rows)
-        end = start + length - 1
-        cont = {"input_ids": ids[:, start:end], "attention_mask": am[:, :end], "position_ids": pos[:, :, start:end]}
-        if "mm_token_type_ids" in batch and "mm_token_type_ids" in self._keys:
-            cont["mm_token_type_ids"] = batch["mm_token_type_ids"][:, start:end]
-        rest = base(**cont, past_key_values=cache, use_cache=True, return_dict=True).last_hidden_state
+        record_layer, prefix_layer = _cache_layers()
+        record = DynamicCache()
+        record.layer_class_to_replicate = record_layer
+        with _cache_through_checkpointing(self.model):
+            out = base(**prompt, past_key_values=record, use_cache=True, return_dict=True)
+            first = out.last_hidden_state[:, -1:].index_select(0, rows)
+            if length == 1:
+                return first
+            prefix = DynamicCache()
+            prefix.layers = [prefix_layer(layer.keys.index_select(0, rows), layer.values.index_select(0, rows))
+                             for layer in record.layers]
+            end = start + length - 1
+            cont = {"input_ids": ids[:, start:end], "attention_mask": am[:, :end],
+                    "position_ids": pos[:, :, start:end]}
+            if mm is not None:
+                cont["mm_token_type_ids"] = mm[:, start:end]
+            rest = base(**cont, past_key_values=prefix, use_cache=True, return_dict=True).last_hidden_state
         return torch.cat([first, rest], dim=1)
 
     def forward(self, batch: dict, targets: torch.Tensor, mask: torch.Tensor, *, start: int, mode: str,

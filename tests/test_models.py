@@ -154,7 +154,9 @@ def test_image_dedup_same_loss_and_grads_fewer_patches(tiny):
 
     model, proc = tiny
     on_model, off_model = copy.deepcopy(model), copy.deepcopy(model)
-    on, off = PolicyWithLoss(on_model), PolicyWithLoss(off_model, dedup_images=False)
+    # whole rows on both sides (a shared prompt forward would also drop the repeats)
+    on = PolicyWithLoss(on_model, share_prompts=False)
+    off = PolicyWithLoss(off_model, dedup_images=False, share_prompts=False)
     a, b = _img(), _img(84, 56)
     c = Image.fromarray(np.asarray(a)[:, ::-1].copy())  # a's size and grid, other pixels
     # groups of a prompt's copies, a text-only row, then a and c: same grid, different pixels
@@ -265,17 +267,36 @@ def test_shared_prompt_logprobs_match_the_plain_forward(tiny, micro):
     assert (prompt_rows, whole_rows) == {10: (5, 0), 4: (2 + 3 + 1, 0), 3: (1 + 2, 3 + 1)}[micro]
 
 
-def test_shared_prompt_only_without_autograd(tiny):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_shared_prompt_update_same_loss_and_grads(tiny, checkpointing):
+    """With autograd (the update), under HF's non-reentrant gradient checkpointing too: the
+    shared prompt's gradient is the sum over its rows, as with whole rows."""
+    import copy
+
     from r1vl.algo import build_batch
+    from r1vl.speedups import set_gradient_checkpointing
 
     model, proc = tiny
-    pol = PolicyWithLoss(model)
-    calls = _lm_calls(model)
-    batch = build_batch(proc, [proc.chat_prompt("read the bar")] * 4, [_img()] * 4, [[50, 60]] * 4)
-    pol(batch.inputs, batch.targets, batch.mask, start=batch.start, mode="grpo", advantages=torch.ones(4),
-        beta=0.0)[0].backward()
-    assert calls == [(4, batch.start + 2)]  # the update keeps one forward of whole rows
-    calls.clear()
+    on_model, off_model = copy.deepcopy(model).train(), copy.deepcopy(model).train()
+    for m in (on_model, off_model):
+        set_gradient_checkpointing(m, checkpointing)
+    on, off = PolicyWithLoss(on_model), PolicyWithLoss(off_model, share_prompts=False)
+    a, b = _img(), _img(84, 56)
+    images = [a, a, a, b, b, None, None]
+    prompts = [proc.chat_prompt("read the bar", im is not None) for im in images]
+    batch = build_batch(proc, prompts, images, [[50 + i, 60, 70 + i, 80][: 1 + i % 4] for i in range(7)])
+    adv = torch.linspace(-1, 1, 7)
+    calls = _lm_calls(on_model)
+    loss_on, g_on = _grpo_grads(on, batch, adv)
+    loss_off, g_off = _grpo_grads(off, batch, adv)
+    # forward: the three prompts, then seven continuations; the recompute repeats each under checkpointing
+    assert calls[:2] == [(3, batch.start), (7, batch.targets.shape[1] - 1)]
+    torch.testing.assert_close(loss_on, loss_off)
+    assert g_on.keys() == g_off.keys() and any("visual" in k for k in g_on) and any("embed" in k for k in g_on)
+    for k in g_on:
+        torch.testing.assert_close(g_on[k], g_off[k], atol=1e-6, rtol=1e-4, msg=k)
+    # sft and log-probs take the same path
     with torch.no_grad():
-        pol(batch.inputs, batch.targets, batch.mask, start=batch.start, mode="logprobs")
-    assert calls == [(1, batch.start), (4, 1)]
+        lp_on = on(batch.inputs, batch.targets, batch.mask, start=batch.start, mode="logprobs")
+        lp_off = off(batch.inputs, batch.targets, batch.mask, start=batch.start, mode="logprobs")
+    torch.testing.assert_close(lp_on * batch.mask, lp_off * batch.mask, atol=2e-5, rtol=1e-5)
