@@ -44,8 +44,10 @@ from r1vl.kernels, no [tokens, vocab] logits) or "materialised" (bench-only
 MaterialisedLMHead below: logits = hidden @ Wᵀ in the model dtype, fp32 log_softmax and
 gather, as GRPO code without a fused head does it, then the same GRPO objective), each
 with "+liger" (r1vl.speedups.apply_speedups with Liger's kernels; CUDA only: on CPU these
-rows are reported as skipped, with the reason). TRL runs with its defaults for what is not
-matched above (its own chunked log-prob head, no Liger).
+rows are reported as skipped, with the reason). Every variant runs the trainer's forward
+as it is: the vision tower once per distinct image and each prompt once per group
+(--no-dedup-images / --no-share-prompts measure without them). TRL runs with its defaults
+for what is not matched above (its own chunked log-prob head, no Liger, whole rows).
 
 The model is random, so every completion scores 0 and all advantages are 0 on both sides:
 the update still does all of its work (nothing skips zero advantages), but its loss and
@@ -864,8 +866,8 @@ def parse_args(argv=None):
                     help="r1vl: vision tower once per distinct image (model.dedup_images); TRL runs it per "
                          "completion")
     ap.add_argument("--share-prompts", action=argparse.BooleanOptionalAction, default=True,
-                    help="r1vl: old/ref log-probs forward each prompt once and share its KV cache with "
-                         "its G completions (model.share_prompts)")
+                    help="r1vl: log-prob passes and the update forward each prompt once and share its KV "
+                         "cache with its G completions (model.share_prompts); TRL forwards whole rows")
     ap.add_argument("--reward-workers", type=int, default=0, help="r1vl.rewards.score_batch workers (0: in-process)")
     ap.add_argument("--warmup", type=int, help="untimed steps first")
     ap.add_argument("--repeats", type=int, help="timed steps (median)")

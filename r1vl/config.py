@@ -64,7 +64,7 @@ class ModelConfig:
     freeze_vision: bool = False
     # run the vision tower once per distinct image of a forward, not once per completion (exact)
     dedup_images: bool = True
-    # old / reference log-probs: a group's prompt runs once, its KV cache shared by the G rows
+    # a group's prompt runs once per forward (log-probs, update), its KV cache shared by its rows
     share_prompts: bool = True
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
 
