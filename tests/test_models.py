@@ -267,19 +267,20 @@ def test_shared_prompt_logprobs_match_the_plain_forward(tiny, micro):
     assert (prompt_rows, whole_rows) == {10: (5, 0), 4: (2 + 3 + 1, 0), 3: (1 + 2, 3 + 1)}[micro]
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_shared_prompt_update_same_loss_and_grads(tiny, checkpointing):
+@pytest.mark.parametrize("checkpointing, attn", [(False, "sdpa"), (True, "sdpa"), (True, "eager")])
+def test_shared_prompt_update_same_loss_and_grads(tiny, checkpointing, attn):
     """With autograd (the update), under HF's non-reentrant gradient checkpointing too: the
     shared prompt's gradient is the sum over its rows, as with whole rows."""
     import copy
 
     from r1vl.algo import build_batch
-    from r1vl.speedups import set_gradient_checkpointing
+    from r1vl.speedups import set_attn_implementation, set_gradient_checkpointing
 
     model, proc = tiny
     on_model, off_model = copy.deepcopy(model).train(), copy.deepcopy(model).train()
     for m in (on_model, off_model):
         set_gradient_checkpointing(m, checkpointing)
+        set_attn_implementation(m, attn, "cpu")
     on, off = PolicyWithLoss(on_model), PolicyWithLoss(off_model, share_prompts=False)
     a, b = _img(), _img(84, 56)
     images = [a, a, a, b, b, None, None]
