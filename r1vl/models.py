@@ -569,11 +569,7 @@ def _dedup_before(module: nn.Module, args: tuple, kwargs: dict):
     dup = {i for i, e in zip(pairs, equal) if e}
     if not dup:
         return None
-    slot, keep = [], []
-    for i in range(len(rows)):
-        if i not in dup:
-            keep.append(i)
-        slot.append(len(keep) - 1)
+    keep, slot = _first_of_runs(len(rows), dup)
     module._r1vl_dedup_plan = (slot, [sizes[i] for i in keep])
     if not getattr(module, "_r1vl_dedup_logged", False):
         module._r1vl_dedup_logged = True
@@ -581,6 +577,17 @@ def _dedup_before(module: nn.Module, args: tuple, kwargs: dict):
                  "image before; model.dedup_images=false turns it off)", len(keep), len(rows))
     kept = torch.tensor(keep, device=grid.device)
     return (torch.cat([segs[i] for i in keep]),), {**kwargs, "grid_thw": grid.index_select(0, kept)}
+
+
+def _first_of_runs(n: int, repeats: set[int]) -> tuple[list[int], list[int]]:
+    """For items 0..n-1 where each i in `repeats` equals item i-1: (the items that start a
+    run, each item's run number)."""
+    keep, slot = [], []
+    for i in range(n):
+        if i not in repeats:
+            keep.append(i)
+        slot.append(len(keep) - 1)
+    return keep, slot
 
 
 def _block_index(slot: list[int], sizes: list[int], device) -> torch.Tensor:
@@ -663,11 +670,7 @@ def _prompt_groups(batch: dict, start: int, config) -> tuple[list[int], list[int
         k += n
     if not dup:
         return None
-    keep, index = [], []
-    for i in range(len(per_row)):
-        if i not in dup:
-            keep.append(i)
-        index.append(len(keep) - 1)
+    keep, index = _first_of_runs(len(per_row), dup)
     return keep, index, image_rows
 
 
