@@ -15,6 +15,8 @@
 #   loss2b, loss7b   the same for one head (-> loss_<dev>_2b.json / _7b.json), to split calls
 #   long      131072 tokens at the 2B head, fused backends + floor -> loss_<dev>_long.json
 #   step      bench/bench_step.py --preset 2b --out step_<dev>.json, if that file exists
+#   stepwhole the same for r1vl's fused+liger variant only, with whole rows (--no-dedup-images
+#             --no-share-prompts) -> step_<dev>_whole_rows.json: what those two save
 #
 # Everything goes to $OUT (./gpu_out when OUT is unset): session.log (all output),
 # summary.txt, the JSON/PNG results; at the end small files are packed into more.tar.gz
@@ -212,10 +214,11 @@ stage_loss() {   # stage_loss NAME SUFFIX TIMEOUT ARGS...
     --out "$OUT/loss_${DEV}${suffix}.json" --png "$OUT/loss_${DEV}${suffix}.png"
 }
 
-stage_step() {
+stage_step() {  # stage_step NAME SUFFIX [fixed bench_step.py arguments...]
+  local name=$1 suffix=$2; shift 2
   if [ ! -f bench/bench_step.py ]; then
-    log "SKIP step: bench/bench_step.py is not in this tree"
-    printf 'step\tskipped\t0\tno bench/bench_step.py\n' >> "$STATUS"
+    log "SKIP $name: bench/bench_step.py is not in this tree"
+    printf '%s\tskipped\t0\tno bench/bench_step.py\n' "$name" >> "$STATUS"
     return 0
   fi
   local help args=() extra=()
@@ -224,15 +227,15 @@ stage_step() {
     if grep -q -- "--small" <<< "$help"; then args+=(--small)
     elif grep -q "tiny" <<< "$help"; then args+=(--preset tiny)
     else
-      log "SKIP step (dry run): bench_step.py has no --small or tiny preset"
-      printf 'step\tskipped\t0\tdry run\n' >> "$STATUS"; return 0
+      log "SKIP $name (dry run): bench_step.py has no --small or tiny preset"
+      printf '%s\tskipped\t0\tdry run\n' "$name" >> "$STATUS"; return 0
     fi
   else
     grep -q -- "--preset" <<< "$help" && args+=(--preset 2b)
   fi
-  grep -q -- "--out" <<< "$help" && args+=(--out "$OUT/step_${DEV}.json")
+  grep -q -- "--out" <<< "$help" && args+=(--out "$OUT/step_${DEV}${suffix}.json")
   [ -n "${R1VL_STEP_ARGS:-}" ] && read -r -a extra <<< "$R1VL_STEP_ARGS"
-  run_stage step 540 "$PY" bench/bench_step.py "${args[@]}" "${extra[@]}"
+  run_stage "$name" 540 "$PY" bench/bench_step.py "${args[@]}" "$@" "${extra[@]}"
 }
 
 # ----------------------------------------------------------------------------- pack + summary
@@ -311,8 +314,9 @@ for line in status.read_text().splitlines():
     elif name.startswith(("loss", "long")):
         suffix = {"loss": "", "loss2b": "_2b", "loss7b": "_7b", "long": "_long"}.get(name, "")
         res = loss(f"loss_{dev}{suffix}.json")
-    elif name == "step" and st != "skipped":
-        cands = sorted(out.glob("step_*.json"))
+    elif name in ("step", "stepwhole") and st != "skipped":
+        cands = sorted(p for p in out.glob("step_*.json")
+                       if p.name.endswith("_whole_rows.json") == (name == "stepwhole"))
         if cands:
             d = json.loads(cands[0].read_text())
             res = [f"{len(d.get('rows', []))} rows in {cands[0].name}"]
@@ -343,8 +347,10 @@ for st in "${STAGES[@]}"; do
     loss2b) stage_loss loss2b _2b 300 --heads 2b ;;
     loss7b) stage_loss loss7b _7b 420 --heads 7b ;;
     long) stage_loss long _long 300 --shapes 1536x151936x131072 --impls fused,floor ;;
-    step) stage_step ;;
-    *) log "unknown stage '$st' (setup ceilings tests loss loss2b loss7b long step)"
+    step) stage_step step "" ;;
+    stepwhole) stage_step stepwhole _whole_rows --impls r1vl --variants fused+liger --no-dedup-images \
+                 --no-share-prompts ;;
+    *) log "unknown stage '$st' (setup ceilings tests loss loss2b loss7b long step stepwhole)"
        printf '%s\tFAIL\t0\tunknown stage\n' "$st" >> "$STATUS" ;;
   esac
 done
