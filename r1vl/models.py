@@ -677,8 +677,8 @@ def _prompt_groups(batch: dict, start: int, config) -> tuple[list[int], list[int
 def _prompt_cache_allowed(model: nn.Module) -> bool:
     """A shared prompt needs a KV cache inside the decoder layers. Without autograd or
     without checkpointing that always holds; under HF's gradient checkpointing a layer keeps
-    the cache only where transformers has `_can_checkpoint_with_cache` (5.22): older ones
-    drop it, and the shared path would then be wrong, so it is not taken."""
+    the cache only where transformers has `_can_checkpoint_with_cache` (5.19 to 5.22 do): one
+    without it drops the cache, and the shared path would then be wrong, so it is not taken."""
     if not torch.is_grad_enabled() or not model.training:
         return True
     if not any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
