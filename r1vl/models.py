@@ -816,7 +816,7 @@ class PolicyWithLoss(nn.Module):
         record = DynamicCache()
         record.layer_class_to_replicate = record_layer
         with _cache_through_checkpointing(self.model):
-            out = base(**prompt, past_key_values=record, use_cache=True, return_dict=True)
+            out = base(**prompt, past_key_values=record, use_cache=False, return_dict=True)  # ours, not HF's
             first = out.last_hidden_state[:, -1:].index_select(0, rows)
             if length == 1:
                 return first
@@ -828,7 +828,7 @@ class PolicyWithLoss(nn.Module):
                     "position_ids": pos[:, :, start:end]}
             if mm is not None:
                 cont["mm_token_type_ids"] = mm[:, start:end]
-            rest = base(**cont, past_key_values=prefix, use_cache=True, return_dict=True).last_hidden_state
+            rest = base(**cont, past_key_values=prefix, use_cache=False, return_dict=True).last_hidden_state
         return torch.cat([first, rest], dim=1)
 
     def forward(self, batch: dict, targets: torch.Tensor, mask: torch.Tensor, *, start: int, mode: str,
