@@ -49,13 +49,17 @@ def build(a, device):
     from r1vl.models import build_tiny
     from r1vl.speedups import set_attn_implementation, set_gradient_checkpointing
 
-    _, proc = build_tiny(None, vocab_size=1024, seed=0, min_pixels=448 * 448, max_pixels=448 * 448)
+    px = a.image * a.image
+    _, proc = build_tiny(None, vocab_size=1024, seed=0, min_pixels=px, max_pixels=px)
     tok = proc.tokenizer
     ids = {k: tok.convert_tokens_to_ids(t) for k, t in (("image_token_id", "<|image_pad|>"),
                                                         ("video_token_id", "<|video_pad|>"),
                                                         ("vision_start_token_id", "<|vision_start|>"),
                                                         ("vision_end_token_id", "<|vision_end|>"))}
-    text = dict(QWEN2_VL_2B_TEXT, num_hidden_layers=a.layers, vocab_size=a.vocab)
+    if a.vocab < len(tok):
+        raise SystemExit(f"bench_share: --vocab {a.vocab} is below the tokenizer's {len(tok)} tokens")
+    text = dict(QWEN2_VL_2B_TEXT, num_hidden_layers=a.layers, vocab_size=a.vocab, bos_token_id=None,
+                eos_token_id=None)
     cfg = Qwen2VLConfig(text_config=text, vision_config=dict(QWEN2_VL_2B_VISION, depth=a.vision_layers),
                         eos_token_id=None, bos_token_id=None, pad_token_id=tok.pad_token_id, **ids)
     torch.manual_seed(a.seed)
@@ -63,10 +67,10 @@ def build(a, device):
     attn = set_attn_implementation(model, a.attn, device)
     set_gradient_checkpointing(model, a.checkpointing)
     rng = np.random.default_rng(a.seed)
-    images = [Image.fromarray((rng.random((448, 448, 3)) * 255).astype("uint8")) for _ in range(a.prompts)]
+    images = [Image.fromarray((rng.random((a.image, a.image, 3)) * 255).astype("uint8")) for _ in range(a.prompts)]
     rows = [i for i in range(a.prompts) for _ in range(a.G)]
     lengths = rng.integers(a.completion // 2, a.completion + 1, size=len(rows))
-    conts = [rng.integers(100, 1000, size=int(n)).tolist() for n in lengths]
+    conts = [rng.integers(100, 1000, size=int(n)).tolist() for n in lengths]  # plain BPE tokens
     prompts = [proc.chat_prompt("What is the value of the bar for red? Think step by step.")] * len(rows)
     batch = build_batch(proc, prompts, [images[i] for i in rows], conts, dtype=getattr(torch, a.dtype)).to(device)
     return model, batch, attn
@@ -118,6 +122,7 @@ def main(argv=None) -> int:
                     help="LM-head rows (default: 151,936 on CUDA; 4,096 on CPU, where the head, the same in "
                          "every setting, would take most of the time)")
     ap.add_argument("--prompts", type=int, default=2)
+    ap.add_argument("--image", type=int, default=448, help="image side in pixels (448: 256 visual tokens)")
     ap.add_argument("--G", type=int, default=4, help="completions per prompt")
     ap.add_argument("--completion", type=int, default=64, help="longest completion (lengths drawn in [n/2, n])")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
@@ -135,8 +140,9 @@ def main(argv=None) -> int:
 
     model, batch, attn = build(a, device)
     prompt_tokens = int(batch.inputs["attention_mask"][0, : batch.start].sum())
+    visual = int(batch.inputs["image_grid_thw"][0].prod()) // 4
     print(f"{device_name(device)}: Qwen2-VL-2B dims, {a.layers} text / {a.vision_layers} vision layers, vocab {a.vocab}, "
-          f"{a.prompts} prompts x G={a.G}, prompt {prompt_tokens} tokens (256 visual), completions "
+          f"{a.prompts} prompts x G={a.G}, prompt {prompt_tokens} tokens ({visual} visual), completions "
           f"<= {a.completion}, {a.dtype}, attention {attn}, checkpointing {'on' if a.checkpointing else 'off'}")
     res = {s: measure(model, batch, s, a, device) for s in SETTINGS}
     base = res["whole rows"]
@@ -157,7 +163,7 @@ def main(argv=None) -> int:
     out = Path(a.out) if a.out else HERE / "results" / f"share_{device_slug(device)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     cfg = {k: v for k, v in vars(a).items() if k != "out"}
-    cfg.update(attn_resolved=attn, prompt_tokens=prompt_tokens, completion_tokens=int(batch.mask.sum()),
+    cfg.update(attn_resolved=attn, prompt_tokens=prompt_tokens, visual_tokens=visual, completion_tokens=int(batch.mask.sum()),
                statistic=f"median of {a.reps} runs after 1 warm-up")
     out.write_text(json.dumps({"device": device_name(device), "versions": _versions(), "config": cfg,
                                "rows": rows}, indent=1))
