@@ -17,6 +17,8 @@
 #   step      bench/bench_step.py --preset 2b --out step_<dev>.json, if that file exists
 #   stepwhole the same for r1vl's fused+liger variant only, with whole rows (--no-dedup-images
 #             --no-share-prompts) -> step_<dev>_whole_rows.json: what those two save
+#   share     bench/bench_share.py at the whole 2B model (28 + 32 layers), bf16 -> share_<dev>.json:
+#             whole rows vs image dedup vs shared prompts, one forward+backward, with equality checks
 #
 # Everything goes to $OUT (./gpu_out when OUT is unset): session.log (all output),
 # summary.txt, the JSON/PNG results; at the end small files are packed into more.tar.gz
@@ -244,7 +246,7 @@ pack() {
   # in this order of priority: session.log, loss/step JSON, PNGs; the rest goes into the tar.
   local files=() keep=() rest=() f
   mapfile -t files < <(cd "$OUT" && find . -type f ! -name more.tar.gz ! -name summary.txt -printf '%P\n' | sort)
-  for pat in '^session\.log$' '^(loss|step)_[^/]*\.json$' '^[^/]*\.png$'; do
+  for pat in '^session\.log$' '^(loss|step|share)_[^/]*\.json$' '^[^/]*\.png$'; do
     for f in "${files[@]}"; do
       [[ $f =~ $pat ]] && [ ${#keep[@]} -lt 6 ] && [[ " ${keep[*]} " != *" $f "* ]] && keep+=("$f")
     done
@@ -314,6 +316,12 @@ for line in status.read_text().splitlines():
     elif name.startswith(("loss", "long")):
         suffix = {"loss": "", "loss2b": "_2b", "loss7b": "_7b", "long": "_long"}.get(name, "")
         res = loss(f"loss_{dev}{suffix}.json")
+    elif name == "share" and read(f"share_{dev}.json"):
+        d = json.loads(read(f"share_{dev}.json"))
+        base = d["rows"][0]
+        res = [f"{r['setting']}: update x{r['update_seconds'] / base['update_seconds']:.2f}, log-probs "
+               f"x{r['logprobs_seconds'] / base['logprobs_seconds']:.2f}, grad err {r['grad_max_rel_err_vs_whole']:.1e}"
+               for r in d["rows"][1:]]
     elif name in ("step", "stepwhole") and st != "skipped":
         cands = sorted(p for p in out.glob("step_*.json")
                        if p.name.endswith("_whole_rows.json") == (name == "stepwhole"))
@@ -348,9 +356,13 @@ for st in "${STAGES[@]}"; do
     loss7b) stage_loss loss7b _7b 420 --heads 7b ;;
     long) stage_loss long _long 300 --shapes 1536x151936x131072 --impls fused,floor ;;
     step) stage_step step "" ;;
+    share)
+      if [ "$DRY" = 1 ]; then share_args=(--device cpu --layers 1 --vision-layers 1 --image 56 --reps 1)
+      else share_args=(--device cuda --layers 28 --vision-layers 32 --dtype bfloat16 --attn auto); fi
+      run_stage share 240 "$PY" bench/bench_share.py "${share_args[@]}" --out "$OUT/share_${DEV}.json" ;;
     stepwhole) stage_step stepwhole _whole_rows --impls r1vl --variants fused+liger --no-dedup-images \
                  --no-share-prompts ;;
-    *) log "unknown stage '$st' (setup ceilings tests loss loss2b loss7b long step stepwhole)"
+    *) log "unknown stage '$st' (setup ceilings tests loss loss2b loss7b long step stepwhole share)"
        printf '%s\tFAIL\t0\tunknown stage\n' "$st" >> "$STATUS" ;;
   esac
 done
