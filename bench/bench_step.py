@@ -65,7 +65,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import platform
 import re
 import shutil
@@ -134,25 +133,6 @@ def _versions() -> dict:
     except (OSError, subprocess.SubprocessError):
         out["r1vl_commit"] = None
     return out
-
-
-def _device_name(device) -> str:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
-
-def _device_slug(device) -> str:
-    """'cpu', or the GPU model in lower case ('NVIDIA H100 80GB HBM3' -> 'h100')."""
-    import torch
-
-    if device.type != "cuda":
-        return "cpu"
-    name = torch.cuda.get_device_name(device).lower().replace("nvidia", "")
-    m = re.search(r"\b([a-z]{1,2}\d{2,4}[a-z]?)\b", name)
-    return m.group(1) if m else (re.sub(r"[^a-z0-9]+", "_", name).strip("_") or "cuda")
 
 
 def _resolve_device(requested: str):
@@ -297,8 +277,8 @@ def _r1vl_config(a: dict):
         f"model.dtype={a['dtype']}",
         f"model.attn_implementation={a['attn']}",
         f"model.gradient_checkpointing={str(a['gradient_checkpointing']).lower()}",
-        f"model.dedup_images={str(a.get('dedup_images', True)).lower()}",
-        f"model.share_prompts={str(a.get('share_prompts', True)).lower()}",
+        f"model.dedup_images={str(a['dedup_images']).lower()}",
+        f"model.share_prompts={str(a['share_prompts']).lower()}",
         f"data.min_pixels={a['min_pixels']}", f"data.max_pixels={a['max_pixels']}",
         f"data.max_prompt_length={a['max_prompt_length']}",
         "rollout.engine=hf", f"rollout.num_generations={a['num_generations']}",
@@ -366,10 +346,11 @@ def prepare(a: dict, work: Path) -> dict:
         name = "Qwen2-VL-2B architecture, random init (published config numbers)"
     tc = model.config.text_config
     vc = model.config.vision_config
+    from bench_loss import device_name, device_slug  # this script's folder is sys.path[0] in its workers
     from r1vl.speedups import resolve_attn_implementation
 
     meta = {
-        "device": _device_name(device), "slug": _device_slug(device), "versions": _versions(),
+        "device": device_name(device), "slug": device_slug(device), "versions": _versions(),
         "attn_resolved": resolve_attn_implementation(a["attn"], device),
         "model": {"name": name, "params": int(sum(p.numel() for p in model.parameters())),
                   "hidden_size": tc.hidden_size, "intermediate_size": tc.intermediate_size,
@@ -430,13 +411,14 @@ def run_r1vl(a: dict, work: Path, variant: str) -> dict:
         return {"skipped": f"skipped: {e}"}
     if liger and not sp["liger"]:
         return {"skipped": LIGER_CPU_REASON}
-    policy = PolicyWithLoss(model, dedup_images=a["dedup_images"], share_prompts=a["share_prompts"])
+    m_cfg = cfg.model
+    policy = PolicyWithLoss(model, dedup_images=m_cfg.dedup_images, share_prompts=m_cfg.share_prompts)
     if loss_path == "materialised":
         model.lm_head = _materialised_head_class()(model.lm_head)
     params = [p for p in policy.parameters() if p.requires_grad]
     a_cfg, ro = cfg.algorithm, cfg.rollout
-    ref_policy = (PolicyWithLoss(make_reference(model), dedup_images=a["dedup_images"],
-                                 share_prompts=a["share_prompts"]) if a_cfg.beta != 0 else None)
+    ref_policy = (PolicyWithLoss(make_reference(model), dedup_images=m_cfg.dedup_images,
+                                 share_prompts=m_cfg.share_prompts) if a_cfg.beta != 0 else None)
     mu = a_cfg.num_iterations
     steps = a["warmup"] + a["repeats"]
     opt, sched = make_optimizer(params, cfg.optim.lr, cfg, steps * mu, cfg.optim.warmup_steps, cfg.optim.scheduler)
@@ -498,7 +480,7 @@ def run_r1vl(a: dict, work: Path, variant: str) -> dict:
                                         "same GRPO objective (bench-only MaterialisedLMHead)"),
                             "liger": sp["liger"] or [], "attn_implementation": sp["attn_implementation"],
                             "gradient_checkpointing": sp["gradient_checkpointing"],
-                            "dedup_images": a["dedup_images"], "share_prompts": a["share_prompts"],
+                            "dedup_images": m_cfg.dedup_images, "share_prompts": m_cfg.share_prompts,
                             "optimizer": f"torch.optim.AdamW(betas=({cfg.optim.beta1}, {cfg.optim.beta2}), "
                                          f"eps={cfg.optim.eps}, weight_decay={cfg.optim.weight_decay}), "
                                          f"clip {cfg.optim.max_grad_norm}",
