@@ -565,7 +565,7 @@ def _dedup_before(module: nn.Module, args: tuple, kwargs: dict):
     pairs = [i for i in range(1, len(rows)) if rows[i] == rows[i - 1]]
     if not pairs:
         return None
-    equal = torch.stack([(segs[i] == segs[i - 1]).all() for i in pairs]).tolist()  # one device sync
+    equal = _blocks_equal(segs, [(i, i - 1) for i in pairs])
     dup = {i for i, e in zip(pairs, equal) if e}
     if not dup:
         return None
@@ -577,6 +577,11 @@ def _dedup_before(module: nn.Module, args: tuple, kwargs: dict):
                  "image before; model.dedup_images=false turns it off)", len(keep), len(rows))
     kept = torch.tensor(keep, device=grid.device)
     return (torch.cat([segs[i] for i in keep]),), {**kwargs, "grid_thw": grid.index_select(0, kept)}
+
+
+def _blocks_equal(blocks: Sequence[torch.Tensor], pairs: list[tuple[int, int]]) -> list[bool]:
+    """Whether blocks[a] equals blocks[b], element for element, for each (a, b): one device sync."""
+    return torch.stack([(blocks[a] == blocks[b]).all() for a, b in pairs]).tolist() if pairs else []
 
 
 def _first_of_runs(n: int, repeats: set[int]) -> tuple[list[int], list[int]]:
@@ -627,10 +632,11 @@ def _dedup_after(module: nn.Module, args: tuple, kwargs: dict, output):
     return output
 
 
-def _prompt_groups(batch: dict, start: int, config) -> tuple[list[int], list[int], list[list[int]]] | None:
-    """(first row of each group, each row's group, each row's image indices) when some row
-    repeats the prompt of the row before it (ids, mask, image pixels), else None. Only for
-    image batches of models whose 3-D rope positions `_rope_positions` can compute."""
+def _prompt_groups(batch: dict, start: int, config):
+    """(first row of each group, each row's group, each row's image indices, the pixel block
+    of each image) when some row repeats the prompt of the row before it (ids, mask, image
+    pixels), else None. Only for image batches of models whose 3-D rope positions
+    `_rope_positions` can compute."""
     ids, am = batch.get("input_ids"), batch.get("attention_mask")
     if ids is None or am is None or ids.shape[0] < 2 or "image_grid_thw" not in batch \
             or "pixel_values_videos" in batch or not 1 <= start <= ids.shape[1]:
@@ -639,8 +645,8 @@ def _prompt_groups(batch: dict, start: int, config) -> tuple[list[int], list[int
     merge = getattr(getattr(config, "vision_config", None), "spatial_merge_size", None)
     if image_token is None or merge is None:
         return None
-    grid = batch["image_grid_thw"]
-    per_image = [t * h * w // merge ** 2 for t, h, w in grid.tolist()]
+    patches = [t * h * w for t, h, w in batch["image_grid_thw"].tolist()]
+    per_image = [n // merge ** 2 for n in patches]
     per_row = (ids[:, :start] == image_token).sum(1).tolist()
     image_rows, j = [], 0
     for need in per_row:
@@ -659,9 +665,8 @@ def _prompt_groups(batch: dict, start: int, config) -> tuple[list[int], list[int
     pairs = [i for i in range(1, len(same) + 1) if same[i - 1]]
     if not pairs:
         return None
-    blocks = batch["pixel_values"].split([t * h * w for t, h, w in grid.tolist()])
-    checks = [(blocks[a] == blocks[b]).all() for i in pairs for a, b in zip(image_rows[i], image_rows[i - 1])]
-    equal = torch.stack(checks).tolist() if checks else []
+    blocks = batch["pixel_values"].split(patches)
+    equal = _blocks_equal(blocks, [ab for i in pairs for ab in zip(image_rows[i], image_rows[i - 1])])
     dup, k = set(), 0
     for i in pairs:
         n = len(image_rows[i])
@@ -671,7 +676,7 @@ def _prompt_groups(batch: dict, start: int, config) -> tuple[list[int], list[int
     if not dup:
         return None
     keep, index = _first_of_runs(len(per_row), dup)
-    return keep, index, image_rows
+    return keep, index, image_rows, blocks
 
 
 def _prompt_cache_allowed(model: nn.Module) -> bool:
@@ -793,7 +798,7 @@ class PolicyWithLoss(nn.Module):
         return self.hidden_states(batch)[:, start - 1: start - 1 + length]
 
     def _shared_prompt_hidden(self, batch: dict, start: int, length: int, keep: list[int], index: list[int],
-                              image_rows: list[list[int]]) -> torch.Tensor:
+                              image_rows: list[list[int]], blocks: Sequence[torch.Tensor]) -> torch.Tensor:
         from transformers.cache_utils import DynamicCache
 
         base = self.model.model
@@ -809,7 +814,6 @@ class PolicyWithLoss(nn.Module):
         imgs = [j for r in keep for j in image_rows[r]]
         if imgs:
             grid = batch["image_grid_thw"]
-            blocks = batch["pixel_values"].split(grid.prod(-1).tolist())
             prompt["pixel_values"] = torch.cat([blocks[j] for j in imgs])
             prompt["image_grid_thw"] = grid[torch.tensor(imgs, device=grid.device)]
         record_layer, prefix_layer = _cache_layers()
