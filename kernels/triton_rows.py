@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 
-FLOOR: tl.constexpr = -1.0e38
+FLOOR = tl.constexpr(-1.0e38)
 
 
 @triton.jit
