@@ -320,7 +320,8 @@ def _config(n_rows: int, vocab: int, hdim: int, interpret: bool) -> dict:
         # the interpreter's cost is programs × loop iterations: few, large blocks
         return dict(BLOCK_M=_pow2(n_rows, 16, 64), BLOCK_V=_pow2(vocab, 16, 512),
                     BLOCK_K=_pow2(hdim, 16, 64))
-    return dict(BLOCK_M=64, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=2)
+    bm, bv, bk, w, st = _BWD_CONFIGS[0]
+    return dict(BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk, num_warps=w, num_stages=st)
 
 
 def _flags(hidden: torch.Tensor) -> dict:
@@ -414,6 +415,8 @@ def _forward(hidden, weight, bias, targets, temperature, need_entropy, rows):
 _FWD_CONFIGS = [(64, 128, 64, 4, 4), (64, 256, 64, 8, 3), (128, 128, 64, 8, 3),
                 (128, 256, 64, 8, 3), (128, 128, 128, 8, 3), (64, 128, 128, 4, 3)]
 _FWD_TUNED: list = []
+# Backward config on the GPU (same tuple layout); bench/compile_report.py reports each.
+_BWD_CONFIGS = [(64, 128, 64, 8, 2)]
 
 
 def _fwd_tuned():
