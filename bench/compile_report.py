@@ -18,6 +18,7 @@ in the dtypes the launchers pass on CUDA (flags from `triton_grpo._flags`).
     python bench/compile_report.py                       # 2b+7b, bf16, all kernels
     python bench/compile_report.py --dtypes bf16,fp32,fp16 --json bench/results/compile_sm90.json
     python bench/compile_report.py --kernels fwd --heads 7b --quick   # defaults only
+    python bench/compile_report.py --all-flags --dtypes bf16,fp16,fp32 --heads 2b  # every switch
 
 Run with the Triton the GPU image has (3.6.0) to see what the device will run:
     pip install --no-deps --target /tmp/t36 triton==3.6.0
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import json
 import os
 import re
@@ -142,12 +144,25 @@ def _compile(fn, args, consts, num_warps, num_stages):
     smem = res["dyn_smem"] + res["static_smem"]
     res.update(occupancy(res["regs"], smem, num_warps))
     res["fits"] = smem <= SM90["smem_block"] and res["ctas_per_sm"] >= 1
+    # Triton's spills land in the stack frame (LOCAL stays 0): STL stores count them
     res["spills"] = res["local"] > 0 or res["sass"]["STL"] > 0
     res["compile_s"] = round(secs, 2)
     return res
 
 
-def _variants(kernels, heads, dtypes, quick, n_tokens):
+def _flag_sets(quick, all_flags, n):
+    """Boolean constexpr tuples: every combination with all_flags; otherwise the first flag
+    (entropy, or sequence level) both ways, or off alone with quick, and the rest off."""
+    if all_flags:
+        return list(itertools.product([False, True], repeat=n))
+    return [(False,) * n] if quick else [(False,) * n, (True,) + (False,) * (n - 1)]
+
+
+def _extra(all_flags, **flags):
+    return flags if all_flags else {}
+
+
+def _variants(kernels, heads, dtypes, quick, n_tokens, all_flags=False):
     """(kernel name, label dict, fn, args, constexprs, warps, stages) for each variant."""
     import torch
 
@@ -169,54 +184,70 @@ def _variants(kernels, heads, dtypes, quick, n_tokens):
             flags = dict(UPCAST=dt == torch.float16, IEEE=dt == torch.float32)
             if "fwd" in kernels:
                 _, per = K._splits(-(-n // 64), v, False)
-                table = K._FWD_CONFIGS[:1] if quick else K._FWD_CONFIGS
-                for bm, bv, bk, w, st in table:
-                    for ent in ([False] if quick else [False, True]):
+                table = K._FWD_CONFIGS
+                if quick or all_flags:                    # the first config of each loop shape
+                    table = [c for i, c in enumerate(table) if c[5] not in {x[5] for x in table[:i]}]
+                for bm, bv, bk, w, st, flat in table:
+                    for ent, bias in _flag_sets(quick, all_flags, 2):
                         args = (t(dt), t(dt), t(dt), t(i64), t(i64), t(f32), t(f32), t(f32), t(f32),
                                 n, v, d, d, d, 1.0, per)
-                        consts = dict(HAS_BIAS=False, NEED_ENT=ent, **flags,
-                                      BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk)
+                        consts = dict(HAS_BIAS=bias, NEED_ENT=ent, **flags,
+                                      BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk, FLAT=flat)
                         out.append(("fwd", dict(head=head, dtype=dn, entropy=ent, BLOCK_M=bm,
-                                                BLOCK_V=bv, BLOCK_K=bk, warps=w, stages=st),
+                                                BLOCK_V=bv, BLOCK_K=bk, flat=flat, warps=w, stages=st,
+                                                **_extra(all_flags, HAS_BIAS=bias)),
                                     K._logprob_fwd_kernel, args, consts, w, st))
             if "bwd" in kernels:
-                table = K._BWD_CONFIGS[:1] if quick else K._BWD_CONFIGS
+                table = K._BWD_CONFIGS[:1] if quick or all_flags else K._BWD_CONFIGS
                 for bm, bv, bk, w, st in table:
-                    for ent in ([False] if quick else [False, True]):
+                    for ent, bias, dh, dw in _flag_sets(quick, all_flags, 4):
+                        if all_flags and not (dh or dw or bias):
+                            continue                      # nothing to compute: never launched
                         args = (t(dt), t(dt), t(dt), t(i64), t(i64), t(f32), t(f32), t(f32), t(f32),
                                 t(f32), t(f32), t(f32), n, v, d, d, d, 1.0)
-                        consts = dict(HAS_BIAS=False, HAS_ENT_GRAD=ent, NEED_DH=True, NEED_DW=True,
-                                      NEED_DB=False, **flags, BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk)
+                        consts = dict(HAS_BIAS=bias, HAS_ENT_GRAD=ent, NEED_DH=dh or not all_flags,
+                                      NEED_DW=dw or not all_flags, NEED_DB=bias, **flags,
+                                      BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk)
                         out.append(("bwd", dict(head=head, dtype=dn, entropy=ent, BLOCK_M=bm,
-                                                BLOCK_V=bv, BLOCK_K=bk, warps=w, stages=st),
+                                                BLOCK_V=bv, BLOCK_K=bk, warps=w, stages=st,
+                                                **_extra(all_flags, HAS_BIAS=bias, NEED_DH=dh,
+                                                         NEED_DW=dw)),
                                     K._logprob_bwd_kernel, args, consts, w, st))
             if "rows" in kernels:
                 bv = R._block_v(v, False)
-                for ent in ([False, True] if dn == dtypes[0] else []):   # fp32 input: once per head
+                for ent, bias in (_flag_sets(False, all_flags, 2) if dn == dtypes[0] else []):
+                    # fp32 input: once per head
                     args = (t(f32), t(f32), t(i64), t(f32), t(f32), t(f32), t(f32), v, v, 1.0)
                     out.append(("row_stats", dict(head=head, dtype="fp32", entropy=ent, BLOCK_V=bv,
-                                                  warps=4, stages=3),
+                                                  warps=4, stages=3, **_extra(all_flags, HAS_BIAS=bias)),
                                 R._row_stats_kernel, args,
-                                dict(HAS_BIAS=False, NEED_ENT=ent, BLOCK_V=bv), 4, 3))
-                args = (t(f32), t(f32), t(i64), t(f32), t(f32), t(f32), t(dt), v, v, v, 1.0)
-                out.append(("row_grad", dict(head=head, dtype=dn, BLOCK_V=bv, warps=4, stages=3),
-                            R._row_grad_kernel, args, dict(HAS_BIAS=False, BLOCK_V=bv), 4, 3))
+                                dict(HAS_BIAS=bias, NEED_ENT=ent, BLOCK_V=bv), 4, 3))
+                for bias in ([False, True] if all_flags else [False]):
+                    args = (t(f32), t(f32), t(i64), t(f32), t(f32), t(f32), t(dt), v, v, v, 1.0)
+                    out.append(("row_grad", dict(head=head, dtype=dn, BLOCK_V=bv, warps=4, stages=3,
+                                                 **_extra(all_flags, HAS_BIAS=bias)),
+                                R._row_grad_kernel, args, dict(HAS_BIAS=bias, BLOCK_V=bv), 4, 3))
     if "objective" in kernels:
-        for seq in [False, True]:
-            bt = K._pow2(1024, 16, 1024)
+        bt = K._pow2(1024, 16, 1024)
+        names = ("SEQ_LEVEL", "HAS_OLD", "HAS_REF", "USE_KL", "HAS_RIS", "HAS_ENT", "PER_SEQ_NORM")
+        for vals in _flag_sets(False, all_flags, len(names)) if all_flags else [(False,), (True,)]:
+            fl = dict(HAS_OLD=True, HAS_REF=True, USE_KL=True, HAS_RIS=False, HAS_ENT=False,
+                      PER_SEQ_NORM=True)
+            fl.update(zip(names, vals))
+            if fl["USE_KL"] and not fl["HAS_REF"]:
+                continue                                  # the launcher never passes this
             args = tuple(t(f32) for _ in range(10)) + (1024, 0.04, 0.8, 1.2, 0.125)
-            consts = dict(HAS_OLD=True, HAS_REF=True, USE_KL=True, HAS_RIS=False, HAS_ENT=False,
-                          SEQ_LEVEL=seq, PER_SEQ_NORM=True, BLOCK_T=bt)
-            out.append(("objective", dict(sequence_level=seq, BLOCK_T=bt, warps=4, stages=3),
-                        K._grpo_objective_kernel, args, consts, 4, 3))
+            out.append(("objective", dict(sequence_level=fl["SEQ_LEVEL"], BLOCK_T=bt, warps=4, stages=3,
+                                          **_extra(all_flags, **{k: fl[k] for k in names[1:]})),
+                        K._grpo_objective_kernel, args, dict(**fl, BLOCK_T=bt), 4, 3))
     return out
 
 
-def run(kernels, heads, dtypes, quick=False, n_tokens=16384, arch=90, log=print):
+def run(kernels, heads, dtypes, quick=False, n_tokens=16384, arch=90, all_flags=False, log=print):
     install_driver(arch)
     import triton
     rows = []
-    variants = _variants(kernels, heads, dtypes, quick, n_tokens)
+    variants = _variants(kernels, heads, dtypes, quick, n_tokens, all_flags)
     for i, (name, label, fn, args, consts, w, st) in enumerate(variants):
         try:
             res = _compile(fn, args, consts, w, st)
@@ -232,21 +263,21 @@ def run(kernels, heads, dtypes, quick=False, n_tokens=16384, arch=90, log=print)
 
 
 def table(report) -> str:
-    hdr = ("| kernel | head | dtype | ent | BM×BV×BK | warps/stages | regs | spill (local B / STL) "
+    hdr = ("| kernel | head | dtype | ent | BM×BV×BK | flat | warps/stages | regs | stack B / STL "
            "| smem KiB | CTAs/SM (limit) | HGMMA | HMMA | LDGSTS | LDG (w) | ATOM/RED |")
     lines = [hdr, "|" + "---|" * (hdr.count("|") - 1)]
     for r in report["rows"]:
         tile = "×".join(str(r[k]) for k in ("BLOCK_M", "BLOCK_V", "BLOCK_K") if k in r) or str(r.get("BLOCK_T", ""))
         if r.get("error"):
             lines.append(f"| {r['kernel']} | {r.get('head', '')} | {r.get('dtype', '')} | "
-                         f"{r.get('entropy', '')} | {tile} | {r['warps']}/{r['stages']} | "
+                         f"{r.get('entropy', '')} | {tile} | {r.get('flat', '')} | {r['warps']}/{r['stages']} | "
                          f"error: {r['error'][:80]} |")
             continue
         s = r["sass"]
         ldg = ", ".join(f"{k}:{v}" for k, v in sorted(s["LDG_width"].items()))
         lines.append(
             f"| {r['kernel']} | {r.get('head', '')} | {r.get('dtype', '')} | {r.get('entropy', '')} | "
-            f"{tile} | {r['warps']}/{r['stages']} | {r['regs']} | {r['local']} / {s['STL']} | "
+            f"{tile} | {r.get('flat', '')} | {r['warps']}/{r['stages']} | {r['regs']} | {r['stack'] + r['local']} / {s['STL']} | "
             f"{(r['dyn_smem'] + r['static_smem']) / 1024:.0f} | {r['ctas_per_sm']} ({r['limited_by']}) | "
             f"{s['HGMMA']} | {s['HMMA']} | {s['LDGSTS']} | {ldg or 0} | "
             f"{s['ATOMG'] + s['RED'] + s['REDG']} |")
@@ -262,6 +293,9 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=16384, help="rows (sets the forward's split plan)")
     ap.add_argument("--arch", type=int, default=90, help="compute capability × 10 (90: H100/H200)")
     ap.add_argument("--quick", action="store_true", help="first config of each table, no entropy variants")
+    ap.add_argument("--all-flags", action="store_true",
+                    help="every combination of each kernel's boolean switches (bias, entropy, which "
+                         "gradients, the objective's terms) at the first config of each table")
     ap.add_argument("--json", default=None, help="write the full report here")
     a = ap.parse_args(argv)
     kernels = [k for k in a.kernels.split(",") if k]
@@ -271,6 +305,7 @@ def main(argv=None):
     if bad or set(heads) - set(HEADS) or set(dtypes) - {"bf16", "fp16", "fp32"}:
         ap.error(f"unknown kernel/head/dtype in {a.kernels!r} / {a.heads!r} / {a.dtypes!r}")
     report = run(kernels, heads, dtypes, quick=a.quick, n_tokens=a.tokens, arch=a.arch,
+                 all_flags=a.all_flags,
                  log=lambda s: print(s, file=sys.stderr, flush=True))
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)

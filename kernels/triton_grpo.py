@@ -68,6 +68,12 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, m_ok, offs_v, v_ok, D, stride_h, str
             acc = tl.dot(h, tl.trans(w), acc, input_precision="ieee")
         else:
             acc = tl.dot(h, tl.trans(w), acc)
+    return _finish_tile(acc, b_ptr, offs_v, v_ok, inv_t, HAS_BIAS)
+
+
+@triton.jit
+def _finish_tile(acc, b_ptr, offs_v, v_ok, inv_t, HAS_BIAS: tl.constexpr):
+    """(h·Wᵀ accumulator + b) · inv_t."""
     if HAS_BIAS:
         b = tl.load(b_ptr + offs_v, mask=v_ok, other=0.0).to(tl.float32)
         acc = acc + b[None, :]
@@ -75,11 +81,30 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, m_ok, offs_v, v_ok, D, stride_h, str
 
 
 @triton.jit
+def _online_update(z, v_ok, offs_v, tgt, run_max, run_sum, run_t, z_tgt, NEED_ENT: tl.constexpr):
+    """Fold one [BLOCK_M, BLOCK_V] logits tile into the running per-row max, Σ exp(z − max),
+    Σ exp(z − max)·(z − max) and target logit."""
+    z = tl.where(v_ok[None, :], z, -1.0e38)
+    new_max = tl.maximum(run_max, tl.max(z, axis=1))
+    shift = run_max - new_max                           # ≤ 0
+    scale = tl.exp(shift)
+    d = z - new_max[:, None]
+    p = tl.where(v_ok[None, :], tl.exp(d), 0.0)
+    if NEED_ENT:
+        # relative to the running max: no cancellation at large |z|
+        run_t = scale * (run_t + shift * run_sum) + tl.sum(p * d, axis=1)
+    run_sum = run_sum * scale + tl.sum(p, axis=1)
+    hit = (offs_v[None, :] == tgt[:, None]) & v_ok[None, :]
+    z_tgt += tl.sum(tl.where(hit, z, 0.0), axis=1)
+    return new_max, run_sum, run_t, z_tgt
+
+
+@triton.jit
 def _logprob_fwd_kernel(
     h_ptr, w_ptr, b_ptr, tgt_ptr, rows_ptr, m_out, s_out, t_out, zt_out,
     n_rows, V, D, stride_h, stride_w, inv_t, v_per_split,
     HAS_BIAS: tl.constexpr, NEED_ENT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, FLAT: tl.constexpr = False,
 ):
     """Program (i, j): rows block i × vocabulary split j (columns [j·v_per_split, …)).
     Writes per row, for its split, at [j, row position]: the max m, Σ exp(z − m), the
@@ -99,24 +124,44 @@ def _logprob_fwd_kernel(
     run_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)       # Σ exp(z − run_max)
     run_t = tl.zeros((BLOCK_M,), dtype=tl.float32)         # Σ exp(z − run_max)·(z − run_max)
     z_tgt = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for i0 in range(0, v_per_split, BLOCK_V):         # plain-int bounds (Triton 3.6's interpreter)
-        offs_v = (v_lo + i0 + tl.arange(0, BLOCK_V)).to(tl.int64)
-        v_ok = (offs_v < v_hi) & (offs_v < V)
-        z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, m_ok, offs_v, v_ok, D, stride_h, stride_w,
-                         inv_t, HAS_BIAS, UPCAST, IEEE, BLOCK_M, BLOCK_V, BLOCK_K)
-        z = tl.where(v_ok[None, :], z, -1.0e38)
-        new_max = tl.maximum(run_max, tl.max(z, axis=1))
-        shift = run_max - new_max                           # ≤ 0
-        scale = tl.exp(shift)
-        d = z - new_max[:, None]
-        p = tl.where(v_ok[None, :], tl.exp(d), 0.0)
-        if NEED_ENT:
-            # relative to the running max: no cancellation at large |z|
-            run_t = scale * (run_t + shift * run_sum) + tl.sum(p * d, axis=1)
-        run_sum = run_sum * scale + tl.sum(p, axis=1)
-        hit = (offs_v[None, :] == tgt[:, None]) & v_ok[None, :]
-        z_tgt += tl.sum(tl.where(hit, z, 0.0), axis=1)
-        run_max = new_max
+    if FLAT:
+        # one loop over (vocabulary tile, hidden slice) pairs, the softmax update on each
+        # tile's last slice: the software pipeline keeps loads in flight across tile
+        # boundaries instead of draining and refilling once per vocabulary tile
+        n_k = (D + BLOCK_K - 1) // BLOCK_K
+        n_it = (v_per_split + BLOCK_V - 1) // BLOCK_V * n_k
+        acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+        for it in range(0, n_it):
+            vi = it // n_k
+            ki = it - vi * n_k
+            offs_v = (v_lo + vi * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+            v_ok = (offs_v < v_hi) & (offs_v < V)
+            offs_k = ki * BLOCK_K + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < D
+            h = tl.load(h_ptr + rows[:, None] * stride_h + offs_k[None, :],
+                        mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptr + offs_v[:, None] * stride_w + offs_k[None, :],
+                        mask=v_ok[:, None] & k_ok[None, :], other=0.0)
+            if UPCAST:
+                h = h.to(tl.float32)
+                w = w.to(tl.float32)
+            if IEEE:
+                acc = tl.dot(h, tl.trans(w), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(h, tl.trans(w), acc)
+            if ki == n_k - 1:
+                z = _finish_tile(acc, b_ptr, offs_v, v_ok, inv_t, HAS_BIAS)
+                run_max, run_sum, run_t, z_tgt = _online_update(
+                    z, v_ok, offs_v, tgt, run_max, run_sum, run_t, z_tgt, NEED_ENT)
+                acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+    else:
+        for i0 in range(0, v_per_split, BLOCK_V):     # plain-int bounds (Triton 3.6's interpreter)
+            offs_v = (v_lo + i0 + tl.arange(0, BLOCK_V)).to(tl.int64)
+            v_ok = (offs_v < v_hi) & (offs_v < V)
+            z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, m_ok, offs_v, v_ok, D, stride_h, stride_w,
+                             inv_t, HAS_BIAS, UPCAST, IEEE, BLOCK_M, BLOCK_V, BLOCK_K)
+            run_max, run_sum, run_t, z_tgt = _online_update(
+                z, v_ok, offs_v, tgt, run_max, run_sum, run_t, z_tgt, NEED_ENT)
     out = split * n_rows + offs_m
     tl.store(m_out + out, run_max, mask=m_ok)
     tl.store(s_out + out, run_sum, mask=m_ok)
@@ -349,6 +394,9 @@ def _splits(n_row_blocks: int, vocab: int, interpret: bool) -> tuple[int, int]:
 
 
 _SM_COUNT: list[int] = []
+# The forward's loop shape under the interpreter (tests set both); on the GPU it is an
+# autotuned choice (the FLAT entry of each _FWD_CONFIGS row).
+INTERPRET_FLAT = True
 
 
 def _sm_count() -> int:
@@ -386,7 +434,8 @@ def _forward(hidden, weight, bias, targets, temperature, need_entropy, rows):
     if n_act == 0:
         return logp, lse, ent
     if INTERPRET:
-        cfg = _config(n_act, v, d, INTERPRET)
+        cfg = dict(_config(n_act, v, d, INTERPRET))
+        cfg.setdefault("FLAT", INTERPRET_FLAT)
         kernel, bm = _logprob_fwd_kernel, cfg["BLOCK_M"]
     else:
         # autotuned over _FWD_CONFIGS, keyed on (V, D, dtype); the split count is planned
@@ -410,10 +459,14 @@ def _forward(hidden, weight, bias, targets, temperature, need_entropy, rows):
     return logp, lse, ent
 
 
-# Forward configs tried on the GPU (BLOCK_M, BLOCK_V, BLOCK_K, warps, stages); results are
-# cached per (V, D, dtype) in-process and, where this Triton supports it, on disk.
-_FWD_CONFIGS = [(64, 128, 64, 4, 4), (64, 256, 64, 8, 3), (128, 128, 64, 8, 3),
-                (128, 256, 64, 8, 3), (128, 128, 128, 8, 3), (64, 128, 128, 4, 3)]
+# Forward configs tried on the GPU (BLOCK_M, BLOCK_V, BLOCK_K, warps, stages, FLAT); results
+# are cached per (V, D, dtype) in-process and, where this Triton supports it, on disk.
+_FWD_CONFIGS = [(bm, bv, bk, w, st, flat)
+                for flat in (True, False)
+                for bm, bv, bk, w, st in [(64, 128, 64, 4, 4), (64, 256, 64, 8, 3), (128, 128, 64, 8, 3),
+                                          (128, 128, 128, 8, 3), (64, 128, 128, 4, 3)]]
+# (128, 256, 64, 8, 3) left the table: it spills under both loop shapes (bench/NOTES.md,
+# compile report)
 _FWD_TUNED: list = []
 # Backward config on the GPU (same tuple layout); bench/compile_report.py reports each.
 _BWD_CONFIGS = [(64, 128, 64, 8, 2)]
@@ -422,8 +475,9 @@ _BWD_CONFIGS = [(64, 128, 64, 8, 2)]
 def _fwd_tuned():
     if not _FWD_TUNED:
         import inspect
-        configs = [triton.Config(dict(BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk), num_warps=w, num_stages=st)
-                   for bm, bv, bk, w, st in _FWD_CONFIGS]
+        configs = [triton.Config(dict(BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk, FLAT=flat), num_warps=w,
+                                 num_stages=st)
+                   for bm, bv, bk, w, st, flat in _FWD_CONFIGS]
         kw = {}
         if "cache_results" in inspect.signature(triton.autotune).parameters:
             kw["cache_results"] = True

@@ -52,14 +52,22 @@ def test_loss_matrix(loss_type, level):
                max_completion_length=12, return_entropy=True)
 
 
-def test_many_blocks_and_ragged_edges(tiny_blocks):
+@pytest.fixture(params=[True, False], ids=["flat", "nested"])
+def loop_shape(request, monkeypatch):
+    """The forward's two loop shapes: one loop over (vocab tile, hidden slice) pairs, or a
+    hidden-slice loop nested in the vocab-tile loop (both in the GPU's autotune table)."""
+    monkeypatch.setattr(tg, "INTERPRET_FLAT", request.param)
+    return request.param
+
+
+def test_many_blocks_and_ragged_edges(tiny_blocks, loop_shape):
     """N=40 rows (3 blocks, last partial), V=75 (3 tiles, last partial), H=37 (3 slices)."""
     case = make_case(B=4, T=10, H=37, V=75, seed=21, masked_row=1)
     _check_cpu(case, use_ris=True, temperature=1.3, return_entropy=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_inputs(dtype, tiny_blocks):
+def test_half_inputs(dtype, tiny_blocks, loop_shape):
     case = make_case(B=2, T=12, H=40, V=70, dtype=dtype, seed=22, masked_row=0)
     _check_cpu(case, use_ris=True, importance_sampling_level="sequence", return_entropy=True)
 
@@ -150,7 +158,7 @@ def test_rows_skip_vocab_work(monkeypatch):
 
 
 @pytest.mark.parametrize("per", [25, 13, 75])
-def test_forward_vocabulary_splits(monkeypatch, tiny_blocks, per):
+def test_forward_vocabulary_splits(monkeypatch, tiny_blocks, loop_shape, per):
     """The forward grid split over the vocabulary (as on GPU for short batches): per-split
     partial max/sum/entropy/target logit folded by _combine_splits, splits not a multiple
     of the tile width, the target in any split, logits far from zero (−100: exp underflows
@@ -260,3 +268,33 @@ def test_cuda_compiled_kernels(dtype):
         tol["grad"] = 1e-3
     check_loss(_on(case, "cuda"), "triton", tol=tol, use_ris=True, temperature=0.7,
                importance_sampling_level="sequence", return_entropy=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cfg", tg._FWD_CONFIGS, ids=lambda c: "x".join(map(str, c)))
+def test_cuda_every_forward_config(monkeypatch, cfg, dtype):
+    """Each row of the forward's autotune table (both loop shapes), launched directly: the
+    autotuner times them all but the suite would otherwise check only its pick."""
+    bm, bv, bk, w, st, flat = cfg
+
+    class Fixed:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                return tg._logprob_fwd_kernel[grid](*args, **kw, BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk,
+                                                    FLAT=flat, num_warps=w, num_stages=st)
+            return launch
+
+    monkeypatch.setattr(tg, "_fwd_tuned", lambda: Fixed())
+    case = make_case(B=3, T=150, H=320, V=3001, dtype=dtype, seed=32, masked_row=1)
+    case = _on(case, "cuda")
+    tgt = case.targets.clamp(min=0)
+    logp, ent = linear_logprobs(case.hidden, case.weight, tgt, bias=case.bias, temperature=0.7,
+                                return_entropy=True, backend="triton")
+    rlogp, rent = reference_linear_logprobs(case.hidden.cpu().double(), case.weight.cpu().double(),
+                                            tgt.cpu(), bias=case.bias.cpu().double(), temperature=0.7,
+                                            return_entropy=True)
+    tol = 1e-3          # inputs are exact in both dtypes; bf16 products are exact in fp32
+    assert torch.isfinite(logp).all() and torch.isfinite(ent).all()
+    assert (logp.cpu().double() - rlogp).abs().max() <= tol * max(1.0, float(rlogp.abs().max()))
+    assert (ent.cpu().double() - rent).abs().max() <= tol * max(1.0, float(rent.abs().max()))
