@@ -55,20 +55,27 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, m_ok, offs_v, v_ok, D, stride_h, str
     """z = (h[rows]·W[offs_v]ᵀ + b[offs_v]) · inv_t as an fp32 [BLOCK_M, BLOCK_V] tile."""
     acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < D
-        h = tl.load(h_ptr + rows[:, None] * stride_h + offs_k[None, :],
-                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + offs_v[:, None] * stride_w + offs_k[None, :],
-                    mask=v_ok[:, None] & k_ok[None, :], other=0.0)
-        if UPCAST:
-            h = h.to(tl.float32)
-            w = w.to(tl.float32)
-        if IEEE:
-            acc = tl.dot(h, tl.trans(w), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(h, tl.trans(w), acc)
+        acc = _dot_slice(acc, h_ptr, w_ptr, rows, m_ok, offs_v, v_ok, k0, D, stride_h, stride_w,
+                         UPCAST, IEEE, BLOCK_K)
     return _finish_tile(acc, b_ptr, offs_v, v_ok, inv_t, HAS_BIAS)
+
+
+@triton.jit
+def _dot_slice(acc, h_ptr, w_ptr, rows, m_ok, offs_v, v_ok, k0, D, stride_h, stride_w,
+               UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc + h[rows, k0:k0+BLOCK_K]·W[offs_v, k0:k0+BLOCK_K]ᵀ."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    k_ok = offs_k < D
+    h = tl.load(h_ptr + rows[:, None] * stride_h + offs_k[None, :],
+                mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+    w = tl.load(w_ptr + offs_v[:, None] * stride_w + offs_k[None, :],
+                mask=v_ok[:, None] & k_ok[None, :], other=0.0)
+    if UPCAST:
+        h = h.to(tl.float32)
+        w = w.to(tl.float32)
+    if IEEE:
+        return tl.dot(h, tl.trans(w), acc, input_precision="ieee")
+    return tl.dot(h, tl.trans(w), acc)
 
 
 @triton.jit
@@ -136,19 +143,8 @@ def _logprob_fwd_kernel(
             ki = it - vi * n_k
             offs_v = (v_lo + vi * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
             v_ok = (offs_v < v_hi) & (offs_v < V)
-            offs_k = ki * BLOCK_K + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < D
-            h = tl.load(h_ptr + rows[:, None] * stride_h + offs_k[None, :],
-                        mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_ptr + offs_v[:, None] * stride_w + offs_k[None, :],
-                        mask=v_ok[:, None] & k_ok[None, :], other=0.0)
-            if UPCAST:
-                h = h.to(tl.float32)
-                w = w.to(tl.float32)
-            if IEEE:
-                acc = tl.dot(h, tl.trans(w), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(h, tl.trans(w), acc)
+            acc = _dot_slice(acc, h_ptr, w_ptr, rows, m_ok, offs_v, v_ok, ki * BLOCK_K, D, stride_h,
+                             stride_w, UPCAST, IEEE, BLOCK_K)
             if ki == n_k - 1:
                 z = _finish_tile(acc, b_ptr, offs_v, v_ok, inv_t, HAS_BIAS)
                 run_max, run_sum, run_t, z_tgt = _online_update(
