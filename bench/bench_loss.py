@@ -284,6 +284,16 @@ def peak_bytes(fn, inp, device) -> int:
     return cuda_peak_bytes(fn, inp, device) if device.type == "cuda" else cpu_peak_bytes(fn, inp)
 
 
+def autotune_choices() -> dict:
+    """The Triton forward's autotuned config per key (V, D, UPCAST, IEEE, and the argument
+    dtypes Triton appends), as tuned so far in this process: which tile and loop shape
+    (FLAT) won on this device. Empty when the Triton forward did not run compiled."""
+    tg = sys.modules.get("r1vl.kernels.triton_grpo")
+    if tg is None or not getattr(tg, "_FWD_TUNED", None):
+        return {}
+    return {str(k): str(v) for k, v in getattr(tg._FWD_TUNED[0], "cache", {}).items()}
+
+
 def versions() -> dict:
     out = {"python": platform.python_version(), "torch": torch.__version__}
     for pkg in ("triton", "liger-kernel", "transformers", "r1vl"):
@@ -567,7 +577,8 @@ def main(argv=None):
     rows, targets = [], []
 
     def write():
-        out.write_text(json.dumps({"rows": rows, "config": config, "targets": targets}, indent=2) + "\n")
+        out.write_text(json.dumps({"rows": rows, "config": config, "targets": targets,
+                                   "triton_autotune": autotune_choices()}, indent=2) + "\n")
 
     for (hidden, vocab, tokens), shape_impls in plan:
         print(f"H={hidden} V={vocab} N={tokens} {dtype_name} on {dev_name}", file=sys.stderr, flush=True)
@@ -577,6 +588,8 @@ def main(argv=None):
     targets = check_targets(rows, tshape, tdtype, tnote.strip(" ()"))
     print_targets(targets, tshape, tdtype, tnote)
     write()
+    for key, cfg in autotune_choices().items():
+        print(f"triton forward autotune {key}: {cfg}", file=sys.stderr)
     print(f"wrote {out}", file=sys.stderr)
     if args.png:
         from plot_loss import plot  # bench/ is on sys.path when run as a script

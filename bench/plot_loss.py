@@ -8,7 +8,8 @@ chunked loss and the GEMM floor by default).
 
 Several JSON files (e.g. one per GPU call) are merged row by row: a later file's row
 replaces an earlier one with the same impl, device, shape and dtype. --merge-out
-writes the merged rows (the last file's config, every file's targets) in the same schema.
+writes the merged rows (the last file's config, every file's targets and autotune
+choices) in the same schema.
 """
 from __future__ import annotations
 
@@ -24,14 +25,15 @@ FUSED_COLORS = ["tab:blue", "tab:green", "tab:purple", "tab:cyan", "tab:olive"]
 
 def merge(paths: list[Path]) -> dict:
     rows: dict[tuple, dict] = {}
-    config, targets = {}, []
+    config, targets, tuned = {}, [], {}
     for p in paths:
         data = json.loads(Path(p).read_text())
         for r in data["rows"]:
             rows[(r["impl"], r["device"], r["hidden"], r["vocab"], r["tokens"], r["dtype"])] = r
         config = data.get("config", config)
         targets += data.get("targets", [])
-    return {"rows": list(rows.values()), "config": config, "targets": targets}
+        tuned.update(data.get("triton_autotune", {}))
+    return {"rows": list(rows.values()), "config": config, "targets": targets, "triton_autotune": tuned}
 
 
 def _wanted(impl: str, patterns) -> bool:

@@ -34,3 +34,23 @@ def test_bench_loss_tiny_cpu(tmp_path):
                                               "liger_chunked")]
     assert max(losses) - min(losses) <= 1e-5 * max(1.0, abs(losses[0])), losses
     assert "targets" in data and "floor" in proc.stdout
+    assert data["triton_autotune"] == {}            # the interpreter runs fixed blocks, no autotuner
+
+
+def test_autotune_choices_reads_the_forward_autotuner(monkeypatch):
+    """What bench_loss.py records of the compiled forward's autotuning (on the GPU)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import bench_loss
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    import r1vl.kernels.triton_grpo as tg
+
+    class Tuned:
+        cache = {(151936, 1536, False, False, "torch.bfloat16"): "BLOCK_M: 64, FLAT: True, num_warps: 4"}
+
+    monkeypatch.setattr(tg, "_FWD_TUNED", [Tuned()])
+    assert bench_loss.autotune_choices() == {
+        "(151936, 1536, False, False, 'torch.bfloat16')": "BLOCK_M: 64, FLAT: True, num_warps: 4"}
+    monkeypatch.setattr(tg, "_FWD_TUNED", [])
+    assert bench_loss.autotune_choices() == {}
