@@ -186,7 +186,10 @@ def _variants(kernels, heads, dtypes, quick, n_tokens, all_flags=False):
                 _, per = K._splits(-(-n // 64), v, False)
                 table = K._FWD_CONFIGS
                 if quick or all_flags:                    # the first config of each loop shape
-                    table = [c for i, c in enumerate(table) if c[5] not in {x[5] for x in table[:i]}]
+                    first: dict[bool, tuple] = {}
+                    for c in table:
+                        first.setdefault(c[5], c)
+                    table = list(first.values())
                 for bm, bv, bk, w, st, flat in table:
                     for ent, bias in _flag_sets(quick, all_flags, 2):
                         args = (t(dt), t(dt), t(dt), t(i64), t(i64), t(f32), t(f32), t(f32), t(f32),
@@ -268,16 +271,15 @@ def table(report) -> str:
     lines = [hdr, "|" + "---|" * (hdr.count("|") - 1)]
     for r in report["rows"]:
         tile = "×".join(str(r[k]) for k in ("BLOCK_M", "BLOCK_V", "BLOCK_K") if k in r) or str(r.get("BLOCK_T", ""))
+        lead = (f"| {r['kernel']} | {r.get('head', '')} | {r.get('dtype', '')} | {r.get('entropy', '')} | "
+                f"{tile} | {r.get('flat', '')} | {r['warps']}/{r['stages']} |")
         if r.get("error"):
-            lines.append(f"| {r['kernel']} | {r.get('head', '')} | {r.get('dtype', '')} | "
-                         f"{r.get('entropy', '')} | {tile} | {r.get('flat', '')} | {r['warps']}/{r['stages']} | "
-                         f"error: {r['error'][:80]} |")
+            lines.append(f"{lead} error: {r['error'][:80]} |")
             continue
         s = r["sass"]
         ldg = ", ".join(f"{k}:{v}" for k, v in sorted(s["LDG_width"].items()))
         lines.append(
-            f"| {r['kernel']} | {r.get('head', '')} | {r.get('dtype', '')} | {r.get('entropy', '')} | "
-            f"{tile} | {r.get('flat', '')} | {r['warps']}/{r['stages']} | {r['regs']} | {r['stack'] + r['local']} / {s['STL']} | "
+            f"{lead} {r['regs']} | {r['stack'] + r['local']} / {s['STL']} | "
             f"{(r['dyn_smem'] + r['static_smem']) / 1024:.0f} | {r['ctas_per_sm']} ({r['limited_by']}) | "
             f"{s['HGMMA']} | {s['HMMA']} | {s['LDGSTS']} | {ldg or 0} | "
             f"{s['ATOMG'] + s['RED'] + s['REDG']} |")
@@ -292,10 +294,12 @@ def main(argv=None):
     ap.add_argument("--dtypes", default="bf16", help="comma list of bf16, fp16, fp32")
     ap.add_argument("--tokens", type=int, default=16384, help="rows (sets the forward's split plan)")
     ap.add_argument("--arch", type=int, default=90, help="compute capability × 10 (90: H100/H200)")
-    ap.add_argument("--quick", action="store_true", help="first config of each table, no entropy variants")
+    ap.add_argument("--quick", action="store_true", help="first config of each table (of each loop shape for the forward), "
+                                                         "no entropy variants")
     ap.add_argument("--all-flags", action="store_true",
                     help="every combination of each kernel's boolean switches (bias, entropy, which "
-                         "gradients, the objective's terms) at the first config of each table")
+                         "gradients, the objective's terms) at the first config of each table (of each loop "
+                         "shape for the forward)")
     ap.add_argument("--json", default=None, help="write the full report here")
     a = ap.parse_args(argv)
     kernels = [k for k in a.kernels.split(",") if k]

@@ -430,8 +430,7 @@ def _forward(hidden, weight, bias, targets, temperature, need_entropy, rows):
     if n_act == 0:
         return logp, lse, ent
     if INTERPRET:
-        cfg = dict(_config(n_act, v, d, INTERPRET))
-        cfg.setdefault("FLAT", INTERPRET_FLAT)
+        cfg = {"FLAT": INTERPRET_FLAT, **_config(n_act, v, d, INTERPRET)}
         kernel, bm = _logprob_fwd_kernel, cfg["BLOCK_M"]
     else:
         # autotuned over _FWD_CONFIGS, keyed on (V, D, dtype); the split count is planned
@@ -464,7 +463,8 @@ _FWD_CONFIGS = [(bm, bv, bk, w, st, flat)
 # (128, 256, 64, 8, 3) left the table: it spills under both loop shapes (bench/NOTES.md,
 # compile report)
 _FWD_TUNED: list = []
-# Backward config on the GPU (same tuple layout); bench/compile_report.py reports each.
+# Backward config on the GPU (BLOCK_M, BLOCK_V, BLOCK_K, warps, stages): `_config` takes the
+# first; bench/compile_report.py reports each.
 _BWD_CONFIGS = [(64, 128, 64, 8, 2)]
 
 
