@@ -635,17 +635,18 @@ def _dedup_after(module: nn.Module, args: tuple, kwargs: dict, output):
 def _prompt_groups(batch: dict, start: int, config):
     """(first row of each group, each row's group, each row's image indices, the pixel block
     of each image) when some row repeats the prompt of the row before it (ids, mask, image
-    pixels), else None. Only for image batches of models whose 3-D rope positions
-    `_rope_positions` can compute."""
+    pixels), else None. For batches with images or text only (no video) of models whose
+    3-D rope positions `_rope_positions` can compute."""
     ids, am = batch.get("input_ids"), batch.get("attention_mask")
-    if ids is None or am is None or ids.shape[0] < 2 or "image_grid_thw" not in batch \
-            or "pixel_values_videos" in batch or not 1 <= start <= ids.shape[1]:
+    if ids is None or am is None or ids.shape[0] < 2 or "pixel_values_videos" in batch \
+            or ("image_grid_thw" in batch) != ("pixel_values" in batch) or not 1 <= start <= ids.shape[1]:
         return None
     image_token = getattr(config, "image_token_id", None)
     merge = getattr(getattr(config, "vision_config", None), "spatial_merge_size", None)
     if image_token is None or merge is None:
         return None
-    patches = [t * h * w for t, h, w in batch["image_grid_thw"].tolist()]
+    grid = batch.get("image_grid_thw")
+    patches = [] if grid is None else [t * h * w for t, h, w in grid.tolist()]
     per_image = [n // merge ** 2 for n in patches]
     per_row = (ids[:, :start] == image_token).sum(1).tolist()
     image_rows, j = [], 0
@@ -665,7 +666,7 @@ def _prompt_groups(batch: dict, start: int, config):
     pairs = [i for i in range(1, len(same) + 1) if same[i - 1]]
     if not pairs:
         return None
-    blocks = batch["pixel_values"].split(patches)
+    blocks = batch["pixel_values"].split(patches) if patches else ()
     equal = _blocks_equal(blocks, [ab for i in pairs for ab in zip(image_rows[i], image_rows[i - 1])])
     dup, k = set(), 0
     for i in pairs:
@@ -744,7 +745,14 @@ def _cache_layers():
 
 def _rope_positions(base: nn.Module, batch: dict) -> torch.Tensor:
     """The 3-D (temporal, height, width) rope positions that the model's own forward derives
-    for `batch` (get_rope_index with the same arguments), without touching its rope_deltas."""
+    for `batch` (get_rope_index with the same arguments), without touching its rope_deltas.
+    A batch without images gets what the text model derives when no positions are given
+    and nothing is cached: 0..L-1 on every row and axis. (Explicit, because the model's
+    forward would otherwise take positions from the mask plus a stale rope_deltas once the
+    prompt is in the cache: the continuation must not.)"""
+    ids = batch["input_ids"]
+    if "image_grid_thw" not in batch:
+        return torch.arange(ids.shape[1], device=ids.device).view(1, 1, -1).expand(3, ids.shape[0], -1)
     fn = base.get_rope_index
     wanted = inspect.signature(fn).parameters
     kwargs = {k: batch.get(k) for k in ("mm_token_type_ids", "image_grid_thw", "attention_mask") if k in wanted}

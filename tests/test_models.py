@@ -301,3 +301,38 @@ def test_shared_prompt_update_same_loss_and_grads(tiny, checkpointing, attn):
         lp_on = on(batch.inputs, batch.targets, batch.mask, start=batch.start, mode="logprobs")
         lp_off = off(batch.inputs, batch.targets, batch.mask, start=batch.start, mode="logprobs")
     torch.testing.assert_close(lp_on * batch.mask, lp_off * batch.mask, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("stale_deltas", [False, True])
+def test_shared_prompt_text_only_batch(tiny, stale_deltas):
+    """A batch without images shares its prompts too, at the positions the plain forward
+    uses (0..L-1, left padding included), also once a rollout has left rope_deltas on the
+    model (the continuation forward must not take positions from the mask plus them)."""
+    import copy
+
+    from r1vl.algo import build_batch
+
+    model, proc = tiny
+    on_model, off_model = copy.deepcopy(model).train(), copy.deepcopy(model).train()
+    on, off = PolicyWithLoss(on_model), PolicyWithLoss(off_model, share_prompts=False)
+    questions = ["read the bar"] * 3 + ["what colour is the longest bar of the chart"] * 2 + ["count"]
+    prompts = [proc.chat_prompt(q, False) for q in questions]
+    batch = build_batch(proc, prompts, [None] * 6, [[50 + i, 60, 70 + i, 80][: 1 + i % 4] for i in range(6)])
+    assert "pixel_values" not in batch.inputs and (batch.inputs["attention_mask"][:, 0] == 0).any()
+    if stale_deltas:  # what HF generate leaves behind after a text-only rollout
+        for m in (on_model, off_model):
+            m.model.rope_deltas = torch.full((6, 1), 7, dtype=torch.long)
+    adv = torch.linspace(-1, 1, 6)
+    calls = _lm_calls(on_model)
+    loss_on, g_on = _grpo_grads(on, batch, adv)
+    loss_off, g_off = _grpo_grads(off, batch, adv)
+    # three groups: one prompt forward of three rows, then the six continuations
+    assert calls[:2] == [(3, batch.start), (6, batch.targets.shape[1] - 1)]
+    torch.testing.assert_close(loss_on, loss_off)
+    assert g_on.keys() == g_off.keys() and any("embed" in k for k in g_on)
+    for k in g_on:
+        torch.testing.assert_close(g_on[k], g_off[k], atol=1e-6, rtol=1e-4, msg=k)
+    with torch.no_grad():
+        lp_on = on(batch.inputs, batch.targets, batch.mask, start=batch.start, mode="logprobs")
+        lp_off = off(batch.inputs, batch.targets, batch.mask, start=batch.start, mode="logprobs")
+    torch.testing.assert_close(lp_on * batch.mask, lp_off * batch.mask, atol=2e-5, rtol=1e-5)
