@@ -280,9 +280,11 @@ def test_image_dedup_qwen2_5_vl_window_attention():
     torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, atol=1e-5, rtol=1e-5)
 
 
-def test_shared_prompt_logprobs_qwen2_5_vl():
-    """Qwen2.5-VL's rope positions (get_rope_index with its own arguments) through the shared
-    prompt forward: the same log-probs as whole rows, with left-padded prompts."""
+@pytest.mark.parametrize("images", [True, False])
+def test_shared_prompt_logprobs_qwen2_5_vl(images):
+    """Qwen2.5-VL's rope positions (get_rope_index with its own arguments; text-only: the
+    text model's 0..L-1) through the shared prompt forward: the same log-probs as whole
+    rows, with left-padded prompts, and one prompt row per group."""
     import copy
 
     model = _tiny_qwen25().eval()
@@ -294,6 +296,8 @@ def test_shared_prompt_logprobs_qwen2_5_vl():
     pix = [torch.randn(t * h * w, dim, generator=g) for t, h, w in grids]
 
     def prompt(img, text):
+        if not images:
+            return [cfg.vision_start_token_id] * (img + 1) + text
         return [cfg.vision_start_token_id] + [cfg.image_token_id] * (int(torch.tensor(grids[img]).prod()) // 4) + text
 
     rows = [(0, [5, 6]), (0, [5, 6]), (1, [7]), (1, [7]), (1, [7])]
@@ -306,12 +310,17 @@ def test_shared_prompt_logprobs_qwen2_5_vl():
         ids[r, P - len(p): P] = torch.tensor(p)
         ids[r, P: P + len(c)] = torch.tensor(c)
         am[r, P - len(p): P + len(c)] = 1
-    batch = {"input_ids": ids, "attention_mask": am, "mm_token_type_ids": (ids == cfg.image_token_id).int(),
-             "pixel_values": torch.cat([pix[i] for i, _ in rows]),
-             "image_grid_thw": torch.tensor([grids[i] for i, _ in rows])}
+    batch = {"input_ids": ids, "attention_mask": am, "mm_token_type_ids": (ids == cfg.image_token_id).int()}
+    if images:
+        batch.update(pixel_values=torch.cat([pix[i] for i, _ in rows]),
+                     image_grid_thw=torch.tensor([grids[i] for i, _ in rows]))
     targets, mask = ids[:, P:], am[:, P:]
     on, off = PolicyWithLoss(model), PolicyWithLoss(copy.deepcopy(model), share_prompts=False)
+    calls: list[tuple[int, int]] = []
+    model.model.language_model.register_forward_pre_hook(
+        lambda m, a, k: calls.append(tuple(k["inputs_embeds"].shape[:2])), with_kwargs=True)
     with torch.no_grad():
         got = on(batch, targets, mask, start=P, mode="logprobs")
         want = off(batch, targets, mask, start=P, mode="logprobs")
     torch.testing.assert_close(got * mask, want * mask, atol=2e-5, rtol=1e-5)
+    assert calls[0] == (2, P)  # the two groups' prompts, once each
