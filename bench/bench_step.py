@@ -288,6 +288,7 @@ def _r1vl_config(a: dict):
         f"algorithm.epsilon_high={a['epsilon']}", f"algorithm.num_iterations={a['num_iterations']}",
         f"algorithm.loss_type={a['loss_type']}", f"algorithm.reward_workers={a['reward_workers']}",
         f"optim.lr={a['lr']}", "optim.scheduler=constant", "optim.warmup_steps=0",
+        f"optim.impl={a.get('optim_impl', 'auto')}",
         f"train.prompts_per_step={a['prompts']}", f"train.micro_batch_size={a['micro_batch']}",
     ])
 
@@ -482,9 +483,25 @@ def run_r1vl(a: dict, work: Path, variant: str) -> dict:
                             "gradient_checkpointing": sp["gradient_checkpointing"],
                             "dedup_images": m_cfg.dedup_images, "share_prompts": m_cfg.share_prompts,
                             "optimizer": f"torch.optim.AdamW(betas=({cfg.optim.beta1}, {cfg.optim.beta2}), "
-                                         f"eps={cfg.optim.eps}, weight_decay={cfg.optim.weight_decay}), "
-                                         f"clip {cfg.optim.max_grad_norm}",
+                                         f"eps={cfg.optim.eps}, weight_decay={cfg.optim.weight_decay}, "
+                                         f"{_adamw_kind(opt)}), clip {cfg.optim.max_grad_norm}",
                             "generation": f"r1vl.rollout.hf_engine.HFEngine, {G * P} sequences per generate() call"}}
+
+
+def _adamw_kind(opt) -> str:
+    """Which AdamW implementation runs: fused, foreach or for-loop (torch's default resolved)."""
+    d = getattr(opt, "defaults", {})
+    if d.get("fused"):
+        return "fused"
+    if d.get("foreach") is not None:
+        return "foreach" if d["foreach"] else "for-loop"
+    try:
+        from torch.optim.optimizer import _default_to_fused_or_foreach  # private; stable since torch 2.0
+        params = [p for g in opt.param_groups for p in g["params"]]
+        foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)[1]
+    except Exception:  # noqa: BLE001 - a label only
+        return "torch's default"
+    return "foreach (torch's default here)" if foreach else "for-loop (torch's default here)"
 
 
 def _loss_probe(policy, params, batch, ref_lp, ucfg, device, seed: int) -> dict:
@@ -582,7 +599,7 @@ def run_trl(a: dict, work: Path) -> dict:
         scale_rewards="group" if a_cfg.scale_rewards else "none", mask_truncated_completions=False,
         learning_rate=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, adam_beta1=cfg.optim.beta1,
         adam_beta2=cfg.optim.beta2, adam_epsilon=cfg.optim.eps, max_grad_norm=cfg.optim.max_grad_norm,
-        optim="adamw_torch", lr_scheduler_type="constant", warmup_steps=0, max_steps=steps * mu,
+        optim=a.get("trl_optim", "adamw_torch"), lr_scheduler_type="constant", warmup_steps=0, max_steps=steps * mu,
         gradient_checkpointing=gc_on, gradient_checkpointing_kwargs={"use_reentrant": False} if gc_on else None,
         shuffle_dataset=False, remove_unused_columns=False, dataloader_num_workers=0,
         report_to="none", logging_steps=10**9, save_strategy="no", disable_tqdm=True, log_completions=False,
@@ -659,8 +676,9 @@ def run_trl(a: dict, work: Path) -> dict:
                                                                ".add_fused_lm_head, always on in trl 1.16)",
                             "liger": [], "attn_implementation": model.config._attn_implementation,
                             "gradient_checkpointing": bool(getattr(model, "is_gradient_checkpointing", gc_on)),
-                            "optimizer": f"adamw_torch (torch.optim.AdamW, betas=({cfg.optim.beta1}, "
-                                         f"{cfg.optim.beta2}), eps={cfg.optim.eps}), clip {cfg.optim.max_grad_norm}",
+                            "optimizer": f"{args.optim} (torch.optim.AdamW, betas=({cfg.optim.beta1}, "
+                                         f"{cfg.optim.beta2}), eps={cfg.optim.eps}, {_adamw_kind(trainer.optimizer)}), "
+                                         f"clip {cfg.optim.max_grad_norm}",
                             "generation": f"GRPOTrainer HF generate (use_vllm=False), {N} sequences per call; "
                                           f"per_device_train_batch_size={mb}, gradient_accumulation_steps={N // mb}, "
                                           f"steps_per_generation={args.steps_per_generation}",
@@ -850,6 +868,10 @@ def parse_args(argv=None):
     ap.add_argument("--share-prompts", action=argparse.BooleanOptionalAction, default=True,
                     help="r1vl: log-prob passes and the update forward each prompt once and share its KV "
                          "cache with its G completions (model.share_prompts); TRL forwards whole rows")
+    ap.add_argument("--optim-impl", choices=("auto", "fused", "foreach", "for_loop"), default="auto",
+                    help="r1vl: AdamW implementation (optim.impl; auto: fused on CUDA)")
+    ap.add_argument("--trl-optim", choices=("adamw_torch", "adamw_torch_fused"), default="adamw_torch",
+                    help="TRL: its optim argument (adamw_torch, its default: foreach on CUDA)")
     ap.add_argument("--reward-workers", type=int, default=0, help="r1vl.rewards.score_batch workers (0: in-process)")
     ap.add_argument("--warmup", type=int, help="untimed steps first")
     ap.add_argument("--repeats", type=int, help="timed steps (median)")

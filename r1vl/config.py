@@ -158,6 +158,9 @@ class OptimConfig:
     max_grad_norm: float = field(default=1.0, metadata=_min(0.0))  # 0 = no clipping
     scheduler: str = field(default="constant", metadata=_choices("constant", "linear", "cosine"))
     warmup_steps: int = field(default=0, metadata=_min(0))
+    # torch AdamW's implementation. auto: fused on CUDA without DeepSpeed (one kernel, no
+    # parameter-sized temporary: foreach's step allocates one), PyTorch's own default otherwise
+    impl: str = field(default="auto", metadata=_choices("auto", "fused", "foreach", "for_loop"))
 
 
 @dataclass

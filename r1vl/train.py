@@ -149,12 +149,27 @@ def make_engine(cfg: Config, model, processor, weights=None):
     return engine
 
 
+def adamw_impl(impl: str, params, *, deepspeed: bool = False) -> dict:
+    """torch.optim.AdamW's fused/foreach arguments for optim.impl. "auto" takes the fused
+    kernel when every parameter is on CUDA and DeepSpeed does not own the step (it steps
+    its own fp32 partitions): one launch per group and no temporary, where foreach's step
+    allocates one as large as the parameters (the update's peak at 2B+, bench/NOTES.md).
+    Elsewhere "auto" leaves PyTorch's default (a for-loop on CPU)."""
+    params = list(params)
+    if impl == "auto":
+        impl = "fused" if not deepspeed and params and all(p.is_cuda for p in params) else "default"
+    return {"fused": dict(fused=True), "foreach": dict(foreach=True), "for_loop": dict(foreach=False),
+            "default": {}}[impl]
+
+
 def make_optimizer(params, lr: float, cfg: Config, total_steps: int, warmup_steps: int, kind: str,
                    final_ratio: float = 0.0):
     from r1vl.algo import lr_lambda
 
+    params = list(params)
     opt = torch.optim.AdamW(params, lr=lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
-                            weight_decay=cfg.optim.weight_decay)
+                            weight_decay=cfg.optim.weight_decay, **adamw_impl(cfg.optim.impl, params,
+                                                                              deepspeed=bool(cfg.deepspeed)))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(kind, total_steps, warmup_steps, final_ratio))
     return opt, sched
 

@@ -79,6 +79,9 @@ def test_same_workload_on_both_sides(run):
     assert len(set(prompt.values())) == 1, prompt
     assert upd[("trl", "default")]["gradient_checkpointing"] == upd[("r1vl", "fused")]["gradient_checkpointing"]
     assert upd[("trl", "default")]["attn_implementation"] == upd[("r1vl", "fused")]["attn_implementation"]
+    # AdamW: both sides run torch's for-loop implementation on CPU (r1vl's auto is fused on CUDA only)
+    assert "for-loop" in upd[("trl", "default")]["optimizer"], upd[("trl", "default")]["optimizer"]
+    assert "for-loop" in upd[("r1vl", "fused")]["optimizer"], upd[("r1vl", "fused")]["optimizer"]
 
 
 def test_fused_and_materialised_update_agree(run):

@@ -186,3 +186,44 @@ def test_eval_cli(tmp_path, data_dir, capsys):
     assert "--model" in capsys.readouterr().err
     assert eval_main(["--model", str(tmp_path / "m"), "--data", str(tmp_path / "nodata")]) == 2
     assert "--data" in capsys.readouterr().err
+
+
+def test_adamw_impl_choice():
+    from types import SimpleNamespace
+
+    from r1vl.train import adamw_impl
+
+    cuda, cpu = [SimpleNamespace(is_cuda=True)] * 2, [SimpleNamespace(is_cuda=False)]
+    assert adamw_impl("auto", cuda) == {"fused": True}
+    assert adamw_impl("auto", cuda + cpu) == {}  # mixed devices: torch's default
+    assert adamw_impl("auto", cpu) == {}  # CPU: torch's default (for-loop), the default run unchanged
+    assert adamw_impl("auto", cuda, deepspeed=True) == {}  # DeepSpeed steps its own fp32 partitions
+    assert adamw_impl("fused", cpu) == {"fused": True}
+    assert adamw_impl("foreach", cuda) == {"foreach": True}
+    assert adamw_impl("for_loop", cuda) == {"foreach": False}
+
+
+def test_make_optimizer_impls_agree():
+    """optim.impl changes how AdamW runs, not what it computes."""
+    from r1vl.config import load_config
+    from r1vl.train import make_optimizer
+
+    g = torch.Generator().manual_seed(0)
+    init = [torch.randn(64, 32, generator=g), torch.randn(32, generator=g)]
+    grads = [[torch.randn(p.shape, generator=g) for p in init] for _ in range(3)]
+    out = {}
+    for impl in ("fused", "foreach", "for_loop", "auto"):
+        cfg = load_config(None, [f"optim.impl={impl}", "optim.weight_decay=0.1"])
+        params = [torch.nn.Parameter(p.clone()) for p in init]
+        opt, sched = make_optimizer((p for p in params), 1e-2, cfg, 10, 0, "constant")  # a generator is fine
+        assert opt.defaults.get("fused") is (True if impl == "fused" else None)
+        for step in grads:
+            for p, gr in zip(params, step):
+                p.grad = gr.clone()
+            opt.step()
+            sched.step()
+        out[impl] = [p.detach() for p in params]
+    assert not torch.equal(out["auto"][0], init[0])
+    for impl in ("fused", "foreach", "auto"):
+        for a, b in zip(out[impl], out["for_loop"]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
