@@ -279,6 +279,7 @@ def _r1vl_config(a: dict):
         f"model.gradient_checkpointing={str(a['gradient_checkpointing']).lower()}",
         f"model.dedup_images={str(a['dedup_images']).lower()}",
         f"model.share_prompts={str(a['share_prompts']).lower()}",
+        f"model.ref_on_host={str(a.get('ref_on_host', False)).lower()}",
         f"data.min_pixels={a['min_pixels']}", f"data.max_pixels={a['max_pixels']}",
         f"data.max_prompt_length={a['max_prompt_length']}",
         "rollout.engine=hf", f"rollout.num_generations={a['num_generations']}",
@@ -390,7 +391,7 @@ def run_r1vl(a: dict, work: Path, variant: str) -> dict:
 
     from r1vl.algo import UpdateConfig, build_batch, compute_logprobs, group_advantages, grpo_update
     from r1vl.eval import make_prompt, score
-    from r1vl.models import PolicyWithLoss, load_pretrained, make_reference, unwrap
+    from r1vl.models import HostWeights, PolicyWithLoss, load_pretrained, make_reference, unwrap
     from r1vl.rollout.base import SamplingConfig
     from r1vl.speedups import SpeedupError, apply_speedups
     from r1vl.train import check_prompt_lengths, make_engine, make_optimizer
@@ -420,6 +421,7 @@ def run_r1vl(a: dict, work: Path, variant: str) -> dict:
     a_cfg, ro = cfg.algorithm, cfg.rollout
     ref_policy = (PolicyWithLoss(make_reference(model), dedup_images=m_cfg.dedup_images,
                                  share_prompts=m_cfg.share_prompts) if a_cfg.beta != 0 else None)
+    ref_weights = HostWeights(ref_policy, device) if ref_policy is not None and m_cfg.ref_on_host else None
     mu = a_cfg.num_iterations
     steps = a["warmup"] + a["repeats"]
     opt, sched = make_optimizer(params, cfg.optim.lr, cfg, steps * mu, cfg.optim.warmup_steps, cfg.optim.scheduler)
@@ -459,8 +461,9 @@ def run_r1vl(a: dict, work: Path, variant: str) -> dict:
         with clock.phase("logprob"):
             ref_lp = old_lp = None
             if ref_policy is not None:
-                ref_lp = compute_logprobs(ref_policy, batch, micro_batch_size=ucfg.micro_batch_size,
-                                          temperature=ucfg.temperature)
+                with ref_weights.on_device() if ref_weights is not None else contextlib.nullcontext():
+                    ref_lp = compute_logprobs(ref_policy, batch, micro_batch_size=ucfg.micro_batch_size,
+                                              temperature=ucfg.temperature)
             if mu > 1:  # old log-probs here (as TRL computes them while preparing the batch), not in the update
                 old_lp = compute_logprobs(policy, batch, micro_batch_size=ucfg.micro_batch_size,
                                           temperature=ucfg.temperature)
@@ -482,6 +485,7 @@ def run_r1vl(a: dict, work: Path, variant: str) -> dict:
                             "liger": sp["liger"] or [], "attn_implementation": sp["attn_implementation"],
                             "gradient_checkpointing": sp["gradient_checkpointing"],
                             "dedup_images": m_cfg.dedup_images, "share_prompts": m_cfg.share_prompts,
+                            "ref_on_host": m_cfg.ref_on_host,
                             "optimizer": f"torch.optim.AdamW(betas=({cfg.optim.beta1}, {cfg.optim.beta2}), "
                                          f"eps={cfg.optim.eps}, weight_decay={cfg.optim.weight_decay}, "
                                          f"{_adamw_kind(opt)}), clip {cfg.optim.max_grad_norm}",
@@ -868,6 +872,9 @@ def parse_args(argv=None):
     ap.add_argument("--share-prompts", action=argparse.BooleanOptionalAction, default=True,
                     help="r1vl: log-prob passes and the update forward each prompt once and share its KV "
                          "cache with its G completions (model.share_prompts); TRL forwards whole rows")
+    ap.add_argument("--ref-on-host", action=argparse.BooleanOptionalAction, default=False,
+                    help="r1vl: reference weights in host memory, on the GPU for the reference log-probs only "
+                         "(model.ref_on_host); TRL keeps its reference on the GPU")
     ap.add_argument("--optim-impl", choices=("auto", "fused", "foreach", "for_loop"), default="auto",
                     help="r1vl: AdamW implementation (optim.impl; auto: fused on CUDA)")
     ap.add_argument("--trl-optim", choices=("adamw_torch", "adamw_torch_fused"), default="adamw_torch",

@@ -17,6 +17,9 @@
 #   step      bench/bench_step.py --preset 2b --out step_<dev>.json, if that file exists
 #   stepwhole the same for r1vl's fused+liger variant only, with whole rows (--no-dedup-images
 #             --no-share-prompts) -> step_<dev>_whole_rows.json: what those two save
+#   stepmem   the same for r1vl's fused+liger variant only, with the reference model in host
+#             memory outside the logprob phase (--ref-on-host) -> step_<dev>_ref_on_host.json:
+#             the update's peak without the reference's weights (bench/NOTES.md item 7)
 #   share     bench/bench_share.py at the whole 2B model (28 + 32 layers), bf16 -> share_<dev>.json:
 #             whole rows vs image dedup vs shared prompts, one forward+backward, with equality checks
 #
@@ -362,7 +365,8 @@ for st in "${STAGES[@]}"; do
       run_stage share 240 "$PY" bench/bench_share.py "${share_args[@]}" --out "$OUT/share_${DEV}.json" ;;
     stepwhole) stage_step stepwhole _whole_rows --impls r1vl --variants fused+liger --no-dedup-images \
                  --no-share-prompts ;;
-    *) log "unknown stage '$st' (setup ceilings tests loss loss2b loss7b long step stepwhole share)"
+    stepmem) stage_step stepmem _ref_on_host --impls r1vl --variants fused+liger --ref-on-host ;;
+    *) log "unknown stage '$st' (setup ceilings tests loss loss2b loss7b long step stepwhole stepmem share)"
        printf '%s\tFAIL\t0\tunknown stage\n' "$st" >> "$STATUS" ;;
   esac
 done

@@ -66,6 +66,10 @@ class ModelConfig:
     dedup_images: bool = True
     # a group's prompt runs once per forward (log-probs, update), its KV cache shared by its rows
     share_prompts: bool = True
+    # the reference model's weights in host memory, copied to the GPU for the reference
+    # log-prob pass only (one model's weights less on the GPU during rollout and update, one
+    # host->GPU copy per step); not with ZeRO-3, which partitions the reference instead
+    ref_on_host: bool = False
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
 
 

@@ -183,7 +183,16 @@ def config_from_trainer(cfg, world_size: int) -> dict:
     """The DeepSpeed config named by `cfg.deepspeed` (an r1vl.config.Config), filled."""
     if not cfg.deepspeed:
         raise DeepSpeedConfigError("deepspeed: no DeepSpeed config file given")
-    return load_config(cfg.deepspeed, **trainer_batch_values(cfg, world_size))
+    out = load_config(cfg.deepspeed, **trainer_batch_values(cfg, world_size))
+    _check_trainer_options(cfg, out)
+    return out
+
+
+def _check_trainer_options(cfg, ds_config: dict) -> None:
+    if getattr(cfg.model, "ref_on_host", False) and zero_stage(ds_config) == 3:
+        raise DeepSpeedConfigError(
+            f"{cfg.deepspeed}: model.ref_on_host is not for ZeRO-3, which partitions the reference model "
+            "across ranks instead; use it with ZeRO-0/1/2 or without DeepSpeed")
 
 
 def check_config(cfg) -> dict:
@@ -193,6 +202,7 @@ def check_config(cfg) -> dict:
     accumulation); the ranks check it again against their real world size. Returns the
     config filled for that world size (1 when train_batch_size is "auto")."""
     raw = read_config(cfg.deepspeed)
+    _check_trainer_options(cfg, raw)
     vals = trainer_batch_values(cfg, 1)
     tbs = raw.get("train_batch_size", AUTO)
     per_rank = vals["micro_batch_size"] * vals["gradient_accumulation_steps"]

@@ -459,6 +459,45 @@ def make_reference(model) -> nn.Module:
     return ref
 
 
+class HostWeights:
+    """A frozen module whose parameters live in host memory (pinned where CUDA is present)
+    and are on `device` only inside `with hw.on_device():`, e.g. the reference model, which
+    only the reference log-prob pass reads. Entering copies them host -> device (asynchronous
+    from pinned memory, ordered before the kernels that read them); leaving points them back
+    at the host copies, so nothing is copied back (the module is frozen) and the device
+    copies go back to the allocator. Tied parameters stay tied (each is moved once).
+    Buffers (rotary tables) stay where they are. On a CPU device both places are the same
+    memory and nothing is copied."""
+
+    def __init__(self, module: nn.Module, device):
+        self.module = module
+        self.device = torch.device(device)
+        self.params = list(module.parameters())  # de-duplicated: tied weights once
+        if any(p.requires_grad for p in self.params):
+            raise ValueError("HostWeights: the module must be frozen (requires_grad_(False))")
+        pin = torch.cuda.is_available()
+        with torch.no_grad():
+            self.host = []
+            for p in self.params:
+                h = p.data.to("cpu")
+                if pin and not h.is_pinned():
+                    h = h.pin_memory()
+                self.host.append(h)
+                p.data = h
+        self.nbytes = sum(h.numel() * h.element_size() for h in self.host)
+
+    @contextlib.contextmanager
+    def on_device(self):
+        with torch.no_grad():
+            for p, h in zip(self.params, self.host):
+                p.data = h.to(self.device, non_blocking=True)
+        try:
+            yield self.module
+        finally:
+            for p, h in zip(self.params, self.host):
+                p.data = h
+
+
 def unwrap(model):
     """The HF model inside DDP / DeepSpeed / PolicyWithLoss wrappers."""
     while True:

@@ -251,7 +251,7 @@ def save_model_dir(path: Path, d, policy, processor) -> None:
 def run(cfg: Config) -> dict:
     from r1vl.algo import UpdateConfig, build_batch, compute_logprobs, group_advantages, grpo_update, sft_step
     from r1vl.eval import evaluate, make_prompt, score
-    from r1vl.models import PolicyWithLoss, load_pretrained, make_reference, unwrap
+    from r1vl.models import HostWeights, PolicyWithLoss, load_pretrained, make_reference, unwrap
     from r1vl.rollout.base import SamplingConfig
     from r1vl.utils import (STATE_FILE, IndexStream, MetricsWriter, StatReducer, Timer, all_gather_objects,
                             derive_seed, init_distributed, plot_run, seed_everything, set_rng_state)
@@ -434,7 +434,7 @@ def run(cfg: Config) -> dict:
 
     # ---- 3. StepGRPO
     a, ro = cfg.algorithm, cfg.rollout
-    ref_policy = None
+    ref_policy = ref_weights = None
     if a.beta != 0 and cfg.train.max_steps > 0:
         if in_warmup:
             ref_model = ds.make_reference(train_policy) if use_ds else make_reference(model)
@@ -448,6 +448,10 @@ def run(cfg: Config) -> dict:
                                     share_prompts=cfg.model.share_prompts)
         if use_ds:  # ZeRO-3: partitioned like the policy (inference engine); else bf16 on the device
             ref_policy = ds.prepare_reference(ref_policy, ds_cfg)
+        if cfg.model.ref_on_host:
+            ref_weights = HostWeights(ref_policy, d.device)
+            log.info("reference weights in host memory (%.2f GB), on %s for the reference log-probs only",
+                     ref_weights.nbytes / 1e9, d.device)
     g_start = state["step"] if phase == "grpo" else 0
     if use_ds:
         if engine_built_for_warmup:  # warm-up -> StepGRPO: fresh AdamW state, the GRPO schedule
@@ -500,8 +504,9 @@ def run(cfg: Config) -> dict:
         with tm("logprob"):
             ref_lp = None
             if ref_policy is not None:
-                ref_lp = compute_logprobs(ref_policy, batch, micro_batch_size=cfg.train.micro_batch_size,
-                                          temperature=ucfg.temperature)
+                with ref_weights.on_device() if ref_weights is not None else contextlib.nullcontext():
+                    ref_lp = compute_logprobs(ref_policy, batch, micro_batch_size=cfg.train.micro_batch_size,
+                                              temperature=ucfg.temperature)
             old_lp = is_ratio = None
             if use_is:  # ratio = min(exp(trainer_logp_old - engine_logp), rollout.is_cap) per token
                 from r1vl.rollout.is_correction import is_ratio_stats, pad_engine_logprobs, truncated_is_ratio

@@ -336,3 +336,73 @@ def test_shared_prompt_text_only_batch(tiny, stale_deltas):
         lp_on = on(batch.inputs, batch.targets, batch.mask, start=batch.start, mode="logprobs")
         lp_off = off(batch.inputs, batch.targets, batch.mask, start=batch.start, mode="logprobs")
     torch.testing.assert_close(lp_on * batch.mask, lp_off * batch.mask, atol=2e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- reference weights in host memory
+
+
+def _frozen_copy(model):
+    from r1vl.models import make_reference
+
+    return make_reference(model)
+
+
+def test_host_weights_on_device_only_inside(tiny):
+    from r1vl.models import HostWeights
+
+    model, _ = tiny
+    ref = _frozen_copy(model)
+    want = {n: p.detach().clone() for n, p in ref.named_parameters()}
+    tied = ref.lm_head.weight is ref.model.language_model.embed_tokens.weight
+    # on CPU the device is the host: the bookkeeping is checked here, the moves by the CUDA test
+    hw = HostWeights(ref, "cpu")
+    assert len(hw.params) == len(list(ref.named_parameters(remove_duplicate=False))) - tied  # tied: moved once
+    assert hw.nbytes == sum(p.numel() * p.element_size() for p in ref.parameters())
+    with hw.on_device() as m:
+        assert m is ref
+        assert (ref.lm_head.weight is ref.model.language_model.embed_tokens.weight) == tied
+    for p, h in zip(hw.params, hw.host):
+        assert p.data_ptr() == h.data_ptr()  # outside: the host copies
+    for n, p in ref.named_parameters():
+        assert p.device.type == "cpu" and not p.requires_grad
+        torch.testing.assert_close(p.detach(), want[n], atol=0, rtol=0, msg=n)
+    try:  # an exception inside still points them back
+        with hw.on_device():
+            for p in hw.params:
+                p.data = p.data.clone()
+            raise KeyError("boom")
+    except KeyError:
+        pass
+    assert all(p.data_ptr() == h.data_ptr() for p, h in zip(hw.params, hw.host))
+    with pytest.raises(ValueError, match="frozen"):
+        HostWeights(model, "cpu")
+
+
+@pytest.mark.cuda
+def test_host_weights_cuda_frees_and_matches(tiny):
+    """On CUDA: the reference's weights leave the GPU until the pass that reads them, and its
+    log-probs are those of the reference kept on the GPU."""
+    import copy
+
+    from r1vl.algo import build_batch, compute_logprobs
+    from r1vl.models import HostWeights
+
+    model, proc = tiny
+    dev = torch.device("cuda")
+    ref = _frozen_copy(copy.deepcopy(model)).to(dev)
+    images = [_img(), _img(), None]
+    prompts = [proc.chat_prompt("read the bar", im is not None) for im in images]
+    batch = build_batch(proc, prompts, images, [[50, 60, 70], [51], [52, 53]]).to(dev)
+    pol = PolicyWithLoss(ref)
+    want = compute_logprobs(pol, batch, micro_batch_size=2)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated(dev)
+    hw = HostWeights(pol, dev)
+    torch.cuda.synchronize()
+    assert before - torch.cuda.memory_allocated(dev) >= hw.nbytes
+    assert all(p.device.type == "cpu" and p.is_pinned() for p in ref.parameters())
+    with hw.on_device():
+        got = compute_logprobs(pol, batch, micro_batch_size=2)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    torch.cuda.synchronize()
+    assert before - torch.cuda.memory_allocated(dev) >= hw.nbytes - 2**20  # the device copies went back

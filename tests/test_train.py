@@ -227,3 +227,16 @@ def test_make_optimizer_impls_agree():
     for impl in ("fused", "foreach", "auto"):
         for a, b in zip(out[impl], out["for_loop"]):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_ref_on_host_same_run(tmp_path, data_dir):
+    """model.ref_on_host moves where the reference weights live, not what the run computes
+    (on CPU host and device are one memory: this checks the wiring end to end)."""
+    runs = {}
+    for on in (False, True):
+        out = tmp_path / f"ref_on_host_{on}"
+        assert main(_args(out, data_dir, "train.max_steps=2", "train.eval_before=false", "train.eval_after=false",
+                          f"model.ref_on_host={str(on).lower()}")) == 0
+        runs[on] = [_strip(r) for r in _metrics(out) if r["phase"] == "grpo"]
+    assert len(runs[True]) == 2 and all("kl" in r for r in runs[True])  # the reference was read
+    assert runs[True] == runs[False]

@@ -169,3 +169,13 @@ def test_missing_engines_are_one_clear_error(tmp_path, capsys, monkeypatch):
     assert "DeepSpeed is not installed" in capsys.readouterr().err
     assert main(["--check", f"output_dir={tmp_path}", "rollout.engine=vllm"]) == 2
     assert "vLLM is not installed" in capsys.readouterr().err
+
+
+def test_ref_on_host_refused_under_zero3(tmp_path, capsys):
+    from r1vl.train import main
+
+    args = ["--check", f"output_dir={tmp_path}", "model.ref_on_host=true"]
+    assert main([*args, f"deepspeed={ROOT / 'configs' / 'ds_zero3.json'}"]) == 2
+    err = capsys.readouterr().err
+    assert "model.ref_on_host" in err and "ZeRO-3" in err and len(err.strip().splitlines()) == 1
+    assert main([*args, f"deepspeed={ROOT / 'configs' / 'ds_zero2.json'}"]) == 0
