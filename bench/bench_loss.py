@@ -11,6 +11,9 @@ every token unmasked), timed and memory-measured for:
   reference         r1vl.kernels.reference_grpo_loss in fp32: materialised logits, eager
   liger_chunked     liger-kernel's LigerFusedLinearGRPOLoss (torch.compile'd on CUDA)
   liger_triton      liger-kernel's Triton GRPO loss on materialised logits (CUDA only)
+  trl_chunked       TRL's chunked log-prob head (trl.kernels.ChunkedLogProbFunction, what its
+                    GRPOTrainer installs: Triton on CUDA, torch tiles elsewhere; its chunk
+                    width; log-probs only) + r1vl's GRPO objective on them (N-sized work)
   floor             the three bare LM-head GEMMs of forward+backward: h·Wᵀ, dlogits·W,
                     dlogitsᵀ·h in the input dtype (dlogits prepared outside the timed region;
                     taken in row chunks when [N, V] buffers would exceed --floor-chunk-gib)
@@ -62,7 +65,7 @@ HEADS = {"2b": (1536, 151936), "7b": (3584, 152064)}       # Qwen2-VL-2B / -7B L
 DEFAULT_TOKENS = (4096, 16384)
 LONG_SHAPE = (1536, 151936, 131072)                          # --long: fused + floor only
 SMALL_SHAPES = [(256, 8192, 512), (512, 32000, 1024)]
-PEERS = ("reference", "liger_chunked", "liger_triton", "floor", "floor_fwd")
+PEERS = ("reference", "liger_chunked", "liger_triton", "trl_chunked", "floor", "floor_fwd")
 LONG_IMPLS = ("fused", "floor")
 # issue 6's targets, judged at the 7B head, 16384 tokens, bf16
 TARGET_SHAPE = (3584, 152064, 16384)
@@ -320,6 +323,29 @@ def device_slug(device) -> str:
     return m.group(1) if m else (re.sub(r"[^a-z0-9]+", "_", name).strip("_") or "cuda")
 
 
+def make_trl_chunked(device):
+    try:
+        from trl.kernels import ChunkedLogProbFunction
+    except ImportError as e:
+        raise _Unavailable(f"TRL's chunked log-prob head is not importable ({e}): pip install trl>=1.16") from e
+    try:
+        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as chunk
+    except ImportError:
+        chunk = 32768
+    from r1vl.kernels.objective import grpo_objective
+
+    def run(inp):
+        h, t = inp["hidden"], inp["targets"]
+        logp = ChunkedLogProbFunction.apply(h.reshape(-1, h.shape[-1]), inp["weight"], None, t.reshape(-1), 1.0,
+                                            chunk, None, 1.0, ())[0].view(t.shape)
+        loss, _ = grpo_objective(logp.float(), inp["mask"], inp["advantages"], old_logprobs=inp["old"],
+                                 ref_logprobs=inp["ref"], rollout_is_ratio=None, beta=0.04, epsilon_low=0.2,
+                                 epsilon_high=0.2, loss_type="grpo", importance_sampling_level="token",
+                                 max_completion_length=None, num_items_in_batch=None)
+        return _grads(loss, inp)
+    return run
+
+
 def gemm_flops(impl: str, hidden: int, vocab: int, tokens: int) -> float:
     """FLOPs of the LM-head GEMMs the impl must do at least: one for forward-only
     (logprobs_*, floor_fwd), three for forward+backward."""
@@ -341,6 +367,8 @@ def build(impl, device, floor_chunk_bytes):
         return make_liger_chunked(device), None
     if impl == "liger_triton":
         return make_liger_triton(device), None
+    if impl == "trl_chunked":
+        return make_trl_chunked(device), None
     if impl in ("floor", "floor_fwd"):
         f = Floor(backward=impl == "floor", max_bytes=floor_chunk_bytes)
         return f, f.prepare
@@ -411,7 +439,7 @@ def _by_impl(rows, shape):
 def print_table(rows):
     shapes = sorted({_key(r) for r in rows})
     hdr = (f"{'H':>5} {'V':>7} {'N':>7} {'dtype':>8} {'impl':>16} {'ms':>10} {'peak MiB':>10} "
-           f"{'TFLOP/s':>8} {'x floor':>8} {'vs liger':>9}")
+           f"{'TFLOP/s':>8} {'x floor':>8} {'vs liger':>9} {'vs trl':>7}")
     print(hdr)
     print("-" * len(hdr))
     for shp in shapes:
@@ -420,7 +448,7 @@ def print_table(rows):
         def ms_of(name):
             return group.get(name, {}).get("ms_median")
 
-        liger = ms_of("liger_chunked")
+        liger, trl = ms_of("liger_chunked"), ms_of("trl_chunked")
         for impl, r in group.items():
             ms = r["ms_median"]
             lead = f"{shp[0]:>5} {shp[1]:>7} {shp[2]:>7} {shp[3]:>8} {impl:>16}"
@@ -430,8 +458,9 @@ def print_table(rows):
             floor = ms_of("floor_fwd") if impl.startswith(("logprobs_", "floor_fwd")) else ms_of("floor")
             xf = f"{ms / floor:.2f}" if floor else "-"
             vs = f"{liger / ms:.2f}x" if liger and impl.startswith("fused_") else "-"
+            vt = f"{trl / ms:.2f}x" if trl and impl.startswith("fused_") else "-"
             print(f"{lead} {ms:>10.3f} {r['peak_mem_bytes'] / 2**20:>10.1f} {r.get('tflops', 0):>8.3g} "
-                  f"{xf:>8} {vs:>9}")
+                  f"{xf:>8} {vs:>9} {vt:>7}")
 
 
 def check_targets(rows, shape, dtype_name, note=""):

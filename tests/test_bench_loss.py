@@ -1,6 +1,7 @@
 """bench/bench_loss.py end to end at a tiny CPU shape: the JSON schema the issue asks for,
 one row per backend and peer, and the same loss value from every GRPO implementation
 (the rows time the same objective on the same inputs)."""
+import importlib.util
 import json
 import math
 import os
@@ -22,16 +23,15 @@ def test_bench_loss_tiny_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     data = json.loads(out.read_text())
     rows = {r["impl"]: r for r in data["rows"]}
-    for impl in ("fused_torch", "fused_triton", "logprobs_torch", "logprobs_triton",
-                 "reference", "liger_chunked", "floor", "floor_fwd"):
+    peers = ("reference", "liger_chunked") + (("trl_chunked",) if importlib.util.find_spec("trl") else ())
+    for impl in ("fused_torch", "fused_triton", "logprobs_torch", "logprobs_triton", *peers, "floor", "floor_fwd"):
         r = rows[impl]
         assert {"impl", "device", "hidden", "vocab", "tokens", "dtype", "ms_median",
                 "peak_mem_bytes", "versions"} <= set(r)
         assert (r["hidden"], r["vocab"], r["tokens"], r["dtype"]) == (64, 300, 48, "float32")
         assert r["ms_median"] > 0 and math.isfinite(r["ms_median"]), impl
         assert r["peak_mem_bytes"] is None or r["peak_mem_bytes"] >= 0
-    losses = [rows[i]["loss_value"] for i in ("fused_torch", "fused_triton", "reference",
-                                              "liger_chunked")]
+    losses = [rows[i]["loss_value"] for i in ("fused_torch", "fused_triton", *peers)]
     assert max(losses) - min(losses) <= 1e-5 * max(1.0, abs(losses[0])), losses
     assert "targets" in data and "floor" in proc.stdout
     assert data["triton_autotune"] == {}            # the interpreter runs fixed blocks, no autotuner
