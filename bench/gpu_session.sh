@@ -325,12 +325,10 @@ for line in status.read_text().splitlines():
         res = [f"{r['setting']}: update x{r['update_seconds'] / base['update_seconds']:.2f}, log-probs "
                f"x{r['logprobs_seconds'] / base['logprobs_seconds']:.2f}, grad err {r['grad_max_rel_err_vs_whole']:.1e}"
                for r in d["rows"][1:]]
-    elif name in ("step", "stepwhole") and st != "skipped":
-        cands = sorted(p for p in out.glob("step_*.json")
-                       if p.name.endswith("_whole_rows.json") == (name == "stepwhole"))
-        if cands:
-            d = json.loads(cands[0].read_text())
-            res = [f"{len(d.get('rows', []))} rows in {cands[0].name}"]
+    elif name in ("step", "stepwhole", "stepmem") and st != "skipped":
+        fname = f"step_{dev}" + {"step": "", "stepwhole": "_whole_rows", "stepmem": "_ref_on_host"}[name] + ".json"
+        if read(fname):
+            res = [f"{len(json.loads(read(fname)).get('rows', []))} rows in {fname}"]
     lines.append(f"{name:<18} {st:<8} {secs:>5}  {res[0]}")
     lines += [f"{'':<34}{r}" for r in res[1:]]
 files = sorted({p.name for p in out.iterdir() if p.is_file()} | {"summary.txt"})

@@ -654,9 +654,9 @@ def _dedup_after(module: nn.Module, args: tuple, kwargs: dict, output):
     def expand(t):
         if not isinstance(t, torch.Tensor) or t.dim() == 0:
             return t
-        for rows in (sizes, merged):  # patches (last_hidden_state), merged tokens (pooler_output)
+        # patches (last_hidden_state), merged tokens (pooler_output)
+        for key, rows in enumerate((sizes, merged)):
             if t.shape[0] == sum(rows):
-                key = 0 if rows is sizes else 1
                 if key not in index:
                     index[key] = _block_index(slot, rows, t.device)
                 return t.index_select(0, index[key])
