@@ -45,3 +45,17 @@ def test_bench_memory_without_timeline_says_so(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_memory.py"), str(tmp_path),
                         "--out", str(tmp_path / "m.png")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "CUDA only" in r.stderr and not (tmp_path / "m.png").exists()
+
+
+def test_adamw_step_overhead_per_implementation():
+    """What optim.impl's default rests on: foreach's step allocates a temporary as large as
+    the parameters, fused none (bench/bench_adamw_memory.py)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from bench_adamw_memory import step_overhead
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    import torch
+
+    assert step_overhead("foreach", torch.float32, tensors=4, size=256) >= 0.99
+    assert step_overhead("fused", torch.float32, tensors=4, size=256) < 0.01  # a few scalars
