@@ -162,6 +162,32 @@ def adamw_impl(impl: str, params, *, deepspeed: bool = False) -> dict:
             "default": {}}[impl]
 
 
+_IMPL_KEYS = ("fused", "foreach", "capturable")
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, saved: dict) -> None:
+    """Load a checkpoint's optimizer state but keep this run's implementation (optim.impl).
+
+    torch's load_state_dict takes every group key from the checkpoint, the fused/foreach flags
+    included, so a checkpoint written under another impl (or before optim.impl existed) would
+    resume with that one. The flags are overridden before loading, which also places each
+    state's `step` where the implementation wants it (fused/capturable: on the parameter's
+    device; otherwise a CPU scalar)."""
+    if len(saved["param_groups"]) != len(opt.param_groups):
+        raise UserError(f"checkpoint optimizer has {len(saved['param_groups'])} parameter groups, "
+                        f"this run's has {len(opt.param_groups)}")
+    groups = [{**s, **{k: g[k] for k in _IMPL_KEYS if k in g}}
+              for g, s in zip(opt.param_groups, saved["param_groups"])]
+    opt.load_state_dict({**saved, "param_groups": groups})
+    for g in opt.param_groups:
+        if g.get("fused") or g.get("capturable"):
+            continue
+        for p in g["params"]:
+            st = opt.state.get(p, {})
+            if torch.is_tensor(st.get("step")) and st["step"].device.type != "cpu":
+                st["step"] = st["step"].to("cpu", torch.float32)
+
+
 def make_optimizer(params, lr: float, cfg: Config, total_steps: int, warmup_steps: int, kind: str,
                    final_ratio: float = 0.0):
     from r1vl.algo import lr_lambda
@@ -373,7 +399,7 @@ def run(cfg: Config) -> dict:
         else:
             opt, sched = warmup_optimizer()
             if resume_dir is not None and state["phase"] == "warmup":
-                opt.load_state_dict(state["optimizer"])
+                load_optimizer_state(opt, state["optimizer"])
                 sched.load_state_dict(state["scheduler"])
         stream = IndexStream(len(train_set), world=d.world, rank=d.rank, seed=derive_seed(cfg.seed, 1))
         eos = processor.stop_token_ids()[0]
@@ -464,7 +490,7 @@ def run(cfg: Config) -> dict:
     else:
         opt, sched = grpo_optimizer()
         if phase == "grpo":
-            opt.load_state_dict(state["optimizer"])
+            load_optimizer_state(opt, state["optimizer"])
             sched.load_state_dict(state["scheduler"])
     if bar is not None and g_start:
         bar.update(g_start)

@@ -1,5 +1,6 @@
 """The trainer end to end on a very small run: outputs, checkpoints, kill + resume equality,
 bad-input errors, the eval CLI."""
+import copy
 import json
 import os
 import signal
@@ -227,6 +228,50 @@ def test_make_optimizer_impls_agree():
     for impl in ("fused", "foreach", "auto"):
         for a, b in zip(out[impl], out["for_loop"]):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _adamw_run(impl, init, grads, saved=None):
+    from r1vl.config import load_config
+    from r1vl.train import load_optimizer_state, make_optimizer
+
+    cfg = load_config(None, [f"optim.impl={impl}"])
+    params = [torch.nn.Parameter(p.clone()) for p in init]
+    opt, _ = make_optimizer(params, 1e-2, cfg, 10, 0, "constant")
+    if saved is not None:
+        load_optimizer_state(opt, saved)
+    for step in grads:
+        for p, gr in zip(params, step):
+            p.grad = gr.clone()
+        opt.step()
+    return opt, params
+
+
+@pytest.mark.parametrize("saved_impl,run_impl", [("foreach", "fused"), ("fused", "for_loop"), ("fused", "fused")])
+def test_resume_keeps_this_runs_adamw_impl(saved_impl, run_impl):
+    """A checkpoint written under one optim.impl resumes under the run's own (torch alone would
+    take the checkpoint's fused/foreach flags), with the same moments and step count."""
+    g = torch.Generator().manual_seed(0)
+    init = [torch.randn(16, 8, generator=g), torch.randn(8, generator=g)]
+    grads = [[torch.randn(p.shape, generator=g) for p in init] for _ in range(4)]
+    opt, params = _adamw_run(saved_impl, init, grads[:2])
+    saved = copy.deepcopy(opt.state_dict())
+    resumed, out = _adamw_run(run_impl, [p.detach() for p in params], grads[2:], saved)
+    for k in ("fused", "foreach"):
+        assert resumed.param_groups[0][k] == resumed.defaults[k], k
+    assert resumed.param_groups[0]["fused"] is (True if run_impl == "fused" else None)
+    assert float(resumed.state[out[0]]["step"]) == 4.0
+    _, ref = _adamw_run("for_loop", init, grads)  # uninterrupted
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_resume_optimizer_group_mismatch_is_clear():
+    from r1vl.train import UserError, load_optimizer_state
+
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
+    saved = {"state": {}, "param_groups": [dict(opt.param_groups[0], params=[0])] * 2}
+    with pytest.raises(UserError, match="2 parameter groups"):
+        load_optimizer_state(opt, saved)
 
 
 def test_ref_on_host_same_run(tmp_path, data_dir):
