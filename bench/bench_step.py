@@ -394,7 +394,7 @@ def run_r1vl(a: dict, work: Path, variant: str) -> dict:
     from r1vl.models import HostWeights, PolicyWithLoss, load_pretrained, make_reference, unwrap
     from r1vl.rollout.base import SamplingConfig
     from r1vl.speedups import SpeedupError, apply_speedups
-    from r1vl.train import check_prompt_lengths, make_engine, make_optimizer
+    from r1vl.train import check_prompt_lengths, logprob_temperatures, make_engine, make_optimizer
     from r1vl.utils import derive_seed, seed_everything
 
     loss_path, _, liger = variant.partition("+")
@@ -428,7 +428,7 @@ def run_r1vl(a: dict, work: Path, variant: str) -> dict:
     ucfg = UpdateConfig(beta=a_cfg.beta, epsilon_low=a_cfg.epsilon_low, epsilon_high=a_cfg.epsilon_high,
                         num_iterations=mu, loss_type=a_cfg.loss_type,
                         importance_sampling_level=a_cfg.importance_sampling_level,
-                        temperature=ro.temperature if ro.temperature > 0 else 1.0,
+                        temperature=logprob_temperatures(cfg)[0],
                         max_completion_length=ro.max_completion_length,
                         micro_batch_size=cfg.train.micro_batch_size, max_grad_norm=cfg.optim.max_grad_norm)
     engine = make_engine(cfg, model, processor)

@@ -6,8 +6,9 @@ The defaults of the dataclasses below ARE the embedded default run (tiny model,
 built-in synthetic task, CPU-friendly sizes); configs/default.yaml spells the same
 values out (a test keeps the two equal). A YAML file or an override may only name
 keys that exist here; values are checked against the field's type (and, where a
-field lists them, its allowed choices or its lower bound), and a mistake is one
-`ConfigError` naming the key, the expected type and what was given.
+field lists them, its allowed choices or its lower and upper bounds), and a mistake
+is one `ConfigError` naming the key, the expected type or range and what was given.
+A YAML file may not repeat a key; `validate` adds the cross-field checks.
 """
 from __future__ import annotations
 
@@ -31,6 +32,11 @@ def _choices(*values: str) -> dict:
 
 def _min(bound: float, *, strict: bool = False) -> dict:
     return {"min": bound, "strict": strict}
+
+
+def _max(bound: float, *, strict: bool = False) -> dict:
+    """Upper bound; combine with a lower one as `_min(0.0) | _max(1.0, strict=True)`."""
+    return {"max": bound, "max_strict": strict}
 
 
 @dataclass
@@ -107,7 +113,8 @@ class VLLMConfig:
     suppressed ids come from the rest of the config. None / 0 = the engine's default."""
 
     tensor_parallel_size: int = field(default=1, metadata=_min(1))
-    gpu_memory_utilization: float = field(default=0.3, metadata=_min(0.0, strict=True))  # weights + KV (CUDA)
+    # weights + KV (CUDA)
+    gpu_memory_utilization: float = field(default=0.3, metadata=_min(0.0, strict=True) | _max(1.0))
     kv_cache_memory_bytes: int = field(default=0, metadata=_min(0))  # 0: from gpu_memory_utilization; CPU: 256 MiB
     max_model_len: Optional[int] = None  # None: data.max_prompt_length + image tokens + max_completion_length
     max_num_seqs: int = field(default=256, metadata=_min(1))
@@ -126,19 +133,21 @@ class RolloutConfig:
     engine: str = field(default="hf", metadata=_choices("hf", "vllm"))
     num_generations: int = field(default=8, metadata=_min(1))  # G
     temperature: float = field(default=0.7, metadata=_min(0.0))
-    top_p: float = field(default=1.0, metadata=_min(0.0, strict=True))
+    top_p: float = field(default=1.0, metadata=_min(0.0, strict=True) | _max(1.0))
     top_k: int = field(default=0, metadata=_min(0))
     max_completion_length: int = field(default=64, metadata=_min(1))
     batch_size: int = field(default=32, metadata=_min(1))  # sequences per generate() call
     # truncated importance sampling (engine log-probs vs the trainer's; rollout.engine=vllm)
     is_cap: float = field(default=2.0, metadata=_min(0.0, strict=True))
+    is_correction: bool = True  # false: no correction, the on-policy objective of the authors' code
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
 
 @dataclass
 class AlgorithmConfig:
     beta: float = field(default=0.04, metadata=_min(0.0))
-    epsilon_low: float = field(default=0.2, metadata=_min(0.0))
+    # the ratio's lower clip 1 - epsilon_low must stay > 0; epsilon_high has no upper bound
+    epsilon_low: float = field(default=0.2, metadata=_min(0.0) | _max(1.0, strict=True))
     epsilon_high: float = field(default=0.2, metadata=_min(0.0))
     num_iterations: int = field(default=1, metadata=_min(1))  # mu
     loss_type: str = field(default="grpo", metadata=_choices("grpo", "bnpo", "dr_grpo", "dapo"))
@@ -148,6 +157,10 @@ class AlgorithmConfig:
     validity_weight: float = 1.0  # StepRVR
     alpha: float = field(default=0.1, metadata=_min(0.0))
     accuracy_variant: str = field(default="paper", metadata=_choices("paper", "official"))
+    # temperature of the trainer's log-probs (policy, old and reference: the loss and its KL).
+    # null = rollout.temperature (1.0 when greedy), as TRL (1.16) does; 1.0 = the authors'
+    # released code, which samples at rollout.temperature but scores the raw logits
+    logprob_temperature: Optional[float] = field(default=None, metadata=_min(0.0, strict=True))
     reward_workers: int = field(default=0, metadata=_min(0))  # 0 = in-process
     reward_timeout_s: float = field(default=5.0, metadata=_min(0.0, strict=True))
 
@@ -156,9 +169,9 @@ class AlgorithmConfig:
 class OptimConfig:
     lr: float = field(default=5e-5, metadata=_min(0.0, strict=True))
     weight_decay: float = field(default=0.0, metadata=_min(0.0))
-    beta1: float = 0.9
-    beta2: float = 0.99
-    eps: float = 1e-8
+    beta1: float = field(default=0.9, metadata=_min(0.0) | _max(1.0, strict=True))  # torch AdamW's ranges
+    beta2: float = field(default=0.99, metadata=_min(0.0) | _max(1.0, strict=True))
+    eps: float = field(default=1e-8, metadata=_min(0.0))
     max_grad_norm: float = field(default=1.0, metadata=_min(0.0))  # 0 = no clipping
     scheduler: str = field(default="constant", metadata=_choices("constant", "linear", "cosine"))
     warmup_steps: int = field(default=0, metadata=_min(0))
@@ -172,9 +185,12 @@ class TrainConfig:
     max_steps: int = field(default=60, metadata=_min(0))
     prompts_per_step: int = field(default=4, metadata=_min(1))  # per rank; x G completions
     micro_batch_size: int = field(default=16, metadata=_min(1))  # sequences per forward/backward
-    save_every: int = field(default=0, metadata=_min(0))  # 0 = only the final checkpoint
+    save_every: int = field(default=0, metadata=_min(0))  # 0 = none (final/ is the model, not a resume point)
     save_final: bool = True
     resume: Union[bool, str] = False  # true = latest checkpoint in output_dir, or a checkpoint path
+    # a fresh run (no resume) into an output_dir that holds a previous run is refused unless
+    # true: then that run's outputs (checkpoints, metrics, models, TensorBoard) are removed first
+    overwrite: bool = False
     eval_before: bool = True
     eval_after: bool = True
     eval_batch_size: int = field(default=64, metadata=_min(1))
@@ -267,12 +283,20 @@ def _check_meta(value: Any, f: dataclasses.Field, key: str) -> None:
     meta = f.metadata
     if "choices" in meta and value not in meta["choices"]:
         raise ConfigError(f"{key}: expected one of {list(meta['choices'])}, got {value!r}")
-    if "min" in meta and isinstance(value, (int, float)):
-        bound = meta["min"]
-        bad = value <= bound if meta.get("strict") else value < bound
-        if bad:
-            rel = ">" if meta.get("strict") else ">="
-            raise ConfigError(f"{key}: expected a value {rel} {bound}, got {value!r}")
+    lo, hi = meta.get("min"), meta.get("max")
+    if (lo is not None or hi is not None) and isinstance(value, (int, float)):
+        lo_strict, hi_strict = meta.get("strict", False), meta.get("max_strict", False)
+        # "ok" tests that NaN fails, so NaN is refused too
+        ok_lo = lo is None or (value > lo if lo_strict else value >= lo)
+        ok_hi = hi is None or (value < hi if hi_strict else value <= hi)
+        if not (ok_lo and ok_hi):
+            if lo is not None and hi is not None:
+                want = f"in {'(' if lo_strict else '['}{lo:g}, {hi:g}{')' if hi_strict else ']'}"
+            elif lo is not None:
+                want = f"{'>' if lo_strict else '>='} {lo}"
+            else:
+                want = f"{'<' if hi_strict else '<='} {hi}"
+            raise ConfigError(f"{key}: expected a value {want}, got {value!r}")
 
 
 def _build(cls: type, data: dict, prefix: str) -> Any:
@@ -335,6 +359,24 @@ def from_dict(data: dict) -> Config:
     return _build(Config, data, "")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first_line: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor` may be overridden by the mapping's own keys
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, typing.Hashable):
+                continue  # SafeLoader's own error follows
+            line = key_node.start_mark.line + 1
+            if key in first_line:
+                raise ConfigError(f"duplicate key {key!r} at line {line} (first at line {first_line[key]})")
+            first_line[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults ← YAML file (if any) ← `dotted.key=value` overrides; validated."""
     tree: dict = {}
@@ -343,7 +385,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            loaded = yaml.safe_load(p.read_text())
+            loaded = yaml.load(p.read_text(), Loader=_UniqueKeyLoader)
+        except ConfigError as e:
+            raise ConfigError(f"{p}: {e}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML ({e})") from None
         if loaded is None:
@@ -361,6 +405,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def validate(cfg: Config) -> None:
     """Cross-field checks (single fields are checked while loading)."""
+    if not cfg.output_dir.strip():
+        raise ConfigError(f"output_dir: expected a non-empty directory path, got {cfg.output_dir!r}")
+    if Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
+        raise ConfigError(f"output_dir: {cfg.output_dir!r} exists and is not a directory")
     if cfg.algorithm.loss_type == "dr_grpo" and cfg.rollout.max_completion_length <= 0:
         raise ConfigError("algorithm.loss_type=dr_grpo needs rollout.max_completion_length > 0")
     if cfg.model.tiny.hidden_size % cfg.model.tiny.num_attention_heads:
@@ -375,9 +423,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError("model.tiny.num_attention_heads must be divisible by model.tiny.num_key_value_heads")
     if cfg.model.tiny.vision_embed_dim % cfg.model.tiny.vision_num_heads:
         raise ConfigError("model.tiny.vision_embed_dim must be divisible by model.tiny.vision_num_heads")
-    if cfg.rollout.vllm.gpu_memory_utilization > 1:
-        raise ConfigError(f"rollout.vllm.gpu_memory_utilization: expected a fraction in (0, 1], got "
-                          f"{cfg.rollout.vllm.gpu_memory_utilization}")
     if cfg.data.min_pixels > cfg.data.max_pixels:
         raise ConfigError(
             f"data.min_pixels ({cfg.data.min_pixels}) must not exceed data.max_pixels ({cfg.data.max_pixels})"

@@ -1,5 +1,5 @@
 """The StepGRPO trainer: `python -m r1vl.train [--config FILE] [dotted.key=value ...]`,
-also under `torchrun --nproc N -m r1vl.train`. Without --config it runs the embedded
+also under `torchrun --nproc-per-node N -m r1vl.train`. Without --config it runs the embedded
 default (tiny Qwen2-VL, built-in synthetic task, sized for a 2-core CPU machine).
 
     1. warm-up: next-token cross-entropy on reference solutions (warmup.steps)
@@ -21,6 +21,7 @@ import importlib.util
 import json
 import logging
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -78,21 +79,112 @@ def load_split(path: str, cfg: Config):
         raise UserError(f"{path}: {e}") from None
 
 
+# what a run writes into output_dir (data/ aside: the synthetic task is regenerated per seed)
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "plot.png", "tensorboard", "final", "warmup",
+               "init")
+
+
+def previous_run(out: Path) -> list[str]:
+    """The outputs of an earlier run found in `out` (its metrics, summary or checkpoints)."""
+    from r1vl.utils import parse_checkpoint_name
+
+    found = [n for n in ("metrics.jsonl", "summary.json") if (out / n).is_file()]
+    ck = out / "checkpoints"
+    if ck.is_dir() and any(parse_checkpoint_name(p.name) for p in ck.iterdir()):
+        found.append("checkpoints/")
+    return found
+
+
 def find_resume(cfg: Config) -> Path | None:
+    """The checkpoint to resume from, or None for a fresh run. A fresh run never mixes its
+    outputs with an earlier run's: an output_dir holding one is refused unless
+    train.overwrite=true (the run then removes them first)."""
     from r1vl.utils import STATE_FILE, latest_checkpoint
 
+    out = Path(cfg.output_dir)
     r = cfg.train.resume
-    if r is False or r == "":
-        return None
     if r is True:
-        ck = latest_checkpoint(Path(cfg.output_dir) / "checkpoints")
-        if ck is None:
-            log.info("train.resume=true but no checkpoint in %s/checkpoints: starting fresh", cfg.output_dir)
-        return ck
+        ck = latest_checkpoint(out / "checkpoints")
+        if ck is not None:
+            return ck
+        prev = previous_run(out)
+        if prev and not cfg.train.overwrite:
+            raise UserError(f"train.resume=true: {out} holds a previous run ({', '.join(prev)}) but no checkpoint "
+                            "to resume from (train.save_every=0 writes none); pass train.overwrite=true to "
+                            "start it again from scratch, or pick another output_dir")
+        log.info("train.resume=true but no checkpoint in %s/checkpoints: starting fresh", out)
+        return None
+    if r is False or r == "":
+        prev = previous_run(out)
+        if prev and not cfg.train.overwrite:
+            raise UserError(f"output_dir {out} holds a previous run ({', '.join(prev)}): continue it with "
+                            "train.resume=true, pick another output_dir, or pass train.overwrite=true to replace it")
+        return None
     p = Path(str(r))
     if not (p / STATE_FILE).is_file():
         raise UserError(f"train.resume: {p} is not a checkpoint directory (no {STATE_FILE})")
     return p
+
+
+# keys a resumed run may change freely (more steps, other logging, ...)
+_RESUME_FREE = ("output_dir", "train.resume", "train.overwrite", "train.max_steps", "train.save", "train.eval",
+                "train.micro_batch_size", "logging.", "distributed.", "data.eval_size", "model.gradient_checkpointing",
+                "model.liger", "model.attn_implementation", "model.ref_on_host", "model.dedup_images",
+                "model.share_prompts", "rollout.batch_size", "rollout.vllm.", "optim.impl", "algorithm.reward_")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def check_resume_config(saved: dict | None, cfg: Config, resume_dir: Path) -> list[str]:
+    """A checkpoint resumes only the model it was written for (model.path, the tiny model's
+    sizes: an error); other differences from the run that wrote it are named in a warning.
+    Returns the differing keys."""
+    if not saved:
+        return []
+    old, new = _flat(saved), _flat(to_dict(cfg))
+    diff = sorted(k for k in new.keys() | old.keys()
+                  if old.get(k) != new.get(k) and not k.startswith(_RESUME_FREE))
+    hard = [k for k in diff if k == "model.path" or k.startswith("model.tiny.")]
+    if hard:
+        raise UserError(f"train.resume: {resume_dir} was written for another model ("
+                        + ", ".join(f"{k}={old.get(k)!r}, this run {new.get(k)!r}" for k in hard) + ")")
+    if diff:
+        log.warning("train.resume: this run's config differs from the one that wrote %s: %s", resume_dir,
+                    ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff))
+    return diff
+
+
+def reference_dir(out: Path, resume_dir: Path) -> Path:
+    """The KL reference of a run resumed inside StepGRPO: the warm-up model, saved as warmup/ in
+    this output_dir or in the directory of the run that wrote the checkpoint."""
+    for p in (out / "warmup", resume_dir.parent.parent / "warmup"):
+        if (p / "config.json").is_file():
+            return p
+    raise UserError(f"train.resume: the KL reference (the warm-up model, warmup/) is in neither {out} nor "
+                    f"{resume_dir.parent.parent}; algorithm.beta=0 runs without one")
+
+
+def clear_previous_run(out: Path) -> list[str]:
+    """train.overwrite=true: remove an earlier run's outputs (rank 0, before anything is written)."""
+    removed = []
+    for name in RUN_OUTPUTS:
+        p = out / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
 
 
 def build_model(cfg: Config, d, corpus_samples, resume_dir: Path | None):
@@ -186,6 +278,20 @@ def load_optimizer_state(opt: torch.optim.Optimizer, saved: dict) -> None:
             st = opt.state.get(p, {})
             if torch.is_tensor(st.get("step")) and st["step"].device.type != "cpu":
                 st["step"] = st["step"].to("cpu", torch.float32)
+
+
+def logprob_temperatures(cfg: Config) -> tuple[float, float]:
+    """(temperature of the trainer's log-probs, temperature at which the rollout engine's
+    log-probs are compared with the trainer's for the importance-sampling correction).
+
+    The first is algorithm.logprob_temperature, or the sampling temperature when it is null
+    (1.0 for greedy sampling). The second is the sampling temperature for vLLM's
+    processed_logprobs (the distribution sampled from) and 1.0 for its raw_logprobs, whatever
+    the first is: the correction compares like with like."""
+    ro = cfg.rollout
+    sample_t = ro.temperature if ro.temperature > 0 else 1.0
+    lp_t = cfg.algorithm.logprob_temperature if cfg.algorithm.logprob_temperature is not None else sample_t
+    return lp_t, (sample_t if ro.vllm.logprobs_mode == "processed_logprobs" else 1.0)
 
 
 def make_optimizer(params, lr: float, cfg: Config, total_steps: int, warmup_steps: int, kind: str,
@@ -287,7 +393,12 @@ def run(cfg: Config) -> dict:
     d = init_distributed(cfg.distributed.backend, cfg.distributed.timeout_s, cfg.distributed.num_threads)
     setup_logging(cfg, d)
     out = Path(cfg.output_dir)
+    resume_dir = find_resume(cfg)
     if d.main:
+        if resume_dir is None and cfg.train.overwrite:
+            removed = clear_previous_run(out)
+            if removed:
+                log.warning("train.overwrite=true: removed the previous run's %s from %s", ", ".join(removed), out)
         out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out / "config.yaml")
     d.barrier()
@@ -302,7 +413,6 @@ def run(cfg: Config) -> dict:
     if len(train_set) == 0:
         raise UserError(f"data.train: {train_path} has no usable rows")
     eval_set = list(test_set)[: cfg.data.eval_size] if cfg.data.eval_size else list(test_set)
-    resume_dir = find_resume(cfg)
     state: dict[str, Any] = {}
     if resume_dir is not None:
         state = torch.load(resume_dir / STATE_FILE, map_location="cpu", weights_only=False)
@@ -310,6 +420,9 @@ def run(cfg: Config) -> dict:
             raise UserError(f"train.resume: {resume_dir} was written by {state.get('world')} rank(s), "
                             f"this run has {d.world}")
         log.info("resuming from %s (%s step %d)", resume_dir, state["phase"], state["step"])
+        check_resume_config(state.get("config"), cfg, resume_dir)
+        if state["phase"] == "grpo" and cfg.algorithm.beta != 0 and cfg.train.max_steps > 0:
+            reference_dir(out, resume_dir)  # found now, not after the model is built
     if resume_dir is not None and bool(cfg.deepspeed) != bool(state.get("deepspeed", False)):
         raise UserError(f"train.resume: {resume_dir} was written " + (
             "by a DeepSpeed run; resume it with the same deepspeed=..." if state.get("deepspeed")
@@ -465,7 +578,7 @@ def run(cfg: Config) -> dict:
         if in_warmup:
             ref_model = ds.make_reference(train_policy) if use_ds else make_reference(model)
         else:  # resumed inside StepGRPO: the reference is the saved warm-up model
-            ref_model, _ = load_pretrained(out / "warmup", dtype=cfg.model.dtype,
+            ref_model, _ = load_pretrained(reference_dir(out, resume_dir), dtype=cfg.model.dtype,
                                            attn_implementation=cfg.model.attn_implementation)
             if not use_ds:
                 ref_model.to(d.device)
@@ -494,15 +607,16 @@ def run(cfg: Config) -> dict:
             sched.load_state_dict(state["scheduler"])
     if bar is not None and g_start:
         bar.update(g_start)
+    use_is = use_vllm and ro.is_correction  # truncated importance sampling: engine vs trainer log-probs
+    lp_temp, is_temp = logprob_temperatures(cfg)
     ucfg = UpdateConfig(beta=a.beta, epsilon_low=a.epsilon_low, epsilon_high=a.epsilon_high, num_iterations=mu,
                         loss_type=a.loss_type, importance_sampling_level=a.importance_sampling_level,
-                        temperature=ro.temperature if ro.temperature > 0 else 1.0,
+                        temperature=lp_temp,
                         max_completion_length=ro.max_completion_length,
                         micro_batch_size=cfg.train.micro_batch_size, max_grad_norm=cfg.optim.max_grad_norm)
     stream = IndexStream(len(train_set), world=d.world, rank=d.rank, seed=derive_seed(cfg.seed, 2))
     G = ro.num_generations
     dtype = next(model.parameters()).dtype
-    use_is = use_vllm  # the engine's own log-probs: truncated importance sampling against the trainer's
     cuda = d.device.type == "cuda"
     step = g_start
     for step in range(g_start, cfg.train.max_steps):
@@ -537,12 +651,14 @@ def run(cfg: Config) -> dict:
             if use_is:  # ratio = min(exp(trainer_logp_old - engine_logp), rollout.is_cap) per token
                 from r1vl.rollout.is_correction import is_ratio_stats, pad_engine_logprobs, truncated_is_ratio
 
-                old_lp = compute_logprobs(train_policy, batch, micro_batch_size=cfg.train.micro_batch_size,
-                                          temperature=ucfg.temperature)
+                is_lp = compute_logprobs(train_policy, batch, micro_batch_size=cfg.train.micro_batch_size,
+                                         temperature=is_temp)
                 eng_lp, eng_mask = pad_engine_logprobs([c.logprobs for c in comps], batch.targets.shape[1],
-                                                       device=old_lp.device)
+                                                       device=is_lp.device)
                 is_mask = eng_mask & batch.mask.bool()
-                is_ratio = truncated_is_ratio(old_lp, eng_lp, is_mask, cap=ro.is_cap)
+                is_ratio = truncated_is_ratio(is_lp, eng_lp, is_mask, cap=ro.is_cap)
+                if is_temp == lp_temp:  # the update's old log-probs (mu > 1) are the same tensor
+                    old_lp = is_lp
                 is_st = is_ratio_stats(is_ratio, is_mask, cap=ro.is_cap)
         with tm("update"):
             m = grpo_update(train_policy, opt, None if use_ds else sched, batch, adv.to(d.device), ucfg,

@@ -75,12 +75,61 @@ def test_resolved_config_roundtrip(tmp_path):
     ("model.tiny.hidden_size=64", ["head_dim", "32"]),
     ("rollout.num_generations=1", ["num_generations", ">= 2"]),
     ("novalue", ["dotted.key=value"]),
+    # ranges: the key, the allowed interval and the value given
+    ("rollout.top_p=1.5", ["rollout.top_p", "in (0, 1]", "1.5"]),
+    ("rollout.top_p=0", ["rollout.top_p", "in (0, 1]", "got 0.0"]),
+    ("optim.beta1=2", ["optim.beta1", "in [0, 1)", "got 2.0"]),
+    ("optim.beta1=-0.1", ["optim.beta1", "in [0, 1)", "-0.1"]),
+    ("optim.beta2=1", ["optim.beta2", "in [0, 1)", "got 1.0"]),
+    ("optim.eps=-1", ["optim.eps", ">= 0", "-1.0"]),
+    ("algorithm.epsilon_low=5", ["algorithm.epsilon_low", "in [0, 1)", "5.0"]),
+    ("algorithm.epsilon_low=1", ["algorithm.epsilon_low", "in [0, 1)", "1.0"]),
+    ("rollout.vllm.gpu_memory_utilization=1.2", ["rollout.vllm.gpu_memory_utilization", "in (0, 1]", "1.2"]),
+    ("optim.lr=nan", ["optim.lr", "> 0", "nan"]),
+    ("output_dir=", ["output_dir", "non-empty", "''"]),
+    ("output_dir=' '", ["output_dir", "non-empty", "' '"]),
 ])
 def test_bad_overrides_name_the_key(override, words):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
     for w in words:
         assert w in str(e.value)
+
+
+def test_range_boundaries_accepted():
+    cfg = load_config(None, ["rollout.top_p=1.0", "optim.beta1=0", "optim.beta2=0.999", "optim.eps=0",
+                             "algorithm.epsilon_low=0", "algorithm.epsilon_high=5",
+                             "rollout.vllm.gpu_memory_utilization=1"])
+    assert cfg.rollout.top_p == 1.0 and cfg.optim.beta2 == 0.999 and cfg.optim.eps == 0.0
+    assert cfg.algorithm.epsilon_high == 5.0  # clip-higher: no upper bound
+    assert load_config(None, ["algorithm.epsilon_low=0.999"]).algorithm.epsilon_low == 0.999
+
+
+def test_output_dir_that_is_a_file(tmp_path):
+    f = tmp_path / "out"
+    f.write_text("")
+    with pytest.raises(ConfigError, match="output_dir.*exists and is not a directory"):
+        load_config(None, [f"output_dir={f}"])
+    assert load_config(None, [f"output_dir={tmp_path}"]).output_dir == str(tmp_path)  # an existing dir is fine
+
+
+def test_duplicate_yaml_keys(tmp_path):
+    top = tmp_path / "top.yaml"
+    top.write_text("seed: 1\ntrain:\n  max_steps: 5\nseed: 2\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(top)
+    assert all(w in str(e.value) for w in (str(top), "duplicate key 'seed'", "line 4", "first at line 1"))
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("train:\n  max_steps: 5\n  save_every: 1\n  max_steps: 6\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(nested)
+    assert all(w in str(e.value) for w in (str(nested), "'max_steps'", "line 4", "first at line 2"))
+    # the same key in different sections, and a merge key overridden locally, are not duplicates
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("warmup:\n  lr: 0.001\n  steps: 3\ntrain:\n  max_steps: 5\n"
+                  "optim:\n  <<: {lr: 0.5}\n  lr: 0.01\n")
+    cfg = load_config(ok)
+    assert (cfg.warmup.steps, cfg.train.max_steps, cfg.optim.lr) == (3, 5, 0.01)
 
 
 def test_bad_files(tmp_path):

@@ -285,3 +285,87 @@ def test_ref_on_host_same_run(tmp_path, data_dir):
         runs[on] = [_strip(r) for r in _metrics(out) if r["phase"] == "grpo"]
     assert len(runs[True]) == 2 and all("kl" in r for r in runs[True])  # the reference was read
     assert runs[True] == runs[False]
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    ([], (0.7, 0.7)),  # null: the sampling temperature (the default run)
+    (["algorithm.logprob_temperature=1.0"], (1.0, 0.7)),  # the authors' code: raw logits
+    (["rollout.temperature=0", "algorithm.logprob_temperature=null"], (1.0, 1.0)),  # greedy
+    (["rollout.temperature=1.2", "rollout.vllm.logprobs_mode=raw_logprobs"], (1.2, 1.0)),
+])
+def test_logprob_temperatures(overrides, expected):
+    from r1vl.config import load_config
+    from r1vl.train import logprob_temperatures
+
+    assert logprob_temperatures(load_config(None, ["rollout.temperature=0.7", *overrides])) == expected
+
+
+def test_logprob_temperature_reaches_the_update(tmp_path, data_dir):
+    """algorithm.logprob_temperature drives the trainer's log-probs: equal to the sampling
+    temperature it is the default run exactly; at 1.0 (the authors' code) the run differs."""
+    runs = {}
+    for t in ("null", "0.7", "1.0"):
+        out = tmp_path / f"lpt_{t}"
+        assert main(_args(out, data_dir, "train.max_steps=2", "train.eval_before=false", "train.eval_after=false",
+                          "rollout.temperature=0.7", f"algorithm.logprob_temperature={t}")) == 0
+        runs[t] = [_strip(r) for r in _metrics(out) if r["phase"] == "grpo"]
+    assert len(runs["null"]) == 2
+    assert runs["0.7"] == runs["null"]
+    assert runs["1.0"][0]["entropy"] != runs["null"][0]["entropy"]  # same samples, scored at another temperature
+
+
+def test_output_dir_of_a_previous_run(tmp_path, data_dir, capsys):
+    """A fresh run never mixes its outputs with an earlier run's: refused, or (train.overwrite)
+    the earlier outputs are removed first; train.resume=true without a checkpoint is refused
+    when a run is there (it would silently start over)."""
+    out = tmp_path / "run"
+    fast = ("train.max_steps=1", "train.eval_before=false", "train.eval_after=false", "logging.plot=false")
+    assert main(_args(out, data_dir, *fast, "train.save_every=1")) == 0
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    metrics = (out / "metrics.jsonl").read_text()
+    assert main(_args(out, data_dir, *fast, "seed=1")) == 2
+    err = capsys.readouterr().err
+    assert "holds a previous run" in err and "train.overwrite=true" in err and "train.resume=true" in err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before  # nothing touched
+    assert (out / "metrics.jsonl").read_text() == metrics
+    assert main(["--check", *_args(out, data_dir, *fast)]) == 2  # make train's check sees it too
+    capsys.readouterr()
+
+    assert main(_args(out, data_dir, *fast, "seed=1", "train.overwrite=true")) == 0  # save_every=0 now
+    assert not (out / "checkpoints").exists()  # the old run's checkpoints are gone, not resumable
+    assert [r["phase"] for r in _metrics(out)] == ["warmup", "warmup", "grpo"]
+    assert main(_args(out, data_dir, *fast, "train.resume=true")) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint" in err and "save_every" in err
+    assert main(_args(tmp_path / "new", data_dir, *fast, "train.resume=true")) == 0  # nothing there: fresh
+
+
+def test_resume_from_a_checkpoint_of_another_dir(tmp_path, data_dir, capsys):
+    """train.resume=<checkpoint> into a new output_dir: the KL reference comes from the run that
+    wrote the checkpoint, and the resumed step equals the original's."""
+    extra = ("train.max_steps=2", "train.save_every=1", "train.eval_before=false", "train.eval_after=false",
+             "logging.plot=false")
+    src = tmp_path / "src"
+    assert main(_args(src, data_dir, *extra)) == 0
+    ck = src / "checkpoints" / "grpo-000001"
+    dst = tmp_path / "dst"
+    assert main(_args(dst, data_dir, *extra, f"train.resume={ck}")) == 0
+    assert not (dst / "warmup").exists()
+    a = [_strip(r) for r in _metrics(src) if r["phase"] == "grpo"]
+    b = [_strip(r) for r in _metrics(dst) if r["phase"] == "grpo"]
+    assert b == a[1:] and "kl" in b[0]
+    capsys.readouterr()
+    assert main(_args(tmp_path / "dst2", data_dir, *extra, f"train.resume={ck}", "model.tiny.intermediate_size=96")) == 2
+    assert "another model" in capsys.readouterr().err
+
+
+def test_check_resume_config_names_the_differences(tmp_path, caplog):
+    from r1vl.config import load_config, to_dict
+    from r1vl.train import check_resume_config
+
+    saved = to_dict(load_config(None, []))
+    cfg = load_config(None, ["train.max_steps=99", "logging.level=DEBUG", "seed=3", "rollout.num_generations=4"])
+    with caplog.at_level("WARNING", logger="r1vl.train"):
+        assert check_resume_config(saved, cfg, tmp_path) == ["rollout.num_generations", "seed"]
+    assert "seed: 0 -> 3" in caplog.text
+    assert check_resume_config(saved, load_config(None, ["train.max_steps=99"]), tmp_path) == []

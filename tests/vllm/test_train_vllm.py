@@ -26,7 +26,11 @@ def _trainer_builds_vllm_engine() -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not _trainer_builds_vllm_engine(),
                     reason="r1vl.train.make_engine does not build VLLMEngine.from_config yet")
-def test_stepgrpo_run_with_vllm_engine(tmp_path):
+@pytest.mark.parametrize("correction", [True, False], ids=["is", "no_is"])
+def test_stepgrpo_run_with_vllm_engine(tmp_path, correction):
+    """With the correction the loss scores the raw logits (algorithm.logprob_temperature=1.0,
+    the authors' code) while the ratio still compares trainer and engine at the sampling
+    temperature (0.7): a ratio near 1 shows the two temperatures are kept apart."""
     out = tmp_path / "run"
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -38,7 +42,8 @@ def test_stepgrpo_run_with_vllm_engine(tmp_path):
            "rollout.num_generations=2", "train.prompts_per_step=2", "rollout.max_completion_length=16",
            "data.synthetic_train_size=40", "data.synthetic_test_size=4", "data.eval_size=4",
            "model.tiny.tokenizer_corpus_size=40", "logging.tensorboard=false", "logging.plot=false",
-           "logging.progress=false"]
+           "logging.progress=false", "algorithm.logprob_temperature=1.0",
+           f"rollout.is_correction={str(correction).lower()}"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=480)
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-60:])
@@ -53,6 +58,9 @@ def test_stepgrpo_run_with_vllm_engine(tmp_path):
         # truncated IS against the engine's own log-probs: ≈ 1 because wake() pushed the current
         # weights (stale dummy or pre-warm-up weights would put it far off); what is left is the
         # mass of the image-placeholder tokens, which the engine never samples (logit bias)
+        if not correction:
+            assert "is_ratio_mean" not in r, r
+            continue
         assert 0.95 < r["is_ratio_mean"] <= 1.0 + 1e-3, r
         assert r["is_ratio_mean"] <= r["is_ratio_max"] <= 2.0 and 0.0 <= r["is_ratio_capped_frac"] <= 1.0, r
     assert [r["after"] for r in rows if r.get("phase") == "eval"] == ["warmup", "grpo"]
