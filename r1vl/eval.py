@@ -5,13 +5,18 @@ mean StepRVR. Used by train.py after the warm-up and after StepGRPO, and as a CL
 
 --model: a checkpoint directory (HF layout, as the trainer saves); --data: a directory
 holding test.jsonl (the built-in task's layout), or any file / dataset directory that
-r1vl.data.load_dataset reads. Prints one JSON object (and writes it with --out).
+r1vl.data.load_dataset reads. Prints one JSON object (and writes it with --out; its parent
+directory is created). When --model sits in a run written by r1vl.train (runs/X/final,
+runs/X/warmup, runs/X/checkpoints/<phase>-<step>, with runs/X/config.yaml), --max-new-tokens,
+--min-pixels, --max-pixels, --alpha and --variant default to that run's values, as the
+trainer's own evaluation uses them; explicit flags win.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,7 +24,7 @@ from typing import Any, Sequence
 
 from r1vl.rollout.base import Prompt, SamplingConfig
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("r1vl.eval")  # also when run as `python -m r1vl.eval`
 
 
 def make_prompt(processor, sample) -> Prompt:
@@ -125,40 +130,172 @@ def _resolve_data(path: str) -> str:
     return str(p)
 
 
+# CLI setting -> (built-in default, the run config's key the trainer's evaluation uses)
+EVAL_SETTINGS: dict[str, tuple[Any, str]] = {
+    "max_new_tokens": (96, "rollout.max_completion_length"),
+    "min_pixels": (56 * 56, "data.min_pixels"),
+    "max_pixels": (112 * 112, "data.max_pixels"),
+    "alpha": (0.1, "algorithm.alpha"),
+    "variant": ("paper", "algorithm.accuracy_variant"),
+}
+
+
+def find_run_config(model: str | Path) -> Path | None:
+    """The config.yaml of the r1vl.train run a saved model belongs to: the model directory's
+    parent (runs/X/final, runs/X/warmup), or its grandparent for runs/X/checkpoints/<name>."""
+    p = Path(model).absolute()
+    candidates = [p.parent / "config.yaml"]
+    if p.parent.name == "checkpoints":
+        candidates.append(p.parent.parent / "config.yaml")
+    for c in candidates:
+        if c.is_file():
+            return c
+    return None
+
+
+def load_run_config(path: Path | None):
+    """The run's resolved r1vl Config, or None (no file, or not a config r1vl reads: warned)."""
+    if path is None:
+        return None
+    from r1vl.config import load_config
+
+    try:
+        return load_config(path)
+    except ValueError as e:  # ConfigError: not an r1vl run config (or an incompatible one)
+        log.warning("%s: not used for defaults (%s); using the CLI's built-in defaults", path, e)
+        return None
+
+
+def resolve_settings(explicit: dict[str, Any], run_cfg=None, run_cfg_path: str | Path | None = None
+                     ) -> tuple[dict[str, Any], dict[str, str]]:
+    """Values for EVAL_SETTINGS: an explicit flag (not None) wins, then the run's config, then
+    the built-in default. Returns (values, source of each value, in words)."""
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for name, (default, key) in EVAL_SETTINGS.items():
+        flag = "--" + name.replace("_", "-")
+        if explicit.get(name) is not None:
+            values[name], sources[name] = explicit[name], flag
+        elif run_cfg is not None:
+            obj = run_cfg
+            for part in key.split("."):
+                obj = getattr(obj, part)
+            values[name], sources[name] = obj, f"{run_cfg_path or 'run config'}: {key}"
+        else:
+            values[name], sources[name] = default, "built-in default"
+    if values["min_pixels"] > values["max_pixels"]:
+        raise ValueError(f"--min-pixels {values['min_pixels']} (from {sources['min_pixels']}) exceeds "
+                         f"--max-pixels {values['max_pixels']} (from {sources['max_pixels']})")
+    return values, sources
+
+
+def _check_out(out: str) -> None:
+    """--out must be writable as a file: create its parent now, before evaluating."""
+    p = Path(out)
+    if p.is_dir():
+        raise ValueError(f"--out {out}: is a directory; expected a file path (e.g. {p / 'eval.json'})")
+    parent = p.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot create its directory {parent} ({e.strerror or e})") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: directory {parent} is not writable")
+
+
+def _int_at_least(lo: int, hint: str = ""):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}{hint}, got {v}")
+        return v
+    return parse
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return v
+
+
+def _model_error(model: str, e: Exception) -> str:
+    """load_pretrained's message names the trainer's key (model.path); the CLI's is --model."""
+    msg = str(e)
+    prefix = f"model.path {model!r}: "
+    if msg.startswith(prefix):
+        msg = msg[len(prefix):]
+    return f"--model {model}: {msg}"
+
+
+def _run_default(name: str) -> tuple[str, Any]:
+    default, key = EVAL_SETTINGS[name]
+    return key, default
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m r1vl.eval", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="checkpoint directory (HF layout)")
     ap.add_argument("--data", required=True, help="directory with test.jsonl, or a dataset file/directory")
-    ap.add_argument("--n", type=int, default=0, help="evaluate the first N items (0 = all)")
-    ap.add_argument("--max-new-tokens", type=int, default=96)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--min-pixels", type=int, default=56 * 56)
-    ap.add_argument("--max-pixels", type=int, default=112 * 112)
-    ap.add_argument("--alpha", type=float, default=0.1)
-    ap.add_argument("--variant", choices=("paper", "official"), default="paper")
+    ap.add_argument("--n", type=_int_at_least(0, " (0 = all)"), default=0,
+                    help="evaluate the first N items (0 = all)")
+    run_default = " (default: the run's %s when --model is in an r1vl run directory, else %s)"
+    ap.add_argument("--max-new-tokens", type=_int_at_least(1), default=None,
+                    help="greedy decoding budget" + run_default % _run_default("max_new_tokens"))
+    ap.add_argument("--batch-size", type=_int_at_least(1), default=64)
+    ap.add_argument("--min-pixels", type=_int_at_least(1), default=None,
+                    help="image pixel lower bound" + run_default % _run_default("min_pixels"))
+    ap.add_argument("--max-pixels", type=_int_at_least(1), default=None,
+                    help="image pixel upper bound" + run_default % _run_default("max_pixels"))
+    ap.add_argument("--alpha", type=_nonneg_float, default=None,
+                    help="StepRAR weight per matched key step" + run_default % _run_default("alpha"))
+    ap.add_argument("--variant", choices=("paper", "official"), default=None,
+                    help="StepRAR variant" + run_default % _run_default("variant"))
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    ap.add_argument("--out", default="", help="also write the JSON result here")
+    ap.add_argument("--out", default="", help="also write the JSON result here (parent directory created)")
     ap.add_argument("--per-item", action="store_true", help="include per-item correctness (0/1, data order)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    log.setLevel(logging.INFO)  # this CLI's own notes (where each setting came from)
     try:
         from r1vl.data import load_dataset
         from r1vl.models import ModelLoadError, load_pretrained
         from r1vl.rollout.hf_engine import HFEngine
 
+        # every check on the inputs before anything is loaded or evaluated
         data_path = _resolve_data(args.data)
         if not Path(data_path).exists():
             raise FileNotFoundError(f"--data {args.data}: no such file or directory")
         if not Path(args.model).is_dir():
             raise ModelLoadError(f"--model {args.model}: no such directory")
-        samples = load_dataset(data_path, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+        if not (Path(args.model) / "config.json").is_file():
+            raise ModelLoadError(f"--model {args.model}: directory has no config.json (not a HF checkpoint; "
+                                 "expected a model directory such as runs/<run>/final)")
+        if args.out:
+            _check_out(args.out)
+        cfg_path = find_run_config(args.model)
+        explicit = {name: getattr(args, name) for name in EVAL_SETTINGS}
+        settings, sources = resolve_settings(explicit, load_run_config(cfg_path), cfg_path)
+        for name, value in settings.items():
+            log.info("%s = %s (%s)", name, value, sources[name])
+
+        samples = load_dataset(data_path, min_pixels=settings["min_pixels"], max_pixels=settings["max_pixels"])
         if args.n:
             samples = list(samples)[: args.n]
-        model, processor = load_pretrained(args.model, dtype=args.dtype, min_pixels=args.min_pixels,
-                                           max_pixels=args.max_pixels)
+        try:
+            model, processor = load_pretrained(args.model, dtype=args.dtype, min_pixels=settings["min_pixels"],
+                                               max_pixels=settings["max_pixels"])
+        except ModelLoadError as e:
+            raise ModelLoadError(_model_error(args.model, e)) from None
         engine = HFEngine(model, processor, batch_size=args.batch_size)
-        res = evaluate(engine, processor, samples, max_new_tokens=args.max_new_tokens,
-                       batch_size=args.batch_size, alpha=args.alpha, variant=args.variant)
+        res = evaluate(engine, processor, samples, max_new_tokens=settings["max_new_tokens"],
+                       batch_size=args.batch_size, alpha=settings["alpha"], variant=settings["variant"])
     except (ValueError, FileNotFoundError, OSError, KeyError) as e:
         print(f"r1vl.eval: error: {e}", file=sys.stderr)
         return 2
@@ -169,7 +306,12 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(res, indent=2)
     print(text)
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        try:
+            Path(args.out).write_text(text + "\n")
+        except OSError as e:  # the result is on stdout above: not lost
+            print(f"r1vl.eval: error: --out {args.out}: cannot write ({e.strerror or e}); "
+                  "the result is printed above", file=sys.stderr)
+            return 2
     return 0
 
 

@@ -212,6 +212,20 @@ def build_model(cfg: Config, d, corpus_samples, resume_dir: Path | None):
 _OPEN_ENGINES: list = []  # closed by _shutdown() before the process group ends
 
 
+def check_finite_loss(rec: dict, cfg: Config) -> None:
+    """Stop at the first step whose loss (reduced over ranks: every rank stops) is NaN or
+    infinite: the step has already reached the weights, so every later step would be wasted."""
+    if math.isfinite(rec["loss"]):
+        return
+    phase = rec["phase"]
+    lr = f"warmup.lr={cfg.warmup.lr:g}" if phase == "warmup" else f"optim.lr={cfg.optim.lr:g}"
+    raise UserError(f"{phase} step {rec['step']}: the loss is {rec['loss']} (grad norm {rec.get('grad_norm')}); "
+                    f"metrics.jsonl has the step. Lower {lr}, keep optim.max_grad_norm > 0 "
+                    f"(now {cfg.optim.max_grad_norm:g})" +
+                    (", or train in bfloat16: float16 has no loss scaling here" if cfg.model.dtype == "float16"
+                     else "") + "; resume from a checkpoint before it with train.resume=<checkpoint>")
+
+
 def check_prompt_lengths(batch, samples_per_row, limit: int) -> None:
     """data.max_prompt_length: prompts are never truncated (a cut image or instruction would
     train on a different question); a longer one stops the run naming the row."""
@@ -537,6 +551,7 @@ def run(cfg: Config) -> dict:
                    "grad_norm": m["grad_norm"], "seconds_step": r["seconds_step"],
                    "tokens_per_s": r["tokens"] * d.world / max(r["seconds_step"], 1e-9)}
             writer.write(rec)
+            check_finite_loss(rec, cfg)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(phase="warmup", loss=f"{r['loss']:.3f}")
@@ -719,6 +734,7 @@ def run(cfg: Config) -> dict:
                              "device_used": _device_used(d.device)})
             rec["memory"] = timeline
         writer.write(rec)
+        check_finite_loss(rec, cfg)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(phase="grpo", reward=f"{rec['reward_mean']:.2f}", acc=f"{rec['accuracy']:.2f}")

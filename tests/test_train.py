@@ -2,6 +2,7 @@
 bad-input errors, the eval CLI."""
 import copy
 import json
+import math
 import os
 import signal
 import subprocess
@@ -179,6 +180,7 @@ def test_eval_cli(tmp_path, data_dir, capsys):
     build_tiny(synthetic_corpus(30), vocab_size=400, out_dir=tmp_path / "m", hidden_size=64,
                intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                vision_depth=1, vision_embed_dim=32, vision_num_heads=1)
+    capsys.readouterr()  # a first transformers import may print (DeepSpeed's accelerator note)
     assert eval_main(["--model", str(tmp_path / "m"), "--data", str(data_dir), "--n", "3",
                       "--max-new-tokens", "8"]) == 0
     res = json.loads(capsys.readouterr().out)
@@ -369,3 +371,18 @@ def test_check_resume_config_names_the_differences(tmp_path, caplog):
         assert check_resume_config(saved, cfg, tmp_path) == ["rollout.num_generations", "seed"]
     assert "seed: 0 -> 3" in caplog.text
     assert check_resume_config(saved, load_config(None, ["train.max_steps=99"]), tmp_path) == []
+
+
+def test_non_finite_loss_stops_the_run(tmp_path, data_dir, capsys):
+    """A diverged step (here: a huge warm-up lr without clipping) stops the run at once with
+    the step named; the step is in metrics.jsonl."""
+    out = tmp_path / "run"
+    assert main(_args(out, data_dir, "warmup.steps=6", "warmup.lr=1e4", "optim.max_grad_norm=0",
+                      "warmup.warmup_steps=0", "train.max_steps=1")) == 2
+    err = capsys.readouterr().err
+    assert "warmup step" in err and "warmup.lr=10000" in err
+    assert "the loss is nan" in err.lower() or "the loss is inf" in err.lower()
+    recs = _metrics(out)
+    assert recs[-1]["phase"] == "warmup" and not math.isfinite(recs[-1]["loss"])
+    assert all(math.isfinite(r["loss"]) for r in recs[:-1])
+    assert not (out / "summary.json").exists()

@@ -1,0 +1,249 @@
+"""`python -m r1vl.eval`: input mistakes fail early with one clear line, --out is safe,
+and the run's config supplies the evaluation settings the trainer used."""
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import r1vl.eval as ev
+from r1vl.config import dump_config, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from r1vl.data.synthetic import prepare_task
+
+    d = tmp_path_factory.mktemp("data")
+    prepare_task(d, 20, 6, 0)
+    return d
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """runs/X/final (a tiny saved model) next to runs/X/config.yaml, as r1vl.train lays them out."""
+    from r1vl.models import build_tiny, synthetic_corpus
+
+    run = tmp_path_factory.mktemp("run")
+    build_tiny(synthetic_corpus(30), vocab_size=400, out_dir=run / "final", hidden_size=64,
+               intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+               vision_depth=1, vision_embed_dim=32, vision_num_heads=1)
+    dump_config(load_config(None, ["rollout.max_completion_length=3", "data.min_pixels=1024",
+                                   "data.max_pixels=4096", "algorithm.alpha=0.25"]), run / "config.yaml")
+    return run
+
+
+@pytest.fixture
+def fake_model(tmp_path):
+    """A directory that passes the CLI's up-front checks; nothing may load it."""
+    m = tmp_path / "model"
+    m.mkdir()
+    (m / "config.json").write_text("{}")
+    return m
+
+
+@pytest.fixture
+def no_eval(monkeypatch):
+    """Fail the test if the CLI gets as far as loading data, a model, or evaluating."""
+    import r1vl.data
+    import r1vl.models
+
+    def boom(*a, **k):
+        raise AssertionError("the CLI went on past its input checks")
+
+    monkeypatch.setattr(r1vl.data, "load_dataset", boom)
+    monkeypatch.setattr(r1vl.models, "load_pretrained", boom)
+    monkeypatch.setattr(ev, "evaluate", boom)
+
+
+def _err_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err, "expected an error line on stderr"
+    return err[-1]
+
+
+# --------------------------------------------------------------------------- 1. --out
+
+
+def test_out_parent_directory_is_created(tiny_run, data_dir, tmp_path, capsys):
+    out = tmp_path / "new" / "nested" / "eval.json"
+    capsys.readouterr()
+    assert ev.main(["--model", str(tiny_run / "final"), "--data", str(data_dir), "--n", "2",
+                    "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["n"] == 2 and "accuracy" in res
+    assert '"n": 2' in capsys.readouterr().out
+
+
+def test_out_parent_cannot_be_created_fails_before_evaluating(fake_model, data_dir, tmp_path, capsys, no_eval):
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    out = blocker / "sub" / "eval.json"  # parent would have to be created under a file
+    assert ev.main(["--model", str(fake_model), "--data", str(data_dir), "--out", str(out)]) == 2
+    line = _err_line(capsys)
+    assert line.startswith("r1vl.eval: error: --out ") and "cannot create" in line
+
+
+def test_out_existing_directory_fails_before_evaluating(fake_model, data_dir, tmp_path, capsys, no_eval):
+    assert ev.main(["--model", str(fake_model), "--data", str(data_dir), "--out", str(tmp_path)]) == 2
+    line = _err_line(capsys)
+    assert line.startswith("r1vl.eval: error: --out ") and "is a directory" in line
+
+
+# --------------------------------------------------------------------------- 2. --n and other numbers
+
+
+@pytest.mark.parametrize("flag,value,expect", [("--n", "-3", ">= 0"), ("--n", "abc", "integer"),
+                                               ("--max-new-tokens", "0", ">= 1"),
+                                               ("--batch-size", "-1", ">= 1"),
+                                               ("--min-pixels", "0", ">= 1"), ("--alpha", "-0.5", ">= 0")])
+def test_bad_numbers_are_argparse_errors(flag, value, expect, fake_model, data_dir, capsys, no_eval):
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--model", str(fake_model), "--data", str(data_dir), flag, value])
+    assert e.value.code == 2
+    line = _err_line(capsys)
+    assert f"argument {flag}" in line and expect in line
+
+
+def test_n_zero_means_all_is_accepted(fake_model, data_dir, capsys, monkeypatch):
+    """--n 0 (documented: all) passes the parser; evaluation is stubbed out."""
+    import r1vl.models
+
+    def stop(path, **kw):
+        raise r1vl.models.ModelLoadError(f"model.path {str(path)!r}: stopped by the test")
+
+    monkeypatch.setattr(r1vl.models, "load_pretrained", stop)
+    assert ev.main(["--model", str(fake_model), "--data", str(data_dir), "--n", "0"]) == 2
+    assert "stopped by the test" in _err_line(capsys)
+
+
+# --------------------------------------------------------------------------- 3. --model wording
+
+
+def test_model_without_config_json_names_the_flag(tmp_path, data_dir, capsys, no_eval):
+    assert ev.main(["--model", str(tmp_path), "--data", str(data_dir)]) == 2
+    line = _err_line(capsys)
+    assert line.startswith(f"r1vl.eval: error: --model {tmp_path}: ") and "model.path" not in line
+    assert "config.json" in line
+
+
+def test_model_load_failure_names_the_flag(fake_model, data_dir, capsys):
+    """A config.json that transformers cannot load: load_pretrained's model.path message is re-worded."""
+    assert ev.main(["--model", str(fake_model), "--data", str(data_dir), "--n", "1"]) == 2
+    line = _err_line(capsys)
+    assert line.startswith(f"r1vl.eval: error: --model {fake_model}: ") and "model.path" not in line
+
+
+def test_model_error_rewording_keeps_library_message():
+    from r1vl.models import ModelLoadError
+
+    e = ModelLoadError("model.path '/tmp/m': cannot load (bad weights)")
+    assert ev._model_error("/tmp/m", e) == "--model /tmp/m: cannot load (bad weights)"
+    assert ev._model_error("/tmp/m", ValueError("other")) == "--model /tmp/m: other"
+
+
+def test_cli_model_error_has_no_traceback(tmp_path):
+    d = tmp_path / "data.jsonl"
+    d.write_text("")
+    r = subprocess.run([sys.executable, "-m", "r1vl.eval", "--model", str(tmp_path), "--data", str(d)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and f"--model {tmp_path}:" in r.stderr and "model.path" not in r.stderr
+
+
+# --------------------------------------------------------------------------- 4. the run's settings
+
+
+def _run_cfg(**over):
+    return load_config(None, [f"{k}={v}" for k, v in over.items()])
+
+
+def test_resolve_settings_uses_run_config():
+    cfg = _run_cfg(**{"rollout.max_completion_length": 40, "data.min_pixels": 1024, "data.max_pixels": 8192,
+                      "algorithm.alpha": 0.3, "algorithm.accuracy_variant": "official"})
+    explicit = dict.fromkeys(ev.EVAL_SETTINGS)
+    values, sources = ev.resolve_settings(explicit, cfg, "runs/x/config.yaml")
+    assert values == {"max_new_tokens": 40, "min_pixels": 1024, "max_pixels": 8192, "alpha": 0.3,
+                      "variant": "official"}
+    assert sources["max_new_tokens"] == "runs/x/config.yaml: rollout.max_completion_length"
+    assert sources["max_pixels"] == "runs/x/config.yaml: data.max_pixels"
+
+
+def test_resolve_settings_explicit_flags_win():
+    cfg = _run_cfg(**{"rollout.max_completion_length": 40, "data.min_pixels": 1024, "data.max_pixels": 8192})
+    explicit = dict.fromkeys(ev.EVAL_SETTINGS)
+    explicit.update(max_new_tokens=7, max_pixels=2048, variant="paper")
+    values, sources = ev.resolve_settings(explicit, cfg, "c.yaml")
+    assert values["max_new_tokens"] == 7 and sources["max_new_tokens"] == "--max-new-tokens"
+    assert values["max_pixels"] == 2048 and sources["max_pixels"] == "--max-pixels"
+    assert values["min_pixels"] == 1024 and sources["min_pixels"] == "c.yaml: data.min_pixels"
+    assert values["variant"] == "paper" and sources["variant"] == "--variant"
+
+
+def test_resolve_settings_without_run_config_keeps_builtin_defaults():
+    values, sources = ev.resolve_settings(dict.fromkeys(ev.EVAL_SETTINGS), None)
+    assert values == {k: d for k, (d, _) in ev.EVAL_SETTINGS.items()}
+    assert values["max_new_tokens"] == 96 and values["min_pixels"] == 56 * 56 and values["max_pixels"] == 112 * 112
+    assert set(sources.values()) == {"built-in default"}
+
+
+def test_resolve_settings_mixed_pixel_bounds_conflict_is_clear():
+    cfg = _run_cfg(**{"data.min_pixels": 1024, "data.max_pixels": 4096})
+    explicit = dict.fromkeys(ev.EVAL_SETTINGS)
+    explicit["min_pixels"] = 5000
+    with pytest.raises(ValueError, match=r"--min-pixels 5000 \(from --min-pixels\) exceeds --max-pixels 4096 "
+                                         r"\(from c.yaml: data.max_pixels\)"):
+        ev.resolve_settings(explicit, cfg, "c.yaml")
+
+
+def test_find_run_config_layouts(tmp_path):
+    run = tmp_path / "run"
+    for sub in ("final", "warmup", "checkpoints/grpo-3"):
+        (run / sub).mkdir(parents=True)
+    (tmp_path / "lone").mkdir()
+    dump_config(_run_cfg(), run / "config.yaml")
+    assert ev.find_run_config(run / "final") == (run / "config.yaml").absolute()
+    assert ev.find_run_config(run / "warmup") == (run / "config.yaml").absolute()
+    assert ev.find_run_config(run / "checkpoints" / "grpo-3") == (run / "config.yaml").absolute()
+    assert ev.find_run_config(tmp_path / "lone") is None
+
+
+def test_foreign_config_yaml_is_warned_and_ignored(tmp_path, caplog):
+    p = tmp_path / "config.yaml"
+    p.write_text("not_an_r1vl_key: 1\n")
+    with caplog.at_level(logging.WARNING, logger="r1vl.eval"):
+        assert ev.load_run_config(p) is None
+    assert str(p) in caplog.text and "built-in defaults" in caplog.text
+
+
+def test_cli_uses_run_config_and_logs_sources(tiny_run, data_dir, monkeypatch, caplog, capsys):
+    """End to end with the settings captured (no generation): run values, then an explicit flag."""
+    import r1vl.models
+
+    seen = {}
+    real_load = r1vl.models.load_pretrained
+
+    def spy_load(path, **kw):
+        seen["load_pixels"] = (kw["min_pixels"], kw["max_pixels"])
+        return real_load(path, **kw)
+
+    def fake_evaluate(engine, processor, samples, **kw):
+        seen.update(kw)
+        return {"n": len(samples), "accuracy": 0.0, "correct_items": [0.0] * len(samples)}
+
+    monkeypatch.setattr(r1vl.models, "load_pretrained", spy_load)
+    monkeypatch.setattr(ev, "evaluate", fake_evaluate)
+    with caplog.at_level(logging.INFO, logger="r1vl.eval"):
+        assert ev.main(["--model", str(tiny_run / "final"), "--data", str(data_dir), "--n", "1"]) == 0
+    assert seen["max_new_tokens"] == 3 and seen["alpha"] == 0.25 and seen["variant"] == "paper"
+    assert seen["load_pixels"] == (1024, 4096)
+    assert "rollout.max_completion_length" in caplog.text and "config.yaml" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="r1vl.eval"):
+        assert ev.main(["--model", str(tiny_run / "final"), "--data", str(data_dir), "--n", "1",
+                        "--max-new-tokens", "9"]) == 0
+    assert seen["max_new_tokens"] == 9 and "max_new_tokens = 9 (--max-new-tokens)" in caplog.text
