@@ -92,6 +92,10 @@ class DataConfig:
     max_pixels: int = field(default=112 * 112, metadata=_min(1))
     max_prompt_length: int = field(default=512, metadata=_min(1))
     skip_bad_rows: bool = False
+    # the user text of training prompts (warm-up and StepGRPO): "r1vl" = the authors' evaluation
+    # instruction around the problem (kept as is when the problem already has it); "verbatim" =
+    # the problem alone, as the authors' RL code sends it. Held-out evaluation always uses "r1vl"
+    prompt_template: str = field(default="r1vl", metadata=_choices("r1vl", "verbatim"))
 
 
 @dataclass

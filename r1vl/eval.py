@@ -27,11 +27,15 @@ from r1vl.rollout.base import Prompt, SamplingConfig
 log = logging.getLogger("r1vl.eval")  # also when run as `python -m r1vl.eval`
 
 
-def make_prompt(processor, sample) -> Prompt:
-    """The R1-VL prompt for one sample: chat template around (image, instruction + question)."""
+def make_prompt(processor, sample, template: str = "r1vl") -> Prompt:
+    """The R1-VL prompt for one sample: chat template around (image, instruction + question);
+    template="verbatim": around (image, problem) alone (data.prompt_template)."""
     from r1vl.data import format_prompt
 
-    text = processor.chat_prompt(format_prompt(sample.problem), with_image=sample.image is not None)
+    if template not in ("r1vl", "verbatim"):
+        raise ValueError(f"prompt template: expected 'r1vl' or 'verbatim', got {template!r}")
+    user = format_prompt(sample.problem) if template == "r1vl" else str(sample.problem)
+    text = processor.chat_prompt(user, with_image=sample.image is not None)
     return Prompt(text=text, image=sample.image)
 
 

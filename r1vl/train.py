@@ -533,7 +533,7 @@ def run(cfg: Config) -> dict:
         for step in range(start, cfg.warmup.steps):
             t0 = time.perf_counter()
             samples = [train_set[i] for i in stream.take(step, cfg.warmup.batch_size)]
-            prompts = [make_prompt(processor, s) for s in samples]
+            prompts = [make_prompt(processor, s, cfg.data.prompt_template) for s in samples]
             conts = [processor.tokenizer(s.solution, add_special_tokens=False)["input_ids"][
                          : cfg.warmup.max_length] + [eos] for s in samples]
             batch = build_batch(processor, [p.text for p in prompts], [p.image for p in prompts], conts,
@@ -638,7 +638,7 @@ def run(cfg: Config) -> dict:
         tm = Timer()
         t0 = time.perf_counter()
         samples = [train_set[i] for i in stream.take(step, cfg.train.prompts_per_step)]
-        prompts = [make_prompt(processor, s) for s in samples]
+        prompts = [make_prompt(processor, s, cfg.data.prompt_template) for s in samples]
         with tm("rollout"):
             engine.wake()  # vLLM: weights back, the current policy pushed, caches reset
             sampling = SamplingConfig(max_new_tokens=ro.max_completion_length, temperature=ro.temperature,

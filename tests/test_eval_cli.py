@@ -247,3 +247,24 @@ def test_cli_uses_run_config_and_logs_sources(tiny_run, data_dir, monkeypatch, c
         assert ev.main(["--model", str(tiny_run / "final"), "--data", str(data_dir), "--n", "1",
                         "--max-new-tokens", "9"]) == 0
     assert seen["max_new_tokens"] == 9 and "max_new_tokens = 9 (--max-new-tokens)" in caplog.text
+
+
+def test_make_prompt_templates():
+    """data.prompt_template: "r1vl" wraps the problem in the authors' evaluation instruction;
+    "verbatim" sends the problem alone, as the authors' RL code does."""
+    from types import SimpleNamespace
+
+    from r1vl.data import format_prompt
+    from r1vl.eval import make_prompt
+
+    class Proc:
+        def chat_prompt(self, user, with_image):
+            return f"<{'img' if with_image else 'txt'}>{user}"
+
+    s = SimpleNamespace(problem="How many circles?", image=object())
+    wrapped = make_prompt(Proc(), s)
+    assert wrapped.text == "<img>" + format_prompt(s.problem) and "### Rationales" in wrapped.text
+    assert make_prompt(Proc(), s, "verbatim").text == "<img>How many circles?"
+    assert make_prompt(Proc(), SimpleNamespace(problem="Q", image=None), "verbatim").text == "<txt>Q"
+    with pytest.raises(ValueError, match="verbatim"):
+        make_prompt(Proc(), s, "plain")

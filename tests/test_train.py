@@ -386,3 +386,22 @@ def test_non_finite_loss_stops_the_run(tmp_path, data_dir, capsys):
     assert recs[-1]["phase"] == "warmup" and not math.isfinite(recs[-1]["loss"])
     assert all(math.isfinite(r["loss"]) for r in recs[:-1])
     assert not (out / "summary.json").exists()
+
+
+def test_prompt_template_reaches_training_prompts(tmp_path, data_dir, monkeypatch):
+    """data.prompt_template=verbatim: warm-up and StepGRPO prompts carry the problem alone;
+    the held-out evaluation keeps the instruction."""
+    import r1vl.eval as ev
+
+    seen = []
+    real = ev.make_prompt
+
+    def spy(processor, sample, template="r1vl"):
+        seen.append(template)
+        return real(processor, sample, template)
+
+    monkeypatch.setattr(ev, "make_prompt", spy)
+    assert main(_args(tmp_path / "run", data_dir, "train.max_steps=1", "data.prompt_template=verbatim",
+                      "logging.plot=false")) == 0
+    n_train = 2 * 2 + 2  # warm-up: 2 steps x 2 prompts; StepGRPO: 1 step x 2 prompts
+    assert seen.count("verbatim") == n_train and set(seen) == {"verbatim", "r1vl"}  # evaluation: r1vl
