@@ -404,17 +404,25 @@ def save_pretrained(model, processor: VLProcessor, out_dir: str | Path) -> None:
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def check_model_path(path: str | Path) -> bool:
+    """True for a local HF checkpoint directory, False for a hub id ('org/name'); anything
+    else is a ModelLoadError naming model.path. Checks files only (cheap: preflight uses it)."""
+    p = Path(path)
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise ModelLoadError(f"model.path {str(path)!r}: directory has no config.json (not a HF checkpoint)")
+        return True
+    if str(path).startswith((".", "/", "~")) or str(path).count("/") != 1:
+        raise ModelLoadError(f"model.path {str(path)!r}: no such directory (and not a hub id 'org/name')")
+    return False
+
+
 def load_pretrained(path: str | Path, *, dtype: str = "float32", attn_implementation: str = "sdpa",
                     min_pixels: int | None = None, max_pixels: int | None = None):
     """A Qwen2-VL / Qwen2.5-VL checkpoint via AutoModelForImageTextToText, and its processor."""
     from transformers import AutoModelForImageTextToText
 
-    p = Path(path)
-    local = p.exists()
-    if local and not (p / "config.json").is_file():
-        raise ModelLoadError(f"model.path {str(path)!r}: directory has no config.json (not a HF checkpoint)")
-    if not local and (str(path).startswith((".", "/", "~")) or str(path).count("/") != 1):
-        raise ModelLoadError(f"model.path {str(path)!r}: no such directory (and not a hub id 'org/name')")
+    check_model_path(path)
     kwargs: dict[str, Any] = {"dtype": _DTYPES[dtype]}
     if attn_implementation != "auto":
         kwargs["attn_implementation"] = attn_implementation

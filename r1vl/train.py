@@ -278,26 +278,20 @@ _IMPL_KEYS = ("fused", "foreach", "capturable")
 
 
 def load_optimizer_state(opt: torch.optim.Optimizer, saved: dict) -> None:
-    """Load a checkpoint's optimizer state but keep this run's implementation (optim.impl).
+    """Load a checkpoint's optimizer state (as torch.load'ed onto the CPU) but keep this run's
+    implementation (optim.impl).
 
     torch's load_state_dict takes every group key from the checkpoint, the fused/foreach flags
     included, so a checkpoint written under another impl (or before optim.impl existed) would
     resume with that one. The flags are overridden before loading, which also places each
-    state's `step` where the implementation wants it (fused/capturable: on the parameter's
-    device; otherwise a CPU scalar)."""
+    state's `step` where the implementation wants it: torch moves it to the parameter's device
+    for fused/capturable and leaves it where it was loaded, the CPU, otherwise."""
     if len(saved["param_groups"]) != len(opt.param_groups):
         raise UserError(f"checkpoint optimizer has {len(saved['param_groups'])} parameter groups, "
                         f"this run's has {len(opt.param_groups)}")
     groups = [{**s, **{k: g[k] for k in _IMPL_KEYS if k in g}}
               for g, s in zip(opt.param_groups, saved["param_groups"])]
     opt.load_state_dict({**saved, "param_groups": groups})
-    for g in opt.param_groups:
-        if g.get("fused") or g.get("capturable"):
-            continue
-        for p in g["params"]:
-            st = opt.state.get(p, {})
-            if torch.is_tensor(st.get("step")) and st["step"].device.type != "cpu":
-                st["step"] = st["step"].to("cpu", torch.float32)
 
 
 def logprob_temperatures(cfg: Config) -> tuple[float, float]:
@@ -436,6 +430,7 @@ def run(cfg: Config) -> dict:
         raise UserError(f"data.train: {train_path} has no usable rows")
     eval_set = list(test_set)[: cfg.data.eval_size] if cfg.data.eval_size else list(test_set)
     state: dict[str, Any] = {}
+    ref_dir = None  # the KL reference on disk when resuming inside StepGRPO
     if resume_dir is not None:
         state = torch.load(resume_dir / STATE_FILE, map_location="cpu", weights_only=False)
         if state.get("world") != d.world:
@@ -444,7 +439,7 @@ def run(cfg: Config) -> dict:
         log.info("resuming from %s (%s step %d)", resume_dir, state["phase"], state["step"])
         check_resume_config(state.get("config"), cfg, resume_dir)
         if state["phase"] == "grpo" and cfg.algorithm.beta != 0 and cfg.train.max_steps > 0:
-            reference_dir(out, resume_dir)  # found now, not after the model is built
+            ref_dir = reference_dir(out, resume_dir)  # found now, not after the model is built
     if resume_dir is not None and bool(cfg.deepspeed) != bool(state.get("deepspeed", False)):
         raise UserError(f"train.resume: {resume_dir} was written " + (
             "by a DeepSpeed run; resume it with the same deepspeed=..." if state.get("deepspeed")
@@ -604,7 +599,7 @@ def run(cfg: Config) -> dict:
         if in_warmup:
             ref_model = ds.make_reference(train_policy) if use_ds else make_reference(model)
         else:  # resumed inside StepGRPO: the reference is the saved warm-up model
-            ref_model, _ = load_pretrained(reference_dir(out, resume_dir), dtype=cfg.model.dtype,
+            ref_model, _ = load_pretrained(ref_dir, dtype=cfg.model.dtype,
                                            attn_implementation=cfg.model.attn_implementation)
             if not use_ds:
                 ref_model.to(d.device)
@@ -834,12 +829,12 @@ def preflight(cfg: Config, *, rows: bool = False) -> None:
         if path != "synthetic" and not Path(path).exists():
             raise UserError(f"{key}: {path} does not exist")
     if cfg.model.path != "tiny":
-        p = Path(cfg.model.path)
-        if p.exists():
-            if not (p / "config.json").is_file():
-                raise UserError(f"model.path {cfg.model.path!r}: directory has no config.json (not a HF checkpoint)")
-        elif str(cfg.model.path).startswith((".", "/", "~")) or str(cfg.model.path).count("/") != 1:
-            raise UserError(f"model.path {cfg.model.path!r}: no such directory (and not a hub id 'org/name')")
+        from r1vl.models import ModelLoadError, check_model_path
+
+        try:
+            check_model_path(cfg.model.path)
+        except ModelLoadError as e:
+            raise UserError(str(e)) from None
     if cfg.deepspeed and not Path(cfg.deepspeed).is_file():
         raise UserError(f"deepspeed: {cfg.deepspeed} does not exist")
     if cfg.deepspeed:
@@ -882,7 +877,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if args.check:
             preflight(cfg, rows=True)
-            hub = cfg.model.path != "tiny" and not Path(cfg.model.path).exists()
+            from r1vl.models import check_model_path
+
+            hub = cfg.model.path != "tiny" and not check_model_path(cfg.model.path)
             print(f"r1vl.train: config OK (output_dir={cfg.output_dir})" +
                   (f"; model.path {cfg.model.path!r} is no local directory: it will be fetched from the "
                    "Hugging Face Hub" if hub else ""))
