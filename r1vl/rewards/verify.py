@@ -33,6 +33,11 @@ logger = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_S = 3.0
 
 _IMPORT_RETRY_S = 0.05
+# after the deadline fires the alarm is re-armed at this period until the call unwinds: a
+# _Deadline raised where Python swallows it (a gc callback, a __del__, a weakref callback,
+# a library's bare `except:`) then interrupts the computation again instead of letting it
+# run unbounded
+_REFIRE_S = 0.05
 _CACHE_MAX_ITEMS = 4096
 _CACHE_MAX_CHARS = 512
 
@@ -100,6 +105,7 @@ def call_with_deadline(fn: Callable[[], Any], seconds: float | None) -> tuple[bo
             signal.setitimer(signal.ITIMER_REAL, _IMPORT_RETRY_S)
             return
         fired = _fired = True
+        signal.setitimer(signal.ITIMER_REAL, _REFIRE_S)  # disarmed in the finally below
         raise _Deadline()
 
     old_handler = signal.signal(signal.SIGALRM, on_alarm)
@@ -119,6 +125,9 @@ def call_with_deadline(fn: Callable[[], Any], seconds: float | None) -> tuple[bo
         logger.debug("math-verify raised", exc_info=True)
         value = None
     finally:
+        # again here: a re-fire that landed before the inner finally disarmed left one pending
+        armed = False
+        signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old_handler)
         if old_delay > 0:  # give the caller's own timer back, minus the time we used
             remaining = max(old_delay - (time.monotonic() - start), 1e-3)
