@@ -90,8 +90,8 @@ class DataConfig:
     eval_size: int = field(default=400, metadata=_min(0))  # held-out items evaluated; 0 = all
     min_pixels: int = field(default=56 * 56, metadata=_min(1))
     max_pixels: int = field(default=112 * 112, metadata=_min(1))
-    max_prompt_length: int = field(default=512, metadata=_min(1))
-    skip_bad_rows: bool = False
+    max_prompt_length: int = field(default=512, metadata=_min(1))  # tokens, image tokens included; never cut
+    skip_bad_rows: bool = False  # leave out (and count) bad rows and training prompts over max_prompt_length
     # the user text of training prompts (warm-up and StepGRPO): "r1vl" = the authors' evaluation
     # instruction around the problem (kept as is when the problem already has it); "verbatim" =
     # the problem alone, as the authors' RL code sends it. Held-out evaluation always uses "r1vl"

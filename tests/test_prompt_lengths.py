@@ -1,0 +1,87 @@
+"""data.max_prompt_length over the whole training split at start-up (r1vl.train.prompt_lengths,
+check_all_prompt_lengths, --check)."""
+import json
+import types
+
+import pytest
+from PIL import Image
+
+from r1vl.data import load_dataset
+from r1vl.eval import make_prompt
+from r1vl.models import VLProcessor, make_image_processor, synthetic_corpus, train_tokenizer
+from r1vl.train import UserError, check_all_prompt_lengths, main, prompt_lengths
+
+SOL = "### Image Description:\nx\n### Rationales:\ny\n### Step 1:\n2 + 2 = 4\n### The final answer is: 4"
+# (width, height): small, elongated both ways, over max_pixels, odd sizes
+SIZES = [(60, 40), (30, 500), (700, 90), (1000, 700), (57, 57), (2000, 15)]
+PX = dict(min_pixels=56 * 56, max_pixels=224 * 224)
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return VLProcessor(train_tokenizer(synthetic_corpus(50), 300), make_image_processor(**PX))
+
+
+def write_data(tmp_path, problems, sizes=SIZES):
+    (tmp_path / "img").mkdir(exist_ok=True)
+    path = tmp_path / "train.jsonl"
+    with open(path, "w") as f:
+        for i, (problem, (w, h)) in enumerate(zip(problems, sizes)):
+            Image.new("RGB", (w, h), (i * 40 % 255, 90, 200)).save(tmp_path / "img" / f"{i}.png")
+            f.write(json.dumps({"image_path": f"img/{i}.png", "problem": problem, "solution": SOL,
+                                "key_steps": None}) + "\n")
+    return path
+
+
+PROBLEMS = ["What is 2 + 2?", "x" * 300, "Find the area. " * 20, "short", "Σ ∫ émoji 🙂 <b>tags</b>", "1 2 3 4 5 6"]
+
+
+@pytest.mark.parametrize("template", ["r1vl", "verbatim"])
+def test_lengths_equal_what_the_processor_makes(tmp_path, processor, template):
+    ds = load_dataset(write_data(tmp_path, PROBLEMS), **PX)
+    got = prompt_lengths(ds, processor, template, chunk=4)  # chunk < rows: two tokenizer calls
+    want = []
+    for i in range(len(ds)):
+        p = make_prompt(processor, ds[i], template)  # decoded, resized, through the image processor
+        want.append(int(processor([p.text], [p.image])["attention_mask"].sum()))
+    assert got == want
+    assert len(set(got)) > 3  # the sizes and texts really differ
+
+
+def _cfg(limit, skip=False):
+    data = types.SimpleNamespace(max_prompt_length=limit, prompt_template="r1vl", skip_bad_rows=skip)
+    return types.SimpleNamespace(data=data)
+
+
+def test_rows_over_the_limit_stop_the_run_or_are_left_out(tmp_path, processor, caplog):
+    ds = load_dataset(write_data(tmp_path, PROBLEMS), **PX)
+    lengths = prompt_lengths(ds, processor, "r1vl")
+    limit = sorted(lengths)[2]  # three rows over
+    over = [i for i, n in enumerate(lengths) if n > limit]
+    assert check_all_prompt_lengths(ds, processor, _cfg(max(lengths))) is ds
+    with pytest.raises(UserError) as e:
+        check_all_prompt_lengths(ds, processor, _cfg(limit))
+    msg = str(e.value)
+    assert f"3 of 6 prompts are longer than data.max_prompt_length={limit}" in msg
+    assert f"train.jsonl:{over[0] + 1}: {lengths[over[0]]} tokens" in msg
+    assert f"data.max_prompt_length={max(lengths)}" in msg and "data.skip_bad_rows=true" in msg
+    kept = check_all_prompt_lengths(ds, processor, _cfg(limit, skip=True))
+    assert [kept[i].problem for i in range(len(kept))] == [p for i, p in enumerate(PROBLEMS) if i not in over]
+    assert [s for s, _ in kept.skipped] == [ds.source(i) for i in over]
+    assert all(f"over data.max_prompt_length={limit}" in why for _, why in kept.skipped)
+    assert "left out" in caplog.text
+    with pytest.raises(UserError, match="6 of 6 prompts"):  # nothing left to train on
+        check_all_prompt_lengths(ds, processor, _cfg(1, skip=True))
+
+
+def test_check_reports_long_prompts_before_a_run(tmp_path, capsys):
+    train = write_data(tmp_path, PROBLEMS)
+    args = ["--check", f"output_dir={tmp_path / 'o'}", f"data.train={train}", f"data.test={train}",
+            f"data.min_pixels={PX['min_pixels']}", f"data.max_pixels={PX['max_pixels']}",
+            "model.tiny.tokenizer_corpus_size=6", "model.tiny.vocab_size=300"]
+    assert main(args + ["data.max_prompt_length=40"]) == 2
+    err = capsys.readouterr().err
+    assert "of 6 prompts are longer than data.max_prompt_length=40" in err, err
+    assert main(args + ["data.max_prompt_length=4000"]) == 0
+    assert "config OK" in capsys.readouterr().out
+    assert not (tmp_path / "o").exists()  # --check writes nothing
