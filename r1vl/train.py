@@ -271,17 +271,19 @@ def check_prompt_lengths(batch, samples_per_row, limit: int) -> None:
                             f"included), over data.max_prompt_length={limit}; raise it or lower data.max_pixels")
 
 
-def prompt_lengths(dataset, processor, template: str, chunk: int = 1024) -> list[int]:
-    """Every row's prompt length in tokens, image tokens included, as build_batch counts it;
-    from the image headers (sizes read when the data set was loaded): no image is decoded."""
+def prompt_lengths(dataset, processor, template: str, chunk: int = 1024, rows: int | None = None) -> list[int]:
+    """Every row's (or the first `rows`') prompt length in tokens, image tokens included, as
+    build_batch counts it; from the image headers (sizes read when the data set was loaded):
+    no image is decoded."""
     from types import SimpleNamespace
 
     from r1vl.eval import make_prompt
 
     out: list[int] = []
-    for lo in range(0, len(dataset), chunk):
+    n = len(dataset) if rows is None else min(rows, len(dataset))
+    for lo in range(0, n, chunk):
         texts, extra = [], []
-        for i in range(lo, min(lo + chunk, len(dataset))):
+        for i in range(lo, min(lo + chunk, n)):
             problem, hw = dataset.prompt_parts(i)
             text = make_prompt(processor, SimpleNamespace(problem=problem, image=hw), template).text
             texts.append(text)
@@ -314,6 +316,20 @@ def check_all_prompt_lengths(dataset, processor, cfg: Config, key: str = "data.t
     raise UserError(f"{msg}; prompts are never truncated: set data.max_prompt_length={max(lengths)} to keep "
                     "them all, lower data.max_pixels" +
                     ("" if cfg.data.skip_bad_rows else ", or set data.skip_bad_rows=true to leave them out"))
+
+
+def check_eval_prompt_lengths(test_set, processor, cfg: Config) -> None:
+    """The held-out prompts (no length limit with HF generate) must fit the vLLM engine's
+    max_model_len, whose prompt part is data.max_prompt_length + the tokens of a max_pixels
+    image: found at start-up, not at the final evaluation after the whole run."""
+    budget = cfg.data.max_prompt_length + cfg.data.max_pixels // (28 * 28)
+    lengths = prompt_lengths(test_set, processor, "r1vl", rows=cfg.data.eval_size or None)
+    over = [i for i, n in enumerate(lengths) if n > budget]
+    if over:
+        raise UserError(f"data.test: {len(over)} of the {len(lengths)} evaluated prompts are longer than the "
+                        f"vLLM engine's prompt budget of {budget} tokens (data.max_prompt_length + a "
+                        f"data.max_pixels image), first {test_set.source(over[0])}: {lengths[over[0]]} tokens; "
+                        f"raise data.max_prompt_length to {max(lengths) - cfg.data.max_pixels // (28 * 28)}")
 
 
 def make_engine(cfg: Config, model, processor, weights=None):
@@ -502,7 +518,8 @@ def run(cfg: Config) -> dict:
     test_set = load_split(test_path, cfg)
     if len(train_set) == 0:
         raise UserError(f"data.train: {train_path} has no usable rows")
-    eval_set = list(test_set)[: cfg.data.eval_size] if cfg.data.eval_size else list(test_set)
+    # the rows evaluated, decoded once here (slicing first: the rest of the split is never decoded)
+    eval_set = list(test_set[: cfg.data.eval_size or len(test_set)])
     state: dict[str, Any] = {}
     ref_dir = None  # the KL reference on disk when resuming inside StepGRPO
     if resume_dir is not None:
@@ -520,6 +537,8 @@ def run(cfg: Config) -> dict:
             else "without DeepSpeed (no ds/ state); resume it with deepspeed= left empty"))
     model, processor = build_model(cfg, d, train_set, resume_dir)
     train_set = check_all_prompt_lengths(train_set, processor, cfg)
+    if cfg.rollout.engine == "vllm":
+        check_eval_prompt_lengths(test_set, processor, cfg)
     model.to(d.device)
     from r1vl.speedups import apply_speedups
 
@@ -936,6 +955,8 @@ def preflight(cfg: Config, *, rows: bool = False) -> None:
                 log.info("data.train: prompt lengths are checked when the run starts (model.path is a Hub id)")
             else:
                 check_all_prompt_lengths(splits["data.train"], processor, cfg)
+                if cfg.rollout.engine == "vllm" and "data.test" in splits:
+                    check_eval_prompt_lengths(splits["data.test"], processor, cfg)
 
 
 def parse_args(argv: list[str] | None):

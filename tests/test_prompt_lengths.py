@@ -85,3 +85,23 @@ def test_check_reports_long_prompts_before_a_run(tmp_path, capsys):
     assert main(args + ["data.max_prompt_length=4000"]) == 0
     assert "config OK" in capsys.readouterr().out
     assert not (tmp_path / "o").exists()  # --check writes nothing
+
+
+def test_evaluated_prompts_must_fit_the_vllm_budget(tmp_path, processor):
+    from r1vl.train import check_eval_prompt_lengths
+
+    ds = load_dataset(write_data(tmp_path, PROBLEMS), **PX)
+    lengths = prompt_lengths(ds, processor, "r1vl")
+    image_budget = PX["max_pixels"] // (28 * 28)
+
+    def cfg(limit, eval_size):
+        return types.SimpleNamespace(data=types.SimpleNamespace(
+            max_prompt_length=limit, max_pixels=PX["max_pixels"], eval_size=eval_size))
+
+    check_eval_prompt_lengths(ds, processor, cfg(max(lengths) - image_budget, 0))
+    with pytest.raises(UserError) as e:
+        check_eval_prompt_lengths(ds, processor, cfg(max(lengths) - image_budget - 1, 0))
+    assert f"raise data.max_prompt_length to {max(lengths) - image_budget}" in str(e.value)
+    # only the evaluated rows (data.eval_size) count
+    first = max(range(len(lengths)), key=lengths.__getitem__)
+    check_eval_prompt_lengths(ds, processor, cfg(max(lengths) - image_budget - 1, first))
