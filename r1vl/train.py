@@ -21,7 +21,10 @@ import importlib.util
 import json
 import logging
 import math
+import os
 import shutil
+import signal
+import threading
 import sys
 import time
 from pathlib import Path
@@ -464,6 +467,60 @@ def save_checkpoint(cfg: Config, d, policy, processor, optimizer, scheduler, pha
     d.barrier()
 
 
+class Stopped(Exception):
+    """The run stopped early on a signal, after writing a checkpoint (main: exit 128 + signum)."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
+class StopSignal:
+    """SIGTERM (a scheduler's preemption, torchrun passing on its own) and SIGUSR1 ask the run to
+    stop at the end of the current step, with a checkpoint to resume from (train.resume=true),
+    whatever train.save_every is. A second signal stops at once. Used as a context manager
+    (handlers installed on the main thread only, the previous ones given back on exit)."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self):
+        self.signum = 0
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignal":
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                sig = getattr(signal, name, None)
+                if sig is not None:
+                    self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        if self.signum:  # the second one: the default action, now
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.signum = signum
+        log.warning("%s: stopping at the end of this step with a checkpoint (send it again to stop at once)",
+                    signal.Signals(signum).name)
+
+    def agreed(self, d) -> int:
+        """The signal any rank got (0: none). A collective when there are several ranks:
+        every rank calls it at every step boundary, so all of them stop at the same step."""
+        if d.world == 1:
+            return self.signum
+        import torch.distributed as dist
+
+        t = torch.tensor([float(self.signum)], device=d.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+
 def _device_used(device) -> int:
     free, total = torch.cuda.mem_get_info(device)
     return total - free
@@ -486,7 +543,8 @@ def save_model_dir(path: Path, d, policy, processor) -> None:
 # --------------------------------------------------------------------------- the run
 
 
-def run(cfg: Config) -> dict:
+def run(cfg: Config, stop: StopSignal | None = None) -> dict:
+    """One training run. `stop`: the signal watch (main() installs one; None: none)."""
     from r1vl.algo import UpdateConfig, build_batch, compute_logprobs, group_advantages, grpo_update, sft_step
     from r1vl.eval import evaluate, make_prompt, score
     from r1vl.models import HostWeights, PolicyWithLoss, load_pretrained, make_reference, unwrap
@@ -495,6 +553,7 @@ def run(cfg: Config) -> dict:
                             derive_seed, init_distributed, plot_run, seed_everything, set_rng_state)
 
     t_start = time.time()
+    stop = stop or StopSignal()  # not entered: no handler, never set (still a collective per step)
     preflight(cfg)
     d = init_distributed(cfg.distributed.backend, cfg.distributed.timeout_s, cfg.distributed.num_threads)
     setup_logging(cfg, d)
@@ -613,6 +672,21 @@ def run(cfg: Config) -> dict:
         return {"eval_warmup": state.get("eval_warmup"), "config": to_dict(cfg),
                 "wall_seconds": prior_wall + time.time() - t_start}
 
+    def stop_at_signal(phase: str, done: int, total: int, saved: bool, opt, sched) -> None:
+        """At a step boundary: after SIGTERM / SIGUSR1 on any rank, checkpoint and stop."""
+        signum = stop.agreed(d)
+        if not signum:
+            return
+        from r1vl.utils import checkpoint_name
+
+        if not saved:
+            save_checkpoint(cfg, d, train_policy, processor, opt, sched, phase, done, ckpt_extra())
+        if bar is not None:
+            bar.close()
+        raise Stopped(signum, f"{signal.Signals(signum).name}: stopped after {phase} step {done}/{total} with "
+                              f"checkpoint {out / 'checkpoints' / checkpoint_name(phase, done)}; continue with "
+                              "train.resume=true")
+
     # ---- 1. warm-up (SFT on reference solutions)
     start = state.get("step", 0) if in_warmup else cfg.warmup.steps
     if bar is not None:
@@ -655,8 +729,11 @@ def run(cfg: Config) -> dict:
             elif log_every(step + 1, cfg.warmup.steps):
                 log.info("warm-up step %d/%d: loss %.4f, %.2f s/step", step + 1, cfg.warmup.steps, r["loss"],
                          r["seconds_step"])
-            if cfg.train.save_every and ((step + 1) % cfg.train.save_every == 0 or step + 1 == cfg.warmup.steps):
+            saved = bool(cfg.train.save_every) and ((step + 1) % cfg.train.save_every == 0
+                                                    or step + 1 == cfg.warmup.steps)
+            if saved:
                 save_checkpoint(cfg, d, train_policy, processor, opt, sched, "warmup", step + 1, ckpt_extra())
+            stop_at_signal("warmup", step + 1, cfg.warmup.steps, saved, opt, sched)
         del opt, sched
     if in_warmup:
         save_model_dir(out / "warmup", d, train_policy, processor)
@@ -846,8 +923,10 @@ def run(cfg: Config) -> dict:
             writer.write({"phase": "eval", "after": "grpo", "step": step + 1, "final": False,
                           **{k: v for k, v in evk.items() if k != "correct_items"}})
             log.info("held-out at StepGRPO step %d: accuracy %.3f", step + 1, evk["accuracy"])
-        if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0:
+        saved = bool(cfg.train.save_every) and (step + 1) % cfg.train.save_every == 0
+        if saved:
             save_checkpoint(cfg, d, train_policy, processor, opt, sched, "grpo", step + 1, ckpt_extra())
+        stop_at_signal("grpo", step + 1, cfg.train.max_steps, saved, opt, sched)
     if bar is not None:
         bar.close()
 
@@ -987,7 +1066,11 @@ def main(argv: list[str] | None = None) -> int:
                   (f"; model.path {cfg.model.path!r} is no local directory: it will be fetched from the "
                    "Hugging Face Hub" if hub else ""))
             return 0
-        run(cfg)
+        with StopSignal() as stop:
+            run(cfg, stop)
+    except Stopped as e:
+        log.warning("%s", e)
+        return 128 + e.signum
     except (ConfigError, UserError) as e:
         _fail(e)
         return 2

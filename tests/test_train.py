@@ -121,6 +121,53 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, data_dir):
     assert ra == rb
 
 
+def test_sigterm_checkpoints_stops_and_resumes_equal(tmp_path, data_dir):
+    """SIGTERM (a preemption) mid-StepGRPO: the run stops at the end of that step with a
+    checkpoint although train.save_every=0, exits 128 + 15, and train.resume=true then ends
+    with the parameters and per-step metrics of a run that was never stopped."""
+    extra = ("train.max_steps=6", "logging.plot=false", "train.eval_after=false")
+    ref = tmp_path / "uninterrupted"
+    assert main(_args(ref, data_dir, *extra)) == 0
+
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, "-m", "r1vl.train", *_args(out, data_dir, *extra)], cwd=ROOT,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "metrics.jsonl").is_file() and '"grpo"' in (out / "metrics.jsonl").read_text():
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    err = proc.communicate(timeout=120)[1].decode()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    done = [r["step"] for r in _metrics(out) if r["phase"] == "grpo"]
+    assert 1 <= done[-1] < 6 and f"stopped after grpo step {done[-1]}/6" in err, err[-2000:]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [f"grpo-{done[-1]:06d}"]
+    assert not (out / "final").exists()
+
+    assert main(_args(out, data_dir, *extra, "train.resume=true")) == 0
+    from safetensors.torch import load_file
+
+    a = load_file(ref / "final" / "model.safetensors")
+    b = load_file(out / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
+    assert [_strip(r) for r in _metrics(ref)] == [_strip(r) for r in _metrics(out)]
+
+
+def test_stop_signal_handlers():
+    from r1vl.train import StopSignal
+    from r1vl.utils import Dist
+
+    before = signal.getsignal(signal.SIGUSR1)
+    with StopSignal() as stop:
+        assert stop.agreed(Dist()) == 0
+        os.kill(os.getpid(), signal.SIGUSR1)  # handled between bytecodes: right after this call
+        time.sleep(0.01)
+        assert stop.agreed(Dist()) == signal.SIGUSR1
+    assert signal.getsignal(signal.SIGUSR1) is before
+
+
 def test_atomic_checkpoint_write(tmp_path):
     from r1vl.utils import STATE_FILE, atomic_dir_write, latest_checkpoint
 
