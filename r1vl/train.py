@@ -244,6 +244,15 @@ def build_model(cfg: Config, d, corpus_samples, resume_dir: Path | None):
 _OPEN_ENGINES: list = []  # closed by _shutdown() before the process group ends
 
 
+def eta(t0: float, done: int, total: int) -> str:
+    """'left h:mm:ss' for the phase's remaining steps at this process's pace since t0, when
+    `done` of `total` steps ran since then ('' before the first)."""
+    if done <= 0:
+        return ""
+    left = round((time.perf_counter() - t0) / done * max(total - done, 0))
+    return f", left {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}"
+
+
 def log_every(done: int, total: int, lines: int = 20) -> bool:
     """Without the progress bar (logging.progress=false): about `lines` log lines per phase,
     the first and the last step included."""
@@ -701,6 +710,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
                 sched.load_state_dict(state["scheduler"])
         stream = IndexStream(len(train_set), world=d.world, rank=d.rank, seed=derive_seed(cfg.seed, 1))
         eos = processor.stop_token_ids()[0]
+        t_phase = time.perf_counter()
         for step in range(start, cfg.warmup.steps):
             t0 = time.perf_counter()
             samples = [train_set[i] for i in stream.take(step, cfg.warmup.batch_size)]
@@ -727,8 +737,8 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
                 bar.update(1)
                 bar.set_postfix(phase="warmup", loss=f"{r['loss']:.3f}")
             elif log_every(step + 1, cfg.warmup.steps):
-                log.info("warm-up step %d/%d: loss %.4f, %.2f s/step", step + 1, cfg.warmup.steps, r["loss"],
-                         r["seconds_step"])
+                log.info("warm-up step %d/%d: loss %.4f, %.2f s/step%s", step + 1, cfg.warmup.steps, r["loss"],
+                         r["seconds_step"], eta(t_phase, step + 1 - start, cfg.warmup.steps - start))
             saved = bool(cfg.train.save_every) and ((step + 1) % cfg.train.save_every == 0
                                                     or step + 1 == cfg.warmup.steps)
             if saved:
@@ -811,6 +821,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
     dtype = next(model.parameters()).dtype
     cuda = d.device.type == "cuda"
     step = g_start
+    t_phase = time.perf_counter()
     for step in range(g_start, cfg.train.max_steps):
         tm = Timer()
         t0 = time.perf_counter()
@@ -916,8 +927,9 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
             bar.update(1)
             bar.set_postfix(phase="grpo", reward=f"{rec['reward_mean']:.2f}", acc=f"{rec['accuracy']:.2f}")
         elif log_every(step + 1, cfg.train.max_steps):
-            log.info("StepGRPO step %d/%d: reward %.3f, accuracy %.3f, kl %.4f, %.2f s/step", step + 1,
-                     cfg.train.max_steps, rec["reward_mean"], rec["accuracy"], rec["kl"], rec["seconds_step"])
+            log.info("StepGRPO step %d/%d: reward %.3f, accuracy %.3f, kl %.4f, %.2f s/step%s", step + 1,
+                     cfg.train.max_steps, rec["reward_mean"], rec["accuracy"], rec["kl"], rec["seconds_step"],
+                     eta(t_phase, step + 1 - g_start, cfg.train.max_steps - g_start))
         if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < cfg.train.max_steps:
             evk = run_eval()  # before this step's checkpoint: a resume never repeats or skips it
             writer.write({"phase": "eval", "after": "grpo", "step": step + 1, "final": False,
@@ -933,7 +945,11 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
     # ---- 4. final evaluation, summary, checkpoint, plot
     summary: dict[str, Any] = {}
     ev0 = state.get("eval_warmup")
-    ev1 = run_eval() if cfg.train.eval_after else None
+    if cfg.train.eval_after and ev0 is not None and g_start == 0 and cfg.train.max_steps == 0:
+        ev1 = ev0  # no StepGRPO step: the weights evaluated after the warm-up, greedy again
+        log.info("no StepGRPO step: the evaluation after the warm-up is the final one")
+    else:
+        ev1 = run_eval() if cfg.train.eval_after else None
     if ev1 is not None:
         writer.write({"phase": "eval", "after": "grpo", "step": cfg.train.max_steps, "final": True,
                       **{k: v for k, v in ev1.items() if k != "correct_items"}})

@@ -482,3 +482,31 @@ def test_log_every():
     assert [s for s in range(1, 61) if log_every(s, 60)] == [1] + list(range(3, 61, 3))
     assert [s for s in range(1, 6) if log_every(s, 5)] == [1, 2, 3, 4, 5]
     assert [s for s in range(1, 401) if log_every(s, 400)][:3] == [1, 20, 40]
+
+
+def test_eta(monkeypatch):
+    from r1vl import train
+
+    monkeypatch.setattr(train.time, "perf_counter", lambda: 1000.0 + 3 * 12.5)
+    assert train.eta(1000.0, 3, 300) == ", left 1:01:52"  # 297 steps x 12.5 s = 3712 s
+    assert train.eta(1000.0, 300, 300) == ", left 0:00:00"
+    assert train.eta(1000.0, 0, 300) == ""
+
+
+def test_no_stepgrpo_step_evaluates_once(tmp_path, data_dir, monkeypatch):
+    """train.max_steps=0: the final weights are the warm-up's, so the held-out evaluation
+    after the warm-up is reused as the final one (summary.json still has every key)."""
+    import r1vl.eval as ev
+
+    calls = []
+    real = ev.evaluate
+    monkeypatch.setattr(ev, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = tmp_path / "run"
+    assert main(_args(out, data_dir, "train.max_steps=0", "logging.plot=false")) == 0
+    assert len(calls) == 1
+    s = json.loads((out / "summary.json").read_text())
+    for k in ("accuracy", "reward", "step_rar", "step_rvr"):
+        assert s[f"{k}_final"] == s[f"{k}_after_warmup"] is not None, k
+    assert s["accuracy_by_family_final"] == s["accuracy_by_family_after_warmup"] and s["eval_n"] == 4
+    assert s["paired"]["fixed"] == s["paired"]["broken"] == 0 and s["steps"] == 0
+    assert [r.get("after") for r in _metrics(out) if r["phase"] == "eval"] == ["warmup", "grpo"]
