@@ -56,11 +56,21 @@ def score(texts: Sequence[str], samples: Sequence[Any], *, alpha: float = 0.1, v
             "timeouts": float(sum(res.get("num_timeouts", [0.0])))}
 
 
+def progress_marks(total: int, lines: int = 10) -> set[int]:
+    """The batches (1-based, of `total`) after which evaluate logs its progress: at most
+    `lines` of them, the first and the last included, evenly spread in between."""
+    if total <= 0:
+        return set()
+    inner = max(0, lines - 2)
+    return {1, total} | {-(-k * total // (inner + 1)) for k in range(1, inner + 1)}
+
+
 def evaluate(engine, processor, samples: Sequence[Any], *, max_new_tokens: int, batch_size: int = 64,
              d=None, alpha: float = 0.1, variant: str = "paper", reward_workers: int = 0,
              reward_timeout_s: float = 5.0) -> dict[str, float]:
     """Greedy decoding of every sample (sharded over ranks when `d` is an r1vl.utils.Dist);
-    returns held-out means over all ranks: accuracy, step_rar, step_rvr, reward, completion_length."""
+    returns held-out means over all ranks: accuracy, step_rar, step_rvr, reward, completion_length.
+    Rank 0 logs its progress (at most 10 lines: `progress_marks`)."""
     from r1vl.utils import Dist, StatReducer
 
     d = d or Dist()
@@ -76,7 +86,9 @@ def evaluate(engine, processor, samples: Sequence[Any], *, max_new_tokens: int, 
     for fam in families:
         stats.add("accuracy_" + fam, [])
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
-    for s in range(0, len(mine), batch_size):
+    n_batches = -(-len(mine) // batch_size)
+    marks = progress_marks(n_batches) if d.main else set()  # logging only: no collective
+    for b, s in enumerate(range(0, len(mine), batch_size), start=1):
         chunk = mine[s: s + batch_size]
         comps = engine.generate([make_prompt(processor, x) for x in chunk], 1, sampling)
         sc = score([c.text for c in comps], chunk, alpha=alpha, variant=variant, workers=reward_workers,
@@ -92,6 +104,9 @@ def evaluate(engine, processor, samples: Sequence[Any], *, max_new_tokens: int, 
         stats.add("reward", sc["total"])
         stats.add("completion_length", [len(c.token_ids) for c in comps])
         stats.add("truncated", [1.0 if c.finish_reason == "length" else 0.0 for c in comps])
+        if b in marks:  # rank 0 holds the largest shard: its count x world estimates all ranks'
+            log.info("eval: %d/%d samples, %.0f s", min(len(samples), (s + len(chunk)) * d.world), len(samples),
+                     time.perf_counter() - t0)
     stats.add("n", float(len(mine)), weight=1.0)
     out = stats.reduce(d)
     out["n"] = int(round(out["n"] * d.world)) if d.world > 1 else len(mine)

@@ -123,6 +123,7 @@ def test_load_jsonl(tmp_path):
     (row(solution="no answer line"), "final answer"),
     (row(solution="### The final answer is:   "), "final answer"),
     (row(image_path="img/missing.png"), "does not exist"),
+    (row(image_path="img"), r"image \S*img is a directory, not an image file"),
     (row(image_path=..., image=...), "missing field 'image_path'"),
     (row(image_path="notimage.txt"), "not a readable image"),
     ("{not json", "invalid JSON"),

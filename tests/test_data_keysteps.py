@@ -86,7 +86,7 @@ def test_cli(tmp_path):
     assert got[0]["key_steps"] == {"Steps": [["4 + 3 = 7", "4+3=7"]]} and got[0]["image_path"] == "a.png"
     assert got[1]["key_steps"] == {"Steps": [["keep me"]]}
     assert got[2]["key_steps"] == {"Steps": []}
-    assert main([str(inp), str(out), "--overwrite"]) == 0
+    assert main([str(inp), str(out), "--overwrite", "--force"]) == 0  # OUT exists: --force
     assert json.loads(out.read_text().splitlines()[1])["key_steps"] == {"Steps": [["x = 2", "x=2"]]}
 
 
@@ -101,3 +101,29 @@ def test_cli_errors(tmp_path, capsys, content, match):
 
     assert re.search(match, capsys.readouterr().err)
     assert main([str(inp), str(inp)]) == 2
+
+
+def test_cli_refuses_to_replace_out_or_in(tmp_path, capsys):
+    """An existing OUT is kept unless --force; OUT == IN (any spelling, a symlink, a hard
+    link) is refused even with --force; the write goes through a temporary file."""
+    import os
+
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text(json.dumps({"problem": "Q", "solution": sol("4 + 3 = 7")}) + "\n")
+    out.write_text("precious\n")
+    assert main([str(inp), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"OUT {out} exists" in err and "--force" in err and out.read_text() == "precious\n"
+    out.chmod(0o640)
+    assert main([str(inp), str(out), "--force"]) == 0
+    assert json.loads(out.read_text())["key_steps"] == {"Steps": [["4 + 3 = 7", "4+3=7"]]}
+    assert (out.stat().st_mode & 0o777) == 0o640 and sorted(p.name for p in tmp_path.iterdir()) == [
+        "in.jsonl", "out.jsonl"]
+    (tmp_path / "link.jsonl").symlink_to(inp)
+    os.link(inp, tmp_path / "hard.jsonl")
+    before = inp.read_text()
+    for same in (inp, tmp_path / "sub" / ".." / "in.jsonl", tmp_path / "link.jsonl", tmp_path / "hard.jsonl"):
+        (tmp_path / "sub").mkdir(exist_ok=True)
+        assert main([str(inp), str(same), "--force"]) == 2
+        assert "is the input file" in capsys.readouterr().err and inp.read_text() == before
+    assert main([str(inp), str(tmp_path / "sub")]) == 2 and "is a directory" in capsys.readouterr().err

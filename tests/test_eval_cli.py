@@ -268,3 +268,44 @@ def test_make_prompt_templates():
     assert make_prompt(Proc(), SimpleNamespace(problem="Q", image=None), "verbatim").text == "<txt>Q"
     with pytest.raises(ValueError, match="verbatim"):
         make_prompt(Proc(), s, "plain")
+
+
+def test_evaluate_logs_bounded_progress_on_rank0_only(monkeypatch, caplog):
+    """evaluate logs "eval: k/N samples, T s" per batch on the main rank, at most 10 lines
+    (first and last batch included); other ranks log nothing and every rank makes the
+    same collective calls."""
+    from types import SimpleNamespace
+
+    import r1vl.utils
+    from r1vl.rollout.base import Completion
+    from r1vl.utils import Dist
+
+    class Proc:
+        def chat_prompt(self, user, with_image):
+            return user
+
+    class Engine:
+        def generate(self, prompts, n, sampling):
+            return [Completion(i, [1, 2], "### The final answer is: 7", "stop") for i in range(len(prompts))]
+
+    samples = [SimpleNamespace(problem=f"Q{i}", solution="### Step 1: 4 + 3 = 7\n### The final answer is: 7",
+                               key_steps=[["4 + 3 = 7"]], image=None, meta={}) for i in range(46)]
+    calls = []
+    monkeypatch.setattr(r1vl.utils, "all_reduce_sum", lambda v, d: calls.append("reduce") or list(v))
+    monkeypatch.setattr(r1vl.utils, "all_gather_objects", lambda o, d: calls.append("gather") or [o] * d.world)
+
+    def run(d):
+        caplog.clear()
+        calls.clear()
+        with caplog.at_level(logging.INFO, logger="r1vl.eval"):
+            ev.evaluate(Engine(), Proc(), samples, max_new_tokens=4, batch_size=1, d=d)
+        return [r.getMessage() for r in caplog.records if r.getMessage().startswith("eval: ")], list(calls)
+
+    lines, coll1 = run(Dist())
+    assert 2 <= len(lines) <= 10, lines
+    assert lines[0].startswith("eval: 1/46 samples, ") and lines[0].endswith(" s")
+    assert lines[-1].startswith("eval: 46/46 samples, ")
+    lines, coll0 = run(Dist(rank=0, world=2))  # 23 batches of rank 0's shard: counts x 2
+    assert lines[0].startswith("eval: 2/46 ") and lines[-1].startswith("eval: 46/46 ") and len(lines) <= 10
+    lines, coll_other = run(Dist(rank=1, world=2))
+    assert lines == [] and coll_other == coll0 == coll1

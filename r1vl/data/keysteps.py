@@ -1,6 +1,6 @@
 """Derive StepRAR key steps from reference solutions, by rules (the authors used GPT-4 offline).
 
-    python -m r1vl.data.keysteps IN.jsonl OUT.jsonl [--overwrite] [--max-steps 5]
+    python -m r1vl.data.keysteps IN.jsonl OUT.jsonl [--overwrite] [--force] [--max-steps 5]
 
 For every row whose `key_steps` is missing or empty (all rows with
 --overwrite), the `### Step N:` sections of the row's `solution` are read
@@ -20,13 +20,19 @@ products. StepRAR lowercases both sides, so case needs no variant. When a
 solution yields more than --max-steps key steps, the last ones (closest to
 the answer) are kept. Other fields and rows that already have key steps are
 copied unchanged.
+
+An existing OUT is refused unless --force is given; OUT may never be IN. OUT is
+written to a temporary file beside it, then renamed: an error leaves it as it was.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import shutil
 import sys
+from pathlib import Path
 
 from r1vl.data.format import step_sections
 
@@ -187,16 +193,52 @@ def _has_key_steps(value) -> bool:
     return bool(value)
 
 
+def _check_output(inp: Path, out: Path, force: bool) -> str:
+    """Why OUT may not be written ("" when it may): it is IN, a directory, or exists without --force."""
+    same = out.resolve() == inp.resolve()
+    if not same and out.exists() and inp.exists():
+        try:
+            same = os.path.samefile(inp, out)  # hard links
+        except OSError:
+            pass
+    if same:
+        return f"OUT {out} is the input file {inp}: it would be destroyed while being read; pick another OUT"
+    if out.is_dir():
+        return f"OUT {out} is a directory; expected a file path (e.g. {out / inp.name})"
+    if out.exists() and not force:
+        return f"OUT {out} exists; pass --force to replace it"
+    return ""
+
+
+def _write_replace(path: Path, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, then rename it over `path` (a failure
+    leaves `path` as it was); a replaced file keeps its permissions."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "x", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        if path.exists():
+            shutil.copymode(path, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m r1vl.data.keysteps",
                                  description="Add rule-derived key_steps to an R1-VL JSON Lines file.")
     ap.add_argument("input", help="input .jsonl")
     ap.add_argument("output", help="output .jsonl (may not be the input)")
     ap.add_argument("--overwrite", action="store_true", help="re-derive key steps for rows that have them")
+    ap.add_argument("--force", action="store_true", help="replace OUT if it exists")
     ap.add_argument("--max-steps", type=int, default=DEFAULT_MAX_STEPS, help="most key steps per row")
     args = ap.parse_args(argv)
-    if args.input == args.output:
-        print("r1vl.data.keysteps: error: OUT must differ from IN", file=sys.stderr)
+    problem = _check_output(Path(args.input), Path(args.output), args.force)
+    if problem:
+        print(f"r1vl.data.keysteps: error: {problem}", file=sys.stderr)
         return 2
     counts = {"rows": 0, "derived": 0, "kept": 0, "none_found": 0}
     try:
@@ -223,8 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                 row["key_steps"] = {"Steps": groups}
                 counts["derived" if groups else "none_found"] += 1
             out_lines.append(json.dumps(row, ensure_ascii=False))
-        with open(args.output, "w", encoding="utf-8") as fout:
-            fout.write("\n".join(out_lines) + ("\n" if out_lines else ""))
+        _write_replace(Path(args.output), "\n".join(out_lines) + ("\n" if out_lines else ""))
     except (OSError, ValueError) as e:
         print(f"r1vl.data.keysteps: error: {e}", file=sys.stderr)
         return 2

@@ -127,6 +127,10 @@ class _ImageRef:
     def check(self) -> None:
         """Header check: the file exists and PIL recognises it; raises ValueError otherwise."""
         if self.path and self.data is None and self.pil is None and not os.path.isfile(self.path):
+            if os.path.isdir(self.path):
+                raise ValueError(f"image {self.path} is a directory, not an image file")
+            if os.path.exists(self.path):
+                raise ValueError(f"image {self.path} is not a regular file")
             raise ValueError(f"image {self.path} does not exist")
         try:
             if self.pil is not None:
