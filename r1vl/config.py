@@ -189,7 +189,7 @@ class TrainConfig:
     max_steps: int = field(default=60, metadata=_min(0))
     prompts_per_step: int = field(default=4, metadata=_min(1))  # per rank; x G completions
     micro_batch_size: int = field(default=16, metadata=_min(1))  # sequences per forward/backward
-    save_every: int = field(default=0, metadata=_min(0))  # 0 = none (final/ is the model, not a resume point)
+    save_every: int = field(default=0, metadata=_min(0))  # 0 = none but on SIGTERM/SIGUSR1 (final/ is no resume point)
     save_final: bool = True
     resume: Union[bool, str] = False  # true = latest checkpoint in output_dir, or a checkpoint path
     # a fresh run (no resume) into an output_dir that holds a previous run is refused unless

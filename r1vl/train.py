@@ -84,7 +84,7 @@ def load_split(path: str, cfg: Config):
 
 # what a run writes into output_dir (data/ aside: the synthetic task is regenerated per seed)
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "plot.png", "tensorboard", "final", "warmup",
-               "init")
+               "init", "skipped_rows.jsonl")
 
 
 def previous_run(out: Path) -> list[str]:
@@ -328,6 +328,19 @@ def check_all_prompt_lengths(dataset, processor, cfg: Config, key: str = "data.t
     raise UserError(f"{msg}; prompts are never truncated: set data.max_prompt_length={max(lengths)} to keep "
                     "them all, lower data.max_pixels" +
                     ("" if cfg.data.skip_bad_rows else ", or set data.skip_bad_rows=true to leave them out"))
+
+
+def write_skipped_rows(out: Path, train_set, test_set) -> None:
+    """skipped_rows.jsonl: every row left out (data.skip_bad_rows=true) with its reason, one per
+    line ({"split", "row", "reason"}); the log names only the first. Nothing when none was."""
+    rows = [{"split": split, "row": where, "reason": why}
+            for split, ds in (("train", train_set), ("test", test_set)) for where, why in getattr(ds, "skipped", [])]
+    path = out / "skipped_rows.jsonl"
+    if rows:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        log.warning("%d data row(s) left out (data.skip_bad_rows=true): %s lists them", len(rows), path)
+    elif path.exists():  # a resumed run's list is rewritten from this run's data
+        path.unlink()
 
 
 def check_eval_prompt_lengths(test_set, processor, cfg: Config) -> None:
@@ -607,6 +620,8 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
     train_set = check_all_prompt_lengths(train_set, processor, cfg)
     if cfg.rollout.engine == "vllm":
         check_eval_prompt_lengths(test_set, processor, cfg)
+    if d.main:
+        write_skipped_rows(out, train_set, test_set)
     model.to(d.device)
     from r1vl.speedups import apply_speedups
 
@@ -972,6 +987,9 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
             "wall_seconds": wall, "wall_seconds_total": prior_wall + wall,
             "resumed_from": str(resume_dir) if resume_dir is not None else None,
             "world_size": d.world, "seed": cfg.seed,
+            "data": {"train_rows": len(train_set), "train_skipped": len(getattr(train_set, "skipped", [])),
+                     "test_rows": len(test_set), "test_skipped": len(getattr(test_set, "skipped", [])),
+                     "eval_rows": len(eval_set)},
             "device": torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else str(d.device),
             "process_seconds": time.time() - _process_start(),
         }

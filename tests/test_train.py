@@ -476,6 +476,25 @@ def test_check_reads_the_rows(tmp_path, data_dir, capsys):
     assert "config OK" in capsys.readouterr().out
 
 
+def test_rows_left_out_are_listed(tmp_path, data_dir):
+    """data.skip_bad_rows=true: malformed rows and prompts over data.max_prompt_length are left
+    out; skipped_rows.jsonl lists each with its reason and summary.json counts them."""
+    rows = [json.loads(x) for x in (Path(data_dir) / "train.jsonl").read_text().splitlines()]
+    rows = [{**r, "image_path": str(Path(data_dir) / r["image_path"])} for r in rows]
+    rows[3].pop("solution")
+    rows[7]["problem"] = "0123456789" * 60  # digits are one token each
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    assert main(_args(out, data_dir, f"data.train={train}", "data.skip_bad_rows=true", "train.max_steps=1",
+                      "logging.plot=false")) == 0
+    listed = [json.loads(x) for x in (out / "skipped_rows.jsonl").read_text().splitlines()]
+    assert [(r["split"], r["row"]) for r in listed] == [("train", f"{train}:4"), ("train", f"{train}:8")]
+    assert "solution" in listed[0]["reason"] and "max_prompt_length=512" in listed[1]["reason"]
+    data = json.loads((out / "summary.json").read_text())["data"]
+    assert data["train_rows"] == len(rows) - 2 and data["train_skipped"] == 2 and data["test_skipped"] == 0
+
+
 def test_log_every():
     from r1vl.train import log_every
 
