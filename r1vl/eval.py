@@ -280,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="", help="also write the JSON result here (parent directory created)")
     ap.add_argument("--per-item", action="store_true", help="include per-item correctness (0/1, data order)")
     args = ap.parse_args(argv)
+    from r1vl.train import quiet_deepspeed_probe
+
+    quiet_deepspeed_probe()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)  # this CLI's own notes (where each setting came from)
     try:

@@ -1087,8 +1087,16 @@ def parse_args(argv: list[str] | None):
     return ap.parse_args(argv)
 
 
+def quiet_deepspeed_probe() -> None:
+    """Without CUDA, name the CPU as DeepSpeed's accelerator (what it detects anyway), so that
+    it does not warn "Setting accelerator to CPU" on every rank when transformers imports it."""
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    quiet_deepspeed_probe()
     try:
         cfg = load_config(args.config, args.overrides)
         if args.check:
