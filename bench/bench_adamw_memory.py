@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _cli  # noqa: E402
 from bench_loss import cpu_peak_bytes  # noqa: E402
 
 IMPLS = {"for-loop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
@@ -35,10 +36,17 @@ def step_overhead(kind: str, dtype: torch.dtype, tensors: int = 16, size: int = 
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tensors", type=int, default=16)
-    ap.add_argument("--size", type=int, default=1024, help="each parameter is size x size")
+    ap = _cli.ArgumentParser(description=__doc__.split("\n\n")[0],
+                             epilog="Prints a table only (no file). A bad argument is one error line and "
+                                    "exit code 2.")
+    ap.add_argument("--tensors", type=_cli.positive_int, default=16,
+                    help="parameter tensors (default: %(default)s)")
+    ap.add_argument("--size", type=_cli.positive_int, default=1024,
+                    help="each parameter is size x size elements (default: %(default)s)")
     args = ap.parse_args(argv)
+    from bench_loss import device_name
+    print(f"{device_name(torch.device('cpu'))}, torch {torch.__version__}: {args.tensors} parameters of "
+          f"{args.size} x {args.size}, one AdamW step after a warm-up step")
     print(f"{'dtype':<10} {'AdamW':<9} {'step extra / params':>20}")
     for dtype in (torch.float32, torch.bfloat16):
         for kind in IMPLS:

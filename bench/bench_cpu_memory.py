@@ -34,6 +34,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _cli  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET = 0.2
 
@@ -100,23 +103,44 @@ def worker(impl, n, h, v):
                           n_alloc_events=len(events))))
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description="CPU peak-memory target of the torch backend")
-    ap.add_argument("--tokens", type=int, default=2048)
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--vocab", type=int, default=151936)
+def build_parser() -> argparse.ArgumentParser:
+    ap = _cli.ArgumentParser(description="CPU peak-memory target of the torch backend: fused / reference "
+                                         f"allocator peak <= {TARGET}",
+                             epilog="Exit codes: 0 target met, 1 target missed or a worker failed, "
+                                    "2 a bad argument.")
+    ap.add_argument("--tokens", type=_cli.positive_int, default=2048,
+                    help="tokens N, a multiple of 512 (rows of 512 tokens) (default: %(default)s)")
+    ap.add_argument("--hidden", type=_cli.positive_int, default=512, help="hidden size H (default: %(default)s)")
+    ap.add_argument("--vocab", type=_cli.positive_int, default=151936, help="vocabulary V (default: %(default)s)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--out", default=str(RESULTS / "cpu_memory.json"))
+    ap.add_argument("--out", default=str(RESULTS / "cpu_memory.json"),
+                    help="JSON path; missing folders are created (default: bench/results/cpu_memory.json)")
+    return ap
+
+
+def main(argv=None):
+    ap = build_parser()
     args = ap.parse_args(argv)
+    if args.tokens % 512:
+        ap.error(f"--tokens {args.tokens}: expected a multiple of 512 (the inputs are rows of 512 tokens)")
     if args.worker:
         worker(args.worker, args.tokens, args.hidden, args.vocab)
         return
+    out_path = _cli.out_file(ap, "--out", args.out)
+    print(f"N={args.tokens} H={args.hidden} V={args.vocab} fp32: each implementation in a fresh process",
+          file=sys.stderr, flush=True)
     res = {}
     for impl in ("reference", "fused"):
         cmd = [sys.executable, __file__, "--worker", impl, "--tokens", str(args.tokens),
                "--hidden", str(args.hidden), "--vocab", str(args.vocab)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        res[impl] = json.loads(out.strip().splitlines()[-1])
+        print(f"{impl}: running ...", file=sys.stderr, flush=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or not proc.stdout.strip():
+            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+            print(f"bench_cpu_memory: the {impl} worker failed (exit code {proc.returncode}):\n{tail}",
+                  file=sys.stderr)
+            return 1
+        res[impl] = json.loads(proc.stdout.strip().splitlines()[-1])
         print(f"{impl}: {res[impl]}", file=sys.stderr, flush=True)
     ref, fused = res["reference"], res["fused"]
     ratio = fused["alloc_peak"] / ref["alloc_peak"]
@@ -130,11 +154,13 @@ def main(argv=None):
     verdict = "PASS" if ratio <= TARGET else "FAIL"
     print(f"fused / reference: allocator peak {ratio:.3f} (target <= {TARGET}: {verdict}), "
           f"RSS peak {rss_ratio:.3f}; |loss diff| {loss_rel:.1e}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(dict(
+    from bench_loss import device_name, versions
+    out_path.write_text(json.dumps(dict(
         tokens=args.tokens, hidden=args.hidden, vocab=args.vocab, dtype="float32",
-        torch=torch.__version__, target=TARGET, alloc_ratio=ratio, rss_ratio=rss_ratio,
+        torch=torch.__version__, device=device_name(torch.device("cpu")), versions=versions(),
+        target=TARGET, alloc_ratio=ratio, rss_ratio=rss_ratio,
         passed=ratio <= TARGET, loss_rel_diff=loss_rel, rows=[ref, fused]), indent=2) + "\n")
+    print(f"wrote {out_path}", file=sys.stderr)
     return 0 if ratio <= TARGET else 1
 
 

@@ -5,7 +5,7 @@ GRPO loss from the LM head (grpo, token level, β=0.04, old + ref log-probs give
 every token unmasked), timed and memory-measured for:
 
   fused_<backend>   r1vl.kernels.fused_linear_grpo_loss(..., backend=<backend>), one row per
-                    backend named in --backends (default: triton,torch on CUDA; torch on CPU)
+                    backend named in --backends (default: auto,triton,torch on CUDA; torch on CPU)
   logprobs_<backend> forward-only r1vl.kernels.linear_logprobs under torch.no_grad (the
                     old/ref log-prob case), compared with floor_fwd
   reference         r1vl.kernels.reference_grpo_loss in fp32: materialised logits, eager
@@ -27,9 +27,10 @@ above what was live before it (the inputs): on CUDA torch.cuda.max_memory_alloca
 CPU the c10 allocator's alloc/free events recorded by torch.profiler(profile_memory=True),
 summed in time order (bench_cpu_memory.py cross-checks that with process RSS).
 
-Prints a table (median ms, peak memory, TFLOP/s, ratio to the floor, speed-up over
-liger's chunked loss) and the issue's targets as PASS/FAIL, and writes (after every
-shape, so a run cut short keeps what it measured) bench/results/loss_<device>.json:
+Prints one progress line per row on stderr as it finishes, then a table (median ms, peak
+memory, TFLOP/s, ratio to the floor, speed-up over liger's chunked loss and over TRL's
+head) and the issue's targets as PASS/FAIL, and writes (after every shape, so a run cut
+short keeps what it measured) bench/results/loss_<device>.json (--out elsewhere):
   {"rows": [{"impl", "device", "hidden", "vocab", "tokens", "dtype", "ms_median",
              "peak_mem_bytes", "versions", ...}], "config": {...}, "targets": [...]}
 <device> is "cpu", or the GPU's model ("h100", "h200") on CUDA.
@@ -60,11 +61,15 @@ import torch
 
 from r1vl.kernels import (fused_linear_grpo_loss, linear_logprobs, reference_grpo_loss)
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _cli  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 HEADS = {"2b": (1536, 151936), "7b": (3584, 152064)}       # Qwen2-VL-2B / -7B LM heads
 DEFAULT_TOKENS = (4096, 16384)
 LONG_SHAPE = (1536, 151936, 131072)                          # --long: fused + floor only
 SMALL_SHAPES = [(256, 8192, 512), (512, 32000, 1024)]
+KERNEL_BACKENDS = ("auto", "triton", "torch")                # r1vl.kernels.api.BACKENDS
 PEERS = ("reference", "liger_chunked", "liger_triton", "trl_chunked", "floor", "floor_fwd")
 LONG_IMPLS = ("fused", "floor")
 # issue 6's targets, judged at the 7B head, 16384 tokens, bf16
@@ -299,7 +304,7 @@ def autotune_choices() -> dict:
 
 def versions() -> dict:
     out = {"python": platform.python_version(), "torch": torch.__version__}
-    for pkg in ("triton", "liger-kernel", "transformers", "r1vl"):
+    for pkg in ("triton", "liger-kernel", "transformers", "trl", "r1vl"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -504,80 +509,167 @@ def check_targets(rows, shape, dtype_name, note=""):
 def print_targets(targets, shape, dtype_name, note=""):
     print(f"\ntargets at H={shape[0]} V={shape[1]} N={shape[2]} {dtype_name}{note}:")
     if not targets:
-        print("  n/a: no fused_/logprobs_ row at this shape and dtype")
+        print("  n/a: no fused_/logprobs_ row at this shape and dtype (--targets-at HxVxN judges a measured one)")
     for t in targets:
         verdict = "n/a " if t["passed"] is None else ("PASS" if t["passed"] else "FAIL")
         val = f"{t['value']:.3f}" if t["value"] is not None else f"({t['missing']})"
         print(f"  {verdict}  {t['impl']:<16} {t['target']:<34} {val:>8}  (target {t['op']} {t['limit']:.3g})")
 
 
+def _triple(text: str, what: str) -> tuple[int, int, int]:
+    """'HxVxN' -> (H, V, N): three integers >= 1, N at most 512 or a multiple of 512 (the
+    inputs are [N / 512, 512] rows; any other N would time fewer tokens than it records)."""
+    parts = text.strip().lower().split("x")
+    try:
+        vals = tuple(int(x) for x in parts)
+    except ValueError:
+        vals = ()
+    if len(vals) != 3 or min(vals) < 1:
+        raise ValueError(f"{what} {text!r}: expected HxVxN, three integers >= 1 (e.g. 1536x151936x4096)")
+    if vals[2] > 512 and vals[2] % 512:
+        raise ValueError(f"{what} {text!r}: N = {vals[2]} tokens must be at most 512 or a multiple of 512 "
+                         "(the inputs are rows of 512 tokens)")
+    return vals
+
+
 def parse_shapes(args) -> list[tuple[int, int, int]]:
+    """The (H, V, N) shapes of --shapes, or --heads x --tokens; ValueError naming the flag."""
     if args.shapes:
-        return [tuple(int(x) for x in s.lower().split("x")) for s in args.shapes.split(",") if s]
+        shapes = [_triple(s, "--shapes") for s in args.shapes.split(",") if s.strip()]
+        if not shapes:
+            raise ValueError(f"--shapes {args.shapes!r}: no shape given")
+        return shapes
     if args.small and not (args.heads or args.tokens):
         return list(SMALL_SHAPES)
     heads = []
     for h in (args.heads or "2b,7b").split(","):
         h = h.strip().lower()
-        heads.append(HEADS[h] if h in HEADS else tuple(int(x) for x in h.split("x")))
-    tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else list(DEFAULT_TOKENS)
+        if not h:
+            continue
+        if h in HEADS:
+            heads.append(HEADS[h])
+            continue
+        try:
+            hv = tuple(int(x) for x in h.split("x"))
+        except ValueError:
+            hv = ()
+        if len(hv) != 2 or min(hv) < 1:
+            raise ValueError(f"--heads {args.heads!r}: {h!r} is neither {' nor '.join(HEADS)} nor HxV "
+                             "(two integers >= 1, e.g. 1536x151936)")
+        heads.append(hv)
+    tokens = list(DEFAULT_TOKENS)
+    if args.tokens:
+        try:
+            tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
+        except ValueError:
+            tokens = [0]
+        if not tokens or min(tokens) < 1:
+            raise ValueError(f"--tokens {args.tokens!r}: expected integers >= 1 separated by ','")
+        for n in tokens:
+            if n > 512 and n % 512:
+                raise ValueError(f"--tokens {args.tokens!r}: N = {n} tokens must be at most 512 or a multiple "
+                                 "of 512 (the inputs are rows of 512 tokens)")
+    if not heads or not tokens:
+        raise ValueError("--heads/--tokens: no shape given")
     return [(hd, v, n) for hd, v in heads for n in tokens]
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--small", action="store_true", help="CPU-sized shapes (fp32 unless --dtype)")
-    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    ap.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
+def build_parser() -> argparse.ArgumentParser:
+    ap = _cli.ArgumentParser(description=__doc__.split("\n\n")[0],
+                             formatter_class=argparse.RawDescriptionHelpFormatter,
+                             epilog="A bad argument is one error line and exit code 2, before anything runs.")
+    ap.add_argument("--small", action="store_true",
+                    help=f"CPU-sized shapes HxVxN {', '.join('x'.join(map(str, s)) for s in SMALL_SHAPES)}, "
+                         "fp32 unless --dtype (default: off)")
+    ap.add_argument("--device", default=None,
+                    help="cpu or cuda (default: cuda if available, else cpu)")
+    ap.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                    help="input dtype (default: bfloat16 on CUDA, float32 on CPU or with --small)")
     ap.add_argument("--heads", default=None,
-                    help="comma-separated heads: 2b, 7b or HxV (default 2b,7b)")
+                    help="comma-separated LM heads: 2b (1536x151936), 7b (3584x152064) or HxV "
+                         "(default: 2b,7b)")
     ap.add_argument("--tokens", default=None,
-                    help=f"comma-separated token counts (default {','.join(map(str, DEFAULT_TOKENS))})")
+                    help=f"comma-separated token counts N, each at most 512 or a multiple of 512 "
+                         f"(default: {','.join(map(str, DEFAULT_TOKENS))})")
     ap.add_argument("--shapes", default=None,
-                    help="comma-separated HxVxN triples, e.g. 1536x151936x4096 (overrides --heads/--tokens)")
+                    help="comma-separated HxVxN triples, e.g. 1536x151936x4096; overrides --heads/--tokens "
+                         "(default: none)")
     ap.add_argument("--long", action="store_true",
-                    help=f"also {LONG_SHAPE[2]} tokens at the 2B head: fused backends and floor only")
+                    help=f"also {LONG_SHAPE[2]} tokens at the 2B head: fused backends and floor only "
+                         "(default: off)")
     ap.add_argument("--backends", default=None,
-                    help="comma-separated fused backends to time, one fused_<b> and logprobs_<b> row "
-                         "each (default auto,triton,torch on CUDA, torch on CPU)")
+                    help=f"comma-separated fused backends among {', '.join(KERNEL_BACKENDS)}, one fused_<b> "
+                         "and logprobs_<b> row each; triton on CPU needs TRITON_INTERPRET=1 "
+                         "(default: auto,triton,torch on CUDA, torch on CPU)")
     ap.add_argument("--impls", default=None,
                     help="comma-separated subset of rows: fused, logprobs (all backends), "
-                         f"fused_<b>, logprobs_<b>, {', '.join(PEERS)} (default all)")
-    ap.add_argument("--input-sets", type=int, default=2, help="input sets the timed calls rotate among")
-    ap.add_argument("--reps", type=int, default=None,
-                    help="timed repeats (CPU), or about that many calls' worth of do_bench time (CUDA)")
-    ap.add_argument("--warmup", type=int, default=None, help="untimed calls first (compilation)")
-    ap.add_argument("--max-ms", type=float, default=4000.0,
-                    help="CUDA: most do_bench time per impl and shape, ms (caps slow peers' repeats)")
-    ap.add_argument("--floor-chunk-gib", type=float, default=8.0,
-                    help="largest [rows, V] buffer of the floor's GEMMs, GiB (row chunks beyond)")
+                         f"fused_<b>, logprobs_<b>, {', '.join(PEERS)} (default: all)")
+    ap.add_argument("--input-sets", type=_cli.positive_int, default=2,
+                    help="input sets the timed calls rotate among (default: %(default)s)")
+    ap.add_argument("--reps", type=_cli.positive_int, default=None,
+                    help="CPU: timed wall-clock repeats, median taken; CUDA: about that many calls' worth of "
+                         "do_bench time (default: 3 on CPU, 20 on CUDA)")
+    ap.add_argument("--warmup", type=_cli.nonneg_int, default=None,
+                    help="untimed calls first (compilation, autotuning); at least one runs even with 0 "
+                         "(default: 1 on CPU, 2 on CUDA)")
+    ap.add_argument("--max-ms", type=_cli.positive_float, default=4000.0,
+                    help="CUDA: most do_bench time per impl and shape, in ms (caps slow peers' repeats) "
+                         "(default: %(default)s)")
+    ap.add_argument("--floor-chunk-gib", type=_cli.positive_float, default=8.0,
+                    help="largest [rows, V] buffer of the floor's GEMMs, in GiB (row chunks beyond) "
+                         "(default: %(default)s)")
     ap.add_argument("--targets-at", default=None,
-                    help="HxVxN where the targets are judged (default the issue's "
-                         f"{'x'.join(map(str, TARGET_SHAPE))} in {TARGET_DTYPE}); any dtype then")
-    ap.add_argument("--out", default=None, help="JSON path (default bench/results/loss_<device>.json)")
-    ap.add_argument("--png", default=None, help="also plot time and memory against tokens to this PNG")
-    args = ap.parse_args(argv)
-    if args.input_sets < 1:
-        ap.error("--input-sets: at least 1")
+                    help="HxVxN where the targets are judged, in the run's dtype (default: the issue's "
+                         f"{'x'.join(map(str, TARGET_SHAPE))} in {TARGET_DTYPE})")
+    ap.add_argument("--out", default=None,
+                    help="JSON path; missing folders are created (default: bench/results/loss_<device>.json)")
+    ap.add_argument("--png", default=None,
+                    help="also plot time and memory against tokens to this .png (default: no plot)")
+    return ap
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+def main(argv=None):
+    ap = build_parser()
+    args = ap.parse_args(argv)
+
+    device = _cli.device(ap, "--device", args.device)
     dtype = getattr(torch, args.dtype or ("float32" if args.small or device.type == "cpu" else "bfloat16"))
     dtype_name = str(dtype).replace("torch.", "")
-    backends = [b for b in (args.backends or ("auto,triton,torch" if device.type == "cuda" else "torch")).split(",") if b]
+    backends = [b.strip() for b in (args.backends or ("auto,triton,torch" if device.type == "cuda" else "torch")
+                                    ).split(",") if b.strip()]
+    for b in backends:
+        if b not in KERNEL_BACKENDS:
+            ap.error(f"--backends: unknown backend {b!r}; choose from {', '.join(KERNEL_BACKENDS)}")
+    if not backends:
+        ap.error("--backends: no backend given")
+    if device.type != "cuda" and "triton" in backends and os.environ.get("TRITON_INTERPRET") != "1":
+        ap.error("--backends triton on CPU runs only under Triton's interpreter: set TRITON_INTERPRET=1 "
+                 "(or use --backends torch)")
     all_impls = [f"fused_{b}" for b in backends] + [f"logprobs_{b}" for b in backends] + list(PEERS)
     if args.impls:
         impls = []
-        for i in (x for x in args.impls.split(",") if x):
+        for i in (x.strip() for x in args.impls.split(",") if x.strip()):
             if i in ("fused", "logprobs"):
                 impls += [f"{i}_{b}" for b in backends]
-            elif i in all_impls or i.startswith(("fused_", "logprobs_")):
+            elif i in all_impls or (i.startswith(("fused_", "logprobs_"))
+                                    and i.split("_", 1)[1] in KERNEL_BACKENDS):
                 impls.append(i)
             else:
                 ap.error(f"--impls: unknown {i!r}; choose from fused, logprobs, {', '.join(all_impls)}")
+        if not impls:
+            ap.error("--impls: no row given")
     else:
         impls = all_impls
-    shapes = parse_shapes(args)
+    if (device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+            and any(i in ("fused_triton", "logprobs_triton") for i in impls)):
+        ap.error("--impls *_triton on CPU runs only under Triton's interpreter: set TRITON_INTERPRET=1")
+    try:
+        shapes = parse_shapes(args)
+        tshape = _triple(args.targets_at, "--targets-at") if args.targets_at else None
+    except ValueError as e:
+        ap.error(str(e))
+    if args.png:
+        _cli.out_file(ap, "--png", args.png, suffix=".png")
     plan = [(s, impls) for s in shapes]
     if args.long:
         long_impls = [i for i in impls if i.startswith("fused_") or i == "floor"]
@@ -587,10 +679,8 @@ def main(argv=None):
     args.reps, args.warmup = reps, warmup
     vers = versions()
     dev_name = device_name(device)
-    out = Path(args.out) if args.out else RESULTS / f"loss_{device_slug(device)}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if args.targets_at:
-        tshape = tuple(int(x) for x in args.targets_at.lower().split("x"))
+    out = _cli.out_file(ap, "--out", args.out or RESULTS / f"loss_{device_slug(device)}.json")
+    if tshape is not None:
         tdtype, tnote = dtype_name, " (--targets-at: not the issue's shape)"
     else:
         tshape, tdtype, tnote = TARGET_SHAPE, TARGET_DTYPE, ""

@@ -30,6 +30,9 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _cli  # noqa: E402
+
 GiB = float(1 << 30)
 RESULTS = Path(__file__).resolve().parent / "results"
 SERIES = (("allocated", "torch allocated", "tab:blue"), ("reserved", "torch reserved", "tab:orange"),
@@ -118,15 +121,20 @@ def plot(events: list[dict], out_png: Path, title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python bench/bench_memory.py", description=__doc__.split("\n\n")[0])
+    ap = _cli.ArgumentParser(prog="python bench/bench_memory.py", description=__doc__.split("\n\n")[0],
+                             epilog="Exit codes: 0 written, 1 no timeline in the run (not a CUDA run), "
+                                    "2 a bad argument.")
     ap.add_argument("run", help="a run's output_dir, or its metrics.jsonl")
-    ap.add_argument("--out", default=str(RESULTS / "memory_timeline.png"), help="PNG path (the JSON goes beside it)")
+    ap.add_argument("--out", default=str(RESULTS / "memory_timeline.png"),
+                    help="PNG path, the JSON goes beside it (same name, .json); missing folders are created "
+                         "(default: bench/results/memory_timeline.png)")
     args = ap.parse_args(argv)
     src = Path(args.run)
     metrics = src / "metrics.jsonl" if src.is_dir() else src
     if not metrics.is_file():
         print(f"bench_memory: {metrics}: no such file", file=sys.stderr)
         return 2
+    _cli.out_file(ap, "--out", args.out, suffix=".png")
     events = read_timeline(metrics)
     if not events:
         print(f"bench_memory: {metrics} has no GPU memory timeline (the trainer records it on CUDA only)",

@@ -16,8 +16,10 @@ parameter's gradient (max relative error of its norm-2 difference) against whole
     python bench/bench_share.py                              # CPU, 2 text + 2 vision layers: ~6 min
     python bench/bench_share.py --device cuda --layers 28 --vision-layers 32 --dtype bfloat16
 
-Prints a table; writes JSON (default bench/results/share_<device>.json) with the device,
-versions and shapes. Timings are medians of --reps runs after one warm-up run.
+Prints one progress line per run on stderr, then a table; writes JSON (default
+bench/results/share_<device>.json) with the device, versions and config (every flag, the
+prompt, visual and completion token counts). Timings are medians of --reps runs after one
+warm-up run.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import _cli  # noqa: E402
 
 SETTINGS = {"whole rows": dict(dedup_images=False, share_prompts=False),
             "dedup": dict(dedup_images=True, share_prompts=False),
@@ -107,36 +110,60 @@ def measure(model, batch, setting, a, device):
         if rep:  # the first run warms up
             out["update_s"].append(t_update)
             out["logprobs_s"].append(t_lp)
+        print(f"bench_share: {setting}: {'run ' + str(rep) + '/' + str(a.reps) if rep else 'warm-up'}: update "
+              f"{t_update:.2f} s, log-probs {t_lp:.2f} s", file=sys.stderr, flush=True)
     grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}
     return {"update_s": statistics.median(out["update_s"]), "logprobs_s": statistics.median(out["logprobs_s"]),
             "update_peak_mem_bytes": peak, "loss": float(loss.detach()), "logprobs": (lp.float() * batch.mask),
             "grads": grads}
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    ap.add_argument("--layers", type=int, default=2, help="text decoder layers (2B: 28)")
-    ap.add_argument("--vision-layers", type=int, default=2, help="vision tower blocks (2B: 32)")
-    ap.add_argument("--vocab", type=int, default=None,
+def build_parser() -> argparse.ArgumentParser:
+    ap = _cli.ArgumentParser(description=__doc__.split("\n\n")[0],
+                             epilog="A bad argument is one error line and exit code 2, before anything runs.")
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="auto: cuda if available, else cpu (default: %(default)s)")
+    ap.add_argument("--layers", type=_cli.positive_int, default=2,
+                    help="text decoder layers; 2B: 28 (default: %(default)s)")
+    ap.add_argument("--vision-layers", type=_cli.positive_int, default=2,
+                    help="vision tower blocks; 2B: 32 (default: %(default)s)")
+    ap.add_argument("--vocab", type=_cli.positive_int, default=None,
                     help="LM-head rows (default: 151,936 on CUDA; 4,096 on CPU, where the head, the same in "
                          "every setting, would take most of the time)")
-    ap.add_argument("--prompts", type=int, default=2)
-    ap.add_argument("--image", type=int, default=448, help="image side in pixels (448: 256 visual tokens)")
-    ap.add_argument("--G", type=int, default=4, help="completions per prompt")
-    ap.add_argument("--completion", type=int, default=64, help="longest completion (lengths drawn in [n/2, n])")
-    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    ap.add_argument("--attn", default="sdpa", help="sdpa, eager, flash_attention_2 or auto")
-    ap.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True)
-    ap.add_argument("--reps", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--prompts", type=_cli.positive_int, default=2,
+                    help="distinct prompts, one image each (default: %(default)s)")
+    ap.add_argument("--image", type=_cli.positive_int, default=448,
+                    help="image side in pixels, resized by the processor to a multiple of 28; 448: 256 visual "
+                         "tokens (default: %(default)s)")
+    ap.add_argument("--G", type=_cli.positive_int, default=4, help="completions per prompt (default: %(default)s)")
+    ap.add_argument("--completion", type=_cli.positive_int, default=64,
+                    help="longest completion in tokens, at least 2; lengths drawn in [n/2, n] "
+                         "(default: %(default)s)")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="model dtype (default: %(default)s)")
+    ap.add_argument("--attn", choices=("auto", "eager", "sdpa", "flash_attention_2"), default="sdpa",
+                    help="attention implementation (default: %(default)s)")
+    ap.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                    help="gradient checkpointing (default: on)")
+    ap.add_argument("--reps", type=_cli.positive_int, default=2,
+                    help="timed runs per setting after one warm-up run, median taken (default: %(default)s)")
+    ap.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    ap.add_argument("--out", default=None,
+                    help="JSON path; missing folders are created (default: bench/results/share_<device>.json)")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
     a = ap.parse_args(argv)
-    device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if a.device == "auto" else a.device))
+    if a.completion < 2:
+        ap.error(f"--completion {a.completion}: at least 2 (lengths are drawn in [n/2, n])")
+    device = _cli.device(ap, "--device", a.device)
     a.vocab = a.vocab or (151936 if device.type == "cuda" else 4096)
     from bench_loss import device_name, device_slug
     from bench_step import _versions
+
+    out = _cli.out_file(ap, "--out", a.out or HERE / "results" / f"share_{device_slug(device)}.json")
 
     model, batch, attn = build(a, device)
     prompt_tokens = int(batch.inputs["attention_mask"][0, : batch.start].sum())
@@ -155,13 +182,11 @@ def main(argv=None) -> int:
                     for k in base["grads"])
         peak = r["update_peak_mem_bytes"]
         print(f"{s:<24} {r['update_s']:>9.3f} {r['update_s'] / base['update_s']:>8.2f} {r['logprobs_s']:>11.3f} "
-              f"{r['logprobs_s'] / base['logprobs_s']:>8.2f} {(peak / 2**30 if peak else float('nan')):>9.2f} "
+              f"{r['logprobs_s'] / base['logprobs_s']:>8.2f} {(f'{peak / 2**30:.2f}' if peak is not None else '-'):>9} "
               f"{lp_err:>11.2e} {g_err:>13.2e}")
         rows.append({"setting": s, **SETTINGS[s], "update_seconds": r["update_s"], "logprobs_seconds": r["logprobs_s"],
                      "update_peak_mem_bytes": peak, "loss": r["loss"], "logprobs_max_abs_err_vs_whole": lp_err,
                      "grad_max_rel_err_vs_whole": g_err})
-    out = Path(a.out) if a.out else HERE / "results" / f"share_{device_slug(device)}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     cfg = {k: v for k, v in vars(a).items() if k != "out"}
     cfg.update(attn_resolved=attn, prompt_tokens=prompt_tokens, visual_tokens=visual, completion_tokens=int(batch.mask.sum()),
                statistic=f"median of {a.reps} runs after 1 warm-up")

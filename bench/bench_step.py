@@ -78,6 +78,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _cli  # noqa: E402
 PHASES = ("rollout", "reward", "logprob", "update", "step")
 ROW_KEYS = ("impl", "phase", "device", "tokens_per_s", "seconds", "peak_mem_bytes", "config", "versions")
 R1VL_VARIANTS = ("fused+liger", "fused", "materialised+liger", "materialised")
@@ -837,65 +839,133 @@ def worker(job: str, work: Path) -> int:
     return 0
 
 
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def _preset_default(key: str, fmt=str) -> str:
+    return "default: the preset's, " + ", ".join(f"{name} {fmt(p[key])}" for name, p in sorted(PRESETS.items()))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    pd = _preset_default
+    onoff = lambda v: "on" if v else "off"  # noqa: E731
+    ap = _cli.ArgumentParser(description=__doc__.split("\n\n")[0],
+                             formatter_class=argparse.RawDescriptionHelpFormatter,
+                             epilog="A bad argument is one error line and exit code 2, before anything runs. "
+                                    "Flags left unset take the preset's value; every value is in each "
+                                    "row's config.")
     ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
-                    help="tiny: the repo's tiny model (CPU smoke run); 2b: random Qwen2-VL-2B (GPU)")
-    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    ap.add_argument("--impls", default="r1vl,trl", help="comma-separated: r1vl, trl")
+                    help="tiny: the repo's tiny model (CPU smoke run); 2b: random Qwen2-VL-2B (GPU) "
+                         "(default: %(default)s)")
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="auto: cuda if available, else cpu (default: %(default)s)")
+    ap.add_argument("--impls", default="r1vl,trl", help="comma-separated among r1vl, trl (default: %(default)s)")
     ap.add_argument("--variants", default=",".join(R1VL_VARIANTS),
-                    help=f"r1vl variants, comma-separated among {', '.join(R1VL_VARIANTS)}")
-    ap.add_argument("--prompts", type=int, help="prompts per step")
-    ap.add_argument("--num-generations", type=int, help="G, completions per prompt")
-    ap.add_argument("--max-new-tokens", type=int, help="completion length (forced: exactly this many)")
-    ap.add_argument("--micro-batch", type=int, help="sequences per forward/backward (and per log-prob pass)")
-    ap.add_argument("--num-iterations", type=int, default=1, help="μ, optimisation passes per generation")
-    ap.add_argument("--beta", type=float, default=0.04)
-    ap.add_argument("--epsilon", type=float, default=0.2)
-    ap.add_argument("--loss-type", choices=("grpo", "bnpo", "dr_grpo", "dapo"), default="grpo")
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--top-k", type=int, default=0)
-    ap.add_argument("--lr", type=float, default=1e-6)
-    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+                    help=f"r1vl variants, comma-separated among {', '.join(R1VL_VARIANTS)}; +liger ones are "
+                         "reported as skipped on CPU (default: all)")
+    ap.add_argument("--prompts", type=_cli.positive_int, help="prompts per step (" + pd("prompts") + ")")
+    ap.add_argument("--num-generations", type=_cli.positive_int,
+                    help="G, completions per prompt, at least 2 (" + pd("num_generations") + ")")
+    ap.add_argument("--max-new-tokens", type=_cli.positive_int,
+                    help="completion length in tokens (forced: exactly this many) (" + pd("max_new_tokens") + ")")
+    ap.add_argument("--micro-batch", type=_cli.positive_int,
+                    help="sequences per forward/backward (and per log-prob pass); must divide prompts x G ("
+                         + pd("micro_batch") + ")")
+    ap.add_argument("--num-iterations", type=_cli.positive_int, default=1,
+                    help="μ, optimisation passes per generation (default: %(default)s)")
+    ap.add_argument("--beta", type=float, default=0.04, help="KL coefficient β (default: %(default)s)")
+    ap.add_argument("--epsilon", type=float, default=0.2, help="clip range ε, low and high (default: %(default)s)")
+    ap.add_argument("--loss-type", choices=("grpo", "bnpo", "dr_grpo", "dapo"), default="grpo",
+                    help="(default: %(default)s)")
+    ap.add_argument("--temperature", type=_cli.positive_float, default=1.0,
+                    help="sampling temperature (default: %(default)s)")
+    ap.add_argument("--top-p", type=_cli.positive_float, default=1.0, help="(default: %(default)s)")
+    ap.add_argument("--top-k", type=_cli.nonneg_int, default=0, help="0: off (default: %(default)s)")
+    ap.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate (default: %(default)s)")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="model dtype (" + pd("dtype") + ")")
     ap.add_argument("--attn", choices=("auto", "eager", "sdpa", "flash_attention_2"),
-                    help="attention implementation for both (auto: flash-attn 2 on CUDA when it imports, else sdpa)")
-    ap.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
-    ap.add_argument("--min-pixels", type=int, help="image pixel bounds (the synthetic 84x84 images are resized "
-                                                    "into them by r1vl's loader)")
-    ap.add_argument("--max-pixels", type=int)
-    ap.add_argument("--max-prompt-length", type=int, default=1024)
+                    help="attention implementation for both (auto: flash-attn 2 on CUDA when it imports, else "
+                         "sdpa) (" + pd("attn") + ")")
+    ap.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                    help="gradient checkpointing, on both sides (" + pd("gradient_checkpointing", onoff) + ")")
+    ap.add_argument("--min-pixels", type=_cli.positive_int,
+                    help="image pixel bounds, in pixels (the synthetic 84x84 images are resized into them by "
+                         "r1vl's loader) (" + pd("min_pixels") + ")")
+    ap.add_argument("--max-pixels", type=_cli.positive_int, help="upper image bound, in pixels (" + pd("max_pixels") + ")")
+    ap.add_argument("--max-prompt-length", type=_cli.positive_int, default=1024,
+                    help="prompt tokens, checked as the trainer does (default: %(default)s)")
     ap.add_argument("--dedup-images", action=argparse.BooleanOptionalAction, default=True,
                     help="r1vl: vision tower once per distinct image (model.dedup_images); TRL runs it per "
-                         "completion")
+                         "completion (default: on)")
     ap.add_argument("--share-prompts", action=argparse.BooleanOptionalAction, default=True,
                     help="r1vl: log-prob passes and the update forward each prompt once and share its KV "
-                         "cache with its G completions (model.share_prompts); TRL forwards whole rows")
+                         "cache with its G completions (model.share_prompts); TRL forwards whole rows "
+                         "(default: on)")
     ap.add_argument("--ref-on-host", action=argparse.BooleanOptionalAction, default=False,
                     help="r1vl: reference weights in host memory, on the GPU for the reference log-probs only "
-                         "(model.ref_on_host); TRL keeps its reference on the GPU")
+                         "(model.ref_on_host); TRL keeps its reference on the GPU (default: off)")
     ap.add_argument("--optim-impl", choices=("auto", "fused", "foreach", "for_loop"), default="auto",
-                    help="r1vl: AdamW implementation (optim.impl; auto: fused on CUDA)")
+                    help="r1vl: AdamW implementation (optim.impl; auto: fused on CUDA) (default: %(default)s)")
     ap.add_argument("--trl-optim", choices=("adamw_torch", "adamw_torch_fused"), default="adamw_torch",
-                    help="TRL: its optim argument (adamw_torch, its default: foreach on CUDA)")
-    ap.add_argument("--reward-workers", type=int, default=0, help="r1vl.rewards.score_batch workers (0: in-process)")
-    ap.add_argument("--warmup", type=int, help="untimed steps first")
-    ap.add_argument("--repeats", type=int, help="timed steps (median)")
-    ap.add_argument("--seed", type=int, default=0)
+                    help="TRL: its optim argument (adamw_torch, its default: foreach on CUDA) "
+                         "(default: %(default)s)")
+    ap.add_argument("--reward-workers", type=_cli.nonneg_int, default=0,
+                    help="r1vl.rewards.score_batch workers, 0: in-process (default: %(default)s)")
+    ap.add_argument("--warmup", type=_cli.nonneg_int, help="untimed steps first (" + pd("warmup") + ")")
+    ap.add_argument("--repeats", type=_cli.positive_int, help="timed steps, median taken (" + pd("repeats") + ")")
+    ap.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     ap.add_argument("--loss-probe", action=argparse.BooleanOptionalAction, default=True,
                     help="r1vl: after the timed steps, grpo_update at a point where the loss is not 0 "
-                         "(fused and materialised must agree; untimed)")
-    ap.add_argument("--out", default=None, help="JSON path (default bench/results/step_<device>.json)")
-    ap.add_argument("--out-dir", default=None, help="write DIR/step_<device>.json instead (e.g. $OUT)")
-    ap.add_argument("--workdir", default=None, help="where the model and data are built (default: a temp dir)")
-    ap.add_argument("--keep-workdir", action="store_true")
-    ap.add_argument("--worker-timeout", type=float, default=None, help="seconds per run (default: none)")
-    ap.add_argument("--time-budget", type=float, default=None,
+                         "(fused and materialised must agree; untimed) (default: on)")
+    ap.add_argument("--out", default=None,
+                    help="JSON path; missing folders are created (default: bench/results/step_<device>.json)")
+    ap.add_argument("--out-dir", default=None, help="write DIR/step_<device>.json instead, e.g. $OUT (default: none)")
+    ap.add_argument("--workdir", default=None,
+                    help="where the model and data are built, kept afterwards (default: a temp dir, removed)")
+    ap.add_argument("--keep-workdir", action="store_true", help="keep the temp work dir (default: off)")
+    ap.add_argument("--worker-timeout", type=_cli.positive_float, default=None,
+                    help="seconds per run (default: none)")
+    ap.add_argument("--time-budget", type=_cli.positive_float, default=None,
                     help="seconds for the whole benchmark: a run that would not fit (judged by the longest "
-                         "run so far) is reported as skipped, and each run gets at most what is left")
+                         "run so far) is reported as skipped, and each run gets at most what is left "
+                         "(default: none)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    return ap
+
+
+def parse_args(argv=None):
+    """The command line, checked: every bad value is an argparse error (exit code 2) here,
+    before the model is built."""
+    ap = build_parser()
     a = ap.parse_args(argv)
+    if a.worker:
+        return a
+    impls = [x.strip() for x in a.impls.split(",") if x.strip()]
+    variants = [x.strip() for x in a.variants.split(",") if x.strip()]
+    for x in impls:
+        if x not in ("r1vl", "trl"):
+            ap.error(f"--impls: unknown {x!r}; choose from r1vl, trl")
+    for x in variants:
+        if x not in R1VL_VARIANTS:
+            ap.error(f"--variants: unknown {x!r}; choose from {', '.join(R1VL_VARIANTS)}")
+    if not impls:
+        ap.error("--impls: none given")
+    if "r1vl" in impls and not variants:
+        ap.error("--variants: none given")
+    eff = {k: (getattr(a, k) if getattr(a, k) is not None else v) for k, v in PRESETS[a.preset].items()}
+    if eff["num_generations"] < 2:
+        ap.error("--num-generations must be >= 2 (group-relative advantages)")
+    n = eff["prompts"] * eff["num_generations"]
+    if n % eff["micro_batch"]:
+        ap.error(f"prompts x G = {n} must be a multiple of --micro-batch {eff['micro_batch']} "
+                 "(TRL's gradient accumulation covers all completions of a step)")
+    if eff["min_pixels"] > eff["max_pixels"]:
+        ap.error(f"--min-pixels {eff['min_pixels']} is above --max-pixels {eff['max_pixels']}")
+    if a.device == "cuda":
+        _cli.require_cuda(ap, "--device")
+    if a.out:
+        _cli.out_file(ap, "--out", a.out)
+    elif a.out_dir:
+        _cli.out_dir(ap, "--out-dir", a.out_dir)
+    if a.workdir:
+        _cli.out_dir(ap, "--workdir", a.workdir)
     return a
 
 
@@ -908,17 +978,8 @@ def main(argv=None) -> int:
     for k, v in PRESETS[ns.preset].items():
         if a.get(k) is None:
             a[k] = v
-    a["impls"] = [x for x in ns.impls.split(",") if x]
-    a["variants"] = [x for x in ns.variants.split(",") if x]
-    bad = [x for x in a["impls"] if x not in ("r1vl", "trl")] + [x for x in a["variants"] if x not in R1VL_VARIANTS]
-    if bad:
-        raise SystemExit(f"bench_step: unknown impl/variant {bad}")
-    n = a["prompts"] * a["num_generations"]
-    if n % a["micro_batch"]:
-        raise SystemExit(f"bench_step: prompts x G = {n} must be a multiple of --micro-batch {a['micro_batch']} "
-                         "(TRL's gradient accumulation covers all completions of a step)")
-    if a["num_generations"] < 2:
-        raise SystemExit("bench_step: --num-generations must be >= 2 (group-relative advantages)")
+    a["impls"] = [x.strip() for x in ns.impls.split(",") if x.strip()]         # checked in parse_args
+    a["variants"] = [x.strip() for x in ns.variants.split(",") if x.strip()]
     signal.signal(signal.SIGTERM, _on_term)
     work = Path(ns.workdir) if ns.workdir else Path(tempfile.mkdtemp(prefix="bench_step_"))
     work.mkdir(parents=True, exist_ok=True)

@@ -41,6 +41,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+import _cli  # noqa: E402
 
 HEADS = {"2b": (1536, 151936), "7b": (3584, 152064)}
 SM90 = dict(regs=65536, smem=228 * 1024, smem_block=227 * 1024, warps=64, ctas=32, sms=132)
@@ -286,28 +288,47 @@ def table(report) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    ap = _cli.ArgumentParser(description=__doc__.split("\n\n")[0],
+                             epilog="Exit codes: 0 every variant compiled, 1 some did not, 2 a bad argument "
+                                    "(or TRITON_INTERPRET=1 set).")
     ap.add_argument("--kernels", default="fwd,bwd,objective,rows",
-                    help="comma list of fwd, bwd, objective, rows")
-    ap.add_argument("--heads", default="2b,7b", help="comma list of " + ", ".join(HEADS))
-    ap.add_argument("--dtypes", default="bf16", help="comma list of bf16, fp16, fp32")
-    ap.add_argument("--tokens", type=int, default=16384, help="rows (sets the forward's split plan)")
-    ap.add_argument("--arch", type=int, default=90, help="compute capability × 10 (90: H100/H200)")
-    ap.add_argument("--quick", action="store_true", help="first config of each table (of each loop shape for the forward), "
-                                                         "no entropy variants")
+                    help="comma list of fwd, bwd, objective, rows (default: %(default)s)")
+    ap.add_argument("--heads", default="2b,7b", help="comma list of " + ", ".join(HEADS) + " (default: %(default)s)")
+    ap.add_argument("--dtypes", default="bf16", help="comma list of bf16, fp16, fp32 (default: %(default)s)")
+    ap.add_argument("--tokens", type=_cli.positive_int, default=16384,
+                    help="rows N (sets the forward's split plan) (default: %(default)s)")
+    ap.add_argument("--arch", type=_cli.positive_int, default=90,
+                    help="compute capability x 10 (90: H100/H200); the CTAs/SM column always uses sm_90's "
+                         "limits (default: %(default)s)")
+    ap.add_argument("--quick", action="store_true",
+                    help="first config of each table (of each loop shape for the forward), no entropy variants "
+                         "(default: off)")
     ap.add_argument("--all-flags", action="store_true",
                     help="every combination of each kernel's boolean switches (bias, entropy, which "
                          "gradients, the objective's terms) at the first config of each table (of each loop "
-                         "shape for the forward)")
-    ap.add_argument("--json", default=None, help="write the full report here")
+                         "shape for the forward) (default: off)")
+    ap.add_argument("--json", default=None,
+                    help="write the full report here; missing folders are created (default: no file)")
+    return ap
+
+
+def main(argv=None):
+    ap = build_parser()
     a = ap.parse_args(argv)
-    kernels = [k for k in a.kernels.split(",") if k]
-    bad = set(kernels) - {"fwd", "bwd", "objective", "rows"}
-    heads = [h for h in a.heads.split(",") if h]
-    dtypes = [d for d in a.dtypes.split(",") if d]
-    if bad or set(heads) - set(HEADS) or set(dtypes) - {"bf16", "fp16", "fp32"}:
-        ap.error(f"unknown kernel/head/dtype in {a.kernels!r} / {a.heads!r} / {a.dtypes!r}")
+    kernels = [k.strip() for k in a.kernels.split(",") if k.strip()]
+    heads = [h.strip() for h in a.heads.split(",") if h.strip()]
+    dtypes = [d.strip() for d in a.dtypes.split(",") if d.strip()]
+    for flag, got, known in (("--kernels", kernels, ("fwd", "bwd", "objective", "rows")),
+                             ("--heads", heads, tuple(HEADS)), ("--dtypes", dtypes, ("bf16", "fp16", "fp32"))):
+        bad = [x for x in got if x not in known]
+        if bad or not got:
+            ap.error(f"{flag} {getattr(a, flag[2:])!r}: " + (f"unknown {', '.join(map(repr, bad))}; " if bad else
+                                                            "none given; ") + f"choose from {', '.join(known)}")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        ap.error("TRITON_INTERPRET=1 is set: unset it (the kernels would be interpreted, not compiled)")
+    if a.json:
+        _cli.out_file(ap, "--json", a.json)
     report = run(kernels, heads, dtypes, quick=a.quick, n_tokens=a.tokens, arch=a.arch,
                  all_flags=a.all_flags,
                  log=lambda s: print(s, file=sys.stderr, flush=True))

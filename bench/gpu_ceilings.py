@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _cli  # noqa: E402
 from bench_loss import device_name, device_slug, versions  # noqa: E402
 
 
@@ -52,22 +53,40 @@ def _smi() -> str | None:
         return None
 
 
+def build_parser() -> argparse.ArgumentParser:
+    ap = _cli.ArgumentParser(description=__doc__.split("\n\n")[0].rstrip(":") + ".",
+                             epilog="A bad argument is one error line and exit code 2, before anything runs.")
+    ap.add_argument("--small", action="store_true",
+                    help="small sizes: 64 MiB copy, 512^3 product (default: off; always on for CPU)")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
+    ap.add_argument("--copy-gib", type=_cli.positive_float, default=None,
+                    help="copy buffer size in GiB (default: 4 on CUDA, 1/16 with --small or on CPU)")
+    ap.add_argument("--mm", type=_cli.positive_int, default=None,
+                    help="matrix size n of the n^3 product, bf16 on CUDA, fp32 on CPU "
+                         "(default: 8192 on CUDA, 512 with --small or on CPU)")
+    ap.add_argument("--reps", type=_cli.positive_int, default=20,
+                    help="CPU: timed repeats, median taken; CUDA: do_bench gets max(200, 10 x reps) ms "
+                         "(default: %(default)s)")
+    ap.add_argument("--out", default=None,
+                    help="JSON path; missing folders are created (default: bench/results/ceilings_<device>.json)")
+    return ap
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--small", action="store_true", help="CPU-sized: 64 MiB copy, 512^3 fp32 product")
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--copy-gib", type=float, default=None, help="copy buffer size (default 4 GiB on CUDA)")
-    ap.add_argument("--mm", type=int, default=None, help="matrix size (default 8192)")
-    ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--out", default=None)
+    ap = build_parser()
     args = ap.parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _cli.device(ap, "--device", args.device)
+    out = _cli.out_file(ap, "--out", args.out or Path(__file__).resolve().parent / "results"
+                        / f"ceilings_{device_slug(device)}.json")
     small = args.small or device.type == "cpu"
     copy_bytes = int((args.copy_gib or (1 / 16 if small else 4.0)) * 2**30)
     n = args.mm or (512 if small else 8192)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
 
-    res = dict(device=device_name(device), versions=versions(), host=platform.node())
+    res = dict(device=device_name(device), versions=versions(), host=platform.node(),
+               config=dict(small=small, reps=args.reps,
+                           timing="triton.testing.do_bench median (CUDA events, L2 flushed)"
+                           if device.type == "cuda" else "median of wall-clock repeats after one warm-up call"))
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         res.update(sm_count=p.multi_processor_count, total_mem_bytes=p.total_memory,
@@ -91,12 +110,10 @@ def main(argv=None):
         res["nvidia_smi_after"] = _smi()
 
     print(f"device: {res['device']}")
-    print(f"copy: {res['copy']['tb_per_s']:.3f} TB/s (read+write, {copy_bytes / 2**30:.2f} GiB each way, "
+    print(f"copy: {res['copy']['tb_per_s']:.4g} TB/s (read+write, {copy_bytes / 2**30:.2f} GiB each way, "
           f"{res['copy']['ms_median']:.3f} ms median)")
-    print(f"mm:   {res['mm']['tflops']:.1f} TFLOP/s ({n}^3 {res['mm']['dtype']}, random, "
+    print(f"mm:   {res['mm']['tflops']:.4g} TFLOP/s ({n}^3 {res['mm']['dtype']}, random, "
           f"{res['mm']['ms_median']:.3f} ms median)")
-    out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / f"ceilings_{device_slug(device)}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2) + "\n")
     print(f"wrote {out}", file=sys.stderr)
     return res

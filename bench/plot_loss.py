@@ -15,7 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _cli  # noqa: E402
 
 DEFAULT_IMPLS = ("fused_*", "reference", "liger_chunked", "floor")
 COLORS = {"reference": "tab:red", "liger_chunked": "tab:orange", "liger_triton": "tab:brown",
@@ -87,20 +91,48 @@ def plot(paths: list[Path], png: Path, impls=DEFAULT_IMPLS) -> Path:
     return png
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    ap = _cli.ArgumentParser(description=__doc__.split("\n\n")[0],
+                             epilog="A bad argument (a missing or non-bench_loss.py JSON file, --impls matching "
+                                    "no row, an unwritable output) is one error line and exit code 2.")
     ap.add_argument("json", nargs="+", type=Path, help="bench_loss.py JSON file(s), merged in order")
-    ap.add_argument("--png", type=Path, default=None, help="output (default: the first JSON's name, .png)")
-    ap.add_argument("--merge-out", type=Path, default=None, help="write the merged JSON here")
+    ap.add_argument("--png", type=Path, default=None,
+                    help="output .png; missing folders are created (default: the --merge-out file's or else the "
+                         "first JSON's name, .png)")
+    ap.add_argument("--merge-out", type=Path, default=None, help="write the merged JSON here (default: no file)")
     ap.add_argument("--impls", default=",".join(DEFAULT_IMPLS),
-                    help="comma-separated impls to draw ('prefix*' matches a prefix)")
+                    help="comma-separated impls to draw ('prefix*' matches a prefix) (default: %(default)s)")
+    return ap
+
+
+def main(argv=None):
+    ap = build_parser()
     args = ap.parse_args(argv)
+    for path in args.json:
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            ap.error(f"{path}: no such file")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            ap.error(f"{path}: not a JSON file ({e})")
+        if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
+            ap.error(f"{path}: not a bench_loss.py result (no \"rows\" list)")
+        keys = ("impl", "device", "hidden", "vocab", "tokens", "dtype", "ms_median", "peak_mem_bytes")
+        for r in data["rows"]:
+            missing = [k for k in keys if k not in r] if isinstance(r, dict) else list(keys)
+            if missing:
+                ap.error(f"{path}: a row lacks {', '.join(missing)}: not a bench_loss.py result")
+    impls = tuple(i.strip() for i in args.impls.split(",") if i.strip())
+    have = sorted({r["impl"] for r in merge(args.json)["rows"] if r.get("ms_median") is not None})
+    if not any(_wanted(i, impls) for i in have):
+        ap.error(f"--impls {args.impls!r} matches no measured row; the files have {', '.join(have) or 'none'}")
+    png = args.png or (args.merge_out or args.json[0]).with_suffix(".png")
+    _cli.out_file(ap, "--png", png, suffix=".png")
     if args.merge_out:
-        args.merge_out.parent.mkdir(parents=True, exist_ok=True)
+        _cli.out_file(ap, "--merge-out", args.merge_out)
         args.merge_out.write_text(json.dumps(merge(args.json), indent=2) + "\n")
         print(f"wrote {args.merge_out}")
-    png = args.png or (args.merge_out or args.json[0]).with_suffix(".png")
-    plot(args.json, png, tuple(i for i in args.impls.split(",") if i))
+    plot(args.json, png, impls)
     print(f"wrote {png}")
 
 

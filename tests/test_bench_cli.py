@@ -1,0 +1,327 @@
+"""The bench/ scripts' command lines, in-process (seconds): --help gives every flag's
+default, a bad argument is one error line and exit code 2 before any work starts, the JSON
+names the device and versions, the printed figures match it, and bench/README.md's
+commands parse."""
+import importlib
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+SCRIPTS = ("bench_loss", "bench_step", "bench_share", "bench_memory", "bench_cpu_memory",
+           "bench_adamw_memory", "compile_report", "plot_loss", "gpu_ceilings")
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where CUDA is missing")
+
+
+def _mod(name):
+    sys.path.insert(0, str(BENCH))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def _exit_code(fn, argv, capsys):
+    """(exit code, stderr) of fn(argv), which must raise SystemExit."""
+    with pytest.raises(SystemExit) as e:
+        fn(argv)
+    return e.value.code, capsys.readouterr().err
+
+
+def _blocked(tmp_path):
+    """An output path whose folder cannot exist: a file is in the way."""
+    (tmp_path / "afile").write_text("x")
+    return str(tmp_path / "afile" / "out.json")
+
+
+def _help_entries(text: str) -> dict[str, str]:
+    """'--flag' -> its help paragraph, from argparse's --help output."""
+    entries, cur = {}, None
+    for line in text.splitlines():
+        m = re.match(r"^  (-[-\w]+)", line)
+        if m:
+            cur = m.group(1)
+            entries[cur] = line
+        elif cur and line.startswith("   "):
+            entries[cur] += " " + line.strip()
+        else:
+            cur = None
+    return entries
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_gives_every_flags_default(script, capsys):
+    with pytest.raises(SystemExit) as e:
+        _mod(script).main(["--help"])
+    assert e.value.code == 0
+    entries = _help_entries(capsys.readouterr().out)
+    flags = [f for f in entries if f not in ("-h", "--help")]
+    assert flags, script
+    undocumented = [f for f in flags if "default" not in entries[f].lower()]
+    assert not undocumented, f"{script}: no default in the help of {undocumented}"
+
+
+def test_bench_step_help_has_no_small_flag(capsys):
+    """bench/gpu_session.sh's dry run picks --small if bench_step.py's help mentions it."""
+    with pytest.raises(SystemExit):
+        _mod("bench_step").main(["--help"])
+    out = capsys.readouterr().out
+    assert "--small" not in out and "tiny" in out and "--out" in out and "--preset" in out
+
+
+# ----------------------------------------------------------------------------- bad arguments
+
+LOSS = ["--device", "cpu", "--shapes", "64x300x48", "--impls", "fused_torch", "--reps", "1", "--input-sets", "1"]
+SHARE = ["--device", "cpu", "--layers", "1", "--vision-layers", "1", "--vocab", "1100", "--prompts", "1", "--G", "2",
+         "--completion", "4", "--image", "56", "--reps", "1"]
+
+
+OUT, BAD = "{out}", "{bad_out}"   # a fresh path in tmp_path; one whose folder cannot exist
+BAD_ARGS = {
+    "bench_loss": [
+        (LOSS + ["--backends", "foo", "--impls", "fused", "--out", OUT], "--backends"),
+        (LOSS + ["--shapes", "64x300", "--out", OUT], "--shapes"),
+        (LOSS + ["--shapes", "abc", "--out", OUT], "--shapes"),
+        (LOSS + ["--shapes", "64x300x1000", "--out", OUT], "512"),            # would time 512 tokens
+        (["--device", "cpu", "--heads", "3b", "--tokens", "48", "--out", OUT], "--heads"),
+        (["--device", "cpu", "--heads", "64x300", "--tokens", "-5", "--out", OUT], "--tokens"),
+        (LOSS + ["--reps", "-1", "--out", OUT], "--reps"),
+        (LOSS + ["--reps", "0", "--out", OUT], "--reps"),                     # was: silently 3
+        (LOSS + ["--warmup", "-1", "--out", OUT], "--warmup"),
+        (LOSS + ["--device", "foo", "--out", OUT], "--device"),
+        (LOSS + ["--targets-at", "12x", "--out", OUT], "--targets-at"),
+        (LOSS + ["--impls", "fused_foo", "--out", OUT], "--impls"),
+        (LOSS + ["--out", BAD], "--out"),
+        (LOSS + ["--out", OUT, "--png", "{tmp}/p.json"], "--png"),
+    ],
+    "bench_step": [
+        (["--variants", "foo"], "--variants"),
+        (["--impls", "r1vl,foo"], "--impls"),
+        (["--repeats", "0"], "--repeats"),
+        (["--prompts", "-1"], "--prompts"),
+        (["--micro-batch", "0"], "--micro-batch"),
+        (["--micro-batch", "3"], "--micro-batch"),
+        (["--num-generations", "1"], "--num-generations"),
+        (["--time-budget", "-5"], "--time-budget"),
+        (["--out", BAD], "--out"),
+    ],
+    "bench_share": [
+        (SHARE + ["--reps", "0", "--out", OUT], "--reps"),
+        (SHARE + ["--attn", "foo", "--out", OUT], "--attn"),
+        (SHARE + ["--completion", "1", "--out", OUT], "--completion"),
+        (SHARE + ["--out", BAD], "--out"),
+    ],
+    "bench_cpu_memory": [
+        (["--tokens", "1000", "--hidden", "64", "--vocab", "1000", "--out", OUT], "--tokens"),  # timed 512
+        (["--tokens", "100", "--hidden", "64", "--vocab", "1000", "--out", OUT], "--tokens"),   # timed 0
+        (["--tokens", "512", "--hidden", "0", "--vocab", "1000", "--out", OUT], "--hidden"),
+        (["--tokens", "512", "--hidden", "64", "--vocab", "1000", "--out", BAD], "--out"),
+    ],
+    "bench_adamw_memory": [
+        (["--tensors", "0"], "--tensors"),
+        (["--size", "-1"], "--size"),
+    ],
+    "compile_report": [
+        (["--tokens", "-1", "--kernels", "objective", "--quick"], "--tokens"),
+        (["--kernels", ","], "--kernels"),
+        (["--heads", "3b"], "--heads"),
+    ],
+    "gpu_ceilings": [
+        (["--small", "--reps", "0", "--out", OUT], "--reps"),
+        (["--small", "--mm", "-5", "--out", OUT], "--mm"),
+        (["--small", "--copy-gib", "0", "--out", OUT], "--copy-gib"),         # was: silently the default size
+        (["--small", "--device", "foo", "--out", OUT], "--device"),
+        (["--small", "--reps", "2", "--out", BAD], "--out"),
+    ],
+}
+
+
+@pytest.mark.parametrize("script,argv,word", [(s, a, w) for s, cases in BAD_ARGS.items() for a, w in cases],
+                         ids=[f"{s}-{i}-{w.strip('-')}" for s, cases in BAD_ARGS.items()
+                              for i, (_, w) in enumerate(cases)])
+def test_bad_argument_exits_2_with_one_line(script, argv, word, tmp_path, capsys):
+    mod = _mod(script)
+    fn = mod.parse_args if script == "bench_step" else mod.main   # bench_step: nothing is built
+    argv = [a.format(out=tmp_path / "o.json", bad_out=_blocked(tmp_path), tmp=tmp_path) for a in argv]
+    code, err = _exit_code(fn, argv, capsys)
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert code == 2 and len(lines) == 1 and "error:" in lines[0] and word in lines[0], (code, err)
+    assert not (tmp_path / "o.json").exists()
+
+
+@NO_CUDA
+@pytest.mark.parametrize("script", ["bench_loss", "bench_step", "bench_share", "gpu_ceilings"])
+def test_device_cuda_without_cuda_is_an_argument_error(script, tmp_path, capsys):
+    mod = _mod(script)
+    fn = mod.parse_args if script == "bench_step" else mod.main
+    argv = ["--device", "cuda", "--out", str(tmp_path / "o.json")]
+    argv += {"bench_loss": ["--shapes", "64x300x48"], "gpu_ceilings": ["--small"]}.get(script, [])
+    code, err = _exit_code(fn, argv, capsys)
+    assert code == 2 and err.count("\n") == 1 and "CUDA is not available" in err, err
+
+
+def test_bench_loss_triton_on_cpu_needs_the_interpreter(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    code, err = _exit_code(_mod("bench_loss").main, LOSS + ["--backends", "triton", "--impls", "fused",
+                                                            "--out", str(tmp_path / "o.json")], capsys)
+    assert code == 2 and "TRITON_INTERPRET=1" in err and err.count("\n") == 1, err
+
+
+def test_compile_report_refuses_the_interpreter_with_exit_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    code, err = _exit_code(_mod("compile_report").main, ["--kernels", "objective", "--heads", "2b", "--quick"],
+                           capsys)
+    assert code == 2 and "TRITON_INTERPRET" in err and err.count("\n") == 1, err
+
+
+def test_compile_report_checks_its_json_path_before_compiling(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    mod = _mod("compile_report")
+    monkeypatch.setattr(mod, "run", lambda *a, **k: pytest.fail("compiled before checking --json"))
+    code, err = _exit_code(mod.main, ["--kernels", "objective", "--heads", "2b", "--quick", "--json",
+                                      _blocked(tmp_path)], capsys)
+    assert code == 2 and "--json" in err and err.count("\n") == 1, err
+
+
+def _metrics(tmp_path) -> Path:
+    run = tmp_path / "run"
+    run.mkdir()
+    mem = [{"phase": "generate", "allocated": 2**30, "reserved": 2**31, "device_used": 2**32}]
+    (run / "metrics.jsonl").write_text(json.dumps({"phase": "grpo", "step": 1, "memory": mem}) + "\n")
+    return run
+
+
+def test_bench_memory_out_must_be_a_png(tmp_path, capsys):
+    run = _metrics(tmp_path)
+    main = _mod("bench_memory").main
+    for out, word in ((tmp_path / "m.json", ".png"), (tmp_path / "noext", ".png"),
+                      (Path(_blocked(tmp_path)).with_suffix(".png"), "--out")):
+        code, err = _exit_code(main, [str(run), "--out", str(out)], capsys)
+        assert code == 2 and word in err and err.count("\n") == 1, (out, err)
+    assert not list(tmp_path.glob("noext*")) and not (tmp_path / "m.json").exists()
+
+
+def _loss_json(tmp_path) -> Path:
+    row = dict(impl="fused_torch", device="cpu", hidden=64, vocab=300, tokens=48, dtype="float32", ms_median=1.0,
+               peak_mem_bytes=1000, versions={})
+    p = tmp_path / "loss.json"
+    p.write_text(json.dumps({"rows": [row], "config": {}, "targets": []}))
+    return p
+
+
+def test_plot_loss_bad_inputs_exit_2(tmp_path, capsys):
+    good = _loss_json(tmp_path)
+    (tmp_path / "text.json").write_text("not json")
+    (tmp_path / "other.json").write_text(json.dumps({"a": 1}))
+    main = _mod("plot_loss").main
+    png = str(tmp_path / "p.png")
+    for argv, word in (([str(tmp_path / "missing.json"), "--png", png], "no such file"),
+                       ([str(tmp_path / "text.json"), "--png", png], "not a JSON"),
+                       ([str(tmp_path / "other.json"), "--png", png], "rows"),
+                       ([str(good), "--png", png, "--impls", "foo"], "--impls"),       # was: an empty plot
+                       ([str(good), "--png", str(tmp_path / "p.json")], "--png"),
+                       ([str(good), "--png", str(Path(_blocked(tmp_path)).with_suffix(".png"))], "--png")):
+        code, err = _exit_code(main, argv, capsys)
+        assert code == 2 and word in err and err.count("\n") == 1, (argv, err)
+    assert not (tmp_path / "p.png").exists()
+
+
+# ----------------------------------------------------------------------------- what is written and printed
+
+def test_bench_loss_rows_record_trl_version(tmp_path, capsys):
+    """trl_chunked is one of the rows: every row's versions name trl too."""
+    out = tmp_path / "loss.json"
+    _mod("bench_loss").main(LOSS + ["--out", str(out)])
+    row = json.loads(out.read_text())["rows"][0]
+    assert {"python", "torch", "triton", "liger-kernel", "transformers", "trl", "r1vl"} <= set(row["versions"])
+    assert row["device"].startswith("cpu") and (row["hidden"], row["vocab"], row["tokens"]) == (64, 300, 48)
+
+
+def test_gpu_ceilings_printed_figures_match_the_json(tmp_path, capsys):
+    out = tmp_path / "c.json"
+    _mod("gpu_ceilings").main(["--small", "--reps", "2", "--mm", "64", "--copy-gib", "0.001", "--out", str(out)])
+    printed = capsys.readouterr().out
+    res = json.loads(out.read_text())
+    assert res["config"]["reps"] == 2 and res["mm"]["n"] == 64 and res["device"].startswith("cpu")
+    tflops = float(re.search(r"mm:\s+(\S+) TFLOP/s", printed).group(1))
+    assert tflops > 0 and abs(tflops - res["mm"]["tflops"]) <= 1e-3 * res["mm"]["tflops"], printed
+    tbs = float(re.search(r"copy:\s+(\S+) TB/s", printed).group(1))
+    assert tbs > 0 and abs(tbs - res["copy"]["tb_per_s"]) <= 1e-3 * res["copy"]["tb_per_s"], printed
+
+
+def _fake_workers(fail=None):
+    def run(cmd, **kw):
+        impl = cmd[cmd.index("--worker") + 1]
+        if impl == fail:
+            return subprocess.CompletedProcess(cmd, 1, "", "Traceback ...\nMemoryError: out of memory\n")
+        row = dict(impl=impl, loss=1.0, ms=1.0, alloc_peak=100 if impl == "fused" else 1000,
+                   rss_peak=200 if impl == "fused" else 1000, n_alloc_events=3)
+        return subprocess.CompletedProcess(cmd, 0, json.dumps(row) + "\n", "")
+    return run
+
+
+def test_bench_cpu_memory_json_names_device_and_versions(tmp_path, capsys, monkeypatch):
+    mod = _mod("bench_cpu_memory")
+    monkeypatch.setattr(mod.subprocess, "run", _fake_workers())
+    out = tmp_path / "sub" / "cm.json"
+    assert mod.main(["--out", str(out)]) == 0
+    d = json.loads(out.read_text())
+    assert d["device"].startswith("cpu") and d["versions"]["torch"] == torch.__version__
+    assert (d["tokens"], d["hidden"], d["vocab"]) == (2048, 512, 151936) and d["passed"] is True
+    err = capsys.readouterr().err
+    assert err.index("reference: running") < err.index("fused: running")       # progress before each worker
+
+
+def test_bench_cpu_memory_worker_failure_is_reported(tmp_path, capsys, monkeypatch):
+    mod = _mod("bench_cpu_memory")
+    monkeypatch.setattr(mod.subprocess, "run", _fake_workers(fail="reference"))
+    assert mod.main(["--out", str(tmp_path / "cm.json")]) == 1
+    err = capsys.readouterr().err
+    assert "reference worker failed" in err and "MemoryError" in err
+    assert not (tmp_path / "cm.json").exists()
+
+
+def test_bench_share_shows_progress(tmp_path, capsys, monkeypatch):
+    step = _mod("bench_step")                                  # a narrow model: the 2B's dims take ~20 s here
+    monkeypatch.setattr(step, "QWEN2_VL_2B_TEXT", dict(step.QWEN2_VL_2B_TEXT, hidden_size=64, intermediate_size=128,
+                                                       num_attention_heads=2, num_key_value_heads=1,
+                                                       rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]}))
+    monkeypatch.setattr(step, "QWEN2_VL_2B_VISION", dict(step.QWEN2_VL_2B_VISION, embed_dim=32, num_heads=2,
+                                                         hidden_size=64))
+    out = tmp_path / "share.json"
+    assert _mod("bench_share").main(SHARE + ["--out", str(out)]) == 0
+    cap = capsys.readouterr()
+    progress = [x for x in cap.err.splitlines() if x.startswith("bench_share:")]
+    assert len(progress) == 6 and "warm-up" in progress[0] and "run 1/1" in progress[1], cap.err
+    d = json.loads(out.read_text())
+    assert all(r["update_peak_mem_bytes"] is None for r in d["rows"])
+    assert "nan" not in cap.out                                # the table prints '-' where the JSON has null
+
+
+def _readme_commands():
+    text = (BENCH / "README.md").read_text()
+    cmds = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            m = re.search(r"python (bench/\w+\.py)(.*)", line)
+            if m:
+                cmds.append((m.group(1), shlex.split(m.group(2).split("  #")[0].split(" # ")[0])))
+    return cmds
+
+
+def test_readme_commands_parse(tmp_path):
+    """Each `python bench/<script>.py ...` in bench/README.md names a script and flags that exist."""
+    cmds = _readme_commands()
+    assert {c[0] for c in cmds} >= {f"bench/{s}.py" for s in ("bench_loss", "bench_step", "bench_share",
+                                                              "compile_report", "plot_loss")}
+    for script, argv in cmds:
+        mod = _mod(Path(script).stem)
+        argv = [a.replace("$OUT", str(tmp_path)) for a in argv]
+        mod.build_parser().parse_args(argv)                    # SystemExit(2) on an unknown flag or value
