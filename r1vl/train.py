@@ -283,19 +283,43 @@ def check_prompt_lengths(batch, samples_per_row, limit: int) -> None:
                             f"included), over data.max_prompt_length={limit}; raise it or lower data.max_pixels")
 
 
-def prompt_lengths(dataset, processor, template: str, chunk: int = 1024, rows: int | None = None) -> list[int]:
+def prompt_lengths(dataset, processor, template: str, chunk: int = 1024, rows: int | None = None,
+                   d=None) -> list[int]:
     """Every row's (or the first `rows`') prompt length in tokens, image tokens included, as
     build_batch counts it; from the image headers (sizes read when the data set was loaded):
-    no image is decoded."""
+    no image is decoded. With `d` (a Dist over several ranks) each rank measures every
+    world-th row and all ranks get the whole list; a failure on any rank raises on all."""
+    n = len(dataset) if rows is None else min(rows, len(dataset))
+    if d is None or not d.enabled:
+        return _prompt_lengths(dataset, processor, template, range(n), chunk)
+    from r1vl.utils import all_gather_objects
+
+    err = None
+    try:
+        mine: Any = _prompt_lengths(dataset, processor, template, range(d.rank, n, d.world), chunk)
+    except Exception as e:  # the other ranks wait in the gather below: tell them (a str), then raise
+        err, mine = e, f"{type(e).__name__}: {e}"
+    shards = all_gather_objects(mine, d)
+    if err is not None:
+        raise err
+    for rank, shard in enumerate(shards):
+        if isinstance(shard, str):
+            raise UserError(f"measuring prompt lengths failed on rank {rank}: {shard}")
+    out = [0] * n
+    for rank, shard in enumerate(shards):
+        out[rank::d.world] = shard
+    return out
+
+
+def _prompt_lengths(dataset, processor, template: str, rows: range, chunk: int) -> list[int]:
     from types import SimpleNamespace
 
     from r1vl.eval import make_prompt
 
     out: list[int] = []
-    n = len(dataset) if rows is None else min(rows, len(dataset))
-    for lo in range(0, n, chunk):
+    for lo in range(0, len(rows), chunk):
         texts, extra = [], []
-        for i in range(lo, min(lo + chunk, n)):
+        for i in rows[lo:lo + chunk]:
             problem, hw = dataset.prompt_parts(i)
             text = make_prompt(processor, SimpleNamespace(problem=problem, image=hw), template).text
             texts.append(text)
@@ -305,13 +329,14 @@ def prompt_lengths(dataset, processor, template: str, chunk: int = 1024, rows: i
     return out
 
 
-def check_all_prompt_lengths(dataset, processor, cfg: Config, key: str = "data.train"):
+def check_all_prompt_lengths(dataset, processor, cfg: Config, key: str = "data.train", d=None):
     """data.max_prompt_length over the whole training split, at start-up rather than when a long
-    row is first sampled (hours in, after its rollout). Returns the data set to train on:
-    with data.skip_bad_rows=true, the rows over the limit are left out (and reported)."""
+    row is first sampled (hours in, after its rollout); the ranks of `d` share the work. Returns
+    the data set to train on: with data.skip_bad_rows=true, the rows over the limit are left out
+    (and reported)."""
     t0 = time.perf_counter()
     limit = cfg.data.max_prompt_length
-    lengths = prompt_lengths(dataset, processor, cfg.data.prompt_template)
+    lengths = prompt_lengths(dataset, processor, cfg.data.prompt_template, d=d)
     over = {i: n for i, n in enumerate(lengths) if n > limit}
     log.info("%s: prompts of %d to %d tokens (image tokens included), %d over data.max_prompt_length=%d "
              "(%.1f s)", key, min(lengths), max(lengths), len(over), limit, time.perf_counter() - t0)
@@ -322,7 +347,8 @@ def check_all_prompt_lengths(dataset, processor, cfg: Config, key: str = "data.t
            f"(image tokens included; first {dataset.source(first)}: {over[first]} tokens, longest "
            f"{dataset.source(worst)}: {over[worst]})")
     if cfg.data.skip_bad_rows and len(over) < len(lengths):
-        log.warning("%s; data.skip_bad_rows=true: they are left out", msg)
+        if d is None or d.main:
+            log.warning("%s; data.skip_bad_rows=true: they are left out", msg)
         return dataset.without({i: f"prompt of {n} tokens, over data.max_prompt_length={limit}"
                                 for i, n in over.items()})
     raise UserError(f"{msg}; prompts are never truncated: set data.max_prompt_length={max(lengths)} to keep "
@@ -343,12 +369,12 @@ def write_skipped_rows(out: Path, train_set, test_set) -> None:
         path.unlink()
 
 
-def check_eval_prompt_lengths(test_set, processor, cfg: Config) -> None:
+def check_eval_prompt_lengths(test_set, processor, cfg: Config, d=None) -> None:
     """The held-out prompts (no length limit with HF generate) must fit the vLLM engine's
     max_model_len, whose prompt part is data.max_prompt_length + the tokens of a max_pixels
     image: found at start-up, not at the final evaluation after the whole run."""
     budget = cfg.data.max_prompt_length + cfg.data.max_pixels // (28 * 28)
-    lengths = prompt_lengths(test_set, processor, "r1vl", rows=cfg.data.eval_size or None)
+    lengths = prompt_lengths(test_set, processor, "r1vl", rows=cfg.data.eval_size or None, d=d)
     over = [i for i, n in enumerate(lengths) if n > budget]
     if over:
         raise UserError(f"data.test: {len(over)} of the {len(lengths)} evaluated prompts are longer than the "
@@ -617,9 +643,9 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
             "by a DeepSpeed run; resume it with the same deepspeed=..." if state.get("deepspeed")
             else "without DeepSpeed (no ds/ state); resume it with deepspeed= left empty"))
     model, processor = build_model(cfg, d, train_set, resume_dir)
-    train_set = check_all_prompt_lengths(train_set, processor, cfg)
+    train_set = check_all_prompt_lengths(train_set, processor, cfg, d=d)
     if cfg.rollout.engine == "vllm":
-        check_eval_prompt_lengths(test_set, processor, cfg)
+        check_eval_prompt_lengths(test_set, processor, cfg, d=d)
     if d.main:
         write_skipped_rows(out, train_set, test_set)
     model.to(d.device)
@@ -1111,7 +1137,8 @@ def main(argv: list[str] | None = None) -> int:
         with StopSignal() as stop:
             run(cfg, stop)
     except Stopped as e:
-        log.warning("%s", e)
+        if os.environ.get("RANK", "0") == "0":  # every rank stops at the same step: one line says it
+            log.warning("%s", e)
         return 128 + e.signum
     except (ConfigError, UserError) as e:
         _fail(e)

@@ -105,3 +105,61 @@ def test_evaluated_prompts_must_fit_the_vllm_budget(tmp_path, processor):
     # only the evaluated rows (data.eval_size) count
     first = max(range(len(lengths)), key=lengths.__getitem__)
     check_eval_prompt_lengths(ds, processor, cfg(max(lengths) - image_budget - 1, first))
+
+
+def _sharded_worker(rank, world, port, tmp, fail_rank):
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from r1vl.utils import Dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        processor = VLProcessor(train_tokenizer(synthetic_corpus(50), 300), make_image_processor(**PX))
+        ds = load_dataset(os.path.join(tmp, "train.jsonl"), **PX)
+        calls = []
+        parts = ds.prompt_parts
+
+        def counted(i):
+            calls.append(i)
+            if rank == fail_rank:
+                raise ValueError("broken row on purpose")
+            return parts(i)
+
+        ds.prompt_parts = counted
+        try:
+            got = prompt_lengths(ds, processor, "r1vl", chunk=2, d=Dist(rank=rank, world=world))
+        except Exception as e:
+            got = f"{type(e).__name__}: {e}"
+        with open(os.path.join(tmp, f"rank{rank}.json"), "w") as f:
+            json.dump({"got": got, "calls": calls}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("fail_rank", [-1, 1])
+def test_ranks_share_the_measurement(tmp_path, processor, fail_rank):
+    """Each of 2 gloo ranks measures every other row; both get the single-process list. A rank
+    that fails makes every rank raise (none is left waiting in the gather)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    ds = load_dataset(write_data(tmp_path, PROBLEMS[:5] + ["seven"] * 2, SIZES + [(80, 90)]), **PX)
+    want = prompt_lengths(ds, processor, "r1vl")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_sharded_worker, args=(2, port, str(tmp_path), fail_rank), nprocs=2, join=True,
+                       start_method="spawn")
+    res = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    if fail_rank < 0:
+        assert res[0]["got"] == res[1]["got"] == want
+        assert sorted(res[0]["calls"]) == [0, 2, 4, 6] and sorted(res[1]["calls"]) == [1, 3, 5]
+    else:
+        assert res[1]["got"] == "ValueError: broken row on purpose"
+        assert res[0]["got"].startswith("UserError: measuring prompt lengths failed on rank 1: ValueError")
