@@ -23,3 +23,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """The synthetic task (60 train, 6 test rows, seed 0) written once for every test that runs
+    the trainer or the eval CLI on files; tests read it, never write into it."""
+    from r1vl.data.synthetic import prepare_task
+
+    d = tmp_path_factory.mktemp("data")
+    prepare_task(d, 60, 6, 0)
+    files = {p.name: p.read_bytes() for p in d.iterdir() if p.is_file()}
+    yield d
+    # a run with another seed or size regenerates the task in place: every later test would
+    # read other data. Such a test copies the directory first.
+    assert {p.name: p.read_bytes() for p in d.iterdir() if p.is_file()} == files, \
+        f"a test rewrote the shared synthetic task in {d}"

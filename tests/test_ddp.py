@@ -108,7 +108,7 @@ def test_index_stream_shards_are_disjoint_and_deterministic():
     assert sorted(one.take(1, 10)) == list(range(10))
 
 
-def test_torchrun_two_ranks_end_to_end(tmp_path):
+def test_torchrun_two_ranks_end_to_end(tmp_path, data_dir):
     """`torchrun --nproc-per-node 2 -m r1vl.train` on a very small run: both ranks train, rank 0
     alone writes the outputs, metrics are reduced over the ranks."""
     import json
@@ -118,14 +118,10 @@ def test_torchrun_two_ranks_end_to_end(tmp_path):
 
     from test_train import FAST
 
-    from r1vl.data.synthetic import prepare_task
-
-    data = tmp_path / "data"
-    prepare_task(data, 60, 6, 0)
     out = tmp_path / "run"
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "r1vl.train",
-           f"output_dir={out}", f"data.synthetic_dir={data}", *FAST, "train.max_steps=2", "logging.plot=false"]
+           f"output_dir={out}", f"data.synthetic_dir={data_dir}", *FAST, "train.max_steps=2", "logging.plot=false"]
     r = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]

@@ -15,15 +15,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from r1vl.data.synthetic import prepare_task
-
-    d = tmp_path_factory.mktemp("data")
-    prepare_task(d, 20, 6, 0)
-    return d
-
-
-@pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """runs/X/final (a tiny saved model) next to runs/X/config.yaml, as r1vl.train lays them out."""
     from r1vl.models import build_tiny, synthetic_corpus

@@ -40,16 +40,6 @@ def _metrics(out):
     return [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """The synthetic task generated once for every run of this module."""
-    from r1vl.data.synthetic import prepare_task
-
-    d = tmp_path_factory.mktemp("data")
-    prepare_task(d, 60, 6, 0)
-    return d
-
-
 def _args(out, data_dir, *extra):
     return [f"output_dir={out}", f"data.synthetic_dir={data_dir}", *FAST, *extra]
 
@@ -369,7 +359,10 @@ def test_output_dir_of_a_previous_run(tmp_path, data_dir, capsys):
     """A fresh run never mixes its outputs with an earlier run's: refused, or (train.overwrite)
     the earlier outputs are removed first; train.resume=true without a checkpoint is refused
     when a run is there (it would silently start over)."""
+    import shutil
+
     out = tmp_path / "run"
+    data_dir = shutil.copytree(data_dir, tmp_path / "data")  # seed=1 below rewrites the synthetic task
     fast = ("train.max_steps=1", "train.eval_before=false", "train.eval_after=false", "logging.plot=false")
     assert main(_args(out, data_dir, *fast, "train.save_every=1")) == 0
     before = sorted(p.name for p in (out / "checkpoints").iterdir())

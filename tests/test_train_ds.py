@@ -42,15 +42,6 @@ TIMING = ("seconds", "tokens_per_s", "wall")
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from r1vl.data.synthetic import prepare_task
-
-    d = tmp_path_factory.mktemp("data")
-    prepare_task(d, 60, 6, 0)
-    return d
-
-
-@pytest.fixture(scope="module")
 def warm_model(tmp_path_factory, data_dir):
     """A tiny Qwen2-VL after 100 SFT steps (one process, no DeepSpeed): it writes the R1-VL
     format often enough that StepGRPO's groups get different rewards."""
@@ -179,3 +170,27 @@ def test_ref_on_host_refused_under_zero3(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "model.ref_on_host" in err and "ZeRO-3" in err and len(err.strip().splitlines()) == 1
     assert main([*args, f"deepspeed={ROOT / 'configs' / 'ds_zero2.json'}"]) == 0
+
+
+def test_process_groups_are_released_at_exit(tmp_path, data_dir):
+    """After a DeepSpeed run, main() leaves no process group alive, DeepSpeed's own references
+    (deepspeed.utils.groups) included: left to interpreter shutdown, a rank of a finished ZeRO-3
+    run sometimes aborted there ("terminate called without an active exception")."""
+    code = (
+        "import sys\n"
+        "from r1vl.train import main\n"
+        "rc = main(sys.argv[1:])\n"
+        "import torch.distributed as dist\n"
+        "from deepspeed.utils import groups\n"
+        "held = [k for k, v in vars(groups).items() if isinstance(v, dist.ProcessGroup)]\n"
+        "print('RESULT', rc, dist.is_initialized(), held)\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+               RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    args = [f"deepspeed={ROOT / 'configs' / 'ds_zero3.json'}", f"output_dir={tmp_path / 'run'}",
+            f"data.synthetic_dir={data_dir}", *TINY, *RUN, "warmup.steps=1", "train.max_steps=1",
+            "train.eval_before=false", "train.eval_after=false", "train.save_final=false",
+            "rollout.max_completion_length=8"]
+    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "RESULT 0 False []" in proc.stdout, proc.stdout[-2000:]
