@@ -287,18 +287,14 @@ def main(argv: list[str] | None = None) -> int:
     log.setLevel(logging.INFO)  # this CLI's own notes (where each setting came from)
     try:
         from r1vl.data import load_dataset
-        from r1vl.models import ModelLoadError, load_pretrained
+        from r1vl.models import ModelLoadError, check_model_path, load_pretrained
         from r1vl.rollout.hf_engine import HFEngine
 
         # every check on the inputs before anything is loaded or evaluated
         data_path = _resolve_data(args.data)
         if not Path(data_path).exists():
             raise FileNotFoundError(f"--data {args.data}: no such file or directory")
-        if not Path(args.model).is_dir():
-            raise ModelLoadError(f"--model {args.model}: no such directory")
-        if not (Path(args.model) / "config.json").is_file():
-            raise ModelLoadError(f"--model {args.model}: directory has no config.json (not a HF checkpoint; "
-                                 "expected a model directory such as runs/<run>/final)")
+        check_model_path(args.model, label=f"--model {args.model}", hub=False)
         if args.out:
             _check_out(args.out)
         cfg_path = find_run_config(args.model)

@@ -409,16 +409,23 @@ def save_pretrained(model, processor: VLProcessor, out_dir: str | Path) -> None:
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def check_model_path(path: str | Path) -> bool:
-    """True for a local HF checkpoint directory, False for a hub id ('org/name'); anything
-    else is a ModelLoadError naming model.path. Checks files only (cheap: preflight uses it)."""
+def check_model_path(path: str | Path, *, label: str | None = None, hub: bool = True) -> bool:
+    """True for a local HF checkpoint directory, False for a hub id ('org/name', when `hub`);
+    anything else is a ModelLoadError starting with `label` (default: model.path 'PATH').
+    Checks files only (cheap: preflight and the eval CLI use it before loading anything)."""
     p = Path(path)
+    label = label or f"model.path {str(path)!r}"
     if p.exists():
+        if not p.is_dir():
+            raise ModelLoadError(f"{label}: is a file, not a model directory (such as runs/<run>/final)")
         if not (p / "config.json").is_file():
-            raise ModelLoadError(f"model.path {str(path)!r}: directory has no config.json (not a HF checkpoint)")
+            raise ModelLoadError(f"{label}: directory has no config.json (not a HF checkpoint; expected a model "
+                                 "directory such as runs/<run>/final)")
         return True
+    if not hub:
+        raise ModelLoadError(f"{label}: no such directory")
     if str(path).startswith((".", "/", "~")) or str(path).count("/") != 1:
-        raise ModelLoadError(f"model.path {str(path)!r}: no such directory (and not a hub id 'org/name')")
+        raise ModelLoadError(f"{label}: no such directory (and not a hub id 'org/name')")
     return False
 
 

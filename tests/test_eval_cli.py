@@ -122,6 +122,16 @@ def test_model_without_config_json_names_the_flag(tmp_path, data_dir, capsys, no
     assert "config.json" in line
 
 
+def test_model_naming_a_file_or_nothing_names_the_flag(tmp_path, data_dir, capsys, no_eval):
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(b"x")
+    assert ev.main(["--model", str(f), "--data", str(data_dir)]) == 2
+    assert _err_line(capsys) == (f"r1vl.eval: error: --model {f}: is a file, not a model directory "
+                                 "(such as runs/<run>/final)")
+    assert ev.main(["--model", "org/name", "--data", str(data_dir)]) == 2  # no hub id here
+    assert _err_line(capsys) == "r1vl.eval: error: --model org/name: no such directory"
+
+
 def test_model_load_failure_names_the_flag(fake_model, data_dir, capsys):
     """A config.json that transformers cannot load: load_pretrained's model.path message is re-worded."""
     assert ev.main(["--model", str(fake_model), "--data", str(data_dir), "--n", "1"]) == 2

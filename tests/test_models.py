@@ -129,6 +129,13 @@ def test_dir_without_config(tmp_path):
         load_pretrained(tmp_path)
 
 
+def test_model_path_naming_a_file(tmp_path):
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(b"x")
+    with pytest.raises(ModelLoadError, match="is a file, not a model directory"):
+        load_pretrained(f)
+
+
 # --------------------------------------------------------------------------- repeated images
 
 
