@@ -524,15 +524,23 @@ class Stopped(Exception):
 
 
 class StopSignal:
-    """SIGTERM (a scheduler's preemption, torchrun passing on its own) and SIGUSR1 ask the run to
-    stop at the end of the current step, with a checkpoint to resume from (train.resume=true),
-    whatever train.save_every is. A second signal stops at once. Used as a context manager
-    (handlers installed on the main thread only, the previous ones given back on exit)."""
+    """SIGTERM (a scheduler's preemption, torchrun passing on its own), SIGUSR1 and, inside the
+    step loops, SIGINT (Ctrl-C) ask the run to stop at the end of the current step, with a
+    checkpoint to resume from (train.resume=true), whatever train.save_every is. A second
+    signal stops at once (SIGINT: KeyboardInterrupt), unless it comes within REPEAT_S of the
+    first: that is the same stop delivered twice (a scheduler signalling every process while
+    torchrun passes its own on). Outside the step loops (`armed` false: start-up, evaluation
+    between the phases, the final evaluation and save) SIGINT interrupts at once. Used as a
+    context manager (handlers installed on the main thread only, the previous ones given back
+    on exit)."""
 
-    SIGNALS = ("SIGTERM", "SIGUSR1")
+    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+    REPEAT_S = 2.0
 
     def __init__(self):
         self.signum = 0
+        self.armed = False  # set by run() around its step loops
+        self._at = 0.0
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> "StopSignal":
@@ -548,14 +556,20 @@ class StopSignal:
             signal.signal(sig, old)
         self._old.clear()
 
-    def _handle(self, signum, frame) -> None:  # noqa: ARG002
+    def _handle(self, signum, frame) -> None:
+        now = time.monotonic()
+        if self.signum and now - self._at < self.REPEAT_S:
+            return  # the same stop, delivered twice
+        if signum == signal.SIGINT and (self.signum or not self.armed):
+            signal.default_int_handler(signum, frame)  # raises KeyboardInterrupt
         if self.signum:  # the second one: the default action, now
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        self.signum = signum
-        log.warning("%s: stopping at the end of this step with a checkpoint (send it again to stop at once)",
-                    signal.Signals(signum).name)
+        self.signum, self._at = signum, now
+        how = "press Ctrl-C again" if signum == signal.SIGINT else "send it again"
+        log.warning("%s: stopping at the end of this step with a checkpoint (%s to stop at once)",
+                    signal.Signals(signum).name, how)
 
     def agreed(self, d) -> int:
         """The signal any rank got (0: none). A collective when there are several ranks:
@@ -723,7 +737,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
                 "wall_seconds": prior_wall + time.time() - t_start}
 
     def stop_at_signal(phase: str, done: int, total: int, saved: bool, opt, sched) -> None:
-        """At a step boundary: after SIGTERM / SIGUSR1 on any rank, checkpoint and stop."""
+        """At a step boundary: after SIGTERM / SIGUSR1 / SIGINT on any rank, checkpoint and stop."""
         signum = stop.agreed(d)
         if not signum:
             return
@@ -752,6 +766,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
         stream = IndexStream(len(train_set), world=d.world, rank=d.rank, seed=derive_seed(cfg.seed, 1))
         eos = processor.stop_token_ids()[0]
         t_phase = time.perf_counter()
+        stop.armed = True  # Ctrl-C: stop at the step's end (StopSignal)
         for step in range(start, cfg.warmup.steps):
             t0 = time.perf_counter()
             samples = [train_set[i] for i in stream.take(step, cfg.warmup.batch_size)]
@@ -785,6 +800,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
             if saved:
                 save_checkpoint(cfg, d, train_policy, processor, opt, sched, "warmup", step + 1, ckpt_extra())
             stop_at_signal("warmup", step + 1, cfg.warmup.steps, saved, opt, sched)
+        stop.armed = False
         del opt, sched
     if in_warmup:
         save_model_dir(out / "warmup", d, train_policy, processor)
@@ -863,6 +879,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
     cuda = d.device.type == "cuda"
     step = g_start
     t_phase = time.perf_counter()
+    stop.armed = True
     for step in range(g_start, cfg.train.max_steps):
         tm = Timer()
         t0 = time.perf_counter()
@@ -980,6 +997,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
         if saved:
             save_checkpoint(cfg, d, train_policy, processor, opt, sched, "grpo", step + 1, ckpt_extra())
         stop_at_signal("grpo", step + 1, cfg.train.max_steps, saved, opt, sched)
+    stop.armed = False
     if bar is not None:
         bar.close()
 
@@ -1140,6 +1158,14 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":  # every rank stops at the same step: one line says it
             log.warning("%s", e)
         return 128 + e.signum
+    except KeyboardInterrupt as e:  # Ctrl-C outside the step loops, or a second one inside
+        import traceback
+
+        if os.environ.get("RANK", "0") == "0":
+            where = traceback.extract_tb(e.__traceback__)[-1]
+            print(f"r1vl.train: interrupted (Ctrl-C) in {where.name} ({where.filename}:{where.lineno}); "
+                  "no checkpoint written for the steps since the last one", file=sys.stderr)
+        return 128 + signal.SIGINT
     except (ConfigError, UserError) as e:
         _fail(e)
         return 2

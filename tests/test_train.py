@@ -127,10 +127,12 @@ def test_sigterm_checkpoints_stops_and_resumes_equal(tmp_path, data_dir):
     while time.time() < deadline and proc.poll() is None:
         if (out / "metrics.jsonl").is_file() and '"grpo"' in (out / "metrics.jsonl").read_text():
             proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signal.SIGTERM)  # the same stop twice (a scheduler + torchrun; the kernel may merge them)
             break
         time.sleep(0.05)
     err = proc.communicate(timeout=120)[1].decode()
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert err.count("SIGTERM: stopping at the end of this step") == 1, err[-2000:]
     done = [r["step"] for r in _metrics(out) if r["phase"] == "grpo"]
     assert 1 <= done[-1] < 6 and f"stopped after grpo step {done[-1]}/6" in err, err[-2000:]
     assert [p.name for p in (out / "checkpoints").iterdir()] == [f"grpo-{done[-1]:06d}"]
@@ -156,6 +158,66 @@ def test_stop_signal_handlers():
         time.sleep(0.01)
         assert stop.agreed(Dist()) == signal.SIGUSR1
     assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def _sigint():
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.01)
+
+
+def test_ctrl_c_stops_at_the_step_end_inside_the_loops_only():
+    """SIGINT outside the step loops interrupts at once; inside them it asks for a stop at the
+    step's end, a repeat within REPEAT_S is the same stop, a later one interrupts at once."""
+    from r1vl.train import StopSignal
+    from r1vl.utils import Dist
+
+    before = signal.getsignal(signal.SIGINT)
+    with StopSignal() as stop:
+        with pytest.raises(KeyboardInterrupt):  # start-up, evaluation, final save: at once
+            _sigint()
+        assert stop.agreed(Dist()) == 0
+        stop.armed = True
+        try:
+            _sigint()
+            assert stop.agreed(Dist()) == signal.SIGINT
+            _sigint()  # within REPEAT_S: the same stop delivered twice
+        except KeyboardInterrupt:
+            pytest.fail("SIGINT inside the loops (once, or repeated at once) interrupted")
+        assert stop.agreed(Dist()) == signal.SIGINT
+        stop._at -= stop.REPEAT_S
+        with pytest.raises(KeyboardInterrupt):  # pressed again: at once
+            _sigint()
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_ctrl_c_in_a_run(tmp_path, data_dir):
+    """Ctrl-C mid-StepGRPO: a checkpoint at the step's end, exit 130, one line. Ctrl-C while
+    the run starts: one line naming where, exit 130, no traceback."""
+    def start(out):
+        return subprocess.Popen([sys.executable, "-m", "r1vl.train", *_args(out, data_dir, "train.max_steps=50")],
+                                cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+
+    def wait_for(proc, ready):
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and not ready():
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=120)[1].decode()
+        assert proc.returncode == 128 + signal.SIGINT, err[-2000:]
+        return err
+
+    out = tmp_path / "loop"
+    err = wait_for(start(out), lambda: (out / "metrics.jsonl").is_file() and '"grpo"' in (out / "metrics.jsonl").read_text())
+    done = [r["step"] for r in _metrics(out) if r["phase"] == "grpo"][-1]
+    assert "SIGINT: stopping at the end of this step" in err and f"stopped after grpo step {done}/50" in err
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [f"grpo-{done:06d}"]
+    assert "Traceback" not in err
+
+    out = tmp_path / "startup"
+    err = wait_for(start(out), lambda: (out / "config.yaml").is_file())
+    assert "r1vl.train: interrupted (Ctrl-C) in " in err and "Traceback" not in err, err[-2000:]
+    assert not (out / "checkpoints").exists()
 
 
 def test_atomic_checkpoint_write(tmp_path):
