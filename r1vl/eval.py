@@ -317,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, OSError, KeyError) as e:
         print(f"r1vl.eval: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("r1vl.eval: interrupted (Ctrl-C): no result", file=sys.stderr)
+        return 130
     items = res.pop("correct_items")
     res = {"model": args.model, "data": data_path, **res}
     if args.per_item:

@@ -112,6 +112,17 @@ def test_n_zero_means_all_is_accepted(fake_model, data_dir, capsys, monkeypatch)
     assert "stopped by the test" in _err_line(capsys)
 
 
+def test_ctrl_c_is_one_line(fake_model, data_dir, capsys, monkeypatch):
+    import r1vl.models
+
+    def interrupted(path, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(r1vl.models, "load_pretrained", interrupted)
+    assert ev.main(["--model", str(fake_model), "--data", str(data_dir)]) == 130
+    assert capsys.readouterr().err.strip() == "r1vl.eval: interrupted (Ctrl-C): no result"
+
+
 # --------------------------------------------------------------------------- 3. --model wording
 
 
