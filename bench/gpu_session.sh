@@ -32,6 +32,8 @@
 #                       each stage's timeout is cut to what is left, a stage that no longer
 #                       fits is skipped
 #   R1VL_GPU_DRYRUN=1   CPU plumbing check here: tiny shapes, the new CUDA test file only
+#   R1VL_CAP_<stage>    that stage's timeout in seconds instead of its default (still cut to
+#                       what is left of the budget), e.g. R1VL_CAP_tests=200
 #   R1VL_LOSS_ARGS, R1VL_STEP_ARGS, R1VL_PYTEST_ARGS   extra arguments for those stages
 #   R1VL_TEST_FILES     kernel test files (default tests/test_kernels_*.py)
 #   PYTHON              interpreter (default python3: the image's, with torch)
@@ -44,6 +46,9 @@ BUDGET=${R1VL_GPU_BUDGET_S:-570}
 PY=${PYTHON:-python3}
 PY=$(command -v "$PY") || { echo "no python at ${PYTHON:-python3}" >&2; exit 2; }
 case $PY in /*) ;; *) PY=$PWD/$PY ;; esac            # absolute: setup runs it from / too
+for v in $(compgen -v R1VL_CAP_); do                   # checked before any device time is spent
+  case ${!v} in ''|*[!0-9]*) echo "gpu_session: $v=${!v}: expected whole seconds" >&2; exit 2 ;; esac
+done
 OUT=${OUT:-$ROOT/gpu_out}
 mkdir -p "$OUT"
 export OUT PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
@@ -61,6 +66,8 @@ left() { echo $(( BUDGET - ( $(date +%s) - T0 ) )); }
 # run_stage NAME DEFAULT_TIMEOUT CMD...: timeout cut to the budget, status recorded
 run_stage() {
   local name=$1 limit=$2; shift 2
+  local cap="R1VL_CAP_$name"                            # e.g. R1VL_CAP_tests=200
+  [ -n "${!cap:-}" ] && limit=${!cap}
   local rem; rem=$(left)
   if [ "$rem" -lt 40 ]; then
     log "SKIP $name: only ${rem}s of the ${BUDGET}s budget left"

@@ -325,3 +325,15 @@ def test_readme_commands_parse(tmp_path):
         mod = _mod(Path(script).stem)
         argv = [a.replace("$OUT", str(tmp_path)) for a in argv]
         mod.build_parser().parse_args(argv)                    # SystemExit(2) on an unknown flag or value
+
+
+def test_gpu_session_refuses_a_bad_stage_cap(tmp_path):
+    """R1VL_CAP_<stage> is checked before any device time is spent (setup not even begun)."""
+    import os
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, R1VL_CAP_tests="3m", OUT=str(tmp_path / "out"))
+    r = subprocess.run(["bash", "bench/gpu_session.sh", "tests"], cwd=root, env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2 and "R1VL_CAP_tests=3m: expected whole seconds" in r.stderr
+    assert not (tmp_path / "out").exists()
