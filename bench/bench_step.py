@@ -158,9 +158,10 @@ class PhaseClock:
     on CUDA each phase resets the allocator's peak and reads it at its end (the step's peak
     is the maximum over everything in between). On CPU peaks are None."""
 
-    def __init__(self, device):
+    def __init__(self, device, warmup: int = 0):
         import torch
 
+        self.warmup = warmup  # the first steps, untimed: named so in the progress lines
         self.torch = torch
         self.device = device
         self.cuda = device.type == "cuda"
@@ -197,6 +198,11 @@ class PhaseClock:
         st["extra"].update(extra)
         self.steps.append(st)
         self.cur = None
+        phases = ", ".join(f"{k} {v:.2f} s" for k, v in st["seconds"].items() if k != "step")
+        peak = f", peak {st['peak']['step'] / 2**30:.2f} GiB" if st["peak"].get("step") else ""
+        n = len(self.steps)
+        print(f"step {n}{' (warm-up)' if n <= self.warmup else ''}: {st['seconds']['step']:.2f} s ({phases}){peak}",
+              file=sys.stderr, flush=True)
         return st
 
     def add(self, name: str, seconds: float, peak: int | None) -> None:
@@ -438,7 +444,7 @@ def run_r1vl(a: dict, work: Path, variant: str) -> dict:
     samples_all = _load_samples(a, work)
     G, P, L = ro.num_generations, cfg.train.prompts_per_step, ro.max_completion_length
     dtype = next(model.parameters()).dtype
-    clock = PhaseClock(device)
+    clock = PhaseClock(device, warmup=a["warmup"])
     for step in range(steps):
         samples = samples_all[step * P: (step + 1) * P]
         prompts = [make_prompt(processor, s) for s in samples]
@@ -612,7 +618,7 @@ def run_trl(a: dict, work: Path) -> dict:
     )
     trainer = GRPOTrainer(model=str(work / "model"), reward_funcs=[step_rar_plus_step_rvr], args=args,
                           train_dataset=data, processing_class=trl_proc)
-    clock = PhaseClock(device)
+    clock = PhaseClock(device, warmup=a["warmup"])
     state = {"in_batch": False, "prepare": 0.0, "tokens": None, "upd_peak": None, "upd_open": False}
 
     def timed(name, fn, phase_name=None, only_in_batch=False):
@@ -801,24 +807,42 @@ def _on_term(signum, frame):  # e.g. `timeout` stopping the benchmark: take the 
 
 
 def _spawn(job: str, work: Path, timeout: float | None) -> dict:
+    """One worker process; its output goes to work/log_<job>.txt, and its progress lines
+    ("step i: ...") to stderr as they come, so a run cut short still shows how far it got."""
+    import threading
+
     global _CHILD
     out = work / f"result_{re.sub(r'[^a-z0-9]+', '_', job)}.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", job, "--workdir", str(work)]
     t0 = time.perf_counter()
-    _CHILD = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    _CHILD = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def pump(stream) -> None:
+        for line in stream:
+            lines.append(line)
+            if line.startswith("step "):
+                print(f"bench_step:   {job}: {line.rstrip()}", file=sys.stderr, flush=True)
+
+    reader = threading.Thread(target=pump, args=(_CHILD.stdout,), daemon=True)
+    reader.start()
+    timed_out = False
     try:
-        stdout, stderr = _CHILD.communicate(timeout=timeout)
+        _CHILD.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
+        timed_out = True
         _CHILD.kill()
-        _CHILD.communicate()
-        return {"error": f"timed out after {timeout:.0f} s"}
+        _CHILD.wait()
     finally:
         rc = _CHILD.returncode
         _CHILD = None
+    reader.join(timeout=10)
     dt = time.perf_counter() - t0
-    (work / f"log_{out.stem[len('result_'):]}.txt").write_text((stdout or "") + (stderr or ""))
+    (work / f"log_{out.stem[len('result_'):]}.txt").write_text("".join(lines))
+    tail = "\n".join("".join(lines).strip().splitlines()[-25:])
+    if timed_out:
+        return {"error": f"its last lines:\n{tail}\ntimed out after {timeout:.0f} s"}  # the verdict last (table)
     if rc != 0 or not out.is_file():
-        tail = "\n".join((stderr or stdout or "").strip().splitlines()[-25:])
         return {"error": f"exit code {rc}: {tail}"}
     res = json.loads(out.read_text())
     res["wall_s"] = dt

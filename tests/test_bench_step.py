@@ -102,3 +102,19 @@ def test_table_and_ratios_printed_last(run):
     ratio_lines = [x for x in lines if x.startswith("r1vl/TRL update")]
     assert {x.split(",")[1].split(":")[0].strip() for x in ratio_lines} == {"fused", "materialised"}
     assert lines[-1].startswith("r1vl/TRL update")
+
+
+def test_progress_lines_and_a_timed_out_worker(tmp_path):
+    """Each finished step is a line on stderr as it happens; a worker cut off by --worker-timeout
+    leaves its last lines in the row's error, the verdict last (the table shows that line)."""
+    out = tmp_path / "step.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "bench_step.py"), "--preset", "tiny", "--device", "cpu",
+           "--impls", "r1vl", "--variants", "fused", "--prompts", "2", "--num-generations", "2",
+           "--max-new-tokens", "8", "--micro-batch", "2", "--warmup", "1", "--repeats", "300",
+           "--worker-timeout", "15", "--no-loss-probe", "--out", str(out)]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1, p.stderr[-3000:]  # a failed run
+    assert "bench_step:   r1vl:fused: step 1 (warm-up): " in p.stderr and "r1vl:fused: step 2: " in p.stderr
+    err = json.loads(out.read_text())["rows"][0]["config"]["error"]
+    assert err.startswith("its last lines:\nstep ") and err.endswith("\ntimed out after 15 s"), err[-500:]
+    assert "failed: timed out after 15 s" in p.stdout
