@@ -1197,10 +1197,15 @@ def _fail(e: Exception) -> None:
         print(f"r1vl.train: error: {e}", file=sys.stderr)
 
 
+_HAD_PROCESS_GROUP = False  # set by _shutdown: this process ran collectives (see _exit)
+
+
 def _shutdown() -> None:
     import gc
 
     import torch.distributed as dist
+
+    global _HAD_PROCESS_GROUP
 
     while _OPEN_ENGINES:  # vLLM's teardown needs the process group
         engine = _OPEN_ENGINES.pop()
@@ -1209,12 +1214,11 @@ def _shutdown() -> None:
         except Exception as e:  # pragma: no cover
             log.warning("closing the rollout engine failed: %s", e)
     ds_comm = sys.modules.get("deepspeed.comm.comm")
+    _HAD_PROCESS_GROUP = _HAD_PROCESS_GROUP or (dist.is_available() and dist.is_initialized())
     try:
         if ds_comm is not None and ds_comm.is_initialized():
             # DeepSpeed keeps its own references to the process groups (deepspeed.utils.groups):
-            # torch's destroy alone left them alive until interpreter shutdown, and a rank of a
-            # finished ZeRO-3 run sometimes aborted there ("terminate called without an active
-            # exception", 3 runs in ~90 on 2 gloo ranks): they are released while all is intact
+            # torch's destroy alone leaves them alive until interpreter shutdown (see _exit)
             ds_comm.destroy_process_group()
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
@@ -1223,5 +1227,15 @@ def _shutdown() -> None:
         log.debug("destroying the process group failed: %s", e)
 
 
+def _exit(rc: int) -> None:
+    """The CLI's exit: after a distributed run, without the interpreter's teardown
+    (r1vl.utils.exit_after_collectives says why)."""
+    if not _HAD_PROCESS_GROUP:
+        sys.exit(rc)
+    from r1vl.utils import exit_after_collectives
+
+    exit_after_collectives(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())

@@ -91,6 +91,25 @@ def all_gather_objects(obj: Any, d: Dist) -> list[Any]:
     return out
 
 
+def exit_after_collectives(rc: int) -> None:
+    """os._exit(rc) for a process that ran collectives, once its process group is destroyed:
+    the interpreter's teardown is skipped. A gloo worker thread of a group that outlived
+    destroy_process_group (torch 2.13, CPU) sometimes released a collective's tensors while
+    the interpreter was finalizing; taking the GIL then ends that thread inside a C++
+    destructor: std::terminate, SIGABRT ("terminate called without an active exception"),
+    and a finished run or test worker reported as failed. What teardown would do is done
+    first: the reward pools stopped, log handlers and stdio flushed."""
+    import sys
+
+    pool = sys.modules.get("r1vl.rewards.pool")
+    if pool is not None:
+        pool.close_pools()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
+
+
 def broadcast_object(obj: Any, d: Dist) -> Any:
     if not d.enabled:
         return obj

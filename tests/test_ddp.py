@@ -62,6 +62,9 @@ def _worker(rank, world, port, out_dir):
         torch.save(r, os.path.join(out_dir, f"stats{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    from r1vl.utils import exit_after_collectives
+
+    exit_after_collectives(0)  # no interpreter teardown after collectives (its docstring says why)
 
 
 def _free_port():

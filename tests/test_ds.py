@@ -330,6 +330,9 @@ def _worker(rank, stage, port, out):
         _run_rank(rank, stage, Path(out))
     finally:
         dist.destroy_process_group()
+    from r1vl.utils import exit_after_collectives
+
+    exit_after_collectives(0)  # no interpreter teardown after collectives (its docstring says why)
 
 
 def _run_rank(rank, stage, out):

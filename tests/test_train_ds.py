@@ -183,7 +183,9 @@ def test_process_groups_are_released_at_exit(tmp_path, data_dir):
         "import torch.distributed as dist\n"
         "from deepspeed.utils import groups\n"
         "held = [k for k, v in vars(groups).items() if isinstance(v, dist.ProcessGroup)]\n"
-        "print('RESULT', rc, dist.is_initialized(), held)\n")
+        "print('RESULT', rc, dist.is_initialized(), held)\n"
+        "from r1vl.utils import exit_after_collectives\n"
+        "exit_after_collectives(0)\n")
     env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
                RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
     args = [f"deepspeed={ROOT / 'configs' / 'ds_zero3.json'}", f"output_dir={tmp_path / 'run'}",
