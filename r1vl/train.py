@@ -1197,7 +1197,7 @@ def _fail(e: Exception) -> None:
         print(f"r1vl.train: error: {e}", file=sys.stderr)
 
 
-_HAD_PROCESS_GROUP = False  # set by _shutdown: this process ran collectives (see _exit)
+_SKIP_TEARDOWN = False  # set by _shutdown: exit without the interpreter's teardown (see _exit)
 
 
 def _shutdown() -> None:
@@ -1205,8 +1205,9 @@ def _shutdown() -> None:
 
     import torch.distributed as dist
 
-    global _HAD_PROCESS_GROUP
+    global _SKIP_TEARDOWN
 
+    vllm = bool(_OPEN_ENGINES)
     while _OPEN_ENGINES:  # vLLM's teardown needs the process group
         engine = _OPEN_ENGINES.pop()
         try:
@@ -1214,7 +1215,10 @@ def _shutdown() -> None:
         except Exception as e:  # pragma: no cover
             log.warning("closing the rollout engine failed: %s", e)
     ds_comm = sys.modules.get("deepspeed.comm.comm")
-    _HAD_PROCESS_GROUP = _HAD_PROCESS_GROUP or (dist.is_available() and dist.is_initialized())
+    # gloo (CPU) runs only, and not with a vLLM engine: its CPU shared-memory segments are
+    # unlinked by C++ destructors at exit, which os._exit would skip (they then block the next run)
+    _SKIP_TEARDOWN = (not vllm and dist.is_available() and dist.is_initialized()
+                      and dist.get_backend() == "gloo")
     try:
         if ds_comm is not None and ds_comm.is_initialized():
             # DeepSpeed keeps its own references to the process groups (deepspeed.utils.groups):
@@ -1228,9 +1232,9 @@ def _shutdown() -> None:
 
 
 def _exit(rc: int) -> None:
-    """The CLI's exit: after a distributed run, without the interpreter's teardown
+    """The CLI's exit: after a gloo run, without the interpreter's teardown
     (r1vl.utils.exit_after_collectives says why)."""
-    if not _HAD_PROCESS_GROUP:
+    if not _SKIP_TEARDOWN:
         sys.exit(rc)
     from r1vl.utils import exit_after_collectives
 

@@ -92,19 +92,18 @@ def all_gather_objects(obj: Any, d: Dist) -> list[Any]:
 
 
 def exit_after_collectives(rc: int) -> None:
-    """os._exit(rc) for a process that ran collectives, once its process group is destroyed:
-    the interpreter's teardown is skipped. A gloo worker thread of a group that outlived
-    destroy_process_group (torch 2.13, CPU) sometimes released a collective's tensors while
-    the interpreter was finalizing; taking the GIL then ends that thread inside a C++
+    """os._exit(rc) for a process that ran gloo collectives, once its process group is
+    destroyed: the interpreter's teardown is skipped. A gloo worker thread of a group that
+    outlived destroy_process_group (torch 2.13, CPU) sometimes released a collective's tensors
+    while the interpreter was finalizing; taking the GIL then ends that thread inside a C++
     destructor: std::terminate, SIGABRT ("terminate called without an active exception"),
-    and a finished run or test worker reported as failed. What teardown would do is done
-    first: the reward pools stopped, log handlers and stdio flushed."""
+    and a finished run or test worker reported as failed. Python's exit handlers (atexit:
+    reward pools, logging) run first, and stdio is flushed; C++ static destructors do not
+    run, so not for a process whose libraries clean up there (vLLM's CPU shared memory)."""
+    import atexit
     import sys
 
-    pool = sys.modules.get("r1vl.rewards.pool")
-    if pool is not None:
-        pool.close_pools()
-    logging.shutdown()
+    atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(rc)

@@ -126,6 +126,3 @@ def main() -> None:
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     main()
-    from r1vl.utils import exit_after_collectives
-
-    exit_after_collectives(0)  # no interpreter teardown after collectives (its docstring says why)
