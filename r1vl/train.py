@@ -1201,8 +1201,6 @@ _SKIP_TEARDOWN = False  # set by _shutdown: exit without the interpreter's teard
 
 
 def _shutdown() -> None:
-    import gc
-
     import torch.distributed as dist
 
     global _SKIP_TEARDOWN
@@ -1226,7 +1224,6 @@ def _shutdown() -> None:
             ds_comm.destroy_process_group()
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
-        gc.collect()  # a group held in a reference cycle (an engine's) is freed now, not at exit
     except Exception as e:  # pragma: no cover
         log.debug("destroying the process group failed: %s", e)
 
