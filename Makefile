@@ -77,9 +77,9 @@ $(VVENV)/.base:
 	@touch $@
 
 # ... the project and the shim follow their sources
-$(VVENV)/.installed: $(VVENV)/.base setup.py tests/vllm/torchvision_cpu_shim.py
+$(VVENV)/.installed: $(VVENV)/.base setup.py tests/vllm_suite/torchvision_cpu_shim.py
 	sp=$$($(VPY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') && \
-	  cp tests/vllm/torchvision_cpu_shim.py "$$sp/_r1vl_torchvision_cpu_shim.py" && \
+	  cp tests/vllm_suite/torchvision_cpu_shim.py "$$sp/_r1vl_torchvision_cpu_shim.py" && \
 	  echo "import _r1vl_torchvision_cpu_shim; _r1vl_torchvision_cpu_shim.install()" \
 	    > "$$sp/_r1vl_torchvision_cpu_shim.pth"
 	$(VPY) -m pip install -q --no-deps -e .
@@ -88,6 +88,6 @@ $(VVENV)/.installed: $(VVENV)/.base setup.py tests/vllm/torchvision_cpu_shim.py
 
 venv-vllm: $(VVENV)/.installed
 
-# Runs tests/vllm on the real engine; fails (does not skip) when vllm is missing.
+# Runs tests/vllm_suite on the real engine; fails (does not skip) when vllm is missing.
 test-vllm: venv-vllm
-	R1VL_REQUIRE_VLLM=1 $(VPY) -m pytest -q -p no:cacheprovider $(VLLM_TEST_ARGS) tests/vllm
+	R1VL_REQUIRE_VLLM=1 $(VPY) -m pytest -q -p no:cacheprovider $(VLLM_TEST_ARGS) tests/vllm_suite

@@ -1,6 +1,6 @@
 """The parts of the colocated vLLM engine that need no vLLM: weight names and
 buckets, allocator settings, config checks, construction preconditions. (The
-engine itself is tested on the real vLLM CPU backend in tests/vllm/.)"""
+engine itself is tested on the real vLLM CPU backend in tests/vllm_suite/.)"""
 import sys
 
 import pytest
@@ -23,6 +23,20 @@ def test_module_imports_without_vllm():
     code = "import sys, r1vl.rollout.vllm_engine; assert 'vllm' not in sys.modules, 'vllm imported eagerly'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
+
+
+def test_no_test_directory_shadows_a_package():
+    """pytest puts tests/ on sys.path, so each directory under it is an importable namespace
+    package of its name: one named like a package that transformers / TRL probe for (the vLLM
+    suite's was called `vllm`) makes them find a package with no version ('N/A') and fail."""
+    from pathlib import Path
+
+    probed = {"vllm", "deepspeed", "liger_kernel", "flash_attn", "trl", "kernels", "triton",
+              "transformers", "torch", "accelerate", "datasets", "math_verify", "r1vl"}
+    here = Path(__file__).parent
+    dirs = {p.name for p in here.iterdir() if p.is_dir() and not p.name.startswith((".", "__"))}
+    assert dirs, "no directory under tests/ at all: the check would prove nothing"
+    assert not dirs & probed, sorted(dirs & probed)
 
 @pytest.mark.parametrize("hf, vllm", [
     ("model.language_model.layers.3.self_attn.q_proj.weight", "language_model.model.layers.3.self_attn.q_proj.weight"),

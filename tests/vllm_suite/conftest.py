@@ -16,15 +16,15 @@ import pytest
 
 
 def _vllm_installed() -> bool:
-    # pytest puts tests/ on sys.path, which makes this very directory an importable
-    # (empty) namespace package called `vllm`: only a real package counts
+    # only a real package counts (a directory named vllm on sys.path would be an empty
+    # namespace package: this suite's directory was named so until it fooled TRL)
     spec = importlib.util.find_spec("vllm")
     return spec is not None and spec.origin is not None
 
 
 HAVE_VLLM = _vllm_installed()
 REQUIRED = os.environ.get("R1VL_REQUIRE_VLLM") == "1"
-SKIP_REASON = "tests/vllm not collected: vllm is not importable here (run `make test-vllm`, which uses .venv-vllm)"
+SKIP_REASON = "tests/vllm_suite not collected: vllm is not importable here (run `make test-vllm`, which uses .venv-vllm)"
 
 if not HAVE_VLLM:
     if REQUIRED:

@@ -1,6 +1,6 @@
 """One rank of the 2-rank torchrun check (launched by test_torchrun.py):
 
-    torchrun --nproc_per_node 2 tests/vllm/dist_worker.py OUT_DIR TP
+    torchrun --nproc_per_node 2 tests/vllm_suite/dist_worker.py OUT_DIR TP
 
 gloo process group first, then the engine via VLLMEngine.from_config (rank 0 writes
 the engine's model directory, dummy start-up weights, the bound policy is pushed),
