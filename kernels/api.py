@@ -191,7 +191,8 @@ def fused_linear_grpo_loss(
     hidden [B,T,H], weight [V,H], targets/mask [B,T], advantages [B]; optional
     old/ref log-probs and rollout_is_ratio [B,T]. Returns (0-dim loss, metrics) with
     metrics kl, clip_ratio_low, clip_ratio_high, clip_ratio (and entropy) as detached
-    0-dim fp32 tensors. Gradients flow to hidden, weight and bias only: advantages,
+    0-dim fp32 tensors (kl, entropy: token means; clip ratios: share of tokens, at sequence
+    level share of sequences). Gradients flow to hidden, weight and bias only: advantages,
     old/ref log-probs and rollout_is_ratio are constants. Masked-out positions are never
     read from the vocabulary: their targets may be any id (padding) and they cost no
     vocabulary work.

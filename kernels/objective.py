@@ -66,15 +66,24 @@ def grpo_objective(
 
         low = ((ratio < 1.0 - epsilon_low) & (adv < 0)).to(acc)
         high = ((ratio > 1.0 + epsilon_high) & (adv > 0)).to(acc)
+        # token level: the share of (mask-weighted) tokens clipped; sequence level, where a
+        # sequence has one ratio, the share of sequences, every row counted (TRL's metrics)
+        clip_mean = masked_mean if importance_sampling_level == "token" else sequence_mean
         metrics = {
             "kl": masked_mean(kl) if kl is not None else zero.clone(),
-            "clip_ratio_low": masked_mean(low),
-            "clip_ratio_high": masked_mean(high),
-            "clip_ratio": masked_mean(torch.maximum(low, high)),
+            "clip_ratio_low": clip_mean(low),
+            "clip_ratio_high": clip_mean(high),
+            "clip_ratio": clip_mean(torch.maximum(low, high)),
         }
         if entropy is not None:
             metrics["entropy"] = masked_mean(entropy)
     return loss, metrics
+
+
+def sequence_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over the rows of a [B, T] tensor that is constant along each row (a per-sequence
+    flag expanded over its tokens); a fully masked row counts (its ratio is 1)."""
+    return x[:, :1].sum() / max(1, x.shape[0])
 
 
 def per_token_terms(logp, on, m, adv, *, old_logprobs, ref_logprobs, rollout_is_ratio, beta,

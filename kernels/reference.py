@@ -13,6 +13,10 @@ The objective is TRL's GRPOTrainer loss, written out as directly as possible:
     l    = −min(r·A, clip(r, 1−ε_low, 1+ε_high)·A) · rollout_is_ratio
            + β·(exp(ref − logp) − (ref − logp) − 1)
     loss = aggregate(l, mask) by loss_type
+
+Metrics: kl and entropy are mask-weighted token means; the clip ratios are the share of
+tokens clipped at token level and the share of sequences (all B rows) at sequence level,
+as TRL logs them.
 """
 from __future__ import annotations
 
@@ -123,11 +127,16 @@ def reference_grpo_loss(
 
         low = ((coef_1 < 1 - epsilon_low) & (adv < 0)).to(dtype)
         high = ((coef_1 > 1 + epsilon_high) & (adv > 0)).to(dtype)
+        if importance_sampling_level == "sequence":   # share of sequences (rows) clipped
+            def clip_mean(x):
+                return x[:, :1].sum() / max(1, x.shape[0])
+        else:                                          # share of tokens clipped
+            clip_mean = mean
         metrics = {
             "kl": mean(kl) if kl is not None else torch.zeros((), dtype=dtype),
-            "clip_ratio_low": mean(low),
-            "clip_ratio_high": mean(high),
-            "clip_ratio": mean(torch.maximum(low, high)),
+            "clip_ratio_low": clip_mean(low),
+            "clip_ratio_high": clip_mean(high),
+            "clip_ratio": clip_mean(torch.maximum(low, high)),
         }
         if return_entropy:
             metrics["entropy"] = mean(entropy)

@@ -595,6 +595,11 @@ class TritonGRPOObjectiveFunction(torch.autograd.Function):
         sums = out.sum(0)
         ctx.save_for_backward(dlogp)
         stats = sums[1:] / mask.sum().clamp(min=1.0)
+        if seq_level:
+            # out[b, 2:5] = flag_b · Σ_t m: the clip ratios are the share of sequences
+            cnt = mask.sum(-1, keepdim=True)
+            flags = torch.where(cnt > 0, out[:, 2:5] / torch.where(cnt > 0, cnt, 1.0), 0.0)
+            stats = torch.cat([stats[:1], flags.sum(0) / max(1, bsz), stats[4:]])
         ctx.mark_non_differentiable(stats)
         return sums[0], stats
 
