@@ -224,6 +224,8 @@ def grpo_update(policy: nn.Module, optimizer: torch.optim.Optimizer, scheduler: 
             policy, batch, micro_batch_size=cfg.micro_batch_size, temperature=cfg.temperature)
     groups = micro_batches(B, cfg.micro_batch_size)
     total_tokens = float(batch.mask.sum().item())
+    if cfg.loss_type == "dapo":
+        total_tokens = _tokens_per_rank(batch.mask)
     params = [p for p in policy.parameters() if p.requires_grad]
     sums: dict[str, float] = {}
     for _ in range(cfg.num_iterations):
@@ -263,6 +265,22 @@ def grpo_update(policy: nn.Module, optimizer: torch.optim.Optimizer, scheduler: 
         sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm
     mu = cfg.num_iterations
     return {k: v / mu for k, v in sums.items()}
+
+
+def _tokens_per_rank(mask: torch.Tensor) -> float:
+    """dapo's normaliser: the completion tokens of the whole batch, all ranks together,
+    divided by the number of ranks. The ranks' gradients are averaged (DDP, DeepSpeed), so
+    Σ_ranks (Σ_local / (N / world)) / world = Σ_all / N: one token mean over the global batch,
+    as TRL's num_items_in_batch gives (a per-rank token count would weigh a rank's tokens by
+    1 / its own count). A collective: every rank calls it at the same point of the step."""
+    import torch.distributed as dist
+
+    n = mask.detach().sum().to(torch.float64)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return float(n)
+    n = n.reshape(1)
+    dist.all_reduce(n)
+    return float(n) / dist.get_world_size()
 
 
 def _clip(params: list[torch.Tensor], max_norm: float) -> float:

@@ -33,16 +33,16 @@ def _setup():
     return PolicyWithLoss(model), batch
 
 
-def _update(policy, batch, adv):
+def _update(policy, batch, adv, loss_type="grpo"):
     from r1vl.algo import UpdateConfig, compute_logprobs, grpo_update
 
     ref = compute_logprobs(policy, batch, micro_batch_size=8) - 0.05 * batch.mask
     opt = torch.optim.SGD(policy.parameters(), lr=0.05)
-    cfg = UpdateConfig(micro_batch_size=2, max_grad_norm=0.0, beta=0.04)
+    cfg = UpdateConfig(micro_batch_size=2, max_grad_norm=0.0, beta=0.04, loss_type=loss_type)
     return grpo_update(policy, opt, None, batch, adv, cfg, ref_logprobs=ref)
 
 
-def _worker(rank, world, port, out_dir):
+def _worker(rank, world, port, out_dir, loss_type="grpo"):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -54,7 +54,7 @@ def _worker(rank, world, port, out_dir):
         policy, batch = _setup()
         half = list(range(rank * 4, rank * 4 + 4))
         ddp = DDP(policy, broadcast_buffers=False)
-        _update(ddp, batch.slice(half), torch.tensor(ADV)[half])
+        _update(ddp, batch.slice(half), torch.tensor(ADV)[half], loss_type)
         torch.save({k: v.detach() for k, v in policy.state_dict().items()}, os.path.join(out_dir, f"rank{rank}.pt"))
         st = StatReducer()
         st.add("x", [float(rank)] * (rank + 1))  # rank 0: [0], rank 1: [1, 1]
@@ -73,15 +73,21 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_ddp_two_gloo_ranks_match_single_process(tmp_path):
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_ddp_two_gloo_ranks_match_single_process(tmp_path, loss_type):
+    """grpo: a mean over sequences; dapo: one token mean over the global batch, whose halves
+    hold different token counts here (so a per-rank normaliser would not match)."""
     # spawn, not fork: a fork of the pytest process after earlier tests ran threads (OpenMP,
     # the reward pool's readers) deadlocked in the child in a full-suite run
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path), loss_type), nprocs=2, join=True,
+                       start_method="spawn")
     p0 = torch.load(tmp_path / "rank0.pt")
     p1 = torch.load(tmp_path / "rank1.pt")
     policy, batch = _setup()
+    if loss_type == "dapo":
+        assert batch.mask[:4].sum() != batch.mask[4:].sum()
     before = {k: v.detach().clone() for k, v in policy.state_dict().items()}
-    _update(policy, batch, torch.tensor(ADV))
+    _update(policy, batch, torch.tensor(ADV), loss_type)
     single = policy.state_dict()
     moved = 0
     for k in single:
