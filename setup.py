@@ -36,6 +36,7 @@ setup(
         "deepspeed": ["deepspeed>=0.19.8,<0.20"],
         "liger": ["liger-kernel>=0.8.5,<0.9"],
         "flash": ["flash-attn>=2.6"],
+        "wandb": ["wandb>=0.19"],
         # bench/bench_step.py's peer: TRL's GRPOTrainer, pinned to the version the benchmark was written against
         "bench": ["trl==1.16.0", "accelerate>=1.10.1"],
         "dev": [
@@ -49,6 +50,7 @@ setup(
             "pyarrow>=14",
             "trl==1.16.0",
             "accelerate>=1.10.1",
+            "wandb>=0.19",
         ],
     },
 )

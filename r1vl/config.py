@@ -207,6 +207,12 @@ class LoggingConfig:
     progress: bool = True
     tensorboard: bool = True
     plot: bool = True
+    # Weights & Biases (rank 0; pip install -e '.[wandb]'): every metrics.jsonl record, the
+    # resolved config and the summary; a resumed run continues the same W&B run
+    wandb: bool = False
+    wandb_project: str = "r1vl"
+    wandb_run_name: str = ""  # "" = output_dir's name
+    wandb_mode: str = field(default="", metadata=_choices("", "online", "offline"))  # "" = WANDB_MODE, else online
 
 
 @dataclass

