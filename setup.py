@@ -35,6 +35,7 @@ setup(
         "data": ["datasets>=2.19", "pyarrow>=14"],
         "deepspeed": ["deepspeed>=0.19.8,<0.20"],
         "liger": ["liger-kernel>=0.8.5,<0.9"],
+        # flash-attn's build imports torch, so it needs pip's --no-build-isolation (README: scale path)
         "flash": ["flash-attn>=2.6"],
         "wandb": ["wandb>=0.19"],
         # bench/bench_step.py's peer: TRL's GRPOTrainer, pinned to the version the benchmark was written against
