@@ -199,6 +199,7 @@ class TrainConfig:
     eval_after: bool = True
     eval_batch_size: int = field(default=64, metadata=_min(1))
     eval_every: int = field(default=0, metadata=_min(0))  # held-out evals during StepGRPO; 0 = only after
+    save_eval_outputs: bool = True  # each held-out eval's completions + scores: output_dir/eval_outputs/*.jsonl
 
 
 @dataclass

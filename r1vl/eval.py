@@ -6,7 +6,8 @@ mean StepRVR. Used by train.py after the warm-up and after StepGRPO, and as a CL
 --model: a checkpoint directory (HF layout, as the trainer saves); --data: a directory
 holding test.jsonl (the built-in task's layout), or any file / dataset directory that
 r1vl.data.load_dataset reads. Prints one JSON object (and writes it with --out; its parent
-directory is created). When --model sits in a run written by r1vl.train (runs/X/final,
+directory is created); --outputs FILE also writes every item's completion and scores (JSON
+lines, data order). When --model sits in a run written by r1vl.train (runs/X/final,
 runs/X/warmup, runs/X/checkpoints/<phase>-<step>, with runs/X/config.yaml), --max-new-tokens,
 --min-pixels, --max-pixels, --alpha and --variant default to that run's values, as the
 trainer's own evaluation uses them; explicit flags win.
@@ -67,9 +68,11 @@ def progress_marks(total: int, lines: int = 10) -> set[int]:
 
 def evaluate(engine, processor, samples: Sequence[Any], *, max_new_tokens: int, batch_size: int = 64,
              d=None, alpha: float = 0.1, variant: str = "paper", reward_workers: int = 0,
-             reward_timeout_s: float = 5.0) -> dict[str, float]:
+             reward_timeout_s: float = 5.0, keep_outputs: bool = False) -> dict[str, float]:
     """Greedy decoding of every sample (sharded over ranks when `d` is an r1vl.utils.Dist);
-    returns held-out means over all ranks: accuracy, step_rar, step_rvr, reward, completion_length.
+    returns held-out means over all ranks: accuracy, step_rar, step_rvr, reward, completion_length,
+    and `correct_items` (0/1 per sample, data order). keep_outputs=True adds `outputs`: one
+    record per sample in data order (`output_record`), gathered from every rank.
     Rank 0 logs its progress (at most 10 lines: `progress_marks`)."""
     from r1vl.utils import Dist, StatReducer
 
@@ -82,6 +85,7 @@ def evaluate(engine, processor, samples: Sequence[Any], *, max_new_tokens: int, 
                        if getattr(x, "meta", {}).get("family") is not None})
     mine = samples[d.rank:: d.world]
     local_correct: list[float] = []
+    local_outputs: list[dict] = []
     stats = StatReducer()
     for fam in families:
         stats.add("accuracy_" + fam, [])
@@ -104,6 +108,8 @@ def evaluate(engine, processor, samples: Sequence[Any], *, max_new_tokens: int, 
         stats.add("reward", sc["total"])
         stats.add("completion_length", [len(c.token_ids) for c in comps])
         stats.add("truncated", [1.0 if c.finish_reason == "length" else 0.0 for c in comps])
+        if keep_outputs:
+            local_outputs.extend(output_record(x, c, sc, i) for i, (x, c) in enumerate(zip(chunk, comps)))
         if b in marks:  # rank 0 holds the largest shard: its count x world estimates all ranks'
             log.info("eval: %d/%d samples, %.0f s", min(len(samples), (s + len(chunk)) * d.world), len(samples),
                      time.perf_counter() - t0)
@@ -115,13 +121,43 @@ def evaluate(engine, processor, samples: Sequence[Any], *, max_new_tokens: int, 
     # lets two evaluations of the same items be compared pairwise (see paired_comparison)
     from r1vl.utils import all_gather_objects
 
-    shards = all_gather_objects(local_correct, d)
-    items = [0.0] * len(samples)
-    for r, shard in enumerate(shards):
-        for j, ok in enumerate(shard):
-            items[r + j * d.world] = ok
-    out["correct_items"] = items
+    def in_data_order(local: list) -> list:
+        shards = all_gather_objects(local, d)
+        items: list = [None] * len(samples)
+        for r, shard in enumerate(shards):
+            for j, x in enumerate(shard):
+                items[r + j * d.world] = x
+        return items
+
+    out["correct_items"] = in_data_order(local_correct)
+    if keep_outputs:
+        out["outputs"] = in_data_order(local_outputs)
+        for i, rec in enumerate(out["outputs"]):
+            rec["index"] = i
     return out
+
+
+def output_record(sample, completion, sc: dict, i: int) -> dict:
+    """One evaluated sample for an outputs file: the question, the reference solution, the
+    greedy completion and its scores (`i`: the sample's position in `sc`)."""
+    rec = {"index": None, "problem": sample.problem, "solution": sample.solution, "completion": completion.text,
+           "correct": sc["correct"][i], "step_rar": sc["accuracy"][i], "step_rvr": sc["validity"][i],
+           "reward": sc["total"][i], "completion_length": len(completion.token_ids),
+           "truncated": completion.finish_reason == "length"}
+    fam = getattr(sample, "meta", {}).get("family")
+    if fam is not None:
+        rec["family"] = str(fam)
+    return rec
+
+
+def write_outputs(path: str | Path, records: Sequence[dict]) -> None:
+    """JSON lines, one per evaluated sample, written to a temporary file and renamed."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
 
 
 def paired_comparison(before: Sequence[float], after: Sequence[float]) -> dict[str, float]:
@@ -208,18 +244,18 @@ def resolve_settings(explicit: dict[str, Any], run_cfg=None, run_cfg_path: str |
     return values, sources
 
 
-def _check_out(out: str) -> None:
-    """--out must be writable as a file: create its parent now, before evaluating."""
+def _check_out(out: str, flag: str = "--out", example: str = "eval.json") -> None:
+    """An output file flag must be writable as a file: create its parent now, before evaluating."""
     p = Path(out)
     if p.is_dir():
-        raise ValueError(f"--out {out}: is a directory; expected a file path (e.g. {p / 'eval.json'})")
+        raise ValueError(f"{flag} {out}: is a directory; expected a file path (e.g. {p / example})")
     parent = p.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ValueError(f"--out {out}: cannot create its directory {parent} ({e.strerror or e})") from None
+        raise ValueError(f"{flag} {out}: cannot create its directory {parent} ({e.strerror or e})") from None
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {out}: directory {parent} is not writable")
+        raise ValueError(f"{flag} {out}: directory {parent} is not writable")
 
 
 def _int_at_least(lo: int, hint: str = ""):
@@ -279,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     ap.add_argument("--out", default="", help="also write the JSON result here (parent directory created)")
     ap.add_argument("--per-item", action="store_true", help="include per-item correctness (0/1, data order)")
+    ap.add_argument("--outputs", default="", help="write every sample's completion and scores here (JSON lines, "
+                    "data order; parent directory created)")
     args = ap.parse_args(argv)
     from r1vl.train import quiet_deepspeed_probe
 
@@ -297,6 +335,10 @@ def main(argv: list[str] | None = None) -> int:
         check_model_path(args.model, label=f"--model {args.model}", hub=False)
         if args.out:
             _check_out(args.out)
+        if args.outputs:
+            _check_out(args.outputs, "--outputs", "outputs.jsonl")
+        if args.out and args.outputs and Path(args.out).resolve() == Path(args.outputs).resolve():
+            raise ValueError(f"--out and --outputs name the same file ({args.out})")
         cfg_path = find_run_config(args.model)
         explicit = {name: getattr(args, name) for name in EVAL_SETTINGS}
         settings, sources = resolve_settings(explicit, load_run_config(cfg_path), cfg_path)
@@ -313,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ModelLoadError(_model_error(args.model, e)) from None
         engine = HFEngine(model, processor, batch_size=args.batch_size)
         res = evaluate(engine, processor, samples, max_new_tokens=settings["max_new_tokens"],
-                       batch_size=args.batch_size, alpha=settings["alpha"], variant=settings["variant"])
+                       batch_size=args.batch_size, alpha=settings["alpha"], variant=settings["variant"],
+                       keep_outputs=bool(args.outputs))
     except (ValueError, FileNotFoundError, OSError, KeyError) as e:
         print(f"r1vl.eval: error: {e}", file=sys.stderr)
         return 2
@@ -321,7 +364,16 @@ def main(argv: list[str] | None = None) -> int:
         print("r1vl.eval: interrupted (Ctrl-C): no result", file=sys.stderr)
         return 130
     items = res.pop("correct_items")
+    outputs = res.pop("outputs", None)
     res = {"model": args.model, "data": data_path, **res}
+    if outputs is not None:
+        try:
+            write_outputs(args.outputs, outputs)
+            res["outputs"] = args.outputs
+        except OSError as e:  # the scores are still printed below
+            print(f"r1vl.eval: error: --outputs {args.outputs}: cannot write ({e.strerror or e})", file=sys.stderr)
+            print(json.dumps(res, indent=2))
+            return 2
     if args.per_item:
         res["correct_items"] = items
     text = json.dumps(res, indent=2)

@@ -85,7 +85,8 @@ def load_split(path: str, cfg: Config):
 
 # what a run writes into output_dir (data/ aside: the synthetic task is regenerated per seed)
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "plot.png", "tensorboard", "final", "warmup",
-               "init", "skipped_rows.jsonl", "wandb")
+               "init", "skipped_rows.jsonl", "wandb", "eval_outputs")
+EVAL_OUTPUTS = "eval_outputs"  # train.save_eval_outputs: <name>.jsonl per held-out evaluation
 
 
 def previous_run(out: Path) -> list[str]:
@@ -646,7 +647,7 @@ def save_model_dir(path: Path, d, policy, processor) -> None:
 def run(cfg: Config, stop: StopSignal | None = None) -> dict:
     """One training run. `stop`: the signal watch (main() installs one; None: none)."""
     from r1vl.algo import UpdateConfig, build_batch, compute_logprobs, group_advantages, grpo_update, sft_step
-    from r1vl.eval import evaluate, make_prompt, score
+    from r1vl.eval import evaluate, make_prompt, score, write_outputs
     from r1vl.models import HostWeights, PolicyWithLoss, load_pretrained, make_reference, unwrap
     from r1vl.rollout.base import SamplingConfig
     from r1vl.utils import (STATE_FILE, IndexStream, MetricsWriter, StatReducer, Timer, all_gather_objects,
@@ -848,24 +849,33 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
         save_model_dir(out / "warmup", d, train_policy, processor)
 
     # ---- 2. evaluate the warm-up checkpoint
-    ev_kw = dict(max_new_tokens=cfg.rollout.max_completion_length, batch_size=cfg.train.eval_batch_size, d=d,
+    ev_kw = dict(keep_outputs=cfg.train.save_eval_outputs,
+                 max_new_tokens=cfg.rollout.max_completion_length, batch_size=cfg.train.eval_batch_size, d=d,
                  alpha=cfg.algorithm.alpha, variant=cfg.algorithm.accuracy_variant,
                  reward_workers=cfg.algorithm.reward_workers, reward_timeout_s=cfg.algorithm.reward_timeout_s)
 
-    def run_eval() -> dict:
+    def run_eval(name: str) -> dict:
         """Greedy held-out evaluation with the rollout engine (vLLM: woken, i.e. given the
-        current weights, and put back to sleep; HF under ZeRO-3: on gathered weights)."""
+        current weights, and put back to sleep; HF under ZeRO-3: on gathered weights).
+        With train.save_eval_outputs, rank 0 writes every completion and its scores to
+        output_dir/eval_outputs/<name>.jsonl."""
         if use_vllm:
             engine.wake()
             try:
-                return evaluate(engine, processor, eval_set, **ev_kw)
+                ev = evaluate(engine, processor, eval_set, **ev_kw)
             finally:
                 engine.sleep()
-        with gen_context():
-            return evaluate(engine, processor, eval_set, **ev_kw)
+        else:
+            with gen_context():
+                ev = evaluate(engine, processor, eval_set, **ev_kw)
+        outputs = ev.pop("outputs", None)
+        if outputs is not None and d.main:
+            (out / EVAL_OUTPUTS).mkdir(exist_ok=True)
+            write_outputs(out / EVAL_OUTPUTS / f"{name}.jsonl", outputs)
+        return ev
 
     if state.get("eval_warmup") is None and cfg.train.eval_before:
-        ev = run_eval()
+        ev = run_eval("after_warmup")
         state["eval_warmup"] = ev
         writer.write({"phase": "eval", "after": "warmup", "step": 0,
                       **{k: v for k, v in ev.items() if k != "correct_items"}})
@@ -1031,7 +1041,8 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
                      cfg.train.max_steps, rec["reward_mean"], rec["accuracy"], rec["kl"], rec["seconds_step"],
                      eta(t_phase, step + 1 - g_start, cfg.train.max_steps - g_start))
         if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < cfg.train.max_steps:
-            evk = run_eval()  # before this step's checkpoint: a resume never repeats or skips it
+            evk = run_eval(f"grpo_step_{step + 1:06d}")  # before this step's checkpoint: a resume never
+            # repeats or skips it
             writer.write({"phase": "eval", "after": "grpo", "step": step + 1, "final": False,
                           **{k: v for k, v in evk.items() if k != "correct_items"}})
             log.info("held-out at StepGRPO step %d: accuracy %.3f", step + 1, evk["accuracy"])
@@ -1049,8 +1060,11 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
     if cfg.train.eval_after and ev0 is not None and g_start == 0 and cfg.train.max_steps == 0:
         ev1 = ev0  # no StepGRPO step: the weights evaluated after the warm-up, greedy again
         log.info("no StepGRPO step: the evaluation after the warm-up is the final one")
+        done = out / EVAL_OUTPUTS / "after_warmup.jsonl"
+        if d.main and cfg.train.save_eval_outputs and done.is_file():
+            shutil.copyfile(done, out / EVAL_OUTPUTS / "final.jsonl")
     else:
-        ev1 = run_eval() if cfg.train.eval_after else None
+        ev1 = run_eval("final") if cfg.train.eval_after else None
     if ev1 is not None:
         writer.write({"phase": "eval", "after": "grpo", "step": cfg.train.max_steps, "final": True,
                       **{k: v for k, v in ev1.items() if k != "correct_items"}})

@@ -138,4 +138,10 @@ def test_torchrun_two_ranks_end_to_end(tmp_path, data_dir):
     assert recs[2]["n"] == 4  # the 4 held-out items were split over the 2 ranks and summed back
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 2
+    # eval outputs: both ranks' samples, back in data order
+    final = [json.loads(x) for x in (out / "eval_outputs" / "final.jsonl").read_text().splitlines()]
+    test_rows = [json.loads(x) for x in (Path(data_dir) / "test.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in final] == [0, 1, 2, 3]
+    assert [r["problem"] for r in final] == [x["problem"] for x in test_rows[:4]]
+    assert sum(r["correct"] for r in final) / 4 == pytest.approx(recs[-1]["accuracy"])
     assert (out / "final" / "model.safetensors").is_file()

@@ -85,6 +85,37 @@ def test_out_existing_directory_fails_before_evaluating(fake_model, data_dir, tm
     assert line.startswith("r1vl.eval: error: --out ") and "is a directory" in line
 
 
+def test_outputs_file_has_every_sample_in_data_order(tiny_run, data_dir, tmp_path, capsys):
+    from r1vl.data import load_dataset
+
+    outputs = tmp_path / "o" / "outputs.jsonl"
+    capsys.readouterr()
+    assert ev.main(["--model", str(tiny_run / "final"), "--data", str(data_dir), "--n", "5", "--batch-size", "2",
+                    "--outputs", str(outputs)]) == 0
+    res = json.loads(capsys.readouterr().out)
+    recs = [json.loads(x) for x in outputs.read_text().splitlines()]
+    samples = list(load_dataset(str(data_dir / "test.jsonl")))[:5]
+    assert [r["index"] for r in recs] == list(range(5)) and res["outputs"] == str(outputs)
+    assert [r["problem"] for r in recs] == [x.problem for x in samples]
+    assert [r["solution"] for r in recs] == [x.solution for x in samples]
+    assert all(isinstance(r["completion"], str) and r["completion_length"] >= 1 for r in recs)
+    # the per-sample scores are the ones the printed means come from
+    for key, rk in (("accuracy", "correct"), ("step_rar", "step_rar"), ("step_rvr", "step_rvr")):
+        assert res[key] == pytest.approx(sum(r[rk] for r in recs) / 5), key
+    # scoring the saved completions again gives the saved scores
+    again = ev.score([r["completion"] for r in recs], samples, alpha=0.25)
+    assert again["correct"] == [r["correct"] for r in recs] and again["accuracy"] == [r["step_rar"] for r in recs]
+
+
+def test_outputs_and_out_must_differ_and_be_files(fake_model, data_dir, tmp_path, capsys, no_eval):
+    f = tmp_path / "same.json"
+    assert ev.main(["--model", str(fake_model), "--data", str(data_dir), "--out", str(f), "--outputs", str(f)]) == 2
+    assert "name the same file" in _err_line(capsys)
+    assert ev.main(["--model", str(fake_model), "--data", str(data_dir), "--outputs", str(tmp_path)]) == 2
+    line = _err_line(capsys)
+    assert line.startswith("r1vl.eval: error: --outputs ") and "is a directory" in line
+
+
 # --------------------------------------------------------------------------- 2. --n and other numbers
 
 

@@ -57,6 +57,13 @@ def test_end_to_end_outputs(tmp_path, data_dir):
               "tokens_per_s"):
         assert k in g, k
     assert all(torch.isfinite(torch.tensor(float(g[k]))) for k in ("loss", "kl", "entropy", "reward_mean"))
+    # each held-out evaluation's completions and scores, consistent with its record
+    evals = [r for r in recs if r["phase"] == "eval"]
+    for name, rec in (("after_warmup", evals[0]), ("final", evals[1])):
+        rows = [json.loads(x) for x in (out / "eval_outputs" / f"{name}.jsonl").read_text().splitlines()]
+        assert len(rows) == rec["n"] and [r["index"] for r in rows] == list(range(rec["n"]))
+        for key, rk in (("accuracy", "correct"), ("step_rvr", "step_rvr"), ("completion_length", "completion_length")):
+            assert sum(r[rk] for r in rows) / len(rows) == pytest.approx(rec[key]), (name, key)
     summary = json.loads((out / "summary.json").read_text())
     for k in ("accuracy_after_warmup", "accuracy_final", "reward_after_warmup", "reward_final", "steps",
               "wall_seconds"):
