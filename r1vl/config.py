@@ -210,6 +210,9 @@ class LoggingConfig:
     plot: bool = True
     # Weights & Biases (rank 0; pip install -e '.[wandb]'): every metrics.jsonl record, the
     # resolved config and the summary; a resumed run continues the same W&B run
+    # rank 0's first group of completions (texts, rewards, advantages) every N StepGRPO steps to
+    # output_dir/rollouts.jsonl; 0 = none
+    rollouts_every: int = field(default=1, metadata=_min(0))
     wandb: bool = False
     wandb_project: str = "r1vl"
     wandb_run_name: str = ""  # "" = output_dir's name

@@ -10,7 +10,7 @@ default (tiny Qwen2-VL, built-in synthetic task, sized for a 2-core CPU machine)
          -> μ passes of the fused loss over micro-batches -> AdamW -> weights to the engine
     4. evaluate again, write summary.json, save the final checkpoint
 
-Outputs in output_dir: config.yaml (resolved), metrics.jsonl, summary.json, plot.png,
+Outputs in output_dir: config.yaml (resolved), metrics.jsonl, rollouts.jsonl, eval_outputs/, summary.json, plot.png,
 tensorboard/, wandb/ (logging.wandb=true), checkpoints/<phase>-<step>/ (resume points), warmup/ and
 final/ (HF layout).
 """
@@ -85,7 +85,7 @@ def load_split(path: str, cfg: Config):
 
 # what a run writes into output_dir (data/ aside: the synthetic task is regenerated per seed)
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "plot.png", "tensorboard", "final", "warmup",
-               "init", "skipped_rows.jsonl", "wandb", "eval_outputs")
+               "init", "skipped_rows.jsonl", "wandb", "eval_outputs", "rollouts.jsonl")
 EVAL_OUTPUTS = "eval_outputs"  # train.save_eval_outputs: <name>.jsonl per held-out evaluation
 
 
@@ -277,6 +277,18 @@ def build_model(cfg: Config, d, corpus_samples, resume_dir: Path | None):
         return load_pretrained(cfg.model.path, **kw)
     except ModelLoadError as e:
         raise UserError(str(e)) from None
+
+
+def rollout_record(step: int, samples, comps, sc: dict, adv: torch.Tensor, G: int) -> dict:
+    """rollouts.jsonl's record of a StepGRPO step: the first prompt's group of G completions
+    (this rank's), each with its rewards and advantage."""
+    s = samples[comps[0].prompt_index]
+    group = []
+    for i, c in enumerate(comps[:G]):
+        group.append({"text": c.text, "reward": sc["total"][i], "step_rar": sc["accuracy"][i],
+                      "step_rvr": sc["validity"][i], "correct": sc["correct"][i], "advantage": float(adv[i]),
+                      "length": len(c.token_ids), "truncated": c.finish_reason == "length"})
+    return {"phase": "grpo", "step": step, "problem": s.problem, "solution": s.solution, "completions": group}
 
 
 _OPEN_ENGINES: list = []  # closed by _shutdown() before the process group ends
@@ -1032,6 +1044,9 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
                              "device_used": _device_used(d.device)})
             rec["memory"] = timeline
         writer.write(rec)
+        every = cfg.logging.rollouts_every
+        if d.main and every and (step + 1) % every == 0 and comps:
+            writer.write_rollouts(rollout_record(step + 1, samples, comps, sc, adv, G))
         check_finite_loss(rec, cfg)
         if bar is not None:
             bar.update(1)

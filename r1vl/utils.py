@@ -284,8 +284,10 @@ class MetricsWriter:
         self.enabled = enabled
         self.wandb = wandb_run if enabled else None
         self.path = Path(out_dir) / "metrics.jsonl"
-        if enabled and fresh and self.path.exists():  # a new run (not a resume) starts a new log
-            self.path.unlink()
+        self.rollouts_path = Path(out_dir) / "rollouts.jsonl"
+        for p in (self.path, self.rollouts_path):
+            if enabled and fresh and p.exists():  # a new run (not a resume) starts a new log
+                p.unlink()
         self.tb = None
         if enabled and tensorboard:
             try:
@@ -296,12 +298,18 @@ class MetricsWriter:
                 log.info("TensorBoard disabled (%s)", e.__class__.__name__)
 
     def truncate_after(self, phase: str, step: int) -> None:
-        """Drop records written after a checkpoint at (phase, step) (a killed run's tail)."""
-        if not self.enabled or not self.path.is_file():
+        """Drop records written after a checkpoint at (phase, step) (a killed run's tail), in
+        metrics.jsonl and rollouts.jsonl."""
+        if not self.enabled:
             return
-        cut = (_PHASES.get(phase, 0), step)
+        for path in (self.path, self.rollouts_path):
+            if path.is_file():
+                self._truncate(path, (_PHASES.get(phase, 0), step))
+
+    @staticmethod
+    def _truncate(path: Path, cut: tuple[int, int]) -> None:
         keep = []
-        for line in self.path.read_text().splitlines():
+        for line in path.read_text().splitlines():
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
@@ -318,7 +326,13 @@ class MetricsWriter:
                 key = (_PHASES.get(ph, 0), rec.get("step", 0))
             if key <= cut:
                 keep.append(line)
-        self.path.write_text("".join(k + "\n" for k in keep))
+        path.write_text("".join(k + "\n" for k in keep))
+
+    def write_rollouts(self, record: dict) -> None:
+        """One record of sampled completions (rollouts.jsonl; rank 0)."""
+        if self.enabled:
+            with open(self.rollouts_path, "a") as f:
+                f.write(json.dumps(record, ensure_ascii=False, allow_nan=True) + "\n")
 
     def write(self, record: dict) -> None:
         if not self.enabled:

@@ -57,6 +57,15 @@ def test_end_to_end_outputs(tmp_path, data_dir):
               "tokens_per_s"):
         assert k in g, k
     assert all(torch.isfinite(torch.tensor(float(g[k]))) for k in ("loss", "kl", "entropy", "reward_mean"))
+    # one group of sampled completions per StepGRPO step, with the group's advantages
+    rolls = [json.loads(x) for x in (out / "rollouts.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rolls] == [1, 2]
+    for r in rolls:
+        rewards = torch.tensor([c["reward"] for c in r["completions"]])
+        assert len(rewards) == 2 and r["problem"] and r["solution"]
+        want = (rewards - rewards.mean()) / (rewards.std() + 1e-4)
+        assert [c["advantage"] for c in r["completions"]] == pytest.approx(want.tolist(), abs=1e-5)
+        assert all(c["reward"] == pytest.approx(c["step_rar"] + c["step_rvr"]) for c in r["completions"])
     # each held-out evaluation's completions and scores, consistent with its record
     evals = [r for r in recs if r["phase"] == "eval"]
     for name, rec in (("after_warmup", evals[0]), ("final", evals[1])):
@@ -116,6 +125,8 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, data_dir):
     ra = [_strip(r) for r in _metrics(ref)]
     rb = [_strip(r) for r in _metrics(out)]
     assert ra == rb
+    # the sampled completions too: the killed run's tail was dropped, each step is there once
+    assert (out / "rollouts.jsonl").read_text() == (ref / "rollouts.jsonl").read_text()
 
 
 def test_sigterm_checkpoints_stops_and_resumes_equal(tmp_path, data_dir):
@@ -591,3 +602,29 @@ def test_no_stepgrpo_step_evaluates_once(tmp_path, data_dir, monkeypatch):
     assert s["accuracy_by_family_final"] == s["accuracy_by_family_after_warmup"] and s["eval_n"] == 4
     assert s["paired"]["fixed"] == s["paired"]["broken"] == 0 and s["steps"] == 0
     assert [r.get("after") for r in _metrics(out) if r["phase"] == "eval"] == ["warmup", "grpo"]
+
+
+def test_truncate_after_a_checkpoint_drops_the_tail_of_both_logs(tmp_path):
+    """A run killed after step 4 and resumed from its step-2 checkpoint: metrics.jsonl and
+    rollouts.jsonl keep the warm-up, its evaluation and StepGRPO steps 1-2 only."""
+    from r1vl.utils import MetricsWriter
+
+    w = MetricsWriter(tmp_path, enabled=True, tensorboard=False)
+    for s in (1, 2):
+        w.write({"phase": "warmup", "step": s})
+    w.write({"phase": "eval", "after": "warmup", "step": 0})
+    for s in (1, 2, 3, 4):
+        w.write({"phase": "grpo", "step": s})
+        w.write_rollouts({"phase": "grpo", "step": s, "completions": []})
+        if s == 3:
+            w.write({"phase": "eval", "after": "grpo", "step": 3, "final": False})
+    with (tmp_path / "rollouts.jsonl").open("a") as f:
+        f.write('{"phase": "grpo", "st')  # a line cut short by the kill
+    w.truncate_after("grpo", 2)
+    kept = [(r["phase"], r["step"]) for r in _metrics(tmp_path)]
+    assert kept == [("warmup", 1), ("warmup", 2), ("eval", 0), ("grpo", 1), ("grpo", 2)]
+    rolls = [json.loads(x)["step"] for x in (tmp_path / "rollouts.jsonl").read_text().splitlines()]
+    assert rolls == [1, 2]
+    # a fresh writer (a new run, not a resume) starts both logs anew
+    MetricsWriter(tmp_path, enabled=True, tensorboard=False, fresh=True)
+    assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "rollouts.jsonl").exists()
