@@ -190,6 +190,7 @@ class TrainConfig:
     prompts_per_step: int = field(default=4, metadata=_min(1))  # per rank; x G completions
     micro_batch_size: int = field(default=16, metadata=_min(1))  # sequences per forward/backward
     save_every: int = field(default=0, metadata=_min(0))  # 0 = none but on SIGTERM/SIGUSR1 (final/ is no resume point)
+    keep_checkpoints: int = field(default=2, metadata=_min(0))  # the newest N in output_dir/checkpoints; 0 = all
     save_final: bool = True
     resume: Union[bool, str] = False  # true = latest checkpoint in output_dir, or a checkpoint path
     # a fresh run (no resume) into an output_dir that holds a previous run is refused unless
@@ -208,11 +209,11 @@ class LoggingConfig:
     progress: bool = True
     tensorboard: bool = True
     plot: bool = True
-    # Weights & Biases (rank 0; pip install -e '.[wandb]'): every metrics.jsonl record, the
-    # resolved config and the summary; a resumed run continues the same W&B run
     # rank 0's first group of completions (texts, rewards, advantages) every N StepGRPO steps to
     # output_dir/rollouts.jsonl; 0 = none
     rollouts_every: int = field(default=1, metadata=_min(0))
+    # Weights & Biases (rank 0; pip install -e '.[wandb]'): every metrics.jsonl record, the
+    # resolved config and the summary; a resumed run continues the same W&B run
     wandb: bool = False
     wandb_project: str = "r1vl"
     wandb_run_name: str = ""  # "" = output_dir's name

@@ -550,7 +550,7 @@ def save_checkpoint(cfg: Config, d, policy, processor, optimizer, scheduler, pha
                            client_state={"phase": phase, "step": step},
                            write_extra=lambda tmp: torch.save(state, tmp / STATE_FILE))
         if d.main:
-            prune_checkpoints(ck_dir, keep=2)
+            prune_checkpoints(ck_dir, keep=cfg.train.keep_checkpoints)
         d.barrier()
         return
     if d.main:
@@ -562,7 +562,7 @@ def save_checkpoint(cfg: Config, d, policy, processor, optimizer, scheduler, pha
             torch.save(state, tmp / STATE_FILE)
 
         atomic_dir_write(ck_dir / checkpoint_name(phase, step), write)
-        prune_checkpoints(ck_dir, keep=2)
+        prune_checkpoints(ck_dir, keep=cfg.train.keep_checkpoints)
     d.barrier()
 
 

@@ -628,3 +628,13 @@ def test_truncate_after_a_checkpoint_drops_the_tail_of_both_logs(tmp_path):
     # a fresh writer (a new run, not a resume) starts both logs anew
     MetricsWriter(tmp_path, enabled=True, tensorboard=False, fresh=True)
     assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "rollouts.jsonl").exists()
+
+
+@pytest.mark.parametrize("keep,expect", [(1, ["grpo-000003"]),
+                                         (0, ["grpo-000001", "grpo-000002", "grpo-000003", "warmup-000001",
+                                              "warmup-000002"])])
+def test_keep_checkpoints(tmp_path, data_dir, keep, expect):
+    out = tmp_path / "run"
+    assert main(_args(out, data_dir, "train.max_steps=3", "train.save_every=1", f"train.keep_checkpoints={keep}",
+                      "train.eval_before=false", "train.eval_after=false", "logging.plot=false")) == 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == expect
