@@ -1,7 +1,8 @@
 """Greedy evaluation on a held-out split: accuracy (final answer correct), mean StepRAR,
 mean StepRVR. Used by train.py after the warm-up and after StepGRPO, and as a CLI:
 
-    python -m r1vl.eval --model runs/default/final --data runs/default/data [--n 200]
+    python -m r1vl.eval --model runs/default/final --data runs/default/data [--limit 200]
+    torchrun --nproc-per-node 4 -m r1vl.eval --model ... --data ...   (one GPU per rank)
 
 --model: a checkpoint directory (HF layout, as the trainer saves); --data: a directory
 holding test.jsonl (the built-in task's layout), or any file / dataset directory that
@@ -298,8 +299,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m r1vl.eval", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="checkpoint directory (HF layout)")
     ap.add_argument("--data", required=True, help="directory with test.jsonl, or a dataset file/directory")
-    ap.add_argument("--n", type=_int_at_least(0, " (0 = all)"), default=0,
-                    help="evaluate the first N items (0 = all)")
+    # --limit, not --n, under torchrun: torchrun's argparse takes --n for an abbreviation of its own
+    # options (--nnodes, --nproc-per-node, ...) and stops with "ambiguous option"
+    ap.add_argument("--limit", "--n", dest="n", metavar="N", type=_int_at_least(0, " (0 = all)"), default=0,
+                    help="evaluate the first N items (0 = all; --n is the same)")
     run_default = " (default: the run's %s when --model is in an r1vl run directory, else %s)"
     ap.add_argument("--max-new-tokens", type=_int_at_least(1), default=None,
                     help="greedy decoding budget" + run_default % _run_default("max_new_tokens"))
@@ -312,7 +315,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="StepRAR weight per matched key step" + run_default % _run_default("alpha"))
     ap.add_argument("--variant", choices=("paper", "official"), default=None,
                     help="StepRAR variant" + run_default % _run_default("variant"))
-    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="where the model runs (auto: the GPU when there is one; under torchrun each rank "
+                    "takes its LOCAL_RANK's GPU)")
+    ap.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                    help="model weights (auto: bfloat16 on a GPU that has it, else float32)")
     ap.add_argument("--out", default="", help="also write the JSON result here (parent directory created)")
     ap.add_argument("--per-item", action="store_true", help="include per-item correctness (0/1, data order)")
     ap.add_argument("--outputs", default="", help="write every sample's completion and scores here (JSON lines, "
@@ -321,8 +328,46 @@ def main(argv: list[str] | None = None) -> int:
     from r1vl.train import quiet_deepspeed_probe
 
     quiet_deepspeed_probe()
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun rank 0 alone speaks
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    log.setLevel(logging.INFO)  # this CLI's own notes (where each setting came from)
+    log.setLevel(logging.INFO if main_rank else logging.WARNING)  # this CLI's notes (where settings came from)
+    try:
+        return _run(args, main_rank)
+    finally:
+        _end_distributed()
+
+
+def _end_distributed() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        gloo = dist.get_backend() == "gloo"
+        dist.destroy_process_group()
+        if gloo:  # r1vl.utils.exit_after_collectives says why (a finished gloo run could abort at exit)
+            global _EXIT_WITHOUT_TEARDOWN
+            _EXIT_WITHOUT_TEARDOWN = True
+
+
+_EXIT_WITHOUT_TEARDOWN = False
+
+
+def _device_and_dtype(device: str, dtype: str):
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available here (use --device cpu or auto)")
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if dtype == "auto":
+        dtype = "bfloat16" if use_cuda and torch.cuda.is_bf16_supported() else "float32"
+    return use_cuda, dtype
+
+
+def _run(args, main_rank: bool) -> int:
+    def error(msg: str) -> None:
+        if main_rank:
+            print(f"r1vl.eval: error: {msg}", file=sys.stderr)
+
+    d = None
     try:
         from r1vl.data import load_dataset
         from r1vl.models import ModelLoadError, check_model_path, load_pretrained
@@ -345,24 +390,41 @@ def main(argv: list[str] | None = None) -> int:
         for name, value in settings.items():
             log.info("%s = %s (%s)", name, value, sources[name])
 
+        use_cuda, dtype = _device_and_dtype(args.device, args.dtype)
+        if main_rank:
+            log.info("device = %s, dtype = %s", "cuda" if use_cuda else "cpu", dtype)
+
         samples = load_dataset(data_path, min_pixels=settings["min_pixels"], max_pixels=settings["max_pixels"])
         if args.n:
             samples = list(samples)[: args.n]
+        # torchrun: one process group, rank r evaluates items r, r + world, ... on its own GPU
+        from r1vl.utils import init_distributed
+
+        d = init_distributed("auto" if use_cuda else "gloo")
         try:
-            model, processor = load_pretrained(args.model, dtype=args.dtype, min_pixels=settings["min_pixels"],
+            model, processor = load_pretrained(args.model, dtype=dtype, min_pixels=settings["min_pixels"],
                                                max_pixels=settings["max_pixels"])
         except ModelLoadError as e:
             raise ModelLoadError(_model_error(args.model, e)) from None
+        if use_cuda:
+            model = model.to(d.device)
+        model.eval()
         engine = HFEngine(model, processor, batch_size=args.batch_size)
-        res = evaluate(engine, processor, samples, max_new_tokens=settings["max_new_tokens"],
+        res = evaluate(engine, processor, samples, max_new_tokens=settings["max_new_tokens"], d=d,
                        batch_size=args.batch_size, alpha=settings["alpha"], variant=settings["variant"],
                        keep_outputs=bool(args.outputs))
     except (ValueError, FileNotFoundError, OSError, KeyError) as e:
-        print(f"r1vl.eval: error: {e}", file=sys.stderr)
+        error(str(e))
         return 2
     except KeyboardInterrupt:
-        print("r1vl.eval: interrupted (Ctrl-C): no result", file=sys.stderr)
+        if main_rank:
+            print("r1vl.eval: interrupted (Ctrl-C): no result", file=sys.stderr)
         return 130
+    if not main_rank:
+        return 0
+    res["world_size"] = d.world if d is not None else 1
+    res["device"] = "cuda" if use_cuda else "cpu"
+    res["dtype"] = dtype
     items = res.pop("correct_items")
     outputs = res.pop("outputs", None)
     res = {"model": args.model, "data": data_path, **res}
@@ -389,4 +451,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    rc = main()
+    if _EXIT_WITHOUT_TEARDOWN:
+        from r1vl.utils import exit_after_collectives
+
+        exit_after_collectives(rc)
+    sys.exit(rc)

@@ -119,7 +119,7 @@ def test_outputs_and_out_must_differ_and_be_files(fake_model, data_dir, tmp_path
 # --------------------------------------------------------------------------- 2. --n and other numbers
 
 
-@pytest.mark.parametrize("flag,value,expect", [("--n", "-3", ">= 0"), ("--n", "abc", "integer"),
+@pytest.mark.parametrize("flag,value,expect", [("--limit", "-3", ">= 0"), ("--n", "abc", "integer"),
                                                ("--max-new-tokens", "0", ">= 1"),
                                                ("--batch-size", "-1", ">= 1"),
                                                ("--min-pixels", "0", ">= 1"), ("--alpha", "-0.5", ">= 0")])
@@ -128,7 +128,8 @@ def test_bad_numbers_are_argparse_errors(flag, value, expect, fake_model, data_d
         ev.main(["--model", str(fake_model), "--data", str(data_dir), flag, value])
     assert e.value.code == 2
     line = _err_line(capsys)
-    assert f"argument {flag}" in line and expect in line
+    name = "--limit/--n" if flag in ("--limit", "--n") else flag
+    assert f"argument {name}" in line and expect in line
 
 
 def test_n_zero_means_all_is_accepted(fake_model, data_dir, capsys, monkeypatch):
@@ -352,3 +353,51 @@ def test_evaluate_logs_bounded_progress_on_rank0_only(monkeypatch, caplog):
     assert lines[0].startswith("eval: 2/46 ") and lines[-1].startswith("eval: 46/46 ") and len(lines) <= 10
     lines, coll_other = run(Dist(rank=1, world=2))
     assert lines == [] and coll_other == coll0 == coll1
+
+
+# --------------------------------------------------------------------------- devices, torchrun
+
+
+def test_device_cuda_without_a_gpu_is_one_line(fake_model, data_dir, capsys, no_eval, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert ev.main(["--model", str(fake_model), "--data", str(data_dir), "--device", "cuda"]) == 2
+    assert "--device cuda: no CUDA device" in _err_line(capsys)
+
+
+def test_auto_device_and_dtype(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert ev._device_and_dtype("auto", "auto") == (False, "float32")
+    assert ev._device_and_dtype("cpu", "bfloat16") == (False, "bfloat16")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert ev._device_and_dtype("auto", "auto") == (True, "bfloat16")
+    assert ev._device_and_dtype("cpu", "auto") == (False, "float32")
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_give_the_single_process_result(tiny_run, data_dir, tmp_path):
+    """`torchrun --nproc-per-node 2 -m r1vl.eval`: each rank evaluates half the items, rank 0
+    alone prints and writes; greedy, one item per batch (no padding), so every completion and
+    number equals one process's."""
+    from test_ddp import _free_port
+
+    def run(prefix, tag):
+        outputs = tmp_path / f"{tag}.jsonl"
+        r = subprocess.run([*prefix, "-m", "r1vl.eval", "--model", str(tiny_run / "final"), "--data", str(data_dir),
+                            "--limit", "5", "--batch-size", "1", "--outputs", str(outputs)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return json.loads(r.stdout), outputs.read_text(), r.stderr
+
+    one, one_out, _ = run([sys.executable], "one")
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    two, two_out, err = run([torchrun, "--nproc-per-node", "2", "--master-port", str(_free_port())], "two")
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    for k in ("n", "accuracy", "step_rar", "step_rvr", "reward", "completion_length"):
+        assert two[k] == one[k], k
+    assert two_out == one_out
+    assert err.count("device = cpu") == 1  # rank 0's notes only
