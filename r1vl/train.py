@@ -1203,6 +1203,9 @@ def parse_args(argv: list[str] | None):
                     help="only validate the config, the data files' rows, the model path and the output "
                          "directory / resume point, then exit "
                          "(make train runs this before torchrun, whose own error report is long)")
+    ap.add_argument("--print-config", action="store_true",
+                    help="print the resolved config (the --config file with the overrides applied, as "
+                         "output_dir/config.yaml will hold it) as YAML, then exit")
     ap.add_argument("overrides", nargs="*", help="dotted.key=value")
     return ap.parse_args(argv)
 
@@ -1228,6 +1231,11 @@ def _main(argv: list[str] | None) -> int:
     quiet_deepspeed_probe()
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            import yaml
+
+            sys.stdout.write(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            return 0
         if args.check:
             preflight(cfg, rows=True)
             from r1vl.models import check_model_path

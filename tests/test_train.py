@@ -638,3 +638,19 @@ def test_keep_checkpoints(tmp_path, data_dir, keep, expect):
     assert main(_args(out, data_dir, "train.max_steps=3", "train.save_every=1", f"train.keep_checkpoints={keep}",
                       "train.eval_before=false", "train.eval_after=false", "logging.plot=false")) == 0
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == expect
+
+
+def test_print_config(tmp_path, capsys):
+    """--print-config: the resolved config as YAML (overrides applied), loadable again; no run."""
+    import yaml
+
+    from r1vl.config import load_config, to_dict
+
+    assert main(["--print-config", "train.max_steps=7", f"output_dir={tmp_path / 'x'}"]) == 0
+    text = capsys.readouterr().out
+    (tmp_path / "c.yaml").write_text(text)
+    cfg = load_config(tmp_path / "c.yaml")
+    assert cfg.train.max_steps == 7 and to_dict(cfg) == yaml.safe_load(text)
+    assert not (tmp_path / "x").exists()
+    assert main(["--print-config", "train.max_step=7"]) == 2  # a typo is still refused
+    assert "train.max_step" in capsys.readouterr().err
