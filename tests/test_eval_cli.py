@@ -401,3 +401,22 @@ def test_torchrun_two_ranks_give_the_single_process_result(tiny_run, data_dir, t
         assert two[k] == one[k], k
     assert two_out == one_out
     assert err.count("device = cpu") == 1  # rank 0's notes only
+
+
+@pytest.mark.cuda
+def test_eval_runs_on_the_gpu(tiny_run, data_dir, capsys, monkeypatch):
+    seen = {}
+    real = ev.evaluate
+
+    def spy(engine, *a, **k):
+        p = next(engine.model.parameters())
+        seen["device"], seen["dtype"] = p.device.type, p.dtype
+        return real(engine, *a, **k)
+
+    monkeypatch.setattr(ev, "evaluate", spy)
+    capsys.readouterr()
+    assert ev.main(["--model", str(tiny_run / "final"), "--data", str(data_dir), "--limit", "2"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    import torch
+
+    assert seen == {"device": "cuda", "dtype": torch.bfloat16} and res["device"] == "cuda"
