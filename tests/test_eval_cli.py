@@ -420,3 +420,12 @@ def test_eval_runs_on_the_gpu(tiny_run, data_dir, capsys, monkeypatch):
     import torch
 
     assert seen == {"device": "cuda", "dtype": torch.bfloat16} and res["device"] == "cuda"
+
+
+def test_engine_vllm_without_vllm_is_one_line(fake_model, data_dir, capsys, no_eval, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    assert ev.main(["--model", str(fake_model), "--data", str(data_dir), "--engine", "vllm"]) == 2
+    assert "--engine vllm: vLLM is not installed" in _err_line(capsys)
