@@ -462,7 +462,7 @@ def _run(args, main_rank: bool) -> int:
             log.info("engine = %s, device = %s, dtype = %s", args.engine, "cuda" if use_cuda else "cpu", dtype)
 
         dataset = load_dataset(data_path, min_pixels=settings["min_pixels"], max_pixels=settings["max_pixels"])
-        samples = list(dataset)[: args.n] if args.n else list(dataset)
+        samples = [dataset[i] for i in range(min(args.n, len(dataset)) if args.n else len(dataset))]
         # torchrun: one process group, rank r evaluates items r, r + world, ... on its own GPU
         from r1vl.utils import init_distributed
 
