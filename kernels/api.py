@@ -60,6 +60,11 @@ def _check_number(name: str, x, *, positive=False, nonneg=False):
         raise ValueError(f"{name}: expected >= 0, got {x}")
 
 
+def _check_bool(name: str, x) -> None:
+    if not isinstance(x, bool):
+        raise ValueError(f"{name}: expected a bool, got {type(x).__name__}")
+
+
 def _check_linear(hidden, weight, bias, targets, temperature, *, hidden_ndims):
     _check_tensor("hidden", hidden, dtypes=INPUT_DTYPES)
     if hidden.dim() not in hidden_ndims:
@@ -185,6 +190,7 @@ def fused_linear_grpo_loss(
     rollout_is_ratio: torch.Tensor | None = None,
     return_entropy: bool = False,
     backend: str = "auto",
+    use_bias_correction_kl: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """TRL's GRPO loss straight from the LM head, never materialising [tokens, vocab] logits.
 
@@ -192,7 +198,9 @@ def fused_linear_grpo_loss(
     old/ref log-probs and rollout_is_ratio [B,T]. Returns (0-dim loss, metrics) with
     metrics kl, clip_ratio_low, clip_ratio_high, clip_ratio (and entropy) as detached
     0-dim fp32 tensors (kl, entropy: token means; clip ratios: share of tokens, at sequence
-    level share of sequences). Gradients flow to hidden, weight and bias only: advantages,
+    level share of sequences). use_bias_correction_kl: the KL term (and the kl metric) is
+    KL·r, r the importance ratio, as TRL's GRPOConfig option of that name (TRL's default is
+    True; R1-VL's code has no correction, the default here). Gradients flow to hidden, weight and bias only: advantages,
     old/ref log-probs and rollout_is_ratio are constants. Masked-out positions are never
     read from the vocabulary: their targets may be any id (padding) and they cost no
     vocabulary work.
@@ -210,6 +218,7 @@ def fused_linear_grpo_loss(
             _check_tensor(name, x, shape=(b, t), device=dev, float_ok=True)
     for name, x in (("beta", beta), ("epsilon_low", epsilon_low), ("epsilon_high", epsilon_high)):
         _check_number(name, x, nonneg=True)
+    _check_bool("use_bias_correction_kl", use_bias_correction_kl)
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {loss_type!r}")
     if importance_sampling_level not in IS_LEVELS:
@@ -245,7 +254,8 @@ def fused_linear_grpo_loss(
             epsilon_low=epsilon_low, epsilon_high=epsilon_high, temperature=temperature,
             loss_type=loss_type, max_completion_length=max_completion_length,
             num_items_in_batch=num_items_in_batch, return_entropy=return_entropy,
-            importance_sampling_level=importance_sampling_level)
+            importance_sampling_level=importance_sampling_level,
+            use_bias_correction_kl=use_bias_correction_kl)
     logprob_fn, objective_fn = _backend_fns(be)
     logp, ent = logprob_fn(h2, weight, bias, safe_targets, temperature=temperature,
                            return_entropy=bool(return_entropy), rows=rows)
@@ -256,6 +266,7 @@ def fused_linear_grpo_loss(
         loss_type=loss_type, importance_sampling_level=importance_sampling_level,
         max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
         entropy=None if ent is None else ent.view(b, t).detach(),
+        use_bias_correction_kl=use_bias_correction_kl,
     )
 
 
@@ -277,6 +288,7 @@ class FusedLinearGRPOLoss(nn.Module):
         max_completion_length: int | None = None,
         return_entropy: bool = False,
         backend: str = "auto",
+        use_bias_correction_kl: bool = False,
     ):
         super().__init__()
         # validate early (a bad config should fail at construction, not at step 1)
@@ -292,6 +304,8 @@ class FusedLinearGRPOLoss(nn.Module):
             raise ValueError("max_completion_length: required when loss_type='dr_grpo'")
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        _check_bool("use_bias_correction_kl", use_bias_correction_kl)
+        self.use_bias_correction_kl = use_bias_correction_kl
         self.beta = beta
         self.epsilon_low = epsilon_low
         self.epsilon_high = epsilon_high
@@ -313,9 +327,11 @@ class FusedLinearGRPOLoss(nn.Module):
             max_completion_length=self.max_completion_length,
             num_items_in_batch=num_items_in_batch, rollout_is_ratio=rollout_is_ratio,
             return_entropy=self.return_entropy, backend=self.backend,
+            use_bias_correction_kl=self.use_bias_correction_kl,
         )
 
     def extra_repr(self) -> str:
         return (f"beta={self.beta}, epsilon_low={self.epsilon_low}, epsilon_high={self.epsilon_high}, "
                 f"temperature={self.temperature}, loss_type={self.loss_type!r}, "
-                f"importance_sampling_level={self.importance_sampling_level!r}, backend={self.backend!r}")
+                f"importance_sampling_level={self.importance_sampling_level!r}, backend={self.backend!r}"
+                + (", use_bias_correction_kl=True" if self.use_bias_correction_kl else ""))

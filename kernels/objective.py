@@ -30,6 +30,7 @@ def grpo_objective(
     max_completion_length: int | None,
     num_items_in_batch,
     entropy: torch.Tensor | None = None,
+    use_bias_correction_kl: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(loss, metrics) from fp32 (or fp64) log-probs `logp` [B, T] (differentiable).
 
@@ -42,7 +43,8 @@ def grpo_objective(
     per_token, ratio, kl = per_token_terms(
         logp, on, m, adv, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
         rollout_is_ratio=rollout_is_ratio, beta=beta, epsilon_low=epsilon_low,
-        epsilon_high=epsilon_high, importance_sampling_level=importance_sampling_level)
+        epsilon_high=epsilon_high, importance_sampling_level=importance_sampling_level,
+        use_bias_correction_kl=use_bias_correction_kl)
 
     n_tok = m.sum().clamp(min=1.0)
     if loss_type == "grpo":
@@ -87,11 +89,12 @@ def sequence_mean(x: torch.Tensor) -> torch.Tensor:
 
 
 def per_token_terms(logp, on, m, adv, *, old_logprobs, ref_logprobs, rollout_is_ratio, beta,
-                    epsilon_low, epsilon_high, importance_sampling_level):
+                    epsilon_low, epsilon_high, importance_sampling_level, use_bias_correction_kl=False):
     """(masked per-token loss, ratio, k3 KL or None) on [B, T] (or any shape at token level).
 
     `on` = mask != 0, `m` = mask in logp's dtype, `adv` broadcastable to logp. The
     per-token loss is −min(r·A, clip(r)·A)·ris + β·KL, times m, zero where masked;
+    with use_bias_correction_kl the KL term (and the returned KL) is KL·r, as TRL's option;
     r = exp(logp − old) (sequence level: exp of the sequence's masked mean log-ratio),
     r ≡ 1 with a live gradient when old is None. The loss's value and its gradient
     w.r.t. logp both come from these ops (the one-pass path differentiates them on
@@ -115,6 +118,8 @@ def per_token_terms(logp, on, m, adv, *, old_logprobs, ref_logprobs, rollout_is_
     if ref_logprobs is not None:
         diff = torch.where(on, ref_logprobs.to(acc) - logp, zero)
         kl = torch.exp(diff) - diff - 1.0
+        if use_bias_correction_kl:  # importance-weighted: the KL's gradient also flows through r
+            kl = kl * ratio
         if beta != 0.0:
             per_token = per_token + beta * kl
     return torch.where(on, per_token * m, zero), ratio, kl

@@ -11,7 +11,7 @@ The objective is TRL's GRPOTrainer loss, written out as directly as possible:
     r    = exp(logp − old)                       (token level)
          = exp(masked mean_t (logp − old))       (sequence level, same for each token)
     l    = −min(r·A, clip(r, 1−ε_low, 1+ε_high)·A) · rollout_is_ratio
-           + β·(exp(ref − logp) − (ref − logp) − 1)
+           + β·(exp(ref − logp) − (ref − logp) − 1)       (· r with use_bias_correction_kl)
     loss = aggregate(l, mask) by loss_type
 
 Metrics: kl and entropy are mask-weighted token means; the clip ratios are the share of
@@ -70,6 +70,7 @@ def reference_grpo_loss(
     num_items_in_batch: int | float | torch.Tensor | None = None,
     rollout_is_ratio: torch.Tensor | None = None,
     return_entropy: bool = False,
+    use_bias_correction_kl: bool = False,
     dtype: torch.dtype = torch.float64,
 ):
     """TRL's GRPO objective on materialised logits. Same signature as
@@ -104,6 +105,8 @@ def reference_grpo_loss(
     if ref_logprobs is not None:
         d = torch.where(on, ref_logprobs.to(dtype) - logp, torch.zeros_like(logp))
         kl = torch.exp(d) - d - 1
+        if use_bias_correction_kl:
+            kl = kl * coef_1
         if beta != 0.0:
             per_token = per_token + beta * kl
     per_token = torch.where(on, per_token * m, torch.zeros_like(per_token))

@@ -243,7 +243,7 @@ def _grpo_objective_kernel(
     T, beta, lo, hi, inv_b,
     HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, USE_KL: tl.constexpr, HAS_RIS: tl.constexpr,
     HAS_ENT: tl.constexpr, SEQ_LEVEL: tl.constexpr, PER_SEQ_NORM: tl.constexpr,
-    BLOCK_T: tl.constexpr,
+    KL_IS: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """One program per sequence: the GRPO per-token loss, its masked aggregation and
     dloss/dlogp for every token (written to dlogp_ptr), from [B, T] fp32 inputs.
@@ -251,7 +251,8 @@ def _grpo_objective_kernel(
     out[b] = (loss share, Σ kl·m, Σ low·m, Σ high·m, Σ either·m, Σ entropy·m).
     The loss weight of token t is c·m_t with c = inv_b / max(1, Σ_t m) (grpo,
     PER_SEQ_NORM) or 1 / norm (bnpo, dr_grpo, dapo; norm precomputed on the host side).
-    d(−min(rA, clip(r)A))/dr follows torch.minimum/clamp's conventions at ties."""
+    d(−min(rA, clip(r)A))/dr follows torch.minimum/clamp's conventions at ties. KL_IS: the
+    KL term is β·KL·r (TRL's use_bias_correction_kl), its gradient through r included."""
     b = tl.program_id(0)
     base = b.to(tl.int64) * T
     adv = tl.load(adv_ptr + b)
@@ -317,10 +318,21 @@ def _grpo_objective_kernel(
             ref = tl.load(ref_ptr + base + offs, mask=ok, other=0.0)
             d = tl.where(on, ref - lp, 0.0)
             kl = tl.exp(d) - d - 1.0
-            acc_kl += tl.sum(tl.where(on, kl * m, 0.0), axis=0)
-            if USE_KL:
+            if KL_IS:
+                # β·KL·r: ∂/∂logp = β(1 − e^d)·r + β·KL·∂r/∂logp; ∂r/∂logp = r at token level,
+                # at sequence level the shared r_seq·m_t/Σm part goes through acc_s (pass 3)
+                if USE_KL:
+                    loss_tok += beta * kl * r
+                    dtok += beta * (1.0 - tl.exp(d)) * r
+                    if SEQ_LEVEL:
+                        acc_s += tl.sum(tl.where(on, m * beta * kl, 0.0), axis=0)
+                    else:
+                        dtok += beta * kl * r
+                kl = kl * r
+            elif USE_KL:
                 loss_tok += beta * kl
                 dtok += beta * (1.0 - tl.exp(d))
+            acc_kl += tl.sum(tl.where(on, kl * m, 0.0), axis=0)
         acc_loss += tl.sum(tl.where(on, loss_tok * m, 0.0), axis=0)
         low = tl.where(r < lo, adv_neg, 0.0)
         high = tl.where(r > hi, adv_pos, 0.0)
@@ -578,7 +590,7 @@ class TritonGRPOObjectiveFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logp, mask, advantages, old, ref, ris, entropy, norm, beta, lo, hi,
-                seq_level, per_seq_norm):
+                seq_level, per_seq_norm, kl_is=False):
         bsz, t = logp.shape
         dlogp = torch.empty_like(logp)
         out = torch.empty(bsz, 6, dtype=torch.float32, device=logp.device)
@@ -590,7 +602,7 @@ class TritonGRPOObjectiveFunction(torch.autograd.Function):
             norm, dlogp, out, t, beta, lo, hi, 1.0 / bsz,
             HAS_OLD=old is not None, HAS_REF=ref is not None, USE_KL=ref is not None and beta != 0.0,
             HAS_RIS=ris is not None, HAS_ENT=entropy is not None, SEQ_LEVEL=seq_level,
-            PER_SEQ_NORM=per_seq_norm, BLOCK_T=_pow2(t, 16, 1024),
+            PER_SEQ_NORM=per_seq_norm, KL_IS=bool(kl_is), BLOCK_T=_pow2(t, 16, 1024),
         )
         sums = out.sum(0)
         ctx.save_for_backward(dlogp)
@@ -607,13 +619,14 @@ class TritonGRPOObjectiveFunction(torch.autograd.Function):
     def backward(ctx, g_loss, _g_stats):
         (dlogp,) = ctx.saved_tensors
         if g_loss is None:
-            return (None,) * 13
-        return (dlogp * g_loss,) + (None,) * 12
+            return (None,) * 14
+        return (dlogp * g_loss,) + (None,) * 13
 
 
 def triton_grpo_objective(logp, mask, advantages, *, old_logprobs, ref_logprobs, rollout_is_ratio,
                           beta, epsilon_low, epsilon_high, loss_type, importance_sampling_level,
-                          max_completion_length, num_items_in_batch, entropy=None):
+                          max_completion_length, num_items_in_batch, entropy=None,
+                          use_bias_correction_kl=False):
     """Same contract as objective.grpo_objective (validated arguments; old/ref/ris and
     advantages are constants). Returns (0-dim loss, metrics dict of 0-dim fp32 tensors)."""
     f32 = dict(dtype=torch.float32)
@@ -633,7 +646,8 @@ def triton_grpo_objective(logp, mask, advantages, *, old_logprobs, ref_logprobs,
     loss, stats = TritonGRPOObjectiveFunction.apply(
         logp.contiguous(), m, prep(advantages), prep(old_logprobs), prep(ref_logprobs),
         prep(rollout_is_ratio), prep(entropy), norm, float(beta), 1.0 - float(epsilon_low),
-        1.0 + float(epsilon_high), importance_sampling_level == "sequence", loss_type == "grpo")
+        1.0 + float(epsilon_high), importance_sampling_level == "sequence", loss_type == "grpo",
+        bool(use_bias_correction_kl))
     metrics = {"kl": stats[0], "clip_ratio_low": stats[1], "clip_ratio_high": stats[2],
                "clip_ratio": stats[3]}
     if entropy is not None:

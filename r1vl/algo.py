@@ -167,6 +167,7 @@ class UpdateConfig:
     num_iterations: int = 1
     loss_type: str = "grpo"
     importance_sampling_level: str = "token"
+    use_bias_correction_kl: bool = False
     temperature: float = 1.0
     max_completion_length: int | None = None
     micro_batch_size: int = 16
@@ -241,6 +242,8 @@ def grpo_update(policy: nn.Module, optimizer: torch.optim.Optimizer, scheduler: 
                 temperature=cfg.temperature, loss_type=cfg.loss_type,
                 importance_sampling_level=cfg.importance_sampling_level, return_entropy=True,
             )
+            if cfg.use_bias_correction_kl:
+                kwargs["use_bias_correction_kl"] = True
             if old is not None:
                 kwargs["old_logprobs"] = old[rows, :t]
             if ref_logprobs is not None and cfg.beta != 0:

@@ -194,3 +194,21 @@ def test_micro_batching_matches_one_batch(tiny, loss_type):
         for x, y in zip(p6, p2):
             torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
     assert m2["kl"] == pytest.approx(m6["kl"], rel=0.05)
+
+
+def test_bias_correction_kl_changes_the_step_at_mu_1(tiny):
+    """use_bias_correction_kl at mu = 1: the ratio is 1, so the KL metric is unchanged, but the
+    KL term's gradient gains KL * grad(logp): the step differs."""
+    model, proc = tiny
+    b, _ = _batch(proc, n=4, seed=7)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    out = {}
+    for flag in (False, True):
+        pol = PolicyWithLoss(copy.deepcopy(model))
+        ref = compute_logprobs(pol, b, micro_batch_size=4) - 0.3 * b.mask  # a reference that differs
+        opt = torch.optim.SGD(pol.parameters(), lr=0.1)
+        m = grpo_update(pol, opt, None, b, adv, UpdateConfig(micro_batch_size=2, beta=0.5, max_grad_norm=0.0,
+                                                             use_bias_correction_kl=flag), ref_logprobs=ref)
+        out[flag] = (m, [p.detach().clone() for p in pol.parameters()])
+    assert out[True][0]["kl"] == pytest.approx(out[False][0]["kl"], rel=1e-6) and out[True][0]["kl"] > 0.01
+    assert any(not torch.allclose(x, y, atol=1e-7, rtol=0) for x, y in zip(out[False][1], out[True][1]))

@@ -47,6 +47,7 @@ BAD_LOSS_INPUTS = [
     ("old_logprobs", dict(old_logprobs=torch.zeros(2, 3))),
     ("ref_logprobs", dict(ref_logprobs=torch.zeros(4, 2))),
     ("rollout_is_ratio", dict(rollout_is_ratio=torch.zeros(2))),
+    ("use_bias_correction_kl", dict(use_bias_correction_kl=1)),
 ]
 
 

@@ -27,7 +27,7 @@ except Exception as e:  # a GPU session's image may lack trl; CI (no CUDA) must 
     pytest.skip(f"trl not importable here: {e}", allow_module_level=True)
 
 from kernel_cases import make_case, rel_err  # noqa: E402
-from r1vl.kernels import fused_linear_grpo_loss, reference_linear_logprobs  # noqa: E402
+from r1vl.kernels import fused_linear_grpo_loss, reference_grpo_loss, reference_linear_logprobs  # noqa: E402
 
 
 class _Identity:
@@ -44,7 +44,7 @@ class _Identity:
         return x
 
 
-def _trl_loss(case, h, w, b, *, loss_type, level, beta, temperature, use_ris,
+def _trl_loss(case, h, w, b, *, loss_type, level, beta, temperature, use_ris, kl_is=False, use_old=True,
               max_completion_length=None, num_items_in_batch=None):
     """TRL's loss, its metrics and its (loss-side) per-token log-probs for `case`, with
     gradients reaching the fp64 leaves h, w, b."""
@@ -56,7 +56,7 @@ def _trl_loss(case, h, w, b, *, loss_type, level, beta, temperature, use_ris,
                                             temperature=temperature, return_entropy=True)
         return lp, ent, None
 
-    args = SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1)
+    args = SimpleNamespace(use_bias_correction_kl=kl_is, delta=None, steps_per_generation=1)
     fake = SimpleNamespace(
         args=args, model=SimpleNamespace(training=True), accelerator=_Identity(),
         beta=beta, epsilon_low=0.2, epsilon_high=0.28, loss_type=loss_type,
@@ -74,8 +74,9 @@ def _trl_loss(case, h, w, b, *, loss_type, level, beta, temperature, use_ris,
         "completion_ids": case.targets.clamp(min=0),
         "completion_mask": mask,
         "advantages": case.advantages.double(),
-        "old_per_token_logps": case.old.double(),
     }
+    if use_old:  # else TRL takes the detached current log-probs (ratio 1, live gradient)
+        inputs["old_per_token_logps"] = case.old.double()
     if beta != 0.0:
         inputs["ref_per_token_logps"] = case.ref.double()
     if use_ris:
@@ -87,40 +88,52 @@ def _trl_loss(case, h, w, b, *, loss_type, level, beta, temperature, use_ris,
     return loss, metrics
 
 
-# (loss_type, importance_sampling_level, beta, temperature, vLLM IS ratio)
+# (loss_type, importance_sampling_level, beta, temperature, vLLM IS ratio,
+#  use_bias_correction_kl, old log-probs given)
 CASES = [
-    ("grpo", "token", 0.04, 1.0, False),      # the R1-VL recipe
-    ("grpo", "token", 0.0, 0.7, True),
-    ("grpo", "sequence", 0.04, 0.7, True),
-    ("bnpo", "token", 0.04, 1.0, True),
-    ("bnpo", "sequence", 0.0, 1.0, False),
-    ("dr_grpo", "token", 0.04, 0.9, False),
-    ("dapo", "token", 0.04, 1.0, True),
-    ("dapo", "sequence", 0.04, 0.8, False),
+    ("grpo", "token", 0.04, 1.0, False, False, True),      # the R1-VL recipe
+    ("grpo", "token", 0.0, 0.7, True, False, True),
+    ("grpo", "sequence", 0.04, 0.7, True, False, True),
+    ("bnpo", "token", 0.04, 1.0, True, False, True),
+    ("bnpo", "sequence", 0.0, 1.0, False, False, True),
+    ("dr_grpo", "token", 0.04, 0.9, False, False, True),
+    ("dapo", "token", 0.04, 1.0, True, False, True),
+    ("dapo", "sequence", 0.04, 0.8, False, False, True),
+    # TRL's default KL (times the ratio): with old log-probs, and without (μ = 1: the ratio is
+    # 1 but its gradient is not, so the KL term's gradient changes)
+    ("grpo", "token", 0.04, 1.0, False, True, True),
+    ("grpo", "token", 0.04, 1.0, False, True, False),
+    ("grpo", "sequence", 0.04, 0.7, True, True, True),
+    ("dapo", "sequence", 0.04, 1.0, False, True, False),
+    ("bnpo", "token", 0.04, 0.8, True, True, True),
 ]
+IDS = ["-".join(map(str, c[:5])) + ("-klis" if c[5] else "") + ("" if c[6] else "-noold") for c in CASES]
+PARAMS = "loss_type,level,beta,temperature,use_ris,kl_is,use_old"
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("loss_type,level,beta,temperature,use_ris", CASES,
-                         ids=["-".join(map(str, c)) for c in CASES])
+@pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
+@pytest.mark.parametrize(PARAMS, CASES, ids=IDS)
 def test_loss_metrics_and_gradients_match_trl(backend, loss_type, level, beta, temperature,
-                                              use_ris):
-    _compare(backend, loss_type, level, beta, temperature, use_ris, "cpu")
+                                              use_ris, kl_is, use_old):
+    """Both backends, and the fp64 reference the other kernel tests compare with."""
+    _compare(backend, loss_type, level, beta, temperature, use_ris, kl_is, use_old, "cpu")
+
+
+CUDA_CASES = [0, 2, 6, 10]
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["torch", "triton", "auto"])
-@pytest.mark.parametrize("loss_type,level,beta,temperature,use_ris", [CASES[0], CASES[2], CASES[6]],
-                         ids=["-".join(map(str, c)) for c in (CASES[0], CASES[2], CASES[6])])
+@pytest.mark.parametrize(PARAMS, [CASES[i] for i in CUDA_CASES], ids=[IDS[i] for i in CUDA_CASES])
 def test_loss_metrics_and_gradients_match_trl_cuda(backend, loss_type, level, beta, temperature,
-                                                   use_ris):
+                                                   use_ris, kl_is, use_old):
     """fp32 on the GPU: the compiled Triton kernels and the CUDA torch path (row kernels), at
     the hidden / vocabulary sizes of test_kernels_triton's CUDA cases (their autotuning is
     reused: device time is short)."""
-    _compare(backend, loss_type, level, beta, temperature, use_ris, "cuda", H=320, V=3001)
+    _compare(backend, loss_type, level, beta, temperature, use_ris, kl_is, use_old, "cuda", H=320, V=3001)
 
 
-def _compare(backend, loss_type, level, beta, temperature, use_ris, device, H=32, V=64):
+def _compare(backend, loss_type, level, beta, temperature, use_ris, kl_is, use_old, device, H=32, V=64):
     # a fully masked row (padding ids -100) and partial masks: TRL's clamp(min=1) paths
     case = make_case(B=4, T=6, H=H, V=V, seed=6, masked_row=2)
     B, T = case.targets.shape
@@ -140,16 +153,19 @@ def _compare(backend, loss_type, level, beta, temperature, use_ris, device, H=32
 
     h64, w64, b64 = (x.detach().double().requires_grad_() for x in (case.hidden, case.weight, case.bias))
     tloss, tmetrics = _trl_loss(case, h64, w64, b64, loss_type=loss_type, level=level, beta=beta,
-                                temperature=temperature, use_ris=use_ris, **extra)
+                                temperature=temperature, use_ris=use_ris, kl_is=kl_is, use_old=use_old, **extra)
 
     h, w, b = (x.detach().clone().to(device).requires_grad_() for x in (case.hidden, case.weight, case.bias))
     on = {k: getattr(case, k).to(device) for k in ("targets", "mask", "advantages", "old", "ref", "ris")}
-    loss, metrics = fused_linear_grpo_loss(
-        h, w, on["targets"], on["mask"], on["advantages"], bias=b,
-        old_logprobs=on["old"], ref_logprobs=on["ref"] if beta != 0.0 else None, beta=beta,
-        epsilon_low=0.2, epsilon_high=0.28, temperature=temperature, loss_type=loss_type,
-        importance_sampling_level=level, rollout_is_ratio=on["ris"] if use_ris else None,
-        return_entropy=True, backend=backend, **extra)
+    args = (h, w, on["targets"], on["mask"], on["advantages"])
+    kw = dict(bias=b, old_logprobs=on["old"] if use_old else None, ref_logprobs=on["ref"] if beta != 0.0 else None,
+              beta=beta, epsilon_low=0.2, epsilon_high=0.28, temperature=temperature, loss_type=loss_type,
+              importance_sampling_level=level, rollout_is_ratio=on["ris"] if use_ris else None,
+              return_entropy=True, use_bias_correction_kl=kl_is, **extra)
+    if backend == "reference":
+        loss, metrics = reference_grpo_loss(*args, **kw)
+    else:
+        loss, metrics = fused_linear_grpo_loss(*args, backend=backend, **kw)
 
     lv, tv = float(loss.detach()), float(tloss.detach())
     assert abs(lv - tv) <= 1e-5 * max(1.0, abs(tv)), (lv, tv)
@@ -161,8 +177,11 @@ def _compare(backend, loss_type, level, beta, temperature, use_ris, device, H=32
     assert set(pairs) <= set(tmetrics), sorted(tmetrics)
     for tk, ok in pairs.items():
         assert abs(float(metrics[ok]) - tmetrics[tk]) <= 1e-5, (tk, float(metrics[ok]), tmetrics[tk])
-    # the case must clip on both sides, or the clip checks prove little
-    if level == "token":
+    # the case must clip on both sides, or the clip checks prove little (without old log-probs
+    # the ratio is 1: nothing clips)
+    if not use_old:
+        assert tmetrics["clip_ratio/region_mean"] == 0, tmetrics
+    elif level == "token":
         assert tmetrics["clip_ratio/low_mean"] > 0 and tmetrics["clip_ratio/high_mean"] > 0, tmetrics
     else:
         assert tmetrics["clip_ratio/region_mean"] > 0, tmetrics

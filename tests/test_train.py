@@ -435,6 +435,26 @@ def test_logprob_temperature_reaches_the_update(tmp_path, data_dir):
     assert runs["1.0"][0]["entropy"] != runs["null"][0]["entropy"]  # same samples, scored at another temperature
 
 
+def test_bias_correction_kl_reaches_the_update(tmp_path, data_dir, monkeypatch):
+    """algorithm.use_bias_correction_kl reaches the fused loss (off: not passed at all, the
+    kernel's default). That it changes the step: test_algo."""
+    import r1vl.kernels as kernels
+
+    seen = []
+    real = kernels.fused_linear_grpo_loss
+
+    def spy(*a, **kw):
+        seen.append(kw.get("use_bias_correction_kl", False))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(kernels, "fused_linear_grpo_loss", spy)
+    for flag in ("false", "true"):
+        seen.clear()
+        assert main(_args(tmp_path / f"kl_{flag}", data_dir, "train.max_steps=2", "train.eval_before=false",
+                          "train.eval_after=false", f"algorithm.use_bias_correction_kl={flag}")) == 0
+        assert seen and set(seen) == {flag == "true"}
+
+
 def test_output_dir_of_a_previous_run(tmp_path, data_dir, capsys):
     """A fresh run never mixes its outputs with an earlier run's: refused, or (train.overwrite)
     the earlier outputs are removed first; train.resume=true without a checkpoint is refused
