@@ -111,11 +111,15 @@ IDS = ["-".join(map(str, c[:5])) + ("-klis" if c[5] else "") + ("" if c[6] else 
 PARAMS = "loss_type,level,beta,temperature,use_ris,kl_is,use_old"
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
+@pytest.mark.parametrize("backend", ["torch", "torch-twopass", "triton", "reference"])
 @pytest.mark.parametrize(PARAMS, CASES, ids=IDS)
 def test_loss_metrics_and_gradients_match_trl(backend, loss_type, level, beta, temperature,
-                                              use_ris, kl_is, use_old):
-    """Both backends, and the fp64 reference the other kernel tests compare with."""
+                                              use_ris, kl_is, use_old, monkeypatch):
+    """Both backends (torch: one-pass, and the two-pass path long sequences take), and the fp64
+    reference the other kernel tests compare with."""
+    if backend == "torch-twopass":
+        monkeypatch.setenv("R1VL_KERNEL_ONEPASS", "0")
+        backend = "torch"
     _compare(backend, loss_type, level, beta, temperature, use_ris, kl_is, use_old, "cpu")
 
 
