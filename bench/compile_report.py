@@ -234,10 +234,10 @@ def _variants(kernels, heads, dtypes, quick, n_tokens, all_flags=False):
                                 R._row_grad_kernel, args, dict(HAS_BIAS=bias, BLOCK_V=bv), 4, 3))
     if "objective" in kernels:
         bt = K._pow2(1024, 16, 1024)
-        names = ("SEQ_LEVEL", "HAS_OLD", "HAS_REF", "USE_KL", "HAS_RIS", "HAS_ENT", "PER_SEQ_NORM")
+        names = ("SEQ_LEVEL", "HAS_OLD", "HAS_REF", "USE_KL", "HAS_RIS", "HAS_ENT", "PER_SEQ_NORM", "KL_IS")
         for vals in _flag_sets(False, all_flags, len(names)) if all_flags else [(False,), (True,)]:
             fl = dict(HAS_OLD=True, HAS_REF=True, USE_KL=True, HAS_RIS=False, HAS_ENT=False,
-                      PER_SEQ_NORM=True)
+                      PER_SEQ_NORM=True, KL_IS=False)
             fl.update(zip(names, vals))
             if fl["USE_KL"] and not fl["HAS_REF"]:
                 continue                                  # the launcher never passes this
