@@ -29,6 +29,8 @@ except Exception as e:  # a GPU session's image may lack trl; CI (no CUDA) must 
 from kernel_cases import make_case, rel_err  # noqa: E402
 from r1vl.kernels import fused_linear_grpo_loss, reference_grpo_loss, reference_linear_logprobs  # noqa: E402
 
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 class _Identity:
     """accelerate.Accelerator with one process: gather / reduce return their input."""
@@ -116,11 +118,12 @@ PARAMS = "loss_type,level,beta,temperature,use_ris,kl_is,use_old"
 def test_loss_metrics_and_gradients_match_trl(backend, loss_type, level, beta, temperature,
                                               use_ris, kl_is, use_old, monkeypatch):
     """Both backends (torch: one-pass, and the two-pass path long sequences take), and the fp64
-    reference the other kernel tests compare with."""
+    reference the other kernel tests compare with. On CUDA tensors where there is a GPU (as
+    test_kernels_triton: Triton runs on CPU tensors only in its interpreter)."""
     if backend == "torch-twopass":
         monkeypatch.setenv("R1VL_KERNEL_ONEPASS", "0")
         backend = "torch"
-    _compare(backend, loss_type, level, beta, temperature, use_ris, kl_is, use_old, "cpu")
+    _compare(backend, loss_type, level, beta, temperature, use_ris, kl_is, use_old, DEV)
 
 
 CUDA_CASES = [0, 2, 6, 10]
