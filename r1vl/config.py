@@ -156,8 +156,9 @@ class AlgorithmConfig:
     num_iterations: int = field(default=1, metadata=_min(1))  # mu
     loss_type: str = field(default="grpo", metadata=_choices("grpo", "bnpo", "dr_grpo", "dapo"))
     importance_sampling_level: str = field(default="token", metadata=_choices("token", "sequence"))
-    # the KL term times the importance ratio (TRL's option, its default since 0.24); false: the
-    # R1-VL authors' code (plain k3 KL). With num_iterations=1 the ratio is 1 but its gradient is not
+    # the KL term times the importance ratio (TRL's option; True by default in the TRL 1.16 that
+    # bench_step pins); false: the R1-VL authors' code (plain k3 KL). With num_iterations=1 the
+    # ratio is 1 but its gradient is not
     use_bias_correction_kl: bool = False
     scale_rewards: bool = True  # divide by the group's std (+1e-4)
     accuracy_weight: float = 1.0  # StepRAR

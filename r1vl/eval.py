@@ -22,7 +22,8 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from r1vl.rollout.base import Prompt, SamplingConfig
 
@@ -79,22 +80,28 @@ def evaluate(engine, processor, samples: Sequence[Any], *, max_new_tokens: int, 
 
     d = d or Dist()
     t0 = time.perf_counter()
-    samples = list(samples)
+    if not isinstance(samples, Sequence):
+        samples = list(samples)
     # per-family accuracy when the rows say which family they are (the built-in task does);
-    # the name list comes from the whole set so that every rank reduces the same keys
-    families = sorted({str(getattr(x, "meta", {}).get("family")) for x in samples
+    # the name list comes from the whole set so that every rank reduces the same keys (a
+    # data set's text_only rows: no image decoded)
+    texts = samples.text_only(len(samples)) if hasattr(samples, "text_only") else samples
+    families = sorted({str(getattr(x, "meta", {}).get("family")) for x in texts
                        if getattr(x, "meta", {}).get("family") is not None})
-    mine = samples[d.rank:: d.world]
+    mine = range(d.rank, len(samples), d.world)  # decoded a batch at a time
     local_correct: list[float] = []
     local_outputs: list[dict] = []
     stats = StatReducer()
-    for fam in families:
-        stats.add("accuracy_" + fam, [])
+    # every key on every rank, even one with no item (world > items): the reduction is one
+    # vector whose length must agree across ranks
+    for key in ["accuracy", "step_rar", "step_rvr", "reward", "completion_length", "truncated"] + \
+            ["accuracy_" + fam for fam in families]:
+        stats.add(key, [])
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
     n_batches = -(-len(mine) // batch_size)
     marks = progress_marks(n_batches) if d.main else set()  # logging only: no collective
     for b, s in enumerate(range(0, len(mine), batch_size), start=1):
-        chunk = mine[s: s + batch_size]
+        chunk = [samples[i] for i in mine[s: s + batch_size]]
         comps = engine.generate([make_prompt(processor, x) for x in chunk], 1, sampling)
         sc = score([c.text for c in comps], chunk, alpha=alpha, variant=variant, workers=reward_workers,
                    timeout_s=reward_timeout_s)
@@ -138,6 +145,27 @@ def evaluate(engine, processor, samples: Sequence[Any], *, max_new_tokens: int, 
     return out
 
 
+class FirstRows(Sequence):
+    """The first `n` rows of a data set, decoded (images opened) only when indexed."""
+
+    def __init__(self, dataset, n: int | None = None):
+        self.dataset = dataset
+        self.n = len(dataset) if not n else min(n, len(dataset))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self.n))]
+        if not -self.n <= i < self.n:
+            raise IndexError(i)
+        return self.dataset[i % self.n]
+
+    def text_only(self, n: int | None = None):
+        return self.dataset.text_only(self.n if n is None else min(n, self.n))
+
+
 def output_record(sample, completion, sc: dict, i: int) -> dict:
     """One evaluated sample for an outputs file: the question, the reference solution, the
     greedy completion and its scores (`i`: the sample's position in `sc`)."""
@@ -155,7 +183,7 @@ def write_outputs(path: str | Path, records: Sequence[dict]) -> None:
     """JSON lines, one per evaluated sample, written to a temporary file and renamed."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
+    with open(tmp, "w", encoding="utf-8") as f:
         for rec in records:
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
@@ -394,7 +422,14 @@ def _vllm_engine(args, settings: dict, dtype: str, dataset, model, processor, d)
         "rollout.vllm.enable_sleep_mode=false", f"rollout.vllm.max_num_seqs={args.batch_size}"])
     global _USED_VLLM
     _USED_VLLM = True
-    return VLLMEngine.from_config(cfg, model, processor), work
+    try:
+        return VLLMEngine.from_config(cfg, model, processor), work
+    except BaseException:
+        if d.main:
+            import shutil
+
+            shutil.rmtree(work, ignore_errors=True)
+        raise
 
 
 def _close_vllm(engine, work: str, d) -> None:
@@ -420,6 +455,8 @@ def _run(args, main_rank: bool) -> int:
     def error(msg: str) -> None:
         if main_rank:
             print(f"r1vl.eval: error: {msg}", file=sys.stderr)
+
+    from r1vl.train import UserError
 
     d = None
     try:
@@ -462,7 +499,7 @@ def _run(args, main_rank: bool) -> int:
             log.info("engine = %s, device = %s, dtype = %s", args.engine, "cuda" if use_cuda else "cpu", dtype)
 
         dataset = load_dataset(data_path, min_pixels=settings["min_pixels"], max_pixels=settings["max_pixels"])
-        samples = [dataset[i] for i in range(min(args.n, len(dataset)) if args.n else len(dataset))]
+        samples = FirstRows(dataset, args.n)  # each rank decodes its own items, a batch at a time
         # torchrun: one process group, rank r evaluates items r, r + world, ... on its own GPU
         from r1vl.utils import init_distributed
 
@@ -486,7 +523,7 @@ def _run(args, main_rank: bool) -> int:
         finally:
             if args.engine == "vllm":
                 _close_vllm(engine, work, d)
-    except (ValueError, FileNotFoundError, OSError, KeyError) as e:
+    except (ValueError, FileNotFoundError, OSError, KeyError, UserError) as e:
         error(str(e))
         return 2
     except KeyboardInterrupt:
@@ -501,14 +538,14 @@ def _run(args, main_rank: bool) -> int:
     items = res.pop("correct_items")
     outputs = res.pop("outputs", None)
     res = {"model": args.model, "data": data_path, **res}
+    rc = 0
     if outputs is not None:
         try:
             write_outputs(args.outputs, outputs)
             res["outputs"] = args.outputs
-        except OSError as e:  # the scores are still printed below
+        except OSError as e:  # the scores are still printed (and written to --out) below
             print(f"r1vl.eval: error: --outputs {args.outputs}: cannot write ({e.strerror or e})", file=sys.stderr)
-            print(json.dumps(res, indent=2))
-            return 2
+            rc = 2
     if args.per_item:
         res["correct_items"] = items
     text = json.dumps(res, indent=2)
@@ -520,7 +557,7 @@ def _run(args, main_rank: bool) -> int:
             print(f"r1vl.eval: error: --out {args.out}: cannot write ({e.strerror or e}); "
                   "the result is printed above", file=sys.stderr)
             return 2
-    return 0
+    return rc
 
 
 if __name__ == "__main__":

@@ -133,6 +133,7 @@ def find_resume(cfg: Config) -> Path | None:
 
 # keys a resumed run may change freely (more steps, other logging, ...)
 _RESUME_FREE = ("output_dir", "train.resume", "train.overwrite", "train.max_steps", "train.save", "train.eval",
+                "train.keep_checkpoints",
                 "train.micro_batch_size", "logging.", "distributed.", "data.eval_size", "model.gradient_checkpointing",
                 "model.liger", "model.attn_implementation", "model.ref_on_host", "model.dedup_images",
                 "model.share_prompts", "rollout.batch_size", "rollout.vllm.", "optim.impl", "algorithm.reward_")
@@ -277,6 +278,24 @@ def build_model(cfg: Config, d, corpus_samples, resume_dir: Path | None):
         return load_pretrained(cfg.model.path, **kw)
     except ModelLoadError as e:
         raise UserError(str(e)) from None
+
+
+def drop_eval_outputs_after(out: Path, phase: str, step: int) -> None:
+    """A resumed run: the eval_outputs files of evaluations after its checkpoint (the killed run's
+    StepGRPO evaluations past that step, its final one) go, as metrics.jsonl's records do."""
+    d = out / EVAL_OUTPUTS
+    if not d.is_dir():
+        return
+    for p in d.glob("*.jsonl"):
+        if p.stem == "final":
+            p.unlink()
+        elif p.stem.startswith("grpo_step_"):
+            try:
+                n = int(p.stem[len("grpo_step_"):])
+            except ValueError:
+                continue
+            if phase != "grpo" or n > step:
+                p.unlink()
 
 
 def rollout_record(step: int, samples, comps, sc: dict, adv: torch.Tensor, G: int) -> dict:
@@ -659,7 +678,7 @@ def save_model_dir(path: Path, d, policy, processor) -> None:
 def run(cfg: Config, stop: StopSignal | None = None) -> dict:
     """One training run. `stop`: the signal watch (main() installs one; None: none)."""
     from r1vl.algo import UpdateConfig, build_batch, compute_logprobs, group_advantages, grpo_update, sft_step
-    from r1vl.eval import evaluate, make_prompt, score, write_outputs
+    from r1vl.eval import FirstRows, evaluate, make_prompt, score, write_outputs
     from r1vl.models import HostWeights, PolicyWithLoss, load_pretrained, make_reference, unwrap
     from r1vl.rollout.base import SamplingConfig
     from r1vl.utils import (STATE_FILE, IndexStream, MetricsWriter, StatReducer, Timer, all_gather_objects,
@@ -679,8 +698,19 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
                 log.warning("train.overwrite=true: removed the previous run's %s from %s", ", ".join(removed), out)
         out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out / "config.yaml")
-    # before the model loads: a W&B that cannot start stops the run at once
-    wandb_run = start_wandb(cfg, out, resume_dir is not None) if cfg.logging.wandb and d.main else None
+    # before the model loads: a W&B that cannot start stops the run at once, on every rank (rank 0
+    # starts it; the others must not be left waiting in the barrier below)
+    wandb_run = None
+    if cfg.logging.wandb:
+        failed = None
+        if d.main:
+            try:
+                wandb_run = start_wandb(cfg, out, resume_dir is not None)
+            except UserError as e:
+                failed = str(e)
+        failed = all_gather_objects(failed, d)[0]
+        if failed:
+            raise UserError(failed)
     writer = MetricsWriter(out, enabled=d.main, tensorboard=cfg.logging.tensorboard, fresh=resume_dir is None,
                            wandb_run=wandb_run)
     _OPEN_WRITERS.append(writer)
@@ -696,7 +726,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
     if len(train_set) == 0:
         raise UserError(f"data.train: {train_path} has no usable rows")
     # the rows evaluated, decoded once here (slicing first: the rest of the split is never decoded)
-    eval_set = list(test_set[: cfg.data.eval_size or len(test_set)])
+    eval_set = FirstRows(test_set, cfg.data.eval_size)  # images decoded a batch at a time, per rank
     state: dict[str, Any] = {}
     ref_dir = None  # the KL reference on disk when resuming inside StepGRPO
     if resume_dir is not None:
@@ -777,6 +807,8 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
 
     if resume_dir is not None:
         writer.truncate_after(state["phase"], state["step"])
+        if d.main:
+            drop_eval_outputs_after(out, state["phase"], state["step"])
         set_rng_state(state["rng"][d.rank])
     prior_wall = float(state.get("wall_seconds", 0.0))
 

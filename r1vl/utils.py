@@ -331,7 +331,7 @@ class MetricsWriter:
     def write_rollouts(self, record: dict) -> None:
         """One record of sampled completions (rollouts.jsonl; rank 0)."""
         if self.enabled:
-            with open(self.rollouts_path, "a") as f:
+            with open(self.rollouts_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record, ensure_ascii=False, allow_nan=True) + "\n")
 
     def write(self, record: dict) -> None:

@@ -401,6 +401,12 @@ def test_torchrun_two_ranks_give_the_single_process_result(tiny_run, data_dir, t
         assert two[k] == one[k], k
     assert two_out == one_out
     assert err.count("device = cpu") == 1  # rank 0's notes only
+    # more ranks than items: rank 1 has none and still joins the reductions
+    r = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "r1vl.eval",
+                        "--model", str(tiny_run / "final"), "--data", str(data_dir), "--limit", "1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout)["n"] == 1
 
 
 @pytest.mark.cuda

@@ -674,3 +674,16 @@ def test_print_config(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
     assert main(["--print-config", "train.max_step=7"]) == 2  # a typo is still refused
     assert "train.max_step" in capsys.readouterr().err
+
+
+def test_resume_drops_eval_outputs_after_the_checkpoint(tmp_path):
+    from r1vl.train import EVAL_OUTPUTS, drop_eval_outputs_after
+
+    d = tmp_path / EVAL_OUTPUTS
+    d.mkdir()
+    for name in ("after_warmup", "grpo_step_000002", "grpo_step_000004", "final"):
+        (d / f"{name}.jsonl").write_text("{}\n")
+    drop_eval_outputs_after(tmp_path, "grpo", 3)
+    assert sorted(p.stem for p in d.iterdir()) == ["after_warmup", "grpo_step_000002"]
+    drop_eval_outputs_after(tmp_path, "warmup", 400)  # a warm-up checkpoint: no StepGRPO eval yet
+    assert sorted(p.stem for p in d.iterdir()) == ["after_warmup"]

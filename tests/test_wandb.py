@@ -126,3 +126,27 @@ def test_real_wandb_offline(tmp_path, data_dir, monkeypatch):
     assert len(runs) == 1, list((out / "wandb").iterdir())
     data = runs[0] / f"run-{run_id}.wandb"
     assert data.is_file() and data.stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_wandb_that_cannot_start_stops_every_rank_with_one_line(tmp_path, data_dir):
+    """Two ranks: rank 0 starts W&B; when it cannot, every rank stops with the one error line
+    (no rank left waiting in the next collective, no traceback)."""
+    import os
+    import subprocess
+
+    from test_ddp import _free_port
+    from test_train import ROOT
+
+    fake = tmp_path / "fake"
+    (fake / "wandb").mkdir(parents=True)
+    (fake / "wandb" / "__init__.py").write_text(
+        "def init(**kw):\n    raise RuntimeError('api_key not configured (no-tty)')\n")
+    env = dict(os.environ, PYTHONPATH=f"{fake}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    r = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "r1vl.train",
+                        *_args(tmp_path / "run", data_dir, "train.max_steps=1", *WB)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert r.stderr.count("r1vl.train: error: logging.wandb=true: W&B did not start") == 1, r.stderr[-3000:]
+    assert "[rank1]: Traceback" not in r.stderr and "Connection closed by peer" not in r.stderr, r.stderr[-3000:]
