@@ -401,6 +401,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     tree: dict = {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"--config {p}: is a directory; expected a YAML file (e.g. configs/qwen2vl_2b.yaml)")
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:

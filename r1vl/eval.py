@@ -500,6 +500,8 @@ def _run(args, main_rank: bool) -> int:
 
         dataset = load_dataset(data_path, min_pixels=settings["min_pixels"], max_pixels=settings["max_pixels"])
         samples = FirstRows(dataset, args.n)  # each rank decodes its own items, a batch at a time
+        if args.n > len(dataset) and main_rank:
+            log.info("--limit %d: %s has %d items; evaluating all of them", args.n, data_path, len(dataset))
         # torchrun: one process group, rank r evaluates items r, r + world, ... on its own GPU
         from r1vl.utils import init_distributed
 

@@ -213,6 +213,9 @@ def start_wandb(cfg: Config, out: Path, resumed: bool):
 
         run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
         id_file.write_text(run_id + "\n")
+    if (cfg.logging.wandb_mode or os.environ.get("WANDB_MODE", "online")) == "online":
+        log.info("starting W&B online (without a network it gives up after its own timeout, about 90 s; "
+                 "logging.wandb_mode=offline logs locally)")
     try:
         run = wandb.init(project=cfg.logging.wandb_project, name=cfg.logging.wandb_run_name or out.resolve().name,
                          id=run_id, resume="allow", dir=str(out), config=to_dict(cfg),
@@ -735,6 +738,13 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
             raise UserError(f"train.resume: {resume_dir} was written by {state.get('world')} rank(s), "
                             f"this run has {d.world}")
         log.info("resuming from %s (%s step %d)", resume_dir, state["phase"], state["step"])
+        if cfg.train.overwrite and d.main:
+            log.warning("train.overwrite=true is not used: train.resume found a checkpoint to continue from")
+        end = {"warmup": ("warmup.steps", cfg.warmup.steps), "grpo": ("train.max_steps", cfg.train.max_steps)}
+        key, last = end.get(state["phase"], ("", None))
+        if last is not None and state["step"] > last:
+            raise UserError(f"train.resume: {resume_dir} is at {state['phase']} step {state['step']}, beyond this "
+                            f"run's {key}={last}; raise {key} to at least {state['step']}, or start a new run")
         check_resume_config(state.get("config"), cfg, resume_dir)
         if state["phase"] == "grpo" and cfg.algorithm.beta != 0 and cfg.train.max_steps > 0:
             ref_dir = reference_dir(out, resume_dir)  # found now, not after the model is built
@@ -1153,8 +1163,11 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
         writer.set_summary(summary)
         if cfg.logging.plot:
             plot_run(out / "metrics.jsonl", out / "plot.png", title=f"r1vl StepGRPO (seed {cfg.seed})")
-        log.info("done in %.0fs: accuracy %s -> %s; summary in %s", wall, summary["accuracy_after_warmup"],
-                 summary["accuracy_final"], out / "summary.json")
+        def acc(x):
+            return "n/a" if x is None else f"{x:.3f}"
+
+        log.info("done in %.0fs: accuracy %s -> %s; summary in %s", wall, acc(summary["accuracy_after_warmup"]),
+                 acc(summary["accuracy_final"]), out / "summary.json")
     writer.close()  # an exception or a stop leaves it to _shutdown, which passes the exit code on
     _OPEN_WRITERS.remove(writer)
     return summary

@@ -687,3 +687,20 @@ def test_resume_drops_eval_outputs_after_the_checkpoint(tmp_path):
     assert sorted(p.stem for p in d.iterdir()) == ["after_warmup", "grpo_step_000002"]
     drop_eval_outputs_after(tmp_path, "warmup", 400)  # a warm-up checkpoint: no StepGRPO eval yet
     assert sorted(p.stem for p in d.iterdir()) == ["after_warmup"]
+
+
+def test_resume_past_the_run_end_is_refused(tmp_path, data_dir, capsys):
+    """A checkpoint at StepGRPO step 2 resumed with train.max_steps=1 would log step 2's model
+    as the final one at step 1: refused, naming the fix."""
+    out = tmp_path / "run"
+    extra = ("train.save_every=1", "train.eval_before=false", "train.eval_after=false", "logging.plot=false")
+    assert main(_args(out, data_dir, "train.max_steps=2", *extra)) == 0
+    capsys.readouterr()
+    assert main(_args(out, data_dir, "train.max_steps=1", "train.resume=true", *extra)) == 2
+    err = capsys.readouterr().err
+    assert "is at grpo step 2, beyond this run's train.max_steps=1" in err and "Traceback" not in err
+
+
+def test_config_naming_a_directory(tmp_path, capsys):
+    assert main(["--config", str(tmp_path)]) == 2
+    assert "is a directory; expected a YAML file" in capsys.readouterr().err
