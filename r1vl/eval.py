@@ -372,7 +372,10 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_deepspeed_probe()
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun rank 0 alone speaks
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from r1vl.utils import StderrHandler
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s",
+                        handlers=[StderrHandler()])
     log.setLevel(logging.INFO if main_rank else logging.WARNING)  # this CLI's notes (where settings came from)
     try:
         return _run(args, main_rank)

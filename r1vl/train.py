@@ -536,8 +536,10 @@ def make_optimizer(params, lr: float, cfg: Config, total_steps: int, warmup_step
 
 def setup_logging(cfg: Config, d) -> None:
     level = getattr(logging, cfg.logging.level) if d.main else logging.WARNING
+    from r1vl.utils import StderrHandler
+
     logging.basicConfig(level=level, format=f"%(asctime)s [rank{d.rank}] %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", force=True)
+                        datefmt="%H:%M:%S", force=True, handlers=[StderrHandler()])
     for noisy in ("transformers", "urllib3", "PIL", "matplotlib", "math_verify", "latex2sympy2_extended"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:

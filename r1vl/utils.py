@@ -8,6 +8,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -89,6 +90,23 @@ def all_gather_objects(obj: Any, d: Dist) -> list[Any]:
     out: list[Any] = [None] * d.world
     dist.all_gather_object(out, obj)
     return out
+
+
+class StderrHandler(logging.StreamHandler):
+    """A StreamHandler that writes to whatever sys.stderr is when a record is emitted, not the
+    stream of when it was made: code that swaps stderr (pytest's capture, a redirect) never
+    leaves the handler writing to a closed file."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
 
 
 def exit_after_collectives(rc: int) -> None:
