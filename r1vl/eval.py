@@ -377,6 +377,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s",
                         handlers=[StderrHandler()])
     log.setLevel(logging.INFO if main_rank else logging.WARNING)  # this CLI's notes (where settings came from)
+    if not main_rank:  # one weight-loading bar (rank 0's), not one per rank
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
     try:
         return _run(args, main_rank)
     finally:

@@ -1128,8 +1128,8 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
     if ev1 is not None:
         writer.write({"phase": "eval", "after": "grpo", "step": cfg.train.max_steps, "final": True,
                       **{k: v for k, v in ev1.items() if k != "correct_items"}})
-        log.info("held-out after StepGRPO: accuracy %.3f, StepRAR %.3f, StepRVR %.3f (n=%d)",
-                 ev1["accuracy"], ev1["step_rar"], ev1["step_rvr"], ev1["n"])
+        log.info("held-out after %d StepGRPO steps: accuracy %.3f, StepRAR %.3f, StepRVR %.3f (n=%d)",
+                 cfg.train.max_steps, ev1["accuracy"], ev1["step_rar"], ev1["step_rvr"], ev1["n"])
     if cfg.train.save_final:
         save_model_dir(out / "final", d, train_policy, processor)
     wall = time.time() - t_start
