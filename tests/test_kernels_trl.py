@@ -123,7 +123,9 @@ def test_loss_metrics_and_gradients_match_trl(backend, loss_type, level, beta, t
     if backend == "torch-twopass":
         monkeypatch.setenv("R1VL_KERNEL_ONEPASS", "0")
         backend = "torch"
-    _compare(backend, loss_type, level, beta, temperature, use_ris, kl_is, use_old, DEV)
+    # on a GPU at test_kernels_triton's CUDA sizes: their autotuning is reused (device time is short)
+    size = dict(H=320, V=3001) if DEV == "cuda" else {}
+    _compare(backend, loss_type, level, beta, temperature, use_ris, kl_is, use_old, DEV, **size)
 
 
 CUDA_CASES = [0, 2, 6, 10]
