@@ -609,6 +609,7 @@ def run_trl(a: dict, work: Path) -> dict:
         beta=a_cfg.beta, epsilon=a_cfg.epsilon_low, epsilon_high=a_cfg.epsilon_high, loss_type=a_cfg.loss_type,
         importance_sampling_level=a_cfg.importance_sampling_level, num_iterations=mu,
         use_bias_correction_kl=a_cfg.use_bias_correction_kl,  # TRL's default is True: the same objective
+        delta=a_cfg.delta,
         scale_rewards="group" if a_cfg.scale_rewards else "none", mask_truncated_completions=False,
         learning_rate=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, adam_beta1=cfg.optim.beta1,
         adam_beta2=cfg.optim.beta2, adam_epsilon=cfg.optim.eps, max_grad_norm=cfg.optim.max_grad_norm,

@@ -241,7 +241,7 @@ def _variants(kernels, heads, dtypes, quick, n_tokens, all_flags=False):
             fl.update(zip(names, vals))
             if fl["USE_KL"] and not fl["HAS_REF"]:
                 continue                                  # the launcher never passes this
-            args = tuple(t(f32) for _ in range(10)) + (1024, 0.04, 0.8, 1.2, 0.125)
+            args = tuple(t(f32) for _ in range(10)) + (1024, 0.04, 0.8, 1.2, 0.125, float("inf"))
             out.append(("objective", dict(sequence_level=fl["SEQ_LEVEL"], BLOCK_T=bt, warps=4, stages=3,
                                           **_extra(all_flags, **{k: fl[k] for k in names[1:]})),
                         K._grpo_objective_kernel, args, dict(**fl, BLOCK_T=bt), 4, 3))

@@ -65,6 +65,15 @@ def _check_bool(name: str, x) -> None:
         raise ValueError(f"{name}: expected a bool, got {type(x).__name__}")
 
 
+def _check_delta(delta, epsilon_high) -> None:
+    if delta is None:
+        return
+    _check_number("delta", delta)
+    if not delta > 1.0 + epsilon_high:
+        raise ValueError(f"delta: expected > 1 + epsilon_high = {1.0 + epsilon_high} (the two-sided clip sits "
+                         f"above the upper clip), got {delta}")
+
+
 def _check_linear(hidden, weight, bias, targets, temperature, *, hidden_ndims):
     _check_tensor("hidden", hidden, dtypes=INPUT_DTYPES)
     if hidden.dim() not in hidden_ndims:
@@ -191,6 +200,7 @@ def fused_linear_grpo_loss(
     return_entropy: bool = False,
     backend: str = "auto",
     use_bias_correction_kl: bool = False,
+    delta: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """TRL's GRPO loss straight from the LM head, never materialising [tokens, vocab] logits.
 
@@ -200,7 +210,8 @@ def fused_linear_grpo_loss(
     0-dim fp32 tensors (kl, entropy: token means; clip ratios: share of tokens, at sequence
     level share of sequences). use_bias_correction_kl: the KL term (and the kl metric) is
     KL·r, r the importance ratio, as TRL's GRPOConfig option of that name (TRL's default is
-    True; R1-VL's code has no correction, the default here). Gradients flow to hidden, weight and bias only: advantages,
+    True; R1-VL's code has no correction, the default here). delta: TRL's two-sided clipping,
+    the unclipped term min(r, delta)·A (a number > 1 + epsilon_high; None: none). Gradients flow to hidden, weight and bias only: advantages,
     old/ref log-probs and rollout_is_ratio are constants. Masked-out positions are never
     read from the vocabulary: their targets may be any id (padding) and they cost no
     vocabulary work.
@@ -219,6 +230,7 @@ def fused_linear_grpo_loss(
     for name, x in (("beta", beta), ("epsilon_low", epsilon_low), ("epsilon_high", epsilon_high)):
         _check_number(name, x, nonneg=True)
     _check_bool("use_bias_correction_kl", use_bias_correction_kl)
+    _check_delta(delta, epsilon_high)
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {loss_type!r}")
     if importance_sampling_level not in IS_LEVELS:
@@ -255,7 +267,7 @@ def fused_linear_grpo_loss(
             loss_type=loss_type, max_completion_length=max_completion_length,
             num_items_in_batch=num_items_in_batch, return_entropy=return_entropy,
             importance_sampling_level=importance_sampling_level,
-            use_bias_correction_kl=use_bias_correction_kl)
+            use_bias_correction_kl=use_bias_correction_kl, delta=delta)
     logprob_fn, objective_fn = _backend_fns(be)
     logp, ent = logprob_fn(h2, weight, bias, safe_targets, temperature=temperature,
                            return_entropy=bool(return_entropy), rows=rows)
@@ -266,7 +278,7 @@ def fused_linear_grpo_loss(
         loss_type=loss_type, importance_sampling_level=importance_sampling_level,
         max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
         entropy=None if ent is None else ent.view(b, t).detach(),
-        use_bias_correction_kl=use_bias_correction_kl,
+        use_bias_correction_kl=use_bias_correction_kl, delta=delta,
     )
 
 
@@ -289,6 +301,7 @@ class FusedLinearGRPOLoss(nn.Module):
         return_entropy: bool = False,
         backend: str = "auto",
         use_bias_correction_kl: bool = False,
+        delta: float | None = None,
     ):
         super().__init__()
         # validate early (a bad config should fail at construction, not at step 1)
@@ -305,7 +318,9 @@ class FusedLinearGRPOLoss(nn.Module):
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
         _check_bool("use_bias_correction_kl", use_bias_correction_kl)
+        _check_delta(delta, epsilon_high)
         self.use_bias_correction_kl = use_bias_correction_kl
+        self.delta = delta
         self.beta = beta
         self.epsilon_low = epsilon_low
         self.epsilon_high = epsilon_high
@@ -327,11 +342,12 @@ class FusedLinearGRPOLoss(nn.Module):
             max_completion_length=self.max_completion_length,
             num_items_in_batch=num_items_in_batch, rollout_is_ratio=rollout_is_ratio,
             return_entropy=self.return_entropy, backend=self.backend,
-            use_bias_correction_kl=self.use_bias_correction_kl,
+            use_bias_correction_kl=self.use_bias_correction_kl, delta=self.delta,
         )
 
     def extra_repr(self) -> str:
         return (f"beta={self.beta}, epsilon_low={self.epsilon_low}, epsilon_high={self.epsilon_high}, "
                 f"temperature={self.temperature}, loss_type={self.loss_type!r}, "
                 f"importance_sampling_level={self.importance_sampling_level!r}, backend={self.backend!r}"
-                + (", use_bias_correction_kl=True" if self.use_bias_correction_kl else ""))
+                + (", use_bias_correction_kl=True" if self.use_bias_correction_kl else "")
+                + (f", delta={self.delta}" if self.delta is not None else ""))

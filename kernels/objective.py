@@ -31,6 +31,7 @@ def grpo_objective(
     num_items_in_batch,
     entropy: torch.Tensor | None = None,
     use_bias_correction_kl: bool = False,
+    delta: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(loss, metrics) from fp32 (or fp64) log-probs `logp` [B, T] (differentiable).
 
@@ -44,7 +45,7 @@ def grpo_objective(
         logp, on, m, adv, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
         rollout_is_ratio=rollout_is_ratio, beta=beta, epsilon_low=epsilon_low,
         epsilon_high=epsilon_high, importance_sampling_level=importance_sampling_level,
-        use_bias_correction_kl=use_bias_correction_kl)
+        use_bias_correction_kl=use_bias_correction_kl, delta=delta)
 
     n_tok = m.sum().clamp(min=1.0)
     if loss_type == "grpo":
@@ -89,12 +90,14 @@ def sequence_mean(x: torch.Tensor) -> torch.Tensor:
 
 
 def per_token_terms(logp, on, m, adv, *, old_logprobs, ref_logprobs, rollout_is_ratio, beta,
-                    epsilon_low, epsilon_high, importance_sampling_level, use_bias_correction_kl=False):
+                    epsilon_low, epsilon_high, importance_sampling_level, use_bias_correction_kl=False,
+                    delta=None):
     """(masked per-token loss, ratio, k3 KL or None) on [B, T] (or any shape at token level).
 
     `on` = mask != 0, `m` = mask in logp's dtype, `adv` broadcastable to logp. The
     per-token loss is −min(r·A, clip(r)·A)·ris + β·KL, times m, zero where masked;
     with use_bias_correction_kl the KL term (and the returned KL) is KL·r, as TRL's option;
+    with delta (TRL's two-sided clipping) the unclipped term is min(r, delta)·A;
     r = exp(logp − old) (sequence level: exp of the sequence's masked mean log-ratio),
     r ≡ 1 with a live gradient when old is None. The loss's value and its gradient
     w.r.t. logp both come from these ops (the one-pass path differentiates them on
@@ -111,7 +114,8 @@ def per_token_terms(logp, on, m, adv, *, old_logprobs, ref_logprobs, rollout_is_
         log_ratio = seq.expand_as(logp)
     ratio = torch.exp(log_ratio)
     clipped = torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
-    per_token = -torch.minimum(ratio * adv, clipped * adv)
+    capped = ratio if delta is None else torch.clamp(ratio, max=delta)
+    per_token = -torch.minimum(capped * adv, clipped * adv)
     if rollout_is_ratio is not None:
         per_token = per_token * torch.where(on, rollout_is_ratio.to(acc), zero)
     kl = None

@@ -149,7 +149,8 @@ def _terms_grad(lp, on, m, adv, old, ref, ris, w, hp, level) -> torch.Tensor:
         per_tok, _, _ = per_token_terms(
             lp, on, m, adv, old_logprobs=old, ref_logprobs=ref, rollout_is_ratio=ris,
             beta=hp["beta"], epsilon_low=hp["epsilon_low"], epsilon_high=hp["epsilon_high"],
-            importance_sampling_level=level, use_bias_correction_kl=hp["use_bias_correction_kl"])
+            importance_sampling_level=level, use_bias_correction_kl=hp["use_bias_correction_kl"],
+            delta=hp["delta"])
         (g,) = torch.autograd.grad((per_tok * w).sum(), lp)
     return g
 
@@ -348,7 +349,7 @@ class OnePassGRPOLossFunction(torch.autograd.Function):
             max_completion_length=hp["max_completion_length"],
             num_items_in_batch=hp["num_items_in_batch"],
             entropy=None if ent is None else ent.view(bsz, t),
-            use_bias_correction_kl=hp["use_bias_correction_kl"])
+            use_bias_correction_kl=hp["use_bias_correction_kl"], delta=hp["delta"])
         stats = [metrics[k] for k in ("kl", "clip_ratio_low", "clip_ratio_high", "clip_ratio")]
         stats.append(metrics["entropy"] if ent is not None else loss.new_zeros(()))
         ctx.mark_non_differentiable(*stats)
@@ -381,7 +382,8 @@ class OnePassGRPOLossFunction(torch.autograd.Function):
 def onepass_grpo_loss(hidden, weight, bias, targets, rows, mask, advantages, *, old_logprobs,
                       ref_logprobs, rollout_is_ratio, beta, epsilon_low, epsilon_high,
                       temperature, loss_type, max_completion_length, num_items_in_batch,
-                      return_entropy, importance_sampling_level="token", use_bias_correction_kl=False):
+                      return_entropy, importance_sampling_level="token", use_bias_correction_kl=False,
+                      delta=None):
     """GRPO loss of validated inputs (api.py); at sequence level only when
     sequence_fits(mask, V, device): hidden [N, H] (N = B·T),
     targets [N] (safe ids at masked rows), rows = indices of the unmasked rows or None
@@ -394,7 +396,8 @@ def onepass_grpo_loss(hidden, weight, bias, targets, rows, mask, advantages, *, 
               max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
               return_entropy=bool(return_entropy),
               importance_sampling_level=importance_sampling_level,
-              use_bias_correction_kl=bool(use_bias_correction_kl))
+              use_bias_correction_kl=bool(use_bias_correction_kl),
+              delta=None if delta is None else float(delta))
     loss, kl, low, high, clip, ent = OnePassGRPOLossFunction.apply(
         hidden, weight, bias, targets, rows, mask, advantages, old_logprobs, ref_logprobs,
         rollout_is_ratio, hp)

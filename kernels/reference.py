@@ -10,7 +10,7 @@ The objective is TRL's GRPOTrainer loss, written out as directly as possible:
     logp = log_softmax((h·Wᵀ + b) / τ)[target]
     r    = exp(logp − old)                       (token level)
          = exp(masked mean_t (logp − old))       (sequence level, same for each token)
-    l    = −min(r·A, clip(r, 1−ε_low, 1+ε_high)·A) · rollout_is_ratio
+    l    = −min(r·A, clip(r, 1−ε_low, 1+ε_high)·A) · rollout_is_ratio   (r·A: min(r, δ)·A with delta)
            + β·(exp(ref − logp) − (ref − logp) − 1)       (· r with use_bias_correction_kl)
     loss = aggregate(l, mask) by loss_type
 
@@ -71,6 +71,7 @@ def reference_grpo_loss(
     rollout_is_ratio: torch.Tensor | None = None,
     return_entropy: bool = False,
     use_bias_correction_kl: bool = False,
+    delta: float | None = None,
     dtype: torch.dtype = torch.float64,
 ):
     """TRL's GRPO objective on materialised logits. Same signature as
@@ -98,7 +99,8 @@ def reference_grpo_loss(
     coef_1 = torch.exp(log_w)
     coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + epsilon_high)
     adv = advantages.to(dtype).unsqueeze(1)
-    per_token = -torch.min(coef_1 * adv, coef_2 * adv)
+    capped = coef_1 if delta is None else torch.clamp(coef_1, max=delta)   # TRL's two-sided clipping
+    per_token = -torch.min(capped * adv, coef_2 * adv)
     if rollout_is_ratio is not None:
         per_token = per_token * torch.where(on, rollout_is_ratio.to(dtype), torch.zeros_like(logp))
     kl = None

@@ -240,7 +240,7 @@ def _logprob_bwd_kernel(
 def _grpo_objective_kernel(
     logp_ptr, mask_ptr, adv_ptr, old_ptr, ref_ptr, ris_ptr, ent_ptr, norm_ptr,
     dlogp_ptr, out_ptr,
-    T, beta, lo, hi, inv_b,
+    T, beta, lo, hi, inv_b, dmax,
     HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, USE_KL: tl.constexpr, HAS_RIS: tl.constexpr,
     HAS_ENT: tl.constexpr, SEQ_LEVEL: tl.constexpr, PER_SEQ_NORM: tl.constexpr,
     KL_IS: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -252,7 +252,8 @@ def _grpo_objective_kernel(
     The loss weight of token t is c·m_t with c = inv_b / max(1, Σ_t m) (grpo,
     PER_SEQ_NORM) or 1 / norm (bnpo, dr_grpo, dapo; norm precomputed on the host side).
     d(−min(rA, clip(r)A))/dr follows torch.minimum/clamp's conventions at ties. KL_IS: the
-    KL term is β·KL·r (TRL's use_bias_correction_kl), its gradient through r included."""
+    KL term is β·KL·r (TRL's use_bias_correction_kl), its gradient through r included. dmax:
+    TRL's delta (the unclipped term is min(r, dmax)·A; +inf: none)."""
     b = tl.program_id(0)
     base = b.to(tl.int64) * T
     adv = tl.load(adv_ptr + b)
@@ -300,10 +301,12 @@ def _grpo_objective_kernel(
         else:
             r = tl.zeros((BLOCK_T,), dtype=tl.float32) + 1.0
         clipped = tl.minimum(tl.maximum(r, lo), hi)
-        pg1 = r * adv
+        pg1 = tl.minimum(r, dmax) * adv
         pg2 = clipped * adv
         inside = tl.where(r >= lo, 1.0, 0.0) * tl.where(r <= hi, 1.0, 0.0)
-        dpg = tl.where(pg1 < pg2, -adv, tl.where(pg1 > pg2, -adv * inside, -adv * (1.0 + inside) * 0.5))
+        below = tl.where(r <= dmax, 1.0, 0.0)  # min(r, dmax) passes the gradient (clamp's convention)
+        dpg = tl.where(pg1 < pg2, -adv * below,
+                       tl.where(pg1 > pg2, -adv * inside, -adv * (below + inside) * 0.5))
         loss_tok = -tl.minimum(pg1, pg2)
         if HAS_RIS:
             ris = tl.where(on, tl.load(ris_ptr + base + offs, mask=ok, other=0.0), 0.0)
@@ -590,7 +593,7 @@ class TritonGRPOObjectiveFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logp, mask, advantages, old, ref, ris, entropy, norm, beta, lo, hi,
-                seq_level, per_seq_norm, kl_is=False):
+                seq_level, per_seq_norm, kl_is=False, dmax=float("inf")):
         bsz, t = logp.shape
         dlogp = torch.empty_like(logp)
         out = torch.empty(bsz, 6, dtype=torch.float32, device=logp.device)
@@ -599,7 +602,7 @@ class TritonGRPOObjectiveFunction(torch.autograd.Function):
             logp, mask, advantages,
             old if old is not None else dummy, ref if ref is not None else dummy,
             ris if ris is not None else dummy, entropy if entropy is not None else dummy,
-            norm, dlogp, out, t, beta, lo, hi, 1.0 / bsz,
+            norm, dlogp, out, t, beta, lo, hi, 1.0 / bsz, dmax,
             HAS_OLD=old is not None, HAS_REF=ref is not None, USE_KL=ref is not None and beta != 0.0,
             HAS_RIS=ris is not None, HAS_ENT=entropy is not None, SEQ_LEVEL=seq_level,
             PER_SEQ_NORM=per_seq_norm, KL_IS=bool(kl_is), BLOCK_T=_pow2(t, 16, 1024),
@@ -619,14 +622,14 @@ class TritonGRPOObjectiveFunction(torch.autograd.Function):
     def backward(ctx, g_loss, _g_stats):
         (dlogp,) = ctx.saved_tensors
         if g_loss is None:
-            return (None,) * 14
-        return (dlogp * g_loss,) + (None,) * 13
+            return (None,) * 15
+        return (dlogp * g_loss,) + (None,) * 14
 
 
 def triton_grpo_objective(logp, mask, advantages, *, old_logprobs, ref_logprobs, rollout_is_ratio,
                           beta, epsilon_low, epsilon_high, loss_type, importance_sampling_level,
                           max_completion_length, num_items_in_batch, entropy=None,
-                          use_bias_correction_kl=False):
+                          use_bias_correction_kl=False, delta=None):
     """Same contract as objective.grpo_objective (validated arguments; old/ref/ris and
     advantages are constants). Returns (0-dim loss, metrics dict of 0-dim fp32 tensors)."""
     f32 = dict(dtype=torch.float32)
@@ -647,7 +650,7 @@ def triton_grpo_objective(logp, mask, advantages, *, old_logprobs, ref_logprobs,
         logp.contiguous(), m, prep(advantages), prep(old_logprobs), prep(ref_logprobs),
         prep(rollout_is_ratio), prep(entropy), norm, float(beta), 1.0 - float(epsilon_low),
         1.0 + float(epsilon_high), importance_sampling_level == "sequence", loss_type == "grpo",
-        bool(use_bias_correction_kl))
+        bool(use_bias_correction_kl), float("inf") if delta is None else float(delta))
     metrics = {"kl": stats[0], "clip_ratio_low": stats[1], "clip_ratio_high": stats[2],
                "clip_ratio": stats[3]}
     if entropy is not None:

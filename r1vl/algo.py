@@ -168,6 +168,7 @@ class UpdateConfig:
     loss_type: str = "grpo"
     importance_sampling_level: str = "token"
     use_bias_correction_kl: bool = False
+    delta: float | None = None
     temperature: float = 1.0
     max_completion_length: int | None = None
     micro_batch_size: int = 16
@@ -244,6 +245,8 @@ def grpo_update(policy: nn.Module, optimizer: torch.optim.Optimizer, scheduler: 
             )
             if cfg.use_bias_correction_kl:
                 kwargs["use_bias_correction_kl"] = True
+            if cfg.delta is not None:
+                kwargs["delta"] = cfg.delta
             if old is not None:
                 kwargs["old_logprobs"] = old[rows, :t]
             if ref_logprobs is not None and cfg.beta != 0:

@@ -160,6 +160,8 @@ class AlgorithmConfig:
     # bench_step pins); false: the R1-VL authors' code (plain k3 KL). With num_iterations=1 the
     # ratio is 1 but its gradient is not
     use_bias_correction_kl: bool = False
+    # TRL's two-sided clipping: the unclipped term min(r, delta)·A (> 1 + epsilon_high); null: none
+    delta: Optional[float] = None
     scale_rewards: bool = True  # divide by the group's std (+1e-4)
     accuracy_weight: float = 1.0  # StepRAR
     validity_weight: float = 1.0  # StepRVR
@@ -430,6 +432,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"output_dir: expected a non-empty directory path, got {cfg.output_dir!r}")
     if Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
         raise ConfigError(f"output_dir: {cfg.output_dir!r} exists and is not a directory")
+    a = cfg.algorithm
+    if a.delta is not None and not a.delta > 1.0 + a.epsilon_high:
+        raise ConfigError(f"algorithm.delta={a.delta}: must exceed 1 + algorithm.epsilon_high = "
+                          f"{1.0 + a.epsilon_high} (or be null)")
     if cfg.algorithm.loss_type == "dr_grpo" and cfg.rollout.max_completion_length <= 0:
         raise ConfigError("algorithm.loss_type=dr_grpo needs rollout.max_completion_length > 0")
     if cfg.model.tiny.hidden_size % cfg.model.tiny.num_attention_heads:

@@ -978,7 +978,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
     lp_temp, is_temp = logprob_temperatures(cfg)
     ucfg = UpdateConfig(beta=a.beta, epsilon_low=a.epsilon_low, epsilon_high=a.epsilon_high, num_iterations=mu,
                         loss_type=a.loss_type, importance_sampling_level=a.importance_sampling_level,
-                        use_bias_correction_kl=a.use_bias_correction_kl,
+                        use_bias_correction_kl=a.use_bias_correction_kl, delta=a.delta,
                         temperature=lp_temp,
                         max_completion_length=ro.max_completion_length,
                         micro_batch_size=cfg.train.micro_batch_size, max_grad_norm=cfg.optim.max_grad_norm)

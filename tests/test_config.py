@@ -156,3 +156,11 @@ def test_cli_reports_config_errors(capsys):
     err = capsys.readouterr().err
     assert "train.max_steps" in err and "expected int" in err
     assert "Traceback" not in err
+
+
+def test_delta_must_sit_above_the_upper_clip():
+    from r1vl.config import ConfigError
+
+    assert load_config(None, ["algorithm.delta=1.5"]).algorithm.delta == 1.5
+    with pytest.raises(ConfigError, match="algorithm.delta=1.1: must exceed 1 \\+ algorithm.epsilon_high"):
+        load_config(None, ["algorithm.delta=1.1"])

@@ -48,6 +48,8 @@ BAD_LOSS_INPUTS = [
     ("ref_logprobs", dict(ref_logprobs=torch.zeros(4, 2))),
     ("rollout_is_ratio", dict(rollout_is_ratio=torch.zeros(2))),
     ("use_bias_correction_kl", dict(use_bias_correction_kl=1)),
+    ("delta", dict(delta=1.1)),                                      # not above 1 + epsilon_high
+    ("delta", dict(delta=float("inf"))),
 ]
 
 

@@ -47,7 +47,7 @@ class _Identity:
 
 
 def _trl_loss(case, h, w, b, *, loss_type, level, beta, temperature, use_ris, kl_is=False, use_old=True,
-              max_completion_length=None, num_items_in_batch=None):
+              delta=None, max_completion_length=None, num_items_in_batch=None):
     """TRL's loss, its metrics and its (loss-side) per-token log-probs for `case`, with
     gradients reaching the fp64 leaves h, w, b."""
     B, T = case.targets.shape
@@ -58,7 +58,7 @@ def _trl_loss(case, h, w, b, *, loss_type, level, beta, temperature, use_ris, kl
                                             temperature=temperature, return_entropy=True)
         return lp, ent, None
 
-    args = SimpleNamespace(use_bias_correction_kl=kl_is, delta=None, steps_per_generation=1)
+    args = SimpleNamespace(use_bias_correction_kl=kl_is, delta=delta, steps_per_generation=1)
     fake = SimpleNamespace(
         args=args, model=SimpleNamespace(training=True), accelerator=_Identity(),
         beta=beta, epsilon_low=0.2, epsilon_high=0.28, loss_type=loss_type,
@@ -142,7 +142,26 @@ def test_loss_metrics_and_gradients_match_trl_cuda(backend, loss_type, level, be
     _compare(backend, loss_type, level, beta, temperature, use_ris, kl_is, use_old, "cuda", H=320, V=3001)
 
 
-def _compare(backend, loss_type, level, beta, temperature, use_ris, kl_is, use_old, device, H=32, V=64):
+# TRL's two-sided clipping: delta caps the ratio of negative-advantage tokens above it
+DELTA_CASES = [("grpo", "token", 0.04, 1.0, False, False, True, 1.3),
+               ("grpo", "sequence", 0.04, 1.0, True, True, True, 1.29),
+               ("dapo", "token", 0.04, 0.8, True, True, True, 1.3)]
+
+
+@pytest.mark.parametrize("backend", ["torch", "torch-twopass", "triton", "reference"])
+@pytest.mark.parametrize(PARAMS + ",delta", DELTA_CASES, ids=["-".join(map(str, c[:2])) + f"-delta{c[-1]}"
+                                                              for c in DELTA_CASES])
+def test_delta_matches_trl(backend, loss_type, level, beta, temperature, use_ris, kl_is, use_old, delta,
+                           monkeypatch):
+    if backend == "torch-twopass":
+        monkeypatch.setenv("R1VL_KERNEL_ONEPASS", "0")
+        backend = "torch"
+    size = dict(H=320, V=3001) if DEV == "cuda" else {}
+    _compare(backend, loss_type, level, beta, temperature, use_ris, kl_is, use_old, DEV, delta=delta, **size)
+
+
+def _compare(backend, loss_type, level, beta, temperature, use_ris, kl_is, use_old, device, H=32, V=64,
+             delta=None):
     # a fully masked row (padding ids -100) and partial masks: TRL's clamp(min=1) paths
     case = make_case(B=4, T=6, H=H, V=V, seed=6, masked_row=2)
     B, T = case.targets.shape
@@ -153,6 +172,9 @@ def _compare(backend, loss_type, level, beta, temperature, use_ris, kl_is, use_o
                                        bias=case.bias, temperature=temperature).float()
     case.old = lp + 0.3 * torch.randn(B, T, generator=g)
     case.ref = lp + 0.2 * torch.randn(B, T, generator=g)
+    if delta is not None:
+        # delta acts on negative advantages: make the row whose sequence ratio is largest one
+        case.advantages = -case.advantages
     extra = {}
     if loss_type == "dr_grpo":
         extra["max_completion_length"] = T + 2
@@ -161,8 +183,13 @@ def _compare(backend, loss_type, level, beta, temperature, use_ris, kl_is, use_o
         extra["num_items_in_batch"] = int(case.mask.sum()) + 5
 
     h64, w64, b64 = (x.detach().double().requires_grad_() for x in (case.hidden, case.weight, case.bias))
-    tloss, tmetrics = _trl_loss(case, h64, w64, b64, loss_type=loss_type, level=level, beta=beta,
-                                temperature=temperature, use_ris=use_ris, kl_is=kl_is, use_old=use_old, **extra)
+    common = dict(loss_type=loss_type, level=level, beta=beta, temperature=temperature, use_ris=use_ris,
+                  kl_is=kl_is, use_old=use_old, **extra)
+    tloss, tmetrics = _trl_loss(case, h64, w64, b64, delta=delta, **common)
+    if delta is not None:  # the case must reach the cap, or the delta checks prove little
+        with torch.no_grad():
+            undelta, _ = _trl_loss(case, h64, w64, b64, **common)
+        assert abs(float(undelta) - float(tloss.detach())) > 1e-6, "delta changed nothing in this case"
 
     h, w, b = (x.detach().clone().to(device).requires_grad_() for x in (case.hidden, case.weight, case.bias))
     on = {k: getattr(case, k).to(device) for k in ("targets", "mask", "advantages", "old", "ref", "ris")}
@@ -170,7 +197,7 @@ def _compare(backend, loss_type, level, beta, temperature, use_ris, kl_is, use_o
     kw = dict(bias=b, old_logprobs=on["old"] if use_old else None, ref_logprobs=on["ref"] if beta != 0.0 else None,
               beta=beta, epsilon_low=0.2, epsilon_high=0.28, temperature=temperature, loss_type=loss_type,
               importance_sampling_level=level, rollout_is_ratio=on["ris"] if use_ris else None,
-              return_entropy=True, use_bias_correction_kl=kl_is, **extra)
+              return_entropy=True, use_bias_correction_kl=kl_is, delta=delta, **extra)
     if backend == "reference":
         loss, metrics = reference_grpo_loss(*args, **kw)
     else:
@@ -190,6 +217,8 @@ def _compare(backend, loss_type, level, beta, temperature, use_ris, kl_is, use_o
     # the ratio is 1: nothing clips)
     if not use_old:
         assert tmetrics["clip_ratio/region_mean"] == 0, tmetrics
+    elif delta is not None:
+        pass  # checked above: the cap changed the loss
     elif level == "token":
         assert tmetrics["clip_ratio/low_mean"] > 0 and tmetrics["clip_ratio/high_mean"] > 0, tmetrics
     else:

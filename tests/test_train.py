@@ -436,23 +436,24 @@ def test_logprob_temperature_reaches_the_update(tmp_path, data_dir):
 
 
 def test_bias_correction_kl_reaches_the_update(tmp_path, data_dir, monkeypatch):
-    """algorithm.use_bias_correction_kl reaches the fused loss (off: not passed at all, the
-    kernel's default). That it changes the step: test_algo."""
+    """algorithm.use_bias_correction_kl and algorithm.delta reach the fused loss (off / null: not
+    passed at all, the kernel's defaults). That the correction changes the step: test_algo."""
     import r1vl.kernels as kernels
 
     seen = []
     real = kernels.fused_linear_grpo_loss
 
     def spy(*a, **kw):
-        seen.append(kw.get("use_bias_correction_kl", False))
+        seen.append((kw.get("use_bias_correction_kl", False), kw.get("delta")))
         return real(*a, **kw)
 
     monkeypatch.setattr(kernels, "fused_linear_grpo_loss", spy)
-    for flag in ("false", "true"):
+    for flag, delta in (("false", "null"), ("true", "1.5")):
         seen.clear()
         assert main(_args(tmp_path / f"kl_{flag}", data_dir, "train.max_steps=2", "train.eval_before=false",
-                          "train.eval_after=false", f"algorithm.use_bias_correction_kl={flag}")) == 0
-        assert seen and set(seen) == {flag == "true"}
+                          "train.eval_after=false", f"algorithm.use_bias_correction_kl={flag}",
+                          f"algorithm.delta={delta}")) == 0
+        assert seen and set(seen) == {(flag == "true", None if delta == "null" else 1.5)}
 
 
 def test_output_dir_of_a_previous_run(tmp_path, data_dir, capsys):
