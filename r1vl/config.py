@@ -144,6 +144,9 @@ class RolloutConfig:
     # truncated importance sampling (engine log-probs vs the trainer's; rollout.engine=vllm)
     is_cap: float = field(default=2.0, metadata=_min(0.0, strict=True))
     is_correction: bool = True  # false: no correction, the on-policy objective of the authors' code
+    # TRL's vllm_importance_sampling_mode names (its default: sequence_mask with cap 3); is_cap is the cap
+    is_mode: str = field(default="token_truncate",
+                         metadata=_choices("token_truncate", "token_mask", "sequence_truncate", "sequence_mask"))
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
 

@@ -1018,18 +1018,18 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
                     ref_lp = compute_logprobs(ref_policy, batch, micro_batch_size=cfg.train.micro_batch_size,
                                               temperature=ucfg.temperature)
             old_lp = is_ratio = None
-            if use_is:  # ratio = min(exp(trainer_logp_old - engine_logp), rollout.is_cap) per token
-                from r1vl.rollout.is_correction import is_ratio_stats, pad_engine_logprobs, truncated_is_ratio
+            if use_is:  # token_truncate: min(exp(trainer_logp_old - engine_logp), rollout.is_cap) per token
+                from r1vl.rollout.is_correction import is_ratio as correction, is_ratio_stats, pad_engine_logprobs
 
                 is_lp = compute_logprobs(train_policy, batch, micro_batch_size=cfg.train.micro_batch_size,
                                          temperature=is_temp)
                 eng_lp, eng_mask = pad_engine_logprobs([c.logprobs for c in comps], batch.targets.shape[1],
                                                        device=is_lp.device)
                 is_mask = eng_mask & batch.mask.bool()
-                is_ratio = truncated_is_ratio(is_lp, eng_lp, is_mask, cap=ro.is_cap)
+                is_ratio = correction(is_lp, eng_lp, is_mask, cap=ro.is_cap, mode=ro.is_mode)
                 if is_temp == lp_temp:  # the update's old log-probs (mu > 1) are the same tensor
                     old_lp = is_lp
-                is_st = is_ratio_stats(is_ratio, is_mask, cap=ro.is_cap)
+                is_st = is_ratio_stats(is_ratio, is_mask, cap=ro.is_cap, mode=ro.is_mode)
         with tm("update"):
             m = grpo_update(train_policy, opt, None if use_ds else sched, batch, adv.to(d.device), ucfg,
                             ref_logprobs=ref_lp, rollout_is_ratio=is_ratio, old_logprobs=old_lp)

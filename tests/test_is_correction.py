@@ -57,3 +57,42 @@ def test_pad_engine_logprobs():
     torch.testing.assert_close(v[0], torch.tensor([-0.1, -0.2, 0.0]))
     assert m.tolist() == [[True, True, False], [False, False, False], [True, True, True]]
     torch.testing.assert_close(v[2], torch.tensor([-1.0, -2.0, -3.0]))
+
+
+def _trl_ratio(old, sampling, mask, mode, clip_max):
+    """TRL 1.16's steps (GRPOTrainer._generate_and_score_completions), written out."""
+    diff = torch.nan_to_num((old - sampling) * mask, nan=0.0)
+    if mode.startswith("sequence"):
+        diff = diff.sum(dim=-1, keepdim=True)
+    r = torch.exp(diff)
+    if mode.endswith("truncate"):
+        return torch.clamp(r, max=clip_max)
+    return r.masked_fill(r > clip_max, 0.0)
+
+
+@pytest.mark.parametrize("mode", ["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"])
+def test_modes_match_trl(mode):
+    from r1vl.rollout.is_correction import is_ratio
+
+    g = torch.Generator().manual_seed(1)
+    old = -torch.rand(4, 6, generator=g) * 3
+    engine = old + 0.5 * torch.randn(4, 6, generator=g)
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    mask[1, 4:] = False
+    mask[3, :] = False
+    r = is_ratio(old, engine, mask, cap=1.5, mode=mode)
+    want = _trl_ratio(old, engine, mask.float(), mode, 1.5).expand(4, 6)
+    torch.testing.assert_close(r[mask], want[mask])
+    assert torch.equal(r[~mask], torch.ones_like(r[~mask]))
+    # the cases reach the cap: some ratios truncated (or masked), some not
+    acted = (r[mask] == 0) if mode.endswith("mask") else (r[mask] >= 1.5 - 1e-6)
+    assert 0 < int(acted.sum()) < int(mask.sum())
+    st = is_ratio_stats(r, mask, cap=1.5, mode=mode)
+    assert st["is_ratio_capped_frac"] == pytest.approx(float(acted.float().mean()))
+
+
+def test_unknown_mode_is_a_clear_error():
+    from r1vl.rollout.is_correction import is_ratio
+
+    with pytest.raises(ValueError, match="rollout.is_mode"):
+        is_ratio(torch.zeros(1, 2), torch.zeros(1, 2), mode="sequence")

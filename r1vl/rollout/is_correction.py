@@ -50,8 +50,47 @@ def truncated_is_ratio(
     return ratio
 
 
-def is_ratio_stats(ratio: torch.Tensor, mask: torch.Tensor | None = None, cap: float = 2.0) -> dict:
-    """mean / max / min of the ratio over real tokens and the fraction truncated at cap."""
+IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+def is_ratio(trainer_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor | None = None,
+             cap: float = 2.0, mode: str = "token_truncate") -> torch.Tensor:
+    """The correction of rollout.is_mode, as TRL's vllm_importance_sampling_mode with `cap` for
+    its clip_max (no lower bound), [B, T], without gradient:
+
+    token_truncate   min(exp(d_t), cap)                       (truncated_is_ratio)
+    token_mask       exp(d_t), or 0 where it exceeds cap
+    sequence_*       the same on exp(Σ_t d_t), one value per sequence over its tokens
+
+    d_t = trainer_logp − engine_logp on the tokens `mask` marks (0 elsewhere; NaN counts as
+    agreement); positions outside `mask` get 1."""
+    if mode not in IS_MODES:
+        raise ValueError(f"rollout.is_mode: expected one of {IS_MODES}, got {mode!r}")
+    if mode == "token_truncate":
+        return truncated_is_ratio(trainer_logp, engine_logp, mask, cap=cap)
+    if trainer_logp.shape != engine_logp.shape:
+        raise ValueError(f"trainer_logp {tuple(trainer_logp.shape)} and engine_logp "
+                         f"{tuple(engine_logp.shape)} must have the same shape")
+    if not cap > 0:
+        raise ValueError(f"rollout.is_cap must be > 0, got {cap}")
+    with torch.no_grad():
+        d = trainer_logp.detach().float() - engine_logp.detach().to(trainer_logp.device).float()
+        on = torch.ones_like(d, dtype=torch.bool) if mask is None else mask.to(d.device).bool()
+        d = torch.where(on, torch.nan_to_num(d, nan=0.0), torch.zeros_like(d))
+        if mode.startswith("sequence"):
+            d = d.sum(-1, keepdim=True).expand_as(on)
+        log_cap = math.log(cap)
+        if mode.endswith("truncate"):
+            ratio = torch.exp(d.clamp(max=log_cap))
+        else:  # mask: the sequence (or token) is dropped from the loss
+            ratio = torch.where(d > log_cap, torch.zeros_like(d), torch.exp(d.clamp(max=log_cap)))
+        return torch.where(on, ratio, torch.ones_like(ratio))
+
+
+def is_ratio_stats(ratio: torch.Tensor, mask: torch.Tensor | None = None, cap: float = 2.0,
+                   mode: str = "token_truncate") -> dict:
+    """mean / max / min of the ratio over real tokens and the fraction the cap acted on
+    (truncated to cap, or masked to 0 in the *_mask modes)."""
     with torch.no_grad():
         r = ratio.float()
         if mask is not None:
@@ -64,7 +103,8 @@ def is_ratio_stats(ratio: torch.Tensor, mask: torch.Tensor | None = None, cap: f
             "is_ratio_mean": r.mean().item(),
             "is_ratio_max": r.max().item(),
             "is_ratio_min": r.min().item(),
-            "is_ratio_capped_frac": (r >= cap * (1 - 1e-6)).float().mean().item(),
+            "is_ratio_capped_frac": ((r == 0) if mode.endswith("_mask") else (r >= cap * (1 - 1e-6)))
+            .float().mean().item(),
         }
 
 
