@@ -29,25 +29,10 @@ def truncated_is_ratio(
     """min(exp(trainer_logp - engine_logp), cap), elementwise, without gradient.
 
     trainer_logp, engine_logp: same shape (e.g. [B, T]); mask: 1 on real
-    completion tokens, 0 on padding (padding positions get ratio 1).
+    completion tokens, 0 on padding (padding positions get ratio 1). is_ratio's
+    token_truncate mode.
     """
-    if trainer_logp.shape != engine_logp.shape:
-        raise ValueError(
-            f"trainer_logp {tuple(trainer_logp.shape)} and engine_logp "
-            f"{tuple(engine_logp.shape)} must have the same shape"
-        )
-    if not cap > 0:
-        raise ValueError(f"rollout.is_cap must be > 0, got {cap}")
-    with torch.no_grad():
-        log_ratio = trainer_logp.detach().float() - engine_logp.detach().to(
-            trainer_logp.device
-        ).float()
-        # clamp in log space so exp never overflows; NaN (both -inf) counts as agreement
-        log_ratio = torch.nan_to_num(log_ratio, nan=0.0, posinf=math.log(cap))
-        ratio = torch.exp(log_ratio.clamp(max=math.log(cap)))
-        if mask is not None:
-            ratio = torch.where(mask.to(ratio.device).bool(), ratio, torch.ones_like(ratio))
-    return ratio
+    return is_ratio(trainer_logp, engine_logp, mask, cap=cap, mode="token_truncate")
 
 
 IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
@@ -66,8 +51,6 @@ def is_ratio(trainer_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.
     agreement); positions outside `mask` get 1."""
     if mode not in IS_MODES:
         raise ValueError(f"rollout.is_mode: expected one of {IS_MODES}, got {mode!r}")
-    if mode == "token_truncate":
-        return truncated_is_ratio(trainer_logp, engine_logp, mask, cap=cap)
     if trainer_logp.shape != engine_logp.shape:
         raise ValueError(f"trainer_logp {tuple(trainer_logp.shape)} and engine_logp "
                          f"{tuple(engine_logp.shape)} must have the same shape")
@@ -79,7 +62,7 @@ def is_ratio(trainer_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.
         d = torch.where(on, torch.nan_to_num(d, nan=0.0), torch.zeros_like(d))
         if mode.startswith("sequence"):
             d = d.sum(-1, keepdim=True).expand_as(on)
-        log_cap = math.log(cap)
+        log_cap = math.log(cap)  # clamped in log space: exp never overflows
         if mode.endswith("truncate"):
             ratio = torch.exp(d.clamp(max=log_cap))
         else:  # mask: the sequence (or token) is dropped from the loss
