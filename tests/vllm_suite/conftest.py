@@ -14,15 +14,10 @@ from pathlib import Path
 
 import pytest
 
-
-def _vllm_installed() -> bool:
-    # only a real package counts (a directory named vllm on sys.path would be an empty
-    # namespace package: this suite's directory was named so until it fooled TRL)
-    spec = importlib.util.find_spec("vllm")
-    return spec is not None and spec.origin is not None
+from r1vl.rollout.vllm_engine import vllm_installed
 
 
-HAVE_VLLM = _vllm_installed()
+HAVE_VLLM = vllm_installed()  # a real package (this directory was named vllm until it fooled TRL)
 REQUIRED = os.environ.get("R1VL_REQUIRE_VLLM") == "1"
 SKIP_REASON = "tests/vllm_suite not collected: vllm is not importable here (run `make test-vllm`, which uses .venv-vllm)"
 
