@@ -6,7 +6,6 @@ vllm is an error instead.
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import sys
