@@ -43,6 +43,7 @@ setup(
         "dev": [
             "pytest>=8",
             "hypothesis>=6.100",
+            "pyflakes>=3.2",  # tests/test_static.py
             "liger-kernel>=0.8.5,<0.9",
             "deepspeed>=0.19.8,<0.20",
             "matplotlib>=3.8",

@@ -10,7 +10,6 @@ PyTorch's default.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 

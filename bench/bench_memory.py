@@ -25,7 +25,6 @@ they are there. Without CUDA the trainer records no timeline and the script says
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path

@@ -24,7 +24,6 @@ warm-up run.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import sys

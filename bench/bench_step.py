@@ -567,7 +567,6 @@ def _trl_processor(processor):
 
 
 def run_trl(a: dict, work: Path) -> dict:
-    import torch
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer

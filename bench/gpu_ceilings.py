@@ -97,7 +97,7 @@ def main(argv=None):
     dst = torch.empty_like(src)
     ms = _median_ms(lambda: dst.copy_(src), device, args.reps)
     res["copy"] = dict(bytes_each_way=copy_bytes, ms_median=ms, tb_per_s=2 * copy_bytes / (ms * 1e-3) / 1e12)
-    del src, dst
+    src = dst = None  # free them: the lambda holds them only through closure cells
 
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -105,7 +105,7 @@ def main(argv=None):
     ms = _median_ms(lambda: torch.mm(a, b, out=c), device, args.reps)
     res["mm"] = dict(n=n, dtype=str(dtype).replace("torch.", ""), ms_median=ms,
                      tflops=2 * n**3 / (ms * 1e-3) / 1e12, data="randn")
-    del a, b, c
+    a = b = c = None
     if device.type == "cuda":
         res["nvidia_smi_after"] = _smi()
 

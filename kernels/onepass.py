@@ -37,6 +37,8 @@ sequence's tokens exceed a chunk (sequence_fits), the two-pass path is used.
 """
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 from .objective import grpo_objective, per_token_terms, token_weights
@@ -65,7 +67,7 @@ def _use_row_kernels(hidden: torch.Tensor) -> bool:
     if hidden.device.type != "cuda":
         return False
     try:
-        from . import triton_rows  # noqa: F401
+        importlib.import_module(".triton_rows", __package__)  # Triton present and importable
     except ImportError:
         return False
     return True

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 import json
 import logging
 import math
@@ -316,8 +317,8 @@ def _import_muon_uncompiled() -> None:
         return
     compiler.compile = lambda: compiler.dummy_decorator
     try:
-        import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401
-        import deepspeed.runtime.zero.muon.original_muon  # noqa: F401
+        for mod in ("muon_optimizer", "original_muon"):
+            importlib.import_module(f"deepspeed.runtime.zero.muon.{mod}")
     except ImportError:
         pass
     finally:

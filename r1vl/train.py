@@ -243,8 +243,7 @@ def tiny_corpus(cfg: Config, train_set) -> list[str]:
 def check_processor(cfg: Config, train_set, resume_dir: Path | None):
     """The processor the run will use, built without its model (--check's prompt lengths);
     None when model.path is a Hub id (nothing is downloaded here)."""
-    from r1vl.models import (ModelLoadError, VLProcessor, check_model_path, make_image_processor,
-                             train_tokenizer)
+    from r1vl.models import VLProcessor, check_model_path, make_image_processor, train_tokenizer
 
     px = dict(min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
     try:

@@ -246,7 +246,7 @@ def test_long_sequence_flat_memory(cfg):
                 for sl in (slice(0, 128), slice(count - 128, count)):
                     ref = reference_linear_logprobs(h2[sl], wt.detach(), t2[sl])
                     assert rel_err(lp[sl], ref) <= (1e-4 if dtype != torch.float32 else 1e-5), sl
-        del case, hid, wt
+        case = hid = wt = None  # free them: step() holds them only through closure cells
         _free()
     lo, hi = n // 4, n
     per_token = (torch.empty(0, dtype=dtype).element_size() + 4) * h + 128

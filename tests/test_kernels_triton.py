@@ -16,8 +16,7 @@ import torch
 
 import r1vl.kernels.triton_grpo as tg
 from kernel_cases import TOL, check_loss, make_case, rel_err
-from r1vl.kernels import (fused_linear_grpo_loss, linear_logprobs,
-                          reference_grpo_loss, reference_linear_logprobs)
+from r1vl.kernels import fused_linear_grpo_loss, linear_logprobs, reference_linear_logprobs
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
