@@ -104,7 +104,7 @@ def test_buckets_are_bounded_lazy_and_never_split_a_layer():
         assert size < 2 * layer_bytes + 32 * 16 * 4
         # closed as soon as the bound is reached at a group boundary: without its last group
         # the bucket was still under the bound (else that group would have opened a new one)
-        before_last = sum(t.numel() * t.element_size() for (n, t), g in zip(b, groups) if g != groups[-1])
+        before_last = sum(t.numel() * t.element_size() for (_, t), g in zip(b, groups) if g != groups[-1])
         assert before_last < layer_bytes, (groups, before_last)
     seen = {}
     for k, b in enumerate(buckets):
