@@ -41,8 +41,10 @@ def _max(bound: float, *, strict: bool = False) -> dict:
 
 @dataclass
 class TinyModelConfig:
-    """Sizes of the randomly initialised Qwen2-VL used when model.path == "tiny"."""
+    """Architecture and sizes of the randomly initialised model used when model.path == "tiny"."""
 
+    # qwen2_vl, or qwen2_5_vl: Qwen2.5-VL's vision tower (SwiGLU, RMSNorm, window attention)
+    arch: str = field(default="qwen2_vl", metadata=_choices("qwen2_vl", "qwen2_5_vl"))
     vocab_size: int = field(default=1024, metadata=_min(300))  # byte-level BPE incl. 256 bytes
     hidden_size: int = field(default=128, metadata=_min(32))
     intermediate_size: int = field(default=384, metadata=_min(1))

@@ -1,6 +1,6 @@
 """Policy / reference models, the processor, and the fused LM head.
 
-- `build_tiny(corpus, ...)`: a randomly initialised small Qwen2-VL (tied embeddings,
+- `build_tiny(corpus, ...)`: a randomly initialised small Qwen2-VL or Qwen2.5-VL (tied embeddings,
   head_dim >= 32 so vLLM's CPU attention accepts it) with a byte-level BPE tokenizer
   trained on `corpus`, Qwen2-VL's special tokens, a Qwen2-VL-style chat template and
   the PIL image processor. `save_tiny(dir)` / `model.save_pretrained` + `processor.save_pretrained`
@@ -266,12 +266,25 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int, max_token_length: in
     return fast
 
 
+# model.tiny.arch -> (config class, model class) in transformers
+TINY_ARCHS = {"qwen2_vl": ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration"),
+              "qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration")}
+
+
 def tiny_config(tokenizer, *, hidden_size: int = 128, intermediate_size: int = 384, num_hidden_layers: int = 3,
                 num_attention_heads: int = 4, num_key_value_heads: int = 2, vision_depth: int = 2,
                 vision_embed_dim: int = 64, vision_num_heads: int = 2, vision_mlp_ratio: int = 2,
-                max_position_embeddings: int = 4096):
-    from transformers import Qwen2VLConfig
+                max_position_embeddings: int = 4096, arch: str = "qwen2_vl"):
+    """The config of a small Qwen2-VL (arch "qwen2_vl") or Qwen2.5-VL ("qwen2_5_vl").
 
+    Qwen2.5-VL's vision tower differs: SwiGLU MLPs (intermediate size vision_embed_dim x
+    vision_mlp_ratio), RMSNorm, and window attention in every block but the last, with
+    56-pixel windows (4x4 patches) so that the tiny images (up to 112 pixels a side) hold
+    several windows and the tower's window reordering is exercised."""
+    import transformers
+
+    if arch not in TINY_ARCHS:
+        raise ValueError(f"tiny model: arch {arch!r}: expected one of {sorted(TINY_ARCHS)}")
     head_dim = hidden_size // num_attention_heads
     if head_dim * num_attention_heads != hidden_size or head_dim < 32 or head_dim % 8:
         raise ValueError(f"tiny model: head_dim {hidden_size}/{num_attention_heads} must be an integer >= 32, "
@@ -282,7 +295,15 @@ def tiny_config(tokenizer, *, hidden_size: int = 128, intermediate_size: int = 3
     mrope = [t, hgt, half - t - hgt]
     ids = {s: tokenizer.convert_tokens_to_ids(s) for s in SPECIAL_TOKENS}
     eos, pad = ids["<|im_end|>"], ids["<|endoftext|>"]
-    return Qwen2VLConfig(
+    common = dict(depth=vision_depth, num_heads=vision_num_heads, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, in_channels=3)
+    if arch == "qwen2_vl":
+        vision = dict(common, embed_dim=vision_embed_dim, hidden_size=hidden_size, mlp_ratio=vision_mlp_ratio)
+    else:
+        vision = dict(common, hidden_size=vision_embed_dim, out_hidden_size=hidden_size,
+                      intermediate_size=vision_embed_dim * vision_mlp_ratio, window_size=56,
+                      fullatt_block_indexes=[vision_depth - 1])
+    return getattr(transformers, TINY_ARCHS[arch][0])(
         text_config=dict(
             vocab_size=len(tokenizer),
             hidden_size=hidden_size,
@@ -299,17 +320,7 @@ def tiny_config(tokenizer, *, hidden_size: int = 128, intermediate_size: int = 3
             pad_token_id=pad,
             tie_word_embeddings=True,
         ),
-        vision_config=dict(
-            depth=vision_depth,
-            embed_dim=vision_embed_dim,
-            hidden_size=hidden_size,
-            num_heads=vision_num_heads,
-            mlp_ratio=vision_mlp_ratio,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            in_channels=3,
-        ),
+        vision_config=vision,
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
@@ -323,8 +334,10 @@ def tiny_config(tokenizer, *, hidden_size: int = 128, intermediate_size: int = 3
 
 def build_tiny(corpus: Iterable[str] | None = None, *, vocab_size: int = 1024, seed: int = 0,
                min_pixels: int = 56 * 56, max_pixels: int = 112 * 112, out_dir: str | Path | None = None,
-               attn_implementation: str = "sdpa", max_token_length: int = 12, **sizes: int):
-    """A randomly initialised small Qwen2-VL and its processor, built locally (no hub).
+               attn_implementation: str = "sdpa", max_token_length: int = 12, arch: str = "qwen2_vl",
+               **sizes: int):
+    """A randomly initialised small Qwen2-VL (or Qwen2.5-VL: arch "qwen2_5_vl", see
+    `tiny_config`) and its processor, built locally (no hub).
 
     corpus: texts the BPE tokenizer is trained on (None: 2,000 samples of the built-in
     synthetic task, prompts and solutions); vocab_size / max_token_length: see
@@ -333,16 +346,16 @@ def build_tiny(corpus: Iterable[str] | None = None, *, vocab_size: int = 1024, s
     vision_depth, vision_embed_dim, vision_num_heads, vision_mlp_ratio). With `out_dir`
     the pair is saved there (HF layout; loads back with the Auto classes).
     Returns (model, processor)."""
-    from transformers import Qwen2VLForConditionalGeneration
+    import transformers
 
     if corpus is None:
         corpus = synthetic_corpus(2000, seed=seed)
     tokenizer = train_tokenizer(corpus, vocab_size, max_token_length)
-    config = tiny_config(tokenizer, **sizes)
+    config = tiny_config(tokenizer, arch=arch, **sizes)
     config._attn_implementation = attn_implementation
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Qwen2VLForConditionalGeneration(config)
+        model = getattr(transformers, TINY_ARCHS[arch][1])(config)
     for key in ("eos_token_id", "pad_token_id", "bos_token_id"):
         setattr(model.generation_config, key, _config_token_id(config, key))
     processor = VLProcessor(tokenizer, make_image_processor(min_pixels, max_pixels))
@@ -463,7 +476,7 @@ def load_policy(model_cfg, *, min_pixels: int, max_pixels: int, seed: int = 0,
             num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
             num_key_value_heads=t.num_key_value_heads, vision_depth=t.vision_depth,
             vision_embed_dim=t.vision_embed_dim, vision_num_heads=t.vision_num_heads,
-            vision_mlp_ratio=t.vision_mlp_ratio,
+            vision_mlp_ratio=t.vision_mlp_ratio, arch=t.arch,
         )
         model = model.to(_DTYPES[model_cfg.dtype])
         return model, processor

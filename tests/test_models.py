@@ -19,6 +19,15 @@ def tiny():
     return build_tiny(CORPUS, vocab_size=360, seed=0, **SIZES)
 
 
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+def tiny_arch(request, tiny):
+    """The tiny model of each architecture that model.tiny.arch offers (Qwen2.5-VL with two
+    vision blocks: the first windowed, the last full attention)."""
+    if request.param == "qwen2_vl":
+        return tiny
+    return build_tiny(CORPUS, vocab_size=360, seed=0, arch=request.param, **{**SIZES, "vision_depth": 2})
+
+
 def _img(w=56, h=84):
     rng = np.random.default_rng(0)
     return Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8"))
@@ -65,16 +74,16 @@ def test_processor_expands_image_tokens(tiny):
         proc([proc.chat_prompt("a")], [_img(), _img()])
 
 
-def test_save_and_load_with_auto_classes(tiny, tmp_path):
+def test_save_and_load_with_auto_classes(tiny_arch, tmp_path):
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
-    model, proc = tiny
+    model, proc = tiny_arch
     PolicyWithLoss(model)  # installs the fused head: saving must still give the standard layout
     assert isinstance(model.lm_head, FusedLMHead)
     save_pretrained(model, proc, tmp_path)
     assert isinstance(model.lm_head, FusedLMHead)
     again = AutoModelForImageTextToText.from_pretrained(tmp_path)
-    assert type(again).__name__ == "Qwen2VLForConditionalGeneration"
+    assert type(again) is type(model)  # Qwen2VL... or Qwen2_5_VLForConditionalGeneration
     assert isinstance(again.lm_head, torch.nn.Linear)
     sd0, sd1 = model.state_dict(), again.state_dict()
     assert set(sd0) == set(sd1)
@@ -98,8 +107,8 @@ def test_save_and_load_with_auto_classes(tiny, tmp_path):
     torch.testing.assert_close(h1, h2)
 
 
-def test_fused_head_matches_logits(tiny):
-    model, proc = tiny
+def test_fused_head_matches_logits(tiny_arch):
+    model, proc = tiny_arch
     pol = PolicyWithLoss(model)
     enc = proc([proc.chat_prompt("read the bar")], [_img()])
     with torch.no_grad():
@@ -154,12 +163,12 @@ def _grpo_grads(pol, batch, adv):
     return loss.detach(), {n: p.grad.clone() for n, p in pol.named_parameters() if p.grad is not None}
 
 
-def test_image_dedup_same_loss_and_grads_fewer_patches(tiny):
+def test_image_dedup_same_loss_and_grads_fewer_patches(tiny_arch):
     import copy
 
     from r1vl.algo import build_batch
 
-    model, proc = tiny
+    model, proc = tiny_arch
     on_model, off_model = copy.deepcopy(model), copy.deepcopy(model)
     # whole rows on both sides (a shared prompt forward would also drop the repeats)
     on = PolicyWithLoss(on_model, share_prompts=False)
@@ -183,10 +192,10 @@ def test_image_dedup_same_loss_and_grads_fewer_patches(tiny):
         torch.testing.assert_close(g_on[k], g_off[k], atol=1e-6, rtol=1e-5, msg=k)
 
 
-def test_image_dedup_travels_with_deepcopy_and_stays_out_of_unknown_calls(tiny):
+def test_image_dedup_travels_with_deepcopy_and_stays_out_of_unknown_calls(tiny_arch):
     from r1vl.models import make_reference
 
-    model, proc = tiny
+    model, proc = tiny_arch
     pol = PolicyWithLoss(model)
     ref = make_reference(pol)  # copies the hooks; they must act on the copy, not on `model`
     n_model, n_ref = _patch_counter(model), _patch_counter(ref)
@@ -204,8 +213,8 @@ def test_image_dedup_travels_with_deepcopy_and_stays_out_of_unknown_calls(tiny):
     assert n_model == [3 * per_image] and out.pooler_output.shape[0] == 3 * per_image // 4
 
 
-def test_image_dedup_in_generation(tiny):
-    model, proc = tiny
+def test_image_dedup_in_generation(tiny_arch):
+    model, proc = tiny_arch
     PolicyWithLoss(model)
     counts = _patch_counter(model)
     enc = proc([proc.chat_prompt("read the bar")] * 4, [_img()] * 4, padding_side="left")
@@ -246,12 +255,12 @@ def _lm_calls(model):
 
 
 @pytest.mark.parametrize("micro", [10, 4, 3])
-def test_shared_prompt_logprobs_match_the_plain_forward(tiny, micro):
+def test_shared_prompt_logprobs_match_the_plain_forward(tiny_arch, micro):
     import copy
 
     from r1vl.algo import build_batch, compute_logprobs
 
-    model, proc = tiny
+    model, proc = tiny_arch
     on_model = copy.deepcopy(model)
     on, off = PolicyWithLoss(on_model), PolicyWithLoss(copy.deepcopy(model), share_prompts=False)
     a, b = _img(), _img(84, 56)
@@ -275,7 +284,7 @@ def test_shared_prompt_logprobs_match_the_plain_forward(tiny, micro):
 
 
 @pytest.mark.parametrize("checkpointing, attn", [(False, "sdpa"), (True, "sdpa"), (True, "eager")])
-def test_shared_prompt_update_same_loss_and_grads(tiny, checkpointing, attn):
+def test_shared_prompt_update_same_loss_and_grads(tiny_arch, checkpointing, attn):
     """With autograd (the update), under HF's non-reentrant gradient checkpointing too: the
     shared prompt's gradient is the sum over its rows, as with whole rows."""
     import copy
@@ -283,7 +292,7 @@ def test_shared_prompt_update_same_loss_and_grads(tiny, checkpointing, attn):
     from r1vl.algo import build_batch
     from r1vl.speedups import set_attn_implementation, set_gradient_checkpointing
 
-    model, proc = tiny
+    model, proc = tiny_arch
     on_model, off_model = copy.deepcopy(model).train(), copy.deepcopy(model).train()
     for m in (on_model, off_model):
         set_gradient_checkpointing(m, checkpointing)
@@ -321,7 +330,7 @@ def _shared_matches_whole_rows(on, off, on_model, batch, groups: int) -> dict:
 
 
 @pytest.mark.parametrize("stale_deltas", [False, True])
-def test_shared_prompt_text_only_batch(tiny, stale_deltas):
+def test_shared_prompt_text_only_batch(tiny_arch, stale_deltas):
     """A batch without images shares its prompts too, at the positions the plain forward
     uses (0..L-1, left padding included), also once a rollout has left rope_deltas on the
     model (the continuation forward must not take positions from the mask plus them)."""
@@ -329,7 +338,7 @@ def test_shared_prompt_text_only_batch(tiny, stale_deltas):
 
     from r1vl.algo import build_batch
 
-    model, proc = tiny
+    model, proc = tiny_arch
     on_model, off_model = copy.deepcopy(model).train(), copy.deepcopy(model).train()
     on, off = PolicyWithLoss(on_model), PolicyWithLoss(off_model, share_prompts=False)
     questions = ["read the bar"] * 3 + ["what colour is the longest bar of the chart"] * 2 + ["count"]

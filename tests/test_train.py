@@ -705,3 +705,24 @@ def test_resume_past_the_run_end_is_refused(tmp_path, data_dir, capsys):
 def test_config_naming_a_directory(tmp_path, capsys):
     assert main(["--config", str(tmp_path)]) == 2
     assert "is a directory; expected a YAML file" in capsys.readouterr().err
+
+
+def test_qwen2_5_vl_tiny_run(tmp_path, data_dir):
+    """model.tiny.arch=qwen2_5_vl: the trainer's whole path (warm-up, HF rollouts, shared
+    prompts, image de-duplication, the fused loss, save) on Qwen2.5-VL's architecture."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    out = tmp_path / "run"
+    assert main(_args(out, data_dir, "model.tiny.arch=qwen2_5_vl", "train.max_steps=2", "warmup.lr=0.01")) == 0
+    recs = _metrics(out)
+    assert [r["phase"] for r in recs] == ["warmup", "warmup", "eval", "grpo", "grpo", "eval"]
+    for r in recs:
+        if r["phase"] in ("warmup", "grpo"):
+            assert math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]), r
+    final = AutoModelForImageTextToText.from_pretrained(out / "final")
+    assert type(final).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    assert final.config.vision_config.fullatt_block_indexes == [0]  # model.tiny.vision_depth=1
+    init, after = load_file(out / "init" / "model.safetensors"), load_file(out / "final" / "model.safetensors")
+    assert init.keys() == after.keys() and any("visual" in k for k in after)
+    assert any(not torch.equal(init[k], after[k]) for k in after)  # the warm-up moved the weights

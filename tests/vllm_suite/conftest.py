@@ -73,3 +73,13 @@ def tiny_untied(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_untied")
     model, processor = build_tiny_qwen2vl(path, tie_word_embeddings=False, seed=1)
     return path, model, processor
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen25(tmp_path_factory):
+    """Qwen2.5-VL's architecture (window-attention vision tower, SwiGLU, RMSNorm), tied head."""
+    from tiny_qwen2vl import build_tiny_qwen2vl
+
+    path = tmp_path_factory.mktemp("tiny_qwen25")
+    model, processor = build_tiny_qwen2vl(path, tie_word_embeddings=True, seed=2, arch="qwen2_5_vl")
+    return path, model, processor

@@ -1,6 +1,6 @@
 """The colocated vLLM engine on the real vLLM CPU backend, in this process (one
 gloo rank): generation against Hugging Face transformers, weight pushes (tied and
-untied heads), cache resets, sleep/wake call sequence, IS ratio ≈ 1."""
+untied heads; Qwen2-VL and Qwen2.5-VL), cache resets, sleep/wake call sequence, IS ratio ≈ 1."""
 from __future__ import annotations
 
 import logging
@@ -64,19 +64,29 @@ def untied_engine(process_group, tiny_untied):
     return VLLMEngine(engine_config(path, weight_bucket_bytes=300_000))
 
 
+@pytest.fixture(scope="module")
+def qwen25_engine(process_group, tiny_qwen25):
+    from r1vl.rollout.vllm_engine import VLLMEngine
+
+    path, _, _ = tiny_qwen25
+    return VLLMEngine(engine_config(path, weight_bucket_bytes=300_000))
+
+
 def test_engine_reports_head_tying(tied_engine, untied_engine):
     assert tied_engine.tie_word_embeddings is True
     assert untied_engine.tie_word_embeddings is False
     assert tied_engine.sleep_mode is False  # CPU: no sleep mode
 
 
-def test_text_and_image_generation_match_hf(tied_engine, tiny_tied):
-    _, model, processor = tiny_tied
+@pytest.mark.parametrize("which", ["tied", "qwen25"])
+def test_text_and_image_generation_match_hf(which, request):
+    engine = request.getfixturevalue(f"{which}_engine")
+    _, model, processor = request.getfixturevalue(f"tiny_{which}")
     prompts = prompts_for(processor)
-    assert_matches_hf(tied_engine, model, processor, prompts)
+    assert_matches_hf(engine, model, processor, prompts)
     # the engine expanded each image exactly as the trainer's processor does
     for p in (prompts[0], prompts[2]):
-        out = tied_engine.llm.generate({"prompt": p.text, "multi_modal_data": {"image": p.image}},
+        out = engine.llm.generate({"prompt": p.text, "multi_modal_data": {"image": p.image}},
                                        use_tqdm=False)[0]
         assert out.prompt_token_ids == processor([p.text], [p.image])["input_ids"][0].tolist()
     assert prompts[0].image.size != (131, 45)  # it was resized on the way
@@ -100,7 +110,7 @@ def test_sampling_n_prompt_major_and_seeded(tied_engine, tiny_tied):
     assert len(g) == 2 and g[0].token_ids == g[1].token_ids and g[0].logprobs is None
 
 
-@pytest.mark.parametrize("which", ["tied", "untied"])
+@pytest.mark.parametrize("which", ["tied", "untied", "qwen25"])
 def test_weight_update_matches_hf(which, request):
     engine = request.getfixturevalue(f"{which}_engine")
     _, model, processor = request.getfixturevalue(f"tiny_{which}")

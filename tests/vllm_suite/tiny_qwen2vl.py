@@ -1,4 +1,4 @@
-"""A tiny, randomly initialised Qwen2-VL saved where both vLLM and transformers load
+"""A tiny, randomly initialised Qwen2-VL (or Qwen2.5-VL) saved where both vLLM and transformers load
 it, built from r1vl.models' pieces (byte-level BPE tokenizer, Qwen2-VL config with
 head_dim 32, the trainer's VLProcessor). Deterministic; no hub access.
 
@@ -27,22 +27,25 @@ CORPUS = [
 ] * 8
 
 
-def build_tiny_qwen2vl(out_dir: str | Path, *, tie_word_embeddings: bool = True, seed: int = 0):
-    """Write a tiny Qwen2-VL to out_dir; returns (model in float32, eval mode; VLProcessor)."""
-    from transformers import Qwen2VLForConditionalGeneration
+def build_tiny_qwen2vl(out_dir: str | Path, *, tie_word_embeddings: bool = True, seed: int = 0,
+                       arch: str = "qwen2_vl"):
+    """Write a tiny Qwen2-VL (or Qwen2.5-VL: arch "qwen2_5_vl") to out_dir; returns (model in
+    float32, eval mode; VLProcessor)."""
+    import transformers
 
-    from r1vl.models import VLProcessor, make_image_processor, save_pretrained, tiny_config, train_tokenizer
+    from r1vl.models import (TINY_ARCHS, VLProcessor, make_image_processor, save_pretrained, tiny_config,
+                             train_tokenizer)
 
     tokenizer = train_tokenizer(CORPUS, 400)
     config = tiny_config(tokenizer, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, vision_depth=2,
                          vision_embed_dim=64, vision_num_heads=2, vision_mlp_ratio=2,
-                         max_position_embeddings=2048)
+                         max_position_embeddings=2048, arch=arch)
     config.tie_word_embeddings = tie_word_embeddings
     config.text_config.tie_word_embeddings = tie_word_embeddings
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Qwen2VLForConditionalGeneration(config).to(torch.float32).eval()
+        model = getattr(transformers, TINY_ARCHS[arch][1])(config).to(torch.float32).eval()
         # random init gives near-uniform logits; widen them so greedy decoding has
         # clear winners (no near-ties that rounding could flip between engines)
         with torch.no_grad():
