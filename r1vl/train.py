@@ -1301,11 +1301,8 @@ def _main(argv: list[str] | None) -> int:
             log.warning("%s", e)
         return 128 + e.signum
     except KeyboardInterrupt as e:  # Ctrl-C outside the step loops, or a second one inside
-        import traceback
-
         if os.environ.get("RANK", "0") == "0":
-            where = traceback.extract_tb(e.__traceback__)[-1]
-            print(f"r1vl.train: interrupted (Ctrl-C) in {where.name} ({where.filename}:{where.lineno}); "
+            print(f"r1vl.train: interrupted (Ctrl-C) in {_interrupted_where(e)}; "
                   "no checkpoint written for the steps since the last one", file=sys.stderr)
         return 128 + signal.SIGINT
     except (ConfigError, UserError) as e:
@@ -1317,6 +1314,19 @@ def _main(argv: list[str] | None) -> int:
             return 2
         raise
     return 0
+
+
+def _interrupted_where(e: BaseException) -> str:
+    """Where a KeyboardInterrupt found the run: the innermost frame of r1vl's own code (not
+    StopSignal's handler, which raises it), as 'function (file:line)'."""
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(e.__traceback__)
+              if not (f.name == StopSignal._handle.__name__ and f.filename == __file__)]
+    pkg = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    ours = [f for f in frames if os.path.abspath(f.filename).startswith(pkg)]
+    f = (ours or frames or [None])[-1]
+    return "?" if f is None else f"{f.name} ({f.filename}:{f.lineno})"
 
 
 def _is_user_error(e: Exception) -> bool:

@@ -235,6 +235,8 @@ def test_ctrl_c_in_a_run(tmp_path, data_dir):
     out = tmp_path / "startup"
     err = wait_for(start(out), lambda: (out / "config.yaml").is_file())
     assert "r1vl.train: interrupted (Ctrl-C) in " in err and "Traceback" not in err, err[-2000:]
+    where = err.split("r1vl.train: interrupted (Ctrl-C) in ", 1)[1].split(";")[0]
+    assert "_handle" not in where and f"{os.sep}r1vl{os.sep}" in where, where  # r1vl's frame, not the handler
     assert not (out / "checkpoints").exists()
 
 
