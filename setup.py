@@ -5,6 +5,8 @@
 """
 from setuptools import find_packages, setup
 
+LINUX = 'platform_system == "Linux"'  # where Triton (and so liger-kernel) has wheels on PyPI
+
 trainer_packages = find_packages(include=["r1vl", "r1vl.*"])
 kernel_packages = ["r1vl.kernels"] + [
     "r1vl.kernels." + p for p in find_packages(where="kernels")
@@ -20,7 +22,9 @@ setup(
     package_data={"r1vl": ["configs/*.yaml", "configs/*.json"]},
     install_requires=[
         "torch>=2.6,<2.14",
-        "triton>=3.2,<3.10",
+        # Triton publishes Linux wheels only; elsewhere (macOS, Windows) the trainer and the
+        # torch backend of r1vl.kernels run without it (backend="triton" then says it is missing)
+        f"triton>=3.2,<3.10; {LINUX}",
         "transformers>=5.19,<5.23",
         "numpy>=1.26",
         "pillow>=10",
@@ -34,7 +38,7 @@ setup(
         "vllm": ["vllm>=0.32,<0.33"],
         "data": ["datasets>=2.19", "pyarrow>=14"],
         "deepspeed": ["deepspeed>=0.19.8,<0.20"],
-        "liger": ["liger-kernel>=0.8.5,<0.9"],
+        "liger": [f"liger-kernel>=0.8.5,<0.9; {LINUX}"],  # needs Triton (its ops are CUDA-only anyway)
         # flash-attn's build imports torch, so it needs pip's --no-build-isolation (README: scale path)
         "flash": ["flash-attn>=2.6"],
         "wandb": ["wandb>=0.19"],
@@ -44,7 +48,7 @@ setup(
             "pytest>=8",
             "hypothesis>=6.100",
             "pyflakes>=3.2",  # tests/test_static.py
-            "liger-kernel>=0.8.5,<0.9",
+            f"liger-kernel>=0.8.5,<0.9; {LINUX}",
             "deepspeed>=0.19.8,<0.20",
             "matplotlib>=3.8",
             "tensorboard>=2.16",

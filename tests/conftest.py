@@ -1,5 +1,8 @@
-"""Shared pytest set-up: CPU by default; GPU tests are marked `cuda` and skipped without CUDA."""
+"""Shared pytest set-up: CPU by default; GPU tests are marked `cuda` and skipped without CUDA.
+Off Linux, tests that need a package PyPI has Linux wheels of only are skipped (`needs_linux_wheel`)."""
+import importlib.util
 import os
+import platform
 
 import torch
 
@@ -11,12 +14,46 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 
+# PyPI has wheels of these for Linux only, and setup.py requires them there alone (macOS and
+# Windows train and run the torch backend without them). Off Linux a test that needs a missing
+# one is skipped; on Linux nothing is skipped: a missing one fails the test, as it should.
+LINUX_ONLY_WHEELS = ("triton", "liger_kernel")
+
+
+def missing_off_linux(module: str) -> bool:
+    """True when `module` (one of LINUX_ONLY_WHEELS) is not installed and this is not Linux."""
+    assert module in LINUX_ONLY_WHEELS, module
+    return platform.system() != "Linux" and importlib.util.find_spec(module) is None
+
+
+def needs_linux_wheel(*modules: str) -> None:
+    """At the top of a test module that imports them: skip the module where missing_off_linux."""
+    for module in modules:
+        if missing_off_linux(module):
+            pytest.skip(f"not installed: {module} (PyPI has Linux wheels only)", allow_module_level=True)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
     config.addinivalue_line("markers", "slow: multi-process or long-running test")
+    config.addinivalue_line("markers", "needs(*modules): needs these LINUX_ONLY_WHEELS (skipped off Linux "
+                                       "without them); a test parametrized with backend='triton' needs triton")
+
+
+def _needed_wheels(item) -> set[str]:
+    needed = {m for mark in item.iter_markers("needs") for m in mark.args}
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and callspec.params.get("backend") == "triton":
+        needed.add("triton")
+    return needed
 
 
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        missing = sorted(m for m in _needed_wheels(item) if missing_off_linux(m))
+        if missing:
+            item.add_marker(pytest.mark.skip(reason=f"not installed: {', '.join(missing)} "
+                                                    "(PyPI has Linux wheels only)"))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA")

@@ -9,9 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.needs("triton", "liger_kernel")
 def test_bench_loss_tiny_cpu(tmp_path):
     out = tmp_path / "loss.json"
     env = dict(os.environ, TRITON_INTERPRET="1")
@@ -37,6 +40,7 @@ def test_bench_loss_tiny_cpu(tmp_path):
     assert data["triton_autotune"] == {}            # the interpreter runs fixed blocks, no autotuner
 
 
+@pytest.mark.needs("triton")
 def test_autotune_choices_reads_the_forward_autotuner(monkeypatch):
     """What bench_loss.py records of the compiled forward's autotuning (on the GPU)."""
     sys.path.insert(0, str(ROOT / "bench"))

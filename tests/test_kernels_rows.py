@@ -10,9 +10,13 @@ Then the whole one-pass loss with the row kernels against the fp64 reference.
 import pytest
 import torch
 
-import r1vl.kernels.onepass as onepass
-from kernel_cases import check_loss, make_case, rel_err
-from r1vl.kernels import triton_rows
+from conftest import needs_linux_wheel
+
+needs_linux_wheel("triton")
+
+import r1vl.kernels.onepass as onepass  # noqa: E402
+from kernel_cases import check_loss, make_case, rel_err  # noqa: E402
+from r1vl.kernels import triton_rows  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 

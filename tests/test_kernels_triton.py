@@ -14,9 +14,13 @@ cuda-marked bf16 test allows 2e-2 on gradients.
 import pytest
 import torch
 
-import r1vl.kernels.triton_grpo as tg
-from kernel_cases import TOL, check_loss, make_case, rel_err
-from r1vl.kernels import fused_linear_grpo_loss, linear_logprobs, reference_linear_logprobs
+from conftest import needs_linux_wheel
+
+needs_linux_wheel("triton")
+
+import r1vl.kernels.triton_grpo as tg  # noqa: E402
+from kernel_cases import TOL, check_loss, make_case, rel_err  # noqa: E402
+from r1vl.kernels import fused_linear_grpo_loss, linear_logprobs, reference_linear_logprobs  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
