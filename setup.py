@@ -16,7 +16,9 @@ setup(
     name="r1vl",
     version="0.1.0",
     description="Fast, faithful StepGRPO (R1-VL) training for Qwen2-VL / Qwen2.5-VL",
-    python_requires=">=3.10",
+    # transformers 5.21 and newer (5.22.2 is what CI installs), trl 1.16 and accelerate 1.16 require
+    # 3.11; Python 3.10 reached its end of life in October 2026
+    python_requires=">=3.11",
     packages=trainer_packages + kernel_packages,
     package_dir={"r1vl.kernels": "kernels"},
     package_data={"r1vl": ["configs/*.yaml", "configs/*.json"]},

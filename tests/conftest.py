@@ -1,5 +1,6 @@
 """Shared pytest set-up: CPU by default; GPU tests are marked `cuda` and skipped without CUDA.
-Off Linux, tests that need a package PyPI has Linux wheels of only are skipped (`needs_linux_wheel`)."""
+Off Linux, a test that needs Triton or liger-kernel (PyPI has Linux wheels of them only) is
+skipped where it is missing (`needs` marker, `needs_linux_wheel`)."""
 import importlib.util
 import os
 import platform
@@ -14,8 +15,8 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 
-# PyPI has wheels of these for Linux only, and setup.py requires them there alone (macOS and
-# Windows train and run the torch backend without them). Off Linux a test that needs a missing
+# PyPI has wheels of these for Linux only, and setup.py requires them there alone (macOS trains
+# without them; the loss's torch backend needs neither anywhere). Off Linux a test that needs a missing
 # one is skipped; on Linux nothing is skipped: a missing one fails the test, as it should.
 LINUX_ONLY_WHEELS = ("triton", "liger_kernel")
 
