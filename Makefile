@@ -11,6 +11,10 @@ PYTEST_ARGS ?=
 .PHONY: venv test test-main train bench-small clean
 
 $(PY):
+	@# before torch's download (GBs): setup.py's python_requires would refuse it only after
+	@$(PYTHON) -c "import sys; sys.exit(sys.version_info < (3, 11))" || { \
+	  echo "r1vl needs Python 3.11 or newer; $(PYTHON) is $$($(PYTHON) -V 2>&1). Pass another: make PYTHON=python3.12 ..." >&2; \
+	  exit 1; }
 	@if $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
 	  echo "reusing the system torch (venv with system site-packages)"; \
 	  $(PYTHON) -m venv --system-site-packages $(VENV); \
