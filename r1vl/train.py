@@ -1162,8 +1162,10 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
             summary["paired"] = paired_comparison(ev0["correct_items"], ev1["correct_items"])
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         writer.set_summary(summary)
-        if cfg.logging.plot:
-            plot_run(out / "metrics.jsonl", out / "plot.png", title=f"r1vl StepGRPO (seed {cfg.seed})")
+        if cfg.logging.plot and not plot_run(out / "metrics.jsonl", out / "plot.png",
+                                             title=f"r1vl StepGRPO (seed {cfg.seed})"):
+            log.info("no plot.png: matplotlib is not installed (pip install matplotlib; "
+                     "logging.plot=false stops this line)")
         def acc(x):
             return "n/a" if x is None else f"{x:.3f}"
 

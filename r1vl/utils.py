@@ -326,7 +326,8 @@ class MetricsWriter:
 
                 self.tb = SummaryWriter(log_dir=str(Path(out_dir) / "tensorboard"))
             except Exception as e:  # tensorboard not installed or broken: JSONL only
-                log.info("TensorBoard disabled (%s)", e.__class__.__name__)
+                log.info("TensorBoard disabled (%s: %s; pip install tensorboard, or logging.tensorboard=false)",
+                         e.__class__.__name__, e)
 
     def truncate_after(self, phase: str, step: int) -> None:
         """Drop records written after a checkpoint at (phase, step) (a killed run's tail), in

@@ -638,6 +638,20 @@ def test_no_stepgrpo_step_evaluates_once(tmp_path, data_dir, monkeypatch):
     assert [r.get("after") for r in _metrics(out) if r["phase"] == "eval"] == ["warmup", "grpo"]
 
 
+def test_without_matplotlib_and_tensorboard_the_run_says_so(tmp_path, data_dir, monkeypatch, capsys):
+    """A plain `pip install -e .` has neither: the run goes on, and one line each says what is
+    missing and how to get it (plot.png and tensorboard/ are in the README's list of outputs)."""
+    for mod in ("matplotlib", "matplotlib.pyplot", "torch.utils.tensorboard"):
+        monkeypatch.setitem(sys.modules, mod, None)  # an import of it raises ImportError
+    out = tmp_path / "run"
+    assert main(_args(out, data_dir, "train.max_steps=0", "logging.tensorboard=true")) == 0
+    err = capsys.readouterr().err
+    assert "no plot.png: matplotlib is not installed (pip install matplotlib" in err, err[-3000:]
+    assert "TensorBoard disabled (ModuleNotFoundError" in err and "pip install tensorboard" in err, err[-3000:]
+    assert (out / "summary.json").is_file()
+    assert not (out / "plot.png").exists() and not (out / "tensorboard").exists()
+
+
 def test_truncate_after_a_checkpoint_drops_the_tail_of_both_logs(tmp_path):
     """A run killed after step 4 and resumed from its step-2 checkpoint: metrics.jsonl and
     rollouts.jsonl keep the warm-up, its evaluation and StepGRPO steps 1-2 only."""
