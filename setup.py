@@ -5,7 +5,9 @@
 """
 from setuptools import find_packages, setup
 
-LINUX = 'platform_system == "Linux"'  # where Triton (and so liger-kernel) has wheels on PyPI
+# Requirements taken on Linux only: Triton (PyPI has Linux wheels of it only), liger-kernel (needs
+# Triton) and the dev extra's DeepSpeed (below)
+LINUX = 'platform_system == "Linux"'
 
 trainer_packages = find_packages(include=["r1vl", "r1vl.*"])
 kernel_packages = ["r1vl.kernels"] + [
@@ -25,8 +27,8 @@ setup(
     install_requires=[
         # CI installs 2.13.0 (Makefile TORCH_SPEC); the main suite passed on 2.14.1 and 2.15.0 too
         "torch>=2.6,<2.16",
-        # Triton publishes Linux wheels only; elsewhere (macOS, Windows) the trainer and the
-        # torch backend of r1vl.kernels run without it (backend="triton" then says it is missing)
+        # Linux wheels only; the trainer on macOS and the torch backend of r1vl.kernels anywhere run
+        # without it (backend="triton" then says it is missing)
         f"triton>=3.2,<3.10; {LINUX}",
         "transformers>=5.19,<5.23",
         "numpy>=1.26",
