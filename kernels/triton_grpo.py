@@ -38,6 +38,7 @@ its functional wrapper.
 """
 from __future__ import annotations
 
+import importlib
 import os
 
 import torch
@@ -46,6 +47,10 @@ import triton.language as tl
 
 # triton.jit reads TRITON_INTERPRET when the kernels below are decorated.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# an interpreter that cannot run these kernels either: triton_rows' import raises an ImportError
+# naming the fix (triton_rows.interpreter_problem), which api turns into "backend='triton' is
+# unavailable: ..."
+importlib.import_module(".triton_rows", __package__)
 
 
 @triton.jit

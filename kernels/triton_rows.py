@@ -18,9 +18,40 @@ is fp32 (loads are converted before use, which the interpreter also needs).
 """
 from __future__ import annotations
 
+import os
+import re
+
 import torch
 import triton
 import triton.language as tl
+
+
+def interpreter_problem(triton_version: str | None = None, numpy_version: str | None = None) -> str | None:
+    """Why Triton's interpreter cannot run these kernels here, or None. Before Triton 3.7 the
+    interpreter turns a kernel's int argument into a one-element array and calls int() on it,
+    which NumPy 2.4 and newer refuse ("only 0-dimensional arrays can be converted to Python
+    scalars", triton-lang/triton#9171): every loop bounded by an argument fails."""
+    if numpy_version is None:
+        try:
+            import numpy
+        except ImportError:
+            return None
+        numpy_version = numpy.__version__
+    triton_version = triton_version or triton.__version__
+
+    def major_minor(v: str) -> tuple[int, int]:
+        m = re.match(r"(\d+)\.(\d+)", v)
+        return (int(m[1]), int(m[2])) if m else (0, 0)
+
+    if major_minor(triton_version) < (3, 7) and major_minor(numpy_version) >= (2, 4):
+        return (f"Triton {triton_version}'s interpreter (TRITON_INTERPRET=1) cannot run these kernels under "
+                f"NumPy {numpy_version} (triton-lang/triton#9171, fixed in Triton 3.7): "
+                "pip install 'numpy<2.4', or a newer Triton")
+    return None
+
+
+if os.environ.get("TRITON_INTERPRET") == "1" and (_problem := interpreter_problem()):
+    raise ImportError(_problem)  # api: "backend='triton' is unavailable: <this>"
 
 
 FLOOR = tl.constexpr(-1.0e38)

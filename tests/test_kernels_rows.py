@@ -21,6 +21,20 @@ from r1vl.kernels import triton_rows  # noqa: E402
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@pytest.mark.parametrize("triton_v, numpy_v, broken", [
+    ("3.6.0", "2.4.0", True), ("3.2.0", "2.5.5", True), ("3.5.1", "2.4.0rc1", True),
+    ("3.6.0", "2.3.5", False), ("3.7.1", "2.5.5", False), ("3.10.0", "2.4.6", False),
+])
+def test_interpreter_problem(triton_v, numpy_v, broken):
+    """Triton before 3.7 under NumPy 2.4+: its interpreter fails on every loop bounded by a
+    kernel argument (seen here: 3.2.0, 3.5.1 and 3.6.0 fail, 3.7.1 and 3.8.0 run, under 2.4.6),
+    so the Triton modules refuse to import with the fix instead of a TypeError per kernel."""
+    msg = triton_rows.interpreter_problem(triton_v, numpy_v)
+    assert (msg is not None) == broken, msg
+    if broken:
+        assert f"Triton {triton_v}" in msg and "pip install 'numpy<2.4'" in msg and "triton#9171" in msg
+
+
 def _torch_rows(y, bias, tgt, inv_t, g):
     z = (y.double() + (0 if bias is None else bias.double())) * inv_t
     lse = torch.logsumexp(z, -1)
