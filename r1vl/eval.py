@@ -462,80 +462,85 @@ def _run(args, main_rank: bool) -> int:
             print(f"r1vl.eval: error: {msg}", file=sys.stderr)
 
     from r1vl.train import UserError
+    from r1vl.utils import stdout_to_stderr
 
     d = None
-    try:
-        from r1vl.data import load_dataset
-        from r1vl.models import ModelLoadError, check_model_path, load_pretrained
-        from r1vl.rollout.hf_engine import HFEngine
-
-        # every check on the inputs before anything is loaded or evaluated
-        data_path = _resolve_data(args.data)
-        if not Path(data_path).exists():
-            raise FileNotFoundError(f"--data {args.data}: no such file or directory")
-        check_model_path(args.model, label=f"--model {args.model}", hub=False)
-        if args.out:
-            _check_out(args.out)
-        if args.outputs:
-            _check_out(args.outputs, "--outputs", "outputs.jsonl")
-        if args.out and args.outputs and Path(args.out).resolve() == Path(args.outputs).resolve():
-            raise ValueError(f"--out and --outputs name the same file ({args.out})")
-        cfg_path = find_run_config(args.model)
-        explicit = {name: getattr(args, name) for name in EVAL_SETTINGS}
-        settings, sources = resolve_settings(explicit, load_run_config(cfg_path), cfg_path)
-        for name, value in settings.items():
-            log.info("%s = %s (%s)", name, value, sources[name])
-
-        use_cuda, dtype = _device_and_dtype(args.device, args.dtype)
-        if args.engine == "vllm":
-            from r1vl.rollout.vllm_engine import VLLM_INSTALL_HINT, vllm_installed
-
-            if not vllm_installed():
-                raise ValueError(f"--engine vllm: vLLM is not installed ({VLLM_INSTALL_HINT})")
-            import torch
-
-            if args.device == "cpu" and torch.cuda.is_available():
-                raise ValueError("--device cpu with --engine vllm: this vLLM build runs on the GPU "
-                                 "(use --engine hf for a CPU evaluation)")
-            # stdout is this CLI's result (one JSON object): vLLM's log lines go to stderr
-            os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
-        if main_rank:
-            log.info("engine = %s, device = %s, dtype = %s", args.engine, "cuda" if use_cuda else "cpu", dtype)
-
-        dataset = load_dataset(data_path, min_pixels=settings["min_pixels"], max_pixels=settings["max_pixels"])
-        samples = FirstRows(dataset, args.n)  # each rank decodes its own items, a batch at a time
-        if args.n > len(dataset) and main_rank:
-            log.info("--limit %d: %s has %d items; evaluating all of them", args.n, data_path, len(dataset))
-        # torchrun: one process group, rank r evaluates items r, r + world, ... on its own GPU
-        from r1vl.utils import init_distributed
-
-        d = init_distributed("auto" if use_cuda else "gloo")
+    # stdout is this CLI's result (one JSON object, printed below): whatever the libraries write
+    # there meanwhile goes to stderr (torch 2.8's gloo prints "[Gloo] Rank 0 is connected to 1
+    # peer ranks ..." on stdout when the process group starts; vLLM's prints)
+    with stdout_to_stderr():
         try:
-            model, processor = load_pretrained(args.model, dtype=dtype, min_pixels=settings["min_pixels"],
-                                               max_pixels=settings["max_pixels"])
-        except ModelLoadError as e:
-            raise ModelLoadError(_model_error(args.model, e)) from None
-        model.eval()
-        if args.engine == "vllm":  # the HF model stays in host memory: its weights are pushed to vLLM
-            engine, work = _vllm_engine(args, settings, dtype, dataset, model, processor, d)
-        else:
-            if use_cuda:
-                model = model.to(d.device)
-            engine = HFEngine(model, processor, batch_size=args.batch_size)
-        try:
-            res = evaluate(engine, processor, samples, max_new_tokens=settings["max_new_tokens"], d=d,
-                           batch_size=args.batch_size, alpha=settings["alpha"], variant=settings["variant"],
-                           keep_outputs=bool(args.outputs))
-        finally:
+            from r1vl.data import load_dataset
+            from r1vl.models import ModelLoadError, check_model_path, load_pretrained
+            from r1vl.rollout.hf_engine import HFEngine
+
+            # every check on the inputs before anything is loaded or evaluated
+            data_path = _resolve_data(args.data)
+            if not Path(data_path).exists():
+                raise FileNotFoundError(f"--data {args.data}: no such file or directory")
+            check_model_path(args.model, label=f"--model {args.model}", hub=False)
+            if args.out:
+                _check_out(args.out)
+            if args.outputs:
+                _check_out(args.outputs, "--outputs", "outputs.jsonl")
+            if args.out and args.outputs and Path(args.out).resolve() == Path(args.outputs).resolve():
+                raise ValueError(f"--out and --outputs name the same file ({args.out})")
+            cfg_path = find_run_config(args.model)
+            explicit = {name: getattr(args, name) for name in EVAL_SETTINGS}
+            settings, sources = resolve_settings(explicit, load_run_config(cfg_path), cfg_path)
+            for name, value in settings.items():
+                log.info("%s = %s (%s)", name, value, sources[name])
+
+            use_cuda, dtype = _device_and_dtype(args.device, args.dtype)
             if args.engine == "vllm":
-                _close_vllm(engine, work, d)
-    except (ValueError, FileNotFoundError, OSError, KeyError, UserError) as e:
-        error(str(e))
-        return 2
-    except KeyboardInterrupt:
-        if main_rank:
-            print("r1vl.eval: interrupted (Ctrl-C): no result", file=sys.stderr)
-        return 130
+                from r1vl.rollout.vllm_engine import VLLM_INSTALL_HINT, vllm_installed
+
+                if not vllm_installed():
+                    raise ValueError(f"--engine vllm: vLLM is not installed ({VLLM_INSTALL_HINT})")
+                import torch
+
+                if args.device == "cpu" and torch.cuda.is_available():
+                    raise ValueError("--device cpu with --engine vllm: this vLLM build runs on the GPU "
+                                     "(use --engine hf for a CPU evaluation)")
+                # stdout is this CLI's result (one JSON object): vLLM's log lines go to stderr
+                os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+            if main_rank:
+                log.info("engine = %s, device = %s, dtype = %s", args.engine, "cuda" if use_cuda else "cpu", dtype)
+
+            dataset = load_dataset(data_path, min_pixels=settings["min_pixels"], max_pixels=settings["max_pixels"])
+            samples = FirstRows(dataset, args.n)  # each rank decodes its own items, a batch at a time
+            if args.n > len(dataset) and main_rank:
+                log.info("--limit %d: %s has %d items; evaluating all of them", args.n, data_path, len(dataset))
+            # torchrun: one process group, rank r evaluates items r, r + world, ... on its own GPU
+            from r1vl.utils import init_distributed
+
+            d = init_distributed("auto" if use_cuda else "gloo")
+            try:
+                model, processor = load_pretrained(args.model, dtype=dtype, min_pixels=settings["min_pixels"],
+                                                   max_pixels=settings["max_pixels"])
+            except ModelLoadError as e:
+                raise ModelLoadError(_model_error(args.model, e)) from None
+            model.eval()
+            if args.engine == "vllm":  # the HF model stays in host memory: its weights are pushed to vLLM
+                engine, work = _vllm_engine(args, settings, dtype, dataset, model, processor, d)
+            else:
+                if use_cuda:
+                    model = model.to(d.device)
+                engine = HFEngine(model, processor, batch_size=args.batch_size)
+            try:
+                res = evaluate(engine, processor, samples, max_new_tokens=settings["max_new_tokens"], d=d,
+                               batch_size=args.batch_size, alpha=settings["alpha"], variant=settings["variant"],
+                               keep_outputs=bool(args.outputs))
+            finally:
+                if args.engine == "vllm":
+                    _close_vllm(engine, work, d)
+        except (ValueError, FileNotFoundError, OSError, KeyError, UserError) as e:
+            error(str(e))
+            return 2
+        except KeyboardInterrupt:
+            if main_rank:
+                print("r1vl.eval: interrupted (Ctrl-C): no result", file=sys.stderr)
+            return 130
     if not main_rank:
         return 0
     res["world_size"] = d.world if d is not None else 1

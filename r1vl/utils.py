@@ -10,6 +10,7 @@ import random
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -73,6 +74,42 @@ def init_distributed(backend: str = "auto", timeout_s: int = 1800, num_threads: 
             backend = "nccl" if cuda else "gloo"
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
     return Dist(rank=rank, world=world, local_rank=local_rank, device=device)
+
+
+@contextmanager
+def stdout_to_stderr():
+    """Inside, whatever writes to this process's stdout (file descriptor 1: C and C++ libraries,
+    Python code printing to sys.stdout) goes to stderr; stdout is back, flushed, on the way out.
+    For a CLI whose stdout is its result (r1vl.eval's JSON)."""
+    _flush_stdout()
+    saved = None
+    try:
+        saved = os.dup(1)
+        os.dup2(2, 1)
+    except OSError:  # no stdout or stderr to point at (closed): leave them as they are
+        if saved is not None:
+            os.close(saved)
+        saved = None
+    try:
+        yield
+    finally:
+        if saved is not None:
+            _flush_stdout()  # what was written inside goes out inside: to stderr
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
+def _flush_stdout() -> None:
+    try:
+        sys.stdout.flush()
+    except (AttributeError, ValueError, OSError):  # None, closed or broken
+        pass
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)  # C stdio's buffers (printf, std::cout), all streams
+    except (OSError, AttributeError, TypeError):
+        pass
 
 
 def all_reduce_sum(values: Sequence[float], d: Dist) -> list[float]:

@@ -70,6 +70,29 @@ def test_out_parent_directory_is_created(tiny_run, data_dir, tmp_path, capsys):
     assert '"n": 2' in capsys.readouterr().out
 
 
+def test_stdout_is_the_result_alone(tiny_run, data_dir, monkeypatch, capfd):
+    """What libraries write to file descriptor 1 while the evaluation runs (torch 2.8's gloo
+    prints "[Gloo] Rank 0 is connected to 1 peer ranks ..." there when the process group starts)
+    goes to stderr: stdout parses as the one JSON object a caller pipes on."""
+    import ctypes
+    import os
+
+    libc = ctypes.CDLL(None)
+    real = ev.evaluate
+
+    def noisy(*args, **kwargs):
+        os.write(1, b"[fd 1] a library's note\n")
+        libc.printf(b"[printf] a C library's note, in C stdio's buffer\n")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ev, "evaluate", noisy)
+    capfd.readouterr()
+    assert ev.main(["--model", str(tiny_run / "final"), "--data", str(data_dir), "--n", "2"]) == 0
+    out, err = capfd.readouterr()
+    assert json.loads(out)["n"] == 2, out
+    assert "[fd 1] a library's note" in err and "[printf] a C library's note" in err, err[-2000:]
+
+
 def test_out_parent_cannot_be_created_fails_before_evaluating(fake_model, data_dir, tmp_path, capsys, no_eval):
     blocker = tmp_path / "afile"
     blocker.write_text("")
