@@ -1198,6 +1198,11 @@ _IMPORTED_AT = time.time()
 def preflight(cfg: Config, *, rows: bool = False) -> None:
     """The user-input checks of a run, without starting one (single process, cheap).
     rows=True (--check) also reads every row of data.train / data.test as the run will."""
+    from r1vl.rewards.pool import platform_problem
+
+    problem = platform_problem()
+    if problem:
+        raise UserError(problem)
     for key, path in (("data.train", cfg.data.train), ("data.test", cfg.data.test)):
         if path != "synthetic" and not Path(path).exists():
             raise UserError(f"{key}: {path} does not exist")

@@ -130,6 +130,15 @@ def test_outputs_file_has_every_sample_in_data_order(tiny_run, data_dir, tmp_pat
     assert again["correct"] == [r["correct"] for r in recs] and again["accuracy"] == [r["step_rar"] for r in recs]
 
 
+def test_windows_is_refused_before_evaluating(fake_model, data_dir, capsys, monkeypatch, no_eval):
+    """The reward workers need pipe descriptors and signal timers: on Windows the evaluation would
+    decode every item, then fail scoring the first; it stops at once with one line instead."""
+    monkeypatch.setattr(sys, "platform", "win32")
+    assert ev.main(["--model", str(fake_model), "--data", str(data_dir)]) == 2
+    line = _err_line(capsys)
+    assert line.startswith("r1vl.eval: error: rewards cannot be scored on win32") and "Linux or macOS" in line
+
+
 def test_outputs_and_out_must_differ_and_be_files(fake_model, data_dir, tmp_path, capsys, no_eval):
     f = tmp_path / "same.json"
     assert ev.main(["--model", str(fake_model), "--data", str(data_dir), "--out", str(f), "--outputs", str(f)]) == 2

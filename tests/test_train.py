@@ -638,6 +638,20 @@ def test_no_stepgrpo_step_evaluates_once(tmp_path, data_dir, monkeypatch):
     assert [r.get("after") for r in _metrics(out) if r["phase"] == "eval"] == ["warmup", "grpo"]
 
 
+def test_windows_is_refused_at_start(tmp_path, monkeypatch, capsys):
+    """On Windows the first StepGRPO step's rewards would fail after the whole warm-up (the reward
+    workers need pipe descriptors, the deadline a signal timer): --check and a run stop at once."""
+    from r1vl.rewards.pool import platform_problem
+
+    assert platform_problem("linux") is None and platform_problem("darwin") is None
+    monkeypatch.setattr(sys, "platform", "win32")
+    for argv in (["--check", f"output_dir={tmp_path / 'a'}"], [f"output_dir={tmp_path / 'b'}"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "r1vl.train: error: rewards cannot be scored on win32" in err and "Traceback" not in err, err
+    assert not (tmp_path / "b").exists()
+
+
 def test_without_matplotlib_and_tensorboard_the_run_says_so(tmp_path, data_dir, monkeypatch, capsys):
     """A plain `pip install -e .` has neither: the run goes on, and one line each says what is
     missing and how to get it (plot.png and tensorboard/ are in the README's list of outputs)."""

@@ -50,6 +50,19 @@ _MIN_GRACE_S = 2.0
 
 # One scored completion: (accuracy, validity, k, correct, timed_out)
 _Result = tuple[float, float, float, bool, bool]
+
+
+def platform_problem(platform: str | None = None) -> str | None:
+    """Why rewards cannot be scored with deadlines on `platform` (default: this one), or None.
+    The workers are handed pipe descriptors (subprocess's pass_fds) and the in-process deadline
+    is a signal timer: Windows has neither. The trainer and the evaluation check this at start,
+    before a warm-up or a decoding pass that would end in a failed first scoring."""
+    platform = platform or sys.platform
+    if platform.startswith("win"):
+        return (f"rewards cannot be scored on {platform}: the reward workers are handed pipe descriptors "
+                "(subprocess pass_fds) and math-verify's deadline is a signal timer, which Windows lacks; "
+                "train and evaluate on Linux or macOS (r1vl.kernels, the loss, runs here)")
+    return None
 # One task: (index, completion, solution, key-step groups)
 _Task = tuple[int, str, str, list]
 
