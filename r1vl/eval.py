@@ -477,8 +477,9 @@ def _run(args, main_rank: bool) -> int:
             # every check on the inputs before anything is loaded or evaluated
             from r1vl.rewards.pool import platform_problem
 
-            if platform_problem():
-                raise ValueError(platform_problem())
+            problem = platform_problem()
+            if problem:
+                raise ValueError(problem)
             data_path = _resolve_data(args.data)
             if not Path(data_path).exists():
                 raise FileNotFoundError(f"--data {args.data}: no such file or directory")
