@@ -472,11 +472,10 @@ def _run(args, main_rank: bool) -> int:
         try:
             from r1vl.data import load_dataset
             from r1vl.models import ModelLoadError, check_model_path, load_pretrained
+            from r1vl.rewards.pool import platform_problem
             from r1vl.rollout.hf_engine import HFEngine
 
             # every check on the inputs before anything is loaded or evaluated
-            from r1vl.rewards.pool import platform_problem
-
             problem = platform_problem()
             if problem:
                 raise ValueError(problem)

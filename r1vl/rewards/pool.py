@@ -51,6 +51,9 @@ _MIN_GRACE_S = 2.0
 # One scored completion: (accuracy, validity, k, correct, timed_out)
 _Result = tuple[float, float, float, bool, bool]
 
+# One task: (index, completion, solution, key-step groups)
+_Task = tuple[int, str, str, list]
+
 
 def platform_problem(platform: str | None = None) -> str | None:
     """Why rewards cannot be scored with deadlines on `platform` (default: this one), or None.
@@ -63,8 +66,6 @@ def platform_problem(platform: str | None = None) -> str | None:
                 "(subprocess pass_fds) and math-verify's deadline is a signal timer, which Windows lacks; "
                 "train and evaluate on Linux or macOS (r1vl.kernels, the loss, runs here)")
     return None
-# One task: (index, completion, solution, key-step groups)
-_Task = tuple[int, str, str, list]
 
 
 def _score_one(task: _Task, alpha: float, variant: str, timeout_s: float | None,
