@@ -94,6 +94,10 @@ class DataConfig:
     max_pixels: int = field(default=112 * 112, metadata=_min(1))
     max_prompt_length: int = field(default=512, metadata=_min(1))  # tokens, image tokens included; never cut
     skip_bad_rows: bool = False  # leave out (and count) bad rows and training prompts over max_prompt_length
+    # decode every training image and every evaluated held-out one at start-up (the ranks share
+    # them): a truncated or corrupt file, whose header reads, then stops the run there (or is left
+    # out, with skip_bad_rows) instead of when it is first sampled; false: headers only
+    verify_images: bool = True
     # the user text of training prompts (warm-up and StepGRPO): "r1vl" = the authors' evaluation
     # instruction around the problem (kept as is when the problem already has it); "verbatim" =
     # the problem alone, as the authors' RL code sends it. Held-out evaluation always uses "r1vl"

@@ -445,6 +445,20 @@ def _close_vllm(engine, work: str, d) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _check_images(samples: FirstRows, d) -> None:
+    """Decode every evaluated image first (the ranks share them): a truncated or corrupt file,
+    whose header reads, is reported before the model loads, not after the items before it."""
+    from r1vl.train import per_row_shared
+
+    problems = per_row_shared(lambda idx: [samples.dataset.image_problem(i) for i in idx], range(len(samples)),
+                              d, "decoding images")
+    bad = [(i, why) for i, why in enumerate(problems) if why]
+    if bad:
+        i, why = bad[0]
+        raise ValueError(f"{len(bad)} of the {len(samples)} evaluated images cannot be decoded (first "
+                         f"{samples.dataset.source(i)}: {why}); replace them, or leave those rows out of the data")
+
+
 def _device_and_dtype(device: str, dtype: str):
     import torch
 
@@ -519,6 +533,7 @@ def _run(args, main_rank: bool) -> int:
             from r1vl.utils import init_distributed
 
             d = init_distributed("auto" if use_cuda else "gloo")
+            _check_images(samples, d)
             try:
                 model, processor = load_pretrained(args.model, dtype=dtype, min_pixels=settings["min_pixels"],
                                                    max_pixels=settings["max_pixels"])

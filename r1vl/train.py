@@ -362,13 +362,21 @@ def prompt_lengths(dataset, processor, template: str, chunk: int = 1024, rows: i
     no image is decoded. With `d` (a Dist over several ranks) each rank measures every
     world-th row and all ranks get the whole list; a failure on any rank raises on all."""
     n = len(dataset) if rows is None else min(rows, len(dataset))
+    return per_row_shared(lambda idx: _prompt_lengths(dataset, processor, template, idx, chunk), range(n), d,
+                          "measuring prompt lengths")
+
+
+def per_row_shared(fn, rows: range, d, what: str) -> list:
+    """fn(rows) -> one value per row. With `d` (a Dist over several ranks) each rank runs every
+    world-th row and all ranks get the whole list, in row order; a failure on any rank raises
+    on all (`what` names the work in the message of the ranks that did not fail)."""
     if d is None or not d.enabled:
-        return _prompt_lengths(dataset, processor, template, range(n), chunk)
+        return fn(rows)
     from r1vl.utils import all_gather_objects
 
     err = None
     try:
-        mine: Any = _prompt_lengths(dataset, processor, template, range(d.rank, n, d.world), chunk)
+        mine: Any = fn(rows[d.rank::d.world])
     except Exception as e:  # the other ranks wait in the gather below: tell them (a str), then raise
         err, mine = e, f"{type(e).__name__}: {e}"
     shards = all_gather_objects(mine, d)
@@ -376,11 +384,44 @@ def prompt_lengths(dataset, processor, template: str, chunk: int = 1024, rows: i
         raise err
     for rank, shard in enumerate(shards):
         if isinstance(shard, str):
-            raise UserError(f"measuring prompt lengths failed on rank {rank}: {shard}")
-    out = [0] * n
+            raise UserError(f"{what} failed on rank {rank}: {shard}")
+    out: list = [None] * len(rows)
     for rank, shard in enumerate(shards):
         out[rank::d.world] = shard
     return out
+
+
+def check_images(dataset, cfg: Config, key: str, rows: int | None = None, d=None):
+    """data.verify_images: decode every image of the first `rows` rows (all: None) as training
+    will, at start-up rather than when a truncated or corrupt file (whose header reads) is first
+    sampled, hours in; the ranks of `d` share the work. Returns the data set to use: with
+    data.skip_bad_rows=true, the rows that fail are left out (and reported), and rows that
+    move up into the first `rows` in their place are decoded too."""
+    if not cfg.data.verify_images:
+        return dataset
+    t0, checked, bad_total = time.perf_counter(), 0, 0
+    lo = 0
+    while True:
+        hi = len(dataset) if rows is None else min(rows, len(dataset))
+        problems = per_row_shared(lambda idx: [dataset.image_problem(i) for i in idx], range(lo, hi), d,
+                                  "decoding images")
+        checked += hi - lo
+        bad = {lo + j: why for j, why in enumerate(problems) if why}
+        if not bad:
+            break
+        first = min(bad)
+        msg = (f"{key}: {len(bad)} of {hi - lo} images cannot be decoded (first {dataset.source(first)}: "
+               f"{bad[first]})")
+        if not cfg.data.skip_bad_rows or len(bad) == len(dataset):
+            raise UserError(msg + "; replace or remove them" +
+                            ("" if cfg.data.skip_bad_rows else ", or set data.skip_bad_rows=true to leave them out"))
+        if d is None or d.main:
+            log.warning("%s; data.skip_bad_rows=true: they are left out", msg)
+        bad_total += len(bad)
+        dataset, lo = dataset.without(bad), hi - len(bad)
+    log.info("%s: %d images decoded, %d unreadable (%.1f s; data.verify_images=false skips this)", key, checked,
+             bad_total, time.perf_counter() - t0)
+    return dataset
 
 
 def _prompt_lengths(dataset, processor, template: str, rows: range, chunk: int) -> list[int]:
@@ -729,6 +770,8 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
     test_set = load_split(test_path, cfg)
     if len(train_set) == 0:
         raise UserError(f"data.train: {train_path} has no usable rows")
+    train_set = check_images(train_set, cfg, "data.train", d=d)
+    test_set = check_images(test_set, cfg, "data.test", rows=cfg.data.eval_size or None, d=d)
     # the rows evaluated, decoded once here (slicing first: the rest of the split is never decoded)
     eval_set = FirstRows(test_set, cfg.data.eval_size)  # images decoded a batch at a time, per rank
     state: dict[str, Any] = {}
@@ -1237,6 +1280,8 @@ def preflight(cfg: Config, *, rows: bool = False) -> None:
                 splits[key] = load_split(path, cfg)
                 if len(splits[key]) == 0:
                     raise UserError(f"{key}: {path} has no usable rows")
+                splits[key] = check_images(splits[key], cfg, key,
+                                           rows=cfg.data.eval_size or None if key == "data.test" else None)
                 log.info("%s: %d rows OK", key, len(splits[key]))
         if "data.train" in splits:
             processor = check_processor(cfg, splits["data.train"], resume)

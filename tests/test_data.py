@@ -93,6 +93,38 @@ def test_resize_image_rgb_and_transparency_on_white():
     assert resize_image(p, min_pixels=3136, max_pixels=3136).mode == "RGB"
 
 
+def test_high_bit_depth_greyscale_keeps_its_range():
+    """16-bit, 32-bit integer and float greyscale (scans, medical images) are scaled onto 0..255;
+    a plain convert("RGB") clips them to black and white."""
+    import numpy as np
+
+    ramp = np.tile(np.linspace(0, 65535, 56), (56, 1))
+    cases = [(Image.fromarray(ramp.astype(np.uint16)), "I;16"),
+             (Image.fromarray(ramp.astype(np.int32)), "I"),
+             (Image.fromarray((ramp / 65535).astype(np.float32)), "F"),
+             (Image.fromarray((ramp / 65535 * 10 - 5).astype(np.float32)), "F")]  # any range: min-max
+    for img, mode in cases:
+        assert img.mode == mode
+        out = np.asarray(resize_image(img, min_pixels=3136, max_pixels=3136))
+        assert out[:, :, 0].tolist() == out[:, :, 2].tolist()
+        row = out[28, :, 0].astype(int)
+        assert row[0] == 0 and row[-1] == 255 and abs(row[28] - 130) <= 2, (mode, row)
+        assert len(set(row.tolist())) > 50 and (np.diff(row) >= 0).all()
+    small = Image.fromarray(np.full((56, 56), 7, dtype=np.int32))  # 0..255 in mode I: as it is
+    assert resize_image(small, min_pixels=3136, max_pixels=3136).getpixel((0, 0)) == (7, 7, 7)
+
+
+@pytest.mark.parametrize("mode,colour", [("L", 200), ("RGB", (200, 0, 0))])
+def test_colour_key_transparency_is_white(tmp_path, mode, colour):
+    """A PNG tRNS colour key (L and RGB images) is transparency too: white, as an alpha channel is."""
+    img = Image.new(mode, (56, 56), 0 if mode == "L" else (0, 0, 0))
+    img.paste(colour, (20, 20, 40, 40))
+    img.save(tmp_path / "k.png", transparency=0 if mode == "L" else (0, 0, 0))
+    out = resize_image(Image.open(tmp_path / "k.png"), min_pixels=3136, max_pixels=3136)
+    assert out.getpixel((2, 2)) == (255, 255, 255)
+    assert out.getpixel((30, 30)) == ((200,) * 3 if mode == "L" else (200, 0, 0))
+
+
 # ------------------------------------------------------------------------------ loader
 
 def test_load_jsonl(tmp_path):
@@ -164,6 +196,63 @@ def test_image_unreadable_after_load_is_a_data_error(tmp_path):
         ds[0]
 
 
+@pytest.mark.parametrize("orientation,turned", [(1, False), (3, False), (6, True), (8, True)])
+def test_exif_orientation_is_applied(tmp_path, orientation, turned):
+    """A phone's portrait photo: landscape pixels + an EXIF orientation. The model sees it upright,
+    as viewers (and transformers' load_image) show it; the header-based size agrees."""
+    stored = Image.new("RGB", (112, 56), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 56, 56))  # the left half red
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    stored.save(tmp_path / "img.jpg", exif=exif, quality=95)
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(row(image_path="img.jpg")) + "\n")
+    ds = load_dataset(path, min_pixels=56 * 56, max_pixels=112 * 56)
+    img = ds[0].image
+    upright = __import__("PIL.ImageOps").ImageOps.exif_transpose(Image.open(tmp_path / "img.jpg"))
+    assert img.size == upright.size == ((56, 112) if turned else (112, 56))
+    assert ds.prompt_parts(0)[1] == (img.height, img.width)
+    for xy in [(5, 5), (img.width - 5, img.height - 5)]:
+        assert max(abs(a - b) for a, b in zip(img.getpixel(xy), upright.getpixel(xy))) < 8, xy
+
+
+def test_decompression_bomb_is_a_bad_row(tmp_path, monkeypatch):
+    """An image over PIL's decompression-bomb limit (2 x Image.MAX_IMAGE_PIXELS; PIL raises an
+    Exception subclass, not an OSError) is a bad row like any other, not a crash."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 60 x 40 = 2400 pixels > 2000
+    path = write_rows(tmp_path, [row(), row(image_path="img/b.png")])
+    Image.new("RGB", (20, 20)).save(tmp_path / "img" / "b.png")
+    with pytest.raises(DataError, match=r"data.jsonl:1: image .*a.png has too many pixels to decode safely"):
+        load_dataset(path)
+    assert len(load_dataset(path, skip_bad_rows=True)) == 1
+    ds = load_dataset(path, check_images=False)
+    with pytest.raises(DataError, match="data.jsonl:1: cannot load image"):
+        ds[0]
+    assert "downscale the file" in ds.image_problem(0) and ds.image_problem(1) is None
+
+
+def test_truncated_image_is_found_by_decoding_only(tmp_path):
+    """A file cut short (a failed download) keeps a readable header: loading passes, decoding
+    fails; image_problem says why."""
+    path = write_rows(tmp_path, [row(), row()], image_size=(200, 200))
+    Image.effect_noise((200, 200), 60).convert("RGB").save(tmp_path / "img" / "a.png")
+    raw = (tmp_path / "img" / "a.png").read_bytes()
+    (tmp_path / "img" / "a.png").write_bytes(raw[: len(raw) // 2])
+    ds = load_dataset(path)
+    assert len(ds) == 2
+    assert "truncated" in ds.image_problem(1)
+    with pytest.raises(DataError, match="data.jsonl:2: cannot load image"):
+        ds[1]
+
+
+def test_joined_files_keep_their_byte_order_marks(tmp_path):
+    """`cat a.jsonl b.jsonl`, each saved with a UTF-8 BOM: the second file's first row is a row."""
+    write_rows(tmp_path, [])
+    text = "\ufeff" + json.dumps(row()) + "\n" + "\ufeff" + json.dumps(row(problem="Q2")) + "\n"
+    (tmp_path / "joined.jsonl").write_text(text, encoding="utf-8")
+    assert [s.problem for s in load_dataset(tmp_path / "joined.jsonl")] == ["What is 2 + 2?", "Q2"]
+
+
 def test_paths_and_formats(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_dataset(tmp_path / "nope.jsonl")
@@ -230,3 +319,86 @@ def test_jsonl_line_separators_inside_strings_and_crlf(tmp_path):
     path.write_bytes((json.dumps(r, ensure_ascii=False) + "\r\n" + json.dumps(row()) + "\r\n").encode())
     ds = load_dataset(path)
     assert len(ds) == 2 and ds[0].problem == "first\u2028second\x85third" and ds[1].source.endswith(":2")
+
+
+# ------------------------------------------------------------------------------ start-up decode check
+
+def _truncated_rows(tmp_path, n=6, bad=(1, 4)):
+    """n rows with their own 120x120 noise PNG each; rows `bad` cut to half their bytes."""
+    (tmp_path / "img").mkdir(exist_ok=True)
+    with open(tmp_path / "d.jsonl", "w") as f:
+        for i in range(n):
+            Image.effect_noise((120, 120), 60).convert("RGB").save(tmp_path / "img" / f"{i}.png")
+            if i in bad:
+                raw = (tmp_path / "img" / f"{i}.png").read_bytes()
+                (tmp_path / "img" / f"{i}.png").write_bytes(raw[: len(raw) // 2])
+            f.write(json.dumps(row(image_path=f"img/{i}.png", problem=f"Q{i}")) + "\n")
+    return tmp_path / "d.jsonl"
+
+
+def _cfg(skip=False, verify=True):
+    import types
+
+    return types.SimpleNamespace(data=types.SimpleNamespace(skip_bad_rows=skip, verify_images=verify))
+
+
+def test_startup_decode_check_stops_or_leaves_out(tmp_path, caplog):
+    """r1vl.train.check_images: a truncated image (header intact) stops the run at start-up
+    naming the row, or with data.skip_bad_rows=true is left out, instead of failing the step
+    that first samples it; data.verify_images=false leaves the set as it is."""
+    from r1vl.train import UserError, check_images
+
+    ds = load_dataset(_truncated_rows(tmp_path))
+    assert len(ds) == 6  # the headers read
+    with pytest.raises(UserError) as e:
+        check_images(ds, _cfg(), "data.train")
+    msg = str(e.value)
+    assert msg.startswith(f"data.train: 2 of 6 images cannot be decoded (first {ds.source(1)}: cannot load image")
+    assert "data.skip_bad_rows=true" in msg
+    assert check_images(ds, _cfg(verify=False), "data.train") is ds
+    with caplog.at_level(logging.INFO):
+        kept = check_images(ds, _cfg(skip=True), "data.train")
+    assert [s.problem for s in kept] == ["Q0", "Q2", "Q3", "Q5"]  # every one decodes
+    assert [s for s, _ in kept.skipped] == [ds.source(1), ds.source(4)]
+    assert "6 images decoded, 2 unreadable" in caplog.text
+
+
+def test_startup_decode_check_of_the_evaluated_rows(tmp_path):
+    """The held-out split: only the evaluated rows (data.eval_size) are decoded; with
+    skip_bad_rows the rows moving up in place of a bad one are decoded too."""
+    from r1vl.train import UserError, check_images
+
+    ds = load_dataset(_truncated_rows(tmp_path, bad=(1, 3, 4)))
+    assert check_images(ds, _cfg(), "data.test", rows=1) is ds  # row 0 alone: fine
+    with pytest.raises(UserError, match="1 of 2 images"):
+        check_images(ds, _cfg(), "data.test", rows=2)
+    kept = check_images(ds, _cfg(skip=True), "data.test", rows=3)
+    # rows 0, 2 kept; 1 out; then 3 (moved up) out, then 4 out, then 5 kept
+    assert [s.problem for s in kept][:3] == ["Q0", "Q2", "Q5"]
+    assert [s for s, _ in kept.skipped] == [ds.source(1), ds.source(3), ds.source(4)]
+
+
+def test_check_and_eval_report_a_truncated_image_before_any_work(tmp_path, capsys, monkeypatch):
+    """`python -m r1vl.train --check` decodes the images; `python -m r1vl.eval` does before it
+    loads the model."""
+    import r1vl.eval as ev
+    import r1vl.models
+    from r1vl.train import main
+
+    path = _truncated_rows(tmp_path, bad=(2,))
+    args = ["--check", f"output_dir={tmp_path / 'o'}", f"data.train={path}", f"data.test={path}",
+            "model.tiny.tokenizer_corpus_size=6", "model.tiny.vocab_size=300", "data.max_pixels=50000"]
+    assert main(args) == 2
+    assert f"data.train: 1 of 6 images cannot be decoded (first {path}:3: cannot load image" in capsys.readouterr().err
+    assert main(args + ["data.skip_bad_rows=true"]) == 0
+    capsys.readouterr()
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the images were checked")
+
+    monkeypatch.setattr(r1vl.models, "load_pretrained", no_model)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    assert ev.main(["--model", str(tmp_path / "m"), "--data", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"r1vl.eval: error: 1 of the 6 evaluated images cannot be decoded (first {path}:3: ")

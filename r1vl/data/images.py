@@ -94,14 +94,35 @@ def smart_resize(height: int, width: int, *, min_pixels: int = DEFAULT_MIN_PIXEL
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB, with transparent pixels composited onto white (a plain convert would make them black)."""
+    """RGB, with transparent pixels composited onto white (a plain convert would make them
+    black), and high-bit-depth greyscale scaled to 0..255 (a plain convert clips it)."""
+    if "transparency" in img.info and img.mode in ("L", "RGB", "P"):  # a colour key (PNG tRNS, GIF)
+        img = img.convert("RGBA")
     if img.mode == "RGB":
         return img
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, img.convert("RGBA")).convert("RGB")
+    if img.mode.startswith("I") or img.mode == "F":
+        return _grey_to_8bit(img).convert("RGB")
     return img.convert("RGB")
+
+
+def _grey_to_8bit(img: Image.Image) -> Image.Image:
+    """Mode L from 16-bit (I;16*: 0..65535 onto 0..255), 32-bit integer (I: 0..255 as is,
+    0..65535 as 16-bit, other ranges min-max scaled) or float (F: 0..1 times 255, 0..255 as is,
+    other ranges min-max scaled) greyscale."""
+    import numpy as np
+
+    a = np.asarray(img, dtype=np.float64)
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if img.mode.startswith("I;16") or (img.mode == "I" and lo >= 0 and 255 < hi <= 65535):
+        a = a / 257
+    elif img.mode == "F" and lo >= 0 and hi <= 1:
+        a = a * 255
+    elif lo < 0 or hi > 255:
+        a = (a - lo) * (255 / (hi - lo))
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
 
 
 def resize_image(img: Image.Image, *, min_pixels: int = DEFAULT_MIN_PIXELS,

@@ -13,11 +13,13 @@ Other columns are kept in `Sample.meta`.
 
 Rows are validated when the data set is loaded (every field, the key-step
 structure, the final answer, and that each image exists and has a readable
-header); images are decoded, converted to RGB and resized only when an item is
-accessed. A bad row raises `DataError` naming the file, the row and what is
+header); images are decoded, turned upright by their EXIF orientation, converted
+to RGB and resized only when an item is accessed (`image_problem(i)` decodes one
+to find a file that is truncated or corrupt past its header). A bad row raises `DataError` naming the file, the row and what is
 wrong; with `skip_bad_rows=True` bad rows are skipped, counted, and reported
 once (a warning, and `dataset.skipped`). Rows are numbered from 1 in JSON
-Lines files (line numbers) and from 0 in parquet / `datasets` tables.
+Lines files (line numbers) and from 0 in .json arrays and parquet / `datasets`
+tables (their index).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from r1vl.data.format import FINAL_ANSWER, extract_final_answer
 from r1vl.data.images import (
@@ -135,17 +137,44 @@ class _ImageRef:
         try:
             if self.pil is not None:
                 w, h = self.pil.size
+                turned = _orientation(self.pil) >= 5
             else:
                 with self.open() as img:
                     w, h = img.size
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise ValueError(f"image {self.describe()} is not a readable image ({e})") from None
+                    turned = _orientation(img) >= 5
+        except _IMAGE_ERRORS as e:
+            raise ValueError(_unreadable(self, e)) from None
+        if turned:  # EXIF orientation 5..8: a quarter turn, width and height swap once decoded
+            w, h = h, w
         self.size = (w, h)
         if w <= 0 or h <= 0:
             raise ValueError(f"image {self.describe()} is empty ({w}x{h})")
         if max(w, h) / min(w, h) > MAX_ASPECT:
             raise ValueError(f"image {self.describe()} is {w}x{h}: aspect ratio above {MAX_ASPECT}, "
                              "which Qwen2-VL cannot take")
+
+
+# what PIL raises for a file it cannot decode; DecompressionBombError (an image above twice
+# PIL.Image.MAX_IMAGE_PIXELS) derives from Exception alone
+_IMAGE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+_BOMB_HINT = "; downscale the file (it is resized to data.max_pixels anyway)"
+
+
+def _unreadable(ref: _ImageRef, e: Exception) -> str:
+    if isinstance(e, Image.DecompressionBombError):
+        return f"image {ref.describe()} has too many pixels to decode safely ({e}){_BOMB_HINT}"
+    return f"image {ref.describe()} is not a readable image ({e})"
+
+
+def _orientation(img: Image.Image) -> int:
+    """img's EXIF orientation: 1 upright, 2 to 8 mirrored and/or turned (5 to 8: a quarter turn)."""
+    try:
+        o = img.getexif().get(0x0112, 1)
+        return o if isinstance(o, int) and 1 <= o <= 8 else 1
+    except Exception:  # noqa: BLE001 -- a malformed EXIF block: taken as upright, as PIL shows it
+        return 1
 
 
 def _image_ref(row: dict, base: Path) -> _ImageRef:
@@ -258,13 +287,27 @@ class R1VLDataset(Sequence):
         return R1VLDataset(self.path, rows, min_pixels=self.min_pixels, max_pixels=self.max_pixels,
                            skipped=skipped)
 
+    def image_problem(self, i: int) -> str | None:
+        """Why row i's image cannot be decoded as an access would decode it, or None. A
+        header that reads may hide a truncated or corrupt file: only decoding finds it."""
+        try:
+            self._load_image(self._rows[i])
+        except DataError as e:
+            return str(e).removeprefix(f"{self._rows[i].source}: ")
+        return None
+
     def _load_image(self, r: _Row) -> Image.Image:
+        """Decoded, turned upright by its EXIF orientation (as image viewers and transformers'
+        load_image show it), RGB, resized."""
         try:
             img = r.image.open()
             img.load()
+            if _orientation(img) != 1:
+                img = ImageOps.exif_transpose(img)
             return resize_image(img, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise DataError(f"{r.source}: cannot load image {r.image.describe()}: {e}") from None
+        except _IMAGE_ERRORS as e:
+            hint = _BOMB_HINT if isinstance(e, Image.DecompressionBombError) else ""
+            raise DataError(f"{r.source}: cannot load image {r.image.describe()}: {e}{hint}") from None
 
     def __repr__(self) -> str:
         return f"R1VLDataset({self.path!r}, {len(self)} rows, {len(self.skipped)} skipped)"
@@ -294,7 +337,7 @@ def _jsonl_rows(path: Path):
         if not line.strip():
             continue
         try:
-            yield lineno, json.loads(line)
+            yield lineno, json.loads(line.lstrip("\ufeff"))  # files joined by cat keep their BOMs
         except json.JSONDecodeError as e:
             yield lineno, ValueError(f"invalid JSON ({e.msg} at column {e.colno})")
 
