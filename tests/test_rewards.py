@@ -120,6 +120,47 @@ def test_paper_variant_branches(answer, expected):
     assert accuracy_reward(make(answer=answer), SOL, KS) == pytest.approx(expected)
 
 
+# (reference answer, completion's answer, judged right): how models and data sets write answers
+ANSWER_FORMS = [
+    # LaTeX without delimiters: read as LaTeX, not as its leading number
+    ("2\\sqrt{3}", "2", False), ("2\\sqrt{3}", "2\\sqrt{5}", False), ("2\\pi", "2", False),
+    ("2\\sqrt{3}", "$2\\sqrt{3}$", True), ("2\\sqrt{3}", "2\\sqrt{3}.", True), ("\\dfrac{3}{4}", "0.75", True),
+    ("x^2+1", "$x^2+1$", True), ("4\\sqrt{2} cm", "4\\sqrt{2}", True), ("4\\sqrt{2} cm", "4 cm", False),
+    ("The area is 2\\sqrt{3}", "2\\sqrt{3} square units", True), ("12", "12 \\text{ cm}^2", True),
+    ("2x+1", "1 + 2x", True), ("y = 2x + 1", "2x+1", True), ("(1, 2)", "(1,2)", True),
+    # signs and Unicode
+    ("3", "- 3", False), ("-3", "- 3", True), ("-3", "(-3)", True), ("-3", "\u22123", True), ("12", "\uff11\uff12", True),
+    # choice letters and yes/no, which math-verify reads as nothing
+    ("A", "A.", True), ("A", "(A)", True), ("A", "a", True), ("A", "**A**", True), ("A", "Option A", True),
+    ("A", "The answer is A.", True), ("A", "A) 12", True), ("A", "$A$", True), ("A", "\\text{A}", True),
+    ("(B)", "B", True), ("A", "B", False), ("A", "Answer: B", False), ("A", "Apple", False), ("A", "(B) A", False),
+    ("Yes", "yes.", True), ("no", "No, it is not.", True), ("Yes", "No", False), ("Yes", "Not sure", False),
+    # display maths on the lines after the header
+    ("0.5", "\n$$\n\\frac{1}{2}\n$$", True), ("0.5", "\n\\[\n\\frac{1}{2}\n\\]", True), ("0.5", "$$\n\\frac{1}{3}\n$$", False),
+    # plain text, as before
+    ("12", "12 cm", True), ("12", "12 square units", True), ("50%", "0.5", True), ("30", "30^\\circ", True),
+    ("1234567", "1,234,567", True), ("12", "x = 12", True), ("12", "It is 12.", True), ("7", "7 (seven)", True),
+    ("12", "The area is 12 square units.", True), ("7", "8", False),
+]
+
+
+@pytest.mark.parametrize("gold,pred,right", ANSWER_FORMS)
+def test_paper_variant_answer_forms(gold, pred, right):
+    r = accuracy_details(make(answer=pred), make(answer=gold), None)
+    assert (r.correct, r.reward) == (right, float(right)), (gold, pred)
+
+
+def test_paper_variant_reads_long_answer_lines_quickly():
+    """No reading is quadratic in the line's length (a guard against a regex scan that would take
+    minutes on a 200 kB answer line; each takes about a millisecond)."""
+    import time
+
+    for line in ("ab " * 70_000 + "1+", "a" * 200_000 + "+1", "(" * 200_000):
+        t = time.perf_counter()
+        accuracy_details(make(answer=line), make(answer="2\\sqrt{3}"), None, use_math_verify=False)
+        assert time.perf_counter() - t < 5.0
+
+
 def test_paper_variant_uses_final_answer_line_not_earlier_expressions():
     # the steps write the right result, the final answer is a different one in words:
     # wrong under "paper", right under "official" (whole-text math-verify finds the 7)

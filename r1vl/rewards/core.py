@@ -14,7 +14,13 @@ Rationales do not count).
 variant="paper" (default; Eq. 2 of the paper) compares the *final answers*:
 the first line after `### The final answer is:` in the completion against the
 same line of the solution (the whole stripped solution if it has no such
-header, e.g. a bare "42"), equal when math-verify says so or when the two strings are identical::
+header, e.g. a bare "42"; a display `$$ ... $$` / `\\[ ... \\]` opened on that line
+runs on to its closing delimiter), equal when the two strings are identical (also
+after NFKC, "−" as "-", markdown bold and a trailing period dropped); a reference
+that is one choice letter or yes/no is matched by the letter or word the answer
+starts with; otherwise math-verify decides, each line read as LaTeX when it carries
+mathematics without delimiters (`r1vl.rewards.answers`: math-verify alone reads
+"2\\sqrt{3}" as 2, "\\dfrac{3}{4}" and "A." as nothing)::
 
     1 + alpha*k   answer right
         alpha*k   answer given but wrong
@@ -32,8 +38,11 @@ Why the default differs: math-verify's parse of a whole completion extracts
 necessarily the final answer, so under the official variant a completion whose
 steps write the right number but whose final answer is different and not a
 parseable expression ("eight", "cannot be determined") or missing is scored
-correct; and a completion with no answer at all still collects alpha*k. The
-paper variant rewards only what the completion states as its answer.
+correct; and a completion with no answer at all still collects alpha*k. For a
+choice-letter answer the whole-text parse finds no letter, only some number,
+often the last step's: a wrong letter after as many steps as the solution has
+("### Step 2:" on both sides) is scored correct. The paper variant rewards only
+what the completion states as its answer.
 
 StepRVR -- step-wise reasoning validity (`validity_reward`)
 -----------------------------------------------------------
@@ -59,6 +68,8 @@ from r1vl.data.format import (
     step_numbers,
     step_sections,
 )
+from r1vl.rewards import answers
+from r1vl.rewards.answers import answer_line
 from r1vl.rewards.verify import (
     DEFAULT_TIMEOUT_S,
     math_equal,
@@ -182,16 +193,24 @@ def accuracy_details(completion: Any, solution: Any, key_steps: Any = None, *,
         k = key_step_fraction(completion, key_steps)
         bonus = alpha * k
         if variant == "paper":
-            pred = extract_final_answer(completion)
+            pred = answer_line(completion)
             if pred is None:
                 return AccuracyResult(0.0, k, False, False)
-            gold = extract_final_answer(solution)
+            gold = answer_line(solution)
             if gold is None and FINAL_ANSWER not in solution:
                 gold = solution.strip() or None  # a bare answer as the solution
             if gold is None:  # the reference states no answer: nothing can be right
                 return AccuracyResult(bonus, k, False, False)
             if pred == gold:
                 return AccuracyResult(1.0 + bonus, k, True, False)
+            pred, gold = answers.clean(pred), answers.clean(gold)
+            if pred.rstrip(".") == gold.rstrip("."):
+                return AccuracyResult(1.0 + bonus, k, True, False)
+            letter = answers.gold_choice(gold)
+            yes_no = None if letter else answers.yes_no(gold)
+            if letter or yes_no:  # a choice letter or yes/no: math-verify reads neither
+                equal = (answers.pred_choice(pred) == letter) if letter else (answers.yes_no(pred) == yes_no)
+                return AccuracyResult((1.0 if equal else 0.0) + bonus, k, equal, False)
             if _CANONICAL_INT.match(pred) and _CANONICAL_INT.match(gold):
                 # two different integers written plainly: math-verify can only say "different"
                 # (checked against it in the tests); skipping it saves ~2 ms per completion

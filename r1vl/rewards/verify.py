@@ -166,14 +166,22 @@ def _verify(gold, target) -> bool:
 
 
 def math_equal(gold: str, pred: str, timeout_s: float | None = DEFAULT_TIMEOUT_S) -> tuple[bool, bool]:
-    """Is `pred` mathematically equal to `gold` by math-verify? Returns (equal, timed_out).
+    """Is the answer line `pred` mathematically equal to the answer line `gold` by math-verify?
+    Returns (equal, timed_out).
 
-    `verify(parse(gold), parse(pred))`: gold first, as math-verify expects.
+    `verify(parse(gold), parse(pred))`: gold first, as math-verify expects; each line read as
+    LaTeX when it carries mathematics without delimiters (`answers.latex_form`), else as is.
     """
+    from r1vl.rewards.answers import latex_form
+
+    def read(line: str):
+        form = latex_form(line)
+        parsed = _parse(form) if form is not None else None
+        return parsed if parsed else _parse(line)
 
     def work() -> bool:
-        g = _parse(gold)
-        p = _parse(pred)
+        g = read(gold)
+        p = read(pred)
         return _verify(g, p)
 
     return _run(work, timeout_s)

@@ -1,0 +1,109 @@
+"""How StepRAR's paper variant reads a final-answer line before comparing it with the reference's.
+
+math-verify reads a line without math delimiters as plain text and keeps only a number of it:
+`2\\sqrt{3}` reads 2 (so "2" and "2\\sqrt{5}" would be right), `\\dfrac{3}{4}` reads nothing,
+`(-3)` nothing and `- 3` reads 3; a letter or yes/no answer reads nothing, so "A." against "A"
+would be wrong. Here, in order:
+
+1. `clean`: NFKC (full-width digits, ligatures), U+2212 minus as "-", markdown bold dropped.
+2. A reference that is one choice letter ("A", "(B)", "C.") is matched by the letter the
+   completion starts with ("(A)", "A.", "A) 12", "Option A", "The answer is A", "$A$",
+   "\\text{A}"), in either case; a yes/no reference by the completion's first word.
+3. Otherwise math-verify compares them, each line read as LaTeX (`latex_form`: wrapped in
+   `$...$`) when it carries mathematics -- a backslash, ^, _, =, +, -, *, /, parentheses or
+   braces -- and, once leading words ("The area is") and trailing units ("cm", "square
+   units") are set aside, no other word, and is at most 500 characters long; as plain text
+   otherwise ("12 cm", "50%", "12 or 13").
+
+`answer_line` also reads an answer given in display maths on the lines after the header
+(`$$ ... $$`, `\\[ ... \\]`), where the header's own line holds only the opening delimiter.
+"""
+from __future__ import annotations
+
+import re
+import unicodedata
+
+from r1vl.data.format import FINAL_ANSWER, extract_final_answer
+
+_TEXT_MACRO = re.compile(r"\\(?:text|textbf|textrm|mathrm)\s*\{([^{}]*)\}(?:\^\{?\d\}?)?")
+_CHOICE_GOLD = re.compile(r"\(?([A-Z])\)?\Z")
+_CHOICE_LEAD = re.compile(r"(?:the\s+)?(?:correct\s+|final\s+|right\s+)?(?:answer|option|choice)\s*(?:is\s*)?[:：]?\s*",
+                          re.IGNORECASE)
+_CHOICE_PRED = re.compile(r"[(\[]?([A-Za-z])[)\]]?(?=\Z|[\s.,:;)\]])")
+_YES_NO = ("yes", "no")
+_FIRST_WORD = re.compile(r"[A-Za-z]+")
+
+_DELIMITED = ("$", "\\(", "\\[", "\\boxed")
+_MATH_CHARS = re.compile(r"[\\^_=+\-*/(){}]")
+_LEADING_WORDS = re.compile(r"(?:[A-Za-z]{2,}\s+)+(?=[-+(\d\\])")
+_TRAILING_UNITS = re.compile(r"(?:\s*(?<![\\A-Za-z])[A-Za-z]{2,}(?:\^\{?\d\}?)?)+\Z")
+_WORD = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}")
+_MAX_LATEX_CHARS = 500  # a longer line is no short expression: read as plain text (and no regex scan is quadratic)
+
+
+def clean(answer: str) -> str:
+    """NFKC, "−" (U+2212) as "-", markdown bold (** / __) dropped, stripped."""
+    s = unicodedata.normalize("NFKC", answer).replace("\u2212", "-")
+    return s.replace("**", "").replace("__", "").strip()
+
+
+def _unwrapped(s: str) -> str:
+    return _TEXT_MACRO.sub(r"\1", s).replace("$", "").strip()
+
+
+def gold_choice(gold: str) -> str | None:
+    """The letter of a reference that is one choice letter ("A", "(B)", "C."), else None."""
+    m = _CHOICE_GOLD.match(_unwrapped(gold).rstrip(".").strip())
+    return m.group(1) if m else None
+
+
+def pred_choice(pred: str) -> str | None:
+    """The choice letter a completion's answer starts with, upper-cased, else None."""
+    s = _unwrapped(pred)
+    lead = _CHOICE_LEAD.match(s)
+    if lead:
+        s = s[lead.end():]
+    m = _CHOICE_PRED.match(s)
+    return m.group(1).upper() if m else None
+
+
+def yes_no(answer: str) -> str | None:
+    """"yes" / "no" when the answer's first word is one of them (any case), else None."""
+    m = _FIRST_WORD.match(_unwrapped(answer))
+    word = m.group(0).lower() if m else ""
+    return word if word in _YES_NO else None
+
+
+def latex_form(answer: str) -> str | None:
+    """The answer wrapped in `$...$` for math-verify to read as LaTeX, or None when it should be
+    read as plain text (see the module docstring)."""
+    s = answer.strip()
+    if len(s) > _MAX_LATEX_CHARS or any(d in s for d in _DELIMITED) or not _MATH_CHARS.search(s):
+        return None
+    s = _TEXT_MACRO.sub(" ", s)  # "\\text{ cm}": units, as math-verify would drop them
+    lead = _LEADING_WORDS.match(s)
+    if lead:
+        s = s[lead.end():]
+    s = _TRAILING_UNITS.sub("", s.rstrip(" .")).rstrip(" .")
+    if not s or _WORD.search(s) or not _MATH_CHARS.search(s):
+        return None
+    return "$" + re.sub(r"(?<!\\)%", r"\\%", s) + "$"
+
+
+def answer_line(text: str) -> str | None:
+    """The completion's (or reference's) final answer: `extract_final_answer`'s line, or, when
+    that line only opens display maths (`$$`, `\\[`), the whole display up to its closing
+    delimiter on a later line (None if it never closes before the next `###` header)."""
+    line = extract_final_answer(text)
+    if line is None:
+        return None
+    for opening, closing in (("$$", "$$"), ("\\[", "\\]")):
+        if line.startswith(opening) and closing not in line[len(opening):]:
+            rest = text[text.find(FINAL_ANSWER) + len(FINAL_ANSWER):]
+            start = rest.find(opening)
+            end = rest.find(closing, start + len(opening))
+            section_end = rest.find("\n###")
+            if end < 0 or 0 <= section_end < end:
+                return line
+            return " ".join(rest[start:end + len(closing)].split())
+    return line
