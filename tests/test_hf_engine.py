@@ -119,6 +119,8 @@ def test_eos_stops_and_is_kept(tiny):
 
 
 def test_stop_strings(tiny):
+    """A stop string ends the completion at the first token that completes it; text is
+    decode(token_ids), the stop string included, as the vLLM engine keeps it."""
     model, proc = tiny
     g = SamplingConfig(max_new_tokens=12, temperature=0.0)
     eng = HFEngine(model, proc)
@@ -127,9 +129,43 @@ def test_stop_strings(tiny):
     stop = next(text[i: i + 2] for i in range(3, len(text) - 2) if text[i: i + 2].isalnum())
     out = eng.generate(_prompts(proc)[:1], 1, SamplingConfig(max_new_tokens=12, temperature=0.0, stop=[stop]))[0]
     assert out.finish_reason == "stop"
-    assert stop not in out.text and text.startswith(out.text)
+    assert out.text == proc.decode(out.token_ids) and stop in out.text and text.startswith(out.text)
+    assert stop not in proc.decode(out.token_ids[:-1])
     assert out.token_ids == free.token_ids[: len(out.token_ids)]
     assert len(out.token_ids) < len(free.token_ids)
+
+
+def test_model_generation_config_does_not_change_sampling(tiny, caplog):
+    """A checkpoint's generation_config.json (repetition_penalty, no_repeat_ngram_size, ...) is
+    not applied: generate() would take it for every setting the engine does not pass, and the
+    samples would come from another distribution than the log-probs that score them."""
+    import copy
+    import logging
+
+    model, proc = tiny
+    prompts = _prompts(proc)
+    greedy = SamplingConfig(max_new_tokens=12, temperature=0.0)
+    sampled = SamplingConfig(max_new_tokens=12, temperature=1.0, seed=5, return_logprobs=True)
+    plain = HFEngine(model, proc)
+    want = [plain.generate(prompts, 2, s) for s in (greedy, sampled)]
+    own = copy.deepcopy(model.generation_config)
+    try:
+        model.generation_config.repetition_penalty = 3.0
+        model.generation_config.no_repeat_ngram_size = 1
+        model.generation_config.min_new_tokens = 12
+        banned = want[0][0].token_ids[0]  # greedy's first token: banning it must change the output
+        model.generation_config.bad_words_ids = [[banned]]
+        with caplog.at_level(logging.INFO, logger="r1vl.rollout.hf_engine"):
+            eng = HFEngine(model, proc)
+        assert "not applying the model's generation_config settings bad_words_ids=" in caplog.text
+        assert "min_new_tokens=12, no_repeat_ngram_size=1, repetition_penalty=3.0" in caplog.text
+        got = [eng.generate(prompts, 2, s) for s in (greedy, sampled)]
+        assert model.generation_config.repetition_penalty == 3.0  # the model's own config is restored
+    finally:
+        model.generation_config = own
+    for a, b in zip(want, got):
+        assert [c.token_ids for c in a] == [c.token_ids for c in b]
+    assert [c.logprobs for c in want[1]] == [c.logprobs for c in got[1]]
 
 
 def test_engine_logprobs_match_trainer(tiny):

@@ -60,6 +60,8 @@ class HFEngine:
         self.pad_id = processor.pad_token_id
         self.suppress_ids = processor.vision_token_ids()  # image placeholders never appear in outputs
         self.last_stats: dict[str, float] = {}
+        self._neutral = _neutral_generation_config(model)
+
 
     # -- interface
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -156,7 +158,14 @@ class HFEngine:
             kwargs["stopping_criteria"] = StoppingCriteriaList(
                 [_StopOnStrings(self.processor.tokenizer, stops, prompt_len)]
             )
-        res = self.model.generate(**batch, **kwargs)
+        # generate() takes every setting not passed here from the model's generation_config, which a
+        # checkpoint's generation_config.json fills (repetition_penalty, no_repeat_ngram_size, ...):
+        # samples would then come from another distribution than the log-probs that score them
+        saved, self.model.generation_config = self.model.generation_config, self._neutral
+        try:
+            res = self.model.generate(**batch, **kwargs)
+        finally:
+            self.model.generation_config = saved
         seqs = res.sequences[:, prompt_len:].tolist()
         logps = None
         if sampling.return_logprobs:
@@ -175,17 +184,15 @@ class HFEngine:
                     break
             ids = ids[:cut]
             text = self.processor.decode(ids)
-            if stops:
-                hit = [text.find(s) for s in stops if s in text]
-                if hit:
-                    pos = min(hit)
-                    text = text[:pos]
-                    finish = "stop"
-                    # keep the shortest token prefix that still contains the stop string
-                    for k in range(1, len(ids) + 1):
-                        if any(s in self.processor.decode(ids[:k]) for s in stops):
-                            ids = ids[:k]
-                            break
+            if stops and any(s in text for s in stops):
+                finish = "stop"
+                # the shortest token prefix that holds a stop string; text stays decode(token_ids)
+                # (the stop string included, as vLLM's engine keeps it): what is scored is what is trained
+                for k in range(1, len(ids) + 1):
+                    if any(s in self.processor.decode(ids[:k]) for s in stops):
+                        ids = ids[:k]
+                        break
+                text = self.processor.decode(ids)
             out.append(Completion(
                 prompt_index=pidx,
                 token_ids=ids,
@@ -194,3 +201,32 @@ class HFEngine:
                 logprobs=None if logps is None else logps[row][: len(ids)],
             ))
         return out
+
+
+# the settings of a generation_config that change which tokens are drawn (the engine sets temperature,
+# top_p, top_k and do_sample itself on every call)
+_SAMPLING_FIELDS = ("repetition_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "min_new_tokens",
+                    "min_length", "typical_p", "epsilon_cutoff", "eta_cutoff", "min_p", "top_h", "bad_words_ids",
+                    "force_words_ids", "sequence_bias", "begin_suppress_tokens", "forced_bos_token_id",
+                    "forced_eos_token_id", "exponential_decay_length_penalty", "renormalize_logits",
+                    "num_beams", "num_beam_groups", "penalty_alpha", "diversity_penalty", "length_penalty",
+                    "guidance_scale", "low_memory", "watermarking_config",
+                    "prompt_lookup_num_tokens")
+
+
+def _neutral_generation_config(model: nn.Module):
+    """A GenerationConfig with the model's special-token ids and nothing else, for generate() to
+    fall back on; the model's own settings that would change sampling are named once in the log."""
+    from transformers import GenerationConfig
+
+    own = getattr(model, "generation_config", None)
+    ids = {k: getattr(own, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    if own is not None:
+        default = GenerationConfig()
+        changed = {k: getattr(own, k) for k in _SAMPLING_FIELDS
+                   if hasattr(own, k) and getattr(own, k) != getattr(default, k, None)}
+        if changed:
+            log.info("HF engine: not applying the model's generation_config settings %s (rollouts and "
+                     "evaluation sample with the configured temperature / top_p / top_k alone, as the "
+                     "trainer's log-probs assume)", ", ".join(f"{k}={v!r}" for k, v in sorted(changed.items())))
+    return GenerationConfig(**{k: v for k, v in ids.items() if v is not None})
