@@ -69,10 +69,12 @@ def progress_marks(total: int, lines: int = 10) -> set[int]:
 
 
 def evaluate(engine, processor, samples: Sequence[Any], *, max_new_tokens: int, batch_size: int = 64,
-             d=None, alpha: float = 0.1, variant: str = "paper", reward_workers: int = 0,
+             d=None, alpha: float = 0.1, variant: str = "paper", accuracy_weight: float = 1.0,
+             validity_weight: float = 1.0, reward_workers: int = 0,
              reward_timeout_s: float = 5.0, keep_outputs: bool = False) -> dict[str, float]:
     """Greedy decoding of every sample (sharded over ranks when `d` is an r1vl.utils.Dist);
-    returns held-out means over all ranks: accuracy, step_rar, step_rvr, reward, completion_length,
+    returns held-out means over all ranks: accuracy, step_rar, step_rvr, reward (weighted as in
+    training: accuracy_weight * StepRAR + validity_weight * StepRVR), completion_length,
     and `correct_items` (0/1 per sample, data order). keep_outputs=True adds `outputs`: one
     record per sample in data order (`output_record`), gathered from every rank.
     Rank 0 logs its progress (at most 10 lines: `progress_marks`)."""
@@ -103,8 +105,8 @@ def evaluate(engine, processor, samples: Sequence[Any], *, max_new_tokens: int, 
     for b, s in enumerate(range(0, len(mine), batch_size), start=1):
         chunk = [samples[i] for i in mine[s: s + batch_size]]
         comps = engine.generate([make_prompt(processor, x) for x in chunk], 1, sampling)
-        sc = score([c.text for c in comps], chunk, alpha=alpha, variant=variant, workers=reward_workers,
-                   timeout_s=reward_timeout_s)
+        sc = score([c.text for c in comps], chunk, alpha=alpha, variant=variant, accuracy_weight=accuracy_weight,
+                   validity_weight=validity_weight, workers=reward_workers, timeout_s=reward_timeout_s)
         stats.add("accuracy", sc["correct"])
         local_correct.extend(sc["correct"])
         for x, ok in zip(chunk, sc["correct"]):
@@ -221,6 +223,8 @@ EVAL_SETTINGS: dict[str, tuple[Any, str]] = {
     "max_pixels": (112 * 112, "data.max_pixels"),
     "alpha": (0.1, "algorithm.alpha"),
     "variant": ("paper", "algorithm.accuracy_variant"),
+    "accuracy_weight": (1.0, "algorithm.accuracy_weight"),
+    "validity_weight": (1.0, "algorithm.validity_weight"),
 }
 
 
@@ -353,6 +357,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="StepRAR weight per matched key step" + run_default % _run_default("alpha"))
     ap.add_argument("--variant", choices=("paper", "official"), default=None,
                     help="StepRAR variant" + run_default % _run_default("variant"))
+    ap.add_argument("--accuracy-weight", type=_nonneg_float, default=None,
+                    help="StepRAR's weight in the reported reward" + run_default % _run_default("accuracy_weight"))
+    ap.add_argument("--validity-weight", type=_nonneg_float, default=None,
+                    help="StepRVR's weight in the reported reward" + run_default % _run_default("validity_weight"))
     ap.add_argument("--engine", choices=("hf", "vllm"), default="hf",
                     help="greedy decoding by HF generate, or by a vLLM engine (pip install -e '.[vllm]'): the "
                     "checkpoint's weights are pushed into it from host memory; one engine per rank under torchrun")
@@ -549,7 +557,8 @@ def _run(args, main_rank: bool) -> int:
             try:
                 res = evaluate(engine, processor, samples, max_new_tokens=settings["max_new_tokens"], d=d,
                                batch_size=args.batch_size, alpha=settings["alpha"], variant=settings["variant"],
-                               keep_outputs=bool(args.outputs))
+                               accuracy_weight=settings["accuracy_weight"],
+                               validity_weight=settings["validity_weight"], keep_outputs=bool(args.outputs))
             finally:
                 if args.engine == "vllm":
                     _close_vllm(engine, work, d)

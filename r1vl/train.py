@@ -950,6 +950,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
     ev_kw = dict(keep_outputs=cfg.train.save_eval_outputs,
                  max_new_tokens=cfg.rollout.max_completion_length, batch_size=cfg.train.eval_batch_size, d=d,
                  alpha=cfg.algorithm.alpha, variant=cfg.algorithm.accuracy_variant,
+                 accuracy_weight=cfg.algorithm.accuracy_weight, validity_weight=cfg.algorithm.validity_weight,
                  reward_workers=cfg.algorithm.reward_workers, reward_timeout_s=cfg.algorithm.reward_timeout_s)
 
     def run_eval(name: str) -> dict:

@@ -215,6 +215,25 @@ def test_model_load_failure_names_the_flag(fake_model, data_dir, capsys):
     assert line.startswith(f"r1vl.eval: error: --model {fake_model}: ") and "model.path" not in line
 
 
+def test_missing_processor_file_is_found_before_the_weights_load(tiny_run, data_dir, tmp_path, capsys, monkeypatch):
+    """A checkpoint without its image-processor file fails on that file, before the model's
+    weights are read (minutes for a 7B model)."""
+    import shutil
+
+    import transformers
+
+    model = tmp_path / "final"
+    shutil.copytree(tiny_run / "final", model)
+    (model / "preprocessor_config.json").unlink()
+
+    def no_weights(*a, **k):
+        raise AssertionError("the weights were loaded before the processor")
+
+    monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained", no_weights)
+    assert ev.main(["--model", str(model), "--data", str(data_dir), "--n", "1"]) == 2
+    assert _err_line(capsys).startswith(f"r1vl.eval: error: --model {model}: cannot load (")
+
+
 def test_model_error_rewording_keeps_library_message():
     from r1vl.models import ModelLoadError
 
@@ -241,11 +260,12 @@ def _run_cfg(**over):
 
 def test_resolve_settings_uses_run_config():
     cfg = _run_cfg(**{"rollout.max_completion_length": 40, "data.min_pixels": 1024, "data.max_pixels": 8192,
-                      "algorithm.alpha": 0.3, "algorithm.accuracy_variant": "official"})
+                      "algorithm.alpha": 0.3, "algorithm.accuracy_variant": "official",
+                      "algorithm.accuracy_weight": 2.0, "algorithm.validity_weight": 0.0})
     explicit = dict.fromkeys(ev.EVAL_SETTINGS)
     values, sources = ev.resolve_settings(explicit, cfg, "runs/x/config.yaml")
     assert values == {"max_new_tokens": 40, "min_pixels": 1024, "max_pixels": 8192, "alpha": 0.3,
-                      "variant": "official"}
+                      "variant": "official", "accuracy_weight": 2.0, "validity_weight": 0.0}
     assert sources["max_new_tokens"] == "runs/x/config.yaml: rollout.max_completion_length"
     assert sources["max_pixels"] == "runs/x/config.yaml: data.max_pixels"
 
@@ -386,6 +406,30 @@ def test_evaluate_logs_bounded_progress_on_rank0_only(monkeypatch, caplog):
     assert lines[0].startswith("eval: 2/46 ") and lines[-1].startswith("eval: 46/46 ") and len(lines) <= 10
     lines, coll_other = run(Dist(rank=1, world=2))
     assert lines == [] and coll_other == coll0 == coll1
+
+
+def test_evaluate_reward_is_weighted_as_in_training():
+    """The held-out `reward` (and summary.json's reward_*) is accuracy_weight * StepRAR +
+    validity_weight * StepRVR, as the StepGRPO steps' reward: not always 1 * StepRAR + 1 * StepRVR."""
+    from types import SimpleNamespace
+
+    from r1vl.rollout.base import Completion
+
+    class Proc:
+        def chat_prompt(self, user, with_image):
+            return user
+
+    class Engine:
+        def generate(self, prompts, n, sampling):  # right answer, one of two key steps, no format
+            return [Completion(i, [1], "### Step 1: 4 + 3 = 7\n### The final answer is: 7", "stop")
+                    for i in range(len(prompts))]
+
+    samples = [SimpleNamespace(problem="Q", solution="### The final answer is: 7", image=None, meta={},
+                               key_steps=[["4 + 3 = 7"], ["3 + 4 = 7"]])] * 3
+    plain = ev.evaluate(Engine(), Proc(), samples, max_new_tokens=4)
+    assert (plain["step_rar"], plain["step_rvr"], plain["reward"]) == pytest.approx((1.05, 0.0, 1.05))
+    weighted = ev.evaluate(Engine(), Proc(), samples, max_new_tokens=4, accuracy_weight=2.0, validity_weight=0.5)
+    assert weighted["reward"] == pytest.approx(2.1) and weighted["step_rar"] == pytest.approx(1.05)
 
 
 # --------------------------------------------------------------------------- devices, torchrun
