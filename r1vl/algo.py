@@ -159,6 +159,14 @@ def compute_logprobs(policy: nn.Module, batch: SeqBatch, *, micro_batch_size: in
 # --------------------------------------------------------------------------- update
 
 
+# the loss's metrics that are means over completion tokens (as TRL logs them), and the clip ratios,
+# which are shares of tokens at importance_sampling_level="token" and of sequences at "sequence":
+# grpo_update averages these over its micro-batches by tokens (the others by rows), and returns
+# `tokens` for the caller to weigh them across ranks the same way
+TOKEN_MEANS = ("kl", "entropy")
+TOKEN_LEVEL_SHARES = ("clip_ratio_low", "clip_ratio_high", "clip_ratio")
+
+
 @dataclass
 class UpdateConfig:
     beta: float = 0.04
@@ -216,7 +224,9 @@ def grpo_update(policy: nn.Module, optimizer: torch.optim.Optimizer, scheduler: 
     gradient norm and takes one optimizer (and scheduler) step.
 
     The per-micro-batch losses are weighted so that their sum equals the loss of the whole
-    batch under cfg.loss_type. Old log-probs are taken before the first pass when μ > 1
+    batch under cfg.loss_type. Returns the loss and its metrics averaged over the μ passes
+    (token means weighted by tokens: TOKEN_MEANS), grad_norm, and `tokens` (this rank's
+    completion tokens). Old log-probs are taken before the first pass when μ > 1
     (with μ = 1 the ratio is exactly 1 and the detached current log-probs serve); a caller
     that already has them (the IS correction needs them too) passes `old_logprobs`."""
     B = batch.size
@@ -225,7 +235,8 @@ def grpo_update(policy: nn.Module, optimizer: torch.optim.Optimizer, scheduler: 
         old = old_logprobs if old_logprobs is not None else compute_logprobs(
             policy, batch, micro_batch_size=cfg.micro_batch_size, temperature=cfg.temperature)
     groups = micro_batches(B, cfg.micro_batch_size)
-    total_tokens = float(batch.mask.sum().item())
+    total_tokens = local_tokens = float(batch.mask.sum().item())
+    token_means = TOKEN_MEANS + (TOKEN_LEVEL_SHARES if cfg.importance_sampling_level == "token" else ())
     if cfg.loss_type == "dapo":
         total_tokens = _tokens_per_rank(batch.mask)
     params = [p for p in policy.parameters() if p.requires_grad]
@@ -265,12 +276,16 @@ def grpo_update(policy: nn.Module, optimizer: torch.optim.Optimizer, scheduler: 
                 loss, metrics = policy(mb.inputs, mb.targets, mb.mask, start=mb.start, mode="grpo", **kwargs)
                 _backward(policy, loss * weight, last=gi == len(groups) - 1)
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) * weight
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * len(idx) / B
+            mb_tokens = float(mb.mask.sum().item())
+            for k, v in metrics.items():  # token means weighted by tokens, sequence shares by rows
+                share = mb_tokens / max(local_tokens, 1.0) if k in token_means else len(idx) / B
+                sums[k] = sums.get(k, 0.0) + float(v) * share
         grad_norm = _optimizer_step(policy, params, optimizer, scheduler, cfg.max_grad_norm)
         sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm
     mu = cfg.num_iterations
-    return {k: v / mu for k, v in sums.items()}
+    out = {k: v / mu for k, v in sums.items()}
+    out["tokens"] = local_tokens
+    return out
 
 
 def _tokens_per_rank(mask: torch.Tensor) -> float:

@@ -722,7 +722,8 @@ def save_model_dir(path: Path, d, policy, processor) -> None:
 
 def run(cfg: Config, stop: StopSignal | None = None) -> dict:
     """One training run. `stop`: the signal watch (main() installs one; None: none)."""
-    from r1vl.algo import UpdateConfig, build_batch, compute_logprobs, group_advantages, grpo_update, sft_step
+    from r1vl.algo import (TOKEN_LEVEL_SHARES, TOKEN_MEANS, UpdateConfig, build_batch, compute_logprobs,
+                           group_advantages, grpo_update, sft_step)
     from r1vl.eval import FirstRows, evaluate, make_prompt, score, write_outputs
     from r1vl.models import HostWeights, PolicyWithLoss, load_pretrained, make_reference, unwrap
     from r1vl.rollout.base import SamplingConfig
@@ -917,6 +918,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
             batch = build_batch(processor, [p.text for p in prompts], [p.image for p in prompts], conts,
                                 dtype=next(model.parameters()).dtype).to(d.device)
             check_prompt_lengths(batch, samples, cfg.data.max_prompt_length)
+            lr = sched.get_last_lr()[0]  # the lr this step applies (the scheduler steps inside)
             m = sft_step(train_policy, opt, None if use_ds else sched, batch,
                          micro_batch_size=cfg.train.micro_batch_size, max_grad_norm=cfg.optim.max_grad_norm)
             dt = time.perf_counter() - t0
@@ -925,7 +927,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
             st.add("tokens", m["tokens"])
             st.add("seconds_step", dt)
             r = st.reduce(d)
-            rec = {"phase": "warmup", "step": step + 1, "loss": r["loss"], "lr": sched.get_last_lr()[0],
+            rec = {"phase": "warmup", "step": step + 1, "loss": r["loss"], "lr": lr,
                    "grad_norm": m["grad_norm"], "seconds_step": r["seconds_step"],
                    "tokens_per_s": r["tokens"] * d.world / max(r["seconds_step"], 1e-9)}
             writer.write(rec)
@@ -973,7 +975,11 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
             write_outputs(out / EVAL_OUTPUTS / f"{name}.jsonl", outputs)
         return ev
 
-    if state.get("eval_warmup") is None and cfg.train.eval_before:
+    if state.get("eval_warmup") is None and cfg.train.eval_before and not in_warmup:
+        log.warning("train.eval_before=true: the run resumed inside StepGRPO had no evaluation after the "
+                    "warm-up, and the weights now are StepGRPO's: none is run (python -m r1vl.eval --model "
+                    "<that run>/warmup evaluates the warm-up model)")
+    elif state.get("eval_warmup") is None and cfg.train.eval_before:
         ev = run_eval("after_warmup")
         state["eval_warmup"] = ev
         writer.write({"phase": "eval", "after": "warmup", "step": 0,
@@ -1074,6 +1080,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
                     old_lp = is_lp
                 is_st = is_ratio_stats(is_ratio, is_mask, cap=ro.is_cap, mode=ro.is_mode)
         with tm("update"):
+            lr = sched.get_last_lr()[0]  # the lr of this step's (first) optimizer step
             m = grpo_update(train_policy, opt, None if use_ds else sched, batch, adv.to(d.device), ucfg,
                             ref_logprobs=ref_lp, rollout_is_ratio=is_ratio, old_logprobs=old_lp)
             if not use_vllm:  # the HF engine generates with the trainer's own parameters: a no-op
@@ -1089,9 +1096,10 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
         st.add("truncated", [1.0 if c.finish_reason == "length" else 0.0 for c in comps])
         st.add("zero_std_groups", [float(torch.tensor(sc["total"][i:i + G]).std() < 1e-6)
                                    for i in range(0, len(comps), G)])
+        token_means = TOKEN_MEANS + (TOKEN_LEVEL_SHARES if a.importance_sampling_level == "token" else ())
         for k in ("loss", "kl", "clip_ratio_low", "clip_ratio_high", "clip_ratio", "entropy", "grad_norm"):
-            if k in m:
-                st.add(k, m[k])
+            if k in m:  # token means over all ranks' tokens, as TRL reduces them (a rank's mean is not)
+                st.add(k, m[k], weight=m["tokens"] if k in token_means else None)
         st.add("reward_timeouts", sc["timeouts"])
         gen_tok = float(sum(len(c.token_ids) for c in comps))
         st.add("gen_tokens", gen_tok)
@@ -1111,7 +1119,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
                "accuracy": r["accuracy"], "kl": r.get("kl", 0.0), "clip_ratio_low": r.get("clip_ratio_low", 0.0),
                "clip_ratio_high": r.get("clip_ratio_high", 0.0), "clip_ratio": r.get("clip_ratio", 0.0),
                "entropy": r.get("entropy", float("nan")), "grad_norm": r.get("grad_norm", 0.0),
-               "lr": sched.get_last_lr()[0], "completion_length": r["completion_length"],
+               "lr": lr, "completion_length": r["completion_length"],
                "truncated": r["truncated"], "zero_std_groups": r["zero_std_groups"],
                "reward_timeouts": r["reward_timeouts"] * d.world,
                "seconds_rollout": r.get("seconds_rollout", 0.0), "seconds_reward": r.get("seconds_reward", 0.0),
@@ -1143,7 +1151,8 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
             log.info("StepGRPO step %d/%d: reward %.3f, accuracy %.3f, kl %.4f, %.2f s/step%s", step + 1,
                      cfg.train.max_steps, rec["reward_mean"], rec["accuracy"], rec["kl"], rec["seconds_step"],
                      eta(t_phase, step + 1 - g_start, cfg.train.max_steps - g_start))
-        if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < cfg.train.max_steps:
+        if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and (
+                step + 1 < cfg.train.max_steps or not cfg.train.eval_after):  # else the final one is it
             evk = run_eval(f"grpo_step_{step + 1:06d}")  # before this step's checkpoint: a resume never
             # repeats or skips it
             writer.write({"phase": "eval", "after": "grpo", "step": step + 1, "final": False,

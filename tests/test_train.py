@@ -767,3 +767,50 @@ def test_qwen2_5_vl_tiny_run(tmp_path, data_dir):
     init, after = load_file(out / "init" / "model.safetensors"), load_file(out / "final" / "model.safetensors")
     assert init.keys() == after.keys() and any("visual" in k for k in after)
     assert any(not torch.equal(init[k], after[k]) for k in after)  # the warm-up moved the weights
+
+
+def test_lr_metric_is_the_lr_each_step_applied(tmp_path, data_dir, monkeypatch):
+    """metrics.jsonl's lr is the learning rate of the step's (first) optimizer step, read before
+    the scheduler moves on, as HF's Trainer logs it: warm-up from 1/W of the peak, not the next
+    step's value."""
+    import r1vl.algo
+
+    applied = []
+    real = r1vl.algo._optimizer_step
+
+    def spy(policy, params, optimizer, scheduler, max_grad_norm):
+        applied.append(optimizer.param_groups[0]["lr"])
+        return real(policy, params, optimizer, scheduler, max_grad_norm)
+
+    monkeypatch.setattr(r1vl.algo, "_optimizer_step", spy)
+    out = tmp_path / "lr"
+    assert main(_args(out, data_dir, "warmup.steps=3", "warmup.warmup_steps=2", "train.max_steps=2",
+                      "optim.warmup_steps=1", "algorithm.num_iterations=2", "train.eval_before=false",
+                      "train.eval_after=false", "logging.plot=false")) == 0
+    logged = [r["lr"] for r in _metrics(out) if r["phase"] in ("warmup", "grpo")]
+    first_of_step = applied[:3] + applied[3::2]  # warm-up: one optimizer step each; StepGRPO: mu = 2
+    assert logged == pytest.approx(first_of_step)
+    assert logged[0] == pytest.approx(0.5 * 5e-4)  # warm-up step 1 of W = 2
+
+
+def test_eval_every_reaches_the_last_step_without_a_final_evaluation(tmp_path, data_dir):
+    out = tmp_path / "ev"
+    assert main(_args(out, data_dir, "train.max_steps=2", "train.eval_every=1", "train.eval_before=false",
+                      "train.eval_after=false", "logging.plot=false")) == 0
+    assert [r["step"] for r in _metrics(out) if r["phase"] == "eval"] == [1, 2]
+    assert sorted(p.name for p in (out / "eval_outputs").iterdir()) == ["grpo_step_000001.jsonl",
+                                                                       "grpo_step_000002.jsonl"]
+
+
+def test_eval_before_on_a_resume_inside_stepgrpo_is_not_run_on_stepgrpo_weights(tmp_path, data_dir, capsys):
+    """A run without the after-warm-up evaluation, resumed inside StepGRPO with
+    train.eval_before=true: the weights are StepGRPO's, so no "after warm-up" record is made."""
+    extra = ("train.max_steps=2", "train.save_every=1", "train.eval_after=false", "logging.plot=false")
+    src = tmp_path / "src"
+    assert main(_args(src, data_dir, *extra, "train.eval_before=false")) == 0
+    dst = tmp_path / "dst"
+    capsys.readouterr()
+    assert main(_args(dst, data_dir, *extra, "train.eval_before=true",
+                      f"train.resume={src / 'checkpoints' / 'grpo-000001'}")) == 0
+    assert not any(r["phase"] == "eval" for r in _metrics(dst))
+    assert "had no evaluation after the warm-up" in capsys.readouterr().err
