@@ -453,7 +453,7 @@ def _forward(hidden, weight, bias, targets, temperature, need_entropy, rows):
         cfg = {"FLAT": INTERPRET_FLAT, **_config(n_act, v, d, INTERPRET)}
         kernel, bm = _logprob_fwd_kernel, cfg["BLOCK_M"]
     else:
-        # autotuned over _FWD_CONFIGS, keyed on (V, D, dtype); the split count is planned
+        # autotuned over _FWD_CONFIGS, keyed on (V, D, split width, dtype); the split count is planned
         # for BLOCK_M = 64, the table's smallest (a tuned 128 halves the row blocks, so
         # about one program per SM instead of two)
         cfg, kernel, bm = {}, _fwd_tuned(), 64
@@ -475,7 +475,8 @@ def _forward(hidden, weight, bias, targets, temperature, need_entropy, rows):
 
 
 # Forward configs tried on the GPU (BLOCK_M, BLOCK_V, BLOCK_K, warps, stages, FLAT); results
-# are cached per (V, D, dtype) in-process and, where this Triton supports it, on disk.
+# are cached per (V, D, vocabulary split, dtype) in-process and, where this Triton supports it,
+# on disk.
 _FWD_CONFIGS = [(bm, bv, bk, w, st, flat)
                 for flat in (True, False)
                 for bm, bv, bk, w, st in [(64, 128, 64, 4, 4), (64, 256, 64, 8, 3), (128, 128, 64, 8, 3),
@@ -497,7 +498,9 @@ def _fwd_tuned():
         kw = {}
         if "cache_results" in inspect.signature(triton.autotune).parameters:
             kw["cache_results"] = True
-        _FWD_TUNED.append(triton.autotune(configs=configs, key=["V", "D", "UPCAST", "IEEE"],
+        # v_per_split in the key: the split count follows the number of row blocks, so a choice
+        # tuned on a short batch (many splits, small programs) is not reused for a long one
+        _FWD_TUNED.append(triton.autotune(configs=configs, key=["V", "D", "v_per_split", "UPCAST", "IEEE"],
                                           **kw)(_logprob_fwd_kernel))
     return _FWD_TUNED[0]
 
