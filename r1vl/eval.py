@@ -566,6 +566,9 @@ def _run(args, main_rank: bool) -> int:
             error(str(e))
             return 2
         except KeyboardInterrupt:
+            from r1vl.utils import forget_keyboard_interrupt
+
+            forget_keyboard_interrupt()  # exit 130, not -2 (its docstring)
             if main_rank:
                 print("r1vl.eval: interrupted (Ctrl-C): no result", file=sys.stderr)
             return 130

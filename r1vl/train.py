@@ -1363,6 +1363,9 @@ def _main(argv: list[str] | None) -> int:
             log.warning("%s", e)
         return 128 + e.signum
     except KeyboardInterrupt as e:  # Ctrl-C outside the step loops, or a second one inside
+        from r1vl.utils import forget_keyboard_interrupt
+
+        forget_keyboard_interrupt()  # exit 130, as below, not -2 (its docstring)
         if os.environ.get("RANK", "0") == "0":
             print(f"r1vl.train: interrupted (Ctrl-C) in {_interrupted_where(e)}; "
                   "no checkpoint written for the steps since the last one", file=sys.stderr)

@@ -170,6 +170,16 @@ def exit_without_teardown(used_vllm: bool) -> bool:
     return not used_vllm and dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo"
 
 
+def forget_keyboard_interrupt() -> None:
+    """For a CLI that has handled a KeyboardInterrupt and chosen its exit status. CPython marks
+    the process as stopped by an unhandled Ctrl-C whenever a KeyboardInterrupt leaves an exec()
+    of a string, caught later or not (dataclasses make their methods that way, so a Ctrl-C
+    during an import can land there), and ends it through SIGINT at the very end: status -2
+    instead of the CLI's own. A string exec() that completes clears the mark (checked with
+    CPython 3.11, 3.12 and 3.13)."""
+    exec("pass")  # noqa: S102 -- a constant string: its completion resets the interpreter's mark
+
+
 def cli_exit(rc: int, without_teardown: bool) -> None:
     """A CLI's exit: sys.exit(rc), or exit_after_collectives(rc) (exit_without_teardown's answer)."""
     if without_teardown:
