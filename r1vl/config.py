@@ -8,11 +8,32 @@ values out (a test keeps the two equal). A YAML file or an override may only nam
 keys that exist here; values are checked against the field's type (and, where a
 field lists them, its allowed choices or its lower and upper bounds), and a mistake
 is one `ConfigError` naming the key, the expected type or range and what was given.
-A YAML file may not repeat a key; `validate` adds the cross-field checks.
+No float field takes inf or nan. `validate` adds the cross-field checks (and warns,
+through logging, of settings that run but are likely mistakes).
+
+A YAML file (UTF-8) is read as YAML, with three exceptions: a key may not be given twice,
+an int written with a leading zero (`010`, which YAML 1.1 reads as octal 8) or with colons
+(`1:30`, base 60: 90) is refused, and a section (`model:`, `train:`, ...) must be a mapping:
+left out or null it keeps its defaults, any other value (`model: false`) is an error.
+
+An override's value is read by the type of its field, not as YAML:
+  str      the text verbatim (`output_dir=runs/exp #3`, `logging.wandb_run_name=2024-06-01`,
+           `output_dir=` is ''), unless wholly in YAML quotes ('...' or "..."), which are removed;
+  int      decimal digits only (`_` allowed between them); a leading zero (`seed=010`) is
+           refused, never read as octal;
+  float    Python's float() syntax (3e-4, .5, 1);
+  bool     true/false, yes/no, on/off (any case);
+  null     null, none or ~ (any case), for the fields that may be null;
+  bool or str (train.resume): the bool words, a number is refused, anything else is a path.
+A section cannot be overridden as a whole (`model=` is an error): override its keys.
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -260,8 +281,34 @@ class Config:
 
 # --------------------------------------------------------------------------- loading
 
+log = logging.getLogger(__name__)
+
+_NULL_WORDS = ("null", "none", "~")  # an Optional field's None in an override (any case)
+_TRUE_WORDS = ("true", "yes", "on")  # a bool in an override (any case): YAML 1.1's words
+_FALSE_WORDS = ("false", "no", "off")
+_DECIMAL_INT = re.compile(r"[-+]?(0|[1-9][0-9_]*)")
+_LEADING_ZERO_INT = re.compile(r"[-+]?0[0-9_]+")
+_NUMBER = re.compile(r"[-+]?([0-9][0-9_]*(\.[0-9_]*)?|\.[0-9][0-9_]*)([eE][-+]?[0-9]+)?|[-+]?[0-9][0-9_]*(:[0-9]+)+")
+# a YAML file's int that YAML 1.1 reads other than a reader would: 010 (octal 8), 1:30 (base 60: 90)
+_SURPRISING_YAML_INT = re.compile(r"[-+]?(0[0-9_]+|[0-9][0-9_]*(:[0-9]+)+)")
+
+
+class _SurprisingInt:
+    """A YAML file's 010 or 1:30, kept as written: every field refuses it (see the module docstring)."""
+
+    def __init__(self, text: str, value: int):
+        self.text, self.value = text, value
+
+    def __repr__(self) -> str:
+        return repr(self.text)
+
+    def __str__(self) -> str:
+        return self.text
+
 
 def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
     if isinstance(tp, type):
         return tp.__name__
     origin = typing.get_origin(tp)
@@ -272,6 +319,10 @@ def _type_name(tp: Any) -> str:
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp` (int→float widening only)."""
+    if isinstance(value, _SurprisingInt):
+        base = "base 60" if ":" in value.text else "octal"
+        raise ConfigError(f"{key}: expected {_type_name(tp)} (decimal, no leading zeros), got {value.text!r}, "
+                          f"which YAML 1.1 reads as {base} {value.value}; write the number you mean in decimal")
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         for arg in typing.get_args(tp):
@@ -309,43 +360,118 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
 
 
+def _unquote(raw: str) -> str:
+    """An override's text for a str field: verbatim, but for a value wholly in YAML quotes ('...'
+    with '' for a quote, or "..." with backslash escapes), which is unquoted as YAML would."""
+    if re.fullmatch(r"'(?:[^']|'')*'", raw):
+        return raw[1:-1].replace("''", "'")
+    if re.fullmatch(r'"(?:[^"\\]|\\.)*"', raw):
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            return raw
+        if isinstance(value, str):
+            return value
+    return raw
+
+
+def _parse_value(raw: str, tp: Any, key: str) -> Any:
+    """An override's text read by the type of its field (not as YAML: see the module docstring)."""
+    text = raw.strip()
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if type(None) in args and text.lower() in _NULL_WORDS:
+            return None
+        if bool in args and str in args and _NUMBER.fullmatch(text):
+            # train.resume=1: a number is no checkpoint path; quote it ('1') to mean the path
+            raise ConfigError(f"{key}: expected {_type_name(tp)} (true/false or a path), got {text!r}, a number")
+        for arg in args:
+            if arg is not type(None):
+                try:
+                    return _parse_value(raw, arg, key)
+                except ConfigError:
+                    continue
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {raw!r}")
+    if tp is str:
+        return _unquote(raw)
+    if tp is bool:
+        if text.lower() in _TRUE_WORDS:
+            return True
+        if text.lower() in _FALSE_WORDS:
+            return False
+        raise ConfigError(f"{key}: expected bool (true/false, yes/no, on/off), got {raw!r}")
+    if tp is int:
+        if _LEADING_ZERO_INT.fullmatch(text):
+            raise ConfigError(f"{key}: expected int (decimal, no leading zeros: YAML 1.1 reads 010 as octal 8), "
+                              f"got {raw!r}")
+        if _DECIMAL_INT.fullmatch(text):
+            try:
+                return int(text)
+            except ValueError:  # 1__0
+                pass
+        raise ConfigError(f"{key}: expected int, got {raw!r}")
+    if tp is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"{key}: expected float, got {raw!r}") from None
+    # anything else (a list, a dict): YAML, checked against the type by _coerce
+    try:
+        return yaml.safe_load(raw) if text else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{key}: not valid YAML ({_one_line(str(e))}), got {raw!r}") from None
+
+
+def _value_range(meta: dict) -> str | None:
+    lo, hi = meta.get("min"), meta.get("max")
+    lo_strict, hi_strict = meta.get("strict", False), meta.get("max_strict", False)
+    if lo is not None and hi is not None:
+        return f"in {'(' if lo_strict else '['}{lo:g}, {hi:g}{')' if hi_strict else ']'}"
+    if lo is not None:
+        return f"{'>' if lo_strict else '>='} {lo}"
+    if hi is not None:
+        return f"{'<' if hi_strict else '<='} {hi}"
+    return None
+
+
 def _check_meta(value: Any, f: dataclasses.Field, key: str) -> None:
     meta = f.metadata
     if "choices" in meta and value not in meta["choices"]:
         raise ConfigError(f"{key}: expected one of {list(meta['choices'])}, got {value!r}")
-    lo, hi = meta.get("min"), meta.get("max")
-    if (lo is not None or hi is not None) and isinstance(value, (int, float)):
-        lo_strict, hi_strict = meta.get("strict", False), meta.get("max_strict", False)
-        # "ok" tests that NaN fails, so NaN is refused too
-        ok_lo = lo is None or (value > lo if lo_strict else value >= lo)
-        ok_hi = hi is None or (value < hi if hi_strict else value <= hi)
+    want = _value_range(meta)
+    if isinstance(value, float) and not math.isfinite(value):  # no field gives inf or nan a meaning
+        raise ConfigError(f"{key}: expected a finite {'value ' + want if want else 'float'}, got {value!r}")
+    if want is not None and isinstance(value, (int, float)):
+        lo, hi = meta.get("min"), meta.get("max")
+        ok_lo = lo is None or (value > lo if meta.get("strict", False) else value >= lo)
+        ok_hi = hi is None or (value < hi if meta.get("max_strict", False) else value <= hi)
         if not (ok_lo and ok_hi):
-            if lo is not None and hi is not None:
-                want = f"in {'(' if lo_strict else '['}{lo:g}, {hi:g}{')' if hi_strict else ']'}"
-            elif lo is not None:
-                want = f"{'>' if lo_strict else '>='} {lo}"
-            else:
-                want = f"{'<' if hi_strict else '<='} {hi}"
             raise ConfigError(f"{key}: expected a value {want}, got {value!r}")
+
+
+def _unknown_key(cls: type, prefix: str, name: Any) -> ConfigError:
+    where = prefix.rstrip(".") or "the top level"
+    keys = ", ".join(sorted(f.name for f in dataclasses.fields(cls)))
+    return ConfigError(f"unknown config key '{prefix}{name}' (keys in {where}: {keys})")
 
 
 def _build(cls: type, data: dict, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or '<root>'}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or '<root>'}: expected a mapping (the section's keys), "
+                          f"got {data!r} ({type(data).__name__})")
     for name in data:
         if name not in fields:
-            where = prefix.rstrip(".") or "the top level"
-            raise ConfigError(
-                f"unknown config key '{prefix}{name}' (keys in {where}: {', '.join(sorted(fields))})"
-            )
+            raise _unknown_key(cls, prefix, name)
     kwargs = {}
     for name, f in fields.items():
         tp = hints[name]
         key = prefix + name
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, data.get(name) or {}, key + ".")
+            sub = data.get(name)  # left out, or null in a YAML file: the section's defaults
+            kwargs[name] = _build(tp, {} if sub is None else sub, key + ".")
         elif name in data:
             value = _coerce(data[name], tp, key)
             _check_meta(value, f, key)
@@ -353,7 +479,8 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def _parse_override(item: str) -> tuple[list[str], Any]:
+def _parse_override(item: str) -> tuple[list[str], str]:
+    """`dotted.key=value` -> (key parts, the value's text, unparsed)."""
     if "=" not in item:
         raise ConfigError(f"override {item!r}: expected dotted.key=value")
     key, raw = item.split("=", 1)
@@ -362,11 +489,23 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
         key = key[2:]
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {item!r}: empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw  # keep it as a string; the type check decides
-    return key.split("."), value
+    return key.split("."), raw
+
+
+def _override_target(parts: list[str], item: str) -> Any:
+    """The annotation of the field an override names (unknown keys and non-sections refused)."""
+    cls, prefix = Config, ""
+    for i, part in enumerate(parts):
+        fields = {f.name for f in dataclasses.fields(cls)}
+        if part not in fields:
+            raise _unknown_key(cls, prefix, part)
+        tp = typing.get_type_hints(cls)[part]
+        if i == len(parts) - 1:
+            return tp
+        if not dataclasses.is_dataclass(tp):
+            raise ConfigError(f"override {item!r}: '{prefix}{part}' is a value ({_type_name(tp)}), not a section")
+        cls, prefix = tp, f"{prefix}{part}."
+    raise AssertionError("unreachable")
 
 
 def _set_dotted(tree: dict, parts: list[str], value: Any) -> None:
@@ -389,14 +528,34 @@ def from_dict(data: dict) -> Config:
     return _build(Config, data, "")
 
 
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _at(mark: Any) -> str:
+    return f"line {mark.line + 1}, column {mark.column + 1}"
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
+    value = loader.construct_yaml_int(node)
+    if _SURPRISING_YAML_INT.fullmatch(node.value):
+        return _SurprisingInt(node.value, value)
+    return value
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one)."""
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one), a
+    list or mapping as a key, and keeps 010 / 1:30 as written (_SurprisingInt)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         first_line: dict = {}
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
                 continue  # `<<: *anchor` may be overridden by the mapping's own keys
+            if not isinstance(key_node, yaml.ScalarNode):
+                kind = "list" if isinstance(key_node, yaml.SequenceNode) else "mapping"
+                raise ConfigError(f"not valid YAML at {_at(key_node.start_mark)}: a key must be a single "
+                                  f"value, got a {kind}")
             key = self.construct_object(key_node, deep=deep)
             if not isinstance(key, typing.Hashable):
                 continue  # SafeLoader's own error follows
@@ -405,6 +564,51 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 raise ConfigError(f"duplicate key {key!r} at line {line} (first at line {first_line[key]})")
             first_line[key] = line
         return super().construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
+
+def _yaml_problem(e: yaml.YAMLError, text: str) -> str:
+    """PyYAML's several-line error as one line: where, the problem and what it was doing."""
+    if isinstance(e, yaml.MarkedYAMLError) and (e.problem_mark or e.context_mark):
+        mark = e.problem_mark or e.context_mark
+        problem = e.problem or e.context or "error"
+        problem = problem[4:] if problem.startswith("but ") else problem
+        msg = f"at {_at(mark)}: {problem}"
+        if e.context and e.problem:
+            where = ""
+            if e.context_mark is not None and e.problem_mark is not None and \
+                    (e.context_mark.line, e.context_mark.column) != (mark.line, mark.column):
+                where = f" at {_at(e.context_mark)}"
+            msg += f" ({e.context}{where})"
+        return _one_line(msg)
+    if isinstance(e, yaml.reader.ReaderError):
+        line = text.count("\n", 0, e.position) + 1
+        column = e.position - (text.rfind("\n", 0, e.position) + 1) + 1
+        return f"at line {line}, column {column}: character #x{e.character:04x} ({_one_line(e.reason)})"
+    return _one_line(str(e))
+
+
+def _read_yaml(p: Path) -> Any:
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read the config file ({e.strerror or e})") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        start = data.rfind(b"\n", 0, e.start) + 1
+        line = data.count(b"\n", 0, e.start) + 1
+        column = len(data[start:e.start].decode("utf-8", "replace")) + 1
+        raise ConfigError(f"{p}: not UTF-8 text (byte 0x{data[e.start]:02x} at line {line}, column {column}); "
+                          "save the file as UTF-8") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML {_yaml_problem(e, text)}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -416,29 +620,42 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"--config {p}: is a directory; expected a YAML file (e.g. configs/qwen2vl_2b.yaml)")
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
-        try:
-            loaded = yaml.load(p.read_text(), Loader=_UniqueKeyLoader)
-        except ConfigError as e:
-            raise ConfigError(f"{p}: {e}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML ({e})") from None
+        loaded = _read_yaml(p)
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: expected a mapping at the top level, got {type(loaded).__name__}")
+        try:
+            from_dict(loaded)  # the file alone: its unknown keys, types and ranges, named with the file
+        except ConfigError as e:
+            raise ConfigError(f"{p}: {e}") from None
         tree = loaded
     for item in overrides:
-        parts, value = _parse_override(item)
-        _set_dotted(tree, parts, value)
+        parts, raw = _parse_override(item)
+        tp = _override_target(parts, item)
+        key = ".".join(parts)
+        if dataclasses.is_dataclass(tp):
+            first = dataclasses.fields(tp)[0].name
+            raise ConfigError(f"{key}: expected a mapping (a section: override its keys, e.g. {key}.{first}=...), "
+                              f"got {raw!r}")
+        _set_dotted(tree, parts, _parse_value(raw, tp, key))
     cfg = from_dict(tree)
     validate(cfg)
     return cfg
 
 
 def validate(cfg: Config) -> None:
-    """Cross-field checks (single fields are checked while loading)."""
-    if not cfg.output_dir.strip():
-        raise ConfigError(f"output_dir: expected a non-empty directory path, got {cfg.output_dir!r}")
+    """Cross-field checks (single fields are checked while loading); warns of settings that run
+    but are likely mistakes."""
+    for key, want in (("output_dir", "a non-empty directory path"),
+                      ("data.train", "a non-empty path (or 'synthetic')"),
+                      ("data.test", "a non-empty path (or 'synthetic')"),
+                      ("model.path", "a non-empty checkpoint path or hub id (or 'tiny')")):
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if not value.strip():
+            raise ConfigError(f"{key}: expected {want}, got {value!r}")
     if Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
         raise ConfigError(f"output_dir: {cfg.output_dir!r} exists and is not a directory")
     a = cfg.algorithm
@@ -465,6 +682,22 @@ def validate(cfg: Config) -> None:
         )
     if cfg.rollout.num_generations < 2 and cfg.train.max_steps > 0:
         raise ConfigError("rollout.num_generations: expected >= 2 (group-relative advantages need a group)")
+    if cfg.rollout.temperature == 0 and cfg.train.max_steps > 0:
+        raise ConfigError(
+            f"rollout.temperature: expected > 0 when train.max_steps > 0, got {cfg.rollout.temperature!r} "
+            "(greedy: a prompt's G completions would be equal, every advantage 0, and StepGRPO would learn nothing)"
+        )
+    w = cfg.warmup
+    if os.environ.get("RANK", "0") != "0":  # the warnings below: once, not once per rank
+        return
+    if w.steps > 0 and w.warmup_steps > w.steps:
+        log.warning("warmup.warmup_steps=%d exceeds warmup.steps=%d: the warm-up lr never reaches warmup.lr "
+                    "(its last step runs at %.0f%% of it)", w.warmup_steps, w.steps, 100 * w.steps / w.warmup_steps)
+    total = cfg.train.max_steps * cfg.algorithm.num_iterations
+    if total > 0 and cfg.optim.warmup_steps > total:
+        log.warning("optim.warmup_steps=%d exceeds the StepGRPO optimizer steps (train.max_steps x "
+                    "algorithm.num_iterations = %d): the lr never reaches optim.lr (its last step runs at %.0f%% of it)",
+                    cfg.optim.warmup_steps, total, 100 * total / cfg.optim.warmup_steps)
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:

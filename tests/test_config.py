@@ -164,3 +164,221 @@ def test_delta_must_sit_above_the_upper_clip():
     assert load_config(None, ["algorithm.delta=1.5"]).algorithm.delta == 1.5
     with pytest.raises(ConfigError, match="algorithm.delta=1.1: must exceed 1 \\+ algorithm.epsilon_high"):
         load_config(None, ["algorithm.delta=1.1"])
+
+
+# ---------------------------------------------------------------- audit: sections, override parsing, files
+
+
+@pytest.mark.parametrize("override", ["model=", "model=null", "model={}", "data=0", "model.tiny=", "train=false"])
+def test_a_section_override_is_refused(override):
+    # `model=` used to reset the whole section to the defaults: the 7B recipe silently became the tiny model
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs" / "qwen2vl_7b.yaml", [override])
+    msg = str(e.value)
+    assert msg.startswith(f"{key}: expected a mapping") and "\n" not in msg
+    assert load_config(ROOT / "configs" / "qwen2vl_7b.yaml", ["model.dtype=float16"]).model.path != "tiny"
+
+
+@pytest.mark.parametrize("text, key", [
+    ("model: false\n", "model"), ("data: 0\n", "data"), ("train: []\n", "train"), ("model:\n  tiny: ''\n", "model.tiny"),
+])
+def test_a_section_in_a_file_must_be_a_mapping(tmp_path, text, key):
+    f = tmp_path / "c.yaml"
+    f.write_text("seed: 1\n" + text)
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    assert str(e.value).startswith(f"{f}: {key}: expected a mapping")
+
+
+def test_a_null_or_empty_section_in_a_file_keeps_its_defaults(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("model:\ntrain: {}\nseed: 4\n")
+    cfg = load_config(f, ["model.dtype=bfloat16"])
+    assert (cfg.model.path, cfg.model.dtype, cfg.train.max_steps, cfg.seed) == ("tiny", "bfloat16", 60, 4)
+
+
+@pytest.mark.parametrize("override, attr, value", [
+    # a str field takes the text verbatim: YAML read a comment, a date, a bool, an int or null there
+    ("output_dir=runs/exp #3", "output_dir", "runs/exp #3"),
+    ("logging.wandb_run_name=lr 1e-5 #ablation", "logging.wandb_run_name", "lr 1e-5 #ablation"),
+    ("output_dir=2024", "output_dir", "2024"),
+    ("logging.wandb_run_name=2024-06-01", "logging.wandb_run_name", "2024-06-01"),
+    ("logging.wandb_run_name=off", "logging.wandb_run_name", "off"),
+    ("logging.wandb_project=010", "logging.wandb_project", "010"),
+    ("data.synthetic_dir=null", "data.synthetic_dir", "null"),
+    ("train.resume=runs/x #1", "train.resume", "runs/x #1"),
+    ("rollout.vllm.max_model_len=None", "rollout.vllm.max_model_len", None),
+])
+def test_override_values_are_read_by_the_fields_type(override, attr, value, tmp_path):
+    cfg = load_config(None, [override])
+    got = cfg
+    for part in attr.split("."):
+        got = getattr(got, part)
+    assert got == value and type(got) is type(value)
+    dump_config(cfg, tmp_path / "config.yaml")  # the resolved config reads back the same
+    assert to_dict(load_config(tmp_path / "config.yaml")) == to_dict(cfg)
+
+
+@pytest.mark.parametrize("override, attr, value", [
+    # read as YAML read them (these held before too)
+    ("logging.wandb_run_name='a: b #c'", "logging.wandb_run_name", "a: b #c"),  # wholly quoted: unquoted
+    ("logging.wandb_run_name=\"it's\"", "logging.wandb_run_name", "it's"),
+    ("logging.wandb_run_name='it''s'", "logging.wandb_run_name", "it's"),
+    ("logging.wandb_run_name='a' 'b'", "logging.wandb_run_name", "'a' 'b'"),
+    ("train.resume='2'", "train.resume", "2"),
+    ("train.resume='true'", "train.resume", "true"),
+    ("train.resume=off", "train.resume", False),
+    ("seed=10", "seed", 10), ("seed=-3", "seed", -3), ("seed= 7 ", "seed", 7), ("seed=0", "seed", 0),
+    ("rollout.vllm.weight_bucket_bytes=1_000_000", "rollout.vllm.weight_bucket_bytes", 1000000),
+    ("rollout.vllm.max_model_len=~", "rollout.vllm.max_model_len", None),
+    ("rollout.vllm.max_model_len=4096", "rollout.vllm.max_model_len", 4096),
+    ("optim.lr=3e-4", "optim.lr", 3e-4), ("optim.lr=.5", "optim.lr", 0.5), ("algorithm.delta=NULL", "algorithm.delta", None),
+    ("model.liger=OFF", "model.liger", False), ("model.liger=Yes", "model.liger", True),
+    ("rollout.vllm.enable_sleep_mode=null", "rollout.vllm.enable_sleep_mode", None),
+    ("rollout.vllm.enable_sleep_mode=on", "rollout.vllm.enable_sleep_mode", True),
+])
+def test_override_values_read_as_before(override, attr, value):
+    got = load_config(None, [override])
+    for part in attr.split("."):
+        got = getattr(got, part)
+    assert got == value and type(got) is type(value)
+
+
+@pytest.mark.parametrize("override, words", [
+    ("seed=010", ["seed", "expected int", "leading zeros", "'010'"]),  # was 8 (YAML 1.1 octal)
+    ("train.save_every=0100", ["train.save_every", "leading zeros", "'0100'"]),  # was 64
+    ("seed=1:30", ["seed", "expected int", "'1:30'"]),  # was 90 (base 60)
+    ("seed=0x10", ["seed", "expected int", "'0x10'"]),
+    ("rollout.vllm.max_model_len=0100", ["rollout.vllm.max_model_len", "int or null", "'0100'"]),
+    ("rollout.vllm.max_model_len=", ["rollout.vllm.max_model_len", "int or null", "''"]),
+    ("train.resume=1", ["train.resume", "bool or str", "'1'", "a number"]),
+    ("model.liger=1", ["model.liger", "expected bool", "'1'"]),
+    ("optim.lr=1:30", ["optim.lr", "expected float", "'1:30'"]),
+    ("seed.x=1", ["'seed' is a value", "not a section"]),
+])
+def test_override_values_that_yaml_would_misread_are_refused(override, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+@pytest.mark.parametrize("text, key", [
+    ("seed: 010\n", "seed"), ("train:\n  save_every: 0100\n", "train.save_every"), ("seed: 1:30\n", "seed"),
+    ("optim:\n  lr: 010\n", "optim.lr"), ("rollout:\n  vllm:\n    max_model_len: 01024\n", "rollout.vllm.max_model_len"),
+])
+def test_yaml_file_ints_with_a_leading_zero_are_refused(tmp_path, text, key):
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    msg = str(e.value)
+    assert msg.startswith(f"{f}: {key}: expected") and "YAML 1.1 reads as" in msg and "\n" not in msg
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("seed: 10\ntrain:\n  save_every: 0x10\nlogging:\n  wandb_run_name: '010'\n")
+    cfg = load_config(ok)
+    assert (cfg.seed, cfg.train.save_every, cfg.logging.wandb_run_name) == (10, 16, "010")
+
+
+@pytest.mark.parametrize("key", ["optim.lr", "warmup.lr", "rollout.temperature", "algorithm.accuracy_weight",
+                                 "algorithm.validity_weight", "algorithm.beta", "optim.max_grad_norm",
+                                 "algorithm.delta", "algorithm.epsilon_high", "rollout.is_cap"])
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "Infinity"])
+def test_non_finite_floats_are_refused(key, value):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"{key}={value}"])
+    msg = str(e.value)
+    assert msg.startswith(f"{key}: expected a finite") and f"got {float(value)!r}" in msg, msg
+
+
+def test_non_finite_floats_in_a_file_are_refused(tmp_path):
+    for text, key in (("optim:\n  max_grad_norm: .inf\n", "optim.max_grad_norm"),
+                      ("algorithm:\n  accuracy_weight: .nan\n", "algorithm.accuracy_weight"),
+                      ("algorithm:\n  validity_weight: -.inf\n", "algorithm.validity_weight")):
+        f = tmp_path / "c.yaml"
+        f.write_text(text)
+        with pytest.raises(ConfigError, match=rf"^{f}: {key}: expected a finite"):
+            load_config(f)
+
+
+def test_a_file_that_is_not_utf8(tmp_path):
+    f = tmp_path / "latin1.yaml"
+    f.write_bytes("seed: 1\n# café config\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    assert str(e.value) == f"{f}: not UTF-8 text (byte 0xe9 at line 2, column 6); save the file as UTF-8"
+    bom = tmp_path / "bom.yaml"
+    bom.write_bytes("\ufeffseed: 5\n# café\n".encode("utf-8"))
+    assert load_config(bom).seed == 5
+
+
+@pytest.mark.parametrize("text, where, words", [
+    ("seed: 1\ntrain:\n\tmax_steps: 3\n", "line 3, column 1", ["found character '\\t'"]),
+    ("seed: 1\n---\nseed: 2\n", "line 2, column 1", ["found another document", "single document"]),
+    ("{seed: 1, [a]: 2}\n", "line 1, column 11", ["a key must be a single value, got a list"]),
+    ("train: [1, 2\n", "line 2, column 1", ["expected ',' or ']'"]),
+    ("seed: 1\n  train: 2\n", "line 2, column 8", ["mapping values are not allowed here"]),
+    ("seed: \x07\n", "line 1, column 7", ["#x0007"]),
+])
+def test_yaml_syntax_errors_are_one_line(tmp_path, text, where, words):
+    f = tmp_path / "bad.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{f}: not valid YAML at {where}: "), msg
+    assert all(w in msg for w in words), msg
+
+
+def test_file_errors_name_the_file(tmp_path):
+    f = tmp_path / "unk.yaml"
+    f.write_text("model:\n  tiny:\n    archh: qwen2_vl\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    assert str(e.value).startswith(f"{f}: unknown config key 'model.tiny.archh'")
+    f.write_text("train:\n  max_steps: many\n")
+    with pytest.raises(ConfigError, match=rf"^{f}: train.max_steps: expected int"):
+        load_config(f)
+
+
+@pytest.mark.parametrize("override", ["data.train=", "data.test=", "data.test=' '", "model.path="])
+def test_empty_paths_are_refused(override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"^{key}: expected a non-empty"):
+        load_config(None, [override])
+
+
+def test_empty_synthetic_dir_and_resume_are_meaningful():
+    cfg = load_config(None, ["data.synthetic_dir=", "train.resume="])
+    assert cfg.data.synthetic_dir == "" and cfg.train.resume == ""  # <output_dir>/data; a fresh run
+
+
+def test_greedy_sampling_cannot_train():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["rollout.temperature=0"])
+    msg = str(e.value)
+    assert msg.startswith("rollout.temperature: expected > 0 when train.max_steps > 0, got 0.0")
+    assert "every advantage 0" in msg and "learn nothing" in msg
+    assert load_config(None, ["rollout.temperature=0", "train.max_steps=0"]).rollout.temperature == 0.0
+
+
+def _warnings(caplog, overrides, path=None):
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="r1vl.config"):
+        load_config(path, overrides)
+    return [r.getMessage() for r in caplog.records if r.name == "r1vl.config"]
+
+
+def test_lr_warmup_longer_than_the_schedule_warns(caplog):
+    (msg,) = _warnings(caplog, ["warmup.steps=8", "warmup.warmup_steps=10"])
+    assert msg.startswith("warmup.warmup_steps=10 exceeds warmup.steps=8") and "80%" in msg
+    (msg,) = _warnings(caplog, ["train.max_steps=5", "algorithm.num_iterations=2", "optim.warmup_steps=20"])
+    assert msg.startswith("optim.warmup_steps=20 exceeds") and "= 10" in msg and "50%" in msg
+    # the peak reached at the last step, no warm-up phase, no StepGRPO steps: nothing to say
+    assert _warnings(caplog, ["warmup.steps=10", "warmup.warmup_steps=10"]) == []
+    assert _warnings(caplog, ["warmup.steps=0", "warmup.warmup_steps=10"]) == []
+    assert _warnings(caplog, ["train.max_steps=5", "algorithm.num_iterations=2", "optim.warmup_steps=10"]) == []
+    assert _warnings(caplog, ["train.max_steps=0", "optim.warmup_steps=10"]) == []
+    for name in ("default.yaml", "qwen2vl_2b.yaml", "qwen2vl_7b.yaml"):
+        assert _warnings(caplog, [], ROOT / "configs" / name) == []
+    assert _warnings(caplog, []) == []

@@ -441,7 +441,8 @@ def test_ref_on_host_same_run(tmp_path, data_dir):
 @pytest.mark.parametrize("overrides,expected", [
     ([], (0.7, 0.7)),  # null: the sampling temperature (the default run)
     (["algorithm.logprob_temperature=1.0"], (1.0, 0.7)),  # the authors' code: raw logits
-    (["rollout.temperature=0", "algorithm.logprob_temperature=null"], (1.0, 1.0)),  # greedy
+    # greedy (refused for a run with StepGRPO steps: its G completions would be equal)
+    (["rollout.temperature=0", "algorithm.logprob_temperature=null", "train.max_steps=0"], (1.0, 1.0)),
     (["rollout.temperature=1.2", "rollout.vllm.logprobs_mode=raw_logprobs"], (1.2, 1.0)),
 ])
 def test_logprob_temperatures(overrides, expected):
