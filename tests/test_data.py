@@ -402,3 +402,11 @@ def test_check_and_eval_report_a_truncated_image_before_any_work(tmp_path, capsy
     assert ev.main(["--model", str(tmp_path / "m"), "--data", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"r1vl.eval: error: 1 of the 6 evaluated images cannot be decoded (first {path}:3: ")
+
+
+def test_key_steps_json_string_null_is_none():
+    """A table column holding the JSON text "null" (what some exporters write for a missing value)."""
+    from r1vl.data import normalize_key_steps
+
+    assert normalize_key_steps("null") == normalize_key_steps(" null ") == []
+    assert normalize_key_steps('{"Steps": null}') == []

@@ -80,6 +80,8 @@ def normalize_key_steps(value: Any) -> list[list[str]]:
         except json.JSONDecodeError:
             raise ValueError("key_steps is a string that is not JSON; expected "
                              '{"Steps": [[phrasing, ...], ...]} or a list of groups') from None
+        if value is None:  # the JSON string "null", as a table column may hold it: none
+            return []
     if isinstance(value, dict):
         if "Steps" not in value:
             raise ValueError(f"key_steps object has no 'Steps' key (keys: {sorted(map(str, value))})")
