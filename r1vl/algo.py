@@ -313,19 +313,23 @@ def _clip(params: list[torch.Tensor], max_norm: float) -> float:
 
 def sft_step(policy: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, batch: SeqBatch, *,
              micro_batch_size: int, max_grad_norm: float = 1.0) -> dict[str, float]:
-    """One supervised step: token-mean negative log-likelihood of the continuations (computed
-    from hidden states by r1vl.kernels.linear_logprobs; no vocabulary logits), accumulated over
-    micro-batches, gradient clipping, optimizer and scheduler step."""
+    """One supervised step: the negative log-likelihood of the continuations (computed from
+    hidden states by r1vl.kernels.linear_logprobs; no vocabulary logits) as one token mean over
+    the global batch (all ranks' tokens: `_tokens_per_rank`, so that the ranks' averaged
+    gradients equal one process's on the whole batch, as HF's average_tokens_across_devices),
+    accumulated over micro-batches, gradient clipping, optimizer and scheduler step. Returns
+    this rank's share of the loss (the ranks' mean is the global token mean) and its tokens."""
     if optimizer is not None:
         optimizer.zero_grad(set_to_none=True)
     groups = micro_batches(batch.size, micro_batch_size)
     total = float(batch.mask.sum().item())
+    norm = max(_tokens_per_rank(batch.mask), 1.0)
     loss_sum = 0.0
     for gi, idx in enumerate(groups):
         mb = batch.slice(idx)
         with _no_sync(policy, gi < len(groups) - 1):
             loss, n = policy(mb.inputs, mb.targets, mb.mask, start=mb.start, mode="sft")
-            w = float(n) / max(total, 1.0)
+            w = float(n) / norm
             _backward(policy, loss * w, last=gi == len(groups) - 1)
         loss_sum += float(loss.detach()) * w
     params = [p for p in policy.parameters() if p.requires_grad]

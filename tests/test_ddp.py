@@ -34,8 +34,11 @@ def _setup():
 
 
 def _update(policy, batch, adv, loss_type="grpo"):
-    from r1vl.algo import UpdateConfig, compute_logprobs, grpo_update
+    from r1vl.algo import UpdateConfig, compute_logprobs, grpo_update, sft_step
 
+    if loss_type == "sft":  # the warm-up's step
+        opt = torch.optim.SGD(policy.parameters(), lr=0.05)
+        return sft_step(policy, opt, None, batch, micro_batch_size=2, max_grad_norm=0.0)
     ref = compute_logprobs(policy, batch, micro_batch_size=8) - 0.05 * batch.mask
     opt = torch.optim.SGD(policy.parameters(), lr=0.05)
     cfg = UpdateConfig(micro_batch_size=2, max_grad_norm=0.0, beta=0.04, loss_type=loss_type)
@@ -73,10 +76,11 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "sft"])
 def test_ddp_two_gloo_ranks_match_single_process(tmp_path, loss_type):
-    """grpo: a mean over sequences; dapo: one token mean over the global batch, whose halves
-    hold different token counts here (so a per-rank normaliser would not match)."""
+    """grpo: a mean over sequences; dapo and the warm-up's sft: one token mean over the global
+    batch, whose halves hold different token counts here (so a per-rank normaliser would not
+    match)."""
     # spawn, not fork: a fork of the pytest process after earlier tests ran threads (OpenMP,
     # the reward pool's readers) deadlocked in the child in a full-suite run
     mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path), loss_type), nprocs=2, join=True,
@@ -84,7 +88,7 @@ def test_ddp_two_gloo_ranks_match_single_process(tmp_path, loss_type):
     p0 = torch.load(tmp_path / "rank0.pt")
     p1 = torch.load(tmp_path / "rank1.pt")
     policy, batch = _setup()
-    if loss_type == "dapo":
+    if loss_type in ("dapo", "sft"):
         assert batch.mask[:4].sum() != batch.mask[4:].sum()
     before = {k: v.detach().clone() for k, v in policy.state_dict().items()}
     _update(policy, batch, torch.tensor(ADV), loss_type)
