@@ -17,13 +17,14 @@ Every user mistake is a ValueError naming the offending argument.
 """
 from __future__ import annotations
 
+import numbers
 import os
 
 import torch
 from torch import nn
 
 from .chunked import chunked_linear_logprobs
-from .objective import grpo_objective
+from .objective import grpo_objective, no_autocast
 from .onepass import gemm_logprobs, onepass_grpo_loss, sequence_fits
 
 BACKENDS = ("auto", "triton", "torch")
@@ -47,6 +48,16 @@ def _check_tensor(name: str, x, *, shape=None, dtypes=None, device=None, float_o
         raise ValueError(f"{name}: expected a floating-point tensor, got {x.dtype}")
     if device is not None and x.device != device:
         raise ValueError(f"{name}: expected device {device} (hidden's), got {x.device}")
+
+
+def _as_number(x):
+    """A Python number from a real number of any kind (numpy scalars, 0-dim tensors: what
+    other trainers' configs hold); other values are returned as they are, for the checks."""
+    if isinstance(x, torch.Tensor) and x.numel() == 1 and not x.is_complex() and x.dtype != torch.bool:
+        return x.item()
+    if isinstance(x, numbers.Real) and not isinstance(x, (bool, int, float)):
+        return float(x)
+    return x
 
 
 def _check_number(name: str, x, *, positive=False, nonneg=False):
@@ -160,22 +171,24 @@ def linear_logprobs(
     Differentiable w.r.t. hidden, weight and bias (logp and entropy); under torch.no_grad
     nothing is saved.
     """
+    temperature = _as_number(temperature)
     _check_linear(hidden, weight, bias, targets, temperature, hidden_ndims=(2, 3))
     be = _resolve_backend(backend, hidden.device, hidden.dtype)
     _check_target_range(targets, weight.shape[0])
-    h2 = hidden.reshape(-1, hidden.shape[-1])
-    logprob_fn = _backend_fns(be)[0]
-    tracked = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden, weight, bias))
-    if be == "torch" and hidden.device.type == "cuda" and not tracked:
-        # forward only on CUDA: full-row chunks, one cuBLAS GEMM + the row-stats kernel each
-        logprob_fn = gemm_logprobs
-    logp, ent = logprob_fn(h2, weight, bias, targets.reshape(-1), temperature=temperature,
-                           return_entropy=bool(return_entropy))
-    logp = logp.view(targets.shape)
-    if return_entropy:
-        return logp, ent.view(targets.shape)
-    return logp
+    with no_autocast(hidden.device):  # fp32 logits from the inputs' dtypes, under autocast too
+        h2 = hidden.reshape(-1, hidden.shape[-1])
+        logprob_fn = _backend_fns(be)[0]
+        tracked = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (hidden, weight, bias))
+        if be == "torch" and hidden.device.type == "cuda" and not tracked:
+            # forward only on CUDA: full-row chunks, one cuBLAS GEMM + the row-stats kernel each
+            logprob_fn = gemm_logprobs
+        logp, ent = logprob_fn(h2, weight, bias, targets.reshape(-1), temperature=temperature,
+                               return_entropy=bool(return_entropy))
+        logp = logp.view(targets.shape)
+        if return_entropy:
+            return logp, ent.view(targets.shape)
+        return logp
 
 
 def fused_linear_grpo_loss(
@@ -216,6 +229,8 @@ def fused_linear_grpo_loss(
     read from the vocabulary: their targets may be any id (padding) and they cost no
     vocabulary work.
     """
+    beta, epsilon_low, epsilon_high, temperature = map(_as_number, (beta, epsilon_low, epsilon_high, temperature))
+    delta = None if delta is None else _as_number(delta)
     _check_linear(hidden, weight, bias, targets, temperature, hidden_ndims=(3,))
     b, t = targets.shape
     dev = hidden.device
@@ -245,41 +260,44 @@ def fused_linear_grpo_loss(
             raise ValueError(f"max_completion_length: expected a positive int, got {max_completion_length!r}")
     if num_items_in_batch is not None:
         n_items = num_items_in_batch
-        if isinstance(n_items, torch.Tensor):
-            if n_items.numel() != 1:
-                raise ValueError(f"num_items_in_batch: expected a scalar, got shape {tuple(n_items.shape)}")
-            n_items = float(n_items)
-        _check_number("num_items_in_batch", n_items, positive=True)
+        if isinstance(n_items, torch.Tensor) and n_items.numel() != 1:
+            raise ValueError(f"num_items_in_batch: expected a scalar, got shape {tuple(n_items.shape)}")
+        n_items = _as_number(n_items)
+        _check_number("num_items_in_batch", n_items, nonneg=True)
+        # a Python number from here on (a 1-element tensor made a [1]-shaped loss on one path);
+        # 0 (no completion token in the whole batch) counts as 1, as TRL clamps it
+        num_items_in_batch = max(float(n_items), 1.0)
     be = _resolve_backend(backend, dev, hidden.dtype, op="loss_" + importance_sampling_level)
 
-    on = (mask != 0).reshape(-1)
-    _check_target_range(targets.reshape(-1), weight.shape[0], where=on)
-    n_on = int(on.sum())
-    rows = None if n_on == on.numel() else on.nonzero().squeeze(1)
-    safe_targets = targets.reshape(-1) if rows is None else torch.where(on, targets.reshape(-1), 0)
-    h2 = hidden.reshape(-1, hidden.shape[-1])
-    if be == "torch" and _onepass_enabled() and (
-            importance_sampling_level == "token" or sequence_fits(mask, weight.shape[0], dev)):
-        return onepass_grpo_loss(
-            h2, weight, bias, safe_targets, rows, mask, advantages, old_logprobs=old_logprobs,
-            ref_logprobs=ref_logprobs, rollout_is_ratio=rollout_is_ratio, beta=beta,
-            epsilon_low=epsilon_low, epsilon_high=epsilon_high, temperature=temperature,
-            loss_type=loss_type, max_completion_length=max_completion_length,
-            num_items_in_batch=num_items_in_batch, return_entropy=return_entropy,
-            importance_sampling_level=importance_sampling_level,
-            use_bias_correction_kl=use_bias_correction_kl, delta=delta)
-    logprob_fn, objective_fn = _backend_fns(be)
-    logp, ent = logprob_fn(h2, weight, bias, safe_targets, temperature=temperature,
-                           return_entropy=bool(return_entropy), rows=rows)
-    return objective_fn(
-        logp.view(b, t), mask, advantages,
-        old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, rollout_is_ratio=rollout_is_ratio,
-        beta=float(beta), epsilon_low=float(epsilon_low), epsilon_high=float(epsilon_high),
-        loss_type=loss_type, importance_sampling_level=importance_sampling_level,
-        max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
-        entropy=None if ent is None else ent.view(b, t).detach(),
-        use_bias_correction_kl=use_bias_correction_kl, delta=delta,
-    )
+    with no_autocast(dev):  # fp32 logits from the inputs' dtypes, under autocast too
+        on = (mask != 0).reshape(-1)
+        _check_target_range(targets.reshape(-1), weight.shape[0], where=on)
+        n_on = int(on.sum())
+        rows = None if n_on == on.numel() else on.nonzero().squeeze(1)
+        safe_targets = targets.reshape(-1) if rows is None else torch.where(on, targets.reshape(-1), 0)
+        h2 = hidden.reshape(-1, hidden.shape[-1])
+        if be == "torch" and _onepass_enabled() and (
+                importance_sampling_level == "token" or sequence_fits(mask, weight.shape[0], dev)):
+            return onepass_grpo_loss(
+                h2, weight, bias, safe_targets, rows, mask, advantages, old_logprobs=old_logprobs,
+                ref_logprobs=ref_logprobs, rollout_is_ratio=rollout_is_ratio, beta=beta,
+                epsilon_low=epsilon_low, epsilon_high=epsilon_high, temperature=temperature,
+                loss_type=loss_type, max_completion_length=max_completion_length,
+                num_items_in_batch=num_items_in_batch, return_entropy=return_entropy,
+                importance_sampling_level=importance_sampling_level,
+                use_bias_correction_kl=use_bias_correction_kl, delta=delta)
+        logprob_fn, objective_fn = _backend_fns(be)
+        logp, ent = logprob_fn(h2, weight, bias, safe_targets, temperature=temperature,
+                               return_entropy=bool(return_entropy), rows=rows)
+        return objective_fn(
+            logp.view(b, t), mask, advantages,
+            old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, rollout_is_ratio=rollout_is_ratio,
+            beta=float(beta), epsilon_low=float(epsilon_low), epsilon_high=float(epsilon_high),
+            loss_type=loss_type, importance_sampling_level=importance_sampling_level,
+            max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
+            entropy=None if ent is None else ent.view(b, t).detach(),
+            use_bias_correction_kl=use_bias_correction_kl, delta=delta,
+        )
 
 
 class FusedLinearGRPOLoss(nn.Module):

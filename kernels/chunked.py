@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from .objective import no_autocast
+
 # Target size of one [rows, cols] logits block, and the most rows taken at once.
 CHUNK_BYTES = 32 << 20
 ROW_BLOCK = 4096
@@ -203,8 +205,9 @@ class ChunkedLinearLogprobsFunction(torch.autograd.Function):
         if ent is None:
             g_ent = None
         need = ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]
-        dh, dw, db = _backward(hidden, weight, bias, targets, lse, ent, g_logp, g_ent,
-                               ctx.temperature, need)
+        with no_autocast(hidden.device):  # backward called under autocast: fp32 logits still
+            dh, dw, db = _backward(hidden, weight, bias, targets, lse, ent, g_logp, g_ent,
+                                   ctx.temperature, need)
         return dh, dw, db, None, None, None, None
 
 

@@ -11,7 +11,21 @@ ratios there are replaced by zeros before any arithmetic.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
+
+
+def no_autocast(device: torch.device):
+    """A context in which autocast is off for `device` (a no-op when it is not on): the log-prob
+    GEMMs must give fp32 logits from the caller's dtypes, as every backend promises, also when
+    the caller runs under torch.autocast (which would make them bf16 and the log-probs wrong)."""
+    try:
+        if torch.is_autocast_enabled(device.type):
+            return torch.autocast(device.type, enabled=False)
+    except (TypeError, RuntimeError):  # a device type autocast does not know: nothing to turn off
+        pass
+    return contextlib.nullcontext()
 
 
 def grpo_objective(

@@ -45,6 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .objective import no_autocast
+
 # triton.jit reads TRITON_INTERPRET when the kernels below are decorated.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # an interpreter that cannot run these kernels either: triton_rows' import raises an ImportError
@@ -564,8 +566,9 @@ class TritonLinearLogprobsFunction(torch.autograd.Function):
         if g_logp is None and g_ent is None:
             return None, None, None, None, None, None, None
         need = ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]
-        dh, dw, db = _backward(hidden, weight, bias, targets, lse, ent, g_logp, g_ent,
-                               ctx.temperature, need)
+        with no_autocast(hidden.device):
+            dh, dw, db = _backward(hidden, weight, bias, targets, lse, ent, g_logp, g_ent,
+                                   ctx.temperature, need)
         return dh, dw, db, None, None, None, None
 
 

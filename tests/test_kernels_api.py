@@ -28,7 +28,7 @@ BAD_LOSS_INPUTS = [
     ("importance_sampling_level", dict(importance_sampling_level="seq")),
     ("max_completion_length", dict(loss_type="dr_grpo")),
     ("max_completion_length", dict(loss_type="dr_grpo", max_completion_length=0)),
-    ("num_items_in_batch", dict(loss_type="dapo", num_items_in_batch=0)),
+    ("num_items_in_batch", dict(loss_type="dapo", num_items_in_batch=-1)),
     ("temperature", dict(temperature=0.0)),
     ("epsilon_low", dict(epsilon_low=-0.1)),
     ("beta", dict(beta=float("nan"))),
@@ -147,3 +147,50 @@ def test_non_contiguous_views(backend):
     (rgh,) = torch.autograd.grad(rloss, h64)
     assert abs(loss.item() - rloss.item()) <= 1e-5
     assert float((gh.double() - rgh).abs().max()) <= 1e-4 * float(rgh.abs().max())
+
+
+@pytest.mark.parametrize("onepass", ["1", "0"])
+def test_autocast_does_not_change_the_result(case, monkeypatch, onepass):
+    """Under torch.autocast (as a trainer's forward often runs) the LM-head GEMMs still give fp32
+    logits from fp32 inputs: loss, metrics, gradients and log-probs as without autocast (the
+    one-pass path crashed in scatter_add_, the two-pass path was silently ~3% off)."""
+    monkeypatch.setenv("R1VL_KERNEL_ONEPASS", onepass)
+
+    def run(autocast):
+        h = case.hidden.detach().clone().requires_grad_()
+        w = case.weight.detach().clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss, m = fused_linear_grpo_loss(h, w, case.targets, case.mask, case.advantages,
+                                             old_logprobs=case.old, ref_logprobs=case.ref, backend="torch")
+            loss.backward()  # backward under autocast too
+            lp = linear_logprobs(h.detach(), w.detach(), case.targets, backend="torch")
+        return loss.detach(), {k: v for k, v in m.items()}, h.grad, w.grad, lp
+
+    plain, cast = run(False), run(True)
+    assert cast[0].dtype == torch.float32
+    torch.testing.assert_close(cast[0], plain[0], rtol=1e-6, atol=1e-7)
+    for k in plain[1]:
+        torch.testing.assert_close(cast[1][k], plain[1][k], rtol=1e-6, atol=1e-7)
+    for a, b in zip(cast[2:], plain[2:]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_numbers_of_other_kinds_and_num_items(case, monkeypatch):
+    """Hyper-parameters as numpy scalars or 0-dim tensors (other trainers' configs hold them);
+    num_items_in_batch as a 1-element tensor gives a 0-dim loss on every path, and 0 (no
+    completion token anywhere) counts as 1, as TRL clamps it."""
+    import numpy as np
+
+    base, _ = _loss(case, loss_type="dapo", num_items_in_batch=7.0, old_logprobs=case.old, ref_logprobs=case.ref)
+    for beta in (np.float32(0.04), torch.tensor(0.04)):
+        got, _ = _loss(case, loss_type="dapo", num_items_in_batch=7.0, old_logprobs=case.old,
+                       ref_logprobs=case.ref, beta=beta, epsilon_low=np.float64(0.2), temperature=torch.tensor(1.0))
+        torch.testing.assert_close(got, base, rtol=1e-6, atol=1e-7)
+    for onepass in ("1", "0"):
+        monkeypatch.setenv("R1VL_KERNEL_ONEPASS", onepass)
+        got, _ = _loss(case, loss_type="dapo", num_items_in_batch=torch.tensor([7.0]), old_logprobs=case.old,
+                       ref_logprobs=case.ref)
+        assert got.shape == () and torch.allclose(got, base)
+        zero, _ = _loss(case, loss_type="dapo", num_items_in_batch=0)
+        one, _ = _loss(case, loss_type="dapo", num_items_in_batch=1)
+        assert torch.equal(zero, one)
