@@ -18,6 +18,21 @@ every token unmasked), timed and memory-measured for:
                     dlogitsᵀ·h in the input dtype (dlogits prepared outside the timed region;
                     taken in row chunks when [N, V] buffers would exceed --floor-chunk-gib)
   floor_fwd         the one GEMM h·Wᵀ of the forward
+  fused_torch2p     fused_torch with R1VL_KERNEL_ONEPASS=0: the two-pass torch path (log-probs,
+                    then the objective, logits recomputed in backward: four GEMMs)
+  fused_torch_c<MB> fused_torch with R1VL_ONEPASS_CHUNK_MB=<MB>: the one-pass path at another
+                    [rows, V] fp32 chunk size (CUDA only; one row per --onepass-chunk-mb value
+                    other than the default CHUNK_BYTES_CUDA). These variant rows run at the
+                    shape where the targets are judged only, unless --torch-variants-at all.
+
+The reference is there for its peak memory (the ≤ 1/8 target): it runs once, untimed
+(ms_median null, "timed": false), unless --time-reference. backend "auto" resolves to
+another backend (kernels/api.py AUTO_CUDA on CUDA, torch on CPU): when that backend's row
+is in the run, the auto row is not run again but recorded with "alias_of" naming it
+(config.aliases too). Within a shape the rows run in this order: the floors, auto's own
+choices (fused_torch, logprobs_triton on CUDA), the reference, liger_chunked, the other
+logprobs rows, the fused_torch variants, the other fused rows, trl_chunked, liger_triton;
+and the shape where the targets are judged runs first.
 
 Inputs are random (never zeros) and the timed calls rotate among --input-sets sets of
 them, so that no cache holds a previous call's operands. CUDA: median of
@@ -29,21 +44,26 @@ summed in time order (bench_cpu_memory.py cross-checks that with process RSS).
 
 Prints one progress line per row on stderr as it finishes, then a table (median ms, peak
 memory, TFLOP/s, ratio to the floor, speed-up over liger's chunked loss and over TRL's
-head) and the issue's targets as PASS/FAIL, and writes (after every shape, so a run cut
-short keeps what it measured) bench/results/loss_<device>.json (--out elsewhere):
+head) and the issue's targets as PASS/FAIL, and writes, after every row (a temporary file
+renamed over the old one, so a run cut short keeps every finished row and the targets
+judged on them), bench/results/loss_<device>.json (--out elsewhere):
   {"rows": [{"impl", "device", "hidden", "vocab", "tokens", "dtype", "ms_median",
              "peak_mem_bytes", "versions", ...}], "config": {...}, "targets": [...]}
+config records the TF32 switches (torch.backends.cuda.matmul / cudnn): liger's chunked
+loss runs some of its GEMMs in fp32, so its time, and the ≥ 3× target, depend on them.
 <device> is "cpu", or the GPU's model ("h100", "h200") on CUDA.
 
     python bench/bench_loss.py                      # Qwen2-VL-2B/7B heads x 4096/16384 tokens, bf16, CUDA
     python bench/bench_loss.py --heads 7b --tokens 16384 --backends triton
     python bench/bench_loss.py --long               # + 131072 tokens at the 2B head (fused + floor)
     python bench/bench_loss.py --small              # CPU-sized shapes, fp32
+    python bench/bench_loss.py --heads 7b --tokens 16384 --onepass-chunk-mb 256,512,1024
     python bench/plot_loss.py bench/results/loss_h100.json   # PNG of time and memory vs tokens
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib.metadata as md
 import json
@@ -60,6 +80,8 @@ from pathlib import Path
 import torch
 
 from r1vl.kernels import (fused_linear_grpo_loss, linear_logprobs, reference_grpo_loss)
+from r1vl.kernels import onepass
+from r1vl.kernels.api import _resolve_backend
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _cli  # noqa: E402
@@ -72,6 +94,11 @@ SMALL_SHAPES = [(256, 8192, 512), (512, 32000, 1024)]
 KERNEL_BACKENDS = ("auto", "triton", "torch")                # r1vl.kernels.api.BACKENDS
 PEERS = ("reference", "liger_chunked", "liger_triton", "trl_chunked", "floor", "floor_fwd")
 LONG_IMPLS = ("fused", "floor")
+DEFAULT_CHUNK_MB = onepass.CHUNK_BYTES_CUDA >> 20           # fused_torch's own chunk size on CUDA
+TWO_PASS = "fused_torch2p"                                   # fused_torch, R1VL_KERNEL_ONEPASS=0
+CHUNK_ROW = re.compile(r"^fused_torch_c([1-9][0-9]*)$")      # fused_torch, R1VL_ONEPASS_CHUNK_MB=<MB>
+REFERENCE_NOTE = ("peak memory only: one untimed call (the targets use its peak; --time-reference "
+                  "times it)")
 # issue 6's targets, judged at the 7B head, 16384 tokens, bf16
 TARGET_SHAPE = (3584, 152064, 16384)
 TARGET_DTYPE = "bfloat16"
@@ -110,13 +137,38 @@ def _grads(loss, inp):
     return loss
 
 
-def make_fused(backend):
+@contextlib.contextmanager
+def _environ(env: dict):
+    """os.environ updated by `env` inside the block, restored after (kernels/api.py and
+    kernels/onepass.py read their switches at each call)."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def fused_env(impl: str) -> dict:
+    """The environment a fused_torch variant row runs under ({} for the others)."""
+    if impl == TWO_PASS:
+        return {"R1VL_KERNEL_ONEPASS": "0"}
+    m = CHUNK_ROW.match(impl)
+    return {onepass.CHUNK_MB_ENV: m.group(1)} if m else {}
+
+
+def make_fused(backend, env=None):
     def run(inp):
-        loss, _ = fused_linear_grpo_loss(inp["hidden"], inp["weight"], inp["targets"], inp["mask"],
-                                         inp["advantages"], old_logprobs=inp["old"],
-                                         ref_logprobs=inp["ref"], beta=0.04, loss_type="grpo",
-                                         backend=backend)
-        return _grads(loss, inp)
+        with _environ(env or {}):
+            loss, _ = fused_linear_grpo_loss(inp["hidden"], inp["weight"], inp["targets"], inp["mask"],
+                                             inp["advantages"], old_logprobs=inp["old"],
+                                             ref_logprobs=inp["ref"], beta=0.04, loss_type="grpo",
+                                             backend=backend)
+            return _grads(loss, inp)
     return run
 
 
@@ -292,9 +344,25 @@ def peak_bytes(fn, inp, device) -> int:
     return cuda_peak_bytes(fn, inp, device) if device.type == "cuda" else cpu_peak_bytes(fn, inp)
 
 
+def peak_and_output(fn, inp, device):
+    """(peak bytes, fn's result) of one call: the untimed reference's single call."""
+    box = []
+    peak = peak_bytes(lambda x: box.append(fn(x)), inp, device)
+    return peak, box[0]
+
+
+def tf32_settings() -> dict:
+    """The switches that let fp32 matmuls and convolutions run as TF32 on CUDA."""
+    mm, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    return {"cuda.matmul.allow_tf32": bool(mm.allow_tf32), "cudnn.allow_tf32": bool(cudnn.allow_tf32),
+            "float32_matmul_precision": torch.get_float32_matmul_precision(),
+            "cuda.matmul.fp32_precision": getattr(mm, "fp32_precision", None),
+            "cudnn.fp32_precision": getattr(cudnn, "fp32_precision", None)}
+
+
 def autotune_choices() -> dict:
-    """The Triton forward's autotuned config per key (V, D, UPCAST, IEEE, and the argument
-    dtypes Triton appends), as tuned so far in this process: which tile and loop shape
+    """The Triton forward's autotuned config per key (V, D, v_per_split, UPCAST, IEEE, and the
+    argument dtypes Triton appends), as tuned so far in this process: which tile and loop shape
     (FLAT) won on this device. Empty when the Triton forward did not run compiled."""
     tg = sys.modules.get("r1vl.kernels.triton_grpo")
     if tg is None or not getattr(tg, "_FWD_TUNED", None):
@@ -362,6 +430,8 @@ def gemm_flops(impl: str, hidden: int, vocab: int, tokens: int) -> float:
 
 def build(impl, device, floor_chunk_bytes):
     """(fn, prepare-or-None) of an impl name."""
+    if impl == TWO_PASS or CHUNK_ROW.match(impl):
+        return make_fused("torch", fused_env(impl)), None
     if impl.startswith("fused_"):
         return make_fused(impl[len("fused_"):]), None
     if impl.startswith("logprobs_"):
@@ -390,13 +460,71 @@ def _free(device):
         torch.cuda.empty_cache()
 
 
-def bench_shape(hidden, vocab, tokens, dtype, device, impls, args, vers, dev_name):
+def auto_aliases(impls, device, dtype) -> dict:
+    """{auto row: the row it would repeat}: fused_auto / logprobs_auto whose backend "auto"
+    resolves to (kernels/api.py: AUTO_CUDA on CUDA, torch on CPU) is also among `impls`."""
+    out = {}
+    for kind, op in (("fused", "loss_token"), ("logprobs", "logprobs")):
+        auto = f"{kind}_auto"
+        if auto in impls:
+            same = f"{kind}_{_resolve_backend('auto', device, dtype, op)}"
+            if same != auto and same in impls:
+                out[auto] = same
+    return out
+
+
+def order_impls(impls, device, dtype) -> list:
+    """The rows of one shape in the order they run: what the targets need first (floors,
+    auto's own choices, the reference's peak, liger's chunked loss), the slow or optional
+    rows last. Stable for rows of one rank (the --impls / --backends order)."""
+    first = {f"fused_{_resolve_backend('auto', device, dtype, 'loss_token')}", "fused_auto",
+             f"logprobs_{_resolve_backend('auto', device, dtype, 'logprobs')}", "logprobs_auto"}
+
+    def rank(impl):
+        if impl in ("floor", "floor_fwd"):
+            return (0, impl != "floor")
+        if impl in first:
+            return (1, not impl.startswith("fused_"))
+        if impl == "reference":
+            return (2, 0)
+        if impl == "liger_chunked":
+            return (3, 0)
+        if impl.startswith("logprobs_"):
+            return (4, 0)
+        if impl == TWO_PASS or CHUNK_ROW.match(impl):
+            return (5, 0)
+        if impl.startswith("fused_"):
+            return (6, 0)
+        return (7, ("trl_chunked", "liger_triton").index(impl) if impl in ("trl_chunked", "liger_triton") else 2)
+    return sorted(impls, key=rank)
+
+
+def bench_shape(hidden, vocab, tokens, dtype, device, impls, args, vers, dev_name, on_row=None):
+    """Rows of one shape, in `impls` order; on_row(row) after each (bench_loss.main writes
+    the JSON there, so a run cut off keeps what it measured)."""
     rows = []
+    aliases = auto_aliases(impls, device, dtype)
+
+    def emit(row, status):
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+        print(f"  {row['impl']:16s} {status}", file=sys.stderr, flush=True)
+
     sets = [make_inputs(hidden, vocab, tokens, dtype, device, seed=s) for s in range(args.input_sets)]
     for impl in impls:
+        if impl in aliases:
+            continue
         row = dict(impl=impl, device=dev_name, hidden=hidden, vocab=vocab, tokens=tokens,
                    dtype=str(dtype).replace("torch.", ""), ms_median=None, peak_mem_bytes=None,
                    versions=vers, input_sets=len(sets))
+        env = fused_env(impl)
+        if env:
+            row["env"] = env
+            if onepass.CHUNK_MB_ENV in env and device.type != "cuda":
+                row["note"] = (f"{onepass.CHUNK_MB_ENV} sets the CUDA chunk only: on {device.type} this row "
+                               "runs fused_torch's chunks")
+        timed = impl != "reference" or args.time_reference
         fn = prepare = out = None
         try:
             try:
@@ -406,11 +534,17 @@ def bench_shape(hidden, vocab, tokens, dtype, device, impls, args, vers, dev_nam
             if prepare is not None:
                 for inp in sets:
                     prepare(inp)
-            ms = time_ms(fn, sets, device, args.warmup, args.reps, args.max_ms)
-            row["ms_median"] = round(ms, 4)
-            row["tflops"] = round(gemm_flops(impl, hidden, vocab, tokens) / (ms * 1e-3) / 1e12, 3)
-            row["peak_mem_bytes"] = int(peak_bytes(fn, sets[0], device))
-            out = fn(sets[1 % len(sets)])
+            if timed:
+                ms = time_ms(fn, sets, device, args.warmup, args.reps, args.max_ms)
+                row["ms_median"] = round(ms, 4)
+                row["tflops"] = round(gemm_flops(impl, hidden, vocab, tokens) / (ms * 1e-3) / 1e12, 3)
+                row["peak_mem_bytes"] = int(peak_bytes(fn, sets[0], device))
+                out = fn(sets[1 % len(sets)])
+            else:                                       # one call: its peak, and the loss value
+                row["timed"] = False
+                row["note"] = REFERENCE_NOTE
+                peak, out = peak_and_output(fn, sets[1 % len(sets)], device)
+                row["peak_mem_bytes"] = int(peak)
             if out is not None:
                 row["loss_value"] = float(out.detach().float())
         except Exception as exc:  # noqa: BLE001 - a peer missing, OOM, a kernel failing: record, go on
@@ -424,10 +558,20 @@ def bench_shape(hidden, vocab, tokens, dtype, device, impls, args, vers, dev_nam
                 for t in (inp["hidden"], inp["weight"]):
                     t.grad = None
             _free(device)
-        rows.append(row)
-        status = (f"{row['ms_median']:.3f} ms, {row['peak_mem_bytes'] / 2**20:.1f} MiB"
-                  if row["ms_median"] is not None else row["error"])
-        print(f"  {impl:16s} {status}", file=sys.stderr, flush=True)
+        if row.get("error"):
+            status = row["error"]
+        elif row["ms_median"] is None:
+            status = f"untimed, {row['peak_mem_bytes'] / 2**20:.1f} MiB"
+        else:
+            status = f"{row['ms_median']:.3f} ms, {row['peak_mem_bytes'] / 2**20:.1f} MiB"
+        emit(row, status)
+        for auto, same in aliases.items():
+            if same == impl:
+                emit(dict(impl=auto, device=dev_name, hidden=hidden, vocab=vocab, tokens=tokens,
+                          dtype=row["dtype"], ms_median=None, peak_mem_bytes=None, versions=vers,
+                          alias_of=same, note=f"not run: backend 'auto' runs {same}'s code here "
+                                              "(kernels/api.py AUTO_CUDA); see that row"),
+                     f"= {same} (not run again)")
     del sets
     _free(device)
     return rows
@@ -457,6 +601,12 @@ def print_table(rows):
         for impl, r in group.items():
             ms = r["ms_median"]
             lead = f"{shp[0]:>5} {shp[1]:>7} {shp[2]:>7} {shp[3]:>8} {impl:>16}"
+            if r.get("alias_of"):
+                print(f"{lead} {'= ' + r['alias_of']:>21}  (the same code: not run again)")
+                continue
+            if ms is None and r.get("peak_mem_bytes") is not None and not r.get("error"):
+                print(f"{lead} {'untimed':>10} {r['peak_mem_bytes'] / 2**20:>10.1f}  (peak only)")
+                continue
             if ms is None:
                 print(f"{lead} {'n/a':>10}  ({r.get('error', '')[:70]})")
                 continue
@@ -469,8 +619,9 @@ def print_table(rows):
 
 
 def check_targets(rows, shape, dtype_name, note=""):
-    """The issue's targets at `shape` (H, V, N) and dtype, per backend: list of dicts."""
-    group = _by_impl(rows, (*shape, dtype_name))
+    """The issue's targets at `shape` (H, V, N) and dtype, per fused_/logprobs_ row (the
+    fused_torch variants too; not the auto rows recorded as another row's alias): list of dicts."""
+    group = {k: r for k, r in _by_impl(rows, (*shape, dtype_name)).items() if not r.get("alias_of")}
     out = []
 
     def ms(name):
@@ -603,7 +754,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: auto,triton,torch on CUDA, torch on CPU)")
     ap.add_argument("--impls", default=None,
                     help="comma-separated subset of rows: fused, logprobs (all backends), "
-                         f"fused_<b>, logprobs_<b>, {', '.join(PEERS)} (default: all)")
+                         f"fused_<b>, logprobs_<b>, {', '.join(PEERS)}, {TWO_PASS}, fused_torch_c<MB> "
+                         "(default: all, the fused_torch variants per --onepass-chunk-mb)")
     ap.add_argument("--input-sets", type=_cli.positive_int, default=2,
                     help="input sets the timed calls rotate among (default: %(default)s)")
     ap.add_argument("--reps", type=_cli.positive_int, default=None,
@@ -615,6 +767,18 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-ms", type=_cli.positive_float, default=4000.0,
                     help="CUDA: most do_bench time per impl and shape, in ms (caps slow peers' repeats) "
                          "(default: %(default)s)")
+    ap.add_argument("--onepass-chunk-mb", default=f"{DEFAULT_CHUNK_MB},1024",
+                    help="comma-separated [rows, V] fp32 chunk sizes in MiB at which fused_torch is timed: "
+                         f"{DEFAULT_CHUNK_MB} (CHUNK_BYTES_CUDA) is the fused_torch row itself, each other "
+                         "value a fused_torch_c<MB> row run with R1VL_ONEPASS_CHUNK_MB=<MB> (CUDA only) "
+                         "(default: %(default)s)")
+    ap.add_argument("--torch-variants-at", choices=("target", "all"), default="target",
+                    help=f"where the fused_torch variant rows ({TWO_PASS}: the two-pass path, "
+                         "R1VL_KERNEL_ONEPASS=0; fused_torch_c<MB>) run: target = only at the shape where "
+                         "the targets are judged, all = at every shape (default: %(default)s)")
+    ap.add_argument("--time-reference", action="store_true",
+                    help="time the fp32 reference too (by default it runs once, untimed: the targets use "
+                         "only its peak memory) (default: off)")
     ap.add_argument("--floor-chunk-gib", type=_cli.positive_float, default=8.0,
                     help="largest [rows, V] buffer of the floor's GEMMs, in GiB (row chunks beyond) "
                          "(default: %(default)s)")
@@ -645,17 +809,23 @@ def main(argv=None):
     if device.type != "cuda" and "triton" in backends and os.environ.get("TRITON_INTERPRET") != "1":
         ap.error("--backends triton on CPU runs only under Triton's interpreter: set TRITON_INTERPRET=1 "
                  "(or use --backends torch)")
-    all_impls = [f"fused_{b}" for b in backends] + [f"logprobs_{b}" for b in backends] + list(PEERS)
+    chunk_mbs = list(dict.fromkeys(_cli.int_list(ap, "--onepass-chunk-mb", args.onepass_chunk_mb)))
+    variants = ([TWO_PASS] + [f"fused_torch_c{mb}" for mb in chunk_mbs if mb != DEFAULT_CHUNK_MB]
+                if "torch" in backends else [])
+    all_impls = ([f"fused_{b}" for b in backends] + [f"logprobs_{b}" for b in backends] + list(PEERS)
+                 + variants)
     if args.impls:
         impls = []
         for i in (x.strip() for x in args.impls.split(",") if x.strip()):
             if i in ("fused", "logprobs"):
                 impls += [f"{i}_{b}" for b in backends]
-            elif i in all_impls or (i.startswith(("fused_", "logprobs_"))
-                                    and i.split("_", 1)[1] in KERNEL_BACKENDS):
+            elif i in all_impls or i == TWO_PASS or CHUNK_ROW.match(i) or (
+                    i.startswith(("fused_", "logprobs_")) and i.split("_", 1)[1] in KERNEL_BACKENDS):
                 impls.append(i)
             else:
-                ap.error(f"--impls: unknown {i!r}; choose from fused, logprobs, {', '.join(all_impls)}")
+                ap.error(f"--impls: unknown {i!r}; choose from fused, logprobs, {', '.join(all_impls)}, "
+                         "fused_torch_c<MB>")
+        impls = list(dict.fromkeys(impls))
         if not impls:
             ap.error("--impls: no row given")
     else:
@@ -670,43 +840,77 @@ def main(argv=None):
         ap.error(str(e))
     if args.png:
         _cli.out_file(ap, "--png", args.png, suffix=".png")
-    plan = [(s, impls) for s in shapes]
+    if tshape is not None:
+        tdtype, tnote = dtype_name, " (--targets-at: not the issue's shape)"
+    else:
+        tshape, tdtype, tnote = TARGET_SHAPE, TARGET_DTYPE, ""
+    at_target = tdtype == dtype_name                        # the targets are judged at (tshape, tdtype)
+    shapes = list(dict.fromkeys(shapes))
+    shapes.sort(key=lambda shp: not (at_target and shp == tshape))     # the judged shape first
+
+    def is_variant(i):
+        return i == TWO_PASS or bool(CHUNK_ROW.match(i))
+
+    def for_shape(shp, names):
+        if args.torch_variants_at == "target" and not (at_target and shp == tshape):
+            names = [i for i in names if not is_variant(i)]
+        return order_impls(names, device, dtype)
+
+    plan = [(shp, for_shape(shp, impls)) for shp in shapes]
     if args.long:
-        long_impls = [i for i in impls if i.startswith("fused_") or i == "floor"]
-        plan.append((LONG_SHAPE, long_impls))
+        plan.append((LONG_SHAPE, for_shape(LONG_SHAPE, [i for i in impls if i.startswith("fused_") or i == "floor"])))
+    plan = [(shp, names) for shp, names in plan if names]
+    if any(is_variant(i) for i in impls) and not any(is_variant(i) for _, names in plan for i in names):
+        print(f"bench_loss: the fused_torch variant rows run only at the targets' shape "
+              f"{'x'.join(map(str, tshape))} {tdtype}, which this run does not measure "
+              "(--torch-variants-at all runs them everywhere)", file=sys.stderr)
     reps = args.reps or (3 if device.type == "cpu" else 20)
     warmup = args.warmup if args.warmup is not None else (1 if device.type == "cpu" else 2)
     args.reps, args.warmup = reps, warmup
     vers = versions()
     dev_name = device_name(device)
     out = _cli.out_file(ap, "--out", args.out or RESULTS / f"loss_{device_slug(device)}.json")
-    if tshape is not None:
-        tdtype, tnote = dtype_name, " (--targets-at: not the issue's shape)"
-    else:
-        tshape, tdtype, tnote = TARGET_SHAPE, TARGET_DTYPE, ""
     config = dict(loss_type="grpo", importance_sampling_level="token", beta=0.04,
                   old_and_ref_logprobs=True, mask="all ones", backends=backends, reps=reps,
                   warmup=warmup, input_sets=args.input_sets, max_ms=args.max_ms,
                   timing="triton.testing.do_bench median" if device.type == "cuda"
                   else "median of wall-clock repeats",
-                  reference_dtype="float32", floor="bare GEMMs in the input dtype",
+                  reference_dtype="float32",
+                  reference_timed=bool(args.time_reference),
+                  floor="bare GEMMs in the input dtype",
                   floor_chunk_gib=args.floor_chunk_gib,
                   peak_mem="allocator bytes above the live inputs",
+                  aliases=auto_aliases(impls, device, dtype),
+                  onepass_chunk_mb=chunk_mbs, onepass_default_chunk_mb=DEFAULT_CHUNK_MB,
+                  torch_variants_at=args.torch_variants_at,
+                  tf32=tf32_settings(),
                   argv=sys.argv[1:] if argv is None else argv)
     rows, targets = [], []
 
     def write():
-        out.write_text(json.dumps({"rows": rows, "config": config, "targets": targets,
-                                   "triton_autotune": autotune_choices()}, indent=2) + "\n")
+        """The JSON as it stands: every row so far and the targets judged on them, written to
+        a temporary file and renamed over the old one (never a half-written file)."""
+        nonlocal targets
+        targets = check_targets(rows, tshape, tdtype, tnote.strip(" ()"))
+        now = tf32_settings()
+        if now != config["tf32"]:
+            config["tf32_at_last_row"] = now            # something switched TF32 during the run
+        text = json.dumps({"rows": rows, "config": config, "targets": targets,
+                           "triton_autotune": autotune_choices()}, indent=2) + "\n"
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, out)
+
+    def on_row(row):
+        rows.append(row)
+        write()
 
     for (hidden, vocab, tokens), shape_impls in plan:
         print(f"H={hidden} V={vocab} N={tokens} {dtype_name} on {dev_name}", file=sys.stderr, flush=True)
-        rows += bench_shape(hidden, vocab, tokens, dtype, device, shape_impls, args, vers, dev_name)
-        write()
-    print_table(rows)
-    targets = check_targets(rows, tshape, tdtype, tnote.strip(" ()"))
-    print_targets(targets, tshape, tdtype, tnote)
+        bench_shape(hidden, vocab, tokens, dtype, device, shape_impls, args, vers, dev_name, on_row=on_row)
     write()
+    print_table(rows)
+    print_targets(targets, tshape, tdtype, tnote)
     for key, cfg in autotune_choices().items():
         print(f"triton forward autotune {key}: {cfg}", file=sys.stderr)
     print(f"wrote {out}", file=sys.stderr)

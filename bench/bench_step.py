@@ -13,10 +13,12 @@ rewards from r1vl.rewards (StepRAR + StepRVR) on both sides, the same β, ε, lo
 checkpointing. Each (implementation, variant) runs in its own Python process, so Liger's
 module-level patches never leak into another run and peak memory is per run.
 
-Phases (seconds are medians over --repeats steps after --warmup steps; every phase
-boundary synchronises the GPU; peak memory is torch.cuda.max_memory_allocated, reset at
-the phase's start, maximum over the timed steps; on CPU it is null: there is no per-phase
-allocator peak to read, and ru_maxrss is a process-lifetime high-water mark):
+Phases (seconds are medians over --repeats steps after --warmup steps, so with the
+2b preset's 2 repeats the mean of the two, with the fastest in config.seconds_min and each
+in config.seconds_per_repeat; every phase boundary synchronises the GPU; peak memory is
+torch.cuda.max_memory_allocated, reset at the phase's start, maximum over the timed steps;
+on CPU it is null: there is no per-phase allocator peak to read, and ru_maxrss is a
+process-lifetime high-water mark):
 
   rollout  generation of G completions per prompt (prompt tokenisation, image
            preprocessing, HF generate, decoding). r1vl: HFEngine.generate;
@@ -54,17 +56,29 @@ the update still does all of its work (nothing skips zero advantages), but its l
 gradient are 0. r1vl runs record, untimed, a loss probe (_loss_probe) at a point where the
 loss depends on the LM head, so the fused and materialised paths can be compared.
 
+Jobs run in this order: the first r1vl variant, TRL, then the other variants, so that
+the r1vl/TRL pair comes first. A worker writes its result after every step (a temporary
+file renamed over the last), so a run cut off (--worker-timeout, --time-budget, SIGTERM to
+this script, a crash) keeps the steps it finished: its rows say so in config.cut_short
+and config.timed_steps, and a run cut off before its first timed step reports its
+warm-up step (config.warmup_only). With --time-budget, a run that has a timed step stops
+early when going on would leave the next run less than NEXT_RUN_FACTOR x its own time to
+its first timed step.
+
 Output: --out (default bench/results/step_<device>.json; --out-dir DIR: DIR/step_<device>.json),
 {"rows": [{"impl", "phase", "device", "tokens_per_s", "seconds", "peak_mem_bytes", "config",
-"versions"}]}, variant and shapes in config; then a markdown table and the r1vl/TRL ratios
-on stdout (last). A run that fails is one row with config.error (exit code 1); a skipped
-one is one row with config.skipped.
+"versions"}]}, variant and shapes in config (the TF32 switches in config.tf32), written
+after every run; then a markdown table and the r1vl/TRL ratios on stdout (last). A run that
+fails (or has no timed step) is marked by config.error (exit code 1); one that fails before
+finishing a step is a single row, as is a skipped one (config.skipped). SIGTERM: the rows so
+far are written, exit code 143.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
+import os
 import platform
 import re
 import shutil
@@ -153,15 +167,25 @@ def _dtype(name: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def _tf32() -> dict:
+    """TF32 switches as this run left them (fp32 matmuls / convolutions on CUDA)."""
+    import torch
+
+    mm, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    return {"cuda.matmul.allow_tf32": bool(mm.allow_tf32), "cudnn.allow_tf32": bool(cudnn.allow_tf32),
+            "float32_matmul_precision": torch.get_float32_matmul_precision()}
+
+
 class PhaseClock:
     """Seconds and peak memory per phase of one step. Every boundary synchronises the GPU;
     on CUDA each phase resets the allocator's peak and reads it at its end (the step's peak
     is the maximum over everything in between). On CPU peaks are None."""
 
-    def __init__(self, device, warmup: int = 0):
+    def __init__(self, device, warmup: int = 0, on_step=None):
         import torch
 
         self.warmup = warmup  # the first steps, untimed: named so in the progress lines
+        self.on_step = on_step  # on_step(steps) after each step: the worker saves its result there
         self.torch = torch
         self.device = device
         self.cuda = device.type == "cuda"
@@ -196,8 +220,11 @@ class PhaseClock:
             st["step_peak"] = max(st["step_peak"] or 0, self._peak())
         st["peak"]["step"] = st.pop("step_peak")
         st["extra"].update(extra)
+        st["t_end"] = time.time()  # wall clock: the driver reads how long a run took to each step
         self.steps.append(st)
         self.cur = None
+        if self.on_step is not None:  # saved before its progress line: a line seen means a step kept
+            self.on_step(self.steps)
         phases = ", ".join(f"{k} {v:.2f} s" for k, v in st["seconds"].items() if k != "step")
         peak = f", peak {st['peak']['step'] / 2**30:.2f} GiB" if st["peak"].get("step") else ""
         n = len(self.steps)
@@ -394,7 +421,9 @@ def _suppressed_ids(processor) -> list[int]:
 # --------------------------------------------------------------------------- r1vl
 
 
-def run_r1vl(a: dict, work: Path, variant: str) -> dict:
+def run_r1vl(a: dict, work: Path, variant: str, save=None) -> dict:
+    """The r1vl job; save(result) after every step (the worker writes it, so a run cut off
+    keeps its finished steps)."""
     import torch
 
     from r1vl.algo import UpdateConfig, build_batch, compute_logprobs, group_advantages, grpo_update
@@ -444,7 +473,25 @@ def run_r1vl(a: dict, work: Path, variant: str) -> dict:
     samples_all = _load_samples(a, work)
     G, P, L = ro.num_generations, cfg.train.prompts_per_step, ro.max_completion_length
     dtype = next(model.parameters()).dtype
-    clock = PhaseClock(device, warmup=a["warmup"])
+    impl_config = {"variant": variant, "loss_path": loss_path,
+                   "lm_head": ("r1vl.kernels fused (linear_logprobs / fused_linear_grpo_loss)"
+                               if loss_path == "fused" else
+                               "materialised logits (model dtype) -> fp32 log_softmax + gather, "
+                               "same GRPO objective (bench-only MaterialisedLMHead)"),
+                   "liger": sp["liger"] or [], "attn_implementation": sp["attn_implementation"],
+                   "gradient_checkpointing": sp["gradient_checkpointing"],
+                   "dedup_images": m_cfg.dedup_images, "share_prompts": m_cfg.share_prompts,
+                   "ref_on_host": m_cfg.ref_on_host,
+                   "optimizer": f"torch.optim.AdamW(betas=({cfg.optim.beta1}, {cfg.optim.beta2}), "
+                                f"eps={cfg.optim.eps}, weight_decay={cfg.optim.weight_decay}, "
+                                f"{_adamw_kind(opt)}), clip {cfg.optim.max_grad_norm}",
+                   "generation": f"r1vl.rollout.hf_engine.HFEngine, {G * P} sequences per generate() call"}
+
+    def saved(steps_so_far):
+        if save is not None:
+            save({"steps": steps_so_far, "impl_config": dict(impl_config, tf32=_tf32()), "partial": True})
+
+    clock = PhaseClock(device, warmup=a["warmup"], on_step=saved)
     for step in range(steps):
         samples = samples_all[step * P: (step + 1) * P]
         prompts = [make_prompt(processor, s) for s in samples]
@@ -484,20 +531,7 @@ def run_r1vl(a: dict, work: Path, variant: str) -> dict:
                        loss=float(m["loss"]), grad_norm=float(m["grad_norm"]), entropy=float(m.get("entropy", "nan")),
                        kl=float(m.get("kl", 0.0)))
     probe = _loss_probe(policy, params, batch, ref_lp, ucfg, device, cfg.seed) if a["loss_probe"] else None
-    return {"steps": clock.steps, "loss_probe": probe,
-            "impl_config": {"variant": variant, "loss_path": loss_path,
-                            "lm_head": ("r1vl.kernels fused (linear_logprobs / fused_linear_grpo_loss)"
-                                        if loss_path == "fused" else
-                                        "materialised logits (model dtype) -> fp32 log_softmax + gather, "
-                                        "same GRPO objective (bench-only MaterialisedLMHead)"),
-                            "liger": sp["liger"] or [], "attn_implementation": sp["attn_implementation"],
-                            "gradient_checkpointing": sp["gradient_checkpointing"],
-                            "dedup_images": m_cfg.dedup_images, "share_prompts": m_cfg.share_prompts,
-                            "ref_on_host": m_cfg.ref_on_host,
-                            "optimizer": f"torch.optim.AdamW(betas=({cfg.optim.beta1}, {cfg.optim.beta2}), "
-                                         f"eps={cfg.optim.eps}, weight_decay={cfg.optim.weight_decay}, "
-                                         f"{_adamw_kind(opt)}), clip {cfg.optim.max_grad_norm}",
-                            "generation": f"r1vl.rollout.hf_engine.HFEngine, {G * P} sequences per generate() call"}}
+    return {"steps": clock.steps, "loss_probe": probe, "impl_config": dict(impl_config, tf32=_tf32())}
 
 
 def _adamw_kind(opt) -> str:
@@ -566,7 +600,8 @@ def _trl_processor(processor):
                                      video_processor=None, chat_template=processor.tokenizer.chat_template)
 
 
-def run_trl(a: dict, work: Path) -> dict:
+def run_trl(a: dict, work: Path, save=None) -> dict:
+    """TRL's job; save(result) after every step, as run_r1vl."""
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -619,7 +654,26 @@ def run_trl(a: dict, work: Path) -> dict:
     )
     trainer = GRPOTrainer(model=str(work / "model"), reward_funcs=[step_rar_plus_step_rvr], args=args,
                           train_dataset=data, processing_class=trl_proc)
-    clock = PhaseClock(device, warmup=a["warmup"])
+    def impl_config() -> dict:
+        model = trainer.model
+        return {"variant": "default", "loss_path": "trl (its chunked log-prob head, trl.trainer.utils"
+                                                   ".add_fused_lm_head, always on in trl 1.16)",
+                "liger": [], "attn_implementation": model.config._attn_implementation,
+                "gradient_checkpointing": bool(getattr(model, "is_gradient_checkpointing", gc_on)),
+                "optimizer": f"{args.optim} (torch.optim.AdamW, betas=({cfg.optim.beta1}, "
+                             f"{cfg.optim.beta2}), eps={cfg.optim.eps}, {_adamw_kind(trainer.optimizer)}), "
+                             f"clip {cfg.optim.max_grad_norm}",
+                "generation": f"GRPOTrainer HF generate (use_vllm=False), {N} sequences per call; "
+                              f"per_device_train_batch_size={mb}, gradient_accumulation_steps={N // mb}, "
+                              f"steps_per_generation={args.steps_per_generation}",
+                "trl_mixed_precision": "bf16" if args.bf16 else ("fp16" if args.fp16 else "no"),
+                "tf32": _tf32()}
+
+    def saved(steps_so_far):
+        if save is not None:
+            save({"steps": steps_so_far, "impl_config": impl_config(), "partial": True})
+
+    clock = PhaseClock(device, warmup=a["warmup"], on_step=saved)
     state = {"in_batch": False, "prepare": 0.0, "tokens": None, "upd_peak": None, "upd_open": False}
 
     def timed(name, fn, phase_name=None, only_in_batch=False):
@@ -683,27 +737,24 @@ def run_trl(a: dict, work: Path) -> dict:
 
     trainer.add_callback(RoundTimer())
     trainer.train()
-    model = trainer.model
-    return {"steps": clock.steps,
-            "impl_config": {"variant": "default", "loss_path": "trl (its chunked log-prob head, trl.trainer.utils"
-                                                               ".add_fused_lm_head, always on in trl 1.16)",
-                            "liger": [], "attn_implementation": model.config._attn_implementation,
-                            "gradient_checkpointing": bool(getattr(model, "is_gradient_checkpointing", gc_on)),
-                            "optimizer": f"{args.optim} (torch.optim.AdamW, betas=({cfg.optim.beta1}, "
-                                         f"{cfg.optim.beta2}), eps={cfg.optim.eps}, {_adamw_kind(trainer.optimizer)}), "
-                                         f"clip {cfg.optim.max_grad_norm}",
-                            "generation": f"GRPOTrainer HF generate (use_vllm=False), {N} sequences per call; "
-                                          f"per_device_train_batch_size={mb}, gradient_accumulation_steps={N // mb}, "
-                                          f"steps_per_generation={args.steps_per_generation}",
-                            "trl_mixed_precision": "bf16" if args.bf16 else ("fp16" if args.fp16 else "no")}}
+    return {"steps": clock.steps, "impl_config": impl_config()}
 
 
 # --------------------------------------------------------------------------- rows, table
 
 
+STATISTIC = ("seconds: median over the timed steps (with 2 steps the median is their mean); seconds_min: "
+             "the fastest timed step; seconds_per_repeat: each; tokens_per_s from the median; "
+             "peak = max over the timed steps")
+WARMUP_ONLY = ("no timed step finished before the run was cut off: these are its last warm-up step's numbers "
+               "(first-call costs such as compilation and autotuning included; the peak memory is still that "
+               "step's peak)")
+
+
 def job_rows(impl: str, variant: str, res: dict, a: dict, meta: dict) -> list[dict]:
-    """Five rows (rollout, reward, logprob, update, step) of one run; one row when it was
-    skipped or failed."""
+    """Five rows (rollout, reward, logprob, update, step) of one run, from the steps it
+    finished (a run cut short keeps them: config.cut_short says how far it got); one row
+    when it was skipped or failed before finishing a step."""
     device = meta["device"]
     base = {
         "preset": a["preset"], "variant": variant, "model": meta["model"], "dtype": a["dtype"],
@@ -716,28 +767,36 @@ def job_rows(impl: str, variant: str, res: dict, a: dict, meta: dict) -> list[di
         "top_k": a["top_k"], "lr": a["lr"], "min_pixels": a["min_pixels"], "max_pixels": a["max_pixels"],
         "attn_requested": a["attn"], "attn_resolved": a["attn_resolved"], "reward_workers": a["reward_workers"],
         "seed": a["seed"],
-        "warmup_steps": a["warmup"], "repeats": a["repeats"], "statistic": "median over repeats (seconds); "
-        "peak = max over repeats", "tokens_counted": "completion tokens (update: x num_iterations)",
+        "warmup_steps": a["warmup"], "repeats": a["repeats"], "statistic": STATISTIC,
+        "tokens_counted": "completion tokens (update: x num_iterations)",
         "sync": "torch.cuda.synchronize at every phase boundary" if meta["slug"] != "cpu" else "none needed (CPU)",
     }
     if meta["slug"] == "cpu":
         base["peak_mem_note"] = CPU_PEAK_NOTE
     else:
         base["peak_mem_note"] = "torch.cuda.max_memory_allocated, reset at the start of each phase"
-    if "skipped" in res or "error" in res:
-        cfg = dict(base, **{k: res[k] for k in ("skipped", "error") if k in res})
+    steps = res.get("steps") or []
+    if "skipped" in res or not steps:
+        cfg = dict(base, **{k: res[k] for k in ("skipped", "error", "cut_short") if k in res})
         return [{"impl": impl, "phase": "step", "device": device, "tokens_per_s": None, "seconds": None,
                  "peak_mem_bytes": None, "config": cfg, "versions": meta["versions"]}]
-    timed = res["steps"][a["warmup"]:]
-    ex = timed[-1]["extra"]
+    timed = steps[a["warmup"]:]
     cfg = dict(base, **res["impl_config"])
+    for k in ("cut_short", "error"):
+        if k in res:
+            cfg[k] = res[k]
+    cfg["timed_steps"] = len(timed)
+    if not timed:
+        timed = steps[-1:]
+        cfg["warmup_only"] = WARMUP_ONLY
+    ex = timed[-1]["extra"]
     cfg["completion_tokens_per_step"] = ex["completion_tokens"]
     cfg["prompt_tokens_per_step"] = ex["prompt_tokens"]
     if res.get("loss_probe"):
         cfg["loss_probe"] = res["loss_probe"]
     if "loss" in ex:
         cfg["train_metrics_per_step"] = [{k: s["extra"][k] for k in ("loss", "grad_norm", "entropy", "kl")}
-                                         for s in res["steps"]]
+                                         for s in steps]
     rows = []
     for ph in PHASES:
         secs = [s["seconds"].get(ph, 0.0) for s in timed]
@@ -747,7 +806,8 @@ def job_rows(impl: str, variant: str, res: dict, a: dict, meta: dict) -> list[di
         rows.append({"impl": impl, "phase": ph, "device": device,
                      "tokens_per_s": tokens / med if med > 0 else None, "seconds": med,
                      "peak_mem_bytes": max(peaks) if peaks else None,
-                     "config": dict(cfg, seconds_per_repeat=secs, tokens=tokens), "versions": meta["versions"]})
+                     "config": dict(cfg, seconds_per_repeat=secs, seconds_min=min(secs), tokens=tokens),
+                     "versions": meta["versions"]})
     return rows
 
 
@@ -756,17 +816,29 @@ def _fmt(x, spec: str) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| impl | variant | phase | s | tok/s | peak MiB |", "|---|---|---|---:|---:|---:|"]
+    lines = [TABLE_HEADER, "|---|---|---|---:|---:|---:|---:|"]
     for r in rows:
         c = r["config"]
         if r["seconds"] is None:
             why = c.get("skipped") or ("failed: " + (str(c.get("error") or "?").splitlines() or ["?"])[-1][:120])
-            lines.append(f"| {r['impl']} | {c['variant']} | — | {why} | | |")
+            lines.append(f"| {r['impl']} | {c['variant']} | — | {why} | | | |")
             continue
         mib = None if r["peak_mem_bytes"] is None else r["peak_mem_bytes"] / 2**20
-        lines.append(f"| {r['impl']} | {c['variant']} | {r['phase']} | {r['seconds']:.3f} | "
-                     f"{_fmt(r['tokens_per_s'], '.1f')} | {_fmt(mib, '.0f')} |")
+        lines.append(f"| {r['impl']} | {_variant_cell(c)} | {r['phase']} | {r['seconds']:.3f} | "
+                     f"{c['seconds_min']:.3f} | {_fmt(r['tokens_per_s'], '.1f')} | {_fmt(mib, '.0f')} |")
     return "\n".join(lines)
+
+
+TABLE_HEADER = "| impl | variant | phase | s (median) | s (min) | tok/s | peak MiB |"
+
+
+def _variant_cell(c: dict) -> str:
+    """The variant, marked when its numbers come from a run cut short."""
+    if c.get("warmup_only"):
+        return f"{c['variant']} (warm-up step only)"
+    if c.get("cut_short"):
+        return f"{c['variant']} ({c['timed_steps']} of {c['repeats']} timed steps)"
+    return c["variant"]
 
 
 def ratios(rows: list[dict]) -> list[str]:
@@ -783,7 +855,10 @@ def ratios(rows: list[dict]) -> list[str]:
             mem = f"{r['peak_mem_bytes'] / trl['peak_mem_bytes']:.2f}x (goal <= 0.6x)"
         else:
             mem = "n/a (no peak memory on CPU)"
-        out.append(f"r1vl/TRL update, {r['config']['variant']}: tokens/s {tps:.2f}x (goal >= 2x), peak memory {mem}")
+        caveat = [f"{who}: warm-up step only" for who, x in (("r1vl", r), ("TRL", trl))
+                  if x["config"].get("warmup_only")]
+        out.append(f"r1vl/TRL update, {r['config']['variant']}: tokens/s {tps:.2f}x (goal >= 2x), peak memory {mem}"
+                   + (f" [{'; '.join(caveat)}]" if caveat else ""))
     return out
 
 
@@ -799,23 +874,68 @@ def _jobs(a: dict) -> list[tuple[str, str]]:
 
 
 _CHILD: subprocess.Popen | None = None
+POLL_S = 1.0            # how often the driver looks at a running worker's result file
+NEXT_RUN_FACTOR = 1.5   # time left for the next run: this multiple of this run's time to its first timed step
 
 
-def _on_term(signum, frame):  # e.g. `timeout` stopping the benchmark: take the running worker down too
-    if _CHILD is not None and _CHILD.poll() is None:
-        _CHILD.kill()
-    raise SystemExit(128 + signum)
+class _Terminated(BaseException):
+    """SIGTERM reached the driver (e.g. `timeout` ending the GPU session's stage)."""
 
 
-def _spawn(job: str, work: Path, timeout: float | None) -> dict:
+def _on_term(signum, frame):  # the running worker is killed and its finished steps kept (_spawn)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)       # once: the rows are being written
+    raise _Terminated(signum)
+
+
+def _result_path(work: Path, job: str) -> Path:
+    return work / f"result_{re.sub(r'[^a-z0-9]+', '_', job)}.json"
+
+
+def _save_json(path: Path, obj) -> None:
+    """Write to a temporary file, then rename: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _first_timed_s(steps: list, warmup: int, t0: float) -> float | None:
+    """Seconds from the worker's start to the end of its first timed step."""
+    return steps[warmup]["t_end"] - t0 if len(steps) > warmup else None
+
+
+def _stop_for_next(steps: list, warmup: int, t0: float, deadline: float, factor: float) -> bool:
+    """Whether to stop a run now to leave the next one its time: once it has a timed step,
+    the step in progress (expected to last as long as the last one) would end later than
+    `deadline` minus factor x this run's time to its first timed step."""
+    first = _first_timed_s(steps, warmup, t0)
+    if first is None:
+        return False
+    expected_end = steps[-1]["t_end"] + steps[-1]["seconds"]["step"]
+    return expected_end > deadline - factor * first
+
+
+def _spawn(job: str, work: Path, timeout: float | None, warmup: int = 0, total: int | None = None,
+           reserve: float | None = None) -> dict:
     """One worker process; its output goes to work/log_<job>.txt, and its progress lines
-    ("step i: ...") to stderr as they come, so a run cut short still shows how far it got."""
+    ("step i: ...") to stderr as they come. The worker saves its result after every step, so
+    a run cut off (timeout, SIGTERM to the driver, a crash, or stopped to leave the next run
+    `reserve` x its time to its first timed step) returns the steps it finished, with
+    "cut_short" saying why; "error" only when it failed or has no timed step."""
     import threading
 
     global _CHILD
-    out = work / f"result_{re.sub(r'[^a-z0-9]+', '_', job)}.json"
+    out = _result_path(work, job)
+    out.unlink(missing_ok=True)                         # never read an earlier run's file
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", job, "--workdir", str(work)]
-    t0 = time.perf_counter()
+    t0 = time.time()
+    deadline = None if timeout is None else t0 + timeout
     lines: list[str] = []
     _CHILD = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -827,40 +947,75 @@ def _spawn(job: str, work: Path, timeout: float | None) -> dict:
 
     reader = threading.Thread(target=pump, args=(_CHILD.stdout,), daemon=True)
     reader.start()
-    timed_out = False
+    cut, terminated = None, False
     try:
-        _CHILD.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        timed_out = True
-        _CHILD.kill()
-        _CHILD.wait()
+        while True:
+            try:
+                _CHILD.wait(timeout=POLL_S)
+                break
+            except subprocess.TimeoutExpired:
+                now = time.time()
+                if deadline is not None and now >= deadline:
+                    cut = f"timed out after {timeout:.0f} s"
+                    break
+                if reserve is not None and deadline is not None:
+                    steps = (_read_json(out) or {}).get("steps") or []
+                    if _stop_for_next(steps, warmup, t0, deadline, reserve):
+                        cut = (f"stopped after {len(steps) - warmup} timed step(s) to leave the next run "
+                               f"{reserve:g} x this run's {_first_timed_s(steps, warmup, t0):.0f} s to its first "
+                               "timed step")
+                        break
+    except _Terminated:
+        cut, terminated = "terminated (SIGTERM to bench_step.py)", True
     finally:
+        if _CHILD.poll() is None:
+            _CHILD.kill()
+        _CHILD.wait()
         rc = _CHILD.returncode
         _CHILD = None
     reader.join(timeout=10)
-    dt = time.perf_counter() - t0
+    dt = time.time() - t0
     (work / f"log_{out.stem[len('result_'):]}.txt").write_text("".join(lines))
     tail = "\n".join("".join(lines).strip().splitlines()[-25:])
-    if timed_out:
-        return {"error": f"its last lines:\n{tail}\ntimed out after {timeout:.0f} s"}  # the verdict last (table)
-    if rc != 0 or not out.is_file():
-        return {"error": f"exit code {rc}: {tail}"}
-    res = json.loads(out.read_text())
-    res["wall_s"] = dt
+    res = _read_json(out)
+    if cut is None and rc == 0 and res is not None and not res.get("partial"):
+        res["wall_s"] = dt
+        res["first_timed_s"] = _first_timed_s(res.get("steps") or [], warmup, t0)
+        return res
+    why = cut or f"exit code {rc}"
+    steps = (res or {}).get("steps") or []
+    if not steps:                                       # nothing to keep: the verdict last (table)
+        err = {"error": f"its last lines:\n{tail}\n{why}" if cut else f"exit code {rc}: {tail}"}
+        return dict(err, terminated=True) if terminated else err
+    res.pop("partial", None)
+    res.update(wall_s=dt, first_timed_s=_first_timed_s(steps, warmup, t0),
+               cut_short=f"{why}: {len(steps)}{'' if total is None else f' of {total}'} steps finished "
+                         f"({min(len(steps), warmup)} warm-up)")
+    if cut is None:                                     # it failed after some steps
+        res["error"] = f"exit code {rc}: {tail}"
+    elif len(steps) <= warmup:
+        res["error"] = f"its last lines:\n{tail}\n{why} before its first timed step"
+    if terminated:
+        res["terminated"] = True
     return res
 
 
 def worker(job: str, work: Path) -> int:
     a = json.loads((work / "args.json").read_text())
+    path = _result_path(work, job)
+
+    def save(res):
+        _save_json(path, res)
+
     if job == "prepare":
         res = prepare(a, work)
     elif job == "trl":
-        res = run_trl(a, work)
+        res = run_trl(a, work, save=save)
     elif job.startswith("r1vl:"):
-        res = run_r1vl(a, work, job.split(":", 1)[1])
+        res = run_r1vl(a, work, job.split(":", 1)[1], save=save)
     else:
         raise SystemExit(f"unknown worker job {job!r}")
-    (work / f"result_{re.sub(r'[^a-z0-9]+', '_', job)}.json").write_text(json.dumps(res))
+    save(res)
     return 0
 
 
@@ -946,10 +1101,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where the model and data are built, kept afterwards (default: a temp dir, removed)")
     ap.add_argument("--keep-workdir", action="store_true", help="keep the temp work dir (default: off)")
     ap.add_argument("--worker-timeout", type=_cli.positive_float, default=None,
-                    help="seconds per run (default: none)")
+                    help="seconds per run; a run cut off keeps the steps it finished (default: none)")
     ap.add_argument("--time-budget", type=_cli.positive_float, default=None,
-                    help="seconds for the whole benchmark: a run that would not fit (judged by the longest "
-                         "run so far) is reported as skipped, and each run gets at most what is left "
+                    help="seconds for the whole benchmark: each run gets at most what is left and keeps the "
+                         "steps it finished when cut off; once it has a timed step it stops early to leave the "
+                         f"next run {NEXT_RUN_FACTOR:g} x its own time to its first timed step; a run is skipped "
+                         "when less is left than the quickest run so far took to its first timed step "
                          "(default: none)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return ap
@@ -1030,27 +1187,53 @@ def main(argv=None) -> int:
     out = Path(ns.out) if ns.out else (Path(ns.out_dir) if ns.out_dir else ROOT / "bench" / "results") / name
     out.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
-    failed = False
-    longest = 0.0
-    for impl, variant in _jobs(a):
-        left = time_left()
-        if impl == "r1vl" and variant.endswith("+liger") and not cuda:
-            res = {"skipped": LIGER_CPU_REASON}
-        elif ns.time_budget is not None and left is not None and left < max(longest, 1.0):
-            res = {"skipped": f"skipped: --time-budget {ns.time_budget:.0f} s: {max(left, 0):.0f} s left, "
-                              f"the longest run so far took {longest:.0f} s"}
-        else:
-            res = _spawn("trl" if impl == "trl" else f"r1vl:{variant}", work, left)
-            failed |= "error" in res
-            longest = max(longest, res.get("wall_s", 0.0))
-        rows += job_rows(impl, variant, res, a, meta)
-        status = res.get("skipped") or ("FAILED" if "error" in res else f"done in {res.get('wall_s', 0):.0f} s")
-        print(f"bench_step: {impl} {variant}: {status}", file=sys.stderr, flush=True)
-        if "error" in res:
-            print(res["error"], file=sys.stderr)
-        for r in rows:
-            assert tuple(r) == ROW_KEYS
-        out.write_text(json.dumps({"rows": rows}, indent=1) + "\n")  # after every run: a cut run keeps its rows
+    failed = terminated = False
+    firsts: list[float] = []  # seconds each run took to its first timed step
+    jobs = _jobs(a)
+
+    def runs_here(impl: str, variant: str) -> bool:
+        return not (impl == "r1vl" and variant.endswith("+liger") and not cuda)
+
+    try:
+        for k, (impl, variant) in enumerate(jobs):
+            left = time_left()
+            est = min(firsts, default=0.0)
+            if not runs_here(impl, variant):
+                res = {"skipped": LIGER_CPU_REASON}
+            elif ns.time_budget is not None and left is not None and left < max(est, 1.0):
+                res = {"skipped": f"skipped: --time-budget {ns.time_budget:.0f} s: {max(left, 0):.0f} s left, less "
+                                  f"than the {est:.0f} s the quickest run so far took to its first timed step"}
+            else:
+                # with a budget, a run that has a timed step stops early to leave the next run its time
+                more = any(runs_here(i, v) for i, v in jobs[k + 1:])
+                reserve = NEXT_RUN_FACTOR if ns.time_budget is not None and more else None
+                res = _spawn("trl" if impl == "trl" else f"r1vl:{variant}", work, left, warmup=a["warmup"],
+                             total=a["warmup"] + a["repeats"], reserve=reserve)
+                failed |= "error" in res
+                terminated = bool(res.get("terminated"))
+                if res.get("first_timed_s"):
+                    firsts.append(res["first_timed_s"])
+            rows += job_rows(impl, variant, res, a, meta)
+            if res.get("skipped"):
+                status = res["skipped"]
+            elif "error" in res:
+                status = "FAILED" + (f" ({res['cut_short']})" if res.get("cut_short") else "")
+            else:
+                status = f"done in {res.get('wall_s', 0):.0f} s" + (f", cut short: {res['cut_short']}"
+                                                                     if res.get("cut_short") else "")
+            print(f"bench_step: {impl} {variant}: {status}", file=sys.stderr, flush=True)
+            if "error" in res:
+                print(res["error"], file=sys.stderr)
+            for r in rows:
+                assert tuple(r) == ROW_KEYS
+            _save_json(out, {"rows": rows})  # after every run: a cut run keeps its rows
+            if terminated:
+                break
+    except _Terminated:                         # between runs: every finished run is in `out` already
+        terminated = True
+    if terminated:
+        failed = True
+        print("bench_step: terminated (SIGTERM): the rows so far are written", file=sys.stderr, flush=True)
     if not ns.keep_workdir and not ns.workdir:
         shutil.rmtree(work, ignore_errors=True)
     print(f"bench_step: wrote {out} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
@@ -1058,6 +1241,8 @@ def main(argv=None) -> int:
     print()
     for line in ratios(rows):
         print(line)
+    if terminated:
+        return 128 + signal.SIGTERM
     return 1 if failed else 0
 
 

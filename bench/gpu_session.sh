@@ -2,19 +2,26 @@
 # One GPU session's work for issue 6 (section 1), run from the repo root on the device
 # machine with the wheels of bench/fetch_wheels.sh carried:
 #
-#   run(command="bash bench/gpu_session.sh ceilings tests", carry=[".whl"], timeout_s=600)
+#   run(command="R1VL_GPU_BUDGET_S=385 bash bench/gpu_session.sh ceilings tests loss", carry=[".whl"],
+#       timeout_s=400)                  # R1VL_GPU_BUDGET_S = timeout_s - 15: pack + summary fit the call
 #
+# (bench/NOTES.md "How to run" has the two-call plan for a 15-minute session.)
 # Stages (in the order given; default: ceilings tests loss step):
 #   setup     always first, ~10 s: wheels -> /tmp/site (PYTHONPATH), r1vl + r1vl.kernels
 #             importable from this tree without network, image versions checked, versions
 #             and nvidia-smi printed
 #   ceilings  device-to-device copy TB/s and 8192^3 bf16 matmul TFLOP/s -> ceilings.json
 #   tests     pytest tests/test_kernels_*.py (CUDA tensors when CUDA is present, cuda-marked
-#             ones included) + the cuda-marked tests of other files -> junit_*.xml
+#             ones included) + the cuda-marked tests of other files -> junit_*.xml; stopped at
+#             the stage's timeout by SIGINT (pytest then still writes its junit XML and the -rfEs
+#             summary; KILL 10 s later), each test limited to half the stage's timeout
+#             (pytest-timeout; R1VL_PYTEST_TIMEOUT sets it)
 #   loss      bench/bench_loss.py, 2B + 7B heads x 4096/16384 tokens, bf16 -> loss_<dev>.json/.png
+#             (the targets' shape, 7B x 16384, first; the JSON rewritten after every row)
 #   loss2b, loss7b   the same for one head (-> loss_<dev>_2b.json / _7b.json), to split calls
 #   long      131072 tokens at the 2B head, fused backends + floor -> loss_<dev>_long.json
-#   step      bench/bench_step.py --preset 2b --out step_<dev>.json, if that file exists
+#   step      bench/bench_step.py --preset 2b --out step_<dev>.json, if that file exists, with
+#             --time-budget = the stage's timeout - 15 s unless R1VL_STEP_ARGS gives one
 #   stepwhole the same for r1vl's fused+liger variant only, with whole rows (--no-dedup-images
 #             --no-share-prompts) -> step_<dev>_whole_rows.json: what those two save
 #   stepmem   the same for r1vl's fused+liger variant only, with the reference model in host
@@ -28,14 +35,15 @@
 # so that at most 8 files come back. The summary table is printed last.
 #
 # Environment:
-#   R1VL_GPU_BUDGET_S   seconds this script may use in all (default 570, for timeout_s=600);
-#                       each stage's timeout is cut to what is left, a stage that no longer
-#                       fits is skipped
+#   R1VL_GPU_BUDGET_S   seconds this script may use in all (default 570, for timeout_s=600: set
+#                       it to the call's timeout_s - 15); each stage's timeout is cut to what is
+#                       left minus 25 s (pack + summary), a stage that no longer fits is skipped
 #   R1VL_GPU_DRYRUN=1   CPU plumbing check here: tiny shapes, the new CUDA test file only
 #   R1VL_CAP_<stage>    that stage's timeout in seconds instead of its default (still cut to
 #                       what is left of the budget), e.g. R1VL_CAP_tests=200
 #   R1VL_LOSS_ARGS, R1VL_STEP_ARGS, R1VL_PYTEST_ARGS   extra arguments for those stages
 #   R1VL_TEST_FILES     kernel test files (default tests/test_kernels_*.py)
+#   R1VL_PYTEST_TIMEOUT seconds per test (default: half the pytest stage's timeout, at least 20)
 #   PYTHON              interpreter (default python3: the image's, with torch)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -46,7 +54,8 @@ BUDGET=${R1VL_GPU_BUDGET_S:-570}
 PY=${PYTHON:-python3}
 PY=$(command -v "$PY") || { echo "no python at ${PYTHON:-python3}" >&2; exit 2; }
 case $PY in /*) ;; *) PY=$PWD/$PY ;; esac            # absolute: setup runs it from / too
-for v in $(compgen -v R1VL_CAP_); do                   # checked before any device time is spent
+for v in $(compgen -v R1VL_CAP_) R1VL_GPU_BUDGET_S R1VL_PYTEST_TIMEOUT; do   # checked before any device time
+  [ -n "${!v+x}" ] || continue                                                # is spent
   case ${!v} in ''|*[!0-9]*) echo "gpu_session: $v=${!v}: expected whole seconds" >&2; exit 2 ;; esac
 done
 OUT=${OUT:-$ROOT/gpu_out}
@@ -63,21 +72,32 @@ STAGES=("$@")
 log() { echo "[gpu_session +$(( $(date +%s) - T0 ))s] $*"; }
 left() { echo $(( BUDGET - ( $(date +%s) - T0 ) )); }
 
-# run_stage NAME DEFAULT_TIMEOUT CMD...: timeout cut to the budget, status recorded
+# stage_limit NAME DEFAULT_TIMEOUT: the timeout NAME gets if it starts now: R1VL_CAP_<NAME> or
+# the default, cut to the budget left minus 25 s (pack + summary after the last stage)
+stage_limit() {
+  local cap="R1VL_CAP_$1" limit=$2 rem
+  [ -n "${!cap:-}" ] && limit=${!cap}                   # e.g. R1VL_CAP_tests=200
+  rem=$(left)
+  [ "$limit" -gt $(( rem - 25 )) ] && limit=$(( rem - 25 ))
+  echo "$limit"
+}
+
+# run_stage [--signal SIG] NAME DEFAULT_TIMEOUT CMD...: timeout cut to the budget, status recorded.
+# At the timeout the command gets SIG (default TERM; INT for pytest, which then still writes its
+# junit XML and summary), KILL 10 s later.
 run_stage() {
-  local name=$1 limit=$2; shift 2
-  local cap="R1VL_CAP_$name"                            # e.g. R1VL_CAP_tests=200
-  [ -n "${!cap:-}" ] && limit=${!cap}
+  local sig=TERM
+  if [ "$1" = --signal ]; then sig=$2; shift 2; fi
+  local name=$1 limit; limit=$(stage_limit "$1" "$2"); shift 2
   local rem; rem=$(left)
   if [ "$rem" -lt 40 ]; then
     log "SKIP $name: only ${rem}s of the ${BUDGET}s budget left"
     printf '%s\tskipped\t0\tbudget\n' "$name" >> "$STATUS"
     return 0
   fi
-  [ "$limit" -gt $(( rem - 25 )) ] && limit=$(( rem - 25 ))
-  log "BEGIN $name (timeout ${limit}s): $*"
+  log "BEGIN $name (timeout ${limit}s, then SIG$sig): $*"
   local s rc; s=$(date +%s)
-  timeout --signal=TERM --kill-after=10 "$limit" "$@"
+  timeout --signal="$sig" --kill-after=10 "$limit" "$@"
   rc=$?
   local d=$(( $(date +%s) - s )) st=ok
   if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then st=TIMEOUT; elif [ $rc -ne 0 ]; then st=FAIL; fi
@@ -88,7 +108,8 @@ run_stage() {
 
 # ----------------------------------------------------------------------------- setup
 setup() {
-  log "setup: repo $ROOT, OUT=$OUT, dry run=$DRY, budget ${BUDGET}s, python $(command -v "$PY")"
+  log "setup: repo $ROOT, OUT=$OUT, dry run=$DRY, budget ${BUDGET}s (the run() call's timeout_s must be" \
+      ">= $(( BUDGET + 15 )) for pack + summary to run), python $(command -v "$PY")"
   if ls "$WHL"/*.whl >/dev/null 2>&1; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/site "$WHL"/*.whl || { log "FATAL: wheel install failed"; return 1; }
@@ -193,14 +214,23 @@ stage_ceilings() {
   run_stage ceilings 120 "$PY" bench/gpu_ceilings.py --out "$OUT/ceilings.json" "${extra[@]}"
 }
 
+# per_test_timeout NAME DEFAULT_TIMEOUT: pytest-timeout's option for a pytest stage: half the
+# stage's timeout (at least 20 s), or R1VL_PYTEST_TIMEOUT; none without pytest-timeout
+per_test_timeout() {
+  "$PY" -c "import pytest_timeout" 2>/dev/null || return 0
+  local t=${R1VL_PYTEST_TIMEOUT:-$(( $(stage_limit "$1" "$2") / 2 ))}
+  [ "$t" -lt 20 ] && t=20
+  echo "--timeout=$t"
+}
+
 stage_tests() {
   local files=() timeout_opt=() extra=()
   if [ -n "${R1VL_TEST_FILES:-}" ]; then read -r -a files <<< "$R1VL_TEST_FILES"
   elif [ "$DRY" = 1 ]; then files=(tests/test_kernels_cuda.py)
   else files=(tests/test_kernels_*.py); fi
-  "$PY" -c "import pytest_timeout" 2>/dev/null && timeout_opt=(--timeout=300)
+  read -r -a timeout_opt <<< "$(per_test_timeout tests 330)"
   [ -n "${R1VL_PYTEST_ARGS:-}" ] && read -r -a extra <<< "$R1VL_PYTEST_ARGS"
-  run_stage tests 330 "$PY" -m pytest -q -rfEs -p no:cacheprovider "${timeout_opt[@]}" \
+  run_stage --signal INT tests 330 "$PY" -m pytest -q -rfEs -p no:cacheprovider "${timeout_opt[@]}" \
     --junitxml="$OUT/junit_kernels.xml" -o junit_family=xunit2 "${extra[@]}" "${files[@]}"
   # cuda-marked tests in the other files (the kernel files ran whole above)
   local others=()
@@ -208,7 +238,8 @@ stage_tests() {
     case " ${files[*]} " in *" $f "*) ;; *) others+=("$f") ;; esac
   done
   if [ ${#others[@]} -gt 0 ]; then
-    run_stage tests_cuda_other 180 "$PY" -m pytest -q -rfEs -p no:cacheprovider -m cuda \
+    read -r -a timeout_opt <<< "$(per_test_timeout tests_cuda_other 180)"
+    run_stage --signal INT tests_cuda_other 180 "$PY" -m pytest -q -rfEs -p no:cacheprovider -m cuda \
       "${timeout_opt[@]}" --junitxml="$OUT/junit_cuda_other.xml" -o junit_family=xunit2 "${others[@]}"
   fi
 }
@@ -247,6 +278,12 @@ stage_step() {  # stage_step NAME SUFFIX [fixed bench_step.py arguments...]
   fi
   grep -q -- "--out" <<< "$help" && args+=(--out "$OUT/step_${DEV}${suffix}.json")
   [ -n "${R1VL_STEP_ARGS:-}" ] && read -r -a extra <<< "$R1VL_STEP_ARGS"
+  # bench_step.py ends its own runs (keeping their finished steps) 15 s before the stage's timeout
+  local lim; lim=$(stage_limit "$name" 540)
+  if grep -q -- "--time-budget" <<< "$help" && [[ " $* ${extra[*]} " != *" --time-budget "* ]] \
+     && [ "$lim" -gt 30 ]; then
+    args+=(--time-budget $(( lim - 15 )))
+  fi
   run_stage "$name" 540 "$PY" bench/bench_step.py "${args[@]}" "$@" "${extra[@]}"
 }
 
@@ -311,6 +348,30 @@ def loss(name):
         res.append(f"  {v} {t['impl']:<16} {t['target']} = {val} (target {t['op']} {t['limit']:.3g})")
     return res
 
+def step(name):
+    rows = json.loads(read(name)).get("rows", [])
+    res = [f"{len(rows)} rows in {name}"]
+    upd = [r for r in rows if r["phase"] == "update" and r["seconds"]]
+    trl = next((r for r in upd if r["impl"] == "trl"), None)
+    for r in upd:
+        c = r["config"]
+        peak = f", peak {r['peak_mem_bytes'] / 2**30:.1f} GiB" if r["peak_mem_bytes"] else ""
+        how = ("warm-up step only" if c.get("warmup_only") else
+               f"{c.get('timed_steps', '?')} timed step(s)" + (", cut short" if c.get("cut_short") else ""))
+        ratio = ""
+        if trl is not None and r is not trl:
+            ratio = f"; r1vl/TRL tok/s x{r['tokens_per_s'] / trl['tokens_per_s']:.2f} (goal >= 2)"
+            if r["peak_mem_bytes"] and trl["peak_mem_bytes"]:
+                ratio += f", peak x{r['peak_mem_bytes'] / trl['peak_mem_bytes']:.2f} (goal <= 0.6)"
+        res.append(f"  {r['impl']} {c['variant']}: update {r['seconds']:.2f} s (min {c.get('seconds_min', r['seconds']):.2f})"
+                   f"{peak} [{how}]{ratio}")
+    for r in rows:
+        if r["seconds"] is None:
+            c = r["config"]
+            why = c.get("skipped") or (str(c.get("error") or "?").strip().splitlines() or ["?"])[-1]
+            res.append(f"  {r['impl']} {c['variant']}: {why[:100]}")
+    return res
+
 for line in status.read_text().splitlines():
     name, st, secs, rc = line.split("\t")
     res = [rc if st == "skipped" else ""]
@@ -335,7 +396,7 @@ for line in status.read_text().splitlines():
     elif name in ("step", "stepwhole", "stepmem") and st != "skipped":
         fname = f"step_{dev}" + {"step": "", "stepwhole": "_whole_rows", "stepmem": "_ref_on_host"}[name] + ".json"
         if read(fname):
-            res = [f"{len(json.loads(read(fname)).get('rows', []))} rows in {fname}"]
+            res = step(fname)
     lines.append(f"{name:<18} {st:<8} {secs:>5}  {res[0]}")
     lines += [f"{'':<34}{r}" for r in res[1:]]
 files = sorted({p.name for p in out.iterdir() if p.is_file()} | {"summary.txt"})

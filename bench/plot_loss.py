@@ -1,6 +1,8 @@
 """Plot bench_loss.py results: time and peak memory against tokens, one line per
 implementation and LM head (fused backends, the materialised reference, liger's
-chunked loss and the GEMM floor by default).
+chunked loss and the GEMM floor by default). A row measured untimed (bench_loss.py's
+reference, by default) is drawn in the memory panel only; an auto row recorded as
+another row's alias is not drawn.
 
     python bench/plot_loss.py bench/results/loss_h100.json                 # -> loss_h100.png beside it
     python bench/plot_loss.py a.json b.json --merge-out bench/results/loss_h100.json \\
@@ -50,8 +52,10 @@ def plot(paths: list[Path], png: Path, impls=DEFAULT_IMPLS) -> Path:
     import matplotlib.pyplot as plt
 
     data = merge(paths)
-    rows = [r for r in data["rows"] if r.get("ms_median") is not None and _wanted(r["impl"], impls)]
-    gib = max((r["peak_mem_bytes"] for r in rows), default=0) >= 2**30
+    # time: timed rows; memory: every row with a peak (the reference is measured untimed)
+    rows = [r for r in data["rows"] if _wanted(r["impl"], impls) and not r.get("alias_of")
+            and (r.get("ms_median") is not None or r.get("peak_mem_bytes") is not None)]
+    gib = max((r["peak_mem_bytes"] or 0 for r in rows), default=0) >= 2**30
     unit, scale = ("GiB", 2**30) if gib else ("MiB", 2**20)
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.8))
     heads = sorted({(r["hidden"], r["vocab"]) for r in rows})
@@ -60,15 +64,13 @@ def plot(paths: list[Path], png: Path, impls=DEFAULT_IMPLS) -> Path:
     color = dict(COLORS, **{f: FUSED_COLORS[i % len(FUSED_COLORS)] for i, f in enumerate(fused)})
     for hi, head in enumerate(heads):
         for impl in sorted({r["impl"] for r in rows}):
-            pts = sorted((r["tokens"], r["ms_median"], r["peak_mem_bytes"] / scale) for r in rows
-                         if r["impl"] == impl and (r["hidden"], r["vocab"]) == head)
-            if not pts:
-                continue
-            n = [p[0] for p in pts]
+            mine = [r for r in rows if r["impl"] == impl and (r["hidden"], r["vocab"]) == head]
             kw = dict(color=color.get(impl, "gray"), linestyle=styles[hi % len(styles)], marker="o",
                       label=f"{impl}, H={head[0]} V={head[1]}")
-            ax_t.plot(n, [p[1] for p in pts], **kw)
-            ax_m.plot(n, [p[2] for p in pts], **kw)
+            for ax, key, div in ((ax_t, "ms_median", 1), (ax_m, "peak_mem_bytes", scale)):
+                pts = sorted((r["tokens"], r[key] / div) for r in mine if r.get(key) is not None)
+                if pts:
+                    ax.plot([q[0] for q in pts], [q[1] for q in pts], **kw)
     devices = sorted({r["device"] for r in rows})
     dtypes = sorted({r["dtype"] for r in rows})
     for ax, ylabel in ((ax_t, "forward+backward, median ms"), (ax_m, f"peak memory above inputs, {unit}")):
@@ -79,7 +81,12 @@ def plot(paths: list[Path], png: Path, impls=DEFAULT_IMPLS) -> Path:
         ax.grid(True, which="both", alpha=0.3)
     ax_t.set_title("time")
     ax_m.set_title("peak memory")
-    handles, labels = ax_t.get_legend_handles_labels()
+    handles, labels = [], []
+    for ax in (ax_t, ax_m):                   # a row drawn in one panel only (untimed) still gets a label
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
     fig.legend(handles, labels, loc="lower center", ncol=min(4, max(1, len(labels))), fontsize=8,
                bbox_to_anchor=(0.5, 0.0))
     fig.suptitle(f"fused linear GRPO loss: {', '.join(devices)}, {', '.join(dtypes)}", fontsize=10)
@@ -123,7 +130,8 @@ def main(argv=None):
             if missing:
                 ap.error(f"{path}: a row lacks {', '.join(missing)}: not a bench_loss.py result")
     impls = tuple(i.strip() for i in args.impls.split(",") if i.strip())
-    have = sorted({r["impl"] for r in merge(args.json)["rows"] if r.get("ms_median") is not None})
+    have = sorted({r["impl"] for r in merge(args.json)["rows"]
+                   if r.get("ms_median") is not None or r.get("peak_mem_bytes") is not None})
     if not any(_wanted(i, impls) for i in have):
         ap.error(f"--impls {args.impls!r} matches no measured row; the files have {', '.join(have) or 'none'}")
     png = args.png or (args.merge_out or args.json[0]).with_suffix(".png")

@@ -34,10 +34,19 @@ Used by api.fused_linear_grpo_loss for backend "torch". A sequence-level ratio c
 all tokens of a sequence, so there the chunks hold whole sequences (their log-probs,
 hence the ratio and its shared gradient, are complete inside the chunk); when one
 sequence's tokens exceed a chunk (sequence_fits), the two-pass path is used.
+
+The chunk budget on CUDA is CHUNK_BYTES_CUDA (256 MiB: 441 rows at the 7B vocabulary);
+the environment variable R1VL_ONEPASS_CHUNK_MB (a positive integer, MiB), read each time
+a chunk size is chosen, overrides it, so a benchmark can time other sizes in one process
+(bench/bench_loss.py --onepass-chunk-mb). Larger chunks cut the fp32 dW read-modify-write
+of GEMM 3 (once per chunk) but raise the peak by the chunk and its bf16 copy. Unset or
+empty: the default; any other value that is not a positive integer is a ValueError
+naming the variable. CPU chunks (CHUNK_BYTES_CPU) ignore it.
 """
 from __future__ import annotations
 
 import importlib
+import os
 
 import torch
 
@@ -48,6 +57,7 @@ from .objective import grpo_objective, per_token_terms, token_weights
 # temporaries. Tuned on the GPU (bench/NOTES.md); CPU keeps the chunked path's size.
 CHUNK_BYTES_CPU = 32 << 20
 CHUNK_BYTES_CUDA = 256 << 20
+CHUNK_MB_ENV = "R1VL_ONEPASS_CHUNK_MB"       # overrides CHUNK_BYTES_CUDA when set (MiB)
 MAX_ROWS = 16384
 SEQUENCE_CHUNK_FACTOR = 4
 
@@ -78,7 +88,19 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _budget(device: torch.device) -> int:
-    return CHUNK_BYTES_CUDA if device.type == "cuda" else CHUNK_BYTES_CPU
+    text = os.environ.get(CHUNK_MB_ENV, "").strip()
+    mb = None
+    if text:
+        try:
+            mb = int(text)
+        except ValueError:
+            mb = 0
+        if mb < 1:
+            raise ValueError(f"{CHUNK_MB_ENV}={os.environ[CHUNK_MB_ENV]!r}: expected a positive integer "
+                             "(MiB of one fp32 logits chunk on CUDA), or unset")
+    if device.type != "cuda":
+        return CHUNK_BYTES_CPU
+    return CHUNK_BYTES_CUDA if mb is None else mb << 20
 
 
 def _chunk_rows(count: int, vocab: int, device: torch.device) -> int:

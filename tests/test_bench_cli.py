@@ -98,6 +98,10 @@ BAD_ARGS = {
         (LOSS + ["--device", "foo", "--out", OUT], "--device"),
         (LOSS + ["--targets-at", "12x", "--out", OUT], "--targets-at"),
         (LOSS + ["--impls", "fused_foo", "--out", OUT], "--impls"),
+        (LOSS + ["--impls", "fused_torch_c0", "--out", OUT], "--impls"),          # no 0 MiB chunk
+        (LOSS + ["--onepass-chunk-mb", "0", "--out", OUT], "--onepass-chunk-mb"),
+        (LOSS + ["--onepass-chunk-mb", "1k", "--out", OUT], "--onepass-chunk-mb"),
+        (LOSS + ["--torch-variants-at", "some", "--out", OUT], "--torch-variants-at"),
         (LOSS + ["--out", BAD], "--out"),
         (LOSS + ["--out", OUT, "--png", "{tmp}/p.json"], "--png"),
     ],
@@ -214,6 +218,21 @@ def _loss_json(tmp_path) -> Path:
     p = tmp_path / "loss.json"
     p.write_text(json.dumps({"rows": [row], "config": {}, "targets": []}))
     return p
+
+
+def test_plot_loss_draws_an_untimed_row_in_the_memory_panel(tmp_path, capsys):
+    """bench_loss.py's reference is measured for its peak only (ms_median null); an auto row
+    recorded as an alias has neither: the plot takes the one and skips the other."""
+    base = dict(device="cpu", hidden=64, vocab=300, dtype="float32", versions={})
+    rows = [dict(base, impl=i, tokens=n, ms_median=ms, peak_mem_bytes=peak)
+            for n in (48, 96) for i, ms, peak in (("fused_torch", 1.0, 1000), ("reference", None, 9000))]
+    rows.append(dict(base, impl="fused_auto", tokens=48, ms_median=None, peak_mem_bytes=None, alias_of="fused_torch"))
+    path = tmp_path / "loss.json"
+    path.write_text(json.dumps({"rows": rows, "config": {}, "targets": []}))
+    png = tmp_path / "p.png"
+    _mod("plot_loss").main([str(path), "--png", str(png), "--impls", "reference"])
+    assert png.stat().st_size > 0
+    _mod("plot_loss").main([str(path), "--png", str(png), "--impls", "fused_*,reference"])
 
 
 def test_plot_loss_bad_inputs_exit_2(tmp_path, capsys):
@@ -337,3 +356,29 @@ def test_gpu_session_refuses_a_bad_stage_cap(tmp_path):
                        timeout=60)
     assert r.returncode == 2 and "R1VL_CAP_tests=3m: expected whole seconds" in r.stderr
     assert not (tmp_path / "out").exists()
+    for var in ("R1VL_GPU_BUDGET_S", "R1VL_PYTEST_TIMEOUT"):
+        env = dict(os.environ, OUT=str(tmp_path / "out"), **{var: "200s"})
+        r = subprocess.run(["bash", "bench/gpu_session.sh", "step"], cwd=root, env=env, capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 2 and f"{var}=200s: expected whole seconds" in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_gpu_session_stops_pytest_with_sigint_and_keeps_its_junit(tmp_path):
+    """A pytest stage that reaches its timeout gets SIGINT, not SIGTERM: pytest then still
+    writes its junit XML and -rfEs summary, so the finished tests' results come back."""
+    import os
+
+    slow = tmp_path / "test_slow.py"
+    slow.write_text("import time\n\ndef test_fast():\n    pass\n\ndef test_fail():\n    assert False\n\n"
+                    "def test_slow():\n    time.sleep(120)\n")
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, R1VL_WHL_DIR=str(tmp_path / "none"),
+               R1VL_GPU_DRYRUN="1", R1VL_TEST_FILES=str(slow), R1VL_CAP_tests="8", R1VL_CAP_tests_cuda_other="1")
+    r = subprocess.run(["bash", "bench/gpu_session.sh", "tests"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert "BEGIN tests (timeout 8s, then SIGINT)" in r.stdout and "KeyboardInterrupt" in r.stdout
+    assert "FAILED" in r.stdout and "test_fail" in r.stdout            # the -rfEs summary was printed
+    line = next(x for x in (out / "summary.txt").read_text().splitlines() if x.startswith("tests "))
+    assert "TIMEOUT" in line and "1 passed, 1 failed" in line, line

@@ -2,6 +2,7 @@
 GRPOTrainer, one timed step each, through the command line the GPU session runs."""
 import json
 import math
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -65,6 +66,13 @@ def test_schema_and_phases(run):
         cfg = by["update"]["config"]
         assert (cfg["prompts_per_step"], cfg["num_generations"], cfg["max_completion_length"]) == (P, G, L)
         assert cfg["micro_batch_size"] == 2 and cfg["loss_type"] == "grpo" and cfg["beta"] == 0.04
+        # median and minimum per phase; the run was not cut short
+        for r in rows:
+            c = r["config"]
+            assert c["seconds_min"] == min(c["seconds_per_repeat"]) and len(c["seconds_per_repeat"]) == 1
+            assert c["timed_steps"] == 1 and "cut_short" not in c and "warmup_only" not in c
+            assert "their mean" in c["statistic"]
+        assert set(cfg["tf32"]) >= {"cuda.matmul.allow_tf32", "cudnn.allow_tf32"}
 
 
 def test_same_workload_on_both_sides(run):
@@ -98,23 +106,144 @@ def test_fused_and_materialised_update_agree(run):
 def test_table_and_ratios_printed_last(run):
     _, stdout = run
     lines = stdout.strip().splitlines()
-    assert "| impl | variant | phase | s | tok/s | peak MiB |" in lines
+    assert "| impl | variant | phase | s (median) | s (min) | tok/s | peak MiB |" in lines
     ratio_lines = [x for x in lines if x.startswith("r1vl/TRL update")]
     assert {x.split(",")[1].split(":")[0].strip() for x in ratio_lines} == {"fused", "materialised"}
     assert lines[-1].startswith("r1vl/TRL update")
 
 
-def test_progress_lines_and_a_timed_out_worker(tmp_path):
-    """Each finished step is a line on stderr as it happens; a worker cut off by --worker-timeout
-    leaves its last lines in the row's error, the verdict last (the table shows that line)."""
-    out = tmp_path / "step.json"
+def test_sigterm_keeps_the_finished_steps(tmp_path):
+    """Each finished step is a line on stderr as it happens and is saved by the worker (its
+    result file, rewritten after every step); SIGTERM to the driver (the GPU session's stage
+    timeout) kills the worker and writes the rows of the steps it finished."""
+    out, work = tmp_path / "step.json", tmp_path / "work"
     cmd = [sys.executable, str(ROOT / "bench" / "bench_step.py"), "--preset", "tiny", "--device", "cpu",
            "--impls", "r1vl", "--variants", "fused", "--prompts", "2", "--num-generations", "2",
            "--max-new-tokens", "8", "--micro-batch", "2", "--warmup", "1", "--repeats", "300",
-           "--worker-timeout", "15", "--no-loss-probe", "--out", str(out)]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 1, p.stderr[-3000:]  # a failed run
-    assert "bench_step:   r1vl:fused: step 1 (warm-up): " in p.stderr and "r1vl:fused: step 2: " in p.stderr
-    err = json.loads(out.read_text())["rows"][0]["config"]["error"]
-    assert err.startswith("its last lines:\nstep ") and err.endswith("\ntimed out after 15 s"), err[-500:]
-    assert "failed: timed out after 15 s" in p.stdout
+           "--no-loss-probe", "--workdir", str(work), "--out", str(out)]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err = []
+    try:
+        for line in p.stderr:
+            err.append(line)
+            if "r1vl:fused: step 3: " in line:
+                break
+        else:
+            pytest.fail("".join(err)[-3000:])
+        saved = json.loads((work / "result_r1vl_fused.json").read_text())     # the worker's own file
+        assert saved["partial"] is True and len(saved["steps"]) >= 3 and saved["impl_config"]["variant"] == "fused"
+        p.send_signal(signal.SIGTERM)
+        stdout, rest = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    err = "".join(err) + rest
+    assert p.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "r1vl:fused: step 1 (warm-up): " in err and "terminated (SIGTERM)" in err
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["phase"] for r in rows] == PHASES
+    c = rows[0]["config"]
+    assert c["timed_steps"] >= 2 and len(c["seconds_per_repeat"]) == c["timed_steps"]
+    assert c["cut_short"].startswith("terminated (SIGTERM to bench_step.py): ") and " of 301 steps" in c["cut_short"]
+    assert "error" not in c and all(r["seconds"] > 0 for r in rows)
+    assert "fused (" in stdout and "of 300 timed steps)" in stdout        # the table marks a cut run
+
+
+# ----------------------------------------------------------------------------- the driver's side, with a stand-in worker
+
+FAKE_WORKER = r"""
+import json, os, sys, time
+from pathlib import Path
+job = sys.argv[sys.argv.index("--worker") + 1]
+work = Path(sys.argv[sys.argv.index("--workdir") + 1])
+how, n = job.split(":")
+path = work / f"result_{how}_{n}.json"
+steps = []
+for i in range(int(n)):
+    time.sleep(0.4)
+    secs = {"rollout": 0.1, "reward": 0.1, "logprob": 0.1, "update": 0.1, "step": 0.4}
+    steps.append({"seconds": secs, "peak": {}, "extra": {"completion_tokens": 8, "prompt_tokens": 20},
+                  "t_end": time.time()})
+    res = {"steps": steps, "impl_config": {"variant": "fake"}, "partial": True}
+    tmp = path.with_name(".tmp_" + path.name)
+    tmp.write_text(json.dumps(res))
+    os.replace(tmp, path)
+    print(f"step {i + 1}: 0.40 s", file=sys.stderr, flush=True)
+if how == "crash":
+    sys.exit(3)
+if how == "hang":
+    time.sleep(600)
+res.pop("partial")
+path.write_text(json.dumps(res))
+"""
+
+A = dict(preset="tiny", prompts=1, num_generations=2, max_new_tokens=4, micro_batch=2, num_iterations=1, beta=0.04,
+         epsilon=0.2, loss_type="grpo", temperature=1.0, top_p=1.0, top_k=0, lr=1e-6, min_pixels=1, max_pixels=1,
+         attn="sdpa", attn_resolved="sdpa", reward_workers=0, seed=0, dtype="float32", warmup=1, repeats=5)
+META = {"device": "cpu (test)", "slug": "cpu", "model": {}, "versions": {}}
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import bench_step
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    script = tmp_path / "fake_worker.py"
+    script.write_text(FAKE_WORKER)
+    monkeypatch.setattr(bench_step, "__file__", str(script))   # _spawn runs this file as the worker
+    monkeypatch.setattr(bench_step, "POLL_S", 0.1)
+    return bench_step, tmp_path
+
+
+def test_a_timed_out_worker_keeps_its_finished_steps(fake):
+    bs, work = fake
+    res = bs._spawn("hang:4", work, 8.0, warmup=1, total=6)
+    assert [s["seconds"]["step"] for s in res["steps"]] == [0.4] * 4 and "error" not in res
+    assert res["cut_short"] == "timed out after 8 s: 4 of 6 steps finished (1 warm-up)"
+    assert 0 < res["first_timed_s"] < res["wall_s"] < 15
+    rows = bs.job_rows("r1vl", "fused", res, A, META)
+    assert [r["phase"] for r in rows] == PHASES and rows[0]["config"]["timed_steps"] == 3
+    assert "3 of 5 timed steps" in bs.table(rows)
+    assert (work / "log_hang_4.txt").read_text().count("step ") == 4
+
+
+def test_a_worker_cut_off_before_its_first_timed_step(fake):
+    bs, work = fake
+    res = bs._spawn("hang:1", work, 3.0, warmup=1, total=6)        # only the warm-up step finished
+    assert res["error"].endswith("timed out after 3 s before its first timed step"), res["error"]
+    rows = bs.job_rows("trl", "default", res, A, META)
+    assert [r["phase"] for r in rows] == PHASES
+    assert rows[0]["config"]["timed_steps"] == 0 and "warm-up" in rows[0]["config"]["warmup_only"]
+    assert "(warm-up step only)" in bs.table(rows)
+    res = bs._spawn("hang:0", work, 1.5, warmup=1, total=6)        # nothing at all: one error row, verdict last
+    assert res["error"].startswith("its last lines:") and res["error"].endswith("\ntimed out after 2 s")
+    (row,) = bs.job_rows("trl", "default", res, A, META)
+    assert row["seconds"] is None and "timed out" in bs.table([row])
+
+
+def test_a_crashed_worker_keeps_its_steps_and_fails(fake):
+    bs, work = fake
+    res = bs._spawn("crash:3", work, 30.0, warmup=1, total=6)
+    assert len(res["steps"]) == 3 and res["error"].startswith("exit code 3")
+    assert res["cut_short"].startswith("exit code 3: 3 of 6 steps")
+    res = bs._spawn("done:2", work, 30.0, warmup=1, total=2)       # a whole run: no cut_short
+    assert len(res["steps"]) == 2 and "cut_short" not in res and "partial" not in res
+
+
+def test_a_run_stops_early_to_leave_the_next_its_time(fake):
+    """With a budget, a run that has its timed step stops once going on would leave the next
+    run less than NEXT_RUN_FACTOR x its own time to its first timed step."""
+    bs, work = fake
+    res = bs._spawn("hang:50", work, 6.0, warmup=1, total=51, reserve=3.0)
+    first = res["first_timed_s"]
+    assert res["cut_short"].startswith("stopped after ") and "error" not in res
+    # it stops at the first poll where the next step would end after 6 s - 3 x first (at once, if
+    # that is already past when its first timed step ends)
+    assert len(res["steps"]) >= 2 and res["wall_s"] <= max(first, 6.0 - 3.0 * first) + 1.0, (res["wall_s"], first)
+    # the rule itself
+    t0, steps = 100.0, [{"t_end": 101.0, "seconds": {"step": 1.0}}, {"t_end": 102.0, "seconds": {"step": 1.0}}]
+    assert not bs._stop_for_next(steps[:1], 1, t0, 110.0, 1.5)          # no timed step yet: never
+    assert not bs._stop_for_next(steps, 1, t0, 106.0, 1.5)              # next step ends 103 <= 106 - 3
+    assert bs._stop_for_next(steps, 1, t0, 105.5, 1.5)                  # 103 > 105.5 - 3
