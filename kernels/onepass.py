@@ -50,7 +50,7 @@ import os
 
 import torch
 
-from .objective import grpo_objective, per_token_terms, token_weights
+from .objective import grpo_objective, no_autocast, per_token_terms, token_weights
 
 # Size of one [rows, V] fp32 logits chunk. On CUDA larger chunks keep the GEMMs
 # efficient (M = rows); the chunk and its bf16 copy are the path's only V-wide
@@ -162,6 +162,10 @@ class _Gemms:
             torch.addmm(dw, dz_op.T, h_c, out_dtype=torch.float32, out=dw)
         else:
             dw.addmm_(dz_op.T, h_c)
+
+
+def _dh_dtype(hidden: torch.Tensor) -> torch.dtype:
+    return torch.float32 if hidden.dtype == torch.float16 else hidden.dtype
 
 
 def _terms_grad(lp, on, m, adv, old, ref, ris, w, hp, level) -> torch.Tensor:
@@ -295,7 +299,9 @@ def _sweep(hidden, weight, bias, targets, rows, mask, advantages, old, ref, ris,
 
     logp = torch.zeros(n, dtype=acc, device=dev)
     ent = torch.zeros(n, dtype=acc, device=dev) if need_ent else None
-    dh = torch.zeros_like(hidden) if need_h else None
+    # dhidden before backward's scale: in hidden's dtype, except fp16, whose range would
+    # underflow the unscaled per-token gradients (bf16 has fp32's exponent range)
+    dh = torch.zeros(hidden.shape, dtype=_dh_dtype(hidden), device=dev) if need_h else None
     dw = torch.zeros(v, hdim, dtype=acc, device=dev) if need_w else None
     db = torch.zeros(v, dtype=acc, device=dev) if need_b else None
     b_acc = None if bias is None else bias.to(acc)
@@ -307,7 +313,7 @@ def _sweep(hidden, weight, bias, targets, rows, mask, advantages, old, ref, ris,
         [(s, min(count, s + step), None) for s in range(0, count, step)]
     need_grad = need_h or need_w or need_b
     buf = None
-    if ops.row_kernels and need_grad:
+    if ops.row_kernels and need_grad and chunks:  # no chunk: every row masked out
         buf = torch.empty(min(max(e - s for s, e, _ in chunks), count), v, dtype=ops.w.dtype,
                           device=dev)
     for s, e, seqs in chunks:
@@ -347,7 +353,7 @@ def _sweep(hidden, weight, bias, targets, rows, mask, advantages, old, ref, ris,
             dz_op = ops.operand(dz)
             del y, dz
         if need_h:
-            dh[r] = ops.dhidden(dz_op).to(hidden.dtype)
+            dh[r] = ops.dhidden(dz_op).to(dh.dtype)
         if need_w:
             ops.add_dweight(dw, dz_op, h_c)
         del dz_op
@@ -360,8 +366,11 @@ class OnePassGRPOLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, rows, mask, advantages, old, ref, ris, hp):
-        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-                bias is not None and ctx.needs_input_grad[2])
+        # no gradients formed when the call was made without autograd (no_grad, inference_mode:
+        # needs_input_grad only says the inputs require grad)
+        on = hp["grad_enabled"]
+        need = (on and ctx.needs_input_grad[0], on and ctx.needs_input_grad[1],
+                on and bias is not None and ctx.needs_input_grad[2])
         bsz, t = mask.shape
         logp, ent, dh, dw, db = _sweep(hidden, weight, bias, targets, rows, mask, advantages,
                                        old, ref, ris, hp, need)
@@ -393,11 +402,22 @@ class OnePassGRPOLossFunction(torch.autograd.Function):
         if g_loss is None:
             return (None, None, None) + none
         if ctx.grads is None:
-            _, _, dh, dw, db = _sweep(*ctx.saved_tensors, ctx.hp, ctx.need)
+            saved = ctx.saved_tensors
+            with no_autocast(saved[0].device):
+                _, _, dh, dw, db = _sweep(*saved, ctx.hp, ctx.need)
         else:
             (dh, dw, db), ctx.grads = ctx.grads, None
         w_dtype, b_dtype = ctx.dtypes
-        out_h = None if dh is None else dh.mul_(g_loss.to(dh.dtype))
+        h_dtype = ctx.saved_tensors[0].dtype
+        # the scale in fp32: cast to a 16-bit dh it could overflow (fp16 loss scaling: 65536)
+        # or be rounded (bf16: 1/3 -> 0.333984, a bias on every element)
+        g32 = g_loss.to(torch.promote_types(g_loss.dtype, torch.float32))
+        if dh is None:
+            out_h = None
+        elif dh.dtype == g32.dtype:
+            out_h = dh.mul_(g32).to(h_dtype)     # fp32 (fp64) hidden: in place, as dW
+        else:
+            out_h = (dh.to(g32.dtype) * g32).to(h_dtype)
         out_w = None if dw is None else dw.mul_(g_loss.to(dw.dtype)).to(w_dtype)
         out_b = None if db is None else db.mul_(g_loss.to(db.dtype)).to(b_dtype)
         return (out_h, out_w, out_b) + none
@@ -421,7 +441,7 @@ def onepass_grpo_loss(hidden, weight, bias, targets, rows, mask, advantages, *, 
               return_entropy=bool(return_entropy),
               importance_sampling_level=importance_sampling_level,
               use_bias_correction_kl=bool(use_bias_correction_kl),
-              delta=None if delta is None else float(delta))
+              delta=None if delta is None else float(delta), grad_enabled=torch.is_grad_enabled())
     loss, kl, low, high, clip, ent = OnePassGRPOLossFunction.apply(
         hidden, weight, bias, targets, rows, mask, advantages, old_logprobs, ref_logprobs,
         rollout_is_ratio, hp)

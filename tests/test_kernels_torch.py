@@ -353,3 +353,62 @@ def test_onepass_sequence_level(monkeypatch, loss_path, max_rows, masked):
     calls.clear()
     check_loss(case, "torch", importance_sampling_level="sequence")
     assert calls == []
+
+
+@pytest.mark.parametrize("dtype,scale", [(torch.float16, 65536.0), (torch.float16, 1024.0),
+                                         (torch.bfloat16, 1 / 3)])
+def test_upstream_scale_is_applied_in_fp32(dtype, scale):
+    """backward's incoming gradient (an fp16 GradScaler's 65536, a 1/3 averaging factor) scales
+    dhidden in fp32: cast to fp16 first, 65536 is inf (every gradient inf/NaN); cast to bf16,
+    1/3 becomes 0.333984 (a +0.2% bias on every element)."""
+    case = make_case(B=3, T=5, H=16, V=40, seed=12)
+    h = case.hidden.to(dtype).requires_grad_()
+    w = case.weight.to(dtype).requires_grad_()
+    loss, _ = fused_linear_grpo_loss(h, w, case.targets, case.mask, case.advantages,
+                                     old_logprobs=case.old, ref_logprobs=case.ref, backend="torch")
+    (loss * scale).backward()
+    hr = h.detach().double().requires_grad_()  # the same (rounded) inputs, in fp64
+    wr = w.detach().double().requires_grad_()
+    ref, _ = reference_grpo_loss(hr, wr, case.targets, case.mask, case.advantages,
+                                 old_logprobs=case.old, ref_logprobs=case.ref)
+    (ref * scale).backward()
+    for got, want in ((h.grad, hr.grad), (w.grad, wr.grad)):
+        assert torch.isfinite(got).all()
+        g, r = got.double(), want
+        fitted = float((g * r).sum() / (r * r).sum())  # the scale the gradient carries, vs the reference
+        assert abs(fitted - 1.0) < 5e-4, fitted
+        assert rel_err(g, r) < 2e-2
+
+
+@pytest.mark.needs("triton")
+def test_all_masked_batch_with_the_row_kernels(monkeypatch):
+    """On CUDA the one-pass path uses the Triton row kernels (here the same code under the
+    interpreter): a batch with nothing unmasked gives loss 0 and zero gradients there too."""
+    monkeypatch.setattr(onepass, "ROW_KERNELS", "triton")
+    case = make_case(B=2, T=3, H=8, V=16, seed=8)
+    case.mask[:] = False
+    h = case.hidden.clone().requires_grad_()
+    w = case.weight.clone().requires_grad_()
+    loss, _ = fused_linear_grpo_loss(h, w, case.targets, case.mask, case.advantages, backend="torch")
+    loss.backward()
+    assert loss.item() == 0.0 and h.grad.abs().max() == 0 and w.grad.abs().max() == 0
+
+
+def test_no_gradient_work_without_autograd(monkeypatch, loss_path):
+    """Called under torch.inference_mode (an evaluation step with a trainable lm_head) it runs;
+    under torch.no_grad with inputs that require grad, no dW GEMM is formed."""
+    case = make_case(B=2, T=4, H=8, V=16, seed=13)
+    w = case.weight.clone().requires_grad_()
+    with torch.inference_mode():
+        loss, _ = fused_linear_grpo_loss(case.hidden, w, case.targets, case.mask, case.advantages,
+                                         old_logprobs=case.old, backend="torch")
+    plain, _ = fused_linear_grpo_loss(case.hidden, case.weight, case.targets, case.mask, case.advantages,
+                                      old_logprobs=case.old, backend="torch")
+    torch.testing.assert_close(loss, plain.detach())
+    calls = []
+    real = onepass._Gemms.add_dweight
+    monkeypatch.setattr(onepass._Gemms, "add_dweight", lambda self, *a: calls.append(1) or real(self, *a))
+    with torch.no_grad():
+        fused_linear_grpo_loss(case.hidden.clone().requires_grad_(), w, case.targets, case.mask,
+                               case.advantages, old_logprobs=case.old, backend="torch")
+    assert calls == []
