@@ -391,6 +391,19 @@ def per_row_shared(fn, rows: range, d, what: str) -> list:
     return out
 
 
+def take_samples(dataset, indices, cfg: Config) -> list:
+    """dataset[i] for each index (images decoded now). With data.verify_images=false a file
+    that is corrupt past its header can still turn up here: its error then says what would
+    have found it at start-up."""
+    try:
+        return [dataset[i] for i in indices]
+    except Exception as e:
+        if type(e).__name__ != "DataError" or cfg.data.verify_images:
+            raise
+        raise UserError(f"{e} (data.verify_images=true, the default, decodes every image at start-up and "
+                        "stops there, or leaves such rows out with data.skip_bad_rows=true)") from None
+
+
 def check_images(dataset, cfg: Config, key: str, rows: int | None = None, d=None):
     """data.verify_images: decode every image of the first `rows` rows (all: None) as training
     will, at start-up rather than when a truncated or corrupt file (whose header reads) is first
@@ -911,7 +924,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
         stop.armed = True  # Ctrl-C: stop at the step's end (StopSignal)
         for step in range(start, cfg.warmup.steps):
             t0 = time.perf_counter()
-            samples = [train_set[i] for i in stream.take(step, cfg.warmup.batch_size)]
+            samples = take_samples(train_set, stream.take(step, cfg.warmup.batch_size), cfg)
             prompts = [make_prompt(processor, s, cfg.data.prompt_template) for s in samples]
             conts = [processor.tokenizer(s.solution, add_special_tokens=False)["input_ids"][
                          : cfg.warmup.max_length] + [eos] for s in samples]
@@ -1041,7 +1054,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
     for step in range(g_start, cfg.train.max_steps):
         tm = Timer()
         t0 = time.perf_counter()
-        samples = [train_set[i] for i in stream.take(step, cfg.train.prompts_per_step)]
+        samples = take_samples(train_set, stream.take(step, cfg.train.prompts_per_step), cfg)
         prompts = [make_prompt(processor, s, cfg.data.prompt_template) for s in samples]
         with tm("rollout"):
             engine.wake()  # vLLM: weights back, the current policy pushed, caches reset

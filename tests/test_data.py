@@ -410,3 +410,20 @@ def test_key_steps_json_string_null_is_none():
 
     assert normalize_key_steps("null") == normalize_key_steps(" null ") == []
     assert normalize_key_steps('{"Steps": null}') == []
+
+
+def test_a_bad_image_met_during_training_names_the_start_up_check(tmp_path):
+    """With data.verify_images=false a truncated file is met when sampled: the error names
+    the row and the setting that would have found it at start-up."""
+    import types
+
+    from r1vl.train import UserError, take_samples
+
+    ds = load_dataset(_truncated_rows(tmp_path, n=3, bad=(1,)))
+    cfg = types.SimpleNamespace(data=types.SimpleNamespace(verify_images=False))
+    assert [s.problem for s in take_samples(ds, [0, 2], cfg)] == ["Q0", "Q2"]
+    with pytest.raises(UserError, match=r"d.jsonl:2: cannot load image .* \(data.verify_images=true"):
+        take_samples(ds, [0, 1], cfg)
+    cfg.data.verify_images = True  # checked at start-up: a DataError here is a plain error
+    with pytest.raises(DataError):
+        take_samples(ds, [1], cfg)
