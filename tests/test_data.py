@@ -295,6 +295,8 @@ def test_parquet_with_embedded_images(tmp_path):
     ds = load_dataset(tmp_path / "d.parquet", skip_bad_rows=True)
     assert len(ds) == 1 and ds[0].image.size == (84, 84) and ds[0].key_steps == [["2 + 2 = 4"]]
     assert ds[0].source.endswith("d.parquet:0")
+    # the embedded bytes are read from the table when opened, not copied into every row
+    assert all(r.image.data is None and r.image.fetch is not None for r in ds._rows)
 
 
 def test_hf_datasets_directory(tmp_path):
@@ -307,6 +309,12 @@ def test_hf_datasets_directory(tmp_path):
     ds.save_to_disk(str(tmp_path / "hf"))
     loaded = load_dataset(tmp_path / "hf")
     assert len(loaded) == 1 and loaded[0].image.size == (84, 84) and loaded[0].answer == "4"
+    embedded = datasets.Dataset.from_dict({
+        "image": [{"bytes": (tmp_path / "g.png").read_bytes(), "path": None}], "problem": ["Q"],
+        "solution": [SOL], "key_steps": [None]}).cast_column("image", datasets.Image())
+    embedded.save_to_disk(str(tmp_path / "hf_bytes"))
+    loaded = load_dataset(tmp_path / "hf_bytes")
+    assert loaded[0].image.size == (84, 84) and loaded._rows[0].image.data is None  # read on access
     datasets.DatasetDict({"train": ds, "test": ds}).save_to_disk(str(tmp_path / "hfdict"))
     with pytest.raises(DataError, match="pass one split"):
         load_dataset(tmp_path / "hfdict")

@@ -30,7 +30,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -112,10 +112,13 @@ def normalize_key_steps(value: Any) -> list[list[str]]:
 class _ImageRef:
     """Where an image comes from: a file path or in-memory bytes (or an already-open PIL image)."""
 
-    __slots__ = ("path", "data", "pil", "size")
+    __slots__ = ("path", "data", "pil", "fetch", "size")
 
-    def __init__(self, path: str | None = None, data: bytes | None = None, pil: Any = None):
-        self.path, self.data, self.pil = path, data, pil
+    def __init__(self, path: str | None = None, data: bytes | None = None, pil: Any = None,
+                 fetch: Callable[[], bytes] | None = None):
+        # fetch: reads the bytes from the table when needed (a datasets / parquet column),
+        # so that a data set of embedded images is not copied into every rank's memory
+        self.path, self.data, self.pil, self.fetch = path, data, pil, fetch
         self.size: tuple[int, int] | None = None  # (width, height) once check() has read the header
 
     def describe(self) -> str:
@@ -124,13 +127,16 @@ class _ImageRef:
     def open(self) -> Image.Image:
         if self.pil is not None:
             return self.pil
+        if self.fetch is not None:
+            return Image.open(io.BytesIO(self.fetch()))
         if self.data is not None:
             return Image.open(io.BytesIO(self.data))
         return Image.open(self.path)
 
     def check(self) -> None:
         """Header check: the file exists and PIL recognises it; raises ValueError otherwise."""
-        if self.path and self.data is None and self.pil is None and not os.path.isfile(self.path):
+        if self.path and self.data is None and self.pil is None and self.fetch is None \
+                and not os.path.isfile(self.path):
             if os.path.isdir(self.path):
                 raise ValueError(f"image {self.path} is a directory, not an image file")
             if os.path.exists(self.path):
@@ -179,6 +185,14 @@ def _orientation(img: Image.Image) -> int:
         return 1
 
 
+@dataclass
+class _Embedded:
+    """A table row's embedded image, read again from the table when it is opened."""
+
+    fetch: Callable[[], bytes]
+    path: str | None
+
+
 def _image_ref(row: dict, base: Path) -> _ImageRef:
     if row.get("image_path") not in (None, ""):
         p = row["image_path"]
@@ -194,6 +208,8 @@ def _image_ref(row: dict, base: Path) -> _ImageRef:
         return _ImageRef(data=bytes(img))
     if isinstance(img, str):
         return _ImageRef(path=str(base / img))
+    if isinstance(img, _Embedded):
+        return _ImageRef(fetch=img.fetch, path=img.path)
     if isinstance(img, dict):  # Hugging Face's {"bytes": ..., "path": ...}
         if img.get("bytes"):
             return _ImageRef(data=bytes(img["bytes"]), path=img.get("path") or None)
@@ -361,9 +377,21 @@ def _parquet_source(path: Path):
     columns = table.column_names
 
     def row(i):
-        return {c: table.column(c)[i].as_py() for c in columns}
+        r = {c: table.column(c)[i].as_py() for c in columns}
+        return _lazy_image(r, lambda: table.column("image")[i].as_py())
 
     return _table_rows(row, table.num_rows)
+
+
+def _lazy_image(row: dict, read: Callable[[], Any]) -> dict:
+    """The row with its embedded image bytes ({"bytes", "path"} or raw bytes) replaced by a
+    reader of the table, `read()` giving the column's value again."""
+    img = row.get("image")
+    if isinstance(img, dict) and img.get("bytes"):
+        row["image"] = _Embedded(lambda: bytes(read()["bytes"]), img.get("path") or None)
+    elif isinstance(img, (bytes, bytearray)) and img:
+        row["image"] = _Embedded(lambda: bytes(read()), None)
+    return row
 
 
 def _hf_source(path: Path):
@@ -385,8 +413,11 @@ def _hf_source(path: Path):
     if "image" in ds.column_names and isinstance(ds.features.get("image"), datasets.Image):
         ds = ds.cast_column("image", datasets.Image(decode=False))  # decode lazily, ourselves
 
+    images = ds.select_columns(["image"]) if "image" in ds.column_names else None
+
     def row(i):
-        return ds[i]
+        r = ds[i]
+        return r if images is None else _lazy_image(r, lambda: images[i]["image"])
 
     return _table_rows(row, len(ds))
 
