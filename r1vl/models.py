@@ -739,7 +739,12 @@ def _prompt_groups(batch: dict, start: int, config):
     if not pairs:
         return None
     blocks = batch["pixel_values"].split(patches) if patches else ()
-    equal = _blocks_equal(blocks, [ab for i in pairs for ab in zip(image_rows[i], image_rows[i - 1])])
+    image_pairs = [ab for i in pairs for ab in zip(image_rows[i], image_rows[i - 1])]
+    # equal images: the same grid and the same pixels (two layouts of as many patches, a blank
+    # 112x56 and 224x28 page, can hold equal pixel blocks; the grid sets the tower's and the
+    # rope's positions, so such rows are no repeat), as the vision-tower de-duplication asks
+    grids = [] if grid is None else grid.tolist()
+    equal = [e and grids[a] == grids[b] for e, (a, b) in zip(_blocks_equal(blocks, image_pairs), image_pairs)]
     dup, k = set(), 0
     for i in pairs:
         n = len(image_rows[i])

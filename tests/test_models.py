@@ -156,9 +156,12 @@ def _patch_counter(model):
 
 
 def _grpo_grads(pol, batch, adv):
+    """The update's loss and gradients; with a KL term to a fixed reference the loss value
+    depends on the model too (at beta 0 and ratio 1 it is a function of the advantages alone)."""
     pol.zero_grad(set_to_none=True)
+    ref = torch.full(batch.targets.shape, -3.0)
     loss, _ = pol(batch.inputs, batch.targets, batch.mask, start=batch.start, mode="grpo", advantages=adv,
-                  beta=0.0)
+                  beta=0.04, ref_logprobs=ref)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in pol.named_parameters() if p.grad is not None}
 
@@ -281,6 +284,26 @@ def test_shared_prompt_logprobs_match_the_plain_forward(tiny_arch, micro):
     prompt_rows = sum(r for r, n in calls if n == batch.start)
     whole_rows = sum(r for r, n in calls if n > batch.start)
     assert (prompt_rows, whole_rows) == {10: (5, 0), 4: (2 + 3 + 1, 0), 3: (1 + 2, 3 + 1)}[micro]
+
+
+def test_shared_prompt_needs_the_same_image_grid(tiny_arch):
+    """Two blank pages of as many patches but other layouts (112x56 and 224x28: grids 4x8 and
+    2x16) hold equal pixel blocks under the same question: no repeat (the grid sets the vision
+    tower's and the rope's positions), so each row runs its own prompt."""
+    import copy
+
+    from r1vl.algo import build_batch, compute_logprobs
+
+    model, proc = tiny_arch
+    on, off = PolicyWithLoss(copy.deepcopy(model)), PolicyWithLoss(copy.deepcopy(model), share_prompts=False)
+    images = [Image.new("RGB", (112, 56), "white"), Image.new("RGB", (224, 28), "white")]
+    batch = build_batch(proc, [proc.chat_prompt("read the page", True)] * 2, images, [[50, 60, 70], [51, 61, 71]])
+    grids = batch.inputs["image_grid_thw"].tolist()
+    assert grids[0] != grids[1] and torch.equal(*batch.inputs["pixel_values"].split(
+        [t * h * w for t, h, w in grids])) and torch.equal(*batch.inputs["input_ids"][:, :batch.start])
+    got = compute_logprobs(on, batch, micro_batch_size=2)
+    want = compute_logprobs(off, batch, micro_batch_size=2)
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("checkpointing, attn", [(False, "sdpa"), (True, "sdpa"), (True, "eager")])
