@@ -682,6 +682,13 @@ def validate(cfg: Config) -> None:
         )
     if cfg.rollout.num_generations < 2 and cfg.train.max_steps > 0:
         raise ConfigError("rollout.num_generations: expected >= 2 (group-relative advantages need a group)")
+    mml, need = cfg.rollout.vllm.max_model_len, (cfg.data.max_prompt_length + cfg.data.max_pixels // (28 * 28)
+                                                 + cfg.rollout.max_completion_length)
+    if cfg.rollout.engine == "vllm" and mml is not None and mml < need:
+        raise ConfigError(
+            f"rollout.vllm.max_model_len: expected >= {need} (data.max_prompt_length + the tokens of a "
+            f"data.max_pixels image + rollout.max_completion_length), got {mml}: completions would be cut "
+            "short and long prompts refused; raise it or leave it null (computed)")
     if cfg.rollout.temperature == 0 and cfg.train.max_steps > 0:
         raise ConfigError(
             f"rollout.temperature: expected > 0 when train.max_steps > 0, got {cfg.rollout.temperature!r} "

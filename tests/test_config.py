@@ -382,3 +382,14 @@ def test_lr_warmup_longer_than_the_schedule_warns(caplog):
     for name in ("default.yaml", "qwen2vl_2b.yaml", "qwen2vl_7b.yaml"):
         assert _warnings(caplog, [], ROOT / "configs" / name) == []
     assert _warnings(caplog, []) == []
+
+
+def test_vllm_max_model_len_must_hold_a_rollout():
+    """An explicit rollout.vllm.max_model_len below prompt + image + completion would cut
+    completions silently (vLLM stops at its limit with finish_reason "length")."""
+    base = ["rollout.engine=vllm", "data.max_prompt_length=100", "data.max_pixels=12544",
+            "rollout.max_completion_length=50"]  # 100 + 16 + 50
+    assert load_config(None, base + ["rollout.vllm.max_model_len=166"]).rollout.vllm.max_model_len == 166
+    with pytest.raises(ConfigError, match=r"rollout.vllm.max_model_len: expected >= 166 .* got 165"):
+        load_config(None, base + ["rollout.vllm.max_model_len=165"])
+    load_config(None, ["data.max_prompt_length=100", "rollout.vllm.max_model_len=10"])  # the hf engine: unused
