@@ -138,9 +138,10 @@ def micro_batches(n: int, size: int) -> list[list[int]]:
 
 @torch.no_grad()
 def compute_logprobs(policy: nn.Module, batch: SeqBatch, *, micro_batch_size: int,
-                     temperature: float = 1.0) -> torch.Tensor:
+                     temperature: float = 1.0, logit_bias: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 log-probs [B, T] of batch.targets (0 where mask is 0), micro-batched, no grad.
-    `policy` is an r1vl.models.PolicyWithLoss (or a module wrapping one)."""
+    `policy` is an r1vl.models.PolicyWithLoss (or a module wrapping one); `logit_bias` [V]
+    is added to the logits (a rollout engine's, for log-probs comparable with its own)."""
     out = torch.zeros(batch.targets.shape, dtype=torch.float32)
     inner = policy.module if hasattr(policy, "module") else policy  # no DDP hooks without grad
     was_training = inner.training
@@ -148,7 +149,9 @@ def compute_logprobs(policy: nn.Module, batch: SeqBatch, *, micro_batch_size: in
     try:
         for idx in micro_batches(batch.size, micro_batch_size):
             mb = batch.slice(idx)
-            lp = inner(mb.inputs, mb.targets, mb.mask, start=mb.start, mode="logprobs", temperature=temperature)
+            extra = {} if logit_bias is None else {"logit_bias": logit_bias}
+            lp = inner(mb.inputs, mb.targets, mb.mask, start=mb.start, mode="logprobs", temperature=temperature,
+                       **extra)
             t = lp.shape[1]
             out[idx[0]: idx[-1] + 1, :t] = lp.float().cpu() * mb.mask.cpu()
     finally:

@@ -569,13 +569,19 @@ class FusedLMHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 advantages: torch.Tensor | None = None, *, mode: str = "logits", temperature: float = 1.0,
-                return_entropy: bool = False, **loss_kwargs: Any):
+                return_entropy: bool = False, logit_bias: torch.Tensor | None = None, **loss_kwargs: Any):
         if targets is None:
             return F.linear(hidden, self.weight, self.bias)
         from r1vl.kernels import fused_linear_grpo_loss, linear_logprobs
 
         if mode == "logprobs":
-            return linear_logprobs(hidden, self.weight, targets, bias=self.bias, temperature=temperature,
+            # logit_bias [V] (mode "logprobs" only): added to the logits, as a rollout engine's
+            # logit bias is (the vLLM engine's -100 on suppressed image placeholders)
+            bias = self.bias
+            if logit_bias is not None:
+                lb = logit_bias.to(device=self.weight.device, dtype=self.weight.dtype)
+                bias = lb if bias is None else bias + lb
+            return linear_logprobs(hidden, self.weight, targets, bias=bias, temperature=temperature,
                                    return_entropy=return_entropy)
         if mode == "grpo":
             return fused_linear_grpo_loss(hidden, self.weight, targets, mask, advantages, bias=self.bias,

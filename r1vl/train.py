@@ -575,6 +575,22 @@ def logprob_temperatures(cfg: Config) -> tuple[float, float]:
     return lp_t, (sample_t if ro.vllm.logprobs_mode == "processed_logprobs" else 1.0)
 
 
+def engine_logit_bias(engine, model, cfg: Config) -> torch.Tensor | None:
+    """The vLLM engine's logit bias as a [V] tensor (-100 on the suppressed image placeholders),
+    for trainer log-probs comparable with its processed_logprobs, which include it (raw_logprobs
+    do not: None). Without it every in-sync importance ratio is 1 - p(placeholders) < 1."""
+    from r1vl.rollout.vllm_engine import SUPPRESS_LOGIT_BIAS
+
+    ids = list(getattr(getattr(engine, "config", None), "suppress_token_ids", None) or [])
+    if not ids or cfg.rollout.vllm.logprobs_mode != "processed_logprobs":
+        return None
+    w = model.get_output_embeddings().weight
+    vocab = int(getattr(w, "ds_shape", w.shape)[0])  # ZeRO-3 partitions the weight itself
+    bias = torch.zeros(vocab, dtype=torch.float32)
+    bias[ids] = SUPPRESS_LOGIT_BIAS
+    return bias
+
+
 def make_optimizer(params, lr: float, cfg: Config, total_steps: int, warmup_steps: int, kind: str,
                    final_ratio: float = 0.0):
     from r1vl.algo import lr_lambda
@@ -1038,6 +1054,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
         bar.update(g_start)
     use_is = use_vllm and ro.is_correction  # truncated importance sampling: engine vs trainer log-probs
     lp_temp, is_temp = logprob_temperatures(cfg)
+    is_bias = engine_logit_bias(engine, unwrap(model), cfg) if use_is else None
     ucfg = UpdateConfig(beta=a.beta, epsilon_low=a.epsilon_low, epsilon_high=a.epsilon_high, num_iterations=mu,
                         loss_type=a.loss_type, importance_sampling_level=a.importance_sampling_level,
                         use_bias_correction_kl=a.use_bias_correction_kl, delta=a.delta,
@@ -1084,12 +1101,12 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
                 from r1vl.rollout.is_correction import is_ratio as correction, is_ratio_stats, pad_engine_logprobs
 
                 is_lp = compute_logprobs(train_policy, batch, micro_batch_size=cfg.train.micro_batch_size,
-                                         temperature=is_temp)
+                                         temperature=is_temp, logit_bias=is_bias)
                 eng_lp, eng_mask = pad_engine_logprobs([c.logprobs for c in comps], batch.targets.shape[1],
                                                        device=is_lp.device)
                 is_mask = eng_mask & batch.mask.bool()
                 is_ratio = correction(is_lp, eng_lp, is_mask, cap=ro.is_cap, mode=ro.is_mode)
-                if is_temp == lp_temp:  # the update's old log-probs (mu > 1) are the same tensor
+                if is_temp == lp_temp and is_bias is None:  # the update's old log-probs (mu > 1): the same
                     old_lp = is_lp
                 is_st = is_ratio_stats(is_ratio, is_mask, cap=ro.is_cap, mode=ro.is_mode)
         with tm("update"):

@@ -217,3 +217,32 @@ def test_bias_correction_kl_changes_the_step_at_mu_1(tiny):
         out[flag] = (m, [p.detach().clone() for p in pol.parameters()])
     assert out[True][0]["kl"] == pytest.approx(out[False][0]["kl"], rel=1e-6) and out[True][0]["kl"] > 0.01
     assert any(not torch.allclose(x, y, atol=1e-7, rtol=0) for x, y in zip(out[False][1], out[True][1]))
+
+
+def test_logprobs_with_an_engine_logit_bias(tiny):
+    """compute_logprobs(logit_bias=...) scores under softmax(logits + bias), the distribution the
+    vLLM engine samples from (its processed log-probs include its -100 on the suppressed image
+    placeholders); train.engine_logit_bias builds that bias, None for raw log-probs."""
+    import types
+
+    from r1vl.train import engine_logit_bias
+
+    model, proc = tiny
+    pol = PolicyWithLoss(model)
+    b, _ = _batch(proc, n=3, seed=4)
+    V = model.get_output_embeddings().weight.shape[0]
+    ids = proc.vision_token_ids()
+    engine = types.SimpleNamespace(config=types.SimpleNamespace(suppress_token_ids=ids))
+    cfg = types.SimpleNamespace(rollout=types.SimpleNamespace(vllm=types.SimpleNamespace(
+        logprobs_mode="processed_logprobs")))
+    bias = engine_logit_bias(engine, model, cfg)
+    assert bias.shape == (V,) and bias[ids].eq(-100).all() and bias.count_nonzero() == len(ids)
+    got = compute_logprobs(pol, b, micro_batch_size=2, temperature=0.7, logit_bias=bias)
+    with torch.no_grad():
+        logits = model(**b.inputs).logits[:, b.start - 1: b.start - 1 + b.targets.shape[1]].float()
+    want = torch.log_softmax((logits + bias) / 0.7, -1).gather(-1, b.targets.unsqueeze(-1)).squeeze(-1) * b.mask
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    plain = compute_logprobs(pol, b, micro_batch_size=2, temperature=0.7)
+    assert (got - plain)[b.mask.bool()].min() > 0  # the placeholders' mass moved onto the rest
+    cfg.rollout.vllm.logprobs_mode = "raw_logprobs"
+    assert engine_logit_bias(engine, model, cfg) is None

@@ -40,6 +40,8 @@ from r1vl.rollout.base import Completion, Prompt, SamplingConfig
 log = logging.getLogger(__name__)
 
 MiB = 1 << 20
+# the logit bias on suppressed ids (image placeholders): vLLM's bound, e^-100 of the mass
+SUPPRESS_LOGIT_BIAS = -100.0
 
 # --------------------------------------------------------------------------- config
 
@@ -705,7 +707,7 @@ class VLLMEngine:
 
         # -100 is vLLM's bound for a logit bias: e^-100 of the mass, never sampled; the
         # processed log-probs are then those of the distribution actually sampled from
-        suppress = {int(t): -100.0 for t in self.config.suppress_token_ids} or None
+        suppress = {int(t): SUPPRESS_LOGIT_BIAS for t in self.config.suppress_token_ids} or None
         greedy = sampling.temperature <= 0
         per_req = 1 if greedy else n  # vLLM allows n > 1 only when sampling
         copies = n if greedy else 1
