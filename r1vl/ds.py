@@ -151,6 +151,13 @@ def fill_config(raw: dict, *, micro_batch_size: int, gradient_accumulation_steps
     stage = zero.setdefault("stage", 0)
     if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
         raise DeepSpeedConfigError(f"{source}: zero_optimization.stage: expected 0, 1, 2 or 3, got {stage!r}")
+    if stage == 0 and (_enabled(out, "bf16") or _enabled(out, "fp16")):
+        # DeepSpeed's stage-0 16-bit wrapper takes one optimizer step with zero gradients when it
+        # is built: AdamW's count starts at 1 (the first update ~0.74x its size) and weight decay
+        # acts once before training
+        raise DeepSpeedConfigError(f"{source}: zero_optimization.stage 0 with bf16/fp16 is not supported (DeepSpeed's "
+                                   "stage-0 16-bit optimizer wrapper steps the optimizer once when built); use stage "
+                                   "1, 2 or 3, or no deepspeed= (plain DDP)")
     for key in MODEL_SIZED_KEYS:
         if zero.get(key) == AUTO and stage != 3:
             del zero[key]  # only stage 3 reads them
@@ -399,10 +406,16 @@ def step(engine) -> float:
     """Clip (gradient_clipping), optimizer step, scheduler step, zero the gradients.
     Returns the global gradient norm before clipping. Collective."""
     engine.set_gradient_accumulation_boundary(True)
+    before = None
+    if engine.zero_optimization_stage() == 0:
+        # stage 0 in fp32 clips without recording the norm (get_global_grad_norm() is None):
+        # the gradients are all-reduced by now, so their norm is the global one
+        grads = [q.grad.detach().float().norm() for q in engine.module.parameters() if q.grad is not None]
+        before = float(torch.stack(grads).norm()) if grads else 0.0
     engine.step()
     norm = engine.get_global_grad_norm()
     if norm is None:
-        return 0.0
+        return before if before is not None else 0.0
     return float(norm.item() if isinstance(norm, torch.Tensor) else norm)
 
 

@@ -638,7 +638,8 @@ def save_checkpoint(cfg: Config, d, policy, processor, optimizer, scheduler, pha
     rngs = all_gather_objects(rng_state(), d)
     ck_dir = Path(cfg.output_dir) / "checkpoints"
     if ds.is_engine(policy):
-        state = {"phase": phase, "step": step, "rng": rngs, "world": d.world, "deepspeed": True, **extra}
+        state = {"phase": phase, "step": step, "rng": rngs, "world": d.world, "deepspeed": True,
+                 "zero_stage": int(policy.zero_optimization_stage()), **extra}
         ds.save_checkpoint(policy, ck_dir / checkpoint_name(phase, step), processor=processor,
                            client_state={"phase": phase, "step": step},
                            write_extra=lambda tmp: torch.save(state, tmp / STATE_FILE))
@@ -826,6 +827,14 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
         raise UserError(f"train.resume: {resume_dir} was written " + (
             "by a DeepSpeed run; resume it with the same deepspeed=..." if state.get("deepspeed")
             else "without DeepSpeed (no ds/ state); resume it with deepspeed= left empty"))
+    if resume_dir is not None and cfg.deepspeed and state.get("zero_stage") is not None:
+        from r1vl import ds
+
+        stage = ds.zero_stage(ds.config_from_trainer(cfg, d.world))
+        if stage != state["zero_stage"]:  # DeepSpeed's loader would fail on the other stage's files
+            raise UserError(f"train.resume: {resume_dir} was written under ZeRO-{state['zero_stage']}, "
+                            f"deepspeed={cfg.deepspeed} is ZeRO-{stage}; resume with a stage-{state['zero_stage']} "
+                            "config")
     model, processor = build_model(cfg, d, train_set, resume_dir)
     train_set = check_all_prompt_lengths(train_set, processor, cfg, d=d)
     if cfg.rollout.engine == "vllm":

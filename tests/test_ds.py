@@ -51,11 +51,15 @@ def fill(raw, **kw):
 
 
 def test_auto_keys_are_filled_from_the_trainer():
-    out = fill({"train_micro_batch_size_per_gpu": "auto", "gradient_clipping": "auto", "bf16": {"enabled": "auto"}},
-               dtype="bfloat16")
+    out = fill({"train_micro_batch_size_per_gpu": "auto", "gradient_clipping": "auto", "bf16": {"enabled": "auto"},
+                "zero_optimization": {"stage": 2}}, dtype="bfloat16")
     assert out["train_micro_batch_size_per_gpu"] == 16 and out["gradient_accumulation_steps"] == 2
     assert out["train_batch_size"] == 16 * 2 * 4 and out["gradient_clipping"] == 1.0
-    assert out["bf16"]["enabled"] is True and out["zero_optimization"]["stage"] == 0
+    assert out["bf16"]["enabled"] is True and out["zero_optimization"]["stage"] == 2
+    assert fill({})["zero_optimization"]["stage"] == 0  # fp32 stage 0: allowed (DDP-like)
+    # stage 0 in 16 bits: DeepSpeed's wrapper steps the optimizer once when built
+    with pytest.raises(ds.DeepSpeedConfigError, match="stage 0 with bf16/fp16 is not supported"):
+        fill({"bf16": {"enabled": "auto"}}, dtype="bfloat16")
     # explicit values that agree are kept; max_grad_norm 0 = no clipping
     same = fill({"train_batch_size": 128, "gradient_accumulation_steps": 2, "gradient_clipping": 0.0},
                 max_grad_norm=0.0)

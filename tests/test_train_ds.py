@@ -199,3 +199,25 @@ def test_process_groups_are_released_at_exit(tmp_path, data_dir):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "RESULT 0 False []" in proc.stdout, proc.stdout[-2000:]
+
+
+def test_resume_under_another_zero_stage_is_refused(tmp_path, data_dir, capsys):
+    """A checkpoint written under ZeRO-2, resumed with a ZeRO-3 config: one line naming both
+    stages before any model loads (DeepSpeed's loader ended in a bare AssertionError on every
+    rank, after the model was built)."""
+    import torch
+
+    from r1vl.train import main
+    from r1vl.utils import STATE_FILE
+
+    pytest.importorskip("deepspeed")
+    ck = tmp_path / "src" / "checkpoints" / "warmup-000001"
+    ck.mkdir(parents=True)
+    torch.save({"phase": "warmup", "step": 1, "rng": [None], "world": 1, "deepspeed": True, "zero_stage": 2,
+                "config": None}, ck / STATE_FILE)
+    args = [f"output_dir={tmp_path / 'dst'}", f"data.synthetic_dir={data_dir}", *RUN, "warmup.steps=2",
+            f"deepspeed={ROOT / 'configs' / 'ds_zero3.json'}", f"train.resume={ck}"]
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"train.resume: {ck} was written under ZeRO-2, deepspeed={ROOT / 'configs' / 'ds_zero3.json'} is ZeRO-3" in err
