@@ -627,7 +627,14 @@ class VLLMEngine:
         """Push HF-named policy weights (a lazy iterable is fine: it is consumed
         bucket by bucket, `weight_bucket_bytes` at a time, each layer whole), then
         reset the prefix cache and the multimodal caches so nothing computed with
-        the old weights is reused."""
+        the old weights is reused.
+
+        On vLLM's CPU backend (the test backend) a push must hold every tensor of each
+        layer it touches: vLLM's reload rebuilds a touched layer from empty memory and
+        fills only what was pushed, so a partial layer (q_proj without k/v_proj) leaves
+        the rest uninitialised, and a tensor of the wrong shape leaves the engine broken
+        (an error from inside vLLM). The trainer and r1vl.eval always push the whole model.
+        On CUDA the model's own loader copies each tensor in place."""
         self.calls.append("load_weights")
         if self.state == "asleep":  # weights must be resident to be overwritten
             self._wake_weights_only()
