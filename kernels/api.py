@@ -217,8 +217,8 @@ def fused_linear_grpo_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """TRL's GRPO loss straight from the LM head, never materialising [tokens, vocab] logits.
 
-    hidden [B,T,H], weight [V,H], targets/mask [B,T], advantages [B]; optional
-    old/ref log-probs and rollout_is_ratio [B,T]. Returns (0-dim loss, metrics) with
+    hidden [B,T,H], weight [V,H], targets/mask [B,T], advantages [B] (or [B,1]); optional
+    old/ref log-probs [B,T] and rollout_is_ratio [B,T] (or [B,1], one per sequence). Returns (0-dim loss, metrics) with
     metrics kl, clip_ratio_low, clip_ratio_high, clip_ratio (and entropy) as detached
     0-dim fp32 tensors (kl, entropy: token means; clip ratios: share of tokens, at sequence
     level share of sequences). use_bias_correction_kl: the KL term (and the kl metric) is
@@ -237,6 +237,11 @@ def fused_linear_grpo_loss(
     _check_tensor("mask", mask, shape=(b, t), device=dev)
     if mask.is_complex():
         raise ValueError(f"mask: expected bool, integer or float, got {mask.dtype}")
+    # TRL's shapes: advantages[:, None] and a sequence-level importance_sampling_ratio [B, 1]
+    if isinstance(advantages, torch.Tensor) and tuple(advantages.shape) == (b, 1):
+        advantages = advantages.reshape(b)
+    if isinstance(rollout_is_ratio, torch.Tensor) and tuple(rollout_is_ratio.shape) == (b, 1):
+        rollout_is_ratio = rollout_is_ratio.expand(b, t)
     _check_tensor("advantages", advantages, shape=(b,), device=dev, float_ok=True)
     for name, x in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs),
                     ("rollout_is_ratio", rollout_is_ratio)):

@@ -42,7 +42,7 @@ BAD_LOSS_INPUTS = [
     ("targets", dict(targets=torch.full((2, 4), 11))),              # out of range
     ("targets", dict(targets=torch.full((2, 4), -1))),
     ("mask", dict(mask=torch.ones(2, 5))),
-    ("advantages", dict(advantages=torch.zeros(2, 1))),
+    ("advantages", dict(advantages=torch.zeros(2, 3))),
     ("advantages", dict(advantages=torch.zeros(2, dtype=torch.int64))),
     ("old_logprobs", dict(old_logprobs=torch.zeros(2, 3))),
     ("ref_logprobs", dict(ref_logprobs=torch.zeros(4, 2))),
@@ -194,3 +194,17 @@ def test_numbers_of_other_kinds_and_num_items(case, monkeypatch):
         zero, _ = _loss(case, loss_type="dapo", num_items_in_batch=0)
         one, _ = _loss(case, loss_type="dapo", num_items_in_batch=1)
         assert torch.equal(zero, one)
+
+
+def test_trl_shapes_of_advantages_and_the_sequence_ratio(case):
+    """advantages [B, 1] (TRL's advantages[:, None]) and a rollout ratio [B, 1] (TRL's
+    sequence-level importance_sampling_ratio) are the [B] and [B, T] forms."""
+    ris = torch.tensor([[0.8], [1.3]])
+    for level in ("token", "sequence"):
+        want, wm = _loss(case, old_logprobs=case.old, rollout_is_ratio=ris.expand(2, 4).contiguous(),
+                         importance_sampling_level=level)
+        got, gm = _loss(case, old_logprobs=case.old, rollout_is_ratio=ris, advantages=case.advantages[:, None],
+                        importance_sampling_level=level)
+        torch.testing.assert_close(got, want)
+        for k in wm:
+            torch.testing.assert_close(gm[k], wm[k])
