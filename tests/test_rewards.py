@@ -134,6 +134,8 @@ ANSWER_FORMS = [
     ("A", "A.", True), ("A", "(A)", True), ("A", "a", True), ("A", "**A**", True), ("A", "Option A", True),
     ("A", "The answer is A.", True), ("A", "A) 12", True), ("A", "$A$", True), ("A", "\\text{A}", True),
     ("(B)", "B", True), ("A", "B", False), ("A", "Answer: B", False), ("A", "Apple", False), ("A", "(B) A", False),
+    ("A", "a triangle", False), ("A", "A triangle", False), ("A", "A: 12", True), ("A", "a)", True), ("A", "[A]", True),
+    ("C", "C. Both", True), ("A", "A.B", False),
     ("Yes", "yes.", True), ("no", "No, it is not.", True), ("Yes", "No", False), ("Yes", "Not sure", False),
     # display maths on the lines after the header
     ("0.5", "\n$$\n\\frac{1}{2}\n$$", True), ("0.5", "\n\\[\n\\frac{1}{2}\n\\]", True), ("0.5", "$$\n\\frac{1}{3}\n$$", False),

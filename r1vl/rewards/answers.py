@@ -8,7 +8,8 @@ would be wrong. Here, in order:
 1. `clean`: NFKC (full-width digits, ligatures), U+2212 minus as "-", markdown bold dropped.
 2. A reference that is one choice letter ("A", "(B)", "C.") is matched by the letter the
    completion starts with ("(A)", "A.", "A) 12", "Option A", "The answer is A", "$A$",
-   "\\text{A}"), in either case; a yes/no reference by the completion's first word.
+   "\\text{A}", "a"), not a leading article ("A triangle"); a yes/no reference by the
+   completion's first word.
 3. Otherwise math-verify compares them, each line read as LaTeX (`latex_form`: wrapped in
    `$...$`) when it carries mathematics -- a backslash, ^, _, =, +, -, *, /, parentheses or
    braces -- and, once leading words ("The area is") and trailing units ("cm", "square
@@ -29,7 +30,10 @@ _TEXT_MACRO = re.compile(r"\\(?:text|textbf|textrm|mathrm)\s*\{([^{}]*)\}(?:\^\{
 _CHOICE_GOLD = re.compile(r"\(?([A-Z])\)?\Z")
 _CHOICE_LEAD = re.compile(r"(?:the\s+)?(?:correct\s+|final\s+|right\s+)?(?:answer|option|choice)\s*(?:is\s*)?[:：]?\s*",
                           re.IGNORECASE)
-_CHOICE_PRED = re.compile(r"[(\[]?([A-Za-z])[)\]]?(?=\Z|[\s.,:;)\]])")
+# a completion's choice letter: bracketed "(a)" / "[B]", an upper-case letter with its
+# punctuation "B." / "B)" / "B:", "b)", or a lone letter; not a leading article ("A triangle")
+_CHOICE_PRED = (re.compile(r"[(\[]\s*([A-Za-z])\s*[)\]]"), re.compile(r"([A-Z])\s*[.):](?!\w)"),
+                re.compile(r"([a-z])\)"), re.compile(r"([A-Za-z])\s*\.?\s*\Z"))
 _YES_NO = ("yes", "no")
 _FIRST_WORD = re.compile(r"[A-Za-z]+")
 
@@ -63,8 +67,11 @@ def pred_choice(pred: str) -> str | None:
     lead = _CHOICE_LEAD.match(s)
     if lead:
         s = s[lead.end():]
-    m = _CHOICE_PRED.match(s)
-    return m.group(1).upper() if m else None
+    for pattern in _CHOICE_PRED:
+        m = pattern.match(s)
+        if m:
+            return m.group(1).upper()
+    return None
 
 
 def yes_no(answer: str) -> str | None:
