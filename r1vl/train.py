@@ -644,7 +644,7 @@ def save_checkpoint(cfg: Config, d, policy, processor, optimizer, scheduler, pha
                            client_state={"phase": phase, "step": step},
                            write_extra=lambda tmp: torch.save(state, tmp / STATE_FILE))
         if d.main:
-            prune_checkpoints(ck_dir, keep=cfg.train.keep_checkpoints)
+            prune_checkpoints(ck_dir, keep=cfg.train.keep_checkpoints, current=checkpoint_name(phase, step))
         d.barrier()
         return
     if d.main:
@@ -656,7 +656,7 @@ def save_checkpoint(cfg: Config, d, policy, processor, optimizer, scheduler, pha
             torch.save(state, tmp / STATE_FILE)
 
         atomic_dir_write(ck_dir / checkpoint_name(phase, step), write)
-        prune_checkpoints(ck_dir, keep=cfg.train.keep_checkpoints)
+        prune_checkpoints(ck_dir, keep=cfg.train.keep_checkpoints, current=checkpoint_name(phase, step))
     d.barrier()
 
 
@@ -758,7 +758,8 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
     from r1vl.models import HostWeights, PolicyWithLoss, load_pretrained, make_reference, unwrap
     from r1vl.rollout.base import SamplingConfig
     from r1vl.utils import (STATE_FILE, IndexStream, MetricsWriter, StatReducer, Timer, all_gather_objects,
-                            derive_seed, init_distributed, plot_run, seed_everything, set_rng_state)
+                            checkpoint_name, checkpoints_after, clean_interrupted_saves, derive_seed,
+                            init_distributed, plot_run, seed_everything, set_rng_state)
 
     t_start = time.time()
     stop = stop or StopSignal()  # not entered: no handler, never set (still a collective per step)
@@ -766,6 +767,10 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
     d = init_distributed(cfg.distributed.backend, cfg.distributed.timeout_s, cfg.distributed.num_threads)
     setup_logging(cfg, d)
     out = Path(cfg.output_dir)
+    if d.main:  # a save killed midway (atomic_dir_write's temporaries), before the resume point is found
+        for what in clean_interrupted_saves(out / "checkpoints"):
+            log.warning("checkpoints/: cleaned up after an interrupted save: %s", what)
+    d.barrier()
     resume_dir = find_resume(cfg)
     if d.main:
         if resume_dir is None and cfg.train.overwrite:
@@ -808,7 +813,11 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
     state: dict[str, Any] = {}
     ref_dir = None  # the KL reference on disk when resuming inside StepGRPO
     if resume_dir is not None:
-        state = torch.load(resume_dir / STATE_FILE, map_location="cpu", weights_only=False)
+        try:
+            state = torch.load(resume_dir / STATE_FILE, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 -- a truncated or corrupt file: torch raises several types
+            raise UserError(f"train.resume: {resume_dir / STATE_FILE} is unreadable ({str(e).splitlines()[0]}); "
+                            "resume from an older checkpoint with train.resume=<its path>") from None
         if state.get("world") != d.world:
             raise UserError(f"train.resume: {resume_dir} was written by {state.get('world')} rank(s), "
                             f"this run has {d.world}")
@@ -902,6 +911,12 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
         writer.truncate_after(state["phase"], state["step"])
         if d.main:
             drop_eval_outputs_after(out, state["phase"], state["step"])
+            later = checkpoints_after(out / "checkpoints", checkpoint_name(state["phase"], state["step"]))
+            if later:  # an abandoned continuation: kept, they would outrank this run's own saves
+                log.warning("train.resume from %s: removing the later checkpoints %s of the run it continues, "
+                            "as its logs after that point were", resume_dir.name, ", ".join(p.name for p in later))
+                for p in later:
+                    shutil.rmtree(p, ignore_errors=True)
         set_rng_state(state["rng"][d.rank])
     prior_wall = float(state.get("wall_seconds", 0.0))
 

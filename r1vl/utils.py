@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -340,14 +341,48 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     return best
 
 
-def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
+def prune_checkpoints(ckpt_dir: Path, keep: int, current: str | None = None) -> None:
+    """Keep the newest `keep` checkpoints (0: all); `current`, the one just written, is kept
+    whatever the others are named."""
     if keep <= 0:
         return
     items = sorted(
         (parse_checkpoint_name(p.name), p) for p in Path(ckpt_dir).iterdir() if parse_checkpoint_name(p.name)
     )
     for _, p in items[:-keep]:
-        shutil.rmtree(p, ignore_errors=True)
+        if p.name != current:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def checkpoints_after(ckpt_dir: Path, name: str) -> list[Path]:
+    """The checkpoints in `ckpt_dir` later than checkpoint `name` (phase, then step)."""
+    key = parse_checkpoint_name(name)
+    if key is None or not Path(ckpt_dir).is_dir():
+        return []
+    return sorted((p for p in Path(ckpt_dir).iterdir() if (k := parse_checkpoint_name(p.name)) and k > key),
+                  key=lambda p: parse_checkpoint_name(p.name))
+
+
+def clean_interrupted_saves(ckpt_dir: Path) -> list[str]:
+    """What atomic_dir_write left behind when a process died mid-save: a `.tmp-X-<pid>` (the
+    unfinished copy) is removed; an `.old-X-<pid>` is the previous good copy, renamed back to X
+    when X is missing, else removed. Returns what was done, for the log."""
+    done: list[str] = []
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return done
+    for p in sorted(ckpt_dir.iterdir()):
+        m = re.fullmatch(r"\.(tmp|old)-(.+)-\d+", p.name)
+        if not m or not p.is_dir():
+            continue
+        target = ckpt_dir / m.group(2)
+        if m.group(1) == "old" and not target.exists():
+            os.replace(p, target)
+            done.append(f"{p.name} -> {target.name}")
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+            done.append(f"removed {p.name}")
+    return done
 
 
 # --------------------------------------------------------------------------- metrics

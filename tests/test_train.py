@@ -832,3 +832,37 @@ def test_eval_before_on_a_resume_inside_stepgrpo_is_not_run_on_stepgrpo_weights(
                       f"train.resume={src / 'checkpoints' / 'grpo-000001'}")) == 0
     assert not any(r["phase"] == "eval" for r in _metrics(dst))
     assert "had no evaluation after the warm-up" in capsys.readouterr().err
+
+
+def test_resume_from_an_earlier_checkpoint_drops_the_later_ones(tmp_path, data_dir, capsys):
+    """Resuming from an older checkpoint of the same run (after a NaN, say): the later
+    checkpoints of the abandoned continuation go, as its logs do; kept, they outranked this
+    run's own saves (keep_checkpoints deleted the new one, and train.resume=true then found
+    the stale one)."""
+    out = tmp_path / "run"
+    extra = ("train.save_every=1", "train.eval_before=false", "train.eval_after=false", "logging.plot=false")
+    assert main(_args(out, data_dir, *extra, "train.max_steps=3", "train.keep_checkpoints=3")) == 0
+    ck = out / "checkpoints"
+    assert sorted(p.name for p in ck.iterdir()) == ["grpo-000001", "grpo-000002", "grpo-000003"]
+    capsys.readouterr()
+    assert main(_args(out, data_dir, *extra, "train.max_steps=2", "train.keep_checkpoints=1",
+                      f"train.resume={ck / 'grpo-000001'}")) == 0
+    assert "removing the later checkpoints grpo-000002, grpo-000003" in capsys.readouterr().err
+    assert sorted(p.name for p in ck.iterdir()) == ["grpo-000002"]  # this run's own save
+
+
+def test_interrupted_saves_are_cleaned_and_a_corrupt_state_is_one_line(tmp_path, capsys):
+    from r1vl.utils import STATE_FILE, clean_interrupted_saves
+
+    ck = tmp_path / "checkpoints"
+    for name in (".tmp-grpo-000003-99", ".old-grpo-000002-98", ".old-grpo-000001-97", "grpo-000001"):
+        (ck / name).mkdir(parents=True)
+    (ck / ".old-grpo-000002-98" / STATE_FILE).write_text("the good copy")
+    done = clean_interrupted_saves(ck)
+    assert sorted(p.name for p in ck.iterdir()) == ["grpo-000001", "grpo-000002"]
+    assert (ck / "grpo-000002" / STATE_FILE).read_text() == "the good copy"  # renamed back, not lost
+    assert len(done) == 3
+    (ck / "grpo-000001" / STATE_FILE).write_bytes(b"PK\x03\x04 truncated")
+    assert main([f"output_dir={tmp_path}", f"train.resume={ck / 'grpo-000001'}", *FAST]) == 2
+    err = capsys.readouterr().err
+    assert f"train.resume: {ck / 'grpo-000001' / STATE_FILE} is unreadable (" in err and "Traceback" not in err
