@@ -128,6 +128,11 @@ def find_resume(cfg: Config) -> Path | None:
     p = Path(str(r))
     if not (p / STATE_FILE).is_file():
         raise UserError(f"train.resume: {p} is not a checkpoint directory (no {STATE_FILE})")
+    if p.resolve().parent.parent != out.resolve():  # another run's checkpoint: into an empty output_dir
+        prev = previous_run(out)
+        if prev:
+            raise UserError(f"train.resume: {p} is another run's checkpoint, and output_dir {out} holds a previous "
+                            f"run ({', '.join(prev)}) whose logs it would be merged into; pick an empty output_dir")
     return p
 
 

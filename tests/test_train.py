@@ -533,6 +533,10 @@ def test_resume_from_a_checkpoint_of_another_dir(tmp_path, data_dir, capsys):
     capsys.readouterr()
     assert main(_args(tmp_path / "dst2", data_dir, *extra, f"train.resume={ck}", "model.tiny.intermediate_size=96")) == 2
     assert "another model" in capsys.readouterr().err
+    # into an output_dir that holds a third run: refused, not merged into its logs
+    assert main(_args(dst, data_dir, *extra, f"train.resume={ck}")) == 2
+    assert f"train.resume: {ck} is another run's checkpoint, and output_dir {dst} holds a previous run" in \
+        capsys.readouterr().err
 
 
 def test_check_resume_config_names_the_differences(tmp_path, caplog):
