@@ -433,8 +433,6 @@ def onepass_grpo_loss(hidden, weight, bias, targets, rows, mask, advantages, *, 
     targets [N] (safe ids at masked rows), rows = indices of the unmasked rows or None
     when all are unmasked, mask/old/ref/ris [B, T], advantages [B].
     Returns (0-dim loss, metrics dict) as grpo_objective: fp32 (fp64 for fp64 inputs)."""
-    if isinstance(num_items_in_batch, torch.Tensor):
-        num_items_in_batch = float(num_items_in_batch)
     hp = dict(beta=float(beta), epsilon_low=float(epsilon_low), epsilon_high=float(epsilon_high),
               temperature=float(temperature), loss_type=loss_type,
               max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,

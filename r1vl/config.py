@@ -644,6 +644,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return cfg
 
 
+def longest_sequence(cfg: Config) -> int:
+    """The most tokens a rollout can hold: data.max_prompt_length of text + the tokens of a
+    data.max_pixels image (one per 28x28 pixels: 14-pixel patches merged 2x2) +
+    rollout.max_completion_length (the vLLM engine's max_model_len when not set)."""
+    return cfg.data.max_prompt_length + cfg.data.max_pixels // (28 * 28) + cfg.rollout.max_completion_length
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks (single fields are checked while loading); warns of settings that run
     but are likely mistakes."""
@@ -682,8 +689,7 @@ def validate(cfg: Config) -> None:
         )
     if cfg.rollout.num_generations < 2 and cfg.train.max_steps > 0:
         raise ConfigError("rollout.num_generations: expected >= 2 (group-relative advantages need a group)")
-    mml, need = cfg.rollout.vllm.max_model_len, (cfg.data.max_prompt_length + cfg.data.max_pixels // (28 * 28)
-                                                 + cfg.rollout.max_completion_length)
+    mml, need = cfg.rollout.vllm.max_model_len, longest_sequence(cfg)
     if cfg.rollout.engine == "vllm" and mml is not None and mml < need:
         raise ConfigError(
             f"rollout.vllm.max_model_len: expected >= {need} (data.max_prompt_length + the tokens of a "

@@ -456,11 +456,9 @@ def _close_vllm(engine, work: str, d) -> None:
 def _check_images(samples: FirstRows, d) -> None:
     """Decode every evaluated image first (the ranks share them): a truncated or corrupt file,
     whose header reads, is reported before the model loads, not after the items before it."""
-    from r1vl.train import per_row_shared
+    from r1vl.train import image_problems
 
-    problems = per_row_shared(lambda idx: [samples.dataset.image_problem(i) for i in idx], range(len(samples)),
-                              d, "decoding images")
-    bad = [(i, why) for i, why in enumerate(problems) if why]
+    bad = [(i, why) for i, why in enumerate(image_problems(samples.dataset, range(len(samples)), d)) if why]
     if bad:
         i, why = bad[0]
         raise ValueError(f"{len(bad)} of the {len(samples)} evaluated images cannot be decoded (first "

@@ -409,6 +409,12 @@ def take_samples(dataset, indices, cfg: Config) -> list:
                         "stops there, or leaves such rows out with data.skip_bad_rows=true)") from None
 
 
+def image_problems(dataset, rows: range, d=None) -> list[str | None]:
+    """dataset.image_problem(i) for each row (None: the image decodes), the ranks of `d` sharing
+    the decoding."""
+    return per_row_shared(lambda idx: [dataset.image_problem(i) for i in idx], rows, d, "decoding images")
+
+
 def check_images(dataset, cfg: Config, key: str, rows: int | None = None, d=None):
     """data.verify_images: decode every image of the first `rows` rows (all: None) as training
     will, at start-up rather than when a truncated or corrupt file (whose header reads) is first
@@ -421,8 +427,7 @@ def check_images(dataset, cfg: Config, key: str, rows: int | None = None, d=None
     lo = 0
     while True:
         hi = len(dataset) if rows is None else min(rows, len(dataset))
-        problems = per_row_shared(lambda idx: [dataset.image_problem(i) for i in idx], range(lo, hi), d,
-                                  "decoding images")
+        problems = image_problems(dataset, range(lo, hi), d)
         checked += hi - lo
         bad = {lo + j: why for j, why in enumerate(problems) if why}
         if not bad:

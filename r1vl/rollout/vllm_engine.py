@@ -296,13 +296,14 @@ def engine_options(cfg, processor, model_dir: str) -> dict[str, Any]:
     """
     import dataclasses
 
+    from r1vl.config import longest_sequence
+
     opts: dict[str, Any] = dict(
         model=model_dir,
         load_format="dummy",
         dtype=cfg.model.dtype,
         seed=cfg.seed,
-        max_model_len=cfg.data.max_prompt_length + cfg.data.max_pixels // (28 * 28)
-        + cfg.rollout.max_completion_length,
+        max_model_len=longest_sequence(cfg),
         min_pixels=cfg.data.min_pixels,
         max_pixels=cfg.data.max_pixels,
         stop_token_ids=list(processor.stop_token_ids()) if hasattr(processor, "stop_token_ids") else [],
