@@ -16,7 +16,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 SCRIPTS = ("bench_loss", "bench_step", "bench_share", "bench_memory", "bench_cpu_memory",
-           "bench_adamw_memory", "compile_report", "plot_loss", "gpu_ceilings")
+           "bench_adamw_memory", "bench_decode", "compile_report", "plot_loss", "gpu_ceilings")
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where CUDA is missing")
 
 
@@ -131,6 +131,10 @@ BAD_ARGS = {
     "bench_adamw_memory": [
         (["--tensors", "0"], "--tensors"),
         (["--size", "-1"], "--size"),
+    ],
+    "bench_decode": [
+        (["--n", "0"], "--n"),
+        (["--max-pixels", "-1"], "--max-pixels"),
     ],
     "compile_report": [
         (["--tokens", "-1", "--kernels", "objective", "--quick"], "--tokens"),
@@ -382,3 +386,11 @@ def test_gpu_session_stops_pytest_with_sigint_and_keeps_its_junit(tmp_path):
     assert "FAILED" in r.stdout and "test_fail" in r.stdout            # the -rfEs summary was printed
     line = next(x for x in (out / "summary.txt").read_text().splitlines() if x.startswith("tests "))
     assert "TIMEOUT" in line and "1 passed, 1 failed" in line, line
+
+
+def test_bench_decode_measures_the_check(capsys):
+    """bench_decode.py times the start-up decode check on images it makes (all of them readable)."""
+    mod = _mod("bench_decode")
+    assert mod.main(["--n", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "4 images" in out and "decode check" in out and "(0 unreadable)" in out
