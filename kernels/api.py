@@ -217,11 +217,12 @@ def fused_linear_grpo_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """TRL's GRPO loss straight from the LM head, never materialising [tokens, vocab] logits.
 
-    hidden [B,T,H], weight [V,H], targets/mask [B,T], advantages [B] (or [B,1]); optional
+    hidden [B,T,H], weight [V,H], targets/mask [B,T], advantages [B] (or [B,1]; or [B,T],
+    one per token, as TRL allows for its subclasses); optional
     old/ref log-probs [B,T] and rollout_is_ratio [B,T] (or [B,1], one per sequence). Returns (0-dim loss, metrics) with
     metrics kl, clip_ratio_low, clip_ratio_high, clip_ratio (and entropy) as detached
     0-dim fp32 tensors (kl, entropy: token means; clip ratios: share of tokens, at sequence
-    level share of sequences). use_bias_correction_kl: the KL term (and the kl metric) is
+    level share of sequences, or of tokens with [B,T] advantages, as TRL). use_bias_correction_kl: the KL term (and the kl metric) is
     KL·r, r the importance ratio, as TRL's GRPOConfig option of that name (TRL's default is
     True; R1-VL's code has no correction, the default here). delta: TRL's two-sided clipping,
     the unclipped term min(r, delta)·A (a number > 1 + epsilon_high; None: none). Gradients flow to hidden, weight and bias only: advantages,
@@ -242,7 +243,16 @@ def fused_linear_grpo_loss(
         advantages = advantages.reshape(b)
     if isinstance(rollout_is_ratio, torch.Tensor) and tuple(rollout_is_ratio.shape) == (b, 1):
         rollout_is_ratio = rollout_is_ratio.expand(b, t)
-    _check_tensor("advantages", advantages, shape=(b,), device=dev, float_ok=True)
+    if isinstance(advantages, torch.Tensor) and advantages.dim() == 2 and tuple(advantages.shape) == (b, t):
+        # one advantage per token (TRL accepts [B, T] for its subclasses): masked positions
+        # are never read, as old/ref log-probs there (a NaN there would poison the gradient)
+        _check_tensor("advantages", advantages, device=dev, float_ok=True)
+        advantages = torch.where(mask != 0, advantages.detach(), 0.0)
+    else:
+        try:
+            _check_tensor("advantages", advantages, shape=(b,), device=dev, float_ok=True)
+        except ValueError as e:
+            raise ValueError(f"{e} (or [B, 1], or [B, T] = {(b, t)}: one per token)") from None
     for name, x in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs),
                     ("rollout_is_ratio", rollout_is_ratio)):
         if x is not None:

@@ -54,7 +54,7 @@ def grpo_objective(
     on = mask != 0
     m = mask.to(acc)
     zero = torch.zeros((), dtype=acc, device=logp.device)
-    adv = advantages.detach().to(acc).unsqueeze(1)
+    adv = as_token_advantages(advantages, acc)
     per_token, ratio, kl = per_token_terms(
         logp, on, m, adv, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
         rollout_is_ratio=rollout_is_ratio, beta=beta, epsilon_low=epsilon_low,
@@ -85,7 +85,9 @@ def grpo_objective(
         high = ((ratio > 1.0 + epsilon_high) & (adv > 0)).to(acc)
         # token level: the share of (mask-weighted) tokens clipped; sequence level, where a
         # sequence has one ratio, the share of sequences, every row counted (TRL's metrics)
-        clip_mean = masked_mean if importance_sampling_level == "token" else sequence_mean
+        # ([B, T] advantages: of tokens at both levels, as TRL's [B, T]-shaped flags)
+        clip_mean = masked_mean if importance_sampling_level == "token" or advantages.dim() == 2 \
+            else sequence_mean
         metrics = {
             "kl": masked_mean(kl) if kl is not None else zero.clone(),
             "clip_ratio_low": clip_mean(low),
@@ -95,6 +97,13 @@ def grpo_objective(
         if entropy is not None:
             metrics["entropy"] = masked_mean(entropy)
     return loss, metrics
+
+
+def as_token_advantages(advantages: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Advantages broadcastable to [B, T] in `dtype`, constants: [B] -> [B, 1]; [B, T]
+    (one per token, masked positions zeroed by api.py) as they are."""
+    adv = advantages.detach().to(dtype)
+    return adv.unsqueeze(1) if adv.dim() == 1 else adv
 
 
 def sequence_mean(x: torch.Tensor) -> torch.Tensor:

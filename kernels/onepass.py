@@ -50,7 +50,7 @@ import os
 
 import torch
 
-from .objective import grpo_objective, no_autocast, per_token_terms, token_weights
+from .objective import as_token_advantages, grpo_objective, no_autocast, per_token_terms, token_weights
 
 # Size of one [rows, V] fp32 logits chunk. On CUDA larger chunks keep the GEMMs
 # efficient (M = rows); the chunk and its bf16 copy are the path's only V-wide
@@ -271,7 +271,7 @@ def _sequence_grad(logp, r, seqs, mask, advantages, old, ref, ris, w, hp):
     lp[local] = logp[r]
     m = mask[b0:b1]
     g = _terms_grad(lp.view(b1 - b0, t), m != 0, m.to(acc),
-                    advantages.detach()[b0:b1].to(acc).unsqueeze(1), part(old), part(ref), part(ris),
+                    as_token_advantages(advantages[b0:b1], acc), part(old), part(ref), part(ris),
                     w[b0:b1], hp, "sequence")
     return g.reshape(-1)[local]
 
@@ -293,7 +293,7 @@ def _sweep(hidden, weight, bias, targets, rows, mask, advantages, old, ref, ris,
     w_tok = flat(token_weights(mask, loss_type=hp["loss_type"],
                                max_completion_length=hp["max_completion_length"],
                                num_items_in_batch=hp["num_items_in_batch"], dtype=acc))
-    adv_tok = advantages.detach().to(acc).unsqueeze(1).expand(bsz, t).reshape(-1)
+    adv_tok = as_token_advantages(advantages, acc).expand(bsz, t).reshape(-1)
     m_tok = mask.detach().to(acc).reshape(-1)
     old_f, ref_f, ris_f = flat(old), flat(ref), flat(ris)
 
@@ -431,7 +431,7 @@ def onepass_grpo_loss(hidden, weight, bias, targets, rows, mask, advantages, *, 
     """GRPO loss of validated inputs (api.py); at sequence level only when
     sequence_fits(mask, V, device): hidden [N, H] (N = B·T),
     targets [N] (safe ids at masked rows), rows = indices of the unmasked rows or None
-    when all are unmasked, mask/old/ref/ris [B, T], advantages [B].
+    when all are unmasked, mask/old/ref/ris [B, T], advantages [B] or [B, T].
     Returns (0-dim loss, metrics dict) as grpo_objective: fp32 (fp64 for fp64 inputs)."""
     hp = dict(beta=float(beta), epsilon_low=float(epsilon_low), epsilon_high=float(epsilon_high),
               temperature=float(temperature), loss_type=loss_type,

@@ -75,7 +75,7 @@ def reference_grpo_loss(
     dtype: torch.dtype = torch.float64,
 ):
     """TRL's GRPO objective on materialised logits. Same signature as
-    `fused_linear_grpo_loss` (hidden [B,T,H], targets/mask [B,T], advantages [B]),
+    `fused_linear_grpo_loss` (hidden [B,T,H], targets/mask [B,T], advantages [B] or [B,T]),
     plus the compute `dtype`. Returns (loss, metrics)."""
     m = mask.to(dtype)
     on = mask != 0
@@ -98,7 +98,11 @@ def reference_grpo_loss(
         raise ValueError(f"importance_sampling_level={importance_sampling_level!r}")
     coef_1 = torch.exp(log_w)
     coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + epsilon_high)
-    adv = advantages.to(dtype).unsqueeze(1)
+    # [B] -> [B, 1]; [B, T] (one advantage per token, TRL's subclasses) as it is, masked positions unread
+    if advantages.dim() == 1 or tuple(advantages.shape) == (logp.shape[0], 1):
+        adv = advantages.to(dtype).reshape(-1, 1)
+    else:
+        adv = torch.where(on, advantages.to(dtype), torch.zeros_like(logp))
     capped = coef_1 if delta is None else torch.clamp(coef_1, max=delta)   # TRL's two-sided clipping
     per_token = -torch.min(capped * adv, coef_2 * adv)
     if rollout_is_ratio is not None:
@@ -132,10 +136,10 @@ def reference_grpo_loss(
 
         low = ((coef_1 < 1 - epsilon_low) & (adv < 0)).to(dtype)
         high = ((coef_1 > 1 + epsilon_high) & (adv > 0)).to(dtype)
-        if importance_sampling_level == "sequence":   # share of sequences (rows) clipped
+        if importance_sampling_level == "sequence" and adv.shape[1] == 1:   # share of sequences (rows) clipped
             def clip_mean(x):
                 return x[:, :1].sum() / max(1, x.shape[0])
-        else:                                          # share of tokens clipped
+        else:                                          # share of tokens clipped (as TRL's [B, T] flags)
             clip_mean = mean
         metrics = {
             "kl": mean(kl) if kl is not None else torch.zeros((), dtype=dtype),

@@ -250,7 +250,7 @@ def _grpo_objective_kernel(
     T, beta, lo, hi, inv_b, dmax,
     HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, USE_KL: tl.constexpr, HAS_RIS: tl.constexpr,
     HAS_ENT: tl.constexpr, SEQ_LEVEL: tl.constexpr, PER_SEQ_NORM: tl.constexpr,
-    KL_IS: tl.constexpr, BLOCK_T: tl.constexpr,
+    KL_IS: tl.constexpr, TOKEN_ADV: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """One program per sequence: the GRPO per-token loss, its masked aggregation and
     dloss/dlogp for every token (written to dlogp_ptr), from [B, T] fp32 inputs.
@@ -260,12 +260,14 @@ def _grpo_objective_kernel(
     PER_SEQ_NORM) or 1 / norm (bnpo, dr_grpo, dapo; norm precomputed on the host side).
     d(−min(rA, clip(r)A))/dr follows torch.minimum/clamp's conventions at ties. KL_IS: the
     KL term is β·KL·r (TRL's use_bias_correction_kl), its gradient through r included. dmax:
-    TRL's delta (the unclipped term is min(r, dmax)·A; +inf: none)."""
+    TRL's delta (the unclipped term is min(r, dmax)·A; +inf: none). TOKEN_ADV: advantages
+    [B, T], one per token (else [B])."""
     b = tl.program_id(0)
     base = b.to(tl.int64) * T
-    adv = tl.load(adv_ptr + b)
-    adv_neg = tl.where(adv < 0.0, 1.0, 0.0)
-    adv_pos = tl.where(adv > 0.0, 1.0, 0.0)
+    if not TOKEN_ADV:
+        adv = tl.load(adv_ptr + b)
+        adv_neg = tl.where(adv < 0.0, 1.0, 0.0)
+        adv_pos = tl.where(adv > 0.0, 1.0, 0.0)
 
     # pass 1: the sequence's mask count (and its mean log-ratio at sequence level)
     cnt = 0.0
@@ -300,6 +302,10 @@ def _grpo_objective_kernel(
         m = tl.load(mask_ptr + base + offs, mask=ok, other=0.0)
         on = m != 0
         lp = tl.load(logp_ptr + base + offs, mask=ok, other=0.0)
+        if TOKEN_ADV:
+            adv = tl.where(on, tl.load(adv_ptr + base + offs, mask=ok, other=0.0), 0.0)
+            adv_neg = tl.where(adv < 0.0, 1.0, 0.0)
+            adv_pos = tl.where(adv > 0.0, 1.0, 0.0)
         if SEQ_LEVEL:
             r = tl.zeros((BLOCK_T,), dtype=tl.float32) + r_seq
         elif HAS_OLD:
@@ -605,6 +611,7 @@ class TritonGRPOObjectiveFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logp, mask, advantages, old, ref, ris, entropy, norm, beta, lo, hi,
                 seq_level, per_seq_norm, kl_is=False, dmax=float("inf")):
+        token_adv = advantages.dim() == 2
         bsz, t = logp.shape
         dlogp = torch.empty_like(logp)
         out = torch.empty(bsz, 6, dtype=torch.float32, device=logp.device)
@@ -616,13 +623,15 @@ class TritonGRPOObjectiveFunction(torch.autograd.Function):
             norm, dlogp, out, t, beta, lo, hi, 1.0 / bsz, dmax,
             HAS_OLD=old is not None, HAS_REF=ref is not None, USE_KL=ref is not None and beta != 0.0,
             HAS_RIS=ris is not None, HAS_ENT=entropy is not None, SEQ_LEVEL=seq_level,
-            PER_SEQ_NORM=per_seq_norm, KL_IS=bool(kl_is), BLOCK_T=_pow2(t, 16, 1024),
+            PER_SEQ_NORM=per_seq_norm, KL_IS=bool(kl_is), TOKEN_ADV=token_adv,
+            BLOCK_T=_pow2(t, 16, 1024),
         )
         sums = out.sum(0)
         ctx.save_for_backward(dlogp)
         stats = sums[1:] / mask.sum().clamp(min=1.0)
-        if seq_level:
+        if seq_level and not token_adv:
             # out[b, 2:5] = flag_b · Σ_t m: the clip ratios are the share of sequences
+            # (with [B, T] advantages the flags vary along a sequence: the share of tokens, as TRL)
             cnt = mask.sum(-1, keepdim=True)
             flags = torch.where(cnt > 0, out[:, 2:5] / torch.where(cnt > 0, cnt, 1.0), 0.0)
             stats = torch.cat([stats[:1], flags.sum(0) / max(1, bsz), stats[4:]])

@@ -208,3 +208,37 @@ def test_trl_shapes_of_advantages_and_the_sequence_ratio(case):
         torch.testing.assert_close(got, want)
         for k in wm:
             torch.testing.assert_close(gm[k], wm[k])
+
+
+@pytest.mark.parametrize("backend", ["torch", "torch-twopass", "triton"])
+def test_token_level_advantages(case, backend, monkeypatch):
+    """advantages [B, T] equal along each row give the [B] results at token level (loss,
+    metrics, gradients); what they hold at masked positions (NaN, inf) is never read."""
+    if backend == "torch-twopass":
+        monkeypatch.setenv("R1VL_KERNEL_ONEPASS", "0")
+        backend = "torch"
+    mask = case.mask.clone()
+    mask[0, 2:] = False
+    kw = dict(old_logprobs=case.old, ref_logprobs=case.ref, mask=mask, backend=backend)
+
+    def run(adv):
+        h, w = (x.detach().clone().requires_grad_() for x in (case.hidden, case.weight))
+        loss, metrics = _loss(case, hidden=h, weight=w, advantages=adv, **kw)
+        loss.backward()
+        return loss, metrics, h.grad, w.grad
+
+    want = run(case.advantages)
+    rows = case.advantages[:, None].expand(2, 4).clone()
+    rows[0, 2] = float("nan")
+    rows[0, 3] = float("inf")
+    got = run(rows)
+    assert torch.isfinite(got[0]) and torch.isfinite(got[3]).all()
+    torch.testing.assert_close(got[0], want[0])
+    for k in want[1]:
+        torch.testing.assert_close(got[1][k], want[1][k])
+    torch.testing.assert_close(got[2], want[2])
+    torch.testing.assert_close(got[3], want[3])
+    # and a per-token change moves the loss (the tokens' own advantages are used)
+    other = rows.clone()
+    other[1, 0] += 1.0   # mask[:, 0] is on in every case
+    assert abs(float(run(other)[0]) - float(want[0])) > 1e-4

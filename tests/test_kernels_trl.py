@@ -160,8 +160,26 @@ def test_delta_matches_trl(backend, loss_type, level, beta, temperature, use_ris
     _compare(backend, loss_type, level, beta, temperature, use_ris, kl_is, use_old, DEV, delta=delta, **size)
 
 
+# one advantage per token ([B, T]: TRL's GRPOTrainer takes them for its subclasses)
+TOKEN_ADV_CASES = [CASES[0], CASES[2], CASES[7], CASES[12]]
+
+
+@pytest.mark.parametrize("backend", ["torch", "torch-twopass", "triton", "reference"])
+@pytest.mark.parametrize(PARAMS, TOKEN_ADV_CASES, ids=[IDS[CASES.index(c)] for c in TOKEN_ADV_CASES])
+def test_token_level_advantages_match_trl(backend, loss_type, level, beta, temperature, use_ris, kl_is,
+                                          use_old, monkeypatch):
+    """advantages [B, T] varying along each sequence (signs mixed inside rows): loss,
+    gradients and TRL's metrics (clip ratios then a share of tokens at both levels)."""
+    if backend == "torch-twopass":
+        monkeypatch.setenv("R1VL_KERNEL_ONEPASS", "0")
+        backend = "torch"
+    size = dict(H=320, V=3001) if DEV == "cuda" else {}
+    _compare(backend, loss_type, level, beta, temperature, use_ris, kl_is, use_old, DEV, token_adv=True,
+             **size)
+
+
 def _compare(backend, loss_type, level, beta, temperature, use_ris, kl_is, use_old, device, H=32, V=64,
-             delta=None):
+             delta=None, token_adv=False):
     # a fully masked row (padding ids -100) and partial masks: TRL's clamp(min=1) paths
     case = make_case(B=4, T=6, H=H, V=V, seed=6, masked_row=2)
     B, T = case.targets.shape
@@ -175,6 +193,10 @@ def _compare(backend, loss_type, level, beta, temperature, use_ris, kl_is, use_o
     if delta is not None:
         # delta acts on negative advantages: make the row whose sequence ratio is largest one
         case.advantages = -case.advantages
+    if token_adv:
+        case.advantages = case.advantages[:, None] + torch.randn(B, T, generator=g)
+        live = case.advantages[case.mask]
+        assert (live > 0).any() and (live < 0).any()
     extra = {}
     if loss_type == "dr_grpo":
         extra["max_completion_length"] = T + 2
