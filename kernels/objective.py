@@ -63,11 +63,12 @@ def grpo_objective(
 
     n_tok = m.sum().clamp(min=1.0)
     if loss_type == "grpo":
-        loss = (per_token.sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+        # a mean over the sequences; an empty batch (B = 0: a rank left without rows) gives 0, not NaN
+        loss = (per_token.sum(-1) / m.sum(-1).clamp(min=1.0)).sum() / max(1, per_token.shape[0])
     elif loss_type == "bnpo":
         loss = per_token.sum() / n_tok
     elif loss_type == "dr_grpo":
-        loss = per_token.sum() / float(per_token.shape[0] * max_completion_length)
+        loss = per_token.sum() / float(max(1, per_token.shape[0]) * max_completion_length)
     elif loss_type == "dapo":
         if num_items_in_batch is None:
             loss = per_token.sum() / n_tok
@@ -161,7 +162,7 @@ def token_weights(mask, *, loss_type, max_completion_length, num_items_in_batch,
     if loss_type == "grpo":
         return (1.0 / (bsz * m.sum(-1, keepdim=True).clamp(min=1.0))).expand_as(m)
     if loss_type == "dr_grpo":
-        return torch.full_like(m, 1.0 / float(bsz * max_completion_length))
+        return torch.full_like(m, 1.0 / float(max(1, bsz) * max_completion_length))
     if loss_type == "dapo" and num_items_in_batch is not None:
         n = torch.as_tensor(num_items_in_batch, dtype=dtype, device=mask.device)
         return (1.0 / n).expand_as(m)

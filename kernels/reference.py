@@ -119,11 +119,11 @@ def reference_grpo_loss(
 
     n_tok = m.sum().clamp(min=1.0)
     if loss_type == "grpo":
-        loss = (per_token.sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+        loss = (per_token.sum(-1) / m.sum(-1).clamp(min=1.0)).sum() / max(1, per_token.shape[0])  # B = 0: 0
     elif loss_type == "bnpo":
         loss = per_token.sum() / n_tok
     elif loss_type == "dr_grpo":
-        loss = per_token.sum() / (per_token.shape[0] * max_completion_length)
+        loss = per_token.sum() / (max(1, per_token.shape[0]) * max_completion_length)
     elif loss_type == "dapo":
         norm = n_tok if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, dtype=dtype)
         loss = per_token.sum() / norm

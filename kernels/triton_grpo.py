@@ -620,7 +620,7 @@ class TritonGRPOObjectiveFunction(torch.autograd.Function):
             logp, mask, advantages,
             old if old is not None else dummy, ref if ref is not None else dummy,
             ris if ris is not None else dummy, entropy if entropy is not None else dummy,
-            norm, dlogp, out, t, beta, lo, hi, 1.0 / bsz, dmax,
+            norm, dlogp, out, t, beta, lo, hi, 1.0 / max(1, bsz), dmax,
             HAS_OLD=old is not None, HAS_REF=ref is not None, USE_KL=ref is not None and beta != 0.0,
             HAS_RIS=ris is not None, HAS_ENT=entropy is not None, SEQ_LEVEL=seq_level,
             PER_SEQ_NORM=per_seq_norm, KL_IS=bool(kl_is), TOKEN_ADV=token_adv,
@@ -661,7 +661,7 @@ def triton_grpo_objective(logp, mask, advantages, *, old_logprobs, ref_logprobs,
     if loss_type == "grpo":
         norm = torch.ones(1, device=logp.device, **f32)                 # unused
     elif loss_type == "dr_grpo":
-        norm = torch.full((1,), float(logp.shape[0] * max_completion_length), device=logp.device, **f32)
+        norm = torch.full((1,), float(max(1, logp.shape[0]) * max_completion_length), device=logp.device, **f32)
     elif loss_type == "dapo" and num_items_in_batch is not None:
         norm = torch.as_tensor(num_items_in_batch, device=logp.device, **f32).reshape(1)
     else:                                                               # bnpo, dapo default

@@ -242,3 +242,25 @@ def test_token_level_advantages(case, backend, monkeypatch):
     other = rows.clone()
     other[1, 0] += 1.0   # mask[:, 0] is on in every case
     assert abs(float(run(other)[0]) - float(want[0])) > 1e-4
+
+
+@pytest.mark.parametrize("backend", ["torch", "torch-twopass", "triton"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_an_empty_batch_gives_zero(backend, level, monkeypatch):
+    """B = 0 (a data-parallel rank left without rows, e.g. after zero-advantage groups were
+    filtered): loss 0 and empty gradients for every loss type, not NaN (grpo's mean over no
+    sequences, dr_grpo's 0·L normaliser) or a ZeroDivisionError (Triton's 1/B)."""
+    if backend == "torch-twopass":
+        monkeypatch.setenv("R1VL_KERNEL_ONEPASS", "0")
+        backend = "torch"
+    for loss_type in ("grpo", "bnpo", "dr_grpo", "dapo"):
+        h = torch.zeros(0, 4, 8, requires_grad=True)
+        w = torch.randn(11, 8, requires_grad=True)
+        loss, metrics = fused_linear_grpo_loss(
+            h, w, torch.zeros(0, 4, dtype=torch.int64), torch.ones(0, 4), torch.zeros(0),
+            old_logprobs=torch.zeros(0, 4), ref_logprobs=torch.zeros(0, 4), backend=backend,
+            loss_type=loss_type, importance_sampling_level=level, max_completion_length=4)
+        loss.backward()
+        assert float(loss) == 0.0, (loss_type, loss)
+        assert all(float(v) == 0.0 for v in metrics.values()), (loss_type, metrics)
+        assert h.grad.shape == (0, 4, 8) and float(w.grad.abs().sum()) == 0.0
