@@ -427,6 +427,9 @@ def check_images(dataset, cfg: Config, key: str, rows: int | None = None, d=None
     lo = 0
     while True:
         hi = len(dataset) if rows is None else min(rows, len(dataset))
+        if lo == 0 and hi >= 1000 and (d is None or d.main):  # ~4.5 ms an image: say what the wait is
+            log.info("%s: decoding %d images (data.verify_images=true), shared by %d process(es)", key, hi,
+                     1 if d is None else d.world)
         problems = image_problems(dataset, range(lo, hi), d)
         checked += hi - lo
         bad = {lo + j: why for j, why in enumerate(problems) if why}
