@@ -149,3 +149,142 @@ def test_workers_exit_when_their_parent_dies(tmp_path):
         time.sleep(0.2)
     os.kill(pid, signal.SIGKILL)
     pytest.fail("an orphaned reward worker kept running")
+
+
+# Each completion below needs math-verify (\frac{2i}{2} against i): right answers, so a result
+# that leaked from one batch into the next shows as a 1 where the next batch expects 0.
+def _right(n):
+    return [SOL.replace(": 7", f": \\frac{{{2 * i}}}{{2}}") for i in range(n)], [str(i) for i in range(n)]
+
+
+def test_an_interrupted_batch_leaves_nothing_for_the_next(monkeypatch):
+    """A batch interrupted while workers hold its tasks (Ctrl-C caught in a notebook, a caller's
+    alarm): those workers are replaced, so their answers never land in the next batch, whose
+    task indices start at 0 again (they did: old results taken as new, or a KeyError)."""
+    from r1vl.rewards import pool as pool_mod
+
+    pool = RewardPool(2)
+    try:
+        _wait_ready(pool)
+        _wait_ready_all(pool)
+        real_wait = pool_mod.wait
+
+        def interrupted(*a, **k):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(pool_mod, "wait", interrupted)
+        cs, sols = _right(64)
+        with pytest.raises(KeyboardInterrupt):
+            pool.map([(i, c, s, []) for i, (c, s) in enumerate(zip(cs, sols))], alpha=0.1, variant="paper",
+                     timeout_s=3.0)
+        monkeypatch.setattr(pool_mod, "wait", real_wait)
+        time.sleep(1.0)  # time for any worker left with the old tasks to answer them
+        wrong = [(i, SOL.replace(": 7", ": wrong"), "12345", []) for i in range(64)]
+        for _ in range(2):
+            results, kills = pool.map(wrong, alpha=0.1, variant="paper", timeout_s=3.0)
+            assert [r[3] for r in results] == [False] * 64 and kills == 0
+    finally:
+        pool.close()
+
+
+def _wait_ready_all(pool, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not all(w.ready for w in pool._workers) and time.monotonic() < deadline:
+        pool.map([(0, SOL, SOL, [])], alpha=0.1, variant="paper", timeout_s=2.0)
+
+
+def test_a_forked_child_neither_uses_nor_stops_the_parents_pool():
+    """After os.fork() the child scores with pools of its own and its exit (atexit's
+    close_pools) leaves the parent's workers running; it used to send tasks down the inherited
+    pipes, whose answers reached the parent's next batch, and to stop the parent's workers."""
+    import atexit
+
+    cs, sols = _right(48)
+    assert score_batch(cs, sols, workers=2, timeout_s=3.0)["correct"] == [1.0] * 48
+    parent_pids = [w.process.pid for w in get_pool(2)._workers]
+    pid = os.fork()
+    if pid == 0:  # the child: score wrong answers, exit through atexit as a script would
+        code = 0
+        try:
+            res = score_batch([SOL.replace(": 7", ": wrong")] * 48, ["12345"] * 48, workers=2, timeout_s=3.0)
+            code = 0 if res["correct"] == [0.0] * 48 else 3
+            atexit._run_exitfuncs()
+        except BaseException:
+            code = 4
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert [w.process.poll() for w in get_pool(2)._workers] == [None, None]
+    assert [w.process.pid for w in get_pool(2)._workers] == parent_pids
+    res = score_batch(cs, sols, workers=2, timeout_s=3.0)
+    assert res["correct"] == [1.0] * 48 and res["num_killed"] == [0.0]
+
+
+def test_workers_ignore_ctrl_c():
+    """A terminal's Ctrl-C goes to the whole process group: the trainer finishes its step on
+    the first one, so the reward workers must not die of it (their completions were scored
+    without math-verify)."""
+    pool = RewardPool(2)
+    try:
+        _wait_ready(pool)
+        _wait_ready_all(pool)
+        pids = [w.process.pid for w in pool._workers]
+        for p in pids:
+            os.kill(p, signal.SIGINT)
+        time.sleep(0.5)
+        cs, sols = _right(16)
+        results, kills = pool.map([(i, c, s, []) for i, (c, s) in enumerate(zip(cs, sols))], alpha=0.1,
+                                  variant="paper", timeout_s=3.0)
+        assert kills == 0 and [r[3] for r in results] == [True] * 16
+        assert [w.process.pid for w in pool._workers] == pids
+    finally:
+        pool.close()
+
+
+class _Text(str):
+    """A str subclass from a module the workers cannot import (a caller's own type)."""
+
+
+def test_str_subclasses_are_scored_as_text():
+    cs, sols = _right(4)
+    res = score_batch([_Text(c) for c in cs], [_Text(s) for s in sols], workers=1, timeout_s=3.0)
+    assert res["correct"] == [1.0] * 4 and res["num_killed"] == [0.0]
+
+
+@pytest.mark.parametrize("timeout_s", [float("inf"), 1e12, float("nan")])
+@pytest.mark.parametrize("workers", [0, 1])
+def test_huge_or_odd_deadlines_mean_no_deadline(timeout_s, workers):
+    """setitimer refuses inf and more than ~1e9 s: such a deadline made every answer that needs
+    math-verify wrong, with no timeout reported."""
+    cs, sols = _right(3)
+    res = score_batch(cs, sols, workers=workers, timeout_s=timeout_s)
+    assert res["correct"] == [1.0] * 3
+    assert accuracy_reward(cs[2], sols[2], timeout_s=timeout_s) == 1.0
+
+
+def test_in_process_scoring_leaves_a_broken_math_verify(monkeypatch):
+    """workers=0 goes to a worker process once a deadline has left math-verify broken here,
+    as accuracy_reward does (simulated: math-verify raising, the flag verify._run sets)."""
+    import math_verify
+
+    from r1vl.rewards import verify
+
+    cs, sols = _right(2)
+    monkeypatch.setattr(math_verify, "verify", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(verify, "_broken", True)
+    verify._parse_cache.clear()
+    assert score_batch(cs, sols, workers=0, timeout_s=3.0)["correct"] == [1.0, 1.0]
+    verify._parse_cache.clear()
+
+
+def test_an_empty_key_step_phrasing_matches_nothing():
+    """"" is a substring of every text: as a phrasing it matched every completion, even one
+    without steps (k = 1); now it matches none, and an empty key-steps value is no key steps."""
+    from r1vl.rewards import key_step_fraction
+    from r1vl.rewards.core import key_step_groups
+
+    no_steps = "### The final answer is: 7"
+    assert key_step_fraction(no_steps, [[""]]) == 0.0
+    assert key_step_fraction(no_steps, [["  "], ["7"]]) == 0.0
+    assert key_step_fraction(SOL, [["", "4 and 3"], [b""]]) == 0.5
+    assert key_step_groups("") == [] and key_step_groups({"Steps": " "}) == []

@@ -9,6 +9,7 @@ math-verify deadline works, and answers every task as soon as it is scored.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from multiprocessing.connection import Connection
 
@@ -16,6 +17,10 @@ _PARENT_CHECK_S = 2.0
 
 
 def main(read_fd: int, write_fd: int) -> None:
+    # A terminal's Ctrl-C reaches the whole process group; the trainer then finishes its step
+    # and saves (or stops), and closes the pool itself. A worker that died of it would have its
+    # completion scored without math-verify. Orphaned workers stop by themselves (below).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     inbox = Connection(read_fd, writable=False)
     outbox = Connection(write_fd, readable=False)
     try:
@@ -42,7 +47,7 @@ def main(read_fd: int, write_fd: int) -> None:
                     # the pool re-queues the rest of the chunk and starts a fresh worker
                     outbox.send(("recycle", os.getpid()))
                     sys.exit(3)
-    except (EOFError, BrokenPipeError, KeyboardInterrupt):
+    except (EOFError, BrokenPipeError):
         pass
 
 

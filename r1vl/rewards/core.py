@@ -9,7 +9,8 @@ k = (key-step groups matched) / (groups), 0 when there are none. A group is a
 list of equivalent phrasings of one key step; it matches when any phrasing,
 lowercased, is a substring of the lowercased text of the completion's
 `### Step N:` sections joined by single spaces (Image Description and
-Rationales do not count).
+Rationales do not count). An empty or blank phrasing never matches (as a
+substring it would match every text; the data loader refuses such rows).
 
 variant="paper" (default; Eq. 2 of the paper) compares the *final answers*:
 the first line after `### The final answer is:` in the completion against the
@@ -96,9 +97,12 @@ class AccuracyResult:
 
 
 def as_text(x: Any) -> str:
-    """Any object as a str, never raising: bytes are decoded (invalid UTF-8 replaced), None is ''."""
-    if isinstance(x, str):
+    """Any object as a str, never raising: bytes are decoded (invalid UTF-8 replaced), None is ''.
+    A str subclass becomes a plain str (its text): reward workers unpickle plain strs only."""
+    if type(x) is str:
         return x
+    if isinstance(x, str):
+        return str.__str__(x)
     if x is None:
         return ""
     if isinstance(x, (bytes, bytearray, memoryview)):
@@ -110,19 +114,15 @@ def as_text(x: Any) -> str:
 
 
 def _alternatives(group: Any) -> list[str]:
-    if isinstance(group, str):
-        return [group]
-    if isinstance(group, (bytes, int, float)) and not isinstance(group, bool):
-        return [as_text(group)]
     if isinstance(group, (list, tuple)):
-        out = []
-        for alt in group:
-            if isinstance(alt, str):
-                out.append(alt)
-            elif isinstance(alt, (bytes, int, float)) and not isinstance(alt, bool):
-                out.append(as_text(alt))
-        return out
-    return []  # a malformed group is a key step nobody can match (it still counts)
+        alts = [as_text(alt) for alt in group
+                if isinstance(alt, (str, bytes, int, float)) and not isinstance(alt, bool)]
+    elif isinstance(group, (str, bytes, int, float)) and not isinstance(group, bool):
+        alts = [as_text(group)]
+    else:
+        return []  # a malformed group is a key step nobody can match (it still counts)
+    # an empty phrasing would be a substring of every completion: it matches nothing instead
+    return [alt for alt in alts if alt.strip()]
 
 
 def key_step_groups(key_steps: Any) -> list[list[str]]:
@@ -140,7 +140,8 @@ def key_step_groups(key_steps: Any) -> list[list[str]]:
             if key_steps is None:
                 return []
         if isinstance(key_steps, (str, bytes)):
-            return [[as_text(key_steps)]]
+            text = as_text(key_steps)
+            return [[text]] if text.strip() else []
         if not isinstance(key_steps, (list, tuple)):
             return []
         return [_alternatives(g) for g in key_steps]

@@ -39,7 +39,7 @@ from r1vl.rewards.core import (
     key_step_groups,
     validity_reward,
 )
-from r1vl.rewards.verify import DEFAULT_TIMEOUT_S, signals_usable
+from r1vl.rewards.verify import DEFAULT_TIMEOUT_S, signals_usable, verify_broken
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +98,7 @@ class RewardPool:
         self._workers: list[_Worker] = [self._spawn() for _ in range(workers)]
         self.killed = 0  # workers killed at their hard deadline, over the pool's life
         self._start_failures = 0
+        self._pid = os.getpid()
 
     def _spawn(self) -> _Worker:
         task_r, task_w = os.pipe()  # parent -> worker
@@ -129,6 +130,8 @@ class RewardPool:
                 pass
 
     def close(self) -> None:
+        if os.getpid() != self._pid:  # a forked child: the workers are its parent's
+            return
         with self._lock:
             for w in self._workers:
                 try:
@@ -147,7 +150,25 @@ class RewardPool:
             timeout_s: float | None) -> tuple[list[_Result], int]:
         """Score tasks; returns (results in task order, number of hard kills)."""
         with self._lock:
-            return self._map(list(tasks), alpha, variant, timeout_s)
+            if os.getpid() != self._pid:
+                raise RuntimeError("a RewardPool belongs to the process that made it (this is a fork)")
+            try:
+                return self._map(list(tasks), alpha, variant, timeout_s)
+            except BaseException:
+                # interrupted (KeyboardInterrupt, a caller's alarm) or failed: the workers still
+                # busy with this batch would answer into the next one (task indices restart at 0),
+                # so they are replaced
+                self._drop_busy()
+                raise
+
+    def _drop_busy(self) -> None:
+        for i, w in enumerate(self._workers):
+            if w.pending:
+                self._kill(w)
+                try:
+                    self._workers[i] = self._spawn()
+                except Exception:  # noqa: BLE001 -- the next map's start-up checks report it
+                    w.pending.clear()
 
     def _map(self, tasks: list[_Task], alpha, variant, timeout_s) -> tuple[list[_Result], int]:
         n = len(tasks)
@@ -220,7 +241,7 @@ class RewardPool:
                             idx, res = msg
                             if w.pending and w.pending[0][0] == idx:
                                 w.pending.popleft()
-                            if results[slot[idx]] is None:
+                            if idx in slot and results[slot[idx]] is None:
                                 results[slot[idx]] = res
                                 remaining -= 1
                         if not conn.poll():
@@ -266,6 +287,19 @@ def close_pools() -> None:
 
 
 atexit.register(close_pools)
+
+
+def _forget_pools_in_child() -> None:
+    """After os.fork(): the pools' workers belong to the parent. The child must neither send
+    them tasks (their answers would reach the parent's next batch) nor stop them at its exit
+    (close_pools from atexit); it starts its own pools when it scores."""
+    global _pools_lock
+    _pools_lock = threading.Lock()  # another thread may have held it at the fork
+    _pools.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools_in_child)
 
 # A one-process pool that runs StepRAR for callers off the main thread (no signals there).
 _SANDBOX_WORKERS = -1
@@ -343,8 +377,10 @@ def score_batch(completions: Sequence[Any], solutions: Sequence[Any], key_steps:
              for i, (c, s, k) in enumerate(zip(completions, solutions, key_steps))]
 
     kills = 0
-    if n and timeout_s and timeout_s > 0 and workers == 0 and not signals_usable():
-        workers = 1  # no signal deadline off the main thread: use a worker process
+    if n and timeout_s and timeout_s > 0 and workers == 0 and (not signals_usable() or verify_broken()):
+        # no signal deadline off the main thread, or a deadline left math-verify broken in this
+        # process (as accuracy_reward): use a worker process
+        workers = 1
     if workers == 0 or n == 0:
         results = [_score_one(t, alpha, variant, timeout_s) for t in tasks]
     else:

@@ -38,6 +38,8 @@ _IMPORT_RETRY_S = 0.05
 # a library's bare `except:`) then interrupts the computation again instead of letting it
 # run unbounded
 _REFIRE_S = 0.05
+# setitimer refuses inf and, on Linux, anything past ~1e9 s (OverflowError): longer deadlines are this one
+_MAX_DEADLINE_S = 1e6
 _CACHE_MAX_ITEMS = 4096
 _CACHE_MAX_CHARS = 512
 
@@ -82,7 +84,7 @@ def call_with_deadline(fn: Callable[[], Any], seconds: float | None) -> tuple[bo
     seconds None or <= 0, or where signals cannot be used, fn runs without a
     deadline (callers that need one off the main thread use the sandbox).
     """
-    if not seconds or seconds <= 0 or not signals_usable():
+    if not seconds or not seconds > 0 or not signals_usable():  # (NaN: no deadline either)
         try:
             return True, fn()
         except Exception:  # noqa: BLE001 -- a verifier error means "not verified"
@@ -114,7 +116,8 @@ def call_with_deadline(fn: Callable[[], Any], seconds: float | None) -> tuple[bo
     value = None
     try:
         try:
-            old_delay, old_interval = signal.setitimer(signal.ITIMER_REAL, float(seconds))
+            # an infinite or huge deadline (setitimer refuses 1e12 s and inf) is a ~11-day one
+            old_delay, old_interval = signal.setitimer(signal.ITIMER_REAL, min(float(seconds), _MAX_DEADLINE_S))
             value = fn()
         finally:
             armed = False
