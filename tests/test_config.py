@@ -393,3 +393,16 @@ def test_vllm_max_model_len_must_hold_a_rollout():
     with pytest.raises(ConfigError, match=r"rollout.vllm.max_model_len: expected >= 166 .* got 165"):
         load_config(None, base + ["rollout.vllm.max_model_len=165"])
     load_config(None, ["data.max_prompt_length=100", "rollout.vllm.max_model_len=10"])  # the hf engine: unused
+
+
+def test_16_bit_weights_without_deepspeed_warn(caplog):
+    """AdamW on bf16 weights (no DeepSpeed: no fp32 master copy) rounds most steps away (an
+    audit: one StepGRPO step at lr 1e-6 changed 2.6% of a bf16 model's weights, 100% in fp32)."""
+    (msg,) = _warnings(caplog, ["model.dtype=bfloat16", "optim.lr=1e-6"])
+    assert msg.startswith("model.dtype=bfloat16 without DeepSpeed") and "0.4%" in msg and "lr=1e-06" in msg
+    assert "deepspeed=configs/ds_zero2.json" in msg
+    (msg,) = _warnings(caplog, ["model.dtype=float16", "train.max_steps=0", "warmup.lr=3e-5"])
+    assert "0.05%" in msg and "lr=3e-05" in msg
+    # DeepSpeed (fp32 masters), float32 weights, or nothing trained: nothing to say
+    assert _warnings(caplog, ["model.dtype=bfloat16", "deepspeed=configs/ds_zero2.json"]) == []
+    assert _warnings(caplog, ["model.dtype=bfloat16", "train.max_steps=0", "warmup.steps=0"]) == []
