@@ -388,7 +388,7 @@ def prepare(a: dict, work: Path) -> dict:
 
     meta = {
         "device": device_name(device), "slug": device_slug(device), "versions": _versions(),
-        "attn_resolved": resolve_attn_implementation(a["attn"], device),
+        "attn_resolved": resolve_attn_implementation(a["attn"], device, a["dtype"]),
         "model": {"name": name, "params": int(sum(p.numel() for p in model.parameters())),
                   "hidden_size": tc.hidden_size, "intermediate_size": tc.intermediate_size,
                   "num_hidden_layers": tc.num_hidden_layers, "num_attention_heads": tc.num_attention_heads,

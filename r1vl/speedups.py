@@ -16,8 +16,9 @@ gradient checkpointing.
   the recomposed cos/sin have equal halves, which that kernel assumes).
   On CPU Liger is skipped with one log line (its RMSNorm/SwiGLU kernels need CUDA; Triton's
   interpreter cannot run them).
-- Attention: "auto" = flash_attention_2 on CUDA when flash-attn imports, else sdpa; an
-  explicit flash_attention_2 without CUDA or flash-attn is a clear error.
+- Attention: "auto" = flash_attention_2 on CUDA with 16-bit weights when flash-attn imports,
+  else sdpa; an explicit flash_attention_2 without CUDA, flash-attn or 16-bit weights is a
+  clear error (float32 weights: flash-attn's first forward would raise).
 - Gradient checkpointing (non-reentrant, so it composes with DeepSpeed ZeRO-3's hooks) on
   the language model and the vision tower.
 
@@ -54,17 +55,27 @@ def flash_attn_available() -> bool:
     return True
 
 
-def resolve_attn_implementation(requested: str = "auto", device: torch.device | str | None = None) -> str:
+def resolve_attn_implementation(requested: str = "auto", device: torch.device | str | None = None,
+                                dtype: torch.dtype | str | None = None) -> str:
     """The attention implementation to use for `requested` ("auto", "eager", "sdpa",
-    "flash_attention_2") on `device` (default: CUDA when available)."""
+    "flash_attention_2") on `device` (default: CUDA when available) for weights of `dtype`
+    (None: not known). flash-attn computes in fp16/bf16 only: with float32 weights (and no
+    autocast, which r1vl does not use) its first forward raises, so "auto" takes sdpa there."""
     if requested not in ATTN_CHOICES:
         raise SpeedupError(f"model.attn_implementation: expected one of {list(ATTN_CHOICES)}, got {requested!r}")
     cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    half = dtype is None or dtype in (torch.float16, torch.bfloat16)
     if requested == "auto":
-        return "flash_attention_2" if cuda and flash_attn_available() else "sdpa"
+        return "flash_attention_2" if cuda and half and flash_attn_available() else "sdpa"
     if requested == "flash_attention_2":
         if not cuda:
             raise SpeedupError("model.attn_implementation=flash_attention_2 needs a CUDA device; use sdpa or auto")
+        if not half:
+            raise SpeedupError(f"model.attn_implementation=flash_attention_2 needs bfloat16 or float16 weights, the "
+                               f"model's are {str(dtype).replace('torch.', '')} (flash-attn computes in 16 bits only); "
+                               "set model.dtype=bfloat16, or use sdpa or auto")
         if not flash_attn_available():
             raise SpeedupError("model.attn_implementation=flash_attention_2: flash-attn is not installed or does not "
                                "import (pip install 'r1vl[flash]'); use sdpa or auto")
@@ -74,11 +85,11 @@ def resolve_attn_implementation(requested: str = "auto", device: torch.device | 
 def set_attn_implementation(model: nn.Module, requested: str = "auto",
                             device: torch.device | str | None = None) -> str:
     """Switch the (already built) HF model inside `model` to the resolved implementation
-    (text and vision towers); returns it."""
+    (text and vision towers, for the model's dtype); returns it."""
     from r1vl.models import unwrap
 
     hf = unwrap(model)
-    impl = resolve_attn_implementation(requested, device)
+    impl = resolve_attn_implementation(requested, device, getattr(hf, "dtype", None))
     if getattr(hf.config, "_attn_implementation", None) != impl:
         hf.set_attn_implementation(impl)
     return impl

@@ -266,11 +266,23 @@ def check_processor(cfg: Config, train_set, resume_dir: Path | None):
     return None
 
 
+def attn_implementation(cfg: Config, device) -> str:
+    """model.attn_implementation resolved for `device` and model.dtype ("auto": flash_attention_2
+    where it runs, else sdpa), checked before any weights load: flash_attention_2 without CUDA or
+    flash-attn was transformers' ImportError traceback from inside from_pretrained."""
+    from r1vl.speedups import SpeedupError, resolve_attn_implementation
+
+    try:
+        return resolve_attn_implementation(cfg.model.attn_implementation, device, cfg.model.dtype)
+    except SpeedupError as e:
+        raise UserError(str(e)) from None
+
+
 def build_model(cfg: Config, d, corpus_samples, resume_dir: Path | None):
     """(model, processor) on every rank with identical weights and tokenizer."""
     from r1vl.models import ModelLoadError, load_policy, load_pretrained
 
-    kw = dict(dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation,
+    kw = dict(dtype=cfg.model.dtype, attn_implementation=attn_implementation(cfg, d.device),
               min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
     try:
         if resume_dir is not None:
@@ -1060,8 +1072,9 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
         if in_warmup:
             ref_model = ds.make_reference(train_policy) if use_ds else make_reference(model)
         else:  # resumed inside StepGRPO: the reference is the saved warm-up model
+            # the policy's attention (apply_speedups resolved "auto"; transformers' default may differ)
             ref_model, _ = load_pretrained(ref_dir, dtype=cfg.model.dtype,
-                                           attn_implementation=cfg.model.attn_implementation)
+                                           attn_implementation=attn_implementation(cfg, d.device))
             if not use_ds:
                 ref_model.to(d.device)
             ref_model.eval().requires_grad_(False)

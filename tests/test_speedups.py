@@ -86,6 +86,37 @@ def test_attention_choice(monkeypatch):
         speedups.resolve_attn_implementation("flash_attention_2", "cuda")
     monkeypatch.setattr(speedups, "flash_attn_available", lambda: True)
     assert speedups.resolve_attn_implementation("auto", "cuda") == "flash_attention_2"
+    # flash-attn computes in 16 bits: float32 weights (the default config) take sdpa under
+    # "auto" (flash-attn's first forward raised) and an explicit request is refused
+    assert speedups.resolve_attn_implementation("auto", "cuda", "bfloat16") == "flash_attention_2"
+    assert speedups.resolve_attn_implementation("auto", "cuda", torch.float16) == "flash_attention_2"
+    assert speedups.resolve_attn_implementation("auto", "cuda", "float32") == "sdpa"
+    with pytest.raises(speedups.SpeedupError, match="needs bfloat16 or float16 weights, the model's are float32"):
+        speedups.resolve_attn_implementation("flash_attention_2", "cuda", torch.float32)
+
+
+def test_an_impossible_attention_stops_before_the_weights_load(monkeypatch, tmp_path):
+    """build_model checks model.attn_implementation first: flash_attention_2 on a CPU was
+    transformers' ImportError traceback from inside from_pretrained / the tiny build."""
+    from types import SimpleNamespace
+
+    from r1vl import models, train
+    from r1vl.config import load_config
+
+    def never(*a, **k):
+        raise AssertionError("weights loaded before the check")
+
+    monkeypatch.setattr(models, "load_pretrained", never)
+    monkeypatch.setattr(models, "load_policy", never)
+    d = SimpleNamespace(device=torch.device("cpu"), main=True, barrier=lambda: None)
+    cfg = load_config(None, [f"output_dir={tmp_path}", "model.attn_implementation=flash_attention_2"])
+    with pytest.raises(train.UserError, match="flash_attention_2 needs a CUDA device"):
+        train.build_model(cfg, d, [], None)
+    monkeypatch.setattr(speedups, "flash_attn_available", lambda: True)
+    cfg = load_config(None, [f"output_dir={tmp_path}", "model.attn_implementation=flash_attention_2"])
+    d.device = torch.device("cuda")
+    with pytest.raises(train.UserError, match="needs bfloat16 or float16 weights"):
+        train.build_model(cfg, d, [], None)
 
 
 def test_cpu_speedups_skip_liger_in_one_line_and_checkpointing_keeps_gradients(tiny, caplog):
