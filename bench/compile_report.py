@@ -234,16 +234,20 @@ def _variants(kernels, heads, dtypes, quick, n_tokens, all_flags=False):
                                 R._row_grad_kernel, args, dict(HAS_BIAS=bias, BLOCK_V=bv), 4, 3))
     if "objective" in kernels:
         bt = K._pow2(1024, 16, 1024)
-        names = ("SEQ_LEVEL", "HAS_OLD", "HAS_REF", "USE_KL", "HAS_RIS", "HAS_ENT", "PER_SEQ_NORM", "KL_IS")
-        for vals in _flag_sets(False, all_flags, len(names)) if all_flags else [(False,), (True,)]:
-            fl = dict(HAS_OLD=True, HAS_REF=True, USE_KL=True, HAS_RIS=False, HAS_ENT=False,
+        names = ("SEQ_LEVEL", "TOKEN_ADV", "HAS_OLD", "HAS_REF", "USE_KL", "HAS_RIS", "HAS_ENT", "PER_SEQ_NORM",
+                 "KL_IS")
+        # without --all-flags: both levels, with [B] and with [B, T] (per-token) advantages
+        for vals in _flag_sets(False, all_flags, len(names)) if all_flags else \
+                [(False, False), (True, False), (False, True), (True, True)]:
+            fl = dict(TOKEN_ADV=False, HAS_OLD=True, HAS_REF=True, USE_KL=True, HAS_RIS=False, HAS_ENT=False,
                       PER_SEQ_NORM=True, KL_IS=False)
             fl.update(zip(names, vals))
             if fl["USE_KL"] and not fl["HAS_REF"]:
                 continue                                  # the launcher never passes this
             args = tuple(t(f32) for _ in range(10)) + (1024, 0.04, 0.8, 1.2, 0.125, float("inf"))
-            out.append(("objective", dict(sequence_level=fl["SEQ_LEVEL"], BLOCK_T=bt, warps=4, stages=3,
-                                          **_extra(all_flags, **{k: fl[k] for k in names[1:]})),
+            out.append(("objective", dict(sequence_level=fl["SEQ_LEVEL"], token_advantages=fl["TOKEN_ADV"],
+                                          BLOCK_T=bt, warps=4, stages=3,
+                                          **_extra(all_flags, **{k: fl[k] for k in names[2:]})),
                         K._grpo_objective_kernel, args, dict(**fl, BLOCK_T=bt), 4, 3))
     return out
 
