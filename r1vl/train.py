@@ -154,10 +154,10 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def check_resume_config(saved: dict | None, cfg: Config, resume_dir: Path) -> list[str]:
+def check_resume_config(saved: dict | None, cfg: Config, resume_dir: Path, warn: bool = True) -> list[str]:
     """A checkpoint resumes only the model it was written for (model.path, the tiny model's
-    sizes: an error); other differences from the run that wrote it are named in a warning.
-    Returns the differing keys."""
+    sizes: an error); other differences from the run that wrote it are named in a warning
+    (`warn`: rank 0's, once per run). Returns the differing keys."""
     if not saved:
         return []
     old, new = _flat(saved), _flat(to_dict(cfg))
@@ -167,7 +167,7 @@ def check_resume_config(saved: dict | None, cfg: Config, resume_dir: Path) -> li
     if hard:
         raise UserError(f"train.resume: {resume_dir} was written for another model ("
                         + ", ".join(f"{k}={old.get(k)!r}, this run {new.get(k)!r}" for k in hard) + ")")
-    if diff:
+    if diff and warn:
         log.warning("train.resume: this run's config differs from the one that wrote %s: %s", resume_dir,
                     ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff))
     return diff
@@ -297,6 +297,15 @@ def build_model(cfg: Config, d, corpus_samples, resume_dir: Path | None):
         return load_pretrained(cfg.model.path, **kw)
     except ModelLoadError as e:
         raise UserError(str(e)) from None
+
+
+def drop_outputs_after(out: Path, phase: str, step: int) -> None:
+    """A resumed run: the outputs of the run it continues past its checkpoint go, as metrics.jsonl's
+    records do: evaluations after it (drop_eval_outputs_after), and that run's summary.json and
+    plot.png (a finished run's, or an abandoned continuation's: this run writes its own at its end)."""
+    drop_eval_outputs_after(out, phase, step)
+    for name in ("summary.json", "plot.png"):
+        (out / name).unlink(missing_ok=True)
 
 
 def drop_eval_outputs_after(out: Path, phase: str, step: int) -> None:
@@ -710,6 +719,7 @@ class StopSignal:
     def __init__(self):
         self.signum = 0
         self.armed = False  # set by run() around its step loops
+        self.quiet = False  # set by run() on ranks other than 0: the message once, not once per rank
         self._at = 0.0
         self._old: dict[int, Any] = {}
 
@@ -738,8 +748,9 @@ class StopSignal:
             return
         self.signum, self._at = signum, now
         how = "press Ctrl-C again" if signum == signal.SIGINT else "send it again"
-        log.warning("%s: stopping at the end of this step with a checkpoint (%s to stop at once)",
-                    signal.Signals(signum).name, how)
+        if not self.quiet:
+            log.warning("%s: stopping at the end of this step with a checkpoint (%s to stop at once)",
+                        signal.Signals(signum).name, how)
 
     def agreed(self, d) -> int:
         """The signal any rank got (0: none). A collective when there are several ranks:
@@ -791,6 +802,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
     preflight(cfg)
     d = init_distributed(cfg.distributed.backend, cfg.distributed.timeout_s, cfg.distributed.num_threads)
     setup_logging(cfg, d)
+    stop.quiet = not d.main
     out = Path(cfg.output_dir)
     if d.main:  # a save killed midway (atomic_dir_write's temporaries), before the resume point is found
         for what in clean_interrupted_saves(out / "checkpoints"):
@@ -854,7 +866,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
         if last is not None and state["step"] > last:
             raise UserError(f"train.resume: {resume_dir} is at {state['phase']} step {state['step']}, beyond this "
                             f"run's {key}={last}; raise {key} to at least {state['step']}, or start a new run")
-        check_resume_config(state.get("config"), cfg, resume_dir)
+        check_resume_config(state.get("config"), cfg, resume_dir, warn=d.main)
         if state["phase"] == "grpo" and cfg.algorithm.beta != 0 and cfg.train.max_steps > 0:
             ref_dir = reference_dir(out, resume_dir)  # found now, not after the model is built
     if resume_dir is not None and bool(cfg.deepspeed) != bool(state.get("deepspeed", False)):
@@ -935,7 +947,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
     if resume_dir is not None:
         writer.truncate_after(state["phase"], state["step"])
         if d.main:
-            drop_eval_outputs_after(out, state["phase"], state["step"])
+            drop_outputs_after(out, state["phase"], state["step"])
             later = checkpoints_after(out / "checkpoints", checkpoint_name(state["phase"], state["step"]))
             if later:  # an abandoned continuation: kept, they would outrank this run's own saves
                 log.warning("train.resume from %s: removing the later checkpoints %s of the run it continues, "
@@ -1054,9 +1066,10 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
         return ev
 
     if state.get("eval_warmup") is None and cfg.train.eval_before and not in_warmup:
-        log.warning("train.eval_before=true: the run resumed inside StepGRPO had no evaluation after the "
-                    "warm-up, and the weights now are StepGRPO's: none is run (python -m r1vl.eval --model "
-                    "<that run>/warmup evaluates the warm-up model)")
+        if d.main:
+            log.warning("train.eval_before=true: the run resumed inside StepGRPO had no evaluation after the "
+                        "warm-up, and the weights now are StepGRPO's: none is run (python -m r1vl.eval --model "
+                        "<that run>/warmup evaluates the warm-up model)")
     elif state.get("eval_warmup") is None and cfg.train.eval_before:
         ev = run_eval("after_warmup")
         state["eval_warmup"] = ev

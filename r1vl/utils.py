@@ -402,23 +402,37 @@ class MetricsWriter:
             if enabled and fresh and p.exists():  # a new run (not a resume) starts a new log
                 p.unlink()
         self.tb = None
+        self.tb_dir = Path(out_dir) / "tensorboard"
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(log_dir=str(Path(out_dir) / "tensorboard"))
+                self.tb = SummaryWriter(log_dir=str(self.tb_dir))
             except Exception as e:  # tensorboard not installed or broken: JSONL only
                 log.info("TensorBoard disabled (%s: %s; pip install tensorboard, or logging.tensorboard=false)",
                          e.__class__.__name__, e)
 
     def truncate_after(self, phase: str, step: int) -> None:
-        """Drop records written after a checkpoint at (phase, step) (a killed run's tail), in
-        metrics.jsonl and rollouts.jsonl."""
+        """Drop records written after a checkpoint at (phase, step) (a killed run's tail, a
+        finished run's final evaluation, an abandoned continuation), in metrics.jsonl and
+        rollouts.jsonl; TensorBoard's event files are then written again from what metrics.jsonl
+        keeps (TensorBoard shows a step logged twice twice, and purge_step would cut every
+        phase's axis at one step)."""
         if not self.enabled:
             return
         for path in (self.path, self.rollouts_path):
             if path.is_file():
                 self._truncate(path, (_PHASES.get(phase, 0), step))
+        if self.tb is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb.close()
+            for old in self.tb_dir.glob("events.out.tfevents.*"):
+                old.unlink()
+            self.tb = SummaryWriter(log_dir=str(self.tb_dir))
+            for rec in read_metrics(self.path):
+                self._log_tb(rec)
+            self.tb.flush()
 
     @staticmethod
     def _truncate(path: Path, cut: tuple[int, int]) -> None:
@@ -453,17 +467,16 @@ class MetricsWriter:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record, allow_nan=True) + "\n")
-        if self.tb is None and self.wandb is None:
-            return
-        step = record.get("global_step", record.get("step", 0))
-        prefix = record.get("phase", "train")
-        scalars = {f"{prefix}/{k}": v for k, v in record.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "global_step")}
         if self.tb is not None:
-            for k, v in scalars.items():
-                self.tb.add_scalar(k, v, step)
+            self._log_tb(record)
         if self.wandb is not None:  # x axis: <phase>/step (start_wandb defines it)
+            step, prefix, scalars = _scalars(record)
             self.wandb.log({**scalars, f"{prefix}/step": step})
+
+    def _log_tb(self, record: dict) -> None:
+        step, _, scalars = _scalars(record)
+        for k, v in scalars.items():
+            self.tb.add_scalar(k, v, step)
 
     def set_summary(self, summary: dict) -> None:
         """The run's summary.json, its numbers flattened ('paired/p_value'), as the W&B summary."""
@@ -488,6 +501,15 @@ class MetricsWriter:
         if self.wandb is not None:
             run, self.wandb = self.wandb, None
             run.finish(exit_code=exit_code)
+
+
+def _scalars(record: dict) -> tuple[int, str, dict]:
+    """(step, phase, {"<phase>/<key>": number}) of a metrics record, as TensorBoard and W&B log it."""
+    step = record.get("global_step", record.get("step", 0))
+    prefix = record.get("phase", "train")
+    scalars = {f"{prefix}/{k}": v for k, v in record.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "global_step")}
+    return step, prefix, scalars
 
 
 def read_metrics(path: Path) -> list[dict]:

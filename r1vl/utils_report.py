@@ -71,13 +71,16 @@ def to_markdown(rows: list[dict], command: str, machine: str) -> str:
     for r in rows:
         p = r.get("paired") or {}
         se0, se1 = p.get("stderr_before"), p.get("stderr_after")
-        a0 = f"{r['accuracy_after_warmup']:.3f}" + (f" ± {se0:.3f}" if se0 is not None else "")
-        a1 = f"{r['accuracy_final']:.3f}" + (f" ± {se1:.3f}" if se1 is not None else "")
+        # a run without one of the evaluations (train.eval_before / eval_after false) has null there
+        acc0, acc1 = r.get("accuracy_after_warmup"), r.get("accuracy_final")
+        a0 = "n/a" if acc0 is None else f"{acc0:.3f}" + (f" ± {se0:.3f}" if se0 is not None else "")
+        a1 = "n/a" if acc1 is None else f"{acc1:.3f}" + (f" ± {se1:.3f}" if se1 is not None else "")
+        change = "n/a" if acc0 is None or acc1 is None else f"{acc1 - acc0:+.3f}"
         wall = (r.get("launcher") or {}).get("wall_seconds")
         wall_s = f"{wall / 60:.1f} min" if wall else "n/a"
         fb = f"{p['fixed']} / {p['broken']}" if p else "n/a"
         pv = f"{p['p_value']:.2g}" if p else "n/a"
-        lines.append(f"| {r['seed']} | {a0} | {a1} | {r['accuracy_final'] - r['accuracy_after_warmup']:+.3f} | "
+        lines.append(f"| {r['seed']} | {a0} | {a1} | {change} | "
                      f"{fb} | {pv} | {wall_s} |")
     lines += ["", "± is the standard error of each accuracy over the n held-out items; the sign test",
               "compares the two evaluations item by item (items right only after StepGRPO vs only before).",
@@ -103,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--md", default="")
     ap.add_argument("--plot", default="")
     args = ap.parse_args(argv)
+    missing = [str(Path(rd) / name) for rd in args.runs for name in ("summary.json",) + (
+        ("plot.png",) if args.plot and rd == args.runs[0] else ()) if not (Path(rd) / name).is_file()]
+    if missing:  # a run that has not finished (or wrote no plot: logging.plot=false, no matplotlib)
+        ap.error("no such file: " + ", ".join(missing))
     rows = collect(args.runs, args.time_logs)
     doc = {"command": args.command, "machine": args.machine, "runs": rows}
     if args.json:

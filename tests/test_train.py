@@ -549,6 +549,25 @@ def test_check_resume_config_names_the_differences(tmp_path, caplog):
         assert check_resume_config(saved, cfg, tmp_path) == ["rollout.num_generations", "seed"]
     assert "seed: 0 -> 3" in caplog.text
     assert check_resume_config(saved, load_config(None, ["train.max_steps=99"]), tmp_path) == []
+    caplog.clear()  # ranks other than 0 (warn=False): the same check, no second warning
+    with caplog.at_level("WARNING", logger="r1vl.train"):
+        assert check_resume_config(saved, cfg, tmp_path, warn=False) == ["rollout.num_generations", "seed"]
+    assert caplog.text == ""
+
+
+def test_the_stop_message_comes_from_rank_0_only(caplog):
+    """A terminal's Ctrl-C reaches every rank: each stops, rank 0 alone says so."""
+    from r1vl.train import StopSignal
+    from r1vl.utils import Dist
+
+    for quiet, lines in ((False, 1), (True, 0)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="r1vl.train"), StopSignal() as stop:
+            stop.quiet = quiet
+            os.kill(os.getpid(), signal.SIGUSR1)
+            time.sleep(0.01)
+            assert stop.agreed(Dist()) == signal.SIGUSR1
+        assert caplog.text.count("stopping at the end of this step") == lines
 
 
 def test_non_finite_loss_stops_the_run(tmp_path, data_dir, capsys):
@@ -751,6 +770,46 @@ def test_resume_drops_eval_outputs_after_the_checkpoint(tmp_path):
     assert sorted(p.stem for p in d.iterdir()) == ["after_warmup", "grpo_step_000002"]
     drop_eval_outputs_after(tmp_path, "warmup", 400)  # a warm-up checkpoint: no StepGRPO eval yet
     assert sorted(p.stem for p in d.iterdir()) == ["after_warmup"]
+
+
+def test_resume_drops_the_summary_and_plot_of_the_run_it_continues(tmp_path):
+    """They described the run past the checkpoint (a finished run's 12 steps and final
+    evaluation, after a resume from step 6 killed at step 8); the resumed run writes its own."""
+    from r1vl.train import EVAL_OUTPUTS, drop_outputs_after
+
+    (tmp_path / EVAL_OUTPUTS).mkdir()
+    for name in ("summary.json", "plot.png", "metrics.jsonl", f"{EVAL_OUTPUTS}/final.jsonl",
+                 f"{EVAL_OUTPUTS}/after_warmup.jsonl"):
+        (tmp_path / name).write_text("{}\n")
+    drop_outputs_after(tmp_path, "grpo", 6)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == \
+        [f"{EVAL_OUTPUTS}/after_warmup.jsonl", "metrics.jsonl"]
+
+
+def test_tensorboard_after_a_resume_holds_each_step_once(tmp_path):
+    """A run killed after StepGRPO step 4, resumed from its step-2 checkpoint, logs steps 3-4
+    again: TensorBoard shows each step once, with the resumed run's values (it kept both
+    versions of steps 3-4, and a finished run's final evaluation twice)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from r1vl.utils import MetricsWriter
+
+    w = MetricsWriter(tmp_path, enabled=True, tensorboard=True)
+    w.write({"phase": "warmup", "step": 1, "loss": 2.0})
+    for s in (1, 2, 3, 4):
+        w.write({"phase": "grpo", "step": s, "reward": float(s)})
+    w.write({"phase": "eval", "step": 4, "final": True, "accuracy": 0.5})
+    w.close()
+    w = MetricsWriter(tmp_path, enabled=True, tensorboard=True, fresh=False)   # the resume
+    w.truncate_after("grpo", 2)
+    for s in (3, 4):
+        w.write({"phase": "grpo", "step": s, "reward": 10.0 * s})
+    w.close()
+    ea = EventAccumulator(str(tmp_path / "tensorboard"))
+    ea.Reload()
+    got = {tag: [(e.step, e.value) for e in ea.Scalars(tag)] for tag in ea.Tags()["scalars"]}
+    assert got == {"warmup/loss": [(1, 2.0)], "grpo/reward": [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]}
 
 
 def test_resume_past_the_run_end_is_refused(tmp_path, data_dir, capsys):
