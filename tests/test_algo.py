@@ -25,6 +25,12 @@ def test_group_advantages_values():
     want = (g - g.mean()) / (g.std() + 1e-4)  # unbiased std, as TRL / the R1-VL code
     torch.testing.assert_close(a[:4], want)
     assert torch.equal(a[4:], torch.zeros(4))  # identical rewards: no signal, no NaN
+    # also where float32's mean of the group is a rounding off (2.1: every answer right with every
+    # key step; 1.2, 1.3: the group's advantages were ±1e-3 to ±2e-3, one sign for the whole group)
+    for v in (2.1, 1.2, 1.3, 0.1, 1 / 3, 1.1 + 1.0):
+        for rewards in (torch.full((8,), v), [v] * 8, torch.full((8,), v, dtype=torch.float64)):
+            got = group_advantages(rewards, 8)
+            assert got.dtype == torch.float32 and torch.equal(got, torch.zeros(8)), (v, got)
     torch.testing.assert_close(group_advantages(r, 4, scale=False)[:4], g - g.mean())
     # groups are normalised independently, prompt-major
     a2 = group_advantages(torch.tensor([0.0, 1.0, 10.0, 30.0]), 2)
