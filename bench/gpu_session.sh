@@ -121,8 +121,16 @@ setup() {
   # r1vl from this tree, without network or a build: a meta-path finder maps r1vl ->
   # ./r1vl and r1vl.kernels -> ./kernels (setup.py's package_dir), loaded by a .pth in
   # the interpreter's site-packages; plus a dist-info so importlib.metadata knows r1vl.
+  # Only on the device (a fresh machine each session): a dry run writes into no interpreter.
   if (cd / && "$PY" -c "import r1vl.kernels, os, sys; sys.exit(0 if os.path.realpath(r1vl.kernels.__file__).startswith(os.path.realpath('$ROOT')) else 1)" 2>/dev/null); then
     log "r1vl.kernels already importable from this tree"
+  elif [ "$DRY" = 1 ]; then
+    # a dry run is on a development machine: its interpreter is shared (another checkout's venv,
+    # a clone pointing at it), and the finder below would send every `import r1vl` there to this
+    # tree until removed by hand
+    log "FATAL: $PY imports r1vl from elsewhere ($(cd / && "$PY" -c 'import r1vl, os; print(os.path.dirname(r1vl.__file__))' 2>&1 | tail -1));" \
+        "a dry run never writes into an interpreter: use one with r1vl installed from $ROOT (pip install -e .)"
+    return 1
   else
     "$PY" - "$ROOT" <<'EOF' || "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . \
       || { log "FATAL: could not make r1vl importable"; return 1; }

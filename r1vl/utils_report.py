@@ -4,7 +4,7 @@ around the launcher) into one JSON file and a Markdown table:
     python -m r1vl.utils_report runs/seed0 runs/seed1 runs/seed2 \\
         --time-logs logs/seed0.time logs/seed1.time logs/seed2.time \\
         --command "torchrun --nproc-per-node 4 -m r1vl.train seed=S output_dir=runs/seedS" \\
-        --json bench/results/default_runs.json --md docs/default_runs.md --plot docs/default_run.png
+        --json bench/results/default_runs.json --md /tmp/default_runs.md --plot docs/default_run_seed0.png
 
 The plot is copied from the first run (its plot.png)."""
 from __future__ import annotations
@@ -97,7 +97,8 @@ def to_markdown(rows: list[dict], command: str, machine: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m r1vl.utils_report", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m r1vl.utils_report", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+")
     ap.add_argument("--time-logs", nargs="*", default=[])
     ap.add_argument("--command", default="torchrun --nproc-per-node 4 -m r1vl.train seed=S output_dir=runs/seedS")

@@ -394,3 +394,34 @@ def test_bench_decode_measures_the_check(capsys):
     assert mod.main(["--n", "4"]) == 0
     out = capsys.readouterr().out
     assert "4 images" in out and "decode check" in out and "(0 unreadable)" in out
+
+
+def test_gpu_session_dry_run_never_writes_into_an_interpreter(tmp_path):
+    """A dry run from a checkout whose interpreter imports r1vl from another tree (a clone
+    sharing a venv) stops at setup: it used to write a finder + .pth into that interpreter's
+    site-packages, which sent every later `import r1vl` there to the clone."""
+    import os
+    import shutil
+    import sys
+    import sysconfig
+
+    root = Path(__file__).resolve().parents[1]
+    repo = tmp_path / "clone"
+    (repo / "bench").mkdir(parents=True)
+    shutil.copy(root / "bench" / "gpu_session.sh", repo / "bench")
+    shutil.copy(root / "setup.py", repo)
+    site = Path(sysconfig.get_paths()["purelib"])
+    before = sorted(p.name for p in site.iterdir())
+    env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=sys.executable, R1VL_WHL_DIR=str(tmp_path / "none"),
+               R1VL_GPU_DRYRUN="1")
+    try:
+        r = subprocess.run(["bash", str(repo / "bench" / "gpu_session.sh"), "ceilings"], cwd=repo, env=env,
+                           capture_output=True, text=True, timeout=120)
+        after = sorted(p.name for p in site.iterdir())
+    finally:  # a regression must not leave this interpreter importing r1vl from tmp_path
+        for name in ("_r1vl_source_finder.py", "r1vl_source.pth"):
+            if name not in before:
+                (site / name).unlink(missing_ok=True)
+    assert r.returncode != 0
+    assert "a dry run never writes into an interpreter" in r.stdout + r.stderr
+    assert after == before

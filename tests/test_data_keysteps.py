@@ -127,6 +127,8 @@ def test_cli_refuses_to_replace_out_or_in(tmp_path, capsys):
         assert main([str(inp), str(same), "--force"]) == 2
         assert "is the input file" in capsys.readouterr().err and inp.read_text() == before
     assert main([str(inp), str(tmp_path / "sub")]) == 2 and "is a directory" in capsys.readouterr().err
+    assert main([str(inp), str(tmp_path / "nowhere" / "o.jsonl")]) == 2
+    assert f"its folder {tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err
 
 
 # --- values are read whole (a cut value makes no key step) -----------------------------------
@@ -146,7 +148,8 @@ def test_values_are_read_whole(step, first, wrong):
 
 
 @pytest.mark.parametrize("step", ["The area is 8 cm × 5 cm.", "Then x = 4th.", "The sides are 3, 4 and 5.",
-                                  "x = 2 or 3", "The values are 3 to 5."])
+                                  "x = 2 or 3", "The values are 3 to 5.",
+                                  "The ratio 2:3 holds."])  # was "ratio 2: 3", "ratio 2 = 3": a label cut in two
 def test_a_value_that_goes_on_makes_no_key_step(step):
     assert derive_key_steps(sol(step)) == derive_key_steps(sol("The height is 40².")) == []
 

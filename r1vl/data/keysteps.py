@@ -104,7 +104,8 @@ _MORE_VALUES = re.compile(r"\s*(?:,|\s(?:and|or|to)\s)\s*[-−]?\d[\d.,/:]*\s*(?
 _NAME = r"(?<![\w'])(?P<name>(?:(?:[A-Za-z][A-Za-z0-9']*|\d+)\s+){0,3}[A-Za-z0-9][A-Za-z0-9']*)"
 _VERBS = ("is", "are", "equals", "was", "were", "reaches", "measures")
 _NAMED = re.compile(_NAME + r"\s+(?P<verb>" + "|".join(_VERBS) + r")\s+\$?(?P<value>" + _NUMBER + ")")
-_LABELLED = re.compile(_NAME + r"\s*:\s*\$?(?P<value>" + _NUMBER + ")")
+# (not a ratio's colon, digit:digit: "the ratio 2:3 holds" is no label "ratio 2" of value 3)
+_LABELLED = re.compile(_NAME + r"(?!(?<=\d):\d)\s*:\s*\$?(?P<value>" + _NUMBER + ")")
 _LEADING_WORDS = {"the", "a", "an", "so", "thus", "therefore", "hence", "then", "and", "of", "count", "we",
                   "get", "find", "that", "this", "which", "its", "their", "at", "in", "on", "for", "to", "by",
                   "with", "from", "since", "because", "now", "also", "but", "or", "if", "when"}
@@ -469,6 +470,8 @@ def _check_output(inp: Path, out: Path, force: bool) -> str:
         return f"OUT {out} is a directory; expected a file path (e.g. {out / inp.name})"
     if out.exists() and not force:
         return f"OUT {out} exists; pass --force to replace it"
+    if not out.parent.is_dir():  # found before the rows are derived (the error named the temporary file)
+        return f"OUT {out}: its folder {out.parent} does not exist"
     return ""
 
 
