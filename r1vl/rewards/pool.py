@@ -95,7 +95,7 @@ class RewardPool:
             raise ValueError(f"RewardPool needs workers >= 1, got {workers}")
         self.size = workers
         self._lock = threading.Lock()
-        self._workers: list[_Worker] = [self._spawn() for _ in range(workers)]
+        self._workers: list[_Worker | None] = [self._spawn() for _ in range(workers)]  # None: to start again
         self.killed = 0  # workers killed at their hard deadline, over the pool's life
         self._start_failures = 0
         self._pid = os.getpid()
@@ -133,6 +133,7 @@ class RewardPool:
         if os.getpid() != self._pid:  # a forked child: the workers are its parent's
             return
         with self._lock:
+            self._workers = [w for w in self._workers if w is not None]
             for w in self._workers:
                 try:
                     w.outbox.send(None)
@@ -162,15 +163,15 @@ class RewardPool:
                 raise
 
     def _drop_busy(self) -> None:
+        # killed now, started again by the next map (not here: this may be a Ctrl-C on its way
+        # to the interpreter's exit, which would then wait for fresh workers to start)
         for i, w in enumerate(self._workers):
-            if w.pending:
+            if w is not None and w.pending:
                 self._kill(w)
-                try:
-                    self._workers[i] = self._spawn()
-                except Exception:  # noqa: BLE001 -- the next map's start-up checks report it
-                    w.pending.clear()
+                self._workers[i] = None
 
     def _map(self, tasks: list[_Task], alpha, variant, timeout_s) -> tuple[list[_Result], int]:
+        self._workers = [self._spawn() if w is None else w for w in self._workers]  # dropped by an interrupted map
         n = len(tasks)
         results: list[_Result | None] = [None] * n
         slot = {t[0]: i for i, t in enumerate(tasks)}
