@@ -228,6 +228,21 @@ def zero_stage(ds_config: dict) -> int:
     return int((ds_config.get("zero_optimization") or {}).get("stage", 0))
 
 
+def compute_dtype(cfg) -> str:
+    """The dtype the policy computes in: model.dtype, or bfloat16 / float16 when the DeepSpeed
+    config enables one (the engine casts the module whatever model.dtype says). A config that
+    does not read is model.dtype here: its error comes where the engine is built."""
+    if cfg.deepspeed:
+        try:
+            raw = fill_config(read_config(cfg.deepspeed), **trainer_batch_values(cfg, 1))
+        except (DeepSpeedConfigError, OSError, ValueError):
+            return cfg.model.dtype
+        for section, name in (("bf16", "bfloat16"), ("fp16", "float16")):
+            if _enabled(raw, section):
+                return name
+    return cfg.model.dtype
+
+
 def _enabled(ds_config: dict, section: str) -> bool:
     sec = ds_config.get(section)
     return isinstance(sec, dict) and sec.get("enabled") is True

@@ -78,18 +78,20 @@ def resolve_attn_implementation(requested: str = "auto", device: torch.device | 
                                "set model.dtype=bfloat16, or use sdpa or auto")
         if not flash_attn_available():
             raise SpeedupError("model.attn_implementation=flash_attention_2: flash-attn is not installed or does not "
-                               "import (pip install 'r1vl[flash]'); use sdpa or auto")
+                               "import (pip install flash-attn --no-build-isolation); use sdpa or auto")
     return requested
 
 
 def set_attn_implementation(model: nn.Module, requested: str = "auto",
-                            device: torch.device | str | None = None) -> str:
+                            device: torch.device | str | None = None,
+                            dtype: torch.dtype | str | None = None) -> str:
     """Switch the (already built) HF model inside `model` to the resolved implementation
-    (text and vision towers, for the model's dtype); returns it."""
+    (text and vision towers) for `dtype`, the dtype it will compute in (default: its own; a
+    float32 model that DeepSpeed casts to bf16 passes "bfloat16"); returns it."""
     from r1vl.models import unwrap
 
     hf = unwrap(model)
-    impl = resolve_attn_implementation(requested, device, getattr(hf, "dtype", None))
+    impl = resolve_attn_implementation(requested, device, dtype or getattr(hf, "dtype", None))
     if getattr(hf.config, "_attn_implementation", None) != impl:
         hf.set_attn_implementation(impl)
     return impl
@@ -195,15 +197,17 @@ def apply_liger(model: nn.Module, *, rope: bool = True, rms_norm: bool = True, s
 
 
 def apply_speedups(model: nn.Module, *, device: torch.device | str, attn_implementation: str | None = "auto",
-                   gradient_checkpointing: bool = False, liger: bool = True) -> dict:
+                   gradient_checkpointing: bool = False, liger: bool = True,
+                   dtype: torch.dtype | str | None = None) -> dict:
     """Attention implementation (None: leave as loaded), gradient checkpointing, and Liger's
     kernels on CUDA (skipped elsewhere, in one log line). Call before DeepSpeed / DDP wrap
-    the model. Returns {"device", "attn_implementation", "gradient_checkpointing", "liger"}."""
+    the model; `dtype`: the one it will compute in, when DeepSpeed casts it (default: its own).
+    Returns {"device", "attn_implementation", "gradient_checkpointing", "liger"}."""
     from r1vl.models import unwrap
 
     device = torch.device(device)
     hf = unwrap(model)
-    impl = set_attn_implementation(hf, attn_implementation, device) if attn_implementation is not None else \
+    impl = set_attn_implementation(hf, attn_implementation, device, dtype) if attn_implementation is not None else \
         getattr(hf.config, "_attn_implementation", "eager")
     set_gradient_checkpointing(hf, gradient_checkpointing)
     patched: list[str] = []

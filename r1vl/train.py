@@ -270,10 +270,11 @@ def attn_implementation(cfg: Config, device) -> str:
     """model.attn_implementation resolved for `device` and model.dtype ("auto": flash_attention_2
     where it runs, else sdpa), checked before any weights load: flash_attention_2 without CUDA or
     flash-attn was transformers' ImportError traceback from inside from_pretrained."""
+    from r1vl.ds import compute_dtype
     from r1vl.speedups import SpeedupError, resolve_attn_implementation
 
-    try:
-        return resolve_attn_implementation(cfg.model.attn_implementation, device, cfg.model.dtype)
+    try:  # the dtype the model computes in: DeepSpeed's bf16/fp16 casts a float32 model.dtype
+        return resolve_attn_implementation(cfg.model.attn_implementation, device, compute_dtype(cfg))
     except SpeedupError as e:
         raise UserError(str(e)) from None
 
@@ -720,6 +721,7 @@ class StopSignal:
         self.signum = 0
         self.armed = False  # set by run() around its step loops
         self.quiet = False  # set by run() on ranks other than 0: the message once, not once per rank
+        self._told = False
         self._at = 0.0
         self._old: dict[int, Any] = {}
 
@@ -761,7 +763,14 @@ class StopSignal:
 
         t = torch.tensor([float(self.signum)], device=d.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return int(t.item())
+        got = int(t.item())
+        if got and not self.signum and not self.quiet and not self._told:
+            # the signal went to other ranks only (a scheduler signalling one process): rank 0,
+            # which alone speaks, says why the run stops
+            self._told = True
+            log.warning("%s reached another rank: stopping at the end of this step with a checkpoint",
+                        signal.Signals(got).name)
+        return got
 
 
 def _device_used(device) -> int:
@@ -888,9 +897,10 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
     if d.main:
         write_skipped_rows(out, train_set, test_set)
     model.to(d.device)
+    from r1vl.ds import compute_dtype
     from r1vl.speedups import apply_speedups
 
-    apply_speedups(model, device=d.device, attn_implementation=cfg.model.attn_implementation,
+    apply_speedups(model, device=d.device, attn_implementation=cfg.model.attn_implementation, dtype=compute_dtype(cfg),
                    gradient_checkpointing=cfg.model.gradient_checkpointing, liger=cfg.model.liger)
     if cfg.model.freeze_vision:
         unwrap(model).model.visual.requires_grad_(False)

@@ -415,9 +415,10 @@ class MetricsWriter:
     def truncate_after(self, phase: str, step: int) -> None:
         """Drop records written after a checkpoint at (phase, step) (a killed run's tail, a
         finished run's final evaluation, an abandoned continuation), in metrics.jsonl and
-        rollouts.jsonl; TensorBoard's event files are then written again from what metrics.jsonl
-        keeps (TensorBoard shows a step logged twice twice, and purge_step would cut every
-        phase's axis at one step)."""
+        rollouts.jsonl; TensorBoard's event files (every one in output_dir/tensorboard/, the
+        run's own folder) are then written again from what metrics.jsonl keeps, each point at
+        its record's wall_time (TensorBoard shows a step logged twice twice, and purge_step
+        would cut every phase's axis at one step)."""
         if not self.enabled:
             return
         for path in (self.path, self.rollouts_path):
@@ -463,8 +464,12 @@ class MetricsWriter:
                 f.write(json.dumps(record, ensure_ascii=False, allow_nan=True) + "\n")
 
     def write(self, record: dict) -> None:
+        """Append a record to metrics.jsonl (with its `wall_time`, unix seconds, the x axis of
+        TensorBoard's Wall/Relative views, kept when a resume writes the event files again) and
+        send its numbers to TensorBoard / W&B."""
         if not self.enabled:
             return
+        record = {**record, "wall_time": round(record.get("wall_time", time.time()), 3)}
         with open(self.path, "a") as f:
             f.write(json.dumps(record, allow_nan=True) + "\n")
         if self.tb is not None:
@@ -476,7 +481,7 @@ class MetricsWriter:
     def _log_tb(self, record: dict) -> None:
         step, _, scalars = _scalars(record)
         for k, v in scalars.items():
-            self.tb.add_scalar(k, v, step)
+            self.tb.add_scalar(k, v, step, walltime=record.get("wall_time"))
 
     def set_summary(self, summary: dict) -> None:
         """The run's summary.json, its numbers flattened ('paired/p_value'), as the W&B summary."""
@@ -508,7 +513,8 @@ def _scalars(record: dict) -> tuple[int, str, dict]:
     step = record.get("global_step", record.get("step", 0))
     prefix = record.get("phase", "train")
     scalars = {f"{prefix}/{k}": v for k, v in record.items()
-               if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "global_step")}
+               if isinstance(v, (int, float)) and not isinstance(v, bool)
+               and k not in ("step", "global_step", "wall_time")}
     return step, prefix, scalars
 
 

@@ -288,3 +288,59 @@ def test_an_empty_key_step_phrasing_matches_nothing():
     assert key_step_fraction(no_steps, [["  "], ["7"]]) == 0.0
     assert key_step_fraction(SOL, [["", "4 and 3"], [b""]]) == 0.5
     assert key_step_groups("") == [] and key_step_groups({"Steps": " "}) == []
+
+
+def test_an_interrupt_between_the_write_and_the_bookkeeping_leaks_nothing():
+    """Tasks already in a worker's pipe when the interrupt lands count as that worker's: it is
+    replaced, so its answers never reach the next batch (pending was extended after the write)."""
+    pool = RewardPool(1)
+    try:
+        _wait_ready(pool)
+        w = pool._workers[0]
+        real = w.outbox
+
+        class WriteThenInterrupt:
+            def send(self, obj):
+                real.send(obj)
+                w.outbox = real
+                raise KeyboardInterrupt
+
+            def __getattr__(self, k):
+                return getattr(real, k)
+
+        w.outbox = WriteThenInterrupt()
+        cs, sols = _right(8)
+        with pytest.raises(KeyboardInterrupt):
+            pool.map([(i, c, s, []) for i, (c, s) in enumerate(zip(cs, sols))], alpha=0.1, variant="paper",
+                     timeout_s=3.0)
+        time.sleep(1.0)
+        wrong = [(i, SOL.replace(": 7", ": wrong"), "12345", []) for i in range(8)]
+        results, _ = pool.map(wrong, alpha=0.1, variant="paper", timeout_s=3.0)
+        assert [r[3] for r in results] == [False] * 8
+    finally:
+        pool.close()
+
+
+def test_an_interrupt_while_a_dead_worker_is_replaced_leaves_a_usable_pool():
+    """A worker that died while idle is replaced at the next map; an interrupt during that
+    replacement left the dead worker (closed pipes) in place and every later map raised."""
+    pool = RewardPool(2)
+    try:
+        _wait_ready_all(pool)
+        victim = pool._workers[1]
+        os.kill(victim.process.pid, signal.SIGKILL)
+        victim.process.wait()
+        real_spawn = pool._spawn
+
+        def interrupted():
+            raise KeyboardInterrupt
+
+        pool._spawn = interrupted
+        with pytest.raises(KeyboardInterrupt):
+            pool.map([(i, SOL, SOL, []) for i in range(4)], alpha=0.1, variant="paper", timeout_s=3.0)
+        pool._spawn = real_spawn
+        for _ in range(2):
+            results, _ = pool.map([(0, SOL, SOL, [])], alpha=0.1, variant="paper", timeout_s=3.0)
+            assert results[0][3] is True
+    finally:
+        pool.close()

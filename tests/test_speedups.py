@@ -361,3 +361,27 @@ def test_shared_prompt_logprobs_qwen2_5_vl(images):
         want = off(batch, targets, mask, start=P, mode="logprobs")
     torch.testing.assert_close(got * mask, want * mask, atol=2e-5, rtol=1e-5)
     assert calls[0] == (2, P)  # the two groups' prompts, once each
+
+
+def test_deepspeed_bf16_makes_a_float32_model_16_bit(monkeypatch, tmp_path):
+    """DeepSpeed's bf16 casts the policy (and the reference) whatever model.dtype says: flash-attn
+    runs there, so "auto" takes it and an explicit request is not refused (both went wrong when
+    only model.dtype was read)."""
+    from pathlib import Path
+
+    from r1vl import train
+    from r1vl.config import load_config
+
+    monkeypatch.setattr(speedups, "flash_attn_available", lambda: True)
+    ds = Path(__file__).resolve().parents[1] / "configs" / "ds_zero2.json"   # bf16.enabled: true
+    cuda = torch.device("cuda")
+    for attn in ("auto", "flash_attention_2"):
+        cfg = load_config(None, [f"output_dir={tmp_path}", f"model.attn_implementation={attn}", f"deepspeed={ds}"])
+        assert cfg.model.dtype == "float32"
+        assert train.attn_implementation(cfg, cuda) == "flash_attention_2"
+    fp32 = tmp_path / "ds_fp32.json"
+    fp32.write_text(ds.read_text().replace('"bf16": {"enabled": true}', '"bf16": {"enabled": false}'))
+    cfg = load_config(None, [f"output_dir={tmp_path}", "model.attn_implementation=auto", f"deepspeed={fp32}"])
+    assert train.attn_implementation(cfg, cuda) == "sdpa"
+    cfg = load_config(None, [f"output_dir={tmp_path}", "model.attn_implementation=auto"])
+    assert train.attn_implementation(cfg, cuda) == "sdpa"

@@ -810,6 +810,9 @@ def test_tensorboard_after_a_resume_holds_each_step_once(tmp_path):
     ea.Reload()
     got = {tag: [(e.step, e.value) for e in ea.Scalars(tag)] for tag in ea.Tags()["scalars"]}
     assert got == {"warmup/loss": [(1, 2.0)], "grpo/reward": [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]}
+    # each point keeps the time it was logged at (metrics.jsonl's wall_time), not the resume's
+    times = {(r["phase"], r["step"]): r["wall_time"] for r in _metrics(tmp_path)}
+    assert [round(e.wall_time, 3) for e in ea.Scalars("grpo/reward")] == [times[("grpo", s)] for s in (1, 2, 3, 4)]
 
 
 def test_resume_past_the_run_end_is_refused(tmp_path, data_dir, capsys):
@@ -929,3 +932,41 @@ def test_interrupted_saves_are_cleaned_and_a_corrupt_state_is_one_line(tmp_path,
     assert main([f"output_dir={tmp_path}", f"train.resume={ck / 'grpo-000001'}", *FAST]) == 2
     err = capsys.readouterr().err
     assert f"train.resume: {ck / 'grpo-000001' / STATE_FILE} is unreadable (" in err and "Traceback" not in err
+
+
+def _stop_rank(rank: int, store: str, log_path: str) -> None:
+    import logging
+
+    import torch.distributed as dist
+
+    from r1vl.train import StopSignal
+    from r1vl.utils import Dist
+
+    logging.basicConfig(filename=log_path, level=logging.WARNING, force=True)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    d = Dist(rank=rank, world=2)
+    with StopSignal() as stop:
+        stop.quiet = not d.main
+        if rank == 1:  # a scheduler signalling one process
+            os.kill(os.getpid(), signal.SIGUSR1)
+            time.sleep(0.01)
+        assert stop.agreed(d) == signal.SIGUSR1
+    dist.destroy_process_group()
+
+
+def test_a_signal_to_another_rank_is_announced_by_rank_0(tmp_path):
+    """Only rank 0 speaks; when the signal reached another rank alone, rank 0 says why the run
+    stops (with the stop message on rank 0 only, nobody did)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    logs = [tmp_path / f"rank{r}.log" for r in (0, 1)]
+    procs = [ctx.Process(target=_stop_rank, args=(r, str(tmp_path / "store"), str(logs[r]))) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    text = [p.read_text() if p.exists() else "" for p in logs]
+    assert "SIGUSR1 reached another rank: stopping at the end of this step" in text[0]
+    assert text[1] == ""

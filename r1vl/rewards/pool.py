@@ -166,7 +166,7 @@ class RewardPool:
         # killed now, started again by the next map (not here: this may be a Ctrl-C on its way
         # to the interpreter's exit, which would then wait for fresh workers to start)
         for i, w in enumerate(self._workers):
-            if w is not None and w.pending:
+            if w is not None and (w.pending or w.inbox.closed or w.outbox.closed):
                 self._kill(w)
                 self._workers[i] = None
 
@@ -186,16 +186,21 @@ class RewardPool:
         started = time.monotonic()
 
         def send(w: _Worker, part: list[_Task]) -> bool:
+            # pending first: an interrupt during the write must leave the worker counted as busy
+            # (replaced by _drop_busy), not idle with tasks of this batch in its pipe
+            w.pending.extend(part)
             try:
                 w.outbox.send((part, alpha, variant, timeout_s))
             except (OSError, ValueError):
+                for _ in part:
+                    w.pending.pop()
                 return False
-            w.pending.extend(part)
             w.last_heard = time.monotonic()
             return True
 
         def replace(i: int, w: _Worker, reason: str) -> None:
             nonlocal kills, remaining
+            self._workers[i] = None  # until its successor runs: an interrupt here leaves no dead worker
             self._kill(w)
             if w.recycling and w.pending:
                 queue.appendleft(list(w.pending))
