@@ -228,6 +228,11 @@ def zero_stage(ds_config: dict) -> int:
     return int((ds_config.get("zero_optimization") or {}).get("stage", 0))
 
 
+def precision(ds_config: dict) -> str:
+    """"bf16", "fp16" or "fp32": the precision a filled DeepSpeed config trains in."""
+    return "bf16" if _enabled(ds_config, "bf16") else "fp16" if _enabled(ds_config, "fp16") else "fp32"
+
+
 def compute_dtype(cfg) -> str:
     """The dtype the policy computes in: model.dtype, or bfloat16 / float16 when the DeepSpeed
     config enables one (the engine casts the module whatever model.dtype says). A config that

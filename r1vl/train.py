@@ -579,6 +579,17 @@ def adamw_impl(impl: str, params, *, deepspeed: bool = False) -> dict:
 _IMPL_KEYS = ("fused", "foreach", "capturable")
 
 
+def optimizer_state_mismatch(saved: dict, n_params: int) -> str:
+    """Why a checkpoint's optimizer state does not fit a run that trains `n_params` tensors
+    ("" when it does): torch would raise a bare size-mismatch ValueError when loading it."""
+    held = sum(len(g.get("params", ())) for g in saved.get("param_groups", ()))
+    if held != n_params:
+        return (f"its optimizer state holds {held} parameter tensors, this run trains {n_params} (a setting that "
+                "changes what is trained differs, e.g. model.freeze_vision); resume with the settings that wrote "
+                "it, or start a new run from its weights (model.path=<checkpoint>)")
+    return ""
+
+
 def load_optimizer_state(opt: torch.optim.Optimizer, saved: dict) -> None:
     """Load a checkpoint's optimizer state (as torch.load'ed onto the CPU) but keep this run's
     implementation (optim.impl).
@@ -674,7 +685,9 @@ def save_checkpoint(cfg: Config, d, policy, processor, optimizer, scheduler, pha
     ck_dir = Path(cfg.output_dir) / "checkpoints"
     if ds.is_engine(policy):
         state = {"phase": phase, "step": step, "rng": rngs, "world": d.world, "deepspeed": True,
-                 "zero_stage": int(policy.zero_optimization_stage()), **extra}
+                 "zero_stage": int(policy.zero_optimization_stage()),
+                 "ds_precision": "bf16" if policy.bfloat16_enabled() else "fp16" if policy.fp16_enabled() else "fp32",
+                 **extra}
         ds.save_checkpoint(policy, ck_dir / checkpoint_name(phase, step), processor=processor,
                            client_state={"phase": phase, "step": step},
                            write_extra=lambda tmp: torch.save(state, tmp / STATE_FILE))
@@ -824,7 +837,8 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
             if removed:
                 log.warning("train.overwrite=true: removed the previous run's %s from %s", ", ".join(removed), out)
         out.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, out / "config.yaml")
+        if resume_dir is None:  # a resume's, once its checks have passed (a refused one leaves the file)
+            dump_config(cfg, out / "config.yaml")
     # before the model loads: a W&B that cannot start stops the run at once, on every rank (rank 0
     # starts it; the others must not be left waiting in the barrier below)
     wandb_run = None
@@ -885,11 +899,17 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
     if resume_dir is not None and cfg.deepspeed and state.get("zero_stage") is not None:
         from r1vl import ds
 
-        stage = ds.zero_stage(ds.config_from_trainer(cfg, d.world))
+        ds_cfg_now = ds.config_from_trainer(cfg, d.world)
+        stage = ds.zero_stage(ds_cfg_now)
         if stage != state["zero_stage"]:  # DeepSpeed's loader would fail on the other stage's files
             raise UserError(f"train.resume: {resume_dir} was written under ZeRO-{state['zero_stage']}, "
                             f"deepspeed={cfg.deepspeed} is ZeRO-{stage}; resume with a stage-{state['zero_stage']} "
                             "config")
+        precision = ds.precision(ds_cfg_now)
+        if state.get("ds_precision") not in (None, precision):  # its optimizer files are named by precision
+            raise UserError(f"train.resume: {resume_dir} was written with DeepSpeed {state['ds_precision']}, "
+                            f"deepspeed={cfg.deepspeed} (with model.dtype={cfg.model.dtype}) is {precision}; "
+                            f"resume with the same precision")
     model, processor = build_model(cfg, d, train_set, resume_dir)
     train_set = check_all_prompt_lengths(train_set, processor, cfg, d=d)
     if cfg.rollout.engine == "vllm":
@@ -955,6 +975,14 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
         return contextlib.nullcontext()
 
     if resume_dir is not None:
+        # before anything of the continued run is removed: an optimizer state this run cannot load
+        if not use_ds and (state["phase"] == "grpo" or (state["phase"] == "warmup" and in_warmup
+                                                         and state["step"] < cfg.warmup.steps)):
+            why = optimizer_state_mismatch(state["optimizer"], len(params))
+            if why:
+                raise UserError(f"train.resume: {resume_dir}: {why}")
+        if d.main:
+            dump_config(cfg, out / "config.yaml")
         writer.truncate_after(state["phase"], state["step"])
         if d.main:
             drop_outputs_after(out, state["phase"], state["step"])
@@ -1002,7 +1030,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
             opt, sched = None, train_policy.lr_scheduler
         else:
             opt, sched = warmup_optimizer()
-            if resume_dir is not None and state["phase"] == "warmup":
+            if resume_dir is not None and state["phase"] == "warmup" and start < cfg.warmup.steps:
                 load_optimizer_state(opt, state["optimizer"])
                 sched.load_state_dict(state["scheduler"])
         stream = IndexStream(len(train_set), world=d.world, rank=d.rank, seed=derive_seed(cfg.seed, 1))
@@ -1315,7 +1343,12 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
         if ev0 is not None and ev1 is not None and ev0.get("correct_items") and ev1.get("correct_items"):
             from r1vl.eval import paired_comparison
 
-            summary["paired"] = paired_comparison(ev0["correct_items"], ev1["correct_items"])
+            if len(ev0["correct_items"]) == len(ev1["correct_items"]):
+                summary["paired"] = paired_comparison(ev0["correct_items"], ev1["correct_items"])
+            else:  # data.eval_size changed on a resume: the two evaluations cover different items
+                log.warning("no paired comparison: the evaluation after the warm-up covered %d items, the final "
+                            "one %d (data.eval_size changed on a resume)", len(ev0["correct_items"]),
+                            len(ev1["correct_items"]))
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         writer.set_summary(summary)
         if cfg.logging.plot and not plot_run(out / "metrics.jsonl", out / "plot.png",

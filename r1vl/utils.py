@@ -372,7 +372,7 @@ def clean_interrupted_saves(ckpt_dir: Path) -> list[str]:
     if not ckpt_dir.is_dir():
         return done
     for p in sorted(ckpt_dir.iterdir()):
-        m = re.fullmatch(r"\.(tmp|old)-(.+)-\d+", p.name)
+        m = re.fullmatch(r"\.(tmp|old)-(.+)-(?:\d+|ds)", p.name)  # atomic_dir_write's, ds._collective_dir_write's
         if not m or not p.is_dir():
             continue
         target = ckpt_dir / m.group(2)

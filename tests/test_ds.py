@@ -562,3 +562,14 @@ def test_zero2_two_ranks(tmp_path):
     _check_common(res, tmp_path, 2)
     for r in res:
         assert r["synced_kwargs"] == {"synced_gpus": False}
+
+
+def test_precision_of_a_filled_config():
+    """What a checkpoint records (ds_precision) and a resume compares: DeepSpeed names its
+    optimizer files by precision, so another one failed with a FileNotFoundError from inside it."""
+    from r1vl import ds
+
+    assert ds.precision({"bf16": {"enabled": True}}) == "bf16"
+    assert ds.precision({"fp16": {"enabled": True}, "bf16": {"enabled": False}}) == "fp16"
+    assert ds.precision({"bf16": {"enabled": "auto"}}) == "fp32"   # unfilled "auto" is not on
+    assert ds.precision({}) == "fp32"

@@ -921,13 +921,17 @@ def test_interrupted_saves_are_cleaned_and_a_corrupt_state_is_one_line(tmp_path,
     from r1vl.utils import STATE_FILE, clean_interrupted_saves
 
     ck = tmp_path / "checkpoints"
-    for name in (".tmp-grpo-000003-99", ".old-grpo-000002-98", ".old-grpo-000001-97", "grpo-000001"):
+    # (and DeepSpeed's collective saves: .tmp-X-ds / .old-X-ds, which were left behind)
+    for name in (".tmp-grpo-000003-99", ".old-grpo-000002-98", ".old-grpo-000001-97", "grpo-000001",
+                 ".tmp-grpo-000004-ds", ".old-grpo-000005-ds"):
         (ck / name).mkdir(parents=True)
     (ck / ".old-grpo-000002-98" / STATE_FILE).write_text("the good copy")
     done = clean_interrupted_saves(ck)
-    assert sorted(p.name for p in ck.iterdir()) == ["grpo-000001", "grpo-000002"]
+    assert sorted(p.name for p in ck.iterdir()) == ["grpo-000001", "grpo-000002", "grpo-000005"]
     assert (ck / "grpo-000002" / STATE_FILE).read_text() == "the good copy"  # renamed back, not lost
-    assert len(done) == 3
+    assert len(done) == 5
+    for name in ("grpo-000005",):
+        (ck / name).rmdir()
     (ck / "grpo-000001" / STATE_FILE).write_bytes(b"PK\x03\x04 truncated")
     assert main([f"output_dir={tmp_path}", f"train.resume={ck / 'grpo-000001'}", *FAST]) == 2
     err = capsys.readouterr().err
@@ -970,3 +974,43 @@ def test_a_signal_to_another_rank_is_announced_by_rank_0(tmp_path):
     text = [p.read_text() if p.exists() else "" for p in logs]
     assert "SIGUSR1 reached another rank: stopping at the end of this step" in text[0]
     assert text[1] == ""
+
+
+def test_a_resume_that_cannot_load_its_optimizer_state_stops_before_removing_anything(tmp_path, data_dir, capsys):
+    """model.freeze_vision changed on a resume: the checkpoint's optimizer state does not fit.
+    The run stops at start with one line, before the later checkpoints, summary.json and
+    config.yaml of the run it continues are touched (they were removed, then a bare torch
+    ValueError). A run that ended its warm-up resumes into StepGRPO with it changed: the
+    warm-up optimizer, with no warm-up step left, is not loaded."""
+    import yaml
+
+    out = tmp_path / "run"
+    extra = ("train.save_every=1", "train.keep_checkpoints=0", "train.eval_before=false", "logging.plot=false")
+    assert main(_args(out, data_dir, *extra, "train.max_steps=3")) == 0
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    summary, config = (out / "summary.json").read_text(), (out / "config.yaml").read_text()
+    capsys.readouterr()
+    assert main(_args(out, data_dir, *extra, "train.max_steps=3", "model.freeze_vision=true",
+                      f"train.resume={out / 'checkpoints' / 'grpo-000001'}")) == 2
+    err = capsys.readouterr().err
+    assert "its optimizer state holds" in err and "model.freeze_vision" in err and "Traceback" not in err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+    assert (out / "summary.json").read_text() == summary and (out / "config.yaml").read_text() == config
+    warm = tmp_path / "warm"
+    assert main(_args(warm, data_dir, *extra, "train.max_steps=0", "train.eval_after=false")) == 0
+    assert main(_args(warm, data_dir, *extra, "train.max_steps=1", "model.freeze_vision=true", "train.resume=true")) == 0
+    assert yaml.safe_load((warm / "config.yaml").read_text())["model"]["freeze_vision"] is True
+
+
+def test_a_resume_with_another_eval_size_ends_without_a_paired_test(tmp_path, data_dir, capsys):
+    """data.eval_size may change on a resume (no warning); the final evaluation then covers other
+    items than the one after the warm-up: no paired comparison (it raised at the very end, and
+    the finished run had no summary.json)."""
+    out = tmp_path / "run"
+    extra = ("train.save_every=1", "logging.plot=false")
+    assert main(_args(out, data_dir, *extra, "train.max_steps=1")) == 0
+    capsys.readouterr()
+    assert main(_args(out, data_dir, *extra, "train.max_steps=2", "train.resume=true", "data.eval_size=3")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary.get("paired") is None
+    assert "no paired comparison" in capsys.readouterr().err
