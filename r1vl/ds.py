@@ -233,6 +233,11 @@ def precision(ds_config: dict) -> str:
     return "bf16" if _enabled(ds_config, "bf16") else "fp16" if _enabled(ds_config, "fp16") else "fp32"
 
 
+def engine_precision(engine) -> str:
+    """"bf16", "fp16" or "fp32": the precision a DeepSpeedEngine trains in."""
+    return "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32"
+
+
 def compute_dtype(cfg) -> str:
     """The dtype the policy computes in: model.dtype, or bfloat16 / float16 when the DeepSpeed
     config enables one (the engine casts the module whatever model.dtype says). A config that
@@ -242,9 +247,7 @@ def compute_dtype(cfg) -> str:
             raw = fill_config(read_config(cfg.deepspeed), **trainer_batch_values(cfg, 1))
         except (DeepSpeedConfigError, OSError, ValueError):
             return cfg.model.dtype
-        for section, name in (("bf16", "bfloat16"), ("fp16", "float16")):
-            if _enabled(raw, section):
-                return name
+        return {"bf16": "bfloat16", "fp16": "float16"}.get(precision(raw), cfg.model.dtype)
     return cfg.model.dtype
 
 
@@ -405,8 +408,7 @@ def initialize(model: nn.Module, ds_config: dict, *, optimizer: torch.optim.Opti
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=cfg)
     log.info("DeepSpeed ZeRO-%d engine on %d rank(s): micro batch %d, accumulation %d, clipping %s, %s",
              engine.zero_optimization_stage(), engine.world_size, engine.train_micro_batch_size_per_gpu(),
-             engine.gradient_accumulation_steps(), engine.gradient_clipping(),
-             "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32")
+             engine.gradient_accumulation_steps(), engine.gradient_clipping(), engine_precision(engine))
     return engine
 
 

@@ -266,24 +266,27 @@ def check_processor(cfg: Config, train_set, resume_dir: Path | None):
     return None
 
 
-def attn_implementation(cfg: Config, device) -> str:
-    """model.attn_implementation resolved for `device` and model.dtype ("auto": flash_attention_2
-    where it runs, else sdpa), checked before any weights load: flash_attention_2 without CUDA or
-    flash-attn was transformers' ImportError traceback from inside from_pretrained."""
+def attn_implementation(cfg: Config, device, dtype: str | None = None) -> str:
+    """model.attn_implementation resolved for `device` and `dtype`, the one the model computes in
+    (default: ds.compute_dtype: DeepSpeed's bf16/fp16 casts a float32 model.dtype) ("auto":
+    flash_attention_2 where it runs, else sdpa), checked before any weights load:
+    flash_attention_2 without CUDA or flash-attn was transformers' ImportError traceback from
+    inside from_pretrained."""
     from r1vl.ds import compute_dtype
     from r1vl.speedups import SpeedupError, resolve_attn_implementation
 
-    try:  # the dtype the model computes in: DeepSpeed's bf16/fp16 casts a float32 model.dtype
-        return resolve_attn_implementation(cfg.model.attn_implementation, device, compute_dtype(cfg))
+    try:
+        return resolve_attn_implementation(cfg.model.attn_implementation, device, dtype or compute_dtype(cfg))
     except SpeedupError as e:
         raise UserError(str(e)) from None
 
 
-def build_model(cfg: Config, d, corpus_samples, resume_dir: Path | None):
-    """(model, processor) on every rank with identical weights and tokenizer."""
+def build_model(cfg: Config, d, corpus_samples, resume_dir: Path | None, attn: str | None = None):
+    """(model, processor) on every rank with identical weights and tokenizer; `attn`: the
+    resolved attention implementation (default: attn_implementation(cfg, d.device))."""
     from r1vl.models import ModelLoadError, load_policy, load_pretrained
 
-    kw = dict(dtype=cfg.model.dtype, attn_implementation=attn_implementation(cfg, d.device),
+    kw = dict(dtype=cfg.model.dtype, attn_implementation=attn or attn_implementation(cfg, d.device),
               min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
     try:
         if resume_dir is not None:
@@ -686,7 +689,7 @@ def save_checkpoint(cfg: Config, d, policy, processor, optimizer, scheduler, pha
     if ds.is_engine(policy):
         state = {"phase": phase, "step": step, "rng": rngs, "world": d.world, "deepspeed": True,
                  "zero_stage": int(policy.zero_optimization_stage()),
-                 "ds_precision": "bf16" if policy.bfloat16_enabled() else "fp16" if policy.fp16_enabled() else "fp32",
+                 "ds_precision": ds.engine_precision(policy),
                  **extra}
         ds.save_checkpoint(policy, ck_dir / checkpoint_name(phase, step), processor=processor,
                            client_state={"phase": phase, "step": step},
@@ -910,17 +913,20 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
             raise UserError(f"train.resume: {resume_dir} was written with DeepSpeed {state['ds_precision']}, "
                             f"deepspeed={cfg.deepspeed} (with model.dtype={cfg.model.dtype}) is {precision}; "
                             f"resume with the same precision")
-    model, processor = build_model(cfg, d, train_set, resume_dir)
+    from r1vl.ds import compute_dtype
+
+    compute = compute_dtype(cfg)  # what the model computes in (DeepSpeed's bf16/fp16 casts model.dtype)
+    attn = attn_implementation(cfg, d.device, compute)  # checked before the weights load, used for both models
+    model, processor = build_model(cfg, d, train_set, resume_dir, attn)
     train_set = check_all_prompt_lengths(train_set, processor, cfg, d=d)
     if cfg.rollout.engine == "vllm":
         check_eval_prompt_lengths(test_set, processor, cfg, d=d)
     if d.main:
         write_skipped_rows(out, train_set, test_set)
     model.to(d.device)
-    from r1vl.ds import compute_dtype
     from r1vl.speedups import apply_speedups
 
-    apply_speedups(model, device=d.device, attn_implementation=cfg.model.attn_implementation, dtype=compute_dtype(cfg),
+    apply_speedups(model, device=d.device, attn_implementation=attn, dtype=compute,
                    gradient_checkpointing=cfg.model.gradient_checkpointing, liger=cfg.model.liger)
     if cfg.model.freeze_vision:
         unwrap(model).model.visual.requires_grad_(False)
@@ -976,8 +982,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
 
     if resume_dir is not None:
         # before anything of the continued run is removed: an optimizer state this run cannot load
-        if not use_ds and (state["phase"] == "grpo" or (state["phase"] == "warmup" and in_warmup
-                                                         and state["step"] < cfg.warmup.steps)):
+        if not use_ds and (state["phase"] == "grpo" or state["step"] < cfg.warmup.steps):  # what loads it below
             why = optimizer_state_mismatch(state["optimizer"], len(params))
             if why:
                 raise UserError(f"train.resume: {resume_dir}: {why}")
@@ -1123,9 +1128,8 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
         if in_warmup:
             ref_model = ds.make_reference(train_policy) if use_ds else make_reference(model)
         else:  # resumed inside StepGRPO: the reference is the saved warm-up model
-            # the policy's attention (apply_speedups resolved "auto"; transformers' default may differ)
-            ref_model, _ = load_pretrained(ref_dir, dtype=cfg.model.dtype,
-                                           attn_implementation=attn_implementation(cfg, d.device))
+            # the policy's attention (transformers' default may differ from what "auto" resolved to)
+            ref_model, _ = load_pretrained(ref_dir, dtype=cfg.model.dtype, attn_implementation=attn)
             if not use_ds:
                 ref_model.to(d.device)
             ref_model.eval().requires_grad_(False)

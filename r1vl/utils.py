@@ -364,9 +364,10 @@ def checkpoints_after(ckpt_dir: Path, name: str) -> list[Path]:
 
 
 def clean_interrupted_saves(ckpt_dir: Path) -> list[str]:
-    """What atomic_dir_write left behind when a process died mid-save: a `.tmp-X-<pid>` (the
-    unfinished copy) is removed; an `.old-X-<pid>` is the previous good copy, renamed back to X
-    when X is missing, else removed. Returns what was done, for the log."""
+    """What atomic_dir_write (`-<pid>`) or DeepSpeed's collective save (`-ds`) left behind when
+    a process died mid-save: a `.tmp-X-<pid>` (the unfinished copy) is removed; an `.old-X-<pid>`
+    is the previous good copy, renamed back to X when X is missing, else removed. Returns what
+    was done, for the log."""
     done: list[str] = []
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
