@@ -75,8 +75,7 @@ from r1vl.rewards.verify import (
     DEFAULT_TIMEOUT_S,
     math_equal,
     math_equal_official,
-    signals_usable,
-    verify_broken,
+    needs_worker_process,
 )
 
 VARIANTS = ("paper", "official")
@@ -243,7 +242,7 @@ def accuracy_reward(completion: Any, solution: Any, key_steps: Any = None, *,
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    if timeout_s and timeout_s > 0 and (not signals_usable() or verify_broken()):
+    if needs_worker_process(timeout_s):
         from r1vl.rewards.pool import sandbox_accuracy
 
         return sandbox_accuracy(completion, solution, key_steps, alpha=alpha,

@@ -39,7 +39,7 @@ from r1vl.rewards.core import (
     key_step_groups,
     validity_reward,
 )
-from r1vl.rewards.verify import DEFAULT_TIMEOUT_S, signals_usable, verify_broken
+from r1vl.rewards.verify import DEFAULT_TIMEOUT_S, needs_worker_process
 
 logger = logging.getLogger(__name__)
 
@@ -383,7 +383,7 @@ def score_batch(completions: Sequence[Any], solutions: Sequence[Any], key_steps:
              for i, (c, s, k) in enumerate(zip(completions, solutions, key_steps))]
 
     kills = 0
-    if n and timeout_s and timeout_s > 0 and workers == 0 and (not signals_usable() or verify_broken()):
+    if n and workers == 0 and needs_worker_process(timeout_s):
         # no signal deadline off the main thread, or a deadline left math-verify broken in this
         # process (as accuracy_reward): use a worker process
         workers = 1

@@ -262,3 +262,10 @@ _broken = False
 def verify_broken() -> bool:
     """True once a deadline has left math-verify unusable in this process."""
     return _broken
+
+
+def needs_worker_process(timeout_s) -> bool:
+    """Whether scoring under the deadline `timeout_s` must leave this thread for a worker
+    process: there is a deadline and either no signal timer here (off the main thread) or a
+    deadline has left math-verify broken in this process."""
+    return bool(timeout_s) and timeout_s > 0 and (not signals_usable() or verify_broken())
