@@ -819,8 +819,9 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
     from r1vl.models import HostWeights, PolicyWithLoss, load_pretrained, make_reference, unwrap
     from r1vl.rollout.base import SamplingConfig
     from r1vl.utils import (STATE_FILE, IndexStream, MetricsWriter, StatReducer, Timer, all_gather_objects,
-                            checkpoint_name, checkpoints_after, clean_interrupted_saves, derive_seed,
-                            init_distributed, plot_run, seed_everything, set_rng_state)
+                            broadcast_object, checkpoint_name, checkpoints_after, clean_interrupted_saves,
+                            derive_seed, init_distributed, plot_run, read_metrics, seed_everything,
+                            set_rng_state)
 
     t_start = time.time()
     stop = stop or StopSignal()  # not entered: no handler, never set (still a collective per step)
@@ -1170,6 +1171,27 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
     G = ro.num_generations
     dtype = next(model.parameters()).dtype
     cuda = d.device.type == "cuda"
+    def eval_due(n: int) -> bool:
+        """train.eval_every's evaluation after StepGRPO step n (at the last step, the final one is it)."""
+        return bool(cfg.train.eval_every) and n % cfg.train.eval_every == 0 and (
+            n < cfg.train.max_steps or (n == cfg.train.max_steps and not cfg.train.eval_after))
+
+    def step_eval(n: int) -> None:
+        evk = run_eval(f"grpo_step_{n:06d}")
+        writer.write({"phase": "eval", "after": "grpo", "step": n, "final": False,
+                      **{k: v for k, v in evk.items() if k != "correct_items"}})
+        log.info("held-out at StepGRPO step %d: accuracy %.3f", n, evk["accuracy"])
+
+    if resume_dir is not None and g_start and eval_due(g_start):
+        # the continued run's evaluation at this step was its final one (a lengthened run), which the
+        # resume dropped, or it had none (eval_every changed): run it, so each multiple has one
+        had = d.main and any(r.get("phase") == "eval" and r.get("after") == "grpo" and r.get("step") == g_start
+                             and not r.get("final", True) for r in read_metrics(out / "metrics.jsonl"))
+        if not broadcast_object(had, d):
+            if d.main:
+                log.info("train.resume: no evaluation at StepGRPO step %d (train.eval_every=%d) in the run it "
+                         "continues (its final one, dropped, or none): running it", g_start, cfg.train.eval_every)
+            step_eval(g_start)
     step = g_start
     t_phase = time.perf_counter()
     stop.armed = True
@@ -1286,13 +1308,8 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
             log.info("StepGRPO step %d/%d: reward %.3f, accuracy %.3f, kl %.4f, %.2f s/step%s", step + 1,
                      cfg.train.max_steps, rec["reward_mean"], rec["accuracy"], rec["kl"], rec["seconds_step"],
                      eta(t_phase, step + 1 - g_start, cfg.train.max_steps - g_start))
-        if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and (
-                step + 1 < cfg.train.max_steps or not cfg.train.eval_after):  # else the final one is it
-            evk = run_eval(f"grpo_step_{step + 1:06d}")  # before this step's checkpoint: a resume never
-            # repeats or skips it
-            writer.write({"phase": "eval", "after": "grpo", "step": step + 1, "final": False,
-                          **{k: v for k, v in evk.items() if k != "correct_items"}})
-            log.info("held-out at StepGRPO step %d: accuracy %.3f", step + 1, evk["accuracy"])
+        if eval_due(step + 1):
+            step_eval(step + 1)  # before this step's checkpoint: a resume from it has it
         saved = bool(cfg.train.save_every) and (step + 1) % cfg.train.save_every == 0
         if saved:
             save_checkpoint(cfg, d, train_policy, processor, opt, sched, "grpo", step + 1, ckpt_extra())

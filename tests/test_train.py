@@ -886,6 +886,23 @@ def test_eval_every_reaches_the_last_step_without_a_final_evaluation(tmp_path, d
                                                                        "grpo_step_000002.jsonl"]
 
 
+def test_lengthened_run_keeps_the_eval_every_evaluation_its_final_one_stood_for(tmp_path, data_dir):
+    """A finished run lengthened on resume (train.max_steps 2 -> 4, eval_every=2): its step-2
+    evaluation was the final one, which the resume drops; it is run again at the resume, so the
+    continued run has one at each multiple of eval_every (it had none at step 2)."""
+    out = tmp_path / "run"
+    extra = ("train.eval_every=2", "train.save_every=2", "train.eval_before=false", "logging.plot=false")
+    assert main(_args(out, data_dir, *extra, "train.max_steps=2")) == 0
+    assert [(r["step"], r["final"]) for r in _metrics(out) if r["phase"] == "eval"] == [(2, True)]
+    assert main(_args(out, data_dir, *extra, "train.max_steps=4", "train.resume=true")) == 0
+    assert [(r["step"], r["final"]) for r in _metrics(out) if r["phase"] == "eval"] == [(2, False), (4, True)]
+    assert sorted(p.name for p in (out / "eval_outputs").iterdir()) == ["final.jsonl", "grpo_step_000002.jsonl"]
+    # a checkpoint whose step had its in-loop evaluation: not run a second time
+    assert main(_args(out, data_dir, *extra, "train.max_steps=4", "train.eval_after=false",
+                      "train.resume=" + str(out / "checkpoints" / "grpo-000002"))) == 0
+    assert [(r["step"], r["final"]) for r in _metrics(out) if r["phase"] == "eval"] == [(2, False), (4, False)]
+
+
 def test_eval_before_on_a_resume_inside_stepgrpo_is_not_run_on_stepgrpo_weights(tmp_path, data_dir, capsys):
     """A run without the after-warm-up evaluation, resumed inside StepGRPO with
     train.eval_before=true: the weights are StepGRPO's, so no "after warm-up" record is made."""
