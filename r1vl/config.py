@@ -106,7 +106,7 @@ class ModelConfig:
 class DataConfig:
     # "synthetic" = the built-in task (generated into synthetic_dir), else a path the loader reads
     train: str = "synthetic"
-    test: str = "synthetic"
+    test: str = "synthetic"  # set it beside a data.train file: refused as the default there
     synthetic_dir: str = ""  # "" = <output_dir>/data
     synthetic_train_size: int = field(default=3000, metadata=_min(1))
     synthetic_test_size: int = field(default=400, metadata=_min(1))
@@ -665,6 +665,15 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}: expected {want}, got {value!r}")
     if Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
         raise ConfigError(f"output_dir: {cfg.output_dir!r} exists and is not a directory")
+    t = cfg.train
+    if cfg.data.train != "synthetic" and cfg.data.test == "synthetic" and (t.eval_before or t.eval_after
+                                                                            or t.eval_every):
+        # data.test's default: a run on one's own data would be scored on the built-in task
+        raise ConfigError(f"data.test: 'synthetic' (the built-in task, the default) while data.train is "
+                          f"{cfg.data.train!r}: the held-out evaluations would score the built-in task; set "
+                          "data.test to your held-out file (or turn the evaluations off: train.eval_before=false "
+                          "train.eval_after=false); to score the built-in task on purpose, write it with "
+                          "`python -m r1vl.data.synthetic --out DIR` and pass data.test=DIR/test.jsonl")
     a = cfg.algorithm
     if a.delta is not None and not a.delta > 1.0 + a.epsilon_high:
         raise ConfigError(f"algorithm.delta={a.delta}: must exceed 1 + algorithm.epsilon_high = "

@@ -348,6 +348,21 @@ def test_empty_paths_are_refused(override):
         load_config(None, [override])
 
 
+def test_own_training_data_is_not_scored_on_the_builtin_task():
+    """data.train set alone: data.test's default ('synthetic') would score the held-out
+    evaluations on the built-in task, with one INFO line as the only sign; refused at start."""
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["data.train=mine/train.jsonl"])
+    msg = str(e.value)
+    assert msg.startswith("data.test: 'synthetic'") and "mine/train.jsonl" in msg and "r1vl.data.synthetic" in msg
+    load_config(None, ["data.train=mine/train.jsonl", "data.test=mine/test.jsonl"])
+    load_config(None, ["data.train=mine/train.jsonl", "train.eval_before=false", "train.eval_after=false"])
+    load_config(None, ["data.test=mine/test.jsonl"])  # the built-in task, scored on one's own file: as asked
+    with pytest.raises(ConfigError, match="^data.test: 'synthetic'"):
+        load_config(None, ["data.train=mine/train.jsonl", "train.eval_before=false", "train.eval_after=false",
+                           "train.eval_every=5"])
+
+
 def test_empty_synthetic_dir_and_resume_are_meaningful():
     cfg = load_config(None, ["data.synthetic_dir=", "train.resume="])
     assert cfg.data.synthetic_dir == "" and cfg.train.resume == ""  # <output_dir>/data; a fresh run

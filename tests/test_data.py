@@ -114,6 +114,22 @@ def test_high_bit_depth_greyscale_keeps_its_range():
     assert resize_image(small, min_pixels=3136, max_pixels=3136).getpixel((0, 0)) == (7, 7, 7)
 
 
+def test_constant_and_non_finite_greyscale_convert():
+    """A constant float / 32-bit image outside 0..255 has no range to scale (it raised
+    ZeroDivisionError, past skip_bad_rows): clipped. A NaN pixel in a 0..1 float image left the
+    image unscaled (min/max NaN: almost black); it takes the darkest value and the rest scales."""
+    import numpy as np
+
+    for arr, want in ((np.full((56, 56), 300.0, np.float32), 255), (np.full((56, 56), -4.0, np.float32), 0),
+                      (np.full((56, 56), 70000, np.int32), 255), (np.full((56, 56), np.nan, np.float32), 0)):
+        assert resize_image(Image.fromarray(arr), min_pixels=3136, max_pixels=3136).getpixel((5, 5)) == (want,) * 3
+    a = np.full((56, 56), 0.5, np.float32)
+    a[0, 0], a[0, 1], a[0, 2] = np.nan, np.inf, 1.0
+    a[0, 3] = 0.0
+    out = np.asarray(resize_image(Image.fromarray(a), min_pixels=3136, max_pixels=3136))[:, :, 0]
+    assert out[30, 30] == 128 and out[0, 0] == 0 and out[0, 1] == 0
+
+
 @pytest.mark.parametrize("mode,colour", [("L", 200), ("RGB", (200, 0, 0))])
 def test_colour_key_transparency_is_white(tmp_path, mode, colour):
     """A PNG tRNS colour key (L and RGB images) is transparency too: white, as an alpha channel is."""
@@ -140,6 +156,9 @@ def test_load_jsonl(tmp_path):
     assert s.image.mode == "RGB" and s.image.size == (84, 56)  # 60x40 -> 84x56 (>= 3136 pixels)
     assert [x.problem for x in ds[0:2]] == ["What is 2 + 2?", "Q2"]
     assert list(ds)[1].problem == "Q2"
+    # an answer in display maths below the header: the whole display, as the rewards read it (was "$$")
+    display = SOL.replace("is: 4", "is:\n$$\n\\frac{1}{2}\n$$")
+    assert load_dataset(write_rows(tmp_path, [row(solution=display)], name="d.jsonl"))[0].answer == "$$ \\frac{1}{2} $$"
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -160,6 +179,13 @@ def test_load_jsonl(tmp_path):
     (row(image_path="notimage.txt"), "not a readable image"),
     ("{not json", "invalid JSON"),
     ("[1, 2]", "must be a JSON object"),
+    # a pre-rendered prompt: the processor would want a second image (a training-time failure)
+    (row(problem="<|vision_start|><|image_pad|><|vision_end|>What is 2 + 2?"), r"'problem' holds <\|vision_start\|>, one of"),
+    (row(solution=SOL + "<|im_end|>"), r"'solution' holds <\|im_end\|>"),
+    # an emoji cut in half: the tokenizer's TypeError at the first batch, or at the first evaluation
+    (row(problem="Count \ud83d the shapes"), r"field 'problem' holds a lone surrogate \(U\+D83D\)"),
+    (row(key_steps=[["a \udfff"]]), "field 'key_steps' holds a lone surrogate"),
+    (row(family={"note": ["x\ud800"]}), "field 'family' holds a lone surrogate"),
 ])
 def test_bad_rows_name_file_row_and_problem(tmp_path, bad, match):
     (tmp_path / "notimage.txt").write_text("hello")
@@ -243,6 +269,26 @@ def test_truncated_image_is_found_by_decoding_only(tmp_path):
     assert "truncated" in ds.image_problem(1)
     with pytest.raises(DataError, match="data.jsonl:2: cannot load image"):
         ds[1]
+
+
+def test_a_line_that_is_not_utf8_is_a_bad_row(tmp_path, caplog):
+    """One Latin-1 byte in one row: that row is bad, named by its line (skip_bad_rows leaves it
+    out); it rejected the whole file, by byte offset, even with skip_bad_rows. A .json array
+    cannot be read row by row: the file is refused, naming the line."""
+    write_rows(tmp_path, [])
+    rows = [json.dumps(row(problem=f"Q{i}")).encode() for i in range(4)]
+    rows[2] = rows[2].replace(b"Q2", b"caf\xe9")
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b"\n".join(rows) + b"\n")
+    with pytest.raises(DataError, match=rf"^{path}:3: not UTF-8 text \(byte 0xe9 at byte \d+ of the line"):
+        load_dataset(path)
+    with caplog.at_level(logging.WARNING):
+        ds = load_dataset(path, skip_bad_rows=True)
+    assert [s.problem for s in ds] == ["Q0", "Q1", "Q3"] and [src for src, _ in ds.skipped] == [f"{path}:3"]
+    arr = tmp_path / "d.json"
+    arr.write_bytes(b"[\n" + b",\n".join(rows) + b"\n]")
+    with pytest.raises(DataError, match=rf"^{arr}:4: not UTF-8 text \(byte 0xe9"):
+        load_dataset(arr, skip_bad_rows=True)
 
 
 def test_joined_files_keep_their_byte_order_marks(tmp_path):

@@ -293,7 +293,7 @@ def test_atomic_checkpoint_write(tmp_path):
 
 
 @pytest.mark.parametrize("override, words", [
-    ("data.train=/nonexistent/train.jsonl", ["data.train", "/nonexistent/train.jsonl", "does not exist"]),
+    ("data.test=/nonexistent/test.jsonl", ["data.test", "/nonexistent/test.jsonl", "does not exist"]),
     ("model.path=/nonexistent/model", ["model.path", "no such directory"]),
     ("model.path=.", ["model.path", "config.json"]),
     ("train.resume=/nonexistent/ckpt", ["train.resume", "not a checkpoint"]),
@@ -634,7 +634,8 @@ def test_rows_left_out_are_listed(tmp_path, data_dir):
     train = tmp_path / "train.jsonl"
     train.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "run"
-    assert main(_args(out, data_dir, f"data.train={train}", "data.skip_bad_rows=true", "train.max_steps=1",
+    assert main(_args(out, data_dir, f"data.train={train}", f"data.test={Path(data_dir) / 'test.jsonl'}",
+                      "data.skip_bad_rows=true", "train.max_steps=1",
                       "logging.plot=false")) == 0
     listed = [json.loads(x) for x in (out / "skipped_rows.jsonl").read_text().splitlines()]
     assert [(r["split"], r["row"]) for r in listed] == [("train", f"{train}:4"), ("train", f"{train}:8")]

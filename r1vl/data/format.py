@@ -94,6 +94,25 @@ def extract_final_answer(text: str) -> str | None:
     return line or None
 
 
+def answer_line(text: str) -> str | None:
+    """The completion's (or reference's) final answer: `extract_final_answer`'s line, or, when
+    that line only opens display maths (`$$`, `\\[`), the whole display up to its closing
+    delimiter on a later line (None if it never closes before the next `###` header)."""
+    line = extract_final_answer(text)
+    if line is None:
+        return None
+    for opening, closing in (("$$", "$$"), ("\\[", "\\]")):
+        if line.startswith(opening) and closing not in line[len(opening):]:
+            rest = text[text.find(FINAL_ANSWER) + len(FINAL_ANSWER):]
+            start = rest.find(opening)
+            end = rest.find(closing, start + len(opening))
+            section_end = rest.find("\n###")
+            if end < 0 or 0 <= section_end < end:
+                return line
+            return " ".join(rest[start:end + len(closing)].split())
+    return line
+
+
 def step_sections(text: str) -> list[str]:
     """The text of each `### Step N:` section, in order (header and leading whitespace excluded).
 

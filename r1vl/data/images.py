@@ -111,16 +111,20 @@ def to_rgb(img: Image.Image) -> Image.Image:
 def _grey_to_8bit(img: Image.Image) -> Image.Image:
     """Mode L from 16-bit (I;16*: 0..65535 onto 0..255), 32-bit integer (I: 0..255 as is,
     0..65535 as 16-bit, other ranges min-max scaled) or float (F: 0..1 times 255, 0..255 as is,
-    other ranges min-max scaled) greyscale."""
+    other ranges min-max scaled; a constant one clipped) greyscale. Non-finite float pixels
+    (NaN, inf) take the darkest finite value and do not count in the range."""
     import numpy as np
 
     a = np.asarray(img, dtype=np.float64)
-    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    finite = np.isfinite(a)
+    lo, hi = (float(a[finite].min()), float(a[finite].max())) if finite.any() else (0.0, 0.0)
+    if not finite.all():
+        a = np.where(finite, a, lo)
     if img.mode.startswith("I;16") or (img.mode == "I" and lo >= 0 and 255 < hi <= 65535):
         a = a / 257
     elif img.mode == "F" and lo >= 0 and hi <= 1:
         a = a * 255
-    elif lo < 0 or hi > 255:
+    elif (lo < 0 or hi > 255) and hi > lo:
         a = (a - lo) * (255 / (hi - lo))
     return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
 

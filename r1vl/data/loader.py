@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from r1vl.data.format import FINAL_ANSWER, extract_final_answer
+from r1vl.data.format import FINAL_ANSWER, answer_line
 from r1vl.data.images import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MIN_PIXELS,
@@ -48,6 +48,11 @@ logger = logging.getLogger(__name__)
 
 _KNOWN = ("image_path", "image", "problem", "solution", "key_steps")
 
+# Qwen2-VL's chat and image markers: the processor reads them in a row's text as markers (an
+# <|image_pad|> wants an image, an <|im_end|> ends the turn); the prompt format adds its own
+CONTROL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+
 
 class DataError(ValueError):
     """A data file or row is not in the expected format (the message names the file and row)."""
@@ -58,7 +63,7 @@ class Sample:
     problem: str
     solution: str
     key_steps: list[list[str]]  # groups of equivalent phrasings; [] for none
-    answer: str  # the solution's final answer
+    answer: str  # the solution's final answer, as the rewards read it (a display-maths block whole)
     source: str  # "file:row"
     image: Any = None  # PIL.Image.Image (RGB, resized) or None
     meta: dict = field(default_factory=dict)  # the row's other fields (e.g. "family", "id")
@@ -231,6 +236,27 @@ class _Row:
     meta: dict
 
 
+def _lone_surrogate(value: Any, field: str, depth: int = 0) -> str | None:
+    """Where `value` (a row's field, walked through lists and objects) holds a string UTF-8
+    cannot encode (a lone surrogate: JSON's "\\ud83d" of an emoji cut in half), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return f"field '{field}' holds a lone surrogate (U+{ord(value[e.start]):04X}), which UTF-8 cannot encode"
+    elif depth < 20 and isinstance(value, dict):
+        for k, v in value.items():
+            why = _lone_surrogate(k, field, depth + 1) or _lone_surrogate(v, field, depth + 1)
+            if why:
+                return why
+    elif depth < 20 and isinstance(value, (list, tuple)):
+        for v in value:
+            why = _lone_surrogate(v, field, depth + 1)
+            if why:
+                return why
+    return None
+
+
 def _validate(row: Any, base: Path, source: str, check_images: bool) -> _Row:
     if not isinstance(row, dict):
         raise ValueError(f"a row must be a JSON object, got {type(row).__name__}")
@@ -239,14 +265,23 @@ def _validate(row: Any, base: Path, source: str, check_images: bool) -> _Row:
             raise ValueError(f"missing field '{key}'")
         if not isinstance(row[key], str) or not row[key].strip():
             raise ValueError(f"field '{key}' must be a non-empty string")
+        marker = next((t for t in CONTROL_TOKENS if t in row[key]), None)
+        if marker:
+            raise ValueError(f"field '{key}' holds {marker}, one of the model's chat / image markers, which the "
+                             "processor would read as a marker; the prompt format adds the image and chat markers "
+                             "itself: remove it from the row")
+    for key, value in row.items():
+        why = _lone_surrogate(value, str(key))
+        if why:
+            raise ValueError(f"{why}; fix the row")
     if "key_steps" not in row:
-        raise ValueError("missing field 'key_steps' (derive it with `python -m r1vl.data.keysteps IN OUT`, "
-                         "or set it to null for none)")
+        raise ValueError("missing field 'key_steps' (derive it with `python -m r1vl.data.keysteps IN OUT` from a "
+                         "JSON Lines / .json file, or set it to null for none)")
     try:
         key_steps = normalize_key_steps(row["key_steps"])
     except ValueError as e:
         raise ValueError(f"malformed key_steps: {e}") from None
-    answer = extract_final_answer(row["solution"])
+    answer = answer_line(row["solution"])
     if answer is None:
         raise ValueError(f"the solution has no non-empty '{FINAL_ANSWER}' line")
     ref = _image_ref(row, base)
@@ -337,21 +372,35 @@ def _jsonl_rows(path: Path):
     """(row number, parsed object or an Exception) per non-blank line; a .json array is accepted too."""
     with open(path, "rb") as f:
         raw = f.read()
+    lines: list[str] | list[bytes]
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e})") from None
-    if path.suffix == ".json" and text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: invalid JSON ({e})") from None
-        for i, obj in enumerate(items):
-            yield i, obj
-        return
-    # split on "\n" only: str.splitlines() would also break at U+2028 & co., which JSON
-    # strings may contain unescaped
-    for lineno, line in enumerate(text.split("\n"), start=1):
+        if path.suffix == ".json" and raw.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+            line = raw.count(b"\n", 0, e.start) + 1
+            raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}: {e.reason}); re-encode "
+                            "the file as UTF-8") from None
+        lines = raw.split(b"\n")  # decoded line by line: a row's stray byte makes that row bad, not the file
+    else:
+        if path.suffix == ".json" and text.lstrip().startswith("["):
+            try:
+                items = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: invalid JSON ({e})") from None
+            for i, obj in enumerate(items):
+                yield i, obj
+            return
+        # split on "\n" only: str.splitlines() would also break at U+2028 & co., which JSON
+        # strings may contain unescaped
+        lines = text.split("\n")
+    for lineno, line in enumerate(lines, start=1):
+        if isinstance(line, bytes):  # a "\n" byte is never inside a UTF-8 sequence
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield lineno, ValueError(f"not UTF-8 text (byte 0x{line[e.start]:02x} at byte {e.start + 1} of "
+                                         f"the line: {e.reason}); re-encode the file as UTF-8")
+                continue
         if not line.strip():
             continue
         try:

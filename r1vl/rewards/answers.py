@@ -16,15 +16,13 @@ would be wrong. Here, in order:
    units") are set aside, no other word, and is at most 500 characters long; as plain text
    otherwise ("12 cm", "50%", "12 or 13").
 
-`answer_line` also reads an answer given in display maths on the lines after the header
+`r1vl.data.format.answer_line` (the final answer the rewards compare) also reads an answer given in display maths on the lines after the header
 (`$$ ... $$`, `\\[ ... \\]`), where the header's own line holds only the opening delimiter.
 """
 from __future__ import annotations
 
 import re
 import unicodedata
-
-from r1vl.data.format import FINAL_ANSWER, extract_final_answer
 
 _TEXT_MACRO = re.compile(r"\\(?:text|textbf|textrm|mathrm)\s*\{([^{}]*)\}(?:\^\{?\d\}?)?")
 _CHOICE_GOLD = re.compile(r"\(?([A-Z])\)?\Z")
@@ -95,22 +93,3 @@ def latex_form(answer: str) -> str | None:
     if not s or _WORD.search(s) or not _MATH_CHARS.search(s):
         return None
     return "$" + re.sub(r"(?<!\\)%", r"\\%", s) + "$"
-
-
-def answer_line(text: str) -> str | None:
-    """The completion's (or reference's) final answer: `extract_final_answer`'s line, or, when
-    that line only opens display maths (`$$`, `\\[`), the whole display up to its closing
-    delimiter on a later line (None if it never closes before the next `###` header)."""
-    line = extract_final_answer(text)
-    if line is None:
-        return None
-    for opening, closing in (("$$", "$$"), ("\\[", "\\]")):
-        if line.startswith(opening) and closing not in line[len(opening):]:
-            rest = text[text.find(FINAL_ANSWER) + len(FINAL_ANSWER):]
-            start = rest.find(opening)
-            end = rest.find(closing, start + len(opening))
-            section_end = rest.find("\n###")
-            if end < 0 or 0 <= section_end < end:
-                return line
-            return " ".join(rest[start:end + len(closing)].split())
-    return line

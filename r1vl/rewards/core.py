@@ -65,12 +65,12 @@ from r1vl.data.format import (
     IMAGE_DESCRIPTION,
     RATIONALES,
     _STEP_HEADER,
+    answer_line,
     extract_final_answer,
     step_numbers,
     step_sections,
 )
 from r1vl.rewards import answers
-from r1vl.rewards.answers import answer_line
 from r1vl.rewards.verify import (
     DEFAULT_TIMEOUT_S,
     math_equal,
