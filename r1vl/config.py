@@ -110,7 +110,8 @@ class DataConfig:
     synthetic_dir: str = ""  # "" = <output_dir>/data
     synthetic_train_size: int = field(default=3000, metadata=_min(1))
     synthetic_test_size: int = field(default=400, metadata=_min(1))
-    eval_size: int = field(default=400, metadata=_min(0))  # held-out items evaluated; 0 = all
+    # the first N held-out rows are evaluated (file order, not a sample: shuffle a sorted file); 0 = all
+    eval_size: int = field(default=400, metadata=_min(0))
     min_pixels: int = field(default=56 * 56, metadata=_min(1))
     max_pixels: int = field(default=112 * 112, metadata=_min(1))
     max_prompt_length: int = field(default=512, metadata=_min(1))  # tokens, image tokens included; never cut
