@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numbers
 import os
+import sys
 
 import torch
 from torch import nn
@@ -74,6 +75,35 @@ def _check_number(name: str, x, *, positive=False, nonneg=False):
 def _check_bool(name: str, x) -> None:
     if not isinstance(x, bool):
         raise ValueError(f"{name}: expected a bool, got {type(x).__name__}")
+
+
+def _as_bool(x):
+    """A Python bool from numpy's bool_ (and a 1-element bool tensor); other values as they are."""
+    np = sys.modules.get("numpy")
+    if (np is not None and isinstance(x, np.bool_)) or (
+            isinstance(x, torch.Tensor) and x.numel() == 1 and x.dtype == torch.bool):
+        return bool(x)
+    return x
+
+
+def _as_count(name: str, x):
+    """max_completion_length: a positive int (numpy's integers and 1-element integer tensors too)."""
+    if isinstance(x, torch.Tensor) and x.numel() == 1 and not x.is_floating_point() and not x.is_complex() \
+            and x.dtype != torch.bool:
+        x = int(x.item())
+    elif isinstance(x, numbers.Integral) and not isinstance(x, (bool, int)):
+        x = int(x)
+    if isinstance(x, bool) or not isinstance(x, int) or x <= 0:
+        raise ValueError(f"{name}: expected a positive int, got {x!r}")
+    return x
+
+
+def _constant(x):
+    """A constant input made under torch.inference_mode (rollout code often makes old/ref
+    log-probs, the mask and advantages there) cannot be saved for backward: a plain copy is."""
+    if isinstance(x, torch.Tensor) and x.is_inference() and not torch.is_inference_mode_enabled():
+        return x.clone()
+    return x
 
 
 def _check_delta(delta, epsilon_high) -> None:
@@ -219,9 +249,10 @@ def fused_linear_grpo_loss(
 
     hidden [B,T,H], weight [V,H], targets/mask [B,T], advantages [B] (or [B,1]; or [B,T],
     one per token, as TRL allows for its subclasses); optional
-    old/ref log-probs [B,T] and rollout_is_ratio [B,T] (or [B,1], one per sequence). Returns (0-dim loss, metrics) with
+    old/ref log-probs [B,T] and rollout_is_ratio [B,T] (or [B,1], one per sequence); without
+    ref_logprobs there is no KL term, whatever beta. Returns (0-dim loss, metrics) with
     metrics kl, clip_ratio_low, clip_ratio_high, clip_ratio (and entropy) as detached
-    0-dim fp32 tensors (kl, entropy: token means; clip ratios: share of tokens, at sequence
+    0-dim fp32 tensors (fp64 for fp64 inputs) (kl, entropy: token means; clip ratios: share of tokens, at sequence
     level share of sequences, or of tokens with [B,T] advantages, as TRL). use_bias_correction_kl: the KL term (and the kl metric) is
     KL·r, r the importance ratio, as TRL's GRPOConfig option of that name (TRL's default is
     True; R1-VL's code has no correction, the default here). delta: TRL's two-sided clipping,
@@ -232,7 +263,10 @@ def fused_linear_grpo_loss(
     """
     beta, epsilon_low, epsilon_high, temperature = map(_as_number, (beta, epsilon_low, epsilon_high, temperature))
     delta = None if delta is None else _as_number(delta)
+    return_entropy, use_bias_correction_kl = _as_bool(return_entropy), _as_bool(use_bias_correction_kl)
     _check_linear(hidden, weight, bias, targets, temperature, hidden_ndims=(3,))
+    targets, mask, advantages, old_logprobs, ref_logprobs, rollout_is_ratio, bias = map(
+        _constant, (targets, mask, advantages, old_logprobs, ref_logprobs, rollout_is_ratio, bias))
     b, t = targets.shape
     dev = hidden.device
     _check_tensor("mask", mask, shape=(b, t), device=dev)
@@ -260,6 +294,7 @@ def fused_linear_grpo_loss(
     for name, x in (("beta", beta), ("epsilon_low", epsilon_low), ("epsilon_high", epsilon_high)):
         _check_number(name, x, nonneg=True)
     _check_bool("use_bias_correction_kl", use_bias_correction_kl)
+    _check_bool("return_entropy", return_entropy)
     _check_delta(delta, epsilon_high)
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {loss_type!r}")
@@ -270,9 +305,7 @@ def fused_linear_grpo_loss(
         if max_completion_length is None:
             raise ValueError("max_completion_length: required when loss_type='dr_grpo'")
     if max_completion_length is not None:
-        if isinstance(max_completion_length, bool) or not isinstance(max_completion_length, int) \
-                or max_completion_length <= 0:
-            raise ValueError(f"max_completion_length: expected a positive int, got {max_completion_length!r}")
+        max_completion_length = _as_count("max_completion_length", max_completion_length)
     if num_items_in_batch is not None:
         n_items = num_items_in_batch
         if isinstance(n_items, torch.Tensor) and n_items.numel() != 1:
@@ -280,8 +313,9 @@ def fused_linear_grpo_loss(
         n_items = _as_number(n_items)
         _check_number("num_items_in_batch", n_items, nonneg=True)
         # a Python number from here on (a 1-element tensor made a [1]-shaped loss on one path);
-        # 0 (no completion token in the whole batch) counts as 1, as TRL clamps it
-        num_items_in_batch = max(float(n_items), 1.0)
+        # 0 (no completion token in the whole batch) counts as 1, as TRL clamps the count; a
+        # fraction is a normaliser already divided (TRL's count / num_processes): kept
+        num_items_in_batch = float(n_items) if n_items > 0 else 1.0
     be = _resolve_backend(backend, dev, hidden.dtype, op="loss_" + importance_sampling_level)
 
     with no_autocast(dev):  # fp32 logits from the inputs' dtypes, under autocast too
@@ -337,10 +371,17 @@ class FusedLinearGRPOLoss(nn.Module):
         delta: float | None = None,
     ):
         super().__init__()
-        # validate early (a bad config should fail at construction, not at step 1)
+        # validate early (a bad config should fail at construction, not at step 1); numbers as
+        # the function takes them (numpy scalars, 0-dim tensors)
+        beta, epsilon_low, epsilon_high, temperature = map(_as_number, (beta, epsilon_low, epsilon_high, temperature))
+        delta = None if delta is None else _as_number(delta)
+        return_entropy, use_bias_correction_kl = _as_bool(return_entropy), _as_bool(use_bias_correction_kl)
         for name, x in (("beta", beta), ("epsilon_low", epsilon_low), ("epsilon_high", epsilon_high)):
             _check_number(name, x, nonneg=True)
         _check_number("temperature", temperature, positive=True)
+        if max_completion_length is not None:
+            max_completion_length = _as_count("max_completion_length", max_completion_length)
+        _check_bool("return_entropy", return_entropy)
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {loss_type!r}")
         if importance_sampling_level not in IS_LEVELS:

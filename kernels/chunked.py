@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .objective import no_autocast
+from .objective import differentiable_once, no_autocast
 
 # Target size of one [rows, cols] logits block, and the most rows taken at once.
 CHUNK_BYTES = 32 << 20
@@ -198,6 +198,7 @@ class ChunkedLinearLogprobsFunction(torch.autograd.Function):
         return logp, ent
 
     @staticmethod
+    @differentiable_once
     def backward(ctx, g_logp, g_ent):
         hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
         if g_logp is None and (g_ent is None or ent is None):

@@ -12,6 +12,7 @@ ratios there are replaced by zeros before any arithmetic.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -26,6 +27,19 @@ def no_autocast(device: torch.device):
     except (TypeError, RuntimeError):  # a device type autocast does not know: nothing to turn off
         pass
     return contextlib.nullcontext()
+
+
+def differentiable_once(backward):
+    """For a custom Function's backward: under create_graph=True (gradients of gradients, grad
+    mode on in backward) a RuntimeError saying so. The gradients are formed without a graph, so
+    a gradient penalty would get no second-order term, silently."""
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError("r1vl.kernels: the fused log-probs / GRPO loss are differentiable once; "
+                               "create_graph=True (gradients of gradients) is not supported")
+        return backward(ctx, *grads)
+    return wrapper
 
 
 def grpo_objective(

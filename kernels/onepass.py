@@ -50,7 +50,8 @@ import os
 
 import torch
 
-from .objective import as_token_advantages, grpo_objective, no_autocast, per_token_terms, token_weights
+from .objective import (as_token_advantages, differentiable_once, grpo_objective, no_autocast, per_token_terms,
+                        token_weights)
 
 # Size of one [rows, V] fp32 logits chunk. On CUDA larger chunks keep the GEMMs
 # efficient (M = rows); the chunk and its bf16 copy are the path's only V-wide
@@ -88,6 +89,8 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _budget(device: torch.device) -> int:
+    if device.type != "cuda":
+        return CHUNK_BYTES_CPU
     text = os.environ.get(CHUNK_MB_ENV, "").strip()
     mb = None
     if text:
@@ -98,8 +101,6 @@ def _budget(device: torch.device) -> int:
         if mb < 1:
             raise ValueError(f"{CHUNK_MB_ENV}={os.environ[CHUNK_MB_ENV]!r}: expected a positive integer "
                              "(MiB of one fp32 logits chunk on CUDA), or unset")
-    if device.type != "cuda":
-        return CHUNK_BYTES_CPU
     return CHUNK_BYTES_CUDA if mb is None else mb << 20
 
 
@@ -394,6 +395,7 @@ class OnePassGRPOLossFunction(torch.autograd.Function):
         return (loss, *stats)
 
     @staticmethod
+    @differentiable_once
     def backward(ctx, g_loss, *_g_stats):
         # The gradients were formed in forward. The first backward scales them in place and
         # hands them over (no second V×H copy at the peak); a later one through a retained

@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .objective import no_autocast
+from .objective import differentiable_once, no_autocast
 
 # triton.jit reads TRITON_INTERPRET when the kernels below are decorated.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -565,6 +565,7 @@ class TritonLinearLogprobsFunction(torch.autograd.Function):
         return logp, ent
 
     @staticmethod
+    @differentiable_once
     def backward(ctx, g_logp, g_ent):
         hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
         if ent is None:
@@ -639,6 +640,7 @@ class TritonGRPOObjectiveFunction(torch.autograd.Function):
         return sums[0], stats
 
     @staticmethod
+    @differentiable_once
     def backward(ctx, g_loss, _g_stats):
         (dlogp,) = ctx.saved_tensors
         if g_loss is None:

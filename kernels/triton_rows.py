@@ -130,6 +130,15 @@ def _block_v(vocab: int, interpret: bool) -> int:
     return max(16, min(hi, triton.next_power_of_2(vocab)))
 
 
+def _unit_stride(y: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor):
+    """The kernels index targets[row], bias[col] and y[row, col] with unit steps (y's rows
+    may be apart): a strided view (targets[:, ::2], a column of a [V, 2] buffer, every
+    target unmasked so that nothing made a copy) is copied, else it would be misread."""
+    if y.stride(1) != 1:
+        y = y.contiguous()
+    return y, None if bias is None else bias.contiguous(), targets.contiguous()
+
+
 def row_stats(y: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, inv_t: float,
               need_entropy: bool):
     """((max, log s), logp, entropy or None), each [C] fp32, of z = (y + b)·inv_t for
@@ -137,6 +146,7 @@ def row_stats(y: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
     lse = max + log s; the pair is what row_grad takes."""
     c, v = y.shape
     dev = y.device
+    y, bias, targets = _unit_stride(y, bias, targets)
     mx = torch.empty(c, dtype=torch.float32, device=dev)
     logs = torch.empty_like(mx)
     logp = torch.empty_like(mx)
@@ -158,6 +168,8 @@ def row_grad(y: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, 
     if c == 0:
         return out
     mx, logs = lse
+    y, bias, targets = _unit_stride(y, bias, targets)
+    assert out.stride(1) == 1, "row_grad writes rows of unit column stride"
     _row_grad_kernel[(c,)](
         y, bias if bias is not None else y, targets, mx, logs, g.to(torch.float32).contiguous(), out,
         v, y.stride(0), out.stride(0), float(inv_t), HAS_BIAS=bias is not None,

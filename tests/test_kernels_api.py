@@ -48,6 +48,8 @@ BAD_LOSS_INPUTS = [
     ("ref_logprobs", dict(ref_logprobs=torch.zeros(4, 2))),
     ("rollout_is_ratio", dict(rollout_is_ratio=torch.zeros(2))),
     ("use_bias_correction_kl", dict(use_bias_correction_kl=1)),
+    ("return_entropy", dict(return_entropy="no")),                   # a truthy string: returned entropy
+    ("max_completion_length", dict(loss_type="dr_grpo", max_completion_length="abc")),
     ("delta", dict(delta=1.1)),                                      # not above 1 + epsilon_high
     ("delta", dict(delta=float("inf"))),
 ]
@@ -194,6 +196,86 @@ def test_numbers_of_other_kinds_and_num_items(case, monkeypatch):
         zero, _ = _loss(case, loss_type="dapo", num_items_in_batch=0)
         one, _ = _loss(case, loss_type="dapo", num_items_in_batch=1)
         assert torch.equal(zero, one)
+
+
+def test_module_takes_numbers_as_the_function_does(case):
+    """FusedLinearGRPOLoss took numpy scalars / 0-dim tensors as "expected a number" (the
+    function takes them), no numpy integer max_completion_length (neither did the function), and
+    a bad max_completion_length only at the first call; num_items_in_batch below 1 (TRL's count
+    already divided by the processes) was raised to 1."""
+    import numpy as np
+
+    kw = dict(beta=0.04, epsilon_low=0.2, epsilon_high=0.28, temperature=0.7, delta=1.5, loss_type="dr_grpo",
+              max_completion_length=7)
+    want, _ = FusedLinearGRPOLoss(**kw)(case.hidden, case.weight, case.targets, case.mask, case.advantages,
+                                        old_logprobs=case.old, ref_logprobs=case.ref)
+    odd = dict(kw, beta=np.float32(0.04), epsilon_high=np.float32(0.28), temperature=torch.tensor(0.7),
+               delta=np.float32(1.5), max_completion_length=np.int64(7), return_entropy=np.bool_(False))
+    got, m = FusedLinearGRPOLoss(**odd)(case.hidden, case.weight, case.targets, case.mask, case.advantages,
+                                        old_logprobs=case.old, ref_logprobs=case.ref)
+    torch.testing.assert_close(got, want) and "entropy" not in m
+    got, _ = _loss(case, **dict(odd, old_logprobs=case.old, ref_logprobs=case.ref))
+    torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="max_completion_length: expected a positive int, got 'abc'"):
+        FusedLinearGRPOLoss(loss_type="dr_grpo", max_completion_length="abc")
+    with pytest.raises(ValueError, match="return_entropy: expected a bool"):
+        FusedLinearGRPOLoss(return_entropy="no")
+    one, _ = _loss(case, loss_type="dapo", num_items_in_batch=1.0, old_logprobs=case.old, ref_logprobs=case.ref)
+    half, _ = _loss(case, loss_type="dapo", num_items_in_batch=0.5, old_logprobs=case.old, ref_logprobs=case.ref)
+    torch.testing.assert_close(half, 2 * one)
+
+
+@pytest.mark.parametrize("backend", ["torch", "torch-twopass", "triton"])
+def test_constants_made_under_inference_mode(case, backend, monkeypatch):
+    """Rollout code often makes old/ref log-probs, the mask and advantages under
+    torch.inference_mode: "Inference tensors cannot be saved for backward" on the one-pass
+    path (old/ref/mask/advantages) and the two-pass one (advantages); now the same loss and
+    gradients as with ordinary tensors."""
+    if backend == "torch-twopass":
+        monkeypatch.setenv("R1VL_KERNEL_ONEPASS", "0")
+    be = "triton" if backend == "triton" else "torch"
+    with torch.inference_mode():
+        inf = [x.clone() for x in (case.targets, case.mask, case.advantages, case.old, case.ref, case.bias)]
+    assert all(x.is_inference() for x in inf)
+    out = []
+    for targets, mask, adv, old, ref, bias in ((case.targets, case.mask, case.advantages, case.old, case.ref,
+                                                case.bias), inf):
+        h = case.hidden.clone().requires_grad_()
+        loss, _ = fused_linear_grpo_loss(h, case.weight, targets, mask, adv, bias=bias, old_logprobs=old,
+                                         ref_logprobs=ref, backend=be)
+        loss.backward()
+        out.append((loss.detach(), h.grad))
+    torch.testing.assert_close(out[1], out[0])
+
+
+@pytest.mark.parametrize("backend", ["torch", "torch-twopass", "triton"])
+def test_double_backward_is_a_clear_error(case, backend, monkeypatch):
+    """create_graph=True: the gradient had no graph (one-pass, Triton: a gradient penalty got a
+    zero second-order term, silently) or failed with "modified by an inplace operation"
+    (two-pass); now a RuntimeError says the loss is differentiable once."""
+    if backend == "torch-twopass":
+        monkeypatch.setenv("R1VL_KERNEL_ONEPASS", "0")
+    be = "triton" if backend == "triton" else "torch"
+    h = case.hidden.clone().requires_grad_()
+    loss, _ = fused_linear_grpo_loss(h, case.weight, case.targets, case.mask, case.advantages,
+                                     old_logprobs=case.old, ref_logprobs=case.ref, backend=be)
+    with pytest.raises(RuntimeError, match="differentiable once; create_graph=True"):
+        torch.autograd.grad(loss, h, create_graph=True)
+    lp = linear_logprobs(h, case.weight, case.targets, backend=be)
+    with pytest.raises(RuntimeError, match="differentiable once; create_graph=True"):
+        torch.autograd.grad(lp.sum(), h, create_graph=True)
+    (g,) = torch.autograd.grad(lp.sum(), h)  # once: as before
+    assert g.shape == h.shape and not g.requires_grad
+
+
+def test_chunk_size_variable_is_not_read_on_cpu(monkeypatch):
+    """R1VL_ONEPASS_CHUNK_MB sizes CUDA chunks; CPU chunks ignore it (a bad value raised there)."""
+    from r1vl.kernels import onepass
+
+    monkeypatch.setenv("R1VL_ONEPASS_CHUNK_MB", "lots")
+    assert onepass._budget(torch.device("cpu")) == onepass.CHUNK_BYTES_CPU
+    with pytest.raises(ValueError, match="R1VL_ONEPASS_CHUNK_MB='lots'"):
+        onepass._budget(torch.device("cuda"))
 
 
 def test_trl_shapes_of_advantages_and_the_sequence_ratio(case):

@@ -89,6 +89,35 @@ def test_row_kernels_strided_rows_and_no_entropy():
     assert rel_err(lse.cpu(), r_lse) < 1e-6 and rel_err(logp.cpu(), r_logp) < 1e-5
 
 
+@pytest.mark.parametrize("backend", ["onepass", "gemm"])
+def test_row_kernels_read_strided_targets_and_bias(backend, monkeypatch):
+    """targets a stride-2 view (ids[:, ::2]) with no masked token, bias a column of a [V, 2]
+    buffer: the row kernels (CUDA's default) read them with unit steps, which gave another
+    loss (0.90 vs 0.86) and log-probs off by up to 4.9; == the contiguous copies' results."""
+    from r1vl.kernels import fused_linear_grpo_loss
+    monkeypatch.setattr(onepass, "ROW_KERNELS", "triton")
+    monkeypatch.setenv("R1VL_KERNEL_ONEPASS", "1")
+    g0 = torch.Generator().manual_seed(5)
+    B, T, H, V = 2, 6, 8, 23
+    h = torch.randn(B, T, H, generator=g0).to(DEV)
+    w = torch.randn(V, H, generator=g0).to(DEV)
+    tgt = torch.randint(0, V, (B, 2 * T), generator=g0).to(DEV)[:, ::2]
+    bias = torch.randn(V, 2, generator=g0).to(DEV)[:, 0]
+    assert not tgt.is_contiguous() and not bias.is_contiguous()
+    if backend == "gemm":
+        lp, _ = onepass.gemm_logprobs(h.reshape(-1, H), w, bias, tgt.reshape(-1))
+        want, _ = onepass.gemm_logprobs(h.reshape(-1, H), w, bias.contiguous(), tgt.contiguous().reshape(-1))
+        assert torch.allclose(lp, want, rtol=1e-6, atol=1e-6)
+        return
+    mask, adv = torch.ones(B, T, device=DEV), torch.randn(B, generator=g0).to(DEV)
+    old = torch.full((B, T), -3.0, device=DEV)
+    kw = dict(backend="torch", old_logprobs=old, ref_logprobs=old, return_entropy=True)
+    loss, m = fused_linear_grpo_loss(h, w, tgt, mask, adv, bias=bias, **kw)
+    want, wm = fused_linear_grpo_loss(h, w, tgt.contiguous(), mask, adv, bias=bias.contiguous(), **kw)
+    assert torch.allclose(loss, want, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(m["kl"], wm["kl"], rtol=1e-5) and torch.allclose(m["entropy"], wm["entropy"], rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_onepass_with_row_kernels(dtype, monkeypatch):
     """The one-pass loss with the row kernels (as on CUDA) == fp64 reference, in several
