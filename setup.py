@@ -23,7 +23,6 @@ setup(
     python_requires=">=3.11",
     packages=trainer_packages + kernel_packages,
     package_dir={"r1vl.kernels": "kernels"},
-    package_data={"r1vl": ["configs/*.yaml", "configs/*.json"]},
     install_requires=[
         # CI installs 2.13.0 (Makefile TORCH_SPEC); the main suite passes on 2.8.0 to 2.15.0 (README:
         # Versions). 2.6's Triton 3.2 aborts compiling the bf16 backward kernel for sm_90

@@ -12,8 +12,8 @@ No float field takes inf or nan. `validate` adds the cross-field checks (and war
 through logging, of settings that run but are likely mistakes).
 
 A YAML file (UTF-8) is read as YAML, with three exceptions: a key may not be given twice,
-an int written with a leading zero (`010`, which YAML 1.1 reads as octal 8) or with colons
-(`1:30`, base 60: 90) is refused, and a section (`model:`, `train:`, ...) must be a mapping:
+an int written with a leading zero (`010`, which YAML 1.1 reads as octal 8) or a number
+with colons (`1:30`, `1:30.0`, base 60: 90) is refused, and a section (`model:`, `train:`, ...) must be a mapping:
 left out or null it keeps its defaults, any other value (`model: false`) is an error.
 
 An override's value is read by the type of its field, not as YAML:
@@ -134,15 +134,16 @@ class WarmupConfig:
     batch_size: int = field(default=4, metadata=_min(1))  # per rank
     lr: float = field(default=5e-4, metadata=_min(0.0, strict=True))
     warmup_steps: int = field(default=10, metadata=_min(0))  # linear lr warm-up, then cosine to 10%
-    max_length: int = field(default=1024, metadata=_min(1))
+    max_length: int = field(default=1024, metadata=_min(1))  # a reference solution's tokens kept (then EOS)
 
 
 @dataclass
 class VLLMConfig:
     """The colocated vLLM engine (rollout.engine=vllm). Field names are those of
     r1vl.rollout.vllm_engine.VLLMEngineConfig; model dir, dtype, seed, max_model_len
-    (data.max_prompt_length + rollout.max_completion_length), pixel bounds, stop and
-    suppressed ids come from the rest of the config. None / 0 = the engine's default."""
+    (longest_sequence: data.max_prompt_length + the tokens of a data.max_pixels image +
+    rollout.max_completion_length), pixel bounds, stop and suppressed ids come from the rest
+    of the config. None (0 for kv_cache_memory_bytes) = the engine's default."""
 
     tensor_parallel_size: int = field(default=1, metadata=_min(1))
     # weights + KV (CUDA)
@@ -150,7 +151,7 @@ class VLLMConfig:
     kv_cache_memory_bytes: int = field(default=0, metadata=_min(0))  # 0: from gpu_memory_utilization; CPU: 256 MiB
     max_model_len: Optional[int] = None  # None: data.max_prompt_length + image tokens + max_completion_length
     max_num_seqs: int = field(default=256, metadata=_min(1))
-    max_num_batched_tokens: Optional[int] = None
+    max_num_batched_tokens: Optional[int] = field(default=None, metadata=_min(1))
     enforce_eager: bool = False  # forced on CPU
     enable_sleep_mode: Optional[bool] = None  # None: on CUDA only
     sleep_level: int = field(default=1, metadata=_choices(1, 2))  # 1: weights to host RAM, 2: dropped
@@ -166,7 +167,7 @@ class RolloutConfig:
     num_generations: int = field(default=8, metadata=_min(1))  # G
     temperature: float = field(default=0.7, metadata=_min(0.0))
     top_p: float = field(default=1.0, metadata=_min(0.0, strict=True) | _max(1.0))
-    top_k: int = field(default=0, metadata=_min(0))
+    top_k: int = field(default=0, metadata=_min(0))  # 0 = off; 1 (greedy) is refused when training
     max_completion_length: int = field(default=64, metadata=_min(1))
     batch_size: int = field(default=32, metadata=_min(1))  # sequences per generate() call
     # truncated importance sampling (engine log-probs vs the trainer's; rollout.engine=vllm)
@@ -226,7 +227,9 @@ class TrainConfig:
     max_steps: int = field(default=60, metadata=_min(0))
     prompts_per_step: int = field(default=4, metadata=_min(1))  # per rank; x G completions
     micro_batch_size: int = field(default=16, metadata=_min(1))  # sequences per forward/backward
-    save_every: int = field(default=0, metadata=_min(0))  # 0 = none but on SIGTERM/SIGUSR1 (final/ is no resume point)
+    # checkpoints every N steps and at the warm-up's end; 0 = none but on a stop by SIGTERM / SIGUSR1 /
+    # Ctrl-C during the steps (final/ is no resume point)
+    save_every: int = field(default=0, metadata=_min(0))
     keep_checkpoints: int = field(default=2, metadata=_min(0))  # the newest N in output_dir/checkpoints; 0 = all
     save_final: bool = True
     resume: Union[bool, str] = False  # true = latest checkpoint in output_dir, or a checkpoint path
@@ -267,7 +270,7 @@ class DistributedConfig:
 @dataclass
 class Config:
     output_dir: str = "runs/default"
-    seed: int = 0
+    seed: int = field(default=0, metadata=_min(-(2**63)) | _max(2**63 - 1))  # torch's seeds are 64-bit
     deepspeed: str = ""  # a DeepSpeed JSON (ZeRO-2/3); "" = plain DDP
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -570,6 +573,16 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 _UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
 
 
+def _construct_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
+    value = loader.construct_yaml_float(node)
+    if ":" in node.value:  # 1:30.0, base 60: 90.0, as the int form
+        return _SurprisingInt(node.value, value)
+    return value
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:float", _construct_float)
+
+
 def _yaml_problem(e: yaml.YAMLError, text: str) -> str:
     """PyYAML's several-line error as one line: where, the problem and what it was doing."""
     if isinstance(e, yaml.MarkedYAMLError) and (e.problem_mark or e.context_mark):
@@ -646,9 +659,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def longest_sequence(cfg: Config) -> int:
-    """The most tokens a rollout can hold: data.max_prompt_length of text + the tokens of a
-    data.max_pixels image (one per 28x28 pixels: 14-pixel patches merged 2x2) +
-    rollout.max_completion_length (the vLLM engine's max_model_len when not set)."""
+    """The most tokens a rollout can hold (the vLLM engine's max_model_len when not set):
+    data.max_prompt_length (a training prompt's tokens, its image's included) + the tokens of a
+    data.max_pixels image (one per 28x28 pixels: 14-pixel patches merged 2x2; headroom for the
+    held-out prompts, which max_prompt_length does not limit) + rollout.max_completion_length."""
     return cfg.data.max_prompt_length + cfg.data.max_pixels // (28 * 28) + cfg.rollout.max_completion_length
 
 
@@ -666,6 +680,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}: expected {want}, got {value!r}")
     if Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
         raise ConfigError(f"output_dir: {cfg.output_dir!r} exists and is not a directory")
+    blocked = next((p for p in Path(cfg.output_dir).parents if p.exists() and not p.is_dir()), None)
+    if blocked is not None:  # else a NotADirectoryError traceback once the run makes it
+        raise ConfigError(f"output_dir: {cfg.output_dir!r} lies below {str(blocked)!r}, which is a file")
     t = cfg.train
     if cfg.data.train != "synthetic" and cfg.data.test == "synthetic" and (t.eval_before or t.eval_after
                                                                             or t.eval_every):
@@ -693,10 +710,20 @@ def validate(cfg: Config) -> None:
         raise ConfigError("model.tiny.num_attention_heads must be divisible by model.tiny.num_key_value_heads")
     if cfg.model.tiny.vision_embed_dim % cfg.model.tiny.vision_num_heads:
         raise ConfigError("model.tiny.vision_embed_dim must be divisible by model.tiny.vision_num_heads")
+    vision_head = cfg.model.tiny.vision_embed_dim // cfg.model.tiny.vision_num_heads
+    if vision_head % 4:  # the vision rotary embedding splits each head in two halves of (h, w) pairs
+        raise ConfigError(f"model.tiny: vision head_dim = vision_embed_dim / vision_num_heads = {vision_head}; "
+                          "expected a multiple of 4 (the vision tower's 2-D rotary embedding)")
     if cfg.data.min_pixels > cfg.data.max_pixels:
         raise ConfigError(
             f"data.min_pixels ({cfg.data.min_pixels}) must not exceed data.max_pixels ({cfg.data.max_pixels})"
         )
+    try:
+        from r1vl.data.images import check_pixel_bounds
+
+        check_pixel_bounds(cfg.data.min_pixels, cfg.data.max_pixels)
+    except ValueError as e:
+        raise ConfigError(f"data.min_pixels / data.max_pixels: {e}") from None
     if cfg.rollout.num_generations < 2 and cfg.train.max_steps > 0:
         raise ConfigError("rollout.num_generations: expected >= 2 (group-relative advantages need a group)")
     mml, need = cfg.rollout.vllm.max_model_len, longest_sequence(cfg)
@@ -710,21 +737,30 @@ def validate(cfg: Config) -> None:
             f"rollout.temperature: expected > 0 when train.max_steps > 0, got {cfg.rollout.temperature!r} "
             "(greedy: a prompt's G completions would be equal, every advantage 0, and StepGRPO would learn nothing)"
         )
+    if cfg.rollout.top_k == 1 and cfg.train.max_steps > 0:
+        raise ConfigError("rollout.top_k: expected 0 (off) or >= 2 when train.max_steps > 0, got 1 (greedy: a "
+                          "prompt's G completions would be equal, every advantage 0, and StepGRPO would learn nothing)")
+    trains = [lr for n, lr in ((cfg.warmup.steps, cfg.warmup.lr), (cfg.train.max_steps, cfg.optim.lr)) if n > 0]
+    if cfg.model.dtype == "float16" and not cfg.deepspeed and trains:
+        # AdamW's eps (1e-8) is 0 in float16 (its smallest step is 6e-8): the first step divides by
+        # a zero second moment wherever a gradient is, and the weights turn inf/NaN (fused AdamW
+        # keeps them, but rounds every update away)
+        raise ConfigError("model.dtype=float16 without DeepSpeed: AdamW on float16 weights turns them inf/NaN at "
+                          "the first step (its eps is 0 in float16); use model.dtype=bfloat16 or float32, or "
+                          "deepspeed= with fp16 (loss scaling, fp32 master weights)")
     w = cfg.warmup
     if os.environ.get("RANK", "0") != "0":  # the warnings below: once, not once per rank
         return
     if w.steps > 0 and w.warmup_steps > w.steps:
         log.warning("warmup.warmup_steps=%d exceeds warmup.steps=%d: the warm-up lr never reaches warmup.lr "
                     "(its last step runs at %.0f%% of it)", w.warmup_steps, w.steps, 100 * w.steps / w.warmup_steps)
-    trains = [lr for n, lr in ((w.steps, w.lr), (cfg.train.max_steps, cfg.optim.lr)) if n > 0]
-    if cfg.model.dtype != "float32" and not cfg.deepspeed and trains:
+    if cfg.model.dtype == "bfloat16" and not cfg.deepspeed and trains:
         # AdamW's step is about lr per element; a 16-bit weight keeps it only when it exceeds
-        # half a unit in the last place: 2^-9..2^-8 of the weight in bf16, 2^-12..2^-11 in fp16
+        # half a unit in the last place: 2^-9..2^-8 of the weight in bf16
         log.warning("model.dtype=%s without DeepSpeed: AdamW updates the 16-bit weights themselves (no fp32 "
                     "master copy), so a step smaller than about %s of a weight is rounded away, as most are at "
                     "lr=%g; deepspeed=configs/ds_zero2.json keeps fp32 master weights (on one GPU too), or use "
-                    "model.dtype=float32", cfg.model.dtype, "0.4%" if cfg.model.dtype == "bfloat16" else "0.05%",
-                    min(trains))
+                    "model.dtype=float32", cfg.model.dtype, "0.4%", min(trains))
     total = cfg.train.max_steps * cfg.algorithm.num_iterations
     if total > 0 and cfg.optim.warmup_steps > total:
         log.warning("optim.warmup_steps=%d exceeds the StepGRPO optimizer steps (train.max_steps x "

@@ -1043,12 +1043,19 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
         eos = processor.stop_token_ids()[0]
         t_phase = time.perf_counter()
         stop.armed = True  # Ctrl-C: stop at the step's end (StopSignal)
+        warned_cut = False
         for step in range(start, cfg.warmup.steps):
             t0 = time.perf_counter()
             samples = take_samples(train_set, stream.take(step, cfg.warmup.batch_size), cfg)
             prompts = [make_prompt(processor, s, cfg.data.prompt_template) for s in samples]
-            conts = [processor.tokenizer(s.solution, add_special_tokens=False)["input_ids"][
-                         : cfg.warmup.max_length] + [eos] for s in samples]
+            full = [processor.tokenizer(s.solution, add_special_tokens=False)["input_ids"] for s in samples]
+            conts = [ids[: cfg.warmup.max_length] + [eos] for ids in full]
+            long = [(s, len(ids)) for s, ids in zip(samples, full) if len(ids) > cfg.warmup.max_length]
+            if long and not warned_cut:  # the model learns answers it never sees the end of
+                warned_cut = True
+                log.warning("warmup.max_length=%d cuts reference solutions (rank %d, first %s: %d tokens); their "
+                            "end, with the final answer, is not learned: raise it", cfg.warmup.max_length, d.rank,
+                            long[0][0].source, long[0][1])
             batch = build_batch(processor, [p.text for p in prompts], [p.image for p in prompts], conts,
                                 dtype=next(model.parameters()).dtype).to(d.device)
             check_prompt_lengths(batch, samples, cfg.data.max_prompt_length)
@@ -1474,8 +1481,14 @@ def parse_args(argv: list[str] | None):
     ap.add_argument("--print-config", action="store_true",
                     help="print the resolved config (the --config file with the overrides applied, as "
                          "output_dir/config.yaml will hold it) as YAML, then exit")
-    ap.add_argument("overrides", nargs="*", help="dotted.key=value")
-    return ap.parse_args(argv)
+    ap.add_argument("overrides", nargs="*", help="dotted.key=value (--dotted.key=value too)")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    options = [o for a in ap._actions for o in a.option_strings if o.startswith("--")]
+    # --train.max_steps=3 is an override (load_config takes it), not an unknown option; a
+    # prefix of an option (--conf=x) stays argparse's abbreviation of it
+    argv = [a[2:] if a.startswith("--") and "=" in a and not any(o.startswith(a.split("=", 1)[0]) for o in options)
+            else a for a in argv]
+    return ap.parse_intermixed_args(argv)  # overrides on both sides of an option
 
 
 def quiet_deepspeed_probe() -> None:

@@ -744,6 +744,14 @@ def test_keep_checkpoints(tmp_path, data_dir, keep, expect):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == expect
 
 
+def test_warmup_max_length_cutting_solutions_is_said(tmp_path, data_dir, capsys):
+    """warmup.max_length cut each reference solution silently (the final answer never learned)."""
+    assert main(_args(tmp_path / "cut", data_dir, "warmup.max_length=5", "train.max_steps=0",
+                      "train.eval_before=false", "train.eval_after=false", "logging.plot=false")) == 0
+    said = [x for x in capsys.readouterr().err.splitlines() if "warmup.max_length=5 cuts reference solutions" in x]
+    assert len(said) == 1 and "tokens); their end, with the final answer, is not learned" in said[0]
+
+
 def test_print_config(tmp_path, capsys):
     """--print-config: the resolved config as YAML (overrides applied), loadable again; no run."""
     import yaml
@@ -758,6 +766,14 @@ def test_print_config(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
     assert main(["--print-config", "train.max_step=7"]) == 2  # a typo is still refused
     assert "train.max_step" in capsys.readouterr().err
+    # --dotted.key=value (load_config takes it; argparse called it an unrecognized argument) and
+    # overrides on both sides of an option (argparse refused the second group)
+    assert main(["seed=1", "--print-config", "seed=2", "--train.max_steps=3"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["seed"] == 2 and cfg["train"]["max_steps"] == 3
+    with pytest.raises(SystemExit):
+        main(["--print-config", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
 
 
 def test_resume_drops_eval_outputs_after_the_checkpoint(tmp_path):
