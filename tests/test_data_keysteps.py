@@ -149,9 +149,23 @@ def test_values_are_read_whole(step, first, wrong):
 
 @pytest.mark.parametrize("step", ["The area is 8 cm × 5 cm.", "Then x = 4th.", "The sides are 3, 4 and 5.",
                                   "x = 2 or 3", "The values are 3 to 5.",
-                                  "The ratio 2:3 holds."])  # was "ratio 2: 3", "ratio 2 = 3": a label cut in two
+                                  "The ratio 2:3 holds.",  # was "ratio 2: 3", "ratio 2 = 3": a label cut in two
+                                  # each was cut to a key step a wrong value matches ("n = 5", "3.5 thousand")
+                                  "n = 5!", "The length is 5 m 20 cm.", "The total is 3.5 million.",
+                                  "The time is 3:45 pm.", "Total: 3.5 million", "Then t = 3:45 pm."])
 def test_a_value_that_goes_on_makes_no_key_step(step):
     assert derive_key_steps(sol(step)) == derive_key_steps(sol("The height is 40².")) == []
+
+
+def test_equations_apart_by_a_bare_comma():
+    """"x=5,y=6" was one equation "x = 5,y = 6" (with a meaningless last link "5,y = 6"), which
+    the reference's own "x = 5, y = 6" did not match (k = 0); a comma in a number or inside
+    brackets still is no separator."""
+    ks = derive_key_steps(sol("Therefore, x=5,y=6."))
+    assert ks == [["x = 5", "x=5"], ["y = 6", "y=6"]]
+    assert key_step_fraction(sol("So x = 5, y = 6."), ks) == 1.0
+    assert derive_key_steps(sol("So f(1,2) = 7.")) == [["f(1,2) = 7", "f(1,2)=7"]]
+    assert derive_key_steps(sol("So x = 1,250.")) == [["x = 1,250", "x=1,250"]]
 
 
 # --- names that name nothing -------------------------------------------------------------------

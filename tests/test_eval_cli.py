@@ -154,7 +154,12 @@ def test_outputs_and_out_must_differ_and_be_files(fake_model, data_dir, tmp_path
 @pytest.mark.parametrize("flag,value,expect", [("--limit", "-3", ">= 0"), ("--n", "abc", "integer"),
                                                ("--max-new-tokens", "0", ">= 1"),
                                                ("--batch-size", "-1", ">= 1"),
-                                               ("--min-pixels", "0", ">= 1"), ("--alpha", "-0.5", ">= 0")])
+                                               ("--min-pixels", "0", ">= 1"), ("--alpha", "-0.5", ">= 0"),
+                                               # inf made the JSON's reward NaN
+                                               ("--accuracy-weight", "inf", "finite"),
+                                               ("--validity-weight", "nan", "finite"), ("--alpha", "inf", "finite"),
+                                               ("--reward-timeout-s", "0", "> 0"),
+                                               ("--reward-timeout-s", "inf", "finite")])
 def test_bad_numbers_are_argparse_errors(flag, value, expect, fake_model, data_dir, capsys, no_eval):
     with pytest.raises(SystemExit) as e:
         ev.main(["--model", str(fake_model), "--data", str(data_dir), flag, value])
@@ -261,11 +266,13 @@ def _run_cfg(**over):
 def test_resolve_settings_uses_run_config():
     cfg = _run_cfg(**{"rollout.max_completion_length": 40, "data.min_pixels": 1024, "data.max_pixels": 8192,
                       "algorithm.alpha": 0.3, "algorithm.accuracy_variant": "official",
-                      "algorithm.accuracy_weight": 2.0, "algorithm.validity_weight": 0.0})
+                      "algorithm.accuracy_weight": 2.0, "algorithm.validity_weight": 0.0,
+                      "algorithm.reward_timeout_s": 7.5})
     explicit = dict.fromkeys(ev.EVAL_SETTINGS)
     values, sources = ev.resolve_settings(explicit, cfg, "runs/x/config.yaml")
     assert values == {"max_new_tokens": 40, "min_pixels": 1024, "max_pixels": 8192, "alpha": 0.3,
-                      "variant": "official", "accuracy_weight": 2.0, "validity_weight": 0.0}
+                      "variant": "official", "accuracy_weight": 2.0, "validity_weight": 0.0,
+                      "reward_timeout_s": 7.5}
     assert sources["max_new_tokens"] == "runs/x/config.yaml: rollout.max_completion_length"
     assert sources["max_pixels"] == "runs/x/config.yaml: data.max_pixels"
 
@@ -512,3 +519,321 @@ def test_engine_vllm_without_vllm_is_one_line(fake_model, data_dir, capsys, no_e
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
     assert ev.main(["--model", str(fake_model), "--data", str(data_dir), "--engine", "vllm"]) == 2
     assert "--engine vllm: vLLM is not installed" in _err_line(capsys)
+
+
+# --------------------------------------------------------------------------- audit: outputs, timeouts, ranks
+
+
+@pytest.fixture
+def own_data(data_dir, tmp_path):
+    """A copy of the synthetic task that a test may point an output at (data_dir is shared)."""
+    import shutil
+
+    d = tmp_path / "d"
+    shutil.copytree(data_dir, d)
+    return d
+
+
+def test_outputs_or_out_naming_the_data_file_is_refused(fake_model, own_data, tmp_path, capsys, monkeypatch, no_eval):
+    """--outputs ow/test.jsonl with --data ow replaced the data set with 3 output rows: every
+    spelling of the file read (the directory's test.jsonl, a relative path, a symbolic or hard
+    link) is refused at start, and the data stays as it was."""
+    import os
+
+    data = own_data / "test.jsonl"
+    before = data.read_bytes()
+    (tmp_path / "sym.jsonl").symlink_to(data)
+    os.link(data, tmp_path / "hard.jsonl")
+    monkeypatch.chdir(tmp_path)
+    cases = [(["--data", str(own_data)], "--outputs", str(data)),
+             (["--data", str(data)], "--out", "d/test.jsonl"),
+             (["--data", str(own_data)], "--outputs", "sym.jsonl"),
+             (["--data", "d/test.jsonl"], "--out", "hard.jsonl")]
+    for data_args, flag, out in cases:
+        assert ev.main(["--model", str(fake_model), *data_args, flag, out]) == 2, (data_args, flag, out)
+        line = _err_line(capsys)
+        assert line.startswith(f"r1vl.eval: error: {flag} {out}: ") and "--data" in line and "overwrite" in line, line
+    # a datasets directory: the files inside it are what is read
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "dataset_info.json").write_text("{}")
+    assert ev.main(["--model", str(fake_model), "--data", str(hf), "--outputs", str(hf / "data-00000.arrow")]) == 2
+    assert "--data" in _err_line(capsys)
+    assert data.read_bytes() == before and (tmp_path / "hard.jsonl").read_bytes() == before
+
+
+class _Proc:
+    def chat_prompt(self, user, with_image):
+        return user
+
+
+class _SlowToVerify:
+    """Completions whose final answer (14/2 against 7) math-verify must check symbolically."""
+
+    def generate(self, prompts, n, sampling):
+        from r1vl.rollout.base import Completion
+
+        return [Completion(i, [1], "### Step 1: 4 + 3 = 7\n### The final answer is: \\frac{14}{2}", "stop")
+                for i in range(len(prompts))]
+
+
+def test_evaluate_reports_reward_timeouts(caplog):
+    """An answer whose check hits the time limit is scored wrong: the result says how many did
+    (reward_timeouts, as the StepGRPO steps' metric), each output record whether it did, and a
+    warning names the limit; without timeouts, no warning."""
+    from types import SimpleNamespace
+
+    samples = [SimpleNamespace(problem="Q", solution="### The final answer is: 7", image=None, meta={},
+                               key_steps=[["4 + 3 = 7"]])] * 3
+    with caplog.at_level(logging.WARNING, logger="r1vl.eval"):
+        ok = ev.evaluate(_SlowToVerify(), _Proc(), samples, max_new_tokens=4, keep_outputs=True)
+    assert ok["accuracy"] == 1.0 and ok["reward_timeouts"] == 0 and not caplog.records
+    assert [r["timed_out"] for r in ok["outputs"]] == [False] * 3
+    with caplog.at_level(logging.WARNING, logger="r1vl.eval"):
+        late = ev.evaluate(_SlowToVerify(), _Proc(), samples, max_new_tokens=4, keep_outputs=True,
+                           reward_timeout_s=1e-6)
+    assert late["accuracy"] == 0.0 and late["reward_timeouts"] == 3
+    assert [r["timed_out"] for r in late["outputs"]] == [True] * 3
+    assert "3 of 3" in caplog.text and "1e-06 s" in caplog.text and "wrong" in caplog.text, caplog.text
+
+
+def test_cli_reward_timeout_comes_from_the_run_and_the_flag(tiny_run, data_dir, tmp_path, monkeypatch, capsys):
+    """The trainer's evaluation scores with algorithm.reward_timeout_s: so does the CLI on that
+    run's model (--reward-timeout-s wins); the JSON and --outputs carry the timeouts."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    dump_config(load_config(run / "config.yaml", ["algorithm.reward_timeout_s=7.5"]), run / "config.yaml")
+    seen = {}
+    real = ev.evaluate
+
+    def spy(*a, **kw):
+        seen["timeout"] = kw["reward_timeout_s"]
+        return real(*a, **kw)
+
+    monkeypatch.setattr(ev, "evaluate", spy)
+    outputs = tmp_path / "o.jsonl"
+    capsys.readouterr()
+    assert ev.main(["--model", str(run / "final"), "--data", str(data_dir), "--n", "3", "--outputs", str(outputs)]) == 0
+    res = json.loads(capsys.readouterr().out)
+    recs = [json.loads(x) for x in outputs.read_text().splitlines()]
+    assert seen["timeout"] == 7.5
+    assert res["reward_timeouts"] == sum(r["timed_out"] for r in recs) and len(recs) == 3
+    assert ev.main(["--model", str(run / "final"), "--data", str(data_dir), "--n", "1",
+                    "--reward-timeout-s", "0.5"]) == 0
+    assert seen["timeout"] == 0.5
+
+
+@pytest.fixture
+def as_rank(monkeypatch):
+    """Run main() as if torchrun had started this process as another rank: main() turns off
+    transformers' progress bars and quiets this CLI's log there; both come back after the test."""
+    import transformers
+
+    level = logging.getLogger("r1vl.eval").level
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+
+    def set_env(rank: int, world: int | None):
+        monkeypatch.setenv("RANK", str(rank))
+        if world is None:
+            monkeypatch.delenv("WORLD_SIZE", raising=False)
+        else:
+            monkeypatch.setenv("WORLD_SIZE", str(world))
+
+    yield set_env
+    logging.getLogger("r1vl.eval").setLevel(level)
+    if bars:
+        transformers.utils.logging.enable_progress_bar()
+
+
+def test_error_of_one_rank_is_printed_by_that_rank(tiny_run, data_dir, tmp_path, capsys, monkeypatch, as_rank):
+    """Under torchrun a failure on rank 1 alone (its GPU, its file system) was never shown: only
+    rank 0 printed, and torchrun killed it. The rank prints it, prefixed with its rank; an
+    argument mistake, which every rank meets alike, is still printed by rank 0 alone."""
+    import r1vl.utils
+    from r1vl.utils import Dist
+
+    as_rank(1, 2)
+    monkeypatch.setattr(r1vl.utils, "init_distributed", lambda *a, **k: Dist(rank=1, world=2))
+
+    def vanished(*a, **k):
+        raise OSError("image file vanished on rank 1")
+
+    monkeypatch.setattr(ev, "evaluate", vanished)
+    capsys.readouterr()
+    assert ev.main(["--model", str(tiny_run / "final"), "--data", str(data_dir), "--n", "2"]) == 2
+    assert _err_line(capsys) == "r1vl.eval: error: [rank 1] image file vanished on rank 1"
+    same = tmp_path / "same.json"
+    assert ev.main(["--model", str(tiny_run / "final"), "--data", str(data_dir), "--out", str(same),
+                    "--outputs", str(same)]) == 2
+    assert "error" not in capsys.readouterr().err
+
+
+def test_model_load_failure_on_every_rank_is_printed_once(fake_model, data_dir, capsys, monkeypatch, as_rank):
+    """A checkpoint no rank can load is one line (rank 0's); a load failure of rank 1 alone is
+    rank 1's to print."""
+    import r1vl.utils
+    from r1vl.utils import Dist
+
+    as_rank(1, 2)
+    monkeypatch.setattr(r1vl.utils, "init_distributed", lambda *a, **k: Dist(rank=1, world=2))
+    for others, printed in ((None, True), ("same", False)):
+        def gather(obj, d, others=others):
+            return [obj if others == "same" else others, obj]
+
+        monkeypatch.setattr(r1vl.utils, "all_gather_objects", gather)
+        capsys.readouterr()
+        assert ev.main(["--model", str(fake_model), "--data", str(data_dir), "--n", "1"]) == 2
+        err = capsys.readouterr().err
+        assert (f"r1vl.eval: error: [rank 1] --model {fake_model}: " in err) == printed, err[-2000:]
+        assert ("r1vl.eval: error" in err) == printed
+
+
+def test_stray_rank_without_world_size_is_an_error(fake_model, data_dir, capsys, as_rank):
+    """RANK=1 left in the environment by an enclosing job (no WORLD_SIZE: not torchrun) made the
+    CLI a silent rank 1 of one process: exit 0, nothing printed, items 1.. alone evaluated."""
+    from r1vl.utils import init_distributed
+
+    as_rank(1, None)
+    with pytest.raises(ValueError, match="RANK=1 but WORLD_SIZE"):
+        init_distributed("gloo")
+    assert ev.main(["--model", str(fake_model), "--data", str(data_dir), "--n", "1"]) == 2
+    line = _err_line(capsys)
+    assert line.startswith("r1vl.eval: error: RANK=1 but WORLD_SIZE") and "unset RANK" in line, line
+    as_rank(0, None)
+    assert init_distributed("gloo").world == 1
+
+
+def test_corrupt_weights_file_is_one_line(tiny_run, data_dir, tmp_path, capsys):
+    """A truncated model.safetensors raised safetensors' own error: a traceback and exit 1."""
+    import shutil
+
+    from r1vl.models import ModelLoadError, load_pretrained
+
+    model = tmp_path / "final"
+    shutil.copytree(tiny_run / "final", model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ModelLoadError, match="cannot load"):
+        load_pretrained(model)
+    assert ev.main(["--model", str(model), "--data", str(data_dir), "--n", "1"]) == 2
+    line = _err_line(capsys)
+    assert line.startswith(f"r1vl.eval: error: --model {model}: cannot load (") and "header" in line, line
+
+
+def _fake_result(samples_or_n):
+    n = samples_or_n if isinstance(samples_or_n, int) else len(samples_or_n)
+    return {"n": n, "accuracy": 0.0, "correct_items": [0.0] * n,
+            "outputs": [{"index": i, "completion": f"c{i}", "correct": 0.0} for i in range(n)]}
+
+
+@pytest.mark.parametrize("exc,rc", [(OSError(28, "No space left on device"), 2), (KeyboardInterrupt(), 130)])
+def test_failed_outputs_write_leaves_no_temporary(exc, rc, tiny_run, data_dir, tmp_path, capsys, monkeypatch):
+    """Disk full or Ctrl-C while --outputs is written: no outputs.jsonl.tmp is left; Ctrl-C is
+    the CLI's one line and exit 130, not a KeyboardInterrupt traceback."""
+    monkeypatch.setattr(ev, "evaluate", lambda engine, proc, samples, **kw: _fake_result(samples))
+    real = json.dumps
+    calls = []
+
+    def dumps(obj, *a, **k):
+        if isinstance(obj, dict) and "completion" in obj:
+            calls.append(1)
+            if len(calls) == 3:
+                raise exc
+        return real(obj, *a, **k)
+
+    monkeypatch.setattr(ev.json, "dumps", dumps)
+    out_dir = tmp_path / "o"
+    capsys.readouterr()
+    assert ev.main(["--model", str(tiny_run / "final"), "--data", str(data_dir), "--n", "5",
+                    "--outputs", str(out_dir / "outputs.jsonl")]) == rc
+    assert list(out_dir.iterdir()) == []
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    if rc == 130:
+        assert err.strip().splitlines()[-1] == "r1vl.eval: interrupted (Ctrl-C): no result"
+    else:
+        assert "--outputs " in err and "cannot write (No space left on device)" in err
+
+
+@pytest.mark.parametrize("exc,rc", [(OSError(28, "No space left on device"), 2), (KeyboardInterrupt(), 130)])
+def test_out_is_written_atomically(exc, rc, tiny_run, data_dir, tmp_path, capsys, monkeypatch):
+    """--out was rewritten in place: a failed write lost the previous result. Now a failure
+    before the new file is complete leaves the previous one, and no temporary."""
+    import os
+
+    monkeypatch.setattr(ev, "evaluate", lambda engine, proc, samples, **kw: _fake_result(samples))
+    out = tmp_path / "o" / "eval.json"
+    out.parent.mkdir()
+    out.write_text("previous result\n")
+    real = os.replace
+
+    def failing_replace(src, dst, *a, **k):
+        if Path(dst) == out:
+            raise exc
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    capsys.readouterr()
+    assert ev.main(["--model", str(tiny_run / "final"), "--data", str(data_dir), "--n", "2", "--out", str(out)]) == rc
+    assert out.read_text() == "previous result\n" and list(out.parent.iterdir()) == [out]
+    std = capsys.readouterr()
+    assert json.loads(std.out)["n"] == 2 and "Traceback" not in std.err  # the result is on stdout
+    last = std.err.strip().splitlines()[-1]
+    assert last.startswith("r1vl.eval: interrupted (Ctrl-C)" if rc == 130 else f"r1vl.eval: error: --out {out}: ")
+    assert "printed above" in last
+
+
+def test_run_directory_as_data_suggests_its_test_split(fake_model, tmp_path, capsys, no_eval):
+    """--data runs/X (the run, not its data/) suggested the run's metrics.jsonl as a data file."""
+    run = tmp_path / "run"
+    (run / "data").mkdir(parents=True)
+    for name in ("metrics.jsonl", "rollouts.jsonl", "skipped_rows.jsonl"):
+        (run / name).write_text("{}\n")
+    (run / "data" / "test.jsonl").write_text("{}\n")
+    assert ev.main(["--model", str(fake_model), "--data", str(run)]) == 2
+    line = _err_line(capsys)
+    assert line.startswith(f"r1vl.eval: error: --data {run}: ") and str(run / "data" / "test.jsonl") in line, line
+    assert not any(x in line for x in ("metrics.jsonl", "rollouts.jsonl", "skipped_rows.jsonl")), line
+    (run / "data" / "test.jsonl").unlink()
+    (run / "mine.jsonl").write_text("{}\n")
+    assert ev.main(["--model", str(fake_model), "--data", str(run)]) == 2
+    line = _err_line(capsys)
+    assert str(run / "mine.jsonl") in line and "metrics.jsonl" not in line, line
+
+
+def test_help_describes_every_option(capsys):
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--help"])
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "as a CLI:" not in out and "--batch-size" in out
+    assert "default: 64" in out.split("--batch-size", 2)[-1].split("--min-pixels")[0]
+    assert "--reward-timeout-s" in out and "algorithm.reward_timeout_s" in out
+
+
+@pytest.mark.slow
+def test_torchrun_error_of_rank_1_is_shown(tiny_run, data_dir, tmp_path):
+    """The audit's case end to end: rank 1's generation fails with an error the CLI reports;
+    its message reaches the terminal (torchrun itself says only "exitcode: 2")."""
+    import os
+
+    from test_ddp import _free_port
+
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    import r1vl.rollout.hf_engine as h\n"
+        "    def boom(self, *a, **k):\n"
+        "        raise OSError('INJECTED: image file vanished on rank 1')\n"
+        "    h.HFEngine.generate = boom\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(inject), os.environ.get("PYTHONPATH")])))
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    r = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "r1vl.eval",
+                        "--model", str(tiny_run / "final"), "--data", str(data_dir), "--limit", "4"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode != 0
+    assert "r1vl.eval: error: [rank 1] INJECTED: image file vanished on rank 1" in r.stderr, r.stderr[-3000:]

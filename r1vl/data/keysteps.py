@@ -12,7 +12,8 @@ key step are collected, in order:
   "4ac") that contains "=" and a digit after it, e.g. "4 + 3 = 7" or
   "3^2 + 4^2 = 9 + 16 = 25" (a chain also offers its last link, "9 + 16 = 25",
   as an alternative). A line that starts with "=" continues the line before
-  it; ", " outside brackets separates two equations ("x = 3, y = 4"). A bare
+  it; ", " outside brackets, or "," before a letter, separates two equations
+  ("x = 3, y = 4", "x=3,y=4"). A bare
   number before "=" takes the word before it as its name ("angle 2 = 65°");
   when that word is not a name ("5% of 200 = 10") the number is not read whole
   and that side is dropped. Runs with unbalanced brackets, and equations whose
@@ -28,7 +29,8 @@ key step are collected, in order:
 A value is read whole or not at all: a sign, thousands separators, decimals,
 a fraction "a/b" or "\\frac{a}{b}", a ratio "a:b", then a unit, "°" or "%"
 ("1,250,000", "-1/2", "2:3", "40 cm²"). A value that goes on ("3/4" cut at
-"/", "8 cm × 5 cm", "4th") makes no key step rather than a truncated one.
+"/", "8 cm × 5 cm", "4th", "5!", "5 m 20 cm", "3.5 million", "3:45 pm") makes no
+key step rather than a truncated one.
 
 Each key step becomes one group of equivalent phrasings: its spelling as
 written in the reference (so a completion that copies the reference gets
@@ -89,15 +91,19 @@ _UNIT_WORDS = {"cm", "mm", "km", "kg", "mg", "ml", "min"}  # after a number, par
 _ORDINALS = {"st", "nd", "rd", "th"}
 _NUM = r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?"  # 1,250,000 / 3.5 / 12
 _TOKEN = re.compile(r"\\[A-Za-z]+|\d+(?::\d+)+|" + _NUM + r"|[A-Za-z]+|\S")
-_CLAUSE_SPLIT = re.compile(r"(?<!\d)[.;!?](?!\d)|[.;!?](?=\s|$)|\n(?!\s*[=<>≤≥])|,\s+(?=[A-Za-z]{2,})"
+# a clause ends at . ; ? ! and a new line (not "5!", a factorial; not a line that goes on with "=")
+_CLAUSE_SPLIT = re.compile(r"(?<!\d)[.;!?](?!\d)|[.;?](?=\s|$)|(?<![\d)])!(?=\s|$)|\n(?!\s*[=<>≤≥])|,\s+(?=[A-Za-z]{2,})"
                            r"|\b(?:so|thus|therefore|hence|then)\b", re.IGNORECASE)
 # a value, read whole (atomic: no shorter reading is tried) and not followed by more of a number or an expression
 _UNIT = r"(?:cm|mm|km|kg|m|g|units?|degrees?)(?:²|³|\^[23])?(?:/(?:s|h))?(?![A-Za-z])"
 _VALUE = (r"[-−]?(?:\\[dt]?frac\{[-−]?(?:" + _NUM + r")\}\{(?:" + _NUM + r")\}"
           r"|(?:" + _NUM + r")(?:\s?/\s?(?:" + _NUM + r")|(?::(?:" + _NUM + r"))+)?)"
           r"(?:\s?" + _UNIT + r"|°(?:[CF](?![A-Za-z]))?|%)?")
+# after a value, what makes it go on: a factorial "5!", another number "5 m 20 cm", a scale or a
+# time of day "3.5 million", "3:45 pm"
+_GOES_ON = (r"!|\s+[-−]?\d|\s+(?:thousand|million|billion|trillion|hundred|dozen|[ap]\.?m\b\.?)(?![A-Za-z])")
 _NUMBER = (r"(?>" + _VALUE + r")(?![\w.,:/]?\d|[A-Za-z_²³]|\s*[-−+×*/÷^=·<>≤≥]"
-           r"|\s*,\s*[-−]?\d|\s+(?:and|or|to)\s+[-−]?\d)")  # nor by more values: "3, 4 and 5"
+           r"|\s*,\s*[-−]?\d|\s+(?:and|or|to)\s+[-−]?\d|" + _GOES_ON + ")")  # nor by more values: "3, 4 and 5"
 # after an equation, a bare number that makes its last value one of several: "x = 2 or 3"
 _MORE_VALUES = re.compile(r"\s*(?:,|\s(?:and|or|to)\s)\s*[-−]?\d[\d.,/:]*\s*(?:°|%|[A-Za-z]+)?\s*"
                           r"(?:[.;,)!?]|\band\b|\bor\b|$)")
@@ -296,6 +302,8 @@ def _equation(clause: str, toks: list[tuple[str, int, int]], lo: int, hi: int) -
         return []  # the last value goes on ("x = 4th")
     if _MORE_VALUES.match(clause, toks[hi - 1][2]):
         return []  # "x = 2 or 3": one of several values
+    if re.match(_GOES_ON, clause[toks[hi - 1][2]:], re.IGNORECASE):
+        return []  # "n = 5!", "n = 3.5 million": the value goes on
     first = w.index("=")
     if _bare_number(w[:first]) and lo > 0:  # "angle 2 = 65°": the bare number is a name's
         word, _, end = toks[lo - 1]
@@ -318,7 +326,9 @@ def _equations(clause: str) -> list[list[str]]:
         if i < len(toks) and _math_at(toks, i):
             tok, _, end = toks[i]
             depth = sum((t[0] in "([{") - (t[0] in ")]}") for t in toks[lo:i])
-            if not (tok == "," and depth == 0 and clause[end:end + 1].isspace()):  # "x = 3, y = 4": two
+            # "x = 3, y = 4" and "x=3,y=4": two (a comma inside brackets or a number, "1,250", is not)
+            if not (tok == "," and depth == 0 and (clause[end:end + 1].isspace()
+                                                   or (i + 1 < len(toks) and toks[i + 1][0][0].isalpha()))):
                 continue
         if i > lo:
             g = _equation(clause, toks, lo, i)
