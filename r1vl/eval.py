@@ -1,5 +1,7 @@
 """Greedy evaluation on a held-out split: accuracy (final answer correct), mean StepRAR,
-mean StepRVR. Used by train.py after the warm-up and after StepGRPO, and as a CLI:
+mean StepRVR. Used by train.py after the warm-up and after StepGRPO, and as a command line tool.
+
+Usage:
 
     python -m r1vl.eval --model runs/default/final --data runs/default/data [--limit 200]
     torchrun --nproc-per-node 4 -m r1vl.eval --model ... --data ...   (one GPU per rank)
@@ -8,16 +10,19 @@ mean StepRVR. Used by train.py after the warm-up and after StepGRPO, and as a CL
 holding test.jsonl (the built-in task's layout), or any file / dataset directory that
 r1vl.data.load_dataset reads. Prints one JSON object (and writes it with --out; its parent
 directory is created); --outputs FILE also writes every item's completion and scores (JSON
-lines, data order). When --model sits in a run written by r1vl.train (runs/X/final,
-runs/X/warmup, runs/X/checkpoints/<phase>-<step>, with runs/X/config.yaml), --max-new-tokens,
---min-pixels, --max-pixels, --alpha and --variant default to that run's values, as the
-trainer's own evaluation uses them; explicit flags win.
+lines, data order). Neither may name the data file evaluated. `reward_timeouts` counts the
+answers whose math-verify check ran out of time (--reward-timeout-s): they are scored wrong.
+When --model sits in a run written by r1vl.train (runs/X/final, runs/X/warmup,
+runs/X/checkpoints/<phase>-<step>, with runs/X/config.yaml), --max-new-tokens, --min-pixels,
+--max-pixels, --alpha, --variant, --accuracy-weight, --validity-weight and --reward-timeout-s
+default to that run's values, as the trainer's own evaluation uses them; explicit flags win.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -45,8 +50,9 @@ def make_prompt(processor, sample, template: str = "r1vl") -> Prompt:
 def score(texts: Sequence[str], samples: Sequence[Any], *, alpha: float = 0.1, variant: str = "paper",
           accuracy_weight: float = 1.0, validity_weight: float = 1.0, workers: int = 0,
           timeout_s: float = 5.0) -> dict[str, list[float]]:
-    """StepRAR, StepRVR, their weighted total, and `correct` (final answer right) per text;
-    samples[i] is the sample texts[i] answers. `timeouts`: math-verify calls that timed out."""
+    """StepRAR, StepRVR, their weighted total, `correct` (final answer right) and `timed_out`
+    (its math-verify check ran out of time: scored wrong) per text; samples[i] is the sample
+    texts[i] answers. `timeouts`: how many timed out."""
     from r1vl.rewards import score_batch
 
     res = score_batch(list(texts), [s.solution for s in samples], [s.key_steps for s in samples],
@@ -56,6 +62,7 @@ def score(texts: Sequence[str], samples: Sequence[Any], *, alpha: float = 0.1, v
             "validity": [float(x) for x in res["validity"]],
             "total": [float(x) for x in res["total"]],
             "correct": [float(x) for x in res["correct"]],
+            "timed_out": [float(x) for x in res.get("timed_out", [0.0] * len(texts))],
             "timeouts": float(sum(res.get("num_timeouts", [0.0])))}
 
 
@@ -75,6 +82,7 @@ def evaluate(engine, processor, samples: Sequence[Any], *, max_new_tokens: int, 
     """Greedy decoding of every sample (sharded over ranks when `d` is an r1vl.utils.Dist);
     returns held-out means over all ranks: accuracy, step_rar, step_rvr, reward (weighted as in
     training: accuracy_weight * StepRAR + validity_weight * StepRVR), completion_length,
+    `reward_timeouts` (answers whose check ran out of reward_timeout_s, scored wrong: warned)
     and `correct_items` (0/1 per sample, data order). keep_outputs=True adds `outputs`: one
     record per sample in data order (`output_record`), gathered from every rank.
     Rank 0 logs its progress (at most 10 lines: `progress_marks`)."""
@@ -93,6 +101,7 @@ def evaluate(engine, processor, samples: Sequence[Any], *, max_new_tokens: int, 
     mine = range(d.rank, len(samples), d.world)  # decoded a batch at a time
     local_correct: list[float] = []
     local_outputs: list[dict] = []
+    local_timeouts = 0.0
     stats = StatReducer()
     # every key on every rank, even one with no item (world > items): the reduction is one
     # vector whose length must agree across ranks
@@ -109,6 +118,7 @@ def evaluate(engine, processor, samples: Sequence[Any], *, max_new_tokens: int, 
                    validity_weight=validity_weight, workers=reward_workers, timeout_s=reward_timeout_s)
         stats.add("accuracy", sc["correct"])
         local_correct.extend(sc["correct"])
+        local_timeouts += sc["timeouts"]
         for x, ok in zip(chunk, sc["correct"]):
             fam = getattr(x, "meta", {}).get("family")
             if fam is not None:
@@ -124,8 +134,14 @@ def evaluate(engine, processor, samples: Sequence[Any], *, max_new_tokens: int, 
             log.info("eval: %d/%d samples, %.0f s", min(len(samples), (s + len(chunk)) * d.world), len(samples),
                      time.perf_counter() - t0)
     stats.add("n", float(len(mine)), weight=1.0)
+    stats.add("reward_timeouts", local_timeouts, weight=1.0)  # a count: the mean over ranks x world
     out = stats.reduce(d)
     out["n"] = int(round(out["n"] * d.world)) if d.world > 1 else len(mine)
+    out["reward_timeouts"] = int(round(out["reward_timeouts"] * d.world))
+    if out["reward_timeouts"] and d.main:  # a timeout is a wrong answer: the accuracy may be low for it
+        log.warning("eval: %d of %d answers were scored wrong because checking them took longer than the "
+                    "reward time limit (%g s: algorithm.reward_timeout_s, --reward-timeout-s of python -m "
+                    "r1vl.eval); raise it to check them fully", out["reward_timeouts"], out["n"], reward_timeout_s)
     out["seconds"] = time.perf_counter() - t0
     # per-item correctness in the order of `samples` (rank r evaluated items r, r+world, ...):
     # lets two evaluations of the same items be compared pairwise (see paired_comparison)
@@ -175,6 +191,8 @@ def output_record(sample, completion, sc: dict, i: int) -> dict:
            "correct": sc["correct"][i], "step_rar": sc["accuracy"][i], "step_rvr": sc["validity"][i],
            "reward": sc["total"][i], "completion_length": len(completion.token_ids),
            "truncated": completion.finish_reason == "length"}
+    if "timed_out" in sc:  # scored wrong because the check ran out of time, not because it failed
+        rec["timed_out"] = bool(sc["timed_out"][i])
     fam = getattr(sample, "meta", {}).get("family")
     if fam is not None:
         rec["family"] = str(fam)
@@ -183,12 +201,26 @@ def output_record(sample, completion, sc: dict, i: int) -> dict:
 
 def write_outputs(path: str | Path, records: Sequence[dict]) -> None:
     """JSON lines, one per evaluated sample, written to a temporary file and renamed."""
+    write_atomic(path, (json.dumps(rec, ensure_ascii=False) + "\n" for rec in records))
+
+
+def write_atomic(path: str | Path, parts) -> None:
+    """The strings `parts` written to `path` through a temporary file next to it, renamed onto
+    it once complete: a write that fails (disk full) or is interrupted (Ctrl-C) leaves the
+    previous file as it was, and its temporary is removed."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for rec in records:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for part in parts:
+                f.write(part)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:  # never created
+            pass
+        raise
 
 
 def paired_comparison(before: Sequence[float], after: Sequence[float]) -> dict[str, float]:
@@ -210,10 +242,38 @@ def paired_comparison(before: Sequence[float], after: Sequence[float]) -> dict[s
 
 
 def _resolve_data(path: str) -> str:
+    """--data's file: a directory's test.jsonl, else the path itself (a file, a datasets
+    directory). Another directory is refused here, with the data files it may mean: a run's
+    directory suggests its data/test.jsonl, never the run's own outputs (metrics.jsonl, ...)."""
+    from r1vl.data.loader import _is_hf_dir
+    from r1vl.train import RUN_OUTPUTS
+
     p = Path(path)
     if p.is_dir() and (p / "test.jsonl").is_file():
         return str(p / "test.jsonl")
+    if p.is_dir() and not _is_hf_dir(p):
+        hint = [p / "data" / "test.jsonl"] if (p / "data" / "test.jsonl").is_file() else \
+            [f for f in sorted(p.glob("*.jsonl")) + sorted(p.glob("*.parquet")) if f.name not in RUN_OUTPUTS][:3]
+        raise ValueError(f"--data {path}: a directory without test.jsonl, and not a Hugging Face datasets "
+                         f"directory; pass a data file{' such as ' + ', '.join(map(str, hint)) if hint else ''}")
     return str(p)
+
+
+def _check_not_data(out: str, data_path: str, flag: str) -> None:
+    """An output flag must not name the data being evaluated (written over once it is read):
+    the data file under any spelling or link, or a file inside a datasets directory."""
+    o, data = Path(out), Path(data_path)
+    if data.is_dir():
+        clash = o.resolve().is_relative_to(data.resolve())
+    else:
+        try:
+            clash = os.path.samefile(o, data)  # a hard link too
+        except OSError:  # `out` does not exist yet
+            clash = o.resolve() == data.resolve()
+    if clash:
+        what = "inside the --data directory" if data.is_dir() else "the --data file"
+        raise ValueError(f"{flag} {out}: is {what} being evaluated ({data_path}): writing it would overwrite "
+                         "the data set; choose another path")
 
 
 # CLI setting -> (built-in default, the run config's key the trainer's evaluation uses)
@@ -225,6 +285,7 @@ EVAL_SETTINGS: dict[str, tuple[Any, str]] = {
     "variant": ("paper", "algorithm.accuracy_variant"),
     "accuracy_weight": (1.0, "algorithm.accuracy_weight"),
     "validity_weight": (1.0, "algorithm.validity_weight"),
+    "reward_timeout_s": (5.0, "algorithm.reward_timeout_s"),
 }
 
 
@@ -318,8 +379,17 @@ def _nonneg_float(text: str) -> float:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v):  # an infinite weight makes the reward NaN (inf x 0)
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
     if not v >= 0:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    v = _nonneg_float(text)
+    if v == 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
     return v
 
 
@@ -348,7 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     run_default = " (default: the run's %s when --model is in an r1vl run directory, else %s)"
     ap.add_argument("--max-new-tokens", type=_int_at_least(1), default=None,
                     help="greedy decoding budget" + run_default % _run_default("max_new_tokens"))
-    ap.add_argument("--batch-size", type=_int_at_least(1), default=64)
+    ap.add_argument("--batch-size", type=_int_at_least(1), default=64,
+                    help="items decoded together, per rank (default: 64)")
     ap.add_argument("--min-pixels", type=_int_at_least(1), default=None,
                     help="image pixel lower bound" + run_default % _run_default("min_pixels"))
     ap.add_argument("--max-pixels", type=_int_at_least(1), default=None,
@@ -361,6 +432,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="StepRAR's weight in the reported reward" + run_default % _run_default("accuracy_weight"))
     ap.add_argument("--validity-weight", type=_nonneg_float, default=None,
                     help="StepRVR's weight in the reported reward" + run_default % _run_default("validity_weight"))
+    ap.add_argument("--reward-timeout-s", type=_positive_float, default=None,
+                    help="seconds math-verify may take to check one answer; an answer over it is scored wrong "
+                    "and counted in reward_timeouts" + run_default % _run_default("reward_timeout_s"))
     ap.add_argument("--engine", choices=("hf", "vllm"), default="hf",
                     help="greedy decoding by HF generate, or by a vLLM engine (pip install -e '.[vllm]'): the "
                     "checkpoint's weights are pushed into it from host memory; one engine per rank under torchrun")
@@ -477,12 +551,22 @@ def _device_and_dtype(device: str, dtype: str):
 
 
 def _run(args, main_rank: bool) -> int:
+    rank = os.environ.get("RANK", "0")
+    world = os.environ.get("WORLD_SIZE", "1")
+    # Whether a failure here is met alike by every rank: the checks of the arguments and inputs
+    # (the same on every rank), the image check (per_row_shared raises on every rank, naming the one
+    # that failed), a checkpoint no rank loads. Rank 0 alone prints those. Past them a failure is its
+    # rank's own (its device, its files): that rank prints it, or nobody does (torchrun kills rank 0).
+    everywhere = True
+
     def error(msg: str) -> None:
-        if main_rank:
-            print(f"r1vl.eval: error: {msg}", file=sys.stderr)
+        if everywhere and not main_rank:
+            return
+        where = f"[rank {rank}] " if not everywhere and world not in ("", "1") else ""
+        print(f"r1vl.eval: error: {where}{msg}", file=sys.stderr)
 
     from r1vl.train import UserError
-    from r1vl.utils import stdout_to_stderr
+    from r1vl.utils import forget_keyboard_interrupt, stdout_to_stderr
 
     d = None
     # stdout is this CLI's result (one JSON object, printed below): whatever the libraries write
@@ -505,8 +589,10 @@ def _run(args, main_rank: bool) -> int:
             check_model_path(args.model, label=f"--model {args.model}", hub=False)
             if args.out:
                 _check_out(args.out)
+                _check_not_data(args.out, data_path, "--out")
             if args.outputs:
                 _check_out(args.outputs, "--outputs", "outputs.jsonl")
+                _check_not_data(args.outputs, data_path, "--outputs")
             if args.out and args.outputs and Path(args.out).resolve() == Path(args.outputs).resolve():
                 raise ValueError(f"--out and --outputs name the same file ({args.out})")
             cfg_path = find_run_config(args.model)
@@ -536,15 +622,24 @@ def _run(args, main_rank: bool) -> int:
             if args.n > len(dataset) and main_rank:
                 log.info("--limit %d: %s has %d items; evaluating all of them", args.n, data_path, len(dataset))
             # torchrun: one process group, rank r evaluates items r, r + world, ... on its own GPU
-            from r1vl.utils import init_distributed
+            from r1vl.utils import all_gather_objects, init_distributed
 
+            everywhere = False  # a RANK without torchrun's WORLD_SIZE is this process's to report
             d = init_distributed("auto" if use_cuda else "gloo")
+            everywhere = True
             _check_images(samples, d)
+            load_error = None
             try:
                 model, processor = load_pretrained(args.model, dtype=dtype, min_pixels=settings["min_pixels"],
                                                    max_pixels=settings["max_pixels"])
             except ModelLoadError as e:
-                raise ModelLoadError(_model_error(args.model, e)) from None
+                load_error = _model_error(args.model, e)
+            # every rank loads the same checkpoint: a failure they all meet is one line, not one a rank
+            errors = all_gather_objects(load_error, d)
+            if load_error is not None:
+                everywhere = all(e == load_error for e in errors)
+                raise ModelLoadError(load_error)
+            everywhere = False
             model.eval()
             if args.engine == "vllm":  # the HF model stays in host memory: its weights are pushed to vLLM
                 engine, work = _vllm_engine(args, settings, dtype, dataset, model, processor, d)
@@ -556,7 +651,8 @@ def _run(args, main_rank: bool) -> int:
                 res = evaluate(engine, processor, samples, max_new_tokens=settings["max_new_tokens"], d=d,
                                batch_size=args.batch_size, alpha=settings["alpha"], variant=settings["variant"],
                                accuracy_weight=settings["accuracy_weight"],
-                               validity_weight=settings["validity_weight"], keep_outputs=bool(args.outputs))
+                               validity_weight=settings["validity_weight"],
+                               reward_timeout_s=settings["reward_timeout_s"], keep_outputs=bool(args.outputs))
             finally:
                 if args.engine == "vllm":
                     _close_vllm(engine, work, d)
@@ -564,8 +660,6 @@ def _run(args, main_rank: bool) -> int:
             error(str(e))
             return 2
         except KeyboardInterrupt:
-            from r1vl.utils import forget_keyboard_interrupt
-
             forget_keyboard_interrupt()  # exit 130, not -2 (its docstring)
             if main_rank:
                 print("r1vl.eval: interrupted (Ctrl-C): no result", file=sys.stderr)
@@ -579,24 +673,33 @@ def _run(args, main_rank: bool) -> int:
     outputs = res.pop("outputs", None)
     res = {"model": args.model, "data": data_path, **res}
     rc = 0
-    if outputs is not None:
-        try:
-            write_outputs(args.outputs, outputs)
-            res["outputs"] = args.outputs
-        except OSError as e:  # the scores are still printed (and written to --out) below
-            print(f"r1vl.eval: error: --outputs {args.outputs}: cannot write ({e.strerror or e})", file=sys.stderr)
-            rc = 2
-    if args.per_item:
-        res["correct_items"] = items
-    text = json.dumps(res, indent=2)
-    print(text)
-    if args.out:
-        try:
-            Path(args.out).write_text(text + "\n")
-        except OSError as e:  # the result is on stdout above: not lost
-            print(f"r1vl.eval: error: --out {args.out}: cannot write ({e.strerror or e}); "
-                  "the result is printed above", file=sys.stderr)
-            return 2
+    printed = False
+    try:
+        if outputs is not None:
+            try:
+                write_outputs(args.outputs, outputs)
+                res["outputs"] = args.outputs
+            except OSError as e:  # the scores are still printed (and written to --out) below
+                print(f"r1vl.eval: error: --outputs {args.outputs}: cannot write ({e.strerror or e})",
+                      file=sys.stderr)
+                rc = 2
+        if args.per_item:
+            res["correct_items"] = items
+        text = json.dumps(res, indent=2)
+        print(text)
+        printed = True
+        if args.out:
+            try:
+                write_atomic(args.out, [text + "\n"])
+            except OSError as e:  # the result is on stdout above: not lost
+                print(f"r1vl.eval: error: --out {args.out}: cannot write ({e.strerror or e}); "
+                      "the result is printed above", file=sys.stderr)
+                return 2
+    except KeyboardInterrupt:  # while a file is written (write_atomic leaves no partial one)
+        forget_keyboard_interrupt()
+        print("r1vl.eval: interrupted (Ctrl-C): " + (f"--out {args.out} not written; the result is printed above"
+                                                     if printed else "no result"), file=sys.stderr)
+        return 130
     return rc
 
 

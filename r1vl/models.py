@@ -451,10 +451,12 @@ def load_pretrained(path: str | Path, *, dtype: str = "float32", attn_implementa
     kwargs: dict[str, Any] = {"dtype": _DTYPES[dtype]}
     if attn_implementation != "auto":
         kwargs["attn_implementation"] = attn_implementation
+    from safetensors import SafetensorError  # a truncated or corrupt model.safetensors (not an OSError)
+
     try:  # the processor first: a missing tokenizer or image-processor file is found before the weights load
         processor = VLProcessor.from_pretrained(str(path), min_pixels=min_pixels, max_pixels=max_pixels)
         model = AutoModelForImageTextToText.from_pretrained(str(path), **kwargs)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
         raise ModelLoadError(f"model.path {str(path)!r}: cannot load ({str(e).splitlines()[0]})") from None
     return model, processor
 

@@ -864,6 +864,12 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
     log.info("r1vl.train: %d rank(s), %d thread(s) each, device %s, output %s", d.world,
              torch.get_num_threads(), d.device, out)
 
+    from r1vl.ds import compute_dtype
+
+    compute = compute_dtype(cfg)  # what the model computes in (DeepSpeed's bf16/fp16 casts model.dtype)
+    # checked before the data are decoded and the weights load; used for both models
+    attn = attn_implementation(cfg, d.device, compute)
+
     # ---- data, model, resume point
     train_path, test_path = prepare_data(cfg, d)
     train_set = load_split(train_path, cfg)
@@ -914,10 +920,6 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
             raise UserError(f"train.resume: {resume_dir} was written with DeepSpeed {state['ds_precision']}, "
                             f"deepspeed={cfg.deepspeed} (with model.dtype={cfg.model.dtype}) is {precision}; "
                             f"resume with the same precision")
-    from r1vl.ds import compute_dtype
-
-    compute = compute_dtype(cfg)  # what the model computes in (DeepSpeed's bf16/fp16 casts model.dtype)
-    attn = attn_implementation(cfg, d.device, compute)  # checked before the weights load, used for both models
     model, processor = build_model(cfg, d, train_set, resume_dir, attn)
     train_set = check_all_prompt_lengths(train_set, processor, cfg, d=d)
     if cfg.rollout.engine == "vllm":
@@ -1441,6 +1443,8 @@ def preflight(cfg: Config, *, rows: bool = False) -> None:
     if cfg.logging.wandb and importlib.util.find_spec("wandb") is None:
         raise UserError("logging.wandb=true: wandb is not installed (pip install -e '.[wandb]'), "
                         "or set logging.wandb=false")
+    # the attention implementation on this machine's device (a run's ranks use CUDA when it is here)
+    attn_implementation(cfg, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if cfg.rollout.engine == "vllm":
         from r1vl.rollout.vllm_engine import VLLM_INSTALL_HINT, vllm_installed
 
@@ -1509,6 +1513,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
+    from r1vl.utils import rank_env_problem
+
+    problem = rank_env_problem()
+    if problem:  # printed whatever RANK says: every later message is rank 0's only
+        print(f"r1vl.train: error: {problem}", file=sys.stderr)
+        return 2
     quiet_deepspeed_probe()
     try:
         cfg = load_config(args.config, args.overrides)

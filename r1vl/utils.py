@@ -46,9 +46,30 @@ class Dist:
             dist.barrier()
 
 
+def rank_env_problem() -> str | None:
+    """Why RANK / WORLD_SIZE are no torchrun environment, or None. torchrun sets both: a RANK left
+    by an enclosing job would make this process a non-main rank of a one-process "group", which
+    computes a part of the work and writes nothing."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return (f"RANK={os.environ.get('RANK')!r} / WORLD_SIZE={os.environ.get('WORLD_SIZE')!r}: expected integers "
+                "(torchrun sets them)")
+    if not 0 <= rank < world:
+        size = f"={world}" if "WORLD_SIZE" in os.environ else " is unset"
+        return (f"RANK={rank} but WORLD_SIZE{size}: not a torchrun environment; unset RANK to run as one process, "
+                "or launch with torchrun")
+    return None
+
+
 def init_distributed(backend: str = "auto", timeout_s: int = 1800, num_threads: int = 0) -> Dist:
-    """Read torchrun's environment; start the process group (gloo on CPU, NCCL on CUDA);
-    set the torch thread count (default: the cores this process may use / local ranks)."""
+    """Read torchrun's environment (ValueError: a RANK outside WORLD_SIZE); start the process
+    group (gloo on CPU, NCCL on CUDA); set the torch thread count (default: the cores this
+    process may use / local ranks)."""
+    problem = rank_env_problem()
+    if problem:
+        raise ValueError(problem)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

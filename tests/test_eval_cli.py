@@ -722,17 +722,20 @@ def test_corrupt_weights_file_is_one_line(tiny_run, data_dir, tmp_path, capsys):
     assert line.startswith(f"r1vl.eval: error: --model {model}: cannot load (") and "header" in line, line
 
 
-def _fake_result(samples_or_n):
-    n = samples_or_n if isinstance(samples_or_n, int) else len(samples_or_n)
-    return {"n": n, "accuracy": 0.0, "correct_items": [0.0] * n,
-            "outputs": [{"index": i, "completion": f"c{i}", "correct": 0.0} for i in range(n)]}
+def _fake_evaluate(engine, processor, samples, keep_outputs=False, **kw):
+    """evaluate's result shape, without generating."""
+    n = len(samples)
+    res = {"n": n, "accuracy": 0.0, "correct_items": [0.0] * n}
+    if keep_outputs:
+        res["outputs"] = [{"index": i, "completion": f"c{i}", "correct": 0.0} for i in range(n)]
+    return res
 
 
 @pytest.mark.parametrize("exc,rc", [(OSError(28, "No space left on device"), 2), (KeyboardInterrupt(), 130)])
 def test_failed_outputs_write_leaves_no_temporary(exc, rc, tiny_run, data_dir, tmp_path, capsys, monkeypatch):
     """Disk full or Ctrl-C while --outputs is written: no outputs.jsonl.tmp is left; Ctrl-C is
     the CLI's one line and exit 130, not a KeyboardInterrupt traceback."""
-    monkeypatch.setattr(ev, "evaluate", lambda engine, proc, samples, **kw: _fake_result(samples))
+    monkeypatch.setattr(ev, "evaluate", _fake_evaluate)
     real = json.dumps
     calls = []
 
@@ -763,7 +766,7 @@ def test_out_is_written_atomically(exc, rc, tiny_run, data_dir, tmp_path, capsys
     before the new file is complete leaves the previous one, and no temporary."""
     import os
 
-    monkeypatch.setattr(ev, "evaluate", lambda engine, proc, samples, **kw: _fake_result(samples))
+    monkeypatch.setattr(ev, "evaluate", _fake_evaluate)
     out = tmp_path / "o" / "eval.json"
     out.parent.mkdir()
     out.write_text("previous result\n")

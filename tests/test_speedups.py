@@ -119,6 +119,19 @@ def test_an_impossible_attention_stops_before_the_weights_load(monkeypatch, tmp_
         train.build_model(cfg, d, [], None)
 
 
+def test_an_impossible_attention_stops_check_and_the_run_before_the_data(tmp_path, capsys):
+    """flash_attention_2 on a CPU: --check said "config OK", and a run refused it only after
+    generating and decoding the data."""
+    from r1vl.train import main
+
+    out = tmp_path / "run"
+    assert main(["--check", f"output_dir={out}", "model.attn_implementation=flash_attention_2"]) == 2
+    assert "flash_attention_2 needs a CUDA device" in capsys.readouterr().err
+    assert main([f"output_dir={out}", "model.attn_implementation=flash_attention_2", "logging.progress=false"]) == 2
+    assert "flash_attention_2 needs a CUDA device" in capsys.readouterr().err
+    assert not (out / "data").exists()
+
+
 def test_cpu_speedups_skip_liger_in_one_line_and_checkpointing_keeps_gradients(tiny, caplog):
     model, proc = tiny
     from r1vl.algo import build_batch

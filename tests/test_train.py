@@ -744,6 +744,17 @@ def test_keep_checkpoints(tmp_path, data_dir, keep, expect):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == expect
 
 
+def test_stray_rank_without_world_size_is_one_line(tmp_path, capsys, monkeypatch):
+    """RANK=1 left by an enclosing job, no WORLD_SIZE: the trainer's messages are rank 0's, so it
+    ended in a traceback or said nothing; now one line, before anything is written."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main([f"output_dir={tmp_path / 'run'}"]) == 2
+    assert capsys.readouterr().err.strip() == ("r1vl.train: error: RANK=1 but WORLD_SIZE is unset: not a torchrun "
+                                               "environment; unset RANK to run as one process, or launch with torchrun")
+    assert not (tmp_path / "run").exists()
+
+
 def test_warmup_max_length_cutting_solutions_is_said(tmp_path, data_dir, capsys):
     """warmup.max_length cut each reference solution silently (the final answer never learned)."""
     assert main(_args(tmp_path / "cut", data_dir, "warmup.max_length=5", "train.max_steps=0",
