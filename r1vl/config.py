@@ -737,6 +737,17 @@ def validate(cfg: Config) -> None:
             f"rollout.temperature: expected > 0 when train.max_steps > 0, got {cfg.rollout.temperature!r} "
             "(greedy: a prompt's G completions would be equal, every advantage 0, and StepGRPO would learn nothing)"
         )
+    ro = cfg.rollout
+    if (ro.engine == "vllm" and ro.is_correction and ro.vllm.logprobs_mode == "processed_logprobs"
+            and (ro.top_p < 1 or ro.top_k > 0) and cfg.train.max_steps > 0):
+        # vLLM's processed log-probs are those of the distribution after the top-p / top-k cut,
+        # renormalised; the trainer's are of the whole one: every ratio is the kept mass (0.9 at
+        # top_p 0.9), whole sequences nearly 0 in the sequence modes, with the engine in sync
+        raise ConfigError(f"rollout.top_p={ro.top_p} / rollout.top_k={ro.top_k} with rollout.is_correction and vLLM's "
+                          "processed log-probs: the engine's are of the cut, renormalised distribution and the "
+                          "trainer's of the whole one, so the importance ratio is the kept mass, not 1; set "
+                          "rollout.vllm.logprobs_mode=raw_logprobs (both compared at temperature 1, uncut), "
+                          "rollout.is_correction=false, or top_p=1 and top_k=0")
     if cfg.rollout.top_k == 1 and cfg.train.max_steps > 0:
         raise ConfigError("rollout.top_k: expected 0 (off) or >= 2 when train.max_steps > 0, got 1 (greedy: a "
                           "prompt's G completions would be equal, every advantage 0, and StepGRPO would learn nothing)")

@@ -111,9 +111,16 @@ def evaluate(engine, processor, samples: Sequence[Any], *, max_new_tokens: int, 
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
     n_batches = -(-len(mine) // batch_size)
     marks = progress_marks(n_batches) if d.main else set()  # logging only: no collective
-    for b, s in enumerate(range(0, len(mine), batch_size), start=1):
+    # an engine whose generate() is a collective (vLLM with tensor parallelism: a TP group's ranks
+    # exchange their prompts) is called as many times on every rank, with no prompt where a rank
+    # has run out of items: rank 0 has the most (else the others waited for it forever)
+    calls = -(-len(range(0, len(samples), d.world)) // batch_size) if getattr(engine, "collective_generate", False) \
+        else n_batches
+    for b, s in enumerate(range(0, calls * batch_size, batch_size), start=1):
         chunk = [samples[i] for i in mine[s: s + batch_size]]
         comps = engine.generate([make_prompt(processor, x) for x in chunk], 1, sampling)
+        if not chunk:
+            continue
         sc = score([c.text for c in comps], chunk, alpha=alpha, variant=variant, accuracy_weight=accuracy_weight,
                    validity_weight=validity_weight, workers=reward_workers, timeout_s=reward_timeout_s)
         stats.add("accuracy", sc["correct"])

@@ -424,6 +424,9 @@ def test_vllm_max_model_len_must_hold_a_rollout():
     (["data.min_pixels=1", "data.max_pixels=700"], "data.min_pixels / data.max_pixels:"),
     (["rollout.vllm.max_num_batched_tokens=0"], "rollout.vllm.max_num_batched_tokens: expected"),
     (["rollout.top_k=1"], "rollout.top_k: expected 0 (off) or >= 2"),  # greedy, as temperature 0
+    # vLLM's processed log-probs are of the cut distribution: every IS ratio the kept mass (0.90 at 0.9)
+    (["rollout.engine=vllm", "rollout.top_p=0.9"], "rollout.top_p=0.9 / rollout.top_k=0 with rollout.is_correction"),
+    (["rollout.engine=vllm", "rollout.top_k=5"], "rollout.top_p=1.0 / rollout.top_k=5 with rollout.is_correction"),
 ])
 def test_values_that_failed_after_start_up_are_refused_at_load(overrides, start):
     with pytest.raises(ConfigError) as e:
@@ -442,7 +445,9 @@ def test_values_beside_the_refused_ones_still_load():
     for ok in (["model.dtype=float16", "train.max_steps=0", "warmup.steps=0"],  # nothing trained
                ["model.tiny.vision_embed_dim=48", "model.tiny.vision_num_heads=4"],
                ["seed=-3"], ["seed=9223372036854775807"], ["data.min_pixels=1", "data.max_pixels=784"],
-               ["rollout.vllm.max_num_batched_tokens=8192"], ["rollout.top_k=2"], ["rollout.top_k=1", "train.max_steps=0"]):
+               ["rollout.vllm.max_num_batched_tokens=8192"], ["rollout.top_k=2"], ["rollout.top_k=1", "train.max_steps=0"],
+               ["rollout.engine=vllm", "rollout.top_p=0.9", "rollout.vllm.logprobs_mode=raw_logprobs"],
+               ["rollout.engine=vllm", "rollout.top_p=0.9", "rollout.is_correction=false"], ["rollout.top_p=0.9"]):
         load_config(None, ok)
 
 

@@ -46,7 +46,9 @@ class Completion:
 @runtime_checkable
 class RolloutEngine(Protocol):
     def generate(self, prompts: list[Prompt], n: int, sampling: SamplingConfig) -> list[Completion]:
-        """n completions per prompt, ordered prompt-major: [p0c0, p0c1, ..., p1c0, ...]."""
+        """n completions per prompt, ordered prompt-major: [p0c0, p0c1, ..., p1c0, ...]. An engine
+        whose generate() is a collective across ranks says so with a true `collective_generate`
+        attribute: callers then call it as often on every rank, an empty list where a rank has none."""
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Push (HF-named) policy weights into the engine."""

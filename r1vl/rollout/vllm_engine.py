@@ -689,9 +689,16 @@ class VLLMEngine:
 
     # ------------------------------------------------------------ generation
 
+    @property
+    def collective_generate(self) -> bool:
+        """generate() is a collective of the TP group (it gathers the group's prompts): every rank
+        of it must call it as many times, with no prompt where it has none."""
+        return self.tp_group is not None
+
     def generate(self, prompts: list[Prompt], n: int, sampling: SamplingConfig) -> list[Completion]:
         """n completions per prompt, prompt-major, with the engine's per-token
-        log-probs of the sampled tokens when sampling.return_logprobs."""
+        log-probs of the sampled tokens when sampling.return_logprobs. With tensor parallelism,
+        a collective of the TP group (collective_generate), sampled with its first rank's seed."""
         from vllm import SamplingParams
 
         self.calls.append("generate")
@@ -702,14 +709,18 @@ class VLLMEngine:
         self._wake_kv()
 
         local = list(prompts)
+        seed0 = sampling.seed
         if self.tp_group is not None:  # the TP group generates the union of its prompts
             import torch.distributed as dist
 
-            gathered: list[list[Prompt] | None] = [None] * self.tp_size
-            dist.all_gather_object(gathered, local, group=self.tp_group)
+            gathered: list[tuple[list[Prompt], int | None] | None] = [None] * self.tp_size
+            dist.all_gather_object(gathered, (local, sampling.seed), group=self.tp_group)
             my_pos = self.rank % self.tp_size
-            offset = sum(len(g) for g in gathered[:my_pos])
-            all_prompts = [p for g in gathered for p in g]
+            offset = sum(len(g[0]) for g in gathered[:my_pos])
+            all_prompts = [p for g in gathered for p in g[0]]
+            # one seed for the group (its first rank's): the ranks run one engine in lock-step, and
+            # with their own seeds each sampled its own token into the shared forward
+            seed0 = gathered[0][1]
         else:
             offset, all_prompts = 0, local
 
@@ -726,8 +737,8 @@ class VLLMEngine:
                 req["multi_modal_data"] = {"image": p.image}
             for c in range(copies):
                 seed = None
-                if sampling.seed is not None:
-                    seed = sampling.seed + 100_003 * self.dp_rank + n * i + c
+                if seed0 is not None:
+                    seed = seed0 + 100_003 * self.dp_rank + n * i + c
                 requests.append(req)
                 params.append(
                     SamplingParams(

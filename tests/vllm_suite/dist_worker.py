@@ -6,7 +6,8 @@ gloo process group first, then the engine via VLLMEngine.from_config (rank 0 wri
 the engine's model directory, dummy start-up weights, the bound policy is pushed),
 then per-rank generation checked against HF, per-rank sampling seeds, a simulated
 training step (same update on every rank) followed by sleep → wake (which pushes
-the bound policy) → generate, and the IS ratio. Each rank writes OUT_DIR/rank{r}.json.
+the bound policy) → generate, the IS ratio with per-rank seeds, and a held-out evaluation
+whose ranks have unequal batch counts. Each rank writes OUT_DIR/rank{r}.json.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def main() -> None:
     cfg.output_dir = str(out_dir / "run")
     cfg.model.dtype = "float32"
     cfg.data.min_pixels, cfg.data.max_pixels = MIN_PIXELS, MAX_PIXELS
-    cfg.data.max_prompt_length = 256
+    cfg.data.max_prompt_length = 1500  # the held-out prompts below (the R1-VL instruction, an image)
     cfg.rollout.max_completion_length = 16
 
     class _VLLMSection:  # what the trainer's config section `rollout.vllm` would hold
@@ -97,8 +98,10 @@ def main() -> None:
     # sampled from (placeholders suppressed): against that reference the ratio is 1;
     # against the trainer's full-vocabulary log-probs it is <= 1 (the placeholders'
     # mass, large only in an untrained model)
+    # per-rank request seeds, as the trainer's (derive_seed(seed, 3, rank, step)): a TP group still
+    # samples one token per position (it had each rank sample its own into the shared forward)
     T = 0.8
-    comps = engine.generate(prompts, 2, SamplingConfig(max_new_tokens=8, temperature=T, seed=5,
+    comps = engine.generate(prompts, 2, SamplingConfig(max_new_tokens=8, temperature=T, seed=5 + 1000 * rank,
                                                        return_logprobs=True))
     assert not any(set(c.token_ids) & set(suppress) for c in comps)
     L = max(len(c.token_ids) for c in comps)
@@ -115,6 +118,22 @@ def main() -> None:
     res["trainer_is_ratio_min"], res["trainer_is_ratio_max"] = full["is_ratio_min"], full["is_ratio_max"]
     engine.sleep()
     res["calls"] = list(engine.calls)
+
+    # the trainer's held-out evaluation with 3 items over 2 ranks, one per batch: rank 0 makes
+    # two generate() calls, rank 1 one (with TP, a collective of the group: it hung)
+    from r1vl.data.loader import load_dataset
+    from r1vl.data.synthetic import prepare_task
+    from r1vl.eval import evaluate
+    from r1vl.utils import Dist
+
+    if rank == 0:
+        prepare_task(out_dir / "data", 4, 3, 0)
+    dist.barrier()
+    test = load_dataset(out_dir / "data" / "test.jsonl", min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    engine.wake()
+    ev = evaluate(engine, processor, test, max_new_tokens=8, batch_size=1, d=Dist(rank=rank, world=world))
+    engine.sleep()
+    res["eval_n"] = ev["n"]
     res["wall_s"] = time.time() - t0
     (out_dir / f"rank{rank}.json").write_text(json.dumps(res))
     dist.barrier()

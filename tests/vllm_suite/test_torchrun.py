@@ -44,15 +44,19 @@ def test_two_ranks_tp1(tmp_path):
     assert r0["samples"] != r1["samples"]
     # the engine's model directory was written once, by rank 0
     assert (tmp_path / "run" / "vllm_engine_model" / "config.json").is_file()
+    assert r0["eval_n"] == r1["eval_n"] == 3
 
 
 @pytest.mark.slow
 def test_two_ranks_tp2(tmp_path):
     """One engine sharded over both ranks (tensor parallel): each rank still gets
-    the completions of its own prompts, equal to HF's."""
+    the completions of its own prompts, equal to HF's. With per-rank seeds (the trainer's) the
+    engine is in sync (each rank had sampled its own token into the shared forward: ratios 1.3 to
+    1.5), and an evaluation whose ranks make unequal numbers of generate() calls ends (it hung)."""
     r0, r1 = _torchrun(tmp_path, tp=2)
     for r in (r0, r1):
         assert r["tp"] == 2
         assert r["lp_diff_initial"] < 1e-4 and r["lp_diff_after_update"] < 1e-4
         assert abs(r["is_ratio_mean"] - 1) < 1e-3 and abs(r["is_ratio_max"] - 1) < 1e-3
+        assert r["eval_n"] == 3
     assert r0["samples"] != r1["samples"]
