@@ -1,4 +1,5 @@
 """Argument validation (clear ValueErrors naming the argument) and backend dispatch."""
+import dataclasses
 import os
 
 import pytest
@@ -11,6 +12,15 @@ from r1vl.kernels import FusedLinearGRPOLoss, fused_linear_grpo_loss, linear_log
 @pytest.fixture(scope="module")
 def case():
     return make_case(B=2, T=4, H=8, V=11, seed=0)
+
+
+def _on_device(case, backend):
+    """The case where backend="triton" runs: CUDA tensors on a GPU (there, CPU tensors are refused
+    without TRITON_INTERPRET), the interpreter's CPU tensors here."""
+    if backend != "triton" or not torch.cuda.is_available():
+        return case
+    return dataclasses.replace(case, **{f.name: None if getattr(case, f.name) is None else
+                                        getattr(case, f.name).cuda() for f in dataclasses.fields(case)})
 
 
 def _loss(case, **over):
@@ -234,6 +244,7 @@ def test_constants_made_under_inference_mode(case, backend, monkeypatch):
     if backend == "torch-twopass":
         monkeypatch.setenv("R1VL_KERNEL_ONEPASS", "0")
     be = "triton" if backend == "triton" else "torch"
+    case = _on_device(case, be)
     with torch.inference_mode():
         inf = [x.clone() for x in (case.targets, case.mask, case.advantages, case.old, case.ref, case.bias)]
     assert all(x.is_inference() for x in inf)
@@ -256,6 +267,7 @@ def test_double_backward_is_a_clear_error(case, backend, monkeypatch):
     if backend == "torch-twopass":
         monkeypatch.setenv("R1VL_KERNEL_ONEPASS", "0")
     be = "triton" if backend == "triton" else "torch"
+    case = _on_device(case, be)
     h = case.hidden.clone().requires_grad_()
     loss, _ = fused_linear_grpo_loss(h, case.weight, case.targets, case.mask, case.advantages,
                                      old_logprobs=case.old, ref_logprobs=case.ref, backend=be)
@@ -299,6 +311,7 @@ def test_token_level_advantages(case, backend, monkeypatch):
     if backend == "torch-twopass":
         monkeypatch.setenv("R1VL_KERNEL_ONEPASS", "0")
         backend = "torch"
+    case = _on_device(case, backend)
     mask = case.mask.clone()
     mask[0, 2:] = False
     kw = dict(old_logprobs=case.old, ref_logprobs=case.ref, mask=mask, backend=backend)
@@ -335,12 +348,14 @@ def test_an_empty_batch_gives_zero(backend, level, monkeypatch):
     if backend == "torch-twopass":
         monkeypatch.setenv("R1VL_KERNEL_ONEPASS", "0")
         backend = "torch"
+    dev = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
     for loss_type in ("grpo", "bnpo", "dr_grpo", "dapo"):
-        h = torch.zeros(0, 4, 8, requires_grad=True)
-        w = torch.randn(11, 8, requires_grad=True)
+        h = torch.zeros(0, 4, 8, device=dev, requires_grad=True)
+        w = torch.randn(11, 8, device=dev, requires_grad=True)
+        z = torch.zeros(0, 4, device=dev)
         loss, metrics = fused_linear_grpo_loss(
-            h, w, torch.zeros(0, 4, dtype=torch.int64), torch.ones(0, 4), torch.zeros(0),
-            old_logprobs=torch.zeros(0, 4), ref_logprobs=torch.zeros(0, 4), backend=backend,
+            h, w, torch.zeros(0, 4, dtype=torch.int64, device=dev), torch.ones(0, 4, device=dev),
+            torch.zeros(0, device=dev), old_logprobs=z, ref_logprobs=z, backend=backend,
             loss_type=loss_type, importance_sampling_level=level, max_completion_length=4)
         loss.backward()
         assert float(loss) == 0.0, (loss_type, loss)
