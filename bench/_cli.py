@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import subprocess
 from pathlib import Path
 
 
@@ -112,3 +113,14 @@ def require_cuda(ap: argparse.ArgumentParser, flag: str, value: str = "cuda") ->
     if not torch.cuda.is_available():
         build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}, no GPU visible"
         ap.error(f"{flag} {value}: CUDA is not available here (torch {torch.__version__}, {build})")
+
+
+def r1vl_commit() -> str | None:
+    """This tree's commit: git's, else R1VL_COMMIT (the device machine's copy of the tree has no
+    .git: bench/NOTES.md's commands pass it)."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent.parent,
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return sha or os.environ.get("R1VL_COMMIT") or None

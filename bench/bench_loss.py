@@ -378,6 +378,7 @@ def versions() -> dict:
         except md.PackageNotFoundError:
             out[pkg] = None
     out["cuda"] = torch.version.cuda
+    out["r1vl_commit"] = _cli.r1vl_commit()
     return out
 
 

@@ -143,11 +143,7 @@ def _versions() -> dict:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             out[pkg] = None
-    try:
-        out["r1vl_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                            text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        out["r1vl_commit"] = None
+    out["r1vl_commit"] = _cli.r1vl_commit()
     return out
 
 
@@ -209,8 +205,9 @@ class PhaseClock:
 
     def begin_step(self) -> None:
         self.sync()
+        if self.cuda:  # a new window: what peaked since the last phase (the previous step's) is not this step's
+            self.torch.cuda.reset_peak_memory_stats(self.device)
         self.cur = {"seconds": {}, "peak": {}, "step_peak": None, "t0": time.perf_counter(), "extra": {}}
-        self._fold_and_reset()
 
     def end_step(self, **extra) -> dict:
         self.sync()

@@ -60,12 +60,13 @@ def plot(paths: list[Path], png: Path, impls=DEFAULT_IMPLS) -> Path:
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.8))
     heads = sorted({(r["hidden"], r["vocab"]) for r in rows})
     styles = ["-", "--", ":", "-."]
+    markers = ["o", "s", "^", "D"]  # per head too: with one token count a line is one point, and style shows nothing
     fused = sorted({r["impl"] for r in rows if r["impl"].startswith("fused_")})
     color = dict(COLORS, **{f: FUSED_COLORS[i % len(FUSED_COLORS)] for i, f in enumerate(fused)})
     for hi, head in enumerate(heads):
         for impl in sorted({r["impl"] for r in rows}):
             mine = [r for r in rows if r["impl"] == impl and (r["hidden"], r["vocab"]) == head]
-            kw = dict(color=color.get(impl, "gray"), linestyle=styles[hi % len(styles)], marker="o",
+            kw = dict(color=color.get(impl, "gray"), linestyle=styles[hi % len(styles)], marker=markers[hi % len(markers)],
                       label=f"{impl}, H={head[0]} V={head[1]}")
             for ax, key, div in ((ax_t, "ms_median", 1), (ax_m, "peak_mem_bytes", scale)):
                 pts = sorted((r["tokens"], r[key] / div) for r in mine if r.get(key) is not None)

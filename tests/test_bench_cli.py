@@ -239,6 +239,23 @@ def test_plot_loss_draws_an_untimed_row_in_the_memory_panel(tmp_path, capsys):
     _mod("plot_loss").main([str(path), "--png", str(png), "--impls", "fused_*,reference"])
 
 
+def test_plot_loss_tells_heads_apart_at_one_token_count(tmp_path, monkeypatch):
+    """The GPU plan measures one token count: each line is one point, which a line style cannot
+    mark, and both heads had marker "o" in the same colour."""
+    import matplotlib.pyplot as plt
+
+    base = dict(device="cpu", dtype="bfloat16", versions={}, tokens=16384, impl="fused_torch", ms_median=1.0,
+                peak_mem_bytes=1000)
+    path = tmp_path / "loss.json"
+    path.write_text(json.dumps({"rows": [dict(base, hidden=1536, vocab=151936), dict(base, hidden=3584, vocab=152064)],
+                                "config": {}, "targets": []}))
+    figs = []
+    monkeypatch.setattr(plt, "close", figs.append)
+    _mod("plot_loss").main([str(path), "--png", str(tmp_path / "p.png")])
+    markers = {line.get_label(): line.get_marker() for line in figs[0].axes[0].lines}
+    assert len(markers) == 2 and len(set(markers.values())) == 2, markers
+
+
 def test_plot_loss_bad_inputs_exit_2(tmp_path, capsys):
     good = _loss_json(tmp_path)
     (tmp_path / "text.json").write_text("not json")

@@ -247,3 +247,41 @@ def test_a_run_stops_early_to_leave_the_next_its_time(fake):
     assert not bs._stop_for_next(steps[:1], 1, t0, 110.0, 1.5)          # no timed step yet: never
     assert not bs._stop_for_next(steps, 1, t0, 106.0, 1.5)              # next step ends 103 <= 106 - 3
     assert bs._stop_for_next(steps, 1, t0, 105.5, 1.5)                  # 103 > 105.5 - 3
+
+
+def test_a_steps_peak_memory_is_its_own(fake):
+    """On CUDA each step's peak starts at the step: it folded in the peak since the last phase,
+    i.e. the previous step's update (the first timed step inherited the warm-up's autotuning)."""
+    bs, _ = fake
+    alloc = {"now": 0, "peak": 0}
+
+    class FakeCuda:
+        @staticmethod
+        def synchronize(device):
+            pass
+
+        @staticmethod
+        def max_memory_allocated(device):
+            return alloc["peak"]
+
+        @staticmethod
+        def reset_peak_memory_stats(device):
+            alloc["peak"] = alloc["now"]
+
+    def use(n):  # allocate n, then free it
+        alloc["now"] += n
+        alloc["peak"] = max(alloc["peak"], alloc["now"])
+        alloc["now"] -= n
+
+    clock = bs.PhaseClock(type("Dev", (), {"type": "cuda"})())
+    clock.torch = type("FakeTorch", (), {"cuda": FakeCuda})
+    clock.begin_step()
+    with clock.phase("update"):
+        use(100)
+    clock.end_step()
+    use(70)  # between steps (the driver's own work)
+    clock.begin_step()
+    with clock.phase("rollout"):
+        use(20)
+    st = clock.end_step()
+    assert clock.steps[0]["peak"]["step"] == 100 and st["peak"] == {"rollout": 20, "step": 20}
