@@ -297,7 +297,11 @@ def test_gpu_ceilings_printed_figures_match_the_json(tmp_path, capsys):
 
 
 def _fake_workers(fail=None):
+    real = subprocess.run
+
     def run(cmd, **kw):
+        if "--worker" not in cmd:  # git rev-parse for versions(): the real one
+            return real(cmd, **kw)
         impl = cmd[cmd.index("--worker") + 1]
         if impl == fail:
             return subprocess.CompletedProcess(cmd, 1, "", "Traceback ...\nMemoryError: out of memory\n")
