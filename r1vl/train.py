@@ -1445,6 +1445,8 @@ def preflight(cfg: Config, *, rows: bool = False) -> None:
                         "or set logging.wandb=false")
     # the attention implementation on this machine's device (a run's ranks use CUDA when it is here)
     attn_implementation(cfg, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    if cfg.distributed.backend == "nccl" and not torch.cuda.is_available():  # else torch's "NCCL not built in"
+        raise UserError("distributed.backend=nccl needs CUDA GPUs, and this machine has none: use auto or gloo")
     if cfg.rollout.engine == "vllm":
         from r1vl.rollout.vllm_engine import VLLM_INSTALL_HINT, vllm_installed
 

@@ -130,6 +130,10 @@ def test_an_impossible_attention_stops_check_and_the_run_before_the_data(tmp_pat
     assert main([f"output_dir={out}", "model.attn_implementation=flash_attention_2", "logging.progress=false"]) == 2
     assert "flash_attention_2 needs a CUDA device" in capsys.readouterr().err
     assert not (out / "data").exists()
+    # NCCL on a machine without CUDA: under torchrun, torch's "Distributed package doesn't have NCCL
+    # built in" traceback (a run checks it in the same preflight as --check, before the process group)
+    assert main(["--check", f"output_dir={out}", "distributed.backend=nccl"]) == 2
+    assert "distributed.backend=nccl needs CUDA GPUs" in capsys.readouterr().err
 
 
 def test_cpu_speedups_skip_liger_in_one_line_and_checkpointing_keeps_gradients(tiny, caplog):
