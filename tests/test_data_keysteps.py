@@ -152,7 +152,9 @@ def test_values_are_read_whole(step, first, wrong):
                                   "The ratio 2:3 holds.",  # was "ratio 2: 3", "ratio 2 = 3": a label cut in two
                                   # each was cut to a key step a wrong value matches ("n = 5", "3.5 thousand")
                                   "n = 5!", "The length is 5 m 20 cm.", "The total is 3.5 million.",
-                                  "The time is 3:45 pm.", "Total: 3.5 million", "Then t = 3:45 pm."])
+                                  "The time is 3:45 pm.", "Total: 3.5 million", "Then t = 3:45 pm.",
+                                  # a spaced ratio and a numbered heading were labels ("ratio 2 = 3", "Step 2 = 3")
+                                  "The ratio 2 : 3 holds.", "Step 2: 3 apples remain."])
 def test_a_value_that_goes_on_makes_no_key_step(step):
     assert derive_key_steps(sol(step)) == derive_key_steps(sol("The height is 40².")) == []
 

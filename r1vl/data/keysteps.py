@@ -110,8 +110,9 @@ _MORE_VALUES = re.compile(r"\s*(?:,|\s(?:and|or|to)\s)\s*[-−]?\d[\d.,/:]*\s*(?
 _NAME = r"(?<![\w'])(?P<name>(?:(?:[A-Za-z][A-Za-z0-9']*|\d+)\s+){0,3}[A-Za-z0-9][A-Za-z0-9']*)"
 _VERBS = ("is", "are", "equals", "was", "were", "reaches", "measures")
 _NAMED = re.compile(_NAME + r"\s+(?P<verb>" + "|".join(_VERBS) + r")\s+\$?(?P<value>" + _NUMBER + ")")
-# (not a ratio's colon, digit:digit: "the ratio 2:3 holds" is no label "ratio 2" of value 3)
-_LABELLED = re.compile(_NAME + r"(?!(?<=\d):\d)\s*:\s*\$?(?P<value>" + _NUMBER + ")")
+# (not a name that ends in a number before the colon and a number after it: a ratio, "the ratio
+# 2:3 holds", "2 : 3", is no label "ratio 2" of value 3, nor is "Step 2: 3 apples" one "Step 2")
+_LABELLED = re.compile(_NAME + r"(?!(?<=\d)\s*:\s*\$?[-−]?\d)\s*:\s*\$?(?P<value>" + _NUMBER + ")")
 _LEADING_WORDS = {"the", "a", "an", "so", "thus", "therefore", "hence", "then", "and", "of", "count", "we",
                   "get", "find", "that", "this", "which", "its", "their", "at", "in", "on", "for", "to", "by",
                   "with", "from", "since", "because", "now", "also", "but", "or", "if", "when"}
