@@ -143,6 +143,10 @@ ANSWER_FORMS = [
     ("12", "12 cm", True), ("12", "12 square units", True), ("50%", "0.5", True), ("30", "30^\\circ", True),
     ("1234567", "1,234,567", True), ("12", "x = 12", True), ("12", "It is 12.", True), ("7", "7 (seven)", True),
     ("12", "The area is 12 square units.", True), ("7", "8", False),
+    # ratios and times of day, which math-verify reads as their first number ("2:5" was "2:3")
+    ("2:3", "2:5", False), ("2:3", "2", False), ("3:45", "3:50", False), ("1", "1:2", False), ("2:3", "4:6", False),
+    ("2:3", "2 : 3", True), ("2:3", "The ratio is 2:3.", True), ("2:3", "x = 2 : 3", True), ("3:45 pm", "3:45 PM", True),
+    ("1:2:4", "1:2:4", True), ("1:2:4", "1:2:5", False),
 ]
 
 

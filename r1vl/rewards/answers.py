@@ -11,10 +11,12 @@ would be wrong. Here, in order:
    "\\text{A}", "a"), not a leading article ("A triangle"); a yes/no reference by the
    completion's first word.
 3. Otherwise math-verify compares them, each line read as LaTeX (`latex_form`: wrapped in
-   `$...$`) when it carries mathematics -- a backslash, ^, _, =, +, -, *, /, parentheses or
-   braces -- and, once leading words ("The area is") and trailing units ("cm", "square
+   `$...$`) when it carries mathematics -- a backslash, ^, _, =, +, -, *, /, parentheses,
+   braces or a ratio "2:3" -- and, once leading words ("The area is") and trailing units ("cm", "square
    units") are set aside, no other word, and is at most 500 characters long; as plain text
-   otherwise ("12 cm", "50%", "12 or 13").
+   otherwise ("12 cm", "50%", "12 or 13"). A ratio or a time of day ("2:3", "3:45") must be
+   written the same on both sides (`colon_groups`): math-verify reads "2:3" as 2, so "2:5" or
+   "2" against "2:3" were right.
 
 `r1vl.data.format.answer_line` (the final answer the rewards compare) also reads an answer given in display maths on the lines after the header
 (`$$ ... $$`, `\\[ ... \\]`), where the header's own line holds only the opening delimiter.
@@ -37,6 +39,8 @@ _FIRST_WORD = re.compile(r"[A-Za-z]+")
 
 _DELIMITED = ("$", "\\(", "\\[", "\\boxed")
 _MATH_CHARS = re.compile(r"[\\^_=+\-*/(){}]")
+# a ratio or a time of day, "2:3", "3:45", "1 : 2 : 4": math-verify reads it as its first number
+_COLON_GROUP = re.compile(r"\d+(?:\.\d+)?(?:\s*:\s*\d+(?:\.\d+)?)+")
 _LEADING_WORDS = re.compile(r"(?:[A-Za-z]{2,}\s+)+(?=[-+(\d\\])")
 _TRAILING_UNITS = re.compile(r"(?:\s*(?<![\\A-Za-z])[A-Za-z]{2,}(?:\^\{?\d\}?)?)+\Z")
 _WORD = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}")
@@ -79,17 +83,29 @@ def yes_no(answer: str) -> str | None:
     return word if word in _YES_NO else None
 
 
+def colon_groups(answer: str) -> list[str]:
+    """The ratios / times of day in an answer line, spaces dropped ("2 : 3" -> "2:3"), in order."""
+    return [re.sub(r"\s+", "", m.group()) for m in _COLON_GROUP.finditer(answer)]
+
+
+def unspaced_colons(answer: str) -> str:
+    """The answer line with its ratios / times written without spaces (math-verify reads "2:3" as
+    2 but "2 : 3" as 3)."""
+    return _COLON_GROUP.sub(lambda m: re.sub(r"\s+", "", m.group()), answer)
+
+
 def latex_form(answer: str) -> str | None:
     """The answer wrapped in `$...$` for math-verify to read as LaTeX, or None when it should be
     read as plain text (see the module docstring)."""
     s = answer.strip()
-    if len(s) > _MAX_LATEX_CHARS or any(d in s for d in _DELIMITED) or not _MATH_CHARS.search(s):
+    if len(s) > _MAX_LATEX_CHARS or any(d in s for d in _DELIMITED) or not (
+            _MATH_CHARS.search(s) or _COLON_GROUP.search(s)):
         return None
     s = _TEXT_MACRO.sub(" ", s)  # "\\text{ cm}": units, as math-verify would drop them
     lead = _LEADING_WORDS.match(s)
     if lead:
         s = s[lead.end():]
     s = _TRAILING_UNITS.sub("", s.rstrip(" .")).rstrip(" .")
-    if not s or _WORD.search(s) or not _MATH_CHARS.search(s):
+    if not s or _WORD.search(s) or not (_MATH_CHARS.search(s) or _COLON_GROUP.search(s)):
         return None
     return "$" + re.sub(r"(?<!\\)%", r"\\%", s) + "$"

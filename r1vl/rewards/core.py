@@ -19,9 +19,10 @@ header, e.g. a bare "42"; a display `$$ ... $$` / `\\[ ... \\]` opened on that l
 runs on to its closing delimiter), equal when the two strings are identical (also
 after NFKC, "−" as "-", markdown bold and a trailing period dropped); a reference
 that is one choice letter or yes/no is matched by the letter or word the answer
-starts with; otherwise math-verify decides, each line read as LaTeX when it carries
+starts with; a ratio or a time of day ("2:3", "3:45") must be written the same on
+both sides; otherwise math-verify decides, each line read as LaTeX when it carries
 mathematics without delimiters (`r1vl.rewards.answers`: math-verify alone reads
-"2\\sqrt{3}" as 2, "\\dfrac{3}{4}" and "A." as nothing)::
+"2\\sqrt{3}" as 2, "2:3" as 2, "\\dfrac{3}{4}" and "A." as nothing)::
 
     1 + alpha*k   answer right
         alpha*k   answer given but wrong
@@ -211,6 +212,13 @@ def accuracy_details(completion: Any, solution: Any, key_steps: Any = None, *,
             if letter or yes_no:  # a choice letter or yes/no: math-verify reads neither
                 equal = (answers.pred_choice(pred) == letter) if letter else (answers.yes_no(pred) == yes_no)
                 return AccuracyResult((1.0 if equal else 0.0) + bonus, k, equal, False)
+            if answers.colon_groups(pred) != answers.colon_groups(gold):
+                # a ratio or a time of day, which math-verify reads as its first number ("2:5" and
+                # "2" were "2:3"), is compared as written
+                return AccuracyResult(bonus, k, False, False)
+            pred, gold = answers.unspaced_colons(pred), answers.unspaced_colons(gold)
+            if pred.rstrip(".") == gold.rstrip("."):
+                return AccuracyResult(1.0 + bonus, k, True, False)
             if _CANONICAL_INT.match(pred) and _CANONICAL_INT.match(gold):
                 # two different integers written plainly: math-verify can only say "different"
                 # (checked against it in the tests); skipping it saves ~2 ms per completion
