@@ -200,6 +200,9 @@ def output_record(sample, completion, sc: dict, i: int) -> dict:
            "truncated": completion.finish_reason == "length"}
     if "timed_out" in sc:  # scored wrong because the check ran out of time, not because it failed
         rec["timed_out"] = bool(sc["timed_out"][i])
+    source = getattr(sample, "source", "")
+    if source:  # "file:row", as the loader numbers rows: joins the record to its data row
+        rec["source"] = source
     fam = getattr(sample, "meta", {}).get("family")
     if fam is not None:
         rec["family"] = str(fam)

@@ -520,6 +520,34 @@ def check_all_prompt_lengths(dataset, processor, cfg: Config, key: str = "data.t
                     ("" if cfg.data.skip_bad_rows else ", or set data.skip_bad_rows=true to leave them out"))
 
 
+def check_solution_lengths(dataset, processor, cfg: Config, key: str = "data.train", d=None) -> None:
+    """Warn (rank 0) when reference solutions are longer, in tokens, than what is generated
+    (rollout.max_completion_length: completions written like them are cut before their final
+    answer, every reward 0, only `truncated` in metrics.jsonl saying why) or learned in the
+    warm-up (warmup.max_length: their end, the final answer, is cut)."""
+    texts = [s.solution for s in dataset.text_only()]
+    tok = processor.tokenizer
+
+    def lengths(idx):
+        return [len(ids) for ids in tok([texts[i] for i in idx], add_special_tokens=False)["input_ids"]] if idx else []
+
+    n = per_row_shared(lengths, range(len(texts)), d, "measuring reference solutions")
+    if d is not None and not d.main:
+        return
+    longest = max(range(len(n)), key=n.__getitem__)
+    for limit, name, what, on in (
+            (cfg.rollout.max_completion_length, "rollout.max_completion_length",
+             "completions written like them are cut before their final answer (reward 0; `truncated` in "
+             "metrics.jsonl)", cfg.train.max_steps > 0),
+            (cfg.warmup.max_length, "warmup.max_length",
+             "the warm-up learns them cut, without their final answer", cfg.warmup.steps > 0)):
+        over = sum(1 for x in n if x > limit)
+        if over and on:
+            log.warning("%s: %d of %d reference solutions are longer than %s=%d tokens (longest %s: %d); %s; "
+                        "raise it to %d to fit them all", key, over, len(n), name, limit, dataset.source(longest),
+                        n[longest], what, n[longest])
+
+
 def write_skipped_rows(out: Path, train_set, test_set) -> None:
     """skipped_rows.jsonl: every row left out (data.skip_bad_rows=true) with its reason, one per
     line ({"split", "row", "reason"}); the log names only the first. Nothing when none was."""
@@ -922,6 +950,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
                             f"resume with the same precision")
     model, processor = build_model(cfg, d, train_set, resume_dir, attn)
     train_set = check_all_prompt_lengths(train_set, processor, cfg, d=d)
+    check_solution_lengths(train_set, processor, cfg, d=d)
     if cfg.rollout.engine == "vllm":
         check_eval_prompt_lengths(test_set, processor, cfg, d=d)
     if d.main:
@@ -1045,19 +1074,12 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
         eos = processor.stop_token_ids()[0]
         t_phase = time.perf_counter()
         stop.armed = True  # Ctrl-C: stop at the step's end (StopSignal)
-        warned_cut = False
         for step in range(start, cfg.warmup.steps):
             t0 = time.perf_counter()
             samples = take_samples(train_set, stream.take(step, cfg.warmup.batch_size), cfg)
             prompts = [make_prompt(processor, s, cfg.data.prompt_template) for s in samples]
-            full = [processor.tokenizer(s.solution, add_special_tokens=False)["input_ids"] for s in samples]
-            conts = [ids[: cfg.warmup.max_length] + [eos] for ids in full]
-            long = [(s, len(ids)) for s, ids in zip(samples, full) if len(ids) > cfg.warmup.max_length]
-            if long and not warned_cut:  # the model learns answers it never sees the end of
-                warned_cut = True
-                log.warning("warmup.max_length=%d cuts reference solutions (rank %d, first %s: %d tokens); their "
-                            "end, with the final answer, is not learned: raise it", cfg.warmup.max_length, d.rank,
-                            long[0][0].source, long[0][1])
+            conts = [processor.tokenizer(s.solution, add_special_tokens=False)["input_ids"][
+                         : cfg.warmup.max_length] + [eos] for s in samples]  # check_solution_lengths warned
             batch = build_batch(processor, [p.text for p in prompts], [p.image for p in prompts], conts,
                                 dtype=next(model.parameters()).dtype).to(d.device)
             check_prompt_lengths(batch, samples, cfg.data.max_prompt_length)
@@ -1469,6 +1491,7 @@ def preflight(cfg: Config, *, rows: bool = False) -> None:
                 log.info("data.train: prompt lengths are checked when the run starts (model.path is a Hub id)")
             else:
                 check_all_prompt_lengths(splits["data.train"], processor, cfg)
+                check_solution_lengths(splits["data.train"], processor, cfg)
                 if cfg.rollout.engine == "vllm" and "data.test" in splits:
                     check_eval_prompt_lengths(splits["data.test"], processor, cfg)
 

@@ -121,6 +121,7 @@ def test_outputs_file_has_every_sample_in_data_order(tiny_run, data_dir, tmp_pat
     assert [r["index"] for r in recs] == list(range(5)) and res["outputs"] == str(outputs)
     assert [r["problem"] for r in recs] == [x.problem for x in samples]
     assert [r["solution"] for r in recs] == [x.solution for x in samples]
+    assert [r["source"] for r in recs] == [x.source for x in samples]  # file:row: joins a record to its row
     assert all(isinstance(r["completion"], str) and r["completion_length"] >= 1 for r in recs)
     # the per-sample scores are the ones the printed means come from
     for key, rk in (("accuracy", "correct"), ("step_rar", "step_rar"), ("step_rvr", "step_rvr")):

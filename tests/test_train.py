@@ -755,12 +755,26 @@ def test_stray_rank_without_world_size_is_one_line(tmp_path, capsys, monkeypatch
     assert not (tmp_path / "run").exists()
 
 
-def test_warmup_max_length_cutting_solutions_is_said(tmp_path, data_dir, capsys):
-    """warmup.max_length cut each reference solution silently (the final answer never learned)."""
-    assert main(_args(tmp_path / "cut", data_dir, "warmup.max_length=5", "train.max_steps=0",
-                      "train.eval_before=false", "train.eval_after=false", "logging.plot=false")) == 0
-    said = [x for x in capsys.readouterr().err.splitlines() if "warmup.max_length=5 cuts reference solutions" in x]
-    assert len(said) == 1 and "tokens); their end, with the final answer, is not learned" in said[0]
+def test_solutions_longer_than_what_is_generated_or_learned_are_said(tmp_path, data_dir, capsys):
+    """Reference solutions longer than rollout.max_completion_length (completions like them cut
+    before the answer: reward 0, with only `truncated` in metrics.jsonl saying why) or than
+    warmup.max_length (cut silently) are said at start, by --check too."""
+    extra = ("warmup.max_length=5", "rollout.max_completion_length=6", "train.max_steps=1",
+             "train.eval_before=false", "train.eval_after=false", "logging.plot=false")
+    assert main(_args(tmp_path / "cut", data_dir, *extra)) == 0
+    err = capsys.readouterr().err
+    gen = [x for x in err.splitlines() if "reference solutions are longer than rollout.max_completion_length=6" in x]
+    warm = [x for x in err.splitlines() if "reference solutions are longer than warmup.max_length=5" in x]
+    assert len(gen) == len(warm) == 1, err
+    assert "cut before their final answer" in gen[0] and "the warm-up learns them cut" in warm[0]
+    train = Path(data_dir) / "train.jsonl"
+    assert main(["--check", f"output_dir={tmp_path / 'c'}", f"data.train={train}",
+                 f"data.test={Path(data_dir) / 'test.jsonl'}", "rollout.max_completion_length=6"]) == 0
+    assert "reference solutions are longer than rollout.max_completion_length=6" in capsys.readouterr().err
+    # long enough: nothing said
+    assert main(["--check", f"output_dir={tmp_path / 'c'}", f"data.train={train}",
+                 f"data.test={Path(data_dir) / 'test.jsonl'}", "rollout.max_completion_length=512"]) == 0
+    assert "reference solutions are longer" not in capsys.readouterr().err
 
 
 def test_print_config(tmp_path, capsys):
