@@ -270,7 +270,7 @@ class DistributedConfig:
 @dataclass
 class Config:
     output_dir: str = "runs/default"
-    seed: int = field(default=0, metadata=_min(-(2**63)) | _max(2**63 - 1))  # torch's seeds are 64-bit
+    seed: int = field(default=0, metadata=_min(-(2**63)) | _max(2**64 - 1))  # what torch.manual_seed takes
     deepspeed: str = ""  # a DeepSpeed JSON (ZeRO-2/3); "" = plain DDP
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -431,7 +431,8 @@ def _value_range(meta: dict) -> str | None:
     lo, hi = meta.get("min"), meta.get("max")
     lo_strict, hi_strict = meta.get("strict", False), meta.get("max_strict", False)
     if lo is not None and hi is not None:
-        return f"in {'(' if lo_strict else '['}{lo:g}, {hi:g}{')' if hi_strict else ']'}"
+        fmt = (lambda v: str(v)) if isinstance(lo, int) and isinstance(hi, int) else (lambda v: f"{v:g}")
+        return f"in {'(' if lo_strict else '['}{fmt(lo)}, {fmt(hi)}{')' if hi_strict else ']'}"
     if lo is not None:
         return f"{'>' if lo_strict else '>='} {lo}"
     if hi is not None:
@@ -625,8 +626,11 @@ def _read_yaml(p: Path) -> Any:
         raise ConfigError(f"{p}: not valid YAML {_yaml_problem(e, text)}") from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults ← YAML file (if any) ← `dotted.key=value` overrides; validated."""
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *,
+                training: bool = True) -> Config:
+    """Defaults ← YAML file (if any) ← `dotted.key=value` overrides; validated. training=False
+    (a run's saved config read for its evaluation settings, an evaluation's engine): without
+    the checks and warnings of what a training run would do with it."""
     tree: dict = {}
     if path is not None:
         p = Path(path)
@@ -654,7 +658,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
                               f"got {raw!r}")
         _set_dotted(tree, parts, _parse_value(raw, tp, key))
     cfg = from_dict(tree)
-    validate(cfg)
+    validate(cfg, training=training)
     return cfg
 
 
@@ -666,9 +670,16 @@ def longest_sequence(cfg: Config) -> int:
     return cfg.data.max_prompt_length + cfg.data.max_pixels // (28 * 28) + cfg.rollout.max_completion_length
 
 
-def validate(cfg: Config) -> None:
+def _cuda_here() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def validate(cfg: Config, training: bool = True) -> None:
     """Cross-field checks (single fields are checked while loading); warns of settings that run
-    but are likely mistakes."""
+    but are likely mistakes. training=False: only what any use of the config needs (the checks
+    and warnings of a training run's choices are skipped)."""
     for key, want in (("output_dir", "a non-empty directory path"),
                       ("data.train", "a non-empty path (or 'synthetic')"),
                       ("data.test", "a non-empty path (or 'synthetic')"),
@@ -684,8 +695,8 @@ def validate(cfg: Config) -> None:
     if blocked is not None:  # else a NotADirectoryError traceback once the run makes it
         raise ConfigError(f"output_dir: {cfg.output_dir!r} lies below {str(blocked)!r}, which is a file")
     t = cfg.train
-    if cfg.data.train != "synthetic" and cfg.data.test == "synthetic" and (t.eval_before or t.eval_after
-                                                                            or t.eval_every):
+    if training and cfg.data.train != "synthetic" and cfg.data.test == "synthetic" and (
+            t.eval_before or t.eval_after or t.eval_every):
         # data.test's default: a run on one's own data would be scored on the built-in task
         raise ConfigError(f"data.test: 'synthetic' (the built-in task, the default) while data.train is "
                           f"{cfg.data.train!r}: the held-out evaluations would score the built-in task; set "
@@ -724,7 +735,7 @@ def validate(cfg: Config) -> None:
         check_pixel_bounds(cfg.data.min_pixels, cfg.data.max_pixels)
     except ValueError as e:
         raise ConfigError(f"data.min_pixels / data.max_pixels: {e}") from None
-    if cfg.rollout.num_generations < 2 and cfg.train.max_steps > 0:
+    if training and cfg.rollout.num_generations < 2 and cfg.train.max_steps > 0:
         raise ConfigError("rollout.num_generations: expected >= 2 (group-relative advantages need a group)")
     mml, need = cfg.rollout.vllm.max_model_len, longest_sequence(cfg)
     if cfg.rollout.engine == "vllm" and mml is not None and mml < need:
@@ -732,13 +743,13 @@ def validate(cfg: Config) -> None:
             f"rollout.vllm.max_model_len: expected >= {need} (data.max_prompt_length + the tokens of a "
             f"data.max_pixels image + rollout.max_completion_length), got {mml}: completions would be cut "
             "short and long prompts refused; raise it or leave it null (computed)")
-    if cfg.rollout.temperature == 0 and cfg.train.max_steps > 0:
+    if training and cfg.rollout.temperature == 0 and cfg.train.max_steps > 0:
         raise ConfigError(
             f"rollout.temperature: expected > 0 when train.max_steps > 0, got {cfg.rollout.temperature!r} "
             "(greedy: a prompt's G completions would be equal, every advantage 0, and StepGRPO would learn nothing)"
         )
     ro = cfg.rollout
-    if (ro.engine == "vllm" and ro.is_correction and ro.vllm.logprobs_mode == "processed_logprobs"
+    if (training and ro.engine == "vllm" and ro.is_correction and ro.vllm.logprobs_mode == "processed_logprobs"
             and (ro.top_p < 1 or ro.top_k > 0) and cfg.train.max_steps > 0):
         # vLLM's processed log-probs are those of the distribution after the top-p / top-k cut,
         # renormalised; the trainer's are of the whole one: every ratio is the kept mass (0.9 at
@@ -748,30 +759,36 @@ def validate(cfg: Config) -> None:
                           "trainer's of the whole one, so the importance ratio is the kept mass, not 1; set "
                           "rollout.vllm.logprobs_mode=raw_logprobs (both compared at temperature 1, uncut), "
                           "rollout.is_correction=false, or top_p=1 and top_k=0")
-    if cfg.rollout.top_k == 1 and cfg.train.max_steps > 0:
+    if training and cfg.rollout.top_k == 1 and cfg.train.max_steps > 0:
         raise ConfigError("rollout.top_k: expected 0 (off) or >= 2 when train.max_steps > 0, got 1 (greedy: a "
                           "prompt's G completions would be equal, every advantage 0, and StepGRPO would learn nothing)")
+    if not training:
+        return
     trains = [lr for n, lr in ((cfg.warmup.steps, cfg.warmup.lr), (cfg.train.max_steps, cfg.optim.lr)) if n > 0]
-    if cfg.model.dtype == "float16" and not cfg.deepspeed and trains:
-        # AdamW's eps (1e-8) is 0 in float16 (its smallest step is 6e-8): the first step divides by
-        # a zero second moment wherever a gradient is, and the weights turn inf/NaN (fused AdamW
-        # keeps them, but rounds every update away)
-        raise ConfigError("model.dtype=float16 without DeepSpeed: AdamW on float16 weights turns them inf/NaN at "
-                          "the first step (its eps is 0 in float16); use model.dtype=bfloat16 or float32, or "
-                          "deepspeed= with fp16 (loss scaling, fp32 master weights)")
+    o = cfg.optim
+    if cfg.model.dtype == "float16" and not cfg.deepspeed and trains and o.eps < 2**-24 and (
+            o.impl in ("foreach", "for_loop") or (o.impl == "auto" and not _cuda_here())):
+        # optim.eps below float16's smallest step (6e-8) is 0 there: the foreach / for-loop AdamW
+        # divides by a zero second moment wherever a gradient is small, and the weights turn
+        # inf/NaN at the first step (fused AdamW, CUDA's auto, does not: its updates round away)
+        raise ConfigError(f"model.dtype=float16 without DeepSpeed: AdamW ({o.impl}: "
+                          f"{'not fused without CUDA' if o.impl == 'auto' else 'not fused'}) with optim.eps={o.eps:g}, "
+                          "0 in float16, turns the weights inf/NaN at the first step; use model.dtype=bfloat16 or "
+                          "float32, or deepspeed= with fp16 (fp32 master weights), or optim.eps >= 6e-8")
     w = cfg.warmup
     if os.environ.get("RANK", "0") != "0":  # the warnings below: once, not once per rank
         return
     if w.steps > 0 and w.warmup_steps > w.steps:
         log.warning("warmup.warmup_steps=%d exceeds warmup.steps=%d: the warm-up lr never reaches warmup.lr "
                     "(its last step runs at %.0f%% of it)", w.warmup_steps, w.steps, 100 * w.steps / w.warmup_steps)
-    if cfg.model.dtype == "bfloat16" and not cfg.deepspeed and trains:
+    if cfg.model.dtype != "float32" and not cfg.deepspeed and trains:
         # AdamW's step is about lr per element; a 16-bit weight keeps it only when it exceeds
-        # half a unit in the last place: 2^-9..2^-8 of the weight in bf16
+        # half a unit in the last place: 2^-9..2^-8 of the weight in bf16, 2^-12..2^-11 in fp16
         log.warning("model.dtype=%s without DeepSpeed: AdamW updates the 16-bit weights themselves (no fp32 "
                     "master copy), so a step smaller than about %s of a weight is rounded away, as most are at "
                     "lr=%g; deepspeed=configs/ds_zero2.json keeps fp32 master weights (on one GPU too), or use "
-                    "model.dtype=float32", cfg.model.dtype, "0.4%", min(trains))
+                    "model.dtype=float32", cfg.model.dtype, "0.4%" if cfg.model.dtype == "bfloat16" else "0.05%",
+                    min(trains))
     total = cfg.train.max_steps * cfg.algorithm.num_iterations
     if total > 0 and cfg.optim.warmup_steps > total:
         log.warning("optim.warmup_steps=%d exceeds the StepGRPO optimizer steps (train.max_steps x "

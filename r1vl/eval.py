@@ -30,6 +30,7 @@ from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
 
+from r1vl.files import write_replace
 from r1vl.rollout.base import Prompt, SamplingConfig
 
 log = logging.getLogger("r1vl.eval")  # also when run as `python -m r1vl.eval`
@@ -211,26 +212,7 @@ def output_record(sample, completion, sc: dict, i: int) -> dict:
 
 def write_outputs(path: str | Path, records: Sequence[dict]) -> None:
     """JSON lines, one per evaluated sample, written to a temporary file and renamed."""
-    write_atomic(path, (json.dumps(rec, ensure_ascii=False) + "\n" for rec in records))
-
-
-def write_atomic(path: str | Path, parts) -> None:
-    """The strings `parts` written to `path` through a temporary file next to it, renamed onto
-    it once complete: a write that fails (disk full) or is interrupted (Ctrl-C) leaves the
-    previous file as it was, and its temporary is removed."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for part in parts:
-                f.write(part)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:  # never created
-            pass
-        raise
+    write_replace(path, (json.dumps(rec, ensure_ascii=False) + "\n" for rec in records))
 
 
 def paired_comparison(before: Sequence[float], after: Sequence[float]) -> dict[str, float]:
@@ -255,15 +237,13 @@ def _resolve_data(path: str) -> str:
     """--data's file: a directory's test.jsonl, else the path itself (a file, a datasets
     directory). Another directory is refused here, with the data files it may mean: a run's
     directory suggests its data/test.jsonl, never the run's own outputs (metrics.jsonl, ...)."""
-    from r1vl.data.loader import _is_hf_dir
-    from r1vl.train import RUN_OUTPUTS
+    from r1vl.data.loader import _is_hf_dir, data_files_in
 
     p = Path(path)
     if p.is_dir() and (p / "test.jsonl").is_file():
         return str(p / "test.jsonl")
     if p.is_dir() and not _is_hf_dir(p):
-        hint = [p / "data" / "test.jsonl"] if (p / "data" / "test.jsonl").is_file() else \
-            [f for f in sorted(p.glob("*.jsonl")) + sorted(p.glob("*.parquet")) if f.name not in RUN_OUTPUTS][:3]
+        hint = data_files_in(p)
         raise ValueError(f"--data {path}: a directory without test.jsonl, and not a Hugging Face datasets "
                          f"directory; pass a data file{' such as ' + ', '.join(map(str, hint)) if hint else ''}")
     return str(p)
@@ -318,8 +298,8 @@ def load_run_config(path: Path | None):
         return None
     from r1vl.config import load_config
 
-    try:
-        return load_config(path)
+    try:  # its evaluation settings: not the checks of what a training run would do with it
+        return load_config(path, training=False)
     except ValueError as e:  # ConfigError: not an r1vl run config (or an incompatible one)
         log.warning("%s: not used for defaults (%s); using the CLI's built-in defaults", path, e)
         return None
@@ -463,6 +443,12 @@ def main(argv: list[str] | None = None) -> int:
     from r1vl.train import quiet_deepspeed_probe
 
     quiet_deepspeed_probe()
+    from r1vl.utils import rank_env_problem
+
+    problem = rank_env_problem()
+    if problem:  # printed whatever RANK says: every later message is rank 0's only
+        print(f"r1vl.eval: error: {problem}", file=sys.stderr)
+        return 2
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun rank 0 alone speaks
     from r1vl.utils import StderrHandler
 
@@ -516,7 +502,7 @@ def _vllm_engine(args, settings: dict, dtype: str, dataset, model, processor, d)
         # the engine's prompt budget is max_prompt_length + a max_pixels image: the text part suffices
         f"data.max_prompt_length={max(1, longest)}",
         f"rollout.vllm.gpu_memory_utilization={args.gpu_memory_utilization}",
-        "rollout.vllm.enable_sleep_mode=false", f"rollout.vllm.max_num_seqs={args.batch_size}"])
+        "rollout.vllm.enable_sleep_mode=false", f"rollout.vllm.max_num_seqs={args.batch_size}"], training=False)
     global _USED_VLLM
     _USED_VLLM = True
     try:
@@ -700,12 +686,12 @@ def _run(args, main_rank: bool) -> int:
         printed = True
         if args.out:
             try:
-                write_atomic(args.out, [text + "\n"])
+                write_replace(args.out, text + "\n")
             except OSError as e:  # the result is on stdout above: not lost
                 print(f"r1vl.eval: error: --out {args.out}: cannot write ({e.strerror or e}); "
                       "the result is printed above", file=sys.stderr)
                 return 2
-    except KeyboardInterrupt:  # while a file is written (write_atomic leaves no partial one)
+    except KeyboardInterrupt:  # while a file is written (write_replace leaves no partial one)
         forget_keyboard_interrupt()
         print("r1vl.eval: interrupted (Ctrl-C): " + (f"--out {args.out} not written; the result is printed above"
                                                      if printed else "no result"), file=sys.stderr)

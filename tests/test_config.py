@@ -415,8 +415,8 @@ def test_vllm_max_model_len_must_hold_a_rollout():
 @pytest.mark.parametrize("overrides, start", [
     # AdamW on float16 weights: inf/NaN after the first step (its eps is 0 in float16); the
     # run crashed in the next rollout ("probability tensor contains inf/nan")
-    (["model.dtype=float16"], "model.dtype=float16 without DeepSpeed"),
-    (["model.dtype=float16", "train.max_steps=0"], "model.dtype=float16 without DeepSpeed"),
+    (["model.dtype=float16", "optim.impl=foreach"], "model.dtype=float16 without DeepSpeed: AdamW (foreach"),
+    (["model.dtype=float16", "train.max_steps=0", "optim.impl=for_loop"], "model.dtype=float16 without DeepSpeed"),
     # the tiny vision tower's rotary embedding: RuntimeError at the first forward, after the build
     (["model.tiny.vision_embed_dim=40", "model.tiny.vision_num_heads=4"], "model.tiny: vision head_dim"),
     (["seed=18446744073709551616"], "seed: expected"),  # torch.manual_seed's overflow, after data
@@ -434,6 +434,23 @@ def test_values_that_failed_after_start_up_are_refused_at_load(overrides, start)
     assert str(e.value).startswith(start), str(e.value)
 
 
+def test_a_config_read_for_evaluation_skips_the_training_checks(caplog):
+    """A run's saved config read for its evaluation settings (python -m r1vl.eval), or an
+    evaluation's own engine config: a training choice refused or warned about today (float16,
+    data.test left at synthetic, top_k=1) must not throw the run's settings away."""
+    over = ["model.dtype=float16", "optim.impl=foreach", "data.train=mine.jsonl", "rollout.top_k=1",
+            "rollout.max_completion_length=1024"]
+    with pytest.raises(ConfigError):
+        load_config(None, over)
+    with caplog.at_level("WARNING"):
+        cfg = load_config(None, over, training=False)
+    assert cfg.rollout.max_completion_length == 1024 and not caplog.records
+    seed = load_config(None, ["seed=18446744073709551615"]).seed  # torch.manual_seed takes it
+    assert seed == 2**64 - 1
+    with pytest.raises(ConfigError, match=r"seed: expected a value in \[-9223372036854775808, 18446744073709551615\]"):
+        load_config(None, ["seed=18446744073709551616"])
+
+
 def test_output_dir_below_a_file(tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(ConfigError, match=r"^output_dir: '.*afile/sub/run' lies below '.*afile', which is a file"):
@@ -443,6 +460,7 @@ def test_output_dir_below_a_file(tmp_path):
 
 def test_values_beside_the_refused_ones_still_load():
     for ok in (["model.dtype=float16", "train.max_steps=0", "warmup.steps=0"],  # nothing trained
+               ["model.dtype=float16", "optim.impl=foreach", "optim.eps=1e-4"], ["model.dtype=float16", "optim.impl=fused"],
                ["model.tiny.vision_embed_dim=48", "model.tiny.vision_num_heads=4"],
                ["seed=-3"], ["seed=9223372036854775807"], ["data.min_pixels=1", "data.max_pixels=784"],
                ["rollout.vllm.max_num_batched_tokens=8192"], ["rollout.top_k=2"], ["rollout.top_k=1", "train.max_steps=0"],

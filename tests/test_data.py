@@ -291,6 +291,33 @@ def test_a_line_that_is_not_utf8_is_a_bad_row(tmp_path, caplog):
         load_dataset(arr, skip_bad_rows=True)
 
 
+def test_a_run_directory_given_as_data_suggests_its_test_split(tmp_path):
+    """data.test=runs/X: the hint named the run's metrics.jsonl / rollouts.jsonl as data files."""
+    run = tmp_path / "run"
+    (run / "data").mkdir(parents=True)
+    for name in ("metrics.jsonl", "rollouts.jsonl", "skipped_rows.jsonl"):
+        (run / name).write_text("{}\n")
+    with pytest.raises(DataError) as e:
+        load_dataset(run)
+    assert "metrics.jsonl" not in str(e.value) and "rollouts" not in str(e.value) and "pass a data file" in str(e.value)
+    write_rows(run / "data", [row()], name="test.jsonl")
+    with pytest.raises(DataError, match=f"such as {run / 'data' / 'test.jsonl'}$"):
+        load_dataset(run)
+
+
+def test_an_image_path_that_is_not_utf8_is_read(tmp_path):
+    """A file name in another encoding reads as a str with a surrogate (os.fsdecode); the
+    surrogate check of the text fields left image_path alone."""
+    import os
+
+    write_rows(tmp_path, [])
+    name = os.fsdecode(b"caf\xe9.png")
+    Image.new("RGB", (60, 40), "red").save(tmp_path / "img" / name)
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(row(image_path="img/" + name)) + "\n")
+    assert load_dataset(path)[0].image.size == (84, 56)
+
+
 def test_joined_files_keep_their_byte_order_marks(tmp_path):
     """`cat a.jsonl b.jsonl`, each saved with a UTF-8 BOM: the second file's first row is a row."""
     write_rows(tmp_path, [])

@@ -702,6 +702,9 @@ def test_stray_rank_without_world_size_is_an_error(fake_model, data_dir, capsys,
     assert ev.main(["--model", str(fake_model), "--data", str(data_dir), "--n", "1"]) == 2
     line = _err_line(capsys)
     assert line.startswith("r1vl.eval: error: RANK=1 but WORLD_SIZE") and "unset RANK" in line, line
+    # and before the input checks, which rank 0 alone prints: a missing --data said nothing
+    assert ev.main(["--model", str(fake_model), "--data", str(data_dir / "missing")]) == 2
+    assert _err_line(capsys).startswith("r1vl.eval: error: RANK=1 but WORLD_SIZE")
     as_rank(0, None)
     assert init_distributed("gloo").world == 1
 
@@ -841,3 +844,17 @@ def test_torchrun_error_of_rank_1_is_shown(tiny_run, data_dir, tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode != 0
     assert "r1vl.eval: error: [rank 1] INJECTED: image file vanished on rank 1" in r.stderr, r.stderr[-3000:]
+
+
+def test_a_run_config_with_todays_refused_training_settings_still_gives_its_settings(tmp_path, caplog):
+    """A run written before a training choice was refused (data.test left at synthetic beside a
+    data.train file, top_k=1): the CLI threw its config away and evaluated with the built-in
+    defaults (96 new tokens instead of the run's 1024), with a warning."""
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("data:\n  train: mine/train.jsonl\n  max_pixels: 200704\nrollout:\n  max_completion_length: 1024\n"
+                   "  top_k: 1\n")
+    with caplog.at_level("WARNING"):
+        run = ev.load_run_config(cfg)
+    assert run is not None and not caplog.records
+    values, _ = ev.resolve_settings({}, run, cfg)
+    assert values["max_new_tokens"] == 1024 and values["max_pixels"] == 200704

@@ -72,11 +72,11 @@ import codecs
 import json
 import os
 import re
-import shutil
 import sys
 from pathlib import Path
 
 from r1vl.data.format import step_sections
+from r1vl.files import write_replace
 from r1vl.data.loader import normalize_key_steps
 
 DEFAULT_MAX_STEPS = 5
@@ -486,23 +486,6 @@ def _check_output(inp: Path, out: Path, force: bool) -> str:
     return ""
 
 
-def _write_replace(path: Path, text: str) -> None:
-    """Write `text` to a temporary file beside `path`, then rename it over `path` (a failure
-    leaves `path` as it was); a replaced file keeps its permissions."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        if path.exists():
-            shutil.copymode(path, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _at_least_one(text: str) -> int:
     try:
         n = int(text)
@@ -561,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
             text = "[\n" + ",\n".join(out_rows) + "\n]\n" if out_rows else "[]\n"
         else:
             text = "\n".join(out_rows) + ("\n" if out_rows else "")
-        _write_replace(out, text)
+        write_replace(out, text)
     except (OSError, ValueError) as e:
         print(f"r1vl.data.keysteps: error: {e}", file=sys.stderr)
         return 2

@@ -271,6 +271,8 @@ def _validate(row: Any, base: Path, source: str, check_images: bool) -> _Row:
                              "processor would read as a marker; the prompt format adds the image and chat markers "
                              "itself: remove it from the row")
     for key, value in row.items():
+        if key in ("image_path", "image"):  # a file name not in UTF-8 reads as one (surrogateescape): fine
+            continue
         why = _lone_surrogate(value, str(key))
         if why:
             raise ValueError(f"{why}; fix the row")
@@ -471,6 +473,18 @@ def _hf_source(path: Path):
     return _table_rows(row, len(ds))
 
 
+# what an r1vl run directory holds beside its data/ (never a data file to suggest)
+RUN_FILES = ("metrics.jsonl", "rollouts.jsonl", "skipped_rows.jsonl")
+
+
+def data_files_in(path: Path) -> list[Path]:
+    """Data files a directory that is not one may have meant: a run directory's data/test.jsonl,
+    else up to three of its .jsonl / .parquet files (not a run's own outputs)."""
+    if (path / "data" / "test.jsonl").is_file():
+        return [path / "data" / "test.jsonl"]
+    return [f for f in sorted(path.glob("*.jsonl")) + sorted(path.glob("*.parquet")) if f.name not in RUN_FILES][:3]
+
+
 def _is_hf_dir(path: Path) -> bool:
     return any((path / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
 
@@ -495,9 +509,9 @@ def load_dataset(path: str | os.PathLike, *, min_pixels: int = DEFAULT_MIN_PIXEL
         raise FileNotFoundError(f"{path}: no such file or directory")
     if path.is_dir():
         if not _is_hf_dir(path):
-            hint = [p.name for p in sorted(path.glob("*.jsonl"))[:3]]
+            hint = data_files_in(path)
             raise DataError(f"{path}: a directory but not a Hugging Face datasets directory; pass a data "
-                            f"file{' such as ' + ', '.join(str(path / h) for h in hint) if hint else ''}")
+                            f"file{' such as ' + ', '.join(map(str, hint)) if hint else ''}")
         source, base = _hf_source(path), path
     elif path.suffix in (".jsonl", ".json"):
         source, base = _jsonl_rows(path), path.parent
