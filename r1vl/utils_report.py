@@ -6,7 +6,9 @@ around the launcher) into one JSON file and a Markdown table:
         --command "torchrun --nproc-per-node 4 -m r1vl.train seed=S output_dir=runs/seedS" \\
         --json bench/results/default_runs.json --md /tmp/default_runs.md --plot docs/default_run_seed0.png
 
-The plot is copied from the first run (its plot.png)."""
+The plot is copied from the first run (its plot.png). Rows are named by their run directory and
+seed; the wall time is the trainer's own (all resumed segments) unless a --time-logs file gives
+the launcher's. Without --command (the default), no command line is printed."""
 from __future__ import annotations
 
 import argparse
@@ -48,7 +50,9 @@ def collect(run_dirs: list[str], time_logs: list[str]) -> list[dict]:
                "reward_final": s.get("reward_final"), "eval_n": s.get("eval_n"),
                "paired": s.get("paired"), "by_family_after_warmup": s.get("accuracy_by_family_after_warmup"),
                "by_family_final": s.get("accuracy_by_family_final"),
-               "trainer_wall_seconds": s.get("wall_seconds"), "process_seconds": s.get("process_seconds")}
+               # a resumed run: every segment's wall time, not the last one's
+               "trainer_wall_seconds": s.get("wall_seconds_total", s.get("wall_seconds")),
+               "process_seconds": s.get("process_seconds")}
         if i < len(time_logs):
             row["launcher"] = parse_time_log(time_logs[i])
         rows.append(row)
@@ -56,17 +60,15 @@ def collect(run_dirs: list[str], time_logs: list[str]) -> list[dict]:
 
 
 def to_markdown(rows: list[dict], command: str, machine: str) -> str:
-    lines = [
-        "# The default run, three seeds",
+    launcher = any(r.get("launcher") for r in rows)
+    lines = ["# r1vl runs", ""] + ([f"Command: `{command}`", ""] if command else []) + [
+        f"Machine: {machine}. Wall time: " + ("GNU time's elapsed time around the launcher (every rank, "
+                                              "start-up and the evaluations included)." if launcher else
+                                              "the trainer's own (summary.json; resumed segments added up)."),
         "",
-        f"Command (S = 0, 1, 2): `{command}`",
-        "",
-        f"Machine: {machine}. Wall time is GNU time's elapsed time around torchrun (all four",
-        "ranks, start-up and both evaluations included).",
-        "",
-        "| seed | held-out accuracy after warm-up | after StepGRPO | change | items fixed / broken | "
+        "| run | seed | held-out accuracy after warm-up | after StepGRPO | change | items fixed / broken | "
         "sign-test p | wall |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         p = r.get("paired") or {}
@@ -76,37 +78,46 @@ def to_markdown(rows: list[dict], command: str, machine: str) -> str:
         a0 = "n/a" if acc0 is None else f"{acc0:.3f}" + (f" ± {se0:.3f}" if se0 is not None else "")
         a1 = "n/a" if acc1 is None else f"{acc1:.3f}" + (f" ± {se1:.3f}" if se1 is not None else "")
         change = "n/a" if acc0 is None or acc1 is None else f"{acc1 - acc0:+.3f}"
-        wall = (r.get("launcher") or {}).get("wall_seconds")
+        wall = (r.get("launcher") or {}).get("wall_seconds") if launcher else r.get("trainer_wall_seconds")
         wall_s = f"{wall / 60:.1f} min" if wall else "n/a"
         fb = f"{p['fixed']} / {p['broken']}" if p else "n/a"
         pv = f"{p['p_value']:.2g}" if p else "n/a"
-        lines.append(f"| {r['seed']} | {a0} | {a1} | {change} | "
+        lines.append(f"| {r['run']} | {r['seed']} | {a0} | {a1} | {change} | "
                      f"{fb} | {pv} | {wall_s} |")
     lines += ["", "± is the standard error of each accuracy over the n held-out items; the sign test",
-              "compares the two evaluations item by item (items right only after StepGRPO vs only before).",
-              "", "Per task family (after warm-up → after StepGRPO):", ""]
+              "compares the two evaluations item by item (items right only after StepGRPO vs only before)."]
     fams = sorted({f for r in rows for f in (r.get("by_family_final") or {})})
-    if fams:
-        lines.append("| seed | " + " | ".join(fams) + " |")
+    if fams:  # rows with a `family` field (the built-in task's)
+        lines += ["", "Per task family (after warm-up → after StepGRPO):", ""]
+        lines.append("| run | " + " | ".join(fams) + " |")
         lines.append("|---|" + "---|" * len(fams))
         for r in rows:
             b, a = r.get("by_family_after_warmup") or {}, r.get("by_family_final") or {}
             cells = [f"{b.get(f, float('nan')):.2f} → {a.get(f, float('nan')):.2f}" for f in fams]
-            lines.append(f"| {r['seed']} | " + " | ".join(cells) + " |")
+            lines.append(f"| {r['run']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m r1vl.utils_report", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("runs", nargs="+")
-    ap.add_argument("--time-logs", nargs="*", default=[])
-    ap.add_argument("--command", default="torchrun --nproc-per-node 4 -m r1vl.train seed=S output_dir=runs/seedS")
-    ap.add_argument("--machine", default=f"{platform.machine()}, {platform.processor() or 'CPU'}")
-    ap.add_argument("--json", default="")
-    ap.add_argument("--md", default="")
-    ap.add_argument("--plot", default="")
+    ap.add_argument("runs", nargs="+", help="finished run directories (each with summary.json)")
+    ap.add_argument("--time-logs", nargs="*", default=[],
+                    help="one `/usr/bin/time -v` output per run, in the same order (the launcher's wall time)")
+    ap.add_argument("--command", default="", help="the command line the runs were made with, for the table's header")
+    ap.add_argument("--machine", default=f"{platform.machine()}, {platform.processor() or 'CPU'}",
+                    help="the machine, for the table's header (default: this one)")
+    ap.add_argument("--json", default="", help="also write the collected rows here")
+    ap.add_argument("--md", default="", help="also write the Markdown table here")
+    ap.add_argument("--plot", default="", help="copy the first run's plot.png here")
     args = ap.parse_args(argv)
+    if args.time_logs and len(args.time_logs) != len(args.runs):
+        ap.error(f"--time-logs: {len(args.time_logs)} file(s) for {len(args.runs)} run(s); give one per run, in order")
+    for log_path in args.time_logs:
+        if not Path(log_path).is_file():
+            ap.error(f"--time-logs: no such file: {log_path}")
+        if "wall_seconds" not in parse_time_log(log_path):
+            ap.error(f"--time-logs {log_path}: no 'Elapsed (wall clock) time' line: not the output of /usr/bin/time -v")
     missing = [str(Path(rd) / name) for rd in args.runs for name in ("summary.json",) + (
         ("plot.png",) if args.plot and rd == args.runs[0] else ()) if not (Path(rd) / name).is_file()]
     if missing:  # a run that has not finished (or wrote no plot: logging.plot=false, no matplotlib)
