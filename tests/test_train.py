@@ -770,7 +770,13 @@ def test_solutions_longer_than_what_is_generated_or_learned_are_said(tmp_path, d
     train = Path(data_dir) / "train.jsonl"
     assert main(["--check", f"output_dir={tmp_path / 'c'}", f"data.train={train}",
                  f"data.test={Path(data_dir) / 'test.jsonl'}", "rollout.max_completion_length=6"]) == 0
-    assert "reference solutions are longer than rollout.max_completion_length=6" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "reference solutions are longer than rollout.max_completion_length=6" in err
+    assert "images are scaled down" not in err  # 84x84 images, data.max_pixels 12544
+    assert main(["--check", f"output_dir={tmp_path / 'c'}", f"data.train={train}",
+                 f"data.test={Path(data_dir) / 'test.jsonl'}", "data.max_pixels=3136"]) == 0
+    assert "data.train: 60 of 60 images are scaled down to at most data.max_pixels=3136 pixels (the largest is " \
+           "84x84)" in capsys.readouterr().err
     # long enough: nothing said
     assert main(["--check", f"output_dir={tmp_path / 'c'}", f"data.train={train}",
                  f"data.test={Path(data_dir) / 'test.jsonl'}", "rollout.max_completion_length=512"]) == 0

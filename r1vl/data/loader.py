@@ -330,6 +330,11 @@ class R1VLDataset(Sequence):
         w, h = r.image.size
         return r.problem, smart_resize(h, w, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
 
+    def image_sizes(self) -> list[tuple[int, int] | None]:
+        """Each row's image (width, height) as its header gives it (upright), None where the
+        header has not been read (loaded with check_images=False)."""
+        return [r.image.size for r in self._rows]
+
     def text_only(self, n: int | None = None) -> list[Sample]:
         """The first n rows (all: None) as Samples without their images (nothing decoded)."""
         return [Sample(problem=r.problem, solution=r.solution, key_steps=r.key_steps, answer=r.answer,
