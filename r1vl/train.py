@@ -1472,10 +1472,21 @@ def preflight(cfg: Config, *, rows: bool = False) -> None:
     if cfg.logging.wandb and importlib.util.find_spec("wandb") is None:
         raise UserError("logging.wandb=true: wandb is not installed (pip install -e '.[wandb]'), "
                         "or set logging.wandb=false")
-    # the attention implementation on this machine's device (a run's ranks use CUDA when it is here)
-    attn_implementation(cfg, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    if cfg.distributed.backend == "nccl" and not torch.cuda.is_available():  # else torch's "NCCL not built in"
-        raise UserError("distributed.backend=nccl needs CUDA GPUs, and this machine has none: use auto or gloo")
+    # what needs CUDA, judged on this machine (a run's ranks use CUDA when it is here). --check may
+    # run on a login node without GPUs for a job that will have them: there it is said, not refused
+    # (a run on this machine refuses it at start, before the data)
+    cuda = torch.cuda.is_available()
+    problems = []
+    try:
+        attn_implementation(cfg, torch.device("cuda" if cuda else "cpu"))
+    except UserError as e:
+        problems.append(str(e))
+    if cfg.distributed.backend == "nccl" and not cuda:  # else torch's "NCCL not built in" under torchrun
+        problems.append("distributed.backend=nccl needs CUDA GPUs, and this machine has none: use auto or gloo")
+    if problems and (not rows or cuda):
+        raise UserError(problems[0])
+    for why in problems:
+        log.warning("%s (not refused by --check on a machine without CUDA: a run here would stop at start)", why)
     if cfg.rollout.engine == "vllm":
         from r1vl.rollout.vllm_engine import VLLM_INSTALL_HINT, vllm_installed
 

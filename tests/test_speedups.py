@@ -119,21 +119,28 @@ def test_an_impossible_attention_stops_before_the_weights_load(monkeypatch, tmp_
         train.build_model(cfg, d, [], None)
 
 
-def test_an_impossible_attention_stops_check_and_the_run_before_the_data(tmp_path, capsys):
-    """flash_attention_2 on a CPU: --check said "config OK", and a run refused it only after
-    generating and decoding the data."""
+@pytest.mark.parametrize("setting, says", [
+    ("model.attn_implementation=flash_attention_2", "flash_attention_2 needs a CUDA device"),
+    # under torchrun: torch's "Distributed package doesn't have NCCL built in" traceback
+    ("distributed.backend=nccl", "distributed.backend=nccl needs CUDA GPUs"),
+])
+def test_what_needs_cuda_stops_the_run_before_the_data_and_check_says_it(tmp_path, capsys, caplog, setting, says):
+    """flash_attention_2 or NCCL on a machine without CUDA: --check said "config OK" (it now says
+    what a run here would refuse, without failing: it may run on a login node for a GPU job), and
+    a run refused flash_attention_2 only after generating and decoding the data."""
     from r1vl.train import main
 
     out = tmp_path / "run"
-    assert main(["--check", f"output_dir={out}", "model.attn_implementation=flash_attention_2"]) == 2
-    assert "flash_attention_2 needs a CUDA device" in capsys.readouterr().err
-    assert main([f"output_dir={out}", "model.attn_implementation=flash_attention_2", "logging.progress=false"]) == 2
-    assert "flash_attention_2 needs a CUDA device" in capsys.readouterr().err
+    with caplog.at_level("WARNING", logger="r1vl.train"):  # --check sets up no logging: Python's last resort prints it
+        assert main(["--check", f"output_dir={out}", setting]) == 0
+    said = [r.getMessage() for r in caplog.records if says in r.getMessage()]
+    assert len(said) == 1 and "not refused by --check on a machine without CUDA" in said[0]
+    capsys.readouterr()
+    assert main([f"output_dir={out}", setting, "logging.progress=false", "warmup.steps=0", "train.max_steps=0",
+                 "train.eval_before=false", "train.eval_after=false", "data.synthetic_train_size=4",
+                 "data.synthetic_test_size=2", "model.tiny.tokenizer_corpus_size=4"]) == 2
+    assert says in capsys.readouterr().err
     assert not (out / "data").exists()
-    # NCCL on a machine without CUDA: under torchrun, torch's "Distributed package doesn't have NCCL
-    # built in" traceback (a run checks it in the same preflight as --check, before the process group)
-    assert main(["--check", f"output_dir={out}", "distributed.backend=nccl"]) == 2
-    assert "distributed.backend=nccl needs CUDA GPUs" in capsys.readouterr().err
 
 
 def test_cpu_speedups_skip_liger_in_one_line_and_checkpointing_keeps_gradients(tiny, caplog):
