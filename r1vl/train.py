@@ -504,13 +504,14 @@ def check_all_prompt_lengths(dataset, processor, cfg: Config, key: str = "data.t
     over = {i: n for i, n in enumerate(lengths) if n > limit}
     log.info("%s: prompts of %d to %d tokens (image tokens included), %d over data.max_prompt_length=%d "
              "(%.1f s)", key, min(lengths), max(lengths), len(over), limit, time.perf_counter() - t0)
-    sizes = [wh for wh in getattr(dataset, "image_sizes", list)() if wh]
-    big = [wh for wh in sizes if wh[0] * wh[1] > cfg.data.max_pixels]
+    cap = getattr(dataset, "max_pixels", None)  # data.max_pixels, as the data set was loaded with it
+    sizes = [wh for wh in getattr(dataset, "image_sizes", list)() if wh] if cap else []
+    big = [wh for wh in sizes if wh[0] * wh[1] > cap]
     if big and (d is None or d.main):  # small text in a chart may not survive it: said, not silent
         w, h = max(big, key=lambda wh: wh[0] * wh[1])
         log.info("%s: %d of %d images are scaled down to at most data.max_pixels=%d pixels (the largest is "
                  "%dx%d); raise it for more detail, at more image tokens per prompt", key, len(big), len(sizes),
-                 cfg.data.max_pixels, w, h)
+                 cap, w, h)
     if not over:
         return dataset
     first, worst = min(over), max(over, key=over.get)
