@@ -115,6 +115,33 @@ def _check_delta(delta, epsilon_high) -> None:
                          f"above the upper clip), got {delta}")
 
 
+def _hyperparameters(beta, epsilon_low, epsilon_high, temperature, loss_type, importance_sampling_level,
+                     max_completion_length, return_entropy, use_bias_correction_kl, delta) -> tuple:
+    """The loss's hyper-parameters, checked (a ValueError naming the bad one) and normalised (numbers
+    of any kind as Python numbers, numpy bools as bool), returned in the order of the arguments:
+    what fused_linear_grpo_loss and FusedLinearGRPOLoss (at construction) both take."""
+    beta, epsilon_low, epsilon_high, temperature = map(_as_number, (beta, epsilon_low, epsilon_high, temperature))
+    delta = None if delta is None else _as_number(delta)
+    return_entropy, use_bias_correction_kl = _as_bool(return_entropy), _as_bool(use_bias_correction_kl)
+    for name, x in (("beta", beta), ("epsilon_low", epsilon_low), ("epsilon_high", epsilon_high)):
+        _check_number(name, x, nonneg=True)
+    _check_number("temperature", temperature, positive=True)
+    _check_bool("use_bias_correction_kl", use_bias_correction_kl)
+    _check_bool("return_entropy", return_entropy)
+    _check_delta(delta, epsilon_high)
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {loss_type!r}")
+    if importance_sampling_level not in IS_LEVELS:
+        raise ValueError(f"importance_sampling_level: expected one of {IS_LEVELS}, "
+                         f"got {importance_sampling_level!r}")
+    if loss_type == "dr_grpo" and max_completion_length is None:
+        raise ValueError("max_completion_length: required when loss_type='dr_grpo'")
+    if max_completion_length is not None:
+        max_completion_length = _as_count("max_completion_length", max_completion_length)
+    return (beta, epsilon_low, epsilon_high, temperature, loss_type, importance_sampling_level,
+            max_completion_length, return_entropy, use_bias_correction_kl, delta)
+
+
 def _check_linear(hidden, weight, bias, targets, temperature, *, hidden_ndims):
     _check_tensor("hidden", hidden, dtypes=INPUT_DTYPES)
     if hidden.dim() not in hidden_ndims:
@@ -261,9 +288,10 @@ def fused_linear_grpo_loss(
     read from the vocabulary: their targets may be any id (padding) and they cost no
     vocabulary work.
     """
-    beta, epsilon_low, epsilon_high, temperature = map(_as_number, (beta, epsilon_low, epsilon_high, temperature))
-    delta = None if delta is None else _as_number(delta)
-    return_entropy, use_bias_correction_kl = _as_bool(return_entropy), _as_bool(use_bias_correction_kl)
+    (beta, epsilon_low, epsilon_high, temperature, loss_type, importance_sampling_level, max_completion_length,
+     return_entropy, use_bias_correction_kl, delta) = _hyperparameters(
+        beta, epsilon_low, epsilon_high, temperature, loss_type, importance_sampling_level, max_completion_length,
+        return_entropy, use_bias_correction_kl, delta)
     _check_linear(hidden, weight, bias, targets, temperature, hidden_ndims=(3,))
     targets, mask, advantages, old_logprobs, ref_logprobs, rollout_is_ratio, bias = map(
         _constant, (targets, mask, advantages, old_logprobs, ref_logprobs, rollout_is_ratio, bias))
@@ -291,21 +319,6 @@ def fused_linear_grpo_loss(
                     ("rollout_is_ratio", rollout_is_ratio)):
         if x is not None:
             _check_tensor(name, x, shape=(b, t), device=dev, float_ok=True)
-    for name, x in (("beta", beta), ("epsilon_low", epsilon_low), ("epsilon_high", epsilon_high)):
-        _check_number(name, x, nonneg=True)
-    _check_bool("use_bias_correction_kl", use_bias_correction_kl)
-    _check_bool("return_entropy", return_entropy)
-    _check_delta(delta, epsilon_high)
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {loss_type!r}")
-    if importance_sampling_level not in IS_LEVELS:
-        raise ValueError(f"importance_sampling_level: expected one of {IS_LEVELS}, "
-                         f"got {importance_sampling_level!r}")
-    if loss_type == "dr_grpo":
-        if max_completion_length is None:
-            raise ValueError("max_completion_length: required when loss_type='dr_grpo'")
-    if max_completion_length is not None:
-        max_completion_length = _as_count("max_completion_length", max_completion_length)
     if num_items_in_batch is not None:
         n_items = num_items_in_batch
         if isinstance(n_items, torch.Tensor) and n_items.numel() != 1:
@@ -371,28 +384,13 @@ class FusedLinearGRPOLoss(nn.Module):
         delta: float | None = None,
     ):
         super().__init__()
-        # validate early (a bad config should fail at construction, not at step 1); numbers as
-        # the function takes them (numpy scalars, 0-dim tensors)
-        beta, epsilon_low, epsilon_high, temperature = map(_as_number, (beta, epsilon_low, epsilon_high, temperature))
-        delta = None if delta is None else _as_number(delta)
-        return_entropy, use_bias_correction_kl = _as_bool(return_entropy), _as_bool(use_bias_correction_kl)
-        for name, x in (("beta", beta), ("epsilon_low", epsilon_low), ("epsilon_high", epsilon_high)):
-            _check_number(name, x, nonneg=True)
-        _check_number("temperature", temperature, positive=True)
-        if max_completion_length is not None:
-            max_completion_length = _as_count("max_completion_length", max_completion_length)
-        _check_bool("return_entropy", return_entropy)
-        if loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {loss_type!r}")
-        if importance_sampling_level not in IS_LEVELS:
-            raise ValueError(f"importance_sampling_level: expected one of {IS_LEVELS}, "
-                             f"got {importance_sampling_level!r}")
-        if loss_type == "dr_grpo" and max_completion_length is None:
-            raise ValueError("max_completion_length: required when loss_type='dr_grpo'")
+        # validate early (a bad config should fail at construction, not at step 1), as the function does
+        (beta, epsilon_low, epsilon_high, temperature, loss_type, importance_sampling_level, max_completion_length,
+         return_entropy, use_bias_correction_kl, delta) = _hyperparameters(
+            beta, epsilon_low, epsilon_high, temperature, loss_type, importance_sampling_level, max_completion_length,
+            return_entropy, use_bias_correction_kl, delta)
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-        _check_bool("use_bias_correction_kl", use_bias_correction_kl)
-        _check_delta(delta, epsilon_high)
         self.use_bias_correction_kl = use_bias_correction_kl
         self.delta = delta
         self.beta = beta
