@@ -861,7 +861,8 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
 
     t_start = time.time()
     stop = stop or StopSignal()  # not entered: no handler, never set (still a collective per step)
-    preflight(cfg)
+    # attention checked before the data are decoded and the weights load; used for both models
+    attn, compute = preflight(cfg)
     d = init_distributed(cfg.distributed.backend, cfg.distributed.timeout_s, cfg.distributed.num_threads)
     setup_logging(cfg, d)
     stop.quiet = not d.main
@@ -899,12 +900,6 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
     seed_everything(derive_seed(cfg.seed, d.rank))
     log.info("r1vl.train: %d rank(s), %d thread(s) each, device %s, output %s", d.world,
              torch.get_num_threads(), d.device, out)
-
-    from r1vl.ds import compute_dtype
-
-    compute = compute_dtype(cfg)  # what the model computes in (DeepSpeed's bf16/fp16 casts model.dtype)
-    # checked before the data are decoded and the weights load; used for both models
-    attn = attn_implementation(cfg, d.device, compute)
 
     # ---- data, model, resume point
     train_path, test_path = prepare_data(cfg, d)
@@ -1210,6 +1205,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
     G = ro.num_generations
     dtype = next(model.parameters()).dtype
     cuda = d.device.type == "cuda"
+
     def eval_due(n: int) -> bool:
         """train.eval_every's evaluation after StepGRPO step n (at the last step, the final one is it)."""
         return bool(cfg.train.eval_every) and n % cfg.train.eval_every == 0 and (
@@ -1444,9 +1440,11 @@ def _process_start() -> float:
 _IMPORTED_AT = time.time()
 
 
-def preflight(cfg: Config, *, rows: bool = False) -> None:
+def preflight(cfg: Config, *, rows: bool = False) -> tuple[str | None, str]:
     """The user-input checks of a run, without starting one (single process, cheap).
-    rows=True (--check) also reads every row of data.train / data.test as the run will."""
+    rows=True (--check) also reads every row of data.train / data.test as the run will.
+    Returns (the resolved attention implementation, None where --check only said it cannot run
+    here; the dtype the model computes in: ds.compute_dtype), which the run uses."""
     from r1vl.rewards.pool import platform_problem
 
     problem = platform_problem()
@@ -1476,10 +1474,13 @@ def preflight(cfg: Config, *, rows: bool = False) -> None:
     # what needs CUDA, judged on this machine (a run's ranks use CUDA when it is here). --check may
     # run on a login node without GPUs for a job that will have them: there it is said, not refused
     # (a run on this machine refuses it at start, before the data)
+    from r1vl.ds import compute_dtype
+
     cuda = torch.cuda.is_available()
-    problems = []
-    try:
-        attn_implementation(cfg, torch.device("cuda" if cuda else "cpu"))
+    compute = compute_dtype(cfg)  # what the model computes in (DeepSpeed's bf16/fp16 casts model.dtype)
+    attn, problems = None, []
+    try:  # the device type is what matters: cuda:<local rank> in a run
+        attn = attn_implementation(cfg, torch.device("cuda" if cuda else "cpu"), compute)
     except UserError as e:
         problems.append(str(e))
     if cfg.distributed.backend == "nccl" and not cuda:  # else torch's "NCCL not built in" under torchrun
@@ -1513,6 +1514,7 @@ def preflight(cfg: Config, *, rows: bool = False) -> None:
                 check_solution_lengths(splits["data.train"], processor, cfg)
                 if cfg.rollout.engine == "vllm" and "data.test" in splits:
                     check_eval_prompt_lengths(splits["data.test"], processor, cfg)
+    return attn, compute
 
 
 def parse_args(argv: list[str] | None):
