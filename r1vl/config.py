@@ -694,15 +694,6 @@ def validate(cfg: Config, training: bool = True) -> None:
     blocked = next((p for p in Path(cfg.output_dir).parents if p.exists() and not p.is_dir()), None)
     if blocked is not None:  # else a NotADirectoryError traceback once the run makes it
         raise ConfigError(f"output_dir: {cfg.output_dir!r} lies below {str(blocked)!r}, which is a file")
-    t = cfg.train
-    if training and cfg.data.train != "synthetic" and cfg.data.test == "synthetic" and (
-            t.eval_before or t.eval_after or t.eval_every):
-        # data.test's default: a run on one's own data would be scored on the built-in task
-        raise ConfigError(f"data.test: 'synthetic' (the built-in task, the default) while data.train is "
-                          f"{cfg.data.train!r}: the held-out evaluations would score the built-in task; set "
-                          "data.test to your held-out file (or turn the evaluations off: train.eval_before=false "
-                          "train.eval_after=false); to score the built-in task on purpose, write it with "
-                          "`python -m r1vl.data.synthetic --out DIR` and pass data.test=DIR/test.jsonl")
     a = cfg.algorithm
     if a.delta is not None and not a.delta > 1.0 + a.epsilon_high:
         raise ConfigError(f"algorithm.delta={a.delta}: must exceed 1 + algorithm.epsilon_high = "
@@ -735,22 +726,35 @@ def validate(cfg: Config, training: bool = True) -> None:
         check_pixel_bounds(cfg.data.min_pixels, cfg.data.max_pixels)
     except ValueError as e:
         raise ConfigError(f"data.min_pixels / data.max_pixels: {e}") from None
-    if training and cfg.rollout.num_generations < 2 and cfg.train.max_steps > 0:
-        raise ConfigError("rollout.num_generations: expected >= 2 (group-relative advantages need a group)")
     mml, need = cfg.rollout.vllm.max_model_len, longest_sequence(cfg)
     if cfg.rollout.engine == "vllm" and mml is not None and mml < need:
         raise ConfigError(
             f"rollout.vllm.max_model_len: expected >= {need} (data.max_prompt_length + the tokens of a "
             f"data.max_pixels image + rollout.max_completion_length), got {mml}: completions would be cut "
             "short and long prompts refused; raise it or leave it null (computed)")
-    if training and cfg.rollout.temperature == 0 and cfg.train.max_steps > 0:
+    if not training:  # the checks and warnings below are of what a training run would do
+        return
+    t, ro = cfg.train, cfg.rollout
+    if cfg.data.train != "synthetic" and cfg.data.test == "synthetic" and (
+            t.eval_before or t.eval_after or t.eval_every):
+        # data.test's default: a run on one's own data would be scored on the built-in task
+        raise ConfigError(f"data.test: 'synthetic' (the built-in task, the default) while data.train is "
+                          f"{cfg.data.train!r}: the held-out evaluations would score the built-in task; set "
+                          "data.test to your held-out file (or turn the evaluations off: train.eval_before=false "
+                          "train.eval_after=false); to score the built-in task on purpose, write it with "
+                          "`python -m r1vl.data.synthetic --out DIR` and pass data.test=DIR/test.jsonl")
+    if ro.num_generations < 2 and t.max_steps > 0:
+        raise ConfigError("rollout.num_generations: expected >= 2 (group-relative advantages need a group)")
+    if ro.temperature == 0 and t.max_steps > 0:
         raise ConfigError(
-            f"rollout.temperature: expected > 0 when train.max_steps > 0, got {cfg.rollout.temperature!r} "
+            f"rollout.temperature: expected > 0 when train.max_steps > 0, got {ro.temperature!r} "
             "(greedy: a prompt's G completions would be equal, every advantage 0, and StepGRPO would learn nothing)"
         )
-    ro = cfg.rollout
-    if (training and ro.engine == "vllm" and ro.is_correction and ro.vllm.logprobs_mode == "processed_logprobs"
-            and (ro.top_p < 1 or ro.top_k > 0) and cfg.train.max_steps > 0):
+    if ro.top_k == 1 and t.max_steps > 0:
+        raise ConfigError("rollout.top_k: expected 0 (off) or >= 2 when train.max_steps > 0, got 1 (greedy: a "
+                          "prompt's G completions would be equal, every advantage 0, and StepGRPO would learn nothing)")
+    if (ro.engine == "vllm" and ro.is_correction and ro.vllm.logprobs_mode == "processed_logprobs"
+            and (ro.top_p < 1 or ro.top_k > 0) and t.max_steps > 0):
         # vLLM's processed log-probs are those of the distribution after the top-p / top-k cut,
         # renormalised; the trainer's are of the whole one: every ratio is the kept mass (0.9 at
         # top_p 0.9), whole sequences nearly 0 in the sequence modes, with the engine in sync
@@ -759,11 +763,6 @@ def validate(cfg: Config, training: bool = True) -> None:
                           "trainer's of the whole one, so the importance ratio is the kept mass, not 1; set "
                           "rollout.vllm.logprobs_mode=raw_logprobs (both compared at temperature 1, uncut), "
                           "rollout.is_correction=false, or top_p=1 and top_k=0")
-    if training and cfg.rollout.top_k == 1 and cfg.train.max_steps > 0:
-        raise ConfigError("rollout.top_k: expected 0 (off) or >= 2 when train.max_steps > 0, got 1 (greedy: a "
-                          "prompt's G completions would be equal, every advantage 0, and StepGRPO would learn nothing)")
-    if not training:
-        return
     trains = [lr for n, lr in ((cfg.warmup.steps, cfg.warmup.lr), (cfg.train.max_steps, cfg.optim.lr)) if n > 0]
     o = cfg.optim
     if cfg.model.dtype == "float16" and not cfg.deepspeed and trains and o.eps < 2**-24 and (
