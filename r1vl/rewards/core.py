@@ -204,7 +204,8 @@ def accuracy_details(completion: Any, solution: Any, key_steps: Any = None, *,
                 return AccuracyResult(bonus, k, False, False)
             if pred == gold:
                 return AccuracyResult(1.0 + bonus, k, True, False)
-            pred, gold = answers.clean(pred), answers.clean(gold)
+            # ratios / times unspaced: math-verify reads "2:3" as 2 but "2 : 3" as 3
+            pred, gold = answers.unspaced_colons(answers.clean(pred)), answers.unspaced_colons(answers.clean(gold))
             if pred.rstrip(".") == gold.rstrip("."):
                 return AccuracyResult(1.0 + bonus, k, True, False)
             letter = answers.gold_choice(gold)
@@ -216,9 +217,6 @@ def accuracy_details(completion: Any, solution: Any, key_steps: Any = None, *,
                 # a ratio or a time of day, which math-verify reads as its first number ("2:5" and
                 # "2" were "2:3"), is compared as written
                 return AccuracyResult(bonus, k, False, False)
-            pred, gold = answers.unspaced_colons(pred), answers.unspaced_colons(gold)
-            if pred.rstrip(".") == gold.rstrip("."):
-                return AccuracyResult(1.0 + bonus, k, True, False)
             if _CANONICAL_INT.match(pred) and _CANONICAL_INT.match(gold):
                 # two different integers written plainly: math-verify can only say "different"
                 # (checked against it in the tests); skipping it saves ~2 ms per completion
