@@ -76,8 +76,8 @@ import sys
 from pathlib import Path
 
 from r1vl.data.format import step_sections
-from r1vl.files import write_replace
 from r1vl.data.loader import normalize_key_steps
+from r1vl.files import write_replace
 
 DEFAULT_MAX_STEPS = 5
 MAX_PHRASINGS = 8
@@ -105,6 +105,7 @@ _GOES_ON = (r"!|\s+[-−]?\d|\s+(?:thousand|million|billion|trillion|hundred|doz
 _NUMBER = (r"(?>" + _VALUE + r")(?![\w.,:/]?\d|[A-Za-z_²³]|\s*[-−+×*/÷^=·<>≤≥]"
            r"|\s*,\s*[-−]?\d|\s+(?:and|or|to)\s+[-−]?\d|" + _GOES_ON + ")")  # nor by more values: "3, 4 and 5"
 # after an equation, a bare number that makes its last value one of several: "x = 2 or 3"
+_GOES_ON_AFTER = re.compile(_GOES_ON, re.IGNORECASE)  # after an equation's last value
 _MORE_VALUES = re.compile(r"\s*(?:,|\s(?:and|or|to)\s)\s*[-−]?\d[\d.,/:]*\s*(?:°|%|[A-Za-z]+)?\s*"
                           r"(?:[.;,)!?]|\band\b|\bor\b|$)")
 _NAME = r"(?<![\w'])(?P<name>(?:(?:[A-Za-z][A-Za-z0-9']*|\d+)\s+){0,3}[A-Za-z0-9][A-Za-z0-9']*)"
@@ -303,7 +304,7 @@ def _equation(clause: str, toks: list[tuple[str, int, int]], lo: int, hi: int) -
         return []  # the last value goes on ("x = 4th")
     if _MORE_VALUES.match(clause, toks[hi - 1][2]):
         return []  # "x = 2 or 3": one of several values
-    if re.match(_GOES_ON, clause[toks[hi - 1][2]:], re.IGNORECASE):
+    if _GOES_ON_AFTER.match(clause, toks[hi - 1][2]):
         return []  # "n = 5!", "n = 3.5 million": the value goes on
     first = w.index("=")
     if _bare_number(w[:first]) and lo > 0:  # "angle 2 = 65°": the bare number is a name's
