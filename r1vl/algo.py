@@ -165,10 +165,11 @@ def compute_logprobs(policy: nn.Module, batch: SeqBatch, *, micro_batch_size: in
 # --------------------------------------------------------------------------- update
 
 
-# the loss's metrics that are means over completion tokens (as TRL logs them), and the clip ratios,
+# the loss's metrics that are means over completion tokens (TRL's definitions), and the clip ratios,
 # which are shares of tokens at importance_sampling_level="token" and of sequences at "sequence":
 # grpo_update averages these over its micro-batches by tokens (the others by rows), and returns
-# `tokens` for the caller to weigh them across ranks the same way
+# `tokens` for the caller to weigh them across ranks the same way: one token mean per step, where
+# TRL averages its per-micro-batch means (which then depend on the micro-batch size)
 TOKEN_MEANS = ("kl", "entropy")
 TOKEN_LEVEL_SHARES = ("clip_ratio_low", "clip_ratio_high", "clip_ratio")
 

@@ -186,6 +186,8 @@ class AlgorithmConfig:
     epsilon_low: float = field(default=0.2, metadata=_min(0.0) | _max(1.0, strict=True))
     epsilon_high: float = field(default=0.2, metadata=_min(0.0))
     num_iterations: int = field(default=1, metadata=_min(1))  # mu
+    # as TRL's: bnpo is a token mean per micro-batch, so with it (alone) the objective depends on
+    # train.micro_batch_size (TRL: on per_device_train_batch_size); grpo, dr_grpo and dapo do not
     loss_type: str = field(default="grpo", metadata=_choices("grpo", "bnpo", "dr_grpo", "dapo"))
     importance_sampling_level: str = field(default="token", metadata=_choices("token", "sequence"))
     # the KL term times the importance ratio (TRL's option; True by default in the TRL 1.16 that
@@ -194,7 +196,9 @@ class AlgorithmConfig:
     use_bias_correction_kl: bool = False
     # TRL's two-sided clipping: the unclipped term min(r, delta)·A (> 1 + epsilon_high); null: none
     delta: Optional[float] = None
-    scale_rewards: bool = True  # divide by the group's std (+1e-4)
+    # true: divide by the group's std (+1e-4), TRL's scale_rewards="group"; false: TRL's "none".
+    # TRL's "batch" (one std over the whole batch) is not offered
+    scale_rewards: bool = True
     accuracy_weight: float = 1.0  # StepRAR
     validity_weight: float = 1.0  # StepRVR
     alpha: float = field(default=0.1, metadata=_min(0.0))
@@ -216,6 +220,8 @@ class OptimConfig:
     eps: float = field(default=1e-8, metadata=_min(0.0))
     max_grad_norm: float = field(default=1.0, metadata=_min(0.0))  # 0 = no clipping
     scheduler: str = field(default="constant", metadata=_choices("constant", "linear", "cosine"))
+    # linear warm-up: optimizer step k (0-based, counting each of the num_iterations passes) runs at
+    # (k+1)/warmup_steps of lr, so none runs at lr 0 (transformers' schedulers start at 0: one step later)
     warmup_steps: int = field(default=0, metadata=_min(0))
     # torch AdamW's implementation. auto: fused on CUDA without DeepSpeed (one kernel, no
     # parameter-sized temporary: foreach's step allocates one), PyTorch's own default otherwise
@@ -226,7 +232,9 @@ class OptimConfig:
 class TrainConfig:
     max_steps: int = field(default=60, metadata=_min(0))
     prompts_per_step: int = field(default=4, metadata=_min(1))  # per rank; x G completions
-    micro_batch_size: int = field(default=16, metadata=_min(1))  # sequences per forward/backward
+    # sequences per forward/backward: memory alone, except with algorithm.loss_type=bnpo (a token mean
+    # per micro-batch, as TRL's), where it changes the objective
+    micro_batch_size: int = field(default=16, metadata=_min(1))
     # checkpoints every N steps and at the warm-up's end; 0 = none but on a stop by SIGTERM / SIGUSR1 /
     # Ctrl-C during the steps (final/ is no resume point)
     save_every: int = field(default=0, metadata=_min(0))
