@@ -603,6 +603,7 @@ def run_trl(a: dict, work: Path, save=None) -> dict:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
+    from r1vl.algo import scale_mode
     from r1vl.data import format_prompt
     from r1vl.eval import score
     from r1vl.models import VLProcessor
@@ -641,7 +642,7 @@ def run_trl(a: dict, work: Path, save=None) -> dict:
         importance_sampling_level=a_cfg.importance_sampling_level, num_iterations=mu,
         use_bias_correction_kl=a_cfg.use_bias_correction_kl,  # TRL's default is True: the same objective
         delta=a_cfg.delta,
-        scale_rewards="group" if a_cfg.scale_rewards else "none", mask_truncated_completions=False,
+        scale_rewards=scale_mode(a_cfg.scale_rewards), mask_truncated_completions=False,
         learning_rate=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, adam_beta1=cfg.optim.beta1,
         adam_beta2=cfg.optim.beta2, adam_epsilon=cfg.optim.eps, max_grad_norm=cfg.optim.max_grad_norm,
         optim=a.get("trl_optim", "adamw_torch"), lr_scheduler_type="constant", warmup_steps=0, max_steps=steps * mu,

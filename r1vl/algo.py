@@ -17,14 +17,17 @@ from torch import nn
 # --------------------------------------------------------------------------- advantages
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: bool = True,
-                     eps: float = 1e-4) -> torch.Tensor:
-    """(r - mean_group) / (std_group + eps) for consecutive groups of `group_size` rewards
-    (prompt-major order); without `scale` only the mean is removed. std is the unbiased
-    sample std (as in TRL / the R1-VL code); a group of identical rewards gets advantage 0.
-    Computed in float64 and returned in float32: in float32 the mean of eight rewards of 2.1
-    (a group all right with every key step) is one unit in the last place off, and dividing
-    that by (std ≈ 1e-7) + eps pushed the whole group by ±2e-3."""
+def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: bool | str = True,
+                     eps: float = 1e-4, batch_std: float | None = None) -> torch.Tensor:
+    """(r - mean_group) / (std + eps) for consecutive groups of `group_size` rewards
+    (prompt-major order). `scale` is TRL's scale_rewards: True or "group" divides by the
+    group's std; "batch" by one std over the whole batch (`batch_std`, default: of `rewards`;
+    the trainer passes all ranks' from reward_std); False or "none" only removes the mean. std
+    is the unbiased sample std (as in TRL / the R1-VL code); a group of identical rewards gets
+    advantage 0. Computed in float64 and returned in float32: in float32 the mean of eight
+    rewards of 2.1 (a group all right with every key step) is one unit in the last place off,
+    and dividing that by (std ≈ 1e-7) + eps pushed the whole group by ±2e-3."""
+    mode = scale_mode(scale)
     r = torch.as_tensor(rewards).to(torch.float64)
     if r.dim() != 1:
         raise ValueError(f"rewards: expected a 1-D tensor, got shape {tuple(r.shape)}")
@@ -33,10 +36,42 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: bool = Tr
     g = r.view(-1, group_size)
     mean = g.mean(dim=1, keepdim=True)
     adv = g - mean
-    if scale:
+    if mode == "group":
         std = g.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(mean)
         adv = adv / (std + eps)
+    elif mode == "batch":
+        std = batch_std if batch_std is not None else (float(r.std()) if r.numel() > 1 else 0.0)
+        adv = adv / (std + eps)
     return adv.reshape(-1).to(torch.float32)
+
+
+def scale_mode(scale: bool | str) -> str:
+    """algorithm.scale_rewards as TRL's word: "group", "batch" or "none"."""
+    if scale is True or scale == "group":
+        return "group"
+    if scale is False or scale == "none":
+        return "none"
+    if scale == "batch":
+        return "batch"
+    raise ValueError(f"scale: expected True/False or 'group', 'batch', 'none', got {scale!r}")
+
+
+def reward_std(rewards: torch.Tensor, device: torch.device | str | None = None) -> float:
+    """The unbiased std of every rank's rewards together (scale_rewards="batch", as TRL takes
+    it over the gathered batch): two all-reduces in float64 (a mean, then the squared
+    deviations) on `device` (the process group's: CUDA under nccl). A collective: every rank
+    calls it at the same point of the step."""
+    import torch.distributed as dist
+
+    r = torch.as_tensor(rewards).detach().to(device=device, dtype=torch.float64).reshape(-1)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return float(r.std()) if r.numel() > 1 else 0.0
+    sums = torch.stack([r.sum(), torch.tensor(float(r.numel()), dtype=torch.float64, device=r.device)])
+    dist.all_reduce(sums)
+    n = float(sums[1])
+    dev = ((r - sums[0] / n) ** 2).sum().reshape(1)
+    dist.all_reduce(dev)
+    return math.sqrt(float(dev) / (n - 1)) if n > 1 else 0.0
 
 
 # --------------------------------------------------------------------------- batches

@@ -196,9 +196,9 @@ class AlgorithmConfig:
     use_bias_correction_kl: bool = False
     # TRL's two-sided clipping: the unclipped term min(r, delta)·A (> 1 + epsilon_high); null: none
     delta: Optional[float] = None
-    # true: divide by the group's std (+1e-4), TRL's scale_rewards="group"; false: TRL's "none".
-    # TRL's "batch" (one std over the whole batch) is not offered
-    scale_rewards: bool = True
+    # TRL's scale_rewards: group (or true): divide by the group's std (+1e-4), as R1-VL; batch: by one
+    # std over the step's rewards on all ranks (TRL's "batch"); none (or false): the mean alone
+    scale_rewards: Union[bool, str] = field(default=True, metadata=_choices(True, False, "group", "batch", "none"))
     accuracy_weight: float = 1.0  # StepRAR
     validity_weight: float = 1.0  # StepRVR
     alpha: float = field(default=0.1, metadata=_min(0.0))
@@ -397,7 +397,8 @@ def _parse_value(raw: str, tp: Any, key: str) -> Any:
             return None
         if bool in args and str in args and _NUMBER.fullmatch(text):
             # train.resume=1: a number is no checkpoint path; quote it ('1') to mean the path
-            raise ConfigError(f"{key}: expected {_type_name(tp)} (true/false or a path), got {text!r}, a number")
+            raise ConfigError(f"{key}: expected {_type_name(tp)} (true/false or a word), got {text!r}, a number: "
+                              f"quote it ('{text}') to mean the text")
         for arg in args:
             if arg is not type(None):
                 try:

@@ -850,7 +850,7 @@ def save_model_dir(path: Path, d, policy, processor) -> None:
 def run(cfg: Config, stop: StopSignal | None = None) -> dict:
     """One training run. `stop`: the signal watch (main() installs one; None: none)."""
     from r1vl.algo import (TOKEN_LEVEL_SHARES, TOKEN_MEANS, UpdateConfig, build_batch, compute_logprobs,
-                           group_advantages, grpo_update, sft_step)
+                           group_advantages, grpo_update, reward_std, sft_step)
     from r1vl.eval import FirstRows, evaluate, make_prompt, score, write_outputs
     from r1vl.models import HostWeights, PolicyWithLoss, load_pretrained, make_reference, unwrap
     from r1vl.rollout.base import SamplingConfig
@@ -1247,7 +1247,9 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
             sc = score([c.text for c in comps], [samples[c.prompt_index] for c in comps], alpha=a.alpha,
                        variant=a.accuracy_variant, accuracy_weight=a.accuracy_weight,
                        validity_weight=a.validity_weight, workers=a.reward_workers, timeout_s=a.reward_timeout_s)
-            adv = group_advantages(torch.tensor(sc["total"]), G, scale=a.scale_rewards)
+            rewards = torch.tensor(sc["total"])
+            adv = group_advantages(rewards, G, scale=a.scale_rewards,
+                                   batch_std=reward_std(rewards, d.device) if a.scale_rewards == "batch" else None)
         batch = build_batch(processor, [prompts[c.prompt_index].text for c in comps],
                             [prompts[c.prompt_index].image for c in comps], [c.token_ids for c in comps],
                             dtype=dtype).to(d.device)

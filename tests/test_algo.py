@@ -42,6 +42,23 @@ def test_group_advantages_values():
     assert group_advantages(x, 6).view(4, 6).sum(1).abs().max() < 1e-4
 
 
+
+def test_group_advantages_scale_modes_as_trl():
+    """TRL's scale_rewards: "group" (= True), "batch" (one unbiased std over the whole batch,
+    or the one given: the trainer's over all ranks) and "none" (= False)."""
+    r = torch.tensor([0.0, 1.0, 1.0, 2.1, 2.1, 2.1, 2.1, 0.1])
+    g = r.double().view(2, 4)
+    centred = (g - g.mean(dim=1, keepdim=True)).reshape(-1)
+    torch.testing.assert_close(group_advantages(r, 4, scale="group"), group_advantages(r, 4, scale=True))
+    torch.testing.assert_close(group_advantages(r, 4, scale="none"), group_advantages(r, 4, scale=False))
+    torch.testing.assert_close(group_advantages(r, 4, scale="none"), centred.float())
+    batch = group_advantages(r, 4, scale="batch")
+    torch.testing.assert_close(batch, (centred / (r.double().std() + 1e-4)).float())
+    assert not torch.allclose(batch, group_advantages(r, 4, scale="group"))
+    torch.testing.assert_close(group_advantages(r, 4, scale="batch", batch_std=2.0), (centred / (2.0 + 1e-4)).float())
+    with pytest.raises(ValueError, match="scale"):
+        group_advantages(r, 4, scale="global")
+
 def test_group_advantages_bad_input():
     with pytest.raises(ValueError, match="groups of 4"):
         group_advantages(torch.zeros(6), 4)

@@ -52,6 +52,18 @@ def test_overrides_and_yaml(tmp_path):
     assert isinstance(cfg2.optim.lr, float)  # int widened to float
 
 
+
+def test_scale_rewards_takes_trls_words_and_the_bools(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("algorithm:\n  scale_rewards: batch\n")
+    assert load_config(f, []).algorithm.scale_rewards == "batch"
+    assert load_config(None, ["algorithm.scale_rewards=none"]).algorithm.scale_rewards == "none"
+    assert load_config(None, ["algorithm.scale_rewards=group"]).algorithm.scale_rewards == "group"
+    assert load_config(None, ["algorithm.scale_rewards=true"]).algorithm.scale_rewards is True
+    f.write_text("algorithm:\n  scale_rewards: 1\n")
+    with pytest.raises(ConfigError, match="algorithm.scale_rewards"):
+        load_config(f, [])
+
 def test_resolved_config_roundtrip(tmp_path):
     cfg = load_config(None, ["seed=3", "rollout.num_generations=6"])
     dump_config(cfg, tmp_path / "config.yaml")
@@ -253,6 +265,8 @@ def test_override_values_read_as_before(override, attr, value):
     ("rollout.vllm.max_model_len=0100", ["rollout.vllm.max_model_len", "int or null", "'0100'"]),
     ("rollout.vllm.max_model_len=", ["rollout.vllm.max_model_len", "int or null", "''"]),
     ("train.resume=1", ["train.resume", "bool or str", "'1'", "a number"]),
+    ("algorithm.scale_rewards=1", ["algorithm.scale_rewards", "bool or str", "'1'", "a number"]),
+    ("algorithm.scale_rewards=global", ["algorithm.scale_rewards", "'group', 'batch', 'none'", "'global'"]),
     ("model.liger=1", ["model.liger", "expected bool", "'1'"]),
     ("optim.lr=1:30", ["optim.lr", "expected float", "'1:30'"]),
     ("seed.x=1", ["'seed' is a value", "not a section"]),

@@ -20,6 +20,7 @@ CORPUS = [f"### Step 1: {a} x {b} = {a * b}\n### The final answer is: {a * b}" f
 SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
              num_key_value_heads=1, vision_depth=1, vision_embed_dim=32, vision_num_heads=1)
 ADV = [1.0, -1.0, 0.5, -0.5, 2.0, -2.0, 0.1, -0.1]
+REWARDS = ([0.0, 1.1, 2.1, 0.0], [2.1, 2.1, 2.1, 2.1])  # rank 1's alone have std 0
 
 
 def _setup():
@@ -63,6 +64,10 @@ def _worker(rank, world, port, out_dir, loss_type="grpo"):
         st.add("x", [float(rank)] * (rank + 1))  # rank 0: [0], rank 1: [1, 1]
         r = st.reduce(Dist(rank=rank, world=world), with_std=("x",))
         torch.save(r, os.path.join(out_dir, f"stats{rank}.pt"))
+        from r1vl.algo import reward_std
+
+        mine = torch.tensor(REWARDS[rank])  # scale_rewards=batch: one std over both ranks' rewards
+        torch.save(reward_std(mine, "cpu"), os.path.join(out_dir, f"rstd{rank}.pt"))
     finally:
         dist.destroy_process_group()
     from r1vl.utils import exit_after_collectives
@@ -103,6 +108,8 @@ def test_ddp_two_gloo_ranks_match_single_process(tmp_path, loss_type):
     s1 = torch.load(tmp_path / "stats1.pt")
     assert s0 == s1
     assert s0["x"] == pytest.approx(2 / 3) and s0["x_std"] == pytest.approx((2 / 9) ** 0.5)
+    both = torch.tensor(REWARDS[0] + REWARDS[1]).double().std().item()
+    assert torch.load(tmp_path / "rstd0.pt") == torch.load(tmp_path / "rstd1.pt") == pytest.approx(both, rel=1e-12)
 
 
 def test_index_stream_shards_are_disjoint_and_deterministic():
@@ -123,7 +130,8 @@ def test_index_stream_shards_are_disjoint_and_deterministic():
 
 def test_torchrun_two_ranks_end_to_end(tmp_path, data_dir):
     """`torchrun --nproc-per-node 2 -m r1vl.train` on a very small run: both ranks train, rank 0
-    alone writes the outputs, metrics are reduced over the ranks."""
+    alone writes the outputs, metrics are reduced over the ranks. With scale_rewards=batch (its
+    std is a collective over the ranks)."""
     import json
     import subprocess
     import sys
@@ -134,7 +142,8 @@ def test_torchrun_two_ranks_end_to_end(tmp_path, data_dir):
     out = tmp_path / "run"
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "r1vl.train",
-           f"output_dir={out}", f"data.synthetic_dir={data_dir}", *FAST, "train.max_steps=2", "logging.plot=false"]
+           f"output_dir={out}", f"data.synthetic_dir={data_dir}", *FAST, "train.max_steps=2", "logging.plot=false",
+           "algorithm.scale_rewards=batch"]
     r = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
