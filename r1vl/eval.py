@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Callable
 
 from r1vl.files import write_replace
 from r1vl.rollout.base import Prompt, SamplingConfig
@@ -76,17 +76,28 @@ def progress_marks(total: int, lines: int = 10) -> set[int]:
     return {1, total} | {-(-k * total // (inner + 1)) for k in range(1, inner + 1)}
 
 
+class EvalStopped(Exception):
+    """evaluate() was asked to stop (its `stop` returned a signal number) before a batch."""
+
+    def __init__(self, signum: int, done: int, total: int):
+        super().__init__(f"evaluation stopped by signal {signum} after {done} of {total} samples")
+        self.signum, self.done, self.total = signum, done, total
+
+
 def evaluate(engine, processor, samples: Sequence[Any], *, max_new_tokens: int, batch_size: int = 64,
              d=None, alpha: float = 0.1, variant: str = "paper", accuracy_weight: float = 1.0,
              validity_weight: float = 1.0, reward_workers: int = 0,
-             reward_timeout_s: float = 5.0, keep_outputs: bool = False) -> dict[str, float]:
+             reward_timeout_s: float = 5.0, keep_outputs: bool = False,
+             stop: Callable[[], int] | None = None) -> dict[str, float]:
     """Greedy decoding of every sample (sharded over ranks when `d` is an r1vl.utils.Dist);
     returns held-out means over all ranks: accuracy, step_rar, step_rvr, reward (weighted as in
     training: accuracy_weight * StepRAR + validity_weight * StepRVR), completion_length,
     `reward_timeouts` (answers whose check ran out of reward_timeout_s, scored wrong: warned)
     and `correct_items` (0/1 per sample, data order). keep_outputs=True adds `outputs`: one
     record per sample in data order (`output_record`), gathered from every rank.
-    Rank 0 logs its progress (at most 10 lines: `progress_marks`)."""
+    Rank 0 logs its progress (at most 10 lines: `progress_marks`). `stop` (the trainer's
+    signal watch) is called before each batch on every rank, as many times on each (it may be a
+    collective); a nonzero signal number raises EvalStopped on every rank."""
     from r1vl.utils import Dist, StatReducer
 
     d = d or Dist()
@@ -115,10 +126,16 @@ def evaluate(engine, processor, samples: Sequence[Any], *, max_new_tokens: int, 
     # an engine whose generate() is a collective (vLLM with tensor parallelism: a TP group's ranks
     # exchange their prompts) is called as many times on every rank, with no prompt where a rank
     # has run out of items: rank 0 has the most (else the others waited for it forever)
-    calls = -(-len(range(0, len(samples), d.world)) // batch_size) if getattr(engine, "collective_generate", False) \
-        else n_batches
+    lockstep = getattr(engine, "collective_generate", False)
+    calls = -(-len(range(0, len(samples), d.world)) // batch_size) if lockstep or stop is not None else n_batches
     for b, s in enumerate(range(0, calls * batch_size, batch_size), start=1):
+        if stop is not None:
+            signum = stop()
+            if signum:
+                raise EvalStopped(signum, min(len(samples), s * d.world), len(samples))
         chunk = [samples[i] for i in mine[s: s + batch_size]]
+        if not chunk and not lockstep:
+            continue
         comps = engine.generate([make_prompt(processor, x) for x in chunk], 1, sampling)
         if not chunk:
             continue

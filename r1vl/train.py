@@ -621,6 +621,9 @@ _IMPL_KEYS = ("fused", "foreach", "capturable")
 def optimizer_state_mismatch(saved: dict, n_params: int) -> str:
     """Why a checkpoint's optimizer state does not fit a run that trains `n_params` tensors
     ("" when it does): torch would raise a bare size-mismatch ValueError when loading it."""
+    if saved is None:  # stop_in_eval's checkpoint at the warm-up's end
+        return ("it was written during the evaluation after the warm-up, without the warm-up's optimizer "
+                "state: the warm-up cannot be lengthened from it (resume with the warmup.steps that wrote it)")
     held = sum(len(g.get("params", ())) for g in saved.get("param_groups", ()))
     if held != n_params:
         return (f"its optimizer state holds {held} parameter tensors, this run trains {n_params} (a setting that "
@@ -735,8 +738,9 @@ def save_checkpoint(cfg: Config, d, policy, processor, optimizer, scheduler, pha
         d.barrier()
         return
     if d.main:
-        state = {"phase": phase, "step": step, "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "rng": rngs, "world": d.world, **extra}
+        state = {"phase": phase, "step": step, "optimizer": None if optimizer is None else optimizer.state_dict(),
+                 "scheduler": None if scheduler is None else scheduler.state_dict(), "rng": rngs, "world": d.world,
+                 **extra}
 
         def write(tmp: Path) -> None:
             save_pretrained(policy, processor, tmp)
@@ -757,12 +761,14 @@ class Stopped(Exception):
 
 class StopSignal:
     """SIGTERM (a scheduler's preemption, torchrun passing on its own), SIGUSR1 and, inside the
-    step loops, SIGINT (Ctrl-C) ask the run to stop at the end of the current step, with a
-    checkpoint to resume from (train.resume=true), whatever train.save_every is. A second
-    signal stops at once (SIGINT: KeyboardInterrupt), unless it comes within REPEAT_S of the
-    first: that is the same stop delivered twice (a scheduler signalling every process while
-    torchrun passes its own on). Outside the step loops (`armed` false: start-up, evaluation
-    between the phases, the final evaluation and save) SIGINT interrupts at once. Used as a
+    step loops and evaluations, SIGINT (Ctrl-C) ask the run to stop at the end of the current
+    step (in an evaluation: before its next batch), with a checkpoint to resume from
+    (train.resume=true), whatever train.save_every is. A second signal stops at once (SIGINT:
+    KeyboardInterrupt), unless it comes within REPEAT_S of the first: that is the same stop
+    delivered twice (a scheduler signalling every process while torchrun passes its own on).
+    Elsewhere (`armed` false: start-up, the saves of warmup/ and final/) SIGINT interrupts at
+    once; SIGTERM / SIGUSR1 then act at the next step or evaluation batch, and one during
+    the final save lets the run finish. Used as a
     context manager (handlers installed on the main thread only, the previous ones given back
     on exit)."""
 
@@ -803,8 +809,8 @@ class StopSignal:
         self.signum, self._at = signum, now
         how = "press Ctrl-C again" if signum == signal.SIGINT else "send it again"
         if not self.quiet:
-            log.warning("%s: stopping at the end of this step with a checkpoint (%s to stop at once)",
-                        signal.Signals(signum).name, how)
+            log.warning("%s: stopping at the end of this step (in an evaluation: before its next batch) with a "
+                        "checkpoint (%s to stop at once)", signal.Signals(signum).name, how)
 
     def agreed(self, d) -> int:
         """The signal any rank got (0: none). A collective when there are several ranks:
@@ -851,7 +857,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
     """One training run. `stop`: the signal watch (main() installs one; None: none)."""
     from r1vl.algo import (TOKEN_LEVEL_SHARES, TOKEN_MEANS, UpdateConfig, build_batch, compute_logprobs,
                            group_advantages, grpo_update, reward_std, sft_step)
-    from r1vl.eval import FirstRows, evaluate, make_prompt, score, write_outputs
+    from r1vl.eval import EvalStopped, FirstRows, evaluate, make_prompt, score, write_outputs
     from r1vl.models import HostWeights, PolicyWithLoss, load_pretrained, make_reference, unwrap
     from r1vl.rollout.base import SamplingConfig
     from r1vl.utils import (STATE_FILE, IndexStream, MetricsWriter, StatReducer, Timer, all_gather_objects,
@@ -1061,6 +1067,24 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
                               f"checkpoint {out / 'checkpoints' / checkpoint_name(phase, done)}; continue with "
                               "train.resume=true")
 
+    def stop_in_eval(e: EvalStopped, what: str, phase: str, done: int, opt=None, sched=None) -> None:
+        """A signal during an evaluation (every rank stopped before the same batch): checkpoint the
+        point the run reached, <phase>-<done>, unless output_dir has it, and stop; a resume from it
+        runs the evaluation again. done == 0: nothing trained, nothing to keep. opt None (the
+        warm-up's, freed before its evaluation): the checkpoint cannot lengthen the warm-up."""
+        from r1vl.utils import checkpoint_name
+
+        if bar is not None:
+            bar.close()
+        where = f"{signal.Signals(e.signum).name}: stopped during the {what} evaluation ({e.done}/{e.total} samples)"
+        if done == 0:
+            raise Stopped(e.signum, f"{where}; nothing was trained yet, so there is no checkpoint")
+        path = out / "checkpoints" / checkpoint_name(phase, done)
+        if not broadcast_object(d.main and path.is_dir(), d):
+            save_checkpoint(cfg, d, train_policy, processor, opt, sched, phase, done, ckpt_extra())
+        raise Stopped(e.signum, f"{where} with checkpoint {path}; continue with train.resume=true, which runs "
+                                "that evaluation again")
+
     # ---- 1. warm-up (SFT on reference solutions)
     start = state.get("step", 0) if in_warmup else cfg.warmup.steps
     if bar is not None:
@@ -1127,16 +1151,22 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
         """Greedy held-out evaluation with the rollout engine (vLLM: woken, i.e. given the
         current weights, and put back to sleep; HF under ZeRO-3: on gathered weights).
         With train.save_eval_outputs, rank 0 writes every completion and its scores to
-        output_dir/eval_outputs/<name>.jsonl."""
-        if use_vllm:
-            engine.wake()
-            try:
-                ev = evaluate(engine, processor, eval_set, **ev_kw)
-            finally:
-                engine.sleep()
-        else:
-            with gen_context():
-                ev = evaluate(engine, processor, eval_set, **ev_kw)
+        output_dir/eval_outputs/<name>.jsonl. A signal (Ctrl-C too) stops it before its next
+        batch on every rank: EvalStopped, for the caller to checkpoint the run's point."""
+        armed, stop.armed = stop.armed, True
+        kw = dict(ev_kw, stop=lambda: stop.agreed(d))
+        try:
+            if use_vllm:
+                engine.wake()
+                try:
+                    ev = evaluate(engine, processor, eval_set, **kw)
+                finally:
+                    engine.sleep()
+            else:
+                with gen_context():
+                    ev = evaluate(engine, processor, eval_set, **kw)
+        finally:
+            stop.armed = armed
         outputs = ev.pop("outputs", None)
         if outputs is not None and d.main:
             (out / EVAL_OUTPUTS).mkdir(exist_ok=True)
@@ -1149,7 +1179,10 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
                         "warm-up, and the weights now are StepGRPO's: none is run (python -m r1vl.eval --model "
                         "<that run>/warmup evaluates the warm-up model)")
     elif state.get("eval_warmup") is None and cfg.train.eval_before:
-        ev = run_eval("after_warmup")
+        try:
+            ev = run_eval("after_warmup")
+        except EvalStopped as e:  # the warm-up's optimizer is freed: its checkpoint has none
+            stop_in_eval(e, "after-warm-up", "warmup", cfg.warmup.steps)
         state["eval_warmup"] = ev
         writer.write({"phase": "eval", "after": "warmup", "step": 0,
                       **{k: v for k, v in ev.items() if k != "correct_items"}})
@@ -1211,8 +1244,15 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
         return bool(cfg.train.eval_every) and n % cfg.train.eval_every == 0 and (
             n < cfg.train.max_steps or (n == cfg.train.max_steps and not cfg.train.eval_after))
 
-    def step_eval(n: int) -> None:
-        evk = run_eval(f"grpo_step_{n:06d}")
+    def step_eval(n: int, resumed: bool = False) -> None:
+        """A signal stops it; in the loop, the step's stop_at_signal then checkpoints and stops
+        (a resume from there runs this evaluation again: see below)."""
+        try:
+            evk = run_eval(f"grpo_step_{n:06d}")
+        except EvalStopped as e:
+            if resumed:
+                stop_in_eval(e, f"StepGRPO step {n}", "grpo", n, opt, sched)
+            return
         writer.write({"phase": "eval", "after": "grpo", "step": n, "final": False,
                       **{k: v for k, v in evk.items() if k != "correct_items"}})
         log.info("held-out at StepGRPO step %d: accuracy %.3f", n, evk["accuracy"])
@@ -1226,7 +1266,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
             if d.main:
                 log.info("train.resume: no evaluation at StepGRPO step %d (train.eval_every=%d) in the run it "
                          "continues (its final one, dropped, or none): running it", g_start, cfg.train.eval_every)
-            step_eval(g_start)
+            step_eval(g_start, resumed=True)
     step = g_start
     t_phase = time.perf_counter()
     stop.armed = True
@@ -1365,7 +1405,12 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
         if d.main and cfg.train.save_eval_outputs and done.is_file():
             shutil.copyfile(done, out / EVAL_OUTPUTS / "final.jsonl")
     else:
-        ev1 = run_eval("final") if cfg.train.eval_after else None
+        try:
+            ev1 = run_eval("final") if cfg.train.eval_after else None
+        except EvalStopped as e:  # resumed from grpo-<max_steps> (or the warm-up's end), it runs again
+            if cfg.train.max_steps > 0:
+                stop_in_eval(e, "final", "grpo", cfg.train.max_steps, opt, sched)
+            stop_in_eval(e, "final", "warmup", cfg.warmup.steps)
     if ev1 is not None:
         writer.write({"phase": "eval", "after": "grpo", "step": cfg.train.max_steps, "final": True,
                       **{k: v for k, v in ev1.items() if k != "correct_items"}})
@@ -1418,6 +1463,9 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
 
         log.info("done in %.0fs: accuracy %s -> %s; summary in %s", wall, acc(summary["accuracy_after_warmup"]),
                  acc(summary["accuracy_final"]), out / "summary.json")
+    if stop.signum and d.main:  # it came after the final evaluation's last batch
+        log.warning("%s came during the final save: the run finished, its outputs are complete",
+                    signal.Signals(stop.signum).name)
     writer.close()  # an exception or a stop leaves it to _shutdown, which passes the exit code on
     _OPEN_WRITERS.remove(writer)
     return summary

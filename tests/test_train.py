@@ -165,6 +165,75 @@ def test_sigterm_checkpoints_stops_and_resumes_equal(tmp_path, data_dir):
     assert [_strip(r) for r in _metrics(ref)] == [_strip(r) for r in _metrics(out)]
 
 
+def _signal_in_evaluation(monkeypatch, nth: int, signum: int) -> list:
+    """The nth evaluation of the next run gets `signum` as it starts (before its first batch)."""
+    import r1vl.eval
+
+    real, calls = r1vl.eval.evaluate, []
+
+    def evaluate(*a, **kw):
+        calls.append(1)
+        if len(calls) == nth:
+            os.kill(os.getpid(), signum)
+            time.sleep(0.01)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(r1vl.eval, "evaluate", evaluate)
+    return calls
+
+
+@pytest.mark.parametrize("nth, signum, extra, ckpt", [
+    (1, signal.SIGINT, (), "warmup-000002"),  # the evaluation after the warm-up (Ctrl-C)
+    (2, signal.SIGTERM, ("train.eval_every=1",), "grpo-000001"),  # train.eval_every's, in the loop
+    (3, signal.SIGTERM, ("train.eval_every=1",), "grpo-000002"),  # the final one
+])
+def test_a_signal_during_an_evaluation_checkpoints_and_resumes_equal(tmp_path, data_dir, monkeypatch, capsys,
+                                                                     nth, signum, extra, ckpt):
+    """A preemption or Ctrl-C during an evaluation stops the run before the evaluation's next
+    batch with a checkpoint of the point reached (train.save_every=0), exit 128 + signal; the
+    resume runs that evaluation again and ends as a run never stopped. (The evaluations ran on
+    to the end, then the final save, exit 0, no checkpoint: a preemption's kill lost every step.)"""
+    args = ("train.max_steps=2", "logging.plot=false", *extra)
+    ref = tmp_path / "uninterrupted"
+    assert main(_args(ref, data_dir, *args)) == 0
+    out = tmp_path / "stopped"
+    calls = _signal_in_evaluation(monkeypatch, nth, signum)
+    assert main(_args(out, data_dir, *args)) == 128 + signum
+    assert len(calls) == nth
+    err = capsys.readouterr().err
+    assert f"{signal.Signals(signum).name}: stopping at the end of this step" in err
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [ckpt]
+    assert not (out / "final").exists()
+    if nth != 2:  # in the loop, the step's own stop line names it
+        assert "evaluation (0/4 samples) with checkpoint" in err and ckpt in err, err[-2000:]
+    monkeypatch.undo()
+    assert main(_args(out, data_dir, *args, "train.resume=true")) == 0
+    from safetensors.torch import load_file
+
+    a = load_file(ref / "final" / "model.safetensors")
+    b = load_file(out / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [_strip(r) for r in _metrics(ref)] == [_strip(r) for r in _metrics(out)]
+    for name in os.listdir(ref / "eval_outputs"):
+        assert (ref / "eval_outputs" / name).read_text() == (out / "eval_outputs" / name).read_text(), name
+
+
+def test_a_warmup_checkpoint_written_in_its_evaluation_cannot_lengthen_the_warmup(tmp_path, data_dir,
+                                                                                   monkeypatch, capsys):
+    """The checkpoint of a stop during the evaluation after the warm-up carries no warm-up
+    optimizer state (freed before the evaluation): lengthening the warm-up from it is refused
+    by name, not a KeyError or a silently fresh AdamW."""
+    out = tmp_path / "run"
+    _signal_in_evaluation(monkeypatch, 1, signal.SIGTERM)
+    assert main(_args(out, data_dir, "train.max_steps=1", "logging.plot=false")) == 128 + signal.SIGTERM
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(_args(out, data_dir, "train.max_steps=1", "logging.plot=false", "warmup.steps=3",
+                      "train.resume=true")) == 2
+    err = capsys.readouterr().err
+    assert "without the warm-up's optimizer state" in err and "Traceback" not in err, err[-2000:]
+
+
 def test_stop_signal_handlers():
     from r1vl.train import StopSignal
     from r1vl.utils import Dist
