@@ -1,6 +1,8 @@
-"""Writing a file whole or not at all (outputs users keep: key-step files, evaluation results)."""
+"""Writing a file whole or not at all (outputs users keep: key-step files, evaluation results),
+and saying so when a save failed for want of space."""
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from collections.abc import Iterable
@@ -28,3 +30,37 @@ def write_replace(path: str | Path, parts: str | Iterable[str]) -> None:
         if made:  # never another process's file of that name
             tmp.unlink(missing_ok=True)
         raise
+
+
+class DiskFullError(OSError):
+    """A save that failed because its file system is full (or over quota): names the path."""
+
+
+FULL_BYTES = 16 << 20  # less free than this after a failed write: the disk filled up
+
+
+def disk_full_error(path: str | Path, e: BaseException) -> DiskFullError | None:
+    """`e`, raised while writing `path`, as a DiskFullError when it came from a full disk: ENOSPC
+    or EDQUOT in its chain, or under FULL_BYTES free beside `path` (torch.save's error on a
+    short write names no errno: "unexpected pos ..."). None otherwise. Call it before the
+    partial copy is removed (that frees the space again)."""
+    why = None
+    x: BaseException | None = e
+    while x is not None and why is None:
+        if isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT):
+            why = os.strerror(x.errno)
+        x = x.__cause__ or x.__context__
+    if why is None and "No space left on device" in str(e):  # safetensors' Rust error carries it as text
+        why = "No space left on device"
+    parent = Path(path).parent
+    try:
+        free = shutil.disk_usage(parent).free
+    except OSError:
+        free = None
+    if why is None and (free is None or free >= FULL_BYTES):
+        return None
+    left = "" if free is None else f", {free / 2**20:.1f} MiB free there"
+    return DiskFullError(errno.ENOSPC, f"writing {path}: {why or 'the disk is full'}{left} ({type(e).__name__}: "
+                                       f"{str(e).strip()[:300]}); the partial copy was removed and the previous "
+                                       f"one, if any, is intact: free some space (fewer checkpoints: "
+                                       f"train.keep_checkpoints) and continue with train.resume=true")

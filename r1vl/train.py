@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from r1vl.config import Config, ConfigError, dump_config, load_config, to_dict
+from r1vl.files import write_replace
 
 log = logging.getLogger("r1vl.train")
 
@@ -876,6 +877,8 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
     if d.main:  # a save killed midway (atomic_dir_write's temporaries), before the resume point is found
         for what in clean_interrupted_saves(out / "checkpoints"):
             log.warning("checkpoints/: cleaned up after an interrupted save: %s", what)
+        for what in clean_interrupted_saves(out, names=("final", "warmup")):  # a model's copy each
+            log.warning("%s: cleaned up after an interrupted save: %s", out, what)
     d.barrier()
     resume_dir = find_resume(cfg)
     if d.main:
@@ -1452,7 +1455,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
                 log.warning("no paired comparison: the evaluation after the warm-up covered %d items, the final "
                             "one %d (data.eval_size changed on a resume)", len(ev0["correct_items"]),
                             len(ev1["correct_items"]))
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_replace(out / "summary.json", json.dumps(summary, indent=2) + "\n")
         writer.set_summary(summary)
         if cfg.logging.plot and not plot_run(out / "metrics.jsonl", out / "plot.png",
                                              title=f"r1vl StepGRPO (seed {cfg.seed})"):
@@ -1678,7 +1681,7 @@ def _is_user_error(e: Exception) -> bool:
     names = {c.__name__ for c in type(e).__mro__}
     return isinstance(e, ModelLoadError) or bool(names & {"DataError", "DatasetError", "BadRowError",
                                                           "DeepSpeedConfigError", "DeepSpeedCheckpointError",
-                                                          "SpeedupError"})
+                                                          "SpeedupError", "DiskFullError"})
 
 
 def _fail(e: Exception) -> None:

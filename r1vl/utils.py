@@ -332,13 +332,24 @@ def parse_checkpoint_name(name: str) -> tuple[int, int] | None:
 
 def atomic_dir_write(final: Path, write) -> None:
     """write(tmp_dir) then rename onto `final`: an interrupted save never leaves a partial
-    directory under the final name, and the previous good checkpoint stays intact."""
+    directory under the final name, and the previous good checkpoint stays intact. A write
+    that raises leaves no temporary behind; one that failed on a full disk raises
+    r1vl.files.DiskFullError, which names the path (torch.save's own error does not)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    write(tmp)
+    try:
+        write(tmp)
+    except BaseException as e:  # not left behind (a model's copy); a full disk said so
+        from r1vl.files import disk_full_error
+
+        full = disk_full_error(final, e) if isinstance(e, Exception) else None
+        shutil.rmtree(tmp, ignore_errors=True)
+        if full is not None:
+            raise full from e
+        raise
     old = None
     if final.exists():
         old = final.parent / f".old-{final.name}-{os.getpid()}"
@@ -384,18 +395,19 @@ def checkpoints_after(ckpt_dir: Path, name: str) -> list[Path]:
                   key=lambda p: parse_checkpoint_name(p.name))
 
 
-def clean_interrupted_saves(ckpt_dir: Path) -> list[str]:
+def clean_interrupted_saves(ckpt_dir: Path, names: tuple[str, ...] | None = None) -> list[str]:
     """What atomic_dir_write (`-<pid>`) or DeepSpeed's collective save (`-ds`) left behind when
     a process died mid-save: a `.tmp-X-<pid>` (the unfinished copy) is removed; an `.old-X-<pid>`
-    is the previous good copy, renamed back to X when X is missing, else removed. Returns what
-    was done, for the log."""
+    is the previous good copy, renamed back to X when X is missing, else removed. `names`: only
+    those X (output_dir's own final/ and warmup/ beside a user's files). Returns what was done,
+    for the log."""
     done: list[str] = []
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         return done
     for p in sorted(ckpt_dir.iterdir()):
         m = re.fullmatch(r"\.(tmp|old)-(.+)-(?:\d+|ds)", p.name)  # atomic_dir_write's, ds._collective_dir_write's
-        if not m or not p.is_dir():
+        if not m or not p.is_dir() or (names is not None and m.group(2) not in names):
             continue
         target = ckpt_dir / m.group(2)
         if m.group(1) == "old" and not target.exists():
@@ -477,7 +489,9 @@ class MetricsWriter:
                 key = (_PHASES.get(ph, 0), rec.get("step", 0))
             if key <= cut:
                 keep.append(line)
-        path.write_text("".join(k + "\n" for k in keep))
+        from r1vl.files import write_replace
+
+        write_replace(path, (k + "\n" for k in keep))  # a kill here leaves the file as it was
 
     def write_rollouts(self, record: dict) -> None:
         """One record of sampled completions (rollouts.jsonl; rank 0)."""

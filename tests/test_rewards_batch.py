@@ -220,17 +220,18 @@ def test_a_forked_child_neither_uses_nor_stops_the_parents_pool():
     assert res["correct"] == [1.0] * 48 and res["num_killed"] == [0.0]
 
 
-def test_workers_ignore_ctrl_c():
-    """A terminal's Ctrl-C goes to the whole process group: the trainer finishes its step on
-    the first one, so the reward workers must not die of it (their completions were scored
-    without math-verify)."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1])
+def test_workers_ignore_the_stop_signals(signum):
+    """A terminal's Ctrl-C goes to the whole process group, and a scheduler may signal every
+    process (SIGTERM, SIGUSR1): the trainer finishes its step on the first one, so the reward
+    workers must not die of it (their completions were scored without math-verify)."""
     pool = RewardPool(2)
     try:
         _wait_ready(pool)
         _wait_ready_all(pool)
         pids = [w.process.pid for w in pool._workers]
         for p in pids:
-            os.kill(p, signal.SIGINT)
+            os.kill(p, signum)
         time.sleep(0.5)
         cs, sols = _right(16)
         results, kills = pool.map([(i, c, s, []) for i, (c, s) in enumerate(zip(cs, sols))], alpha=0.1,

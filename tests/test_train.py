@@ -359,6 +359,48 @@ def test_atomic_checkpoint_write(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         atomic_dir_write(ck / "grpo-000001", crash)  # re-saving under the same name
     assert (ck / "grpo-000001" / STATE_FILE).read_text() == "ok"
+    assert sorted(p.name for p in ck.iterdir()) == ["grpo-000001"]  # no partial copy left behind
+
+
+def test_a_save_on_a_full_disk_names_the_path_and_leaves_no_partial_copy(tmp_path, monkeypatch):
+    """torch.save's error on a short write names neither the file nor the disk ("unexpected
+    pos"): a save that fails with little space left says the disk is full, with the path; an
+    ENOSPC anywhere in the error's chain does too; another error is passed on as it was."""
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    from r1vl.files import DiskFullError
+    from r1vl.utils import atomic_dir_write
+
+    ck = tmp_path / "checkpoints"
+
+    def torch_short_write(tmp):
+        tmp.mkdir()
+        (tmp / "trainer_state.pt").write_bytes(b"PK partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 6096128 vs 6096020")
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(24 << 20, 24 << 20, 4096))
+    with pytest.raises(DiskFullError) as e:
+        atomic_dir_write(ck / "grpo-000002", torch_short_write)
+    assert str(ck / "grpo-000002") in str(e.value) and "0.0 MiB free" in str(e.value)
+    assert "unexpected pos" in str(e.value) and "train.resume=true" in str(e.value)
+    assert list(ck.iterdir()) == []
+
+    def enospc(tmp):
+        tmp.mkdir()
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as inner:
+            raise RuntimeError("serialisation failed") from inner
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(1 << 40, 1 << 39, 1 << 39))  # a quota
+    with pytest.raises(DiskFullError, match="No space left on device"):
+        atomic_dir_write(ck / "final", enospc)
+    with pytest.raises(RuntimeError, match="unexpected pos") as e:  # space left: not the disk
+        atomic_dir_write(ck / "grpo-000002", torch_short_write)
+    assert not isinstance(e.value, DiskFullError) and list(ck.iterdir()) == []
 
 
 @pytest.mark.parametrize("override, words", [
@@ -798,6 +840,19 @@ def test_truncate_after_a_checkpoint_drops_the_tail_of_both_logs(tmp_path):
     assert kept == [("warmup", 1), ("warmup", 2), ("eval", 0), ("grpo", 1), ("grpo", 2)]
     rolls = [json.loads(x)["step"] for x in (tmp_path / "rollouts.jsonl").read_text().splitlines()]
     assert rolls == [1, 2]
+    # a kill while the log is rewritten leaves it whole (it was truncated to nothing, then written)
+    before = (tmp_path / "metrics.jsonl").read_text()
+    import r1vl.files
+
+    def killed(fd):
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(r1vl.files.os, "fsync", killed)
+        with pytest.raises(KeyboardInterrupt):
+            w.truncate_after("grpo", 1)
+    assert (tmp_path / "metrics.jsonl").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "rollouts.jsonl"]
     # a fresh writer (a new run, not a resume) starts both logs anew
     MetricsWriter(tmp_path, enabled=True, tensorboard=False, fresh=True)
     assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "rollouts.jsonl").exists()
@@ -1061,6 +1116,12 @@ def test_interrupted_saves_are_cleaned_and_a_corrupt_state_is_one_line(tmp_path,
                  ".tmp-grpo-000004-ds", ".old-grpo-000005-ds"):
         (ck / name).mkdir(parents=True)
     (ck / ".old-grpo-000002-98" / STATE_FILE).write_text("the good copy")
+    # output_dir's own final/ and warmup/ (a model's copy each), beside a user's files
+    for name in (".tmp-final-12", ".tmp-warmup-ds", ".old-final-13", ".tmp-mine-14"):
+        (tmp_path / name).mkdir()
+    assert len(clean_interrupted_saves(tmp_path, names=("final", "warmup"))) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-mine-14", "checkpoints", "final"]
+    (tmp_path / "final").rmdir()
     done = clean_interrupted_saves(ck)
     assert sorted(p.name for p in ck.iterdir()) == ["grpo-000001", "grpo-000002", "grpo-000005"]
     assert (ck / "grpo-000002" / STATE_FILE).read_text() == "the good copy"  # renamed back, not lost
@@ -1068,7 +1129,9 @@ def test_interrupted_saves_are_cleaned_and_a_corrupt_state_is_one_line(tmp_path,
     for name in ("grpo-000005",):
         (ck / name).rmdir()
     (ck / "grpo-000001" / STATE_FILE).write_bytes(b"PK\x03\x04 truncated")
+    (tmp_path / ".tmp-final-77").mkdir()  # a kill during final/'s save: the run's start removes it
     assert main([f"output_dir={tmp_path}", f"train.resume={ck / 'grpo-000001'}", *FAST]) == 2
+    assert not (tmp_path / ".tmp-final-77").exists()
     err = capsys.readouterr().err
     assert f"train.resume: {ck / 'grpo-000001' / STATE_FILE} is unreadable (" in err and "Traceback" not in err
 

@@ -17,10 +17,12 @@ _PARENT_CHECK_S = 2.0
 
 
 def main(read_fd: int, write_fd: int) -> None:
-    # A terminal's Ctrl-C reaches the whole process group; the trainer then finishes its step
-    # and saves (or stops), and closes the pool itself. A worker that died of it would have its
-    # completion scored without math-verify. Orphaned workers stop by themselves (below).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A terminal's Ctrl-C reaches the whole process group, and a scheduler may signal every
+    # process (SIGTERM, SIGUSR1); the trainer then finishes its step and saves (or stops), and
+    # closes the pool itself. A worker that died of it would have its completion scored without
+    # math-verify. The pool stops workers with SIGKILL; orphaned ones stop by themselves (below).
+    for name in ("SIGINT", "SIGTERM", "SIGUSR1"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
     inbox = Connection(read_fd, writable=False)
     outbox = Connection(write_fd, readable=False)
     try:
