@@ -90,6 +90,9 @@ class SeqBatch:
     mask: torch.Tensor
     start: int
     image_counts: list[int] = field(default_factory=list)  # images per sequence (for slicing)
+    # build_batch(compact_images=True): pixel_values holds each distinct image once, image_index[j]
+    # is image j's block; slice() gives a batch with a block per image again
+    image_index: list[int] | None = None
 
     @property
     def size(self) -> int:
@@ -111,28 +114,35 @@ class SeqBatch:
         if "image_grid_thw" in self.inputs:
             grid = self.inputs["image_grid_thw"]
             pix = self.inputs["pixel_values"]
-            patches = grid.prod(-1)
+            patches = grid.prod(-1).tolist()
             img_off = [0]
             for c in self.image_counts:
                 img_off.append(img_off[-1] + c)
-            patch_off = torch.cat([torch.zeros(1, dtype=torch.long), patches.cumsum(0)]).tolist()
+            block = list(range(len(patches))) if self.image_index is None else self.image_index
+            sizes = [0] * (max(block, default=-1) + 1)  # each stored block's patches
+            for j, b in enumerate(block):
+                sizes[b] = patches[j]
+            blocks = pix.split(sizes)
             sel_img = [j for i in idx for j in range(img_off[i], img_off[i + 1])]
             if sel_img:
                 inputs["image_grid_thw"] = grid[sel_img]
-                inputs["pixel_values"] = torch.cat([pix[patch_off[j]: patch_off[j + 1]] for j in sel_img])
+                inputs["pixel_values"] = torch.cat([blocks[block[j]] for j in sel_img])
         return SeqBatch(inputs, self.targets[rows, :t], mask[:, :t], self.start,
                         [self.image_counts[i] for i in idx] if self.image_counts else [])
 
     def to(self, device) -> "SeqBatch":
         return SeqBatch({k: v.to(device) for k, v in self.inputs.items()}, self.targets.to(device),
-                        self.mask.to(device), self.start, self.image_counts)
+                        self.mask.to(device), self.start, self.image_counts, self.image_index)
 
 
 def build_batch(processor, prompt_texts: list[str], images: list, continuations: list[list[int]],
-                *, dtype: torch.dtype = torch.float32) -> SeqBatch:
+                *, dtype: torch.dtype = torch.float32, compact_images: bool = False) -> SeqBatch:
     """Tokenise prompts (left padding) and append continuation token ids (right padding).
 
-    images[i] is prompt i's image or None; continuations[i] the token ids after prompt i."""
+    images[i] is prompt i's image or None; continuations[i] the token ids after prompt i.
+    compact_images: an image object given for several rows (a group's G completions) keeps one
+    pixel block (SeqBatch.image_index), not G copies: G times less host memory and host-to-
+    device copying; the batch is then used through slice() (the trainer's micro-batches)."""
     if len(prompt_texts) != len(continuations) or len(images) != len(prompt_texts):
         raise ValueError("build_batch: prompt_texts, images and continuations must have the same length")
     bad = set(processor.vision_token_ids()) if hasattr(processor, "vision_token_ids") else set()
@@ -140,7 +150,8 @@ def build_batch(processor, prompt_texts: list[str], images: list, continuations:
         if bad.intersection(c):
             raise ValueError(f"build_batch: continuation {i} contains image placeholder tokens "
                              f"{sorted(bad.intersection(c))}; engines must suppress them")
-    enc = processor(prompt_texts, [im for im in images if im is not None], padding_side="left")
+    enc = processor(prompt_texts, [im for im in images if im is not None], padding_side="left",
+                    **({"unique_images": True} if compact_images else {}))
     B, P = enc["input_ids"].shape
     T = max(1, max((len(c) for c in continuations), default=1))
     pad = processor.pad_token_id
@@ -157,11 +168,14 @@ def build_batch(processor, prompt_texts: list[str], images: list, continuations:
     if "mm_token_type_ids" in enc:
         inputs["mm_token_type_ids"] = torch.cat(
             [enc["mm_token_type_ids"], torch.zeros((B, T), dtype=enc["mm_token_type_ids"].dtype)], dim=1)
+    index = None
     if "pixel_values" in enc:
         inputs["pixel_values"] = enc["pixel_values"].to(dtype)
         inputs["image_grid_thw"] = enc["image_grid_thw"]
+        if "image_index" in enc:
+            index = enc["image_index"].tolist()
     counts = [0 if im is None else 1 for im in images]
-    return SeqBatch(inputs, targets, mask, P, counts)
+    return SeqBatch(inputs, targets, mask, P, counts, index)
 
 
 def micro_batches(n: int, size: int) -> list[list[int]]:

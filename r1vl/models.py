@@ -149,9 +149,14 @@ class VLProcessor:
         return [self.decode(s) for s in seqs]
 
     # -- batches
-    def __call__(self, texts: list[str], images: list | None = None, padding_side: str = "left") -> dict:
+    def __call__(self, texts: list[str], images: list | None = None, padding_side: str = "left",
+                 unique_images: bool = False) -> dict:
         """Tokenise chat texts (one image per `<|image_pad|>` placeholder, in order) into a
-        padded batch: input_ids, attention_mask, mm_token_type_ids, pixel_values, image_grid_thw."""
+        padded batch: input_ids, attention_mask, mm_token_type_ids, pixel_values, image_grid_thw.
+        An image object passed several times (a StepGRPO batch's G rows of a prompt) is processed
+        once, and a text given several times tokenised once. unique_images: pixel_values holds
+        each distinct image's block once and `image_index` [images] names each image's block
+        (image_grid_thw stays one row per image); else the blocks are repeated per image."""
         images = [im for im in (images or []) if im is not None]
         out: dict[str, torch.Tensor] = {}
         if images:
@@ -161,7 +166,10 @@ class VLProcessor:
             unique = list({id(im): im for im in images}.values())
             feats = self.image_processor(images=unique, return_tensors="pt")
             pixels, grid = feats["pixel_values"], feats["image_grid_thw"]
-            if len(unique) < len(images):
+            if unique_images:
+                out["image_index"] = torch.tensor(index, dtype=torch.long)
+                grid = grid[index]
+            elif len(unique) < len(images):
                 blocks = pixels.split(grid.prod(-1).tolist())
                 pixels, grid = torch.cat([blocks[j] for j in index]), grid[index]
             out["pixel_values"] = pixels
@@ -181,11 +189,17 @@ class VLProcessor:
             expanded.append("".join(pieces))
         if k != len(counts):
             raise ValueError(f"{len(counts)} images but {k} {self.image_token} placeholders in the texts")
-        enc = self.tokenizer(expanded, padding=True, padding_side=padding_side, return_tensors="pt",
+        first: dict[str, int] = {}  # each distinct text once (padded to the same longest row), then its rows
+        rows = [first.setdefault(t, len(first)) for t in expanded]
+        enc = self.tokenizer(list(first), padding=True, padding_side=padding_side, return_tensors="pt",
                              add_special_tokens=False)
-        out["input_ids"] = enc["input_ids"]
-        out["attention_mask"] = enc["attention_mask"]
-        out["mm_token_type_ids"] = (enc["input_ids"] == self.image_token_id).to(torch.int32)
+        ids, am = enc["input_ids"], enc["attention_mask"]
+        if len(first) < len(expanded):
+            sel = torch.tensor(rows, dtype=torch.long)
+            ids, am = ids[sel], am[sel]
+        out["input_ids"] = ids
+        out["attention_mask"] = am
+        out["mm_token_type_ids"] = (ids == self.image_token_id).to(torch.int32)
         return out
 
     # -- persistence

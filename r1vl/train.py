@@ -1295,7 +1295,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
                                    batch_std=reward_std(rewards, d.device) if a.scale_rewards == "batch" else None)
         batch = build_batch(processor, [prompts[c.prompt_index].text for c in comps],
                             [prompts[c.prompt_index].image for c in comps], [c.token_ids for c in comps],
-                            dtype=dtype).to(d.device)
+                            dtype=dtype, compact_images=True).to(d.device)
         check_prompt_lengths(batch, [samples[c.prompt_index] for c in comps], cfg.data.max_prompt_length)
         with tm("logprob"):
             ref_lp = None

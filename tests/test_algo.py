@@ -119,6 +119,39 @@ def test_build_batch_layout(tiny):
     assert n_img_tokens.tolist() == (b.inputs["image_grid_thw"].prod(-1) // 4).tolist()
 
 
+def test_compact_images_store_a_group_image_once_and_slice_as_before(tiny):
+    """The trainer's StepGRPO batch: G rows per prompt share the prompt's image object.
+    compact_images keeps one pixel block per image object (not G copies) and every slice, in
+    any order of rows, equals the expanded batch's; tokens too (each prompt tokenised once)."""
+    _, proc = tiny
+    rng = np.random.default_rng(3)
+    prompts = [proc.chat_prompt(f"What is {k} + {k + 1}?") for k in range(3)]
+    images = [_img(300 + k, 56 if k % 2 else 84, 56) for k in range(3)]
+    rows = [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    texts, imgs = [prompts[r] for r in rows], [images[r] for r in rows]
+    imgs[4] = _img(301, 56, 56)  # an equal image, another object: its own block
+    conts = [rng.integers(20, len(proc.tokenizer), size=int(rng.integers(2, 9))).tolist() for _ in rows]
+    full = build_batch(proc, texts, imgs, conts, dtype=torch.bfloat16)
+    compact = build_batch(proc, texts, imgs, conts, dtype=torch.bfloat16, compact_images=True)
+    sizes = full.inputs["image_grid_thw"].prod(-1)
+    assert compact.inputs["pixel_values"].shape[0] == int(sizes[[0, 3, 4, 6]].sum())  # 4 objects, not 9
+    assert full.inputs["pixel_values"].shape[0] == int(sizes.sum())
+    assert compact.image_index == [0, 0, 0, 1, 2, 1, 3, 3, 3]
+    for k in ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw"):
+        assert torch.equal(compact.inputs[k], full.inputs[k]), k
+    for idx in ([0, 1, 2, 3, 4, 5, 6, 7, 8], [3, 4], [8, 0, 4], [5], [2, 6, 7]):
+        a, b = full.slice(idx), compact.slice(idx)
+        assert a.inputs.keys() == b.inputs.keys() and b.image_index is None
+        for k in a.inputs:
+            assert torch.equal(a.inputs[k], b.inputs[k]), (idx, k)
+        assert torch.equal(a.targets, b.targets) and torch.equal(a.mask, b.mask)
+    moved = compact.to("cpu")
+    assert moved.image_index == compact.image_index
+    # one text given several times is tokenised once, with the padding of the whole batch
+    single = proc(texts[:1], imgs[:1])
+    assert torch.equal(single["input_ids"][0], full.inputs["input_ids"][0, -single["input_ids"].shape[1] - full.targets.shape[1]: -full.targets.shape[1]])
+
+
 def test_slice_and_logprobs_are_padding_invariant(tiny):
     model, proc = tiny
     b, _ = _batch(proc, n=6, seed=1)
