@@ -351,3 +351,29 @@ def test_integer_fast_path_agrees_with_math_verify():
                 assert math_equal(a, b, 5.0) == (False, False), (a, b)
     for not_plain in ("007", "-0", "+7", "7.0", "1e3", "٣", "1000000000000"):
         assert not _CANONICAL_INT.match(not_plain)
+
+
+def test_math_equal_compares_a_pair_of_lines_once(monkeypatch):
+    """A group's completions often give one answer: math-verify compares (gold, answer) once,
+    and the cached result is the computed one; a comparison that ran out of time is not kept."""
+    from r1vl.rewards import verify
+
+    calls = []
+    real = verify._verify
+
+    def counted(g, p):
+        calls.append(1)
+        return real(g, p)
+
+    monkeypatch.setattr(verify, "_verify", counted)
+    verify._equal_cache.clear()
+    try:
+        first = [verify.math_equal("\\frac{1}{2}", "0.5"), verify.math_equal("3", "4")]
+        again = [verify.math_equal("\\frac{1}{2}", "0.5"), verify.math_equal("3", "4")]
+        assert first == again == [(True, False), (False, False)] and len(calls) == 2
+        monkeypatch.setattr(verify, "_run", lambda work, t: (False, True))  # a deadline
+        assert verify.math_equal("7", "7") == (False, True)
+        monkeypatch.undo()
+        assert verify.math_equal("7", "7") == (True, False)  # computed, not the timed-out value
+    finally:
+        verify._equal_cache.clear()

@@ -274,8 +274,10 @@ def test_in_process_scoring_leaves_a_broken_math_verify(monkeypatch):
     monkeypatch.setattr(math_verify, "verify", lambda *a, **k: 1 / 0)
     monkeypatch.setattr(verify, "_broken", True)
     verify._parse_cache.clear()
+    verify._equal_cache.clear()
     assert score_batch(cs, sols, workers=0, timeout_s=3.0)["correct"] == [1.0, 1.0]
     verify._parse_cache.clear()
+    verify._equal_cache.clear()
 
 
 def test_an_empty_key_step_phrasing_matches_nothing():

@@ -144,6 +144,7 @@ def call_with_deadline(fn: Callable[[], Any], seconds: float | None) -> tuple[bo
 # math-verify calls (its own timeouts off: ours wraps the whole computation)
 
 _parse_cache: dict[str, Any] = {}
+_equal_cache: dict[tuple[str, str], bool] = {}  # math_equal's (gold line, answer line) -> equal
 _fired = False  # set by the deadline handler: results computed after it fired are never cached
 
 
@@ -187,7 +188,20 @@ def math_equal(gold: str, pred: str, timeout_s: float | None = DEFAULT_TIMEOUT_S
         p = read(pred)
         return _verify(g, p)
 
-    return _run(work, timeout_s)
+    # a group's completions often give the same answer, and a step's prompts repeat in later
+    # epochs: the comparison (sympy's, most of a reward's time) is done once per pair of lines
+    key = (gold, pred)
+    small = len(gold) + len(pred) <= _CACHE_MAX_CHARS
+    if small:
+        hit = _equal_cache.get(key)
+        if hit is not None:
+            return hit, False
+    equal, timed_out = _run(work, timeout_s)
+    if small and not timed_out and not _fired:  # as the parse cache: never a result after a deadline
+        if len(_equal_cache) >= _CACHE_MAX_ITEMS:
+            _equal_cache.clear()
+        _equal_cache[key] = bool(equal)
+    return equal, timed_out
 
 
 def math_equal_official(completion: str, solution: str,
