@@ -427,7 +427,7 @@ def take_samples(dataset, indices, cfg: Config) -> list:
     that is corrupt past its header can still turn up here: its error then says what would
     have found it at start-up."""
     try:
-        return [dataset[i] for i in indices]
+        return map_images(dataset.__getitem__, indices, dataset)
     except Exception as e:
         if type(e).__name__ != "DataError" or cfg.data.verify_images:
             raise
@@ -435,10 +435,25 @@ def take_samples(dataset, indices, cfg: Config) -> list:
                         "stops there, or leaves such rows out with data.skip_bad_rows=true)") from None
 
 
+def map_images(fn, items, dataset) -> list:
+    """[fn(x) for x in items], in threads when the data set's images may be decoded at once
+    (`threadsafe_images`; PIL releases the GIL as it decodes and resizes): as many as torch's
+    threads (this process's share of the machine's cores), at most 8. In order; the first
+    failure in that order is raised."""
+    items = list(items)
+    n = min(8, torch.get_num_threads(), len(items) // 4)
+    if n <= 1 or not getattr(dataset, "threadsafe_images", False):
+        return [fn(x) for x in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(n, thread_name_prefix="r1vl-images") as ex:
+        return list(ex.map(fn, items))
+
+
 def image_problems(dataset, rows: range, d=None) -> list[str | None]:
     """dataset.image_problem(i) for each row (None: the image decodes), the ranks of `d` sharing
-    the decoding."""
-    return per_row_shared(lambda idx: [dataset.image_problem(i) for i in idx], rows, d, "decoding images")
+    the decoding, each in threads (map_images)."""
+    return per_row_shared(lambda idx: map_images(dataset.image_problem, idx, dataset), rows, d, "decoding images")
 
 
 def check_images(dataset, cfg: Config, key: str, rows: int | None = None, d=None):

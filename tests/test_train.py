@@ -1212,3 +1212,45 @@ def test_a_resume_with_another_eval_size_ends_without_a_paired_test(tmp_path, da
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and summary.get("paired") is None
     assert "no paired comparison" in capsys.readouterr().err
+
+
+def test_images_are_decoded_in_threads_in_order(tmp_path, monkeypatch):
+    """The start-up decode of every image (data.verify_images) and a step's samples run in
+    threads (PIL releases the GIL): the same results, in row order, as one by one; a truncated
+    file is found at its row; a data set of in-memory PIL images stays serial."""
+    import threading
+
+    from PIL import Image
+
+    from r1vl.data import load_dataset
+    from r1vl.train import image_problems, map_images
+
+    rows = []
+    for i in range(24):
+        Image.new("RGB", (60 + i, 40), (i * 10 % 256, 50, 90)).save(tmp_path / f"{i}.jpg", quality=90)
+        rows.append({"problem": f"p{i}", "solution": f"### The final answer is: {i}", "image_path": f"{i}.jpg",
+                     "key_steps": None})
+    whole = (tmp_path / "13.jpg").read_bytes()
+    (tmp_path / "13.jpg").write_bytes(whole[: len(whole) // 2])  # the header reads, the decode fails
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = load_dataset(str(tmp_path / "d.jsonl"), min_pixels=3136, max_pixels=12544, check_images=False)
+    assert ds.threadsafe_images
+    seen = set()
+    real = ds.image_problem
+
+    def spy(i):
+        seen.add(threading.current_thread().name)
+        return real(i)
+
+    monkeypatch.setattr(ds, "image_problem", spy)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    got = image_problems(ds, range(len(ds)))
+    assert [i for i, why in enumerate(got) if why] == [13] and "cannot load image" in got[13]
+    assert any(name.startswith("r1vl-images") for name in seen)
+    samples = map_images(ds.__getitem__, [5, 2, 20, 7, 0, 11, 3, 19], ds)
+    assert [s.problem for s in samples] == ["p5", "p2", "p20", "p7", "p0", "p11", "p3", "p19"]
+    with pytest.raises(Exception, match="13.jpg"):  # the failure of its row, whatever ran first
+        map_images(ds.__getitem__, [1, 2, 13, 4, 5, 6, 7, 8], ds)
+    seen.clear()
+    monkeypatch.setattr(ds, "threadsafe_images", False)
+    assert image_problems(ds, range(len(ds))) == got and seen == {threading.main_thread().name}

@@ -303,6 +303,9 @@ class R1VLDataset(Sequence):
         self.min_pixels = min_pixels
         self.max_pixels = max_pixels
         self.skipped = skipped or []  # (source, reason) of every skipped bad row
+        # rows may be decoded in threads at once (train.map_images): no in-memory PIL image, which
+        # two rows could share (PIL's lazy load of one object is not thread-safe)
+        self.threadsafe_images = not any(r.image.pil is not None for r in rows)
 
     def __len__(self) -> int:
         return len(self._rows)
