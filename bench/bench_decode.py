@@ -1,9 +1,12 @@
 """The start-up cost of data.verify_images: milliseconds per image of the decode check
 (R1VLDataset.image_problem: open, decode, EXIF turn, RGB, resize), next to the header read
 that loading does anyway. Images are made here, smooth like photos: half 640x480 JPEGs
-(quality 90), half 448x448 PNGs, resized within --max-pixels as training would.
+(quality 90), half 448x448 PNGs, resized within --max-pixels as training would. The check
+one image after another, then as the trainer runs it (r1vl.train.image_problems: threads,
+as many as torch's, at most 8; --threads sets torch's).
 
     python bench/bench_decode.py              # 200 images in a temporary directory
+    python bench/bench_decode.py --threads 8  # a node's rank with 8 cores to spare
 """
 from __future__ import annotations
 
@@ -47,8 +50,15 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=_cli.positive_int, default=200, help="images (default: %(default)s)")
     ap.add_argument("--max-pixels", type=_cli.positive_int, default=1003520,
                     help="data.max_pixels of the resize (default: %(default)s, Qwen2-VL-2B's recipe)")
+    ap.add_argument("--threads", type=_cli.positive_int, default=None,
+                    help="torch's thread count for the threaded check (default: this machine's cores)")
     args = ap.parse_args(argv)
+    import os
+
+    import torch
+
     from r1vl.data import load_dataset
+    from r1vl.train import image_problems
 
     with tempfile.TemporaryDirectory() as tmp:
         path = write_images(Path(tmp), args.n)
@@ -58,9 +68,21 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         bad = sum(1 for i in range(len(ds)) if ds.image_problem(i))
         decode = (time.perf_counter() - t) / len(ds)
+        before = torch.get_num_threads()
+        torch.set_num_threads(args.threads or os.cpu_count() or 1)
+        threads = min(8, torch.get_num_threads(), len(ds) // 4)
+        try:
+            t = time.perf_counter()
+            bad_threaded = sum(1 for why in image_problems(ds, range(len(ds))) if why)
+            threaded = (time.perf_counter() - t) / len(ds)
+        finally:
+            torch.set_num_threads(before)
     print(f"{args.n} images (640x480 JPEG / 448x448 PNG), one process: load with header check "
-          f"{header * 1e3:.2f} ms/image, decode check {decode * 1e3:.2f} ms/image ({bad} unreadable)")
-    print(f"decode check for 10,000 images: {decode * 1e4:.0f} s in one process, shared by the ranks")
+          f"{header * 1e3:.2f} ms/image, decode check {decode * 1e3:.2f} ms/image ({bad} unreadable); "
+          f"in {max(threads, 1)} thread(s) as the trainer runs it {threaded * 1e3:.2f} ms/image "
+          f"({bad_threaded} unreadable)")
+    print(f"decode check for 10,000 images: {decode * 1e4:.0f} s in one process one image at a time, "
+          f"{threaded * 1e4:.0f} s in {max(threads, 1)} thread(s); shared by the ranks")
     return 0
 
 

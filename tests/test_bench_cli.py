@@ -135,6 +135,7 @@ BAD_ARGS = {
     "bench_decode": [
         (["--n", "0"], "--n"),
         (["--max-pixels", "-1"], "--max-pixels"),
+        (["--threads", "0"], "--threads"),
     ],
     "compile_report": [
         (["--tokens", "-1", "--kernels", "objective", "--quick"], "--tokens"),
@@ -412,9 +413,10 @@ def test_gpu_session_stops_pytest_with_sigint_and_keeps_its_junit(tmp_path):
 def test_bench_decode_measures_the_check(capsys):
     """bench_decode.py times the start-up decode check on images it makes (all of them readable)."""
     mod = _mod("bench_decode")
-    assert mod.main(["--n", "4"]) == 0
+    assert mod.main(["--n", "8", "--threads", "2"]) == 0
     out = capsys.readouterr().out
-    assert "4 images" in out and "decode check" in out and "(0 unreadable)" in out
+    assert "8 images" in out and "decode check" in out and "(0 unreadable)" in out
+    assert "in 2 thread(s) as the trainer runs it" in out
 
 
 def test_gpu_session_dry_run_never_writes_into_an_interpreter(tmp_path):
