@@ -134,7 +134,8 @@ class WarmupConfig:
     batch_size: int = field(default=4, metadata=_min(1))  # per rank
     lr: float = field(default=5e-4, metadata=_min(0.0, strict=True))
     warmup_steps: int = field(default=10, metadata=_min(0))  # linear lr warm-up, then cosine to 10%
-    max_length: int = field(default=1024, metadata=_min(1))  # a reference solution's tokens kept (then EOS)
+    # a reference solution's tokens learned, then the end of turn; a longer one is cut, with none
+    max_length: int = field(default=1024, metadata=_min(1))
 
 
 @dataclass

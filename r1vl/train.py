@@ -544,6 +544,13 @@ def check_all_prompt_lengths(dataset, processor, cfg: Config, key: str = "data.t
                     ("" if cfg.data.skip_bad_rows else ", or set data.skip_bad_rows=true to leave them out"))
 
 
+def warmup_target(ids: list[int], max_length: int, eos: int) -> list[int]:
+    """A reference solution's token ids as the warm-up learns them: whole, then the end of turn;
+    cut at warmup.max_length, without it (as TRL's SFT truncation): an end of turn after a cut
+    taught the model to stop mid-solution, and its rollouts then ended as 'stop', not 'length'."""
+    return ids + [eos] if len(ids) <= max_length else ids[:max_length]
+
+
 def check_solution_lengths(dataset, processor, cfg: Config, key: str = "data.train", d=None) -> None:
     """Warn (rank 0) when reference solutions are longer, in tokens, than what is generated
     (rollout.max_completion_length: completions written like them are cut before their final
@@ -564,7 +571,8 @@ def check_solution_lengths(dataset, processor, cfg: Config, key: str = "data.tra
              "completions written like them are cut before their final answer (reward 0; `truncated` in "
              "metrics.jsonl)", cfg.train.max_steps > 0),
             (cfg.warmup.max_length, "warmup.max_length",
-             "the warm-up learns them cut, without their final answer", cfg.warmup.steps > 0)):
+             "the warm-up learns them cut, without their final answer (and without an end of turn)",
+             cfg.warmup.steps > 0)):
         over = sum(1 for x in n if x > limit)
         if over and on:
             log.warning("%s: %d of %d reference solutions are longer than %s=%d tokens (longest %s: %d); %s; "
@@ -1123,8 +1131,8 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
             t0 = time.perf_counter()
             samples = take_samples(train_set, stream.take(step, cfg.warmup.batch_size), cfg)
             prompts = [make_prompt(processor, s, cfg.data.prompt_template) for s in samples]
-            conts = [processor.tokenizer(s.solution, add_special_tokens=False)["input_ids"][
-                         : cfg.warmup.max_length] + [eos] for s in samples]  # check_solution_lengths warned
+            conts = [warmup_target(processor.tokenizer(s.solution, add_special_tokens=False)["input_ids"],
+                                   cfg.warmup.max_length, eos) for s in samples]  # check_solution_lengths warned
             batch = build_batch(processor, [p.text for p in prompts], [p.image for p in prompts], conts,
                                 dtype=next(model.parameters()).dtype).to(d.device)
             check_prompt_lengths(batch, samples, cfg.data.max_prompt_length)

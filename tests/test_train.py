@@ -1254,3 +1254,25 @@ def test_images_are_decoded_in_threads_in_order(tmp_path, monkeypatch):
     seen.clear()
     monkeypatch.setattr(ds, "threadsafe_images", False)
     assert image_problems(ds, range(len(ds))) == got and seen == {threading.main_thread().name}
+
+
+def test_a_cut_reference_solution_is_learned_without_an_end_of_turn(tmp_path, data_dir, monkeypatch):
+    """warmup.max_length cuts a solution: the cut one gets no end of turn (it taught the model
+    to stop mid-solution, its rollouts then ending as 'stop', not 'length'); a whole one does."""
+    import r1vl.algo
+    from r1vl.train import warmup_target
+
+    assert warmup_target([5, 6, 7], 3, 1) == [5, 6, 7, 1]
+    assert warmup_target([5, 6, 7, 8], 3, 1) == [5, 6, 7]
+    seen = []
+    real = r1vl.algo.build_batch
+
+    def spy(processor, texts, images, conts, **kw):
+        seen.append((conts, processor.stop_token_ids()[0]))
+        return real(processor, texts, images, conts, **kw)
+
+    monkeypatch.setattr(r1vl.algo, "build_batch", spy)
+    assert main(_args(tmp_path / "run", data_dir, "warmup.steps=1", "warmup.max_length=4", "train.max_steps=0",
+                      "train.eval_before=false", "train.eval_after=false", "logging.plot=false")) == 0
+    (conts, eos), = seen
+    assert conts and all(len(c) == 4 and c[-1] != eos for c in conts)  # every solution is longer
