@@ -377,3 +377,15 @@ def test_math_equal_compares_a_pair_of_lines_once(monkeypatch):
         assert verify.math_equal("7", "7") == (True, False)  # computed, not the timed-out value
     finally:
         verify._equal_cache.clear()
+
+
+def test_key_steps_match_across_unicode_composition():
+    """Qwen2's tokenizer normalises to NFC: a key step written with a combining accent comes
+    back composed in a completion that reproduces it, and still matches (and the other way)."""
+    from r1vl.rewards import key_step_fraction
+
+    decomposed, composed = "cafe\u0301 sells 12", "caf\u00e9 sells 12"
+    for step, written in ((decomposed, composed), (composed, decomposed)):
+        completion = f"### Step 1:\nThe {written} cups.\n### The final answer is: 12"
+        assert key_step_fraction(completion, [[step]]) == 1.0
+    assert key_step_fraction("### Step 1:\nThe cafe sells 12 cups.", [[decomposed]]) == 0.0

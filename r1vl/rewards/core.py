@@ -58,6 +58,7 @@ otherwise 0.0. (Same as the authors' code; there is one variant.)
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,17 +150,24 @@ def key_step_groups(key_steps: Any) -> list[list[str]]:
         return []
 
 
+def _nfc_lower(text: str) -> str:
+    # NFC, as Qwen2's tokenizer normalises what it encodes: a key step written with a combining
+    # accent ("café" as e + U+0301) is found in a completion that reproduces it (decoded as é)
+    return unicodedata.normalize("NFC", text).lower()
+
+
 def _step_text(completion: str) -> str:
-    return " ".join(step_sections(completion)).lower()
+    return _nfc_lower(" ".join(step_sections(completion)))
 
 
 def key_step_fraction(completion: str, key_steps: Any) -> float:
-    """k: the fraction of key-step groups found in the completion's Step sections."""
+    """k: the fraction of key-step groups found in the completion's Step sections (both sides
+    lower-cased and in Unicode NFC)."""
     groups = key_step_groups(key_steps)
     if not groups:
         return 0.0
     text = _step_text(as_text(completion))
-    matched = sum(1 for g in groups if any(alt.lower() in text for alt in g))
+    matched = sum(1 for g in groups if any(_nfc_lower(alt) in text for alt in g))
     return matched / len(groups)
 
 
