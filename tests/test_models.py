@@ -442,3 +442,23 @@ def test_host_weights_cuda_frees_and_matches(tiny):
     torch.testing.assert_close(got, want, atol=0, rtol=0)
     torch.cuda.synchronize()
     assert before - torch.cuda.memory_allocated(dev) >= hw.nbytes - 2**20  # the device copies went back
+
+
+def test_a_reference_with_grounding_markers_is_matched_by_its_own_tokens(tiny):
+    """Qwen2-VL's grounding markers are special tokens: the engines decode completions without
+    them. A completion that reproduces the reference token for token is scored right, with its
+    key steps (it scored 0: the reference's text kept <|box_start|>)."""
+    from r1vl.rewards import accuracy_reward, key_step_fraction
+
+    _, proc = tiny
+    solution = ("### Step 1:\nThe cup is at <|box_start|>(10,20),(30,40)<|box_end|>.\n"
+                "### The final answer is: <|object_ref_start|>cup<|object_ref_end|><|box_start|>(10,20),(30,40)<|box_end|>")
+    ids = proc.tokenizer(solution, add_special_tokens=False)["input_ids"]
+    assert proc.tokenizer.convert_tokens_to_ids("<|box_start|>") in ids  # one special token each
+    decoded = proc.decode(ids)
+    assert "<|box_start|>" not in decoded
+    steps = [["at <|box_start|>(10,20),(30,40)<|box_end|>"]]
+    assert key_step_fraction(decoded, steps) == 1.0
+    assert accuracy_reward(decoded, solution, steps, variant="paper") == pytest.approx(1.1)
+    assert accuracy_reward(decoded, solution, steps, variant="official") == pytest.approx(1.1)
+    assert accuracy_reward(decoded.replace("(30,40)", "(30,41)"), solution, steps) == pytest.approx(0.0)

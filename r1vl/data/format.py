@@ -25,6 +25,20 @@ IMAGE_DESCRIPTION = "### Image Description:"
 RATIONALES = "### Rationales:"
 STEP_BY_STEP = "### Let's think step by step."
 FINAL_ANSWER = "### The final answer is:"
+# Qwen2-VL's grounding markers: special tokens, so the engines' decoding (skip_special_tokens, as
+# TRL's and the authors') drops them from every completion; the rewards drop them from the
+# reference's text too, which a completion reproducing it token for token must match
+GROUNDING_MARKERS = ("<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>",
+                     "<|quad_start|>", "<|quad_end|>")
+
+
+def without_markers(text: str) -> str:
+    """`text` as the engines decode it: without Qwen2-VL's grounding markers."""
+    if "<|" not in text:
+        return text
+    for m in GROUNDING_MARKERS:
+        text = text.replace(m, "")
+    return text
 
 # The evaluation instruction of the R1-VL authors (their VLMEvalKit Qwen2-VL
 # wrapper), kept character for character -- including the unclosed quote after

@@ -71,6 +71,7 @@ from r1vl.data.format import (
     extract_final_answer,
     step_numbers,
     step_sections,
+    without_markers,
 )
 from r1vl.rewards import answers
 from r1vl.rewards.verify import (
@@ -152,8 +153,9 @@ def key_step_groups(key_steps: Any) -> list[list[str]]:
 
 def _nfc_lower(text: str) -> str:
     # NFC, as Qwen2's tokenizer normalises what it encodes: a key step written with a combining
-    # accent ("café" as e + U+0301) is found in a completion that reproduces it (decoded as é)
-    return unicodedata.normalize("NFC", text).lower()
+    # accent ("café" as e + U+0301) is found in a completion that reproduces it (decoded as é);
+    # without the grounding markers, which decoding drops
+    return unicodedata.normalize("NFC", without_markers(text)).lower()
 
 
 def _step_text(completion: str) -> str:
@@ -197,8 +199,8 @@ def accuracy_details(completion: Any, solution: Any, key_steps: Any = None, *,
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     try:
-        completion = as_text(completion)
-        solution = as_text(solution)
+        completion = without_markers(as_text(completion))  # as the engines decode (a reference
+        solution = without_markers(as_text(solution))  # with <|box_start|> was never matched)
         k = key_step_fraction(completion, key_steps)
         bonus = alpha * k
         if variant == "paper":
