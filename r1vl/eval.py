@@ -293,6 +293,7 @@ EVAL_SETTINGS: dict[str, tuple[Any, str]] = {
     "accuracy_weight": (1.0, "algorithm.accuracy_weight"),
     "validity_weight": (1.0, "algorithm.validity_weight"),
     "reward_timeout_s": (5.0, "algorithm.reward_timeout_s"),
+    "skip_bad_rows": (False, "data.skip_bad_rows"),
 }
 
 
@@ -421,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     # --limit, not --n, under torchrun: torchrun's argparse takes --n for an abbreviation of its own
     # options (--nnodes, --nproc-per-node, ...) and stops with "ambiguous option"
     ap.add_argument("--limit", "--n", dest="n", metavar="N", type=_int_at_least(0, " (0 = all)"), default=0,
-                    help="evaluate the first N items (0 = all; --n is the same)")
+                    help="evaluate the first N items (0 = all; --n is the same). Not the run's data.eval_size: "
+                    "to score what the trainer's evaluation scored, give that number")
     run_default = " (default: the run's %s when --model is in an r1vl run directory, else %s)"
     ap.add_argument("--max-new-tokens", type=_int_at_least(1), default=None,
                     help="greedy decoding budget" + run_default % _run_default("max_new_tokens"))
@@ -451,7 +453,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="where the model runs (auto: the GPU when there is one; under torchrun each rank "
                     "takes its LOCAL_RANK's GPU)")
     ap.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
-                    help="model weights (auto: bfloat16 on a GPU that has it, else float32)")
+                    help="model weights (auto: the run's compute dtype, model.dtype or DeepSpeed's bf16 / fp16, "
+                    "when --model is in an r1vl run directory, as its own evaluation decoded; else bfloat16 on a "
+                    "GPU that has it, else float32)")
+    ap.add_argument("--skip-bad-rows", action="store_true", default=None,
+                    help="leave out rows that do not load or whose image does not decode (each reported), "
+                    "instead of stopping" + run_default % _run_default("skip_bad_rows"))
     ap.add_argument("--out", default="", help="also write the JSON result here (parent directory created)")
     ap.add_argument("--per-item", action="store_true", help="include per-item correctness (0/1, data order)")
     ap.add_argument("--outputs", default="", help="write every sample's completion and scores here (JSON lines, "
@@ -540,26 +547,44 @@ def _close_vllm(engine, work: str, d) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _check_images(samples: FirstRows, d) -> None:
+def _check_images(samples: FirstRows, d, skip: bool = False) -> FirstRows:
     """Decode every evaluated image first (the ranks share them): a truncated or corrupt file,
-    whose header reads, is reported before the model loads, not after the items before it."""
+    whose header reads, is reported before the model loads, not after the items before it.
+    skip: such rows are left out (warned), and the rows that move up in their place checked."""
     from r1vl.train import image_problems
 
-    bad = [(i, why) for i, why in enumerate(image_problems(samples.dataset, range(len(samples)), d)) if why]
-    if bad:
+    n, lo = samples.n, 0
+    while True:
+        bad = [(lo + j, why) for j, why in enumerate(image_problems(samples.dataset, range(lo, len(samples)), d))
+               if why]
+        if not bad:
+            return samples
         i, why = bad[0]
-        raise ValueError(f"{len(bad)} of the {len(samples)} evaluated images cannot be decoded (first "
-                         f"{samples.dataset.source(i)}: {why}); replace them, or leave those rows out of the data")
+        msg = (f"{len(bad)} of the {len(samples) - lo} evaluated images cannot be decoded (first "
+               f"{samples.dataset.source(i)}: {why})")
+        if not skip or len(bad) == len(samples.dataset):
+            raise ValueError(msg + "; replace them, or leave those rows out of the data" +
+                             ("" if skip else " (--skip-bad-rows)"))
+        if d is None or d.main:
+            log.warning("%s; --skip-bad-rows: they are left out", msg)
+        lo = len(samples) - len(bad)
+        samples = FirstRows(samples.dataset.without(dict(bad)), n)
 
 
-def _device_and_dtype(device: str, dtype: str):
+def _device_and_dtype(device: str, dtype: str, run_dtype: str | None = None):
+    """(use CUDA, dtype): --dtype auto is the run's compute dtype when there is a run (bfloat16
+    only where the device has it), else bfloat16 on a GPU that has it, else float32."""
     import torch
 
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available here (use --device cpu or auto)")
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if dtype == "auto":
-        dtype = "bfloat16" if use_cuda and torch.cuda.is_bf16_supported() else "float32"
+        bf16 = not use_cuda or torch.cuda.is_bf16_supported()
+        if run_dtype is not None and (run_dtype != "bfloat16" or bf16):
+            dtype = run_dtype
+        else:
+            dtype = "bfloat16" if use_cuda and torch.cuda.is_bf16_supported() else "float32"
     return use_cuda, dtype
 
 
@@ -582,6 +607,7 @@ def _run(args, main_rank: bool) -> int:
     from r1vl.utils import forget_keyboard_interrupt, stdout_to_stderr
 
     d = None
+    dataset = None
     # stdout is this CLI's result (one JSON object, printed below): whatever the libraries write
     # there meanwhile goes to stderr (torch 2.8's gloo prints "[Gloo] Rank 0 is connected to 1
     # peer ranks ..." on stdout when the process group starts; vLLM's prints)
@@ -610,11 +636,18 @@ def _run(args, main_rank: bool) -> int:
                 raise ValueError(f"--out and --outputs name the same file ({args.out})")
             cfg_path = find_run_config(args.model)
             explicit = {name: getattr(args, name) for name in EVAL_SETTINGS}
-            settings, sources = resolve_settings(explicit, load_run_config(cfg_path), cfg_path)
+            run_cfg = load_run_config(cfg_path)
+            settings, sources = resolve_settings(explicit, run_cfg, cfg_path)
             for name, value in settings.items():
                 log.info("%s = %s (%s)", name, value, sources[name])
+            run_dtype = None
+            if run_cfg is not None:
+                from r1vl.ds import compute_dtype
 
-            use_cuda, dtype = _device_and_dtype(args.device, args.dtype)
+                run_dtype = compute_dtype(run_cfg)  # what its own evaluation decoded in
+            use_cuda, dtype = _device_and_dtype(args.device, args.dtype, run_dtype)
+            how = "--dtype" if args.dtype != "auto" else (
+                f"{cfg_path}: the run's compute dtype" if run_dtype == dtype else "auto: this device")
             if args.engine == "vllm":
                 from r1vl.rollout.vllm_engine import VLLM_INSTALL_HINT, vllm_installed
 
@@ -628,9 +661,16 @@ def _run(args, main_rank: bool) -> int:
                 # stdout is this CLI's result (one JSON object): vLLM's log lines go to stderr
                 os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
             if main_rank:
-                log.info("engine = %s, device = %s, dtype = %s", args.engine, "cuda" if use_cuda else "cpu", dtype)
+                log.info("engine = %s, device = %s, dtype = %s (%s)", args.engine, "cuda" if use_cuda else "cpu", dtype,
+                         how)
 
-            dataset = load_dataset(data_path, min_pixels=settings["min_pixels"], max_pixels=settings["max_pixels"])
+            from r1vl.data.loader import RowError
+
+            try:
+                dataset = load_dataset(data_path, min_pixels=settings["min_pixels"],
+                                       max_pixels=settings["max_pixels"], skip_bad_rows=settings["skip_bad_rows"])
+            except RowError as e:
+                raise ValueError(f"{e} (--skip-bad-rows leaves bad rows out, each reported)") from None
             samples = FirstRows(dataset, args.n)  # each rank decodes its own items, a batch at a time
             if args.n > len(dataset) and main_rank:
                 log.info("--limit %d: %s has %d items; evaluating all of them", args.n, data_path, len(dataset))
@@ -640,7 +680,8 @@ def _run(args, main_rank: bool) -> int:
             everywhere = False  # a RANK without torchrun's WORLD_SIZE is this process's to report
             d = init_distributed("auto" if use_cuda else "gloo")
             everywhere = True
-            _check_images(samples, d)
+            samples = _check_images(samples, d, skip=settings["skip_bad_rows"])
+            dataset = samples.dataset
             load_error = None
             try:
                 model, processor = load_pretrained(args.model, dtype=dtype, min_pixels=settings["min_pixels"],
@@ -682,6 +723,8 @@ def _run(args, main_rank: bool) -> int:
     res["world_size"] = d.world if d is not None else 1
     res["device"] = "cuda" if use_cuda else "cpu"
     res["dtype"] = dtype
+    if dataset is not None and getattr(dataset, "skipped", None):  # --skip-bad-rows: said, and counted
+        res["skipped_rows"] = len(dataset.skipped)
     items = res.pop("correct_items")
     outputs = res.pop("outputs", None)
     res = {"model": args.model, "data": data_path, **res}

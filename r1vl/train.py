@@ -76,12 +76,15 @@ def prepare_data(cfg: Config, d) -> tuple[str, str]:
 
 def load_split(path: str, cfg: Config):
     from r1vl.data import load_dataset
+    from r1vl.data.loader import RowError
 
     try:
         return load_dataset(path, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
                             skip_bad_rows=cfg.data.skip_bad_rows)
     except (FileNotFoundError, NotADirectoryError) as e:
         raise UserError(f"{path}: {e}") from None
+    except RowError as e:
+        raise UserError(f"{e} (data.skip_bad_rows=true leaves bad rows out, each reported)") from None
 
 
 # what a run writes into output_dir (data/ aside: the synthetic task is regenerated per seed)

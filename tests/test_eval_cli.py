@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import r1vl.eval as ev
 from r1vl.config import dump_config, load_config
@@ -273,7 +274,7 @@ def test_resolve_settings_uses_run_config():
     values, sources = ev.resolve_settings(explicit, cfg, "runs/x/config.yaml")
     assert values == {"max_new_tokens": 40, "min_pixels": 1024, "max_pixels": 8192, "alpha": 0.3,
                       "variant": "official", "accuracy_weight": 2.0, "validity_weight": 0.0,
-                      "reward_timeout_s": 7.5}
+                      "reward_timeout_s": 7.5, "skip_bad_rows": False}
     assert sources["max_new_tokens"] == "runs/x/config.yaml: rollout.max_completion_length"
     assert sources["max_pixels"] == "runs/x/config.yaml: data.max_pixels"
 
@@ -461,6 +462,12 @@ def test_auto_device_and_dtype(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     assert ev._device_and_dtype("auto", "auto") == (True, "bfloat16")
     assert ev._device_and_dtype("cpu", "auto") == (False, "float32")
+    # a run's compute dtype, as its own evaluation decoded; bfloat16 only where the device has it
+    assert ev._device_and_dtype("auto", "auto", "float32") == (True, "float32")
+    assert ev._device_and_dtype("cpu", "auto", "bfloat16") == (False, "bfloat16")
+    assert ev._device_and_dtype("auto", "float16", "bfloat16") == (True, "float16")  # the flag wins
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert ev._device_and_dtype("auto", "auto", "bfloat16") == (True, "float32")
 
 
 @pytest.mark.slow
@@ -590,6 +597,9 @@ def test_evaluate_reports_reward_timeouts(caplog):
         ok = ev.evaluate(_SlowToVerify(), _Proc(), samples, max_new_tokens=4, keep_outputs=True)
     assert ok["accuracy"] == 1.0 and ok["reward_timeouts"] == 0 and not caplog.records
     assert [r["timed_out"] for r in ok["outputs"]] == [False] * 3
+    from r1vl.rewards import verify
+
+    verify._equal_cache.clear()  # the first run's comparisons, kept: computed again under the tiny limit
     with caplog.at_level(logging.WARNING, logger="r1vl.eval"):
         late = ev.evaluate(_SlowToVerify(), _Proc(), samples, max_new_tokens=4, keep_outputs=True,
                            reward_timeout_s=1e-6)
@@ -858,3 +868,48 @@ def test_a_run_config_with_todays_refused_training_settings_still_gives_its_sett
     assert run is not None and not caplog.records
     values, _ = ev.resolve_settings({}, run, cfg)
     assert values["max_new_tokens"] == 1024 and values["max_pixels"] == 200704
+
+
+@pytest.mark.slow
+def test_dtype_follows_the_run_and_bad_rows_can_be_left_out(tiny_run, data_dir, tmp_path, monkeypatch, caplog,
+                                                            capsys):
+    """--dtype auto decodes in the run's compute dtype (a bf16 run was scored in fp32 on a CPU,
+    other completions than its own evaluation's); --skip-bad-rows (or the run's
+    data.skip_bad_rows) leaves out an unloadable or undecodable row, as the trainer's evaluation
+    did, instead of stopping."""
+    import json
+    import shutil
+
+    from r1vl.config import dump_config, load_config
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run / "final", run / "final")
+    dump_config(load_config(None, ["model.dtype=bfloat16", "rollout.max_completion_length=3"]), run / "config.yaml")
+    seen = {}
+
+    def fake_evaluate(engine, processor, samples, **kw):
+        seen["dtype"] = next(engine.model.parameters()).dtype
+        seen["problems"] = [samples[i].problem for i in range(len(samples))]
+        return {"n": len(samples), "accuracy": 0.0, "correct_items": [0.0] * len(samples)}
+
+    monkeypatch.setattr(ev, "evaluate", fake_evaluate)
+    rows = [json.loads(x) for x in (data_dir / "test.jsonl").read_text().splitlines()][:4]
+    own = tmp_path / "data"
+    own.mkdir()
+    for r in rows:
+        shutil.copyfile(data_dir / r["image_path"], own / Path(r["image_path"]).name)
+        r["image_path"] = Path(r["image_path"]).name
+    whole = (own / rows[1]["image_path"]).read_bytes()
+    (own / "cut.png").write_bytes(whole[: len(whole) * 2 // 3])  # the header reads, the decode fails
+    rows[1]["image_path"] = "cut.png"
+    rows[2]["image_path"] = "missing.png"
+    (own / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["--model", str(run / "final"), "--data", str(own / "test.jsonl")]
+    assert ev.main(args) == 2
+    assert "--skip-bad-rows" in capsys.readouterr().err
+    with caplog.at_level(logging.INFO, logger="r1vl.eval"):
+        assert ev.main(args + ["--skip-bad-rows", "--limit", "3"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["dtype"] == "bfloat16" and seen["dtype"] == torch.bfloat16 and "the run's compute dtype" in caplog.text
+    assert res["n"] == 2 and res["skipped_rows"] == 2
+    assert seen["problems"] == [rows[0]["problem"], rows[3]["problem"]]  # the first 3 rows that load: 2 left

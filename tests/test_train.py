@@ -735,7 +735,7 @@ def test_check_reads_the_rows(tmp_path, data_dir, capsys):
     assert "config OK" in capsys.readouterr().out
 
 
-def test_rows_left_out_are_listed(tmp_path, data_dir):
+def test_rows_left_out_are_listed(tmp_path, data_dir, capsys):
     """data.skip_bad_rows=true: malformed rows and prompts over data.max_prompt_length are left
     out; skipped_rows.jsonl lists each with its reason and summary.json counts them."""
     rows = [json.loads(x) for x in (Path(data_dir) / "train.jsonl").read_text().splitlines()]
@@ -745,6 +745,10 @@ def test_rows_left_out_are_listed(tmp_path, data_dir):
     train = tmp_path / "train.jsonl"
     train.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "run"
+    assert main(_args(out, data_dir, f"data.train={train}", f"data.test={Path(data_dir) / 'test.jsonl'}",
+                      "train.max_steps=1", "logging.plot=false")) == 2
+    err = capsys.readouterr().err  # without it: the row, and the setting that would leave it out
+    assert f"{train}:4" in err and "data.skip_bad_rows=true leaves bad rows out" in err
     assert main(_args(out, data_dir, f"data.train={train}", f"data.test={Path(data_dir) / 'test.jsonl'}",
                       "data.skip_bad_rows=true", "train.max_steps=1",
                       "logging.plot=false")) == 0

@@ -58,6 +58,10 @@ class DataError(ValueError):
     """A data file or row is not in the expected format (the message names the file and row)."""
 
 
+class RowError(DataError):
+    """One row of a data file is bad (skip_bad_rows=True would have left it out)."""
+
+
 @dataclass
 class Sample:
     problem: str
@@ -539,7 +543,7 @@ def load_dataset(path: str | os.PathLike, *, min_pixels: int = DEFAULT_MIN_PIXEL
             rows.append(_validate(obj, base, where, check_images))
         except ValueError as e:
             if not skip_bad_rows:
-                raise DataError(f"{where}: {e}") from None
+                raise RowError(f"{where}: {e}") from None
             skipped.append((where, str(e)))
     if skipped:
         logger.warning("%s: skipped %d bad row(s) of %d; first: %s: %s", path, len(skipped),
