@@ -96,8 +96,8 @@ def evaluate(engine, processor, samples: Sequence[Any], *, max_new_tokens: int, 
     and `correct_items` (0/1 per sample, data order). keep_outputs=True adds `outputs`: one
     record per sample in data order (`output_record`), gathered from every rank.
     Rank 0 logs its progress (at most 10 lines: `progress_marks`). `stop` (the trainer's
-    signal watch) is called before each batch on every rank, as many times on each (it may be a
-    collective); a nonzero signal number raises EvalStopped on every rank."""
+    signal watch) is called before each batch and after the last on every rank, as many times on
+    each (it may be a collective); a nonzero signal number raises EvalStopped on every rank."""
     from r1vl.utils import Dist, StatReducer
 
     d = d or Dist()
@@ -158,6 +158,10 @@ def evaluate(engine, processor, samples: Sequence[Any], *, max_new_tokens: int, 
         if b in marks:  # rank 0 holds the largest shard: its count x world estimates all ranks'
             log.info("eval: %d/%d samples, %.0f s", min(len(samples), (s + len(chunk)) * d.world), len(samples),
                      time.perf_counter() - t0)
+    if stop is not None:  # once more: a signal during the last batch stops it too (as a step's end would)
+        signum = stop()
+        if signum:
+            raise EvalStopped(signum, len(samples), len(samples))
     stats.add("n", float(len(mine)), weight=1.0)
     stats.add("reward_timeouts", local_timeouts, weight=1.0)  # a count: the mean over ranks x world
     out = stats.reduce(d)

@@ -1492,8 +1492,8 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
 
         log.info("done in %.0fs: accuracy %s -> %s; summary in %s", wall, acc(summary["accuracy_after_warmup"]),
                  acc(summary["accuracy_final"]), out / "summary.json")
-    if stop.signum and d.main:  # it came after the final evaluation's last batch
-        log.warning("%s came during the final save: the run finished, its outputs are complete",
+    if stop.signum and d.main:  # it came after the final evaluation (during the final save, the summary)
+        log.warning("%s came after the final evaluation: the run finished, its outputs are complete",
                     signal.Signals(stop.signum).name)
     writer.close()  # an exception or a stop leaves it to _shutdown, which passes the exit code on
     _OPEN_WRITERS.remove(writer)

@@ -165,30 +165,44 @@ def test_sigterm_checkpoints_stops_and_resumes_equal(tmp_path, data_dir):
     assert [_strip(r) for r in _metrics(ref)] == [_strip(r) for r in _metrics(out)]
 
 
-def _signal_in_evaluation(monkeypatch, nth: int, signum: int) -> list:
-    """The nth evaluation of the next run gets `signum` as it starts (before its first batch)."""
+def _signal_in_evaluation(monkeypatch, nth: int, signum: int, during: bool = False) -> list:
+    """The nth evaluation of the next run gets `signum` as it starts (before its first batch),
+    or `during` its (last) batch, as it scores it."""
     import r1vl.eval
 
     real, calls = r1vl.eval.evaluate, []
+    real_score = r1vl.eval.score
+
+    def kill():
+        os.kill(os.getpid(), signum)
+        time.sleep(0.01)
+
+    def score(*a, **kw):
+        if len(calls) == nth:
+            kill()
+        return real_score(*a, **kw)
 
     def evaluate(*a, **kw):
         calls.append(1)
-        if len(calls) == nth:
-            os.kill(os.getpid(), signum)
-            time.sleep(0.01)
+        if len(calls) == nth and not during:
+            kill()
         return real(*a, **kw)
 
     monkeypatch.setattr(r1vl.eval, "evaluate", evaluate)
+    if during:
+        monkeypatch.setattr(r1vl.eval, "score", score)
     return calls
 
 
-@pytest.mark.parametrize("nth, signum, extra, ckpt", [
-    (1, signal.SIGINT, (), "warmup-000002"),  # the evaluation after the warm-up (Ctrl-C)
-    (2, signal.SIGTERM, ("train.eval_every=1",), "grpo-000001"),  # train.eval_every's, in the loop
-    (3, signal.SIGTERM, ("train.eval_every=1",), "grpo-000002"),  # the final one
+@pytest.mark.parametrize("nth, signum, extra, ckpt, during", [
+    (1, signal.SIGINT, (), "warmup-000002", False),  # the evaluation after the warm-up (Ctrl-C)
+    (1, signal.SIGTERM, (), "warmup-000002", True),  # ... during its last (only) batch
+    (2, signal.SIGTERM, ("train.eval_every=1",), "grpo-000001", False),  # train.eval_every's, in the loop
+    (3, signal.SIGTERM, ("train.eval_every=1",), "grpo-000002", False),  # the final one
+    (3, signal.SIGTERM, ("train.eval_every=1",), "grpo-000002", True),  # ... during its last batch
 ])
 def test_a_signal_during_an_evaluation_checkpoints_and_resumes_equal(tmp_path, data_dir, monkeypatch, capsys,
-                                                                     nth, signum, extra, ckpt):
+                                                                     nth, signum, extra, ckpt, during):
     """A preemption or Ctrl-C during an evaluation stops the run before the evaluation's next
     batch with a checkpoint of the point reached (train.save_every=0), exit 128 + signal; the
     resume runs that evaluation again and ends as a run never stopped. (The evaluations ran on
@@ -197,7 +211,7 @@ def test_a_signal_during_an_evaluation_checkpoints_and_resumes_equal(tmp_path, d
     ref = tmp_path / "uninterrupted"
     assert main(_args(ref, data_dir, *args)) == 0
     out = tmp_path / "stopped"
-    calls = _signal_in_evaluation(monkeypatch, nth, signum)
+    calls = _signal_in_evaluation(monkeypatch, nth, signum, during)
     assert main(_args(out, data_dir, *args)) == 128 + signum
     assert len(calls) == nth
     err = capsys.readouterr().err
@@ -205,7 +219,8 @@ def test_a_signal_during_an_evaluation_checkpoints_and_resumes_equal(tmp_path, d
     assert [p.name for p in (out / "checkpoints").iterdir()] == [ckpt]
     assert not (out / "final").exists()
     if nth != 2:  # in the loop, the step's own stop line names it
-        assert "evaluation (0/4 samples) with checkpoint" in err and ckpt in err, err[-2000:]
+        done = 4 if during else 0
+        assert f"evaluation ({done}/4 samples) with checkpoint" in err and ckpt in err, err[-2000:]
     monkeypatch.undo()
     assert main(_args(out, data_dir, *args, "train.resume=true")) == 0
     from safetensors.torch import load_file
