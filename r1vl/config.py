@@ -398,8 +398,8 @@ def _parse_value(raw: str, tp: Any, key: str) -> Any:
             return None
         if bool in args and str in args and _NUMBER.fullmatch(text):
             # train.resume=1: a number is no checkpoint path; quote it ('1') to mean the path
-            raise ConfigError(f"{key}: expected {_type_name(tp)} (true/false or a word), got {text!r}, a number: "
-                              f"quote it ('{text}') to mean the text")
+            raise ConfigError(f"{key}: expected {_type_name(tp)} (true/false or text: a path, a word), got "
+                              f"{text!r}, a number: quote it ('{text}') to mean the text")
         for arg in args:
             if arg is not type(None):
                 try:

@@ -719,7 +719,15 @@ def _collective_dir_write(final: Path, write_all: Callable[[Path], None]) -> Non
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     _barrier()
-    write_all(tmp)
+    try:
+        write_all(tmp)
+    except Exception as e:  # a full disk said so (torch.save's own error names neither); the next start
+        from r1vl.files import disk_full_error  # removes the temporary (other ranks may still write in it)
+
+        full = disk_full_error(final, e)
+        if full is not None:
+            raise full from e
+        raise
     _barrier()
     if _rank() == 0:
         old = None

@@ -460,9 +460,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="model weights (auto: the run's compute dtype, model.dtype or DeepSpeed's bf16 / fp16, "
                     "when --model is in an r1vl run directory, as its own evaluation decoded; else bfloat16 on a "
                     "GPU that has it, else float32)")
-    ap.add_argument("--skip-bad-rows", action="store_true", default=None,
-                    help="leave out rows that do not load or whose image does not decode (each reported), "
-                    "instead of stopping" + run_default % _run_default("skip_bad_rows"))
+    ap.add_argument("--skip-bad-rows", action=argparse.BooleanOptionalAction, default=None,
+                    help="leave out rows that do not load or whose image does not decode (each reported; "
+                    "skipped_rows in the result counts the file's rows left out), instead of stopping" +
+                    run_default % _run_default("skip_bad_rows"))
     ap.add_argument("--out", default="", help="also write the JSON result here (parent directory created)")
     ap.add_argument("--per-item", action="store_true", help="include per-item correctness (0/1, data order)")
     ap.add_argument("--outputs", default="", help="write every sample's completion and scores here (JSON lines, "
@@ -575,6 +576,17 @@ def _check_images(samples: FirstRows, d, skip: bool = False) -> FirstRows:
         samples = FirstRows(samples.dataset.without(dict(bad)), n)
 
 
+def saved_dtype(model: str | Path) -> str | None:
+    """The dtype a saved model's weights were written in (config.json's top-level "dtype", or
+    "torch_dtype" of older transformers), or None."""
+    try:
+        c = json.loads((Path(model) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    value = c.get("dtype") or c.get("torch_dtype") if isinstance(c, dict) else None
+    return value if value in ("float32", "bfloat16", "float16") else None
+
+
 def _device_and_dtype(device: str, dtype: str, run_dtype: str | None = None):
     """(use CUDA, dtype): --dtype auto is the run's compute dtype when there is a run (bfloat16
     only where the device has it), else bfloat16 on a GPU that has it, else float32."""
@@ -645,10 +657,11 @@ def _run(args, main_rank: bool) -> int:
             for name, value in settings.items():
                 log.info("%s = %s (%s)", name, value, sources[name])
             run_dtype = None
-            if run_cfg is not None:
+            if run_cfg is not None:  # what its own evaluation decoded in: the saved weights' dtype (16-bit
+                # under DeepSpeed's bf16 / fp16, whatever model.dtype), else what the config says
                 from r1vl.ds import compute_dtype
 
-                run_dtype = compute_dtype(run_cfg)  # what its own evaluation decoded in
+                run_dtype = saved_dtype(args.model) or compute_dtype(run_cfg)
             use_cuda, dtype = _device_and_dtype(args.device, args.dtype, run_dtype)
             how = "--dtype" if args.dtype != "auto" else (
                 f"{cfg_path}: the run's compute dtype" if run_dtype == dtype else "auto: this device")

@@ -36,14 +36,16 @@ class DiskFullError(OSError):
     """A save that failed because its file system is full (or over quota): names the path."""
 
 
-FULL_BYTES = 16 << 20  # less free than this after a failed write: the disk filled up
+FULL_BYTES = 16 << 20  # less free than this after a short write: the disk filled up
+# torch.save's errors on a short write, which name no errno
+_SHORT_WRITE = ("unexpected pos", "PytorchStreamWriter failed", "file write failed")
 
 
 def disk_full_error(path: str | Path, e: BaseException) -> DiskFullError | None:
     """`e`, raised while writing `path`, as a DiskFullError when it came from a full disk: ENOSPC
-    or EDQUOT in its chain, or under FULL_BYTES free beside `path` (torch.save's error on a
-    short write names no errno: "unexpected pos ..."). None otherwise. Call it before the
-    partial copy is removed (that frees the space again)."""
+    or EDQUOT in its chain, or torch.save's short-write error with under FULL_BYTES free beside
+    `path` (not any error there: a mount that reports no free space keeps its own). None
+    otherwise. Call it before the partial copy is removed (that frees the space again)."""
     why = None
     x: BaseException | None = e
     while x is not None and why is None:
@@ -57,10 +59,10 @@ def disk_full_error(path: str | Path, e: BaseException) -> DiskFullError | None:
         free = shutil.disk_usage(parent).free
     except OSError:
         free = None
-    if why is None and (free is None or free >= FULL_BYTES):
+    if why is None and (free is None or free >= FULL_BYTES or not any(m in str(e) for m in _SHORT_WRITE)):
         return None
     left = "" if free is None else f", {free / 2**20:.1f} MiB free there"
     return DiskFullError(errno.ENOSPC, f"writing {path}: {why or 'the disk is full'}{left} ({type(e).__name__}: "
-                                       f"{str(e).strip()[:300]}); the partial copy was removed and the previous "
-                                       f"one, if any, is intact: free some space (fewer checkpoints: "
-                                       f"train.keep_checkpoints) and continue with train.resume=true")
+                                       f"{str(e).strip()[:300]}); the previous copy, if any, is intact: free "
+                                       "some space (fewer checkpoints: train.keep_checkpoints) and continue with "
+                                       "train.resume=true")

@@ -884,6 +884,9 @@ def test_dtype_follows_the_run_and_bad_rows_can_be_left_out(tiny_run, data_dir, 
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run / "final", run / "final")
+    assert ev.saved_dtype(run / "final") == "float32"  # tiny_run's weights
+    cfg_json = run / "final" / "config.json"
+    cfg_json.write_text(json.dumps({**json.loads(cfg_json.read_text()), "dtype": "bfloat16"}))  # a bf16 run's
     dump_config(load_config(None, ["model.dtype=bfloat16", "rollout.max_completion_length=3"]), run / "config.yaml")
     seen = {}
 
@@ -911,5 +914,10 @@ def test_dtype_follows_the_run_and_bad_rows_can_be_left_out(tiny_run, data_dir, 
         assert ev.main(args + ["--skip-bad-rows", "--limit", "3"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["dtype"] == "bfloat16" and seen["dtype"] == torch.bfloat16 and "the run's compute dtype" in caplog.text
+    # under DeepSpeed bf16 the weights are saved in bf16 whatever model.dtype (and the run's
+    # deepspeed path is relative to where it ran): the saved dtype is what its evaluation used
+    dump_config(load_config(None, ["model.dtype=float32", "deepspeed=elsewhere/ds_zero2.json"]), run / "config.yaml")
+    assert ev.main(args + ["--skip-bad-rows"]) == 0
+    assert json.loads(capsys.readouterr().out)["dtype"] == "bfloat16"
     assert res["n"] == 2 and res["skipped_rows"] == 2
     assert seen["problems"] == [rows[0]["problem"], rows[3]["problem"]]  # the first 3 rows that load: 2 left

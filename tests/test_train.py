@@ -403,6 +403,12 @@ def test_a_save_on_a_full_disk_names_the_path_and_leaves_no_partial_copy(tmp_pat
     assert "unexpected pos" in str(e.value) and "train.resume=true" in str(e.value)
     assert list(ck.iterdir()) == []
 
+    def denied(tmp):
+        raise PermissionError(13, "Permission denied")
+
+    with pytest.raises(PermissionError):  # little free space (a mount may say 0), but not the cause
+        atomic_dir_write(ck / "grpo-000002", denied)
+
     def enospc(tmp):
         tmp.mkdir()
         try:
