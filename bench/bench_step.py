@@ -508,7 +508,7 @@ def run_r1vl(a: dict, work: Path, variant: str, save=None) -> dict:
             raise RuntimeError(f"forced-length generation failed: completion lengths {sorted(lengths)} != {L}")
         batch = build_batch(processor, [prompts[c.prompt_index].text for c in comps],
                             [prompts[c.prompt_index].image for c in comps], [c.token_ids for c in comps],
-                            dtype=dtype).to(device)
+                            dtype=dtype, compact_images=True).to(device)  # as the trainer builds it
         check_prompt_lengths(batch, [samples[c.prompt_index] for c in comps], cfg.data.max_prompt_length)
         with clock.phase("logprob"):
             ref_lp = old_lp = None
