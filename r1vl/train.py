@@ -348,6 +348,52 @@ def rollout_record(step: int, samples, comps, sc: dict, adv: torch.Tensor, G: in
 
 _OPEN_ENGINES: list = []  # closed by _shutdown() before the process group ends
 _OPEN_WRITERS: list = []  # metrics writers, closed by _shutdown(rc) however the run ended
+LOCK_FILE = ".r1vl.lock"  # in output_dir: held (flock) by the rank 0 of the run writing there
+_OUTPUT_LOCKS: dict[str, Any] = {}  # output_dir -> its open lock file, this process's
+
+
+def hold_output_dir(out: Path) -> None:
+    """Rank 0: take output_dir's lock for the run's life (released when the process ends, or by
+    release_output_dirs). Another live run there (a resume or an overwrite started while it still
+    runs, torchrun's orphaned workers after a SIGKILL) is a UserError naming its pid: two writers
+    interleave metrics and checkpoints, and a start cleans the other's unfinished saves. No lock
+    where the OS has none (fcntl) or the file system refuses it: a warning, and the run goes on."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return
+    key = str(out.resolve())
+    release_output_dirs(key)  # this process's earlier run there (run() called again): not another run
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK_FILE
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        raise UserError(f"output_dir {out}: another run is writing there (pid {holder}, holding {path}); wait "
+                        "for it or stop it (a SIGKILLed torchrun leaves its workers running: kill them too), or "
+                        "choose another output_dir") from None
+    except OSError as e:  # a file system without locks (some network mounts)
+        f.close()
+        log.warning("output_dir %s: cannot lock %s (%s): a second run started there would not be refused",
+                    out, path, e.strerror or e)
+        return
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _OUTPUT_LOCKS[key] = f
+
+
+def release_output_dirs(key: str | None = None) -> None:
+    """Let go of output_dir locks this process holds (all, or the one of `key`)."""
+    for k in [key] if key is not None else list(_OUTPUT_LOCKS):
+        f = _OUTPUT_LOCKS.pop(k, None)
+        if f is not None:
+            f.close()
 
 
 def eta(t0: float, done: int, total: int) -> str:
@@ -900,6 +946,15 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
     setup_logging(cfg, d)
     stop.quiet = not d.main
     out = Path(cfg.output_dir)
+    locked = None
+    if d.main:  # before anything there is cleaned or written: one run writes an output_dir at a time
+        try:
+            hold_output_dir(out)
+        except UserError as e:
+            locked = str(e)
+    locked = broadcast_object(locked, d)
+    if locked:
+        raise UserError(locked)
     if d.main:  # a save killed midway (atomic_dir_write's temporaries), before the resume point is found
         for what in clean_interrupted_saves(out / "checkpoints"):
             log.warning("checkpoints/: cleaned up after an interrupted save: %s", what)
@@ -1724,6 +1779,8 @@ def _shutdown(rc: int = 0) -> None:
     import torch.distributed as dist
 
     global _SKIP_TEARDOWN
+
+    release_output_dirs()
 
     while _OPEN_WRITERS:  # TensorBoard's tail, W&B's finish (with the exit code) on every exit path
         writer = _OPEN_WRITERS.pop()

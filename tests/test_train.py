@@ -1301,3 +1301,32 @@ def test_a_cut_reference_solution_is_learned_without_an_end_of_turn(tmp_path, da
                       "train.eval_before=false", "train.eval_after=false", "logging.plot=false")) == 0
     (conts, eos), = seen
     assert conts and all(len(c) == 4 and c[-1] != eos for c in conts)  # every solution is longer
+
+
+def test_a_second_run_into_a_live_runs_output_dir_is_refused(tmp_path, data_dir, capsys):
+    """One run writes an output_dir at a time: a resume or overwrite started while another run
+    still writes there (or torchrun's workers orphaned by a SIGKILL) is refused by name, before
+    it cleans the other's unfinished saves; once that run is gone, the directory is free."""
+    from r1vl.train import LOCK_FILE
+
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time\n"
+        f"f = open({str(out / LOCK_FILE)!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+        "f.write(str(os.getpid())); f.flush(); print('held', flush=True); time.sleep(120)\n")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        (out / "checkpoints" / ".tmp-grpo-000003-999").mkdir(parents=True)  # the live run's save
+        args = _args(out, data_dir, "warmup.steps=0", "train.max_steps=0", "train.eval_before=false",
+                     "train.eval_after=false", "logging.plot=false", "train.overwrite=true")
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert f"another run is writing there (pid {holder.pid}" in err and "Traceback" not in err, err[-2000:]
+        assert (out / "checkpoints" / ".tmp-grpo-000003-999").is_dir()  # not cleaned away under it
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(args) == 0  # its lock went with it
+    assert main(args) == 0  # and this process's own, when its run ended
