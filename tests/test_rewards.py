@@ -375,6 +375,14 @@ def test_math_equal_compares_a_pair_of_lines_once(monkeypatch):
         assert verify.math_equal("7", "7") == (False, True)
         monkeypatch.undo()
         assert verify.math_equal("7", "7") == (True, False)  # computed, not the timed-out value
+
+        def broken(g, p):
+            raise RecursionError("math-verify failed once")
+
+        monkeypatch.setattr(verify, "_verify", broken)
+        assert verify.math_equal("8", "8.0") == (False, False)  # an error: scored wrong, not kept
+        monkeypatch.undo()
+        assert verify.math_equal("8", "8.0") == (True, False)
     finally:
         verify._equal_cache.clear()
 

@@ -183,10 +183,14 @@ def math_equal(gold: str, pred: str, timeout_s: float | None = DEFAULT_TIMEOUT_S
         parsed = _parse(form) if form is not None else None
         return parsed if parsed else _parse(line)
 
+    answered = []  # set when math-verify returned (an exception it raised is not kept)
+
     def work() -> bool:
         g = read(gold)
         p = read(pred)
-        return _verify(g, p)
+        out = _verify(g, p)
+        answered.append(True)
+        return out
 
     # a group's completions often give the same answer, and a step's prompts repeat in later
     # epochs: the comparison (sympy's, most of a reward's time) is done once per pair of lines
@@ -197,7 +201,7 @@ def math_equal(gold: str, pred: str, timeout_s: float | None = DEFAULT_TIMEOUT_S
         if hit is not None:
             return hit, False
     equal, timed_out = _run(work, timeout_s)
-    if small and not timed_out and not _fired:  # as the parse cache: never a result after a deadline
+    if small and answered and not timed_out and not _fired:  # as the parse cache: never one after a deadline
         if len(_equal_cache) >= _CACHE_MAX_ITEMS:
             _equal_cache.clear()
         _equal_cache[key] = bool(equal)
