@@ -388,6 +388,28 @@ def hold_output_dir(out: Path) -> None:
     _OUTPUT_LOCKS[key] = f
 
 
+def output_dir_holder(out: Path) -> str | None:
+    """The pid (as written) of another live run holding output_dir's lock, else None (--check:
+    a probe, released at once)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    path = out / LOCK_FILE
+    if str(out.resolve()) in _OUTPUT_LOCKS or not path.is_file():
+        return None
+    try:
+        with open(path) as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return f.read().strip() or "?"
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    except OSError:
+        return None
+    return None
+
+
 def release_output_dirs(key: str | None = None) -> None:
     """Let go of output_dir locks this process holds (all, or the one of `key`)."""
     for k in [key] if key is not None else list(_OUTPUT_LOCKS):
@@ -1630,6 +1652,10 @@ def preflight(cfg: Config, *, rows: bool = False) -> tuple[str | None, str]:
             raise UserError(f"rollout.engine=vllm: vLLM is not installed ({VLLM_INSTALL_HINT})")
     resume = find_resume(cfg)
     if rows:
+        holder = output_dir_holder(Path(cfg.output_dir))
+        if holder:  # (a run's own ranks do not probe: rank 0 takes the lock itself)
+            raise UserError(f"output_dir {cfg.output_dir}: another run is writing there (pid {holder}); a run "
+                            "started now would stop at start")
         splits = {}
         for key, path in (("data.train", cfg.data.train), ("data.test", cfg.data.test)):
             if path != "synthetic":

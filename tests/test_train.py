@@ -1325,8 +1325,11 @@ def test_a_second_run_into_a_live_runs_output_dir_is_refused(tmp_path, data_dir,
         err = capsys.readouterr().err
         assert f"another run is writing there (pid {holder.pid}" in err and "Traceback" not in err, err[-2000:]
         assert (out / "checkpoints" / ".tmp-grpo-000003-999").is_dir()  # not cleaned away under it
+        assert main(["--check", *args]) == 2  # --check says so too
+        assert f"another run is writing there (pid {holder.pid})" in capsys.readouterr().err
     finally:
         holder.kill()
         holder.wait()
+    assert main(["--check", *args]) == 0
     assert main(args) == 0  # its lock went with it
     assert main(args) == 0  # and this process's own, when its run ended
