@@ -719,15 +719,12 @@ def _collective_dir_write(final: Path, write_all: Callable[[Path], None]) -> Non
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     _barrier()
-    try:
-        write_all(tmp)
-    except Exception as e:  # a full disk said so (torch.save's own error names neither); the next start
-        from r1vl.files import disk_full_error  # removes the temporary (other ranks may still write in it)
+    from r1vl.files import saying_disk_full
 
-        full = disk_full_error(final, e)
-        if full is not None:
-            raise full from e
-        raise
+    # a full disk said so (torch.save's own error names neither); the next start removes the
+    # temporary (other ranks may still write in it)
+    with saying_disk_full(final):
+        write_all(tmp)
     _barrier()
     if _rank() == 0:
         old = None

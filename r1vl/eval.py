@@ -556,24 +556,11 @@ def _check_images(samples: FirstRows, d, skip: bool = False) -> FirstRows:
     """Decode every evaluated image first (the ranks share them): a truncated or corrupt file,
     whose header reads, is reported before the model loads, not after the items before it.
     skip: such rows are left out (warned), and the rows that move up in their place checked."""
-    from r1vl.train import image_problems
+    from r1vl.train import decode_rows
 
-    n, lo = samples.n, 0
-    while True:
-        bad = [(lo + j, why) for j, why in enumerate(image_problems(samples.dataset, range(lo, len(samples)), d))
-               if why]
-        if not bad:
-            return samples
-        i, why = bad[0]
-        msg = (f"{len(bad)} of the {len(samples) - lo} evaluated images cannot be decoded (first "
-               f"{samples.dataset.source(i)}: {why})")
-        if not skip or len(bad) == len(samples.dataset):
-            raise ValueError(msg + "; replace them, or leave those rows out of the data" +
-                             ("" if skip else " (--skip-bad-rows)"))
-        if d is None or d.main:
-            log.warning("%s; --skip-bad-rows: they are left out", msg)
-        lo = len(samples) - len(bad)
-        samples = FirstRows(samples.dataset.without(dict(bad)), n)
+    dataset, _, bad = decode_rows(samples.dataset, samples.n, d, skip=skip, what="{bad} of the {n} evaluated images",
+                                  skip_with=("pass", "--skip-bad-rows"), error=ValueError)
+    return FirstRows(dataset, samples.n) if bad else samples
 
 
 def saved_dtype(model: str | Path) -> str | None:
@@ -596,11 +583,11 @@ def _device_and_dtype(device: str, dtype: str, run_dtype: str | None = None):
         raise ValueError("--device cuda: no CUDA device is available here (use --device cpu or auto)")
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if dtype == "auto":
-        bf16 = not use_cuda or torch.cuda.is_bf16_supported()
+        bf16 = not use_cuda or torch.cuda.is_bf16_supported()  # where bfloat16 may run
         if run_dtype is not None and (run_dtype != "bfloat16" or bf16):
             dtype = run_dtype
         else:
-            dtype = "bfloat16" if use_cuda and torch.cuda.is_bf16_supported() else "float32"
+            dtype = "bfloat16" if use_cuda and bf16 else "float32"
     return use_cuda, dtype
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -66,3 +67,16 @@ def disk_full_error(path: str | Path, e: BaseException) -> DiskFullError | None:
                                        f"{str(e).strip()[:300]}); the previous copy, if any, is intact: free "
                                        "some space (fewer checkpoints: train.keep_checkpoints) and continue with "
                                        "train.resume=true")
+
+
+@contextmanager
+def saying_disk_full(path: str | Path) -> Iterator[None]:
+    """Around the writing of `path`: an error from a full disk leaves as a DiskFullError naming
+    it (disk_full_error); any other as it was."""
+    try:
+        yield
+    except Exception as e:
+        full = disk_full_error(path, e)
+        if full is not None:
+            raise full from e
+        raise

@@ -29,7 +29,7 @@ import threading
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -352,15 +352,26 @@ LOCK_FILE = ".r1vl.lock"  # in output_dir: held (flock) by the rank 0 of the run
 _OUTPUT_LOCKS: dict[str, Any] = {}  # output_dir -> its open lock file, this process's
 
 
+def _lock_or_holder(f) -> str | None:
+    """flock the open lock file `f` (exclusive, not waiting): None once taken, else the holder's
+    pid as it wrote it. OSError where the file system has no locks."""
+    import fcntl
+
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        return f.read().strip() or "?"
+    return None
+
+
 def hold_output_dir(out: Path) -> None:
     """Rank 0: take output_dir's lock for the run's life (released when the process ends, or by
     release_output_dirs). Another live run there (a resume or an overwrite started while it still
     runs, torchrun's orphaned workers after a SIGKILL) is a UserError naming its pid: two writers
     interleave metrics and checkpoints, and a start cleans the other's unfinished saves. No lock
     where the OS has none (fcntl) or the file system refuses it: a warning, and the run goes on."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
+    if importlib.util.find_spec("fcntl") is None:  # pragma: no cover - Windows
         return
     key = str(out.resolve())
     release_output_dirs(key)  # this process's earlier run there (run() called again): not another run
@@ -368,19 +379,17 @@ def hold_output_dir(out: Path) -> None:
     path = out / LOCK_FILE
     f = open(path, "a+")
     try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "?"
-        f.close()
-        raise UserError(f"output_dir {out}: another run is writing there (pid {holder}, holding {path}); wait "
-                        "for it or stop it (a SIGKILLed torchrun leaves its workers running: kill them too), or "
-                        "choose another output_dir") from None
+        holder = _lock_or_holder(f)
     except OSError as e:  # a file system without locks (some network mounts)
         f.close()
         log.warning("output_dir %s: cannot lock %s (%s): a second run started there would not be refused",
                     out, path, e.strerror or e)
         return
+    if holder is not None:
+        f.close()
+        raise UserError(f"output_dir {out}: another run is writing there (pid {holder}, holding {path}); wait "
+                        "for it or stop it (a SIGKILLed torchrun leaves its workers running: kill them too), or "
+                        "choose another output_dir")
     f.seek(0)
     f.truncate()
     f.write(f"{os.getpid()}\n")
@@ -391,23 +400,14 @@ def hold_output_dir(out: Path) -> None:
 def output_dir_holder(out: Path) -> str | None:
     """The pid (as written) of another live run holding output_dir's lock, else None (--check:
     a probe, released at once)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        return None
     path = out / LOCK_FILE
-    if str(out.resolve()) in _OUTPUT_LOCKS or not path.is_file():
+    if importlib.util.find_spec("fcntl") is None or str(out.resolve()) in _OUTPUT_LOCKS or not path.is_file():
         return None
     try:
-        with open(path) as f:
-            try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return f.read().strip() or "?"
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        with open(path) as f:  # closing it lets go of a lock the probe took
+            return _lock_or_holder(f)
     except OSError:
         return None
-    return None
 
 
 def release_output_dirs(key: str | None = None) -> None:
@@ -535,31 +535,44 @@ def check_images(dataset, cfg: Config, key: str, rows: int | None = None, d=None
     move up into the first `rows` in their place are decoded too."""
     if not cfg.data.verify_images:
         return dataset
-    t0, checked, bad_total = time.perf_counter(), 0, 0
-    lo = 0
+    t0 = time.perf_counter()
+    hi = len(dataset) if rows is None else min(rows, len(dataset))
+    if hi >= 1000 and (d is None or d.main):  # ~4.5 ms an image: say what the wait is
+        log.info("%s: decoding %d images (data.verify_images=true), shared by %d process(es)", key, hi,
+                 1 if d is None else d.world)
+    dataset, checked, bad_total = decode_rows(dataset, rows, d, skip=cfg.data.skip_bad_rows,
+                                              what=f"{key}: {{bad}} of {{n}} images",
+                                              skip_with=("set", "data.skip_bad_rows=true"))
+    log.info("%s: %d images decoded, %d unreadable (%.1f s; data.verify_images=false skips this)", key, checked,
+             bad_total, time.perf_counter() - t0)
+    return dataset
+
+
+def decode_rows(dataset, rows: int | None, d, *, skip: bool, what: str, skip_with: tuple[str, str],
+                error: type[Exception] = UserError):
+    """Decode the images of the first `rows` rows (all: None), the ranks of `d` sharing them. Rows
+    whose image fails stop it (`error`: `what`, formatted with the count bad and n, names the first,
+    and `skip_with`, (verb, setting), what leaves them out), or with `skip` are left out (warned),
+    and the rows that move up into the first `rows` in their place are decoded too. Returns (the
+    data set, images decoded, rows left out). check_images's loop, and the eval CLI's."""
+    checked = bad_total = lo = 0
+    verb, setting = skip_with
     while True:
         hi = len(dataset) if rows is None else min(rows, len(dataset))
-        if lo == 0 and hi >= 1000 and (d is None or d.main):  # ~4.5 ms an image: say what the wait is
-            log.info("%s: decoding %d images (data.verify_images=true), shared by %d process(es)", key, hi,
-                     1 if d is None else d.world)
         problems = image_problems(dataset, range(lo, hi), d)
         checked += hi - lo
         bad = {lo + j: why for j, why in enumerate(problems) if why}
         if not bad:
-            break
+            return dataset, checked, bad_total
         first = min(bad)
-        msg = (f"{key}: {len(bad)} of {hi - lo} images cannot be decoded (first {dataset.source(first)}: "
+        msg = (f"{what.format(bad=len(bad), n=hi - lo)} cannot be decoded (first {dataset.source(first)}: "
                f"{bad[first]})")
-        if not cfg.data.skip_bad_rows or len(bad) == len(dataset):
-            raise UserError(msg + "; replace or remove them" +
-                            ("" if cfg.data.skip_bad_rows else ", or set data.skip_bad_rows=true to leave them out"))
+        if not skip or len(bad) == len(dataset):
+            raise error(msg + "; replace or remove them" + ("" if skip else f", or {verb} {setting} to leave them out"))
         if d is None or d.main:
-            log.warning("%s; data.skip_bad_rows=true: they are left out", msg)
+            log.warning("%s; %s: they are left out", msg, setting)
         bad_total += len(bad)
         dataset, lo = dataset.without(bad), hi - len(bad)
-    log.info("%s: %d images decoded, %d unreadable (%.1f s; data.verify_images=false skips this)", key, checked,
-             bad_total, time.perf_counter() - t0)
-    return dataset
 
 
 def _prompt_lengths(dataset, processor, template: str, rows: range, chunk: int) -> list[int]:
@@ -1163,8 +1176,6 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
         signum = stop.agreed(d)
         if not signum:
             return
-        from r1vl.utils import checkpoint_name
-
         if not saved:
             save_checkpoint(cfg, d, train_policy, processor, opt, sched, phase, done, ckpt_extra())
         if bar is not None:
@@ -1173,13 +1184,11 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
                               f"checkpoint {out / 'checkpoints' / checkpoint_name(phase, done)}; continue with "
                               "train.resume=true")
 
-    def stop_in_eval(e: EvalStopped, what: str, phase: str, done: int, opt=None, sched=None) -> None:
+    def stop_in_eval(e: EvalStopped, what: str, phase: str, done: int, opt=None, sched=None) -> NoReturn:
         """A signal during an evaluation (every rank stopped before the same batch): checkpoint the
         point the run reached, <phase>-<done>, unless output_dir has it, and stop; a resume from it
         runs the evaluation again. done == 0: nothing trained, nothing to keep. opt None (the
         warm-up's, freed before its evaluation): the checkpoint cannot lengthen the warm-up."""
-        from r1vl.utils import checkpoint_name
-
         if bar is not None:
             bar.close()
         where = f"{signal.Signals(e.signum).name}: stopped during the {what} evaluation ({e.done}/{e.total} samples)"

@@ -340,15 +340,13 @@ def atomic_dir_write(final: Path, write) -> None:
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    try:
-        write(tmp)
-    except BaseException as e:  # not left behind (a model's copy); a full disk said so
-        from r1vl.files import disk_full_error
+    from r1vl.files import saying_disk_full
 
-        full = disk_full_error(final, e) if isinstance(e, Exception) else None
+    try:
+        with saying_disk_full(final):  # before the copy is removed (which frees the space)
+            write(tmp)
+    except BaseException:  # not left behind (a model's copy)
         shutil.rmtree(tmp, ignore_errors=True)
-        if full is not None:
-            raise full from e
         raise
     old = None
     if final.exists():
