@@ -16,7 +16,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 SCRIPTS = ("bench_loss", "bench_step", "bench_share", "bench_memory", "bench_cpu_memory",
-           "bench_adamw_memory", "bench_decode", "compile_report", "plot_loss", "gpu_ceilings")
+           "bench_adamw_memory", "bench_decode", "bench_host", "compile_report", "plot_loss", "gpu_ceilings")
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where CUDA is missing")
 
 
@@ -136,6 +136,11 @@ BAD_ARGS = {
         (["--n", "0"], "--n"),
         (["--max-pixels", "-1"], "--max-pixels"),
         (["--threads", "0"], "--threads"),
+    ],
+    "bench_host": [
+        (["--prompts", "0"], "--prompts"),
+        (["--max-pixels", "-1"], "--max-pixels"),
+        (["--answers", "x"], "--answers"),
     ],
     "compile_report": [
         (["--tokens", "-1", "--kernels", "objective", "--quick"], "--tokens"),
@@ -417,6 +422,16 @@ def test_bench_decode_measures_the_check(capsys):
     out = capsys.readouterr().out
     assert "8 images" in out and "decode check" in out and "(0 unreadable)" in out
     assert "in 2 thread(s) as the trainer runs it" in out
+
+
+def test_bench_host_measures_both_cuts(capsys):
+    """bench_host.py times the batch and the rewards both ways, after checking they agree."""
+    mod = _mod("bench_host")
+    assert mod.main(["--prompts", "2", "--generations", "2", "--completion-tokens", "8", "--max-pixels", "12544",
+                     "--reps", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("build_batch, 2 prompts x 2, 8 completion tokens") and "every micro-batch of 4 equal" in out[0]
+    assert out[1].startswith("rewards, 4 completions, 3 distinct answers per group") and "totals equal" in out[1]
 
 
 def test_gpu_session_dry_run_never_writes_into_an_interpreter(tmp_path):

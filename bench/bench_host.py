@@ -1,0 +1,138 @@
+"""Host-side costs of one StepGRPO step that a faster GPU does not shrink: building the
+training batch and scoring the completions. Both are timed as the trainer runs them and as
+they ran before their cut, on the same inputs:
+
+    build_batch   --prompts x --generations rows sharing their prompt's image (photo-like,
+                  resized within --max-pixels), --completion-tokens each: compact (one pixel
+                  block per prompt image, r1vl.algo.build_batch(compact_images=True), as the
+                  trainer builds it) against one block per row; every micro-batch of
+                  --micro-batch rows is checked equal
+    rewards       StepRAR + StepRVR of the same rows, --answers distinct final answers per
+                  group (fractions, decimals, roots): with math-verify's comparison cache
+                  (r1vl.rewards.verify) against without it; the totals are checked equal
+
+    python bench/bench_host.py                 # 64 prompts x 8, 200704-pixel images: ~1 min on a CPU
+
+Prints one line per measurement (median of --reps, after one warm-up); no file.
+"""
+from __future__ import annotations
+
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _cli  # noqa: E402
+
+
+def _median_s(fn, reps: int) -> float:
+    fn()  # warm-up (caches, allocator)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _completion(rng: random.Random, answer: str, steps: list[str]) -> str:
+    words = "the triangle angle side length area bar chart point line circle radius total sum ratio".split()
+
+    def sent(n: int) -> str:
+        return " ".join(rng.choice(words) for _ in range(n))
+
+    body = "".join(f"### Step {k}:\n{sent(40)} {st} {sent(40)}.\n" for k, st in enumerate(steps, 1))
+    return (f"### Image Description:\n{sent(100)}.\n### Rationales:\n{sent(60)}.\n"
+            f"### Let's think step by step.\n{body}### The final answer is: {answer}")
+
+
+def main(argv=None) -> int:
+    ap = _cli.ArgumentParser(description=__doc__.split("\n\n")[0],
+                             epilog="Prints one line per measurement (no file). A bad argument is one error line "
+                                    "and exit code 2.")
+    ap.add_argument("--prompts", type=_cli.positive_int, default=64, help="prompts per step (default: %(default)s)")
+    ap.add_argument("--generations", type=_cli.positive_int, default=8, help="G (default: %(default)s)")
+    ap.add_argument("--completion-tokens", type=_cli.positive_int, default=1024,
+                    help="tokens per completion in the batch (default: %(default)s)")
+    ap.add_argument("--max-pixels", type=_cli.positive_int, default=200704,
+                    help="data.max_pixels of the images (default: %(default)s, 256 image tokens)")
+    ap.add_argument("--micro-batch", type=_cli.positive_int, default=4,
+                    help="rows per micro-batch sliced from the batch (default: %(default)s)")
+    ap.add_argument("--answers", type=_cli.positive_int, default=3,
+                    help="distinct final answers among a group's completions (default: %(default)s)")
+    ap.add_argument("--reps", type=_cli.positive_int, default=3, help="timed repeats (default: %(default)s)")
+    args = ap.parse_args(argv)
+    import torch
+    from PIL import Image
+
+    from r1vl.algo import build_batch, micro_batches
+    from r1vl.data.images import resize_image
+    from r1vl.eval import make_prompt, score
+    from r1vl.models import VLProcessor, make_image_processor, synthetic_corpus, train_tokenizer
+    from r1vl.rewards import verify
+
+    P, G, L = args.prompts, args.generations, args.completion_tokens
+    rng, nrng = random.Random(0), np.random.default_rng(0)
+    proc = VLProcessor(train_tokenizer(synthetic_corpus(200), 400), make_image_processor(3136, args.max_pixels))
+    images = [resize_image(Image.fromarray(nrng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).resize(
+        (640, 480), Image.Resampling.BICUBIC), min_pixels=3136, max_pixels=args.max_pixels) for _ in range(P)]
+    prompts = [make_prompt(proc, SimpleNamespace(problem=f"What is the area of shape {i}?", image=images[i]))
+               for i in range(P)]
+    texts, imgs = [prompts[r // G].text for r in range(P * G)], [prompts[r // G].image for r in range(P * G)]
+    conts = [[rng.randrange(20, 390) for _ in range(L)] for _ in range(P * G)]
+
+    def build(compact: bool):
+        return build_batch(proc, texts, imgs, conts, dtype=torch.bfloat16, compact_images=compact)
+
+    full, compact = build(False), build(True)
+    for idx in micro_batches(P * G, args.micro_batch):
+        a, b = full.slice(idx), compact.slice(idx)
+        if not all(torch.equal(a.inputs[k], b.inputs[k]) for k in a.inputs) or a.inputs.keys() != b.inputs.keys():
+            raise RuntimeError(f"compact and per-row batches differ in micro-batch {idx}")
+    gb = {name: batch.inputs["pixel_values"].numel() * batch.inputs["pixel_values"].element_size() / 1e9
+          for name, batch in (("per row", full), ("compact", compact))}
+    t_full, t_compact = _median_s(lambda: build(False), args.reps), _median_s(lambda: build(True), args.reps)
+    print(f"build_batch, {P} prompts x {G}, {L} completion tokens, {tuple(images[0].size)} images: "
+          f"{t_full:.3f} s -> {t_compact:.3f} s; pixel_values kept {gb['per row']:.3f} GB -> {gb['compact']:.3f} GB "
+          f"(bf16); every micro-batch of {args.micro_batch} equal")
+
+    comps, samples = [], []
+    for i in range(P):
+        steps = [f"{rng.randint(1, 99)} + {rng.randint(1, 99)} = {rng.randint(1, 200)}" for _ in range(5)]
+        gold = f"\\frac{{{rng.randint(1, 50)}}}{{{rng.randint(51, 99)}}}"
+        pool = [gold] + [f"{rng.randint(1, 999) / rng.randint(2, 97):.3f}" if k % 2 else f"\\sqrt{{{rng.randint(2, 99)}}}"
+                         for k in range(1, args.answers)]
+        sample = SimpleNamespace(solution=_completion(rng, gold, steps), key_steps=[[s, s.replace(" ", "")] for s in steps])
+        for g in range(G):
+            comps.append(_completion(rng, pool[g % len(pool)], steps))
+            samples.append(sample)
+
+    class _NoCache(dict):  # math_equal's comparison cache, as before it: nothing kept
+        def __setitem__(self, key, value):
+            pass
+
+    def scored(cache: dict):
+        saved, verify._equal_cache = verify._equal_cache, cache
+        try:
+            def run():
+                cache.clear()
+                return score(comps, samples, workers=0, timeout_s=5.0)["total"]
+            return _median_s(run, args.reps), run()
+        finally:
+            verify._equal_cache = saved
+
+    (t_off, total_off), (t_on, total_on) = scored(_NoCache()), scored({})
+    if total_off != total_on:
+        raise RuntimeError("the comparison cache changed a reward")
+    print(f"rewards, {P * G} completions, {args.answers} distinct answers per group: {t_off:.3f} s -> {t_on:.3f} s "
+          "with math-verify's comparison cache (one process; totals equal)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
