@@ -730,7 +730,7 @@ def optimizer_state_mismatch(saved: dict, n_params: int) -> str:
     """Why a checkpoint's optimizer state does not fit a run that trains `n_params` tensors
     ("" when it does): torch would raise a bare size-mismatch ValueError when loading it."""
     if saved is None:  # stop_in_eval's checkpoint at the warm-up's end
-        return ("it was written during the evaluation after the warm-up, without the warm-up's optimizer "
+        return ("it was written during an evaluation after the warm-up, without the warm-up's optimizer "
                 "state: the warm-up cannot be lengthened from it (resume with the warmup.steps that wrote it)")
     held = sum(len(g.get("params", ())) for g in saved.get("param_groups", ()))
     if held != n_params:
@@ -1076,6 +1076,9 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
             raise UserError(f"train.resume: {resume_dir} was written with DeepSpeed {state['ds_precision']}, "
                             f"deepspeed={cfg.deepspeed} (with model.dtype={cfg.model.dtype}) is {precision}; "
                             f"resume with the same precision")
+        if state["phase"] == "warmup" and state["step"] < cfg.warmup.steps \
+                and state.get("warmup_optimizer") is False:  # its engine's optimizer is StepGRPO's fresh AdamW
+            raise UserError(f"train.resume: {resume_dir}: {optimizer_state_mismatch(None, 0)}")
     model, processor = build_model(cfg, d, train_set, resume_dir, attn)
     train_set = check_all_prompt_lengths(train_set, processor, cfg, d=d)
     check_solution_lengths(train_set, processor, cfg, d=d)
@@ -1107,6 +1110,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
     train_policy = policy
     use_ds = bool(cfg.deepspeed)
     engine_built_for_warmup = in_warmup and cfg.warmup.steps > 0
+    optimizer_reset = False  # DeepSpeed: the engine's optimizer was reset for StepGRPO (stop_in_eval)
     if use_ds:
         # one engine for both phases, built with the first phase's AdamW + schedule (the
         # warm-up -> StepGRPO switch resets them in place); the engine casts to bf16 and,
@@ -1188,7 +1192,9 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
         """A signal during an evaluation (every rank stopped before the same batch): checkpoint the
         point the run reached, <phase>-<done>, unless output_dir has it, and stop; a resume from it
         runs the evaluation again. done == 0: nothing trained, nothing to keep. opt None (the
-        warm-up's, freed before its evaluation): the checkpoint cannot lengthen the warm-up."""
+        warm-up's, freed before its evaluation) or, under DeepSpeed, an engine whose optimizer was
+        reset for StepGRPO (the final evaluation of a run without StepGRPO steps): the checkpoint
+        cannot lengthen the warm-up (state "warmup_optimizer": false)."""
         if bar is not None:
             bar.close()
         where = f"{signal.Signals(e.signum).name}: stopped during the {what} evaluation ({e.done}/{e.total} samples)"
@@ -1196,7 +1202,10 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
             raise Stopped(e.signum, f"{where}; nothing was trained yet, so there is no checkpoint")
         path = out / "checkpoints" / checkpoint_name(phase, done)
         if not broadcast_object(d.main and path.is_dir(), d):
-            save_checkpoint(cfg, d, train_policy, processor, opt, sched, phase, done, ckpt_extra())
+            extra = ckpt_extra()
+            if phase == "warmup" and use_ds and optimizer_reset:
+                extra["warmup_optimizer"] = False
+            save_checkpoint(cfg, d, train_policy, processor, opt, sched, phase, done, extra)
         raise Stopped(e.signum, f"{where} with checkpoint {path}; continue with train.resume=true, which runs "
                                 "that evaluation again")
 
@@ -1329,6 +1338,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
         if engine_built_for_warmup:  # warm-up -> StepGRPO: fresh AdamW state, the GRPO schedule
             from r1vl.algo import lr_lambda
 
+            optimizer_reset = True
             ds.reset_optimizer(train_policy, lr=cfg.optim.lr,
                                lr_lambda=lr_lambda(cfg.optim.scheduler, cfg.train.max_steps * mu,
                                                    cfg.optim.warmup_steps))

@@ -221,3 +221,48 @@ def test_resume_under_another_zero_stage_is_refused(tmp_path, data_dir, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert f"train.resume: {ck} was written under ZeRO-2, deepspeed={ROOT / 'configs' / 'ds_zero3.json'} is ZeRO-3" in err
+
+
+_SIGNAL_IN_EVAL = '''
+import os, signal, sys, time
+import r1vl.eval
+real = r1vl.eval.evaluate
+def evaluate(*a, **kw):  # SIGTERM as the evaluation starts, as a scheduler's preemption
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.01)
+    return real(*a, **kw)
+r1vl.eval.evaluate = evaluate
+from r1vl.train import main
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+def test_deepspeed_checkpoint_of_a_final_evaluation_without_stepgrpo_cannot_lengthen_the_warmup(tmp_path, data_dir,
+                                                                                                 capsys):
+    """train.max_steps=0, no evaluation after the warm-up, no saves: a signal in the final
+    evaluation checkpoints warmup-N from an engine whose optimizer was already reset for
+    StepGRPO (fresh AdamW, the StepGRPO schedule). Lengthening the warm-up from it is refused
+    by name before any model loads, as without DeepSpeed; it went on with that optimizer."""
+    from r1vl.train import main
+    from r1vl.utils import STATE_FILE
+
+    wrapper = tmp_path / "signal_in_eval.py"
+    wrapper.write_text(_SIGNAL_IN_EVAL)
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
+        env.pop(k, None)
+    args = [f"deepspeed={ROOT / 'configs' / 'ds_zero2.json'}", f"output_dir={out}", f"data.synthetic_dir={data_dir}",
+            *TINY, *RUN, "warmup.steps=2", "train.max_steps=0", "train.eval_before=false", "train.save_every=0"]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master_addr",
+                           "127.0.0.1", "--master_port", str(_free_port()), str(wrapper), *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "stopped during the final evaluation" in proc.stderr, proc.stderr[-3000:]
+    ck = out / "checkpoints" / "warmup-000002"
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [ck.name]
+    assert torch.load(ck / STATE_FILE, weights_only=False)["warmup_optimizer"] is False
+    capsys.readouterr()
+    assert main([*args, "warmup.steps=3", "train.resume=true"]) == 2
+    err = capsys.readouterr().err
+    assert f"train.resume: {ck}: it was written during an evaluation after the warm-up, without the warm-up's " \
+           "optimizer state" in err and "Traceback" not in err, err[-2000:]
