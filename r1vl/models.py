@@ -373,6 +373,9 @@ def build_tiny(corpus: Iterable[str] | None = None, *, vocab_size: int = 1024, s
     for key in ("eos_token_id", "pad_token_id", "bos_token_id"):
         setattr(model.generation_config, key, _config_token_id(config, key))
     processor = VLProcessor(tokenizer, make_image_processor(min_pixels, max_pixels))
+    # as Qwen2-VL's own generation_config: a turn ends at <|im_end|> or <|endoftext|>, the ids r1vl's
+    # engines stop on, so that generate() or vLLM on a saved tiny model stops where r1vl did
+    model.generation_config.eos_token_id = processor.stop_token_ids()
     if out_dir is not None:
         save_pretrained(model, processor, out_dir)
     return model, processor

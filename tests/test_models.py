@@ -90,6 +90,8 @@ def test_save_and_load_with_auto_classes(tiny_arch, tmp_path):
     for k in sd0:
         torch.testing.assert_close(sd0[k], sd1[k], rtol=0, atol=0)
     assert again.lm_head.weight is again.model.language_model.embed_tokens.weight
+    # generate() or vLLM on the saved model stops where r1vl's engines do, as on Qwen2-VL's own
+    assert again.generation_config.eos_token_id == proc.stop_token_ids() and len(proc.stop_token_ids()) == 2
     tok = AutoTokenizer.from_pretrained(tmp_path)
     assert tok.get_vocab() == proc.tokenizer.get_vocab() and tok.chat_template == proc.tokenizer.chat_template
     ip = AutoImageProcessor.from_pretrained(tmp_path)
