@@ -147,6 +147,13 @@ ANSWER_FORMS = [
     ("2:3", "2:5", False), ("2:3", "2", False), ("3:45", "3:50", False), ("1", "1:2", False), ("2:3", "4:6", False),
     ("2:3", "2 : 3", True), ("2:3", "The ratio is 2:3.", True), ("2:3", "x = 2 : 3", True), ("3:45 pm", "3:45 PM", True),
     ("1:2:4", "1:2:4", True), ("1:2:4", "1:2:5", False),
+    # intervals and lists, read as LaTeX: math-verify reads the plain text "[1, 3]" as 3 and "[1,3]" as nothing
+    ("[1, 3]", "[1,3]", True), ("[1,3]", "$[1,3]$", True), ("[1, 3]", "[0, 3]", False), ("[1, 3]", "3", False),
+    ("[1,3]", "The interval is [1, 3]", True), ("[1, 3]", "[1, 3)", False), ("3", "2, 3", False),
+    ("2, 3", "2,3", True), ("1,000", "1000", True),
+    # a boxed letter or yes/no; yes/no after a lead-in, as letters
+    ("B", "\\boxed{B}", True), ("B", "$\\boxed{B}$", True), ("B", "\\boxed{C}", False), ("No", "Answer: No", True),
+    ("Yes", "The answer is yes.", True), ("Yes", "\\boxed{Yes}", True), ("Yes", "Answer: No", False),
 ]
 
 
@@ -161,7 +168,8 @@ def test_paper_variant_reads_long_answer_lines_quickly():
     minutes on a 200 kB answer line; each takes about a millisecond)."""
     import time
 
-    for line in ("ab " * 70_000 + "1+", "a" * 200_000 + "+1", "(" * 200_000):
+    # "1" * 12_000: the ratio scan tried from every digit of the run took 32 s, outside any deadline
+    for line in ("ab " * 70_000 + "1+", "a" * 200_000 + "+1", "(" * 200_000, "1" * 12_000, "1" * 200_000 + ":2"):
         t = time.perf_counter()
         accuracy_details(make(answer=line), make(answer="2\\sqrt{3}"), None, use_math_verify=False)
         assert time.perf_counter() - t < 5.0

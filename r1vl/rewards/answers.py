@@ -8,13 +8,14 @@ would be wrong. Here, in order:
 1. `clean`: NFKC (full-width digits, ligatures), U+2212 minus as "-", markdown bold dropped.
 2. A reference that is one choice letter ("A", "(B)", "C.") is matched by the letter the
    completion starts with ("(A)", "A.", "A) 12", "Option A", "The answer is A", "$A$",
-   "\\text{A}", "a"), not a leading article ("A triangle"); a yes/no reference by the
-   completion's first word.
+   "\\text{A}", "\\boxed{A}", "a"), not a leading article ("A triangle"); a yes/no reference by the
+   completion's first word, after such a lead-in ("Answer: no").
 3. Otherwise math-verify compares them, each line read as LaTeX (`latex_form`: wrapped in
    `$...$`) when it carries mathematics -- a backslash, ^, _, =, +, -, *, /, parentheses,
-   braces or a ratio "2:3" -- and, once leading words ("The area is") and trailing units ("cm", "square
+   brackets, braces, a comma or a ratio "2:3" -- and, once leading words ("The area is") and trailing units ("cm", "square
    units") are set aside, no other word, and is at most 500 characters long; as plain text
-   otherwise ("12 cm", "50%", "12 or 13"). A ratio or a time of day ("2:3", "3:45") must be
+   otherwise ("12 cm", "50%", "12 or 13"; as plain text, math-verify reads "[1, 3]" as 3 and
+   "[1,3]" as nothing, so "[0, 3]" was right and "[1,3]" wrong against "[1, 3]"). A ratio or a time of day ("2:3", "3:45") must be
    written the same on both sides (`colon_groups`): math-verify reads "2:3" as 2, so "2:5" or
    "2" against "2:3" were right.
 
@@ -27,6 +28,7 @@ import re
 import unicodedata
 
 _TEXT_MACRO = re.compile(r"\\(?:text|textbf|textrm|mathrm)\s*\{([^{}]*)\}(?:\^\{?\d\}?)?")
+_BOXED = re.compile(r"\\boxed\s*\{([^{}]*)\}")
 _CHOICE_GOLD = re.compile(r"\(?([A-Z])\)?\Z")
 _CHOICE_LEAD = re.compile(r"(?:the\s+)?(?:correct\s+|final\s+|right\s+)?(?:answer|option|choice)\s*(?:is\s*)?[:：]?\s*",
                           re.IGNORECASE)
@@ -38,10 +40,12 @@ _YES_NO = ("yes", "no")
 _FIRST_WORD = re.compile(r"[A-Za-z]+")
 
 _DELIMITED = ("$", "\\(", "\\[", "\\boxed")
-_MATH_CHARS = re.compile(r"[\\^_=+\-*/(){}]")
-# a ratio or a time of day, "2:3", "3:45", "1 : 2 : 4": math-verify reads it as its first number
-_COLON_GROUP = re.compile(r"\d+(?:\.\d+)?(?:\s*:\s*\d+(?:\.\d+)?)+")
-_LEADING_WORDS = re.compile(r"(?:[A-Za-z]{2,}\s+)+(?=[-+(\d\\])")
+_MATH_CHARS = re.compile(r"[\\^_=+\-*/(){}\[\],]")
+# a ratio or a time of day, "2:3", "3:45", "1 : 2 : 4": math-verify reads it as its first number.
+# Started only where a run of digits starts, possessive: linear in the line's length (a match tried
+# from every digit of a 20,000-digit run took 28 s, outside any deadline)
+_COLON_GROUP = re.compile(r"(?<!\d)\d++(?:\.\d++)?(?:\s*+:\s*+\d++(?:\.\d++)?)++")
+_LEADING_WORDS = re.compile(r"(?:[A-Za-z]{2,}\s+)+(?=[-+(\[\d\\])")
 _TRAILING_UNITS = re.compile(r"(?:\s*(?<![\\A-Za-z])[A-Za-z]{2,}(?:\^\{?\d\}?)?)+\Z")
 _WORD = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}")
 _MAX_LATEX_CHARS = 500  # a longer line is no short expression: read as plain text (and no regex scan is quadratic)
@@ -54,7 +58,7 @@ def clean(answer: str) -> str:
 
 
 def _unwrapped(s: str) -> str:
-    return _TEXT_MACRO.sub(r"\1", s).replace("$", "").strip()
+    return _BOXED.sub(r"\1", _TEXT_MACRO.sub(r"\1", s)).replace("$", "").strip()
 
 
 def gold_choice(gold: str) -> str | None:
@@ -77,8 +81,11 @@ def pred_choice(pred: str) -> str | None:
 
 
 def yes_no(answer: str) -> str | None:
-    """"yes" / "no" when the answer's first word is one of them (any case), else None."""
-    m = _FIRST_WORD.match(_unwrapped(answer))
+    """"yes" / "no" when the answer's first word is one of them (any case), after a lead-in such as
+    "Answer:" or "The answer is" (as for choice letters), else None."""
+    s = _unwrapped(answer)
+    lead = _CHOICE_LEAD.match(s)
+    m = _FIRST_WORD.match(s[lead.end():] if lead else s)
     word = m.group(0).lower() if m else ""
     return word if word in _YES_NO else None
 
