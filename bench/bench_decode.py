@@ -48,8 +48,8 @@ def main(argv=None) -> int:
                              epilog="Prints two lines only (no file). A bad argument is one error line and "
                                     "exit code 2.")
     ap.add_argument("--n", type=_cli.positive_int, default=200, help="images (default: %(default)s)")
-    ap.add_argument("--max-pixels", type=_cli.positive_int, default=1003520,
-                    help="data.max_pixels of the resize (default: %(default)s, Qwen2-VL-2B's recipe)")
+    ap.add_argument("--max-pixels", type=_cli.positive_int, default=200704,
+                    help="data.max_pixels of the resize (default: %(default)s, configs/qwen2vl_2b.yaml and _7b.yaml)")
     ap.add_argument("--threads", type=_cli.positive_int, default=None,
                     help="torch's thread count for the threaded check (default: this machine's cores)")
     args = ap.parse_args(argv)

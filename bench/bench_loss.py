@@ -841,6 +841,7 @@ def main(argv=None):
         ap.error(str(e))
     if args.png:
         _cli.out_file(ap, "--png", args.png, suffix=".png")
+    out = _cli.out_file(ap, "--out", args.out or RESULTS / f"loss_{device_slug(device)}.json")
     if tshape is not None:
         tdtype, tnote = dtype_name, " (--targets-at: not the issue's shape)"
     else:
@@ -870,7 +871,6 @@ def main(argv=None):
     args.reps, args.warmup = reps, warmup
     vers = versions()
     dev_name = device_name(device)
-    out = _cli.out_file(ap, "--out", args.out or RESULTS / f"loss_{device_slug(device)}.json")
     config = dict(loss_type="grpo", importance_sampling_level="token", beta=0.04,
                   old_and_ref_logprobs=True, mask="all ones", backends=backends, reps=reps,
                   warmup=warmup, input_sets=args.input_sets, max_ms=args.max_ms,

@@ -131,8 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     src = Path(args.run)
     metrics = src / "metrics.jsonl" if src.is_dir() else src
     if not metrics.is_file():
-        print(f"bench_memory: {metrics}: no such file", file=sys.stderr)
-        return 2
+        ap.error(f"{metrics}: no such file")
     _cli.out_file(ap, "--out", args.out, suffix=".png")
     events = read_timeline(metrics)
     if not events:

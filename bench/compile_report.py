@@ -1,6 +1,7 @@
 """Compile the Triton kernels for Hopper on a machine without a GPU, and report what the
 compiler made of each variant: registers, spills, shared memory, occupancy, and the
-instructions that matter (METHOD.md: "read what costs no device time").
+instructions that matter ("read what costs no device time": the device library's METHOD.md,
+which bench/NOTES.md names).
 
 Each kernel in r1vl.kernels (triton_grpo, triton_rows) is compiled through Triton's own
 JIT path, `JITFunction.warmup`, with a compile-only driver that names an sm_90 target

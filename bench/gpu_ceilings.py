@@ -1,4 +1,5 @@
-"""The device's two ceilings, measured once per GPU session (METHOD.md's "two numbers"):
+"""The device's two ceilings, measured once per GPU session (the "two numbers" of the device
+library's METHOD.md, which bench/NOTES.md names):
 
   copy   device-to-device copy bandwidth: dst.copy_(src) of a large random buffer,
          bytes read + bytes written over the median time (TB/s)

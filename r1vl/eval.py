@@ -14,8 +14,8 @@ lines, data order). Neither may name the data file evaluated. `reward_timeouts` 
 answers whose math-verify check ran out of time (--reward-timeout-s): they are scored wrong.
 When --model sits in a run written by r1vl.train (runs/X/final, runs/X/warmup,
 runs/X/checkpoints/<phase>-<step>, with runs/X/config.yaml), --max-new-tokens, --min-pixels,
---max-pixels, --alpha, --variant, --accuracy-weight, --validity-weight and --reward-timeout-s
-default to that run's values, as the trainer's own evaluation uses them; explicit flags win.
+--max-pixels, --alpha, --variant, --accuracy-weight, --validity-weight, --reward-timeout-s and
+--skip-bad-rows default to that run's values, as the trainer's own evaluation uses them; explicit flags win.
 """
 from __future__ import annotations
 

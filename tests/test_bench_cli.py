@@ -103,6 +103,7 @@ BAD_ARGS = {
         (LOSS + ["--onepass-chunk-mb", "1k", "--out", OUT], "--onepass-chunk-mb"),
         (LOSS + ["--torch-variants-at", "some", "--out", OUT], "--torch-variants-at"),
         (LOSS + ["--out", BAD], "--out"),
+        (["--device", "cpu", "--out", BAD], "--out"),          # was: a notice line on the variant rows first
         (LOSS + ["--out", OUT, "--png", "{tmp}/p.json"], "--png"),
     ],
     "bench_step": [
@@ -121,6 +122,9 @@ BAD_ARGS = {
         (SHARE + ["--attn", "foo", "--out", OUT], "--attn"),
         (SHARE + ["--completion", "1", "--out", OUT], "--completion"),
         (SHARE + ["--out", BAD], "--out"),
+    ],
+    "bench_memory": [
+        (["{tmp}/missing"], "no such file"),                      # was: its own wording, not "error:"
     ],
     "bench_cpu_memory": [
         (["--tokens", "1000", "--hidden", "64", "--vocab", "1000", "--out", OUT], "--tokens"),  # timed 512
