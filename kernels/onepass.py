@@ -252,7 +252,7 @@ def _sequence_chunks(mask, step):
 def sequence_fits(mask, vocab, device) -> bool:
     """Whether the one-pass loss can keep each sequence's logits live at once: a chunk may
     grow past the usual size to hold the longest sequence, up to SEQUENCE_CHUNK_FACTOR ×
-    the chunk budget (at 256 MiB on CUDA and the 7B vocabulary: 1,764 tokens). Otherwise
+    the chunk budget (at 256 MiB on CUDA and the 7B vocabulary: 1,765 tokens). Otherwise
     the sequence-level loss takes the two-pass path."""
     counts = (mask != 0).sum(1)
     longest = int(counts.max()) if counts.numel() else 0
