@@ -126,8 +126,13 @@ def find_resume(cfg: Config) -> Path | None:
     if r is False or r == "":
         prev = previous_run(out)
         if prev and not cfg.train.overwrite:
+            if "checkpoints/" not in prev:  # nothing to continue from (train.save_every=0 writes none)
+                raise UserError(f"output_dir {out} holds a previous run ({', '.join(prev)}) without a checkpoint "
+                                "to continue from: pick another output_dir, or pass train.overwrite=true to "
+                                "replace it")
             raise UserError(f"output_dir {out} holds a previous run ({', '.join(prev)}): continue it with "
-                            "train.resume=true, pick another output_dir, or pass train.overwrite=true to replace it")
+                            f"{resume_command(out)}, pick another output_dir, or pass train.overwrite=true to "
+                            "replace it")
         return None
     p = Path(str(r))
     if not (p / STATE_FILE).is_file():
@@ -158,10 +163,20 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+# what a checkpoint's run trained on: a resume on other data is refused (a resume without the
+# first run's overrides would otherwise go on with the built-in task, said by a warning alone)
+_RESUME_DATA = ("data.train", "data.test", "data.synthetic_train_size", "data.synthetic_test_size")
+
+
+def resume_command(out: Path | str) -> str:
+    """How to continue the run of `out` with its own settings (its resolved config.yaml)."""
+    return f"--config {Path(out) / 'config.yaml'} train.resume=true"
+
+
 def check_resume_config(saved: dict | None, cfg: Config, resume_dir: Path, warn: bool = True) -> list[str]:
     """A checkpoint resumes only the model it was written for (model.path, the tiny model's
-    sizes: an error); other differences from the run that wrote it are named in a warning
-    (`warn`: rank 0's, once per run). Returns the differing keys."""
+    sizes) and on its data (_RESUME_DATA): errors; other differences from the run that wrote
+    it are named in a warning (`warn`: rank 0's, once per run). Returns the differing keys."""
     if not saved:
         return []
     old, new = _flat(saved), _flat(to_dict(cfg))
@@ -171,6 +186,15 @@ def check_resume_config(saved: dict | None, cfg: Config, resume_dir: Path, warn:
     if hard:
         raise UserError(f"train.resume: {resume_dir} was written for another model ("
                         + ", ".join(f"{k}={old.get(k)!r}, this run {new.get(k)!r}" for k in hard) + ")")
+    data = [k for k in diff if k in _RESUME_DATA]
+    if data:
+        src, out = resume_dir.parent.parent, Path(cfg.output_dir)
+        own = resume_command(src) if src.resolve() == out.resolve() else \
+            f"--config {src / 'config.yaml'} output_dir={out} train.resume={resume_dir}"
+        raise UserError(f"train.resume: {resume_dir} was written by a run on other data ("
+                        + ", ".join(f"{k}={old.get(k)!r}, this run {new.get(k)!r}" for k in data)
+                        + f"); continue it with its own settings, {own} (plus any change), or train on other "
+                          "data in a new run from its weights (model.path=<checkpoint>)")
     if diff and warn:
         log.warning("train.resume: this run's config differs from the one that wrote %s: %s", resume_dir,
                     ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff))
@@ -1026,16 +1050,8 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
     log.info("r1vl.train: %d rank(s), %d thread(s) each, device %s, output %s", d.world,
              torch.get_num_threads(), d.device, out)
 
-    # ---- data, model, resume point
-    train_path, test_path = prepare_data(cfg, d)
-    train_set = load_split(train_path, cfg)
-    test_set = load_split(test_path, cfg)
-    if len(train_set) == 0:
-        raise UserError(f"data.train: {train_path} has no usable rows")
-    train_set = check_images(train_set, cfg, "data.train", d=d)
-    test_set = check_images(test_set, cfg, "data.test", rows=cfg.data.eval_size or None, d=d)
-    # the rows evaluated, decoded once here (slicing first: the rest of the split is never decoded)
-    eval_set = FirstRows(test_set, cfg.data.eval_size)  # images decoded a batch at a time, per rank
+    # ---- resume point (checked before the data is prepared: a resume refused for other data
+    # leaves no built-in task generated into its output_dir), data, model
     state: dict[str, Any] = {}
     ref_dir = None  # the KL reference on disk when resuming inside StepGRPO
     if resume_dir is not None:
@@ -1079,6 +1095,15 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
         if state["phase"] == "warmup" and state["step"] < cfg.warmup.steps \
                 and state.get("warmup_optimizer") is False:  # its engine's optimizer is StepGRPO's fresh AdamW
             raise UserError(f"train.resume: {resume_dir}: {optimizer_state_mismatch(None, 0)}")
+    train_path, test_path = prepare_data(cfg, d)
+    train_set = load_split(train_path, cfg)
+    test_set = load_split(test_path, cfg)
+    if len(train_set) == 0:
+        raise UserError(f"data.train: {train_path} has no usable rows")
+    train_set = check_images(train_set, cfg, "data.train", d=d)
+    test_set = check_images(test_set, cfg, "data.test", rows=cfg.data.eval_size or None, d=d)
+    # the rows evaluated, decoded once here (slicing first: the rest of the split is never decoded)
+    eval_set = FirstRows(test_set, cfg.data.eval_size)  # images decoded a batch at a time, per rank
     model, processor = build_model(cfg, d, train_set, resume_dir, attn)
     train_set = check_all_prompt_lengths(train_set, processor, cfg, d=d)
     check_solution_lengths(train_set, processor, cfg, d=d)
@@ -1186,7 +1211,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
             bar.close()
         raise Stopped(signum, f"{signal.Signals(signum).name}: stopped after {phase} step {done}/{total} with "
                               f"checkpoint {out / 'checkpoints' / checkpoint_name(phase, done)}; continue with "
-                              "train.resume=true")
+                              f"this run's settings and train.resume=true: {resume_command(out)}")
 
     def stop_in_eval(e: EvalStopped, what: str, phase: str, done: int, opt=None, sched=None) -> NoReturn:
         """A signal during an evaluation (every rank stopped before the same batch): checkpoint the
@@ -1206,8 +1231,8 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
             if phase == "warmup" and use_ds and optimizer_reset:
                 extra["warmup_optimizer"] = False
             save_checkpoint(cfg, d, train_policy, processor, opt, sched, phase, done, extra)
-        raise Stopped(e.signum, f"{where} with checkpoint {path}; continue with train.resume=true, which runs "
-                                "that evaluation again")
+        raise Stopped(e.signum, f"{where} with checkpoint {path}; continue with this run's settings and "
+                                f"train.resume=true ({resume_command(out)}), which runs that evaluation again")
 
     # ---- 1. warm-up (SFT on reference solutions)
     start = state.get("step", 0) if in_warmup else cfg.warmup.steps
@@ -1675,6 +1700,15 @@ def preflight(cfg: Config, *, rows: bool = False) -> tuple[str | None, str]:
         if holder:  # (a run's own ranks do not probe: rank 0 takes the lock itself)
             raise UserError(f"output_dir {cfg.output_dir}: another run is writing there (pid {holder}); a run "
                             "started now would stop at start")
+        if resume is not None:  # another model or other data: refused as the run would (mmap: the optimizer
+            from r1vl.utils import STATE_FILE  # state in the file is not read)
+
+            try:
+                saved = torch.load(resume / STATE_FILE, map_location="cpu", weights_only=False, mmap=True)
+            except Exception as e:  # noqa: BLE001 -- a truncated or corrupt file: torch raises several types
+                raise UserError(f"train.resume: {resume / STATE_FILE} is unreadable ({str(e).splitlines()[0]}); "
+                                "resume from an older checkpoint with train.resume=<its path>") from None
+            check_resume_config(saved.get("config"), cfg, resume)
         splits = {}
         for key, path in (("data.train", cfg.data.train), ("data.test", cfg.data.test)):
             if path != "synthetic":

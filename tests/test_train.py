@@ -156,7 +156,10 @@ def test_sigterm_checkpoints_stops_and_resumes_equal(tmp_path, data_dir):
     assert [p.name for p in (out / "checkpoints").iterdir()] == [f"grpo-{done[-1]:06d}"]
     assert not (out / "final").exists()
 
-    assert main(_args(out, data_dir, *extra, "train.resume=true")) == 0
+    # the command the stop line prints, alone (none of the first run's overrides): the run's own settings
+    command = f"--config {out / 'config.yaml'} train.resume=true"
+    assert command in err, err[-2000:]
+    assert main(command.split()) == 0
     from safetensors.torch import load_file
 
     a = load_file(ref / "final" / "model.safetensors")
@@ -633,10 +636,22 @@ def test_output_dir_of_a_previous_run(tmp_path, data_dir, capsys):
     metrics = (out / "metrics.jsonl").read_text()
     assert main(_args(out, data_dir, *fast, "seed=1")) == 2
     err = capsys.readouterr().err
-    assert "holds a previous run" in err and "train.overwrite=true" in err and "train.resume=true" in err
+    assert "holds a previous run" in err and "train.overwrite=true" in err
+    assert f"continue it with --config {out / 'config.yaml'} train.resume=true" in err  # its own settings
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before  # nothing touched
     assert (out / "metrics.jsonl").read_text() == metrics
     assert main(["--check", *_args(out, data_dir, *fast)]) == 2  # make train's check sees it too
+    capsys.readouterr()
+    # a resume on other data is refused, by --check too, before anything is generated or written
+    other = ("data.synthetic_train_size=50", "train.resume=true")
+    rows = (data_dir / "train.jsonl").read_text()
+    for check in (["--check"], []):
+        assert main([*check, *_args(out, data_dir, *fast, *other)]) == 2
+        assert "was written by a run on other data (data.synthetic_train_size=60, this run 50)" in \
+            capsys.readouterr().err
+        assert (out / "metrics.jsonl").read_text() == metrics
+        assert (data_dir / "train.jsonl").read_text() == rows  # the built-in task was not made again
+    assert main(["--check", *_args(out, data_dir, *fast, "train.resume=true")]) == 0  # its own data: fine
     capsys.readouterr()
 
     assert main(_args(out, data_dir, *fast, "seed=1", "train.overwrite=true")) == 0  # save_every=0 now
@@ -645,6 +660,9 @@ def test_output_dir_of_a_previous_run(tmp_path, data_dir, capsys):
     assert main(_args(out, data_dir, *fast, "train.resume=true")) == 2
     err = capsys.readouterr().err
     assert "no checkpoint" in err and "save_every" in err
+    assert main(_args(out, data_dir, *fast, "seed=2")) == 2  # no checkpoint: a resume is not suggested
+    err = capsys.readouterr().err
+    assert "without a checkpoint to continue from" in err and "train.resume" not in err, err[-1000:]
     assert main(_args(tmp_path / "new", data_dir, *fast, "train.resume=true")) == 0  # nothing there: fresh
 
 
@@ -685,6 +703,30 @@ def test_check_resume_config_names_the_differences(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="r1vl.train"):
         assert check_resume_config(saved, cfg, tmp_path, warn=False) == ["rollout.num_generations", "seed"]
     assert caplog.text == ""
+
+
+def test_a_resume_on_other_data_is_refused(tmp_path, capsys):
+    """A checkpoint continues only on the data it was trained on: a resume without the first
+    run's data overrides went on with the built-in task, said by a warning alone. The refusal
+    names the run's own settings to resume with."""
+    from r1vl.config import load_config, to_dict
+    from r1vl.train import UserError, check_resume_config
+
+    ck = tmp_path / "run" / "checkpoints" / "grpo-000003"
+    saved = to_dict(load_config(None, ["data.train=mine/train.jsonl", "data.test=mine/test.jsonl"]))
+    with pytest.raises(UserError) as e:
+        check_resume_config(saved, load_config(None, [f"output_dir={tmp_path / 'run'}"]), ck)
+    msg = str(e.value)
+    assert "data.train='mine/train.jsonl', this run 'synthetic'" in msg and "data.test=" in msg
+    assert f"--config {tmp_path / 'run' / 'config.yaml'} train.resume=true" in msg
+    saved = to_dict(load_config(None, ["data.synthetic_train_size=50"]))
+    with pytest.raises(UserError, match="data.synthetic_train_size=50, this run 3000"):
+        check_resume_config(saved, load_config(None, []), ck)
+    # another run's checkpoint, into this output_dir: that run's settings, this output_dir and checkpoint
+    with pytest.raises(UserError) as e:
+        check_resume_config(saved, load_config(None, [f"output_dir={tmp_path / 'new'}"]), ck)
+    assert f"--config {tmp_path / 'run' / 'config.yaml'} output_dir={tmp_path / 'new'} train.resume={ck}" \
+        in str(e.value)
 
 
 def test_the_stop_message_comes_from_rank_0_only(caplog):
