@@ -673,6 +673,16 @@ def check_solution_lengths(dataset, processor, cfg: Config, key: str = "data.tra
     n = per_row_shared(lengths, range(len(texts)), d, "measuring reference solutions")
     if d is not None and not d.main:
         return
+    if cfg.warmup.steps > 0:  # the warm-up learns the solutions as written
+        from r1vl.rewards import validity_reward
+
+        bad = [i for i, t in enumerate(texts) if validity_reward(t) == 0.0]
+        if bad:
+            log.warning("%s: %d of %d reference solutions are not in the response format StepRVR rewards (### "
+                        "Image Description, ### Rationales, ### Step 1.. in order, ### The final answer is; first "
+                        "%s); the warm-up learns them as written, and completions written like them score StepRVR "
+                        "0 (and no key step, which is looked for in Step sections)", key, len(bad), len(texts),
+                        dataset.source(bad[0]))
     longest = max(range(len(n)), key=n.__getitem__)
     for limit, name, what, on in (
             (cfg.rollout.max_completion_length, "rollout.max_completion_length",

@@ -975,6 +975,32 @@ def test_solutions_longer_than_what_is_generated_or_learned_are_said(tmp_path, d
     assert "reference solutions are longer" not in capsys.readouterr().err
 
 
+def test_reference_solutions_without_the_response_format_are_said(tmp_path, data_dir, caplog):
+    """Solutions the warm-up learns that StepRVR scores 0 (no Step sections, ...): said at start,
+    by --check too, with their count and the first row; the built-in task's are in the format."""
+    rows = [json.loads(x) for x in (Path(data_dir) / "train.jsonl").read_text().splitlines()]
+    for r in rows[3:6]:
+        r["solution"] = "### The final answer is: " + r["solution"].split("### The final answer is:")[-1].strip()
+        r["image_path"] = str(Path(data_dir) / r["image_path"])
+    for r in rows[:3] + rows[6:]:
+        r["image_path"] = str(Path(data_dir) / r["image_path"])
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    test = Path(data_dir) / "test.jsonl"
+    args = [f"output_dir={tmp_path / 'c'}", f"data.train={train}", f"data.test={test}"]
+    with caplog.at_level("WARNING", logger="r1vl.train"):
+        assert main(["--check", *args]) == 0
+    err = caplog.text
+    assert f"3 of {len(rows)} reference solutions are not in the response format StepRVR rewards" in err, err
+    assert f"first {train}:4" in err, err
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="r1vl.train"):
+        assert main(["--check", *args, "warmup.steps=0"]) == 0  # no warm-up learns them: nothing said
+        assert main(["--check", f"output_dir={tmp_path / 'c'}", f"data.train={Path(data_dir) / 'train.jsonl'}",
+                     f"data.test={test}"]) == 0
+    assert "response format" not in caplog.text
+
+
 def test_print_config(tmp_path, capsys):
     """--print-config: the resolved config as YAML (overrides applied), loadable again; no run."""
     import yaml
