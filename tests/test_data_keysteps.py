@@ -65,6 +65,18 @@ def test_derived_key_steps_match_their_own_solution():
         assert ks and key_step_fraction(s, ks) == 1.0
 
 
+def test_two_character_operators_stay_whole():
+    """"<=", ">=", "!=", "==" and "**" are one sign each: they were split ("4 < = 9") and "**", a
+    power, was restyled as a doubled product ("3 × × 2 = 9"), taking phrasing slots."""
+    assert phrasings("4 <= 9") == ["4 <= 9", "4<=9"]
+    assert phrasings("x != 3") == ["x != 3", "x!=3"]
+    assert phrasings("3 ** 2 = 9") == ["3 ** 2 = 9", "3**2=9"]
+    assert phrasings("2*3 ** 2 = 18")[:3] == ["2 * 3 ** 2 = 18", "2 × 3 ** 2 = 18", "2 \\times 3 ** 2 = 18"]
+    s = sol("The square: 3 ** 2 = 9.")
+    ks = derive_key_steps(s)
+    assert ks == [["3 ** 2 = 9", "3**2=9"]] and key_step_fraction(s, ks) == 1.0
+
+
 def test_phrasings_are_unique_and_bounded():
     p = phrasings("a*b-c = 1")
     assert len(p) == len(set(p)) <= 8
