@@ -174,6 +174,9 @@ def test_load_jsonl(tmp_path):
     (row(solution="no answer line"), "final answer"),
     (row(solution="### The final answer is:   "), "final answer"),
     (row(image_path="img/missing.png"), "does not exist"),
+    # was: "<folder>/https:/example.com/a.png does not exist"
+    (row(image_path="https://example.com/a.png"), r"image_path 'https://example.com/a.png' is a URL: images are "
+                                                  "read from local files only"),
     (row(image_path="img"), r"image \S*img is a directory, not an image file"),
     (row(image_path=..., image=...), "missing field 'image_path'"),
     (row(image_path="notimage.txt"), "not a readable image"),
@@ -389,8 +392,9 @@ def test_hf_datasets_directory(tmp_path):
     loaded = load_dataset(tmp_path / "hf_bytes")
     assert loaded[0].image.size == (84, 84) and loaded._rows[0].image.data is None  # read on access
     datasets.DatasetDict({"train": ds, "test": ds}).save_to_disk(str(tmp_path / "hfdict"))
-    with pytest.raises(DataError, match="pass one split"):
+    with pytest.raises(DataError, match="pass one split") as e:
         load_dataset(tmp_path / "hfdict")
+    assert f"{tmp_path / 'hfdict' / 'train'}, {tmp_path / 'hfdict' / 'test'}" in str(e.value)  # each one named
     assert len(load_dataset(tmp_path / "hfdict" / "train")) == 1
 
 

@@ -113,6 +113,9 @@ def test_cli_errors(tmp_path, capsys, content, match):
 
     assert re.search(match, capsys.readouterr().err)
     assert main([str(inp), str(inp)]) == 2
+    capsys.readouterr()
+    assert main([str(tmp_path / "none.jsonl"), str(tmp_path / "out.jsonl")]) == 2  # was: "[Errno 2] No such file"
+    assert f"error: IN {tmp_path / 'none.jsonl'} does not exist" in capsys.readouterr().err
 
 
 def test_cli_refuses_to_replace_out_or_in(tmp_path, capsys):

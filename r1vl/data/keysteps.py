@@ -430,6 +430,8 @@ def _read_rows(path: Path) -> list[tuple[int, object]]:
     naming the file (and row) for what the loader would not read."""
     if path.is_dir():
         raise ValueError(f"{path}: a directory; expected a .jsonl (or .json array) file")
+    if not path.exists():
+        raise ValueError(f"IN {path} does not exist")
     if path.suffix == ".parquet":
         raise ValueError(f"{path}: parquet input is not supported; convert it to JSON Lines first")
     raw = path.read_bytes()

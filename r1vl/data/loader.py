@@ -27,6 +27,7 @@ import io
 import json
 import logging
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,12 +203,24 @@ class _Embedded:
     path: str | None
 
 
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # http://, https://, s3://, file://, ...
+
+
+def _local_path(p: str, key: str, base: Path) -> str:
+    """`p` relative to the data file's folder (or absolute); a URL is refused by name, not joined onto
+    that folder ("<folder>/https:/host/a.png does not exist")."""
+    if _URL.match(p):
+        raise ValueError(f"{key} {p!r} is a URL: images are read from local files only (a path relative to the "
+                         "data file, or absolute); download them first")
+    return str(base / p)
+
+
 def _image_ref(row: dict, base: Path) -> _ImageRef:
     if row.get("image_path") not in (None, ""):
         p = row["image_path"]
         if not isinstance(p, str):
             raise ValueError(f"image_path must be a string, got {type(p).__name__}")
-        return _ImageRef(path=str(base / p))
+        return _ImageRef(path=_local_path(p, "image_path", base))
     img = row.get("image")
     if img is None:
         raise ValueError("missing field 'image_path' (or an 'image' column)")
@@ -216,14 +229,14 @@ def _image_ref(row: dict, base: Path) -> _ImageRef:
     if isinstance(img, (bytes, bytearray)):
         return _ImageRef(data=bytes(img))
     if isinstance(img, str):
-        return _ImageRef(path=str(base / img))
+        return _ImageRef(path=_local_path(img, "image", base))
     if isinstance(img, _Embedded):
         return _ImageRef(fetch=img.fetch, path=img.path)
     if isinstance(img, dict):  # Hugging Face's {"bytes": ..., "path": ...}
         if img.get("bytes"):
             return _ImageRef(data=bytes(img["bytes"]), path=img.get("path") or None)
         if img.get("path"):
-            return _ImageRef(path=str(base / img["path"]))
+            return _ImageRef(path=_local_path(img["path"], "image path", base))
     raise ValueError(f"cannot read the 'image' column value of type {type(img).__name__}")
 
 
@@ -470,8 +483,8 @@ def _hf_source(path: Path):
     if isinstance(ds, datasets.DatasetDict):
         splits = list(ds)
         if len(splits) != 1:
-            raise DataError(f"{path}: a DatasetDict with splits {splits}; pass one split's directory, "
-                            f"e.g. {path / splits[0]}")
+            raise DataError(f"{path}: a DatasetDict with splits {splits}; pass one split's directory: "
+                            + ", ".join(str(path / s) for s in splits))  # the eval CLI wants test, not train
         ds = ds[splits[0]]
     if "image" in ds.column_names and isinstance(ds.features.get("image"), datasets.Image):
         ds = ds.cast_column("image", datasets.Image(decode=False))  # decode lazily, ourselves
