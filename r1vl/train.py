@@ -331,6 +331,24 @@ def build_model(cfg: Config, d, corpus_samples, resume_dir: Path | None, attn: s
         raise UserError(str(e)) from None
 
 
+def warn_redone_steps(out: Path, resume_dir: Path, phase: str, step: int) -> None:
+    """A resume of a finished run (summary.json) from a checkpoint before its end (an older one,
+    e.g. a signal's that no later save replaced) trains its last steps again and replaces final/:
+    said, since nothing else would (its logs after the checkpoint are dropped)."""
+    from r1vl.utils import _PHASES, read_metrics
+
+    if not (out / "summary.json").is_file():
+        return
+    cut = (_PHASES[phase], step)
+    redo = [r for r in read_metrics(out / "metrics.jsonl")
+            if r.get("phase") in _PHASES and (_PHASES[r["phase"]], r.get("step", 0)) > cut]
+    if redo:
+        last = redo[-1]
+        log.warning("train.resume: %s holds a finished run (up to %s step %d); continuing from %s trains its %d "
+                    "step(s) after %s step %d again and replaces final/", out, last["phase"], last.get("step", 0),
+                    resume_dir.name, len(redo), phase, step)
+
+
 def drop_outputs_after(out: Path, phase: str, step: int) -> None:
     """A resumed run: the outputs of the run it continues past its checkpoint go, as metrics.jsonl's
     records do: evaluations after it (drop_eval_outputs_after), and that run's summary.json and
@@ -1187,6 +1205,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
                 raise UserError(f"train.resume: {resume_dir}: {why}")
         if d.main:
             dump_config(cfg, out / "config.yaml")
+            warn_redone_steps(out, resume_dir, state["phase"], state["step"])
         writer.truncate_after(state["phase"], state["step"])
         if d.main:
             drop_outputs_after(out, state["phase"], state["step"])

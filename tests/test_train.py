@@ -705,6 +705,20 @@ def test_check_resume_config_names_the_differences(tmp_path, caplog):
     assert caplog.text == ""
 
 
+def test_resuming_a_finished_run_from_an_earlier_checkpoint_is_said(tmp_path, data_dir, capfd):
+    """A finished run resumed from a checkpoint before its end trains its last steps again and
+    replaces final/: a warning says so (the logs after the checkpoint are dropped silently)."""
+    out = tmp_path / "run"
+    fast = ("train.max_steps=2", "train.save_every=1", "train.eval_before=false", "train.eval_after=false",
+            "logging.plot=false")
+    assert main(_args(out, data_dir, *fast)) == 0
+    assert main(_args(out, data_dir, *fast, "train.resume=true")) == 0  # from its last step: nothing redone
+    assert "holds a finished run" not in capfd.readouterr().err
+    assert main(_args(out, data_dir, *fast, f"train.resume={out / 'checkpoints' / 'grpo-000001'}")) == 0
+    assert f"{out} holds a finished run (up to grpo step 2); continuing from grpo-000001 trains its 1 step(s) " \
+           "after grpo step 1 again and replaces final/" in capfd.readouterr().err
+
+
 def test_a_resume_on_other_data_is_refused(tmp_path, capsys):
     """A checkpoint continues only on the data it was trained on: a resume without the first
     run's data overrides went on with the built-in task, said by a warning alone. The refusal
