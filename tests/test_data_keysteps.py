@@ -66,10 +66,15 @@ def test_derived_key_steps_match_their_own_solution():
 
 
 def test_two_character_operators_stay_whole():
-    """"<=", ">=", "!=", "==" and "**" are one sign each: they were split ("4 < = 9") and "**", a
-    power, was restyled as a doubled product ("3 × × 2 = 9"), taking phrasing slots."""
+    """"<=", ">=", "==" and "**" are one sign each: they were split ("4 < = 9", an "equation" with
+    "= 9" as its last link) and "**", a power, was restyled as a doubled product ("3 × × 2 = 9"),
+    taking phrasing slots. A comparison makes no key step, as with "≤"; "4!=24" stays a factorial."""
     assert phrasings("4 <= 9") == ["4 <= 9", "4<=9"]
-    assert phrasings("x != 3") == ["x != 3", "x!=3"]
+    for cmp in ("x <= 9.", "x ≤ 9.", "y == 4."):
+        assert derive_key_steps(sol(cmp)) == [], cmp
+    unicode = derive_key_steps(sol("a ≥ b = 4."))
+    assert derive_key_steps(sol("a >= b = 4.")) == [[p.replace("≥", ">=") for p in g] for g in unicode]
+    assert derive_key_steps(sol("4!=24 = 4 * 6."))[0][0] == "24 = 4 * 6"
     assert phrasings("3 ** 2 = 9") == ["3 ** 2 = 9", "3**2=9"]
     assert phrasings("2*3 ** 2 = 18")[:3] == ["2 * 3 ** 2 = 18", "2 × 3 ** 2 = 18", "2 \\times 3 ** 2 = 18"]
     s = sol("The square: 3 ** 2 = 9.")

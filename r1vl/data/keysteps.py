@@ -37,7 +37,8 @@ written in the reference (so a completion that copies the reference gets
 k = 1), operators spaced and unspaced ("4 + 3 = 7", "4+3=7"), ASCII and Unicode
 minus, products as "×", "*", "\\times", "x" or "·" (whichever was written),
 division as "÷", "/" or "\\div" ("/" itself is kept: it is also a fraction
-bar); "<=", ">=", "!=", "==" and "**" (a power, never a product) are one sign each. StepRAR lowercases both sides, so case needs no variant. A group holds
+bar); "<=", ">=", "==" and "**" (a power, never a product) are one sign each, so that a
+comparison makes no key step, as "≤" and "≥" do not. StepRAR lowercases both sides, so case needs no variant. A group holds
 at most MAX_PHRASINGS phrasings; the spelling as written and the last link
 (the whole equation unless it is a chain) spaced, unspaced and as written are
 always kept, then its other spellings come first: a completion that writes a
@@ -84,13 +85,14 @@ MAX_PHRASINGS = 8
 
 _FUNCTIONS = {"sqrt", "sin", "cos", "tan", "log", "ln", "exp", "pi", "frac", "cdot", "times", "div", "circ",
               "left", "right", "mod"}
-_OPERATORS = set("+-−×*·/÷^=<>≤≥±≈≠") | {"<=", ">=", "!=", "==", "**"}  # two-character ones: one token
+# two-character signs are one token ("!=" is not one: "4!=24" is a factorial, and "x != 3" a clause end)
+_OPERATORS = set("+-−×*·/÷^=<>≤≥±≈≠") | {"<=", ">=", "==", "**"}
 _LATEX_OPERATORS = {"\\times": "×", "\\cdot": "·", "\\div": "÷", "\\pm": "±"}
 _SYMBOLS = set("()[]{}√π°%'.,∠△⊥∥²³")
 _UNIT_WORDS = {"cm", "mm", "km", "kg", "mg", "ml", "min"}  # after a number, part of an equation
 _ORDINALS = {"st", "nd", "rd", "th"}
 _NUM = r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?"  # 1,250,000 / 3.5 / 12
-_TOKEN = re.compile(r"\\[A-Za-z]+|\d+(?::\d+)+|" + _NUM + r"|[A-Za-z]+|<=|>=|!=|==|\*\*|\S")
+_TOKEN = re.compile(r"\\[A-Za-z]+|\d+(?::\d+)+|" + _NUM + r"|[A-Za-z]+|<=|>=|==|\*\*|\S")
 # a clause ends at . ; ? ! and a new line (not "5!", a factorial; not a line that goes on with "=")
 _CLAUSE_SPLIT = re.compile(r"(?<!\d)[.;!?](?!\d)|[.;?](?=\s|$)|(?<![\d)])!(?=\s|$)|\n(?!\s*[=<>≤≥])|,\s+(?=[A-Za-z]{2,})"
                            r"|\b(?:so|thus|therefore|hence|then)\b", re.IGNORECASE)
