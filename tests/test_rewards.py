@@ -150,7 +150,8 @@ ANSWER_FORMS = [
     # intervals and lists, read as LaTeX: math-verify reads the plain text "[1, 3]" as 3 and "[1,3]" as nothing
     ("[1, 3]", "[1,3]", True), ("[1,3]", "$[1,3]$", True), ("[1, 3]", "[0, 3]", False), ("[1, 3]", "3", False),
     ("[1,3]", "The interval is [1, 3]", True), ("[1, 3]", "[1, 3)", False), ("3", "2, 3", False),
-    ("2, 3", "2,3", True), ("1,000", "1000", True),
+    ("1,000", "1000", True), ("2.5", "2,5", True), ("0.5", "0,5", True), ("12.5 cm", "12,5 cm", True),
+    ("2,5", "2.5", True),  # a decimal comma (no space after it) stays plain text, which math-verify reads
     # a boxed letter or yes/no; yes/no after a lead-in, as letters
     ("B", "\\boxed{B}", True), ("B", "$\\boxed{B}$", True), ("B", "\\boxed{C}", False), ("No", "Answer: No", True),
     ("Yes", "The answer is yes.", True), ("Yes", "\\boxed{Yes}", True), ("Yes", "Answer: No", False),

@@ -12,7 +12,7 @@ would be wrong. Here, in order:
    completion's first word, after such a lead-in ("Answer: no").
 3. Otherwise math-verify compares them, each line read as LaTeX (`latex_form`: wrapped in
    `$...$`) when it carries mathematics -- a backslash, ^, _, =, +, -, *, /, parentheses,
-   brackets, braces, a comma or a ratio "2:3" -- and, once leading words ("The area is") and trailing units ("cm", "square
+   brackets, braces, a comma and a space ("2, 3": a list; "2,5" is a decimal comma) or a ratio "2:3" -- and, once leading words ("The area is") and trailing units ("cm", "square
    units") are set aside, no other word, and is at most 500 characters long; as plain text
    otherwise ("12 cm", "50%", "12 or 13"; as plain text, math-verify reads "[1, 3]" as 3 and
    "[1,3]" as nothing, so "[0, 3]" was right and "[1,3]" wrong against "[1, 3]"). A ratio or a time of day ("2:3", "3:45") must be
@@ -40,7 +40,9 @@ _YES_NO = ("yes", "no")
 _FIRST_WORD = re.compile(r"[A-Za-z]+")
 
 _DELIMITED = ("$", "\\(", "\\[", "\\boxed")
-_MATH_CHARS = re.compile(r"[\\^_=+\-*/(){}\[\],]")
+# (a comma followed by a space lists values, "2, 3"; without one it may be a decimal comma, "2,5",
+# or a thousands separator, "1,000", which math-verify reads as plain text)
+_MATH_CHARS = re.compile(r"[\\^_=+\-*/(){}\[\]]|,\s")
 # a ratio or a time of day, "2:3", "3:45", "1 : 2 : 4": math-verify reads it as its first number.
 # Started only where a run of digits starts, possessive: linear in the line's length (a match tried
 # from every digit of a 20,000-digit run took 28 s, outside any deadline)
