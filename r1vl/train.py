@@ -163,19 +163,70 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-# what a checkpoint's run trained on: a resume on other data is refused (a resume without the
-# first run's overrides would otherwise go on with the built-in task, said by a warning alone)
-_RESUME_DATA = ("data.train", "data.test", "data.synthetic_train_size", "data.synthetic_test_size")
-
-
 def resume_command(out: Path | str) -> str:
     """How to continue the run of `out` with its own settings (its resolved config.yaml)."""
     return f"--config {Path(out) / 'config.yaml'} train.resume=true"
 
 
+def _resume_hint(resume_dir: Path, cfg: Config) -> str:
+    """How to resume `resume_dir` with the settings of the run that wrote it."""
+    src, out = resume_dir.parent.parent, Path(cfg.output_dir)
+    if not (src / "config.yaml").is_file():  # a checkpoint copied out of its run
+        return "with the data settings of the run that wrote it"
+    if src.resolve() == out.resolve():
+        return f"with its own settings, {resume_command(src)} (plus any change)"
+    return f"with its own settings, --config {src / 'config.yaml'} output_dir={out} train.resume={resume_dir}"
+
+
+def _other_data(old: dict, new: dict) -> list[str]:
+    """The data settings that make a resumed run train or evaluate on other data than the run that
+    wrote its checkpoint, judged from the two configs (files: by content, data_fingerprint, once
+    loaded): the built-in task against a file, or the built-in task generated with other sizes or
+    another seed. (A resume without the first run's data overrides went on with the built-in task,
+    said by a warning alone.)"""
+    keys = []
+    for key, size in (("data.train", "data.synthetic_train_size"), ("data.test", "data.synthetic_test_size")):
+        a, b = old.get(key), new.get(key)
+        if a is None or b is None:
+            continue
+        if (a == "synthetic") != (b == "synthetic"):
+            keys.append(key)
+        elif a == "synthetic":
+            keys += [k for k in (size, "seed") if old.get(k) != new.get(k) and k not in keys]
+    return keys
+
+
+def data_fingerprint(dataset) -> dict:
+    """What a split holds, to tell whether a resume trains on the same data wherever it lies now:
+    its row count and a SHA-256 of every row's problem, solution and key steps, in order."""
+    import hashlib
+
+    h = hashlib.sha256()
+    rows = dataset.text_only()
+    for r in rows:
+        h.update(json.dumps([r.problem, r.solution, r.key_steps], ensure_ascii=False).encode("utf-8",
+                                                                                              "surrogatepass"))
+        h.update(b"\0")
+    return {"rows": len(rows), "sha256": h.hexdigest()}
+
+
+def check_resume_data(saved: dict | None, now: dict, resume_dir: Path, cfg: Config) -> None:
+    """Refuse a resume whose splits differ in content from the ones its checkpoint was trained and
+    evaluated on (saved by data_fingerprint; a checkpoint without them is not checked)."""
+    for split in ("train", "test"):
+        a, b = (saved or {}).get(split), now.get(split)
+        if a is None or b is None or a == b:
+            continue
+        what = (f"{a['rows']} rows, this run's {b['rows']}" if a["rows"] != b["rows"]
+                else f"the same {a['rows']} rows but other text")
+        raise UserError(f"train.resume: {resume_dir} was written by a run on other data (data.{split}: {what}); "
+                        f"continue it {_resume_hint(resume_dir, cfg)}, or train on other data in a new run from "
+                        "its weights (model.path=<checkpoint>)")
+
+
 def check_resume_config(saved: dict | None, cfg: Config, resume_dir: Path, warn: bool = True) -> list[str]:
     """A checkpoint resumes only the model it was written for (model.path, the tiny model's
-    sizes) and on its data (_RESUME_DATA): errors; other differences from the run that wrote
+    sizes) and on its data (_other_data; files by content: check_resume_data): errors; other differences from the run that wrote
     it are named in a warning (`warn`: rank 0's, once per run). Returns the differing keys."""
     if not saved:
         return []
@@ -186,15 +237,12 @@ def check_resume_config(saved: dict | None, cfg: Config, resume_dir: Path, warn:
     if hard:
         raise UserError(f"train.resume: {resume_dir} was written for another model ("
                         + ", ".join(f"{k}={old.get(k)!r}, this run {new.get(k)!r}" for k in hard) + ")")
-    data = [k for k in diff if k in _RESUME_DATA]
+    data = _other_data(old, new)
     if data:
-        src, out = resume_dir.parent.parent, Path(cfg.output_dir)
-        own = resume_command(src) if src.resolve() == out.resolve() else \
-            f"--config {src / 'config.yaml'} output_dir={out} train.resume={resume_dir}"
         raise UserError(f"train.resume: {resume_dir} was written by a run on other data ("
                         + ", ".join(f"{k}={old.get(k)!r}, this run {new.get(k)!r}" for k in data)
-                        + f"); continue it with its own settings, {own} (plus any change), or train on other "
-                          "data in a new run from its weights (model.path=<checkpoint>)")
+                        + f"); continue it {_resume_hint(resume_dir, cfg)}, or train on other data in a new run "
+                          "from its weights (model.path=<checkpoint>)")
     if diff and warn:
         log.warning("train.resume: this run's config differs from the one that wrote %s: %s", resume_dir,
                     ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff))
@@ -331,19 +379,21 @@ def build_model(cfg: Config, d, corpus_samples, resume_dir: Path | None, attn: s
         raise UserError(str(e)) from None
 
 
-def warn_redone_steps(out: Path, resume_dir: Path, phase: str, step: int) -> None:
+def warn_redone_steps(out: Path, resume_dir: Path, phase: str, step: int, ends: dict[str, int]) -> None:
     """A resume of a finished run (summary.json) from a checkpoint before its end (an older one,
     e.g. a signal's that no later save replaced) trains its last steps again and replaces final/:
-    said, since nothing else would (its logs after the checkpoint are dropped)."""
+    said, since nothing else would (its logs after the checkpoint are dropped). `ends`: this run's
+    last step per phase (a step past it is not trained again)."""
     from r1vl.utils import _PHASES, read_metrics
 
     if not (out / "summary.json").is_file():
         return
     cut = (_PHASES[phase], step)
-    redo = [r for r in read_metrics(out / "metrics.jsonl")
-            if r.get("phase") in _PHASES and (_PHASES[r["phase"]], r.get("step", 0)) > cut]
+    later = [r for r in read_metrics(out / "metrics.jsonl")
+             if r.get("phase") in _PHASES and (_PHASES[r["phase"]], r.get("step", 0)) > cut]
+    redo = [r for r in later if r.get("step", 0) <= ends[r["phase"]]]
     if redo:
-        last = redo[-1]
+        last = later[-1]
         log.warning("train.resume: %s holds a finished run (up to %s step %d); continuing from %s trains its %d "
                     "step(s) after %s step %d again and replaces final/", out, last["phase"], last.get("step", 0),
                     resume_dir.name, len(redo), phase, step)
@@ -1128,6 +1178,9 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
     test_set = load_split(test_path, cfg)
     if len(train_set) == 0:
         raise UserError(f"data.train: {train_path} has no usable rows")
+    fingerprints = {"train": data_fingerprint(train_set), "test": data_fingerprint(test_set)}
+    if resume_dir is not None:  # the same rows, wherever the files lie now
+        check_resume_data(state.get("data"), fingerprints, resume_dir, cfg)
     train_set = check_images(train_set, cfg, "data.train", d=d)
     test_set = check_images(test_set, cfg, "data.test", rows=cfg.data.eval_size or None, d=d)
     # the rows evaluated, decoded once here (slicing first: the rest of the split is never decoded)
@@ -1205,7 +1258,8 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
                 raise UserError(f"train.resume: {resume_dir}: {why}")
         if d.main:
             dump_config(cfg, out / "config.yaml")
-            warn_redone_steps(out, resume_dir, state["phase"], state["step"])
+            warn_redone_steps(out, resume_dir, state["phase"], state["step"],
+                              {"warmup": cfg.warmup.steps, "grpo": cfg.train.max_steps})
         writer.truncate_after(state["phase"], state["step"])
         if d.main:
             drop_outputs_after(out, state["phase"], state["step"])
@@ -1226,7 +1280,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
         bar = tqdm(total=total_bar, desc="r1vl", dynamic_ncols=True, file=sys.stderr)
 
     def ckpt_extra() -> dict:
-        return {"eval_warmup": state.get("eval_warmup"), "config": to_dict(cfg),
+        return {"eval_warmup": state.get("eval_warmup"), "config": to_dict(cfg), "data": fingerprints,
                 "wall_seconds": prior_wall + time.time() - t_start}
 
     def stop_at_signal(phase: str, done: int, total: int, saved: bool, opt, sched) -> None:
@@ -1729,6 +1783,7 @@ def preflight(cfg: Config, *, rows: bool = False) -> tuple[str | None, str]:
         if holder:  # (a run's own ranks do not probe: rank 0 takes the lock itself)
             raise UserError(f"output_dir {cfg.output_dir}: another run is writing there (pid {holder}); a run "
                             "started now would stop at start")
+        saved = None
         if resume is not None:  # another model or other data: refused as the run would (mmap: the optimizer
             from r1vl.utils import STATE_FILE  # state in the file is not read)
 
@@ -1744,6 +1799,8 @@ def preflight(cfg: Config, *, rows: bool = False) -> tuple[str | None, str]:
                 splits[key] = load_split(path, cfg)
                 if len(splits[key]) == 0:
                     raise UserError(f"{key}: {path} has no usable rows")
+                if saved is not None:
+                    check_resume_data(saved.get("data"), {key[5:]: data_fingerprint(splits[key])}, resume, cfg)
                 splits[key] = check_images(splits[key], cfg, key,
                                            rows=cfg.data.eval_size or None if key == "data.test" else None)
                 log.info("%s: %d rows OK", key, len(splits[key]))

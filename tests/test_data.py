@@ -308,6 +308,14 @@ def test_a_run_directory_given_as_data_suggests_its_test_split(tmp_path):
         load_dataset(run)
 
 
+def test_a_file_url_image_path_is_read_as_its_path(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (40, 40), "red").save(tmp_path / "a b.png")
+    path = write_rows(tmp_path, [row(image_path=(tmp_path / "a b.png").as_uri())])  # file:///.../a%20b.png
+    assert load_dataset(path)[0].image.size[0] > 0
+
+
 def test_an_image_path_that_is_not_utf8_is_read(tmp_path):
     """A file name in another encoding reads as a str with a surrogate (os.fsdecode); the
     surrogate check of the text fields left image_path alone."""

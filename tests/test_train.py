@@ -693,12 +693,14 @@ def test_check_resume_config_names_the_differences(tmp_path, caplog):
     from r1vl.config import load_config, to_dict
     from r1vl.train import check_resume_config
 
-    saved = to_dict(load_config(None, []))
-    cfg = load_config(None, ["train.max_steps=99", "logging.level=DEBUG", "seed=3", "rollout.num_generations=4"])
+    files = ["data.train=d/train.jsonl", "data.test=d/test.jsonl"]  # (the built-in task's seed would be refused)
+    saved = to_dict(load_config(None, files))
+    cfg = load_config(None, [*files, "train.max_steps=99", "logging.level=DEBUG", "seed=3",
+                             "rollout.num_generations=4"])
     with caplog.at_level("WARNING", logger="r1vl.train"):
         assert check_resume_config(saved, cfg, tmp_path) == ["rollout.num_generations", "seed"]
     assert "seed: 0 -> 3" in caplog.text
-    assert check_resume_config(saved, load_config(None, ["train.max_steps=99"]), tmp_path) == []
+    assert check_resume_config(saved, load_config(None, [*files, "train.max_steps=99"]), tmp_path) == []
     caplog.clear()  # ranks other than 0 (warn=False): the same check, no second warning
     with caplog.at_level("WARNING", logger="r1vl.train"):
         assert check_resume_config(saved, cfg, tmp_path, warn=False) == ["rollout.num_generations", "seed"]
@@ -714,33 +716,90 @@ def test_resuming_a_finished_run_from_an_earlier_checkpoint_is_said(tmp_path, da
     assert main(_args(out, data_dir, *fast)) == 0
     assert main(_args(out, data_dir, *fast, "train.resume=true")) == 0  # from its last step: nothing redone
     assert "holds a finished run" not in capfd.readouterr().err
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
     assert main(_args(out, data_dir, *fast, f"train.resume={out / 'checkpoints' / 'grpo-000001'}")) == 0
     assert f"{out} holds a finished run (up to grpo step 2); continuing from grpo-000001 trains its 1 step(s) " \
            "after grpo step 1 again and replaces final/" in capfd.readouterr().err
+    # ... unless this run ends there (train.max_steps=1): no step is trained again
+    assert main(_args(copy, data_dir, *fast, "train.max_steps=1",
+                      f"train.resume={copy / 'checkpoints' / 'grpo-000001'}")) == 0
+    assert "holds a finished run" not in capfd.readouterr().err
 
 
-def test_a_resume_on_other_data_is_refused(tmp_path, capsys):
+def test_a_resume_on_other_data_is_refused(tmp_path):
     """A checkpoint continues only on the data it was trained on: a resume without the first
-    run's data overrides went on with the built-in task, said by a warning alone. The refusal
-    names the run's own settings to resume with."""
+    run's data overrides went on with the built-in task, said by a warning alone. Judged from the
+    configs where they say it (the built-in task against a file, or made with other sizes or
+    another seed); files are compared by content once loaded (see the next test), so the same
+    file spelled otherwise or moved is no refusal here. The refusal names the run's own settings."""
     from r1vl.config import load_config, to_dict
     from r1vl.train import UserError, check_resume_config
 
-    ck = tmp_path / "run" / "checkpoints" / "grpo-000003"
-    saved = to_dict(load_config(None, ["data.train=mine/train.jsonl", "data.test=mine/test.jsonl"]))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("{}\n")
+    ck = run / "checkpoints" / "grpo-000003"
+
+    def check(saved_args, args):
+        return check_resume_config(to_dict(load_config(None, saved_args)), load_config(None, args), ck)
+
     with pytest.raises(UserError) as e:
-        check_resume_config(saved, load_config(None, [f"output_dir={tmp_path / 'run'}"]), ck)
+        check(["data.train=mine/train.jsonl", "data.test=mine/test.jsonl"], [f"output_dir={run}"])
     msg = str(e.value)
     assert "data.train='mine/train.jsonl', this run 'synthetic'" in msg and "data.test=" in msg
-    assert f"--config {tmp_path / 'run' / 'config.yaml'} train.resume=true" in msg
-    saved = to_dict(load_config(None, ["data.synthetic_train_size=50"]))
+    assert f"--config {run / 'config.yaml'} train.resume=true" in msg
     with pytest.raises(UserError, match="data.synthetic_train_size=50, this run 3000"):
-        check_resume_config(saved, load_config(None, []), ck)
+        check(["data.synthetic_train_size=50"], [])
+    with pytest.raises(UserError, match="seed=0, this run 5"):
+        check([], ["seed=5"])  # the built-in task made with another seed
+    # files: the same file spelled otherwise, or moved, is judged by its content later; the built-in
+    # task's settings do not matter for a split that is a file
+    files = ["data.train=data/train.jsonl", "data.test=data/test.jsonl"]
+    assert "data.train" in check(files, [f"data.train={tmp_path / 'data' / 'train.jsonl'}", files[1]])
+    assert check(files + ["data.synthetic_train_size=50", "data.synthetic_test_size=9"], files) == [
+        "data.synthetic_test_size", "data.synthetic_train_size"]  # warned only
     # another run's checkpoint, into this output_dir: that run's settings, this output_dir and checkpoint
     with pytest.raises(UserError) as e:
-        check_resume_config(saved, load_config(None, [f"output_dir={tmp_path / 'new'}"]), ck)
-    assert f"--config {tmp_path / 'run' / 'config.yaml'} output_dir={tmp_path / 'new'} train.resume={ck}" \
-        in str(e.value)
+        check(["data.synthetic_train_size=50"], [f"output_dir={tmp_path / 'new'}"])
+    assert f"--config {run / 'config.yaml'} output_dir={tmp_path / 'new'} train.resume={ck}" in str(e.value)
+    (run / "config.yaml").unlink()  # a checkpoint copied out of its run: no command to name
+    with pytest.raises(UserError, match="with the data settings of the run that wrote it"):
+        check(["data.synthetic_train_size=50"], [])
+
+
+def test_a_resume_reads_its_data_files_by_content(tmp_path, data_dir, capsys):
+    """Files are compared by content (rows, problem, solution, key steps): the same data moved
+    elsewhere resumes; a changed row is refused, by --check too."""
+    import shutil
+
+    rows = [json.loads(x) for x in (Path(data_dir) / "train.jsonl").read_text().splitlines()]
+    for r in rows:
+        r["image_path"] = str(Path(data_dir) / r["image_path"])
+    first = tmp_path / "a" / "train.jsonl"
+    first.parent.mkdir()
+    first.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    fast = ("train.max_steps=2", "train.save_every=1", "train.eval_before=false", "train.eval_after=false",
+            "logging.plot=false")
+    assert main(_args(out, data_dir, *fast, f"data.train={first}", "train.max_steps=1")) == 0
+    moved = tmp_path / "b" / "train.jsonl"  # the same rows, elsewhere: resumes (with a warning)
+    moved.parent.mkdir()
+    shutil.copy(first, moved)
+    shutil.rmtree(first.parent)
+    assert main(_args(out, data_dir, *fast, f"data.train={moved}", "train.resume=true")) == 0
+    capsys.readouterr()
+    rows[5]["solution"] = rows[5]["solution"].replace("### The final answer is:", "So.\n### The final answer is:")
+    moved.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for check in (["--check"], []):
+        assert main([*check, *_args(out, data_dir, *fast, f"data.train={moved}", "train.resume=true",
+                                    "train.max_steps=3")]) == 2
+        err = capsys.readouterr().err
+        assert "was written by a run on other data (data.train: the same 60 rows but other text)" in err, err
+    assert main(_args(out, data_dir, *fast, f"data.train={moved}", "train.resume=true", "train.max_steps=3",
+                      "data.skip_bad_rows=true")) == 2  # (not a setting that lets it through)
 
 
 def test_the_stop_message_comes_from_rank_0_only(caplog):
@@ -989,7 +1048,7 @@ def test_solutions_longer_than_what_is_generated_or_learned_are_said(tmp_path, d
     assert "reference solutions are longer" not in capsys.readouterr().err
 
 
-def test_reference_solutions_without_the_response_format_are_said(tmp_path, data_dir, caplog):
+def test_reference_solutions_without_the_response_format_are_said(tmp_path, data_dir, caplog, capfd):
     """Solutions the warm-up learns that StepRVR scores 0 (no Step sections, ...): said at start,
     by --check too, with their count and the first row; the built-in task's are in the format."""
     rows = [json.loads(x) for x in (Path(data_dir) / "train.jsonl").read_text().splitlines()]
@@ -1013,6 +1072,10 @@ def test_reference_solutions_without_the_response_format_are_said(tmp_path, data
         assert main(["--check", f"output_dir={tmp_path / 'c'}", f"data.train={Path(data_dir) / 'train.jsonl'}",
                      f"data.test={test}"]) == 0
     assert "response format" not in caplog.text
+    capfd.readouterr()
+    assert main(_args(tmp_path / "run", data_dir, f"data.train={train}", "train.max_steps=0",
+                      "train.eval_before=false", "train.eval_after=false", "logging.plot=false")) == 0
+    assert f"3 of {len(rows)} reference solutions are not in the response format" in capfd.readouterr().err
 
 
 def test_print_config(tmp_path, capsys):

@@ -242,7 +242,7 @@ def test_deepspeed_checkpoint_of_a_final_evaluation_without_stepgrpo_cannot_leng
     """train.max_steps=0, no evaluation after the warm-up, no saves: a signal in the final
     evaluation checkpoints warmup-N from an engine whose optimizer was already reset for
     StepGRPO (fresh AdamW, the StepGRPO schedule). Lengthening the warm-up from it is refused
-    by name before any model loads, as without DeepSpeed; it went on with that optimizer."""
+    by name, as without DeepSpeed; it went on with that optimizer."""
     from r1vl.train import main
     from r1vl.utils import STATE_FILE
 

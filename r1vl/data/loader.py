@@ -207,8 +207,12 @@ _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # http://, https://, s3://, fi
 
 
 def _local_path(p: str, key: str, base: Path) -> str:
-    """`p` relative to the data file's folder (or absolute); a URL is refused by name, not joined onto
-    that folder ("<folder>/https:/host/a.png does not exist")."""
+    """`p` relative to the data file's folder (or absolute; a file:// URL is read as its path); another
+    URL is refused by name, not joined onto that folder ("<folder>/https:/host/a.png does not exist")."""
+    if p.startswith("file://"):
+        from urllib.parse import unquote, urlparse
+
+        return unquote(urlparse(p).path)
     if _URL.match(p):
         raise ValueError(f"{key} {p!r} is a URL: images are read from local files only (a path relative to the "
                          "data file, or absolute); download them first")
