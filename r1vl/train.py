@@ -172,27 +172,50 @@ def _resume_hint(resume_dir: Path, cfg: Config) -> str:
     """How to resume `resume_dir` with the settings of the run that wrote it."""
     src, out = resume_dir.parent.parent, Path(cfg.output_dir)
     if not (src / "config.yaml").is_file():  # a checkpoint copied out of its run
-        return "with the data settings of the run that wrote it"
+        return "the data settings of the run that wrote it"
     if src.resolve() == out.resolve():
-        return f"with its own settings, {resume_command(src)} (plus any change)"
-    return f"with its own settings, --config {src / 'config.yaml'} output_dir={out} train.resume={resume_dir}"
+        return f"its own settings, {resume_command(src)} (plus any change)"
+    return f"its own settings, --config {src / 'config.yaml'} output_dir={out} train.resume={resume_dir}"
 
 
-def _other_data(old: dict, new: dict) -> list[str]:
-    """The data settings that make a resumed run train or evaluate on other data than the run that
-    wrote its checkpoint, judged from the two configs (files: by content, data_fingerprint, once
-    loaded): the built-in task against a file, or the built-in task generated with other sizes or
-    another seed. (A resume without the first run's data overrides went on with the built-in task,
-    said by a warning alone.)"""
+def _evaluates(flat: dict) -> bool:
+    return bool(flat.get("train.eval_before") or flat.get("train.eval_after") or flat.get("train.eval_every"))
+
+
+def _splits_checked(old: dict, new: dict) -> tuple[str, ...]:
+    """The splits a resume must keep: the training one, and the held-out one when both runs
+    evaluate (a run that evaluates nothing never reads it)."""
+    return ("train", "test") if _evaluates(old) and _evaluates(new) else ("train",)
+
+
+def _other_data(old: dict, new: dict, by_path: bool = False) -> list[str]:
+    """The data settings that make a resumed run train (or evaluate) on other data than the run
+    that wrote its checkpoint, judged from the two configs before any data is made: a file where
+    the built-in task was (which would be generated into the run's data folder), or the task made
+    with other sizes or another seed (the held-out items avoid the training ones: both sizes
+    count). Files are compared by content once loaded (data_fingerprint), so a file where the task
+    was is left to that; `by_path` (a checkpoint written before fingerprints): files by their
+    resolved paths. (A resume without the first run's data overrides went on with the built-in
+    task, said by a warning alone.)"""
     keys = []
-    for key, size in (("data.train", "data.synthetic_train_size"), ("data.test", "data.synthetic_test_size")):
+    splits = _splits_checked(old, new)
+    for split in splits:
+        key = f"data.{split}"
         a, b = old.get(key), new.get(key)
         if a is None or b is None:
             continue
-        if (a == "synthetic") != (b == "synthetic"):
+        if b == "synthetic" and a != "synthetic":
             keys.append(key)
-        elif a == "synthetic":
-            keys += [k for k in (size, "seed") if old.get(k) != new.get(k) and k not in keys]
+        elif a != "synthetic" and b != "synthetic" and by_path \
+                and os.path.realpath(str(a)) != os.path.realpath(str(b)):
+            keys.append(key)
+        elif a == "synthetic" and b != "synthetic" and by_path:
+            keys.append(key)
+    made = {"train": ("data.synthetic_train_size", "seed"),  # what each split of the task depends on
+            "test": ("data.synthetic_train_size", "data.synthetic_test_size", "seed")}
+    for split in splits:
+        if old.get(f"data.{split}") == "synthetic" and new.get(f"data.{split}") == "synthetic":
+            keys += [k for k in made[split] if old.get(k) != new.get(k) and k not in keys]
     return keys
 
 
@@ -210,23 +233,29 @@ def data_fingerprint(dataset) -> dict:
     return {"rows": len(rows), "sha256": h.hexdigest()}
 
 
-def check_resume_data(saved: dict | None, now: dict, resume_dir: Path, cfg: Config) -> None:
-    """Refuse a resume whose splits differ in content from the ones its checkpoint was trained and
-    evaluated on (saved by data_fingerprint; a checkpoint without them is not checked)."""
-    for split in ("train", "test"):
+def check_resume_data(saved: dict | None, now: dict, resume_dir: Path, cfg: Config,
+                      saved_config: dict | None) -> None:
+    """Refuse a resume whose splits differ in content from the ones its checkpoint was trained (and
+    evaluated) on (saved by data_fingerprint; a checkpoint without them: check_resume_config judged
+    the paths)."""
+    splits = _splits_checked(_flat(saved_config or {}), _flat(to_dict(cfg)))
+    for split in splits:
         a, b = (saved or {}).get(split), now.get(split)
         if a is None or b is None or a == b:
             continue
         what = (f"{a['rows']} rows, this run's {b['rows']}" if a["rows"] != b["rows"]
-                else f"the same {a['rows']} rows but other text")
-        raise UserError(f"train.resume: {resume_dir} was written by a run on other data (data.{split}: {what}); "
-                        f"continue it {_resume_hint(resume_dir, cfg)}, or train on other data in a new run from "
-                        "its weights (model.path=<checkpoint>)")
+                else f"the same {a['rows']} rows with other text, or in another order")
+        raise UserError(f"train.resume: {resume_dir} was written by a run on other data (data.{split}: {what}): "
+                        f"{getattr(cfg.data, split)} changed since, or is another file; resume with the data it was "
+                        f"trained on ({_resume_hint(resume_dir, cfg)}), or train on this data in a new run from its "
+                        "weights (model.path=<checkpoint>)")
 
 
-def check_resume_config(saved: dict | None, cfg: Config, resume_dir: Path, warn: bool = True) -> list[str]:
+def check_resume_config(saved: dict | None, cfg: Config, resume_dir: Path, warn: bool = True,
+                        fingerprints: bool = True) -> list[str]:
     """A checkpoint resumes only the model it was written for (model.path, the tiny model's
-    sizes) and on its data (_other_data; files by content: check_resume_data): errors; other differences from the run that wrote
+    sizes) and on its data (_other_data; files by content: check_resume_data, or, for a checkpoint
+    without fingerprints, by path): errors; other differences from the run that wrote
     it are named in a warning (`warn`: rank 0's, once per run). Returns the differing keys."""
     if not saved:
         return []
@@ -237,11 +266,11 @@ def check_resume_config(saved: dict | None, cfg: Config, resume_dir: Path, warn:
     if hard:
         raise UserError(f"train.resume: {resume_dir} was written for another model ("
                         + ", ".join(f"{k}={old.get(k)!r}, this run {new.get(k)!r}" for k in hard) + ")")
-    data = _other_data(old, new)
+    data = _other_data(old, new, by_path=not fingerprints)
     if data:
         raise UserError(f"train.resume: {resume_dir} was written by a run on other data ("
                         + ", ".join(f"{k}={old.get(k)!r}, this run {new.get(k)!r}" for k in data)
-                        + f"); continue it {_resume_hint(resume_dir, cfg)}, or train on other data in a new run "
+                        + f"); continue it with {_resume_hint(resume_dir, cfg)}, or train on other data in a new run "
                           "from its weights (model.path=<checkpoint>)")
     if diff and warn:
         log.warning("train.resume: this run's config differs from the one that wrote %s: %s", resume_dir,
@@ -381,9 +410,9 @@ def build_model(cfg: Config, d, corpus_samples, resume_dir: Path | None, attn: s
 
 def warn_redone_steps(out: Path, resume_dir: Path, phase: str, step: int, ends: dict[str, int]) -> None:
     """A resume of a finished run (summary.json) from a checkpoint before its end (an older one,
-    e.g. a signal's that no later save replaced) trains its last steps again and replaces final/:
-    said, since nothing else would (its logs after the checkpoint are dropped). `ends`: this run's
-    last step per phase (a step past it is not trained again)."""
+    e.g. a signal's that no later save replaced) trains its steps after the checkpoint again, or
+    drops those past this run's `ends` (its last step per phase), and replaces final/: said, since
+    nothing else would (its logs after the checkpoint are dropped)."""
     from r1vl.utils import _PHASES, read_metrics
 
     if not (out / "summary.json").is_file():
@@ -391,12 +420,16 @@ def warn_redone_steps(out: Path, resume_dir: Path, phase: str, step: int, ends: 
     cut = (_PHASES[phase], step)
     later = [r for r in read_metrics(out / "metrics.jsonl")
              if r.get("phase") in _PHASES and (_PHASES[r["phase"]], r.get("step", 0)) > cut]
-    redo = [r for r in later if r.get("step", 0) <= ends[r["phase"]]]
-    if redo:
-        last = later[-1]
-        log.warning("train.resume: %s holds a finished run (up to %s step %d); continuing from %s trains its %d "
-                    "step(s) after %s step %d again and replaces final/", out, last["phase"], last.get("step", 0),
-                    resume_dir.name, len(redo), phase, step)
+    if not later:
+        return
+    redo = sum(1 for r in later if r.get("step", 0) <= ends[r["phase"]])
+    what = [f"trains {redo} of them again"] if redo else []
+    if redo < len(later):
+        what.append(f"drops {len(later) - redo} past this run's end (warmup.steps={ends['warmup']}, "
+                    f"train.max_steps={ends['grpo']})")
+    log.warning("train.resume: %s holds a finished run (up to %s step %d, %d step(s) after %s step %d); continuing "
+                "from %s %s, and replaces final/", out, later[-1]["phase"], later[-1].get("step", 0), len(later),
+                phase, step, resume_dir.name, " and ".join(what))
 
 
 def drop_outputs_after(out: Path, phase: str, step: int) -> None:
@@ -1149,7 +1182,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
         if last is not None and state["step"] > last:
             raise UserError(f"train.resume: {resume_dir} is at {state['phase']} step {state['step']}, beyond this "
                             f"run's {key}={last}; raise {key} to at least {state['step']}, or start a new run")
-        check_resume_config(state.get("config"), cfg, resume_dir, warn=d.main)
+        check_resume_config(state.get("config"), cfg, resume_dir, warn=d.main, fingerprints="data" in state)
         if state["phase"] == "grpo" and cfg.algorithm.beta != 0 and cfg.train.max_steps > 0:
             ref_dir = reference_dir(out, resume_dir)  # found now, not after the model is built
     if resume_dir is not None and bool(cfg.deepspeed) != bool(state.get("deepspeed", False)):
@@ -1180,7 +1213,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
         raise UserError(f"data.train: {train_path} has no usable rows")
     fingerprints = {"train": data_fingerprint(train_set), "test": data_fingerprint(test_set)}
     if resume_dir is not None:  # the same rows, wherever the files lie now
-        check_resume_data(state.get("data"), fingerprints, resume_dir, cfg)
+        check_resume_data(state.get("data"), fingerprints, resume_dir, cfg, state.get("config"))
     train_set = check_images(train_set, cfg, "data.train", d=d)
     test_set = check_images(test_set, cfg, "data.test", rows=cfg.data.eval_size or None, d=d)
     # the rows evaluated, decoded once here (slicing first: the rest of the split is never decoded)
@@ -1792,7 +1825,7 @@ def preflight(cfg: Config, *, rows: bool = False) -> tuple[str | None, str]:
             except Exception as e:  # noqa: BLE001 -- a truncated or corrupt file: torch raises several types
                 raise UserError(f"train.resume: {resume / STATE_FILE} is unreadable ({str(e).splitlines()[0]}); "
                                 "resume from an older checkpoint with train.resume=<its path>") from None
-            check_resume_config(saved.get("config"), cfg, resume)
+            check_resume_config(saved.get("config"), cfg, resume, fingerprints="data" in saved)
         splits = {}
         for key, path in (("data.train", cfg.data.train), ("data.test", cfg.data.test)):
             if path != "synthetic":
@@ -1800,7 +1833,8 @@ def preflight(cfg: Config, *, rows: bool = False) -> tuple[str | None, str]:
                 if len(splits[key]) == 0:
                     raise UserError(f"{key}: {path} has no usable rows")
                 if saved is not None:
-                    check_resume_data(saved.get("data"), {key[5:]: data_fingerprint(splits[key])}, resume, cfg)
+                    check_resume_data(saved.get("data"), {key[5:]: data_fingerprint(splits[key])}, resume, cfg,
+                                      saved.get("config"))
                 splits[key] = check_images(splits[key], cfg, key,
                                            rows=cfg.data.eval_size or None if key == "data.test" else None)
                 log.info("%s: %d rows OK", key, len(splits[key]))

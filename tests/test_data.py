@@ -314,6 +314,8 @@ def test_a_file_url_image_path_is_read_as_its_path(tmp_path):
     Image.new("RGB", (40, 40), "red").save(tmp_path / "a b.png")
     path = write_rows(tmp_path, [row(image_path=(tmp_path / "a b.png").as_uri())])  # file:///.../a%20b.png
     assert load_dataset(path)[0].image.size[0] > 0
+    with pytest.raises(DataError, match="a file URL names a host \\('images'\\)"):  # a mistyped relative path
+        load_dataset(write_rows(tmp_path, [row(image_path="file://images/a.png")], name="h.jsonl"))
 
 
 def test_an_image_path_that_is_not_utf8_is_read(tmp_path):

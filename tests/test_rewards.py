@@ -152,6 +152,7 @@ ANSWER_FORMS = [
     ("[1,3]", "The interval is [1, 3]", True), ("[1, 3]", "[1, 3)", False), ("3", "2, 3", False),
     ("1,000", "1000", True), ("2.5", "2,5", True), ("0.5", "0,5", True), ("12.5 cm", "12,5 cm", True),
     ("2,5", "2.5", True),  # a decimal comma (no space after it) stays plain text, which math-verify reads
+    ("1, 2, 3", "1,2,3", True), ("1,2,3", "1, 2, 3", True), ("1,2,3", "3", False), ("1,250,000", "1250000", True),
     # a boxed letter or yes/no; yes/no after a lead-in, as letters
     ("B", "\\boxed{B}", True), ("B", "$\\boxed{B}$", True), ("B", "\\boxed{C}", False), ("No", "Answer: No", True),
     ("Yes", "The answer is yes.", True), ("Yes", "\\boxed{Yes}", True), ("Yes", "Answer: No", False),

@@ -721,20 +721,23 @@ def test_resuming_a_finished_run_from_an_earlier_checkpoint_is_said(tmp_path, da
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     assert main(_args(out, data_dir, *fast, f"train.resume={out / 'checkpoints' / 'grpo-000001'}")) == 0
-    assert f"{out} holds a finished run (up to grpo step 2); continuing from grpo-000001 trains its 1 step(s) " \
-           "after grpo step 1 again and replaces final/" in capfd.readouterr().err
-    # ... unless this run ends there (train.max_steps=1): no step is trained again
+    assert f"{out} holds a finished run (up to grpo step 2, 1 step(s) after grpo step 1); continuing from " \
+           "grpo-000001 trains 1 of them again, and replaces final/" in capfd.readouterr().err
+    # a run that ends there (train.max_steps=1): the step after it is dropped, final/ replaced
     assert main(_args(copy, data_dir, *fast, "train.max_steps=1",
                       f"train.resume={copy / 'checkpoints' / 'grpo-000001'}")) == 0
-    assert "holds a finished run" not in capfd.readouterr().err
+    assert "continuing from grpo-000001 drops 1 past this run's end (warmup.steps=2, train.max_steps=1), and " \
+           "replaces final/" in capfd.readouterr().err
 
 
 def test_a_resume_on_other_data_is_refused(tmp_path):
     """A checkpoint continues only on the data it was trained on: a resume without the first
     run's data overrides went on with the built-in task, said by a warning alone. Judged from the
-    configs where they say it (the built-in task against a file, or made with other sizes or
-    another seed); files are compared by content once loaded (see the next test), so the same
-    file spelled otherwise or moved is no refusal here. The refusal names the run's own settings."""
+    configs before any data is made where they tell (the built-in task where a file was, or made
+    with other sizes or another seed: of the splits used, the held-out one only when both runs
+    evaluate); files are compared by content once loaded (the next test), so the same file spelled
+    otherwise or moved, or the task's own files, are no refusal here, except for a checkpoint
+    written without fingerprints (by resolved path then). The refusal names the run's settings."""
     from r1vl.config import load_config, to_dict
     from r1vl.train import UserError, check_resume_config
 
@@ -743,8 +746,9 @@ def test_a_resume_on_other_data_is_refused(tmp_path):
     (run / "config.yaml").write_text("{}\n")
     ck = run / "checkpoints" / "grpo-000003"
 
-    def check(saved_args, args):
-        return check_resume_config(to_dict(load_config(None, saved_args)), load_config(None, args), ck)
+    def check(saved_args, args, fingerprints=True):
+        return check_resume_config(to_dict(load_config(None, saved_args)), load_config(None, args), ck,
+                                   fingerprints=fingerprints)
 
     with pytest.raises(UserError) as e:
         check(["data.train=mine/train.jsonl", "data.test=mine/test.jsonl"], [f"output_dir={run}"])
@@ -755,18 +759,28 @@ def test_a_resume_on_other_data_is_refused(tmp_path):
         check(["data.synthetic_train_size=50"], [])
     with pytest.raises(UserError, match="seed=0, this run 5"):
         check([], ["seed=5"])  # the built-in task made with another seed
-    # files: the same file spelled otherwise, or moved, is judged by its content later; the built-in
-    # task's settings do not matter for a split that is a file
     files = ["data.train=data/train.jsonl", "data.test=data/test.jsonl"]
-    assert "data.train" in check(files, [f"data.train={tmp_path / 'data' / 'train.jsonl'}", files[1]])
-    assert check(files + ["data.synthetic_train_size=50", "data.synthetic_test_size=9"], files) == [
-        "data.synthetic_test_size", "data.synthetic_train_size"]  # warned only
+    moved = [f"data.train={tmp_path / 'data' / 'train.jsonl'}", "data.test=elsewhere/test.jsonl"]
+    assert "data.train" in check(files, moved)  # by content, later: warned here
+    with pytest.raises(UserError, match="data.train='data/train.jsonl', this run"):
+        check(files, moved, fingerprints=False)  # a checkpoint without fingerprints: by resolved path
+    assert check(files, [f"data.train={Path('data/train.jsonl').resolve()}", files[1]], fingerprints=False) == [
+        "data.train"]  # the same file spelled otherwise: warned only
+    assert "data.train" in check([], files)  # the task's own files, say: by content, later
+    # the held-out split's task matters only when both runs evaluate; it depends on both sizes
+    quiet = ["train.eval_before=false", "train.eval_after=false"]
+    with pytest.raises(UserError, match="data.synthetic_test_size=9, this run 400"):
+        check(["data.synthetic_test_size=9"], [])
+    assert check(quiet + ["data.synthetic_test_size=9"], quiet) == ["data.synthetic_test_size"]  # warned only
+    on_file = [files[0], "data.test=synthetic", *quiet]  # (a file beside the task's held-out split: no evaluation)
+    assert check([*on_file, "seed=1", "data.synthetic_train_size=60"], [*on_file, "seed=2", "data.test=x.jsonl"]) \
+        == ["data.synthetic_train_size", "data.test", "seed"]  # nothing evaluated: warned only
     # another run's checkpoint, into this output_dir: that run's settings, this output_dir and checkpoint
     with pytest.raises(UserError) as e:
         check(["data.synthetic_train_size=50"], [f"output_dir={tmp_path / 'new'}"])
     assert f"--config {run / 'config.yaml'} output_dir={tmp_path / 'new'} train.resume={ck}" in str(e.value)
     (run / "config.yaml").unlink()  # a checkpoint copied out of its run: no command to name
-    with pytest.raises(UserError, match="with the data settings of the run that wrote it"):
+    with pytest.raises(UserError, match="the data settings of the run that wrote it"):
         check(["data.synthetic_train_size=50"], [])
 
 
@@ -797,7 +811,8 @@ def test_a_resume_reads_its_data_files_by_content(tmp_path, data_dir, capsys):
         assert main([*check, *_args(out, data_dir, *fast, f"data.train={moved}", "train.resume=true",
                                     "train.max_steps=3")]) == 2
         err = capsys.readouterr().err
-        assert "was written by a run on other data (data.train: the same 60 rows but other text)" in err, err
+        assert "was written by a run on other data (data.train: the same 60 rows with other text, or in another " \
+               f"order): {moved} changed since, or is another file" in err, err
     assert main(_args(out, data_dir, *fast, f"data.train={moved}", "train.resume=true", "train.max_steps=3",
                       "data.skip_bad_rows=true")) == 2  # (not a setting that lets it through)
 

@@ -212,7 +212,11 @@ def _local_path(p: str, key: str, base: Path) -> str:
     if p.startswith("file://"):
         from urllib.parse import unquote, urlparse
 
-        return unquote(urlparse(p).path)
+        url = urlparse(p)
+        if url.netloc not in ("", "localhost"):  # file://images/a.png: "images" would be a host, dropped
+            raise ValueError(f"{key} {p!r}: a file URL names a host ({url.netloc!r}); write a local path "
+                             "(relative to the data file, or absolute: file:///abs/path)")
+        return unquote(url.path)
     if _URL.match(p):
         raise ValueError(f"{key} {p!r} is a URL: images are read from local files only (a path relative to the "
                          "data file, or absolute); download them first")
