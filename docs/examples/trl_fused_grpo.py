@@ -1,0 +1,104 @@
+"""TRL's GRPOTrainer with r1vl's fused loss: a subclass that replaces TRL's loss, and only it, by
+`r1vl.kernels.fused_linear_grpo_loss` computed from the policy's last hidden states and its LM
+head, so that no [tokens, vocab] logits are formed for the update. Generation, rewards,
+advantages and the old / reference log-probs stay TRL's. Written against TRL 1.16 (r1vl's dev
+extra); tests/test_trl_example.py checks it against TRL's own `_compute_loss`, gradient for
+gradient, at every supported loss type.
+
+    import sys; sys.path.insert(0, "<r1vl checkout>/docs/examples")
+    from trl_fused_grpo import FusedGRPOTrainer
+    trainer = FusedGRPOTrainer(model=..., reward_funcs=..., args=GRPOConfig(...), train_dataset=...)
+
+What such a subclass must get right; each of these is wrong silently otherwise:
+- the hidden states: the backbone's (`model.base_model(...)`), not `model(...).logits` nor
+  `output_hidden_states=True` (both form the logits); and shifted by one, the state at position
+  t scores token t + 1: a completion of T tokens is scored by `hidden[:, -T - 1:-1]`
+  (`hidden[:, -T:]` has the same shape and, at ratio 1 and beta 0, the same loss value);
+- `temperature`: TRL scores the loss (and its old log-probs) at the sampling temperature;
+- `use_bias_correction_kl`: TRL's default is True, the kernel's False;
+- the normalisation: TRL divides grpo / bnpo / dr_grpo by the gradient-accumulation steps in
+  training, and dapo by `num_items_in_batch / processes × accumulation steps /
+  steps_per_generation` (its count spans a whole generation batch); the kernel divides by what
+  it is given;
+- the targets are int64 (TRL's completion_ids are).
+Metrics: the kernel's are this rank's token means, logged here under TRL's names; TRL's
+`clip_ratio/low_min` and `clip_ratio/high_max` (per-sequence extremes) are not formed, and
+with several processes of different token counts the gathered mean is not TRL's token-weighted
+one. TRL options the kernel does not offer are refused by name.
+"""
+from __future__ import annotations
+
+import torch
+from trl import GRPOTrainer
+
+from r1vl.kernels import fused_linear_grpo_loss
+
+
+class FusedGRPOTrainer(GRPOTrainer):
+    """GRPOTrainer whose loss is r1vl.kernels.fused_linear_grpo_loss (text-only models)."""
+
+    def _compute_loss(self, model, inputs):
+        unsupported = [name for name, on in (
+            (f"loss_type={self.loss_type}", self.loss_type not in ("grpo", "bnpo", "dr_grpo", "dapo")),
+            ("top_entropy_quantile < 1", self.top_entropy_quantile < 1.0),
+            ("off_policy_mask_threshold", self.off_policy_mask_threshold is not None),
+            ("the entropy bonus", self._entropy_bonus_enabled),
+            ("a MoE auxiliary loss", self.aux_loss_enabled),
+            ("image inputs", "pixel_values" in inputs)) if on]
+        if unsupported:
+            raise NotImplementedError(f"FusedGRPOTrainer: not offered by r1vl.kernels: {', '.join(unsupported)}")
+        mode = "train" if self.model.training else "eval"
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
+        mask = completion_mask * inputs["tool_mask"] if "tool_mask" in inputs else completion_mask
+        t = completion_ids.size(1)
+
+        policy = self.accelerator.unwrap_model(model)
+        if hasattr(policy, "get_base_model"):  # PEFT
+            policy = policy.get_base_model()
+        with self.accelerator.autocast():  # the backbone alone: TRL's patched forward would form the logits
+            hidden = policy.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                       use_cache=False).last_hidden_state
+        hidden = hidden[:, -t - 1:-1]  # the state at position i scores token i + 1
+        head = policy.get_output_embeddings()
+        weight, bias = head.weight, head.bias
+        if self.args.cast_lm_head_to_fp32:
+            hidden, weight = hidden.float(), weight.float()
+            bias = None if bias is None else bias.float()
+        elif hidden.dtype != weight.dtype:  # the kernel takes one dtype for both
+            hidden = hidden.to(weight.dtype)
+
+        items = None
+        if self.loss_type == "dapo":  # TRL's count spans the generation batch: one accumulation window of it
+            items = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            if mode == "train":
+                items = items * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+        is_ratio = inputs.get("importance_sampling_ratio") \
+            if self.use_vllm and self.vllm_importance_sampling_correction else None
+
+        loss, metrics = fused_linear_grpo_loss(
+            hidden, weight, completion_ids.long(), mask, inputs["advantages"], bias=bias,
+            old_logprobs=inputs.get("old_per_token_logps"),  # None: ratio 1, as TRL's logp.detach()
+            ref_logprobs=inputs.get("ref_per_token_logps") if self.beta != 0.0 else None,
+            beta=self.beta, epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high,
+            temperature=self.temperature, loss_type=self.loss_type,
+            importance_sampling_level=self.importance_sampling_level,
+            max_completion_length=self.max_completion_length, num_items_in_batch=items,
+            rollout_is_ratio=is_ratio, return_entropy=True,
+            use_bias_correction_kl=self.args.use_bias_correction_kl, delta=self.args.delta)
+        if self.loss_type != "dapo" and mode == "train":
+            loss = loss / self.current_gradient_accumulation_steps  # TRL scales for accumulation itself
+
+        logged = self._metrics[mode]
+
+        def log(name: str, value: torch.Tensor) -> None:
+            logged[name].append(self.accelerator.gather(value.reshape(1)).mean().item())
+
+        if self.beta != 0.0:
+            log("kl", metrics["kl"])
+        log("entropy", metrics["entropy"])
+        log("clip_ratio/low_mean", metrics["clip_ratio_low"])
+        log("clip_ratio/high_mean", metrics["clip_ratio_high"])
+        log("clip_ratio/region_mean", metrics["clip_ratio"])
+        return loss

@@ -1,0 +1,110 @@
+"""docs/examples/trl_fused_grpo.py, TRL's GRPOTrainer with r1vl's fused loss, against TRL 1.16's
+own `_compute_loss` on the same micro-batches of a real training run: the loss, every parameter's
+gradient and the logged metrics, for each loss type the example offers, with old log-probs
+(num_iterations=2: ratios off 1, clipping), gradient accumulation, a sampling temperature that is
+not 1, the KL term and TRL's default use_bias_correction_kl, and for dapo a generation batch
+split over steps (steps_per_generation=4), where its normalisation differs."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = [f"Q: {a} plus {b} is? A: {a + b}. The answer is {a + b}." for a in range(12) for b in range(6)]
+
+
+def _example():
+    spec = importlib.util.spec_from_file_location("trl_fused_grpo", ROOT / "docs" / "examples" / "trl_fused_grpo.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny Qwen2 causal LM with tied embeddings and r1vl's byte-level BPE tokenizer, saved
+    (TRL builds the reference model from the model's path)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from r1vl.models import train_tokenizer
+
+    tok = train_tokenizer(CORPUS, vocab_size=400)
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                      tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                      bos_token_id=None)
+    path = tmp_path_factory.mktemp("tiny_qwen2")
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(cfg).save_pretrained(path)
+    return path, tok
+
+
+def _reward(completions, **kw):
+    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) + (0.5 if "." in c else 0.0) + 0.05 * len(c)
+            for c in completions]
+
+
+METRICS = ("kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
+
+
+@pytest.mark.parametrize("loss_type,beta,spg", [("grpo", 0.04, None), ("bnpo", 0.0, None),
+                                                ("dr_grpo", 0.04, None), ("dapo", 0.04, 4)])
+def test_the_fused_trainer_gives_trls_loss_gradients_and_metrics(tiny, tmp_path, loss_type, beta, spg):
+    from datasets import Dataset
+    from transformers import Qwen2ForCausalLM, set_seed
+    from trl import GRPOConfig, GRPOTrainer
+
+    fused = _example().FusedGRPOTrainer
+    checks = []
+
+    class Checked(fused):
+        """Each micro-batch: TRL's loss, gradients and metrics, then the example's, compared."""
+
+        def _compute_loss(self, model, inputs):
+            logged = self._metrics["train" if self.model.training else "eval"]
+            before = {k: len(v) for k, v in logged.items()}
+            params = [p for p in model.parameters() if p.requires_grad]
+            ref = GRPOTrainer._compute_loss(self, model, inputs)
+            ref_grads = torch.autograd.grad(ref, params, allow_unused=True)
+            ref_metrics = {k: v[-1] for k, v in logged.items() if len(v) > before.get(k, 0)}
+            for k in list(logged):  # TRL's entries go: the example logs its own
+                del logged[k][before.get(k, 0):]
+            loss = super()._compute_loss(model, inputs)
+            grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+            ours = {k: v[-1] for k, v in logged.items() if len(v) > before.get(k, 0)}
+            checks.append((ref.item(), loss.item(), ref_grads, grads, ref_metrics, ours))
+            return loss
+
+    set_seed(0)
+    path, tok = tiny
+    args = GRPOConfig(
+        output_dir=str(tmp_path / "out"), use_cpu=True, seed=0, data_seed=0, report_to=[], max_steps=2,
+        logging_steps=1, save_strategy="no", learning_rate=5e-3, per_device_train_batch_size=4, num_generations=4,
+        max_completion_length=8, gradient_accumulation_steps=2, num_iterations=2, temperature=0.7, beta=beta,
+        loss_type=loss_type, bf16=False, dataloader_num_workers=0, disable_tqdm=True, shuffle_dataset=False,
+        steps_per_generation=spg,
+        generation_kwargs={"sequence_bias": [[[tok.eos_token_id], 3.0]]})  # completions of several lengths
+    prompts = Dataset.from_dict({"prompt": [f"Q: {a} plus {b} is? A:" for a in range(4) for b in range(2)]})
+    trainer = Checked(model=Qwen2ForCausalLM.from_pretrained(path), reward_funcs=_reward, args=args,
+                      train_dataset=prompts, processing_class=tok)
+    trainer.train()
+
+    assert len(checks) >= 4
+    clipped = False
+    for ref, loss, ref_grads, grads, ref_metrics, ours in checks:
+        assert loss == pytest.approx(ref, rel=1e-5, abs=1e-7)
+        scale = max(g.abs().max().item() for g in ref_grads if g is not None)
+        for a, b in zip(ref_grads, grads):
+            if a is None or b is None:
+                assert a is None and b is None
+                continue
+            assert (a - b).abs().max().item() <= 1e-5 * scale
+        for k in METRICS:
+            assert (k in ours) == (k in ref_metrics), k  # (kl: logged only with beta != 0, as TRL)
+            if k in ours:
+                assert ours[k] == pytest.approx(ref_metrics[k], rel=1e-5, abs=1e-6), k
+        clipped |= ref_metrics["clip_ratio/region_mean"] > 0
+    assert clipped  # the ratios left 1: old log-probs were in play
