@@ -155,11 +155,11 @@ class _ImageRef:
         try:
             if self.pil is not None:
                 w, h = self.pil.size
-                turned = _orientation(self.pil) >= 5
+                turned = _orientation(self.pil, decode=False) >= 5
             else:
                 with self.open() as img:
                     w, h = img.size
-                    turned = _orientation(img) >= 5
+                    turned = _orientation(img, decode=False) >= 5
         except _IMAGE_ERRORS as e:
             raise ValueError(_unreadable(self, e)) from None
         if turned:  # EXIF orientation 5..8: a quarter turn, width and height swap once decoded
@@ -186,9 +186,15 @@ def _unreadable(ref: _ImageRef, e: Exception) -> str:
     return f"image {ref.describe()} is not a readable image ({e})"
 
 
-def _orientation(img: Image.Image) -> int:
-    """img's EXIF orientation: 1 upright, 2 to 8 mirrored and/or turned (5 to 8: a quarter turn)."""
+def _orientation(img: Image.Image, decode: bool = True) -> int:
+    """img's EXIF orientation: 1 upright, 2 to 8 mirrored and/or turned (5 to 8: a quarter turn).
+    decode=False (the header check): PIL looks for a PNG's eXIf chunk after the image data by
+    decoding the whole image (0.5 ms of every row's 0.6 ms at load, for every PNG without EXIF);
+    such a chunk counts as upright there. The decode applies it, which can only swap width and
+    height: the same image tokens."""
     try:
+        if not decode and img.format == "PNG" and "exif" not in img.info:
+            return 1
         o = img.getexif().get(0x0112, 1)
         return o if isinstance(o, int) and 1 <= o <= 8 else 1
     except Exception:  # noqa: BLE001 -- a malformed EXIF block: taken as upright, as PIL shows it
