@@ -131,8 +131,10 @@ def test_index_stream_shards_are_disjoint_and_deterministic():
 def test_torchrun_two_ranks_end_to_end(tmp_path, data_dir):
     """`torchrun --nproc-per-node 2 -m r1vl.train` on a very small run: both ranks train, rank 0
     alone writes the outputs, metrics are reduced over the ranks. With scale_rewards=batch (its
-    std is a collective over the ranks)."""
+    std is a collective over the ranks). Then a resume on an edited training file: every rank
+    refuses it at start, rank 0 alone says so, none waits on another."""
     import json
+    import shutil
     import subprocess
     import sys
     from pathlib import Path
@@ -140,10 +142,11 @@ def test_torchrun_two_ranks_end_to_end(tmp_path, data_dir):
     from test_train import FAST
 
     out = tmp_path / "run"
+    data_dir = shutil.copytree(data_dir, tmp_path / "data")  # edited below
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "r1vl.train",
            f"output_dir={out}", f"data.synthetic_dir={data_dir}", *FAST, "train.max_steps=2", "logging.plot=false",
-           "algorithm.scale_rewards=batch"]
+           "algorithm.scale_rewards=batch", "train.save_every=2"]
     r = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -158,3 +161,16 @@ def test_torchrun_two_ranks_end_to_end(tmp_path, data_dir):
     assert [r["problem"] for r in final] == [x["problem"] for x in test_rows[:4]]
     assert sum(r["correct"] for r in final) / 4 == pytest.approx(recs[-1]["accuracy"])
     assert (out / "final" / "model.safetensors").is_file()
+
+    rows = (Path(data_dir) / "train.jsonl").read_text().splitlines()
+    edited = json.loads(rows[0])
+    edited["problem"] += " Answer carefully."
+    (Path(data_dir) / "train.jsonl").write_text("\n".join([json.dumps(edited)] + rows[1:]) + "\n")
+    cmd[4] = str(_free_port())
+    r = subprocess.run([*cmd, "train.resume=true", "train.max_steps=3"], cwd=Path(__file__).resolve().parents[1],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert r.stderr.count("was written by a run on other data (data.train: the same 60 rows with other text") \
+        == 1, r.stderr[-3000:]
+    assert [json.loads(x)["phase"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [
+        x["phase"] for x in recs]  # nothing of the run touched
