@@ -163,6 +163,18 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def read_state(resume_dir: Path, mmap: bool = False) -> dict:
+    """A checkpoint's trainer_state.pt (mmap=True: its tensors, the optimizer state, mapped, not read);
+    a truncated or corrupt file is a UserError naming it."""
+    from r1vl.utils import STATE_FILE
+
+    try:
+        return torch.load(resume_dir / STATE_FILE, map_location="cpu", weights_only=False, mmap=mmap)
+    except Exception as e:  # noqa: BLE001 -- a truncated or corrupt file: torch raises several types
+        raise UserError(f"train.resume: {resume_dir / STATE_FILE} is unreadable ({str(e).splitlines()[0]}); "
+                        "resume from an older checkpoint with train.resume=<its path>") from None
+
+
 def resume_command(out: Path | str) -> str:
     """How to continue the run of `out` with its own settings (its resolved config.yaml)."""
     return f"--config {Path(out) / 'config.yaml'} train.resume=true"
@@ -197,26 +209,20 @@ def _other_data(old: dict, new: dict, by_path: bool = False) -> list[str]:
     was is left to that; `by_path` (a checkpoint written before fingerprints): files by their
     resolved paths. (A resume without the first run's data overrides went on with the built-in
     task, said by a warning alone.)"""
-    keys = []
-    splits = _splits_checked(old, new)
-    for split in splits:
+    made = {"train": ("data.synthetic_train_size", "seed"),  # what each split of the task depends on
+            "test": ("data.synthetic_train_size", "data.synthetic_test_size", "seed")}
+    paths, task = [], []
+    for split in _splits_checked(old, new):
         key = f"data.{split}"
         a, b = old.get(key), new.get(key)
         if a is None or b is None:
             continue
-        if b == "synthetic" and a != "synthetic":
-            keys.append(key)
-        elif a != "synthetic" and b != "synthetic" and by_path \
-                and os.path.realpath(str(a)) != os.path.realpath(str(b)):
-            keys.append(key)
-        elif a == "synthetic" and b != "synthetic" and by_path:
-            keys.append(key)
-    made = {"train": ("data.synthetic_train_size", "seed"),  # what each split of the task depends on
-            "test": ("data.synthetic_train_size", "data.synthetic_test_size", "seed")}
-    for split in splits:
-        if old.get(f"data.{split}") == "synthetic" and new.get(f"data.{split}") == "synthetic":
-            keys += [k for k in made[split] if old.get(k) != new.get(k) and k not in keys]
-    return keys
+        if a == b == "synthetic":
+            task += [k for k in made[split] if old.get(k) != new.get(k) and k not in task]
+        elif b == "synthetic" or (by_path and (a == "synthetic"
+                                              or os.path.realpath(str(a)) != os.path.realpath(str(b)))):
+            paths.append(key)
+    return paths + task
 
 
 def data_fingerprint(dataset) -> dict:
@@ -662,7 +668,7 @@ def check_images(dataset, cfg: Config, key: str, rows: int | None = None, d=None
         return dataset
     t0 = time.perf_counter()
     hi = len(dataset) if rows is None else min(rows, len(dataset))
-    if hi >= 1000 and (d is None or d.main):  # ~4.5 ms an image: say what the wait is
+    if hi >= 1000 and (d is None or d.main):  # ~4 ms an image: say what the wait is
         log.info("%s: decoding %d images (data.verify_images=true), shared by %d process(es)", key, hi,
                  1 if d is None else d.world)
     dataset, checked, bad_total = decode_rows(dataset, rows, d, skip=cfg.data.skip_bad_rows,
@@ -1103,7 +1109,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
     from r1vl.eval import EvalStopped, FirstRows, evaluate, make_prompt, score, write_outputs
     from r1vl.models import HostWeights, PolicyWithLoss, load_pretrained, make_reference, unwrap
     from r1vl.rollout.base import SamplingConfig
-    from r1vl.utils import (STATE_FILE, IndexStream, MetricsWriter, StatReducer, Timer, all_gather_objects,
+    from r1vl.utils import (IndexStream, MetricsWriter, StatReducer, Timer, all_gather_objects,
                             broadcast_object, checkpoint_name, checkpoints_after, clean_interrupted_saves,
                             derive_seed, init_distributed, plot_run, read_metrics, seed_everything,
                             set_rng_state)
@@ -1166,11 +1172,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
     state: dict[str, Any] = {}
     ref_dir = None  # the KL reference on disk when resuming inside StepGRPO
     if resume_dir is not None:
-        try:
-            state = torch.load(resume_dir / STATE_FILE, map_location="cpu", weights_only=False)
-        except Exception as e:  # noqa: BLE001 -- a truncated or corrupt file: torch raises several types
-            raise UserError(f"train.resume: {resume_dir / STATE_FILE} is unreadable ({str(e).splitlines()[0]}); "
-                            "resume from an older checkpoint with train.resume=<its path>") from None
+        state = read_state(resume_dir)
         if state.get("world") != d.world:
             raise UserError(f"train.resume: {resume_dir} was written by {state.get('world')} rank(s), "
                             f"this run has {d.world}")
@@ -1823,13 +1825,7 @@ def preflight(cfg: Config, *, rows: bool = False) -> tuple[str | None, str]:
                             "started now would stop at start")
         saved = None
         if resume is not None:  # another model or other data: refused as the run would (mmap: the optimizer
-            from r1vl.utils import STATE_FILE  # state in the file is not read)
-
-            try:
-                saved = torch.load(resume / STATE_FILE, map_location="cpu", weights_only=False, mmap=True)
-            except Exception as e:  # noqa: BLE001 -- a truncated or corrupt file: torch raises several types
-                raise UserError(f"train.resume: {resume / STATE_FILE} is unreadable ({str(e).splitlines()[0]}); "
-                                "resume from an older checkpoint with train.resume=<its path>") from None
+            saved = read_state(resume, mmap=True)  # state in the file is not read)
             check_resume_config(saved.get("config"), cfg, resume, fingerprints="data" in saved)
         splits = {}
         for key, path in (("data.train", cfg.data.train), ("data.test", cfg.data.test)):

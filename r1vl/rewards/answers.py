@@ -12,13 +12,14 @@ would be wrong. Here, in order:
    completion's first word, after such a lead-in ("Answer: no").
 3. Otherwise math-verify compares them, each line read as LaTeX (`latex_form`: wrapped in
    `$...$`) when it carries mathematics -- a backslash, ^, _, =, +, -, *, /, parentheses,
-   brackets, braces, a comma and a space ("2, 3": a list; "2,5" is a decimal comma), three numbers or
-   more joined by commas that are no thousands groups ("1,2,3", not "1,250,000") or a ratio "2:3" -- and, once leading words ("The area is") and trailing units ("cm", "square
-   units") are set aside, no other word, and is at most 500 characters long; as plain text
-   otherwise ("12 cm", "50%", "12 or 13"; as plain text, math-verify reads "[1, 3]" as 3 and
-   "[1,3]" as nothing, so "[0, 3]" was right and "[1,3]" wrong against "[1, 3]"). A ratio or a time of day ("2:3", "3:45") must be
-   written the same on both sides (`colon_groups`): math-verify reads "2:3" as 2, so "2:5" or
-   "2" against "2:3" were right.
+   brackets, braces, a comma and a space ("2, 3": a list; "2,5" is a decimal comma), three
+   numbers or more joined by commas that are no thousands groups ("1,2,3", not "1,250,000")
+   or a ratio "2:3" -- and, once leading words ("The area is") and trailing units ("cm",
+   "square units") are set aside, no other word, and is at most 500 characters long; as plain
+   text otherwise ("12 cm", "50%", "12 or 13"; as plain text, math-verify reads "[1, 3]" as 3
+   and "[1,3]" as nothing, so "[0, 3]" was right and "[1,3]" wrong against "[1, 3]"). A ratio
+   or a time of day ("2:3", "3:45") must be written the same on both sides (`colon_groups`):
+   math-verify reads "2:3" as 2, so "2:5" or "2" against "2:3" were right.
 
 `r1vl.data.format.answer_line` (the final answer the rewards compare) also reads an answer given in display maths on the lines after the header
 (`$$ ... $$`, `\\[ ... \\]`), where the header's own line holds only the opening delimiter.
@@ -43,14 +44,10 @@ _FIRST_WORD = re.compile(r"[A-Za-z]+")
 _DELIMITED = ("$", "\\(", "\\[", "\\boxed")
 # (a comma followed by a space lists values, "2, 3"; without one it may be a decimal comma, "2,5",
 # or a thousands separator, "1,000", which math-verify reads as plain text; three or more numbers
-# joined by commas that are not thousands groups are a list too, "1,2,3": _comma_list)
+# joined by commas that are not thousands groups are a list too, "1,2,3": _carries_maths)
 _MATH_CHARS = re.compile(r"[\\^_=+\-*/(){}\[\]]|,\s")
 _COMMA_RUN = re.compile(r"(?<![\d.,])\d+(?:,\d+){2,}(?![\d,])")
 _THOUSANDS = re.compile(r"\d{1,3}(?:,\d{3})+")
-
-
-def _comma_list(s: str) -> bool:
-    return any(not _THOUSANDS.fullmatch(m.group()) for m in _COMMA_RUN.finditer(s))
 # a ratio or a time of day, "2:3", "3:45", "1 : 2 : 4": math-verify reads it as its first number.
 # Started only where a run of digits starts, possessive: linear in the line's length (a match tried
 # from every digit of a 20,000-digit run took 28 s, outside any deadline)
@@ -59,6 +56,13 @@ _LEADING_WORDS = re.compile(r"(?:[A-Za-z]{2,}\s+)+(?=[-+(\[\d\\])")
 _TRAILING_UNITS = re.compile(r"(?:\s*(?<![\\A-Za-z])[A-Za-z]{2,}(?:\^\{?\d\}?)?)+\Z")
 _WORD = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}")
 _MAX_LATEX_CHARS = 500  # a longer line is no short expression: read as plain text (and no regex scan is quadratic)
+
+
+def _carries_maths(s: str) -> bool:
+    """A maths character, a ratio, or three numbers or more joined by commas that are no
+    thousands groups ("1,2,3")."""
+    return bool(_MATH_CHARS.search(s) or _COLON_GROUP.search(s)
+                or any(not _THOUSANDS.fullmatch(m.group()) for m in _COMMA_RUN.finditer(s)))
 
 
 def clean(answer: str) -> str:
@@ -115,14 +119,13 @@ def latex_form(answer: str) -> str | None:
     """The answer wrapped in `$...$` for math-verify to read as LaTeX, or None when it should be
     read as plain text (see the module docstring)."""
     s = answer.strip()
-    if len(s) > _MAX_LATEX_CHARS or any(d in s for d in _DELIMITED) or not (
-            _MATH_CHARS.search(s) or _COLON_GROUP.search(s) or _comma_list(s)):
+    if len(s) > _MAX_LATEX_CHARS or any(d in s for d in _DELIMITED) or not _carries_maths(s):
         return None
     s = _TEXT_MACRO.sub(" ", s)  # "\\text{ cm}": units, as math-verify would drop them
     lead = _LEADING_WORDS.match(s)
     if lead:
         s = s[lead.end():]
     s = _TRAILING_UNITS.sub("", s.rstrip(" .")).rstrip(" .")
-    if not s or _WORD.search(s) or not (_MATH_CHARS.search(s) or _COLON_GROUP.search(s) or _comma_list(s)):
+    if not s or _WORD.search(s) or not _carries_maths(s):
         return None
     return "$" + re.sub(r"(?<!\\)%", r"\\%", s) + "$"
