@@ -1319,9 +1319,33 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
 
         bar = tqdm(total=total_bar, desc="r1vl", dynamic_ncols=True, file=sys.stderr)
 
-    def ckpt_extra() -> dict:
-        return {"eval_warmup": state.get("eval_warmup"), "config": to_dict(cfg), "data": fingerprints,
-                "wall_seconds": prior_wall + time.time() - t_start}
+    streams: dict[str, tuple[Any, int]] = {}  # phase -> (its IndexStream, rows per rank per step)
+
+    def ckpt_extra(phase: str, done: int) -> dict:
+        extra = {"eval_warmup": state.get("eval_warmup"), "config": to_dict(cfg), "data": fingerprints,
+                 "wall_seconds": prior_wall + time.time() - t_start}
+        if phase in streams:  # where the phase's data stream stands: a resume goes on from that row
+            stream, k = streams[phase]
+            extra["data_position"] = {"phase": phase, "step": done, "position": stream.position(done, k)}
+        return extra
+
+    def data_stream(phase: str, k: int, seed: int, start: int, steps: int, key: str):
+        """The phase's training rows, k per rank per step (`key`), steps start..steps; resumed:
+        from the checkpoint's position (a checkpoint without one: step * k, as it was written)."""
+        pos = state.get("data_position") if resume_dir is not None else None
+        origin = (pos["step"], pos["position"]) if pos and pos.get("phase") == phase else (0, 0)
+        stream = IndexStream(len(train_set), world=d.world, rank=d.rank, seed=seed, origin=origin)
+        streams[phase] = (stream, k)
+        n = len(train_set)
+        if d.main and steps > start:
+            log.info("%s: steps %d-%d draw %d rows each (%s=%d x %d ranks), epochs %.2f-%.2f of data.train's %d rows "
+                     "(each epoch a new shuffle, carried on across its end)", "warm-up" if phase == "warmup"
+                     else "StepGRPO", start + 1, steps, k * d.world, key, k, d.world, stream.position(start, k) / n,
+                     stream.position(steps, k) / n, n)
+            if k * d.world > n:
+                log.warning("%s=%d x %d ranks draws more rows per step than data.train holds (%d): every step "
+                            "holds some rows more than once", key, k, d.world, n)
+        return stream
 
     def stop_at_signal(phase: str, done: int, total: int, saved: bool, opt, sched) -> None:
         """At a step boundary: after SIGTERM / SIGUSR1 / SIGINT on any rank, checkpoint and stop."""
@@ -1329,7 +1353,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
         if not signum:
             return
         if not saved:
-            save_checkpoint(cfg, d, train_policy, processor, opt, sched, phase, done, ckpt_extra())
+            save_checkpoint(cfg, d, train_policy, processor, opt, sched, phase, done, ckpt_extra(phase, done))
         if bar is not None:
             bar.close()
         raise Stopped(signum, f"{signal.Signals(signum).name}: stopped after {phase} step {done}/{total} with "
@@ -1350,7 +1374,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
             raise Stopped(e.signum, f"{where}; nothing was trained yet, so there is no checkpoint")
         path = out / "checkpoints" / checkpoint_name(phase, done)
         if not broadcast_object(d.main and path.is_dir(), d):
-            extra = ckpt_extra()
+            extra = ckpt_extra(phase, done)
             if phase == "warmup" and use_ds and optimizer_reset:
                 extra["warmup_optimizer"] = False
             save_checkpoint(cfg, d, train_policy, processor, opt, sched, phase, done, extra)
@@ -1369,7 +1393,8 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
             if resume_dir is not None and state["phase"] == "warmup" and start < cfg.warmup.steps:
                 load_optimizer_state(opt, state["optimizer"])
                 sched.load_state_dict(state["scheduler"])
-        stream = IndexStream(len(train_set), world=d.world, rank=d.rank, seed=derive_seed(cfg.seed, 1))
+        stream = data_stream("warmup", cfg.warmup.batch_size, derive_seed(cfg.seed, 1), start, cfg.warmup.steps,
+                             "warmup.batch_size")
         eos = processor.stop_token_ids()[0]
         t_phase = time.perf_counter()
         stop.armed = True  # Ctrl-C: stop at the step's end (StopSignal)
@@ -1392,6 +1417,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
             st.add("seconds_step", dt)
             r = st.reduce(d)
             rec = {"phase": "warmup", "step": step + 1, "loss": r["loss"], "lr": lr,
+                   "epoch": stream.position(step + 1, cfg.warmup.batch_size) / len(train_set),
                    "grad_norm": m["grad_norm"], "seconds_step": r["seconds_step"],
                    "tokens_per_s": r["tokens"] * d.world / max(r["seconds_step"], 1e-9)}
             writer.write(rec)
@@ -1405,7 +1431,8 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
             saved = bool(cfg.train.save_every) and ((step + 1) % cfg.train.save_every == 0
                                                     or step + 1 == cfg.warmup.steps)
             if saved:
-                save_checkpoint(cfg, d, train_policy, processor, opt, sched, "warmup", step + 1, ckpt_extra())
+                save_checkpoint(cfg, d, train_policy, processor, opt, sched, "warmup", step + 1,
+                                ckpt_extra("warmup", step + 1))
             stop_at_signal("warmup", step + 1, cfg.warmup.steps, saved, opt, sched)
         stop.armed = False
         del opt, sched
@@ -1507,7 +1534,8 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
                         temperature=lp_temp,
                         max_completion_length=ro.max_completion_length,
                         micro_batch_size=cfg.train.micro_batch_size, max_grad_norm=cfg.optim.max_grad_norm)
-    stream = IndexStream(len(train_set), world=d.world, rank=d.rank, seed=derive_seed(cfg.seed, 2))
+    stream = data_stream("grpo", cfg.train.prompts_per_step, derive_seed(cfg.seed, 2), g_start, cfg.train.max_steps,
+                         "train.prompts_per_step")
     G = ro.num_generations
     dtype = next(model.parameters()).dtype
     cuda = d.device.type == "cuda"
@@ -1620,6 +1648,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
             is_max = max(all_gather_objects(is_st["is_ratio_max"], d))
         r = st.reduce(d, with_std=("reward", "step_rar", "step_rvr"))
         rec = {"phase": "grpo", "step": step + 1, "loss": r["loss"],
+               "epoch": stream.position(step + 1, cfg.train.prompts_per_step) / len(train_set),
                "reward_mean": r["reward"], "reward_std": r["reward_std"],
                "step_rar_mean": r["step_rar"], "step_rar_std": r["step_rar_std"],
                "step_rvr_mean": r["step_rvr"], "step_rvr_std": r["step_rvr_std"],
@@ -1662,7 +1691,8 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
             step_eval(step + 1)  # before this step's checkpoint: a resume from it has it
         saved = bool(cfg.train.save_every) and (step + 1) % cfg.train.save_every == 0
         if saved:
-            save_checkpoint(cfg, d, train_policy, processor, opt, sched, "grpo", step + 1, ckpt_extra())
+            save_checkpoint(cfg, d, train_policy, processor, opt, sched, "grpo", step + 1,
+                            ckpt_extra("grpo", step + 1))
         stop_at_signal("grpo", step + 1, cfg.train.max_steps, saved, opt, sched)
     stop.armed = False
     if bar is not None:

@@ -258,12 +258,16 @@ class IndexStream:
 
     `take(step, k)` returns the k indices this rank uses at `step` (each step consumes k
     per rank, world*k globally; epochs reshuffle with seed + epoch). It is a pure function
-    of (seed, step), so the data position after resuming is the step number itself."""
+    of (seed, step, origin): a fresh stream starts at global position 0 at step 0; a resumed
+    one at `origin` = (step, position) saved by the checkpoint (`position(step, k)`), so a
+    resume with another k per step goes on from the row where the run stopped, not from
+    step * k (which would skip or repeat rows)."""
 
-    def __init__(self, n: int, *, world: int, rank: int, seed: int):
+    def __init__(self, n: int, *, world: int, rank: int, seed: int, origin: tuple[int, int] = (0, 0)):
         if n < 1:
             raise ValueError("IndexStream: empty dataset")
         self.n, self.world, self.rank, self.seed = n, world, rank, seed
+        self.origin = (int(origin[0]), int(origin[1]))
         self._perm: dict[int, list[int]] = {}
 
     def _epoch(self, e: int) -> list[int]:
@@ -272,10 +276,16 @@ class IndexStream:
             self._perm = {e: torch.randperm(self.n, generator=g).tolist()}
         return self._perm[e]
 
+    def position(self, step: int, k: int) -> int:
+        """The global position (items drawn on all ranks) before `step`."""
+        s0, p0 = self.origin
+        return p0 + (step - s0) * k * self.world
+
     def take(self, step: int, k: int) -> list[int]:
         out = []
+        base = self.position(step, k)
         for j in range(k):
-            pos = (step * k + j) * self.world + self.rank  # global position of this rank's j-th item
+            pos = base + j * self.world + self.rank  # global position of this rank's j-th item
             e, off = divmod(pos, self.n)
             out.append(self._epoch(e)[off])
         return out

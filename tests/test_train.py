@@ -1493,3 +1493,40 @@ def test_a_second_run_into_a_live_runs_output_dir_is_refused(tmp_path, data_dir,
     assert main(["--check", *args]) == 0
     assert main(args) == 0  # its lock went with it
     assert main(args) == 0  # and this process's own, when its run ended
+
+
+def test_a_resume_with_another_batch_goes_on_from_the_row_where_it_stopped(tmp_path, data_dir, monkeypatch, capfd):
+    """The checkpoint saves where the data stream stands: a resume with another
+    train.prompts_per_step continues from that row (it used to restart at step * the new size,
+    repeating rows with a smaller one, skipping rows with a larger one); metrics.jsonl carries
+    the epoch reached."""
+    from r1vl.utils import IndexStream
+
+    drawn = []
+    take = IndexStream.take
+
+    def record(self, step, k):
+        idx = take(self, step, k)
+        drawn.append((self.seed, idx))
+        return idx
+
+    monkeypatch.setattr(IndexStream, "take", record)
+    fast = ("train.save_every=1", "train.eval_before=false", "train.eval_after=false", "logging.plot=false")
+    out = tmp_path / "run"
+    assert main(_args(out, data_dir, *fast, "train.max_steps=2", "train.prompts_per_step=3")) == 0
+    grpo_seed = drawn[-1][0]
+    assert main(_args(out, data_dir, *fast, "train.max_steps=4", "train.prompts_per_step=1", "train.resume=true")) == 0
+    for later in ("train.prompts_per_step=4", "train.prompts_per_step=2"):  # larger, then back (one process)
+        assert main(_args(out, data_dir, *fast, f"train.max_steps={5 if later.endswith('4') else 6}", later,
+                          "train.resume=true")) == 0
+    rows = [i for seed, idx in drawn if seed == grpo_seed for i in idx]
+    assert len(rows) == 2 * 3 + 2 * 1 + 4 + 2 < 60
+    assert len(set(rows)) == len(rows), rows  # one epoch of 60 rows: no row twice, none skipped
+    from r1vl.utils import derive_seed
+
+    perm = torch.randperm(60, generator=torch.Generator().manual_seed(derive_seed(0, 2) * 1_000_003)).tolist()
+    assert rows == perm[:len(rows)]
+    epochs = [r["epoch"] for r in _metrics(out) if r["phase"] == "grpo"]
+    assert epochs == pytest.approx([3 / 60, 6 / 60, 7 / 60, 8 / 60, 12 / 60, 14 / 60])
+    assert "StepGRPO: steps 6-6 draw 2 rows each (train.prompts_per_step=2 x 1 ranks), epochs 0.20-0.23 of " \
+        "data.train's 60 rows" in capfd.readouterr().err
