@@ -239,6 +239,12 @@ def data_fingerprint(dataset) -> dict:
     return {"rows": len(rows), "sha256": h.hexdigest()}
 
 
+# a resume refused for its data: what to do instead of resuming (a new run warms up again unless told
+# not to, and its KL reference is the model it starts from)
+FROM_WEIGHTS = ("in a new run from its weights (model.path=<checkpoint> warmup.steps=0; the KL reference is then "
+                "that checkpoint, not the warm-up model)")
+
+
 def check_resume_data(saved: dict | None, now: dict, resume_dir: Path, cfg: Config,
                       saved_config: dict | None) -> None:
     """Refuse a resume whose splits differ in content from the ones its checkpoint was trained (and
@@ -253,8 +259,25 @@ def check_resume_data(saved: dict | None, now: dict, resume_dir: Path, cfg: Conf
                 else f"the same {a['rows']} rows with other text, or in another order")
         raise UserError(f"train.resume: {resume_dir} was written by a run on other data (data.{split}: {what}): "
                         f"{getattr(cfg.data, split)} changed since, or is another file; resume with the data it was "
-                        f"trained on ({_resume_hint(resume_dir, cfg)}), or train on this data in a new run from its "
-                        "weights (model.path=<checkpoint>)")
+                        f"trained on ({_resume_hint(resume_dir, cfg)}), or train on this data {FROM_WEIGHTS}")
+
+
+def check_resume_rows_used(saved: dict | None, now: dict, resume_dir: Path, cfg: Config, left_out: int) -> None:
+    """Refuse a resume whose training rows, once bad ones are left out (data.skip_bad_rows=true:
+    images that fail to decode, prompts over data.max_prompt_length), differ from the rows its
+    checkpoint trained on (saved as "data_used"; none in an older checkpoint): the data order is
+    drawn over the rows kept, so another set of them would not continue where the run stopped."""
+    a = (saved or {}).get("train")
+    if a is None or a == now:
+        return
+    what = (f"{a['rows']} rows kept then, {now['rows']} now" if a["rows"] != now["rows"]
+            else f"{a['rows']} rows kept then and now, but not the same ones")
+    raise UserError(f"train.resume: {resume_dir} was trained on other rows of data.train ({what}): the file's rows are "
+                    "the same, the rows left out as bad are not (an image repaired or broken since, or "
+                    "data.max_prompt_length, data.min_pixels, data.max_pixels or data.verify_images changed; this "
+                    f"run leaves out {left_out}), and its data order would not continue where the run stopped; "
+                    f"resume with the images and settings it ran with ({_resume_hint(resume_dir, cfg)}), or train "
+                    f"on the data as it is now {FROM_WEIGHTS}")
 
 
 def check_resume_config(saved: dict | None, cfg: Config, resume_dir: Path, warn: bool = True,
@@ -276,8 +299,7 @@ def check_resume_config(saved: dict | None, cfg: Config, resume_dir: Path, warn:
     if data:
         raise UserError(f"train.resume: {resume_dir} was written by a run on other data ("
                         + ", ".join(f"{k}={old.get(k)!r}, this run {new.get(k)!r}" for k in data)
-                        + f"); continue it with {_resume_hint(resume_dir, cfg)}, or train on other data in a new run "
-                          "from its weights (model.path=<checkpoint>)")
+                        + f"); continue it with {_resume_hint(resume_dir, cfg)}, or train on other data {FROM_WEIGHTS}")
     if diff and warn:
         log.warning("train.resume: this run's config differs from the one that wrote %s: %s", resume_dir,
                     ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff))
@@ -877,7 +899,7 @@ def optimizer_state_mismatch(saved: dict, n_params: int) -> str:
     if held != n_params:
         return (f"its optimizer state holds {held} parameter tensors, this run trains {n_params} (a setting that "
                 "changes what is trained differs, e.g. model.freeze_vision); resume with the settings that wrote "
-                "it, or start a new run from its weights (model.path=<checkpoint>)")
+                f"it, or train {FROM_WEIGHTS}")
     return ""
 
 
@@ -1227,6 +1249,11 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
     eval_set = FirstRows(test_set, cfg.data.eval_size)  # images decoded a batch at a time, per rank
     model, processor = build_model(cfg, d, train_set, resume_dir, attn)
     train_set = check_all_prompt_lengths(train_set, processor, cfg, d=d)
+    used = {"train": data_fingerprint(train_set)}  # the rows trained on, bad ones left out
+    eval_items = data_fingerprint(eval_set)  # the held-out rows evaluated
+    if resume_dir is not None:
+        check_resume_rows_used(state.get("data_used"), used["train"], resume_dir, cfg,
+                               len(getattr(train_set, "skipped", [])))
     check_solution_lengths(train_set, processor, cfg, d=d)
     if cfg.rollout.engine == "vllm":
         check_eval_prompt_lengths(test_set, processor, cfg, d=d)
@@ -1322,7 +1349,8 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
     streams: dict[str, tuple[Any, int]] = {}  # phase -> (its IndexStream, rows per rank per step)
 
     def ckpt_extra(phase: str, done: int) -> dict:
-        extra = {"eval_warmup": state.get("eval_warmup"), "config": to_dict(cfg), "data": fingerprints,
+        extra = {"eval_warmup": state.get("eval_warmup"), "eval_warmup_items": state.get("eval_warmup_items"),
+                 "config": to_dict(cfg), "data": fingerprints, "data_used": used,
                  "wall_seconds": prior_wall + time.time() - t_start}
         if phase in streams:  # where the phase's data stream stands: a resume goes on from that row
             stream, k = streams[phase]
@@ -1482,7 +1510,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
             ev = run_eval("after_warmup")
         except EvalStopped as e:  # the warm-up's optimizer is freed: its checkpoint has none
             stop_in_eval(e, "after-warm-up", "warmup", cfg.warmup.steps)
-        state["eval_warmup"] = ev
+        state["eval_warmup"], state["eval_warmup_items"] = ev, eval_items
         writer.write({"phase": "eval", "after": "warmup", "step": 0,
                       **{k: v for k, v in ev.items() if k != "correct_items"}})
         log.info("held-out after warm-up: accuracy %.3f, StepRAR %.3f, StepRVR %.3f (n=%d, %.0fs)",
@@ -1749,12 +1777,18 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
         if ev0 is not None and ev1 is not None and ev0.get("correct_items") and ev1.get("correct_items"):
             from r1vl.eval import paired_comparison
 
-            if len(ev0["correct_items"]) == len(ev1["correct_items"]):
-                summary["paired"] = paired_comparison(ev0["correct_items"], ev1["correct_items"])
-            else:  # data.eval_size changed on a resume: the two evaluations cover different items
+            before = state.get("eval_warmup_items")  # (None: a checkpoint from before it was saved)
+            if len(ev0["correct_items"]) != len(ev1["correct_items"]):
                 log.warning("no paired comparison: the evaluation after the warm-up covered %d items, the final "
                             "one %d (data.eval_size changed on a resume)", len(ev0["correct_items"]),
                             len(ev1["correct_items"]))
+            elif before is not None and before != eval_items:
+                log.warning("no paired comparison: the evaluation after the warm-up covered other held-out rows "
+                            "than the final one (%s changed on a resume, or the rows left out of it as bad did: "
+                            "an image repaired or broken since, data.max_pixels or data.verify_images changed)",
+                            cfg.data.test)
+            else:
+                summary["paired"] = paired_comparison(ev0["correct_items"], ev1["correct_items"])
         write_replace(out / "summary.json", json.dumps(summary, indent=2) + "\n")
         writer.set_summary(summary)
         if cfg.logging.plot and not plot_run(out / "metrics.jsonl", out / "plot.png",
@@ -1874,7 +1908,10 @@ def preflight(cfg: Config, *, rows: bool = False) -> tuple[str | None, str]:
             if processor is None:
                 log.info("data.train: prompt lengths are checked when the run starts (model.path is a Hub id)")
             else:
-                check_all_prompt_lengths(splits["data.train"], processor, cfg)
+                kept = check_all_prompt_lengths(splits["data.train"], processor, cfg)
+                if saved is not None:
+                    check_resume_rows_used(saved.get("data_used"), data_fingerprint(kept), resume, cfg,
+                                           len(getattr(kept, "skipped", [])))
                 check_solution_lengths(splits["data.train"], processor, cfg)
                 if cfg.rollout.engine == "vllm" and "data.test" in splits:
                     check_eval_prompt_lengths(splits["data.test"], processor, cfg)

@@ -1530,3 +1530,42 @@ def test_a_resume_with_another_batch_goes_on_from_the_row_where_it_stopped(tmp_p
     assert epochs == pytest.approx([3 / 60, 6 / 60, 7 / 60, 8 / 60, 12 / 60, 14 / 60])
     assert "StepGRPO: steps 6-6 draw 2 rows each (train.prompts_per_step=2 x 1 ranks), epochs 0.20-0.23 of " \
         "data.train's 60 rows" in capfd.readouterr().err
+
+
+def test_a_resume_on_other_rows_left_out_is_refused_and_evaluations_are_not_paired(tmp_path, data_dir, capsys):
+    """data.skip_bad_rows=true: the rows kept (an image that does not decode left out) are part of
+    what a resume must match. An image repaired before a resume left the file's rows the same but
+    changed the rows the data order is drawn over, silently (rows repeated and skipped); now it
+    is refused, at start and by --check. On the held-out side, the evaluation after the warm-up
+    and the final one then covered other items, and summary.json still paired them."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    rows = [json.loads(x) for x in (data / "train.jsonl").read_text().splitlines()]
+    test = [json.loads(x) for x in (data / "test.jsonl").read_text().splitlines()]
+    bad_train, bad_test = data / rows[3]["image_path"], data / test[1]["image_path"]
+    good = {p: p.read_bytes() for p in (bad_train, bad_test)}
+    for p in good:
+        p.write_bytes(good[p][:120])  # the header reads, the decode fails
+    fast = (f"data.train={data / 'train.jsonl'}", f"data.test={data / 'test.jsonl'}", "data.skip_bad_rows=true",
+            "train.save_every=1", "logging.plot=false")
+    out = tmp_path / "run"
+    assert main(_args(out, data_dir, *fast, "train.max_steps=1")) == 0
+    first = json.loads((out / "summary.json").read_text())
+    assert first["data"]["train_rows"] == 59 and first["paired"] is not None and first["eval_n"] == 4
+    bad_train.write_bytes(good[bad_train])  # repaired
+    capsys.readouterr()
+    for check in (["--check"], []):
+        assert main([*check, *_args(out, data_dir, *fast, "train.max_steps=2", "train.resume=true")]) == 2
+        err = capsys.readouterr().err
+        assert "was trained on other rows of data.train (59 rows kept then, 60 now): the file's rows are the same, " \
+            "the rows left out as bad are not" in err and "this run leaves out 0" in err, err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["grpo-000001", "warmup-000002"]
+    bad_train.write_bytes(good[bad_train][:120])  # as it was: resumes; the held-out image repaired instead
+    bad_test.write_bytes(good[bad_test])
+    assert main(_args(out, data_dir, *fast, "train.max_steps=2", "train.resume=true")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary.get("paired") is None and summary["eval_n"] == 4
+    assert "no paired comparison: the evaluation after the warm-up covered other held-out rows than the final " \
+        "one" in capsys.readouterr().err
