@@ -108,3 +108,32 @@ def test_the_fused_trainer_gives_trls_loss_gradients_and_metrics(tiny, tmp_path,
                 assert ours[k] == pytest.approx(ref_metrics[k], rel=1e-5, abs=1e-6), k
         clipped |= ref_metrics["clip_ratio/region_mean"] > 0
     assert clipped  # the ratios left 1: old log-probs were in play
+
+
+def test_the_fused_trainer_under_ddp_keeps_the_ranks_equal_and_trains_as_trl(tmp_path):
+    """Two processes (torchrun, gloo), the Trainer's default DDP settings, an untied LM head: the
+    example's backbone and loss run inside DDP's forward, so the gradients are all-reduced. The
+    backbone called on the unwrapped model left them unreduced, and the ranks drifted apart
+    (1.5e-2 after 2 steps here), which one process cannot show."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    from test_ddp import _free_port
+    from transformers import Qwen2ForCausalLM
+
+    params = {}
+    for which in ("fused", "stock"):
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                            str(_free_port()), str(ROOT / "tests" / "trl_ddp_worker.py"), which, str(tmp_path)],
+                           env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        params[which] = torch.load(tmp_path / f"params_{which}.pt")
+    fused, stock = params["fused"], params["stock"]
+    assert torch.equal(stock[0], stock[1])
+    assert torch.equal(fused[0], fused[1])  # the ranks hold the same weights
+    assert (fused - stock).abs().max().item() < 1e-4  # and TRL's (same samples: 4e-6 apart here)
+    init = torch.cat([p.detach().reshape(-1) for p in
+                      Qwen2ForCausalLM.from_pretrained(tmp_path / "model_fused_0").parameters()])
+    assert (fused[0] - init).abs().max().item() > 1e-3  # (two steps were taken)

@@ -10,6 +10,11 @@ gradient, at every supported loss type.
     trainer = FusedGRPOTrainer(model=..., reward_funcs=..., args=GRPOConfig(...), train_dataset=...)
 
 What such a subclass must get right; each of these is wrong silently otherwise:
+- the forward goes through the model TRL hands in (DDP's wrapper with several processes): the
+  backbone called on the unwrapped model skips DDP's forward, so no gradient is all-reduced and
+  the ranks drift apart. Here the unwrapped model's `forward` is swapped, for the one call, for
+  one that runs the backbone and the loss, so the wrapper's hooks run and the LM head is used
+  inside the forward (as DDP's find_unused_parameters, the Trainer's default, requires);
 - the hidden states: the backbone's (`model.base_model(...)`), not `model(...).logits` nor
   `output_hidden_states=True` (both form the logits); and shifted by one, the state at position
   t scores token t + 1: a completion of T tokens is scored by `hidden[:, -T - 1:-1]`
@@ -24,7 +29,9 @@ What such a subclass must get right; each of these is wrong silently otherwise:
 Metrics: the kernel's are this rank's token means, logged here under TRL's names; TRL's
 `clip_ratio/low_min` and `clip_ratio/high_max` (per-sequence extremes) are not formed, and
 with several processes of different token counts the gathered mean is not TRL's token-weighted
-one. TRL options the kernel does not offer are refused by name.
+one. TRL options the kernel does not offer are refused by name. Checked with one process and
+with DDP (two CPU processes); not with DeepSpeed or FSDP, whose sharded LM-head weight would
+have to be gathered around the loss.
 """
 from __future__ import annotations
 
@@ -54,21 +61,6 @@ class FusedGRPOTrainer(GRPOTrainer):
         mask = completion_mask * inputs["tool_mask"] if "tool_mask" in inputs else completion_mask
         t = completion_ids.size(1)
 
-        policy = self.accelerator.unwrap_model(model)
-        if hasattr(policy, "get_base_model"):  # PEFT
-            policy = policy.get_base_model()
-        with self.accelerator.autocast():  # the backbone alone: TRL's patched forward would form the logits
-            hidden = policy.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                       use_cache=False).last_hidden_state
-        hidden = hidden[:, -t - 1:-1]  # the state at position i scores token i + 1
-        head = policy.get_output_embeddings()
-        weight, bias = head.weight, head.bias
-        if self.args.cast_lm_head_to_fp32:
-            hidden, weight = hidden.float(), weight.float()
-            bias = None if bias is None else bias.float()
-        elif hidden.dtype != weight.dtype:  # the kernel takes one dtype for both
-            hidden = hidden.to(weight.dtype)
-
         items = None
         if self.loss_type == "dapo":  # TRL's count spans the generation batch: one accumulation window of it
             items = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
@@ -77,16 +69,42 @@ class FusedGRPOTrainer(GRPOTrainer):
         is_ratio = inputs.get("importance_sampling_ratio") \
             if self.use_vllm and self.vllm_importance_sampling_correction else None
 
-        loss, metrics = fused_linear_grpo_loss(
-            hidden, weight, completion_ids.long(), mask, inputs["advantages"], bias=bias,
-            old_logprobs=inputs.get("old_per_token_logps"),  # None: ratio 1, as TRL's logp.detach()
-            ref_logprobs=inputs.get("ref_per_token_logps") if self.beta != 0.0 else None,
-            beta=self.beta, epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high,
-            temperature=self.temperature, loss_type=self.loss_type,
-            importance_sampling_level=self.importance_sampling_level,
-            max_completion_length=self.max_completion_length, num_items_in_batch=items,
-            rollout_is_ratio=is_ratio, return_entropy=True,
-            use_bias_correction_kl=self.args.use_bias_correction_kl, delta=self.args.delta)
+        outer = self.accelerator.unwrap_model(model)  # what DDP wraps: its forward is what `model(...)` runs
+        policy = outer.get_base_model() if hasattr(outer, "get_base_model") else outer  # PEFT
+
+        def backbone_and_loss():
+            with self.accelerator.autocast():  # the backbone alone: TRL's patched forward would form the logits
+                hidden = policy.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                           use_cache=False).last_hidden_state
+            hidden = hidden[:, -t - 1:-1]  # the state at position i scores token i + 1
+            head = policy.get_output_embeddings()
+            weight, bias = head.weight, head.bias
+            if self.args.cast_lm_head_to_fp32:
+                hidden, weight = hidden.float(), weight.float()
+                bias = None if bias is None else bias.float()
+            elif hidden.dtype != weight.dtype:  # the kernel takes one dtype for both
+                hidden = hidden.to(weight.dtype)
+            return fused_linear_grpo_loss(
+                hidden, weight, completion_ids.long(), mask, inputs["advantages"], bias=bias,
+                old_logprobs=inputs.get("old_per_token_logps"),  # None: ratio 1, as TRL's logp.detach()
+                ref_logprobs=inputs.get("ref_per_token_logps") if self.beta != 0.0 else None,
+                beta=self.beta, epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high,
+                temperature=self.temperature, loss_type=self.loss_type,
+                importance_sampling_level=self.importance_sampling_level,
+                max_completion_length=self.max_completion_length, num_items_in_batch=items,
+                rollout_is_ratio=is_ratio, return_entropy=True,
+                use_bias_correction_kl=self.args.use_bias_correction_kl, delta=self.args.delta)
+
+        had = "forward" in vars(outer)  # (accelerate's mixed precision sets one on the instance)
+        saved = vars(outer).get("forward")
+        outer.forward = backbone_and_loss
+        try:
+            loss, metrics = model()  # through DDP's forward when wrapped: its gradient all-reduce is armed
+        finally:
+            if had:
+                outer.forward = saved
+            else:
+                del outer.forward
         if self.loss_type != "dapo" and mode == "train":
             loss = loss / self.current_gradient_accumulation_steps  # TRL scales for accumulation itself
 
