@@ -169,11 +169,18 @@ def _dh_dtype(hidden: torch.Tensor) -> torch.dtype:
     return torch.float32 if hidden.dtype == torch.float16 else hidden.dtype
 
 
+def _same(x):
+    return x
+
+
 def _terms_grad(lp, on, m, adv, old, ref, ris, w, hp, level) -> torch.Tensor:
     """w · ∂per_token/∂logp by autograd on objective.per_token_terms (the same ops as the
     loss value, hence the same tie conventions), for a chunk's log-probs `lp`: a flat
-    chunk of unmasked rows at token level, [k, T] whole sequences at sequence level."""
-    with torch.enable_grad():
+    chunk of unmasked rows at token level, [k, T] whole sequences at sequence level. The
+    small graph lives inside this call: identity saved-tensor hooks keep a caller's (non-reentrant
+    torch.utils.checkpoint around the loss) out of it, whose unpacking re-ran the whole loss
+    function at every chunk (5 sweeps instead of 1 at 4 chunks)."""
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_same, _same):
         lp = lp.detach().requires_grad_()
         per_tok, _, _ = per_token_terms(
             lp, on, m, adv, old_logprobs=old, ref_logprobs=ref, rollout_is_ratio=ris,
@@ -391,7 +398,8 @@ class OnePassGRPOLossFunction(torch.autograd.Function):
         ctx.grads = (dh, dw, db)
         ctx.save_for_backward(hidden, weight, bias, targets, rows, mask, advantages, old, ref, ris)
         ctx.hp, ctx.need = hp, need
-        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        # (kept here: reading ctx.saved_tensors would make a non-reentrant checkpoint recompute)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         return (loss, *stats)
 
     @staticmethod
@@ -409,8 +417,7 @@ class OnePassGRPOLossFunction(torch.autograd.Function):
                 _, _, dh, dw, db = _sweep(*saved, ctx.hp, ctx.need)
         else:
             (dh, dw, db), ctx.grads = ctx.grads, None
-        w_dtype, b_dtype = ctx.dtypes
-        h_dtype = ctx.saved_tensors[0].dtype
+        h_dtype, w_dtype, b_dtype = ctx.dtypes
         # the scale in fp32: cast to a 16-bit dh it could overflow (fp16 loss scaling: 65536)
         # or be rounded (bf16: 1/3 -> 0.333984, a bias on every element)
         g32 = g_loss.to(torch.promote_types(g_loss.dtype, torch.float32))

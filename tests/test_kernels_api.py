@@ -362,3 +362,37 @@ def test_an_empty_batch_gives_zero(backend, level, monkeypatch):
         assert float(loss) == 0.0, (loss_type, loss)
         assert all(float(v) == 0.0 for v in metrics.values()), (loss_type, metrics)
         assert h.grad.shape == (0, 4, 8) and float(w.grad.abs().sum()) == 0.0
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_a_non_reentrant_checkpoint_around_the_loss_runs_its_sweep_once(monkeypatch, level):
+    """torch.utils.checkpoint(use_reentrant=False) around the one-pass loss: one sweep over the
+    chunks, the same gradients. Its saved-tensor hooks reached the small per-chunk graph the
+    loss differentiates inside forward, and each chunk's unpacking re-ran the whole function
+    (5 sweeps at 4 chunks, quadratic in the token count); backward's read of ctx.saved_tensors
+    (for a dtype) re-ran it once more."""
+    import r1vl.kernels.onepass as onepass
+    from torch.utils.checkpoint import checkpoint
+
+    monkeypatch.setenv("R1VL_KERNEL_ONEPASS", "1")
+    case = make_case(B=3, T=9, H=24, V=61, seed=7)
+    monkeypatch.setattr(onepass, "CHUNK_BYTES_CPU", 4 * 61 * 4)  # 4 rows a chunk: several chunks
+    sweeps = []
+    sweep = onepass._sweep
+    monkeypatch.setattr(onepass, "_sweep", lambda *a, **k: sweeps.append(1) or sweep(*a, **k))
+
+    def loss(h, w, b):
+        return fused_linear_grpo_loss(h * 1.0, w, case.targets, case.mask, case.advantages, bias=b,
+                                      old_logprobs=case.old, ref_logprobs=case.ref, beta=0.04,
+                                      importance_sampling_level=level, backend="torch")[0]
+
+    grads = []
+    for wrap in (False, True):
+        leaves = [x.detach().clone().requires_grad_() for x in (case.hidden, case.weight, case.bias)]
+        sweeps.clear()
+        out = checkpoint(loss, *leaves, use_reentrant=False) if wrap else loss(*leaves)
+        out.backward()
+        assert len(sweeps) == 1, (wrap, len(sweeps))
+        grads.append([x.grad for x in leaves])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
