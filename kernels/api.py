@@ -142,13 +142,29 @@ def _hyperparameters(beta, epsilon_low, epsilon_high, temperature, loss_type, im
             max_completion_length, return_entropy, use_bias_correction_kl, delta)
 
 
+def _sharded(x) -> bool:
+    """A torch.distributed DTensor (FSDP2's parameters, tensor parallelism), by class name:
+    importing torch.distributed.tensor to ask would cost every caller its import."""
+    return any(c.__name__ == "DTensor" for c in type(x).__mro__)
+
+
 def _check_linear(hidden, weight, bias, targets, temperature, *, hidden_ndims):
+    for name, x in (("hidden", hidden), ("weight", weight), ("bias", bias)):
+        if _sharded(x):
+            raise ValueError(f"{name}: a DTensor (sharded: FSDP2's fully_shard, tensor parallelism); the kernel "
+                             "takes plain tensors: call it inside the forward of the module FSDP wrapped (its "
+                             "parameters are unsharded there), after the LM head's module.unshard(), or with "
+                             f"{name}.full_tensor()")
     _check_tensor("hidden", hidden, dtypes=INPUT_DTYPES)
     if hidden.dim() not in hidden_ndims:
         want = " or ".join(f"{d}-D" for d in hidden_ndims)
         raise ValueError(f"hidden: expected {want}, got shape {tuple(hidden.shape)}")
     dev = hidden.device
-    _check_tensor("weight", weight, dtypes=(hidden.dtype,), device=dev)
+    _check_tensor("weight", weight, device=dev)
+    if weight.dtype != hidden.dtype:  # e.g. autocast: a bf16 backbone output beside an fp32 head
+        raise ValueError(f"weight: expected hidden's dtype {hidden.dtype} (one dtype for both), got {weight.dtype}: "
+                         f"cast one to the other's, e.g. hidden.to(weight.dtype) (under autocast the backbone's "
+                         "output is 16-bit while the parameters stay fp32; the logits are fp32 either way)")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight: expected shape [V, {hidden.shape[-1]}] (hidden size last), "
                          f"got {tuple(weight.shape)}")

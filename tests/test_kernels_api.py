@@ -396,3 +396,45 @@ def test_a_non_reentrant_checkpoint_around_the_loss_runs_its_sweep_once(monkeypa
         grads.append([x.grad for x in leaves])
     for a, b in zip(*grads):
         assert torch.equal(a, b)
+
+
+def test_a_sharded_dtensor_weight_is_refused_with_the_ways_out(tmp_path):
+    """FSDP2's parameters are DTensors outside the forward of the module it wrapped: torch's
+    "got mixed torch.Tensor and DTensor" came from deep inside the kernel. (A one-process gloo
+    group in a subprocess, so that this process's tests keep no process group.)"""
+    import subprocess
+    import sys
+
+    script = tmp_path / "dtensor.py"
+    script.write_text(
+        "import torch, torch.distributed as dist\n"
+        "from torch.distributed.device_mesh import init_device_mesh\n"
+        "from torch.distributed.tensor import Shard, distribute_tensor\n"
+        "from r1vl.kernels import fused_linear_grpo_loss, linear_logprobs\n"
+        f"dist.init_process_group('gloo', init_method='file://{tmp_path / 'store'}', rank=0, world_size=1)\n"
+        "w = distribute_tensor(torch.randn(20, 8), init_device_mesh('cpu', (1,)), [Shard(0)])\n"
+        "h, t = torch.randn(2, 3, 8), torch.zeros(2, 3, dtype=torch.long)\n"
+        "for call in (lambda: fused_linear_grpo_loss(h, w, t, torch.ones(2, 3), torch.zeros(2)),\n"
+        "             lambda: linear_logprobs(h, w, t)):\n"
+        "    try:\n"
+        "        call()\n"
+        "    except ValueError as e:\n"
+        "        print('refused:', e)\n"
+        "print('plain:', linear_logprobs(h, w.full_tensor(), t).shape)\n"
+        "dist.destroy_process_group()\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    assert len(lines) == 3 and lines[2] == "plain: torch.Size([2, 3])", r.stdout
+    for line in lines[:2]:
+        assert line.startswith("refused: weight: a DTensor (sharded: FSDP2's fully_shard, tensor parallelism)") \
+            and "module.unshard()" in line and "weight.full_tensor()" in line, line
+
+
+def test_hidden_and_weight_of_two_dtypes_are_refused_with_the_cast():
+    case = make_case()
+    with pytest.raises(ValueError, match=r"weight: expected hidden's dtype torch.bfloat16 \(one dtype for both\), "
+                                         r"got torch.float32: cast one to the other's, e.g. hidden.to\(weight.dtype\)"):
+        fused_linear_grpo_loss(case.hidden.bfloat16(), case.weight, case.targets.clamp(min=0), case.mask,
+                               case.advantages)
