@@ -137,3 +137,45 @@ def test_the_fused_trainer_under_ddp_keeps_the_ranks_equal_and_trains_as_trl(tmp
     init = torch.cat([p.detach().reshape(-1) for p in
                       Qwen2ForCausalLM.from_pretrained(tmp_path / "model_fused_0").parameters()])
     assert (fused[0] - init).abs().max().item() > 1e-3  # (two steps were taken)
+
+
+def test_the_fused_trainer_refuses_what_the_kernel_would_leave_out(tiny, tmp_path):
+    """An LM head that is not a plain nn.Linear (PEFT's LoRA layer on it: the kernel reads the
+    base weight, so the adapter would get no gradient and its output no say) and the TRL options
+    the kernel lacks are refused by name at the first loss, not trained wrong."""
+    from datasets import Dataset
+    from transformers import Qwen2ForCausalLM
+    from trl import GRPOConfig
+
+    class Adapted(torch.nn.Module):  # stands in for peft.tuners.lora.Linear around the head
+        def __init__(self, base):
+            super().__init__()
+            self.base_layer, self.lora_B = base, torch.nn.Linear(2, base.out_features, bias=False)
+
+        @property
+        def weight(self):
+            return self.base_layer.weight
+
+        @property
+        def bias(self):
+            return self.base_layer.bias
+
+        def forward(self, x):
+            return self.base_layer(x)
+
+    path, tok = tiny
+    prompts = Dataset.from_dict({"prompt": [f"Q: {a} plus 1 is? A:" for a in range(4)]})
+    fused = _example().FusedGRPOTrainer
+    for head, extra, what in ((True, {}, "an LM head of type Adapted"),
+                              (False, {"top_entropy_quantile": 0.5}, "top_entropy_quantile < 1")):
+        model = Qwen2ForCausalLM.from_pretrained(path)
+        if head:
+            model.config.tie_word_embeddings = False
+            model.set_output_embeddings(Adapted(model.get_output_embeddings()))
+        args = GRPOConfig(output_dir=str(tmp_path / "out"), use_cpu=True, seed=0, report_to=[], max_steps=1,
+                          save_strategy="no", per_device_train_batch_size=4, num_generations=4,
+                          max_completion_length=4, bf16=False, dataloader_num_workers=0, disable_tqdm=True,
+                          **extra)
+        trainer = fused(model=model, reward_funcs=_reward, args=args, train_dataset=prompts, processing_class=tok)
+        with pytest.raises(NotImplementedError, match=f"FusedGRPOTrainer: not offered by r1vl.kernels: {what}"):
+            trainer.train()

@@ -29,7 +29,8 @@ What such a subclass must get right; each of these is wrong silently otherwise:
 Metrics: the kernel's are this rank's token means, logged here under TRL's names; TRL's
 `clip_ratio/low_min` and `clip_ratio/high_max` (per-sequence extremes) are not formed, and
 with several processes of different token counts the gathered mean is not TRL's token-weighted
-one. TRL options the kernel does not offer are refused by name. Checked with one process and
+one. TRL options the kernel does not offer, and an LM head that is not a plain nn.Linear (a PEFT
+adapter on it would be left out), are refused by name. Checked with one process and
 with DDP (two CPU processes); not with DeepSpeed or FSDP, whose sharded LM-head weight would
 have to be gathered around the loss.
 """
@@ -45,13 +46,18 @@ class FusedGRPOTrainer(GRPOTrainer):
     """GRPOTrainer whose loss is r1vl.kernels.fused_linear_grpo_loss (text-only models)."""
 
     def _compute_loss(self, model, inputs):
+        outer = self.accelerator.unwrap_model(model)  # what DDP wraps: its forward is what `model(...)` runs
+        policy = outer.get_base_model() if hasattr(outer, "get_base_model") else outer  # PEFT
+        head = policy.get_output_embeddings()
         unsupported = [name for name, on in (
             (f"loss_type={self.loss_type}", self.loss_type not in ("grpo", "bnpo", "dr_grpo", "dapo")),
             ("top_entropy_quantile < 1", self.top_entropy_quantile < 1.0),
             ("off_policy_mask_threshold", self.off_policy_mask_threshold is not None),
             ("the entropy bonus", self._entropy_bonus_enabled),
             ("a MoE auxiliary loss", self.aux_loss_enabled),
-            ("image inputs", "pixel_values" in inputs)) if on]
+            ("image inputs", "pixel_values" in inputs),
+            (f"an LM head of type {type(head).__name__} (an adapter on it would be left out: the kernel reads "
+             "its weight and bias alone)", type(head) is not torch.nn.Linear)) if on]
         if unsupported:
             raise NotImplementedError(f"FusedGRPOTrainer: not offered by r1vl.kernels: {', '.join(unsupported)}")
         mode = "train" if self.model.training else "eval"
@@ -69,15 +75,11 @@ class FusedGRPOTrainer(GRPOTrainer):
         is_ratio = inputs.get("importance_sampling_ratio") \
             if self.use_vllm and self.vllm_importance_sampling_correction else None
 
-        outer = self.accelerator.unwrap_model(model)  # what DDP wraps: its forward is what `model(...)` runs
-        policy = outer.get_base_model() if hasattr(outer, "get_base_model") else outer  # PEFT
-
         def backbone_and_loss():
             with self.accelerator.autocast():  # the backbone alone: TRL's patched forward would form the logits
                 hidden = policy.base_model(input_ids=input_ids, attention_mask=attention_mask,
                                            use_cache=False).last_hidden_state
             hidden = hidden[:, -t - 1:-1]  # the state at position i scores token i + 1
-            head = policy.get_output_embeddings()
             weight, bias = head.weight, head.bias
             if self.args.cast_lm_head_to_fp32:
                 hidden, weight = hidden.float(), weight.float()
