@@ -128,7 +128,8 @@ class DataConfig:
 
 @dataclass
 class WarmupConfig:
-    """Supervised warm-up on the reference solutions (next-token cross-entropy)."""
+    """Supervised warm-up on the reference solutions (next-token cross-entropy). Its AdamW takes
+    optim.beta1, beta2, eps, weight_decay and max_grad_norm; its lr and schedule are these."""
 
     steps: int = field(default=400, metadata=_min(0))
     batch_size: int = field(default=4, metadata=_min(1))  # per rank

@@ -920,6 +920,27 @@ def load_optimizer_state(opt: torch.optim.Optimizer, saved: dict) -> None:
     opt.load_state_dict({**saved, "param_groups": groups})
 
 
+def apply_run_settings(opt: torch.optim.Optimizer, sched, lr: float, cfg: Config) -> None:
+    """A resumed optimizer and schedule under this run's settings. Loading a checkpoint's
+    states brought back its lr, betas, eps and weight decay (every group key) and its
+    schedule's base lr, and the group's lr stayed the old schedule's value for one step: a
+    changed optim.lr / warmup.lr or AdamW setting was ignored (config.yaml saying otherwise),
+    and a lengthened run's first step ran at the old schedule's next lr (0 at a cosine's end).
+    AdamW's moments and the step count are kept; the lr is this run's schedule (`sched`, a
+    LambdaLR; None: constant) at the step reached."""
+    for g in opt.param_groups:
+        g["betas"] = (cfg.optim.beta1, cfg.optim.beta2)
+        g["eps"], g["weight_decay"], g["initial_lr"] = cfg.optim.eps, cfg.optim.weight_decay, lr
+    if sched is None:
+        for g in opt.param_groups:
+            g["lr"] = lr
+        return
+    sched.base_lrs = [lr] * len(opt.param_groups)
+    for g, fn in zip(opt.param_groups, sched.lr_lambdas):
+        g["lr"] = lr * fn(sched.last_epoch)
+    sched._last_lr = [g["lr"] for g in opt.param_groups]
+
+
 def logprob_temperatures(cfg: Config) -> tuple[float, float]:
     """(temperature of the trainer's log-probs, temperature at which the rollout engine's
     log-probs are compared with the trainer's for the importance-sampling correction).
@@ -1296,6 +1317,8 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
         del opt0, sched0
         if resume_dir is not None:
             ds.load_checkpoint(train_policy, resume_dir)
+            apply_run_settings(ds.base_optimizer(train_policy), train_policy.lr_scheduler,
+                               cfg.warmup.lr if engine_built_for_warmup else cfg.optim.lr, cfg)
     elif d.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -1421,6 +1444,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
             if resume_dir is not None and state["phase"] == "warmup" and start < cfg.warmup.steps:
                 load_optimizer_state(opt, state["optimizer"])
                 sched.load_state_dict(state["scheduler"])
+                apply_run_settings(opt, sched, cfg.warmup.lr, cfg)
         stream = data_stream("warmup", cfg.warmup.batch_size, derive_seed(cfg.seed, 1), start, cfg.warmup.steps,
                              "warmup.batch_size")
         eos = processor.stop_token_ids()[0]
@@ -1551,6 +1575,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
         if phase == "grpo":
             load_optimizer_state(opt, state["optimizer"])
             sched.load_state_dict(state["scheduler"])
+            apply_run_settings(opt, sched, cfg.optim.lr, cfg)
     if bar is not None and g_start:
         bar.update(g_start)
     use_is = use_vllm and ro.is_correction  # truncated importance sampling: engine vs trainer log-probs

@@ -1569,3 +1569,35 @@ def test_a_resume_on_other_rows_left_out_is_refused_and_evaluations_are_not_pair
     assert summary["steps"] == 2 and summary.get("paired") is None and summary["eval_n"] == 4
     assert "no paired comparison: the evaluation after the warm-up covered other held-out rows than the final " \
         "one" in capsys.readouterr().err
+
+
+def test_a_resume_applies_this_runs_optimizer_settings_and_schedule(tmp_path, data_dir, monkeypatch):
+    """Loading the checkpoint's optimizer state brought back its lr, betas, eps and weight decay,
+    so a resume with a new optim.lr (to rescue a run) trained at the old one while config.yaml
+    named the new; a lengthened cosine run's first resumed step ran at the old schedule's next
+    lr (0, its end). Now this run's settings apply, its schedule at the step reached."""
+    from r1vl.algo import lr_lambda
+
+    applied = []
+    step = torch.optim.AdamW.step
+
+    def record(self, *a, **k):
+        g = self.param_groups[0]
+        applied.append((g["lr"], tuple(g["betas"]), g["eps"], g["weight_decay"]))
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", record)
+    fast = ("train.save_every=1", "train.eval_before=false", "train.eval_after=false", "logging.plot=false",
+            "optim.scheduler=cosine", "warmup.steps=1")
+    out = tmp_path / "run"
+    assert main(_args(out, data_dir, *fast, "train.max_steps=2", "optim.lr=1e-4")) == 0
+    first = [a for a in applied[1:]]  # (the warm-up's step first)
+    applied.clear()
+    assert main(_args(out, data_dir, *fast, "train.max_steps=4", "train.resume=true", "optim.lr=5e-4",
+                      "optim.weight_decay=0.1", "optim.beta2=0.9", "optim.eps=1e-6")) == 0
+    two, four = lr_lambda("cosine", 2, 0), lr_lambda("cosine", 4, 0)
+    assert [a[0] for a in first] == pytest.approx([1e-4 * two(0), 1e-4 * two(1)])
+    assert [a[0] for a in applied] == pytest.approx([5e-4 * four(2), 5e-4 * four(3)])  # not 1e-4 * two(2) = 0
+    assert all(a[1:] == ((0.9, 0.9), 1e-6, 0.1) for a in applied), applied
+    lrs = [r["lr"] for r in _metrics(out) if r["phase"] == "grpo"]
+    assert lrs == pytest.approx([1e-4 * two(0), 1e-4 * two(1), 5e-4 * four(2), 5e-4 * four(3)])
