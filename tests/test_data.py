@@ -61,11 +61,30 @@ def test_smart_resize_bounds_multiples_and_fixed_point_of_qwen_processor():
         gh, gw = got
         assert gh % 28 == 0 and gw % 28 == 0 and mn <= gh * gw <= mx
         # the Qwen2-VL processor leaves our size alone, and where its own rule stays within
-        # the bounds we agree with it
+        # the bounds (and an aspect of 200, which it refuses as an input) we agree with it
         assert tuple(hf(gh, gw, min_pixels=mn, max_pixels=mx)) == got
         theirs = tuple(hf(h, w, min_pixels=mn, max_pixels=mx))
-        if theirs[0] >= 28 and theirs[1] >= 28 and mn <= theirs[0] * theirs[1] <= mx:
+        if theirs[0] >= 28 and theirs[1] >= 28 and mn <= theirs[0] * theirs[1] <= mx \
+                and max(theirs) <= 200 * min(theirs):
             assert theirs == got
+
+
+@pytest.mark.parametrize("mn,mx", [(3136, 12544), (3136, 200704), (3136, 12845056), (200704, 401408)])
+def test_elongated_images_resize_to_sizes_the_qwen_processor_accepts(mn, mx):
+    """Qwen2-VL's rule can push an accepted aspect (<= 200) past 200: a 10000x50 image goes
+    to 6328x28 at the recipes' max_pixels, a 5617x41 one to 5628x28. Given that resized image,
+    the processor (HF's, and vLLM's through it) refused it, so the run died at the first batch
+    holding the row, with a traceback naming none."""
+    hf = pytest.importorskip("transformers.models.qwen2_vl.image_processing_pil_qwen2_vl").smart_resize
+    rng = random.Random(1)
+    sizes = [(50, 10000), (41, 5617)] + [(s, rng.randint(100 * s, 200 * s)) for s in
+                                        (rng.randint(1, 120) for _ in range(3000))]
+    for short, long in sizes:
+        for h, w in ((short, long), (long, short)):
+            got = smart_resize(h, w, min_pixels=mn, max_pixels=mx)
+            assert max(got) <= 200 * min(got) and mn <= got[0] * got[1] <= mx, (h, w, got)
+            assert tuple(hf(*got, min_pixels=mn, max_pixels=mx)) == got, (h, w, got)
+    assert smart_resize(50, 10000, min_pixels=3136, max_pixels=200704) == (28, 5600)
 
 
 def test_smart_resize_errors():

@@ -6,7 +6,9 @@ Qwen2-VL's rule (round each side to a multiple of 28; if the area is outside
 [min_pixels, max_pixels], scale both sides by the same factor, flooring or
 ceiling to multiples of 28), plus a repair step for the corner cases where
 that rule lands outside the bounds (very elongated images, narrow pixel
-ranges). An image resized by `resize_image` is a fixed point of the
+ranges, and sizes whose aspect the rounding pushes past 200: Qwen2-VL's rule
+takes a 10000x50 image to 6328x28, which the processors then refuse as an
+input). An image resized by `resize_image` is a fixed point of the
 Hugging Face / vLLM Qwen2-VL processors with the same bounds: they do not
 resize it again, so every engine sees the same pixels.
 """
@@ -44,7 +46,8 @@ def check_pixel_bounds(min_pixels: int, max_pixels: int, factor: int = FACTOR) -
 
 def smart_resize(height: int, width: int, *, min_pixels: int = DEFAULT_MIN_PIXELS,
                  max_pixels: int = DEFAULT_MAX_PIXELS, factor: int = FACTOR) -> tuple[int, int]:
-    """(new_height, new_width): multiples of `factor`, min_pixels <= h*w <= max_pixels, aspect kept.
+    """(new_height, new_width): multiples of `factor`, min_pixels <= h*w <= max_pixels, aspect kept
+    (at most 200: the processors refuse a more elongated input, this size included).
 
     Raises ValueError for an empty image, an aspect ratio above 200 (which
     Qwen2-VL's processor rejects) or bounds that no such size can meet.
@@ -72,11 +75,11 @@ def smart_resize(height: int, width: int, *, min_pixels: int = DEFAULT_MIN_PIXEL
         beta = math.sqrt(min_pixels / (height * width))
         h = _ceil(height * beta, factor)
         w = _ceil(width * beta, factor)
-    if min_pixels <= h * w <= max_pixels:
+    if min_pixels <= h * w <= max_pixels and max(h, w) <= MAX_ASPECT * min(h, w):
         return h, w
 
-    # Repair: the block counts (a, b) with lo <= a*b <= hi whose aspect is closest to the
-    # image's, then whose area is closest to the image's.
+    # Repair: the block counts (a, b) with lo <= a*b <= hi and an aspect of at most 200 whose
+    # aspect is closest to the image's, then whose area is closest to the image's.
     target = math.log(width / height)
     area = math.log(height * width / block)
     best: tuple[float, float, int, int] | None = None
@@ -84,12 +87,17 @@ def smart_resize(height: int, width: int, *, min_pixels: int = DEFAULT_MIN_PIXEL
         b_lo, b_hi = max(1, math.ceil(lo_blocks / a)), hi_blocks // a
         if b_lo > b_hi:
             continue
+        b_lo, b_hi = max(b_lo, math.ceil(a / MAX_ASPECT)), min(b_hi, a * MAX_ASPECT)
+        if b_lo > b_hi:
+            continue
         for b in {min(max(math.floor(a * width / height), b_lo), b_hi),
                   min(max(math.ceil(a * width / height), b_lo), b_hi)}:
             key = (round(abs(math.log(b / a) - target), 12), abs(math.log(a * b) - area), a, b)
             if best is None or key < best:
                 best = key
-    assert best is not None  # lo_blocks <= hi_blocks guarantees a = 1 works
+    if best is None:  # e.g. min_pixels = max_pixels = a prime number of blocks above 200
+        raise ValueError(f"no size with both sides multiples of {factor} and an aspect of at most {MAX_ASPECT} has "
+                         f"min_pixels={min_pixels} <= width*height <= max_pixels={max_pixels}")
     return best[2] * factor, best[3] * factor
 
 
