@@ -920,14 +920,15 @@ def load_optimizer_state(opt: torch.optim.Optimizer, saved: dict) -> None:
     opt.load_state_dict({**saved, "param_groups": groups})
 
 
-def apply_run_settings(opt: torch.optim.Optimizer, sched, lr: float, cfg: Config) -> None:
+def apply_run_settings(opt: torch.optim.Optimizer, sched, lr: float, cfg: Config, done: int) -> None:
     """A resumed optimizer and schedule under this run's settings. Loading a checkpoint's
     states brought back its lr, betas, eps and weight decay (every group key) and its
     schedule's base lr, and the group's lr stayed the old schedule's value for one step: a
     changed optim.lr / warmup.lr or AdamW setting was ignored (config.yaml saying otherwise),
     and a lengthened run's first step ran at the old schedule's next lr (0 at a cosine's end).
     AdamW's moments and the step count are kept; the lr is this run's schedule (`sched`, a
-    LambdaLR; None: constant) at the step reached."""
+    LambdaLR; None: constant) at the step reached, `done` optimizer steps of this run's (StepGRPO:
+    steps x algorithm.num_iterations, which may have changed)."""
     for g in opt.param_groups:
         g["betas"] = (cfg.optim.beta1, cfg.optim.beta2)
         g["eps"], g["weight_decay"], g["initial_lr"] = cfg.optim.eps, cfg.optim.weight_decay, lr
@@ -936,6 +937,7 @@ def apply_run_settings(opt: torch.optim.Optimizer, sched, lr: float, cfg: Config
             g["lr"] = lr
         return
     sched.base_lrs = [lr] * len(opt.param_groups)
+    sched.last_epoch = done
     for g, fn in zip(opt.param_groups, sched.lr_lambdas):
         g["lr"] = lr * fn(sched.last_epoch)
     sched._last_lr = [g["lr"] for g in opt.param_groups]
@@ -1318,7 +1320,8 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
         if resume_dir is not None:
             ds.load_checkpoint(train_policy, resume_dir)
             apply_run_settings(ds.base_optimizer(train_policy), train_policy.lr_scheduler,
-                               cfg.warmup.lr if engine_built_for_warmup else cfg.optim.lr, cfg)
+                               cfg.warmup.lr if engine_built_for_warmup else cfg.optim.lr, cfg,
+                               state["step"] * (1 if state["phase"] == "warmup" else cfg.algorithm.num_iterations))
     elif d.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -1382,9 +1385,17 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
 
     def data_stream(phase: str, k: int, seed: int, start: int, steps: int, key: str):
         """The phase's training rows, k per rank per step (`key`), steps start..steps; resumed:
-        from the checkpoint's position (a checkpoint without one: step * k, as it was written)."""
+        from the checkpoint's position (a checkpoint without one, from before it was saved: step x
+        the k of the run that wrote it, as its stream stood)."""
         pos = state.get("data_position") if resume_dir is not None else None
-        origin = (pos["step"], pos["position"]) if pos and pos.get("phase") == phase else (0, 0)
+        origin = (0, 0)
+        if pos and pos.get("phase") == phase:
+            origin = (pos["step"], pos["position"])
+        elif resume_dir is not None and not pos and state.get("phase") == phase:
+            section, name = key.split(".")
+            k_then = ((state.get("config") or {}).get(section) or {}).get(name)
+            if isinstance(k_then, int) and k_then > 0:
+                origin = (state["step"], state["step"] * k_then * d.world)
         stream = IndexStream(len(train_set), world=d.world, rank=d.rank, seed=seed, origin=origin)
         streams[phase] = (stream, k)
         n = len(train_set)
@@ -1444,7 +1455,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
             if resume_dir is not None and state["phase"] == "warmup" and start < cfg.warmup.steps:
                 load_optimizer_state(opt, state["optimizer"])
                 sched.load_state_dict(state["scheduler"])
-                apply_run_settings(opt, sched, cfg.warmup.lr, cfg)
+                apply_run_settings(opt, sched, cfg.warmup.lr, cfg, start)
         stream = data_stream("warmup", cfg.warmup.batch_size, derive_seed(cfg.seed, 1), start, cfg.warmup.steps,
                              "warmup.batch_size")
         eos = processor.stop_token_ids()[0]
@@ -1575,7 +1586,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
         if phase == "grpo":
             load_optimizer_state(opt, state["optimizer"])
             sched.load_state_dict(state["scheduler"])
-            apply_run_settings(opt, sched, cfg.optim.lr, cfg)
+            apply_run_settings(opt, sched, cfg.optim.lr, cfg, g_start * mu)
     if bar is not None and g_start:
         bar.update(g_start)
     use_is = use_vllm and ro.is_correction  # truncated importance sampling: engine vs trainer log-probs

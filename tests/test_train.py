@@ -1515,6 +1515,10 @@ def test_a_resume_with_another_batch_goes_on_from_the_row_where_it_stopped(tmp_p
     out = tmp_path / "run"
     assert main(_args(out, data_dir, *fast, "train.max_steps=2", "train.prompts_per_step=3")) == 0
     grpo_seed = drawn[-1][0]
+    state_file = out / "checkpoints" / "grpo-000002" / "trainer_state.pt"  # as written before positions were saved:
+    state = torch.load(state_file, weights_only=False)  # its run's k (config) places it
+    assert state.pop("data_position") == {"phase": "grpo", "step": 2, "position": 6}
+    torch.save(state, state_file)
     assert main(_args(out, data_dir, *fast, "train.max_steps=4", "train.prompts_per_step=1", "train.resume=true")) == 0
     for later in ("train.prompts_per_step=4", "train.prompts_per_step=2"):  # larger, then back (one process)
         assert main(_args(out, data_dir, *fast, f"train.max_steps={5 if later.endswith('4') else 6}", later,
@@ -1601,3 +1605,9 @@ def test_a_resume_applies_this_runs_optimizer_settings_and_schedule(tmp_path, da
     assert all(a[1:] == ((0.9, 0.9), 1e-6, 0.1) for a in applied), applied
     lrs = [r["lr"] for r in _metrics(out) if r["phase"] == "grpo"]
     assert lrs == pytest.approx([1e-4 * two(0), 1e-4 * two(1), 5e-4 * four(2), 5e-4 * four(3)])
+    # two updates a step from step 4 on: the schedule spans 6 x 2 optimizer steps, 4 x 2 of them done
+    applied.clear()
+    assert main(_args(out, data_dir, *fast, "train.max_steps=6", "train.resume=true", "optim.lr=5e-4",
+                      "algorithm.num_iterations=2")) == 0
+    twelve = lr_lambda("cosine", 12, 0)
+    assert [a[0] for a in applied] == pytest.approx([5e-4 * twelve(k) for k in range(8, 12)])

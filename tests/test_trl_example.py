@@ -111,7 +111,8 @@ def test_the_fused_trainer_gives_trls_loss_gradients_and_metrics(tiny, tmp_path,
 
 
 def test_the_fused_trainer_under_ddp_keeps_the_ranks_equal_and_trains_as_trl(tmp_path):
-    """Two processes (torchrun, gloo), the Trainer's default DDP settings, an untied LM head: the
+    """Two processes (torchrun, gloo), find_unused_parameters=True (the Trainer's choice without
+    gradient checkpointing), an untied LM head: the
     example's backbone and loss run inside DDP's forward, so the gradients are all-reduced. The
     backbone called on the unwrapped model left them unreduced, and the ranks drifted apart
     (1.5e-2 after 2 steps here), which one process cannot show."""

@@ -1,6 +1,7 @@
 """Worker of tests/test_trl_example.py's DDP test (torchrun, 2 CPU processes, gloo): trains a
 tiny untied Qwen2 for 2 steps with TRL's GRPOTrainer or docs/examples' FusedGRPOTrainer and the
-Trainer's default DDP settings, then rank 0 saves every rank's parameters.
+Trainer's DDP settings (find_unused_parameters=True: no gradient checkpointing), then rank 0
+saves every rank's parameters.
 Usage: torchrun --nproc-per-node 2 tests/trl_ddp_worker.py fused|stock OUT_DIR"""
 import importlib.util
 import os
@@ -35,7 +36,9 @@ def main(which: str, out: Path) -> None:
     args = GRPOConfig(output_dir=str(out / f"trainer_{which}"), use_cpu=True, seed=0, report_to=[], max_steps=2,
                       logging_steps=1, save_strategy="no", learning_rate=5e-3, per_device_train_batch_size=4,
                       num_generations=4, max_completion_length=8, beta=0.04, bf16=False, disable_tqdm=True,
-                      dataloader_num_workers=0)  # ddp_find_unused_parameters left to the Trainer: True here
+                      dataloader_num_workers=0, gradient_checkpointing=False)
+    # (ddp_find_unused_parameters left to the Trainer: without gradient checkpointing, on by
+    # default in TRL's GRPOConfig, it is True, DDP's strictest mode for a head used outside forward)
     prompts = Dataset.from_dict({"prompt": [f"Q: {a} plus {b} is? A:" for a in range(4) for b in range(4)]})
     if which == "fused":
         spec = importlib.util.spec_from_file_location("trl_fused_grpo", ROOT / "docs" / "examples" / "trl_fused_grpo.py")
@@ -50,6 +53,7 @@ def main(which: str, out: Path) -> None:
     assert type(trainer.model_wrapped).__name__ != "DistributedDataParallel"  # wrapped in train()
     trainer.train()
     assert type(trainer.model_wrapped).__name__ == "DistributedDataParallel"
+    assert trainer.model_wrapped.find_unused_parameters
     flat = torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()])
     every = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
     dist.all_gather(every, flat)

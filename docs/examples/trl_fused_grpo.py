@@ -14,7 +14,8 @@ What such a subclass must get right; each of these is wrong silently otherwise:
   backbone called on the unwrapped model skips DDP's forward, so no gradient is all-reduced and
   the ranks drift apart. Here the unwrapped model's `forward` is swapped, for the one call, for
   one that runs the backbone and the loss, so the wrapper's hooks run and the LM head is used
-  inside the forward (as DDP's find_unused_parameters, the Trainer's default, requires);
+  inside the forward (as DDP's find_unused_parameters=True requires: the Trainer's choice
+  when gradient checkpointing is off);
 - the hidden states: the backbone's (`model.base_model(...)`), not `model(...).logits` nor
   `output_hidden_states=True` (both form the logits); and shifted by one, the state at position
   t scores token t + 1: a completion of T tokens is scored by `hidden[:, -T - 1:-1]`
