@@ -28,6 +28,7 @@ import signal
 import threading
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -621,7 +622,7 @@ def prompt_lengths(dataset, processor, template: str, chunk: int = 1024, rows: i
                           "measuring prompt lengths")
 
 
-def per_row_shared(fn, rows: range, d, what: str) -> list:
+def per_row_shared(fn, rows: Sequence[int], d, what: str) -> list:
     """fn(rows) -> one value per row. With `d` (a Dist over several ranks) each rank runs every
     world-th row and all ranks get the whole list, in row order; a failure on any rank raises
     on all (`what` names the work in the message of the ranks that did not fail)."""
@@ -675,9 +676,19 @@ def map_images(fn, items, dataset) -> list:
 
 
 def image_problems(dataset, rows: range, d=None) -> list[str | None]:
-    """dataset.image_problem(i) for each row (None: the image decodes), the ranks of `d` sharing
-    the decoding, each in threads (map_images)."""
-    return per_row_shared(lambda idx: map_images(dataset.image_problem, idx, dataset), rows, d, "decoding images")
+    """dataset.image_problem(i) for each row (None: the image decodes), each image file once
+    (rows naming one file share its answer; neighbours about the same image were decoded side
+    by side, by every rank and thread), the ranks of `d` sharing the files, each in threads
+    (map_images)."""
+    has_keys = hasattr(dataset, "image_file_key")
+    keys = [(dataset.image_file_key(i) if has_keys else None) or ("row", i) for i in rows]
+    first: dict = {}
+    for i, k in zip(rows, keys):
+        first.setdefault(k, i)
+    found = per_row_shared(lambda idx: map_images(dataset.image_problem, idx, dataset), list(first.values()), d,
+                           "decoding images")
+    answers = dict(zip(first, found))
+    return [answers[k] for k in keys]
 
 
 def check_images(dataset, cfg: Config, key: str, rows: int | None = None, d=None):

@@ -424,8 +424,13 @@ def test_bench_decode_measures_the_check(capsys):
     mod = _mod("bench_decode")
     assert mod.main(["--n", "8", "--threads", "2"]) == 0
     out = capsys.readouterr().out
-    assert "8 images" in out and "decode check" in out and "(0 unreadable)" in out
-    assert "in 2 thread(s) as the trainer runs it" in out
+    assert "8 rows, 1 per image (640x480 JPEG / 448x448 PNG)" in out and "decode check" in out
+    assert "(0 unreadable)" in out and "in 2 thread(s) as the trainer runs it" in out
+    assert mod.main(["--n", "8", "--jpeg-size", "1200x900", "--rows-per-image", "2"]) == 0
+    assert "8 rows, 2 per image (1200x900 JPEG / 448x448 PNG)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        mod.main(["--jpeg-size", "4x"])
+    assert "--jpeg-size: expected WxH, e.g. 4000x3000, got '4x'" in capsys.readouterr().err
 
 
 def test_bench_host_measures_both_cuts(capsys):

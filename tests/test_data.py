@@ -311,6 +311,63 @@ def test_truncated_image_is_found_by_decoding_only(tmp_path):
         ds[1]
 
 
+def test_the_decode_check_reads_each_file_once_and_a_large_jpeg_at_a_reduced_scale(tmp_path, monkeypatch):
+    """The start-up decode check decoded a file once per row naming it, and every JPEG in full:
+    a 4000x3000 photo took ~100 ms, 4 rows about one image 4 decodes. Now each file is decoded
+    once, a JPEG at the smallest DCT scale still covering its resized size (PIL's draft); the
+    training access still decodes in full, and a cut JPEG still fails the check."""
+    from PIL import ImageFile
+
+    write_rows(tmp_path, [])
+    noise = Image.effect_noise((60, 45), 80).convert("RGB").resize((2400, 1800), Image.Resampling.BICUBIC)
+    noise.save(tmp_path / "img" / "a.jpg", quality=90)
+    Image.new("RGB", (40, 30)).save(tmp_path / "img" / "b.png")
+    path = write_rows(tmp_path, [row(image_path="img/a.jpg")] * 3 + [row(image_path="img/b.png")])
+    sizes = []
+    real = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load",  # each decode (a later load() of a decoded image: none)
+                        lambda self: (sizes.append(self.size) if self.tile else None) or real(self))
+    ds = load_dataset(path, max_pixels=200704)
+    assert [ds.image_problem(i) for i in range(4)] == [None] * 4
+    assert sizes == [(600, 450), (40, 30)]  # 2400/4 >= 504, 1800/4 >= 364 (the resized 504x364); /8 not
+    sizes.clear()
+    assert ds[1].image.size == (504, 364) and sizes == [(2400, 1800)]  # training's pixels: a full decode
+    raw = (tmp_path / "img" / "a.jpg").read_bytes()
+    (tmp_path / "img" / "a.jpg").write_bytes(raw[: len(raw) * 2 // 3])
+    ds = load_dataset(path, max_pixels=200704)
+    problems = [ds.image_problem(i) for i in range(4)]
+    assert all("truncated" in p for p in problems[:3]) and problems[3] is None, problems
+
+
+def test_the_trainers_decode_check_decodes_each_file_once_in_threads(tmp_path, monkeypatch):
+    """r1vl.train.image_problems (the trainer's and the eval CLI's check, in threads): rows about
+    one image file share one decode, a cut file's rows all report it, in row order. In threads,
+    neighbouring rows about the same image were each decoded, side by side."""
+    import torch
+
+    from r1vl.train import image_problems
+
+    write_rows(tmp_path, [])
+    for name in ("a", "b", "c"):
+        Image.effect_noise((120, 90), 60).convert("RGB").save(tmp_path / "img" / f"{name}.png")
+    raw = (tmp_path / "img" / "b.png").read_bytes()
+    (tmp_path / "img" / "b.png").write_bytes(raw[: len(raw) // 2])
+    names = ["a", "a", "b", "b", "b", "c", "a", "c"] * 2
+    path = write_rows(tmp_path, [row(image_path=f"img/{n}.png") for n in names])
+    ds = load_dataset(path)
+    calls = []
+    real = ds.image_problem
+    monkeypatch.setattr(ds, "image_problem", lambda i: calls.append(i) or real(i))
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        problems = image_problems(ds, range(len(ds)))
+    finally:
+        torch.set_num_threads(before)
+    assert sorted(calls) == [0, 2, 5]
+    assert [p is not None and "truncated" in p for p in problems] == [n == "b" for n in names]
+
+
 def test_a_line_that_is_not_utf8_is_a_bad_row(tmp_path, caplog):
     """One Latin-1 byte in one row: that row is bad, named by its line (skip_bad_rows leaves it
     out); it rejected the whole file, by byte offset, even with skip_bad_rows. A .json array
