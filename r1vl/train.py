@@ -551,6 +551,50 @@ def hold_output_dir(out: Path) -> None:
     _OUTPUT_LOCKS[key] = f
 
 
+def agree_or_raise(problem: str | None, d) -> None:
+    """Every rank raises the first rank's start-up problem (a UserError), if any rank has one: a
+    rank alone in its trouble (its node's files) would otherwise leave the others waiting in the
+    next collective, and its message unprinted (rank 0 prints errors)."""
+    from r1vl.utils import all_gather_objects
+
+    problems = all_gather_objects(problem, d) if d.enabled else [problem]
+    failed = [(r, p) for r, p in enumerate(problems) if p]
+    if not failed:
+        return
+    r, p = failed[0]
+    if all(q == p for q in problems):
+        raise UserError(p)
+    ranks = ", ".join(str(q) for q, _ in failed)
+    raise UserError(f"rank {r} (of those failing: {ranks}): {p}")
+
+
+def check_shared_output_dir(out: Path, d) -> None:
+    """Several ranks: every one must see output_dir as rank 0 does (checkpoints, the data it
+    prepares, the resume point are rank 0's files there). Rank 0 writes a marker; a rank that
+    cannot read it is on another file system (a node's local disk, a relative output_dir from
+    another working directory): refused on every rank, naming it."""
+    if not d.enabled:
+        return
+    import secrets
+    import socket
+
+    from r1vl.utils import broadcast_object
+
+    name = broadcast_object(f".r1vl-shared-{secrets.token_hex(6)}" if d.main else None, d)
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(socket.gethostname())
+    d.barrier()
+    seen = (out / name).is_file()
+    d.barrier()
+    if d.main:
+        (out / name).unlink(missing_ok=True)
+    problem = None if seen else (
+        f"output_dir {out} (here {out.resolve()}, host {socket.gethostname()}) does not hold the files rank 0 writes "
+        "there: every rank must see one output_dir (a file system all nodes share, an absolute path)")
+    agree_or_raise(problem, d)
+
+
 def output_dir_holder(out: Path) -> str | None:
     """The pid (as written) of another live run holding output_dir's lock, else None (--check:
     a probe, released at once)."""
@@ -1172,9 +1216,20 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
 
     t_start = time.time()
     stop = stop or StopSignal()  # not entered: no handler, never set (still a collective per step)
-    # attention checked before the data are decoded and the weights load; used for both models
-    attn, compute = preflight(cfg)
+    # attention checked before the data are decoded and the weights load; used for both models.
+    # The ranks agree on the checks: on several nodes one node's files may differ (a model.path
+    # on its local disk missing), and its ranks stopping before the process group starts left
+    # the others waiting there for distributed.timeout_s (30 min), their error printed nowhere
+    problem = None
+    try:
+        attn, compute = preflight(cfg)
+    except Exception as e:
+        if not (isinstance(e, (UserError, ConfigError)) or _is_user_error(e)) or (
+                cfg.distributed.backend == "nccl" and not torch.cuda.is_available()):  # no group to start
+            raise
+        problem, attn, compute = str(e), None, "float32"
     d = init_distributed(cfg.distributed.backend, cfg.distributed.timeout_s, cfg.distributed.num_threads)
+    agree_or_raise(problem, d)
     setup_logging(cfg, d)
     stop.quiet = not d.main
     out = Path(cfg.output_dir)
@@ -1187,13 +1242,16 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
     locked = broadcast_object(locked, d)
     if locked:
         raise UserError(locked)
+    check_shared_output_dir(out, d)
     if d.main:  # a save killed midway (atomic_dir_write's temporaries), before the resume point is found
         for what in clean_interrupted_saves(out / "checkpoints"):
             log.warning("checkpoints/: cleaned up after an interrupted save: %s", what)
         for what in clean_interrupted_saves(out, names=("final", "warmup")):  # a model's copy each
             log.warning("%s: cleaned up after an interrupted save: %s", out, what)
     d.barrier()
-    resume_dir = find_resume(cfg)
+    # rank 0's choice: each rank looking on its own could pick another (a file system whose other
+    # nodes see a change late), and then trains another phase, until a collective breaks
+    resume_dir = broadcast_object(find_resume(cfg) if d.main else None, d)
     if d.main:
         if resume_dir is None and cfg.train.overwrite:
             removed = clear_previous_run(out)
@@ -2080,10 +2138,16 @@ def _is_user_error(e: Exception) -> bool:
 
 
 def _fail(e: Exception) -> None:
+    """The error line: rank 0's, and on a node of its own (torchrun's GROUP_RANK) its first
+    rank's, whose node's log may be the only one its user reads (a run stopped by one node's
+    files: the ranks agree on the start-up checks, agree_or_raise)."""
     import os
 
+    node = os.environ.get("GROUP_RANK", "0")
     if os.environ.get("RANK", "0") == "0":
         print(f"r1vl.train: error: {e}", file=sys.stderr)
+    elif node not in ("", "0") and os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"r1vl.train: error: [node {node}] {e}", file=sys.stderr)
 
 
 _SKIP_TEARDOWN = False  # set by _shutdown: exit without the interpreter's teardown (utils.cli_exit)

@@ -60,6 +60,14 @@ def rank_env_problem() -> str | None:
         size = f"={world}" if "WORLD_SIZE" in os.environ else " is unset"
         return (f"RANK={rank} but WORLD_SIZE{size}: not a torchrun environment; unset RANK to run as one process, "
                 "or launch with torchrun")
+    task = os.environ.get("SLURM_PROCID", "0")
+    if "RANK" not in os.environ and task.isdigit() and int(task) > 0:
+        # srun -n N python -m ...: N separate one-process runs into one output_dir (where the file
+        # system has no locks, all of them, their metrics interleaved); task 0 runs alone
+        return (f"SLURM task {task} (of {os.environ.get('SLURM_NTASKS', '?')}) without torchrun's RANK / WORLD_SIZE: "
+                "it would run alone, beside task 0; start one torchrun per node (srun --ntasks-per-node=1 "
+                "torchrun --nnodes=$SLURM_NNODES --nproc-per-node=<GPUs> --rdzv-backend=c10d "
+                "--rdzv-endpoint=<first node>:29500 -m r1vl.train ...)")
     return None
 
 

@@ -174,3 +174,79 @@ def test_torchrun_two_ranks_end_to_end(tmp_path, data_dir):
         == 1, r.stderr[-3000:]
     assert [json.loads(x)["phase"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [
         x["phase"] for x in recs]  # nothing of the run touched
+
+
+def _per_rank_cwd_run(tmp_path, dirs, *args, timeout_s=20):
+    """torchrun, 2 ranks, each started in its own working directory (dirs[rank]): two nodes
+    whose files differ, on one machine."""
+    import subprocess
+    from pathlib import Path
+
+    wrapper = tmp_path / "per_rank_cwd.py"
+    wrapper.write_text("import os, sys\nos.chdir(sys.argv[1 + int(os.environ['RANK'])])\n"
+                       "from r1vl.train import main\nsys.exit(main(sys.argv[3:]))\n")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", str(_free_port()), str(wrapper),
+                           *map(str, dirs), *args, f"distributed.timeout_s={timeout_s}"], env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_a_start_up_problem_of_one_rank_stops_every_rank_at_once_and_is_printed(tmp_path, data_dir):
+    """One rank's files differ (a node's local disk): its start-up check fails. It stopped before
+    the process group started, the other rank waited there for distributed.timeout_s (30 min by
+    default), and the error was printed nowhere (rank 0 prints). Now the ranks agree on the
+    start-up checks: both stop at once, rank 0 printing the failing rank's error."""
+    import shutil
+    import time
+
+    from test_train import FAST
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for where in (a, b):
+        where.mkdir()
+    shutil.copy(data_dir / "train.jsonl", a / "train.jsonl")  # rank 1's directory has none
+    args = [f"output_dir={tmp_path / 'run'}", f"data.synthetic_dir={data_dir}", *FAST, "train.max_steps=1",
+            "data.train=train.jsonl", f"data.test={data_dir / 'test.jsonl'}"]
+    t = time.perf_counter()
+    r = _per_rank_cwd_run(tmp_path, (a, b), *args)
+    assert time.perf_counter() - t < 20  # not the process group's timeout
+    assert r.returncode != 0
+    assert "r1vl.train: error: rank 1 (of those failing: 1): data.train: train.jsonl does not exist" in r.stderr, \
+        r.stderr[-3000:]
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_output_dir_the_ranks_do_not_share_is_refused(tmp_path, data_dir):
+    """A relative output_dir from two working directories (two nodes' local disks): rank 0's files
+    (data, checkpoints, the resume point) are not where the other rank looks. Refused on every
+    rank, naming it; each rank used to pick its own resume point."""
+    from test_train import FAST
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for where in (a, b):
+        where.mkdir()
+    r = _per_rank_cwd_run(tmp_path, (a, b), "output_dir=run", f"data.synthetic_dir={data_dir}", *FAST,
+                          "train.max_steps=1")
+    assert r.returncode != 0
+    assert f"r1vl.train: error: rank 1 (of those failing: 1): output_dir run (here {b / 'run'}, host " in r.stderr \
+        and "does not hold the files rank 0 writes there: every rank must see one output_dir" in r.stderr, \
+        r.stderr[-3000:]
+    assert not (b / "run").exists() and not list((a / "run").glob(".r1vl-shared-*"))
+
+
+def test_srun_tasks_without_torchrun_are_refused(monkeypatch):
+    """srun -n 4 python -m r1vl.train: four one-process runs into one output_dir (interleaved where
+    the file system has no locks). Tasks past the first are refused, saying how to launch."""
+    from r1vl.utils import rank_env_problem
+
+    for k in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    assert rank_env_problem() is None  # task 0, or an sbatch script's one process
+    monkeypatch.setenv("SLURM_PROCID", "2")
+    assert rank_env_problem().startswith("SLURM task 2 (of 4) without torchrun's RANK / WORLD_SIZE")
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert rank_env_problem() is None  # torchrun's (or the launcher's) environment
