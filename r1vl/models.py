@@ -472,9 +472,21 @@ def load_pretrained(path: str | Path, *, dtype: str = "float32", attn_implementa
 
     try:  # the processor first: a missing tokenizer or image-processor file is found before the weights load
         processor = VLProcessor.from_pretrained(str(path), min_pixels=min_pixels, max_pixels=max_pixels)
-        model = AutoModelForImageTextToText.from_pretrained(str(path), **kwargs)
+        model, info = AutoModelForImageTextToText.from_pretrained(str(path), output_loading_info=True, **kwargs)
     except (OSError, ValueError, SafetensorError) as e:
         raise ModelLoadError(f"model.path {str(path)!r}: cannot load ({str(e).splitlines()[0]})") from None
+    # weights the checkpoint lacks (or holds in another shape) are initialised at random by
+    # transformers, which says so in a table only: a foreign or broken checkpoint evaluated (or
+    # trained) as if it were the model, exit code 0
+    missing = sorted(info.get("missing_keys") or []) + sorted(k if isinstance(k, str) else str(k[0])
+                                                             for k in info.get("mismatched_keys") or [])
+    if missing:
+        unexpected = sorted(info.get("unexpected_keys") or [])
+        raise ModelLoadError(
+            f"model.path {str(path)!r}: its weights do not fit the model its config.json describes: {len(missing)} "
+            f"tensor(s) missing or of another shape (first {missing[0]})" +
+            (f", {len(unexpected)} it does not use (first {unexpected[0]}: another model's, or names with a "
+             "prefix?)" if unexpected else "") + "; they would be random")
     return model, processor
 
 

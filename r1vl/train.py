@@ -551,6 +551,12 @@ def hold_output_dir(out: Path) -> None:
     _OUTPUT_LOCKS[key] = f
 
 
+# the settings an evaluation's scores depend on, besides the weights and the rows evaluated
+EVAL_SETTINGS = ("rollout.max_completion_length", "data.min_pixels", "data.max_pixels", "data.prompt_template",
+                 "algorithm.alpha", "algorithm.accuracy_variant", "algorithm.accuracy_weight",
+                 "algorithm.validity_weight", "algorithm.reward_timeout_s", "model.dtype")
+
+
 def agree_or_raise(problem: str | None, d) -> None:
     """Every rank raises the first rank's start-up problem (a UserError), if any rank has one: a
     rank alone in its trouble (its node's files) would otherwise leave the others waiting in the
@@ -1445,6 +1451,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
 
     def ckpt_extra(phase: str, done: int) -> dict:
         extra = {"eval_warmup": state.get("eval_warmup"), "eval_warmup_items": state.get("eval_warmup_items"),
+                 "eval_warmup_settings": state.get("eval_warmup_settings"),
                  "config": to_dict(cfg), "data": fingerprints, "data_used": used,
                  "wall_seconds": prior_wall + time.time() - t_start}
         if phase in streams:  # where the phase's data stream stands: a resume goes on from that row
@@ -1577,6 +1584,8 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
                  alpha=cfg.algorithm.alpha, variant=cfg.algorithm.accuracy_variant,
                  accuracy_weight=cfg.algorithm.accuracy_weight, validity_weight=cfg.algorithm.validity_weight,
                  reward_workers=cfg.algorithm.reward_workers, reward_timeout_s=cfg.algorithm.reward_timeout_s)
+    # what an evaluation's numbers depend on besides the weights and rows (a resume may change them)
+    eval_settings = {k: v for k, v in _flat(to_dict(cfg)).items() if k in EVAL_SETTINGS}
 
     def run_eval(name: str) -> dict:
         """Greedy held-out evaluation with the rollout engine (vLLM: woken, i.e. given the
@@ -1615,6 +1624,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
         except EvalStopped as e:  # the warm-up's optimizer is freed: its checkpoint has none
             stop_in_eval(e, "after-warm-up", "warmup", cfg.warmup.steps)
         state["eval_warmup"], state["eval_warmup_items"] = ev, eval_items
+        state["eval_warmup_settings"] = eval_settings
         writer.write({"phase": "eval", "after": "warmup", "step": 0,
                       **{k: v for k, v in ev.items() if k != "correct_items"}})
         log.info("held-out after warm-up: accuracy %.3f, StepRAR %.3f, StepRVR %.3f (n=%d, %.0fs)",
@@ -1883,6 +1893,8 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
             from r1vl.eval import paired_comparison
 
             before = state.get("eval_warmup_items")  # (None: a checkpoint from before it was saved)
+            then = state.get("eval_warmup_settings") or eval_settings
+            changed_settings = sorted(k for k in eval_settings if then.get(k) != eval_settings[k])
             if len(ev0["correct_items"]) != len(ev1["correct_items"]):
                 log.warning("no paired comparison: the evaluation after the warm-up covered %d items, the final "
                             "one %d (data.eval_size changed on a resume)", len(ev0["correct_items"]),
@@ -1892,6 +1904,10 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
                             "than the final one (%s changed on a resume, or the rows left out of it as bad did: "
                             "an image repaired or broken since, data.max_pixels or data.verify_images changed)",
                             cfg.data.test)
+            elif changed_settings:
+                log.warning("no paired comparison: the evaluation after the warm-up was made with other settings "
+                            "than the final one (changed on a resume: %s)", ", ".join(
+                                f"{k} {then.get(k)!r} -> {eval_settings.get(k)!r}" for k in changed_settings))
             else:
                 summary["paired"] = paired_comparison(ev0["correct_items"], ev1["correct_items"])
         write_replace(out / "summary.json", json.dumps(summary, indent=2) + "\n")

@@ -312,10 +312,12 @@ def test_find_run_config_layouts(tmp_path):
         (run / sub).mkdir(parents=True)
     (tmp_path / "lone").mkdir()
     dump_config(_run_cfg(), run / "config.yaml")
-    assert ev.find_run_config(run / "final") == (run / "config.yaml").absolute()
-    assert ev.find_run_config(run / "warmup") == (run / "config.yaml").absolute()
-    assert ev.find_run_config(run / "checkpoints" / "grpo-3") == (run / "config.yaml").absolute()
+    assert ev.find_run_config(run / "final") == (run / "config.yaml").resolve()
+    assert ev.find_run_config(run / "warmup") == (run / "config.yaml").resolve()
+    assert ev.find_run_config(run / "checkpoints" / "grpo-3") == (run / "config.yaml").resolve()
     assert ev.find_run_config(tmp_path / "lone") is None
+    (tmp_path / "lone" / "best").symlink_to(run / "final")  # a link to the run's model: the run's settings
+    assert ev.find_run_config(tmp_path / "lone" / "best") == (run / "config.yaml").resolve()
 
 
 def test_foreign_config_yaml_is_warned_and_ignored(tmp_path, caplog):
@@ -734,6 +736,33 @@ def test_corrupt_weights_file_is_one_line(tiny_run, data_dir, tmp_path, capsys):
     assert ev.main(["--model", str(model), "--data", str(data_dir), "--n", "1"]) == 2
     line = _err_line(capsys)
     assert line.startswith(f"r1vl.eval: error: --model {model}: cannot load (") and "header" in line, line
+
+
+def test_weights_that_do_not_fit_the_model_are_refused(tiny_run, data_dir, tmp_path, capsys):
+    """A checkpoint lacking tensors (or holding them under other names: another model's, a
+    prefix) was loaded with those initialised at random, transformers saying so in a table
+    only: evaluated (or trained from) as if it were the model, exit code 0."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from r1vl.models import ModelLoadError, load_pretrained
+
+    weights = load_file(tiny_run / "final" / "model.safetensors")
+    for name, kept in (("dropped", {k: v for k, v in weights.items() if "embed_tokens" not in k}),
+                       ("renamed", {"base_model." + k: v for k, v in weights.items()})):
+        model = tmp_path / name
+        shutil.copytree(tiny_run / "final", model)
+        save_file(kept, model / "model.safetensors", metadata={"format": "pt"})
+        with pytest.raises(ModelLoadError, match="its weights do not fit the model its config.json describes"):
+            load_pretrained(model)
+        assert ev.main(["--model", str(model), "--data", str(data_dir), "--n", "1"]) == 2
+        line = _err_line(capsys)
+        assert line.startswith(f"r1vl.eval: error: --model {model}: its weights do not fit the model") \
+            and "they would be random" in line, line
+        if name == "renamed":
+            assert "it does not use (first base_model." in line
+    load_pretrained(tiny_run / "final")  # the run's own loads
 
 
 def _fake_evaluate(engine, processor, samples, keep_outputs=False, **kw):

@@ -1611,3 +1611,20 @@ def test_a_resume_applies_this_runs_optimizer_settings_and_schedule(tmp_path, da
                       "algorithm.num_iterations=2")) == 0
     twelve = lr_lambda("cosine", 12, 0)
     assert [a[0] for a in applied] == pytest.approx([5e-4 * twelve(k) for k in range(8, 12)])
+
+
+def test_a_resume_with_other_evaluation_settings_ends_without_a_paired_test(tmp_path, data_dir, capfd):
+    """The evaluation after the warm-up and the final one made with other settings (a resume
+    that changed the completion budget or the reward's alpha) were still paired in summary.json,
+    as if the weights alone had changed."""
+    out = tmp_path / "run"
+    extra = ("train.save_every=1", "logging.plot=false")
+    assert main(_args(out, data_dir, *extra, "train.max_steps=1")) == 0
+    assert json.loads((out / "summary.json").read_text())["paired"] is not None
+    capfd.readouterr()
+    assert main(_args(out, data_dir, *extra, "train.max_steps=2", "train.resume=true",
+                      "rollout.max_completion_length=12", "algorithm.alpha=0.2")) == 0
+    assert json.loads((out / "summary.json").read_text()).get("paired") is None
+    assert "no paired comparison: the evaluation after the warm-up was made with other settings than the final " \
+        "one (changed on a resume: algorithm.alpha 0.1 -> 0.2, rollout.max_completion_length 10 -> 12)" \
+        in capfd.readouterr().err
