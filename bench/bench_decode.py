@@ -87,7 +87,8 @@ def main(argv=None) -> int:
         decode = (time.perf_counter() - t) / len(ds)
         before = torch.get_num_threads()
         torch.set_num_threads(args.threads or os.cpu_count() or 1)
-        threads = min(8, torch.get_num_threads(), len(ds) // 4)
+        files = len({ds.image_file_key(i) for i in range(len(ds))})  # image_problems decodes each once
+        threads = min(8, torch.get_num_threads(), files // 4)
         ds = load_dataset(path, max_pixels=args.max_pixels)  # afresh: each file's answer is kept once decoded
         try:
             t = time.perf_counter()

@@ -304,10 +304,11 @@ EVAL_SETTINGS: dict[str, tuple[Any, str]] = {
 def find_run_config(model: str | Path) -> Path | None:
     """The config.yaml of the r1vl.train run a saved model belongs to: the model directory's
     parent (runs/X/final, runs/X/warmup), or its grandparent for runs/X/checkpoints/<name>."""
-    p = Path(model).resolve()  # a link to runs/X/final: the run is where it points
-    candidates = [p.parent / "config.yaml"]
-    if p.parent.name == "checkpoints":
-        candidates.append(p.parent.parent / "config.yaml")
+    candidates = []
+    for p in (Path(model).absolute(), Path(model).resolve()):  # a link: beside it, else where it points
+        candidates.append(p.parent / "config.yaml")
+        if p.parent.name == "checkpoints":
+            candidates.append(p.parent.parent / "config.yaml")
     for c in candidates:
         if c.is_file():
             return c

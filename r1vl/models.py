@@ -475,6 +475,11 @@ def load_pretrained(path: str | Path, *, dtype: str = "float32", attn_implementa
         model, info = AutoModelForImageTextToText.from_pretrained(str(path), output_loading_info=True, **kwargs)
     except (OSError, ValueError, SafetensorError) as e:
         raise ModelLoadError(f"model.path {str(path)!r}: cannot load ({str(e).splitlines()[0]})") from None
+    except RuntimeError as e:  # a tensor of another shape than config.json says (transformers 5: raised)
+        if "mismatched" not in str(e) and "size mismatch" not in str(e):
+            raise
+        raise ModelLoadError(f"model.path {str(path)!r}: its weights do not fit the model its config.json "
+                             "describes: a tensor of another shape (transformers' load report above names it)") from None
     # weights the checkpoint lacks (or holds in another shape) are initialised at random by
     # transformers, which says so in a table only: a foreign or broken checkpoint evaluated (or
     # trained) as if it were the model, exit code 0

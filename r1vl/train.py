@@ -587,17 +587,21 @@ def check_shared_output_dir(out: Path, d) -> None:
     from r1vl.utils import broadcast_object
 
     name = broadcast_object(f".r1vl-shared-{secrets.token_hex(6)}" if d.main else None, d)
+    problem = None
     if d.main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / name).write_text(socket.gethostname())
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / name).write_text(socket.gethostname())
+        except OSError as e:
+            problem = f"output_dir {out}: cannot write there ({e})"
     d.barrier()
-    seen = (out / name).is_file()
+    if problem is None and not (out / name).is_file():
+        problem = (f"output_dir {out} (here {out.resolve()}, host {socket.gethostname()}) does not hold the files "
+                   "rank 0 writes there: every rank must see one output_dir (a file system all nodes share, an "
+                   "absolute path)")
     d.barrier()
     if d.main:
         (out / name).unlink(missing_ok=True)
-    problem = None if seen else (
-        f"output_dir {out} (here {out.resolve()}, host {socket.gethostname()}) does not hold the files rank 0 writes "
-        "there: every rank must see one output_dir (a file system all nodes share, an absolute path)")
     agree_or_raise(problem, d)
 
 
@@ -1257,7 +1261,15 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
     d.barrier()
     # rank 0's choice: each rank looking on its own could pick another (a file system whose other
     # nodes see a change late), and then trains another phase, until a collective breaks
-    resume_dir = broadcast_object(find_resume(cfg) if d.main else None, d)
+    found: tuple[str, Any] = ("", None)
+    if d.main:
+        try:
+            found = ("", find_resume(cfg))
+        except UserError as e:  # (the others wait in the broadcast: they are told)
+            found = (str(e), None)
+    problem, resume_dir = broadcast_object(found, d)
+    if problem:
+        raise UserError(problem)
     if d.main:
         if resume_dir is None and cfg.train.overwrite:
             removed = clear_previous_run(out)
@@ -2081,9 +2093,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
-    from r1vl.utils import rank_env_problem
+    from r1vl.utils import rank_env_problem, slurm_task_problem
 
-    problem = rank_env_problem()
+    problem = rank_env_problem() or slurm_task_problem()
     if problem:  # printed whatever RANK says: every later message is rank 0's only
         print(f"r1vl.train: error: {problem}", file=sys.stderr)
         return 2

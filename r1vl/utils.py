@@ -60,15 +60,21 @@ def rank_env_problem() -> str | None:
         size = f"={world}" if "WORLD_SIZE" in os.environ else " is unset"
         return (f"RANK={rank} but WORLD_SIZE{size}: not a torchrun environment; unset RANK to run as one process, "
                 "or launch with torchrun")
-    task = os.environ.get("SLURM_PROCID", "0")
-    if "RANK" not in os.environ and task.isdigit() and int(task) > 0:
-        # srun -n N python -m ...: N separate one-process runs into one output_dir (where the file
-        # system has no locks, all of them, their metrics interleaved); task 0 runs alone
-        return (f"SLURM task {task} (of {os.environ.get('SLURM_NTASKS', '?')}) without torchrun's RANK / WORLD_SIZE: "
-                "it would run alone, beside task 0; start one torchrun per node (srun --ntasks-per-node=1 "
-                "torchrun --nnodes=$SLURM_NNODES --nproc-per-node=<GPUs> --rdzv-backend=c10d "
-                "--rdzv-endpoint=<first node>:29500 -m r1vl.train ...)")
     return None
+
+
+def slurm_task_problem() -> str | None:
+    """srun -n N python -m r1vl.train: N separate one-process runs into one output_dir (where the
+    file system has no locks, all of them, their metrics interleaved). Tasks past the first
+    without a RANK are refused (task 0, or an sbatch script's one process, runs)."""
+    task = os.environ.get("SLURM_PROCID", "0")
+    if "RANK" in os.environ or not task.isdigit() or int(task) == 0:
+        return None
+    return (f"SLURM task {task} (of {os.environ.get('SLURM_NTASKS', '?')}) without torchrun's RANK / WORLD_SIZE: it "
+            "would run alone, beside task 0, into the same output_dir; start one torchrun per node (srun "
+            "--ntasks-per-node=1 torchrun --nnodes=$SLURM_NNODES --nproc-per-node=<GPUs> --rdzv-backend=c10d "
+            "--rdzv-endpoint=<first node>:29500 -m r1vl.train ...), or, for one-process runs each into its own "
+            "output_dir, set RANK=0 WORLD_SIZE=1")
 
 
 def init_distributed(backend: str = "auto", timeout_s: int = 1800, num_threads: int = 0) -> Dist:

@@ -238,15 +238,17 @@ def test_an_output_dir_the_ranks_do_not_share_is_refused(tmp_path, data_dir):
 def test_srun_tasks_without_torchrun_are_refused(monkeypatch):
     """srun -n 4 python -m r1vl.train: four one-process runs into one output_dir (interleaved where
     the file system has no locks). Tasks past the first are refused, saying how to launch."""
-    from r1vl.utils import rank_env_problem
+    from r1vl.train import main
+    from r1vl.utils import slurm_task_problem
 
     for k in ("RANK", "WORLD_SIZE"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("SLURM_NTASKS", "4")
     monkeypatch.setenv("SLURM_PROCID", "0")
-    assert rank_env_problem() is None  # task 0, or an sbatch script's one process
+    assert slurm_task_problem() is None  # task 0, or an sbatch script's one process
     monkeypatch.setenv("SLURM_PROCID", "2")
-    assert rank_env_problem().startswith("SLURM task 2 (of 4) without torchrun's RANK / WORLD_SIZE")
-    monkeypatch.setenv("RANK", "2")
-    monkeypatch.setenv("WORLD_SIZE", "4")
-    assert rank_env_problem() is None  # torchrun's (or the launcher's) environment
+    assert slurm_task_problem().startswith("SLURM task 2 (of 4) without torchrun's RANK / WORLD_SIZE")
+    assert main(["--print-config"]) == 2
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert slurm_task_problem() is None  # torchrun's (or the launcher's) environment, or chosen alone

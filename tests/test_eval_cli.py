@@ -318,6 +318,11 @@ def test_find_run_config_layouts(tmp_path):
     assert ev.find_run_config(tmp_path / "lone") is None
     (tmp_path / "lone" / "best").symlink_to(run / "final")  # a link to the run's model: the run's settings
     assert ev.find_run_config(tmp_path / "lone" / "best") == (run / "config.yaml").resolve()
+    elsewhere = tmp_path / "store" / "model"  # the run's final/ a link to weights kept elsewhere
+    elsewhere.parent.mkdir()
+    (run / "final").rename(elsewhere)
+    (run / "final").symlink_to(elsewhere)
+    assert ev.find_run_config(run / "final") == (run / "config.yaml").absolute()
 
 
 def test_foreign_config_yaml_is_warned_and_ignored(tmp_path, caplog):
@@ -749,8 +754,10 @@ def test_weights_that_do_not_fit_the_model_are_refused(tiny_run, data_dir, tmp_p
     from r1vl.models import ModelLoadError, load_pretrained
 
     weights = load_file(tiny_run / "final" / "model.safetensors")
+    norm = next(k for k in weights if k in ("model.norm.weight", "model.language_model.norm.weight"))
     for name, kept in (("dropped", {k: v for k, v in weights.items() if "embed_tokens" not in k}),
-                       ("renamed", {"base_model." + k: v for k, v in weights.items()})):
+                       ("renamed", {"base_model." + k: v for k, v in weights.items()}),
+                       ("reshaped", {**weights, norm: torch.ones(weights[norm].shape[0] + 1)})):
         model = tmp_path / name
         shutil.copytree(tiny_run / "final", model)
         save_file(kept, model / "model.safetensors", metadata={"format": "pt"})
@@ -758,8 +765,8 @@ def test_weights_that_do_not_fit_the_model_are_refused(tiny_run, data_dir, tmp_p
             load_pretrained(model)
         assert ev.main(["--model", str(model), "--data", str(data_dir), "--n", "1"]) == 2
         line = _err_line(capsys)
-        assert line.startswith(f"r1vl.eval: error: --model {model}: its weights do not fit the model") \
-            and "they would be random" in line, line
+        assert line.startswith(f"r1vl.eval: error: --model {model}: its weights do not fit the model"), line
+        assert ("a tensor of another shape" if name == "reshaped" else "they would be random") in line, line
         if name == "renamed":
             assert "it does not use (first base_model." in line
     load_pretrained(tiny_run / "final")  # the run's own loads

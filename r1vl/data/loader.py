@@ -424,9 +424,9 @@ class R1VLDataset(Sequence):
         try:
             img = r.image.open()
             if draft and r.image.pil is None and img.format == "JPEG":
+                # (the stored sides: smart_resize is symmetric, so a file stored a quarter turn
+                # from upright needs no swap)
                 h, w = smart_resize(img.height, img.width, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
-                if _orientation(img, decode=False) >= 5:  # stored a quarter turn from upright
-                    h, w = w, h
                 img.draft(None, (w, h))
             img.load()
             if _orientation(img) != 1:
