@@ -728,6 +728,9 @@ def _run(args, main_rank: bool) -> int:
     res["world_size"] = d.world if d is not None else 1
     res["device"] = "cuda" if use_cuda else "cpu"
     res["dtype"] = dtype
+    # what the scores depend on besides the weights and rows, and where each value came from (a flag,
+    # the run's config.yaml, the built-in default): the result file alone says it
+    res["settings"] = {name: {"value": settings[name], "from": sources[name]} for name in settings}
     if dataset is not None and getattr(dataset, "skipped", None):  # --skip-bad-rows: said, and counted
         res["skipped_rows"] = len(dataset.skipped)
     items = res.pop("correct_items")

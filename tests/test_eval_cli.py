@@ -360,6 +360,24 @@ def test_cli_uses_run_config_and_logs_sources(tiny_run, data_dir, monkeypatch, c
         assert ev.main(["--model", str(tiny_run / "final"), "--data", str(data_dir), "--n", "1",
                         "--max-new-tokens", "9"]) == 0
     assert seen["max_new_tokens"] == 9 and "max_new_tokens = 9 (--max-new-tokens)" in caplog.text
+    # the result says which settings it was made with, and from where (it said so on stderr only)
+    first, second = _json_objects(capsys.readouterr().out)
+    assert first["settings"]["max_new_tokens"] == {"value": 3, "from": f"{tiny_run / 'config.yaml'}: "
+                                                                          "rollout.max_completion_length"}
+    assert second["settings"]["max_new_tokens"] == {"value": 9, "from": "--max-new-tokens"}
+    assert second["settings"]["alpha"]["value"] == 0.25 and set(second["settings"]) == set(ev.EVAL_SETTINGS)
+
+
+def _json_objects(text: str) -> list:
+    """The JSON objects printed one after another (the CLI's stdout over several calls)."""
+    dec, out, i = json.JSONDecoder(), [], 0
+    while i < len(text):
+        if text[i].isspace():
+            i += 1
+            continue
+        obj, i = dec.raw_decode(text, i)
+        out.append(obj)
+    return out
 
 
 def test_make_prompt_templates():
