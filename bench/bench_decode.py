@@ -1,5 +1,6 @@
 """The start-up cost of data.verify_images: milliseconds per image of the decode check
-(R1VLDataset.image_problem: open, decode, EXIF turn, RGB, resize; each file once), next to the header read
+(r1vl.train.image_problems: each image file once, R1VLDataset.image_problem's open, decode, EXIF turn,
+RGB, resize), next to the header read
 that loading does anyway. Images are made here, smooth like photos: half 640x480 JPEGs
 (quality 90), half 448x448 PNGs, resized within --max-pixels as training would. The check
 one image after another, then as the trainer runs it (r1vl.train.image_problems: threads,
@@ -82,15 +83,15 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         ds = load_dataset(path, max_pixels=args.max_pixels)
         header = (time.perf_counter() - t) / len(ds)
-        t = time.perf_counter()
-        bad = sum(1 for i in range(len(ds)) if ds.image_problem(i))
-        decode = (time.perf_counter() - t) / len(ds)
         before = torch.get_num_threads()
-        torch.set_num_threads(args.threads or os.cpu_count() or 1)
-        files = len({ds.image_file_key(i) for i in range(len(ds))})  # image_problems decodes each once
-        threads = min(8, torch.get_num_threads(), files // 4)
-        ds = load_dataset(path, max_pixels=args.max_pixels)  # afresh: each file's answer is kept once decoded
         try:
+            torch.set_num_threads(1)
+            t = time.perf_counter()
+            bad = sum(1 for why in image_problems(ds, range(len(ds))) if why)
+            decode = (time.perf_counter() - t) / len(ds)
+            torch.set_num_threads(args.threads or os.cpu_count() or 1)
+            files = len({ds.image_file_key(i) for i in range(len(ds))})  # image_problems decodes each once
+            threads = min(8, torch.get_num_threads(), files // 4)
             t = time.perf_counter()
             bad_threaded = sum(1 for why in image_problems(ds, range(len(ds))) if why)
             threaded = (time.perf_counter() - t) / len(ds)

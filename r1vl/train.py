@@ -551,12 +551,6 @@ def hold_output_dir(out: Path) -> None:
     _OUTPUT_LOCKS[key] = f
 
 
-# the settings an evaluation's scores depend on, besides the weights and the rows evaluated
-EVAL_SETTINGS = ("rollout.max_completion_length", "data.min_pixels", "data.max_pixels", "data.prompt_template",
-                 "algorithm.alpha", "algorithm.accuracy_variant", "algorithm.accuracy_weight",
-                 "algorithm.validity_weight", "algorithm.reward_timeout_s", "model.dtype")
-
-
 def agree_or_raise(problem: str | None, d) -> None:
     """Every rank raises the first rank's start-up problem (a UserError), if any rank has one: a
     rank alone in its trouble (its node's files) would otherwise leave the others waiting in the
@@ -1348,6 +1342,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
         splits.append(load_split(path, cfg))
         log.info("%s: %d rows read (%.1f s)", key, len(splits[-1]), time.perf_counter() - t0)
     train_set, test_set = splits
+    loaded_train = train_set
     if len(train_set) == 0:
         raise UserError(f"data.train: {train_path} has no usable rows")
     fingerprints = {"train": data_fingerprint(train_set), "test": data_fingerprint(test_set)}
@@ -1359,7 +1354,8 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
     eval_set = FirstRows(test_set, cfg.data.eval_size)  # images decoded a batch at a time, per rank
     model, processor = build_model(cfg, d, train_set, resume_dir, attn)
     train_set = check_all_prompt_lengths(train_set, processor, cfg, d=d)
-    used = {"train": data_fingerprint(train_set)}  # the rows trained on, bad ones left out
+    # the rows trained on, bad ones left out (the rows read when none was: the same data set)
+    used = {"train": fingerprints["train"] if train_set is loaded_train else data_fingerprint(train_set)}
     eval_items = data_fingerprint(eval_set)  # the held-out rows evaluated
     if resume_dir is not None:
         check_resume_rows_used(state.get("data_used"), used["train"], resume_dir, cfg,
@@ -1596,8 +1592,12 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
                  alpha=cfg.algorithm.alpha, variant=cfg.algorithm.accuracy_variant,
                  accuracy_weight=cfg.algorithm.accuracy_weight, validity_weight=cfg.algorithm.validity_weight,
                  reward_workers=cfg.algorithm.reward_workers, reward_timeout_s=cfg.algorithm.reward_timeout_s)
-    # what an evaluation's numbers depend on besides the weights and rows (a resume may change them)
-    eval_settings = {k: v for k, v in _flat(to_dict(cfg)).items() if k in EVAL_SETTINGS}
+    # what an evaluation's numbers depend on besides the weights and rows (a resume may change them):
+    # the settings the eval CLI takes from a run (data.skip_bad_rows: the rows, eval_items), and the dtype
+    from r1vl.eval import EVAL_SETTINGS
+
+    eval_keys = {key for _, key in EVAL_SETTINGS.values() if key != "data.skip_bad_rows"} | {"model.dtype"}
+    eval_settings = {k: v for k, v in _flat(to_dict(cfg)).items() if k in eval_keys}
 
     def run_eval(name: str) -> dict:
         """Greedy held-out evaluation with the rollout engine (vLLM: woken, i.e. given the

@@ -318,6 +318,8 @@ def test_the_decode_check_reads_each_file_once_and_a_large_jpeg_at_a_reduced_sca
     training access still decodes in full, and a cut JPEG still fails the check."""
     from PIL import ImageFile
 
+    from r1vl.train import image_problems
+
     write_rows(tmp_path, [])
     noise = Image.effect_noise((60, 45), 80).convert("RGB").resize((2400, 1800), Image.Resampling.BICUBIC)
     noise.save(tmp_path / "img" / "a.jpg", quality=90)
@@ -328,7 +330,7 @@ def test_the_decode_check_reads_each_file_once_and_a_large_jpeg_at_a_reduced_sca
     monkeypatch.setattr(ImageFile.ImageFile, "load",  # each decode (a later load() of a decoded image: none)
                         lambda self: (sizes.append(self.size) if self.tile else None) or real(self))
     ds = load_dataset(path, max_pixels=200704)
-    assert [ds.image_problem(i) for i in range(4)] == [None] * 4
+    assert image_problems(ds, range(4)) == [None] * 4
     assert sizes == [(600, 450), (40, 30)]  # 2400/4 >= 504, 1800/4 >= 364 (the resized 504x364); /8 not
     sizes.clear()
     assert ds[1].image.size == (504, 364) and sizes == [(2400, 1800)]  # training's pixels: a full decode

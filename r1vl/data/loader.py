@@ -348,7 +348,6 @@ class R1VLDataset(Sequence):
         # rows may be decoded in threads at once (train.map_images): no in-memory PIL image, which
         # two rows could share (PIL's lazy load of one object is not thread-safe)
         self.threadsafe_images = not any(r.image.pil is not None for r in rows)
-        self._problems: dict[tuple, str | None] = {}  # image_problem's answer per file (file_key)
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -399,23 +398,17 @@ class R1VLDataset(Sequence):
 
     def image_problem(self, i: int) -> str | None:
         """Why row i's image cannot be decoded as an access would decode it, or None. A
-        header that reads may hide a truncated or corrupt file: only decoding finds it. Each
-        file is decoded once (rows naming the same one share the answer), a JPEG at the
-        smallest of its DCT scales that still covers the resized size (PIL's draft: every
-        coefficient is still read, so a cut or corrupt file still fails; 4000x3000 photos
-        check about 5x faster), the rest of the access path (turn, RGB, resize) run on it."""
+        header that reads may hide a truncated or corrupt file: only decoding finds it. A JPEG
+        is decoded at the smallest of its DCT scales that still covers the resized size (PIL's
+        draft: every coefficient is still read, so a cut or corrupt file still fails; 4000x3000
+        photos check about 5x faster), the rest of the access path (turn, RGB, resize) run on
+        it. (Rows naming one file: r1vl.train.image_problems decodes it once, by image_file_key.)"""
         r = self._rows[i]
-        key = r.image.file_key()
-        if key is not None and key in self._problems:
-            return self._problems[key]
         try:
             self._load_image(r, draft=True)
-            problem = None
         except DataError as e:
-            problem = str(e).removeprefix(f"{r.source}: ")
-        if key is not None:
-            self._problems[key] = problem
-        return problem
+            return str(e).removeprefix(f"{r.source}: ")
+        return None
 
     def _load_image(self, r: _Row, draft: bool = False) -> Image.Image:
         """Decoded, turned upright by its EXIF orientation (as image viewers and transformers'
