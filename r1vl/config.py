@@ -171,7 +171,7 @@ class RolloutConfig:
     top_p: float = field(default=1.0, metadata=_min(0.0, strict=True) | _max(1.0))
     top_k: int = field(default=0, metadata=_min(0))  # 0 = off; 1 (greedy) is refused when training
     max_completion_length: int = field(default=64, metadata=_min(1))
-    batch_size: int = field(default=32, metadata=_min(1))  # sequences per generate() call
+    batch_size: int = field(default=32, metadata=_min(1))  # sequences per HF generate() call in rollouts
     # truncated importance sampling (engine log-probs vs the trainer's; rollout.engine=vllm)
     is_cap: float = field(default=2.0, metadata=_min(0.0, strict=True))
     is_correction: bool = True  # false: no correction, the on-policy objective of the authors' code
@@ -248,6 +248,7 @@ class TrainConfig:
     overwrite: bool = False
     eval_before: bool = True
     eval_after: bool = True
+    # held-out items per rank per generate() call (HF: the decoding batch; vLLM: requests per call)
     eval_batch_size: int = field(default=64, metadata=_min(1))
     eval_every: int = field(default=0, metadata=_min(0))  # held-out evals during StepGRPO; 0 = only after
     save_eval_outputs: bool = True  # each held-out eval's completions + scores: output_dir/eval_outputs/*.jsonl

@@ -1614,8 +1614,8 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
                     ev = evaluate(engine, processor, eval_set, **kw)
                 finally:
                     engine.sleep()
-            else:
-                with gen_context():
+            else:  # train.eval_batch_size items per generate() call, not the rollouts' rollout.batch_size
+                with gen_context(), engine.batch_size_of(cfg.train.eval_batch_size):
                     ev = evaluate(engine, processor, eval_set, **kw)
         finally:
             stop.armed = armed

@@ -1628,3 +1628,23 @@ def test_a_resume_with_other_evaluation_settings_ends_without_a_paired_test(tmp_
     assert "no paired comparison: the evaluation after the warm-up was made with other settings than the final " \
         "one (changed on a resume: algorithm.alpha 0.1 -> 0.2, rollout.max_completion_length 10 -> 12)" \
         in capfd.readouterr().err
+
+
+def test_held_out_evaluations_decode_eval_batch_size_items_per_generate_call(tmp_path, data_dir, monkeypatch):
+    """train.eval_batch_size is the HF engine's decoding batch in the trainer's evaluations
+    (the eval CLI's --batch-size); rollouts keep rollout.batch_size. It used to be split again
+    by rollout.batch_size, so raising it changed nothing."""
+    from r1vl.rollout.hf_engine import HFEngine
+
+    sizes = {"greedy": [], "sampled": []}
+    real = HFEngine._generate_batch
+
+    def spy(self, batch, sampling):
+        sizes["greedy" if sampling.temperature == 0 else "sampled"].append(len(batch))
+        return real(self, batch, sampling)
+
+    monkeypatch.setattr(HFEngine, "_generate_batch", spy)
+    assert main(_args(tmp_path / "run", data_dir, "train.max_steps=1", "rollout.batch_size=3",
+                      "train.eval_batch_size=4", "data.eval_size=5", "logging.plot=false")) == 0
+    assert sizes["greedy"] == [4, 1, 4, 1]  # after the warm-up, final: 5 items, 4 a call
+    assert sizes["sampled"] == [3, 1]  # 2 prompts x G=2, 3 sequences a call

@@ -11,6 +11,7 @@ tensors that are not already the model's own, and `sleep` / `wake` have nothing 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Iterable
@@ -62,6 +63,18 @@ class HFEngine:
         self.last_stats: dict[str, float] = {}
         self._neutral = _neutral_generation_config(model)
 
+
+    @contextlib.contextmanager
+    def batch_size_of(self, batch_size: int):
+        """generate() splits its sequences `batch_size` at a time inside the block (the trainer's
+        held-out evaluations: train.eval_batch_size, where rollouts take rollout.batch_size)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        before, self.batch_size = self.batch_size, batch_size
+        try:
+            yield self
+        finally:
+            self.batch_size = before
 
     # -- interface
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
