@@ -307,14 +307,18 @@ def check_resume_config(saved: dict | None, cfg: Config, resume_dir: Path, warn:
     return diff
 
 
-def reference_dir(out: Path, resume_dir: Path) -> Path:
+def reference_dir(out: Path, resume_dir: Path, recorded: str | None = None) -> Path:
     """The KL reference of a run resumed inside StepGRPO: the warm-up model, saved as warmup/ in
-    this output_dir or in the directory of the run that wrote the checkpoint."""
-    for p in (out / "warmup", resume_dir.parent.parent / "warmup"):
+    this output_dir, else where the checkpoint says its run took it from (`recorded`: a run
+    continued from another's checkpoint writes no warmup/ of its own), else warmup/ in the
+    directory of the run that wrote the checkpoint."""
+    places = [out / "warmup", *([Path(recorded)] if recorded else []), resume_dir.parent.parent / "warmup"]
+    for p in places:
         if (p / "config.json").is_file():
             return p
-    raise UserError(f"train.resume: the KL reference (the warm-up model, warmup/) is in neither {out} nor "
-                    f"{resume_dir.parent.parent}; algorithm.beta=0 runs without one")
+    looked = ", ".join(dict.fromkeys(str(p) for p in places))
+    raise UserError(f"train.resume: the KL reference (the warm-up model) is not found; looked in {looked}; "
+                    "algorithm.beta=0 runs without one")
 
 
 def clear_previous_run(out: Path) -> list[str]:
@@ -1312,7 +1316,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
                             f"run's {key}={last}; raise {key} to at least {state['step']}, or start a new run")
         check_resume_config(state.get("config"), cfg, resume_dir, warn=d.main, fingerprints="data" in state)
         if state["phase"] == "grpo" and cfg.algorithm.beta != 0 and cfg.train.max_steps > 0:
-            ref_dir = reference_dir(out, resume_dir)  # found now, not after the model is built
+            ref_dir = reference_dir(out, resume_dir, state.get("reference_dir"))  # now, not after the model is built
     if resume_dir is not None and bool(cfg.deepspeed) != bool(state.get("deepspeed", False)):
         raise UserError(f"train.resume: {resume_dir} was written " + (
             "by a DeepSpeed run; resume it with the same deepspeed=..." if state.get("deepspeed")
@@ -1461,7 +1465,10 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
         extra = {"eval_warmup": state.get("eval_warmup"), "eval_warmup_items": state.get("eval_warmup_items"),
                  "eval_warmup_settings": state.get("eval_warmup_settings"),
                  "config": to_dict(cfg), "data": fingerprints, "data_used": used,
-                 "wall_seconds": prior_wall + time.time() - t_start}
+                 "wall_seconds": prior_wall + time.time() - t_start,
+                 # where the KL reference was loaded from, when not this output_dir's warmup/ (a run
+                 # continued from another's checkpoint): a resume of this checkpoint finds it there
+                 "reference_dir": None if ref_dir is None else str(Path(ref_dir).resolve())}
         if phase in streams:  # where the phase's data stream stands: a resume goes on from that row
             stream, k = streams[phase]
             extra["data_position"] = {"phase": phase, "step": done, "position": stream.position(done, k)}

@@ -680,6 +680,15 @@ def test_resume_from_a_checkpoint_of_another_dir(tmp_path, data_dir, capsys):
     a = [_strip(r) for r in _metrics(src) if r["phase"] == "grpo"]
     b = [_strip(r) for r in _metrics(dst) if r["phase"] == "grpo"]
     assert b == a[1:] and "kl" in b[0]
+    # the continued run resumed in turn (lengthened): its checkpoint says where the reference is
+    # (dst has no warmup/: this was refused, naming dst twice)
+    more = [x for x in extra if not x.startswith("train.max_steps")] + ["train.max_steps=3", "train.resume=true",
+                                                                         "train.keep_checkpoints=0"]
+    assert main(_args(src, data_dir, *more)) == 0
+    assert main(_args(dst, data_dir, *more)) == 0, capsys.readouterr().err[-2000:]
+    a = [_strip(r) for r in _metrics(src) if r["phase"] == "grpo"]
+    b = [_strip(r) for r in _metrics(dst) if r["phase"] == "grpo"]
+    assert [r["step"] for r in b] == [2, 3] and b == a[1:]
     capsys.readouterr()
     assert main(_args(tmp_path / "dst2", data_dir, *extra, f"train.resume={ck}", "model.tiny.intermediate_size=96")) == 2
     assert "another model" in capsys.readouterr().err
