@@ -1220,7 +1220,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
     from r1vl.utils import (IndexStream, MetricsWriter, StatReducer, Timer, all_gather_objects,
                             broadcast_object, checkpoint_name, checkpoints_after, clean_interrupted_saves,
                             derive_seed, init_distributed, plot_run, read_metrics, seed_everything,
-                            set_rng_state)
+                            retire_checkpoint, set_rng_state)
 
     t_start = time.time()
     stop = stop or StopSignal()  # not entered: no handler, never set (still a collective per step)
@@ -1436,19 +1436,23 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
             why = optimizer_state_mismatch(state["optimizer"], len(params))
             if why:
                 raise UserError(f"train.resume: {resume_dir}: {why}")
+        retired: list[Path] = []
         if d.main:
             dump_config(cfg, out / "config.yaml")
             warn_redone_steps(out, resume_dir, state["phase"], state["step"],
                               {"warmup": cfg.warmup.steps, "grpo": cfg.train.max_steps})
-        writer.truncate_after(state["phase"], state["step"])
-        if d.main:
-            drop_outputs_after(out, state["phase"], state["step"])
             later = checkpoints_after(out / "checkpoints", checkpoint_name(state["phase"], state["step"]))
             if later:  # an abandoned continuation: kept, they would outrank this run's own saves
                 log.warning("train.resume from %s: removing the later checkpoints %s of the run it continues, "
-                            "as its logs after that point were", resume_dir.name, ", ".join(p.name for p in later))
-                for p in later:
-                    shutil.rmtree(p, ignore_errors=True)
+                            "as its logs after that point are", resume_dir.name, ", ".join(p.name for p in later))
+                # out of train.resume=true's reach before the logs are cut: a kill or Ctrl-C from here
+                # on leaves this resume's point the newest, never an abandoned step with cut logs
+                retired = [retire_checkpoint(p) for p in later]
+        writer.truncate_after(state["phase"], state["step"])
+        if d.main:
+            drop_outputs_after(out, state["phase"], state["step"])
+            for p in retired:
+                shutil.rmtree(p, ignore_errors=True)
         set_rng_state(state["rng"][d.rank])
     prior_wall = float(state.get("wall_seconds", 0.0))
 

@@ -395,6 +395,19 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     return best
 
 
+def retire_checkpoint(p: Path) -> Path:
+    """Take checkpoint `p` out of the resumable ones in one step, before deleting it: renamed to
+    atomic_dir_write's temporary name, which clean_interrupted_saves removes at the next start.
+    A removal killed midway (rmtree deletes file by file) then leaves no partial checkpoint
+    under its name for train.resume=true to pick. Returns the new path."""
+    p = Path(p)
+    gone = p.parent / f".tmp-{p.name}-{os.getpid()}"
+    if gone.exists():
+        shutil.rmtree(gone, ignore_errors=True)
+    os.replace(p, gone)
+    return gone
+
+
 def prune_checkpoints(ckpt_dir: Path, keep: int, current: str | None = None) -> None:
     """Keep the newest `keep` checkpoints (0: all); `current`, the one just written, is kept
     whatever the others are named."""
@@ -405,7 +418,7 @@ def prune_checkpoints(ckpt_dir: Path, keep: int, current: str | None = None) -> 
     )
     for _, p in items[:-keep]:
         if p.name != current:
-            shutil.rmtree(p, ignore_errors=True)
+            shutil.rmtree(retire_checkpoint(p), ignore_errors=True)
 
 
 def checkpoints_after(ckpt_dir: Path, name: str) -> list[Path]:

@@ -1657,3 +1657,37 @@ def test_held_out_evaluations_decode_eval_batch_size_items_per_generate_call(tmp
                       "train.eval_batch_size=4", "data.eval_size=5", "logging.plot=false")) == 0
     assert sizes["greedy"] == [4, 1, 4, 1]  # after the warm-up, final: 5 items, 4 a call
     assert sizes["sampled"] == [3, 1]  # 2 prompts x G=2, 3 sequences a call
+
+
+def test_a_resume_killed_while_removing_later_checkpoints_leaves_no_abandoned_one_to_resume(
+        tmp_path, data_dir, monkeypatch, capfd):
+    """train.resume=<an earlier checkpoint> removes the later ones of the run it continues. Killed
+    midway (Ctrl-C at start-up, SIGKILL), it left a later checkpoint whose logs were already cut:
+    train.resume=true then went on from it, with the steps between missing from metrics.jsonl.
+    The later checkpoints are renamed out of reach first, so the resume point stays the newest."""
+    import shutil
+
+    out = tmp_path / "run"
+    fast = ("train.max_steps=4", "train.save_every=1", "train.keep_checkpoints=0", "train.eval_before=false",
+            "train.eval_after=false", "logging.plot=false")
+    assert main(_args(out, data_dir, *fast)) == 0
+    whole = [_strip(r) for r in _metrics(out) if r["phase"] == "grpo"]
+    real = shutil.rmtree
+
+    def killed_at_the_last(path, *a, **k):
+        if "grpo-000004" in str(path):
+            raise KeyboardInterrupt  # after grpo-000003 went
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(shutil, "rmtree", killed_at_the_last)
+    try:
+        main(_args(out, data_dir, *fast, f"train.resume={out / 'checkpoints' / 'grpo-000002'}"))
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.setattr(shutil, "rmtree", real)
+    capfd.readouterr()
+    assert main(_args(out, data_dir, *fast, "train.resume=true")) == 0
+    assert "resuming from" in (err := capfd.readouterr().err) and "grpo step 2)" in err, err[-2000:]
+    assert [_strip(r) for r in _metrics(out) if r["phase"] == "grpo"] == whole
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "grpo-000001", "grpo-000002", "grpo-000003", "grpo-000004", "warmup-000001", "warmup-000002"]
