@@ -176,6 +176,15 @@ def read_state(resume_dir: Path, mmap: bool = False) -> dict:
                         "resume from an older checkpoint with train.resume=<its path>") from None
 
 
+def dump_run_config(cfg: Config, path: Path) -> None:
+    """output_dir/config.yaml: this run's resolved settings, with train.overwrite false: the
+    overwrite is done, and the file is what `--config <it> train.resume=true` continues the
+    run with (where the run left no checkpoint, true there deleted it and started afresh)."""
+    import dataclasses
+
+    dump_config(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, overwrite=False)), path)
+
+
 def resume_command(out: Path | str) -> str:
     """How to continue the run of `out` with its own settings (its resolved config.yaml)."""
     return f"--config {Path(out) / 'config.yaml'} train.resume=true"
@@ -1275,7 +1284,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
                 log.warning("train.overwrite=true: removed the previous run's %s from %s", ", ".join(removed), out)
         out.mkdir(parents=True, exist_ok=True)
         if resume_dir is None:  # a resume's, once its checks have passed (a refused one leaves the file)
-            dump_config(cfg, out / "config.yaml")
+            dump_run_config(cfg, out / "config.yaml")
     # before the model loads: a W&B that cannot start stops the run at once, on every rank (rank 0
     # starts it; the others must not be left waiting in the barrier below)
     wandb_run = None
@@ -1438,7 +1447,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
                 raise UserError(f"train.resume: {resume_dir}: {why}")
         retired: list[Path] = []
         if d.main:
-            dump_config(cfg, out / "config.yaml")
+            dump_run_config(cfg, out / "config.yaml")
             warn_redone_steps(out, resume_dir, state["phase"], state["step"],
                               {"warmup": cfg.warmup.steps, "grpo": cfg.train.max_steps})
             later = checkpoints_after(out / "checkpoints", checkpoint_name(state["phase"], state["step"]))

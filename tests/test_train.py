@@ -1691,3 +1691,20 @@ def test_a_resume_killed_while_removing_later_checkpoints_leaves_no_abandoned_on
     assert [_strip(r) for r in _metrics(out) if r["phase"] == "grpo"] == whole
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
         "grpo-000001", "grpo-000002", "grpo-000003", "grpo-000004", "warmup-000001", "warmup-000002"]
+
+
+def test_the_written_config_does_not_overwrite_the_run_it_describes(tmp_path, data_dir, capsys):
+    """config.yaml is what `--config <it> train.resume=true` continues a run with: a run started
+    with train.overwrite=true wrote that too, so the command, where the run left no checkpoint,
+    deleted the finished run and trained afresh instead of refusing."""
+    import yaml
+
+    out = tmp_path / "run"
+    fast = ("train.max_steps=1", "train.eval_before=false", "train.eval_after=false", "logging.plot=false")
+    assert main(_args(out, data_dir, *fast, "train.overwrite=true")) == 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["overwrite"] is False
+    before = (out / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert main(["--config", str(out / "config.yaml"), "train.resume=true"]) == 2
+    assert "no checkpoint to resume from" in capsys.readouterr().err
+    assert (out / "metrics.jsonl").read_text() == before and (out / "final" / "config.json").is_file()
