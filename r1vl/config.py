@@ -201,8 +201,8 @@ class AlgorithmConfig:
     # TRL's scale_rewards: group (or true): divide by the group's std (+1e-4), as R1-VL; batch: by one
     # std over the step's rewards on all ranks (TRL's "batch"); none (or false): the mean alone
     scale_rewards: Union[bool, str] = field(default=True, metadata=_choices(True, False, "group", "batch", "none"))
-    accuracy_weight: float = 1.0  # StepRAR
-    validity_weight: float = 1.0  # StepRVR
+    accuracy_weight: float = field(default=1.0, metadata=_min(0.0))  # StepRAR (the eval CLI's bounds too)
+    validity_weight: float = field(default=1.0, metadata=_min(0.0))  # StepRVR
     alpha: float = field(default=0.1, metadata=_min(0.0))
     accuracy_variant: str = field(default="paper", metadata=_choices("paper", "official"))
     # temperature of the trainer's log-probs (policy, old and reference: the loss and its KL).
@@ -219,7 +219,7 @@ class OptimConfig:
     weight_decay: float = field(default=0.0, metadata=_min(0.0))
     beta1: float = field(default=0.9, metadata=_min(0.0) | _max(1.0, strict=True))  # torch AdamW's ranges
     beta2: float = field(default=0.99, metadata=_min(0.0) | _max(1.0, strict=True))
-    eps: float = field(default=1e-8, metadata=_min(0.0))
+    eps: float = field(default=1e-8, metadata=_min(0.0, strict=True))  # 0: a zero gradient's update is 0/0 = NaN
     max_grad_norm: float = field(default=1.0, metadata=_min(0.0))  # 0 = no clipping
     scheduler: str = field(default="constant", metadata=_choices("constant", "linear", "cosine"))
     # linear warm-up: optimizer step k (0-based, counting each of the num_iterations passes) runs at

@@ -93,7 +93,10 @@ def test_resolved_config_roundtrip(tmp_path):
     ("optim.beta1=2", ["optim.beta1", "in [0, 1)", "got 2.0"]),
     ("optim.beta1=-0.1", ["optim.beta1", "in [0, 1)", "-0.1"]),
     ("optim.beta2=1", ["optim.beta2", "in [0, 1)", "got 1.0"]),
-    ("optim.eps=-1", ["optim.eps", ">= 0", "-1.0"]),
+    ("optim.eps=-1", ["optim.eps", "> 0", "-1.0"]),
+    ("optim.eps=0", ["optim.eps", "> 0", "got 0.0"]),  # AdamW: a weight whose gradient is 0 becomes 0/0 = NaN
+    ("algorithm.accuracy_weight=-1", ["algorithm.accuracy_weight", ">= 0", "-1.0"]),  # as the eval CLI's
+    ("algorithm.validity_weight=-0.5", ["algorithm.validity_weight", ">= 0", "-0.5"]),
     ("algorithm.epsilon_low=5", ["algorithm.epsilon_low", "in [0, 1)", "5.0"]),
     ("algorithm.epsilon_low=1", ["algorithm.epsilon_low", "in [0, 1)", "1.0"]),
     ("rollout.vllm.gpu_memory_utilization=1.2", ["rollout.vllm.gpu_memory_utilization", "in (0, 1]", "1.2"]),
@@ -109,12 +112,14 @@ def test_bad_overrides_name_the_key(override, words):
 
 
 def test_range_boundaries_accepted():
-    cfg = load_config(None, ["rollout.top_p=1.0", "optim.beta1=0", "optim.beta2=0.999", "optim.eps=0",
+    cfg = load_config(None, ["rollout.top_p=1.0", "optim.beta1=0", "optim.beta2=0.999", "optim.eps=1e-30",
                              "algorithm.epsilon_low=0", "algorithm.epsilon_high=5",
                              "rollout.vllm.gpu_memory_utilization=1"])
-    assert cfg.rollout.top_p == 1.0 and cfg.optim.beta2 == 0.999 and cfg.optim.eps == 0.0
+    assert cfg.rollout.top_p == 1.0 and cfg.optim.beta2 == 0.999 and cfg.optim.eps == 1e-30
     assert cfg.algorithm.epsilon_high == 5.0  # clip-higher: no upper bound
     assert load_config(None, ["algorithm.epsilon_low=0.999"]).algorithm.epsilon_low == 0.999
+    zero = load_config(None, ["algorithm.accuracy_weight=0", "algorithm.validity_weight=0"]).algorithm
+    assert (zero.accuracy_weight, zero.validity_weight) == (0.0, 0.0)
 
 
 def test_output_dir_that_is_a_file(tmp_path):
