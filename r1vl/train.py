@@ -2034,6 +2034,12 @@ def preflight(cfg: Config, *, rows: bool = False) -> tuple[str | None, str]:
 
         if not vllm_installed():
             raise UserError(f"rollout.engine=vllm: vLLM is not installed ({VLLM_INSTALL_HINT})")
+        tp = cfg.rollout.vllm.tensor_parallel_size
+        world = os.environ.get("WORLD_SIZE")  # a run's (torchrun's, else 1); --check alone cannot know it
+        world = int(world) if world and world.isdigit() else (None if rows else 1)
+        if world is not None and world % tp:  # the engine's own check came after the model loaded, as a traceback
+            raise UserError(f"rollout.vllm.tensor_parallel_size={tp} must divide the number of ranks, {world} "
+                            "(each group of that many ranks runs one vLLM engine)")
     resume = find_resume(cfg)
     if rows:
         holder = output_dir_holder(Path(cfg.output_dir))

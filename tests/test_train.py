@@ -1708,3 +1708,22 @@ def test_the_written_config_does_not_overwrite_the_run_it_describes(tmp_path, da
     assert main(["--config", str(out / "config.yaml"), "train.resume=true"]) == 2
     assert "no checkpoint to resume from" in capsys.readouterr().err
     assert (out / "metrics.jsonl").read_text() == before and (out / "final" / "config.json").is_file()
+
+
+def test_a_vllm_tensor_parallel_size_that_does_not_divide_the_ranks_is_one_line(tmp_path, data_dir, monkeypatch,
+                                                                                capsys):
+    """It was the engine's own ValueError, raised after the model loaded: a traceback (every
+    rank's, under torchrun) and exit 1."""
+    from r1vl.rollout import vllm_engine
+
+    monkeypatch.setattr(vllm_engine, "vllm_installed", lambda: True)
+    args = _args(tmp_path / "run", data_dir, "rollout.engine=vllm", "rollout.vllm.tensor_parallel_size=2")
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("rollout.vllm.tensor_parallel_size=2 must divide the number of ranks, 1 (each group of "
+                        "that many ranks runs one vLLM engine)") and "Traceback" not in err, err[-2000:]
+    assert not (tmp_path / "run" / "init").exists()  # before anything is built
+    monkeypatch.setenv("WORLD_SIZE", "4")  # --check: the world is the launcher's, told by WORLD_SIZE
+    assert main(["--check", *args]) == 0
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert main(["--check", *args]) == 2 and "divide the number of ranks, 3" in capsys.readouterr().err
