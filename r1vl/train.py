@@ -2051,29 +2051,31 @@ def preflight(cfg: Config, *, rows: bool = False) -> tuple[str | None, str]:
             saved = read_state(resume, mmap=True)  # state in the file is not read)
             check_resume_config(saved.get("config"), cfg, resume, fingerprints="data" in saved)
         splits = {}
+        if "synthetic" in (cfg.data.train, cfg.data.test):  # generated where the run reads it (which
+            from r1vl.utils import Dist  # it then reuses): its rows are checked as a file's are
+
+            syn = dict(zip(("data.train", "data.test"), prepare_data(cfg, Dist())))
         for key, path in (("data.train", cfg.data.train), ("data.test", cfg.data.test)):
-            if path != "synthetic":
-                splits[key] = load_split(path, cfg)
-                if len(splits[key]) == 0:
-                    raise UserError(f"{key}: {path} has no usable rows")
-                if saved is not None:
-                    check_resume_data(saved.get("data"), {key[5:]: data_fingerprint(splits[key])}, resume, cfg,
-                                      saved.get("config"))
-                splits[key] = check_images(splits[key], cfg, key,
-                                           rows=cfg.data.eval_size or None if key == "data.test" else None)
-                log.info("%s: %d rows OK", key, len(splits[key]))
-        if "data.train" in splits:
-            processor = check_processor(cfg, splits["data.train"], resume)
-            if processor is None:
-                log.info("data.train: prompt lengths are checked when the run starts (model.path is a Hub id)")
-            else:
-                kept = check_all_prompt_lengths(splits["data.train"], processor, cfg)
-                if saved is not None:
-                    check_resume_rows_used(saved.get("data_used"), data_fingerprint(kept), resume, cfg,
-                                           len(getattr(kept, "skipped", [])))
-                check_solution_lengths(splits["data.train"], processor, cfg)
-                if cfg.rollout.engine == "vllm" and "data.test" in splits:
-                    check_eval_prompt_lengths(splits["data.test"], processor, cfg)
+            splits[key] = load_split(syn[key] if path == "synthetic" else path, cfg)
+            if len(splits[key]) == 0:
+                raise UserError(f"{key}: {path} has no usable rows")
+            if saved is not None:
+                check_resume_data(saved.get("data"), {key[5:]: data_fingerprint(splits[key])}, resume, cfg,
+                                  saved.get("config"))
+            splits[key] = check_images(splits[key], cfg, key,
+                                       rows=cfg.data.eval_size or None if key == "data.test" else None)
+            log.info("%s: %d rows OK", key, len(splits[key]))
+        processor = check_processor(cfg, splits["data.train"], resume)
+        if processor is None:
+            log.info("data.train: prompt lengths are checked when the run starts (model.path is a Hub id)")
+        else:
+            kept = check_all_prompt_lengths(splits["data.train"], processor, cfg)
+            if saved is not None:
+                check_resume_rows_used(saved.get("data_used"), data_fingerprint(kept), resume, cfg,
+                                       len(getattr(kept, "skipped", [])))
+            check_solution_lengths(splits["data.train"], processor, cfg)
+            if cfg.rollout.engine == "vllm":
+                check_eval_prompt_lengths(splits["data.test"], processor, cfg)
     return attn, compute
 
 
@@ -2085,8 +2087,9 @@ def parse_args(argv: list[str] | None):
     )
     ap.add_argument("--config", default=None, help="YAML config file (default: the embedded default)")
     ap.add_argument("--check", action="store_true",
-                    help="only validate the config, the data files' rows, the model path and the output "
-                         "directory / resume point, then exit "
+                    help="only validate the config, the data files' rows (the built-in task is generated "
+                         "where the run reads it), the model path and the output directory / resume point, "
+                         "then exit "
                          "(make train runs this before torchrun, whose own error report is long)")
     ap.add_argument("--print-config", action="store_true",
                     help="print the resolved config (the --config file with the overrides applied, as "

@@ -132,7 +132,8 @@ def test_what_needs_cuda_stops_the_run_before_the_data_and_check_says_it(tmp_pat
 
     out = tmp_path / "run"
     with caplog.at_level("WARNING", logger="r1vl.train"):  # --check sets up no logging: Python's last resort prints it
-        assert main(["--check", f"output_dir={out}", setting]) == 0
+        assert main(["--check", f"output_dir={tmp_path / 'check'}", setting, "data.synthetic_train_size=4",
+                     "data.synthetic_test_size=2", "model.tiny.tokenizer_corpus_size=4"]) == 0
     said = [r.getMessage() for r in caplog.records if says in r.getMessage()]
     assert len(said) == 1 and "not refused by --check on a machine without CUDA" in said[0]
     capsys.readouterr()

@@ -1727,3 +1727,20 @@ def test_a_vllm_tensor_parallel_size_that_does_not_divide_the_ranks_is_one_line(
     assert main(["--check", *args]) == 0
     monkeypatch.setenv("WORLD_SIZE", "3")
     assert main(["--check", *args]) == 2 and "divide the number of ranks, 3" in capsys.readouterr().err
+
+
+def test_check_reads_the_built_in_task_as_the_run_will(tmp_path, capfd):
+    """--check said "config OK" for the built-in task where the run then stopped at start: its
+    rows' prompt lengths and an unwritable data.synthetic_dir were checked for data files only.
+    It generates the task where the run reads it (the run then reuses it)."""
+    small = ["data.synthetic_train_size=20", "data.synthetic_test_size=4", "data.eval_size=4", "logging.progress=false"]
+    out = tmp_path / "run"
+    assert main(["--check", f"output_dir={out}", *small, "data.max_prompt_length=10"]) == 2
+    err = capfd.readouterr().err
+    assert "20 of 20 prompts are longer than data.max_prompt_length=10" in err and f"{out / 'data' / 'train.jsonl'}" \
+        in err, err[-2000:]
+    assert main(["--check", f"output_dir={out}", *small, f"data.synthetic_dir={ROOT / 'README.md'}"]) == 2
+    assert "cannot write the synthetic task" in capfd.readouterr().err
+    assert main(["--check", f"output_dir={out}", *small]) == 0
+    assert "generating the synthetic task" not in capfd.readouterr().err  # the first --check's, reused
+    assert sorted(p.name for p in out.iterdir()) == ["data"]
