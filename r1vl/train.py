@@ -450,28 +450,32 @@ def build_model(cfg: Config, d, corpus_samples, resume_dir: Path | None, attn: s
         raise UserError(str(e)) from None
 
 
-def warn_redone_steps(out: Path, resume_dir: Path, phase: str, step: int, ends: dict[str, int]) -> None:
+def warn_redone_steps(out: Path, resume_dir: Path, phase: str, step: int, ends: dict[str, int],
+                      save_final: bool = True) -> bool:
     """A resume of a finished run (summary.json) from a checkpoint before its end (an older one,
     e.g. a signal's that no later save replaced) trains its steps after the checkpoint again, or
-    drops those past this run's `ends` (its last step per phase), and replaces final/: said, since
-    nothing else would (its logs after the checkpoint are dropped)."""
+    drops those past this run's `ends` (its last step per phase), and replaces final/ (with
+    train.save_final=false: removes it): said, since nothing else would (its logs after the
+    checkpoint are dropped). Returns whether it is such a resume."""
     from r1vl.utils import _PHASES, read_metrics
 
     if not (out / "summary.json").is_file():
-        return
+        return False
     cut = (_PHASES[phase], step)
     later = [r for r in read_metrics(out / "metrics.jsonl")
              if r.get("phase") in _PHASES and (_PHASES[r["phase"]], r.get("step", 0)) > cut]
     if not later:
-        return
+        return False
     redo = sum(1 for r in later if r.get("step", 0) <= ends[r["phase"]])
     what = [f"trains {redo} of them again"] if redo else []
     if redo < len(later):
         what.append(f"drops {len(later) - redo} past this run's end (warmup.steps={ends['warmup']}, "
                     f"train.max_steps={ends['grpo']})")
+    final = "replaces final/" if save_final else "removes final/ (train.save_final=false writes none)"
     log.warning("train.resume: %s holds a finished run (up to %s step %d, %d step(s) after %s step %d); continuing "
-                "from %s %s, and replaces final/", out, later[-1]["phase"], later[-1].get("step", 0), len(later),
-                phase, step, resume_dir.name, " and ".join(what))
+                "from %s %s, and %s", out, later[-1]["phase"], later[-1].get("step", 0), len(later),
+                phase, step, resume_dir.name, " and ".join(what), final)
+    return True
 
 
 def drop_outputs_after(out: Path, phase: str, step: int) -> None:
@@ -490,8 +494,8 @@ def drop_eval_outputs_after(out: Path, phase: str, step: int) -> None:
     if not d.is_dir():
         return
     for p in d.glob("*.jsonl"):
-        if p.stem == "final":
-            p.unlink()
+        if p.stem == "final" or (p.stem == "after_warmup" and phase == "warmup"):  # (a checkpoint at the
+            p.unlink()  # warm-up's end precedes its evaluation: the resume runs it again)
         elif p.stem.startswith("grpo_step_"):
             try:
                 n = int(p.stem[len("grpo_step_"):])
@@ -1448,15 +1452,18 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
         retired: list[Path] = []
         if d.main:
             dump_run_config(cfg, out / "config.yaml")
-            warn_redone_steps(out, resume_dir, state["phase"], state["step"],
-                              {"warmup": cfg.warmup.steps, "grpo": cfg.train.max_steps})
+            redone = warn_redone_steps(out, resume_dir, state["phase"], state["step"],
+                                       {"warmup": cfg.warmup.steps, "grpo": cfg.train.max_steps},
+                                       cfg.train.save_final)
+            if redone and (out / "final").is_dir():  # the abandoned steps' model, as their logs: gone with
+                retired.append(retire_checkpoint(out / "final"))  # them (a new one is saved at the end)
             later = checkpoints_after(out / "checkpoints", checkpoint_name(state["phase"], state["step"]))
             if later:  # an abandoned continuation: kept, they would outrank this run's own saves
                 log.warning("train.resume from %s: removing the later checkpoints %s of the run it continues, "
                             "as its logs after that point are", resume_dir.name, ", ".join(p.name for p in later))
                 # out of train.resume=true's reach before the logs are cut: a kill or Ctrl-C from here
                 # on leaves this resume's point the newest, never an abandoned step with cut logs
-                retired = [retire_checkpoint(p) for p in later]
+                retired += [retire_checkpoint(p) for p in later]
         writer.truncate_after(state["phase"], state["step"])
         if d.main:
             drop_outputs_after(out, state["phase"], state["step"])

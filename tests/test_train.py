@@ -1744,3 +1744,23 @@ def test_check_reads_the_built_in_task_as_the_run_will(tmp_path, capfd):
     assert main(["--check", f"output_dir={out}", *small]) == 0
     assert "generating the synthetic task" not in capfd.readouterr().err  # the first --check's, reused
     assert sorted(p.name for p in out.iterdir()) == ["data"]
+
+
+def test_a_resume_from_an_earlier_checkpoint_leaves_none_of_the_abandoned_steps_outputs(tmp_path, data_dir, capfd):
+    """Resumed from a checkpoint before its end, a finished run drops what came after it. With
+    train.save_final=false its final/ stayed (the abandoned steps' model, beside a summary of the
+    new run) under a warning that said "replaces final/"; from the warm-up's last checkpoint, the
+    after-warm-up evaluation's outputs stayed while metrics.jsonl dropped its record."""
+    out = tmp_path / "run"
+    fast = ("train.max_steps=1", "train.save_every=1", "train.eval_after=false", "logging.plot=false")
+    assert main(_args(out, data_dir, *fast)) == 0
+    assert (out / "eval_outputs" / "after_warmup.jsonl").is_file() and (out / "final" / "config.json").is_file()
+    capfd.readouterr()
+    assert main(_args(out, data_dir, *fast, "train.eval_before=false", "train.save_final=false",
+                      f"train.resume={out / 'checkpoints' / 'warmup-000002'}")) == 0
+    err = capfd.readouterr().err
+    assert "trains 1 of them again, and removes final/ (train.save_final=false writes none)" in err, err[-2000:]
+    assert not (out / "final").exists() and not (out / "eval_outputs" / "after_warmup.jsonl").exists()
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")
+                and p.name != ".r1vl.lock"], sorted(p.name for p in out.iterdir())
+    assert [r["phase"] for r in _metrics(out)] == ["warmup", "warmup", "grpo"]
