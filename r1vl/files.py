@@ -69,6 +69,16 @@ def disk_full_error(path: str | Path, e: BaseException) -> DiskFullError | None:
                                        "train.resume=true")
 
 
+def written_path(e: BaseException) -> str | None:
+    """The file an OSError in `e`'s chain names (its `filename`), if any."""
+    x: BaseException | None = e
+    while x is not None:
+        if isinstance(x, OSError) and x.filename:
+            return str(x.filename)
+        x = x.__cause__ or x.__context__
+    return None
+
+
 @contextmanager
 def saying_disk_full(path: str | Path) -> Iterator[None]:
     """Around the writing of `path`: an error from a full disk leaves as a DiskFullError naming

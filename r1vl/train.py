@@ -2136,6 +2136,7 @@ def _main(argv: list[str] | None) -> int:
         print(f"r1vl.train: error: {problem}", file=sys.stderr)
         return 2
     quiet_deepspeed_probe()
+    cfg = None
     try:
         cfg = load_config(args.config, args.overrides)
         if args.print_config:
@@ -2173,6 +2174,13 @@ def _main(argv: list[str] | None) -> int:
         if _is_user_error(e):
             _fail(e)
             return 2
+        if cfg is not None:  # a full disk outside the saves (metrics.jsonl, eval outputs, init/): one line
+            from r1vl.files import disk_full_error, written_path
+
+            full = disk_full_error(written_path(e) or cfg.output_dir, e)
+            if full is not None:
+                _fail(full)
+                return 2
         raise
     return 0
 

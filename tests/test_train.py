@@ -1764,3 +1764,25 @@ def test_a_resume_from_an_earlier_checkpoint_leaves_none_of_the_abandoned_steps_
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")
                 and p.name != ".r1vl.lock"], sorted(p.name for p in out.iterdir())
     assert [r["phase"] for r in _metrics(out)] == ["warmup", "warmup", "grpo"]
+
+
+def test_a_full_disk_outside_the_saves_stops_the_run_in_one_line(tmp_path, data_dir, monkeypatch, capfd):
+    """metrics.jsonl, the evaluation outputs, init/: a full disk there was a traceback and exit 1
+    (the saves already said it in one line, DiskFullError)."""
+    import errno
+
+    from r1vl.utils import MetricsWriter
+
+    real = MetricsWriter.write
+
+    def full(self, rec, *a, **k):
+        if rec.get("phase") == "grpo":
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+        return real(self, rec, *a, **k)
+
+    monkeypatch.setattr(MetricsWriter, "write", full)
+    out = tmp_path / "run"
+    assert main(_args(out, data_dir, "train.max_steps=1", "train.eval_before=false", "logging.plot=false")) == 2
+    err = capfd.readouterr().err
+    assert f"writing {out / 'metrics.jsonl'}: No space left on device" in err and "r1vl.train: error: " in err, err[-2000:]
+    assert "Traceback" not in err
