@@ -9,6 +9,7 @@ import torch
 from r1vl.rollout.vllm_engine import (
     VLLMEngine,
     VLLMEngineConfig,
+    engine_seed,
     hf_to_vllm_name,
     iter_weight_buckets,
     strip_expandable_segments,
@@ -198,3 +199,17 @@ def test_engine_options_from_the_trainer_config():
     cfg.rollout.vllm = Bad()
     with pytest.raises(ValueError, match="rollout.vllm.tensor_paralel_size"):
         engine_options(cfg, _Processor(), "m")
+
+
+def test_the_engine_seed_is_one_numpy_takes():
+    """vLLM seeds NumPy with its engine seed, which refuses values outside [0, 2**32): r1vl's
+    seed may be any 64-bit integer (seed=-1 stopped a vLLM run at engine start)."""
+    import numpy as np
+
+    assert [engine_seed(0, r) for r in range(3)] == [0, 1, 2]  # seed + replica, as before, in range
+    for seed, r in ((-1, 0), (-1, 3), (2**32 - 1, 1), (2**64 - 1, 2), (-(2**63), 0)):
+        s = engine_seed(seed, r)
+        assert 0 <= s < 2**32 and s == (seed + r) % 2**32
+        np.random.seed(s)
+    with pytest.raises(ValueError):
+        np.random.seed(-1)  # what vLLM got

@@ -67,7 +67,7 @@ class VLLMEngineConfig:
     sleep_level: int = 1  # 1: weights offloaded to host, 2: weights dropped (all must be pushed)
     enable_prefix_caching: bool = True
     dtype: str = "auto"
-    seed: int = 0  # engine seed on rank r is seed + r // tensor_parallel_size
+    seed: int = 0  # engine seed on rank r: engine_seed(seed, r // tensor_parallel_size)
     load_format: str = "auto"  # "dummy": random start-up weights, the trainer pushes its own
     limit_images_per_prompt: int = 1
     min_pixels: int | None = None  # image processor bounds; the same as the trainer's
@@ -448,7 +448,7 @@ class VLLMEngine:
             model=config.model,
             tensor_parallel_size=tp,
             distributed_executor_backend="external_launcher",
-            seed=config.seed + self.dp_rank,
+            seed=engine_seed(config.seed, self.dp_rank),
             enable_sleep_mode=self.sleep_mode,
             enforce_eager=config.enforce_eager,
             max_model_len=config.max_model_len,
@@ -829,6 +829,12 @@ class VLLMEngine:
             "reserved": torch.cuda.memory_reserved(),
             "device_used": total - free,
         }
+
+
+def engine_seed(seed: int, dp_rank: int) -> int:
+    """The vLLM engine's seed for replica `dp_rank`: seed + dp_rank, in [0, 2**32) (vLLM seeds
+    NumPy with it, which refuses anything else: r1vl's seed may be any 64-bit integer)."""
+    return (seed + dp_rank) % 2**32
 
 
 @contextlib.contextmanager
