@@ -69,12 +69,12 @@ def disk_full_error(path: str | Path, e: BaseException) -> DiskFullError | None:
                                        "train.resume=true")
 
 
-def written_path(e: BaseException) -> str | None:
-    """The file an OSError in `e`'s chain names (its `filename`), if any."""
+def disk_full_oserror(e: BaseException) -> OSError | None:
+    """The OSError of a full disk or quota (ENOSPC, EDQUOT) in `e`'s chain, if any."""
     x: BaseException | None = e
     while x is not None:
-        if isinstance(x, OSError) and x.filename:
-            return str(x.filename)
+        if isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT):
+            return x
         x = x.__cause__ or x.__context__
     return None
 

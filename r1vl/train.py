@@ -318,10 +318,10 @@ def check_resume_config(saved: dict | None, cfg: Config, resume_dir: Path, warn:
 
 def reference_dir(out: Path, resume_dir: Path, recorded: str | None = None) -> Path:
     """The KL reference of a run resumed inside StepGRPO: the warm-up model, saved as warmup/ in
-    this output_dir, else where the checkpoint says its run took it from (`recorded`: a run
-    continued from another's checkpoint writes no warmup/ of its own), else warmup/ in the
-    directory of the run that wrote the checkpoint."""
-    places = [out / "warmup", *([Path(recorded)] if recorded else []), resume_dir.parent.parent / "warmup"]
+    this output_dir or in the directory of the run that wrote the checkpoint, else where the
+    checkpoint says its run took it from (`recorded`: a run continued from another's checkpoint
+    writes no warmup/ of its own)."""
+    places = [out / "warmup", resume_dir.parent.parent / "warmup", *([Path(recorded)] if recorded else [])]
     for p in places:
         if (p / "config.json").is_file():
             return p
@@ -332,11 +332,13 @@ def reference_dir(out: Path, resume_dir: Path, recorded: str | None = None) -> P
 
 def clear_previous_run(out: Path) -> list[str]:
     """train.overwrite=true: remove an earlier run's outputs (rank 0, before anything is written)."""
+    from r1vl.utils import retire_checkpoint
+
     removed = []
     for name in RUN_OUTPUTS:
         p = out / name
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
+        if p.is_dir() and not p.is_symlink():  # renamed first: an overwrite killed midway leaves no
+            shutil.rmtree(retire_checkpoint(p))  # half-deleted checkpoint or model for a resume to pick
         elif p.exists() or p.is_symlink():
             p.unlink()
         else:
@@ -1267,8 +1269,9 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
     if d.main:  # a save killed midway (atomic_dir_write's temporaries), before the resume point is found
         for what in clean_interrupted_saves(out / "checkpoints"):
             log.warning("checkpoints/: cleaned up after an interrupted save: %s", what)
-        for what in clean_interrupted_saves(out, names=("final", "warmup")):  # a model's copy each
-            log.warning("%s: cleaned up after an interrupted save: %s", out, what)
+        # a model's copy each (final/, warmup/), or a run output an interrupted overwrite or resume retired
+        for what in clean_interrupted_saves(out, names=RUN_OUTPUTS):
+            log.warning("%s: cleaned up after an interrupted save or removal: %s", out, what)
     d.barrier()
     # rank 0's choice: each rank looking on its own could pick another (a file system whose other
     # nodes see a change late), and then trains another phase, until a collective breaks
@@ -1488,7 +1491,8 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
                  "wall_seconds": prior_wall + time.time() - t_start,
                  # where the KL reference was loaded from, when not this output_dir's warmup/ (a run
                  # continued from another's checkpoint): a resume of this checkpoint finds it there
-                 "reference_dir": None if ref_dir is None else str(Path(ref_dir).resolve())}
+                 "reference_dir": None if ref_dir is None or Path(ref_dir).resolve() == (out / "warmup").resolve()
+                 else str(Path(ref_dir).resolve())}
         if phase in streams:  # where the phase's data stream stands: a resume goes on from that row
             stream, k = streams[phase]
             extra["data_position"] = {"phase": phase, "step": done, "position": stream.position(done, k)}
@@ -2136,7 +2140,6 @@ def _main(argv: list[str] | None) -> int:
         print(f"r1vl.train: error: {problem}", file=sys.stderr)
         return 2
     quiet_deepspeed_probe()
-    cfg = None
     try:
         cfg = load_config(args.config, args.overrides)
         if args.print_config:
@@ -2174,13 +2177,14 @@ def _main(argv: list[str] | None) -> int:
         if _is_user_error(e):
             _fail(e)
             return 2
-        if cfg is not None:  # a full disk outside the saves (metrics.jsonl, eval outputs, init/): one line
-            from r1vl.files import disk_full_error, written_path
+        from r1vl.files import disk_full_oserror
 
-            full = disk_full_error(written_path(e) or cfg.output_dir, e)
-            if full is not None:
-                _fail(full)
-                return 2
+        full = disk_full_oserror(e)  # outside the saves (metrics.jsonl, eval outputs, init/): one line
+        if full is not None:
+            where = f"writing {full.filename}" if full.filename else "a write failed"
+            _fail(UserError(f"{where}: {os.strerror(full.errno)}; free some space and start the run again "
+                            "(train.resume=true continues from its last checkpoint, if it wrote one)"))
+            return 2
         raise
     return 0
 

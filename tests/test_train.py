@@ -1135,8 +1135,9 @@ def test_resume_drops_eval_outputs_after_the_checkpoint(tmp_path):
         (d / f"{name}.jsonl").write_text("{}\n")
     drop_eval_outputs_after(tmp_path, "grpo", 3)
     assert sorted(p.stem for p in d.iterdir()) == ["after_warmup", "grpo_step_000002"]
-    drop_eval_outputs_after(tmp_path, "warmup", 400)  # a warm-up checkpoint: no StepGRPO eval yet
-    assert sorted(p.stem for p in d.iterdir()) == ["after_warmup"]
+    # a warm-up checkpoint (its last step's too) precedes every evaluation: the after-warm-up one goes
+    drop_eval_outputs_after(tmp_path, "warmup", 400)  # as its metrics.jsonl record does
+    assert sorted(p.stem for p in d.iterdir()) == []
 
 
 def test_resume_drops_the_summary_and_plot_of_the_run_it_continues(tmp_path):
@@ -1775,14 +1776,25 @@ def test_a_full_disk_outside_the_saves_stops_the_run_in_one_line(tmp_path, data_
 
     real = MetricsWriter.write
 
+    named = [True]
+
     def full(self, rec, *a, **k):
-        if rec.get("phase") == "grpo":
-            raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+        if rec.get("phase") == "grpo":  # open() names the file; a write() or close() does not
+            raise OSError(errno.ENOSPC, "No space left on device", *([str(self.path)] if named[0] else []))
         return real(self, rec, *a, **k)
 
     monkeypatch.setattr(MetricsWriter, "write", full)
     out = tmp_path / "run"
-    assert main(_args(out, data_dir, "train.max_steps=1", "train.eval_before=false", "logging.plot=false")) == 2
+    run = _args(out, data_dir, "train.max_steps=1", "train.eval_before=false", "logging.plot=false")
+    assert main(run) == 2
     err = capfd.readouterr().err
-    assert f"writing {out / 'metrics.jsonl'}: No space left on device" in err and "r1vl.train: error: " in err, err[-2000:]
+    assert f"r1vl.train: error: writing {out / 'metrics.jsonl'}: No space left on device; free some space" in err
     assert "Traceback" not in err
+    named[0] = False
+    assert main([*run, "train.overwrite=true"]) == 2
+    assert "r1vl.train: error: a write failed: No space left on device; free some space" in capfd.readouterr().err
+    # other errors are not taken for one: a full /dev/shm says so in a RuntimeError's text only
+    monkeypatch.setattr(MetricsWriter, "write", lambda self, rec, *a, **k: (_ for _ in ()).throw(
+        RuntimeError("unable to write to file </torch_1>: No space left on device (28)")))
+    with pytest.raises(RuntimeError):
+        main([*run, "train.overwrite=true"])
