@@ -1798,3 +1798,33 @@ def test_a_full_disk_outside_the_saves_stops_the_run_in_one_line(tmp_path, data_
         RuntimeError("unable to write to file </torch_1>: No space left on device (28)")))
     with pytest.raises(RuntimeError):
         main([*run, "train.overwrite=true"])
+
+
+def test_an_overwrite_killed_midway_leaves_no_half_deleted_checkpoint_to_resume(tmp_path, data_dir, monkeypatch,
+                                                                                capfd):
+    """train.overwrite=true deleted checkpoints/ in place: Ctrl-C or a kill midway left a checkpoint
+    with its trainer_state.pt but not its weights, which train.resume=true then picked and could
+    not load. Each output is renamed out of the way first; the next start cleans the rest."""
+    import shutil
+
+    out = tmp_path / "run"
+    fast = ("train.max_steps=2", "train.save_every=1", "train.eval_before=false", "train.eval_after=false",
+            "logging.plot=false")
+    assert main(_args(out, data_dir, *fast)) == 0
+    real = shutil.rmtree
+
+    def killed_midway(path, *a, **k):
+        if "checkpoints" in str(path):  # the newest checkpoint's weights go first, then the kill
+            (Path(path) / "grpo-000002" / "model.safetensors").unlink()
+            raise KeyboardInterrupt
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(shutil, "rmtree", killed_midway)
+    assert main(_args(out, data_dir, *fast, "train.overwrite=true")) == 130  # Ctrl-C at start-up
+    monkeypatch.setattr(shutil, "rmtree", real)
+    capfd.readouterr()
+    assert main(_args(out, data_dir, *fast, "train.resume=true")) == 2
+    err = capfd.readouterr().err
+    assert "no checkpoint to resume from" in err and "cannot load" not in err, err[-2000:]
+    assert main(_args(out, data_dir, *fast, "train.overwrite=true")) == 0
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".tmp-")]  # cleaned at its start
