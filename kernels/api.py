@@ -244,7 +244,8 @@ def linear_logprobs(
     Differentiable w.r.t. hidden, weight and bias (logp and entropy); under torch.no_grad
     nothing is saved.
     """
-    temperature = _as_number(temperature)
+    temperature, return_entropy = _as_number(temperature), _as_bool(return_entropy)
+    _check_bool("return_entropy", return_entropy)  # a truthy "no" returned a tuple, as the loss refuses it
     _check_linear(hidden, weight, bias, targets, temperature, hidden_ndims=(2, 3))
     be = _resolve_backend(backend, hidden.device, hidden.dtype)
     _check_target_range(targets, weight.shape[0])

@@ -637,7 +637,7 @@ class TritonGRPOObjectiveFunction(torch.autograd.Function):
             flags = torch.where(cnt > 0, out[:, 2:5] / torch.where(cnt > 0, cnt, 1.0), 0.0)
             stats = torch.cat([stats[:1], flags.sum(0) / max(1, bsz), stats[4:]])
         ctx.mark_non_differentiable(stats)
-        return sums[0], stats
+        return sums[0].clone(), stats  # not a view: the caller may scale the loss in place (loss /= k)
 
     @staticmethod
     @differentiable_once

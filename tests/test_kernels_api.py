@@ -96,6 +96,12 @@ def test_bad_linear_logprobs_inputs(case):
         linear_logprobs(case.hidden.double(), case.weight.double(), case.targets, backend="triton")
     with pytest.raises(ValueError, match="backend"):
         linear_logprobs(case.hidden, case.weight, case.targets, backend="cpu")
+    with pytest.raises(ValueError, match="return_entropy: expected a bool"):
+        linear_logprobs(case.hidden, case.weight, case.targets, return_entropy="no")
+    import numpy as np
+
+    assert isinstance(linear_logprobs(case.hidden, case.weight, case.targets, return_entropy=np.bool_(False)),
+                      torch.Tensor)
 
 
 def test_module_validates_at_construction():

@@ -301,3 +301,26 @@ def test_cuda_every_forward_config(monkeypatch, cfg, dtype):
     assert torch.isfinite(logp).all() and torch.isfinite(ent).all()
     assert (logp.cpu().double() - rlogp).abs().max() <= tol * max(1.0, float(rlogp.abs().max()))
     assert (ent.cpu().double() - rent).abs().max() <= tol * max(1.0, float(rent.abs().max()))
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_the_loss_can_be_scaled_in_place(level):
+    """`loss /= accumulation_steps` before backward, as the torch backend allows: the Triton
+    objective returned a view made inside its autograd.Function, which autograd refuses to
+    modify in place."""
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(2, 4, 8, device=DEV), torch.randn(16, 8, device=DEV)
+    targets, mask, adv = torch.randint(0, 16, (2, 4), device=DEV), torch.ones(2, 4, device=DEV), \
+        torch.randn(2, device=DEV)
+    grads = []
+    for scale_in_place in (False, True):
+        h = hidden.clone().requires_grad_()
+        loss, _ = fused_linear_grpo_loss(h, weight, targets, mask, adv, backend="triton",
+                                         importance_sampling_level=level)
+        if scale_in_place:
+            loss /= 4
+        else:
+            loss = loss / 4
+        loss.backward()
+        grads.append(h.grad)
+    assert grads[0].abs().max() > 0 and torch.allclose(grads[0], grads[1])
