@@ -247,7 +247,13 @@ def paired_comparison(before: Sequence[float], after: Sequence[float]) -> dict[s
     broken = sum(1 for b, a in zip(before, after) if a < b)
     n = fixed + broken
     k = min(fixed, broken)
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n if n else 1.0
+    tail = 1.0
+    if n:  # sum of C(n, i) for i <= k, each from the last (math.comb each time: minutes at 20k pairs)
+        c = total = 1
+        for i in range(k):
+            c = c * (n - i) // (i + 1)
+            total += c
+        tail = total / 2 ** n
     m = max(1, len(before))
     pb, pa = sum(before) / m, sum(after) / m
     return {"fixed": fixed, "broken": broken, "p_value": min(1.0, 2 * tail),

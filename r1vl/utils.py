@@ -627,7 +627,7 @@ def plot_run(metrics_path: Path, png_path: Path, title: str = "") -> bool:
         for key, label, colour in (("reward_mean", "rollout reward (StepRAR+StepRVR)", "tab:blue"),
                                    ("accuracy", "rollout accuracy", "tab:orange")):
             ys = [r[key] for r in grpo]
-            k = max(1, min(9, len(ys) // 6))  # a centred moving average over k steps (raw values faint)
+            k = max(1, min(9, len(ys) // 6)) | 1  # a centred moving average over k (odd) steps (raw values faint)
             smooth = [sum(ys[max(0, i - k // 2): i + k // 2 + 1]) / len(ys[max(0, i - k // 2): i + k // 2 + 1])
                       for i in range(len(ys))]
             ax.plot(xs, ys, color=colour, alpha=0.25, linewidth=0.8)
