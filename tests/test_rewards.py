@@ -175,6 +175,11 @@ def test_paper_variant_reads_long_answer_lines_quickly():
         t = time.perf_counter()
         accuracy_details(make(answer=line), make(answer="2\\sqrt{3}"), None, use_math_verify=False)
         assert time.perf_counter() - t < 5.0
+    # a choice letter read off a line of a letter, a long whitespace run and more: 28 s at 64k spaces
+    for line in ("A" + " " * 64_000 + "x", "b" + " " * 32_000 + "." + " " * 32_000 + "x"):
+        t = time.perf_counter()
+        accuracy_details(make(answer=line), make(answer="B"), None, use_math_verify=False)
+        assert time.perf_counter() - t < 5.0
 
 
 def test_paper_variant_uses_final_answer_line_not_earlier_expressions():

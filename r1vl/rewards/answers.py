@@ -37,7 +37,9 @@ _CHOICE_LEAD = re.compile(r"(?:the\s+)?(?:correct\s+|final\s+|right\s+)?(?:answe
 # a completion's choice letter: bracketed "(a)" / "[B]", an upper-case letter with its
 # punctuation "B." / "B)" / "B:", "b)", or a lone letter; not a leading article ("A triangle")
 _CHOICE_PRED = (re.compile(r"[(\[]\s*([A-Za-z])\s*[)\]]"), re.compile(r"([A-Z])\s*[.):](?!\w)"),
-                re.compile(r"([a-z])\)"), re.compile(r"([A-Za-z])\s*\.?\s*\Z"))
+                # possessive: two backtracking \s* split a long whitespace run every way (quadratic:
+                # 28 s at 64k spaces before a non-space, outside any reward deadline)
+                re.compile(r"([a-z])\)"), re.compile(r"([A-Za-z])\s*+\.?\s*+\Z"))
 _YES_NO = ("yes", "no")
 _FIRST_WORD = re.compile(r"[A-Za-z]+")
 
