@@ -113,6 +113,25 @@ def test_a_stuck_worker_is_killed_and_the_batch_completes():
         pool.close()
 
 
+def test_a_worker_replaced_late_in_a_batch_has_its_own_start_up_time(monkeypatch):
+    """The start-up limit counted from the batch's start: one worker killed at its hard deadline
+    past that limit, its successor (not started yet) ended the batch with "no reward worker
+    started", and score_batch rescored the whole batch in-process, without a hard deadline."""
+    from r1vl.rewards import pool as pool_mod
+
+    monkeypatch.setattr(pool_mod, "_STARTUP_TIMEOUT_S", 5.0)
+    pool = RewardPool(1)
+    try:
+        _wait_ready(pool)
+        os.kill(pool._workers[0].process.pid, signal.SIGSTOP)  # killed at its hard deadline: 3 + 3 s
+        cs = [SOL.replace(": 7", f": {i}.5") for i in range(3)]
+        results, kills = pool.map([(i, c, SOL, [["4 and 3"]]) for i, c in enumerate(cs)],
+                                  alpha=0.1, variant="paper", timeout_s=3.0)
+        assert kills == 1 and all(r is not None for r in results)
+    finally:
+        pool.close()
+
+
 def test_a_dead_worker_is_replaced():
     pool = RewardPool(1)
     try:

@@ -85,6 +85,7 @@ class _Worker:
     recycling: bool = False  # announced its exit (broken math-verify state): nothing to blame
     pending: deque = field(default_factory=deque)  # tasks sent, not yet answered
     last_heard: float = 0.0
+    spawned: float = field(default_factory=time.monotonic)  # its start-up limit counts from here
 
 
 class RewardPool:
@@ -183,7 +184,6 @@ class RewardPool:
         hard = soft + max(_MIN_GRACE_S, soft) if soft else None
         kills = 0
         remaining = n
-        started = time.monotonic()
 
         def send(w: _Worker, part: list[_Task]) -> bool:
             # pending first: an interrupt during the write must leave the worker counted as busy
@@ -223,7 +223,9 @@ class RewardPool:
                     part = queue.popleft()
                     if not send(w, part):
                         queue.appendleft(part)
-            if not any(w.ready for w in self._workers) and now - started > _STARTUP_TIMEOUT_S:
+            # from each worker's own start (a worker replaced late in a long batch is new, not late)
+            if not any(w.ready for w in self._workers) and all(now - w.spawned > _STARTUP_TIMEOUT_S
+                                                               for w in self._workers):
                 raise RuntimeError(f"no reward worker started within {_STARTUP_TIMEOUT_S:.0f}s")
             # wait for a message, at most until the nearest hard deadline
             wait_s = 1.0
