@@ -356,7 +356,8 @@ def score_batch(completions: Sequence[Any], solutions: Sequence[Any], key_steps:
       "total"     w_acc*StepRAR + w_val*StepRVR
       "key_steps" k (fraction of key-step groups matched)
       "correct"   1.0 if the answer was judged right
-      "timed_out" 1.0 if math-verify hit its deadline (or the worker was killed)
+      "timed_out" 1.0 if math-verify hit its deadline, or an item whose worker was killed needed
+                  it (rescored without it; an answer read without math-verify keeps its score)
     and the batch counts "num_timeouts" = [sum of timed_out] and
     "num_killed" = [workers killed at the hard deadline], as one-element lists.
 
