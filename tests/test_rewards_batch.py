@@ -132,6 +132,34 @@ def test_a_worker_replaced_late_in_a_batch_has_its_own_start_up_time(monkeypatch
         pool.close()
 
 
+def test_a_worker_that_stops_reading_its_tasks_is_replaced_in_bounded_time():
+    """The parent wrote a chunk of tasks to an idle worker's pipe with a blocking write, outside
+    any deadline: a worker not reading (stopped here) blocked the batch for ever once the chunk
+    outgrew the pipe's buffer (64 KiB). The write now gives up at the hard deadline."""
+    pool = RewardPool(2)
+    try:
+        _wait_ready(pool)
+        os.kill(pool._workers[0].process.pid, signal.SIGSTOP)
+        long_sol = SOL.replace("### Step 2:", "### Step 2:\n" + "word " * 2000 + "\n")  # 8 tasks: 160 kB
+        tasks = [(i, long_sol.replace(": 7", f": {i}.5"), long_sol, [["4 and 3"]]) for i in range(64)]
+        out = {}
+        t = threading.Thread(target=lambda: out.update(r=pool.map(tasks, alpha=0.1, variant="paper",
+                                                                  timeout_s=0.5)), daemon=True)
+        t.start()
+        t.join(90)
+        blocked = t.is_alive()
+        if blocked:  # let the write fail (EPIPE) so that the thread gives the pool's lock back
+            for w in pool._workers:
+                w.process.kill()
+            t.join(30)
+        assert not blocked, "the batch blocked writing to a worker that does not read"
+        results, kills = out["r"]
+        assert kills == 0  # no item is to blame
+        assert [r[0] for r in results] == pytest.approx([accuracy_reward(c, s, k) for _, c, s, k in tasks])
+    finally:
+        pool.close()
+
+
 def test_a_dead_worker_is_replaced():
     pool = RewardPool(1)
     try:
@@ -312,25 +340,22 @@ def test_an_empty_key_step_phrasing_matches_nothing():
     assert key_step_groups("") == [] and key_step_groups({"Steps": " "}) == []
 
 
-def test_an_interrupt_between_the_write_and_the_bookkeeping_leaks_nothing():
+def test_an_interrupt_between_the_write_and_the_bookkeeping_leaks_nothing(monkeypatch):
     """Tasks already in a worker's pipe when the interrupt lands count as that worker's: it is
     replaced, so its answers never reach the next batch (pending was extended after the write)."""
+    from r1vl.rewards import pool as pool_mod
+
     pool = RewardPool(1)
     try:
         _wait_ready(pool)
-        w = pool._workers[0]
-        real = w.outbox
+        real = pool_mod._send_within
 
-        class WriteThenInterrupt:
-            def send(self, obj):
-                real.send(obj)
-                w.outbox = real
-                raise KeyboardInterrupt
+        def write_then_interrupt(conn, obj, timeout_s):
+            real(conn, obj, timeout_s)
+            monkeypatch.setattr(pool_mod, "_send_within", real)
+            raise KeyboardInterrupt
 
-            def __getattr__(self, k):
-                return getattr(real, k)
-
-        w.outbox = WriteThenInterrupt()
+        monkeypatch.setattr(pool_mod, "_send_within", write_then_interrupt)
         cs, sols = _right(8)
         with pytest.raises(KeyboardInterrupt):
             pool.map([(i, c, s, []) for i, (c, s) in enumerate(zip(cs, sols))], alpha=0.1, variant="paper",

@@ -21,6 +21,8 @@ import atexit
 import logging
 import math
 import os
+import select
+import struct
 import subprocess
 import sys
 import threading
@@ -28,6 +30,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
+from multiprocessing.reduction import ForkingPickler
 from typing import Any, Mapping, Sequence
 
 from r1vl.rewards.core import (
@@ -74,6 +77,36 @@ def _score_one(task: _Task, alpha: float, variant: str, timeout_s: float | None,
     acc = accuracy_details(completion, solution, groups, alpha=alpha, variant=variant,
                            timeout_s=timeout_s, use_math_verify=use_math_verify)
     return (acc.reward, validity_reward(completion), acc.key_step_fraction, acc.correct, acc.timed_out)
+
+
+def _send_within(conn: Connection, obj, timeout_s: float | None) -> bool:
+    """conn.send(obj), in Connection's framing, giving up once the pipe has not taken the rest
+    for `timeout_s` (None: blocking): a worker that stopped reading (stopped, stuck before its
+    next recv) blocked the parent for ever once a message outgrew the pipe's buffer. False on
+    giving up: the message may be partly written, so the worker must be replaced."""
+    if timeout_s is None:
+        conn.send(obj)
+        return True
+    buf = bytes(ForkingPickler.dumps(obj))
+    head = struct.pack("!i", len(buf)) if len(buf) <= 0x7FFFFFFF else struct.pack("!iQ", -1, len(buf))
+    data = memoryview(head + buf)
+    fd = conn.fileno()
+    deadline = time.monotonic() + timeout_s
+    os.set_blocking(fd, False)
+    try:
+        while data:
+            try:
+                data = data[os.write(fd, data):]
+                continue
+            except BlockingIOError:
+                pass
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            select.select([], [fd], [], left)
+    finally:
+        os.set_blocking(fd, True)
+    return True
 
 
 @dataclass
@@ -185,16 +218,21 @@ class RewardPool:
         kills = 0
         remaining = n
 
-        def send(w: _Worker, part: list[_Task]) -> bool:
+        def send(i: int, w: _Worker, part: list[_Task]) -> bool:
             # pending first: an interrupt during the write must leave the worker counted as busy
             # (replaced by _drop_busy), not idle with tasks of this batch in its pipe
             w.pending.extend(part)
             try:
-                w.outbox.send((part, alpha, variant, timeout_s))
+                sent = _send_within(w.outbox, (part, alpha, variant, timeout_s), hard)
             except (OSError, ValueError):
                 for _ in part:
                     w.pending.pop()
                 return False
+            if not sent:  # not reading: replaced, its tasks (none of them to blame) queued again
+                logger.warning("reward worker %s took no task for %.1fs: replaced", w.process.pid, hard)
+                w.recycling = True
+                replace(i, w, "not reading")
+                return True
             w.last_heard = time.monotonic()
             return True
 
@@ -218,10 +256,10 @@ class RewardPool:
 
         while remaining > 0:
             now = time.monotonic()
-            for w in self._workers:
+            for i, w in enumerate(self._workers):
                 if w.ready and not w.pending and queue:
                     part = queue.popleft()
-                    if not send(w, part):
+                    if not send(i, w, part):
                         queue.appendleft(part)
             # from each worker's own start (a worker replaced late in a long batch is new, not late)
             if not any(w.ready for w in self._workers) and all(now - w.spawned > _STARTUP_TIMEOUT_S
