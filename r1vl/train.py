@@ -947,6 +947,13 @@ def make_engine(cfg: Config, model, processor, weights=None):
         engine = VLLMEngine.from_config(cfg, model, processor, weights=weights)
     except ImportError as e:
         raise UserError(str(e)) from None
+    except ValueError as e:  # vLLM's refusals of its settings (no room for the KV cache, a length): one line
+        log.debug("the vLLM engine did not start", exc_info=True)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"rollout.engine=vllm: the vLLM engine did not start: {first} (r1vl's settings for it: "
+                        "rollout.vllm.kv_cache_memory_bytes off CUDA, else rollout.vllm.gpu_memory_utilization; "
+                        "rollout.vllm.max_num_seqs, max_num_batched_tokens; logging.level=DEBUG shows vLLM's "
+                        "traceback)") from None
     _OPEN_ENGINES.append(engine)
     return engine
 

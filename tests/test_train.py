@@ -1828,3 +1828,21 @@ def test_an_overwrite_killed_midway_leaves_no_half_deleted_checkpoint_to_resume(
     assert "no checkpoint to resume from" in err and "cannot load" not in err, err[-2000:]
     assert main(_args(out, data_dir, *fast, "train.overwrite=true")) == 0
     assert not [p.name for p in out.iterdir() if p.name.startswith(".tmp-")]  # cleaned at its start
+
+
+def test_a_vllm_engine_that_does_not_start_is_one_line(tmp_path, data_dir, monkeypatch, capsys):
+    """vLLM's refusal of its settings (no room for the KV cache) was a traceback of about 100
+    lines and exit 1, whose hint (gpu_memory_utilization) is ignored off CUDA."""
+    from r1vl.rollout import vllm_engine
+
+    def refuse(*a, **k):
+        raise ValueError("No available memory for the cache blocks. Try increasing `gpu_memory_utilization` "
+                         "when initializing the engine.\nmore lines")
+
+    monkeypatch.setattr(vllm_engine, "vllm_installed", lambda: True)
+    monkeypatch.setattr(vllm_engine.VLLMEngine, "from_config", classmethod(refuse))
+    assert main(_args(tmp_path / "run", data_dir, "rollout.engine=vllm", "warmup.steps=0")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and err.splitlines()[-1].startswith(
+        "r1vl.train: error: rollout.engine=vllm: the vLLM engine did not start: No available memory for the cache "
+        "blocks.") and "rollout.vllm.kv_cache_memory_bytes" in err.splitlines()[-1], err[-2000:]
