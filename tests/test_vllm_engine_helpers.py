@@ -2,6 +2,7 @@
 buckets, allocator settings, config checks, construction preconditions. (The
 engine itself is tested on the real vLLM CPU backend in tests/vllm_suite/.)"""
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -178,7 +179,14 @@ def test_engine_options_from_the_trainer_config():
     assert opts["stop_token_ids"] == [2, 0] and opts["suppress_token_ids"] == [9, 10, 11]
     if not torch.cuda.is_available():
         assert opts["enforce_eager"] is True and opts["kv_cache_memory_bytes"] == 256 << 20
+        # every sequence's whole prefill in one step (a split one's seeded generator fails on CPU)
+        assert opts["max_num_batched_tokens"] == 256 * opts["max_model_len"]
+    assert opts["dtype"] == "float32"
     VLLMEngineConfig(**opts)  # a valid engine config
+    # the engine computes in the policy's dtype: DeepSpeed's bf16 over model.dtype float32
+    ds_cfg = Config()
+    ds_cfg.deepspeed = str(Path(__file__).resolve().parents[1] / "configs" / "ds_zero2.json")
+    assert engine_options(ds_cfg, _Processor(), "m")["dtype"] == "bfloat16"
 
     @dataclass
     class Section:  # what the trainer's rollout.vllm section holds

@@ -297,11 +297,12 @@ def engine_options(cfg, processor, model_dir: str) -> dict[str, Any]:
     import dataclasses
 
     from r1vl.config import longest_sequence
+    from r1vl.ds import compute_dtype
 
     opts: dict[str, Any] = dict(
         model=model_dir,
         load_format="dummy",
-        dtype=cfg.model.dtype,
+        dtype=compute_dtype(cfg),  # the policy's (DeepSpeed's bf16 / fp16 over model.dtype float32)
         seed=cfg.seed,
         max_model_len=longest_sequence(cfg),
         min_pixels=cfg.data.min_pixels,
@@ -325,6 +326,11 @@ def engine_options(cfg, processor, model_dir: str) -> dict[str, Any]:
         # fraction of host RAM is refused on a small machine)
         opts["enforce_eager"] = True
         opts.setdefault("kv_cache_memory_bytes", 256 * MiB)
+        # a step's budget that never splits a prompt's prefill: vLLM rewinds a seeded request's
+        # generator for a split one, which a CPU generator refuses ("CPU Generator does not use
+        # offset"): seeded rollouts stopped once a step's prompts passed its default 4096 tokens
+        opts.setdefault("max_num_batched_tokens",
+                        opts.get("max_num_seqs", VLLMEngineConfig.max_num_seqs) * opts["max_model_len"])
     return opts
 
 
