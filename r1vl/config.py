@@ -153,6 +153,8 @@ class VLLMConfig:
     kv_cache_memory_bytes: int = field(default=0, metadata=_min(0))  # 0: from gpu_memory_utilization; CPU: 256 MiB
     max_model_len: Optional[int] = None  # None: data.max_prompt_length + image tokens + max_completion_length
     max_num_seqs: int = field(default=256, metadata=_min(1))
+    # None: vLLM's default on CUDA; on CPU max_num_seqs x max_model_len (a split prefill of a seeded
+    # request fails there)
     max_num_batched_tokens: Optional[int] = field(default=None, metadata=_min(1))
     enforce_eager: bool = False  # forced on CPU
     enable_sleep_mode: Optional[bool] = None  # None: on CUDA only
