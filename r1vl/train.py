@@ -980,8 +980,13 @@ def optimizer_state_mismatch(saved: dict, n_params: int) -> str:
     if saved is None:  # stop_in_eval's checkpoint at the warm-up's end
         return ("it was written during an evaluation after the warm-up, without the warm-up's optimizer "
                 "state: the warm-up cannot be lengthened from it (resume with the warmup.steps that wrote it)")
-    held = sum(len(g.get("params", ())) for g in saved.get("param_groups", ()))
-    if held != n_params:
+    return trained_tensors_mismatch(sum(len(g.get("params", ())) for g in saved.get("param_groups", ())), n_params)
+
+
+def trained_tensors_mismatch(held: int | None, n_params: int) -> str:
+    """Why a checkpoint whose optimizer state holds `held` tensors (None: not recorded) does not
+    fit a run that trains `n_params` ("" when it does)."""
+    if held is not None and held != n_params:
         return (f"its optimizer state holds {held} parameter tensors, this run trains {n_params} (a setting that "
                 "changes what is trained differs, e.g. model.freeze_vision); resume with the settings that wrote "
                 f"it, or train {FROM_WEIGHTS}")
@@ -1424,6 +1429,11 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
         from r1vl import ds
 
         ds_cfg = ds.config_from_trainer(cfg, d.world)
+        # DeepSpeed's loader meets another set of trained tensors with a traceback naming none (ZeRO-2:
+        # "parameter-alignment layout", ZeRO-3: a size mismatch, a KeyError): the count is in the state
+        why = trained_tensors_mismatch(state.get("trained_tensors"), len(params)) if resume_dir is not None else ""
+        if why:
+            raise UserError(f"train.resume: {resume_dir}: {why}")
         opt0, sched0 = warmup_optimizer() if engine_built_for_warmup else grpo_optimizer()
         train_policy = ds.initialize(policy, ds_cfg, optimizer=opt0, scheduler=sched0)
         del opt0, sched0
@@ -1494,7 +1504,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
     def ckpt_extra(phase: str, done: int) -> dict:
         extra = {"eval_warmup": state.get("eval_warmup"), "eval_warmup_items": state.get("eval_warmup_items"),
                  "eval_warmup_settings": state.get("eval_warmup_settings"),
-                 "config": to_dict(cfg), "data": fingerprints, "data_used": used,
+                 "config": to_dict(cfg), "data": fingerprints, "data_used": used, "trained_tensors": len(params),
                  "wall_seconds": prior_wall + time.time() - t_start,
                  # where the KL reference was loaded from, when not this output_dir's warmup/ (a run
                  # continued from another's checkpoint): a resume of this checkpoint finds it there

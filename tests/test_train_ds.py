@@ -266,3 +266,21 @@ def test_deepspeed_checkpoint_of_a_final_evaluation_without_stepgrpo_cannot_leng
     err = capsys.readouterr().err
     assert f"train.resume: {ck}: it was written during an evaluation after the warm-up, without the warm-up's " \
            "optimizer state" in err and "Traceback" not in err, err[-2000:]
+
+
+def test_a_deepspeed_resume_that_trains_other_tensors_is_one_line(tmp_path, data_dir, capsys):
+    """model.freeze_vision changed on a DeepSpeed resume: DeepSpeed's loader failed after the model
+    and engine were built, with a traceback naming another setting (ZeRO-2: the parameter-alignment
+    layout) or none; without DeepSpeed the optimizer state's size was already refused in one line."""
+    from r1vl.train import main
+
+    out = tmp_path / "run"
+    args = [f"output_dir={out}", f"data.synthetic_dir={data_dir}", *TINY, *RUN, "warmup.steps=1",
+            "train.max_steps=1", "train.save_every=1", "train.eval_before=false", "train.eval_after=false",
+            f"deepspeed={ROOT / 'configs' / 'ds_zero2.json'}", "model.dtype=float32", "distributed.num_threads=1"]
+    assert main([*args, "model.freeze_vision=true"]) == 0
+    capsys.readouterr()
+    assert main([*args, "model.freeze_vision=false", "train.max_steps=2", "train.resume=true"]) == 2
+    err = capsys.readouterr().err
+    assert "this run trains" in err and "e.g. model.freeze_vision" in err and "Traceback" not in err, err[-2000:]
+    assert main([*args, "model.freeze_vision=true", "train.max_steps=2", "train.resume=true"]) == 0
