@@ -42,17 +42,23 @@ FULL_BYTES = 16 << 20  # less free than this after a short write: the disk fille
 _SHORT_WRITE = ("unexpected pos", "PytorchStreamWriter failed", "file write failed")
 
 
+def disk_full_oserror(e: BaseException) -> OSError | None:
+    """The OSError of a full disk or quota (ENOSPC, EDQUOT) in `e`'s chain, if any."""
+    x: BaseException | None = e
+    while x is not None:
+        if isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT):
+            return x
+        x = x.__cause__ or x.__context__
+    return None
+
+
 def disk_full_error(path: str | Path, e: BaseException) -> DiskFullError | None:
     """`e`, raised while writing `path`, as a DiskFullError when it came from a full disk: ENOSPC
     or EDQUOT in its chain, or torch.save's short-write error with under FULL_BYTES free beside
     `path` (not any error there: a mount that reports no free space keeps its own). None
     otherwise. Call it before the partial copy is removed (that frees the space again)."""
-    why = None
-    x: BaseException | None = e
-    while x is not None and why is None:
-        if isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT):
-            why = os.strerror(x.errno)
-        x = x.__cause__ or x.__context__
+    full = disk_full_oserror(e)
+    why = None if full is None else os.strerror(full.errno)
     if why is None and "No space left on device" in str(e):  # safetensors' Rust error carries it as text
         why = "No space left on device"
     parent = Path(path).parent
@@ -67,16 +73,6 @@ def disk_full_error(path: str | Path, e: BaseException) -> DiskFullError | None:
                                        f"{str(e).strip()[:300]}); the previous copy, if any, is intact: free "
                                        "some space (fewer checkpoints: train.keep_checkpoints) and continue with "
                                        "train.resume=true")
-
-
-def disk_full_oserror(e: BaseException) -> OSError | None:
-    """The OSError of a full disk or quota (ENOSPC, EDQUOT) in `e`'s chain, if any."""
-    x: BaseException | None = e
-    while x is not None:
-        if isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT):
-            return x
-        x = x.__cause__ or x.__context__
-    return None
 
 
 @contextmanager

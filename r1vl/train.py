@@ -332,13 +332,13 @@ def reference_dir(out: Path, resume_dir: Path, recorded: str | None = None) -> P
 
 def clear_previous_run(out: Path) -> list[str]:
     """train.overwrite=true: remove an earlier run's outputs (rank 0, before anything is written)."""
-    from r1vl.utils import retire_checkpoint
+    from r1vl.utils import retire_dir
 
     removed = []
     for name in RUN_OUTPUTS:
         p = out / name
         if p.is_dir() and not p.is_symlink():  # renamed first: an overwrite killed midway leaves no
-            shutil.rmtree(retire_checkpoint(p))  # half-deleted checkpoint or model for a resume to pick
+            shutil.rmtree(retire_dir(p))  # half-deleted checkpoint or model for a resume to pick
         elif p.exists() or p.is_symlink():
             p.unlink()
         else:
@@ -1247,7 +1247,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
     from r1vl.utils import (IndexStream, MetricsWriter, StatReducer, Timer, all_gather_objects,
                             broadcast_object, checkpoint_name, checkpoints_after, clean_interrupted_saves,
                             derive_seed, init_distributed, plot_run, read_metrics, seed_everything,
-                            retire_checkpoint, set_rng_state)
+                            retire_dir, set_rng_state)
 
     t_start = time.time()
     stop = stop or StopSignal()  # not entered: no handler, never set (still a collective per step)
@@ -1476,14 +1476,14 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
                                        {"warmup": cfg.warmup.steps, "grpo": cfg.train.max_steps},
                                        cfg.train.save_final)
             if redone and (out / "final").is_dir():  # the abandoned steps' model, as their logs: gone with
-                retired.append(retire_checkpoint(out / "final"))  # them (a new one is saved at the end)
+                retired.append(retire_dir(out / "final"))  # them (a new one is saved at the end)
             later = checkpoints_after(out / "checkpoints", checkpoint_name(state["phase"], state["step"]))
             if later:  # an abandoned continuation: kept, they would outrank this run's own saves
                 log.warning("train.resume from %s: removing the later checkpoints %s of the run it continues, "
                             "as its logs after that point are", resume_dir.name, ", ".join(p.name for p in later))
                 # out of train.resume=true's reach before the logs are cut: a kill or Ctrl-C from here
                 # on leaves this resume's point the newest, never an abandoned step with cut logs
-                retired += [retire_checkpoint(p) for p in later]
+                retired += [retire_dir(p) for p in later]
         writer.truncate_after(state["phase"], state["step"])
         if d.main:
             drop_outputs_after(out, state["phase"], state["step"])

@@ -361,7 +361,7 @@ def atomic_dir_write(final: Path, write) -> None:
     r1vl.files.DiskFullError, which names the path (torch.save's own error does not)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    tmp = _temporary_name(final)
     if tmp.exists():
         shutil.rmtree(tmp)
     from r1vl.files import saying_disk_full
@@ -395,13 +395,20 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     return best
 
 
-def retire_checkpoint(p: Path) -> Path:
-    """Take checkpoint `p` out of the resumable ones in one step, before deleting it: renamed to
-    atomic_dir_write's temporary name, which clean_interrupted_saves removes at the next start.
-    A removal killed midway (rmtree deletes file by file) then leaves no partial checkpoint
-    under its name for train.resume=true to pick. Returns the new path."""
+def _temporary_name(p: Path) -> Path:
+    """`.tmp-<name>-<pid>` beside `p`: atomic_dir_write's unfinished copy, retire_dir's doomed
+    directory; clean_interrupted_saves removes what a killed process left under it."""
+    return p.parent / f".tmp-{p.name}-{os.getpid()}"
+
+
+def retire_dir(p: Path) -> Path:
+    """Take directory `p` (a checkpoint, final/, a run output) out of reach in one step, before
+    deleting it: renamed to atomic_dir_write's temporary name, which clean_interrupted_saves
+    removes at the next start. A removal killed midway (rmtree deletes file by file) then
+    leaves nothing partial under its name (a checkpoint train.resume=true would pick). Returns
+    the new path."""
     p = Path(p)
-    gone = p.parent / f".tmp-{p.name}-{os.getpid()}"
+    gone = _temporary_name(p)
     if gone.exists():
         shutil.rmtree(gone, ignore_errors=True)
     os.replace(p, gone)
@@ -418,7 +425,7 @@ def prune_checkpoints(ckpt_dir: Path, keep: int, current: str | None = None) -> 
     )
     for _, p in items[:-keep]:
         if p.name != current:
-            shutil.rmtree(retire_checkpoint(p), ignore_errors=True)
+            shutil.rmtree(retire_dir(p), ignore_errors=True)
 
 
 def checkpoints_after(ckpt_dir: Path, name: str) -> list[Path]:

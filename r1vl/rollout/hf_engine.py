@@ -41,6 +41,12 @@ class _StopOnStrings:
         return done
 
 
+def _checked_batch_size(n: int) -> int:
+    if n < 1:
+        raise ValueError(f"batch_size must be >= 1, got {n}")
+    return n
+
+
 class HFEngine:
     """generate(prompts, n, sampling) -> n completions per prompt, prompt-major.
 
@@ -51,11 +57,9 @@ class HFEngine:
 
     def __init__(self, model: nn.Module, processor, *, batch_size: int = 32, synced_gpus: bool = False,
                  eos_token_ids: list[int] | None = None):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
         self.processor = processor
-        self.batch_size = batch_size
+        self.batch_size = _checked_batch_size(batch_size)
         self.synced_gpus = synced_gpus
         self.eos_ids = list(eos_token_ids) if eos_token_ids else processor.stop_token_ids()
         self.pad_id = processor.pad_token_id
@@ -63,14 +67,11 @@ class HFEngine:
         self.last_stats: dict[str, float] = {}
         self._neutral = _neutral_generation_config(model)
 
-
     @contextlib.contextmanager
     def batch_size_of(self, batch_size: int):
         """generate() splits its sequences `batch_size` at a time inside the block (the trainer's
         held-out evaluations: train.eval_batch_size, where rollouts take rollout.batch_size)."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        before, self.batch_size = self.batch_size, batch_size
+        before, self.batch_size = self.batch_size, _checked_batch_size(batch_size)
         try:
             yield self
         finally:
