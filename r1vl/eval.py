@@ -293,6 +293,34 @@ def _check_not_data(out: str, data_path: str, flag: str) -> None:
                          "the data set; choose another path")
 
 
+# the files a saved model (r1vl's final/, warmup/, a checkpoint, a Hugging Face model directory)
+# is loaded or resumed from: names, name prefixes, suffixes
+_MODEL_FILES = ("config.json", "generation_config.json", "trainer_state.pt")
+_MODEL_FILE_PREFIXES = ("tokenizer", "vocab", "merges", "special_tokens_map", "added_tokens", "chat_template",
+                        "preprocessor_config", "processor_config", "video_preprocessor_config", "model.",
+                        "pytorch_model", "adapter_")
+_MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".model", ".index.json", ".tiktoken")
+
+
+def _check_not_model(out: str, model: str, run_config: Path | None, flag: str) -> None:
+    """An output flag must not name a file of the model being evaluated (a weights, config,
+    tokenizer or processor file, anything in a subdirectory such as DeepSpeed's states) or the
+    run's config.yaml: written over after the model is read, it would break the saved run. A new
+    file beside them (final/eval.json) is fine."""
+    o = Path(out).resolve()
+    if run_config is not None and o == run_config.resolve():
+        raise ValueError(f"{flag} {out}: is the run's config ({run_config}) that --model {model} belongs to: "
+                         "writing it would overwrite the run's settings; choose another path")
+    m = Path(model).resolve()
+    if not o.is_relative_to(m):
+        return
+    name = o.name
+    if (o.parent != m or name in _MODEL_FILES or name.startswith(_MODEL_FILE_PREFIXES)
+            or name.endswith(_MODEL_FILE_SUFFIXES)):
+        raise ValueError(f"{flag} {out}: is a file of the model being evaluated (--model {model}): writing it "
+                         "would overwrite the saved model; choose another path")
+
+
 # CLI setting -> (built-in default, the run config's key the trainer's evaluation uses)
 EVAL_SETTINGS: dict[str, tuple[Any, str]] = {
     "max_new_tokens": (96, "rollout.max_completion_length"),
@@ -636,6 +664,10 @@ def _run(args, main_rank: bool) -> int:
             if not Path(data_path).exists():
                 raise FileNotFoundError(f"--data {args.data}: no such file or directory")
             check_model_path(args.model, label=f"--model {args.model}", hub=False)
+            cfg_path = find_run_config(args.model)
+            for flag, path in (("--out", args.out), ("--outputs", args.outputs)):
+                if path:
+                    _check_not_model(path, args.model, cfg_path, flag)
             if args.out:
                 _check_out(args.out)
                 _check_not_data(args.out, data_path, "--out")
@@ -644,7 +676,6 @@ def _run(args, main_rank: bool) -> int:
                 _check_not_data(args.outputs, data_path, "--outputs")
             if args.out and args.outputs and Path(args.out).resolve() == Path(args.outputs).resolve():
                 raise ValueError(f"--out and --outputs name the same file ({args.out})")
-            cfg_path = find_run_config(args.model)
             explicit = {name: getattr(args, name) for name in EVAL_SETTINGS}
             run_cfg = load_run_config(cfg_path)
             settings, sources = resolve_settings(explicit, run_cfg, cfg_path)

@@ -595,6 +595,39 @@ def test_outputs_or_out_naming_the_data_file_is_refused(fake_model, own_data, tm
     assert data.read_bytes() == before and (tmp_path / "hard.jsonl").read_bytes() == before
 
 
+def test_outputs_or_out_naming_a_model_file_is_refused(tmp_path, data_dir, capsys, monkeypatch, no_eval):
+    """--out final/config.json wrote the result over the evaluated model's config (the next load
+    failed), --outputs over its weights or the run's config.yaml: a file of the --model directory
+    (weights, configs, tokenizer, processor, a subdirectory's), under any spelling or link, or the
+    run's config is refused at start and nothing changes; a new file beside them is written."""
+    run = tmp_path / "run"
+    model = run / "final"
+    (model / "global_step3").mkdir(parents=True)
+    files = {"config.json": "{}", "model.safetensors": "w", "tokenizer.json": "t", "preprocessor_config.json": "p",
+             "trainer_state.pt": "s", "global_step3/mp_rank_00_model_states.pt": "d", "../config.yaml": "c"}
+    for name, text in files.items():
+        (model / name).write_text(text)
+    (tmp_path / "link").symlink_to(model)
+    monkeypatch.chdir(tmp_path)
+    data = str(data_dir / "test.jsonl")
+    cases = [("--out", "run/final/config.json"), ("--outputs", str(model / "model.safetensors")),
+             ("--out", "link/tokenizer.json"), ("--outputs", "run/final/preprocessor_config.json"),
+             ("--out", "run/final/trainer_state.pt"), ("--out", "run/final/global_step3/new.json"),
+             ("--outputs", "run/final/model-00001-of-00002.safetensors"), ("--out", "run/config.yaml")]
+    for flag, out in cases:
+        assert ev.main(["--model", "run/final", "--data", data, flag, out]) == 2, (flag, out)
+        line = _err_line(capsys)
+        assert line.startswith(f"r1vl.eval: error: {flag} {out}: ") and "overwrite" in line, line
+        assert ("run's config" in line) if out.endswith("yaml") else ("--model run/final" in line), line
+    assert {n: (model / n).read_text() for n in files} == files
+    assert not (model / "model-00001-of-00002.safetensors").exists()
+    assert not (model / "global_step3" / "new.json").exists()
+    # a new file beside the model's: the checks pass (and the CLI goes on to load the model)
+    with pytest.raises(AssertionError, match="past its input checks"):
+        ev.main(["--model", "run/final", "--data", data, "--out", "run/final/eval.json",
+                 "--outputs", "run/outputs.jsonl"])
+
+
 class _Proc:
     def chat_prompt(self, user, with_image):
         return user
