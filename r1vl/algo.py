@@ -259,12 +259,18 @@ def _backward(policy: nn.Module, loss: torch.Tensor, last: bool) -> None:
 def _optimizer_step(policy: nn.Module, params: list[torch.Tensor], optimizer, scheduler: Any,
                     max_grad_norm: float) -> float:
     """Clip, step the optimizer and the scheduler; returns the gradient norm before clipping.
-    A DeepSpeed engine does all three itself (gradient_clipping = optim.max_grad_norm)."""
+    A non-finite norm steps neither (the weights stay as they are). A DeepSpeed engine does all
+    three itself (gradient_clipping = optim.max_grad_norm): it skips fp16's overflow steps, and
+    applies a non-finite update in bf16 / fp32."""
     from r1vl import ds
 
     if ds.is_engine(policy):
         return ds.step(policy)
     grad_norm = _clip(params, max_grad_norm)
+    if not math.isfinite(grad_norm):
+        # a NaN or infinite gradient turns the weights NaN (clipping scales it by 0, AdamW's update
+        # is NaN): the update is not applied, and the trainer stops at this step (check_finite_loss)
+        return grad_norm
     optimizer.step()
     if scheduler is not None:
         scheduler.step()

@@ -843,17 +843,48 @@ def test_the_stop_message_comes_from_rank_0_only(caplog):
 
 def test_non_finite_loss_stops_the_run(tmp_path, data_dir, capsys):
     """A diverged step (here: a huge warm-up lr without clipping) stops the run at once with
-    the step named; the step is in metrics.jsonl."""
+    the step named (its gradient norm, else its loss, is not finite); the step is in metrics.jsonl."""
     out = tmp_path / "run"
     assert main(_args(out, data_dir, "warmup.steps=6", "warmup.lr=1e4", "optim.max_grad_norm=0",
                       "warmup.warmup_steps=0", "train.max_steps=1")) == 2
     err = capsys.readouterr().err
     assert "warmup step" in err and "warmup.lr=10000" in err
-    assert "the loss is nan" in err.lower() or "the loss is inf" in err.lower()
+    assert any(f"the {what} is {x}" in err.lower() for what in ("loss", "gradient norm") for x in ("nan", "inf"))
     recs = _metrics(out)
-    assert recs[-1]["phase"] == "warmup" and not math.isfinite(recs[-1]["loss"])
-    assert all(math.isfinite(r["loss"]) for r in recs[:-1])
+    assert recs[-1]["phase"] == "warmup" and not math.isfinite(recs[-1]["loss"] + recs[-1]["grad_norm"])
+    assert all(math.isfinite(r["loss"] + r["grad_norm"]) for r in recs[:-1])
     assert not (out / "summary.json").exists()
+
+
+@pytest.mark.parametrize("phase, at", [("warmup", 2), ("grpo", 1)])
+def test_non_finite_gradient_is_not_applied_and_stops_the_run(phase, at, tmp_path, data_dir, capsys, monkeypatch):
+    """A finite loss whose gradient holds an inf (fp16 overflow in the backward pass) made the
+    clipped update NaN in every weight: the run went on to the next step's NaN loss, and a
+    checkpoint saved at the step held NaN weights. The update is not applied, the run stops at
+    that step naming the gradient norm, and the weights and the checkpoints before it are finite."""
+    import r1vl.algo as algo
+
+    real, calls, policies = algo._optimizer_step, [], []
+    poison_at = at + (2 if phase == "grpo" else 0)  # FAST: 2 warm-up steps, one optimizer step each
+
+    def poisoned(policy, params, optimizer, scheduler, max_grad_norm):
+        calls.append(1)
+        if len(calls) == poison_at:
+            next(p for p in params if p.grad is not None).grad.view(-1)[0] = float("inf")
+            policies.append(policy)
+        return real(policy, params, optimizer, scheduler, max_grad_norm)
+
+    monkeypatch.setattr(algo, "_optimizer_step", poisoned)
+    out = tmp_path / "run"
+    assert main(_args(out, data_dir, "train.max_steps=2", "train.save_every=1", "train.keep_checkpoints=0")) == 2
+    err = capsys.readouterr().err
+    assert f"{phase} step {at}: the gradient norm is inf" in err and "not applied" in err, err
+    recs = [r for r in _metrics(out) if r["phase"] in ("warmup", "grpo")]
+    assert (recs[-1]["phase"], recs[-1]["step"]) == (phase, at) and math.isinf(recs[-1]["grad_norm"])
+    assert all(math.isfinite(r["loss"]) for r in recs)
+    assert all(torch.isfinite(p).all() for p in policies[0].parameters())
+    names = sorted(c.name for c in (out / "checkpoints").iterdir())
+    assert names == (["warmup-000001"] if phase == "warmup" else ["warmup-000001", "warmup-000002"]), names
 
 
 def test_prompt_template_reaches_training_prompts(tmp_path, data_dir, monkeypatch):
