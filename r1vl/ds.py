@@ -238,17 +238,34 @@ def engine_precision(engine) -> str:
     return "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32"
 
 
+def _trainer_config(cfg) -> dict | None:
+    """The run's DeepSpeed config filled with its batch values, or None (no deepspeed=, or a
+    config that does not read: its error comes where the engine is built)."""
+    if not cfg.deepspeed:
+        return None
+    try:
+        return fill_config(read_config(cfg.deepspeed), **trainer_batch_values(cfg, 1))
+    except (DeepSpeedConfigError, OSError, ValueError):
+        return None
+
+
 def compute_dtype(cfg) -> str:
     """The dtype the policy computes in: model.dtype, or bfloat16 / float16 when the DeepSpeed
     config enables one (the engine casts the module whatever model.dtype says). A config that
-    does not read is model.dtype here: its error comes where the engine is built."""
-    if cfg.deepspeed:
-        try:
-            raw = fill_config(read_config(cfg.deepspeed), **trainer_batch_values(cfg, 1))
-        except (DeepSpeedConfigError, OSError, ValueError):
-            return cfg.model.dtype
-        return {"bf16": "bfloat16", "fp16": "float16"}.get(precision(raw), cfg.model.dtype)
-    return cfg.model.dtype
+    does not read is model.dtype here."""
+    raw = _trainer_config(cfg)
+    if raw is None:
+        return cfg.model.dtype
+    return {"bf16": "bfloat16", "fp16": "float16"}.get(precision(raw), cfg.model.dtype)
+
+
+def skips_non_finite_steps(cfg) -> bool:
+    """Whether the run's DeepSpeed engine skips an optimizer step whose gradients hold an inf or
+    a NaN (leaving the weights as they were): its ZeRO optimizers (stage 1-3) check them, in bf16
+    and fp32 as in fp16; stage 0 (fp32 only here) applies the step. Seen on CPU at stage 0 (fp32),
+    1 (bf16), 2 (bf16, fp32) and 3 (bf16), DeepSpeed 0.18."""
+    raw = _trainer_config(cfg)
+    return raw is not None and (zero_stage(raw) >= 1 or precision(raw) == "fp16")
 
 
 def _enabled(ds_config: dict, section: str) -> bool:

@@ -656,21 +656,25 @@ def log_every(done: int, total: int, lines: int = 20) -> bool:
 
 def check_finite_loss(rec: dict, cfg: Config) -> None:
     """Stop at the first step whose loss or gradient norm (the same on every rank: every rank
-    stops) is NaN or infinite: every later step would be wasted. Without DeepSpeed such a
-    gradient's update is not applied (algo._optimizer_step), so a checkpoint before the step, or
-    the weights now, are clean; DeepSpeed applies it in bf16 / fp32, and skips it under fp16's
-    loss scaling, where an overflow step is routine: there the norm is not checked."""
-    from r1vl.ds import compute_dtype
+    stops) is NaN or infinite: every later step would be wasted, or repeat the fault. Such a
+    gradient's update is not applied without DeepSpeed (algo._optimizer_step) nor by DeepSpeed's
+    ZeRO optimizers (stage 1-3), so the weights now and a checkpoint before the step are finite;
+    under DeepSpeed's fp16 loss scaling such a skipped step is routine (the scale is lowered):
+    there the norm is not checked."""
+    from r1vl.ds import compute_dtype, skips_non_finite_steps
 
     loss, norm = rec["loss"], rec.get("grad_norm", 0.0)
     if math.isfinite(loss) and (math.isfinite(norm) or (cfg.deepspeed and compute_dtype(cfg) == "float16")):
         return
+    if math.isfinite(norm):
+        applied = "the step has reached the weights"
+    else:
+        applied = ("DeepSpeed skipped its update" if cfg.deepspeed and skips_non_finite_steps(cfg) else
+                   "its update has reached the weights" if cfg.deepspeed else "its update was not applied")
     phase = rec["phase"]
     lr = f"warmup.lr={cfg.warmup.lr:g}" if phase == "warmup" else f"optim.lr={cfg.optim.lr:g}"
     what = (f"the loss is {loss} (grad norm {norm})" if not math.isfinite(loss)
             else f"the gradient norm is {norm} (loss {loss:.6g})")
-    applied = ("its non-finite update was not applied" if not cfg.deepspeed and not math.isfinite(norm)
-               else "the step has reached the weights")
     raise UserError(f"{phase} step {rec['step']}: {what}; {applied}; metrics.jsonl has the step. Lower {lr}, "
                     f"keep optim.max_grad_norm > 0 (now {cfg.optim.max_grad_norm:g})" +
                     (", or train in bfloat16: float16 has no loss scaling here" if cfg.model.dtype == "float16"

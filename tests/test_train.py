@@ -887,6 +887,78 @@ def test_non_finite_gradient_is_not_applied_and_stops_the_run(phase, at, tmp_pat
     assert names == (["warmup-000001"] if phase == "warmup" else ["warmup-000001", "warmup-000002"]), names
 
 
+def test_non_finite_step_message_says_what_reached_the_weights(tmp_path):
+    """Which backend applied a non-finite gradient's update: none without DeepSpeed, none under
+    DeepSpeed's ZeRO optimizers (stage >= 1) or fp16's loss scaler (a routine overflow: no stop),
+    DeepSpeed's stage 0 (fp32) applies it."""
+    from r1vl.config import load_config
+    from r1vl.train import UserError, check_finite_loss
+
+    base = json.loads((ROOT / "configs" / "ds_zero2.json").read_text())
+
+    def ds_cfg(stage, precision):
+        raw = copy.deepcopy(base)
+        raw["zero_optimization"]["stage"] = stage
+        raw["bf16"]["enabled"] = precision == "bf16"
+        raw["fp16"] = {"enabled": precision == "fp16"}
+        path = tmp_path / f"ds{stage}{precision}.json"
+        path.write_text(json.dumps(raw))
+        return load_config(None, [f"deepspeed={path}"])
+
+    inf_norm = {"phase": "grpo", "step": 3, "loss": 0.5, "grad_norm": float("inf")}
+    cases = [(load_config(None, []), "its update was not applied"), (ds_cfg(2, "bf16"), "DeepSpeed skipped"),
+             (ds_cfg(3, "fp32"), "DeepSpeed skipped"), (ds_cfg(1, "bf16"), "DeepSpeed skipped"),
+             (ds_cfg(0, "fp32"), "its update has reached the weights")]
+    for cfg, said in cases:
+        with pytest.raises(UserError, match="grpo step 3: the gradient norm is inf") as e:
+            check_finite_loss(inf_norm, cfg)
+        assert said in str(e.value), (cfg.deepspeed, str(e.value))
+    check_finite_loss(inf_norm, ds_cfg(2, "fp16"))  # the loss scaler's overflow step: the run goes on
+    with pytest.raises(UserError, match="the loss is nan .*the step has reached the weights"):
+        check_finite_loss({**inf_norm, "loss": float("nan"), "grad_norm": 1.0}, ds_cfg(2, "fp16"))
+    check_finite_loss({**inf_norm, "grad_norm": 1.0}, load_config(None, []))
+
+
+def test_deepspeed_skips_a_non_finite_step_and_the_run_stops(tmp_path, data_dir, capsys, monkeypatch):
+    """What the message above says of DeepSpeed's ZeRO-2 (bf16, one process): a warm-up step whose
+    gradients are all inf (a finite loss) leaves the weights finite, and the run stops at it."""
+    pytest.importorskip("deepspeed")
+    import r1vl.algo as algo
+    from r1vl import ds
+
+    class InfGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * float("inf")
+
+    real_backward, real_step, calls, engines = algo._backward, ds.step, [], []
+
+    def backward(policy, loss, last):
+        calls.append(1)
+        return real_backward(policy, InfGrad.apply(loss) if len(calls) == 2 else loss, last)
+
+    def step(engine):
+        engines.append(engine)
+        return real_step(engine)
+
+    monkeypatch.setattr(algo, "_backward", backward)
+    monkeypatch.setattr(ds, "step", step)
+    monkeypatch.setenv("DS_BUILD_OPS", "0")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    out = tmp_path / "run"
+    assert main(_args(out, data_dir, f"deepspeed={ROOT / 'configs' / 'ds_zero2.json'}", "warmup.steps=3",
+                      "train.max_steps=0", "train.eval_before=false", "train.eval_after=false")) == 2
+    err = capsys.readouterr().err
+    assert "warmup step 2: the gradient norm is inf" in err and "DeepSpeed skipped its update" in err, err
+    assert [r["step"] for r in _metrics(out)] == [1, 2] and math.isinf(_metrics(out)[-1]["grad_norm"])
+    assert len(engines) == 2 and all(torch.isfinite(p).all() for p in engines[-1].module.parameters())
+    assert all(torch.isfinite(p).all() for p in ds.base_optimizer(engines[-1]).param_groups[0]["params"])
+
+
 def test_prompt_template_reaches_training_prompts(tmp_path, data_dir, monkeypatch):
     """data.prompt_template=verbatim: warm-up and StepGRPO prompts carry the problem alone;
     the held-out evaluation keeps the instruction."""
