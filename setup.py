@@ -51,6 +51,7 @@ setup(
         "bench": ["trl==1.16.0", "accelerate>=1.10.1"],
         "dev": [
             "pytest>=8",
+            "pytest-xdist>=3.5",  # make test runs the suite on 2 workers
             "hypothesis>=6.100",
             "pyflakes>=3.2",  # tests/test_static.py
             f"liger-kernel>=0.8.5,<0.9; {LINUX}",

@@ -372,21 +372,37 @@ def _import_muon_uncompiled() -> None:
         compiler.compile = real
 
 
+# the variables _ensure_process_group added to os.environ (forget_process_group_env removes them)
+_ENV_ADDED: list[str] = []
+
+
 def _ensure_process_group() -> None:
     """DeepSpeed needs a process group even for one process (torchrun sets the env vars)."""
     if dist.is_available() and dist.is_initialized():
         return
     import socket
 
+    def add(key: str, value: str) -> None:
+        if key not in os.environ:
+            os.environ[key] = value
+            _ENV_ADDED.append(key)
+
     if "MASTER_PORT" not in os.environ:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_RANK", "0")
+            add("MASTER_PORT", str(s.getsockname()[1]))
+    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        add(key, value)
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def forget_process_group_env() -> None:
+    """Remove the variables _ensure_process_group set, once its group is destroyed: a process
+    that ran the trainer in-process (a notebook, a test) is left without a launcher's environment,
+    which another library would take for one (accelerate, as TRL's trainer builds it, starts a
+    process group of its own then)."""
+    while _ENV_ADDED:
+        os.environ.pop(_ENV_ADDED.pop(), None)
 
 
 def _rank() -> int:

@@ -2293,6 +2293,9 @@ def _shutdown(rc: int = 0) -> None:
             dist.destroy_process_group()
     except Exception as e:  # pragma: no cover
         log.debug("destroying the process group failed: %s", e)
+    r1vl_ds = sys.modules.get("r1vl.ds")
+    if r1vl_ds is not None:
+        r1vl_ds.forget_process_group_env()
 
 
 if __name__ == "__main__":

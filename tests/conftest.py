@@ -63,6 +63,36 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+# what torchrun gives a rank: left in os.environ by a test, it makes later in-process code think
+# it was launched (accelerate, as TRL's trainer builds it, then starts a process group of its own)
+LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def no_process_group_left_behind():
+    """A test fails (at teardown) when it leaves a process group or a launcher's variables
+    behind, which is cleaned up: a later test's behaviour would depend on the order (a test that
+    needs no group skipped itself in the full suite alone)."""
+    import torch.distributed as dist
+
+    env = {k: os.environ.get(k) for k in LAUNCH_ENV}
+    had_group = dist.is_available() and dist.is_initialized()
+    yield
+    left = []
+    for k, v in env.items():
+        if os.environ.get(k) != v:
+            left.append(f"{k}={os.environ.get(k)!r} (was {v!r})")
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    if not had_group and dist.is_available() and dist.is_initialized():
+        left.append("an initialized process group")
+        dist.destroy_process_group()
+    if left:
+        pytest.fail("the test left behind: " + "; ".join(left), pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     """The synthetic task (60 train, 6 test rows, seed 0) written once for every test that runs
