@@ -8,8 +8,8 @@ TORCH_SPEC ?= torch==2.13.0
 NPROC ?= 4
 PYTEST_ARGS ?=
 # pytest-xdist workers for the suites (0: one process), each test single-threaded: on a 2-core
-# machine the main suite takes about 8 min with 2, 14 with 0. More workers want more memory
-# (about 3 GB each at peak)
+# machine the main suite takes about 8 min with 2, 14 with 0, the vLLM suite 3 and 6. More
+# workers want more memory (about 3 GB each at peak)
 TEST_WORKERS ?= 2
 PYTEST := OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -n $(TEST_WORKERS)
 
@@ -102,4 +102,5 @@ venv-vllm: $(VVENV)/.installed
 
 # Runs tests/vllm_suite on the real engine; fails (does not skip) when vllm is missing.
 test-vllm: venv-vllm
-	R1VL_REQUIRE_VLLM=1 $(VPY) -m pytest -q -p no:cacheprovider $(VLLM_TEST_ARGS) tests/vllm_suite
+	R1VL_REQUIRE_VLLM=1 OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VPY) -m pytest -q -n $(TEST_WORKERS) \
+	  -p no:cacheprovider $(VLLM_TEST_ARGS) tests/vllm_suite

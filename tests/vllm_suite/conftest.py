@@ -41,16 +41,21 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(SKIP_REASON)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def process_group():
-    """A one-rank gloo group: the engine runs with distributed_executor_backend=external_launcher."""
+    """A one-rank gloo group: the engine runs with distributed_executor_backend=external_launcher.
+    Made before any test runs (autouse), so that tests/conftest.py's check sees it there already:
+    a test that asks for an engine by name (request.getfixturevalue) made it during its run, as
+    if it had left a group behind."""
     import torch.distributed as dist
 
     if not dist.is_initialized():
         from vllm_test_utils import free_port
 
         port = free_port()
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+        # LOCAL_WORLD_SIZE: vLLM sets it when it builds an engine (a launcher's variable appearing
+        # during a test that builds one)
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(port))
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     yield
