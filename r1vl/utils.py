@@ -77,13 +77,37 @@ def slurm_task_problem() -> str | None:
             "output_dir, set RANK=0 WORLD_SIZE=1")
 
 
+def die_with_launcher() -> bool:
+    """Under torchrun on Linux: have the kernel SIGKILL this process when its launcher (torchrun's
+    agent, the parent) dies. A torchrun killed with SIGKILL (or OOM-killed) could not stop its
+    workers: they went on, holding the GPUs and the output_dir's lock, until each was killed by
+    hand. The graceful paths are unchanged: a torchrun that is signalled passes the signal on and
+    waits for its workers (30 s) before it exits. True when set up."""
+    if sys.platform != "linux" or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return False
+    import ctypes
+    import signal
+
+    launcher = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
+            return False
+    except (OSError, AttributeError):  # no prctl here
+        return False
+    if os.getppid() != launcher:  # it died before the request: no signal will come
+        os.kill(os.getpid(), signal.SIGKILL)
+    return True
+
+
 def init_distributed(backend: str = "auto", timeout_s: int = 1800, num_threads: int = 0) -> Dist:
     """Read torchrun's environment (ValueError: a RANK outside WORLD_SIZE); start the process
     group (gloo on CPU, NCCL on CUDA); set the torch thread count (default: the cores this
-    process may use / local ranks)."""
+    process may use / local ranks). A torchrun worker dies with its launcher (die_with_launcher)."""
     problem = rank_env_problem()
     if problem:
         raise ValueError(problem)
+    die_with_launcher()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -252,3 +252,62 @@ def test_srun_tasks_without_torchrun_are_refused(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert slurm_task_problem() is None  # torchrun's (or the launcher's) environment, or chosen alone
+
+
+def _proc_stat(pid):
+    """(state, parent pid) of a process from /proc, or None when it is gone."""
+    from pathlib import Path
+
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[0], int(fields[1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's (prctl)")
+def test_the_ranks_die_with_a_torchrun_killed_by_sigkill(tmp_path, data_dir):
+    """A torchrun killed with SIGKILL (or by the OOM killer) cannot stop its workers: they went on
+    training, holding the devices and the output_dir's lock. Each rank now asks the kernel for a
+    SIGKILL when its launcher dies."""
+    import signal
+    import subprocess
+    import time
+    from pathlib import Path
+
+    from test_train import FAST
+
+    out = tmp_path / "run"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "r1vl.train",
+           f"output_dir={out}", f"data.synthetic_dir={data_dir}", *FAST, "warmup.steps=5000", "train.max_steps=0",
+           "train.eval_before=false", "train.eval_after=false", "train.save_final=false", "logging.plot=false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    log = open(tmp_path / "torchrun.log", "w")
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], env=env, stdout=log, stderr=log)
+    workers = []
+    try:
+        deadline = time.monotonic() + 240
+        while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().count("\n") >= 2):
+            assert proc.poll() is None, (tmp_path / "torchrun.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the run wrote no warm-up step in 240 s"
+            time.sleep(0.2)
+        workers = [int(p.name) for p in Path("/proc").iterdir()
+                   if p.name.isdigit() and (_proc_stat(p.name) or ("", 0))[1] == proc.pid]
+        assert len(workers) == 2, workers
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 30
+        while any((_proc_stat(w) or ("Z",))[0] != "Z" for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert all((_proc_stat(w) or ("Z",))[0] == "Z" for w in workers), "a rank outlived its torchrun"
+    finally:
+        log.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for w in workers:
+            try:
+                os.kill(w, signal.SIGKILL)
+            except OSError:
+                pass
