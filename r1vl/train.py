@@ -1930,9 +1930,9 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
             if cfg.train.max_steps > 0:
                 stop_in_eval(e, "final", "grpo", cfg.train.max_steps, opt, sched)
             stop_in_eval(e, "final", "warmup", cfg.warmup.steps)
-    if ev1 is not None:
+    if ev1 is not None:  # (the after-warm-up evaluation reused: TensorBoard and W&B have its numbers at step 0)
         writer.write({"phase": "eval", "after": "grpo", "step": cfg.train.max_steps, "final": True,
-                      **{k: v for k, v in ev1.items() if k != "correct_items"}})
+                      **{k: v for k, v in ev1.items() if k != "correct_items"}}, scalars=ev1 is not ev0)
         log.info("held-out after %d StepGRPO steps: accuracy %.3f, StepRAR %.3f, StepRVR %.3f (n=%d)",
                  cfg.train.max_steps, ev1["accuracy"], ev1["step_rar"], ev1["step_rvr"], ev1["n"])
     if cfg.train.save_final:

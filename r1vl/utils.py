@@ -565,15 +565,18 @@ class MetricsWriter:
             with open(self.rollouts_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record, ensure_ascii=False, allow_nan=True) + "\n")
 
-    def write(self, record: dict) -> None:
+    def write(self, record: dict, *, scalars: bool = True) -> None:
         """Append a record to metrics.jsonl (with its `wall_time`, unix seconds, the x axis of
         TensorBoard's Wall/Relative views, kept when a resume writes the event files again) and
-        send its numbers to TensorBoard / W&B."""
+        send its numbers to TensorBoard / W&B (scalars=False: not there, for a record that repeats
+        one they have)."""
         if not self.enabled:
             return
         record = {**record, "wall_time": round(record.get("wall_time", time.time()), 3)}
         with open(self.path, "a") as f:
             f.write(json.dumps(record, allow_nan=True) + "\n")
+        if not scalars:
+            return
         if self.tb is not None:
             self._log_tb(record)
         if self.wandb is not None:  # x axis: <phase>/step (start_wandb defines it)

@@ -1286,6 +1286,24 @@ def test_tensorboard_after_a_resume_holds_each_step_once(tmp_path):
     assert [round(e.wall_time, 3) for e in ea.Scalars("grpo/reward")] == [times[("grpo", s)] for s in (1, 2, 3, 4)]
 
 
+def test_a_run_without_stepgrpo_logs_its_one_evaluation_once_to_tensorboard(tmp_path, data_dir):
+    """train.max_steps=0: the evaluation after the warm-up is the final one too. metrics.jsonl has
+    both records (the summary and the plot read them); TensorBoard (and W&B) got its numbers twice
+    at step 0."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    assert main(_args(out, data_dir, "train.max_steps=0", "logging.tensorboard=true", "logging.plot=false")) == 0
+    evals = [r for r in _metrics(out) if r["phase"] == "eval"]
+    assert [(r["after"], r["step"], r.get("final", False)) for r in evals] == [("warmup", 0, False),
+                                                                              ("grpo", 0, True)]
+    ea = EventAccumulator(str(out / "tensorboard"))
+    ea.Reload()
+    assert [(e.step, e.value) for e in ea.Scalars("eval/accuracy")] == [(0, pytest.approx(evals[0]["accuracy"]))]
+    assert len(ea.Scalars("warmup/loss")) == 2
+
+
 def test_resume_past_the_run_end_is_refused(tmp_path, data_dir, capsys):
     """A checkpoint at StepGRPO step 2 resumed with train.max_steps=1 would log step 2's model
     as the final one at step 1: refused, naming the fix."""
