@@ -447,6 +447,7 @@ def run_r1vl(a: dict, work: Path, variant: str, save=None) -> dict:
         return {"skipped": f"skipped: {e}"}
     if liger and not sp["liger"]:
         return {"skipped": LIGER_CPU_REASON}
+    model.train()  # as the trainer: from_pretrained's eval mode would turn gradient checkpointing off
     m_cfg = cfg.model
     policy = PolicyWithLoss(model, dedup_images=m_cfg.dedup_images, share_prompts=m_cfg.share_prompts)
     if loss_path == "materialised":
@@ -520,6 +521,8 @@ def run_r1vl(a: dict, work: Path, variant: str, save=None) -> dict:
                 old_lp = compute_logprobs(policy, batch, micro_batch_size=ucfg.micro_batch_size,
                                           temperature=ucfg.temperature)
         with clock.phase("update"):
+            # what the update ran with: checkpointing works in training mode only
+            impl_config["gradient_checkpointing"] = bool(sp["gradient_checkpointing"]) and unwrap(model).training
             m = grpo_update(policy, opt, sched, batch, adv.to(device), ucfg, ref_logprobs=ref_lp,
                             old_logprobs=old_lp)
             engine.load_weights(unwrap(model).named_parameters())  # as train.py: a no-op for the HF engine

@@ -1415,6 +1415,10 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
 
     apply_speedups(model, device=d.device, attn_implementation=attn, dtype=compute,
                    gradient_checkpointing=cfg.model.gradient_checkpointing, liger=cfg.model.liger)
+    # training mode for the updates (from_pretrained returns the model in eval mode, where HF's
+    # gradient checkpointing does nothing); generation and the no-grad log-prob passes switch
+    # to eval mode and back
+    model.train()
     if cfg.model.freeze_vision:
         unwrap(model).model.visual.requires_grad_(False)
     policy = PolicyWithLoss(model, dedup_images=cfg.model.dedup_images, share_prompts=cfg.model.share_prompts)

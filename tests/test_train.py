@@ -1304,6 +1304,48 @@ def test_a_run_without_stepgrpo_logs_its_one_evaluation_once_to_tensorboard(tmp_
     assert len(ea.Scalars("warmup/loss")) == 2
 
 
+def test_updates_run_in_training_mode_so_checkpointing_recomputes(tmp_path, data_dir, monkeypatch):
+    """model.gradient_checkpointing=true did nothing: the policy came from from_pretrained in eval
+    mode, where HF's checkpointed layers run plainly, and stayed there for the warm-up and for
+    StepGRPO with num_iterations=1 (the memory it promises was never saved). Every module is in
+    training mode in each update, and with checkpointing each decoder layer runs twice per
+    micro-batch (the recompute in the backward pass), once without."""
+    import r1vl.algo as algo
+
+    reals = {name: getattr(algo, name) for name in ("sft_step", "grpo_update")}
+
+    def run(checkpointing):
+        calls = {"sft_step": [], "grpo_update": []}
+
+        def spy(name):
+            real = reals[name]
+
+            def wrapped(policy, *a, **k):
+                layers = [m for m in policy.modules() if type(m).__name__.endswith("DecoderLayer")]
+                count = [0]
+                hooks = [m.register_forward_pre_hook(lambda *_: count.__setitem__(0, count[0] + 1)) for m in layers]
+                try:
+                    out = real(policy, *a, **k)
+                finally:
+                    for h in hooks:
+                        h.remove()
+                calls[name].append((all(m.training for m in policy.modules()), count[0]))
+                return out
+            monkeypatch.setattr(algo, name, wrapped)
+
+        spy("sft_step")
+        spy("grpo_update")
+        out = tmp_path / f"gc{checkpointing}"
+        assert main(_args(out, data_dir, "train.max_steps=1", "train.eval_before=false", "train.eval_after=false",
+                          f"model.gradient_checkpointing={str(checkpointing).lower()}", "logging.plot=false")) == 0
+        return calls
+
+    plain, checkpointed = run(False), run(True)
+    for name in ("sft_step", "grpo_update"):
+        assert plain[name] and all(training for training, _ in plain[name] + checkpointed[name]), (name, plain)
+        assert [2 * n for _, n in plain[name]] == [n for _, n in checkpointed[name]], (name, plain, checkpointed)
+
+
 def test_resume_past_the_run_end_is_refused(tmp_path, data_dir, capsys):
     """A checkpoint at StepGRPO step 2 resumed with train.max_steps=1 would log step 2's model
     as the final one at step 1: refused, naming the fix."""
