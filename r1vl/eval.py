@@ -19,6 +19,11 @@ runs/X/checkpoints/<phase>-<step>, with runs/X/config.yaml), --max-new-tokens, -
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # a torchrun worker dies with its launcher from here on (r1vl.launch)
+    from r1vl.launch import die_with_launcher
+
+    die_with_launcher()
+
 import argparse
 import json
 import logging
@@ -307,8 +312,11 @@ def _check_not_model(out: str, model: str, run_config: Path | None, flag: str) -
     tokenizer or processor file, anything in a subdirectory such as DeepSpeed's states) or the
     run's config.yaml: written over after the model is read, it would break the saved run. A new
     file beside them (final/eval.json) is fine."""
-    o = Path(out).resolve()
-    if run_config is not None and o == run_config.resolve():
+    def written(path: Path) -> Path:  # what os.replace replaces: a link itself, not what it points at
+        return path.parent.resolve() / path.name
+
+    o = written(Path(out))
+    if run_config is not None and o == written(run_config):
         raise ValueError(f"{flag} {out}: is the run's config ({run_config}) that --model {model} belongs to: "
                          "writing it would overwrite the run's settings; choose another path")
     m = Path(model).resolve()

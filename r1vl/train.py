@@ -16,6 +16,11 @@ final/ (HF layout).
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # a torchrun worker dies with its launcher from here on (r1vl.launch)
+    from r1vl.launch import die_with_launcher
+
+    die_with_launcher()
+
 import argparse
 import contextlib
 import importlib.util
@@ -654,31 +659,29 @@ def log_every(done: int, total: int, lines: int = 20) -> bool:
     return done == 1 or done == total or done % max(1, total // lines) == 0
 
 
-def check_finite_loss(rec: dict, cfg: Config) -> None:
+def check_finite_loss(rec: dict, cfg: Config, updates_skipped: int = 0) -> None:
     """Stop at the first step whose loss or gradient norm (the same on every rank: every rank
-    stops) is NaN or infinite: every later step would be wasted, or repeat the fault. Such a
-    gradient's update is not applied without DeepSpeed (algo._optimizer_step) nor by DeepSpeed's
-    ZeRO optimizers (stage 1-3), so the weights now and a checkpoint before the step are finite;
-    under DeepSpeed's fp16 loss scaling such a skipped step is routine (the scale is lowered):
-    there the norm is not checked."""
-    from r1vl.ds import compute_dtype, skips_non_finite_steps
+    stops) is NaN or infinite: every later step would be wasted, or repeat the fault.
+    `updates_skipped`: the step's optimizer updates not applied (algo's result: a non-finite
+    gradient's is not, without DeepSpeed; DeepSpeed says whether its overflow check skipped it),
+    so the message says whether the weights took it. Under DeepSpeed's fp16 loss scaling a
+    skipped overflow step is routine (the scale is lowered): there the norm is not checked."""
+    from r1vl.ds import loss_scaled
 
     loss, norm = rec["loss"], rec.get("grad_norm", 0.0)
-    if math.isfinite(loss) and (math.isfinite(norm) or (cfg.deepspeed and compute_dtype(cfg) == "float16")):
+    if math.isfinite(loss) and (math.isfinite(norm) or (cfg.deepspeed and loss_scaled(cfg))):
         return
-    if math.isfinite(norm):
-        applied = "the step has reached the weights"
-    else:
-        applied = ("DeepSpeed skipped its update" if cfg.deepspeed and skips_non_finite_steps(cfg) else
-                   "its update has reached the weights" if cfg.deepspeed else "its update was not applied")
+    applied = (("DeepSpeed skipped" if cfg.deepspeed else "r1vl did not apply") + " the non-finite update"
+               if updates_skipped else "the update has reached the weights")
     phase = rec["phase"]
     lr = f"warmup.lr={cfg.warmup.lr:g}" if phase == "warmup" else f"optim.lr={cfg.optim.lr:g}"
     what = (f"the loss is {loss} (grad norm {norm})" if not math.isfinite(loss)
             else f"the gradient norm is {norm} (loss {loss:.6g})")
     raise UserError(f"{phase} step {rec['step']}: {what}; {applied}; metrics.jsonl has the step. Lower {lr}, "
                     f"keep optim.max_grad_norm > 0 (now {cfg.optim.max_grad_norm:g})" +
-                    (", or train in bfloat16: float16 has no loss scaling here" if cfg.model.dtype == "float16"
-                     else "") + "; resume from a checkpoint before it with train.resume=<checkpoint>")
+                    (", or train in bfloat16: float16 has no loss scaling here"
+                     if cfg.model.dtype == "float16" and not cfg.deepspeed else "") +
+                    "; resume from a checkpoint before it with train.resume=<checkpoint>")
 
 
 def check_prompt_lengths(batch, samples_per_row, limit: int) -> None:
@@ -1633,7 +1636,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
                    "grad_norm": m["grad_norm"], "seconds_step": r["seconds_step"],
                    "tokens_per_s": r["tokens"] * d.world / max(r["seconds_step"], 1e-9)}
             writer.write(rec)
-            check_finite_loss(rec, cfg)
+            check_finite_loss(rec, cfg, m["updates_skipped"])
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(phase="warmup", loss=f"{r['loss']:.3f}")
@@ -1899,7 +1902,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
         every = cfg.logging.rollouts_every
         if d.main and every and (step + 1) % every == 0 and comps:
             writer.write_rollouts(rollout_record(step + 1, samples, comps, sc, adv, G))
-        check_finite_loss(rec, cfg)
+        check_finite_loss(rec, cfg, m["updates_skipped"])
         if bar is not None:
             bar.update(1)
             bar.set_postfix(phase="grpo", reward=f"{rec['reward_mean']:.2f}", acc=f"{rec['accuracy']:.2f}")

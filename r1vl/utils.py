@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from r1vl.launch import die_with_launcher
+
 log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- distributed
@@ -75,29 +77,6 @@ def slurm_task_problem() -> str | None:
             "--ntasks-per-node=1 torchrun --nnodes=$SLURM_NNODES --nproc-per-node=<GPUs> --rdzv-backend=c10d "
             "--rdzv-endpoint=<first node>:29500 -m r1vl.train ...), or, for one-process runs each into its own "
             "output_dir, set RANK=0 WORLD_SIZE=1")
-
-
-def die_with_launcher() -> bool:
-    """Under torchrun on Linux: have the kernel SIGKILL this process when its launcher (torchrun's
-    agent, the parent) dies. A torchrun killed with SIGKILL (or OOM-killed) could not stop its
-    workers: they went on, holding the GPUs and the output_dir's lock, until each was killed by
-    hand. The graceful paths are unchanged: a torchrun that is signalled passes the signal on and
-    waits for its workers (30 s) before it exits. True when set up."""
-    if sys.platform != "linux" or "TORCHELASTIC_RUN_ID" not in os.environ:
-        return False
-    import ctypes
-    import signal
-
-    launcher = os.getppid()
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
-            return False
-    except (OSError, AttributeError):  # no prctl here
-        return False
-    if os.getppid() != launcher:  # it died before the request: no signal will come
-        os.kill(os.getpid(), signal.SIGKILL)
-    return True
 
 
 def init_distributed(backend: str = "auto", timeout_s: int = 1800, num_threads: int = 0) -> Dist:

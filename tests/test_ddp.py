@@ -266,10 +266,11 @@ def _proc_stat(pid):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's (prctl)")
-def test_the_ranks_die_with_a_torchrun_killed_by_sigkill(tmp_path, data_dir):
+@pytest.mark.parametrize("when", ["training", "starting"])
+def test_the_ranks_die_with_a_torchrun_killed_by_sigkill(when, tmp_path, data_dir):
     """A torchrun killed with SIGKILL (or by the OOM killer) cannot stop its workers: they went on
     training, holding the devices and the output_dir's lock. Each rank now asks the kernel for a
-    SIGKILL when its launcher dies."""
+    SIGKILL when its launcher dies, first thing (a torchrun killed while its ranks import torch)."""
     import signal
     import subprocess
     import time
@@ -286,14 +287,25 @@ def test_the_ranks_die_with_a_torchrun_killed_by_sigkill(tmp_path, data_dir):
     log = open(tmp_path / "torchrun.log", "w")
     proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], env=env, stdout=log, stderr=log)
     workers = []
+
+    def children():
+        return [int(p.name) for p in Path("/proc").iterdir()
+                if p.name.isdigit() and (_proc_stat(p.name) or ("", 0))[1] == proc.pid]
+
+    def importing_torch():  # both ranks past r1vl's first lines, loading torch's libraries
+        try:
+            return sum("libtorch" in Path(f"/proc/{w}/maps").read_text() for w in children()) == 2
+        except OSError:
+            return False
+
     try:
         deadline = time.monotonic() + 240
-        while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().count("\n") >= 2):
+        while not (importing_torch() if when == "starting" else
+                   (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().count("\n") >= 2):
             assert proc.poll() is None, (tmp_path / "torchrun.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the run wrote no warm-up step in 240 s"
-            time.sleep(0.2)
-        workers = [int(p.name) for p in Path("/proc").iterdir()
-                   if p.name.isdigit() and (_proc_stat(p.name) or ("", 0))[1] == proc.pid]
+            assert time.monotonic() < deadline, f"not {when} in 240 s"
+            time.sleep(0.2 if when == "training" else 0.01)
+        workers = children()
         assert len(workers) == 2, workers
         proc.kill()
         proc.wait()
