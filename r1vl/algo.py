@@ -257,24 +257,27 @@ def _backward(policy: nn.Module, loss: torch.Tensor, last: bool) -> None:
 
 
 def _optimizer_step(policy: nn.Module, params: list[torch.Tensor], optimizer, scheduler: Any,
-                    max_grad_norm: float) -> float:
-    """Clip, step the optimizer and the scheduler; returns the gradient norm before clipping.
-    A non-finite norm steps neither (the weights stay as they are). A DeepSpeed engine does all
-    three itself (gradient_clipping = optim.max_grad_norm): it skips fp16's overflow steps, and
-    applies a non-finite update in bf16 / fp32."""
+                    max_grad_norm: float) -> tuple[float, bool]:
+    """Clip, step the optimizer and the scheduler; returns the gradient norm before clipping and
+    whether the update was applied. A non-finite norm steps neither (the weights stay as they
+    are). A DeepSpeed engine does all three itself (gradient_clipping = optim.max_grad_norm), and
+    says whether it skipped the step (its overflow check: fp16's loss scaler, ZeRO's check of the
+    gradients where enabled)."""
     from r1vl import ds
 
     if ds.is_engine(policy):
-        return ds.step(policy)
+        skipped = ds.skipped_steps(policy)
+        grad_norm = ds.step(policy)
+        return grad_norm, ds.skipped_steps(policy) == skipped
     grad_norm = _clip(params, max_grad_norm)
     if not math.isfinite(grad_norm):
         # a NaN or infinite gradient turns the weights NaN (clipping scales it by 0, AdamW's update
         # is NaN): the update is not applied, and the trainer stops at this step (check_finite_loss)
-        return grad_norm
+        return grad_norm, False
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
-    return grad_norm
+    return grad_norm, True
 
 
 def grpo_update(policy: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, batch: SeqBatch,
@@ -303,6 +306,7 @@ def grpo_update(policy: nn.Module, optimizer: torch.optim.Optimizer, scheduler: 
         total_tokens = _tokens_per_rank(batch.mask)
     params = [p for p in policy.parameters() if p.requires_grad]
     sums: dict[str, float] = {}
+    passes = skipped = 0
     for _ in range(cfg.num_iterations):
         if optimizer is not None:
             optimizer.zero_grad(set_to_none=True)
@@ -342,11 +346,15 @@ def grpo_update(policy: nn.Module, optimizer: torch.optim.Optimizer, scheduler: 
             for k, v in metrics.items():  # token means weighted by tokens, sequence shares by rows
                 share = mb_tokens / max(local_tokens, 1.0) if k in token_means else len(idx) / B
                 sums[k] = sums.get(k, 0.0) + float(v) * share
-        grad_norm = _optimizer_step(policy, params, optimizer, scheduler, cfg.max_grad_norm)
+        grad_norm, applied = _optimizer_step(policy, params, optimizer, scheduler, cfg.max_grad_norm)
         sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm
-    mu = cfg.num_iterations
-    out = {k: v / mu for k, v in sums.items()}
+        passes += 1
+        if not math.isfinite(grad_norm):  # the run stops at this step (check_finite_loss): no more passes
+            skipped = int(not applied)
+            break
+    out = {k: v / passes for k, v in sums.items()}
     out["tokens"] = local_tokens
+    out["updates_skipped"] = skipped
     return out
 
 
@@ -367,10 +375,17 @@ def _tokens_per_rank(mask: torch.Tensor) -> float:
 
 
 def _clip(params: list[torch.Tensor], max_norm: float) -> float:
+    """The gradients' global L2 norm, taken in fp32 (a float16 one overflows to inf above 65504,
+    finite gradients or not), and with max_norm > 0 the gradients scaled to at most max_norm."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    device = grads[0].device
+    total = torch.linalg.vector_norm(torch.stack(
+        [torch.linalg.vector_norm(g.detach(), dtype=torch.float32).to(device) for g in grads]))
     if max_norm and max_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    grads = [p.grad.detach().norm() for p in params if p.grad is not None]
-    return float(torch.stack(grads).norm()) if grads else 0.0
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return float(total)
 
 
 def sft_step(policy: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, batch: SeqBatch, *,
@@ -395,8 +410,8 @@ def sft_step(policy: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
             _backward(policy, loss * w, last=gi == len(groups) - 1)
         loss_sum += float(loss.detach()) * w
     params = [p for p in policy.parameters() if p.requires_grad]
-    grad_norm = _optimizer_step(policy, params, optimizer, scheduler, max_grad_norm)
-    return {"loss": loss_sum, "grad_norm": grad_norm, "tokens": total}
+    grad_norm, applied = _optimizer_step(policy, params, optimizer, scheduler, max_grad_norm)
+    return {"loss": loss_sum, "grad_norm": grad_norm, "tokens": total, "updates_skipped": int(not applied)}
 
 
 def lr_lambda(kind: str, total_steps: int, warmup_steps: int, final_ratio: float = 0.0):

@@ -259,13 +259,11 @@ def compute_dtype(cfg) -> str:
     return {"bf16": "bfloat16", "fp16": "float16"}.get(precision(raw), cfg.model.dtype)
 
 
-def skips_non_finite_steps(cfg) -> bool:
-    """Whether the run's DeepSpeed engine skips an optimizer step whose gradients hold an inf or
-    a NaN (leaving the weights as they were): its ZeRO optimizers (stage 1-3) check them, in bf16
-    and fp32 as in fp16; stage 0 (fp32 only here) applies the step. Seen on CPU at stage 0 (fp32),
-    1 (bf16), 2 (bf16, fp32) and 3 (bf16), DeepSpeed 0.18."""
+def loss_scaled(cfg) -> bool:
+    """Whether the run's DeepSpeed config trains in fp16, under its loss scaler: an overflow
+    step (a non-finite gradient) is routine there, skipped, and the scale lowered."""
     raw = _trainer_config(cfg)
-    return raw is not None and (zero_stage(raw) >= 1 or precision(raw) == "fp16")
+    return raw is not None and precision(raw) == "fp16"
 
 
 def _enabled(ds_config: dict, section: str) -> bool:
@@ -472,6 +470,12 @@ def step(engine) -> float:
     if norm is None:
         return before if before is not None else 0.0
     return float(norm.item() if isinstance(norm, torch.Tensor) else norm)
+
+
+def skipped_steps(engine) -> int:
+    """How many optimizer steps the engine has skipped (its overflow check found a non-finite
+    gradient: fp16's loss scaler, and ZeRO's check where its config enables it)."""
+    return int(getattr(engine, "skipped_steps", 0) or 0)
 
 
 def base_optimizer(engine) -> torch.optim.Optimizer:

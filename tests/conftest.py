@@ -77,7 +77,10 @@ def no_process_group_left_behind():
 
     env = {k: os.environ.get(k) for k in LAUNCH_ENV}
     had_group = dist.is_available() and dist.is_initialized()
+    threads = torch.get_num_threads()
     yield
+    if torch.get_num_threads() != threads:  # an in-process run sets its own (distributed.num_threads)
+        torch.set_num_threads(threads)
     left = []
     for k, v in env.items():
         if os.environ.get(k) != v:

@@ -622,6 +622,18 @@ def test_outputs_or_out_naming_a_model_file_is_refused(tmp_path, data_dir, capsy
     assert {n: (model / n).read_text() for n in files} == files
     assert not (model / "model-00001-of-00002.safetensors").exists()
     assert not (model / "global_step3" / "new.json").exists()
+    # a Hugging Face cache snapshot: the model's files are links into ../../blobs, and the result
+    # would replace the link (the file the path names), not the blob
+    blobs, snap = tmp_path / "hub" / "blobs", tmp_path / "hub" / "snapshots" / "abc"
+    blobs.mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        (blobs / f"{name}.blob").write_text(name)
+        (snap / name).symlink_to(Path("..", "..", "blobs", f"{name}.blob"))
+    for name in ("config.json", "model.safetensors"):
+        assert ev.main(["--model", str(snap), "--data", data, "--out", str(snap / name)]) == 2, name
+        assert "is a file of the model being evaluated" in _err_line(capsys)
+        assert (snap / name).is_symlink() and (snap / name).read_text() == name
     # a new file beside the model's: the checks pass (and the CLI goes on to load the model)
     with pytest.raises(AssertionError, match="past its input checks"):
         ev.main(["--model", "run/final", "--data", data, "--out", "run/final/eval.json",

@@ -856,12 +856,14 @@ def test_non_finite_loss_stops_the_run(tmp_path, data_dir, capsys):
     assert not (out / "summary.json").exists()
 
 
-@pytest.mark.parametrize("phase, at", [("warmup", 2), ("grpo", 1)])
-def test_non_finite_gradient_is_not_applied_and_stops_the_run(phase, at, tmp_path, data_dir, capsys, monkeypatch):
+@pytest.mark.parametrize("phase, at, mu", [("warmup", 2, 1), ("grpo", 1, 1), ("grpo", 1, 2)])
+def test_non_finite_gradient_is_not_applied_and_stops_the_run(phase, at, mu, tmp_path, data_dir, capsys,
+                                                              monkeypatch):
     """A finite loss whose gradient holds an inf (fp16 overflow in the backward pass) made the
     clipped update NaN in every weight: the run went on to the next step's NaN loss, and a
     checkpoint saved at the step held NaN weights. The update is not applied, the run stops at
-    that step naming the gradient norm, and the weights and the checkpoints before it are finite."""
+    that step naming the gradient norm, and the weights and the checkpoints before it are finite.
+    With num_iterations=2 the step's second pass is not run (it was, and applied)."""
     import r1vl.algo as algo
 
     real, calls, policies = algo._optimizer_step, [], []
@@ -876,9 +878,12 @@ def test_non_finite_gradient_is_not_applied_and_stops_the_run(phase, at, tmp_pat
 
     monkeypatch.setattr(algo, "_optimizer_step", poisoned)
     out = tmp_path / "run"
-    assert main(_args(out, data_dir, "train.max_steps=2", "train.save_every=1", "train.keep_checkpoints=0")) == 2
+    assert main(_args(out, data_dir, "train.max_steps=2", "train.save_every=1", "train.keep_checkpoints=0",
+                      f"algorithm.num_iterations={mu}")) == 2
     err = capsys.readouterr().err
-    assert f"{phase} step {at}: the gradient norm is inf" in err and "not applied" in err, err
+    assert f"{phase} step {at}: the gradient norm is inf" in err and "r1vl did not apply the non-finite update" \
+        in err, err
+    assert len(calls) == poison_at  # no optimizer step after it
     recs = [r for r in _metrics(out) if r["phase"] in ("warmup", "grpo")]
     assert (recs[-1]["phase"], recs[-1]["step"]) == (phase, at) and math.isinf(recs[-1]["grad_norm"])
     assert all(math.isfinite(r["loss"]) for r in recs)
@@ -887,41 +892,68 @@ def test_non_finite_gradient_is_not_applied_and_stops_the_run(phase, at, tmp_pat
     assert names == (["warmup-000001"] if phase == "warmup" else ["warmup-000001", "warmup-000002"]), names
 
 
+def test_the_gradient_norm_is_taken_in_fp32():
+    """float16 gradients of 300 in 200k elements: their norm (134164) is finite but over float16's
+    65504, and torch's clip_grad_norm_ took it in float16: inf, which now stops the run. The norm
+    is taken in fp32, and the clipping scales the gradients as clip_grad_norm_ does in fp32."""
+    from r1vl.algo import _clip
+
+    p = torch.nn.Parameter(torch.zeros(200_000, dtype=torch.float16))
+    p.grad = torch.full_like(p, 300.0)
+    q = torch.nn.Parameter(torch.zeros(3))
+    q.grad = torch.tensor([3.0, 4.0, 12.0])
+    norm = _clip([p, q], 1.0)
+    want = math.sqrt(200_000 * 300.0 ** 2 + 13.0 ** 2)
+    assert norm == pytest.approx(want, rel=1e-4)  # fp32 accumulation over 200k terms
+    assert float(p.grad[0]) == pytest.approx(300.0 / want, rel=1e-3)
+    assert q.grad.tolist() == pytest.approx([3.0 / want, 4.0 / want, 12.0 / want], rel=1e-4)
+    a = torch.nn.Parameter(torch.zeros(5))
+    a.grad = torch.arange(5.0)
+    b = torch.nn.Parameter(torch.zeros(5))
+    b.grad = torch.arange(5.0)
+    assert _clip([a], 0.0) == pytest.approx(math.sqrt(30.0)) and a.grad.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert _clip([a], 1.0) == pytest.approx(float(torch.nn.utils.clip_grad_norm_([b], 1.0)))
+    assert torch.allclose(a.grad, b.grad)
+
+
 def test_non_finite_step_message_says_what_reached_the_weights(tmp_path):
-    """Which backend applied a non-finite gradient's update: none without DeepSpeed, none under
-    DeepSpeed's ZeRO optimizers (stage >= 1) or fp16's loss scaler (a routine overflow: no stop),
-    DeepSpeed's stage 0 (fp32) applies it."""
+    """Whether the step's non-finite update was applied, as the update reported it (r1vl's own
+    skip, DeepSpeed's overflow check); under DeepSpeed's fp16 loss scaler a skipped overflow step
+    is routine: no stop. The fp16 exemption is the DeepSpeed config's precision, not model.dtype."""
     from r1vl.config import load_config
     from r1vl.train import UserError, check_finite_loss
 
     base = json.loads((ROOT / "configs" / "ds_zero2.json").read_text())
 
-    def ds_cfg(stage, precision):
+    def ds_cfg(stage, precision, *extra):
         raw = copy.deepcopy(base)
         raw["zero_optimization"]["stage"] = stage
         raw["bf16"]["enabled"] = precision == "bf16"
         raw["fp16"] = {"enabled": precision == "fp16"}
         path = tmp_path / f"ds{stage}{precision}.json"
         path.write_text(json.dumps(raw))
-        return load_config(None, [f"deepspeed={path}"])
+        return load_config(None, [f"deepspeed={path}", *extra])
 
     inf_norm = {"phase": "grpo", "step": 3, "loss": 0.5, "grad_norm": float("inf")}
-    cases = [(load_config(None, []), "its update was not applied"), (ds_cfg(2, "bf16"), "DeepSpeed skipped"),
-             (ds_cfg(3, "fp32"), "DeepSpeed skipped"), (ds_cfg(1, "bf16"), "DeepSpeed skipped"),
-             (ds_cfg(0, "fp32"), "its update has reached the weights")]
-    for cfg, said in cases:
+    cases = [(load_config(None, []), 1, "r1vl did not apply the non-finite update"),
+             (ds_cfg(2, "bf16"), 1, "DeepSpeed skipped the non-finite update"),
+             (ds_cfg(2, "bf16"), 0, "the update has reached the weights"),
+             (ds_cfg(0, "fp32", "model.dtype=float16"), 0, "the update has reached the weights")]
+    for cfg, skipped, said in cases:
         with pytest.raises(UserError, match="grpo step 3: the gradient norm is inf") as e:
-            check_finite_loss(inf_norm, cfg)
+            check_finite_loss(inf_norm, cfg, skipped)
         assert said in str(e.value), (cfg.deepspeed, str(e.value))
-    check_finite_loss(inf_norm, ds_cfg(2, "fp16"))  # the loss scaler's overflow step: the run goes on
-    with pytest.raises(UserError, match="the loss is nan .*the step has reached the weights"):
+    check_finite_loss(inf_norm, ds_cfg(2, "fp16"), 1)  # the loss scaler's overflow step: the run goes on
+    with pytest.raises(UserError, match="the loss is nan .*the update has reached the weights"):
         check_finite_loss({**inf_norm, "loss": float("nan"), "grad_norm": 1.0}, ds_cfg(2, "fp16"))
     check_finite_loss({**inf_norm, "grad_norm": 1.0}, load_config(None, []))
 
 
-def test_deepspeed_skips_a_non_finite_step_and_the_run_stops(tmp_path, data_dir, capsys, monkeypatch):
-    """What the message above says of DeepSpeed's ZeRO-2 (bf16, one process): a warm-up step whose
-    gradients are all inf (a finite loss) leaves the weights finite, and the run stops at it."""
+@pytest.mark.parametrize("check", [True, False])
+def test_deepspeed_skips_a_non_finite_step_and_the_run_stops(check, tmp_path, data_dir, capsys, monkeypatch):
+    """DeepSpeed's ZeRO-2 (bf16, one process) on a warm-up step whose gradients are all inf (a
+    finite loss): the run stops at it, and the message says what the engine did, which its config
+    decides (bf16.check_grad_overflow, on by default: skipped, the weights finite; off: applied)."""
     pytest.importorskip("deepspeed")
     import r1vl.algo as algo
     from r1vl import ds
@@ -949,14 +981,18 @@ def test_deepspeed_skips_a_non_finite_step_and_the_run_stops(tmp_path, data_dir,
     monkeypatch.setattr(ds, "step", step)
     monkeypatch.setenv("DS_BUILD_OPS", "0")
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    raw = json.loads((ROOT / "configs" / "ds_zero2.json").read_text())
+    raw["bf16"]["check_grad_overflow"] = check
+    (tmp_path / "ds.json").write_text(json.dumps(raw))
     out = tmp_path / "run"
-    assert main(_args(out, data_dir, f"deepspeed={ROOT / 'configs' / 'ds_zero2.json'}", "warmup.steps=3",
+    assert main(_args(out, data_dir, f"deepspeed={tmp_path / 'ds.json'}", "warmup.steps=3",
                       "train.max_steps=0", "train.eval_before=false", "train.eval_after=false")) == 2
     err = capsys.readouterr().err
-    assert "warmup step 2: the gradient norm is inf" in err and "DeepSpeed skipped its update" in err, err
+    said = "DeepSpeed skipped the non-finite update" if check else "the update has reached the weights"
+    assert "warmup step 2: the gradient norm is inf" in err and said in err, err
     assert [r["step"] for r in _metrics(out)] == [1, 2] and math.isinf(_metrics(out)[-1]["grad_norm"])
-    assert len(engines) == 2 and all(torch.isfinite(p).all() for p in engines[-1].module.parameters())
-    assert all(torch.isfinite(p).all() for p in ds.base_optimizer(engines[-1]).param_groups[0]["params"])
+    finite = [bool(torch.isfinite(p).all()) for p in ds.base_optimizer(engines[-1]).param_groups[0]["params"]]
+    assert len(engines) == 2 and finite and all(finite) == check, finite
 
 
 def test_prompt_template_reaches_training_prompts(tmp_path, data_dir, monkeypatch):
