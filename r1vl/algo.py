@@ -194,7 +194,8 @@ def compute_logprobs(policy: nn.Module, batch: SeqBatch, *, micro_batch_size: in
     """fp32 log-probs [B, T] of batch.targets (0 where mask is 0), micro-batched, no grad.
     `policy` is an r1vl.models.PolicyWithLoss (or a module wrapping one); `logit_bias` [V]
     is added to the logits (a rollout engine's, for log-probs comparable with its own)."""
-    out = torch.zeros(batch.targets.shape, dtype=torch.float32)
+    # on the batch's device: a copy to the host per micro-batch waited for the GPU each time
+    out = torch.zeros(batch.targets.shape, dtype=torch.float32, device=batch.targets.device)
     inner = policy.module if hasattr(policy, "module") else policy  # no DDP hooks without grad
     was_training = inner.training
     inner.eval()
@@ -205,10 +206,10 @@ def compute_logprobs(policy: nn.Module, batch: SeqBatch, *, micro_batch_size: in
             lp = inner(mb.inputs, mb.targets, mb.mask, start=mb.start, mode="logprobs", temperature=temperature,
                        **extra)
             t = lp.shape[1]
-            out[idx[0]: idx[-1] + 1, :t] = lp.float().cpu() * mb.mask.cpu()
+            out[idx[0]: idx[-1] + 1, :t] = lp.float() * mb.mask[:, :t]
     finally:
         inner.train(was_training)
-    return out.to(batch.targets.device)
+    return out
 
 
 # --------------------------------------------------------------------------- update
