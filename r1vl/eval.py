@@ -344,10 +344,16 @@ EVAL_SETTINGS: dict[str, tuple[Any, str]] = {
 
 
 def find_run_config(model: str | Path) -> Path | None:
-    """The config.yaml of the r1vl.train run a saved model belongs to: the model directory's
-    parent (runs/X/final, runs/X/warmup), or its grandparent for runs/X/checkpoints/<name>."""
+    """The config.yaml of the r1vl.train run a saved model belongs to: a checkpoint's own (the
+    settings when it was written: a resume may have changed the run's since; a checkpoint
+    copied out of its run keeps it), else the model directory's parent (runs/X/final,
+    runs/X/warmup), or its grandparent for runs/X/checkpoints/<name>."""
+    from r1vl.utils import STATE_FILE
+
     candidates = []
     for p in (Path(model).absolute(), Path(model).resolve()):  # a link: beside it, else where it points
+        if (p / STATE_FILE).is_file():  # an r1vl checkpoint
+            candidates.append(p / "config.yaml")
         candidates.append(p.parent / "config.yaml")
         if p.parent.name == "checkpoints":
             candidates.append(p.parent.parent / "config.yaml")

@@ -1115,7 +1115,8 @@ def setup_logging(cfg: Config, d) -> None:
 def save_checkpoint(cfg: Config, d, policy, processor, optimizer, scheduler, phase: str, step: int,
                     extra: dict) -> None:
     """checkpoints/<phase>-<step>/: HF model + processor + trainer_state.pt (optimizer,
-    scheduler, every rank's RNG states, phase/step = data position). Atomic on rank 0.
+    scheduler, every rank's RNG states, phase/step = data position) + config.yaml (the settings
+    the run had then: r1vl.eval reads its evaluation settings there). Atomic on rank 0.
     `policy` a DeepSpeed engine: every rank writes its part (ds/: fp32 masters, optimizer
     and scheduler state per rank; the 16-bit HF model gathered), trainer_state.pt holds
     the rest; `optimizer` / `scheduler` are unused."""
@@ -1132,7 +1133,8 @@ def save_checkpoint(cfg: Config, d, policy, processor, optimizer, scheduler, pha
                  **extra}
         ds.save_checkpoint(policy, ck_dir / checkpoint_name(phase, step), processor=processor,
                            client_state={"phase": phase, "step": step},
-                           write_extra=lambda tmp: torch.save(state, tmp / STATE_FILE))
+                           write_extra=lambda tmp: (torch.save(state, tmp / STATE_FILE),
+                                                    dump_run_config(cfg, tmp / "config.yaml")))
         if d.main:
             prune_checkpoints(ck_dir, keep=cfg.train.keep_checkpoints, current=checkpoint_name(phase, step))
         d.barrier()
@@ -1145,6 +1147,7 @@ def save_checkpoint(cfg: Config, d, policy, processor, optimizer, scheduler, pha
         def write(tmp: Path) -> None:
             save_pretrained(policy, processor, tmp)
             torch.save(state, tmp / STATE_FILE)
+            dump_run_config(cfg, tmp / "config.yaml")
 
         atomic_dir_write(ck_dir / checkpoint_name(phase, step), write)
         prune_checkpoints(ck_dir, keep=cfg.train.keep_checkpoints, current=checkpoint_name(phase, step))

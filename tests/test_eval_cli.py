@@ -325,6 +325,34 @@ def test_find_run_config_layouts(tmp_path):
     assert ev.find_run_config(run / "final") == (run / "config.yaml").absolute()
 
 
+def test_a_checkpoint_is_evaluated_with_the_settings_it_was_written_under(tmp_path, data_dir):
+    """r1vl.eval on runs/X/checkpoints/<name> read runs/X/config.yaml: after a resume that changed
+    an evaluation setting (allowed: rollout.max_completion_length), an older checkpoint was
+    evaluated with the new one, and a checkpoint copied out of its run with the built-in defaults.
+    Each checkpoint carries its config.yaml, which the CLI reads first."""
+    import shutil
+
+    from r1vl.train import main
+    from test_train import FAST
+
+    out = tmp_path / "run"
+    common = [f"output_dir={out}", f"data.synthetic_dir={data_dir}", *FAST, "train.save_every=1",
+              "train.keep_checkpoints=0", "train.eval_before=false", "train.eval_after=false", "logging.plot=false"]
+    assert main([*common, "train.max_steps=1", "rollout.max_completion_length=7"]) == 0
+    assert main([*common, "train.max_steps=2", "rollout.max_completion_length=9", "train.resume=true"]) == 0
+    ck = out / "checkpoints"
+
+    def max_new_tokens(model):
+        path = ev.find_run_config(model)
+        settings, sources = ev.resolve_settings(dict.fromkeys(ev.EVAL_SETTINGS), ev.load_run_config(path), path)
+        return settings["max_new_tokens"], path
+
+    assert max_new_tokens(ck / "grpo-000001") == (7, (ck / "grpo-000001" / "config.yaml").resolve())
+    assert max_new_tokens(ck / "grpo-000002")[0] == 9 and max_new_tokens(out / "final")[0] == 9
+    shutil.copytree(ck / "grpo-000001", tmp_path / "kept")  # a checkpoint copied out of its run
+    assert max_new_tokens(tmp_path / "kept")[0] == 7
+
+
 def test_foreign_config_yaml_is_warned_and_ignored(tmp_path, caplog):
     p = tmp_path / "config.yaml"
     p.write_text("not_an_r1vl_key: 1\n")

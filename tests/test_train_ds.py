@@ -112,6 +112,7 @@ def test_deepspeed_two_ranks_train_then_resume_equals_uninterrupted(stage, tmp_p
     for name in ("grpo-000002", "grpo-000003"):  # DeepSpeed state + 16-bit HF model + trainer state
         assert (ck / name / "ds").is_dir() and (ck / name / "model.safetensors").is_file()
         assert (ck / name / "trainer_state.pt").is_file()
+        assert (ck / name / "config.yaml").read_text() == (a / "config.yaml").read_text()  # the settings then
     state = torch.load(ck / "grpo-000003" / "trainer_state.pt", weights_only=False)
     assert state["deepspeed"] and state["world"] == 2 and len(state["rng"]) == 2 and "optimizer" not in state
     final = AutoModelForImageTextToText.from_pretrained(a / "final")  # gathered, loads with the Auto class
