@@ -271,14 +271,17 @@ def _optimizer_step(policy: nn.Module, params: list[torch.Tensor], optimizer, sc
         grad_norm = ds.step(policy)
         return grad_norm, ds.skipped_steps(policy) == skipped
     grad_norm = _clip(params, max_grad_norm)
-    if not math.isfinite(grad_norm):
-        # a NaN or infinite gradient turns the weights NaN (clipping scales it by 0, AdamW's update
-        # is NaN): the update is not applied, and the trainer stops at this step (check_finite_loss)
-        return grad_norm, False
-    optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
-    return grad_norm, True
+    applied = math.isfinite(grad_norm)
+    # (a NaN or infinite gradient turns the weights NaN: clipping scales it by 0, AdamW's update
+    # is NaN; it is not applied, and the trainer stops at this step: check_finite_loss)
+    if applied:
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+    # the gradients go now, not at the next step's start: held through the rollouts, evaluations
+    # and saves in between, they took a trainable-parameter-sized block of memory for nothing
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, applied
 
 
 def grpo_update(policy: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, batch: SeqBatch,

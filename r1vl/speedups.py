@@ -107,6 +107,12 @@ def set_gradient_checkpointing(model: nn.Module, enabled: bool) -> None:
     hf = unwrap(model)
     if enabled:
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers also hooks every input embedding (the vision tower's patch embedding too)
+        # to require grad, which reentrant checkpointing needs and this one does not: with
+        # model.freeze_vision the frozen tower then built a graph, was recomputed and
+        # back-propagated every micro-batch for no gradient
+        if hasattr(hf, "disable_input_require_grads"):
+            hf.disable_input_require_grads()
     elif getattr(hf, "is_gradient_checkpointing", False):
         hf.gradient_checkpointing_disable()
 

@@ -1725,8 +1725,10 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
             if not use_ds:
                 ref_model.to(d.device)
             ref_model.eval().requires_grad_(False)
+        # eval mode as a whole (a new wrapper trains by default: compute_logprobs restored its
+        # mode, training, over every reference module after each pass)
         ref_policy = PolicyWithLoss(ref_model, dedup_images=cfg.model.dedup_images,
-                                    share_prompts=cfg.model.share_prompts)
+                                    share_prompts=cfg.model.share_prompts).eval()
         if use_ds:  # ZeRO-3: partitioned like the policy (inference engine); else bf16 on the device
             ref_policy = ds.prepare_reference(ref_policy, ds_cfg)
         if cfg.model.ref_on_host:

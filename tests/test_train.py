@@ -1382,6 +1382,52 @@ def test_updates_run_in_training_mode_so_checkpointing_recomputes(tmp_path, data
         assert [2 * n for _, n in plain[name]] == [n for _, n in checkpointed[name]], (name, plain, checkpointed)
 
 
+def test_frozen_vision_builds_no_graph_grads_go_after_the_step_and_the_reference_stays_in_eval(
+        tmp_path, data_dir, monkeypatch):
+    """Three states an audit found wrong: with model.freeze_vision and gradient checkpointing,
+    transformers' input-embedding hook made the frozen vision tower build a graph (recomputed and
+    back-propagated for no gradient); every trainable gradient was held from one step's end to the
+    next step's start (through the rollouts, evaluations and saves); and the reference wrapper
+    put every reference module in training mode after its first log-prob pass."""
+    import r1vl.algo as algo
+
+    seen = {"vision_outputs_with_grad": 0, "vision_outputs": 0, "grads_left": [], "ref_modes": []}
+    reals = {name: getattr(algo, name) for name in ("sft_step", "grpo_update", "compute_logprobs")}
+
+    def update_spy(name):
+        def wrapped(policy, *a, **k):
+            blocks = [m for m in policy.modules() if type(m).__name__.endswith("VisionBlock")]
+
+            def hook(module, args, output):
+                out = output[0] if isinstance(output, tuple) else output
+                seen["vision_outputs"] += 1
+                seen["vision_outputs_with_grad"] += int(out.requires_grad)
+            hooks = [b.register_forward_hook(hook) for b in blocks]
+            try:
+                return reals[name](policy, *a, **k)
+            finally:
+                for h in hooks:
+                    h.remove()
+                seen["grads_left"].append(sum(p.grad is not None for p in policy.parameters()))
+        monkeypatch.setattr(algo, name, wrapped)
+
+    def logprobs_spy(policy, *a, **k):
+        out = reals["compute_logprobs"](policy, *a, **k)
+        if not any(p.requires_grad for p in policy.parameters()):  # the reference
+            seen["ref_modes"].append(sum(m.training for m in policy.modules()))
+        return out
+
+    update_spy("sft_step")
+    update_spy("grpo_update")
+    monkeypatch.setattr(algo, "compute_logprobs", logprobs_spy)
+    out = tmp_path / "run"
+    assert main(_args(out, data_dir, "train.max_steps=2", "train.eval_before=false", "train.eval_after=false",
+                      "model.freeze_vision=true", "model.gradient_checkpointing=true", "logging.plot=false")) == 0
+    assert seen["vision_outputs"] > 0 and seen["vision_outputs_with_grad"] == 0, seen
+    assert len(seen["grads_left"]) == 4 and set(seen["grads_left"]) == {0}, seen
+    assert seen["ref_modes"] == [0, 0], seen
+
+
 def test_resume_past_the_run_end_is_refused(tmp_path, data_dir, capsys):
     """A checkpoint at StepGRPO step 2 resumed with train.max_steps=1 would log step 2's model
     as the final one at step 1: refused, naming the fix."""
