@@ -309,9 +309,11 @@ _MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".model", ".index
 
 def _check_not_model(out: str, model: str, run_config: Path | None, flag: str) -> None:
     """An output flag must not name a file of the model being evaluated (a weights, config,
-    tokenizer or processor file, anything in a subdirectory such as DeepSpeed's states) or the
-    run's config.yaml: written over after the model is read, it would break the saved run. A new
-    file beside them (final/eval.json) is fine."""
+    tokenizer or processor file, anything in a subdirectory such as DeepSpeed's states), the
+    run's config.yaml, or anything among that run's outputs (metrics.jsonl, summary.json,
+    eval_outputs/, checkpoints/, ...): written over after the model is read, it would break the
+    saved run. A new file beside the model's (final/eval.json) or the run's (runs/X/eval.json) is
+    fine."""
     def written(path: Path) -> Path:  # what os.replace replaces: a link itself, not what it points at
         return path.parent.resolve() / path.name
 
@@ -320,13 +322,22 @@ def _check_not_model(out: str, model: str, run_config: Path | None, flag: str) -
         raise ValueError(f"{flag} {out}: is the run's config ({run_config}) that --model {model} belongs to: "
                          "writing it would overwrite the run's settings; choose another path")
     m = Path(model).resolve()
-    if not o.is_relative_to(m):
+    if o.is_relative_to(m):
+        name = o.name
+        if (o.parent != m or name in _MODEL_FILES or name.startswith(_MODEL_FILE_PREFIXES)
+                or name.endswith(_MODEL_FILE_SUFFIXES)):
+            raise ValueError(f"{flag} {out}: is a file of the model being evaluated (--model {model}): writing it "
+                             "would overwrite the saved model; choose another path")
         return
-    name = o.name
-    if (o.parent != m or name in _MODEL_FILES or name.startswith(_MODEL_FILE_PREFIXES)
-            or name.endswith(_MODEL_FILE_SUFFIXES)):
-        raise ValueError(f"{flag} {out}: is a file of the model being evaluated (--model {model}): writing it "
-                         "would overwrite the saved model; choose another path")
+    from r1vl.train import RUN_OUTPUTS
+
+    for p in (Path(model).absolute(), m):  # the run's directory: runs/X for X/final, X/checkpoints/<name>
+        run = p.parent.parent if p.parent.name == "checkpoints" else p.parent
+        if (run / "config.yaml").is_file() and o.is_relative_to(run.resolve()):
+            top = o.relative_to(run.resolve()).parts[0]
+            if top in RUN_OUTPUTS or top == "config.yaml":
+                raise ValueError(f"{flag} {out}: is among the outputs of the run --model {model} belongs to "
+                                 f"({run / top}): writing it would overwrite or mix with them; choose another path")
 
 
 # CLI setting -> (built-in default, the run config's key the trainer's evaluation uses)

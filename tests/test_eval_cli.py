@@ -662,6 +662,13 @@ def test_outputs_or_out_naming_a_model_file_is_refused(tmp_path, data_dir, capsy
         assert ev.main(["--model", str(snap), "--data", data, "--out", str(snap / name)]) == 2, name
         assert "is a file of the model being evaluated" in _err_line(capsys)
         assert (snap / name).is_symlink() and (snap / name).read_text() == name
+    # the run's outputs beside the model: its metrics, summary, evaluation outputs, other checkpoints
+    (run / "metrics.jsonl").write_text("m")
+    for out in ("run/metrics.jsonl", "run/summary.json", "run/eval_outputs/final.jsonl", "run/warmup/x.json"):
+        assert ev.main(["--model", "run/final", "--data", data, "--outputs", out]) == 2, out
+        line = _err_line(capsys)
+        assert "is among the outputs of the run --model run/final belongs to" in line, line
+    assert (run / "metrics.jsonl").read_text() == "m" and not (run / "eval_outputs").exists()
     # a new file beside the model's: the checks pass (and the CLI goes on to load the model)
     with pytest.raises(AssertionError, match="past its input checks"):
         ev.main(["--model", "run/final", "--data", data, "--out", "run/final/eval.json",
