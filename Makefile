@@ -11,7 +11,8 @@ PYTEST_ARGS ?=
 # machine the main suite takes about 8 min with 2, 14 with 0, the vLLM suite 3 and 6. More
 # workers want more memory (about 3 GB each at peak)
 TEST_WORKERS ?= 2
-PYTEST := OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -n $(TEST_WORKERS)
+TEST_ENV := OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1}
+PYTEST := $(TEST_ENV) $(PY) -m pytest -q -n $(TEST_WORKERS)
 
 .PHONY: venv test test-main train bench-small clean
 
@@ -102,5 +103,5 @@ venv-vllm: $(VVENV)/.installed
 
 # Runs tests/vllm_suite on the real engine; fails (does not skip) when vllm is missing.
 test-vllm: venv-vllm
-	R1VL_REQUIRE_VLLM=1 OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VPY) -m pytest -q -n $(TEST_WORKERS) \
+	R1VL_REQUIRE_VLLM=1 $(TEST_ENV) $(VPY) -m pytest -q -n $(TEST_WORKERS) \
 	  -p no:cacheprovider $(VLLM_TEST_ARGS) tests/vllm_suite

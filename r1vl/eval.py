@@ -35,7 +35,7 @@ from pathlib import Path
 from collections.abc import Sequence
 from typing import Any, Callable
 
-from r1vl.files import write_replace
+from r1vl.files import STATE_FILE, write_replace
 from r1vl.rollout.base import Prompt, SamplingConfig
 
 log = logging.getLogger("r1vl.eval")  # also when run as `python -m r1vl.eval`
@@ -300,7 +300,7 @@ def _check_not_data(out: str, data_path: str, flag: str) -> None:
 
 # the files a saved model (r1vl's final/, warmup/, a checkpoint, a Hugging Face model directory)
 # is loaded or resumed from: names, name prefixes, suffixes
-_MODEL_FILES = ("config.json", "generation_config.json", "trainer_state.pt")
+_MODEL_FILES = ("config.json", "generation_config.json", STATE_FILE)
 _MODEL_FILE_PREFIXES = ("tokenizer", "vocab", "merges", "special_tokens_map", "added_tokens", "chat_template",
                         "preprocessor_config", "processor_config", "video_preprocessor_config", "model.",
                         "pytorch_model", "adapter_")
@@ -359,8 +359,6 @@ def find_run_config(model: str | Path) -> Path | None:
     settings when it was written: a resume may have changed the run's since; a checkpoint
     copied out of its run keeps it), else the model directory's parent (runs/X/final,
     runs/X/warmup), or its grandparent for runs/X/checkpoints/<name>."""
-    from r1vl.utils import STATE_FILE
-
     candidates = []
     for p in (Path(model).absolute(), Path(model).resolve()):  # a link: beside it, else where it points
         if (p / STATE_FILE).is_file():  # an r1vl checkpoint

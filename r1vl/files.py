@@ -9,6 +9,10 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+# a checkpoint's trainer state (optimizer, scheduler, RNG, data position): the file that makes a
+# directory an r1vl checkpoint (here, not in r1vl.utils, for the CLI's torch-free checks)
+STATE_FILE = "trainer_state.pt"
+
 
 def write_replace(path: str | Path, parts: str | Iterable[str]) -> None:
     """Write `parts` (a string, or strings in order) to a temporary file beside `path`, synced,

@@ -1124,6 +1124,10 @@ def save_checkpoint(cfg: Config, d, policy, processor, optimizer, scheduler, pha
     from r1vl.models import save_pretrained
     from r1vl.utils import STATE_FILE, all_gather_objects, atomic_dir_write, checkpoint_name, prune_checkpoints, rng_state
 
+    def write_state(tmp: Path, state: dict) -> None:  # beside the model: the trainer's state, the settings
+        torch.save(state, tmp / STATE_FILE)
+        dump_run_config(cfg, tmp / "config.yaml")
+
     rngs = all_gather_objects(rng_state(), d)
     ck_dir = Path(cfg.output_dir) / "checkpoints"
     if ds.is_engine(policy):
@@ -1133,8 +1137,7 @@ def save_checkpoint(cfg: Config, d, policy, processor, optimizer, scheduler, pha
                  **extra}
         ds.save_checkpoint(policy, ck_dir / checkpoint_name(phase, step), processor=processor,
                            client_state={"phase": phase, "step": step},
-                           write_extra=lambda tmp: (torch.save(state, tmp / STATE_FILE),
-                                                    dump_run_config(cfg, tmp / "config.yaml")))
+                           write_extra=lambda tmp: write_state(tmp, state))
         if d.main:
             prune_checkpoints(ck_dir, keep=cfg.train.keep_checkpoints, current=checkpoint_name(phase, step))
         d.barrier()
@@ -1146,8 +1149,7 @@ def save_checkpoint(cfg: Config, d, policy, processor, optimizer, scheduler, pha
 
         def write(tmp: Path) -> None:
             save_pretrained(policy, processor, tmp)
-            torch.save(state, tmp / STATE_FILE)
-            dump_run_config(cfg, tmp / "config.yaml")
+            write_state(tmp, state)
 
         atomic_dir_write(ck_dir / checkpoint_name(phase, step), write)
         prune_checkpoints(ck_dir, keep=cfg.train.keep_checkpoints, current=checkpoint_name(phase, step))

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from r1vl.files import STATE_FILE
 from r1vl.launch import die_with_launcher
 
 log = logging.getLogger(__name__)
@@ -341,7 +342,6 @@ def set_rng_state(st: dict) -> None:
 
 # --------------------------------------------------------------------------- checkpoints
 
-STATE_FILE = "trainer_state.pt"
 _PHASES = {"warmup": 0, "grpo": 1}
 
 
