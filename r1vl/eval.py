@@ -313,18 +313,19 @@ def _check_not_model(out: str, model: str, run_config: Path | None, flag: str) -
     run's config.yaml, or anything among that run's outputs (metrics.jsonl, summary.json,
     eval_outputs/, checkpoints/, ...): written over after the model is read, it would break the
     saved run. A new file beside the model's (final/eval.json) or the run's (runs/X/eval.json) is
-    fine."""
-    def written(path: Path) -> Path:  # what os.replace replaces: a link itself, not what it points at
-        return path.parent.resolve() / path.name
+    fine. Names are compared case-insensitively: on a case-insensitive disk (macOS's, Windows')
+    final/Config.json is final/config.json."""
+    def written(path: Path) -> tuple[Path, str]:  # what os.replace replaces: a link itself, not its target
+        return path.parent.resolve(), path.name.casefold()  # the names listed above are lower-case
 
-    o = written(Path(out))
-    if run_config is not None and o == written(run_config):
+    o_dir, name = written(Path(out))
+    o = o_dir / name
+    if run_config is not None and (o_dir, name) == written(run_config):
         raise ValueError(f"{flag} {out}: is the run's config ({run_config}) that --model {model} belongs to: "
                          "writing it would overwrite the run's settings; choose another path")
     m = Path(model).resolve()
     if o.is_relative_to(m):
-        name = o.name
-        if (o.parent != m or name in _MODEL_FILES or name.startswith(_MODEL_FILE_PREFIXES)
+        if (o_dir != m or name in _MODEL_FILES or name.startswith(_MODEL_FILE_PREFIXES)
                 or name.endswith(_MODEL_FILE_SUFFIXES)):
             raise ValueError(f"{flag} {out}: is a file of the model being evaluated (--model {model}): writing it "
                              "would overwrite the saved model; choose another path")
@@ -334,7 +335,7 @@ def _check_not_model(out: str, model: str, run_config: Path | None, flag: str) -
     for p in (Path(model).absolute(), m):  # the run's directory: runs/X for X/final, X/checkpoints/<name>
         run = p.parent.parent if p.parent.name == "checkpoints" else p.parent
         if (run / "config.yaml").is_file() and o.is_relative_to(run.resolve()):
-            top = o.relative_to(run.resolve()).parts[0]
+            top = o.relative_to(run.resolve()).parts[0].casefold()
             if top in RUN_OUTPUTS or top == "config.yaml":
                 raise ValueError(f"{flag} {out}: is among the outputs of the run --model {model} belongs to "
                                  f"({run / top}): writing it would overwrite or mix with them; choose another path")

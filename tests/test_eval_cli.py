@@ -641,7 +641,10 @@ def test_outputs_or_out_naming_a_model_file_is_refused(tmp_path, data_dir, capsy
     cases = [("--out", "run/final/config.json"), ("--outputs", str(model / "model.safetensors")),
              ("--out", "link/tokenizer.json"), ("--outputs", "run/final/preprocessor_config.json"),
              ("--out", "run/final/trainer_state.pt"), ("--out", "run/final/global_step3/new.json"),
-             ("--outputs", "run/final/model-00001-of-00002.safetensors"), ("--out", "run/config.yaml")]
+             ("--outputs", "run/final/model-00001-of-00002.safetensors"), ("--out", "run/config.yaml"),
+             # the same files on a case-insensitive disk (macOS's, Windows')
+             ("--out", "run/final/Config.json"), ("--outputs", "run/final/Model.SafeTensors"),
+             ("--out", "run/final/Tokenizer.json"), ("--out", "run/Config.yaml")]
     for flag, out in cases:
         assert ev.main(["--model", "run/final", "--data", data, flag, out]) == 2, (flag, out)
         line = _err_line(capsys)
@@ -664,7 +667,8 @@ def test_outputs_or_out_naming_a_model_file_is_refused(tmp_path, data_dir, capsy
         assert (snap / name).is_symlink() and (snap / name).read_text() == name
     # the run's outputs beside the model: its metrics, summary, evaluation outputs, other checkpoints
     (run / "metrics.jsonl").write_text("m")
-    for out in ("run/metrics.jsonl", "run/summary.json", "run/eval_outputs/final.jsonl", "run/warmup/x.json"):
+    for out in ("run/metrics.jsonl", "run/summary.json", "run/eval_outputs/final.jsonl", "run/warmup/x.json",
+                "run/Metrics.JSONL", "run/Eval_Outputs/final.jsonl"):
         assert ev.main(["--model", "run/final", "--data", data, "--outputs", out]) == 2, out
         line = _err_line(capsys)
         assert "is among the outputs of the run --model run/final belongs to" in line, line
