@@ -287,7 +287,7 @@ def _optimizer_step(policy: nn.Module, params: list[torch.Tensor], optimizer, sc
 def grpo_update(policy: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, batch: SeqBatch,
                 advantages: torch.Tensor, cfg: UpdateConfig, *, ref_logprobs: torch.Tensor | None = None,
                 rollout_is_ratio: torch.Tensor | None = None,
-                old_logprobs: torch.Tensor | None = None) -> dict[str, float]:
+                old_logprobs: torch.Tensor | None = None, rollout_is: Any = None) -> dict[str, Any]:
     """μ = cfg.num_iterations optimisation passes over `batch`; each pass runs the fused GRPO
     loss over micro-batches (gradients accumulated, synchronised once under DDP), clips the
     gradient norm and takes one optimizer (and scheduler) step.
@@ -297,8 +297,19 @@ def grpo_update(policy: nn.Module, optimizer: torch.optim.Optimizer, scheduler: 
     (token means weighted by tokens: TOKEN_MEANS), grad_norm, and `tokens` (this rank's
     completion tokens). Old log-probs are taken before the first pass when μ > 1
     (with μ = 1 the ratio is exactly 1 and the detached current log-probs serve); a caller
-    that already has them (the IS correction needs them too) passes `old_logprobs`."""
+    that already has them (the IS correction needs them too) passes `old_logprobs`.
+
+    The rollout engine's importance-sampling correction comes as `rollout_is_ratio` [B, T], or
+    with μ = 1 as `rollout_is` (an r1vl.rollout.is_correction.RolloutIS): each micro-batch's
+    forward then forms it from its own log-probs, which are the old ones at μ = 1, saving the
+    separate no-grad pass over the whole model; the ratio formed is returned as
+    "rollout_is_ratio" [B, T] (1 where no micro-batch reached)."""
     B = batch.size
+    if rollout_is is not None and (cfg.num_iterations > 1 or rollout_is_ratio is not None):
+        raise ValueError("grpo_update: rollout_is needs num_iterations=1 and no rollout_is_ratio (with mu > 1 "
+                         "the old log-probs come from before the first pass: compute the ratio from them)")
+    ratio_out = None if rollout_is is None else torch.ones(batch.targets.shape, dtype=torch.float32,
+                                                           device=batch.targets.device)
     old = None
     if cfg.num_iterations > 1:
         old = old_logprobs if old_logprobs is not None else compute_logprobs(
@@ -334,6 +345,8 @@ def grpo_update(policy: nn.Module, optimizer: torch.optim.Optimizer, scheduler: 
                 kwargs["ref_logprobs"] = ref_logprobs[rows, :t]
             if rollout_is_ratio is not None:
                 kwargs["rollout_is_ratio"] = rollout_is_ratio[rows, :t]
+            if rollout_is is not None:
+                kwargs["rollout_is"] = rollout_is.rows(rows, t)
             if cfg.loss_type == "dr_grpo":
                 kwargs["max_completion_length"] = cfg.max_completion_length
                 weight = len(idx) / B
@@ -345,6 +358,8 @@ def grpo_update(policy: nn.Module, optimizer: torch.optim.Optimizer, scheduler: 
             with _no_sync(policy, gi < len(groups) - 1):
                 loss, metrics = policy(mb.inputs, mb.targets, mb.mask, start=mb.start, mode="grpo", **kwargs)
                 _backward(policy, loss * weight, last=gi == len(groups) - 1)
+            if ratio_out is not None:
+                ratio_out[rows, :t] = metrics.pop("rollout_is_ratio")
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) * weight
             mb_tokens = float(mb.mask.sum().item())
             for k, v in metrics.items():  # token means weighted by tokens, sequence shares by rows
@@ -359,6 +374,8 @@ def grpo_update(policy: nn.Module, optimizer: torch.optim.Optimizer, scheduler: 
     out = {k: v / passes for k, v in sums.items()}
     out["tokens"] = local_tokens
     out["updates_skipped"] = skipped
+    if ratio_out is not None:
+        out["rollout_is_ratio"] = ratio_out
     return out
 
 

@@ -975,5 +975,21 @@ class PolicyWithLoss(nn.Module):
         if mode == "logprobs":
             return head(h, targets, mode="logprobs", **kwargs)
         if mode == "grpo":
-            return head(h, targets, mask, kwargs.pop("advantages"), mode="grpo", **kwargs)
+            # rollout_is (an r1vl.rollout.is_correction.RolloutIS): the importance-sampling
+            # correction from this forward's own log-probs (no grad; one more head pass), returned
+            # in the metrics as "rollout_is_ratio" [B, T]
+            spec = kwargs.pop("rollout_is", None)
+            ratio = None
+            if spec is not None:
+                if kwargs.get("rollout_is_ratio") is not None:
+                    raise ValueError("PolicyWithLoss: rollout_is and rollout_is_ratio are exclusive")
+                with torch.no_grad():
+                    lp = head(h.detach(), targets, mode="logprobs", temperature=spec.temperature,
+                              logit_bias=spec.logit_bias)
+                    ratio = spec.ratio(lp, mask)
+                kwargs["rollout_is_ratio"] = ratio
+            loss, metrics = head(h, targets, mask, kwargs.pop("advantages"), mode="grpo", **kwargs)
+            if ratio is not None:
+                metrics = {**metrics, "rollout_is_ratio": ratio}
+            return loss, metrics
         raise ValueError(f"PolicyWithLoss: unknown mode {mode!r}")

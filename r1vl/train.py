@@ -1831,23 +1831,31 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
                 with ref_weights.on_device() if ref_weights is not None else contextlib.nullcontext():
                     ref_lp = compute_logprobs(ref_policy, batch, micro_batch_size=cfg.train.micro_batch_size,
                                               temperature=ucfg.temperature)
-            old_lp = is_ratio = None
+            old_lp = is_ratio = is_spec = None
             if use_is:  # token_truncate: min(exp(trainer_logp_old - engine_logp), rollout.is_cap) per token
-                from r1vl.rollout.is_correction import is_ratio as correction, is_ratio_stats, pad_engine_logprobs
+                from r1vl.rollout.is_correction import RolloutIS, is_ratio_stats, pad_engine_logprobs
 
-                is_lp = compute_logprobs(train_policy, batch, micro_batch_size=cfg.train.micro_batch_size,
-                                         temperature=is_temp, logit_bias=is_bias)
                 eng_lp, eng_mask = pad_engine_logprobs([c.logprobs for c in comps], batch.targets.shape[1],
-                                                       device=is_lp.device)
+                                                       device=batch.targets.device)
                 is_mask = eng_mask & batch.mask.bool()
-                is_ratio = correction(is_lp, eng_lp, is_mask, cap=ro.is_cap, mode=ro.is_mode)
-                if is_temp == lp_temp and is_bias is None:  # the update's old log-probs (mu > 1): the same
-                    old_lp = is_lp
-                is_st = is_ratio_stats(is_ratio, is_mask, cap=ro.is_cap, mode=ro.is_mode)
+                is_spec = RolloutIS(eng_lp, eng_mask, cap=ro.is_cap, mode=ro.is_mode, temperature=is_temp,
+                                    logit_bias=is_bias)
+                if ucfg.num_iterations > 1:  # the trainer's old log-probs, before the first of the passes
+                    is_lp = compute_logprobs(train_policy, batch, micro_batch_size=cfg.train.micro_batch_size,
+                                             temperature=is_temp, logit_bias=is_bias)
+                    is_ratio = is_spec.ratio(is_lp, batch.mask)
+                    if is_temp == lp_temp and is_bias is None:  # the update's old log-probs: the same
+                        old_lp = is_lp
+                    is_spec = None
+                # else mu = 1: the old log-probs are the update's own, and its forward forms the ratio
         with tm("update"):
             lr = sched.get_last_lr()[0]  # the lr of this step's (first) optimizer step
             m = grpo_update(train_policy, opt, None if use_ds else sched, batch, adv.to(d.device), ucfg,
-                            ref_logprobs=ref_lp, rollout_is_ratio=is_ratio, old_logprobs=old_lp)
+                            ref_logprobs=ref_lp, rollout_is_ratio=is_ratio, old_logprobs=old_lp,
+                            rollout_is=is_spec)
+            if use_is:
+                is_st = is_ratio_stats(m.pop("rollout_is_ratio", is_ratio), is_mask, cap=ro.is_cap,
+                                       mode=ro.is_mode)
             if not use_vllm:  # the HF engine generates with the trainer's own parameters: a no-op
                 engine.load_weights(unwrap(model).named_parameters())
         dt = time.perf_counter() - t0

@@ -302,3 +302,66 @@ def test_logprobs_with_an_engine_logit_bias(tiny):
     assert (got - plain)[b.mask.bool()].min() > 0  # the placeholders' mass moved onto the rest
     cfg.rollout.vllm.logprobs_mode = "raw_logprobs"
     assert engine_logit_bias(engine, model, cfg) is None
+
+
+@pytest.mark.parametrize("mode", ["token_truncate", "sequence_mask"])
+def test_importance_correction_formed_in_the_update_equals_a_separate_pass(tiny, mode):
+    """At mu = 1 grpo_update(rollout_is=...) forms the engine/trainer importance ratio from each
+    micro-batch's own forward (the old log-probs are the update's): the ratio, the loss, the
+    metrics and the step equal those of the separate no-grad pass before the update (what the
+    trainer ran before), with a temperature and a logit bias; the separate pass is not run."""
+    from r1vl.rollout.is_correction import RolloutIS, is_ratio
+
+    model, proc = tiny
+    b, _ = _batch(proc, n=4, seed=11)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    V = model.get_output_embeddings().weight.shape[0]
+    bias = torch.zeros(V)
+    bias[proc.vision_token_ids()] = -100.0
+    g = torch.Generator().manual_seed(3)
+    trainer_lp = compute_logprobs(PolicyWithLoss(copy.deepcopy(model)), b, micro_batch_size=4, temperature=0.7,
+                                  logit_bias=bias)
+    # the engine's log-probs: off the trainer's by up to +-1.2 (ratios from 0.3 to 3.3: some capped),
+    # and missing on the last real token of row 1
+    eng = trainer_lp + (torch.rand(b.mask.shape, generator=g) - 0.5) * 2.4
+    eng_mask = b.mask.bool().clone()
+    eng_mask[1, int(b.mask[1].sum()) - 1] = False
+    spec = RolloutIS(eng, eng_mask, cap=2.0, mode=mode, temperature=0.7, logit_bias=bias)
+    cfg = UpdateConfig(micro_batch_size=2, beta=0.1, max_grad_norm=0.0)
+    ref = trainer_lp - 0.2 * b.mask
+    out = {}
+    for how in ("pass", "update"):
+        pol = PolicyWithLoss(copy.deepcopy(model))
+        opt = torch.optim.SGD(pol.parameters(), lr=0.1)
+        if how == "pass":
+            lp = compute_logprobs(pol, b, micro_batch_size=2, temperature=0.7, logit_bias=bias)
+            ratio = is_ratio(lp, eng, eng_mask & b.mask.bool(), cap=2.0, mode=mode)
+            m = grpo_update(pol, opt, None, b, adv, cfg, ref_logprobs=ref, rollout_is_ratio=ratio)
+        else:
+            calls = []
+            orig = pol.forward
+
+            def counting(*a, **k):
+                calls.append(k["mode"])
+                return orig(*a, **k)
+
+            pol.forward = counting
+            m = grpo_update(pol, opt, None, b, adv, cfg, ref_logprobs=ref, rollout_is=spec)
+            assert calls == ["grpo", "grpo"]  # two micro-batches, no log-prob pass
+            ratio = m.pop("rollout_is_ratio")
+        out[how] = (ratio, m, [p.detach().clone() for p in pol.parameters()])
+    (r0, m0, p0), (r1, m1, p1) = out["pass"], out["update"]
+    on = eng_mask & b.mask.bool()
+    torch.testing.assert_close(r1[on], r0[on], atol=1e-5, rtol=1e-5)
+    assert (r0[on] != 1).all() and (r0[on] < 1).any()  # a correction that acts, both ways
+    assert ((r0[on] == 2.0).any() if mode == "token_truncate" else (r0[on] == 0).any())  # the cap acted
+    for k in ("loss", "kl", "entropy", "clip_ratio"):
+        assert m1[k] == pytest.approx(m0[k], rel=1e-5, abs=1e-7), k
+    for x, y in zip(p0, p1):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
+    # what the update would have done without the correction differs
+    pol = PolicyWithLoss(copy.deepcopy(model))
+    plain = grpo_update(pol, torch.optim.SGD(pol.parameters(), lr=0.1), None, b, adv, cfg, ref_logprobs=ref)
+    assert plain["loss"] != pytest.approx(m0["loss"], rel=1e-3)
+    with pytest.raises(ValueError, match="num_iterations=1"):
+        grpo_update(pol, None, None, b, adv, UpdateConfig(micro_batch_size=2, num_iterations=2), rollout_is=spec)

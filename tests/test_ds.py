@@ -401,6 +401,22 @@ def _run_rank(rank, stage, out):
     res["synced_kwargs"] = ds.generation_kwargs(engine)
     res["gen_synced"] = _generate(engine, proc, _prompts(proc, 2), **ds.generation_kwargs(engine))
 
+    # ---- the engine's importance ratio formed in the update's own forward (mu = 1, one more head
+    # call in it: ZeRO-3 gathers the head for both) equals a separate no-grad pass's; the step runs
+    from r1vl.algo import UpdateConfig, grpo_update
+    from r1vl.rollout.is_correction import RolloutIS, is_ratio
+
+    lp_now = compute_logprobs(engine, mb, micro_batch_size=MICRO, temperature=0.7)
+    shift = torch.linspace(-1.0, 1.0, mb.mask.numel()).view_as(mb.mask)  # ratios 0.37 to 2.7: some capped
+    spec = RolloutIS(lp_now + shift, mb.mask.bool(), cap=2.0, temperature=0.7)
+    want = is_ratio(lp_now, lp_now + shift, mb.mask.bool(), cap=2.0)
+    m = grpo_update(engine, None, None, mb, ADV[0][mine], UpdateConfig(micro_batch_size=MICRO, beta=BETA),
+                    ref_logprobs=ref[mine], rollout_is=spec)
+    on = mb.mask.bool()
+    res["is_ratio_diff"] = float((m["rollout_is_ratio"] - want)[on].abs().max())
+    res["is_ratio_capped"] = int((want[on] == 2.0).sum())
+    res["is_loss"], res["is_norm"] = m["loss"], m["grad_norm"]
+
     # ---- the shipped bf16 config as is: a step trains (finite loss, moving weights), 16-bit save
     engine3, *_ = _engine(stage, bf16=True, persistence0=False, adamw=True)
     before = _gathered(engine3)
@@ -526,6 +542,8 @@ def _check_common(res, out, stage):
         # reference: frozen, same log-probs as the policy it was copied from
         assert r["ref_frozen"] and r["ref_is_engine"] == (stage == 3)
         assert r["ref_lp_diff"] == 0.0 and r["ref_plain_diff"] == 0.0
+        assert r["is_ratio_diff"] < 1e-5 and r["is_ratio_capped"] > 0
+        assert math.isfinite(r["is_loss"]) and math.isfinite(r["is_norm"]) and r["is_norm"] > 0
         # shipped bf16 config: finite, every trainable tensor moved, bf16 module weights
         assert all(math.isfinite(x) for x in r["bf16_loss"]) and math.isfinite(r["bf16_norm"]) and r["bf16_norm"] > 0
         assert r["bf16_moved"] == len(single) and r["bf16_dtypes"] == ["torch.bfloat16"]

@@ -15,6 +15,7 @@ it is ≈ 1 when engine and trainer agree, and it is passed to the fused loss as
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
@@ -68,6 +69,36 @@ def is_ratio(trainer_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.
         else:  # mask: the sequence (or token) is dropped from the loss
             ratio = torch.where(d > log_cap, torch.zeros_like(d), torch.exp(d.clamp(max=log_cap)))
         return torch.where(on, ratio, torch.ones_like(ratio))
+
+
+@dataclass(frozen=True)
+class RolloutIS:
+    """The correction formed by the update itself (r1vl.algo.grpo_update with μ = 1): the
+    trainer's old log-probs are then the update's own log-probs (the same weights, the same
+    batch), so its forward gives them, from the hidden states it computes anyway, by one more
+    forward-only pass of the LM head, where a separate pass would run the whole model again.
+
+    engine_logprobs / engine_mask [B, T] (pad_engine_logprobs), rollout.is_cap and is_mode,
+    and the temperature and logit bias [V] the trainer's log-probs are taken at to compare
+    like with like (r1vl.train.logprob_temperatures, engine_logit_bias)."""
+
+    engine_logprobs: torch.Tensor
+    engine_mask: torch.Tensor
+    cap: float = 2.0
+    mode: str = "token_truncate"
+    temperature: float = 1.0
+    logit_bias: torch.Tensor | None = None
+
+    def rows(self, rows: slice, length: int) -> "RolloutIS":
+        """This correction for rows `rows` of the batch, cut to a micro-batch's `length` tokens."""
+        return replace(self, engine_logprobs=self.engine_logprobs[rows, :length],
+                       engine_mask=self.engine_mask[rows, :length])
+
+    def ratio(self, trainer_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """is_ratio of `trainer_logp` against the engine's, on the tokens both `mask` and the
+        engine's mask mark."""
+        on = self.engine_mask.to(mask.device).bool() & mask.bool()
+        return is_ratio(trainer_logp, self.engine_logprobs, on, cap=self.cap, mode=self.mode)
 
 
 def is_ratio_stats(ratio: torch.Tensor, mask: torch.Tensor | None = None, cap: float = 2.0,

@@ -26,13 +26,15 @@ def _trainer_builds_vllm_engine() -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not _trainer_builds_vllm_engine(),
                     reason="r1vl.train.make_engine does not build VLLMEngine.from_config yet")
-@pytest.mark.parametrize("correction,mode", [(True, "token_truncate"), (False, "token_truncate"),
-                                             (True, "sequence_mask")], ids=["is", "no_is", "is_sequence_mask"])
-def test_stepgrpo_run_with_vllm_engine(tmp_path, correction, mode):
+@pytest.mark.parametrize("correction,mode,mu", [(True, "token_truncate", 1), (False, "token_truncate", 1),
+                                                (True, "sequence_mask", 1), (True, "token_truncate", 2)],
+                         ids=["is", "no_is", "is_sequence_mask", "is_mu2"])
+def test_stepgrpo_run_with_vllm_engine(tmp_path, correction, mode, mu):
     """With the correction the loss scores the raw logits (algorithm.logprob_temperature=1.0,
     the authors' code) while the ratio still compares trainer and engine at the sampling
     temperature (0.7): a ratio near 1 shows the two temperatures are kept apart. TRL's default
-    mode (sequence_mask) runs through the trainer too."""
+    mode (sequence_mask) runs through the trainer too. At mu = 1 the update's forward forms the
+    ratio (no separate pass), at mu = 2 a pass before the update does."""
     out = tmp_path / "run"
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -45,7 +47,8 @@ def test_stepgrpo_run_with_vllm_engine(tmp_path, correction, mode):
            "data.synthetic_train_size=40", "data.synthetic_test_size=4", "data.eval_size=4",
            "model.tiny.tokenizer_corpus_size=40", "logging.tensorboard=false", "logging.plot=false",
            "logging.progress=false", "algorithm.logprob_temperature=1.0",
-           f"rollout.is_correction={str(correction).lower()}", f"rollout.is_mode={mode}"]
+           f"rollout.is_correction={str(correction).lower()}", f"rollout.is_mode={mode}",
+           f"algorithm.num_iterations={mu}"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=480)
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-60:])
