@@ -156,6 +156,44 @@ def test_engine_needs_a_process_group():
         VLLMEngine(VLLMEngineConfig(model="m"))
 
 
+_ONE_RANK_GROUP = """
+import os
+import signal
+signal.alarm(60)  # a rendezvous that waits for nothing ends here, not at its 30-min timeout
+import torch.distributed as dist
+from r1vl.rollout.vllm_engine import ensure_process_group
+assert os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True", "not torchrun's agent store"
+ensure_process_group()
+print("group", dist.get_rank(), dist.get_world_size(), dist.get_backend(), flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_one_rank_group_under_torchrun(tmp_path):
+    """`torchrun --nproc-per-node 1 -m r1vl.train rollout.engine=vllm` (and r1vl.eval --engine
+    vllm) hung for the 30-min rendezvous timeout before the first rollout: torchrun's workers are
+    all clients of the launcher's store, and the engine's one-rank group was set up at an address
+    of its own, where no store ever listens. It now meets at the launcher's store."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "one_rank.py"
+    script.write_text(_ONE_RANK_GROUP)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--standalone",
+                             str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)  # torchrun stops its worker (a session of its own) on the way out
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "group 0 1 gloo" in out, out[-3000:]
+
+
 class _Processor:
     def stop_token_ids(self):
         return [2, 0]

@@ -250,8 +250,11 @@ def vllm_installed() -> bool:
 
 
 def ensure_process_group() -> None:
-    """A one-rank gloo group when the trainer runs without torchrun (the engine's
-    external_launcher mode needs a process group)."""
+    """A one-rank gloo group when the trainer runs on one rank (the engine's external_launcher
+    mode needs a process group). Under torchrun (--nproc-per-node 1) it meets at the launcher's
+    store, as torchrun's workers must: with its own address the rendezvous waited for a store
+    that torchrun's workers never start (TORCHELASTIC_USE_AGENT_STORE: every worker a client)
+    and hung for the 30-min rendezvous timeout."""
     import socket
 
     import torch.distributed as dist
@@ -260,6 +263,10 @@ def ensure_process_group() -> None:
         return
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise RuntimeError("WORLD_SIZE > 1 but torch.distributed is not initialised: init it before the engine")
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and "MASTER_ADDR" in os.environ \
+            and "MASTER_PORT" in os.environ:
+        dist.init_process_group("gloo", init_method="env://", rank=0, world_size=1)
+        return
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
