@@ -59,6 +59,15 @@ def test_group_advantages_scale_modes_as_trl():
     with pytest.raises(ValueError, match="scale"):
         group_advantages(r, 4, scale="global")
 
+def test_reward_std_one_process_is_unbiased():
+    """scale_rewards="batch" without other ranks: the unbiased std (TRL's torch.std), by hand:
+    [1, 2, 3, 4] has squared deviations 5, so sqrt(5 / 3); one reward has none (0)."""
+    from r1vl.algo import reward_std
+
+    assert reward_std(torch.tensor([1.0, 2.0, 3.0, 4.0])) == pytest.approx((5 / 3) ** 0.5, rel=1e-12)
+    assert reward_std(torch.tensor([2.5])) == 0.0
+
+
 def test_group_advantages_bad_input():
     with pytest.raises(ValueError, match="groups of 4"):
         group_advantages(torch.zeros(6), 4)
@@ -365,3 +374,84 @@ def test_importance_correction_formed_in_the_update_equals_a_separate_pass(tiny,
     assert plain["loss"] != pytest.approx(m0["loss"], rel=1e-3)
     with pytest.raises(ValueError, match="num_iterations=1"):
         grpo_update(pol, None, None, b, adv, UpdateConfig(micro_batch_size=2, num_iterations=2), rollout_is=spec)
+
+
+# --------------------------------------------------------------------------- the update's arithmetic, by hand
+
+
+def _update(model, b, adv, *, lr=0.0, old_shift=None, **cfg):
+    """grpo_update on a fresh copy of `model`; old_shift: old log-probs = current - old_shift (on
+    real tokens), taken at cfg's temperature."""
+    pol = PolicyWithLoss(copy.deepcopy(model))
+    kw = {}
+    if old_shift is not None:
+        kw["old_logprobs"] = compute_logprobs(pol, b, micro_batch_size=b.size,
+                                              temperature=cfg.get("temperature", 1.0)) - old_shift * b.mask
+    return grpo_update(pol, torch.optim.SGD(pol.parameters(), lr=lr), None, b, adv, UpdateConfig(**cfg), **kw)
+
+
+def test_update_loss_by_hand_over_uneven_micro_batches_and_passes(tiny):
+    """Values derived from the objective, not from the code: with ratio 1 and beta 0 the grpo
+    loss is -mean(A) whatever the micro-batches (6 rows in 4 + 2: each weighted by its rows);
+    with mu = 2 the old log-probs are taken at the update's temperature (ratio exactly 1 with lr 0);
+    bnpo is each micro-batch's token mean, weighted by its share of rows, as TRL."""
+    model, proc = tiny
+    b, _ = _batch(proc, n=6, seed=5)
+    adv = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    m = _update(model, b, adv, micro_batch_size=4, beta=0.0)
+    assert m["loss"] == pytest.approx(-3.5, abs=1e-5)
+    m = _update(model, b, adv, micro_batch_size=6, beta=0.0, num_iterations=2, temperature=0.7)
+    assert m["loss"] == pytest.approx(-3.5, abs=1e-5) and m["clip_ratio"] == 0.0
+    n = b.mask.sum(1).double()
+    assert len(set(n.tolist())) > 2  # rows of different lengths: bnpo differs from grpo
+    want = sum(len(g) / 6 * -(adv.double()[g] * n[g]).sum() / n[g].sum() for g in ([0, 1], [2, 3], [4, 5]))
+    m = _update(model, b, adv, micro_batch_size=2, beta=0.0, loss_type="bnpo")
+    assert m["loss"] == pytest.approx(float(want), abs=1e-5)
+
+
+def test_update_uses_the_old_logprobs_and_both_clip_bounds(tiny):
+    """mu > 1: the caller's old log-probs are the ones used (ratio e^0.1 on every token with lr 0:
+    loss -e^0.1 for A = 1); epsilon_low and epsilon_high reach the loss in their places (ratio
+    e^0.26 = 1.297: inside 1 + 0.5, outside 1 + 0.1); a real step moves the policy so far that
+    the second pass clips against the first pass's log-probs."""
+    import math
+
+    model, proc = tiny
+    b, _ = _batch(proc, n=6, seed=5)
+    ones = torch.ones(6)
+    m = _update(model, b, ones, micro_batch_size=6, beta=0.0, num_iterations=2, old_shift=0.1)
+    assert m["loss"] == pytest.approx(-math.exp(0.1), abs=1e-4)
+    m = _update(model, b, ones, micro_batch_size=6, beta=0.0, num_iterations=2, old_shift=0.26,
+                epsilon_low=0.1, epsilon_high=0.5)
+    assert m["loss"] == pytest.approx(-math.exp(0.26), abs=1e-4) and m["clip_ratio_high"] == 0.0
+    m = _update(model, b, ones, micro_batch_size=6, beta=0.0, num_iterations=2, old_shift=0.26,
+                epsilon_low=0.5, epsilon_high=0.1)
+    assert m["loss"] == pytest.approx(-1.1, abs=1e-4) and m["clip_ratio_high"] == pytest.approx(1.0)
+    m = _update(model, b, torch.tensor([1.0, -1.0] * 3), lr=0.5, micro_batch_size=6, beta=0.0, num_iterations=2,
+                epsilon_low=0.01, epsilon_high=0.01, max_grad_norm=0.0)
+    assert m["clip_ratio"] > 0.1  # averaged over the two passes: the first never clips
+
+
+def test_sequence_level_clip_share_is_a_share_of_rows(tiny):
+    """importance_sampling_level="sequence": the clip ratios are shares of sequences (one clipped
+    row of 6 is 1/6, whatever its length and the micro-batches), not of tokens."""
+    model, proc = tiny
+    b, _ = _batch(proc, n=6, seed=5)
+    pol = PolicyWithLoss(copy.deepcopy(model))
+    old = compute_logprobs(pol, b, micro_batch_size=6)
+    old[0] -= 0.5 * b.mask[0]  # row 0's sequence ratio e^0.5 > 1.2
+    m = grpo_update(pol, torch.optim.SGD(pol.parameters(), lr=0.0), None, b, torch.ones(6),
+                    UpdateConfig(num_iterations=2, micro_batch_size=2, beta=0.0, importance_sampling_level="sequence"),
+                    old_logprobs=old)
+    assert b.mask[0].sum() != b.mask.sum() / 6  # a token share would differ
+    assert m["clip_ratio_high"] == pytest.approx(1 / 6, abs=1e-6)
+
+
+def test_gradient_norm_is_the_global_l2_norm():
+    from r1vl.algo import _clip
+
+    a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(2))
+    a.grad, b.grad = torch.tensor([3.0]), torch.tensor([0.0, 4.0])
+    assert _clip([a, b], 0.0) == pytest.approx(5.0)
+    assert _clip([a, b], 1.0) == pytest.approx(5.0)  # the norm before clipping
+    torch.testing.assert_close(torch.cat([a.grad, b.grad]), torch.tensor([0.6, 0.0, 0.8]))

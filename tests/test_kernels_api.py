@@ -312,16 +312,18 @@ def test_trl_shapes_of_advantages_and_the_sequence_ratio(case):
 
 
 @pytest.mark.parametrize("backend", ["torch", "torch-twopass", "triton"])
-def test_token_level_advantages(case, backend, monkeypatch):
-    """advantages [B, T] equal along each row give the [B] results at token level (loss,
-    metrics, gradients); what they hold at masked positions (NaN, inf) is never read."""
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_token_level_advantages(case, backend, level, monkeypatch):
+    """advantages [B, T] equal along each row give the [B] results, at either importance-sampling
+    level (loss, metrics, gradients); what they hold at masked positions (NaN, inf) is never read."""
     if backend == "torch-twopass":
         monkeypatch.setenv("R1VL_KERNEL_ONEPASS", "0")
         backend = "torch"
     case = _on_device(case, backend)
     mask = case.mask.clone()
     mask[0, 2:] = False
-    kw = dict(old_logprobs=case.old, ref_logprobs=case.ref, mask=mask, backend=backend)
+    kw = dict(old_logprobs=case.old, ref_logprobs=case.ref, mask=mask, backend=backend,
+              importance_sampling_level=level)
 
     def run(adv):
         h, w = (x.detach().clone().requires_grad_() for x in (case.hidden, case.weight))

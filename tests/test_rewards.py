@@ -95,6 +95,15 @@ def test_k_counts_groups_matched_case_insensitively_in_step_sections_only():
     assert key_step_fraction(SOL, [["nope"], ["4 + 3 = 7"], ["zzz"]]) == pytest.approx(1 / 3)
 
 
+def test_k_blank_phrasings_match_nothing():
+    """An empty or blank phrasing (a data slip) is in every text: it is left out of its group, and a
+    group of nothing else is never matched (it still counts in the fraction's denominator)."""
+    assert key_step_fraction(SOL, [[""]]) == 0.0
+    assert key_step_fraction(SOL, [["  ", "\n"]]) == 0.0
+    assert key_step_fraction(SOL, [["4 + 3 = 7"], [""]]) == 0.5
+    assert key_step_fraction(SOL, [["", "4 + 3 = 7"]]) == 1.0
+
+
 def test_k_alternative_can_span_two_step_sections_joined_by_a_space():
     c = make(steps=("first half", "second half"))
     assert key_step_fraction(c, [["half second"]]) == 1.0  # "first half" + " " + "second half"
@@ -156,6 +165,8 @@ ANSWER_FORMS = [
     # a boxed letter or yes/no; yes/no after a lead-in, as letters
     ("B", "\\boxed{B}", True), ("B", "$\\boxed{B}$", True), ("B", "\\boxed{C}", False), ("No", "Answer: No", True),
     ("Yes", "The answer is yes.", True), ("Yes", "\\boxed{Yes}", True), ("Yes", "Answer: No", False),
+    # a sentence's full stop is no part of the answer, on either side; a reference letter with one is a letter
+    ("Paris", "Paris.", True), ("Paris.", "Paris", True), ("C.", "(C)", True), ("C.", "(B)", False),
 ]
 
 
