@@ -1,12 +1,16 @@
 """Host-side costs of one StepGRPO step that a faster GPU does not shrink: building the
-training batch and scoring the completions. Both are timed as the trainer runs them and as
-they ran before their cut, on the same inputs:
+training batch, the rope positions of its forwards and scoring the completions. Each is timed
+as the trainer runs it and as it ran before its cut, on the same inputs:
 
     build_batch   --prompts x --generations rows sharing their prompt's image (photo-like,
                   resized within --max-pixels), --completion-tokens each: compact (one pixel
                   block per prompt image, r1vl.algo.build_batch(compact_images=True), as the
                   trainer builds it) against one block per row; every micro-batch of
                   --micro-batch rows is checked equal
+    rope          the 3-D rope positions of the shared-prompt forward in every micro-batch (one
+                  pass: the trainer takes them in each of its log-prob and update passes): from
+                  get_rope_index over whole rows against each group's prompt alone; checked equal
+                  on every real token
     rewards       StepRAR + StepRVR of the same rows, --answers distinct final answers per
                   group (fractions, decimals, roots): with math-verify's comparison cache
                   (r1vl.rewards.verify) against without it; the totals are checked equal
@@ -100,6 +104,36 @@ def main(argv=None) -> int:
     print(f"build_batch, {P} prompts x {G}, {L} completion tokens, {tuple(images[0].size)} images: "
           f"{t_full:.3f} s -> {t_compact:.3f} s; pixel_values kept {gb['per row']:.3f} GB -> {gb['compact']:.3f} GB "
           f"(bf16); every micro-batch of {args.micro_batch} equal")
+
+    # the shared-prompt forward's rope positions, once per micro-batch and pass: get_rope_index
+    # over every row and column (as before) against each group's prompt once
+    import transformers
+
+    from r1vl.models import TINY_ARCHS, _prompt_groups, _rope_positions, _shared_rope_positions, tiny_config
+
+    base = getattr(transformers, TINY_ARCHS["qwen2_vl"][1])(tiny_config(proc.tokenizer)).model
+    mbs = [compact.slice(idx) for idx in micro_batches(P * G, args.micro_batch)]
+    plans = [_prompt_groups(mb.inputs, mb.start, base.config) for mb in mbs]
+
+    def shared(mb, plan):
+        keep, index, image_rows, _ = plan
+        grid = mb.inputs["image_grid_thw"][torch.tensor([j for r in keep for j in image_rows[r]], dtype=torch.long)]
+        return _shared_rope_positions(base, mb.inputs, torch.tensor(keep), torch.tensor(index), mb.start, grid)
+
+    for mb, plan in zip(mbs, plans):
+        if plan is None:
+            raise RuntimeError("a micro-batch without repeated prompts: --micro-batch must be 2 or more")
+        full_pos, (p_pos, c_pos) = _rope_positions(base, mb.inputs), shared(mb, plan)
+        am = mb.inputs["attention_mask"].bool()
+        real = am[:, mb.start:]
+        if not torch.equal(c_pos[:, real], full_pos[:, :, mb.start:][:, real]) or not all(
+                torch.equal(p_pos[:, k][:, am[r, :mb.start]], full_pos[:, r, :mb.start][:, am[r, :mb.start]])
+                for k, r in enumerate(plan[0])):
+            raise RuntimeError("shared-prompt rope positions differ from get_rope_index's")
+    t_whole = _median_s(lambda: [_rope_positions(base, mb.inputs) for mb in mbs], args.reps)
+    t_shared = _median_s(lambda: [shared(mb, plan) for mb, plan in zip(mbs, plans)], args.reps)
+    print(f"rope positions of the shared-prompt forward, {len(mbs)} micro-batches of {args.micro_batch} (one pass): "
+          f"{t_whole:.3f} s -> {t_shared:.3f} s from each group's prompt alone (equal on every real token)")
 
     comps, samples = [], []
     for i in range(P):

@@ -434,13 +434,16 @@ def test_bench_decode_measures_the_check(capsys):
 
 
 def test_bench_host_measures_both_cuts(capsys):
-    """bench_host.py times the batch and the rewards both ways, after checking they agree."""
+    """bench_host.py times the batch, the rope positions and the rewards both ways, after
+    checking they agree."""
     mod = _mod("bench_host")
     assert mod.main(["--prompts", "2", "--generations", "2", "--completion-tokens", "8", "--max-pixels", "12544",
                      "--reps", "1"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("build_batch, 2 prompts x 2, 8 completion tokens") and "every micro-batch of 4 equal" in out[0]
-    assert out[1].startswith("rewards, 4 completions, 3 distinct answers per group") and "totals equal" in out[1]
+    assert out[1].startswith("rope positions of the shared-prompt forward, 1 micro-batches of 4") \
+        and "equal on every real token" in out[1]
+    assert out[2].startswith("rewards, 4 completions, 3 distinct answers per group") and "totals equal" in out[2]
 
 
 def test_gpu_session_dry_run_never_writes_into_an_interpreter(tmp_path):

@@ -288,6 +288,37 @@ def test_shared_prompt_logprobs_match_the_plain_forward(tiny_arch, micro):
     assert (prompt_rows, whole_rows) == {10: (5, 0), 4: (2 + 3 + 1, 0), 3: (1 + 2, 3 + 1)}[micro]
 
 
+def test_shared_rope_positions_are_the_plain_forwards(tiny_arch):
+    """The shared path numbers each group's prompt once and each continuation on from it: the
+    same 3-D positions as get_rope_index over whole rows, on every real token (rows with two
+    image sizes, text-only rows among them, left padding, continuations of 1 to 5 tokens)."""
+    from r1vl.algo import build_batch
+    from r1vl.models import _prompt_groups, _rope_positions, _shared_rope_positions
+
+    model, proc = tiny_arch
+    a, b = _img(), _img(84, 56)
+    images = [a, a, a, None, None, b, b, a]
+    questions = ["read the bar"] * 6 + ["what colour is the longest bar of the chart"] * 2
+    prompts = [proc.chat_prompt(q, im is not None) for q, im in zip(questions, images)]
+    batch = build_batch(proc, prompts, images, [[50 + i, 60, 70 + i, 80, 81][: 1 + i % 5] for i in range(8)])
+    inputs, start = batch.inputs, batch.start
+    base = model.model
+    keep, index, image_rows, _ = _prompt_groups(inputs, start, model.config)
+    assert len(keep) == 5  # a a a | - - | b | b, another question | a, another question
+    imgs = [j for r in keep for j in image_rows[r]]
+    grid = inputs["image_grid_thw"][torch.tensor(imgs)]
+    kept, rows = torch.tensor(keep), torch.tensor(index)
+    prompt_pos, cont_pos = _shared_rope_positions(base, inputs, kept, rows, start, grid)
+    full = _rope_positions(base, inputs)
+    am = inputs["attention_mask"].bool()
+    for k, r in enumerate(keep):
+        on = am[r, :start]
+        assert torch.equal(prompt_pos[:, k, :start][:, on], full[:, r, :start][:, on]), r
+    real = am[:, start:]
+    assert torch.equal(cont_pos[:, real], full[:, :, start:][:, real])
+    assert (inputs["attention_mask"][:, 0] == 0).any() and cont_pos.shape == (3, 8, full.shape[2] - start)
+
+
 def test_shared_prompt_needs_the_same_image_grid(tiny_arch):
     """Two blank pages of as many patches but other layouts (112x56 and 224x28: grids 4x8 and
     2x16) hold equal pixel blocks under the same question: no repeat (the grid sets the vision
