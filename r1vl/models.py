@@ -89,6 +89,18 @@ def make_image_processor(min_pixels: int, max_pixels: int):
     return _image_processor_class()(min_pixels=min_pixels, max_pixels=max_pixels)
 
 
+def repeat_image_blocks(pixels: torch.Tensor, grid: torch.Tensor, index: Sequence[int]) -> torch.Tensor:
+    """The pixel blocks one per image from blocks stored once per distinct image
+    (VLProcessor(unique_images=True)): image j's block is stored block index[j], `grid` has
+    one row per image (on the host: no device sync). On `pixels`' device (a GPU: copied there
+    once per distinct image)."""
+    sizes = [0] * (max(index, default=-1) + 1)
+    for b, n in zip(index, grid.prod(-1).tolist()):
+        sizes[b] = n
+    blocks = pixels.split(sizes)
+    return torch.cat([blocks[b] for b in index]) if index else pixels
+
+
 class VLProcessor:
     """Chat template + tokenizer + (PIL) image processor for Qwen2-VL-style models."""
 

@@ -206,3 +206,31 @@ def test_bad_sampling(tiny):
         eng.generate(_prompts(proc), 1, SamplingConfig(temperature=-1.0))
     with pytest.raises(ValueError, match="top_p"):
         eng.generate(_prompts(proc), 1, SamplingConfig(top_p=0.0))
+
+
+def test_a_prompts_image_is_sent_once_for_its_n_rows(tiny, monkeypatch):
+    """The n rows of a prompt share its image: the processor hands over each image's pixels once
+    (a host-to-device copy of one block, not n), repeated on the device; the samples are those of
+    one block per row (seeded sampling and greedy)."""
+    model, proc = tiny
+    eng = HFEngine(model, proc, batch_size=8)
+    prompts = _prompts(proc)[:2]
+    real = type(proc).__call__
+    sent = []
+
+    def spy(self, *a, **k):
+        out = real(self, *a, **k)
+        sent.append(out["pixel_values"].shape[0])
+        return out
+
+    monkeypatch.setattr(type(proc), "__call__", spy)
+    configs = (SamplingConfig(max_new_tokens=8, temperature=1.0, seed=11), SamplingConfig(max_new_tokens=8,
+                                                                                        temperature=0.0))
+    got = [eng.generate(prompts, 3, s) for s in configs]
+    one_each = sum(int(real(proc, [p.text], [p.image])["image_grid_thw"].prod()) for p in prompts)
+    assert sent == [one_each] * 2
+    monkeypatch.setattr(type(proc), "__call__", lambda self, *a, unique_images=False, **k: real(self, *a, **k))
+    want = [eng.generate(prompts, 3, s) for s in configs]
+    for g, w in zip(got, want):
+        assert [c.token_ids for c in g] == [c.token_ids for c in w]
+    assert len({tuple(c.token_ids) for c in got[0]}) > 1  # sampled rows differ: the seed is what makes them equal

@@ -19,6 +19,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from r1vl.models import repeat_image_blocks
 from r1vl.rollout.base import Completion, Prompt, SamplingConfig
 
 log = logging.getLogger(__name__)
@@ -143,13 +144,17 @@ class HFEngine:
 
         texts = [p.text for _, p in items]
         images = [p.image for _, p in items if p.image is not None]
-        batch = self.processor(texts, images, padding_side="left")
+        # each prompt's image once (its n rows share it): copied to the device once, repeated there
+        batch = self.processor(texts, images, padding_side="left", unique_images=True)
+        index = batch.pop("image_index", None)
         if not self._takes_mm_types():  # transformers releases whose Qwen2-VL has no such input
             batch.pop("mm_token_type_ids", None)
         device = next(self.model.parameters()).device
+        grid = batch.get("image_grid_thw")
         batch = {k: v.to(device) for k, v in batch.items()}
         if "pixel_values" in batch:
-            batch["pixel_values"] = batch["pixel_values"].to(next(self.model.parameters()).dtype)
+            pixels = batch["pixel_values"].to(next(self.model.parameters()).dtype)
+            batch["pixel_values"] = pixels if index is None else repeat_image_blocks(pixels, grid, index.tolist())
         prompt_len = batch["input_ids"].shape[1]
         greedy = sampling.temperature == 0
         kwargs = dict(
