@@ -284,6 +284,19 @@ def _optimizer_step(policy: nn.Module, params: list[torch.Tensor], optimizer, sc
     return grad_norm, applied
 
 
+def has_dropout(model: nn.Module) -> bool:
+    """Whether a training-mode forward of `model` drops anything: an nn.Dropout with p > 0 or an
+    attention with attention_dropout > 0 (Qwen2-VL's, from its config; 0 in the released
+    checkpoints). Its log-probs then differ from an eval-mode pass's."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+            return True
+        p = getattr(m, "attention_dropout", 0.0)
+        if isinstance(p, (int, float)) and not isinstance(p, bool) and p > 0:
+            return True
+    return False
+
+
 def grpo_update(policy: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, batch: SeqBatch,
                 advantages: torch.Tensor, cfg: UpdateConfig, *, ref_logprobs: torch.Tensor | None = None,
                 rollout_is_ratio: torch.Tensor | None = None,
@@ -303,11 +316,15 @@ def grpo_update(policy: nn.Module, optimizer: torch.optim.Optimizer, scheduler: 
     with μ = 1 as `rollout_is` (an r1vl.rollout.is_correction.RolloutIS): each micro-batch's
     forward then forms it from its own log-probs, which are the old ones at μ = 1, saving the
     separate no-grad pass over the whole model; the ratio formed is returned as
-    "rollout_is_ratio" [B, T] (1 where no micro-batch reached)."""
+    "rollout_is_ratio" [B, T] (1 where no micro-batch reached). Not for a policy with dropout
+    (has_dropout): its training-mode log-probs are not the old ones."""
     B = batch.size
     if rollout_is is not None and (cfg.num_iterations > 1 or rollout_is_ratio is not None):
         raise ValueError("grpo_update: rollout_is needs num_iterations=1 and no rollout_is_ratio (with mu > 1 "
                          "the old log-probs come from before the first pass: compute the ratio from them)")
+    if rollout_is is not None and has_dropout(policy):
+        raise ValueError("grpo_update: rollout_is with a policy that has dropout: its training-mode log-probs "
+                         "are not the old ones; compute the ratio from a no-grad pass (compute_logprobs)")
     ratio_out = None if rollout_is is None else torch.ones(batch.targets.shape, dtype=torch.float32,
                                                            device=batch.targets.device)
     old = None

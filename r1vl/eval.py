@@ -313,17 +313,21 @@ def _check_not_model(out: str, model: str, run_config: Path | None, flag: str) -
     run's config.yaml, or anything among that run's outputs (metrics.jsonl, summary.json,
     eval_outputs/, checkpoints/, ...): written over after the model is read, it would break the
     saved run. A new file beside the model's (final/eval.json) or the run's (runs/X/eval.json) is
-    fine. Names are compared case-insensitively: on a case-insensitive disk (macOS's, Windows')
-    final/Config.json is final/config.json."""
+    fine. Paths are compared case-insensitively, folders and names: on a case-insensitive disk
+    (macOS's, Windows') RUN/Final/Config.json is run/final/config.json."""
+    def fold(path: Path) -> Path:  # the names listed above are lower-case
+        return Path(str(path).casefold())
+
     def written(path: Path) -> tuple[Path, str]:  # what os.replace replaces: a link itself, not its target
-        return path.parent.resolve(), path.name.casefold()  # the names listed above are lower-case
+        return fold(path.parent.resolve()), path.name.casefold()
 
     o_dir, name = written(Path(out))
     o = o_dir / name
     if run_config is not None and (o_dir, name) == written(run_config):
         raise ValueError(f"{flag} {out}: is the run's config ({run_config}) that --model {model} belongs to: "
                          "writing it would overwrite the run's settings; choose another path")
-    m = Path(model).resolve()
+    real = Path(model).resolve()
+    m = fold(real)
     if o.is_relative_to(m):
         if (o_dir != m or name in _MODEL_FILES or name.startswith(_MODEL_FILE_PREFIXES)
                 or name.endswith(_MODEL_FILE_SUFFIXES)):
@@ -332,10 +336,10 @@ def _check_not_model(out: str, model: str, run_config: Path | None, flag: str) -
         return
     from r1vl.train import RUN_OUTPUTS
 
-    for p in (Path(model).absolute(), m):  # the run's directory: runs/X for X/final, X/checkpoints/<name>
+    for p in (Path(model).absolute(), real):  # the run's directory: runs/X for X/final, X/checkpoints/<name>
         run = p.parent.parent if p.parent.name == "checkpoints" else p.parent
-        if (run / "config.yaml").is_file() and o.is_relative_to(run.resolve()):
-            top = o.relative_to(run.resolve()).parts[0].casefold()
+        if (run / "config.yaml").is_file() and o.is_relative_to(fold(run.resolve())):
+            top = o.relative_to(fold(run.resolve())).parts[0]
             if top in RUN_OUTPUTS or top == "config.yaml":
                 raise ValueError(f"{flag} {out}: is among the outputs of the run --model {model} belongs to "
                                  f"({run / top}): writing it would overwrite or mix with them; choose another path")

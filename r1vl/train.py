@@ -1261,7 +1261,7 @@ def save_model_dir(path: Path, d, policy, processor) -> None:
 def run(cfg: Config, stop: StopSignal | None = None) -> dict:
     """One training run. `stop`: the signal watch (main() installs one; None: none)."""
     from r1vl.algo import (TOKEN_LEVEL_SHARES, TOKEN_MEANS, UpdateConfig, build_batch, compute_logprobs,
-                           group_advantages, grpo_update, reward_std, sft_step)
+                           group_advantages, grpo_update, has_dropout, reward_std, sft_step)
     from r1vl.eval import EvalStopped, FirstRows, evaluate, make_prompt, score, write_outputs
     from r1vl.models import HostWeights, PolicyWithLoss, load_pretrained, make_reference, unwrap
     from r1vl.rollout.base import SamplingConfig
@@ -1758,6 +1758,9 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
     use_is = use_vllm and ro.is_correction  # truncated importance sampling: engine vs trainer log-probs
     lp_temp, is_temp = logprob_temperatures(cfg)
     is_bias = engine_logit_bias(engine, unwrap(model), cfg) if use_is else None
+    # the importance ratio from a pass of its own before the update, where the update's forward
+    # can't give the old log-probs: a policy with dropout (its training-mode log-probs differ)
+    is_pass = use_is and has_dropout(unwrap(model))
     ucfg = UpdateConfig(beta=a.beta, epsilon_low=a.epsilon_low, epsilon_high=a.epsilon_high, num_iterations=mu,
                         loss_type=a.loss_type, importance_sampling_level=a.importance_sampling_level,
                         use_bias_correction_kl=a.use_bias_correction_kl, delta=a.delta,
@@ -1840,7 +1843,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
                 is_mask = eng_mask & batch.mask.bool()
                 is_spec = RolloutIS(eng_lp, eng_mask, cap=ro.is_cap, mode=ro.is_mode, temperature=is_temp,
                                     logit_bias=is_bias)
-                if ucfg.num_iterations > 1:  # the trainer's old log-probs, before the first of the passes
+                if ucfg.num_iterations > 1 or is_pass:  # the trainer's old log-probs, before the first pass
                     is_lp = compute_logprobs(train_policy, batch, micro_batch_size=cfg.train.micro_batch_size,
                                              temperature=is_temp, logit_bias=is_bias)
                     is_ratio = is_spec.ratio(is_lp, batch.mask)
@@ -1848,6 +1851,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
                         old_lp = is_lp
                     is_spec = None
                 # else mu = 1: the old log-probs are the update's own, and its forward forms the ratio
+                # (not with dropout: is_pass)
         with tm("update"):
             lr = sched.get_last_lr()[0]  # the lr of this step's (first) optimizer step
             m = grpo_update(train_policy, opt, None if use_ds else sched, batch, adv.to(d.device), ucfg,

@@ -376,6 +376,31 @@ def test_importance_correction_formed_in_the_update_equals_a_separate_pass(tiny,
         grpo_update(pol, None, None, b, adv, UpdateConfig(micro_batch_size=2, num_iterations=2), rollout_is=spec)
 
 
+def test_dropout_keeps_the_importance_correction_out_of_the_update(tiny):
+    """A policy with dropout (a checkpoint whose config sets attention_dropout, or an nn.Dropout):
+    its training-mode log-probs are not the old ones, so grpo_update refuses to form the ratio
+    from them and the trainer takes it from a no-grad pass (has_dropout); the released
+    Qwen2-VL configs have none."""
+    from r1vl.algo import has_dropout
+    from r1vl.rollout.is_correction import RolloutIS
+
+    model, proc = tiny
+    assert not has_dropout(model)
+    drop = copy.deepcopy(model)
+    for m in drop.modules():
+        if hasattr(m, "attention_dropout"):
+            m.attention_dropout = 0.3
+    assert has_dropout(drop) and has_dropout(PolicyWithLoss(drop))
+    other = copy.deepcopy(model)
+    other.model.visual.blocks[0].mlp.add_module("drop", torch.nn.Dropout(0.1))
+    assert has_dropout(other)
+    b, _ = _batch(proc, n=2, seed=1)
+    spec = RolloutIS(torch.zeros(b.mask.shape), b.mask.bool())
+    with pytest.raises(ValueError, match="dropout"):
+        grpo_update(PolicyWithLoss(drop), None, None, b, torch.tensor([1.0, -1.0]), UpdateConfig(micro_batch_size=2),
+                    rollout_is=spec)
+
+
 # --------------------------------------------------------------------------- the update's arithmetic, by hand
 
 

@@ -644,7 +644,8 @@ def test_outputs_or_out_naming_a_model_file_is_refused(tmp_path, data_dir, capsy
              ("--outputs", "run/final/model-00001-of-00002.safetensors"), ("--out", "run/config.yaml"),
              # the same files on a case-insensitive disk (macOS's, Windows')
              ("--out", "run/final/Config.json"), ("--outputs", "run/final/Model.SafeTensors"),
-             ("--out", "run/final/Tokenizer.json"), ("--out", "run/Config.yaml")]
+             ("--out", "run/final/Tokenizer.json"), ("--out", "run/Config.yaml"), ("--out", "RUN/FINAL/config.json"),
+             ("--outputs", "Run/Final/Global_Step3/x.json")]
     for flag, out in cases:
         assert ev.main(["--model", "run/final", "--data", data, flag, out]) == 2, (flag, out)
         line = _err_line(capsys)
@@ -668,11 +669,19 @@ def test_outputs_or_out_naming_a_model_file_is_refused(tmp_path, data_dir, capsy
     # the run's outputs beside the model: its metrics, summary, evaluation outputs, other checkpoints
     (run / "metrics.jsonl").write_text("m")
     for out in ("run/metrics.jsonl", "run/summary.json", "run/eval_outputs/final.jsonl", "run/warmup/x.json",
-                "run/Metrics.JSONL", "run/Eval_Outputs/final.jsonl"):
+                "run/Metrics.JSONL", "run/Eval_Outputs/final.jsonl", "Run/metrics.jsonl", "RUN/Warmup/x.json"):
         assert ev.main(["--model", "run/final", "--data", data, "--outputs", out]) == 2, out
         line = _err_line(capsys)
         assert "is among the outputs of the run --model run/final belongs to" in line, line
     assert (run / "metrics.jsonl").read_text() == "m" and not (run / "eval_outputs").exists()
+    # a run whose real path has capitals, its model reached through a link: its outputs are its own
+    up = tmp_path / "Upper" / "final"
+    up.mkdir(parents=True)
+    (up / "config.json").write_text("{}")
+    (up.parent / "config.yaml").write_text("c")
+    (tmp_path / "uplink").symlink_to(up)
+    assert ev.main(["--model", "uplink", "--data", data, "--outputs", "Upper/metrics.jsonl"]) == 2
+    assert "is among the outputs of the run --model uplink belongs to" in _err_line(capsys)
     # a new file beside the model's: the checks pass (and the CLI goes on to load the model)
     with pytest.raises(AssertionError, match="past its input checks"):
         ev.main(["--model", "run/final", "--data", data, "--out", "run/final/eval.json",

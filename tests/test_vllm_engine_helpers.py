@@ -169,7 +169,8 @@ dist.destroy_process_group()
 """
 
 
-def test_one_rank_group_under_torchrun(tmp_path):
+@pytest.mark.parametrize("rendezvous", ["standalone", "static"])
+def test_one_rank_group_under_torchrun(tmp_path, rendezvous):
     """`torchrun --nproc-per-node 1 -m r1vl.train rollout.engine=vllm` (and r1vl.eval --engine
     vllm) hung for the 30-min rendezvous timeout before the first rollout: torchrun's workers are
     all clients of the launcher's store, and the engine's one-rank group was set up at an address
@@ -184,8 +185,16 @@ def test_one_rank_group_under_torchrun(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                              "MASTER_PORT", "LOCAL_WORLD_SIZE")}
     env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--standalone",
-                             str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if rendezvous == "standalone":  # c10d rendezvous on a free port
+        how = ["--standalone"]
+    else:  # torchrun's default: a static rendezvous at --master-addr / --master-port
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            how = ["--master-addr", "127.0.0.1", "--master-port", str(s.getsockname()[1])]
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", *how, str(script)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         out, _ = proc.communicate(timeout=180)
     except subprocess.TimeoutExpired:
