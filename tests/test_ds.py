@@ -441,6 +441,14 @@ def _run_rank(rank, stage, out):
     st = _opt_state(engine3)
     res["reset_steps"] = sorted({float(v) for k, v in st.items() if k.endswith(".step")})
     res["reset_lr"] = ds.current_lr(engine3)
+    # the in-update importance ratio under the shipped bf16 config, against a no-grad pass's
+    mb16 = batch.slice(mine)
+    mb16.inputs["pixel_values"] = mb16.inputs["pixel_values"].to(torch.bfloat16)
+    lp16 = compute_logprobs(engine3, mb16, micro_batch_size=MICRO, temperature=0.7)
+    m16 = grpo_update(engine3, None, None, mb16, ADV[0][mine], UpdateConfig(micro_batch_size=MICRO, beta=BETA),
+                      ref_logprobs=ref[mine], rollout_is=RolloutIS(lp16 + shift, on, cap=2.0, temperature=0.7))
+    res["is_bf16_diff"] = float((m16["rollout_is_ratio"] - is_ratio(lp16, lp16 + shift, on, cap=2.0))[on].abs().max())
+    res["is_bf16_norm"] = m16["grad_norm"]
 
     if stage == 3:
         res.update(_foreign_weight_probe(deepspeed))
@@ -543,6 +551,7 @@ def _check_common(res, out, stage):
         assert r["ref_frozen"] and r["ref_is_engine"] == (stage == 3)
         assert r["ref_lp_diff"] == 0.0 and r["ref_plain_diff"] == 0.0
         assert r["is_ratio_diff"] < 1e-5 and r["is_ratio_capped"] > 0
+        assert r["is_bf16_diff"] < 1e-5 and math.isfinite(r["is_bf16_norm"]) and r["is_bf16_norm"] > 0
         assert math.isfinite(r["is_loss"]) and math.isfinite(r["is_norm"]) and r["is_norm"] > 0
         # shipped bf16 config: finite, every trainable tensor moved, bf16 module weights
         assert all(math.isfinite(x) for x in r["bf16_loss"]) and math.isfinite(r["bf16_norm"]) and r["bf16_norm"] > 0
