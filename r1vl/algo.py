@@ -14,6 +14,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from r1vl.models import repeat_image_blocks
+
 # --------------------------------------------------------------------------- advantages
 
 
@@ -113,20 +115,14 @@ class SeqBatch:
             inputs[k] = v[rows, :end] if v.dim() == 2 else v[rows]
         if "image_grid_thw" in self.inputs:
             grid = self.inputs["image_grid_thw"]
-            pix = self.inputs["pixel_values"]
-            patches = grid.prod(-1).tolist()
             img_off = [0]
             for c in self.image_counts:
                 img_off.append(img_off[-1] + c)
-            block = list(range(len(patches))) if self.image_index is None else self.image_index
-            sizes = [0] * (max(block, default=-1) + 1)  # each stored block's patches
-            for j, b in enumerate(block):
-                sizes[b] = patches[j]
-            blocks = pix.split(sizes)
+            block = list(range(grid.shape[0])) if self.image_index is None else self.image_index
             sel_img = [j for i in idx for j in range(img_off[i], img_off[i + 1])]
             if sel_img:
                 inputs["image_grid_thw"] = grid[sel_img]
-                inputs["pixel_values"] = torch.cat([blocks[block[j]] for j in sel_img])
+                inputs["pixel_values"] = repeat_image_blocks(self.inputs["pixel_values"], grid, block, sel_img)
         return SeqBatch(inputs, self.targets[rows, :t], mask[:, :t], self.start,
                         [self.image_counts[i] for i in idx] if self.image_counts else [])
 

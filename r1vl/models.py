@@ -89,16 +89,20 @@ def make_image_processor(min_pixels: int, max_pixels: int):
     return _image_processor_class()(min_pixels=min_pixels, max_pixels=max_pixels)
 
 
-def repeat_image_blocks(pixels: torch.Tensor, grid: torch.Tensor, index: Sequence[int]) -> torch.Tensor:
-    """The pixel blocks one per image from blocks stored once per distinct image
-    (VLProcessor(unique_images=True)): image j's block is stored block index[j], `grid` has
-    one row per image (on the host: no device sync). On `pixels`' device (a GPU: copied there
-    once per distinct image)."""
-    sizes = [0] * (max(index, default=-1) + 1)
+def repeat_image_blocks(pixels: torch.Tensor, grid: torch.Tensor, index: Sequence[int],
+                        images: Sequence[int] | None = None) -> torch.Tensor:
+    """The pixel blocks one per image, in order, of `images` (default: every image), from blocks
+    stored once per distinct image (VLProcessor(unique_images=True), build_batch(compact_images=
+    True)): image j's block is stored block index[j], `grid` has one row per image (on the host:
+    no device sync). On `pixels`' device (a GPU: copied there once per distinct image)."""
+    sel = range(len(index)) if images is None else images
+    if not sel:
+        return pixels[:0]
+    sizes = [0] * (max(index) + 1)
     for b, n in zip(index, grid.prod(-1).tolist()):
         sizes[b] = n
     blocks = pixels.split(sizes)
-    return torch.cat([blocks[b] for b in index]) if index else pixels
+    return torch.cat([blocks[index[j]] for j in sel])
 
 
 class VLProcessor:
@@ -182,8 +186,8 @@ class VLProcessor:
                 out["image_index"] = torch.tensor(index, dtype=torch.long)
                 grid = grid[index]
             elif len(unique) < len(images):
-                blocks = pixels.split(grid.prod(-1).tolist())
-                pixels, grid = torch.cat([blocks[j] for j in index]), grid[index]
+                grid = grid[index]
+                pixels = repeat_image_blocks(pixels, grid, index)
             out["pixel_values"] = pixels
             out["image_grid_thw"] = grid
             counts = (grid.prod(-1) // self.merge_size**2).tolist()
