@@ -116,9 +116,7 @@ def main(argv=None) -> int:
     plans = [_prompt_groups(mb.inputs, mb.start, base.config) for mb in mbs]
 
     def shared(mb, plan):
-        keep, index, image_rows, _ = plan
-        grid = mb.inputs["image_grid_thw"][torch.tensor([j for r in keep for j in image_rows[r]], dtype=torch.long)]
-        return _shared_rope_positions(base, mb.inputs, torch.tensor(keep), torch.tensor(index), mb.start, grid)
+        return _shared_rope_positions(base, mb.inputs, mb.start, *plan[:3])
 
     for mb, plan in zip(mbs, plans):
         if plan is None:

@@ -896,27 +896,31 @@ def _rope_positions(base: nn.Module, batch: dict) -> torch.Tensor:
     return fn(batch["input_ids"], **kwargs)[0]
 
 
-def _shared_rope_positions(base: nn.Module, batch: dict, kept: torch.Tensor, rows: torch.Tensor, start: int,
-                           grid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(positions of the group prompts, rows `kept`, [3, K, start]; of every row's continuation
-    [3, B, L - start]) equal, on every real token, to what `_rope_positions(base, batch)` gives, from the
-    prompts alone: a continuation is text after its prompt's last image, which get_rope_index
-    numbers on from one past the prompt's largest position, on all three axes (without images:
-    0..L-1 whatever the padding, as there). Row i's prompt is kept[rows[i]]; `grid`: the
-    image_grid_thw of the kept rows' images (None: the batch has none)."""
+def _shared_rope_positions(base: nn.Module, batch: dict, start: int, keep: list[int], index: list[int],
+                           image_rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """For the shared-prompt forward of `batch` (its _prompt_groups plan: keep, index,
+    image_rows): the positions of the group prompts, rows `keep`, [3, K, start], and of every
+    row's continuation [3, B, L - start], equal, on every real token, to what
+    `_rope_positions(base, batch)` gives, from the prompts alone: a continuation is text after
+    its prompt's last image, which get_rope_index numbers on from one past the prompt's largest
+    position, on all three axes (without images: 0..L-1 whatever the padding, as there)."""
     ids, am = batch["input_ids"], batch["attention_mask"]
     n = ids.shape[1] - start
+    kept = torch.tensor(keep, device=ids.device)
     sub = {"input_ids": ids[kept, :start], "attention_mask": am[kept, :start]}
     if "mm_token_type_ids" in batch:
         sub["mm_token_type_ids"] = batch["mm_token_type_ids"][kept, :start]
-    if grid is not None:
-        sub["image_grid_thw"] = grid
+    if "image_grid_thw" in batch:  # the kept prompts hold every distinct image
+        grid = batch["image_grid_thw"]
+        sub["image_grid_thw"] = grid[torch.tensor([j for r in keep for j in image_rows[r]], dtype=torch.long,
+                                                  device=grid.device)]
     p = _rope_positions(base, sub)
     if "image_grid_thw" not in sub:
         cont = torch.arange(start, start + n, device=ids.device)
         return p, cont.view(1, 1, -1).expand(3, ids.shape[0], -1)
     real = sub["attention_mask"].bool().unsqueeze(0)
     nxt = p.masked_fill(~real, torch.iinfo(p.dtype).min).amax(dim=(0, 2)) + 1  # [K]
+    rows = torch.tensor(index, device=p.device)
     cont = nxt.index_select(0, rows).unsqueeze(1) + torch.arange(n, device=p.device, dtype=p.dtype)
     return p, cont.unsqueeze(0).expand(3, -1, -1)
 
@@ -978,16 +982,14 @@ class PolicyWithLoss(nn.Module):
         if mm is not None:
             prompt["mm_token_type_ids"] = mm[kept, :start]
         imgs = [j for r in keep for j in image_rows[r]]
-        grid = batch.get("image_grid_thw")
-        if grid is not None:
-            grid = grid[torch.tensor(imgs, dtype=torch.long, device=grid.device)]
         if imgs:
+            grid = batch["image_grid_thw"]
             prompt["pixel_values"] = torch.cat([blocks[j] for j in imgs])
-            prompt["image_grid_thw"] = grid
+            prompt["image_grid_thw"] = grid[torch.tensor(imgs, device=grid.device)]
         # the rope positions the plain forward derives for whole rows, from each group's prompt
         # once (get_rope_index walks every token in Python, with host syncs: on every row and
         # column it took several ms per micro-batch and pass)
-        prompt["position_ids"], cont_pos = _shared_rope_positions(base, batch, kept, rows, start, grid)
+        prompt["position_ids"], cont_pos = _shared_rope_positions(base, batch, start, keep, index, image_rows)
         record_layer, prefix_layer = _cache_layers()
         record = DynamicCache()
         record.layer_class_to_replicate = record_layer

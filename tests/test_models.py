@@ -305,10 +305,7 @@ def test_shared_rope_positions_are_the_plain_forwards(tiny_arch):
     base = model.model
     keep, index, image_rows, _ = _prompt_groups(inputs, start, model.config)
     assert len(keep) == 5  # a a a | - - | b | b, another question | a, another question
-    imgs = [j for r in keep for j in image_rows[r]]
-    grid = inputs["image_grid_thw"][torch.tensor(imgs)]
-    kept, rows = torch.tensor(keep), torch.tensor(index)
-    prompt_pos, cont_pos = _shared_rope_positions(base, inputs, kept, rows, start, grid)
+    prompt_pos, cont_pos = _shared_rope_positions(base, inputs, start, keep, index, image_rows)
     full = _rope_positions(base, inputs)
     am = inputs["attention_mask"].bool()
     for k, r in enumerate(keep):
