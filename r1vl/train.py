@@ -169,15 +169,41 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _numpy_array_globals() -> list:
+    """What a pickled numpy array needs from torch.load(weights_only=True): trainer_state.pt files
+    written before rng_state stored numpy's key as a tensor hold one (numpy 2 writes the
+    reconstructor as numpy._core.multiarray, numpy 1 as numpy.core.multiarray)."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    rebuild = core.multiarray._reconstruct
+    return [np.ndarray, np.dtype, type(np.dtype(np.uint32)), rebuild,
+            (rebuild, "numpy.core.multiarray._reconstruct"), (rebuild, "numpy._core.multiarray._reconstruct")]
+
+
 def read_state(resume_dir: Path, mmap: bool = False) -> dict:
-    """A checkpoint's trainer_state.pt (mmap=True: its tensors, the optimizer state, mapped, not read);
-    a truncated or corrupt file is a UserError naming it."""
+    """A checkpoint's trainer_state.pt (mmap=True: its tensors, the optimizer state, mapped, not read).
+    Read with torch.load(weights_only=True): tensors and plain data only, as save_checkpoint writes
+    them, so a file from elsewhere cannot run code by being resumed from. A truncated or corrupt
+    file, or one holding other objects, is a UserError naming it."""
+    import pickle
+
     from r1vl.utils import STATE_FILE
 
+    path = resume_dir / STATE_FILE
     try:
-        return torch.load(resume_dir / STATE_FILE, map_location="cpu", weights_only=False, mmap=mmap)
+        with torch.serialization.safe_globals(_numpy_array_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        if "weights only load failed" in str(e).lower():  # not a corrupt file: objects r1vl never writes
+            what = next((ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln), "")
+            raise UserError(f"train.resume: {path} holds objects other than tensors and plain data, which r1vl's "
+                            f"checkpoints never do ({what[:200]}): not loaded, as unpickling them could run code. "
+                            "Resume from a checkpoint this trainer wrote") from None
+        raise UserError(f"train.resume: {path} is unreadable ({str(e).splitlines()[0]}); "
+                        "resume from an older checkpoint with train.resume=<its path>") from None
     except Exception as e:  # noqa: BLE001 -- a truncated or corrupt file: torch raises several types
-        raise UserError(f"train.resume: {resume_dir / STATE_FILE} is unreadable ({str(e).splitlines()[0]}); "
+        raise UserError(f"train.resume: {path} is unreadable ({str(e).splitlines()[0]}); "
                         "resume from an older checkpoint with train.resume=<its path>") from None
 
 

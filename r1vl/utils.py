@@ -326,7 +326,12 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states, in types that torch.load(weights_only=True) reads: tensors and
+    plain Python (numpy's key array as an int64 tensor, not a pickled ndarray)."""
+    name, key, pos, has_gauss, gauss = np.random.get_state()
+    st = {"python": random.getstate(),
+          "numpy": (str(name), torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
+          "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state()
     return st
@@ -334,7 +339,8 @@ def rng_state() -> dict:
 
 def set_rng_state(st: dict) -> None:
     random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
+    name, key, *rest = st["numpy"]  # a checkpoint from before rng_state's tensor form holds an ndarray
+    np.random.set_state((name, np.asarray(key.numpy() if torch.is_tensor(key) else key, dtype=np.uint32), *rest))
     torch.set_rng_state(st["torch"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state(st["cuda"])

@@ -1576,6 +1576,68 @@ def test_interrupted_saves_are_cleaned_and_a_corrupt_state_is_one_line(tmp_path,
     assert f"train.resume: {ck / 'grpo-000001' / STATE_FILE} is unreadable (" in err and "Traceback" not in err
 
 
+class _Touch:
+    """Unpickled, it creates a file: a stand-in for code run by loading an untrusted pickle."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def test_a_state_file_that_would_run_code_is_refused_without_running_it(tmp_path, capsys):
+    from r1vl.utils import STATE_FILE
+
+    ck = tmp_path / "elsewhere" / "grpo-000001"
+    ck.mkdir(parents=True)
+    marker = tmp_path / "ran"
+    torch.save({"phase": "grpo", "step": 1, "payload": _Touch(marker)}, ck / STATE_FILE)
+    assert main([f"output_dir={tmp_path / 'out'}", f"train.resume={ck}", *FAST]) == 2
+    assert not marker.exists()  # torch.load(weights_only=False) created it
+    err = capsys.readouterr().err
+    assert f"train.resume: {ck / STATE_FILE} holds objects other than tensors and plain data" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("numpy_module", ["numpy._core.multiarray", "numpy.core.multiarray"])
+def test_rng_states_round_trip_through_a_weights_only_load(tmp_path, numpy_module):
+    """rng_state's form loads with weights_only=True and restores every generator; so does the
+    form checkpoints had before it (numpy's key as a pickled ndarray, written by numpy 2 or 1)."""
+    import random
+    import zipfile
+
+    import numpy as np
+
+    from r1vl.train import read_state
+    from r1vl.utils import STATE_FILE, rng_state, set_rng_state
+
+    def draws():
+        return random.random(), float(np.random.rand()), float(torch.rand(()))
+
+    random.seed(3), np.random.seed(3), torch.manual_seed(3)
+    draws()
+    new = rng_state()
+    old = dict(new, numpy=np.random.get_state())  # what older checkpoints hold
+    expected = draws()
+    for name, st in (("new", new), ("old", old)):
+        d = tmp_path / name
+        d.mkdir()
+        torch.save({"rng": [st]}, d / STATE_FILE)
+        if name == "old":  # the reconstructor's module as the writing numpy named it
+            with zipfile.ZipFile(d / STATE_FILE) as z:
+                files = {i: z.read(i) for i in z.infolist()}
+            with zipfile.ZipFile(d / STATE_FILE, "w") as z:
+                for info, data in files.items():
+                    if info.filename.endswith("data.pkl"):
+                        assert b"numpy._core.multiarray\n_reconstruct" in data
+                        data = data.replace(b"numpy._core.multiarray\n", numpy_module.encode() + b"\n")
+                    z.writestr(info, data)
+        random.seed(9), np.random.seed(9), torch.manual_seed(9)
+        set_rng_state(read_state(d)["rng"][0])
+        assert draws() == expected, name
+
+
 def _stop_rank(rank: int, store: str, log_path: str) -> None:
     import logging
 
