@@ -23,6 +23,7 @@ if __name__ == "__main__":  # a torchrun worker dies with its launcher from here
 
 import argparse
 import contextlib
+import functools
 import importlib.util
 import json
 import logging
@@ -1290,8 +1291,9 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
                            group_advantages, grpo_update, has_dropout, reward_std, sft_step)
     from r1vl.eval import EvalStopped, FirstRows, evaluate, make_prompt, score, write_outputs
     from r1vl.models import HostWeights, PolicyWithLoss, load_pretrained, make_reference, unwrap
+    from r1vl.rewards.pool import RewardPoolError
     from r1vl.rollout.base import SamplingConfig
-    from r1vl.utils import (IndexStream, MetricsWriter, StatReducer, Timer, all_gather_objects,
+    from r1vl.utils import (Background, IndexStream, MetricsWriter, StatReducer, Timer, all_gather_objects,
                             broadcast_object, checkpoint_name, checkpoints_after, clean_interrupted_saves,
                             derive_seed, init_distributed, plot_run, read_metrics, seed_everything,
                             retire_dir, set_rng_state)
@@ -1843,13 +1845,14 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
             with gen_context():
                 comps = engine.generate(prompts, G, sampling)
             engine.sleep()
-        with tm("reward"):
-            sc = score([c.text for c in comps], [samples[c.prompt_index] for c in comps], alpha=a.alpha,
-                       variant=a.accuracy_variant, accuracy_weight=a.accuracy_weight,
-                       validity_weight=a.validity_weight, workers=a.reward_workers, timeout_s=a.reward_timeout_s)
-            rewards = torch.tensor(sc["total"])
-            adv = group_advantages(rewards, G, scale=a.scale_rewards,
-                                   batch_std=reward_std(rewards, d.device) if a.scale_rewards == "batch" else None)
+        score_step = functools.partial(
+            score, [c.text for c in comps], [samples[c.prompt_index] for c in comps], alpha=a.alpha,
+            variant=a.accuracy_variant, accuracy_weight=a.accuracy_weight, validity_weight=a.validity_weight,
+            workers=a.reward_workers, timeout_s=a.reward_timeout_s)
+        # with reward worker processes, the completions are scored while this thread builds the batch
+        # and runs the log-prob passes, which do not need the rewards (the advantages, which do, and
+        # their collective, come after, here); seconds_reward is then the wait that is left
+        scoring = Background(score_step, "r1vl-rewards") if a.reward_workers > 0 else None
         batch = build_batch(processor, [prompts[c.prompt_index].text for c in comps],
                             [prompts[c.prompt_index].image for c in comps], [c.token_ids for c in comps],
                             dtype=dtype, compact_images=True).to(d.device)
@@ -1878,6 +1881,15 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
                     is_spec = None
                 # else mu = 1: the old log-probs are the update's own, and its forward forms the ratio
                 # (not with dropout: is_pass)
+        with tm("reward"):
+            try:
+                sc = scoring.result() if scoring is not None else score_step()
+            except RewardPoolError as e:  # the pool failed: scored here, where math-verify has its deadline
+                log.warning("%s", e)
+                sc = score_step()
+            rewards = torch.tensor(sc["total"])
+            adv = group_advantages(rewards, G, scale=a.scale_rewards,
+                                   batch_std=reward_std(rewards, d.device) if a.scale_rewards == "batch" else None)
         with tm("update"):
             lr = sched.get_last_lr()[0]  # the lr of this step's (first) optimizer step
             m = grpo_update(train_policy, opt, None if use_ds else sched, batch, adv.to(d.device), ucfg,

@@ -10,12 +10,13 @@ import random
 import re
 import shutil
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -668,6 +669,30 @@ def plot_run(metrics_path: Path, png_path: Path, title: str = "") -> bool:
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
     return True
+
+
+class Background:
+    """fn() started now in a daemon thread (a daemon: an error elsewhere that ends the process
+    does not wait for it); result() waits for it and returns its value or raises its exception."""
+
+    def __init__(self, fn: Callable[[], Any], name: str):
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[[], Any]) -> None:
+        try:
+            self._value = fn()
+        except BaseException as e:  # noqa: BLE001 -- raised in the caller's thread by result()
+            self._error = e
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        return self._value
 
 
 class Timer:

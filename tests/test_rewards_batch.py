@@ -391,3 +391,32 @@ def test_an_interrupt_while_a_dead_worker_is_replaced_leaves_a_usable_pool():
             assert results[0][3] is True
     finally:
         pool.close()
+
+
+def test_a_failed_pool_is_scored_in_process_on_the_main_thread_and_handed_back_off_it(monkeypatch):
+    """Off the main thread, the in-process fallback would run math-verify with no deadline (signals
+    are the main thread's): RewardPoolError tells the caller to score on its main thread."""
+    from r1vl.rewards import pool as pool_mod
+
+    class Broken:
+        def map(self, *a, **k):
+            raise RuntimeError("no reward worker started within 120s")
+
+    monkeypatch.setattr(pool_mod, "get_pool", lambda workers: Broken())
+    texts, sols = ["### The final answer is: 4", "### The final answer is: 5"], ["4", "4"]
+    expected = score_batch(texts, sols, workers=0, timeout_s=5.0)
+    assert score_batch(texts, sols, workers=2, timeout_s=5.0) == dict(expected, num_killed=[0.0])
+    caught: list[BaseException] = []
+
+    def run():
+        try:
+            score_batch(texts, sols, workers=2, timeout_s=5.0)
+        except BaseException as e:  # noqa: BLE001
+            caught.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    assert len(caught) == 1 and isinstance(caught[0], pool_mod.RewardPoolError)
+    # without a deadline nothing needs a signal: scored in the thread
+    assert score_batch(texts, sols, workers=2, timeout_s=None)["total"] == expected["total"]

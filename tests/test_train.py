@@ -44,6 +44,64 @@ def _args(out, data_dir, *extra):
     return [f"output_dir={out}", f"data.synthetic_dir={data_dir}", *FAST, *extra]
 
 
+def test_reward_workers_score_while_the_log_probs_are_taken_with_the_same_results(tmp_path, data_dir, monkeypatch,
+                                                                                   capfd):
+    """With algorithm.reward_workers > 0 the step's completions are scored off the main thread while
+    it builds the batch and takes the reference log-probs; every result is what in-line scoring
+    gives (reward_workers=0 scores on the main thread, after the log-prob pass)."""
+    import threading
+
+    import r1vl.algo
+    import r1vl.eval
+
+    events = []
+    real_score, real_logprobs = r1vl.eval.score, r1vl.algo.compute_logprobs
+
+    def score(*a, **k):
+        events.append(("score", threading.current_thread() is threading.main_thread()))
+        time.sleep(1.0)  # the log-prob pass starts well within this, when it overlaps
+        out = real_score(*a, **k)
+        events.append(("scored", None))
+        return out
+
+    def compute_logprobs(*a, **k):
+        events.append(("logprobs", None))
+        return real_logprobs(*a, **k)
+
+    monkeypatch.setattr(r1vl.eval, "score", score)
+    monkeypatch.setattr(r1vl.algo, "compute_logprobs", compute_logprobs)
+    runs = {}
+    for workers in (0, 2):
+        events.clear()
+        out = tmp_path / f"w{workers}"
+        assert main(_args(out, data_dir, "train.max_steps=2", "train.eval_before=false", "train.eval_after=false",
+                          "algorithm.beta=0.04", f"algorithm.reward_workers={workers}")) == 0
+        runs[workers] = [_strip(r) for r in _metrics(out)]
+        kinds = [e[0] for e in events]
+        assert kinds.count("score") == 2 and kinds.count("logprobs") == 2, kinds
+        if workers:  # each step: scoring starts, the log-prob pass starts, then scoring ends
+            assert kinds == ["score", "logprobs", "scored"] * 2, kinds
+            assert not any(e[1] for e in events if e[0] == "score")
+        else:
+            assert kinds == ["logprobs", "score", "scored"] * 2, kinds
+            assert all(e[1] for e in events if e[0] == "score")
+    assert runs[0] == runs[2]
+
+    # a pool that cannot start: the scoring thread hands the batch back, the main thread scores it
+    import r1vl.rewards.pool as pool_mod
+
+    class Broken:
+        def map(self, *a, **k):
+            raise RuntimeError("no reward worker started within 120s")
+
+    monkeypatch.setattr(pool_mod, "get_pool", lambda workers: Broken())
+    out = tmp_path / "broken"
+    assert main(_args(out, data_dir, "train.max_steps=2", "train.eval_before=false", "train.eval_after=false",
+                      "algorithm.beta=0.04", "algorithm.reward_workers=2")) == 0
+    assert [_strip(r) for r in _metrics(out)] == runs[0]
+    assert "score these on the main thread" in capfd.readouterr().err
+
+
 def test_end_to_end_outputs(tmp_path, data_dir):
     out = tmp_path / "run"
     assert main(_args(out, data_dir, "train.max_steps=2", "train.save_every=1")) == 0

@@ -42,7 +42,7 @@ from r1vl.rewards.core import (
     key_step_groups,
     validity_reward,
 )
-from r1vl.rewards.verify import DEFAULT_TIMEOUT_S, needs_worker_process
+from r1vl.rewards.verify import DEFAULT_TIMEOUT_S, needs_worker_process, signals_usable
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +107,11 @@ def _send_within(conn: Connection, obj, timeout_s: float | None) -> bool:
     finally:
         os.set_blocking(fd, True)
     return True
+
+
+class RewardPoolError(RuntimeError):
+    """score_batch off the main thread: the pool failed, and scoring in this thread instead would
+    have no math-verify deadline. The same call on the main thread falls back to scoring there."""
 
 
 @dataclass
@@ -434,7 +439,12 @@ def score_batch(completions: Sequence[Any], solutions: Sequence[Any], key_steps:
         try:
             results, kills = get_pool(workers).map(tasks, alpha=alpha, variant=variant,
                                                    timeout_s=timeout_s)
-        except RuntimeError:
+        except RuntimeError as e:
+            if timeout_s and timeout_s > 0 and not signals_usable():
+                # in-process scoring here would run math-verify without its deadline (signals are
+                # the main thread's): the caller scores on its main thread instead
+                raise RewardPoolError(f"reward pool failed ({e}); off the main thread math-verify has no "
+                                      "deadline in this process: score these on the main thread") from e
             logger.exception("reward pool failed; scoring %d completions in this process", n)
             results = [_score_one(t, alpha, variant, timeout_s) for t in tasks]
 
