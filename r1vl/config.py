@@ -211,8 +211,9 @@ class AlgorithmConfig:
     # null = rollout.temperature (1.0 when greedy), as TRL (1.16) does; 1.0 = the authors'
     # released code, which samples at rollout.temperature but scores the raw logits
     logprob_temperature: Optional[float] = field(default=None, metadata=_min(0.0, strict=True))
-    # reward worker processes (0 = in-process, after the log-prob pass); with workers, the step's
-    # completions are scored while the batch is built and the log-probs are taken
+    # reward worker processes (0 = in-process, after the log-prob pass); with workers, a step's
+    # completions are scored while the batch is built and the log-probs are taken, an evaluation's
+    # batch while the next is generated
     reward_workers: int = field(default=0, metadata=_min(0))
     reward_timeout_s: float = field(default=5.0, metadata=_min(0.0, strict=True))
 

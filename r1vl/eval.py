@@ -25,6 +25,7 @@ if __name__ == "__main__":  # a torchrun worker dies with its launcher from here
     die_with_launcher()
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -70,6 +71,31 @@ def score(texts: Sequence[str], samples: Sequence[Any], *, alpha: float = 0.1, v
             "correct": [float(x) for x in res["correct"]],
             "timed_out": [float(x) for x in res.get("timed_out", [0.0] * len(texts))],
             "timeouts": float(sum(res.get("num_timeouts", [0.0])))}
+
+
+class ScoreJob:
+    """A `score` call (fn) started now in a background thread when `background` (the trainer and
+    evaluate pass reward_workers > 0: the pool's worker processes do the work, this process goes
+    on generating or taking log-probs), else run by result() in the caller's thread (in-process
+    scoring: math-verify's deadline is a signal, the main thread's). A pool that fails under the
+    thread is scored again by result(), in the caller's thread, as score does on the main thread."""
+
+    def __init__(self, fn: Callable[[], dict], background: bool):
+        from r1vl.utils import Background
+
+        self._fn = fn
+        self._job = Background(fn, "r1vl-rewards") if background else None
+
+    def result(self) -> dict:
+        from r1vl.rewards.pool import RewardPoolError
+
+        if self._job is None:
+            return self._fn()
+        try:
+            return self._job.result()
+        except RewardPoolError as e:
+            log.warning("%s", e)
+            return self._fn()
 
 
 def progress_marks(total: int, lines: int = 10) -> set[int]:
@@ -133,19 +159,11 @@ def evaluate(engine, processor, samples: Sequence[Any], *, max_new_tokens: int, 
     # has run out of items: rank 0 has the most (else the others waited for it forever)
     lockstep = getattr(engine, "collective_generate", False)
     calls = -(-len(range(0, len(samples), d.world)) // batch_size) if lockstep or stop is not None else n_batches
-    for b, s in enumerate(range(0, calls * batch_size, batch_size), start=1):
-        if stop is not None:
-            signum = stop()
-            if signum:
-                raise EvalStopped(signum, min(len(samples), s * d.world), len(samples))
-        chunk = [samples[i] for i in mine[s: s + batch_size]]
-        if not chunk and not lockstep:
-            continue
-        comps = engine.generate([make_prompt(processor, x) for x in chunk], 1, sampling)
-        if not chunk:
-            continue
-        sc = score([c.text for c in comps], chunk, alpha=alpha, variant=variant, accuracy_weight=accuracy_weight,
-                   validity_weight=validity_weight, workers=reward_workers, timeout_s=reward_timeout_s)
+
+    def collect(batch) -> None:  # a generated batch's scores into the statistics, in batch order
+        nonlocal local_timeouts
+        b, s, chunk, comps, scoring = batch
+        sc = scoring.result()
         stats.add("accuracy", sc["correct"])
         local_correct.extend(sc["correct"])
         local_timeouts += sc["timeouts"]
@@ -163,6 +181,29 @@ def evaluate(engine, processor, samples: Sequence[Any], *, max_new_tokens: int, 
         if b in marks:  # rank 0 holds the largest shard: its count x world estimates all ranks'
             log.info("eval: %d/%d samples, %.0f s", min(len(samples), (s + len(chunk)) * d.world), len(samples),
                      time.perf_counter() - t0)
+
+    # with reward worker processes, a batch is scored while the next one is generated
+    pending = None
+    for b, s in enumerate(range(0, calls * batch_size, batch_size), start=1):
+        if stop is not None:
+            signum = stop()
+            if signum:
+                raise EvalStopped(signum, min(len(samples), s * d.world), len(samples))
+        chunk = [samples[i] for i in mine[s: s + batch_size]]
+        if not chunk and not lockstep:
+            continue
+        comps = engine.generate([make_prompt(processor, x) for x in chunk], 1, sampling)
+        if not chunk:
+            continue
+        scoring = ScoreJob(functools.partial(
+            score, [c.text for c in comps], chunk, alpha=alpha, variant=variant, accuracy_weight=accuracy_weight,
+            validity_weight=validity_weight, workers=reward_workers, timeout_s=reward_timeout_s),
+            background=reward_workers > 0)
+        if pending is not None:
+            collect(pending)
+        pending = (b, s, chunk, comps, scoring)
+    if pending is not None:
+        collect(pending)
     if stop is not None:  # once more: a signal during the last batch stops it too (as a step's end would)
         signum = stop()
         if signum:

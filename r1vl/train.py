@@ -1289,11 +1289,10 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
     """One training run. `stop`: the signal watch (main() installs one; None: none)."""
     from r1vl.algo import (TOKEN_LEVEL_SHARES, TOKEN_MEANS, UpdateConfig, build_batch, compute_logprobs,
                            group_advantages, grpo_update, has_dropout, reward_std, sft_step)
-    from r1vl.eval import EvalStopped, FirstRows, evaluate, make_prompt, score, write_outputs
+    from r1vl.eval import EvalStopped, FirstRows, ScoreJob, evaluate, make_prompt, score, write_outputs
     from r1vl.models import HostWeights, PolicyWithLoss, load_pretrained, make_reference, unwrap
-    from r1vl.rewards.pool import RewardPoolError
     from r1vl.rollout.base import SamplingConfig
-    from r1vl.utils import (Background, IndexStream, MetricsWriter, StatReducer, Timer, all_gather_objects,
+    from r1vl.utils import (IndexStream, MetricsWriter, StatReducer, Timer, all_gather_objects,
                             broadcast_object, checkpoint_name, checkpoints_after, clean_interrupted_saves,
                             derive_seed, init_distributed, plot_run, read_metrics, seed_everything,
                             retire_dir, set_rng_state)
@@ -1852,7 +1851,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
         # with reward worker processes, the completions are scored while this thread builds the batch
         # and runs the log-prob passes, which do not need the rewards (the advantages, which do, and
         # their collective, come after, here); seconds_reward is then the wait that is left
-        scoring = Background(score_step, "r1vl-rewards") if a.reward_workers > 0 else None
+        scoring = ScoreJob(score_step, background=a.reward_workers > 0)
         batch = build_batch(processor, [prompts[c.prompt_index].text for c in comps],
                             [prompts[c.prompt_index].image for c in comps], [c.token_ids for c in comps],
                             dtype=dtype, compact_images=True).to(d.device)
@@ -1882,11 +1881,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
                 # else mu = 1: the old log-probs are the update's own, and its forward forms the ratio
                 # (not with dropout: is_pass)
         with tm("reward"):
-            try:
-                sc = scoring.result() if scoring is not None else score_step()
-            except RewardPoolError as e:  # the pool failed: scored here, where math-verify has its deadline
-                log.warning("%s", e)
-                sc = score_step()
+            sc = scoring.result()
             rewards = torch.tensor(sc["total"])
             adv = group_advantages(rewards, G, scale=a.scale_rewards,
                                    batch_std=reward_std(rewards, d.device) if a.scale_rewards == "batch" else None)

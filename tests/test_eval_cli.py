@@ -1093,3 +1093,53 @@ def test_paired_comparison_is_the_exact_two_sided_sign_test():
     assert p(9900, 9900) == 1.0 and p(10300, 9500) < 1e-7  # large sets: exact, and quick
     with pytest.raises(ValueError, match="different items"):
         paired_comparison([1.0], [1.0, 0.0])
+
+
+def test_evaluate_scores_a_batch_while_the_next_is_generated_with_the_same_results(monkeypatch):
+    """With reward_workers > 0 a batch's completions are scored (off the main thread) while the
+    next batch is generated; the results, outputs in data order and progress are as in-line
+    scoring's (reward_workers=0, on the main thread)."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from r1vl.rollout.base import Completion
+
+    events = []
+
+    class Engine:
+        def generate(self, prompts, n, sampling):
+            events.append(("generate", len(prompts)))
+            return [Completion(i, [1] * (1 + len(p.text) % 3),
+                               f"### Step 1: 4 + 3 = 7\n### The final answer is: {7 if 'Q7' in p.text else 5}", "stop")
+                    for i, p in enumerate(prompts)]
+
+    real_score = ev.score
+
+    def score(texts, samples, **kw):
+        events.append(("score", threading.current_thread() is threading.main_thread()))
+        if kw["workers"]:
+            time.sleep(0.5)  # the next batch's generate starts well within this
+        out = real_score(texts, samples, **kw)
+        events.append(("scored", None))
+        return out
+
+    monkeypatch.setattr(ev, "score", score)
+    samples = [SimpleNamespace(problem=f"Q{i % 4 + 5}", solution="### The final answer is: 7", image=None,
+                               meta={"family": f"f{i % 2}"}, key_steps=[["4 + 3 = 7"]]) for i in range(7)]
+    runs = {}
+    for workers in (0, 2):
+        events.clear()
+        runs[workers] = ev.evaluate(Engine(), _Proc(), samples, max_new_tokens=4, batch_size=3, keep_outputs=True,
+                                    reward_workers=workers)
+        kinds = [e[0] for e in events]
+        assert kinds.count("generate") == kinds.count("score") == kinds.count("scored") == 3, kinds
+        if workers:
+            second = [i for i, k in enumerate(kinds) if k == "generate"][1]
+            assert kinds[:2] == ["generate", "score"] and kinds.index("scored") > second, kinds
+            assert not any(e[1] for e in events if e[0] == "score")
+        else:
+            assert all(e[1] for e in events if e[0] == "score")
+    for r in runs.values():
+        r.pop("seconds")
+    assert runs[0] == runs[2] and runs[0]["accuracy"] == pytest.approx(2 / 7)
