@@ -14,6 +14,11 @@ as the trainer runs it and as it ran before its cut, on the same inputs:
     rewards       StepRAR + StepRVR of the same rows, --answers distinct final answers per
                   group (fractions, decimals, roots): with math-verify's comparison cache
                   (r1vl.rewards.verify) against without it; the totals are checked equal
+    overlap       scoring in --reward-workers processes and building the batch one after the
+                  other (as a step ran them) against scoring in the background while the batch
+                  is built (the trainer's r1vl.eval.ScoreJob; on a GPU the log-prob passes also
+                  run beside it); each call scores answers not seen before (no warm caches);
+                  the rewards are checked equal to in-process scoring's
 
     python bench/bench_host.py                 # 64 prompts x 8, 200704-pixel images: ~1 min on a CPU
 
@@ -69,6 +74,9 @@ def main(argv=None) -> int:
                     help="rows per micro-batch sliced from the batch (default: %(default)s)")
     ap.add_argument("--answers", type=_cli.positive_int, default=3,
                     help="distinct final answers among a group's completions (default: %(default)s)")
+    ap.add_argument("--reward-workers", type=_cli.positive_int, default=2,
+                    help="reward worker processes of the overlap measurement (the recipes: 8; default: "
+                         "%(default)s)")
     ap.add_argument("--reps", type=_cli.positive_int, default=3, help="timed repeats (default: %(default)s)")
     args = ap.parse_args(argv)
     import torch
@@ -133,16 +141,21 @@ def main(argv=None) -> int:
     print(f"rope positions of the shared-prompt forward, {len(mbs)} micro-batches of {args.micro_batch} (one pass): "
           f"{t_whole:.3f} s -> {t_shared:.3f} s from each group's prompt alone (equal on every real token)")
 
-    comps, samples = [], []
-    for i in range(P):
-        steps = [f"{rng.randint(1, 99)} + {rng.randint(1, 99)} = {rng.randint(1, 200)}" for _ in range(5)]
-        gold = f"\\frac{{{rng.randint(1, 50)}}}{{{rng.randint(51, 99)}}}"
-        pool = [gold] + [f"{rng.randint(1, 999) / rng.randint(2, 97):.3f}" if k % 2 else f"\\sqrt{{{rng.randint(2, 99)}}}"
-                         for k in range(1, args.answers)]
-        sample = SimpleNamespace(solution=_completion(rng, gold, steps), key_steps=[[s, s.replace(" ", "")] for s in steps])
-        for g in range(G):
-            comps.append(_completion(rng, pool[g % len(pool)], steps))
-            samples.append(sample)
+    def scoring_rows(rng: random.Random) -> tuple[list[str], list]:
+        comps, samples = [], []
+        for i in range(P):
+            steps = [f"{rng.randint(1, 99)} + {rng.randint(1, 99)} = {rng.randint(1, 200)}" for _ in range(5)]
+            gold = f"\\frac{{{rng.randint(1, 50)}}}{{{rng.randint(51, 99)}}}"
+            pool = [gold] + [f"{rng.randint(1, 999) / rng.randint(2, 97):.3f}" if k % 2
+                             else f"\\sqrt{{{rng.randint(2, 99)}}}" for k in range(1, args.answers)]
+            sample = SimpleNamespace(solution=_completion(rng, gold, steps),
+                                     key_steps=[[s, s.replace(" ", "")] for s in steps])
+            for g in range(G):
+                comps.append(_completion(rng, pool[g % len(pool)], steps))
+                samples.append(sample)
+        return comps, samples
+
+    comps, samples = scoring_rows(rng)
 
     class _NoCache(dict):  # math_equal's comparison cache, as before it: nothing kept
         def __setitem__(self, key, value):
@@ -163,6 +176,31 @@ def main(argv=None) -> int:
         raise RuntimeError("the comparison cache changed a reward")
     print(f"rewards, {P * G} completions, {args.answers} distinct answers per group: {t_off:.3f} s -> {t_on:.3f} s "
           "with math-verify's comparison cache (one process; totals equal)")
+
+    # scoring beside the batch's building (the trainer's step with reward workers), each call on
+    # rows not scored before: the workers' comparison caches never answer
+    from r1vl.eval import ScoreJob
+
+    W = args.reward_workers
+    rows = [scoring_rows(random.Random(1000 + k)) for k in range(2 * (args.reps + 1))]
+
+    def step(background: bool, c=None, smp=None):
+        if c is None:
+            c, smp = rows.pop()
+        job = ScoreJob(lambda: score(c, smp, workers=W, timeout_s=5.0)["total"], background=background)
+        return build(True), job.result()
+
+    c0, s0 = scoring_rows(random.Random(999))
+    in_process = score(c0, s0, workers=0, timeout_s=5.0)["total"]
+    score(c0[:1], s0[:1], workers=W, timeout_s=5.0)  # the pool's start-up (sympy's import): not timed
+    (b_serial, t_serial), (b_overlap, t_overlap) = step(False, c0, s0), step(True, c0, s0)
+    if not t_serial == t_overlap == in_process or \
+            not all(torch.equal(b_serial.inputs[k], b_overlap.inputs[k]) for k in b_serial.inputs):
+        raise RuntimeError("scoring in the background changed a reward or the batch")
+    t_s, t_o = _median_s(lambda: step(False), args.reps), _median_s(lambda: step(True), args.reps)
+    print(f"rewards in {W} worker processes and the batch, one after the other: {t_s:.3f} s -> {t_o:.3f} s with "
+          f"the scoring in the background while the batch is built ({P * G} rows; rewards equal to in-process "
+          "scoring)")
     return 0
 
 

@@ -145,6 +145,7 @@ BAD_ARGS = {
         (["--prompts", "0"], "--prompts"),
         (["--max-pixels", "-1"], "--max-pixels"),
         (["--answers", "x"], "--answers"),
+        (["--reward-workers", "0"], "--reward-workers"),
     ],
     "compile_report": [
         (["--tokens", "-1", "--kernels", "objective", "--quick"], "--tokens"),
@@ -434,8 +435,8 @@ def test_bench_decode_measures_the_check(capsys):
 
 
 def test_bench_host_measures_both_cuts(capsys):
-    """bench_host.py times the batch, the rope positions and the rewards both ways, after
-    checking they agree."""
+    """bench_host.py times the batch, the rope positions, the rewards and the rewards beside the
+    batch both ways, after checking they agree."""
     mod = _mod("bench_host")
     assert mod.main(["--prompts", "2", "--generations", "2", "--completion-tokens", "8", "--max-pixels", "12544",
                      "--reps", "1"]) == 0
@@ -444,6 +445,8 @@ def test_bench_host_measures_both_cuts(capsys):
     assert out[1].startswith("rope positions of the shared-prompt forward, 1 micro-batches of 4") \
         and "equal on every real token" in out[1]
     assert out[2].startswith("rewards, 4 completions, 3 distinct answers per group") and "totals equal" in out[2]
+    assert out[3].startswith("rewards in 2 worker processes and the batch, one after the other: ") \
+        and "(4 rows; rewards equal to in-process scoring)" in out[3]
 
 
 def test_gpu_session_dry_run_never_writes_into_an_interpreter(tmp_path):
