@@ -687,10 +687,12 @@ def longest_sequence(cfg: Config) -> int:
     return cfg.data.max_prompt_length + cfg.data.max_pixels // (28 * 28) + cfg.rollout.max_completion_length
 
 
-def _cuda_here() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+# why AdamW on float16 weights (no fp32 master copy) is refused, whatever optim.impl and optim.eps
+FLOAT16_ADAMW = (
+    "AdamW keeps its moments in float16, where a squared gradient below 6e-8 (|g| < 2.4e-3 at beta2=0.99) is 0, "
+    "and such a weight's update is then about lr * g / optim.eps: hundreds of times AdamW's, fused or not (the "
+    "weights are ruined in a step or two, or turn NaN). Use model.dtype=bfloat16 or float32, or deepspeed= with a "
+    "config whose fp16.enabled is true or \"auto\" (fp32 master weights and moments)")
 
 
 def validate(cfg: Config, training: bool = True) -> None:
@@ -781,16 +783,8 @@ def validate(cfg: Config, training: bool = True) -> None:
                           "rollout.vllm.logprobs_mode=raw_logprobs (both compared at temperature 1, uncut), "
                           "rollout.is_correction=false, or top_p=1 and top_k=0")
     trains = [lr for n, lr in ((cfg.warmup.steps, cfg.warmup.lr), (cfg.train.max_steps, cfg.optim.lr)) if n > 0]
-    o = cfg.optim
-    if cfg.model.dtype == "float16" and not cfg.deepspeed and trains and o.eps < 2**-24 and (
-            o.impl in ("foreach", "for_loop") or (o.impl == "auto" and not _cuda_here())):
-        # optim.eps below float16's smallest step (6e-8) is 0 there: the foreach / for-loop AdamW
-        # divides by a zero second moment wherever a gradient is small, and the weights turn
-        # inf/NaN at the first step (fused AdamW, CUDA's auto, does not: its updates round away)
-        raise ConfigError(f"model.dtype=float16 without DeepSpeed: AdamW ({o.impl}: "
-                          f"{'not fused without CUDA' if o.impl == 'auto' else 'not fused'}) with optim.eps={o.eps:g}, "
-                          "0 in float16, turns the weights inf/NaN at the first step; use model.dtype=bfloat16 or "
-                          "float32, or deepspeed= with fp16 (fp32 master weights), or optim.eps >= 6e-8")
+    if cfg.model.dtype == "float16" and not cfg.deepspeed and trains:
+        raise ConfigError("model.dtype=float16 without DeepSpeed: " + FLOAT16_ADAMW)
     w = cfg.warmup
     if os.environ.get("RANK", "0") != "0":  # the warnings below: once, not once per rank
         return

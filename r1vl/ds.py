@@ -221,7 +221,35 @@ def check_config(cfg) -> dict:
                 f"= {per_rank} (from train.micro_batch_size, train.prompts_per_step, rollout.num_generations); "
                 "set it to \"auto\"")
         vals["world_size"] = tbs // per_rank
-    return fill_config(raw, source=str(cfg.deepspeed), **vals)
+    filled = fill_config(raw, source=str(cfg.deepspeed), **vals)
+    _check_precision(cfg, filled)
+    return filled
+
+
+def _check_precision(cfg, ds_config: dict) -> None:
+    """model.dtype against the precision the DeepSpeed config trains in, when the run trains:
+    float16 weights under a config with neither bf16 nor fp16 (AdamW on the float16 weights
+    themselves) are refused as without DeepSpeed; a 16-bit model.dtype the config overrides
+    (DeepSpeed casts the module to its own precision) is said."""
+    from r1vl.config import FLOAT16_ADAMW
+
+    if not (cfg.warmup.steps > 0 or cfg.train.max_steps > 0) or cfg.model.dtype == "float32":
+        return
+    prec = precision(ds_config)
+    if prec == "fp32" and cfg.model.dtype == "float16":
+        raise DeepSpeedConfigError(f"{cfg.deepspeed}: model.dtype=float16 with neither bf16 nor fp16 enabled there "
+                                   "(no fp32 master weights): " + FLOAT16_ADAMW)
+    wanted = {"bfloat16": "bf16", "float16": "fp16"}[cfg.model.dtype]
+    if prec != wanted and os.environ.get("RANK", "0") == "0":
+        if prec == "fp32":
+            log.warning("model.dtype=bfloat16 with %s, which enables neither bf16 nor fp16: AdamW updates the bf16 "
+                        "weights themselves (no fp32 master copy), and most steps of about lr round away; set its "
+                        "bf16.enabled to true or \"auto\"", cfg.deepspeed)
+        else:
+            log.warning("model.dtype=%s with %s, which enables %s: the model computes and trains in %s (DeepSpeed "
+                        "casts it), not %s; to follow model.dtype, set both \"bf16\" and \"fp16\" there to "
+                        "{\"enabled\": \"auto\"}", cfg.model.dtype, cfg.deepspeed, prec,
+                        {"bf16": "bfloat16", "fp16": "float16"}[prec], cfg.model.dtype)
 
 
 def zero_stage(ds_config: dict) -> int:

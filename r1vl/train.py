@@ -331,8 +331,11 @@ def check_resume_config(saved: dict | None, cfg: Config, resume_dir: Path, warn:
     if not saved:
         return []
     old, new = _flat(saved), _flat(to_dict(cfg))
+    # bnpo's loss is a token mean per micro-batch: there the micro-batch size is part of the objective
+    bnpo = "bnpo" in (old.get("algorithm.loss_type"), new.get("algorithm.loss_type"))
     diff = sorted(k for k in new.keys() | old.keys()
-                  if old.get(k) != new.get(k) and not k.startswith(_RESUME_FREE))
+                  if old.get(k) != new.get(k) and (not k.startswith(_RESUME_FREE)
+                                                   or (bnpo and k == "train.micro_batch_size")))
     hard = [k for k in diff if k == "model.path" or k.startswith("model.tiny.")]
     if hard:
         raise UserError(f"train.resume: {resume_dir} was written for another model ("
@@ -705,9 +708,7 @@ def check_finite_loss(rec: dict, cfg: Config, updates_skipped: int = 0) -> None:
     what = (f"the loss is {loss} (grad norm {norm})" if not math.isfinite(loss)
             else f"the gradient norm is {norm} (loss {loss:.6g})")
     raise UserError(f"{phase} step {rec['step']}: {what}; {applied}; metrics.jsonl has the step. Lower {lr}, "
-                    f"keep optim.max_grad_norm > 0 (now {cfg.optim.max_grad_norm:g})" +
-                    (", or train in bfloat16: float16 has no loss scaling here"
-                     if cfg.model.dtype == "float16" and not cfg.deepspeed else "") +
+                    f"keep optim.max_grad_norm > 0 (now {cfg.optim.max_grad_norm:g})"
                     "; resume from a checkpoint before it with train.resume=<checkpoint>")
 
 

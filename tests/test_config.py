@@ -432,10 +432,13 @@ def test_vllm_max_model_len_must_hold_a_rollout():
 
 
 @pytest.mark.parametrize("overrides, start", [
-    # AdamW on float16 weights: inf/NaN after the first step (its eps is 0 in float16); the
-    # run crashed in the next rollout ("probability tensor contains inf/nan")
-    (["model.dtype=float16", "optim.impl=foreach"], "model.dtype=float16 without DeepSpeed: AdamW (foreach"),
+    # AdamW on float16 weights: its float16 moments underflow and the updates blow up (inf/NaN after
+    # the first step at eps 1e-8; at eps 1e-6 a warm-up loss of 0.65 went to 12.6 and the run went on
+    # with every reward 0), fused or not, at any usual eps
+    (["model.dtype=float16", "optim.impl=foreach"], "model.dtype=float16 without DeepSpeed: AdamW keeps its moments"),
     (["model.dtype=float16", "train.max_steps=0", "optim.impl=for_loop"], "model.dtype=float16 without DeepSpeed"),
+    (["model.dtype=float16", "optim.impl=foreach", "optim.eps=1e-6"], "model.dtype=float16 without DeepSpeed"),
+    (["model.dtype=float16", "optim.impl=fused"], "model.dtype=float16 without DeepSpeed"),
     # the tiny vision tower's rotary embedding: RuntimeError at the first forward, after the build
     (["model.tiny.vision_embed_dim=40", "model.tiny.vision_num_heads=4"], "model.tiny: vision head_dim"),
     (["seed=18446744073709551616"], "seed: expected"),  # torch.manual_seed's overflow, after data
@@ -479,7 +482,7 @@ def test_output_dir_below_a_file(tmp_path):
 
 def test_values_beside_the_refused_ones_still_load():
     for ok in (["model.dtype=float16", "train.max_steps=0", "warmup.steps=0"],  # nothing trained
-               ["model.dtype=float16", "optim.impl=foreach", "optim.eps=1e-4"], ["model.dtype=float16", "optim.impl=fused"],
+               ["model.dtype=float16", "deepspeed=configs/ds_zero2.json"],  # (ds.check_config says more)
                ["model.tiny.vision_embed_dim=48", "model.tiny.vision_num_heads=4"],
                ["seed=-3"], ["seed=9223372036854775807"], ["data.min_pixels=1", "data.max_pixels=784"],
                ["rollout.vllm.max_num_batched_tokens=8192"], ["rollout.top_k=2"], ["rollout.top_k=1", "train.max_steps=0"],
@@ -497,3 +500,61 @@ def test_16_bit_weights_without_deepspeed_warn(caplog):
     # DeepSpeed (fp32 masters), float32 weights, or nothing trained: nothing to say
     assert _warnings(caplog, ["model.dtype=bfloat16", "deepspeed=configs/ds_zero2.json"]) == []
     assert _warnings(caplog, ["model.dtype=bfloat16", "train.max_steps=0", "warmup.steps=0"]) == []
+
+
+@pytest.mark.parametrize("impl", ["foreach", "fused"])
+def test_adamw_on_float16_weights_blows_up_whatever_its_eps(impl):
+    """What model.dtype=float16 without DeepSpeed is refused for: torch's AdamW on float16
+    weights (moments in float16) takes steps hundreds of times an fp32 AdamW's on the same
+    gradients once a squared gradient underflows, fused or not, at eps 1e-8 and 1e-6."""
+    import torch
+
+    for eps in (1e-8, 1e-6):
+        torch.manual_seed(0)
+        w = torch.randn(1000) * 0.02
+        p16, p32 = w.half().requires_grad_(True), w.clone().requires_grad_(True)
+        kw = dict(lr=5e-4, betas=(0.9, 0.99), eps=eps, weight_decay=0.0)
+        o16 = torch.optim.AdamW([p16], **kw, **{impl: True})
+        o32 = torch.optim.AdamW([p32], **kw)
+        worst = 0.0
+        for _ in range(3):
+            g = torch.randn(1000) * 1e-3  # |g| < 2.4e-3: (1 - beta2) g^2 < 6e-8, float16's smallest
+            p16.grad, p32.grad = g.half(), g.clone()
+            b16, b32 = p16.detach().float(), p32.detach().clone()
+            o16.step(), o32.step()
+            ratio = float((p16.detach().float() - b16).abs().max() / (p32.detach() - b32).abs().max())
+            worst = max(worst, ratio if ratio == ratio else float("inf"))
+        assert worst > 50, (impl, eps, worst)
+
+
+def test_deepspeed_precision_against_model_dtype(tmp_path, caplog):
+    """Under DeepSpeed the config's bf16/fp16 decides the training precision: float16 weights
+    under a config with neither are refused (AdamW on the float16 weights themselves); a 16-bit
+    model.dtype the config overrides, or bf16 weights without master copies, are warned about."""
+    import json
+
+    from r1vl import ds
+
+    def conf(name, **sections):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"zero_optimization": {"stage": 2}, **sections}))
+        return str(path)
+
+    fp32, bf16, auto = conf("fp32"), conf("bf16", bf16={"enabled": True}), conf("auto", fp16={"enabled": "auto"})
+
+    def warned(dtype, path, *extra):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="r1vl.ds"):
+            ds.check_config(load_config(None, [f"model.dtype={dtype}", f"deepspeed={path}", *extra]))
+        return [r.getMessage() for r in caplog.records]
+
+    with pytest.raises(ds.DeepSpeedConfigError, match=r"fp32.json: model.dtype=float16 with neither bf16 nor fp16 "
+                                                      r"enabled there .*AdamW keeps its moments in float16"):
+        warned("float16", fp32)
+    assert warned("float16", fp32, "warmup.steps=0", "train.max_steps=0") == []  # nothing trained
+    (msg,) = warned("float16", bf16)
+    assert msg.startswith(f"model.dtype=float16 with {bf16}, which enables bf16: the model computes and trains in "
+                          "bfloat16")
+    (msg,) = warned("bfloat16", fp32)
+    assert msg.startswith(f"model.dtype=bfloat16 with {fp32}, which enables neither bf16 nor fp16")
+    assert warned("float16", auto) == warned("bfloat16", bf16) == warned("float32", bf16) == []

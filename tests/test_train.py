@@ -772,6 +772,14 @@ def test_check_resume_config_names_the_differences(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="r1vl.train"):
         assert check_resume_config(saved, cfg, tmp_path, warn=False) == ["rollout.num_generations", "seed"]
     assert caplog.text == ""
+    # the micro-batch size is memory alone, except under bnpo (a token mean per micro-batch)
+    mbs = [*files, "train.micro_batch_size=3"]
+    assert check_resume_config(saved, load_config(None, mbs), tmp_path, warn=False) == []
+    bnpo = to_dict(load_config(None, [*files, "algorithm.loss_type=bnpo"]))
+    assert check_resume_config(bnpo, load_config(None, [*mbs, "algorithm.loss_type=bnpo"]), tmp_path,
+                               warn=False) == ["train.micro_batch_size"]
+    assert check_resume_config(bnpo, load_config(None, mbs), tmp_path, warn=False) == [
+        "algorithm.loss_type", "train.micro_batch_size"]
 
 
 def test_resuming_a_finished_run_from_an_earlier_checkpoint_is_said(tmp_path, data_dir, capfd):
