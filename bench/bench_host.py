@@ -198,7 +198,7 @@ def main(argv=None) -> int:
             not all(torch.equal(b_serial.inputs[k], b_overlap.inputs[k]) for k in b_serial.inputs):
         raise RuntimeError("scoring in the background changed a reward or the batch")
     t_s, t_o = _median_s(lambda: step(False), args.reps), _median_s(lambda: step(True), args.reps)
-    print(f"rewards in {W} worker processes and the batch, one after the other: {t_s:.3f} s -> {t_o:.3f} s with "
+    print(f"rewards in {W} worker process{'es' if W > 1 else ''} and the batch, one after the other: {t_s:.3f} s -> {t_o:.3f} s with "
           f"the scoring in the background while the batch is built ({P * G} rows; rewards equal to in-process "
           "scoring)")
     return 0
