@@ -791,14 +791,13 @@ def validate(cfg: Config, training: bool = True) -> None:
     if w.steps > 0 and w.warmup_steps > w.steps:
         log.warning("warmup.warmup_steps=%d exceeds warmup.steps=%d: the warm-up lr never reaches warmup.lr "
                     "(its last step runs at %.0f%% of it)", w.warmup_steps, w.steps, 100 * w.steps / w.warmup_steps)
-    if cfg.model.dtype != "float32" and not cfg.deepspeed and trains:
-        # AdamW's step is about lr per element; a 16-bit weight keeps it only when it exceeds
-        # half a unit in the last place: 2^-9..2^-8 of the weight in bf16, 2^-12..2^-11 in fp16
-        log.warning("model.dtype=%s without DeepSpeed: AdamW updates the 16-bit weights themselves (no fp32 "
-                    "master copy), so a step smaller than about %s of a weight is rounded away, as most are at "
+    if cfg.model.dtype == "bfloat16" and not cfg.deepspeed and trains:  # (float16 is refused above)
+        # AdamW's step is about lr per element; a bf16 weight keeps it only when it exceeds half a
+        # unit in the last place: 2^-9..2^-8 of the weight
+        log.warning("model.dtype=bfloat16 without DeepSpeed: AdamW updates the 16-bit weights themselves (no fp32 "
+                    "master copy), so a step smaller than about 0.4%% of a weight is rounded away, as most are at "
                     "lr=%g; deepspeed=configs/ds_zero2.json keeps fp32 master weights (on one GPU too), or use "
-                    "model.dtype=float32", cfg.model.dtype, "0.4%" if cfg.model.dtype == "bfloat16" else "0.05%",
-                    min(trains))
+                    "model.dtype=float32", min(trains))
     total = cfg.train.max_steps * cfg.algorithm.num_iterations
     if total > 0 and cfg.optim.warmup_steps > total:
         log.warning("optim.warmup_steps=%d exceeds the StepGRPO optimizer steps (train.max_steps x "

@@ -552,6 +552,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reward-timeout-s", type=_positive_float, default=None,
                     help="seconds math-verify may take to check one answer; an answer over it is scored wrong "
                     "and counted in reward_timeouts" + run_default % _run_default("reward_timeout_s"))
+    ap.add_argument("--reward-workers", type=_int_at_least(0), default=0,
+                    help="score in this many worker processes, each batch while the next is generated (the "
+                    "trainer's algorithm.reward_workers; default: %(default)s, in this process)")
     ap.add_argument("--engine", choices=("hf", "vllm"), default="hf",
                     help="greedy decoding by HF generate, or by a vLLM engine (pip install -e '.[vllm]'): the "
                     "checkpoint's weights are pushed into it from host memory; one engine per rank under torchrun")
@@ -817,7 +820,8 @@ def _run(args, main_rank: bool) -> int:
                                batch_size=args.batch_size, alpha=settings["alpha"], variant=settings["variant"],
                                accuracy_weight=settings["accuracy_weight"],
                                validity_weight=settings["validity_weight"],
-                               reward_timeout_s=settings["reward_timeout_s"], keep_outputs=bool(args.outputs))
+                               reward_timeout_s=settings["reward_timeout_s"], reward_workers=args.reward_workers,
+                               keep_outputs=bool(args.outputs))
             finally:
                 if args.engine == "vllm":
                     _close_vllm(engine, work, d)

@@ -195,16 +195,14 @@ def read_state(resume_dir: Path, mmap: bool = False) -> dict:
     try:
         with torch.serialization.safe_globals(_numpy_array_globals()):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        if "weights only load failed" in str(e).lower():  # not a corrupt file: objects r1vl never writes
-            what = next((ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln), "")
+    except Exception as e:  # noqa: BLE001 -- a truncated or corrupt file: torch raises several types
+        what = next((ln.strip() for ln in str(e).splitlines() if "Unsupported global" in ln), None)
+        if isinstance(e, pickle.UnpicklingError) and what:  # whole, but naming objects r1vl never writes
             raise UserError(f"train.resume: {path} holds objects other than tensors and plain data, which r1vl's "
                             f"checkpoints never do ({what[:200]}): not loaded, as unpickling them could run code. "
                             "Resume from a checkpoint this trainer wrote") from None
-        raise UserError(f"train.resume: {path} is unreadable ({str(e).splitlines()[0]}); "
-                        "resume from an older checkpoint with train.resume=<its path>") from None
-    except Exception as e:  # noqa: BLE001 -- a truncated or corrupt file: torch raises several types
-        raise UserError(f"train.resume: {path} is unreadable ({str(e).splitlines()[0]}); "
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]  # (a truncated pickle: an empty EOFError)
+        raise UserError(f"train.resume: {path} is unreadable ({first}); "
                         "resume from an older checkpoint with train.resume=<its path>") from None
 
 

@@ -754,6 +754,33 @@ def test_cli_reward_timeout_comes_from_the_run_and_the_flag(tiny_run, data_dir, 
     assert seen["timeout"] == 0.5
 
 
+def test_cli_reward_workers_score_in_processes_with_the_same_result(tiny_run, data_dir, tmp_path, monkeypatch,
+                                                                   capsys):
+    """--reward-workers N hands evaluate() N scoring processes (a batch scored while the next is
+    generated); the JSON result and the outputs are as in-process scoring's."""
+    seen = []
+    real = ev.evaluate
+
+    def spy(*a, **kw):
+        seen.append(kw["reward_workers"])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(ev, "evaluate", spy)
+    results = []
+    for extra in ([], ["--reward-workers", "2"]):
+        outputs = tmp_path / f"o{len(extra)}.jsonl"
+        capsys.readouterr()
+        assert ev.main(["--model", str(tiny_run / "final"), "--data", str(data_dir), "--n", "4", "--batch-size", "2",
+                        "--outputs", str(outputs), *extra]) == 0
+        res = json.loads(capsys.readouterr().out)
+        assert res.pop("outputs") == str(outputs)
+        res.pop("seconds", None)
+        results.append((res, outputs.read_text()))
+    assert seen == [0, 2] and results[0] == results[1]
+    with pytest.raises(SystemExit):
+        ev.main(["--model", str(tiny_run / "final"), "--data", str(data_dir), "--reward-workers", "-1"])
+
+
 @pytest.fixture
 def as_rank(monkeypatch):
     """Run main() as if torchrun had started this process as another rank: main() turns off

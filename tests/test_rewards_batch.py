@@ -420,3 +420,24 @@ def test_a_failed_pool_is_scored_in_process_on_the_main_thread_and_handed_back_o
     assert len(caught) == 1 and isinstance(caught[0], pool_mod.RewardPoolError)
     # without a deadline nothing needs a signal: scored in the thread
     assert score_batch(texts, sols, workers=2, timeout_s=None)["total"] == expected["total"]
+
+
+def test_closing_the_pools_does_not_wait_for_a_batch_scored_in_another_thread():
+    """At exit (close_pools, atexit) after an error or a second Ctrl-C, a trainer's background
+    scoring may still hold its pool: the close tells it to give up and goes on within about a
+    second, where it waited for the whole batch; the thread hears RewardPoolError."""
+    from r1vl.rewards.pool import RewardPoolError, close_pools
+    from r1vl.utils import Background
+
+    n = 6000  # several seconds of scoring in 2 workers
+    texts = [f"### Step 1: {i} + 1 = {i + 1}\n### The final answer is: \\frac{{{i}}}{{7}}" for i in range(n)]
+    sols = [f"### The final answer is: \\frac{{{i + 1}}}{{7}}" for i in range(n)]
+    score_batch(texts[:2], sols[:2], workers=2, timeout_s=5.0)  # the workers' start-up, before the clock
+    job = Background(lambda: score_batch(texts, sols, workers=2, timeout_s=5.0), "scoring")
+    time.sleep(0.5)
+    t = time.monotonic()
+    close_pools()
+    assert time.monotonic() - t < 2.5
+    with pytest.raises(RewardPoolError):
+        job.result()
+    assert score_batch(texts[:2], sols[:2], workers=2, timeout_s=5.0)["total"] == [0.0, 0.0]  # a new pool

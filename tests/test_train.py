@@ -1666,6 +1666,27 @@ def test_a_state_file_that_would_run_code_is_refused_without_running_it(tmp_path
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("damage", ["truncated", "bytes"])
+def test_a_state_file_whose_pickle_is_damaged_is_unreadable(tmp_path, damage):
+    """A whole zip whose data.pkl is cut short (the weights-only unpickler's EOFError has no text)
+    or has bad bytes: one 'unreadable' line, not a traceback, nor the untrusted-objects message."""
+    import zipfile
+
+    from r1vl.train import UserError, read_state
+    from r1vl.utils import STATE_FILE, rng_state
+
+    torch.save({"phase": "grpo", "step": 1, "rng": [rng_state()], "config": {"seed": 0}}, tmp_path / STATE_FILE)
+    with zipfile.ZipFile(tmp_path / STATE_FILE) as z:
+        files = {i: z.read(i) for i in z.infolist()}
+    with zipfile.ZipFile(tmp_path / STATE_FILE, "w") as z:
+        for info, data in files.items():
+            if info.filename.endswith("data.pkl"):
+                data = data[: len(data) // 2] if damage == "truncated" else data[:40] + b"\xff" * 8 + data[48:]
+            z.writestr(info, data)
+    with pytest.raises(UserError, match=rf"^train.resume: {tmp_path / STATE_FILE} is unreadable \(.+\); resume from"):
+        read_state(tmp_path)
+
+
 @pytest.mark.parametrize("numpy_module", ["numpy._core.multiarray", "numpy.core.multiarray"])
 def test_rng_states_round_trip_through_a_weights_only_load(tmp_path, numpy_module):
     """rng_state's form loads with weights_only=True and restores every generator; so does the

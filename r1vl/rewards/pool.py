@@ -9,7 +9,8 @@ soon as it is scored; a worker silent for longer than a hard deadline
 code) or has died: it is killed and replaced, the completion it was on is
 scored without math-verify (counted as a timeout) and the rest of its chunk is
 re-queued. So a batch always finishes, in bounded time, with one result per
-completion.
+completion (unless the pool's workers cannot start, or it is closed under the
+batch: see `score_batch`, `RewardPool.close`).
 
 Pools are created on first use and kept (one per worker count) until
 `close_pools()` or interpreter exit; the first batch pays the workers' start-up
@@ -138,6 +139,7 @@ class RewardPool:
         self.killed = 0  # workers killed at their hard deadline, over the pool's life
         self._start_failures = 0
         self._pid = os.getpid()
+        self._closing = False  # set by close(): a map running in another thread gives up
 
     def _spawn(self) -> _Worker:
         task_r, task_w = os.pipe()  # parent -> worker
@@ -171,6 +173,10 @@ class RewardPool:
     def close(self) -> None:
         if os.getpid() != self._pid:  # a forked child: the workers are its parent's
             return
+        # a map in another thread (a trainer's background scoring, left behind by an error or a
+        # second Ctrl-C) holds the lock until its batch is scored: told to give up, it lets go
+        # at its next wake-up (within a second) instead
+        self._closing = True
         with self._lock:
             self._workers = [w for w in self._workers if w is not None]
             for w in self._workers:
@@ -210,6 +216,8 @@ class RewardPool:
                 self._workers[i] = None
 
     def _map(self, tasks: list[_Task], alpha, variant, timeout_s) -> tuple[list[_Result], int]:
+        if self._closing:
+            raise RuntimeError("the reward pool was closed")
         self._workers = [self._spawn() if w is None else w for w in self._workers]  # dropped by an interrupted map
         n = len(tasks)
         results: list[_Result | None] = [None] * n
@@ -260,6 +268,8 @@ class RewardPool:
             self._workers[i] = self._spawn()
 
         while remaining > 0:
+            if self._closing:
+                raise RuntimeError("the reward pool was closed while it scored a batch")
             now = time.monotonic()
             for i, w in enumerate(self._workers):
                 if w.ready and not w.pending and queue:
@@ -410,6 +420,9 @@ def score_batch(completions: Sequence[Any], solutions: Sequence[Any], key_steps:
     timeout_s: per-completion math-verify deadline; None or 0 disables it
     (and with it the hard deadline) -- only for trusted input.
     Equal, item by item, to `accuracy_reward` / `validity_reward`.
+    A pool that fails (its workers cannot start) is replaced by scoring in this process,
+    except off the main thread with a deadline, where that would have none: RewardPoolError
+    then says to score on the main thread.
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
