@@ -427,12 +427,14 @@ def run_r1vl(a: dict, work: Path, variant: str, save=None) -> dict:
     from r1vl.eval import make_prompt, score
     from r1vl.models import HostWeights, PolicyWithLoss, load_pretrained, make_reference, unwrap
     from r1vl.rollout.base import SamplingConfig
+    from r1vl.rollout.is_correction import RolloutIS, is_ratio_stats
     from r1vl.speedups import SpeedupError, apply_speedups
     from r1vl.train import check_prompt_lengths, logprob_temperatures, make_engine, make_optimizer
     from r1vl.utils import derive_seed, seed_everything
 
     loss_path, _, liger = variant.partition("+")
     liger = liger == "liger"
+    is_mode = a.get("rollout_is", "off")
     device = _resolve_device(a["device"])
     cfg = _r1vl_config(a)
     seed_everything(cfg.seed)
@@ -483,7 +485,10 @@ def run_r1vl(a: dict, work: Path, variant: str, save=None) -> dict:
                    "optimizer": f"torch.optim.AdamW(betas=({cfg.optim.beta1}, {cfg.optim.beta2}), "
                                 f"eps={cfg.optim.eps}, weight_decay={cfg.optim.weight_decay}, "
                                 f"{_adamw_kind(opt)}), clip {cfg.optim.max_grad_norm}",
-                   "generation": f"r1vl.rollout.hf_engine.HFEngine, {G * P} sequences per generate() call"}
+                   "generation": f"r1vl.rollout.hf_engine.HFEngine, {G * P} sequences per generate() call",
+                   "rollout_is_path": {"off": "none", "pass": "a no-grad pass of its own for the old log-probs (logprob "
+                                  "phase), the ratio handed to the update",
+                                  "update": "the ratio formed in the update's forward (RolloutIS)"}[is_mode]}
 
     def saved(steps_so_far):
         if save is not None:
@@ -517,19 +522,32 @@ def run_r1vl(a: dict, work: Path, variant: str, save=None) -> dict:
                 with ref_weights.on_device() if ref_weights is not None else contextlib.nullcontext():
                     ref_lp = compute_logprobs(ref_policy, batch, micro_batch_size=ucfg.micro_batch_size,
                                               temperature=ucfg.temperature)
-            if mu > 1:  # old log-probs here (as TRL computes them while preparing the batch), not in the update
+            if mu > 1 or is_mode == "pass":  # old log-probs here (as TRL computes them while preparing the
+                # batch, and the trainer for its IS correction), not in the update
                 old_lp = compute_logprobs(policy, batch, micro_batch_size=ucfg.micro_batch_size,
                                           temperature=ucfg.temperature)
+            is_spec = is_ratio = None
+            if is_mode != "off":  # the engine's log-probs: a stand-in (values do not change the cost)
+                eng = ref_lp if ref_lp is not None else torch.zeros(batch.targets.shape, device=device)
+                is_spec = RolloutIS(eng, batch.mask.bool(), cap=ro.is_cap, mode=ro.is_mode,
+                                    temperature=ucfg.temperature)
+                if is_mode == "pass":
+                    is_ratio, is_spec = is_spec.ratio(old_lp, batch.mask), None
+                    if mu == 1:
+                        old_lp = None  # (as the trainer: at mu = 1 the update's own log-probs are the old ones)
         with clock.phase("update"):
             # what the update ran with: checkpointing works in training mode only
             impl_config["gradient_checkpointing"] = bool(sp["gradient_checkpointing"]) and unwrap(model).training
             m = grpo_update(policy, opt, sched, batch, adv.to(device), ucfg, ref_logprobs=ref_lp,
-                            old_logprobs=old_lp)
+                            old_logprobs=old_lp, rollout_is_ratio=is_ratio, rollout_is=is_spec)
+            if is_mode != "off":
+                is_mean = is_ratio_stats(m.pop("rollout_is_ratio", is_ratio), batch.mask, cap=ro.is_cap,
+                                         mode=ro.is_mode)["is_ratio_mean"]
             engine.load_weights(unwrap(model).named_parameters())  # as train.py: a no-op for the HF engine
         clock.end_step(completion_tokens=int(batch.mask.sum()),
                        prompt_tokens=int(batch.inputs["attention_mask"][:, : batch.start].sum()),
                        loss=float(m["loss"]), grad_norm=float(m["grad_norm"]), entropy=float(m.get("entropy", "nan")),
-                       kl=float(m.get("kl", 0.0)))
+                       kl=float(m.get("kl", 0.0)), **({} if is_mode == "off" else {"is_ratio_mean": is_mean}))
     probe = _loss_probe(policy, params, batch, ref_lp, ucfg, device, cfg.seed) if a["loss_probe"] else None
     return {"steps": clock.steps, "loss_probe": probe, "impl_config": dict(impl_config, tf32=_tf32())}
 
@@ -767,7 +785,7 @@ def job_rows(impl: str, variant: str, res: dict, a: dict, meta: dict) -> list[di
         "epsilon": a["epsilon"], "loss_type": a["loss_type"], "temperature": a["temperature"], "top_p": a["top_p"],
         "top_k": a["top_k"], "lr": a["lr"], "min_pixels": a["min_pixels"], "max_pixels": a["max_pixels"],
         "attn_requested": a["attn"], "attn_resolved": a["attn_resolved"], "reward_workers": a["reward_workers"],
-        "seed": a["seed"],
+        "rollout_is": a.get("rollout_is", "off"), "seed": a["seed"],
         "warmup_steps": a["warmup"], "repeats": a["repeats"], "statistic": STATISTIC,
         "tokens_counted": "completion tokens (update: x num_iterations)",
         "sync": "torch.cuda.synchronize at every phase boundary" if meta["slug"] != "cpu" else "none needed (CPU)",
@@ -796,7 +814,8 @@ def job_rows(impl: str, variant: str, res: dict, a: dict, meta: dict) -> list[di
     if res.get("loss_probe"):
         cfg["loss_probe"] = res["loss_probe"]
     if "loss" in ex:
-        cfg["train_metrics_per_step"] = [{k: s["extra"][k] for k in ("loss", "grad_norm", "entropy", "kl")}
+        cfg["train_metrics_per_step"] = [{k: s["extra"][k] for k in ("loss", "grad_norm", "entropy", "kl",
+                                                                      "is_ratio_mean") if k in s["extra"]}
                                          for s in steps]
     rows = []
     for ph in PHASES:
@@ -834,12 +853,13 @@ TABLE_HEADER = "| impl | variant | phase | s (median) | s (min) | tok/s | peak M
 
 
 def _variant_cell(c: dict) -> str:
-    """The variant, marked when its numbers come from a run cut short."""
+    """The variant (with its --rollout-is mode), marked when its numbers come from a run cut short."""
+    v = c["variant"] + (f", IS {c['rollout_is']}" if c.get("rollout_is", "off") != "off" else "")
     if c.get("warmup_only"):
-        return f"{c['variant']} (warm-up step only)"
+        return f"{v} (warm-up step only)"
     if c.get("cut_short"):
-        return f"{c['variant']} ({c['timed_steps']} of {c['repeats']} timed steps)"
-    return c["variant"]
+        return f"{v} ({c['timed_steps']} of {c['repeats']} timed steps)"
+    return v
 
 
 def ratios(rows: list[dict]) -> list[str]:
@@ -1089,6 +1109,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: %(default)s)")
     ap.add_argument("--reward-workers", type=_cli.nonneg_int, default=0,
                     help="r1vl.rewards.score_batch workers, 0: in-process (default: %(default)s)")
+    ap.add_argument("--rollout-is", choices=("off", "pass", "update"), default="off",
+                    help="r1vl only: the rollout importance-sampling correction's cost (vLLM + "
+                         "rollout.is_correction in the trainer): 'pass' takes the trainer's old log-probs in a "
+                         "no-grad pass of its own (the logprob phase), 'update' forms the ratio inside the "
+                         "update's forward (the trainer at num_iterations=1); the engine log-probs are a stand-in "
+                         "(the reference's, or 0), which does not change the cost (default: %(default)s)")
     ap.add_argument("--warmup", type=_cli.nonneg_int, help="untimed steps first (" + pd("warmup") + ")")
     ap.add_argument("--repeats", type=_cli.positive_int, help="timed steps, median taken (" + pd("repeats") + ")")
     ap.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
@@ -1130,6 +1156,11 @@ def parse_args(argv=None):
             ap.error(f"--variants: unknown {x!r}; choose from {', '.join(R1VL_VARIANTS)}")
     if not impls:
         ap.error("--impls: none given")
+    if a.rollout_is != "off" and "trl" in impls:
+        ap.error("--rollout-is: r1vl only (TRL's correction needs its vLLM rollouts); add --impls r1vl")
+    if a.rollout_is == "update" and a.num_iterations > 1:
+        ap.error("--rollout-is update: needs --num-iterations 1 (with more, the old log-probs come from a pass "
+                 "before the update: 'pass')")
     if "r1vl" in impls and not variants:
         ap.error("--variants: none given")
     eff = {k: (getattr(a, k) if getattr(a, k) is not None else v) for k, v in PRESETS[a.preset].items()}

@@ -116,6 +116,9 @@ BAD_ARGS = {
         (["--num-generations", "1"], "--num-generations"),
         (["--time-budget", "-5"], "--time-budget"),
         (["--out", BAD], "--out"),
+        (["--rollout-is", "pass"], "--rollout-is"),  # with TRL (the default --impls)
+        (["--impls", "r1vl", "--rollout-is", "update", "--num-iterations", "2"], "--rollout-is"),
+        (["--impls", "r1vl", "--rollout-is", "foo"], "--rollout-is"),
     ],
     "bench_share": [
         (SHARE + ["--reps", "0", "--out", OUT], "--reps"),

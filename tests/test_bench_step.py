@@ -103,6 +103,28 @@ def test_fused_and_materialised_update_agree(run):
     assert m["kl"] == pytest.approx(f["kl"], rel=1e-4)
 
 
+def test_rollout_is_pass_and_in_update_run_the_same_step(tmp_path):
+    """--rollout-is pass / update: the trainer's two ways to take the rollout IS correction
+    (a no-grad pass of its own, or the ratio formed in the update's forward), timed in their
+    phases; the same step results (ratio, loss, KL) either way."""
+    out = {}
+    for mode in ("pass", "update"):
+        path = tmp_path / f"{mode}.json"
+        cmd = [sys.executable, str(ROOT / "bench" / "bench_step.py"), "--preset", "tiny", "--device", "cpu",
+               "--impls", "r1vl", "--variants", "fused", "--prompts", str(P), "--num-generations", str(G),
+               "--max-new-tokens", str(L), "--micro-batch", "2", "--warmup", "0", "--repeats", "1",
+               "--no-loss-probe", "--rollout-is", mode, "--out", str(path)]
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-4000:]
+        rows = json.loads(path.read_text())["rows"]
+        assert [r["phase"] for r in rows] == PHASES
+        c = rows[-1]["config"]
+        assert c["rollout_is"] == mode and (("no-grad pass" in c["rollout_is_path"]) == (mode == "pass"))
+        assert f"fused, IS {mode} | step |" in p.stdout
+        out[mode] = c["train_metrics_per_step"]
+    assert out["pass"] == out["update"] and out["pass"][0]["is_ratio_mean"] == pytest.approx(1.0)
+
+
 def test_table_and_ratios_printed_last(run):
     _, stdout = run
     lines = stdout.strip().splitlines()
