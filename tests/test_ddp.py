@@ -1,6 +1,7 @@
 """DDP with 2 gloo ranks: each rank updates on its half of a batch; the averaged gradient
 gives the same parameters as one process on the whole batch, on both ranks. Plus the
 reductions and the per-rank data streams the trainer uses."""
+import math
 import os
 import sys
 import socket
@@ -323,3 +324,27 @@ def test_the_ranks_die_with_a_torchrun_killed_by_sigkill(when, tmp_path, data_di
                 os.kill(w, signal.SIGKILL)
             except OSError:
                 pass
+
+
+def test_index_stream_reshuffles_each_epoch():
+    """Each epoch is a new shuffle (a mutant drawing the same permutation every epoch passed the suite)."""
+    from r1vl.utils import IndexStream
+
+    one = IndexStream(10, world=1, rank=0, seed=0)
+    e0, e1 = one.take(0, 10), one.take(1, 10)
+    assert sorted(e0) == sorted(e1) == list(range(10)) and e0 != e1
+
+
+def test_stat_reducer_std_of_equal_values_is_zero():
+    """s2/c - mean^2 is -1.7e-18 for [0.1]*3: clamped, not a math domain error."""
+    from r1vl.utils import Dist, StatReducer
+
+    st = StatReducer()
+    st.add("x", [0.1] * 3)
+    st.add("y", 2.0, weight=3.0)
+    st.add("y", 4.0, weight=1.0)
+    st.add("none", [])
+    out = st.reduce(Dist(), with_std=("x", "y"))
+    assert math.isnan(out["none"])  # no item anywhere: nan, not 0
+    assert out["x"] == pytest.approx(0.1) and out["x_std"] == 0.0
+    assert out["y"] == pytest.approx(2.5) and out["y_std"] == pytest.approx(0.75 ** 0.5)  # weighted

@@ -4,7 +4,9 @@ import json
 import logging
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -1170,3 +1172,85 @@ def test_evaluate_scores_a_batch_while_the_next_is_generated_with_the_same_resul
     for r in runs.values():
         r.pop("seconds")
     assert runs[0] == runs[2] and runs[0]["accuracy"] == pytest.approx(2 / 7)
+
+
+class _Q7Engine:  # right answer for problems "Q7", wrong otherwise
+    def generate(self, prompts, n, sampling):
+        from r1vl.rollout.base import Completion
+
+        return [Completion(i, [1], f"### The final answer is: {7 if 'Q7' in p.text else 5}", "stop")
+                for i, p in enumerate(prompts)]
+
+
+def _family_samples(problems, families):
+    return [SimpleNamespace(problem=p, solution="### The final answer is: 7", image=None, key_steps=None,
+                            meta={"family": f}) for p, f in zip(problems, families)]
+
+
+def test_evaluate_family_accuracy():
+    """accuracy_<family> is the family's own accuracy."""
+    from r1vl import eval as ev
+
+    s = _family_samples(["Q7", "Q5", "Q7", "Q7"], ["a", "a", "b", "b"])
+    out = ev.evaluate(_Q7Engine(), _Proc(), s, max_new_tokens=4, batch_size=2)
+    assert out["accuracy_a"] == pytest.approx(0.5) and out["accuracy_b"] == pytest.approx(1.0)
+    assert out["accuracy"] == pytest.approx(0.75) and out["correct_items"] == [1.0, 0.0, 1.0, 1.0]
+
+
+def test_evaluate_counts_timeouts_over_every_batch(monkeypatch):
+    """reward_timeouts sums the batches' timeouts (not the last batch's alone)."""
+    from r1vl import eval as ev
+
+    def score(texts, samples, **kw):
+        n = len(texts)
+        return {"accuracy": [0.0] * n, "validity": [0.0] * n, "total": [0.0] * n, "correct": [0.0] * n,
+                "timed_out": [1.0] * n, "timeouts": float(n)}
+
+    monkeypatch.setattr(ev, "score", score)
+    out = ev.evaluate(_Q7Engine(), _Proc(), _family_samples(["Q7"] * 5, [None] * 5), max_new_tokens=4, batch_size=2)
+    assert out["reward_timeouts"] == 5
+
+
+def test_evaluate_reduces_counts_over_ranks(monkeypatch):
+    """On 2 ranks (a stand-in all_reduce: the other rank equal to this one) n and reward_timeouts
+    are totals over the ranks, and every rank reduces the same family keys, from the whole
+    set, even one whose shard lacks a family."""
+    import r1vl.utils
+    from r1vl import eval as ev
+    from r1vl.utils import Dist
+
+    keys = []
+
+    def reduce(v, d):
+        keys.append(len(v))
+        return [2 * x for x in v]
+
+    monkeypatch.setattr(r1vl.utils, "all_reduce_sum", reduce)
+    monkeypatch.setattr(r1vl.utils, "all_gather_objects", lambda o, d: [o] * d.world)
+    real_score = ev.score
+
+    def score(texts, samples, **kw):
+        return dict(real_score(texts, samples, **kw), timeouts=1.0)
+
+    monkeypatch.setattr(ev, "score", score)
+    s = _family_samples(["Q7", "Q5", "Q7", "Q5"], ["a", "b", "a", "b"])  # rank 1 holds family b alone
+    out0 = ev.evaluate(_Q7Engine(), _Proc(), s, max_new_tokens=4, batch_size=1, d=Dist(rank=0, world=2))
+    out1 = ev.evaluate(_Q7Engine(), _Proc(), s, max_new_tokens=4, batch_size=1, d=Dist(rank=1, world=2))
+    assert out0["n"] == 4 and out0["reward_timeouts"] == 4  # 2 batches of 1 on each of 2 ranks
+    assert keys[0] == keys[1] and "accuracy_a" in out1 and "accuracy_b" in out0
+
+
+def test_score_job_scores_again_in_the_callers_thread_after_a_pool_error():
+    """A RewardPoolError of the background thread is scored again in the caller's thread, not raised."""
+    from r1vl import eval as ev
+    from r1vl.rewards.pool import RewardPoolError
+
+    calls = []
+
+    def fn():
+        calls.append(threading.current_thread() is threading.main_thread())
+        if not calls[-1]:
+            raise RewardPoolError("off the main thread")
+        return {"ok": 1}
+
+    assert ev.ScoreJob(fn, background=True).result() == {"ok": 1} and calls == [False, True]

@@ -1,8 +1,11 @@
 """score_batch: equal to the per-item functions, in any worker configuration, and it always finishes."""
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
+import types
 
 import pytest
 
@@ -441,3 +444,117 @@ def test_closing_the_pools_does_not_wait_for_a_batch_scored_in_another_thread():
     with pytest.raises(RewardPoolError):
         job.result()
     assert score_batch(texts[:2], sols[:2], workers=2, timeout_s=5.0)["total"] == [0.0, 0.0]  # a new pool
+
+
+def test_score_batch_counts_a_worker_killed_at_its_hard_deadline():
+    """num_killed / num_timeouts of score_batch when a worker is stuck."""
+    score_batch([SOL], [SOL], workers=1, timeout_s=0.5)  # the shared 1-worker pool, started and ready
+    os.kill(get_pool(1)._workers[0].process.pid, signal.SIGSTOP)
+    cs = [SOL.replace(": 7", f": {i}.5") for i in range(3)]
+    res = score_batch(cs, [SOL] * 3, [[["4 and 3"]]] * 3, workers=1, timeout_s=0.5)
+    assert res["num_killed"] == [1.0]
+    assert res["timed_out"].count(1.0) == 1 and res["num_timeouts"] == [1.0]
+
+
+def test_a_worker_that_died_idle_blames_no_completion():
+    """The send to a dead idle worker fails: its tasks go back to the queue, none is counted
+    as the dead worker's (none scored without math-verify)."""
+    pool = RewardPool(1)
+    try:
+        pool.map([(0, SOL, SOL, [])], alpha=0.1, variant="paper", timeout_s=3.0)  # ready
+        w = pool._workers[0]
+        os.kill(w.process.pid, signal.SIGKILL)
+        w.process.wait()
+        cs, sols = _right(6)
+        results, kills = pool.map([(i, c, s, []) for i, (c, s) in enumerate(zip(cs, sols))], alpha=0.1,
+                                  variant="paper", timeout_s=3.0)
+        assert kills == 0 and [r[3] for r in results] == [True] * 6 and not any(r[4] for r in results)
+    finally:
+        pool.close()
+
+
+def test_one_worker_that_never_starts_does_not_fail_a_pool_whose_others_run(monkeypatch):
+    """The start-up limit fails a batch only when no worker is ready."""
+    from r1vl.rewards import pool as pool_mod
+
+    monkeypatch.setattr(pool_mod, "_STARTUP_TIMEOUT_S", 4.0)
+    pool = RewardPool(2)
+    try:
+        os.kill(pool._workers[1].process.pid, signal.SIGSTOP)  # before its start-up: never ready
+        pool.map([(0, SOL, SOL, [])], alpha=0.1, variant="paper", timeout_s=3.0)  # worker 0 ready
+        time.sleep(max(0.0, 4.5 - (time.monotonic() - pool._workers[1].spawned)))
+        results, kills = pool.map([(i, SOL, SOL, []) for i in range(4)], alpha=0.1, variant="paper",
+                                  timeout_s=3.0)
+        assert [r[3] for r in results] == [True] * 4 and kills == 0
+    finally:
+        pool.close()
+
+
+def test_workers_that_keep_exiting_at_start_up_fail_the_batch(monkeypatch):
+    """A map does not respawn workers that exit at start-up for ever: the batch fails."""
+    from r1vl.rewards import pool as pool_mod
+
+    monkeypatch.setattr(pool_mod, "sys", types.SimpleNamespace(executable="/bin/false", platform=sys.platform))
+    pool = RewardPool(1)
+    out = {}
+
+    def go():
+        try:
+            pool.map([(0, SOL, SOL, [])], alpha=0.1, variant="paper", timeout_s=2.0)
+        except Exception as e:  # noqa: BLE001
+            out["e"] = e
+
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    t.join(30)
+    stuck = t.is_alive()
+    if stuck:
+        pool._closing = True  # let the thread go
+        t.join(10)
+    pool.close()
+    assert not stuck, "the batch kept respawning workers that exit at start-up"
+    assert isinstance(out.get("e"), RuntimeError) and "keep exiting at start-up" in str(out["e"])
+
+
+def test_a_weights_mapping_defaults_the_missing_weight_to_one():
+    """A weights mapping without "validity" weighs StepRVR by 1."""
+    res = score_batch([SOL], [SOL], None, weights={"accuracy": 2.0}, workers=0)
+    assert res["total"] == [pytest.approx(2 * res["accuracy"][0] + res["validity"][0])]
+    assert res["validity"][0] > 0
+
+
+def test_close_stops_idle_workers_at_once_and_cleanly():
+    """close() tells idle workers to exit (None): quick, exit code 0, not killed after a 2 s
+    wait each."""
+    pool = RewardPool(2)
+    pool.map([(i, SOL, SOL, []) for i in range(8)], alpha=0.1, variant="paper", timeout_s=3.0)
+    procs = [w.process for w in pool._workers]
+    t0 = time.monotonic()
+    pool.close()
+    assert time.monotonic() - t0 < 1.5
+    assert [p.returncode for p in procs] == [0, 0]
+
+
+def test_a_worker_silent_for_less_than_the_grace_period_is_not_killed():
+    """The hard deadline is timeout_s + max(2 s, timeout_s): a worker silent for 1.3 s at
+    timeout_s=0.5 is waited for (a mutant with timeout_s + min(2, timeout_s) = 1 s killed it)."""
+    pool = RewardPool(1)
+    try:
+        pool.map([(0, SOL, SOL, [])], alpha=0.1, variant="paper", timeout_s=3.0)  # ready
+        pid = pool._workers[0].process.pid
+        os.kill(pid, signal.SIGSTOP)
+        threading.Timer(1.3, os.kill, (pid, signal.SIGCONT)).start()
+        results, kills = pool.map([(i, SOL, SOL, []) for i in range(3)], alpha=0.1, variant="paper",
+                                  timeout_s=0.5)
+        assert kills == 0 and pool._workers[0].process.pid == pid
+        assert [r[3] for r in results] == [True] * 3
+    finally:
+        pool.close()
+
+
+def test_background_is_a_daemon_thread():
+    """An interpreter whose Background job still runs exits without waiting for it."""
+    code = "import time\nfrom r1vl.utils import Background\nBackground(lambda: time.sleep(30), 'x')\n"
+    t0 = time.monotonic()
+    subprocess.run([sys.executable, "-c", code], timeout=20, check=True)
+    assert time.monotonic() - t0 < 15

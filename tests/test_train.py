@@ -2,6 +2,7 @@
 bad-input errors, the eval CLI."""
 import copy
 import json
+import logging
 import math
 import os
 import signal
@@ -2240,3 +2241,65 @@ def test_a_vllm_engine_that_does_not_start_is_one_line(tmp_path, data_dir, monke
     assert "Traceback" not in err and err.splitlines()[-1].startswith(
         "r1vl.train: error: rollout.engine=vllm: the vLLM engine did not start: No available memory for the cache "
         "blocks.") and "rollout.vllm.kv_cache_memory_bytes" in err.splitlines()[-1], err[-2000:]
+
+
+def _resume_check(tmp_path, saved_args, args):
+    from r1vl.config import load_config, to_dict
+    from r1vl.train import check_resume_config
+
+    ck = tmp_path / "run" / "checkpoints" / "grpo-000003"
+    return check_resume_config(to_dict(load_config(None, saved_args)), load_config(None, args), ck)
+
+
+def test_the_held_out_split_counts_only_when_both_runs_evaluate(tmp_path):
+    """The held-out split's settings matter to a resume only when both runs evaluate (train.eval_every
+    alone makes a run evaluate)."""
+    from r1vl.train import UserError
+
+    quiet = ["train.eval_before=false", "train.eval_after=false"]
+    assert _resume_check(tmp_path, [*quiet, "data.synthetic_test_size=9"], []) == ["data.synthetic_test_size"]
+    every = [*quiet, "train.eval_every=5"]
+    with pytest.raises(UserError, match="data.synthetic_test_size=9, this run 400"):
+        _resume_check(tmp_path, [*every, "data.synthetic_test_size=9"], every)
+
+
+def test_check_resume_data_compares_the_held_out_split_when_both_runs_evaluate(tmp_path):
+    """The held-out split's fingerprint is compared when both runs evaluate."""
+    from r1vl.config import load_config, to_dict
+    from r1vl.train import UserError, check_resume_data
+
+    cfg = load_config(None, ["data.train=f/train.jsonl", "data.test=f/test.jsonl"])
+    fp = {"rows": 3, "sha256": "a"}
+    saved = {"train": fp, "test": {"rows": 4, "sha256": "b"}}
+    with pytest.raises(UserError, match=r"data.test: 4 rows, this run's 5"):
+        check_resume_data(saved, {"train": fp, "test": {"rows": 5, "sha256": "c"}}, tmp_path / "ck", cfg,
+                          to_dict(cfg))
+    check_resume_data(saved, {"train": fp, "test": saved["test"]}, tmp_path / "ck", cfg, to_dict(cfg))
+
+
+def test_a_refused_data_setting_is_named_once(tmp_path):
+    """seed (and data.synthetic_train_size) make both built-in splits: named once."""
+    from r1vl.train import UserError
+
+    with pytest.raises(UserError) as e:
+        _resume_check(tmp_path, [], ["seed=5"])
+    assert str(e.value).count("seed=0, this run 5") == 1
+
+
+def test_only_a_finished_run_is_said_to_redo_steps(tmp_path, caplog):
+    """warn_redone_steps: steps after the checkpoint of a run without summary.json (not finished)
+    are no 'finished run'."""
+    import json
+
+    from r1vl.train import warn_redone_steps
+
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"phase": "grpo", "step": s, "loss": 0.0}) + "\n"
+                                                    for s in (1, 2, 3)))
+    ends = {"warmup": 0, "grpo": 3}
+    ck = tmp_path / "checkpoints" / "grpo-000001"
+    with caplog.at_level(logging.WARNING, logger="r1vl.train"):
+        assert warn_redone_steps(tmp_path, ck, "grpo", 1, ends) is False
+        assert "finished run" not in caplog.text
+        (tmp_path / "summary.json").write_text("{}")
+        assert warn_redone_steps(tmp_path, ck, "grpo", 1, ends) is True
+    assert "trains 2 of them again" in caplog.text
