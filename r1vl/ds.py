@@ -226,6 +226,9 @@ def check_config(cfg) -> dict:
     return filled
 
 
+_PRECISION_DTYPE = {"bf16": "bfloat16", "fp16": "float16"}  # a config's 16-bit precision: the model.dtype it trains in
+
+
 def _check_precision(cfg, ds_config: dict) -> None:
     """model.dtype against the precision the DeepSpeed config trains in, when the run trains:
     float16 weights under a config with neither bf16 nor fp16 (AdamW on the float16 weights
@@ -239,8 +242,7 @@ def _check_precision(cfg, ds_config: dict) -> None:
     if prec == "fp32" and cfg.model.dtype == "float16":
         raise DeepSpeedConfigError(f"{cfg.deepspeed}: model.dtype=float16 with neither bf16 nor fp16 enabled there "
                                    "(no fp32 master weights): " + FLOAT16_ADAMW)
-    wanted = {"bfloat16": "bf16", "float16": "fp16"}[cfg.model.dtype]
-    if prec != wanted and os.environ.get("RANK", "0") == "0":
+    if _PRECISION_DTYPE.get(prec) != cfg.model.dtype and os.environ.get("RANK", "0") == "0":
         if prec == "fp32":
             log.warning("model.dtype=bfloat16 with %s, which enables neither bf16 nor fp16: AdamW updates the bf16 "
                         "weights themselves (no fp32 master copy), and most steps of about lr round away; set its "
@@ -249,7 +251,7 @@ def _check_precision(cfg, ds_config: dict) -> None:
             log.warning("model.dtype=%s with %s, which enables %s: the model computes and trains in %s (DeepSpeed "
                         "casts it), not %s; to follow model.dtype, set both \"bf16\" and \"fp16\" there to "
                         "{\"enabled\": \"auto\"}", cfg.model.dtype, cfg.deepspeed, prec,
-                        {"bf16": "bfloat16", "fp16": "float16"}[prec], cfg.model.dtype)
+                        _PRECISION_DTYPE[prec], cfg.model.dtype)
 
 
 def zero_stage(ds_config: dict) -> int:
@@ -284,7 +286,7 @@ def compute_dtype(cfg) -> str:
     raw = _trainer_config(cfg)
     if raw is None:
         return cfg.model.dtype
-    return {"bf16": "bfloat16", "fp16": "float16"}.get(precision(raw), cfg.model.dtype)
+    return _PRECISION_DTYPE.get(precision(raw), cfg.model.dtype)
 
 
 def loss_scaled(cfg) -> bool:
