@@ -43,6 +43,7 @@ def tiny(tmp_path_factory):
 
 
 def _reward(completions, **kw):
+    completions = [c if isinstance(c, str) else c[-1]["content"] for c in completions]  # (conversational)
     return [sum(ch.isdigit() for ch in c) / max(len(c), 1) + (0.5 if "." in c else 0.0) + 0.05 * len(c)
             for c in completions]
 
@@ -50,19 +51,12 @@ def _reward(completions, **kw):
 METRICS = ("kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
 
 
-@pytest.mark.parametrize("loss_type,beta,spg", [("grpo", 0.04, None), ("bnpo", 0.0, None),
-                                                ("dr_grpo", 0.04, None), ("dapo", 0.04, 4)])
-def test_the_fused_trainer_gives_trls_loss_gradients_and_metrics(tiny, tmp_path, loss_type, beta, spg):
-    from datasets import Dataset
-    from transformers import Qwen2ForCausalLM, set_seed
-    from trl import GRPOConfig, GRPOTrainer
-
-    fused = _example().FusedGRPOTrainer
-    checks = []
+def _checked(fused, checks: list):
+    """`fused` (the example's trainer) checking each micro-batch against TRL's own loss: TRL's
+    loss, gradients and metrics first, then the example's, recorded in `checks`."""
+    from trl import GRPOTrainer
 
     class Checked(fused):
-        """Each micro-batch: TRL's loss, gradients and metrics, then the example's, compared."""
-
         def _compute_loss(self, model, inputs):
             logged = self._metrics["train" if self.model.training else "eval"]
             before = {k: len(v) for k, v in logged.items()}
@@ -75,26 +69,18 @@ def test_the_fused_trainer_gives_trls_loss_gradients_and_metrics(tiny, tmp_path,
             loss = super()._compute_loss(model, inputs)
             grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
             ours = {k: v[-1] for k, v in logged.items() if len(v) > before.get(k, 0)}
-            checks.append((ref.item(), loss.item(), ref_grads, grads, ref_metrics, ours))
+            checks.append((ref.item(), loss.item(), ref_grads, grads, ref_metrics, ours, sorted(inputs)))
             return loss
 
-    set_seed(0)
-    path, tok = tiny
-    args = GRPOConfig(
-        output_dir=str(tmp_path / "out"), use_cpu=True, seed=0, data_seed=0, report_to=[], max_steps=2,
-        logging_steps=1, save_strategy="no", learning_rate=5e-3, per_device_train_batch_size=4, num_generations=4,
-        max_completion_length=8, gradient_accumulation_steps=2, num_iterations=2, temperature=0.7, beta=beta,
-        loss_type=loss_type, bf16=False, dataloader_num_workers=0, disable_tqdm=True, shuffle_dataset=False,
-        steps_per_generation=spg,
-        generation_kwargs={"sequence_bias": [[[tok.eos_token_id], 3.0]]})  # completions of several lengths
-    prompts = Dataset.from_dict({"prompt": [f"Q: {a} plus {b} is? A:" for a in range(4) for b in range(2)]})
-    trainer = Checked(model=Qwen2ForCausalLM.from_pretrained(path), reward_funcs=_reward, args=args,
-                      train_dataset=prompts, processing_class=tok)
-    trainer.train()
+    return Checked
 
-    assert len(checks) >= 4
+
+def _assert_trls(checks: list, n: int = 4) -> None:
+    """Every checked micro-batch: the example's loss, gradients and metrics are TRL's, and some
+    ratio was clipped (old log-probs in play)."""
+    assert len(checks) >= n
     clipped = False
-    for ref, loss, ref_grads, grads, ref_metrics, ours in checks:
+    for ref, loss, ref_grads, grads, ref_metrics, ours, _ in checks:
         assert loss == pytest.approx(ref, rel=1e-5, abs=1e-7)
         scale = max(g.abs().max().item() for g in ref_grads if g is not None)
         for a, b in zip(ref_grads, grads):
@@ -108,6 +94,86 @@ def test_the_fused_trainer_gives_trls_loss_gradients_and_metrics(tiny, tmp_path,
                 assert ours[k] == pytest.approx(ref_metrics[k], rel=1e-5, abs=1e-6), k
         clipped |= ref_metrics["clip_ratio/region_mean"] > 0
     assert clipped  # the ratios left 1: old log-probs were in play
+
+
+@pytest.mark.parametrize("loss_type,beta,spg", [("grpo", 0.04, None), ("bnpo", 0.0, None),
+                                                ("dr_grpo", 0.04, None), ("dapo", 0.04, 4)])
+def test_the_fused_trainer_gives_trls_loss_gradients_and_metrics(tiny, tmp_path, loss_type, beta, spg):
+    from datasets import Dataset
+    from transformers import Qwen2ForCausalLM, set_seed
+    from trl import GRPOConfig
+
+    checks = []
+    set_seed(0)
+    path, tok = tiny
+    args = GRPOConfig(
+        output_dir=str(tmp_path / "out"), use_cpu=True, seed=0, data_seed=0, report_to=[], max_steps=2,
+        logging_steps=1, save_strategy="no", learning_rate=5e-3, per_device_train_batch_size=4, num_generations=4,
+        max_completion_length=8, gradient_accumulation_steps=2, num_iterations=2, temperature=0.7, beta=beta,
+        loss_type=loss_type, bf16=False, dataloader_num_workers=0, disable_tqdm=True, shuffle_dataset=False,
+        steps_per_generation=spg,
+        generation_kwargs={"sequence_bias": [[[tok.eos_token_id], 3.0]]})  # completions of several lengths
+    prompts = Dataset.from_dict({"prompt": [f"Q: {a} plus {b} is? A:" for a in range(4) for b in range(2)]})
+    trainer = _checked(_example().FusedGRPOTrainer, checks)(
+        model=Qwen2ForCausalLM.from_pretrained(path), reward_funcs=_reward, args=args, train_dataset=prompts,
+        processing_class=tok)
+    trainer.train()
+    _assert_trls(checks)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])
+def test_the_fused_trainer_gives_trls_loss_and_gradients_on_images(tmp_path, arch):
+    """A tiny Qwen2-VL / Qwen2.5-VL trained on image prompts: the example passes TRL's image
+    inputs (pixel_values, image_grid_thw, mm_token_type_ids) to the backbone, so its loss, every
+    gradient (the vision tower's too) and the metrics are TRL's. Without them the images'
+    placeholders were scored as text: another loss, no vision-tower gradient."""
+    import numpy as np
+    from datasets import Dataset
+    from PIL import Image
+    from transformers import Qwen2VLProcessor, set_seed
+    from transformers.processing_utils import ProcessorMixin
+    from trl import GRPOConfig
+
+    import transformers
+
+    from r1vl.models import TINY_ARCHS, build_tiny
+
+    class ImageOnlyProcessor(Qwen2VLProcessor):
+        """Qwen2-VL's processor without its video processor, which needs torchvision (not
+        loadable with the CPU torch here); images are processed as the stock one does."""
+
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+    path = tmp_path / "tiny"
+    _, proc = build_tiny(CORPUS, vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, out_dir=path, arch=arch)
+    processor = ImageOnlyProcessor(proc.image_processor, proc.tokenizer, chat_template=proc.tokenizer.chat_template)
+    rng = np.random.default_rng(0)
+    n = 8
+    data = Dataset.from_dict({
+        "prompt": [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"Q: {i} plus 2 is?"}]}]
+                   for i in range(n)],
+        "image": [Image.fromarray(rng.integers(0, 256, (56 + 28 * (i % 2), 56, 3), dtype=np.uint8))
+                  for i in range(n)]})
+    checks = []
+    set_seed(0)
+    args = GRPOConfig(
+        output_dir=str(tmp_path / "out"), use_cpu=True, seed=0, data_seed=0, report_to=[], max_steps=2,
+        logging_steps=1, save_strategy="no", learning_rate=5e-3, per_device_train_batch_size=4, num_generations=4,
+        max_completion_length=8, gradient_accumulation_steps=2, num_iterations=2, temperature=0.7, beta=0.04,
+        bf16=False, dataloader_num_workers=0, disable_tqdm=True, shuffle_dataset=False)
+    model = getattr(transformers, TINY_ARCHS[arch][1]).from_pretrained(path)  # (TRL's reference: from its path)
+    trainer = _checked(_example().FusedGRPOTrainer, checks)(
+        model=model, reward_funcs=_reward, args=args, train_dataset=data, processing_class=processor)
+    trainer.train()
+    assert all({"pixel_values", "image_grid_thw", "mm_token_type_ids"} <= set(keys) for *_, keys in checks)
+    _assert_trls(checks)
+    vision = [i for i, (name, p) in enumerate(model.named_parameters()) if p.requires_grad and "visual" in name]
+    assert vision and all(checks[0][2][i] is not None and checks[0][2][i].abs().max() > 0 for i in vision)
 
 
 def test_the_fused_trainer_under_ddp_keeps_the_ranks_equal_and_trains_as_trl(tmp_path):

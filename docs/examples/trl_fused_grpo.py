@@ -26,14 +26,18 @@ What such a subclass must get right; each of these is wrong silently otherwise:
   training, and dapo by `num_items_in_batch / processes × accumulation steps /
   steps_per_generation` (its count spans a whole generation batch); the kernel divides by what
   it is given;
-- the targets are int64 (TRL's completion_ids are).
+- the targets are int64 (TRL's completion_ids are);
+- a vision-language model's image inputs (pixel_values, image_grid_thw, mm_token_type_ids, ...)
+  go to the backbone as TRL hands them to the whole model (its one-chunk call): without them
+  the image placeholders are scored as text, silently.
 Metrics: the kernel's are this rank's token means, logged here under TRL's names; TRL's
 `clip_ratio/low_min` and `clip_ratio/high_max` (per-sequence extremes) are not formed, and
 with several processes of different token counts the gathered mean is not TRL's token-weighted
 one. TRL options the kernel does not offer, and an LM head that is not a plain nn.Linear (a PEFT
-adapter on it would be left out), are refused by name. Checked with one process and
-with DDP (two CPU processes); not with DeepSpeed or FSDP, whose sharded LM-head weight would
-have to be gathered around the loss.
+adapter on it would be left out), are refused by name. Checked with one process (text-only,
+and Qwen2-VL / Qwen2.5-VL on images) and with DDP (two CPU processes, text-only); other
+vision-language families' inputs are passed the same way, unchecked; not with DeepSpeed or
+FSDP, whose sharded LM-head weight would have to be gathered around the loss.
 """
 from __future__ import annotations
 
@@ -42,9 +46,14 @@ from trl import GRPOTrainer
 
 from r1vl.kernels import fused_linear_grpo_loss
 
+# the inputs TRL 1.16 hands a vision-language model besides the ids (as _get_per_token_logps_and_entropies
+# does for a batch in one chunk); num_images / num_tiles are its own bookkeeping, not model inputs
+IMAGE_INPUTS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
+                "token_type_ids", "mm_token_type_ids", "image_position_ids")
+
 
 class FusedGRPOTrainer(GRPOTrainer):
-    """GRPOTrainer whose loss is r1vl.kernels.fused_linear_grpo_loss (text-only models)."""
+    """GRPOTrainer whose loss is r1vl.kernels.fused_linear_grpo_loss."""
 
     def _compute_loss(self, model, inputs):
         outer = self.accelerator.unwrap_model(model)  # what DDP wraps: its forward is what `model(...)` runs
@@ -56,7 +65,6 @@ class FusedGRPOTrainer(GRPOTrainer):
             ("off_policy_mask_threshold", self.off_policy_mask_threshold is not None),
             ("the entropy bonus", self._entropy_bonus_enabled),
             ("a MoE auxiliary loss", self.aux_loss_enabled),
-            ("image inputs", "pixel_values" in inputs),
             (f"an LM head of type {type(head).__name__} (an adapter on it would be left out: the kernel reads "
              "its weight and bias alone)", type(head) is not torch.nn.Linear)) if on]
         if unsupported:
@@ -75,11 +83,12 @@ class FusedGRPOTrainer(GRPOTrainer):
                 items = items * self.current_gradient_accumulation_steps / self.args.steps_per_generation
         is_ratio = inputs.get("importance_sampling_ratio") \
             if self.use_vllm and self.vllm_importance_sampling_correction else None
+        images = {k: inputs[k] for k in IMAGE_INPUTS if inputs.get(k) is not None}
 
         def backbone_and_loss():
             with self.accelerator.autocast():  # the backbone alone: TRL's patched forward would form the logits
-                hidden = policy.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                           use_cache=False).last_hidden_state
+                hidden = policy.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                           **images).last_hidden_state
             hidden = hidden[:, -t - 1:-1]  # the state at position i scores token i + 1
             weight, bias = head.weight, head.bias
             if self.args.cast_lm_head_to_fp32:
