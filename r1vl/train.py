@@ -1138,6 +1138,33 @@ def setup_logging(cfg: Config, d) -> None:
 # --------------------------------------------------------------------------- checkpoints
 
 
+def check_resume_world(state: dict, resume_dir: Path, cfg: Config, d) -> None:
+    """A checkpoint written by another number of ranks: resumed without DeepSpeed (the optimizer
+    state is whole, the data stream a global position), with a warning (rank 0) of what differs
+    from the run it continues; refused under DeepSpeed, whose ds/ folder holds the optimizer state
+    partitioned over the ranks that wrote it."""
+    then = state.get("world")
+    if then == d.world:
+        return
+    if not isinstance(then, int) or then < 1:
+        raise UserError(f"train.resume: {resume_dir}/trainer_state.pt names no number of ranks ({then!r})")
+    if state.get("deepspeed"):
+        raise UserError(f"train.resume: {resume_dir} was written by {then} rank(s) under DeepSpeed, this run has "
+                        f"{d.world}: its ds/ folder holds the optimizer state partitioned over {then} ranks; resume "
+                        f"with {then} (torchrun --nproc-per-node, x nodes)")
+    if not d.main:
+        return
+    key, k = (("train.prompts_per_step", cfg.train.prompts_per_step) if state.get("phase") == "grpo"
+              else ("warmup.batch_size", cfg.warmup.batch_size))
+    keep = k * then / d.world
+    how = (f"{key}={int(keep)} keeps the {k * then} rows per step it drew" if keep == int(keep)
+           else f"no whole {key} keeps the {k * then} rows per step it drew")
+    log.warning("train.resume: %s was written by %d rank(s), this run has %d: the data go on from the row where "
+                "it stopped, %d rows per step (%s=%d per rank x %d) where it drew %d (%s); each rank's random "
+                "state starts afresh, so the steps from here are not those it would have taken on %d", resume_dir,
+                then, d.world, k * d.world, key, k, d.world, k * then, how, then)
+
+
 def save_checkpoint(cfg: Config, d, policy, processor, optimizer, scheduler, phase: str, step: int,
                     extra: dict) -> None:
     """checkpoints/<phase>-<step>/: HF model + processor + trainer_state.pt (optimizer,
@@ -1378,9 +1405,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
     ref_dir = None  # the KL reference on disk when resuming inside StepGRPO
     if resume_dir is not None:
         state = read_state(resume_dir)
-        if state.get("world") != d.world:
-            raise UserError(f"train.resume: {resume_dir} was written by {state.get('world')} rank(s), "
-                            f"this run has {d.world}")
+        check_resume_world(state, resume_dir, cfg, d)
         log.info("resuming from %s (%s step %d)", resume_dir, state["phase"], state["step"])
         if cfg.train.overwrite and d.main:
             log.warning("train.overwrite=true is not used: train.resume found a checkpoint to continue from")
@@ -1540,7 +1565,10 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
             drop_outputs_after(out, state["phase"], state["step"])
             for p in retired:
                 shutil.rmtree(p, ignore_errors=True)
-        set_rng_state(state["rng"][d.rank])
+        if state["world"] == d.world:
+            set_rng_state(state["rng"][d.rank])
+        else:  # (check_resume_world said so) a fresh random state per rank, a function of where the run is
+            seed_everything(derive_seed(cfg.seed, 5, d.rank, int(state["phase"] == "grpo"), state["step"]))
     prior_wall = float(state.get("wall_seconds", 0.0))
 
     total_bar = cfg.warmup.steps + cfg.train.max_steps
@@ -1578,7 +1606,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
             section, name = key.split(".")
             k_then = ((state.get("config") or {}).get(section) or {}).get(name)
             if isinstance(k_then, int) and k_then > 0:
-                origin = (state["step"], state["step"] * k_then * d.world)
+                origin = (state["step"], state["step"] * k_then * state["world"])  # (the ranks that drew them)
         stream = IndexStream(len(train_set), world=d.world, rank=d.rank, seed=seed, origin=origin)
         streams[phase] = (stream, k)
         n = len(train_set)

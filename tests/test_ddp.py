@@ -176,6 +176,30 @@ def test_torchrun_two_ranks_end_to_end(tmp_path, data_dir):
     assert [json.loads(x)["phase"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [
         x["phase"] for x in recs]  # nothing of the run touched
 
+    # the data as they were, resumed on 1 rank (no DeepSpeed: the optimizer state is whole): the
+    # data go on from the global row where the 2 ranks stopped, 2 rows per step now
+    (Path(data_dir) / "train.jsonl").write_text("\n".join(rows) + "\n")
+    r = subprocess.run([sys.executable, "-m", "r1vl.train", *cmd[7:], "train.resume=true", "train.max_steps=4"],
+                       cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300,
+                       env={k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"train.resume: {out / 'checkpoints' / 'grpo-000002'} was written by 2 rank(s), this run has 1: the data " \
+           "go on from the row where it stopped, 2 rows per step (train.prompts_per_step=2 per rank x 1) where it " \
+           "drew 4 (train.prompts_per_step=4 keeps the 4 rows per step it drew)" in r.stderr, r.stderr[-3000:]
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(x["phase"], x["step"]) for x in recs[-3:]] == [("grpo", 3), ("grpo", 4), ("eval", 4)]
+    from r1vl.config import Config
+    from r1vl.utils import STATE_FILE, derive_seed
+
+    state = torch.load(out / "checkpoints" / "grpo-000004" / STATE_FILE, weights_only=True)
+    assert state["world"] == 1 and len(state["rng"]) == 1
+    assert state["data_position"] == {"phase": "grpo", "step": 4, "position": 2 * 2 * 2 + 2 * 2 * 1}
+    # step 3's first prompt is the stream's row at global position 8, where the 2 ranks stopped
+    first = IndexStream(60, world=1, rank=0, seed=derive_seed(Config().seed, 2), origin=(2, 8)).take(2, 2)[0]
+    logged = [json.loads(x) for x in (out / "rollouts.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in logged] == [1, 2, 3, 4]
+    assert logged[2]["problem"] == json.loads(rows[first])["problem"]
+
 
 def _per_rank_cwd_run(tmp_path, dirs, *args, timeout_s=20):
     """torchrun, 2 ranks, each started in its own working directory (dirs[rank]): two nodes

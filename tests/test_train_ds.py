@@ -224,6 +224,30 @@ def test_resume_under_another_zero_stage_is_refused(tmp_path, data_dir, capsys):
     assert f"train.resume: {ck} was written under ZeRO-2, deepspeed={ROOT / 'configs' / 'ds_zero3.json'} is ZeRO-3" in err
 
 
+def test_a_deepspeed_resume_on_another_number_of_ranks_is_refused(tmp_path, data_dir, capsys):
+    """A DeepSpeed checkpoint of 2 ranks resumed on 1: one line naming both numbers and why (ds/
+    holds the optimizer state partitioned over the ranks that wrote it), before any model
+    loads; a resume without DeepSpeed may change the number (test_ddp)."""
+    import torch
+
+    from r1vl.train import main
+    from r1vl.utils import STATE_FILE
+
+    pytest.importorskip("deepspeed")
+    ck = tmp_path / "src" / "checkpoints" / "warmup-000001"
+    ck.mkdir(parents=True)
+    torch.save({"phase": "warmup", "step": 1, "rng": [None, None], "world": 2, "deepspeed": True, "zero_stage": 2,
+                "config": None}, ck / STATE_FILE)
+    args = [f"output_dir={tmp_path / 'dst'}", f"data.synthetic_dir={data_dir}", *RUN, "warmup.steps=2",
+            f"deepspeed={ROOT / 'configs' / 'ds_zero2.json'}", f"train.resume={ck}"]
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"train.resume: {ck} was written by 2 rank(s) under DeepSpeed, this run has 1: its ds/ folder holds the " \
+           "optimizer state partitioned over 2 ranks; resume with 2" in err, err[-2000:]
+    assert "Traceback" not in err
+
+
 _SIGNAL_IN_EVAL = '''
 import os, signal, sys, time
 import r1vl.eval
