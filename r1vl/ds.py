@@ -845,10 +845,98 @@ def has_checkpoint(directory: str | os.PathLike) -> bool:
     return (Path(directory) / CHECKPOINT_TAG).is_dir()
 
 
+def universal_load_config(config: dict) -> dict:
+    """`config` (an engine's) that loads DeepSpeed's universal checkpoints (`universal_checkpoint`)."""
+    return {**config, "checkpoint": {**dict(config.get("checkpoint") or {}), "load_universal": True}}
+
+
+def _universal_workers() -> tuple[int, int]:
+    """ds_to_universal's extract / merge process counts: half the cores (at most 8) / a quarter
+    (at most 4; merging holds a whole parameter and its moments in each)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores // 2)), max(1, min(4, cores // 4))
+
+
+def _convert_to_universal(src: Path, dst: Path) -> None:
+    """DeepSpeed's ds_to_universal from src/ds/ to dst/ds/, in a subprocess (it runs process
+    pools) whose output goes to this process's stderr as it comes (its progress bars). Raises
+    DeepSpeedCheckpointError with the end of that output when it fails."""
+    import subprocess
+    import sys
+
+    shards = sorted((src / CHECKPOINT_TAG).glob("*optim_states.pt"))
+    need = sum(f.stat().st_size for f in shards)  # fp32 masters + moments: what the universal form holds
+    free = shutil.disk_usage(dst.parent).free
+    if need * 1.1 > free:
+        raise DeepSpeedCheckpointError(
+            f"{src}: converting its DeepSpeed state to another number of ranks needs about {need / 2**30:.1f} GiB "
+            f"in {dst.parent}, which has {free / 2**30:.1f} GiB free")
+    extract, merge = _universal_workers()
+    # (-W: runpy's warning that the package imported the module before it ran as __main__)
+    cmd = [sys.executable, "-W", "ignore::RuntimeWarning", "-m", "deepspeed.checkpoint.ds_to_universal",
+           "--input_folder", str(src / CHECKPOINT_TAG), "--output_folder", str(dst / CHECKPOINT_TAG),
+           "--inject_missing_state",
+           "--num_extract_workers", str(extract), "--num_merge_workers", str(merge)]
+    tail = b""
+    err = getattr(sys.stderr, "buffer", None)
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+        for chunk in iter(lambda: proc.stdout.read1(65536), b""):
+            tail = (tail + chunk)[-4000:]
+            if err is not None:
+                err.write(chunk)
+                err.flush()
+    if proc.returncode != 0:
+        text = tail.decode(errors="replace").strip().splitlines()
+        raise DeepSpeedCheckpointError(
+            f"{src}: DeepSpeed's ds_to_universal could not convert its state to another number of ranks (exit "
+            f"{proc.returncode}): {' | '.join(text[-3:])} (run: {' '.join(cmd)})")
+
+
+@contextlib.contextmanager
+def universal_checkpoint(directory: str | os.PathLike, work_dir: str | os.PathLike) -> Iterator[Path]:
+    """`directory`'s DeepSpeed state (save_checkpoint's ds/, written by some number of ranks) in
+    DeepSpeed's universal form, which an engine of any number of ranks loads when built with
+    `universal_load_config`: yields a directory holding it as ds/, for load_checkpoint. Rank 0
+    converts (ds_to_universal) into work_dir/.tmp-universal-<name>-<pid> (about the size of
+    the fp32 masters and moments; a start's clean_interrupted_saves removes one a killed run
+    left) and removes it on the way out. Collective: a failure raises on every rank."""
+    directory, work_dir = Path(directory), Path(work_dir)
+    tmp, problem = None, None
+    if _rank() == 0:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        tmp = work_dir / f".tmp-universal-{directory.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            if not has_checkpoint(directory):
+                raise DeepSpeedCheckpointError(f"{directory}: no DeepSpeed state (no '{CHECKPOINT_TAG}/' folder)")
+            log.info("%s: converting its DeepSpeed state (written by another number of ranks) to DeepSpeed's "
+                     "universal form in %s", directory, tmp)
+            _convert_to_universal(directory, tmp)
+        except DeepSpeedCheckpointError as e:
+            problem = str(e)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [(problem, tmp)]
+        dist.broadcast_object_list(box, src=0)
+        problem, tmp = box[0]
+    try:
+        if problem is not None:
+            raise DeepSpeedCheckpointError(problem)
+        yield tmp
+    finally:
+        _barrier()  # every rank has read it
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def load_checkpoint(engine, directory: str | os.PathLike, *, load_optimizer_states: bool = True) -> dict:
     """Restore what `save_checkpoint` wrote under `directory/ds/` into `engine` (module
     weights, fp32 masters, optimizer and scheduler state; the engine must have been
-    built with the same ZeRO stage, world size and parameter set). Returns the
+    built with the same ZeRO stage, world size and parameter set, or, for another world size,
+    from `universal_checkpoint`'s directory with `universal_load_config`). Returns the
     client_state. Collective."""
     directory = Path(directory)
     if not has_checkpoint(directory):

@@ -1138,31 +1138,31 @@ def setup_logging(cfg: Config, d) -> None:
 # --------------------------------------------------------------------------- checkpoints
 
 
-def check_resume_world(state: dict, resume_dir: Path, cfg: Config, d) -> None:
-    """A checkpoint written by another number of ranks: resumed without DeepSpeed (the optimizer
-    state is whole, the data stream a global position), with a warning (rank 0) of what differs
-    from the run it continues; refused under DeepSpeed, whose ds/ folder holds the optimizer state
-    partitioned over the ranks that wrote it."""
+def check_resume_world(state: dict, resume_dir: Path, cfg: Config, d) -> bool:
+    """A checkpoint written by another number of ranks (True; False for the same): resumed, with
+    a warning (rank 0) of what differs from the run it continues. The optimizer state is whole
+    without DeepSpeed; under DeepSpeed (ds/ partitioned over the ranks that wrote it) it is
+    converted to DeepSpeed's universal form first (ds.universal_checkpoint). The data stream
+    is a global position."""
     then = state.get("world")
     if then == d.world:
-        return
+        return False
     if not isinstance(then, int) or then < 1:
         raise UserError(f"train.resume: {resume_dir}/trainer_state.pt names no number of ranks ({then!r})")
-    if state.get("deepspeed"):
-        raise UserError(f"train.resume: {resume_dir} was written by {then} rank(s) under DeepSpeed, this run has "
-                        f"{d.world}: its ds/ folder holds the optimizer state partitioned over {then} ranks; resume "
-                        f"with {then} (torchrun --nproc-per-node, x nodes)")
     if not d.main:
-        return
+        return True
     key, k = (("train.prompts_per_step", cfg.train.prompts_per_step) if state.get("phase") == "grpo"
               else ("warmup.batch_size", cfg.warmup.batch_size))
     keep = k * then / d.world
     how = (f"{key}={int(keep)} keeps the {k * then} rows per step it drew" if keep == int(keep)
            else f"no whole {key} keeps the {k * then} rows per step it drew")
+    converted = (" Its DeepSpeed state is converted to DeepSpeed's universal form first (once per start, about "
+                 "the size of the optimizer state, in output_dir/checkpoints)." if state.get("deepspeed") else "")
     log.warning("train.resume: %s was written by %d rank(s), this run has %d: the data go on from the row where "
                 "it stopped, %d rows per step (%s=%d per rank x %d) where it drew %d (%s); each rank's random "
-                "state starts afresh, so the steps from here are not those it would have taken on %d", resume_dir,
-                then, d.world, k * d.world, key, k, d.world, k * then, how, then)
+                "state starts afresh, so the steps from here are not those it would have taken on %d.%s", resume_dir,
+                then, d.world, k * d.world, key, k, d.world, k * then, how, then, converted)
+    return True
 
 
 def save_checkpoint(cfg: Config, d, policy, processor, optimizer, scheduler, phase: str, step: int,
@@ -1402,10 +1402,11 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
     # ---- resume point (checked before the data is prepared: a resume refused for other data
     # leaves no built-in task generated into its output_dir), data, model
     state: dict[str, Any] = {}
+    other_world = False  # resuming a checkpoint that another number of ranks wrote
     ref_dir = None  # the KL reference on disk when resuming inside StepGRPO
     if resume_dir is not None:
         state = read_state(resume_dir)
-        check_resume_world(state, resume_dir, cfg, d)
+        other_world = check_resume_world(state, resume_dir, cfg, d)
         log.info("resuming from %s (%s step %d)", resume_dir, state["phase"], state["step"])
         if cfg.train.overwrite and d.main:
             log.warning("train.overwrite=true is not used: train.resume found a checkpoint to continue from")
@@ -1511,9 +1512,14 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
         if why:
             raise UserError(f"train.resume: {resume_dir}: {why}")
         opt0, sched0 = warmup_optimizer() if engine_built_for_warmup else grpo_optimizer()
-        train_policy = ds.initialize(policy, ds_cfg, optimizer=opt0, scheduler=sched0)
+        universal = resume_dir is not None and other_world  # ds/ is partitioned over the ranks that wrote it
+        train_policy = ds.initialize(policy, ds.universal_load_config(ds_cfg) if universal else ds_cfg,
+                                     optimizer=opt0, scheduler=sched0)
         del opt0, sched0
-        if resume_dir is not None:
+        if universal:
+            with ds.universal_checkpoint(resume_dir, out / "checkpoints") as converted:
+                ds.load_checkpoint(train_policy, converted)
+        elif resume_dir is not None:
             ds.load_checkpoint(train_policy, resume_dir)
             apply_run_settings(ds.base_optimizer(train_policy), train_policy.lr_scheduler,
                                cfg.warmup.lr if engine_built_for_warmup else cfg.optim.lr, cfg,

@@ -157,6 +157,35 @@ def test_load_checkpoint_without_deepspeed_state_is_a_clear_error(tmp_path):
         ds.load_checkpoint(object(), tmp_path)
 
 
+def test_a_universal_conversion_that_fails_is_one_clear_error_and_leaves_nothing(tmp_path, monkeypatch):
+    """ds.universal_checkpoint (a resume on another number of ranks): DeepSpeed's converter
+    failing on a damaged ds/ is one DeepSpeedCheckpointError naming the checkpoint, the
+    converter's last words and its command; too little free space is said before it starts;
+    the temporary folder is gone either way."""
+    pytest.importorskip("deepspeed")
+    ck = tmp_path / "grpo-000002"
+    (ck / ds.CHECKPOINT_TAG).mkdir(parents=True)
+    (ck / ds.CHECKPOINT_TAG / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"not a pickle" * 100)
+    work = tmp_path / "checkpoints"
+    with pytest.raises(ds.DeepSpeedCheckpointError) as e:
+        with ds.universal_checkpoint(ck, work):
+            pytest.fail("no converted checkpoint to load")
+    msg = str(e.value)
+    assert msg.startswith(f"{ck}: DeepSpeed's ds_to_universal could not convert its state to another number of "
+                          "ranks (exit ") and "deepspeed.checkpoint.ds_to_universal --input_folder" in msg
+    assert "\n" not in msg and list(work.iterdir()) == []
+
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(2**40, 2**40 - 100, 100))
+    with pytest.raises(ds.DeepSpeedCheckpointError, match=r"needs about 0\.0 GiB in .*checkpoints, which has 0\.0 GiB free"):
+        with ds.universal_checkpoint(ck, work):
+            pytest.fail("no converted checkpoint to load")
+    assert list(work.iterdir()) == []
+
+
 def test_named_parameters_without_zero3_yields_the_parameters_themselves():
     lin = torch.nn.Linear(4, 4)
     emb = torch.nn.Embedding(4, 4)
