@@ -867,10 +867,12 @@ def _convert_to_universal(src: Path, dst: Path) -> None:
     import subprocess
     import sys
 
-    shards = sorted((src / CHECKPOINT_TAG).glob("*optim_states.pt"))
-    need = sum(f.stat().st_size for f in shards)  # fp32 masters + moments: what the universal form holds
+    files = [f for f in (src / CHECKPOINT_TAG).iterdir() if f.is_file()]
+    optim = sum(f.stat().st_size for f in files if f.name.endswith("optim_states.pt"))  # fp32 masters + moments
+    # at its peak the converter holds every fragment (its tmp/) beside the merged form, plus the model states
+    need = 2 * optim + sum(f.stat().st_size for f in files if f.name.endswith("model_states.pt"))
     free = shutil.disk_usage(dst.parent).free
-    if need * 1.1 > free:
+    if need * 1.05 > free:
         raise DeepSpeedCheckpointError(
             f"{src}: converting its DeepSpeed state to another number of ranks needs about {need / 2**30:.1f} GiB "
             f"in {dst.parent}, which has {free / 2**30:.1f} GiB free")
@@ -900,9 +902,9 @@ def universal_checkpoint(directory: str | os.PathLike, work_dir: str | os.PathLi
     """`directory`'s DeepSpeed state (save_checkpoint's ds/, written by some number of ranks) in
     DeepSpeed's universal form, which an engine of any number of ranks loads when built with
     `universal_load_config`: yields a directory holding it as ds/, for load_checkpoint. Rank 0
-    converts (ds_to_universal) into work_dir/.tmp-universal-<name>-<pid> (about the size of
-    the fp32 masters and moments; a start's clean_interrupted_saves removes one a killed run
-    left) and removes it on the way out. Collective: a failure raises on every rank."""
+    converts (ds_to_universal) into work_dir/.tmp-universal-<name>-<pid> (the fp32 masters
+    and moments, twice over at the converter's peak; a start's clean_interrupted_saves removes
+    one a killed run left) and removes it on the way out. Collective: a failure raises on every rank."""
     directory, work_dir = Path(directory), Path(work_dir)
     tmp, problem = None, None
     if _rank() == 0:

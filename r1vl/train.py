@@ -1156,8 +1156,9 @@ def check_resume_world(state: dict, resume_dir: Path, cfg: Config, d) -> bool:
     keep = k * then / d.world
     how = (f"{key}={int(keep)} keeps the {k * then} rows per step it drew" if keep == int(keep)
            else f"no whole {key} keeps the {k * then} rows per step it drew")
-    converted = (" Its DeepSpeed state is converted to DeepSpeed's universal form first (once per start, about "
-                 "the size of the optimizer state, in output_dir/checkpoints)." if state.get("deepspeed") else "")
+    converted = (" Its DeepSpeed state is converted to DeepSpeed's universal form first (once per start, in "
+                 "output_dir/checkpoints: twice the optimizer state at the converter's peak)."
+                 if state.get("deepspeed") else "")
     log.warning("train.resume: %s was written by %d rank(s), this run has %d: the data go on from the row where "
                 "it stopped, %d rows per step (%s=%d per rank x %d) where it drew %d (%s); each rank's random "
                 "state starts afresh, so the steps from here are not those it would have taken on %d.%s", resume_dir,
