@@ -860,6 +860,23 @@ def _universal_workers() -> tuple[int, int]:
     return max(1, min(8, cores // 2)), max(1, min(4, cores // 4))
 
 
+# ds_to_universal, ended by the kernel when the process that started it dies (Linux: a killed rank 0
+# left it converting beside the restarted run); its first argument is that process's pid
+_CONVERTER = """
+import os, runpy, signal, sys
+parent = int(sys.argv.pop(1))
+try:
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+except (OSError, AttributeError):  # no prctl here
+    pass
+if os.getppid() != parent:  # it died before that
+    sys.exit(1)
+sys.argv[0] = "ds_to_universal"
+runpy.run_module("deepspeed.checkpoint.ds_to_universal", run_name="__main__", alter_sys=True)
+"""
+
+
 def _convert_to_universal(src: Path, dst: Path) -> None:
     """DeepSpeed's ds_to_universal from src/ds/ to dst/ds/, in a subprocess (it runs process
     pools) whose output goes to this process's stderr as it comes (its progress bars). Raises
@@ -877,11 +894,11 @@ def _convert_to_universal(src: Path, dst: Path) -> None:
             f"{src}: converting its DeepSpeed state to another number of ranks needs about {need / 2**30:.1f} GiB "
             f"in {dst.parent}, which has {free / 2**30:.1f} GiB free")
     extract, merge = _universal_workers()
+    args = ["--input_folder", str(src / CHECKPOINT_TAG), "--output_folder", str(dst / CHECKPOINT_TAG),
+            "--inject_missing_state", "--num_extract_workers", str(extract), "--num_merge_workers", str(merge)]
+    shown = " ".join([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", *args])  # to run by hand
     # (-W: runpy's warning that the package imported the module before it ran as __main__)
-    cmd = [sys.executable, "-W", "ignore::RuntimeWarning", "-m", "deepspeed.checkpoint.ds_to_universal",
-           "--input_folder", str(src / CHECKPOINT_TAG), "--output_folder", str(dst / CHECKPOINT_TAG),
-           "--inject_missing_state",
-           "--num_extract_workers", str(extract), "--num_merge_workers", str(merge)]
+    cmd = [sys.executable, "-W", "ignore::RuntimeWarning", "-c", _CONVERTER, str(os.getpid()), *args]
     tail = b""
     err = getattr(sys.stderr, "buffer", None)
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
@@ -894,7 +911,7 @@ def _convert_to_universal(src: Path, dst: Path) -> None:
         text = tail.decode(errors="replace").strip().splitlines()
         raise DeepSpeedCheckpointError(
             f"{src}: DeepSpeed's ds_to_universal could not convert its state to another number of ranks (exit "
-            f"{proc.returncode}): {' | '.join(text[-3:])} (run: {' '.join(cmd)})")
+            f"{proc.returncode}): {' | '.join(text[-3:])} (run: {shown})")
 
 
 @contextlib.contextmanager

@@ -1140,10 +1140,11 @@ def setup_logging(cfg: Config, d) -> None:
 
 def check_resume_world(state: dict, resume_dir: Path, cfg: Config, d) -> bool:
     """A checkpoint written by another number of ranks (True; False for the same): resumed, with
-    a warning (rank 0) of what differs from the run it continues. The optimizer state is whole
-    without DeepSpeed; under DeepSpeed (ds/ partitioned over the ranks that wrote it) it is
-    converted to DeepSpeed's universal form first (ds.universal_checkpoint). The data stream
-    is a global position."""
+    a warning (rank 0) of what differs from the run it continues: the rows per step of the phase
+    that goes on (its per-rank setting x ranks, against the run's), each rank's random state.
+    The optimizer state is whole without DeepSpeed; under DeepSpeed (ds/ partitioned over the
+    ranks that wrote it) it is converted to DeepSpeed's universal form first
+    (ds.universal_checkpoint). The data streams are global positions."""
     then = state.get("world")
     if then == d.world:
         return False
@@ -1151,18 +1152,34 @@ def check_resume_world(state: dict, resume_dir: Path, cfg: Config, d) -> bool:
         raise UserError(f"train.resume: {resume_dir}/trainer_state.pt names no number of ranks ({then!r})")
     if not d.main:
         return True
-    key, k = (("train.prompts_per_step", cfg.train.prompts_per_step) if state.get("phase") == "grpo"
-              else ("warmup.batch_size", cfg.warmup.batch_size))
-    keep = k * then / d.world
-    how = (f"{key}={int(keep)} keeps the {k * then} rows per step it drew" if keep == int(keep)
-           else f"no whole {key} keeps the {k * then} rows per step it drew")
-    converted = (" Its DeepSpeed state is converted to DeepSpeed's universal form first (once per start, in "
-                 "output_dir/checkpoints: twice the optimizer state at the converter's peak)."
-                 if state.get("deepspeed") else "")
-    log.warning("train.resume: %s was written by %d rank(s), this run has %d: the data go on from the row where "
-                "it stopped, %d rows per step (%s=%d per rank x %d) where it drew %d (%s); each rank's random "
-                "state starts afresh, so the steps from here are not those it would have taken on %d.%s", resume_dir,
-                then, d.world, k * d.world, key, k, d.world, k * then, how, then, converted)
+    phase, step = state.get("phase"), int(state.get("step", 0))
+    parts = [f"train.resume: {resume_dir} was written by {then} rank(s), this run has {d.world}"]
+    goes_on = None  # the phase whose steps come next, its per-rank setting, and whether it had begun
+    if phase == "warmup" and step < cfg.warmup.steps:
+        goes_on = ("warm-up", "warmup.batch_size", cfg.warmup.batch_size, True)
+    elif cfg.train.max_steps > (step if phase == "grpo" else 0):
+        goes_on = ("StepGRPO", "train.prompts_per_step", cfg.train.prompts_per_step, phase == "grpo")
+    if goes_on is not None:
+        name, key, k, begun = goes_on
+        section, field_name = key.split(".")
+        k_then = ((state.get("config") or {}).get(section) or {}).get(field_name)
+        msg = f"its {name} steps draw {k * d.world} rows each ({key}={k} per rank x {d.world})"
+        if isinstance(k_then, int) and k_then > 0:
+            rows = k_then * then
+            if rows == k * d.world:
+                msg += f", as the run it continues {'did' if begun else 'would have'}"
+            else:
+                keep = rows / d.world
+                how = (f"{key}={int(keep)} keeps them" if keep == int(keep)
+                       else f"no whole {key} keeps them on {d.world} rank(s)")
+                msg += f", where the run it continues {'drew' if begun else 'would have drawn'} {rows} ({how})"
+        parts.append(msg)
+    parts.append(f"each rank's random state starts afresh, so the steps from here are not those it would have "
+                 f"taken on {then}")
+    log.warning("%s.%s", "; ".join(parts),
+                " Its DeepSpeed state is converted to DeepSpeed's universal form first (once per start, in "
+                "output_dir/checkpoints: twice the optimizer state at the converter's peak)."
+                if state.get("deepspeed") else "")
     return True
 
 
@@ -1522,6 +1539,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
                 ds.load_checkpoint(train_policy, converted)
         elif resume_dir is not None:
             ds.load_checkpoint(train_policy, resume_dir)
+        if resume_dir is not None:  # the loaded optimizer and schedule under this run's settings
             apply_run_settings(ds.base_optimizer(train_policy), train_policy.lr_scheduler,
                                cfg.warmup.lr if engine_built_for_warmup else cfg.optim.lr, cfg,
                                state["step"] * (1 if state["phase"] == "warmup" else cfg.algorithm.num_iterations))

@@ -183,9 +183,9 @@ def test_torchrun_two_ranks_end_to_end(tmp_path, data_dir):
                        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300,
                        env={k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")})
     assert r.returncode == 0, r.stderr[-3000:]
-    assert f"train.resume: {out / 'checkpoints' / 'grpo-000002'} was written by 2 rank(s), this run has 1: the data " \
-           "go on from the row where it stopped, 2 rows per step (train.prompts_per_step=2 per rank x 1) where it " \
-           "drew 4 (train.prompts_per_step=4 keeps the 4 rows per step it drew)" in r.stderr, r.stderr[-3000:]
+    assert f"train.resume: {out / 'checkpoints' / 'grpo-000002'} was written by 2 rank(s), this run has 1; its " \
+           "StepGRPO steps draw 2 rows each (train.prompts_per_step=2 per rank x 1), where the run it continues drew " \
+           "4 (train.prompts_per_step=4 keeps them)" in r.stderr, r.stderr[-3000:]
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(x["phase"], x["step"]) for x in recs[-3:]] == [("grpo", 3), ("grpo", 4), ("eval", 4)]
     from r1vl.config import Config

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import socket
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -184,6 +185,69 @@ def test_a_universal_conversion_that_fails_is_one_clear_error_and_leaves_nothing
         with ds.universal_checkpoint(ck, work):
             pytest.fail("no converted checkpoint to load")
     assert list(work.iterdir()) == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's (prctl)")
+def test_the_universal_converter_dies_with_the_process_that_started_it(tmp_path):
+    """ds_to_universal runs in a child process: a rank 0 killed during the conversion (SIGKILL,
+    OOM) takes it along, not leaving it converting beside the run that restarts. The checkpoint's
+    files are FIFOs here: the converter blocks reading one (past its start, where it asks for the
+    parent-death signal), is stopped (SIGSTOP: only the kernel's signal can end it), then its
+    parent is killed."""
+    import errno
+    import signal
+    import subprocess
+    import time
+
+    pytest.importorskip("deepspeed")
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / ds.CHECKPOINT_TAG).mkdir(parents=True)
+    fifos = [src / ds.CHECKPOINT_TAG / n for n in ("mp_rank_00_model_states.pt",
+                                                   "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt")]
+    for f in fifos:
+        os.mkfifo(f)
+    dst.mkdir()
+    code = f"from pathlib import Path\nfrom r1vl import ds\nds._convert_to_universal(Path({str(src)!r}), Path({str(dst)!r}))"
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    held, child = [], None
+    deadline = time.time() + 120
+    try:
+        while not held and time.time() < deadline and parent.poll() is None:
+            for f in fifos:  # a writer's non-blocking open succeeds once a reader waits on the FIFO
+                try:
+                    held.append(os.open(f, os.O_WRONLY | os.O_NONBLOCK))
+                except OSError as e:
+                    assert e.errno == errno.ENXIO
+            time.sleep(0.05)
+        assert held, "the converter never read its input"
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid == parent.pid:
+                child = int(pid)
+        assert child is not None
+        os.kill(child, signal.SIGSTOP)
+    finally:
+        parent.kill()
+        parent.wait()
+    try:
+        for _ in range(200):
+            try:
+                state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                state = "gone"
+            if state in ("Z", "X", "gone"):
+                break
+            time.sleep(0.05)
+        assert state in ("Z", "X", "gone"), state
+    finally:
+        if state not in ("Z", "X", "gone"):
+            os.kill(child, signal.SIGKILL)
+        for fd in held:
+            os.close(fd)
 
 
 def test_named_parameters_without_zero3_yields_the_parameters_themselves():

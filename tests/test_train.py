@@ -757,6 +757,51 @@ def test_resume_from_a_checkpoint_of_another_dir(tmp_path, data_dir, capsys):
         capsys.readouterr().err
 
 
+def test_a_resume_on_another_number_of_ranks_says_what_changes(tmp_path, caplog):
+    """check_resume_world's warning: the rows per step of the phase that goes on, against what the
+    run it continues drew (its own per-rank setting x its ranks, not this run's), and the setting
+    that keeps them; a warm-up-end checkpoint speaks of StepGRPO's steps, one with no step left
+    of none; the other ranks say nothing; a state without a number of ranks is refused."""
+    from r1vl.config import load_config, to_dict
+    from r1vl.train import UserError, check_resume_world
+    from r1vl.utils import Dist
+
+    def warned(state, world, *over, rank=0):
+        caplog.clear()
+        cfg = load_config(None, ["warmup.steps=4", "train.max_steps=6", *over])
+        with caplog.at_level("WARNING", logger="r1vl.train"):
+            assert check_resume_world(state, tmp_path, cfg, Dist(rank=rank, world=world)) is (state["world"] != world)
+        return "\n".join(r.getMessage() for r in caplog.records if r.name == "r1vl.train")
+
+    def state(phase, step, world, *over, ds=False):
+        return {"phase": phase, "step": step, "world": world, "deepspeed": ds,
+                "config": to_dict(load_config(None, ["warmup.steps=4", "train.max_steps=6", *over]))}
+
+    assert warned(state("grpo", 2, 2), 2) == ""
+    # scaled as the warning advises: 1 rank x 4 -> 2 ranks x 2, the same 4 rows
+    text = warned(state("grpo", 2, 1, "train.prompts_per_step=4"), 2, "train.prompts_per_step=2")
+    assert f"train.resume: {tmp_path} was written by 1 rank(s), this run has 2; its StepGRPO steps draw 4 rows " \
+           "each (train.prompts_per_step=2 per rank x 2), as the run it continues did; each rank's random state " \
+           "starts afresh" in text
+    text = warned(state("grpo", 2, 2, "train.prompts_per_step=3"), 1, "train.prompts_per_step=3")
+    assert "draw 3 rows each (train.prompts_per_step=3 per rank x 1), where the run it continues drew 6 " \
+           "(train.prompts_per_step=6 keeps them)" in text
+    text = warned(state("warmup", 1, 3, "warmup.batch_size=1"), 2, "warmup.batch_size=1")
+    assert "its warm-up steps draw 2 rows each (warmup.batch_size=1 per rank x 2), where the run it continues " \
+           "drew 3 (no whole warmup.batch_size keeps them on 2 rank(s))" in text
+    # the warm-up's last checkpoint: StepGRPO's steps come next (not begun: would have)
+    text = warned(state("warmup", 4, 2, "train.prompts_per_step=2"), 1, "train.prompts_per_step=2")
+    assert "its StepGRPO steps draw 2 rows each (train.prompts_per_step=2 per rank x 1), where the run it " \
+           "continues would have drawn 4 (train.prompts_per_step=4 keeps them)" in text
+    text = warned(state("grpo", 6, 2), 1)  # nothing left to train (a stop in the final evaluation)
+    assert "rows" not in text and "this run has 1; each rank's random state starts afresh" in text
+    assert "DeepSpeed's universal form" in warned(state("grpo", 2, 2, ds=True), 1)
+    assert "universal" not in warned(state("grpo", 2, 2), 1)
+    assert warned(state("grpo", 2, 2), 1, rank=1) == ""
+    with pytest.raises(UserError, match="names no number of ranks"):
+        check_resume_world({"phase": "grpo", "step": 1}, tmp_path, load_config(None, []), Dist())
+
+
 def test_check_resume_config_names_the_differences(tmp_path, caplog):
     from r1vl.config import load_config, to_dict
     from r1vl.train import check_resume_config

@@ -146,12 +146,13 @@ def test_deepspeed_two_ranks_train_then_resume_equals_uninterrupted(stage, tmp_p
     for p in (c / "checkpoints" / "grpo-000003", c / "final"):
         shutil.rmtree(p)
     (c / "summary.json").unlink()
-    proc = _torchrun(stage, c, warm_model, data_dir, "train.resume=true", nproc=1)
+    proc = _torchrun(stage, c, warm_model, data_dir, "train.resume=true", "optim.lr=0.002", nproc=1)
     assert f"train.resume: {c / 'checkpoints' / 'grpo-000002'} was written by 2 rank(s), this run has 1" in proc.stderr
     assert "converting its DeepSpeed state (written by another number of ranks)" in proc.stderr
     assert sorted(p.name for p in (c / "checkpoints").iterdir()) == ["grpo-000002", "grpo-000003"]  # no temporary
     assert torch.load(c / "checkpoints" / "grpo-000003" / "trainer_state.pt", weights_only=True)["world"] == 1
     assert [(r["phase"], r["step"]) for r in _metrics(c)][-2:] == [("grpo", 3), ("eval", 3)]
+    assert _metrics(c)[-2]["lr"] == pytest.approx(0.002)  # this run's optim.lr, not the checkpoint's
     # AdamW went on from the 2 ranks' state: one step more, and the second moments carried over
     # (v3 = beta2 v2 + (1 - beta2) g^2 >= beta2 v2; a fresh optimizer's step 1 has (1 - beta2) g^2)
     from r1vl import ds
