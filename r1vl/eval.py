@@ -523,7 +523,36 @@ def _run_default(name: str) -> tuple[str, Any]:
     return key, default
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's preemption; torchrun stopping the other ranks when one fails), raised
+    in the CLI where Ctrl-C's KeyboardInterrupt would be, so that the same cleanup runs (the vLLM
+    engine's temporary model folder was left in /tmp) and it exits 143."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return _main(argv)
+    old = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return _main(argv)
+    except Terminated:  # before the evaluation's own handling (the arguments, the imports)
+        from r1vl.utils import forget_keyboard_interrupt
+
+        forget_keyboard_interrupt()
+        print("r1vl.eval: stopped (SIGTERM): no result", file=sys.stderr)
+        return 143
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _main(argv: list[str] | None) -> int:
     ap = argparse.ArgumentParser(prog="python -m r1vl.eval", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="checkpoint directory (HF layout)")
     ap.add_argument("--data", required=True, help="directory with test.jsonl, or a dataset file/directory")
@@ -828,11 +857,13 @@ def _run(args, main_rank: bool) -> int:
         except (ValueError, FileNotFoundError, OSError, KeyError, UserError) as e:
             error(str(e))
             return 2
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             forget_keyboard_interrupt()  # exit 130, not -2 (its docstring)
+            term = isinstance(e, Terminated)
             if main_rank:
-                print("r1vl.eval: interrupted (Ctrl-C): no result", file=sys.stderr)
-            return 130
+                print(f"r1vl.eval: {'stopped (SIGTERM)' if term else 'interrupted (Ctrl-C)'}: no result",
+                      file=sys.stderr)
+            return 143 if term else 130
     if not main_rank:
         return 0
     res["world_size"] = d.world if d is not None else 1
@@ -869,11 +900,13 @@ def _run(args, main_rank: bool) -> int:
                 print(f"r1vl.eval: error: --out {args.out}: cannot write ({e.strerror or e}); "
                       "the result is printed above", file=sys.stderr)
                 return 2
-    except KeyboardInterrupt:  # while a file is written (write_replace leaves no partial one)
+    except KeyboardInterrupt as e:  # while a file is written (write_replace leaves no partial one)
         forget_keyboard_interrupt()
-        print("r1vl.eval: interrupted (Ctrl-C): " + (f"--out {args.out} not written; the result is printed above"
-                                                     if printed else "no result"), file=sys.stderr)
-        return 130
+        term = isinstance(e, Terminated)
+        print(f"r1vl.eval: {'stopped (SIGTERM)' if term else 'interrupted (Ctrl-C)'}: "
+              + (f"--out {args.out} not written; the result is printed above" if printed else "no result"),
+              file=sys.stderr)
+        return 143 if term else 130
     return rc
 
 

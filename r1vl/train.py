@@ -96,7 +96,7 @@ def load_split(path: str, cfg: Config):
 
 # what a run writes into output_dir (data/ aside: the synthetic task is regenerated per seed)
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "plot.png", "tensorboard", "final", "warmup",
-               "init", "skipped_rows.jsonl", "wandb", "eval_outputs", "rollouts.jsonl")
+               "init", "skipped_rows.jsonl", "wandb", "eval_outputs", "rollouts.jsonl", "vllm_engine_model")
 EVAL_OUTPUTS = "eval_outputs"  # train.save_eval_outputs: <name>.jsonl per held-out evaluation
 
 

@@ -34,6 +34,28 @@ def needs_linux_wheel(*modules: str) -> None:
             pytest.skip(f"not installed: {module} (PyPI has Linux wheels only)", allow_module_level=True)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _children_tmpdir():
+    """The processes the tests start get their own TMPDIR, removed when the session ends: torchrun's
+    agent makes a /tmp/torchelastic_* folder per launch that it never removes (an audit counted
+    1,000 of them, most from this suite). A short path: AF_UNIX socket paths under it stay within
+    their 107 bytes."""
+    import shutil
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix="r1t-")
+    old = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = tmp
+    try:
+        yield tmp
+    finally:
+        if old is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = old
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
     config.addinivalue_line("markers", "slow: multi-process or long-running test")

@@ -1,6 +1,7 @@
 """`python -m r1vl.eval`: input mistakes fail early with one clear line, --out is safe,
 and the run's config supplies the evaluation settings the trainer used."""
 import json
+import os
 import logging
 import subprocess
 import sys
@@ -195,6 +196,28 @@ def test_ctrl_c_is_one_line(fake_model, data_dir, capsys, monkeypatch):
     assert ev.main(["--model", str(fake_model), "--data", str(data_dir)]) == 130
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1] == "r1vl.eval: interrupted (Ctrl-C): no result" and "Traceback" not in err
+
+
+def test_sigterm_is_one_line_exit_143_and_the_handler_is_put_back(fake_model, data_dir, capsys, monkeypatch):
+    """SIGTERM (a scheduler's preemption, torchrun stopping the other ranks) stops the CLI as Ctrl-C
+    does, through its cleanup (the vLLM engine's temporary folder: tests/vllm_suite), with one
+    line and 128 + 15; it killed the process outright before, the folder left in /tmp."""
+    import signal
+    import time
+
+    import r1vl.models
+
+    def terminated(path, **kw):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # (the handler raises here)
+        pytest.fail("SIGTERM did not stop the evaluation")
+
+    monkeypatch.setattr(r1vl.models, "load_pretrained", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    assert ev.main(["--model", str(fake_model), "--data", str(data_dir)]) == 143
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == "r1vl.eval: stopped (SIGTERM): no result" and "Traceback" not in err
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 # --------------------------------------------------------------------------- 3. --model wording

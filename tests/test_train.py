@@ -802,6 +802,19 @@ def test_a_resume_on_another_number_of_ranks_says_what_changes(tmp_path, caplog)
         check_resume_world({"phase": "grpo", "step": 1}, tmp_path, load_config(None, []), Dist())
 
 
+def test_overwrite_removes_the_vllm_engine_model_folder(tmp_path):
+    """train.overwrite=true removes every output of the run before, the vLLM engine's model folder
+    (rollout.engine=vllm) among them; a file of the user's stays."""
+    from r1vl.train import clear_previous_run
+
+    (tmp_path / "vllm_engine_model").mkdir()
+    (tmp_path / "vllm_engine_model" / "config.json").write_text("{}")
+    (tmp_path / "metrics.jsonl").write_text("")
+    (tmp_path / "notes.txt").write_text("mine")
+    assert sorted(clear_previous_run(tmp_path)) == ["metrics.jsonl", "vllm_engine_model"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
 def test_check_resume_config_names_the_differences(tmp_path, caplog):
     from r1vl.config import load_config, to_dict
     from r1vl.train import check_resume_config

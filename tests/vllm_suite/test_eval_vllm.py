@@ -48,3 +48,44 @@ def test_eval_cli_vllm_engine_matches_hf(tiny_tied, tmp_path):
     # the engine's temporary model directory is removed
     assert not [p for p in Path(os.environ.get("TMPDIR", "/tmp")).glob("r1vl-eval-*")
                 if p.stat().st_mtime > (tmp_path / "hf.jsonl").stat().st_mtime]
+
+
+@pytest.mark.slow
+def test_eval_cli_vllm_engine_sigterm_removes_its_temporary_model_folder(tiny_tied, tmp_path):
+    """SIGTERM once the engine is up: exit 143 with one line, and the engine's temporary model
+    folder (config + processor files, r1vl-eval-* in the temporary directory) is removed, as on
+    Ctrl-C; SIGTERM's default action left it behind (found by an audit)."""
+    import signal
+    import time
+
+    from r1vl.data.synthetic import prepare_task
+
+    path, _, _ = tiny_tied
+    data = tmp_path / "data"
+    prepare_task(data, 4, 5, 0)
+    tmp = tmp_path / "tmpdir"
+    tmp.mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1", TMPDIR=str(tmp))
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
+        env.pop(k, None)
+    proc = subprocess.Popen([sys.executable, "-m", "r1vl.eval", "--model", str(path), "--data", str(data),
+                             "--engine", "vllm", "--limit", "5", "--batch-size", "1", "--max-new-tokens", "64",
+                             "--min-pixels", str(MIN_PIXELS), "--max-pixels", str(MAX_PIXELS), "--device", "cpu"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            folders = list(tmp.glob("r1vl-eval-*"))
+            if folders and (folders[0] / "vllm_engine_model" / "config.json").is_file():
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(2)  # the engine starts from that folder
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err[-3000:]
+    assert err.strip().splitlines()[-1] == "r1vl.eval: stopped (SIGTERM): no result", err[-3000:]
+    assert list(tmp.glob("r1vl-eval-*")) == []
