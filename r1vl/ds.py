@@ -860,18 +860,12 @@ def _universal_workers() -> tuple[int, int]:
     return max(1, min(8, cores // 2)), max(1, min(4, cores // 4))
 
 
-# ds_to_universal, ended by the kernel when the process that started it dies (Linux: a killed rank 0
-# left it converting beside the restarted run); its first argument is that process's pid
+# ds_to_universal, ended by the kernel when the process that started it dies (a killed rank 0 left it
+# converting beside the restarted run); its first argument is that process's pid
 _CONVERTER = """
-import os, runpy, signal, sys
-parent = int(sys.argv.pop(1))
-try:
-    import ctypes
-    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
-except (OSError, AttributeError):  # no prctl here
-    pass
-if os.getppid() != parent:  # it died before that
-    sys.exit(1)
+import runpy, sys
+from r1vl.launch import die_with_parent
+die_with_parent(int(sys.argv.pop(1)))
 sys.argv[0] = "ds_to_universal"
 runpy.run_module("deepspeed.checkpoint.ds_to_universal", run_name="__main__", alter_sys=True)
 """

@@ -533,6 +533,11 @@ def _raise_terminated(signum, frame):
     raise Terminated()
 
 
+def _stop_words(e: KeyboardInterrupt) -> tuple[str, int]:
+    """How the CLI says it stopped, and its exit status: SIGTERM's (Terminated) or Ctrl-C's."""
+    return ("stopped (SIGTERM)", 143) if isinstance(e, Terminated) else ("interrupted (Ctrl-C)", 130)
+
+
 def main(argv: list[str] | None = None) -> int:
     import signal
     import threading
@@ -542,12 +547,13 @@ def main(argv: list[str] | None = None) -> int:
     old = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return _main(argv)
-    except Terminated:  # before the evaluation's own handling (the arguments, the imports)
+    except Terminated as e:  # before the evaluation's own handling (the arguments, the imports)
         from r1vl.utils import forget_keyboard_interrupt
 
         forget_keyboard_interrupt()
-        print("r1vl.eval: stopped (SIGTERM): no result", file=sys.stderr)
-        return 143
+        words, rc = _stop_words(e)
+        print(f"r1vl.eval: {words}: no result", file=sys.stderr)
+        return rc
     finally:
         signal.signal(signal.SIGTERM, old)
 
@@ -859,11 +865,10 @@ def _run(args, main_rank: bool) -> int:
             return 2
         except KeyboardInterrupt as e:
             forget_keyboard_interrupt()  # exit 130, not -2 (its docstring)
-            term = isinstance(e, Terminated)
+            words, rc = _stop_words(e)
             if main_rank:
-                print(f"r1vl.eval: {'stopped (SIGTERM)' if term else 'interrupted (Ctrl-C)'}: no result",
-                      file=sys.stderr)
-            return 143 if term else 130
+                print(f"r1vl.eval: {words}: no result", file=sys.stderr)
+            return rc
     if not main_rank:
         return 0
     res["world_size"] = d.world if d is not None else 1
@@ -902,11 +907,10 @@ def _run(args, main_rank: bool) -> int:
                 return 2
     except KeyboardInterrupt as e:  # while a file is written (write_replace leaves no partial one)
         forget_keyboard_interrupt()
-        term = isinstance(e, Terminated)
-        print(f"r1vl.eval: {'stopped (SIGTERM)' if term else 'interrupted (Ctrl-C)'}: "
-              + (f"--out {args.out} not written; the result is printed above" if printed else "no result"),
-              file=sys.stderr)
-        return 143 if term else 130
+        words, stop_rc = _stop_words(e)
+        print(f"r1vl.eval: {words}: " + (f"--out {args.out} not written; the result is printed above"
+                                         if printed else "no result"), file=sys.stderr)
+        return stop_rc
     return rc
 
 

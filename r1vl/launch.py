@@ -15,19 +15,24 @@ def die_with_launcher() -> bool:
     True when set up."""
     if sys.platform != "linux" or "TORCHELASTIC_RUN_ID" not in os.environ:
         return False
+    return die_with_parent(os.getppid())
+
+
+def die_with_parent(parent: int) -> bool:
+    """Linux: have the kernel SIGKILL this process when its parent, pid `parent`, dies (prctl's
+    PR_SET_PDEATHSIG); SIGKILLed now if it is gone already. False where there is no prctl."""
     import ctypes
     import signal
 
-    launcher = os.getppid()
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
             return False
     except (OSError, AttributeError):  # no prctl here
         return False
-    # the launcher died between the two reads: no signal will come. (One that died before the first
-    # is not seen: this runs first thing for that. Parent pid 1 is no sign: torchrun may be a
-    # container's first process.)
-    if os.getppid() != launcher:
+    # the parent died between its pid's read and the prctl: no signal will come. (One that died
+    # before is not seen by die_with_launcher: it runs first thing for that. Parent pid 1 is no
+    # sign: torchrun may be a container's first process.)
+    if os.getppid() != parent:
         os.kill(os.getpid(), signal.SIGKILL)
     return True

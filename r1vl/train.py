@@ -1138,6 +1138,13 @@ def setup_logging(cfg: Config, d) -> None:
 # --------------------------------------------------------------------------- checkpoints
 
 
+def saved_setting(state: dict, key: str) -> Any:
+    """The dotted `key`'s value in the config a checkpoint's run had (trainer_state's "config"),
+    or None."""
+    section, name = key.split(".")
+    return ((state.get("config") or {}).get(section) or {}).get(name)
+
+
 def check_resume_world(state: dict, resume_dir: Path, cfg: Config, d) -> bool:
     """A checkpoint written by another number of ranks (True; False for the same): resumed, with
     a warning (rank 0) of what differs from the run it continues: the rows per step of the phase
@@ -1161,8 +1168,7 @@ def check_resume_world(state: dict, resume_dir: Path, cfg: Config, d) -> bool:
         goes_on = ("StepGRPO", "train.prompts_per_step", cfg.train.prompts_per_step, phase == "grpo")
     if goes_on is not None:
         name, key, k, begun = goes_on
-        section, field_name = key.split(".")
-        k_then = ((state.get("config") or {}).get(section) or {}).get(field_name)
+        k_then = saved_setting(state, key)
         msg = f"its {name} steps draw {k * d.world} rows each ({key}={k} per rank x {d.world})"
         if isinstance(k_then, int) and k_then > 0:
             rows = k_then * then
@@ -1530,11 +1536,11 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
         if why:
             raise UserError(f"train.resume: {resume_dir}: {why}")
         opt0, sched0 = warmup_optimizer() if engine_built_for_warmup else grpo_optimizer()
-        universal = resume_dir is not None and other_world  # ds/ is partitioned over the ranks that wrote it
-        train_policy = ds.initialize(policy, ds.universal_load_config(ds_cfg) if universal else ds_cfg,
+        # other_world: ds/ is partitioned over the ranks that wrote it, loaded through the universal form
+        train_policy = ds.initialize(policy, ds.universal_load_config(ds_cfg) if other_world else ds_cfg,
                                      optimizer=opt0, scheduler=sched0)
         del opt0, sched0
-        if universal:
+        if other_world:
             with ds.universal_checkpoint(resume_dir, out / "checkpoints") as converted:
                 ds.load_checkpoint(train_policy, converted)
         elif resume_dir is not None:
@@ -1590,7 +1596,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
             drop_outputs_after(out, state["phase"], state["step"])
             for p in retired:
                 shutil.rmtree(p, ignore_errors=True)
-        if state["world"] == d.world:
+        if not other_world:
             set_rng_state(state["rng"][d.rank])
         else:  # (check_resume_world said so) a fresh random state per rank, a function of where the run is
             seed_everything(derive_seed(cfg.seed, 5, d.rank, int(state["phase"] == "grpo"), state["step"]))
@@ -1628,8 +1634,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
         if pos and pos.get("phase") == phase:
             origin = (pos["step"], pos["position"])
         elif resume_dir is not None and not pos and state.get("phase") == phase:
-            section, name = key.split(".")
-            k_then = ((state.get("config") or {}).get(section) or {}).get(name)
+            k_then = saved_setting(state, key)
             if isinstance(k_then, int) and k_then > 0:
                 origin = (state["step"], state["step"] * k_then * state["world"])  # (the ranks that drew them)
         stream = IndexStream(len(train_set), world=d.world, rank=d.rank, seed=seed, origin=origin)
