@@ -148,6 +148,12 @@ def _sharded(x) -> bool:
     return any(c.__name__ == "DTensor" for c in type(x).__mro__)
 
 
+def _zero3_partition(x) -> bool:
+    """A DeepSpeed ZeRO-3 parameter not gathered on this rank: its data is an empty placeholder,
+    its whole shape in ds_shape."""
+    return isinstance(x, torch.Tensor) and x.numel() == 0 and getattr(x, "ds_shape", None) is not None
+
+
 def _check_linear(hidden, weight, bias, targets, temperature, *, hidden_ndims):
     for name, x in (("hidden", hidden), ("weight", weight), ("bias", bias)):
         if _sharded(x):
@@ -155,6 +161,12 @@ def _check_linear(hidden, weight, bias, targets, temperature, *, hidden_ndims):
                              "takes plain tensors: call it inside the forward of the module FSDP wrapped (its "
                              "parameters are unsharded there), after the LM head's module.unshard(), or with "
                              f"{name}.full_tensor()")
+        if _zero3_partition(x):
+            raise ValueError(f"{name}: a DeepSpeed ZeRO-3 partition, empty on this rank until gathered (whole shape "
+                             f"{list(x.ds_shape)}); the kernel takes the whole tensor: read it inside a forward that "
+                             "runs under the DeepSpeed engine (ZeRO-3 gathers a parameter read there and reduces its "
+                             "gradient to the partitions; docs/examples/trl_fused_grpo.py does so), or, without "
+                             f"gradients, inside deepspeed.zero.GatheredParameters([{name}])")
     _check_tensor("hidden", hidden, dtypes=INPUT_DTYPES)
     if hidden.dim() not in hidden_ndims:
         want = " or ".join(f"{d}-D" for d in hidden_ndims)

@@ -440,6 +440,46 @@ def test_a_sharded_dtensor_weight_is_refused_with_the_ways_out(tmp_path):
             and "module.unshard()" in line and "weight.full_tensor()" in line, line
 
 
+def test_a_deepspeed_zero3_partition_is_refused_with_the_ways_out(tmp_path):
+    """A ZeRO-3 parameter read outside a forward under the engine is an empty placeholder on
+    every rank: the kernel said only "expected shape [V, 8], got (0,)". Gathered, the same call
+    runs. (A one-process gloo group in a subprocess, so that this process keeps no group.)"""
+    import subprocess
+    import sys
+
+    pytest.importorskip("deepspeed")
+    script = tmp_path / "zero3.py"
+    script.write_text(
+        "import os, torch, deepspeed\n"
+        "from r1vl.ds import prepare_runtime\n"
+        "from r1vl.kernels import fused_linear_grpo_loss, linear_logprobs\n"
+        "prepare_runtime()  # (no shared-memory op built on CPU)\n"
+        f"torch.distributed.init_process_group('gloo', init_method='file://{tmp_path / 'store'}', rank=0, "
+        "world_size=1)\n"
+        "with deepspeed.zero.Init(config_dict_or_path={'zero_optimization': {'stage': 3}, "
+        "'train_micro_batch_size_per_gpu': 1}):\n"
+        "    head = torch.nn.Linear(8, 20, bias=True)\n"
+        "h, t = torch.randn(2, 3, 8), torch.zeros(2, 3, dtype=torch.long)\n"
+        "for call in (lambda: fused_linear_grpo_loss(h, head.weight, t, torch.ones(2, 3), torch.zeros(2)),\n"
+        "             lambda: linear_logprobs(h, head.weight, t)):\n"
+        "    try:\n"
+        "        call()\n"
+        "    except ValueError as e:\n"
+        "        print('refused:', e)\n"
+        "with deepspeed.zero.GatheredParameters([head.weight]):\n"
+        "    print('gathered:', linear_logprobs(h, head.weight, t).shape)\n"
+        "torch.distributed.destroy_process_group()\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "DS_BUILD_OPS": "0",
+                            "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"), "LOCAL_RANK": "0"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    assert len(lines) == 3 and lines[2] == "gathered: torch.Size([2, 3])", r.stdout
+    for line in lines[:2]:
+        assert line.startswith("refused: weight: a DeepSpeed ZeRO-3 partition, empty on this rank until gathered "
+                               "(whole shape [20, 8])") and "deepspeed.zero.GatheredParameters([weight])" in line, line
+
+
 def test_hidden_and_weight_of_two_dtypes_are_refused_with_the_cast():
     case = make_case()
     with pytest.raises(ValueError, match=r"weight: expected hidden's dtype torch.bfloat16 \(one dtype for both\), "

@@ -176,34 +176,62 @@ def test_the_fused_trainer_gives_trls_loss_and_gradients_on_images(tmp_path, arc
     assert vision and all(checks[0][2][i] is not None and checks[0][2][i].abs().max() > 0 for i in vision)
 
 
-def test_the_fused_trainer_under_ddp_keeps_the_ranks_equal_and_trains_as_trl(tmp_path):
-    """Two processes (torchrun, gloo), find_unused_parameters=True (the Trainer's choice without
-    gradient checkpointing), an untied LM head: the
-    example's backbone and loss run inside DDP's forward, so the gradients are all-reduced. The
-    backbone called on the unwrapped model left them unreduced, and the ranks drifted apart
-    (1.5e-2 after 2 steps here), which one process cannot show."""
+def _two_processes(tmp_path, backend: str) -> dict:
+    """tests/trl_ddp_worker.py under torchrun (2 processes), TRL's trainer and the example's: each
+    one's final parameters, one row per rank."""
     import os
     import subprocess
     import sys
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     from test_ddp import _free_port
-    from transformers import Qwen2ForCausalLM
 
     params = {}
     for which in ("fused", "stock"):
         r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                            str(_free_port()), str(ROOT / "tests" / "trl_ddp_worker.py"), which, str(tmp_path)],
-                           env=env, capture_output=True, text=True, timeout=600)
+                            str(_free_port()), str(ROOT / "tests" / "trl_ddp_worker.py"), which, str(tmp_path),
+                            backend], env=env, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
         params[which] = torch.load(tmp_path / f"params_{which}.pt")
+    return params
+
+
+def _moved(tmp_path, trained: torch.Tensor) -> float:
+    from transformers import Qwen2ForCausalLM
+
+    init = torch.cat([p.detach().reshape(-1) for p in
+                      Qwen2ForCausalLM.from_pretrained(tmp_path / "model_fused_0").parameters()])
+    return (trained - init).abs().max().item()
+
+
+def test_the_fused_trainer_under_ddp_keeps_the_ranks_equal_and_trains_as_trl(tmp_path):
+    """Two processes (torchrun, gloo), find_unused_parameters=True (the Trainer's choice without
+    gradient checkpointing), an untied LM head: the
+    example's backbone and loss run inside DDP's forward, so the gradients are all-reduced. The
+    backbone called on the unwrapped model left them unreduced, and the ranks drifted apart
+    (1.5e-2 after 2 steps here), which one process cannot show."""
+    params = _two_processes(tmp_path, "ddp")
     fused, stock = params["fused"], params["stock"]
     assert torch.equal(stock[0], stock[1])
     assert torch.equal(fused[0], fused[1])  # the ranks hold the same weights
     assert (fused - stock).abs().max().item() < 1e-4  # and TRL's (same samples: 4e-6 apart here)
-    init = torch.cat([p.detach().reshape(-1) for p in
-                      Qwen2ForCausalLM.from_pretrained(tmp_path / "model_fused_0").parameters()])
-    assert (fused[0] - init).abs().max().item() > 1e-3  # (two steps were taken)
+    assert _moved(tmp_path, fused[0]) > 1e-3  # (two steps were taken)
+
+
+@pytest.mark.slow
+def test_the_fused_trainer_under_deepspeed_zero3_trains_as_trl(tmp_path):
+    """Two processes under DeepSpeed ZeRO-3 (gloo), every parameter partitioned (the LM head's
+    weight is an empty partition on each rank until gathered; the worker checks), gradient
+    checkpointing on (TRL's default): the example reads the head's weight inside the model's
+    forward, where DeepSpeed gathers a parameter on access and reduces its gradient to the
+    partitions, so two steps end where TRL's own loss ends (4e-6 apart here). Read outside a
+    forward the weight is the empty partition (the kernel refuses its shape); a head left out of
+    the gradient ends 1e-2 away."""
+    pytest.importorskip("deepspeed")
+    params = _two_processes(tmp_path, "zero3")
+    fused, stock = params["fused"], params["stock"]
+    assert (fused - stock).abs().max().item() < 1e-4
+    assert _moved(tmp_path, fused[0]) > 1e-3
 
 
 def test_the_fused_trainer_refuses_what_the_kernel_would_leave_out(tiny, tmp_path):

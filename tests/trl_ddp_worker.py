@@ -1,8 +1,9 @@
-"""Worker of tests/test_trl_example.py's DDP test (torchrun, 2 CPU processes, gloo): trains a
-tiny untied Qwen2 for 2 steps with TRL's GRPOTrainer or docs/examples' FusedGRPOTrainer and the
-Trainer's DDP settings (find_unused_parameters=True: no gradient checkpointing), then rank 0
-saves every rank's parameters.
-Usage: torchrun --nproc-per-node 2 tests/trl_ddp_worker.py fused|stock OUT_DIR"""
+"""Worker of tests/test_trl_example.py's multi-process tests (torchrun, 2 CPU processes, gloo):
+trains a tiny untied Qwen2 for 2 steps with TRL's GRPOTrainer or docs/examples' FusedGRPOTrainer,
+under DDP with the Trainer's settings (find_unused_parameters=True: no gradient checkpointing) or
+under DeepSpeed ZeRO-3 with every parameter partitioned (gradient checkpointing on, TRL's default),
+then rank 0 saves every rank's parameters (under ZeRO-3 gathered: the same on every rank).
+Usage: torchrun --nproc-per-node 2 tests/trl_ddp_worker.py fused|stock OUT_DIR [ddp|zero3]"""
 import importlib.util
 import os
 import sys
@@ -14,7 +15,13 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def main(which: str, out: Path) -> None:
+# nothing kept whole on a rank (the default threshold would leave the tiny model's LM head unpartitioned)
+ZERO3 = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+         "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+         "train_batch_size": "auto", "gradient_clipping": "auto"}
+
+
+def main(which: str, out: Path, backend: str = "ddp") -> None:
     from datasets import Dataset
     from transformers import Qwen2Config, Qwen2ForCausalLM, set_seed
     from trl import GRPOConfig, GRPOTrainer
@@ -33,10 +40,23 @@ def main(which: str, out: Path) -> None:
     Qwen2ForCausalLM(cfg).save_pretrained(path)
     model = Qwen2ForCausalLM.from_pretrained(path)
     set_seed(0)
-    args = GRPOConfig(output_dir=str(out / f"trainer_{which}"), use_cpu=True, seed=0, report_to=[], max_steps=2,
+    if backend == "zero3":
+        # TrainingArguments starts DeepSpeed's process group with CUDA's backend alone (on CPU it then
+        # counts one process): a state configured beforehand with gloo is used instead
+        from accelerate.state import PartialState
+
+        from r1vl.ds import prepare_runtime
+
+        prepare_runtime()  # (the test's speed: no shared-memory op built, no Muon compiled on CPU)
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        PartialState(backend="gloo")
+        setup = dict(deepspeed=ZERO3, accelerator_config={"use_configured_state": True}, gradient_checkpointing=True)
+    else:
+        setup = dict(use_cpu=True, gradient_checkpointing=False)
+    args = GRPOConfig(output_dir=str(out / f"trainer_{which}"), seed=0, report_to=[], max_steps=2,
                       logging_steps=1, save_strategy="no", learning_rate=5e-3, per_device_train_batch_size=4,
                       num_generations=4, max_completion_length=8, beta=0.04, bf16=False, disable_tqdm=True,
-                      dataloader_num_workers=0, gradient_checkpointing=False)
+                      dataloader_num_workers=0, **setup)
     # (ddp_find_unused_parameters left to the Trainer: without gradient checkpointing, on by
     # default in TRL's GRPOConfig, it is True, DDP's strictest mode for a head used outside forward)
     prompts = Dataset.from_dict({"prompt": [f"Q: {a} plus {b} is? A:" for a in range(4) for b in range(4)]})
@@ -52,9 +72,19 @@ def main(which: str, out: Path) -> None:
         args=args, train_dataset=prompts, processing_class=tok)
     assert type(trainer.model_wrapped).__name__ != "DistributedDataParallel"  # wrapped in train()
     trainer.train()
-    assert type(trainer.model_wrapped).__name__ == "DistributedDataParallel"
-    assert trainer.model_wrapped.find_unused_parameters
-    flat = torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()])
+    if backend == "zero3":
+        import deepspeed
+
+        assert type(trainer.model_wrapped).__name__ == "DeepSpeedEngine"
+        assert trainer.model_wrapped.zero_optimization_stage() == 3
+        head = trainer.model.get_output_embeddings().weight  # a partition, gathered when read in a forward
+        assert head.numel() == 0 and head.ds_numel == head.ds_shape.numel() > 0
+        with deepspeed.zero.GatheredParameters(list(trainer.model.parameters())):
+            flat = torch.cat([p.detach().reshape(-1).clone() for p in trainer.model.parameters()])
+    else:
+        assert type(trainer.model_wrapped).__name__ == "DistributedDataParallel"
+        assert trainer.model_wrapped.find_unused_parameters
+        flat = torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()])
     every = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
     dist.all_gather(every, flat)
     if int(os.environ["RANK"]) == 0:
@@ -62,4 +92,4 @@ def main(which: str, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]))
+    main(sys.argv[1], Path(sys.argv[2]), *sys.argv[3:])

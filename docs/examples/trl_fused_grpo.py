@@ -35,9 +35,10 @@ Metrics: the kernel's are this rank's token means, logged here under TRL's names
 with several processes of different token counts the gathered mean is not TRL's token-weighted
 one. TRL options the kernel does not offer, and an LM head that is not a plain nn.Linear (a PEFT
 adapter on it would be left out), are refused by name. Checked with one process (text-only,
-and Qwen2-VL / Qwen2.5-VL on images) and with DDP (two CPU processes, text-only); other
-vision-language families' inputs are passed the same way, unchecked; not with DeepSpeed or
-FSDP, whose sharded LM-head weight would have to be gathered around the loss.
+and Qwen2-VL / Qwen2.5-VL on images), with DDP and with DeepSpeed ZeRO-3 (two CPU processes,
+text-only; under ZeRO-3 the LM head's weight is read inside the model's forward, where DeepSpeed
+gathers a partitioned parameter on access and reduces its gradient to the partitions); other
+vision-language families' inputs are passed the same way, unchecked; FSDP is unchecked.
 """
 from __future__ import annotations
 
