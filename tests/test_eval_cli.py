@@ -1152,16 +1152,18 @@ def test_evaluate_scores_a_batch_while_the_next_is_generated_with_the_same_resul
     next batch is generated; the results, outputs in data order and progress are as in-line
     scoring's (reward_workers=0, on the main thread)."""
     import threading
-    import time
     from types import SimpleNamespace
 
     from r1vl.rollout.base import Completion
 
     events = []
+    second = threading.Event()  # (an event, not a sleep: a busy machine outlasted a 0.5 s sleep)
 
     class Engine:
         def generate(self, prompts, n, sampling):
             events.append(("generate", len(prompts)))
+            if [e[0] for e in events].count("generate") == 2:
+                second.set()
             return [Completion(i, [1] * (1 + len(p.text) % 3),
                                f"### Step 1: 4 + 3 = 7\n### The final answer is: {7 if 'Q7' in p.text else 5}", "stop")
                     for i, p in enumerate(prompts)]
@@ -1170,8 +1172,8 @@ def test_evaluate_scores_a_batch_while_the_next_is_generated_with_the_same_resul
 
     def score(texts, samples, **kw):
         events.append(("score", threading.current_thread() is threading.main_thread()))
-        if kw["workers"]:
-            time.sleep(0.5)  # the next batch's generate starts well within this
+        if kw["workers"] and [e[0] for e in events].count("score") == 1:
+            second.wait(60)  # the next batch's generate starts meanwhile (else: in 60 s, and the order shows it)
         out = real_score(texts, samples, **kw)
         events.append(("scored", None))
         return out
@@ -1182,6 +1184,7 @@ def test_evaluate_scores_a_batch_while_the_next_is_generated_with_the_same_resul
     runs = {}
     for workers in (0, 2):
         events.clear()
+        second.clear()
         runs[workers] = ev.evaluate(Engine(), _Proc(), samples, max_new_tokens=4, batch_size=3, keep_outputs=True,
                                     reward_workers=workers)
         kinds = [e[0] for e in events]

@@ -57,16 +57,26 @@ def test_reward_workers_score_while_the_log_probs_are_taken_with_the_same_result
 
     events = []
     real_score, real_logprobs = r1vl.eval.score, r1vl.algo.compute_logprobs
+    # events, not sleeps (a busy machine outlasted a 1 s sleep): with workers the log-prob pass waits
+    # for the scoring to have started, and the scoring, to end, for the pass to have started; where
+    # the two cannot overlap, the wait runs out (60 s) and the order below shows it
+    scoring, passing = threading.Event(), threading.Event()
 
     def score(*a, **k):
         events.append(("score", threading.current_thread() is threading.main_thread()))
-        time.sleep(1.0)  # the log-prob pass starts well within this, when it overlaps
+        scoring.set()
+        passing.wait(60)
+        passing.clear()
         out = real_score(*a, **k)
         events.append(("scored", None))
         return out
 
     def compute_logprobs(*a, **k):
+        if workers:
+            scoring.wait(60)
+            scoring.clear()
         events.append(("logprobs", None))
+        passing.set()
         return real_logprobs(*a, **k)
 
     monkeypatch.setattr(r1vl.eval, "score", score)
@@ -74,6 +84,8 @@ def test_reward_workers_score_while_the_log_probs_are_taken_with_the_same_result
     runs = {}
     for workers in (0, 2):
         events.clear()
+        scoring.clear()
+        passing.clear()
         out = tmp_path / f"w{workers}"
         assert main(_args(out, data_dir, "train.max_steps=2", "train.eval_before=false", "train.eval_after=false",
                           "algorithm.beta=0.04", f"algorithm.reward_workers={workers}")) == 0
@@ -90,6 +102,9 @@ def test_reward_workers_score_while_the_log_probs_are_taken_with_the_same_result
 
     # a pool that cannot start: the scoring thread hands the batch back, the main thread scores it
     import r1vl.rewards.pool as pool_mod
+
+    monkeypatch.setattr(r1vl.eval, "score", real_score)  # (no more waits: the batch is scored twice)
+    monkeypatch.setattr(r1vl.algo, "compute_logprobs", real_logprobs)
 
     class Broken:
         def map(self, *a, **k):

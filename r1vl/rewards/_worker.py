@@ -38,8 +38,8 @@ def main(read_fd: int, write_fd: int) -> None:
                     break
                 continue
             msg = inbox.recv()
-            if msg is None:
-                break
+            if msg is None:  # close(): exit now, skipping the interpreter's teardown (sympy's: ~0.5 s)
+                os._exit(0)
             tasks, alpha, variant, timeout_s = msg
             for task in tasks:
                 result = _score_one(task, alpha, variant, timeout_s)
