@@ -811,13 +811,13 @@ def check_images(dataset, cfg: Config, key: str, rows: int | None = None, d=None
     t0 = time.perf_counter()
     hi = len(dataset) if rows is None else min(rows, len(dataset))
     if hi >= 1000 and (d is None or d.main):  # ~4 ms an image: say what the wait is
-        log.info("%s: decoding %d images (data.verify_images=true), shared by %d process(es)", key, hi,
-                 1 if d is None else d.world)
+        log.info("%s: decoding the images of %d rows (data.verify_images=true; each file once), shared by %d "
+                 "process(es)", key, hi, 1 if d is None else d.world)
     dataset, checked, bad_total = decode_rows(dataset, rows, d, skip=cfg.data.skip_bad_rows,
                                               what=f"{key}: {{bad}} of {{n}} images",
                                               skip_with=("set", "data.skip_bad_rows=true"))
-    log.info("%s: %d images decoded, %d unreadable (%.1f s; data.verify_images=false skips this)", key, checked,
-             bad_total, time.perf_counter() - t0)
+    log.info("%s: the images of %d rows decoded, %d unreadable (%.1f s; data.verify_images=false skips this)", key,
+             checked, bad_total, time.perf_counter() - t0)
     return dataset
 
 
@@ -873,6 +873,9 @@ def check_all_prompt_lengths(dataset, processor, cfg: Config, key: str = "data.t
     (and reported)."""
     t0 = time.perf_counter()
     limit = cfg.data.max_prompt_length
+    if len(dataset) >= _SAY_WHEN_ROWS and (d is None or d.main):
+        log.info("%s: measuring %d prompts in tokens, shared by %d process(es)", key, len(dataset),
+                 1 if d is None else d.world)
     lengths = prompt_lengths(dataset, processor, cfg.data.prompt_template, d=d)
     over = {i: n for i, n in enumerate(lengths) if n > limit}
     log.info("%s: prompts of %d to %d tokens (image tokens included), %d over data.max_prompt_length=%d "
@@ -908,6 +911,9 @@ def warmup_target(ids: list[int], max_length: int, eos: int) -> list[int]:
     return ids + [eos] if len(ids) <= max_length else ids[:max_length]
 
 
+_SAY_WHEN_ROWS = 10_000  # start-up work over this many rows says it has begun (it takes a minute or more)
+
+
 def check_solution_lengths(dataset, processor, cfg: Config, key: str = "data.train", d=None) -> None:
     """Warn (rank 0) when reference solutions are longer, in tokens, than what is generated
     (rollout.max_completion_length: completions written like them are cut before their final
@@ -916,9 +922,19 @@ def check_solution_lengths(dataset, processor, cfg: Config, key: str = "data.tra
     texts = [s.solution for s in dataset.text_only()]
     tok = processor.tokenizer
 
-    def lengths(idx):
-        return [len(ids) for ids in tok([texts[i] for i in idx], add_special_tokens=False)["input_ids"]] if idx else []
+    def lengths(idx, chunk: int = 1024):
+        # in chunks: one call over every row held ~35 KB a row (the encodings) at its peak, 8.5 GB at 260,000
+        out: list[int] = []
+        for lo in range(0, len(idx), chunk):
+            ids = tok([texts[i] for i in idx[lo:lo + chunk]], add_special_tokens=False,
+                      return_attention_mask=False)["input_ids"]
+            out += [len(x) for x in ids]
+        return out
 
+    t0 = time.perf_counter()
+    if len(texts) >= _SAY_WHEN_ROWS and (d is None or d.main):  # minutes at 100,000s of rows: say what the wait is
+        log.info("%s: measuring %d reference solutions in tokens, shared by %d process(es)", key, len(texts),
+                 1 if d is None else d.world)
     n = per_row_shared(lengths, range(len(texts)), d, "measuring reference solutions")
     if d is not None and not d.main:
         return
@@ -933,6 +949,7 @@ def check_solution_lengths(dataset, processor, cfg: Config, key: str = "data.tra
                         "0 (and no key step, which is looked for in Step sections)", key, len(bad), len(texts),
                         dataset.source(bad[0]))
     longest = max(range(len(n)), key=n.__getitem__)
+    log.info("%s: reference solutions of %d to %d tokens (%.1f s)", key, min(n), n[longest], time.perf_counter() - t0)
     for limit, name, what, on in (
             (cfg.rollout.max_completion_length, "rollout.max_completion_length",
              "completions written like them are cut before their final answer (reward 0; `truncated` in "
@@ -2294,6 +2311,10 @@ def _main(argv: list[str] | None) -> int:
             sys.stdout.write(yaml.safe_dump(to_dict(cfg), sort_keys=False))
             return 0
         if args.check:
+            if not logging.getLogger().handlers:  # (a caller's own logging is kept)
+                from r1vl.utils import Dist
+
+                setup_logging(cfg, Dist())  # its progress: minutes of reading, decoding and measuring at 100,000s of rows
             preflight(cfg, rows=True)
             from r1vl.models import check_model_path
 

@@ -1340,7 +1340,7 @@ def test_solutions_longer_than_what_is_generated_or_learned_are_said(tmp_path, d
     err = capsys.readouterr().err
     assert "reference solutions are longer than rollout.max_completion_length=6" in err
     assert "images are scaled down" not in err  # 84x84 images, data.max_pixels 12544
-    # and images data.max_pixels shrinks, at start (INFO: --check prints its one line only)
+    # and images data.max_pixels shrinks, at start (INFO: a run's log, pytest's capture in-process)
     assert main(_args(tmp_path / "small", data_dir, "data.max_pixels=3136", "warmup.steps=0", "train.max_steps=0",
                       "train.eval_before=false", "train.eval_after=false", "logging.plot=false")) == 0
     assert "data.train: 60 of 60 images are scaled down to at most data.max_pixels=3136 pixels (the largest is " \
@@ -1349,6 +1349,50 @@ def test_solutions_longer_than_what_is_generated_or_learned_are_said(tmp_path, d
     assert main(["--check", f"output_dir={tmp_path / 'c'}", f"data.train={train}",
                  f"data.test={Path(data_dir) / 'test.jsonl'}", "rollout.max_completion_length=512"]) == 0
     assert "reference solutions are longer" not in capsys.readouterr().err
+
+
+def test_solution_lengths_are_measured_in_chunks(caplog):
+    """The tokenizer took every reference solution in one call: its encodings held ~35 KB a row
+    at the peak (8.5 GB of a 10.3 GB --check at 260,000 rows). Now at most 1,024 a call, the
+    lengths as before (the longest row is named), and a start line over 10,000 rows."""
+    from types import SimpleNamespace
+
+    from r1vl.config import load_config
+    from r1vl.models import train_tokenizer
+    from r1vl.train import check_solution_lengths
+
+    tok = train_tokenizer(["### Step 1: one two three", "### The final answer is: 4"], vocab_size=300)
+    calls = []
+
+    def counting(texts, **kw):
+        calls.append(len(texts))
+        return tok(texts, **kw)
+
+    sols = [f"### Step 1: {'one ' * (3 if i != 10_007 else 40)}\n### The final answer is: 4" for i in range(12_000)]
+    dataset = SimpleNamespace(text_only=lambda: [SimpleNamespace(solution=x) for x in sols],
+                              source=lambda i: f"data.jsonl:{i + 1}")
+    cfg = load_config(None, ["rollout.max_completion_length=30", "warmup.steps=0"])
+    with caplog.at_level(logging.INFO, logger="r1vl.train"):
+        check_solution_lengths(dataset, SimpleNamespace(tokenizer=counting), cfg)
+    assert max(calls) <= 1024 and sum(calls) == 12_000
+    longest = len(tok(sols[10_007], add_special_tokens=False)["input_ids"])
+    assert longest > 30
+    assert (f"1 of 12000 reference solutions are longer than rollout.max_completion_length=30 tokens (longest "
+            f"data.jsonl:10008: {longest})") in caplog.text
+    assert "data.train: measuring 12000 reference solutions in tokens" in caplog.text
+
+
+def test_check_shows_its_progress(tmp_path, data_dir):
+    """python -m r1vl.train --check printed no log line (its logging was never set up): minutes
+    of reading, decoding and measuring at 100,000s of rows went by in silence."""
+    r = subprocess.run([sys.executable, "-m", "r1vl.train", "--check", f"output_dir={tmp_path / 'o'}",
+                        f"data.train={Path(data_dir) / 'train.jsonl'}", f"data.test={Path(data_dir) / 'test.jsonl'}"],
+                       capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "config OK" in r.stdout
+    assert "data.train: the images of 60 rows decoded, 0 unreadable" in r.stderr, r.stderr
+    assert "data.train: reference solutions of " in r.stderr and " INFO r1vl.train: " in r.stderr
 
 
 def test_reference_solutions_without_the_response_format_are_said(tmp_path, data_dir, caplog, capfd):
