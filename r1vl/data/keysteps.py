@@ -69,7 +69,6 @@ as it was.
 from __future__ import annotations
 
 import argparse
-import codecs
 import json
 import os
 import re
@@ -429,37 +428,21 @@ def _rebase_images(row: dict, src_dir: Path, out_dir: Path) -> bool:
 
 
 def _read_rows(path: Path) -> list[tuple[int, object]]:
-    """IN's rows as (row number, parsed value), numbered as the loader numbers them; ValueError
-    naming the file (and row) for what the loader would not read."""
+    """IN's rows as (row number, parsed value), read and numbered by the loader's reader (a line
+    at a time); ValueError naming the file (and row) for what the loader would not read."""
+    from r1vl.data.loader import _jsonl_rows
+
     if path.is_dir():
         raise ValueError(f"{path}: a directory; expected a .jsonl (or .json array) file")
     if not path.exists():
         raise ValueError(f"IN {path} does not exist")
     if path.suffix == ".parquet":
         raise ValueError(f"{path}: parquet input is not supported; convert it to JSON Lines first")
-    raw = path.read_bytes()
-    if raw.startswith(codecs.BOM_UTF8):
-        raw = raw[len(codecs.BOM_UTF8):]
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}: {e.reason}); "
-                         "re-encode the file as UTF-8") from None
-    if path.suffix == ".json" and text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
-        return list(enumerate(items))
     rows = []
-    for lineno, line in enumerate(text.split("\n"), start=1):  # not splitlines(): JSON strings may hold U+2028
-        if not line.strip():
-            continue
-        try:
-            rows.append((lineno, json.loads(line.lstrip("\ufeff"))))  # files joined by cat keep their BOMs
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    for number, obj in _jsonl_rows(path):
+        if isinstance(obj, Exception):  # (the loader would leave it out with data.skip_bad_rows=true)
+            raise ValueError(f"{path}:{number}: {obj}")
+        rows.append((number, obj))
     return rows
 
 
