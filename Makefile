@@ -85,7 +85,7 @@ $(VVENV)/.base:
 	@# its (CUDA-built, unloadable) extension would have registered.
 	$(VPY) -m pip install -q --no-deps "$(TORCHVISION_SPEC)"
 	$(VPY) -m pip install -q "pytest>=8" "pillow>=10" "pyyaml>=6" "tqdm>=4.66" \
-	  "safetensors>=0.4" "math-verify>=0.7,<0.10"
+	  "safetensors>=0.8" "math-verify>=0.8,<0.10"
 	@touch $@
 
 # ... the project and the shim follow their sources

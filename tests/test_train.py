@@ -1248,6 +1248,28 @@ def test_windows_is_refused_at_start(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "b").exists()
 
 
+def test_a_math_verify_older_than_0_8_is_refused_at_start(tmp_path, monkeypatch, capsys):
+    """math-verify 0.7 (setup.py allowed it) takes no None for the timeouts r1vl turns off: every
+    parse failed inside it, silently, and every answer it was needed for scored 0 (\\frac{10}{2}
+    against 5). The trainer's start (and --check, and the eval CLI's) refuses it in one line."""
+    from importlib import metadata
+
+    from r1vl.rewards.pool import math_verify_problem, platform_problem
+
+    assert math_verify_problem() is None  # this environment's
+    real = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda name: "0.7.0" if name == "math-verify" else real(name))
+    assert platform_problem("linux") is None  # another machine's platform alone
+    for argv in (["--check", f"output_dir={tmp_path / 'a'}"], [f"output_dir={tmp_path / 'b'}"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert ("r1vl.train: error: math-verify 0.7.0 is installed, and r1vl needs 0.8 or newer" in err
+                and "pip install 'math-verify>=0.8,<0.10'" in err and "Traceback" not in err), err
+    assert not (tmp_path / "b").exists()
+    monkeypatch.setattr(metadata, "version", lambda name: "0.9.1" if name == "math-verify" else real(name))
+    assert math_verify_problem() is None
+
+
 def test_without_matplotlib_and_tensorboard_the_run_says_so(tmp_path, data_dir, monkeypatch, capsys):
     """A plain `pip install -e .` has neither: the run goes on, and one line each says what is
     missing and how to get it (plot.png and tensorboard/ are in the README's list of outputs)."""
@@ -1834,9 +1856,10 @@ def test_rng_states_round_trip_through_a_weights_only_load(tmp_path, numpy_modul
                 files = {i: z.read(i) for i in z.infolist()}
             with zipfile.ZipFile(d / STATE_FILE, "w") as z:
                 for info, data in files.items():
-                    if info.filename.endswith("data.pkl"):
-                        assert b"numpy._core.multiarray\n_reconstruct" in data
-                        data = data.replace(b"numpy._core.multiarray\n", numpy_module.encode() + b"\n")
+                    if info.filename.endswith("data.pkl"):  # (numpy 2 writes numpy._core, 1.26 numpy.core)
+                        writer = next(m for m in (b"numpy._core.multiarray\n", b"numpy.core.multiarray\n")
+                                      if m + b"_reconstruct" in data)
+                        data = data.replace(writer, numpy_module.encode() + b"\n")
                     z.writestr(info, data)
         random.seed(9), np.random.seed(9), torch.manual_seed(9)
         set_rng_state(read_state(d)["rng"][0])

@@ -64,11 +64,32 @@ def platform_problem(platform: str | None = None) -> str | None:
     The workers are handed pipe descriptors (subprocess's pass_fds) and the in-process deadline
     is a signal timer: Windows has neither. The trainer and the evaluation check this at start,
     before a warm-up or a decoding pass that would end in a failed first scoring."""
+    here = platform is None
     platform = platform or sys.platform
     if platform.startswith("win"):
         return (f"rewards cannot be scored on {platform}: the reward workers are handed pipe descriptors "
                 "(subprocess pass_fds) and math-verify's deadline is a signal timer, which Windows lacks; "
                 "train and evaluate on Linux or macOS (r1vl.kernels, the loss, runs here)")
+    return math_verify_problem() if here else None
+
+
+def math_verify_problem() -> str | None:
+    """Why the installed math-verify cannot score answers, or None. Below 0.8 its parse and
+    verify take no None for their own timeouts, which r1vl turns off (its deadline wraps the
+    whole computation): each call failed inside math-verify, was swallowed there, and every
+    answer that needs math-verify scored wrong, silently (setup.py asks for 0.8, but an
+    environment built otherwise may hold 0.7)."""
+    import re
+    from importlib import metadata
+
+    try:
+        found = metadata.version("math-verify")
+    except metadata.PackageNotFoundError:
+        return "math-verify is not installed: pip install 'math-verify>=0.8,<0.10'"
+    parts = tuple(int(x) for x in re.findall(r"\d+", found)[:2])
+    if parts < (0, 8):
+        return (f"math-verify {found} is installed, and r1vl needs 0.8 or newer: under 0.8 every answer that "
+                "needs math-verify is scored wrong without an error; pip install 'math-verify>=0.8,<0.10'")
     return None
 
 
