@@ -439,8 +439,15 @@ def test_closing_the_pools_does_not_wait_for_a_batch_scored_in_another_thread():
     texts = [f"### Step 1: {i} + 1 = {i + 1}\n### The final answer is: \\frac{{{i}}}{{7}}" for i in range(n)]
     sols = [f"### The final answer is: \\frac{{{i + 1}}}{{7}}" for i in range(n)]
     score_batch(texts[:2], sols[:2], workers=2, timeout_s=5.0)  # the workers' start-up, before the clock
+    pool = get_pool(2)
     job = Background(lambda: score_batch(texts, sols, workers=2, timeout_s=5.0), "scoring")
-    time.sleep(0.5)
+    # close once the batch holds the pool: closed before (the 30,000 tasks still being built on a
+    # busy machine), the thread would start a new pool and score the whole batch there
+    deadline = time.monotonic() + 60
+    while not pool._lock.locked():
+        assert time.monotonic() < deadline, "the background batch never reached the pool"
+        time.sleep(0.01)
+    time.sleep(0.2)
     t = time.monotonic()
     close_pools()
     assert time.monotonic() - t < 10  # (about 1 s; a busy machine took 3.7)
