@@ -144,6 +144,21 @@ def test_windows_is_refused_before_evaluating(fake_model, data_dir, capsys, monk
     assert line.startswith("r1vl.eval: error: rewards cannot be scored on win32") and "Linux or macOS" in line
 
 
+def test_a_math_verify_older_than_0_8_is_refused_before_evaluating(fake_model, data_dir, tmp_path, capsys,
+                                                                   monkeypatch, no_eval):
+    """math-verify 0.7 scored every answer it was needed for as wrong, silently: the eval CLI
+    refuses it in one line, before it loads anything or writes --out."""
+    from importlib import metadata
+
+    real = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda name: "0.7.0" if name == "math-verify" else real(name))
+    out = tmp_path / "res.json"
+    assert ev.main(["--model", str(fake_model), "--data", str(data_dir), "--out", str(out)]) == 2
+    line = _err_line(capsys)
+    assert line.startswith("r1vl.eval: error: math-verify 0.7.0 is installed, and r1vl needs 0.8 or newer"), line
+    assert "pip install 'math-verify>=0.8,<0.10'" in line and not out.exists()
+
+
 def test_outputs_and_out_must_differ_and_be_files(fake_model, data_dir, tmp_path, capsys, no_eval):
     f = tmp_path / "same.json"
     assert ev.main(["--model", str(fake_model), "--data", str(data_dir), "--out", str(f), "--outputs", str(f)]) == 2
