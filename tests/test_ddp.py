@@ -4,7 +4,6 @@ reductions and the per-rank data streams the trainer uses."""
 import math
 import os
 import sys
-import socket
 
 import pytest
 import torch
@@ -12,6 +11,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from r1vl.utils import IndexStream
+
+from ports import free_port
 
 sys.path.insert(0, os.path.dirname(__file__))  # the sibling test modules' helpers
 
@@ -76,11 +77,6 @@ def _worker(rank, world, port, out_dir, loss_type="grpo"):
     exit_after_collectives(0)  # no interpreter teardown after collectives (its docstring says why)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "sft"])
 def test_ddp_two_gloo_ranks_match_single_process(tmp_path, loss_type):
@@ -89,7 +85,7 @@ def test_ddp_two_gloo_ranks_match_single_process(tmp_path, loss_type):
     match)."""
     # spawn, not fork: a fork of the pytest process after earlier tests ran threads (OpenMP,
     # the reward pool's readers) deadlocked in the child in a full-suite run
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path), loss_type), nprocs=2, join=True,
+    mp.start_processes(_worker, args=(2, free_port(), str(tmp_path), loss_type), nprocs=2, join=True,
                        start_method="spawn")
     p0 = torch.load(tmp_path / "rank0.pt")
     p1 = torch.load(tmp_path / "rank1.pt")
@@ -145,7 +141,7 @@ def test_torchrun_two_ranks_end_to_end(tmp_path, data_dir):
     out = tmp_path / "run"
     data_dir = shutil.copytree(data_dir, tmp_path / "data")  # edited below
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "r1vl.train",
+    cmd = [str(torchrun), "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "r1vl.train",
            f"output_dir={out}", f"data.synthetic_dir={data_dir}", *FAST, "train.max_steps=2", "logging.plot=false",
            "algorithm.scale_rewards=batch", "train.save_every=2"]
     r = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
@@ -167,7 +163,7 @@ def test_torchrun_two_ranks_end_to_end(tmp_path, data_dir):
     edited = json.loads(rows[0])
     edited["problem"] += " Answer carefully."
     (Path(data_dir) / "train.jsonl").write_text("\n".join([json.dumps(edited)] + rows[1:]) + "\n")
-    cmd[4] = str(_free_port())
+    cmd[4] = str(free_port())
     r = subprocess.run([*cmd, "train.resume=true", "train.max_steps=3"], cwd=Path(__file__).resolve().parents[1],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
@@ -212,7 +208,7 @@ def _per_rank_cwd_run(tmp_path, dirs, *args, timeout_s=120):
                        "from r1vl.train import main\nsys.exit(main(sys.argv[3:]))\n")
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    return subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", str(_free_port()), str(wrapper),
+    return subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", str(free_port()), str(wrapper),
                            *map(str, dirs), *args, f"distributed.timeout_s={timeout_s}"], env=env,
                           capture_output=True, text=True, timeout=600)
 
@@ -306,7 +302,7 @@ def test_the_ranks_die_with_a_torchrun_killed_by_sigkill(when, tmp_path, data_di
 
     out = tmp_path / "run"
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "r1vl.train",
+    cmd = [str(torchrun), "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "r1vl.train",
            f"output_dir={out}", f"data.synthetic_dir={data_dir}", *FAST, "warmup.steps=5000", "train.max_steps=0",
            "train.eval_before=false", "train.eval_after=false", "train.save_final=false", "logging.plot=false"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -14,7 +14,6 @@ import copy
 import json
 import math
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -26,6 +25,8 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 from r1vl import ds
+
+from ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 ZERO2 = ROOT / "configs" / "ds_zero2.json"
@@ -590,17 +591,12 @@ def _foreign_weight_probe(deepspeed):
     return out
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _run_two_ranks(stage, out):
     pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install -e '.[deepspeed]')")
     # spawn, not fork: forking the pytest process after earlier tests ran threads (OpenMP,
     # the reward pool's readers) can deadlock the child
-    mp.start_processes(_worker, args=(stage, _free_port(), str(out)), nprocs=WORLD, join=True, start_method="spawn")
+    mp.start_processes(_worker, args=(stage, free_port(), str(out)), nprocs=WORLD, join=True, start_method="spawn")
     return [torch.load(out / f"res{r}.pt", weights_only=False) for r in range(WORLD)]
 
 

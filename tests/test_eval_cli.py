@@ -568,7 +568,7 @@ def test_torchrun_two_ranks_give_the_single_process_result(tiny_run, data_dir, t
     """`torchrun --nproc-per-node 2 -m r1vl.eval`: each rank evaluates half the items, rank 0
     alone prints and writes; greedy, one item per batch (no padding), so every completion and
     number equals one process's."""
-    from test_ddp import _free_port
+    from ports import free_port
 
     def run(prefix, tag):
         outputs = tmp_path / f"{tag}.jsonl"
@@ -580,14 +580,14 @@ def test_torchrun_two_ranks_give_the_single_process_result(tiny_run, data_dir, t
 
     one, one_out, _ = run([sys.executable], "one")
     torchrun = str(Path(sys.executable).with_name("torchrun"))
-    two, two_out, err = run([torchrun, "--nproc-per-node", "2", "--master-port", str(_free_port())], "two")
+    two, two_out, err = run([torchrun, "--nproc-per-node", "2", "--master-port", str(free_port())], "two")
     assert two["world_size"] == 2 and one["world_size"] == 1
     for k in ("n", "accuracy", "step_rar", "step_rvr", "reward", "completion_length"):
         assert two[k] == one[k], k
     assert two_out == one_out
     assert err.count("device = cpu") == 1  # rank 0's notes only
     # more ranks than items: rank 1 has none and still joins the reductions
-    r = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "r1vl.eval",
+    r = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "r1vl.eval",
                         "--model", str(tiny_run / "final"), "--data", str(data_dir), "--limit", "1"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -1050,7 +1050,7 @@ def test_torchrun_error_of_rank_1_is_shown(tiny_run, data_dir, tmp_path):
     its message reaches the terminal (torchrun itself says only "exitcode: 2")."""
     import os
 
-    from test_ddp import _free_port
+    from ports import free_port
 
     inject = tmp_path / "inject"
     inject.mkdir()
@@ -1063,7 +1063,7 @@ def test_torchrun_error_of_rank_1_is_shown(tiny_run, data_dir, tmp_path):
         "    h.HFEngine.generate = boom\n")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(inject), os.environ.get("PYTHONPATH")])))
     torchrun = str(Path(sys.executable).with_name("torchrun"))
-    r = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "r1vl.eval",
+    r = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "r1vl.eval",
                         "--model", str(tiny_run / "final"), "--data", str(data_dir), "--limit", "4"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode != 0

@@ -149,11 +149,11 @@ def test_ranks_share_the_measurement(tmp_path, processor, fail_rank):
     """Each of 2 gloo ranks measures every other row; both get the single-process list. A rank
     that fails makes every rank raise (none is left waiting in the gather)."""
     import torch.multiprocessing as mp
-    from test_ddp import _free_port
+    from ports import free_port
 
     ds = load_dataset(write_data(tmp_path, PROBLEMS[:5] + ["seven"] * 2, SIZES + [(80, 90)]), **PX)
     want = prompt_lengths(ds, processor, "r1vl")
-    mp.start_processes(_sharded_worker, args=(2, _free_port(), str(tmp_path), fail_rank), nprocs=2, join=True,
+    mp.start_processes(_sharded_worker, args=(2, free_port(), str(tmp_path), fail_rank), nprocs=2, join=True,
                        start_method="spawn")
     res = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     if fail_rank < 0:

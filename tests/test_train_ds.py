@@ -13,13 +13,14 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from ports import free_port
 
 pytest.importorskip("deepspeed")
 
@@ -55,11 +56,6 @@ def warm_model(tmp_path_factory, data_dir):
     return out / "warmup"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _torchrun(stage: int, out: Path, model: Path, data_dir: Path, *extra: str,
               nproc: int = 2) -> subprocess.CompletedProcess:
@@ -67,7 +63,7 @@ def _torchrun(stage: int, out: Path, model: Path, data_dir: Path, *extra: str,
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
         env.pop(k, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "r1vl.train",
+           "--master_port", str(free_port()), "-m", "r1vl.train",
            f"deepspeed={ROOT / 'configs' / f'ds_zero{stage}.json'}", f"output_dir={out}", f"model.path={model}",
            f"data.synthetic_dir={data_dir}", *RUN, "warmup.steps=2", "warmup.lr=0.001", "train.max_steps=3",
            "train.save_every=1", *extra]
@@ -231,7 +227,7 @@ def test_process_groups_are_released_at_exit(tmp_path, data_dir):
         "print('RESULT', rc, dist.is_initialized(), held)\n"
         "from r1vl.utils import exit_after_collectives\n"
         "exit_after_collectives(0)\n")
-    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
     args = [f"deepspeed={ROOT / 'configs' / 'ds_zero3.json'}", f"output_dir={tmp_path / 'run'}",
             f"data.synthetic_dir={data_dir}", *TINY, *RUN, "warmup.steps=1", "train.max_steps=1",
@@ -297,7 +293,7 @@ def test_deepspeed_checkpoint_of_a_final_evaluation_without_stepgrpo_cannot_leng
     args = [f"deepspeed={ROOT / 'configs' / 'ds_zero2.json'}", f"output_dir={out}", f"data.synthetic_dir={data_dir}",
             *TINY, *RUN, "warmup.steps=2", "train.max_steps=0", "train.eval_before=false", "train.save_every=0"]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master_addr",
-                           "127.0.0.1", "--master_port", str(_free_port()), str(wrapper), *args],
+                           "127.0.0.1", "--master_port", str(free_port()), str(wrapper), *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "stopped during the final evaluation" in proc.stderr, proc.stderr[-3000:]
     ck = out / "checkpoints" / "warmup-000002"

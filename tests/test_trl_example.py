@@ -184,12 +184,12 @@ def _two_processes(tmp_path, backend: str) -> dict:
     import sys
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    from test_ddp import _free_port
+    from ports import free_port
 
     params = {}
     for which in ("fused", "stock"):
         r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                            str(_free_port()), str(ROOT / "tests" / "trl_ddp_worker.py"), which, str(tmp_path),
+                            str(free_port()), str(ROOT / "tests" / "trl_ddp_worker.py"), which, str(tmp_path),
                             backend], env=env, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
         params[which] = torch.load(tmp_path / f"params_{which}.pt")

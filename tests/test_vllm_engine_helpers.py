@@ -188,11 +188,9 @@ def test_one_rank_group_under_torchrun(tmp_path, rendezvous):
     if rendezvous == "standalone":  # c10d rendezvous on a free port
         how = ["--standalone"]
     else:  # torchrun's default: a static rendezvous at --master-addr / --master-port
-        import socket
+        from ports import free_port
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            how = ["--master-addr", "127.0.0.1", "--master-port", str(s.getsockname()[1])]
+        how = ["--master-addr", "127.0.0.1", "--master-port", str(free_port())]
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", *how, str(script)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

@@ -142,7 +142,7 @@ def test_wandb_that_cannot_start_stops_every_rank_with_one_line(tmp_path, data_d
     import os
     import subprocess
 
-    from test_ddp import _free_port
+    from ports import free_port
     from test_train import ROOT
 
     fake = tmp_path / "fake"
@@ -151,7 +151,7 @@ def test_wandb_that_cannot_start_stops_every_rank_with_one_line(tmp_path, data_d
         "def init(**kw):\n    raise RuntimeError('api_key not configured (no-tty)')\n")
     env = dict(os.environ, PYTHONPATH=f"{fake}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     torchrun = str(Path(sys.executable).with_name("torchrun"))
-    r = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "r1vl.train",
+    r = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "r1vl.train",
                         *_args(tmp_path / "run", data_dir, "train.max_steps=1", *WB)],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0

@@ -2,13 +2,14 @@
 ambiguous import name with two conftest.py files in the tree)."""
 from __future__ import annotations
 
-import socket
+import importlib.util
+from pathlib import Path
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# tests/ports.py (tests/ itself is not on sys.path when this suite runs alone)
+_spec = importlib.util.spec_from_file_location("r1vl_test_ports", Path(__file__).resolve().parents[1] / "ports.py")
+_ports = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_ports)
+free_port = _ports.free_port
 
 
 def engine_config(path, **kw):
