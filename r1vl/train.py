@@ -81,17 +81,23 @@ def prepare_data(cfg: Config, d) -> tuple[str, str]:
     return train_path, test_path
 
 
-def load_split(path: str, cfg: Config):
+def load_split(key: str, path: str, cfg: Config):
+    """data.train / data.test (`key`) read from `path`, said before and after (each row validated,
+    each image's header read: minutes at 100,000s of rows), for a run and for --check alike."""
     from r1vl.data import load_dataset
     from r1vl.data.loader import RowError
 
+    t0 = time.perf_counter()
+    log.info("%s: reading %s (every row checked, every image header read)", key, path)
     try:
-        return load_dataset(path, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
-                            skip_bad_rows=cfg.data.skip_bad_rows)
+        split = load_dataset(path, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
+                             skip_bad_rows=cfg.data.skip_bad_rows)
     except (FileNotFoundError, NotADirectoryError) as e:
         raise UserError(f"{path}: {e}") from None
     except RowError as e:
         raise UserError(f"{e} (data.skip_bad_rows=true leaves bad rows out, each reported)") from None
+    log.info("%s: %d rows read (%.1f s)", key, len(split), time.perf_counter() - t0)
+    return split
 
 
 # what a run writes into output_dir (data/ aside: the synthetic task is regenerated per seed)
@@ -1483,10 +1489,7 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
     train_path, test_path = prepare_data(cfg, d)
     splits = []
     for key, path in (("data.train", train_path), ("data.test", test_path)):
-        t0 = time.perf_counter()  # each row validated, each image's header read: minutes at 100k's of rows
-        log.info("%s: reading %s (every row checked, every image header read)", key, path)
-        splits.append(load_split(path, cfg))
-        log.info("%s: %d rows read (%.1f s)", key, len(splits[-1]), time.perf_counter() - t0)
+        splits.append(load_split(key, path, cfg))
     train_set, test_set = splits
     loaded_train = train_set
     if len(train_set) == 0:
@@ -2230,7 +2233,7 @@ def preflight(cfg: Config, *, rows: bool = False) -> tuple[str | None, str]:
 
             syn = dict(zip(("data.train", "data.test"), prepare_data(cfg, Dist())))
         for key, path in (("data.train", cfg.data.train), ("data.test", cfg.data.test)):
-            splits[key] = load_split(syn[key] if path == "synthetic" else path, cfg)
+            splits[key] = load_split(key, syn[key] if path == "synthetic" else path, cfg)
             if len(splits[key]) == 0:
                 raise UserError(f"{key}: {path} has no usable rows")
             if saved is not None:
