@@ -536,14 +536,16 @@ def test_a_weights_mapping_defaults_the_missing_weight_to_one():
 
 def test_close_stops_idle_workers_at_once_and_cleanly():
     """close() tells idle workers to exit (None): quick, exit code 0, not killed after a 2 s
-    wait each."""
+    wait each. Exit code 0 is the proof (a worker not told is killed, -9); the time only
+    has to be under that 2 s wait for each worker, 4 s (it was 1.5 s: a close took 0.19 s
+    on an idle machine, and 10 times that on a loaded one is not unusual)."""
     pool = RewardPool(2)
     pool.map([(i, SOL, SOL, []) for i in range(8)], alpha=0.1, variant="paper", timeout_s=3.0)
     procs = [w.process for w in pool._workers]
     t0 = time.monotonic()
     pool.close()
-    assert time.monotonic() - t0 < 1.5
     assert [p.returncode for p in procs] == [0, 0]
+    assert time.monotonic() - t0 < 4.0
 
 
 def test_a_worker_silent_for_less_than_the_grace_period_is_not_killed():
