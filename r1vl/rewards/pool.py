@@ -274,6 +274,14 @@ class RewardPool:
             nonlocal kills, remaining
             self._workers[i] = None  # until its successor runs: an interrupt here leaves no dead worker
             self._kill(w)
+            if not w.ready:
+                # it ended before its start-up did, seen by its exit status or by its pipe's end
+                # (counted on the exit status alone, a worker whose end the pipe showed first, as
+                # a Python one failing at import always did, was started again for ever)
+                self._start_failures += 1
+                if self._start_failures > 3 * self.size:
+                    raise RuntimeError("reward workers keep exiting at start-up "
+                                       f"(exit code {w.process.returncode})")
             if w.recycling and w.pending:
                 queue.appendleft(list(w.pending))
             elif w.pending:
@@ -337,11 +345,6 @@ class RewardPool:
                         replace(i, w, f"silent for more than {hard:.1f}s")
             for i, w in enumerate(self._workers):
                 if w.process.poll() is not None:
-                    if not w.ready:
-                        self._start_failures += 1
-                        if self._start_failures > 3 * self.size:
-                            raise RuntimeError("reward workers keep exiting at start-up "
-                                               f"(exit code {w.process.returncode})")
                     replace(i, w, "exited")
         self.killed += kills
         return results, kills  # type: ignore[return-value]
