@@ -501,11 +501,19 @@ def test_one_worker_that_never_starts_does_not_fail_a_pool_whose_others_run(monk
         pool.close()
 
 
-def test_workers_that_keep_exiting_at_start_up_fail_the_batch(monkeypatch):
-    """A map does not respawn workers that exit at start-up for ever: the batch fails."""
+@pytest.mark.parametrize("after", [None, 0.05])
+def test_workers_that_keep_exiting_at_start_up_fail_the_batch(monkeypatch, tmp_path, after):
+    """A map does not respawn workers that exit at start-up for ever: the batch fails. after:
+    None, /bin/false, gone before the parent looks; 0.05, a worker that ends 50 ms in (as a
+    Python one failing at import): its pipe's end was seen first and it was not counted."""
     from r1vl.rewards import pool as pool_mod
 
-    monkeypatch.setattr(pool_mod, "sys", types.SimpleNamespace(executable="/bin/false", platform=sys.platform))
+    exe = "/bin/false"
+    if after is not None:
+        exe = tmp_path / "late_false"
+        exe.write_text(f"#!/bin/sh\nsleep {after}\nexit 1\n")
+        exe.chmod(0o755)
+    monkeypatch.setattr(pool_mod, "sys", types.SimpleNamespace(executable=str(exe), platform=sys.platform))
     pool = RewardPool(1)
     out = {}
 
