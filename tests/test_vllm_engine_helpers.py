@@ -159,9 +159,10 @@ def test_engine_needs_a_process_group():
 _ONE_RANK_GROUP = """
 import os
 import signal
-signal.alarm(60)  # a rendezvous that waits for nothing ends here, not at its 30-min timeout
 import torch.distributed as dist
 from r1vl.rollout.vllm_engine import ensure_process_group
+signal.alarm(60)  # a rendezvous that waits for nothing ends here, not at its 30-min timeout (set after
+# the imports: torch's took seconds of it on a loaded machine)
 assert os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True", "not torchrun's agent store"
 ensure_process_group()
 print("group", dist.get_rank(), dist.get_world_size(), dist.get_backend(), flush=True)
