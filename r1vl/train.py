@@ -1269,8 +1269,8 @@ class StopSignal:
     step loops and evaluations, SIGINT (Ctrl-C) ask the run to stop at the end of the current
     step (in an evaluation: before its next batch), with a checkpoint to resume from
     (train.resume=true), whatever train.save_every is. A second signal stops at once (SIGINT:
-    KeyboardInterrupt), unless it comes within REPEAT_S of the first: that is the same stop
-    delivered twice (a scheduler signalling every process while torchrun passes its own on).
+    KeyboardInterrupt), unless it arrived within REPEAT_S of the first (however late its handler
+    ran): that is the same stop delivered twice (a scheduler signalling every process while torchrun passes its own on).
     Elsewhere (`armed` false: start-up, the saves of warmup/ and final/) SIGINT interrupts at
     once; SIGTERM / SIGUSR1 then act at the next step or evaluation batch, and one during
     the final save lets the run finish. Used as a
@@ -1287,6 +1287,11 @@ class StopSignal:
         self._told = False
         self._at = 0.0
         self._old: dict[int, Any] = {}
+        # when each signal arrived (not when its handler ran: a handler waits for the main thread to
+        # leave a C call, a backward pass or a collective, which may take longer than REPEAT_S)
+        self._arrived: dict[int, list[float]] = {}
+        self._arrivals_lock = threading.RLock()  # (a handler re-entered by a signal takes it again)
+        self._wakeup: tuple[int, int] | None = None
 
     def __enter__(self) -> "StopSignal":
         if threading.current_thread() is threading.main_thread():
@@ -1294,15 +1299,78 @@ class StopSignal:
                 sig = getattr(signal, name, None)
                 if sig is not None:
                     self._old[sig] = signal.signal(sig, self._handle)
+            self._watch_arrivals()
         return self
 
     def __exit__(self, *exc) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
         self._old.clear()
+        if self._wakeup is not None:
+            cur = signal.set_wakeup_fd(-1)
+            if cur not in (-1, self._wakeup[1]):  # another's since (an asyncio loop's): left in place
+                signal.set_wakeup_fd(cur)
+            os.close(self._wakeup[1])  # the watcher reads its end, then closes the other
+            self._wakeup = None
+
+    def _watch_arrivals(self) -> None:
+        """Python's wakeup fd gets a byte (the signal's number) as each signal arrives; a thread
+        notes when. None where the fd is someone else's already (a handler's run time is used)."""
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        os.set_blocking(w, False)
+        try:
+            old = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        except (ValueError, OSError):  # pragma: no cover
+            old = None
+        if old != -1:
+            if old is not None:
+                signal.set_wakeup_fd(old)
+            os.close(r)
+            os.close(w)
+            return
+        self._wakeup = (r, w)
+        threading.Thread(target=self._read_arrivals, args=(r,), name="r1vl-signals", daemon=True).start()
+
+    def _drain(self, r: int) -> bool:
+        """Note the arrivals waiting in the wakeup fd (now); False at its end."""
+        with self._arrivals_lock:
+            while True:
+                try:
+                    data = os.read(r, 256)
+                except BlockingIOError:
+                    return True
+                except OSError:
+                    return False
+                if not data:
+                    return False
+                now = time.monotonic()
+                for signum in data:
+                    self._arrived.setdefault(signum, []).append(now)
+
+    def _read_arrivals(self, r: int) -> None:
+        import select
+
+        try:
+            while True:
+                select.select([r], [], [])
+                if not self._drain(r):
+                    return
+        finally:
+            os.close(r)
+
+    def _arrival(self, signum: int, first: bool) -> float:
+        """When the signal being handled arrived (the deliveries since the last handler's: the
+        earliest for a first signal, else the latest), or now where none was noted."""
+        now = time.monotonic()
+        with self._arrivals_lock:
+            if self._wakeup is not None:
+                self._drain(self._wakeup[0])  # (what the watcher has not read yet arrived just now)
+            times = self._arrived.pop(signum, [])
+        return (min(times) if first else max(times)) if times else now
 
     def _handle(self, signum, frame) -> None:
-        now = time.monotonic()
+        now = self._arrival(signum, first=not self.signum)
         if self.signum and now - self._at < self.REPEAT_S:
             return  # the same stop, delivered twice
         if signum == signal.SIGINT and (self.signum or not self.armed):

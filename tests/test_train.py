@@ -369,6 +369,35 @@ def test_ctrl_c_stops_at_the_step_end_inside_the_loops_only():
     assert signal.getsignal(signal.SIGINT) is before
 
 
+def test_the_same_stop_passed_on_during_a_long_c_call_is_not_a_second_signal(tmp_path):
+    """A stop delivered twice (a scheduler's SIGTERM, then torchrun's, 0.2 s later) while the main
+    thread is in a long C call (a backward pass, a collective; os.system's wait stands in): Python
+    runs the second's handler only when the call returns, 3 s later. It was judged by when its
+    handler ran, taken for a deliberate second signal and the run killed (status -15, no
+    checkpoint). Now by when it arrived: the same stop. A second sent REPEAT_S after the first
+    still stops at once, in a C call too."""
+    code = ("import os, signal, sys, threading, time\nfrom r1vl.train import StopSignal\n"
+            "with StopSignal() as stop:\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    assert stop.signum == signal.SIGTERM\n"
+            "    threading.Thread(target=lambda: (time.sleep(float(sys.argv[1])), os.kill(os.getpid(), "
+            "signal.SIGTERM)), daemon=True).start()\n"
+            "    os.system('sleep ' + sys.argv[2])\n"
+            "print('went on')\n")
+    (tmp_path / "stand_in.py").write_text(code)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+
+    def run(after, call_s):
+        return subprocess.run([sys.executable, str(tmp_path / "stand_in.py"), str(after), str(call_s)], env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    r = run(0.2, 3)
+    assert r.returncode == 0 and "went on" in r.stdout, (r.returncode, r.stderr[-2000:])
+    assert r.stderr.count("SIGTERM: stopping at the end of this step") == 1, r.stderr[-2000:]
+    r = run(2.5, 4)  # sent again after REPEAT_S: at once (when the call returns)
+    assert r.returncode == -signal.SIGTERM and "went on" not in r.stdout, (r.returncode, r.stderr[-2000:])
+
+
 def test_ctrl_c_in_a_run(tmp_path, data_dir):
     """Ctrl-C mid-StepGRPO: a checkpoint at the step's end, exit 130, one line. Ctrl-C while
     the run starts: one line naming where, exit 130, no traceback."""
