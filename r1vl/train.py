@@ -564,17 +564,26 @@ LOCK_FILE = ".r1vl.lock"  # in output_dir: held (flock) by the rank 0 of the run
 _OUTPUT_LOCKS: dict[str, Any] = {}  # output_dir -> its open lock file, this process's
 
 
+LOCK_WAIT_S = 1.0  # a lock held no longer than this is --check's probe (held an instant), not a run
+
+
 def _lock_or_holder(f) -> str | None:
-    """flock the open lock file `f` (exclusive, not waiting): None once taken, else the holder's
-    pid as it wrote it. OSError where the file system has no locks."""
+    """flock the open lock file `f` (exclusive; a lock held by another for up to LOCK_WAIT_S is
+    waited for: output_dir_holder's probe, whose process may be descheduled while it holds it):
+    None once taken, else the holder's pid as it wrote it. OSError where the file system has no
+    locks."""
     import fcntl
 
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        return f.read().strip() or "?"
-    return None
+    deadline = time.monotonic() + LOCK_WAIT_S
+    while True:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return None
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                f.seek(0)
+                return f.read().strip() or "?"
+            time.sleep(0.05)
 
 
 def hold_output_dir(out: Path) -> None:

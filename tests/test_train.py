@@ -2073,6 +2073,40 @@ def test_a_second_run_into_a_live_runs_output_dir_is_refused(tmp_path, data_dir,
     assert main(args) == 0  # and this process's own, when its run ended
 
 
+def test_a_check_probing_the_lock_as_a_run_starts_does_not_refuse_the_run(tmp_path, monkeypatch):
+    """--check probes output_dir's lock by taking it for an instant. A run starting there in that
+    instant (the probe's process descheduled while it holds it: 0.5 s injected) found the lock
+    taken and was refused as if another run wrote there, naming the pid the file held (the
+    previous run's, long gone). Now a lock held that briefly is waited for."""
+    import threading
+
+    import r1vl.train as train
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / train.LOCK_FILE).write_text("4242\n")  # a finished run's pid
+    real, taken, answers = train._lock_or_holder, threading.Event(), []
+
+    def probing(f):
+        holder = real(f)
+        if threading.current_thread().name == "probe":
+            taken.set()
+            time.sleep(0.5)  # held while the run starts
+        return holder
+
+    monkeypatch.setattr(train, "_lock_or_holder", probing)
+    probe = threading.Thread(target=lambda: answers.append(train.output_dir_holder(out)), name="probe")
+    probe.start()
+    try:
+        assert taken.wait(30)
+        train.hold_output_dir(out)  # raised UserError: another run is writing there (pid 4242)
+        assert (out / train.LOCK_FILE).read_text() == f"{os.getpid()}\n"
+    finally:
+        probe.join(30)
+        train.release_output_dirs()
+    assert answers == [None]
+
+
 def test_a_resume_with_another_batch_goes_on_from_the_row_where_it_stopped(tmp_path, data_dir, monkeypatch, capfd):
     """The checkpoint saves where the data stream stands: a resume with another
     train.prompts_per_step continues from that row (it used to restart at step * the new size,
