@@ -2481,8 +2481,6 @@ def _shutdown(rc: int = 0) -> None:
 
     global _SKIP_TEARDOWN
 
-    release_output_dirs()
-
     while _OPEN_WRITERS:  # TensorBoard's tail, W&B's finish (with the exit code) on every exit path
         writer = _OPEN_WRITERS.pop()
         try:
@@ -2513,6 +2511,9 @@ def _shutdown(rc: int = 0) -> None:
     r1vl_ds = sys.modules.get("r1vl.ds")
     if r1vl_ds is not None:
         r1vl_ds.forget_process_group_env()
+    # last: until its writers (TensorBoard's tail, W&B's finish) and engines are closed, the run
+    # still writes output_dir, and a run started there meanwhile must be refused
+    release_output_dirs()
 
 
 if __name__ == "__main__":

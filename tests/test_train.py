@@ -2107,6 +2107,37 @@ def test_a_check_probing_the_lock_as_a_run_starts_does_not_refuse_the_run(tmp_pa
     assert answers == [None]
 
 
+def test_a_stopped_run_holds_its_output_dir_until_its_writers_are_closed(tmp_path, data_dir, monkeypatch):
+    """A run stopped by a signal (or failing) closes its metrics writer on the way out, in
+    _shutdown: TensorBoard's tail into output_dir/tensorboard, W&B's finish (seconds) into
+    output_dir/wandb. The output_dir lock was let go first, so a resume started in that window
+    took it and rewrote the event files (and continued the W&B run) under the closing one. Now
+    the lock is held until they are closed."""
+    import fcntl
+
+    import r1vl.utils
+    from r1vl.train import LOCK_FILE
+
+    out, held = tmp_path / "run", []
+    real_close = r1vl.utils.MetricsWriter.close
+
+    def close(self, *a, **kw):
+        with open(out / LOCK_FILE) as f:  # another process's view: a fresh open file
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held.append(False)
+            except BlockingIOError:
+                held.append(True)
+        return real_close(self, *a, **kw)
+
+    monkeypatch.setattr(r1vl.utils.MetricsWriter, "close", close)
+    _signal_in_evaluation(monkeypatch, 1, signal.SIGTERM)
+    assert main(_args(out, data_dir, "train.max_steps=1", "logging.plot=false")) == 128 + signal.SIGTERM
+    assert held == [True]  # was [False]: let go before the writer closed
+    with open(out / LOCK_FILE) as f:  # and let go at the end
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
 def test_a_resume_with_another_batch_goes_on_from_the_row_where_it_stopped(tmp_path, data_dir, monkeypatch, capfd):
     """The checkpoint saves where the data stream stands: a resume with another
     train.prompts_per_step continues from that row (it used to restart at step * the new size,
