@@ -2367,14 +2367,23 @@ def quiet_deepspeed_probe() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     rc = 1  # an exception that escapes main
+    # entered by _main around the run; after a signal's stop, given back only after _shutdown: a
+    # repeat of it arriving while the run closes its writers (W&B's finish, seconds) is the same
+    # stop, not a kill. Else given back first (a signal during the shutdown acts at once, as before)
+    stop = StopSignal()
     try:
-        rc = _main(argv)
+        rc = _main(argv, stop)
     finally:
-        _shutdown(rc)
+        if not stop.signum:
+            stop.__exit__(None, None, None)
+        try:
+            _shutdown(rc)
+        finally:
+            stop.__exit__(None, None, None)
     return rc
 
 
-def _main(argv: list[str] | None) -> int:
+def _main(argv: list[str] | None, stop: StopSignal) -> int:
     args = parse_args(argv)
     from r1vl.utils import rank_env_problem, slurm_task_problem
 
@@ -2403,8 +2412,7 @@ def _main(argv: list[str] | None) -> int:
                   (f"; model.path {cfg.model.path!r} is no local directory: it will be fetched from the "
                    "Hugging Face Hub" if hub else ""))
             return 0
-        with StopSignal() as stop:
-            run(cfg, stop)
+        run(cfg, stop.__enter__())
     except Stopped as e:
         if os.environ.get("RANK", "0") == "0":  # every rank stops at the same step: one line says it
             log.warning("%s", e)

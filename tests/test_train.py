@@ -398,6 +398,34 @@ def test_the_same_stop_passed_on_during_a_long_c_call_is_not_a_second_signal(tmp
     assert r.returncode == -signal.SIGTERM and "went on" not in r.stdout, (r.returncode, r.stderr[-2000:])
 
 
+def test_the_same_stop_arriving_as_a_stopped_run_closes_is_not_a_second_signal(tmp_path, data_dir):
+    """A run stops on a SIGTERM right after a step's own save (nothing left to write), and the
+    same stop comes again 0.3 s later (torchrun passing it on) while the run closes its writers
+    in _shutdown (W&B's finish: 1 s stands in). The handlers had been given back when run()
+    returned: that repeat killed the process (-15), the W&B run unfinished, TensorBoard's tail
+    lost. Now they stay until _shutdown is done: exit 128 + 15, every writer closed."""
+    code = ("import os, signal, sys, threading, time\nimport r1vl.train as train\n"
+            "class Writer:\n"
+            "    def close(self, exit_code=0):\n"
+            "        time.sleep(1.0)\n"
+            "        print('closed', exit_code, flush=True)\n"
+            "def run(cfg, stop):\n"
+            "    train._OPEN_WRITERS.append(Writer())\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    time.sleep(0.05)\n"
+            "    assert stop.signum == signal.SIGTERM\n"
+            "    threading.Thread(target=lambda: (time.sleep(0.3), os.kill(os.getpid(), signal.SIGTERM)), "
+            "daemon=True).start()\n"
+            "    raise train.Stopped(signal.SIGTERM, 'stopped after grpo step 2/4')\n"
+            "train.run = run\n"
+            "sys.exit(train.main(sys.argv[1:]))\n")
+    (tmp_path / "stand_in.py").write_text(code)
+    r = subprocess.run([sys.executable, str(tmp_path / "stand_in.py"), *_args(tmp_path / "run", data_dir)],
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 128 + signal.SIGTERM, (r.returncode, r.stderr[-2000:])
+    assert r.stdout == f"closed {128 + signal.SIGTERM}\n", r.stderr[-2000:]
+
+
 def test_ctrl_c_in_a_run(tmp_path, data_dir):
     """Ctrl-C mid-StepGRPO: a checkpoint at the step's end, exit 130, one line. Ctrl-C while
     the run starts: one line naming where, exit 130, no traceback."""
