@@ -1292,7 +1292,9 @@ class StopSignal:
     def __init__(self):
         self.signum = 0
         self.armed = False  # set by run() around its step loops
-        self.quiet = False  # set by run() on ranks other than 0: the message once, not once per rank
+        # ranks other than 0: the message once, not once per rank. From torchrun's RANK now: a signal
+        # during the start-up checks comes before run() knows its rank (and sets it again)
+        self.quiet = os.environ.get("RANK", "0") != "0"
         self._told = False
         self._at = 0.0
         self._old: dict[int, Any] = {}

@@ -1038,6 +1038,21 @@ def test_the_stop_message_comes_from_rank_0_only(caplog):
         assert caplog.text.count("stopping at the end of this step") == lines
 
 
+def test_a_signal_during_start_up_is_announced_by_rank_0_only(caplog, monkeypatch):
+    """A SIGTERM to every process of a torchrun (a scheduler's) during the start-up checks, before
+    run() had set `quiet` from its rank: every rank printed the stop message. Rank 1 is quiet from
+    torchrun's RANK on."""
+    from r1vl.train import StopSignal
+
+    for rank, lines in (("0", 1), ("1", 0)):
+        monkeypatch.setenv("RANK", rank)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="r1vl.train"), StopSignal():
+            os.kill(os.getpid(), signal.SIGUSR1)
+            time.sleep(0.01)
+        assert caplog.text.count("stopping at the end of this step") == lines, rank
+
+
 def test_non_finite_loss_stops_the_run(tmp_path, data_dir, capsys):
     """A diverged step (here: a huge warm-up lr without clipping) stops the run at once with
     the step named (its gradient norm, else its loss, is not finite); the step is in metrics.jsonl."""
