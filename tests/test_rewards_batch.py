@@ -589,3 +589,56 @@ def test_background_is_a_daemon_thread():
                 pytest.fail("the interpreter waited for its Background job")
         finally:
             p.kill()
+
+
+def test_a_worker_seen_ended_before_its_last_messages_are_read_blames_no_completion(monkeypatch, tmp_path):
+    """A worker that answers its completion (math-verify hit its deadline), says "recycle" and
+    exits: a parent that saw its exit status (poll) before it read those messages replaced it
+    with them unread in the pipe and blamed the first completion it had not read an answer for:
+    scored again without math-verify (a right answer needing it scores 0), counted as a kill.
+    Unread answer and "recycle": the answered completion was blamed; answer read, "recycle" not:
+    the next one of its chunk, which it never started. (An OOM-killed worker lost the answers it
+    had written the same way.) Here the parent's wait() comes back empty just before the
+    stand-in writes (as when another worker woke it) and it sees the exit first: what the
+    worker left in its pipe is read before it is replaced, and nothing is blamed."""
+    from r1vl.rewards import pool as pool_mod
+
+    first = tmp_path / "first"
+    exe = tmp_path / "recycler"
+    exe.write_text(
+        f"#!{sys.executable}\nimport os, sys\n"
+        f"if os.path.exists({str(first)!r}):  # every worker after the first: the real one\n"
+        "    os.execv(sys.executable, [sys.executable] + sys.argv[1:])\n"
+        f"open({str(first)!r}, 'w').close()\n"
+        "from multiprocessing.connection import Connection\n"
+        "inbox, outbox = Connection(int(sys.argv[3]), writable=False), Connection(int(sys.argv[4]), readable=False)\n"
+        "outbox.send(('ready', os.getpid()))\n"
+        "tasks = inbox.recv()[0]\n"
+        "outbox.send((tasks[0][0], (0.0, 0.0, 0.0, False, True)))  # its deadline hit\n"
+        "outbox.send(('recycle', os.getpid()))\n"
+        "os._exit(3)\n")
+    exe.chmod(0o755)
+    monkeypatch.setattr(pool_mod, "sys", types.SimpleNamespace(executable=str(exe), platform=sys.platform))
+    pool = RewardPool(1)
+    try:
+        w = pool._workers[0]
+        real_poll, real_wait = w.process.poll, pool_mod.wait
+        w.process.poll = lambda: w.process.wait() if w.pending else real_poll()  # its exit, seen first
+        late = []
+
+        def wait(conns, timeout=None):
+            if w.pending and not late:  # the wake-up before its messages came
+                late.append(1)
+                return []
+            return real_wait(conns, timeout)
+
+        monkeypatch.setattr(pool_mod, "wait", wait)
+        cs, sols = _right(8)  # one worker: chunks of 2, a completion after the one it answers
+        tasks = [(i, c, s, []) for i, (c, s) in enumerate(zip(cs, sols))]
+        results, kills = pool.map(tasks, alpha=0.1, variant="paper", timeout_s=3.0)
+        assert late, "the stand-in never got its chunk"
+        assert kills == 0
+        assert results[0] == (0.0, 0.0, 0.0, False, True)  # its own answer, not a rescoring
+        assert [r[3] for r in results[1:]] == [True] * 7 and not any(r[4] for r in results[1:])
+    finally:
+        pool.close()

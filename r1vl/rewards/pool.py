@@ -270,9 +270,41 @@ class RewardPool:
             w.last_heard = time.monotonic()
             return True
 
+        def receive(w: _Worker) -> bool:
+            """Take every message w has written so far; True at the pipe's end (or an error)."""
+            nonlocal remaining
+            conn = w.inbox
+            try:
+                while conn.poll():  # drain everything this worker has sent: fewer wake-ups
+                    msg = conn.recv()
+                    w.last_heard = time.monotonic()
+                    if msg[0] == "ready":
+                        w.ready = True
+                    elif msg[0] == "recycle":
+                        w.recycling = True
+                    else:
+                        idx, res = msg
+                        if w.pending and w.pending[0][0] == idx:
+                            w.pending.popleft()
+                        if idx in slot and results[slot[idx]] is None:
+                            results[slot[idx]] = res
+                            remaining -= 1
+            except (EOFError, OSError):
+                return True
+            return False
+
         def replace(i: int, w: _Worker, reason: str) -> None:
             nonlocal kills, remaining
             self._workers[i] = None  # until its successor runs: an interrupt here leaves no dead worker
+            try:
+                w.process.kill()
+                w.process.wait(timeout=10)
+            except Exception:  # noqa: BLE001
+                pass
+            if not w.inbox.closed:
+                # what it wrote before its end, seen by its exit status or its silence before its
+                # messages were read (its answers, "recycle"): not blamed on the completions they answer
+                receive(w)
             self._kill(w)
             if not w.ready:
                 # it ended before its start-up did, seen by its exit status or by its pipe's end
@@ -319,24 +351,7 @@ class RewardPool:
             for conn in wait(list(conns), timeout=wait_s):
                 i = conns[conn]
                 w = self._workers[i]
-                try:
-                    while True:  # drain everything this worker has sent: fewer wake-ups
-                        msg = conn.recv()
-                        w.last_heard = time.monotonic()
-                        if msg[0] == "ready":
-                            w.ready = True
-                        elif msg[0] == "recycle":
-                            w.recycling = True
-                        else:
-                            idx, res = msg
-                            if w.pending and w.pending[0][0] == idx:
-                                w.pending.popleft()
-                            if idx in slot and results[slot[idx]] is None:
-                                results[slot[idx]] = res
-                                remaining -= 1
-                        if not conn.poll():
-                            break
-                except (EOFError, OSError):
+                if receive(w):
                     replace(i, w, "died")
             if hard is not None:
                 now = time.monotonic()
