@@ -642,3 +642,32 @@ def test_a_worker_seen_ended_before_its_last_messages_are_read_blames_no_complet
         assert [r[3] for r in results[1:]] == [True] * 7 and not any(r[4] for r in results[1:])
     finally:
         pool.close()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts this process's descriptors in /proc")
+def test_an_interrupt_as_a_worker_starts_leaves_no_worker_behind(monkeypatch):
+    """Ctrl-C (caught, as in a notebook) landing while a worker was started, once its process
+    ran but before the pool held its pipes: their parent ends stayed open in this process, owned
+    by nothing, so the worker (which stops at its pipe's end or its parent's death) waited on
+    them for the process's life; two descriptors and a worker leaked per interrupt."""
+    from r1vl.rewards import pool as pool_mod
+
+    real_popen = subprocess.Popen
+    started = []
+
+    def popen(*a, **k):
+        started.append(real_popen(*a, **k))
+        raise KeyboardInterrupt  # the signal, handled just as the fork and exec are done
+
+    fds = set(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(pool_mod.subprocess, "Popen", popen)
+    with pytest.raises(KeyboardInterrupt):
+        RewardPool(1)
+    monkeypatch.setattr(pool_mod.subprocess, "Popen", real_popen)
+    leaked = set(os.listdir("/proc/self/fd")) - fds
+    try:
+        assert not leaked, "the worker's pipes stayed open in this process"
+        started[0].wait(timeout=60)  # it ends at its pipe's end, once started (importing sympy)
+    finally:
+        started[0].kill()
+        started[0].wait()

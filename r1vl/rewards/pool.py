@@ -167,16 +167,23 @@ class RewardPool:
         res_r, res_w = os.pipe()  # worker -> parent
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
+        inbox, outbox = Connection(res_r, writable=False), Connection(task_w, readable=False)
         try:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "r1vl.rewards._worker", str(task_r), str(res_w)],
-                pass_fds=(task_r, res_w), stdin=subprocess.DEVNULL, env=env,
-            )
-        finally:
-            os.close(task_r)
-            os.close(res_w)
-        return _Worker(process=proc, inbox=Connection(res_r, writable=False),
-                       outbox=Connection(task_w, readable=False), last_heard=time.monotonic())
+            try:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "r1vl.rewards._worker", str(task_r), str(res_w)],
+                    pass_fds=(task_r, res_w), stdin=subprocess.DEVNULL, env=env,
+                )
+            finally:
+                os.close(task_r)
+                os.close(res_w)
+            return _Worker(process=proc, inbox=inbox, outbox=outbox, last_heard=time.monotonic())
+        except BaseException:
+            # interrupted once the worker may run (a Ctrl-C in Popen): its pipes closed here, it
+            # ends at their end (left open, owned by nothing, it waited on them for our life)
+            inbox.close()
+            outbox.close()
+            raise
 
     @staticmethod
     def _kill(w: _Worker) -> None:
