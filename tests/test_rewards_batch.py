@@ -671,3 +671,42 @@ def test_an_interrupt_as_a_worker_starts_leaves_no_worker_behind(monkeypatch):
     finally:
         started[0].kill()
         started[0].wait()
+
+
+def test_a_second_interrupt_during_the_clean_up_leaves_nothing_for_the_next_batch(monkeypatch):
+    """An interrupted batch replaces the workers holding its tasks (_drop_busy); a second
+    interrupt landing there (Ctrl-C pressed twice, caught in a notebook) left a worker running
+    with tasks of the old batch, and the next map took its answers as its own (task indices
+    restart at 0: a wrong answer of the new batch scored right). A map now replaces a worker
+    still holding another batch's tasks before it starts."""
+    from r1vl.rewards import pool as pool_mod
+
+    pool = RewardPool(1)
+    try:
+        _wait_ready(pool)
+        real_wait, real_kill = pool_mod.wait, RewardPool._kill
+        second = []
+
+        def interrupted(*a, **k):
+            raise KeyboardInterrupt
+
+        def kill_interrupted(w):
+            if not second:  # the second Ctrl-C, before the busy worker is killed
+                second.append(1)
+                raise KeyboardInterrupt
+            real_kill(w)
+
+        monkeypatch.setattr(pool_mod, "wait", interrupted)
+        monkeypatch.setattr(RewardPool, "_kill", staticmethod(kill_interrupted))
+        cs, sols = _right(8)
+        with pytest.raises(KeyboardInterrupt):
+            pool.map([(i, c, s, []) for i, (c, s) in enumerate(zip(cs, sols))], alpha=0.1, variant="paper",
+                     timeout_s=3.0)
+        assert second
+        monkeypatch.setattr(pool_mod, "wait", real_wait)
+        time.sleep(1.0)  # time for the worker left with the old tasks to answer them
+        wrong = [(i, SOL.replace(": 7", ": wrong"), "12345", []) for i in range(8)]
+        results, kills = pool.map(wrong, alpha=0.1, variant="paper", timeout_s=3.0)
+        assert [r[3] for r in results] == [False] * 8 and kills == 0
+    finally:
+        pool.close()

@@ -246,6 +246,9 @@ class RewardPool:
     def _map(self, tasks: list[_Task], alpha, variant, timeout_s) -> tuple[list[_Result], int]:
         if self._closing:
             raise RuntimeError("the reward pool was closed")
+        # an interrupted map's busy workers, where a second interrupt cut its _drop_busy short: their
+        # answers to its tasks would land in this batch (indices restart at 0)
+        self._drop_busy()
         self._workers = [self._spawn() if w is None else w for w in self._workers]  # dropped by an interrupted map
         n = len(tasks)
         results: list[_Result | None] = [None] * n
