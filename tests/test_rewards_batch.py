@@ -710,3 +710,42 @@ def test_a_second_interrupt_during_the_clean_up_leaves_nothing_for_the_next_batc
         assert [r[3] for r in results] == [False] * 8 and kills == 0
     finally:
         pool.close()
+
+
+def test_a_worker_whose_parent_dies_during_its_start_up_exits(tmp_path):
+    """A worker took its parent to be whoever its parent was once it had started (after
+    importing sympy, seconds under load): one whose parent had died by then took its new
+    parent (init) for it and never saw itself orphaned; with its pipes also held by another
+    process (a fork of the parent: no end of pipe), it ran on for as long as that one did."""
+    exe = tmp_path / "slow_worker"
+    exe.write_text(f"#!/bin/sh\nsleep 1\nexec {sys.executable} \"$@\"\n")  # a slow start
+    exe.chmod(0o755)
+    code = ("import os, sys, time, types\n"
+            "from r1vl.rewards import pool as pool_mod\n"
+            f"pool_mod.sys = types.SimpleNamespace(executable={str(exe)!r}, platform=sys.platform)\n"
+            "p = pool_mod.RewardPool(1)\n"
+            "holder = os.fork()\n"
+            "if holder == 0:\n"  # keeps the pool (p), and so its pipes, open
+            "    time.sleep(120)\n"
+            "    os._exit(0)\n"
+            "print(p._workers[0].process.pid, holder, flush=True)\n"
+            "os._exit(0)\n")  # dies while its worker starts
+    with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) as p:
+        line = p.stdout.readline()  # (not to its end: the worker and the holder keep it open)
+        p.wait(timeout=120)
+    worker, holder = (int(x) for x in line.split())
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                os.kill(worker, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+        pytest.fail("a reward worker orphaned during its start-up kept running")
+    finally:
+        for pid in (worker, holder):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

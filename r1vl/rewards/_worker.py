@@ -1,4 +1,4 @@
-"""A reward worker process: `python -m r1vl.rewards._worker READ_FD WRITE_FD` (started by pool.py).
+"""A reward worker process: `python -m r1vl.rewards._worker READ_FD WRITE_FD [PARENT_PID]` (started by pool.py).
 
 It is a plain interpreter started with subprocess, not a multiprocessing child:
 the caller's `__main__` is never re-imported (no `if __name__ == "__main__"`
@@ -16,7 +16,7 @@ from multiprocessing.connection import Connection
 _PARENT_CHECK_S = 2.0
 
 
-def main(read_fd: int, write_fd: int) -> None:
+def main(read_fd: int, write_fd: int, parent: int | None = None) -> None:
     # A terminal's Ctrl-C reaches the whole process group, and a scheduler may signal every
     # process (SIGTERM, SIGUSR1); the trainer then finishes its step and saves (or stops), and
     # closes the pool itself. A worker that died of it would have its completion scored without
@@ -31,7 +31,9 @@ def main(read_fd: int, write_fd: int) -> None:
 
         warm_up()  # import math-verify and sympy before saying ready
         outbox.send(("ready", os.getpid()))
-        parent = os.getppid()
+        # the pool's process, as it said (taken here, after the start-up, a parent that died during
+        # it was missed: the worker took init for its parent and ran on while its pipes were held)
+        parent = os.getppid() if parent is None else parent
         while True:
             if not inbox.poll(_PARENT_CHECK_S):
                 if os.getppid() != parent:  # orphaned (the pool's process died): stop
@@ -54,4 +56,4 @@ def main(read_fd: int, write_fd: int) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]))
+    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else None)

@@ -171,7 +171,7 @@ class RewardPool:
         try:
             try:
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "r1vl.rewards._worker", str(task_r), str(res_w)],
+                    [sys.executable, "-m", "r1vl.rewards._worker", str(task_r), str(res_w), str(os.getpid())],
                     pass_fds=(task_r, res_w), stdin=subprocess.DEVNULL, env=env,
                 )
             finally:
