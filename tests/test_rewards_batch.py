@@ -749,3 +749,17 @@ def test_a_worker_whose_parent_dies_during_its_start_up_exits(tmp_path):
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_close_waits_two_seconds_in_all_not_two_for_each_worker_that_does_not_exit():
+    """close() gives workers 2 s to exit when told, then kills them: the 2 s were each worker's
+    in turn, so workers still starting (importing sympy, seconds under load) or stuck held the
+    close, and with it the interpreter's exit, for 2 s apiece (16 s for the recipes' 8)."""
+    pool = RewardPool(3)
+    for w in pool._workers:  # before their start-up: they never read the close's None
+        os.kill(w.process.pid, signal.SIGSTOP)
+    procs = [w.process for w in pool._workers]
+    t0 = time.monotonic()
+    pool.close()
+    assert time.monotonic() - t0 < 4.0  # (one 2 s wait; it was 3 of them, 6 s)
+    assert all(p.returncode is not None for p in procs)

@@ -212,9 +212,10 @@ class RewardPool:
                     w.outbox.send(None)
                 except (OSError, ValueError):
                     pass
-            for w in self._workers:
+            deadline = time.monotonic() + 2  # for them all: a worker that does not exit (starting,
+            for w in self._workers:          # stuck) held the close 2 s apiece
                 try:
-                    w.process.wait(timeout=2)
+                    w.process.wait(timeout=max(0.0, deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:
                     pass
                 self._kill(w)
