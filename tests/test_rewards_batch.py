@@ -763,3 +763,52 @@ def test_close_waits_two_seconds_in_all_not_two_for_each_worker_that_does_not_ex
     pool.close()
     assert time.monotonic() - t0 < 4.0  # (one 2 s wait; it was 3 of them, 6 s)
     assert all(p.returncode is not None for p in procs)
+
+
+def test_a_job_stopped_and_resumed_whole_kills_no_worker(monkeypatch, tmp_path):
+    """Ctrl-Z then fg (SIGTSTP reaches the workers too), or a scheduler's suspend, stops this
+    process and its workers together; past the hard deadline, the resumed parent found every
+    busy worker silent for longer than it and killed it (its completion scored without
+    math-verify), though none had had a moment to run. Time this process did not run, over
+    the wait it asked for, is not counted as the workers' silence. Here a stand-in that answers
+    each task after 0.1 s is stopped with the parent (its wait() stops it, sleeps past the hard
+    deadline and resumes it) and comes back as it went: nothing readable yet."""
+    from r1vl.rewards import pool as pool_mod
+
+    exe = tmp_path / "answerer"
+    exe.write_text(
+        f"#!{sys.executable}\nimport os, sys, time\n"
+        "from multiprocessing.connection import Connection\n"
+        "inbox, outbox = Connection(int(sys.argv[3]), writable=False), Connection(int(sys.argv[4]), readable=False)\n"
+        "outbox.send(('ready', os.getpid()))\n"
+        "while True:\n"
+        "    msg = inbox.recv()\n"
+        "    if msg is None:\n"
+        "        os._exit(0)\n"
+        "    for task in msg[0]:\n"
+        "        time.sleep(0.1)\n"
+        "        outbox.send((task[0], (1.0, 0.5, 1.0, True, False)))\n")
+    exe.chmod(0o755)
+    monkeypatch.setattr(pool_mod, "sys", types.SimpleNamespace(executable=str(exe), platform=sys.platform))
+    pool = RewardPool(1)
+    try:
+        w = pool._workers[0]
+        pid, real_wait, stopped = w.process.pid, pool_mod.wait, []
+
+        def wait(conns, timeout=None):
+            if w.pending and not stopped:  # the whole job stopped, past the hard deadline (0.5 + 2 s)
+                stopped.append(1)
+                os.kill(pid, signal.SIGSTOP)
+                time.sleep(3.0)
+                os.kill(pid, signal.SIGCONT)
+                return []
+            return real_wait(conns, timeout)
+
+        monkeypatch.setattr(pool_mod, "wait", wait)
+        results, kills = pool.map([(i, "x", "y", []) for i in range(4)], alpha=0.1, variant="paper",
+                                  timeout_s=0.5)
+        assert stopped
+        assert pool._workers[0].process.pid == pid and kills == 0
+        assert results == [(1.0, 0.5, 1.0, True, False)] * 4
+    finally:
+        pool.close()

@@ -359,7 +359,17 @@ class RewardPool:
                     if w.pending:
                         wait_s = min(wait_s, max(0.0, w.last_heard + hard - now))
             conns = {w.inbox: i for i, w in enumerate(self._workers)}
-            for conn in wait(list(conns), timeout=wait_s):
+            asleep = time.monotonic()
+            readable = wait(list(conns), timeout=wait_s)
+            # time this process did not run past the wait it asked for (stopped with its workers:
+            # Ctrl-Z, a scheduler's suspend) is not their silence: counted, every busy worker
+            # was killed at its hard deadline on resuming, though none had had a moment to run
+            # (not a timer's few ms late: those, added at each deadline, would make it spin)
+            lost = time.monotonic() - asleep - wait_s
+            if lost > 0.25:
+                for w in self._workers:
+                    w.last_heard += lost
+            for conn in readable:
                 i = conns[conn]
                 w = self._workers[i]
                 if receive(w):
