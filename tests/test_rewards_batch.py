@@ -812,3 +812,28 @@ def test_a_job_stopped_and_resumed_whole_kills_no_worker(monkeypatch, tmp_path):
         assert results == [(1.0, 0.5, 1.0, True, False)] * 4
     finally:
         pool.close()
+
+
+def test_a_child_forked_while_a_batch_runs_is_refused_the_parents_pool_at_once():
+    """A RewardPool used in a process forked from its own refuses (RuntimeError); forked while
+    another thread's map held the pool's lock (a trainer's background scoring), the child took
+    the lock first, inherited held by a thread it does not have, and blocked for ever."""
+    pool = RewardPool(1)
+    pool._lock.acquire()  # as a map in another thread holds it
+    try:
+        pid = os.fork()
+        if pid == 0:
+            code = 3
+            try:
+                signal.alarm(20)  # blocked: killed by it
+                pool.map([(0, SOL, SOL, [])], alpha=0.1, variant="paper", timeout_s=3.0)
+            except RuntimeError:
+                code = 0
+            except BaseException:  # noqa: BLE001
+                code = 4
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        pool._lock.release()
+        pool.close()

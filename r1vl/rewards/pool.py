@@ -224,9 +224,10 @@ class RewardPool:
     def map(self, tasks: Sequence[_Task], *, alpha: float, variant: str,
             timeout_s: float | None) -> tuple[list[_Result], int]:
         """Score tasks; returns (results in task order, number of hard kills)."""
+        # before the lock: a child forked while another thread's map held it inherits it held
+        if os.getpid() != self._pid:
+            raise RuntimeError("a RewardPool belongs to the process that made it (this is a fork)")
         with self._lock:
-            if os.getpid() != self._pid:
-                raise RuntimeError("a RewardPool belongs to the process that made it (this is a fork)")
             try:
                 return self._map(list(tasks), alpha, variant, timeout_s)
             except BaseException:
