@@ -535,6 +535,31 @@ def test_workers_that_keep_exiting_at_start_up_fail_the_batch(monkeypatch, tmp_p
     assert isinstance(out.get("e"), RuntimeError) and "keep exiting at start-up" in str(out["e"])
 
 
+def test_start_up_deaths_far_apart_do_not_fail_a_later_batch(monkeypatch, tmp_path):
+    """The limit on workers that end before their start-up counts those since a worker last
+    started: counted over the pool's life, a few such deaths spread over days (the OOM killer at a
+    worker's start) failed every later batch that met one. Here every other start fails."""
+    from r1vl.rewards import pool as pool_mod
+
+    exe = tmp_path / "every_other"
+    exe.write_text(f"#!/bin/sh\nn=$(cat {tmp_path}/starts 2>/dev/null || echo 0); n=$((n + 1)); "
+                   f"echo $n > {tmp_path}/starts\n"
+                   f"if [ $((n % 2)) -eq 1 ]; then sleep 0.05; exit 1; fi\nexec {sys.executable} \"$@\"\n")
+    exe.chmod(0o755)
+    monkeypatch.setattr(pool_mod, "sys", types.SimpleNamespace(executable=str(exe), platform=sys.platform))
+    pool = RewardPool(1)  # start 1 fails, start 2 runs
+    try:
+        for _ in range(5):  # 5 deaths at start-up in all, over 3 x 1 workers
+            results, kills = pool.map([(0, SOL, SOL, [])], alpha=0.1, variant="paper", timeout_s=3.0)
+            assert results[0][3] and kills == 0
+            w = pool._workers[0]
+            w.process.kill()  # between batches: its successor's start fails, the next one's runs
+            w.process.wait()
+        assert int((tmp_path / "starts").read_text()) == 10
+    finally:
+        pool.close()
+
+
 def test_a_weights_mapping_defaults_the_missing_weight_to_one():
     """A weights mapping without "validity" weighs StepRVR by 1."""
     res = score_batch([SOL], [SOL], None, weights={"accuracy": 2.0}, workers=0)

@@ -158,6 +158,9 @@ class RewardPool:
         self._lock = threading.Lock()
         self._workers: list[_Worker | None] = [self._spawn() for _ in range(workers)]  # None: to start again
         self.killed = 0  # workers killed at their hard deadline, over the pool's life
+        # workers that ended before their start-up since one last started (a worker's "ready" resets it):
+        # over 3 x workers, a batch fails rather than start them for ever. Counted over the pool's life,
+        # a few deaths at start-up a day (the OOM killer) failed every later one's batch after a week
         self._start_failures = 0
         self._pid = os.getpid()
         self._closing = False  # set by close(): a map running in another thread gives up
@@ -292,6 +295,7 @@ class RewardPool:
                     w.last_heard = time.monotonic()
                     if msg[0] == "ready":
                         w.ready = True
+                        self._start_failures = 0
                     elif msg[0] == "recycle":
                         w.recycling = True
                     else:
