@@ -204,6 +204,16 @@ def test_workers_exit_when_their_parent_dies(tmp_path):
     pytest.fail("an orphaned reward worker kept running")
 
 
+def _stand_in_worker(monkeypatch, path, script: str) -> None:
+    """The pool starts `script` (written to `path`, made executable) in its workers' place, with
+    the worker's arguments (`-m r1vl.rewards._worker READ_FD WRITE_FD PARENT_PID`)."""
+    from r1vl.rewards import pool as pool_mod
+
+    path.write_text(script)
+    path.chmod(0o755)
+    monkeypatch.setattr(pool_mod, "sys", types.SimpleNamespace(executable=str(path), platform=sys.platform))
+
+
 # Each completion below needs math-verify (\frac{2i}{2} against i): right answers, so a result
 # that leaked from one batch into the next shows as a 1 where the next batch expects 0.
 def _right(n):
@@ -508,12 +518,10 @@ def test_workers_that_keep_exiting_at_start_up_fail_the_batch(monkeypatch, tmp_p
     Python one failing at import): its pipe's end was seen first and it was not counted."""
     from r1vl.rewards import pool as pool_mod
 
-    exe = "/bin/false"
-    if after is not None:
-        exe = tmp_path / "late_false"
-        exe.write_text(f"#!/bin/sh\nsleep {after}\nexit 1\n")
-        exe.chmod(0o755)
-    monkeypatch.setattr(pool_mod, "sys", types.SimpleNamespace(executable=str(exe), platform=sys.platform))
+    if after is None:
+        monkeypatch.setattr(pool_mod, "sys", types.SimpleNamespace(executable="/bin/false", platform=sys.platform))
+    else:
+        _stand_in_worker(monkeypatch, tmp_path / "late_false", f"#!/bin/sh\nsleep {after}\nexit 1\n")
     pool = RewardPool(1)
     out = {}
 
@@ -539,14 +547,10 @@ def test_start_up_deaths_far_apart_do_not_fail_a_later_batch(monkeypatch, tmp_pa
     """The limit on workers that end before their start-up counts those since a worker last
     started: counted over the pool's life, a few such deaths spread over days (the OOM killer at a
     worker's start) failed every later batch that met one. Here every other start fails."""
-    from r1vl.rewards import pool as pool_mod
-
-    exe = tmp_path / "every_other"
-    exe.write_text(f"#!/bin/sh\nn=$(cat {tmp_path}/starts 2>/dev/null || echo 0); n=$((n + 1)); "
-                   f"echo $n > {tmp_path}/starts\n"
-                   f"if [ $((n % 2)) -eq 1 ]; then sleep 0.05; exit 1; fi\nexec {sys.executable} \"$@\"\n")
-    exe.chmod(0o755)
-    monkeypatch.setattr(pool_mod, "sys", types.SimpleNamespace(executable=str(exe), platform=sys.platform))
+    _stand_in_worker(monkeypatch, tmp_path / "every_other",
+                     f"#!/bin/sh\nn=$(cat {tmp_path}/starts 2>/dev/null || echo 0); n=$((n + 1)); "
+                     f"echo $n > {tmp_path}/starts\n"
+                     f"if [ $((n % 2)) -eq 1 ]; then sleep 0.05; exit 1; fi\nexec {sys.executable} \"$@\"\n")
     pool = RewardPool(1)  # start 1 fails, start 2 runs
     try:
         for _ in range(5):  # 5 deaths at start-up in all, over 3 x 1 workers
@@ -629,8 +633,8 @@ def test_a_worker_seen_ended_before_its_last_messages_are_read_blames_no_complet
     from r1vl.rewards import pool as pool_mod
 
     first = tmp_path / "first"
-    exe = tmp_path / "recycler"
-    exe.write_text(
+    _stand_in_worker(
+        monkeypatch, tmp_path / "recycler",
         f"#!{sys.executable}\nimport os, sys\n"
         f"if os.path.exists({str(first)!r}):  # every worker after the first: the real one\n"
         "    os.execv(sys.executable, [sys.executable] + sys.argv[1:])\n"
@@ -642,8 +646,6 @@ def test_a_worker_seen_ended_before_its_last_messages_are_read_blames_no_complet
         "outbox.send((tasks[0][0], (0.0, 0.0, 0.0, False, True)))  # its deadline hit\n"
         "outbox.send(('recycle', os.getpid()))\n"
         "os._exit(3)\n")
-    exe.chmod(0o755)
-    monkeypatch.setattr(pool_mod, "sys", types.SimpleNamespace(executable=str(exe), platform=sys.platform))
     pool = RewardPool(1)
     try:
         w = pool._workers[0]
@@ -800,8 +802,8 @@ def test_a_job_stopped_and_resumed_whole_kills_no_worker(monkeypatch, tmp_path):
     deadline and resumes it) and comes back as it went: nothing readable yet."""
     from r1vl.rewards import pool as pool_mod
 
-    exe = tmp_path / "answerer"
-    exe.write_text(
+    _stand_in_worker(
+        monkeypatch, tmp_path / "answerer",
         f"#!{sys.executable}\nimport os, sys, time\n"
         "from multiprocessing.connection import Connection\n"
         "inbox, outbox = Connection(int(sys.argv[3]), writable=False), Connection(int(sys.argv[4]), readable=False)\n"
@@ -813,8 +815,6 @@ def test_a_job_stopped_and_resumed_whole_kills_no_worker(monkeypatch, tmp_path):
         "    for task in msg[0]:\n"
         "        time.sleep(0.1)\n"
         "        outbox.send((task[0], (1.0, 0.5, 1.0, True, False)))\n")
-    exe.chmod(0o755)
-    monkeypatch.setattr(pool_mod, "sys", types.SimpleNamespace(executable=str(exe), platform=sys.platform))
     pool = RewardPool(1)
     try:
         w = pool._workers[0]
