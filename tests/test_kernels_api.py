@@ -486,3 +486,29 @@ def test_hidden_and_weight_of_two_dtypes_are_refused_with_the_cast():
                                          r"got torch.float32: cast one to the other's, e.g. hidden.to\(weight.dtype\)"):
         fused_linear_grpo_loss(case.hidden.bfloat16(), case.weight, case.targets.clamp(min=0), case.mask,
                                case.advantages)
+
+
+def test_the_loss_inside_an_fsdp2_forward_trains_as_the_unsharded_model(tmp_path):
+    """What the DTensor refusal above tells a caller to do: compute the loss inside the forward of
+    the module FSDP2 wrapped (its hooks unshard the LM head there, and reduce-scatter its
+    gradient after). Two CPU processes under torchrun (tests/fsdp2_kernel_worker.py), each on its
+    own batch, take 2 SGD steps that must end where one unsharded model ends on the mean of the
+    two losses; the forward-only log-probs (old / reference) taken the same way must equal the
+    unsharded model's."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from ports import free_port
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                        str(free_port()), str(root / "tests" / "fsdp2_kernel_worker.py"), str(tmp_path)],
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)},
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = torch.load(tmp_path / "fsdp2.pt")
+    torch.testing.assert_close(res["old_fsdp"], res["old_unsharded"], rtol=0, atol=1e-6)
+    assert (res["unsharded"] - res["init"]).abs().max() > 1e-2  # the steps moved the weights
+    assert (res["head_fsdp"] - res["head_init"]).abs().max() > 1e-2  # the sharded head's too
+    torch.testing.assert_close(res["fsdp"], res["unsharded"], rtol=0, atol=1e-6)

@@ -38,7 +38,9 @@ adapter on it would be left out), are refused by name. Checked with one process 
 and Qwen2-VL / Qwen2.5-VL on images), with DDP and with DeepSpeed ZeRO-3 (two CPU processes,
 text-only; under ZeRO-3 the LM head's weight is read inside the model's forward, where DeepSpeed
 gathers a partitioned parameter on access and reduces its gradient to the partitions); other
-vision-language families' inputs are passed the same way, unchecked; FSDP is unchecked.
+vision-language families' inputs are passed the same way, unchecked. FSDP is unchecked with TRL
+(accelerate's FSDP needs an accelerator); the kernel inside an FSDP2 forward, as done here, is
+checked without TRL (tests/test_kernels_api.py, two CPU processes).
 """
 from __future__ import annotations
 
