@@ -1,7 +1,8 @@
 """Worker of tests/test_kernels_api.py's FSDP2 test (torchrun, 2 CPU processes, gloo): a tiny
-untied Qwen2, its decoder layers and the whole model each put under FSDP2's `fully_shard`, takes
-2 SGD steps on the fused GRPO loss computed inside the model's forward (the forward swapped for
-the one call, as docs/examples/trl_fused_grpo.py does), each rank on its own batch. Rank 0 takes
+untied Qwen2, its decoder layers, its LM head and the whole model each put under FSDP2's
+`fully_shard`, takes 2 SGD steps on the fused GRPO loss computed as the LM head's forward inside
+the model's forward (each forward swapped for the one call, as docs/examples/trl_fused_grpo.py
+does), each rank on its own batch. Rank 0 takes
 the same steps on an unsharded copy with the mean of both ranks' losses (FSDP averages the
 gradients over the ranks), and saves both models' parameters and both ways' old log-probs
 (`linear_logprobs` inside the forward, without gradients).
@@ -27,29 +28,34 @@ def _hidden(model, b):
     return model.model(input_ids=b["ids"]).last_hidden_state[:, -t - 1:-1]
 
 
+def _as_forward(module, fn, *args):
+    """fn(*args) run as the module's forward: FSDP2's hooks unshard its parameters around it."""
+    module.forward = fn
+    try:
+        return module(*args)
+    finally:
+        del module.forward
+
+
 def _loss(model, b):
     from r1vl.kernels import fused_linear_grpo_loss
 
     t = b["mask"].shape[1]
-    loss, _ = fused_linear_grpo_loss(_hidden(model, b), model.lm_head.weight, b["ids"][:, -t:], b["mask"],
-                                     b["advantages"], old_logprobs=b["old"], ref_logprobs=b["ref"], beta=0.04)
-    return loss
+    head = model.lm_head
+
+    def as_head(hidden):
+        return fused_linear_grpo_loss(hidden, head.weight, b["ids"][:, -t:], b["mask"], b["advantages"],
+                                      old_logprobs=b["old"], ref_logprobs=b["ref"], beta=0.04)[0]
+
+    return _as_forward(head, as_head, _hidden(model, b))
 
 
 def _logprobs(model, b):
     from r1vl.kernels import linear_logprobs
 
     t = b["mask"].shape[1]
-    return linear_logprobs(_hidden(model, b), model.lm_head.weight, b["ids"][:, -t:])
-
-
-def _in_forward(model, fn):
-    """fn() run as the model's forward: FSDP2's hooks unshard the parameters around it."""
-    model.forward = fn
-    try:
-        return model()
-    finally:
-        del model.forward
+    head = model.lm_head
+    return _as_forward(head, lambda hidden: linear_logprobs(hidden, head.weight, b["ids"][:, -t:]), _hidden(model, b))
 
 
 def main(out: Path) -> None:
@@ -68,18 +74,19 @@ def main(out: Path) -> None:
     ref = copy.deepcopy(model) if rank == 0 else None
     for layer in model.model.layers:
         fully_shard(layer)
+    fully_shard(model.lm_head)  # a group of its own, resharded after its forward
     fully_shard(model)
     head = model.lm_head.weight
     assert isinstance(head, DTensor) and head.to_local().shape[0] == cfg.vocab_size // world  # sharded
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     mine = _batch(rank)
     with torch.no_grad():
-        old = _in_forward(model, lambda: _logprobs(model, mine))
+        old = _as_forward(model, lambda: _logprobs(model, mine))
     every = [torch.zeros_like(old) for _ in range(world)]
     dist.all_gather(every, old)
     for _ in range(2):
         opt.zero_grad()
-        _in_forward(model, lambda: _loss(model, mine)).backward()
+        _as_forward(model, lambda: _loss(model, mine)).backward()
         opt.step()
     flat = torch.cat([p.full_tensor().detach().reshape(-1) for p in model.parameters()])  # (collectives)
     head_full = model.lm_head.weight.full_tensor().detach()

@@ -490,11 +490,11 @@ def test_hidden_and_weight_of_two_dtypes_are_refused_with_the_cast():
 
 def test_the_loss_inside_an_fsdp2_forward_trains_as_the_unsharded_model(tmp_path):
     """What the DTensor refusal above tells a caller to do: compute the loss inside the forward of
-    the module FSDP2 wrapped (its hooks unshard the LM head there, and reduce-scatter its
-    gradient after). Two CPU processes under torchrun (tests/fsdp2_kernel_worker.py), each on its
-    own batch, take 2 SGD steps that must end where one unsharded model ends on the mean of the
-    two losses; the forward-only log-probs (old / reference) taken the same way must equal the
-    unsharded model's."""
+    the module FSDP2 wrapped, here the LM head's own (fully_shard'ed by itself: its hooks unshard
+    its weight there, and reduce-scatter its gradient after). Two CPU processes under torchrun
+    (tests/fsdp2_kernel_worker.py), each on its own batch, take 2 SGD steps that must end where
+    one unsharded model ends on the mean of the two losses; the forward-only log-probs (old /
+    reference) taken the same way must equal the unsharded model's."""
     import subprocess
     import sys
     from pathlib import Path

@@ -234,6 +234,20 @@ def test_the_fused_trainer_under_deepspeed_zero3_trains_as_trl(tmp_path):
     assert _moved(tmp_path, fused[0]) > 1e-3
 
 
+def test_the_fused_trainer_under_fsdp2_trains_as_trl(tmp_path):
+    """Two processes under accelerate's FSDP2 (its CPU state switched to FSDP by the worker:
+    accelerate offers FSDP on accelerators only), every parameter sharded, the final norm and
+    the untied LM head a group of their own: the example took the head, of class
+    FSDPLinear, for a layer it does not offer and refused to train; it now runs its
+    loss as the head's forward, where FSDP2 unshards the head's weight, and two steps end where
+    TRL's own loss under FSDP2 ends (3e-6 apart here)."""
+    params = _two_processes(tmp_path, "fsdp2")
+    fused, stock = params["fused"], params["stock"]
+    assert torch.equal(fused[0], fused[1])  # gathered: one model
+    assert (fused - stock).abs().max().item() < 1e-4
+    assert _moved(tmp_path, fused[0]) > 1e-3
+
+
 def test_the_fused_trainer_refuses_what_the_kernel_would_leave_out(tiny, tmp_path):
     """An LM head that is not a plain nn.Linear (PEFT's LoRA layer on it: the kernel reads the
     base weight, so the adapter would get no gradient and its output no say) and the TRL options

@@ -2,8 +2,9 @@
 trains a tiny untied Qwen2 for 2 steps with TRL's GRPOTrainer or docs/examples' FusedGRPOTrainer,
 under DDP with the Trainer's settings (find_unused_parameters=True: no gradient checkpointing) or
 under DeepSpeed ZeRO-3 with every parameter partitioned (gradient checkpointing on, TRL's default),
-then rank 0 saves every rank's parameters (under ZeRO-3 gathered: the same on every rank).
-Usage: torchrun --nproc-per-node 2 tests/trl_ddp_worker.py fused|stock OUT_DIR [ddp|zero3]"""
+or under accelerate's FSDP2 (every parameter sharded), then rank 0 saves every rank's parameters
+(under ZeRO-3 and FSDP2 gathered: the same on every rank).
+Usage: torchrun --nproc-per-node 2 tests/trl_ddp_worker.py fused|stock OUT_DIR [ddp|zero3|fsdp2]"""
 import importlib.util
 import os
 import sys
@@ -51,6 +52,17 @@ def main(which: str, out: Path, backend: str = "ddp") -> None:
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
         PartialState(backend="gloo")
         setup = dict(deepspeed=ZERO3, accelerator_config={"use_configured_state": True}, gradient_checkpointing=True)
+    elif backend == "fsdp2":
+        # accelerate's FSDP is for accelerators: on CPU its state says MULTI_CPU, and the state is
+        # switched to FSDP once the trainer is built (below); the model is then prepared by
+        # accelerate's fsdp2_prepare_model, as on GPUs (layers, embeddings and the norm + head
+        # tail each a group of their own)
+        from accelerate.state import PartialState
+
+        os.environ["ACCELERATE_USE_FSDP"] = "true"
+        PartialState(cpu=True, backend="gloo")
+        setup = dict(accelerator_config={"use_configured_state": True}, gradient_checkpointing=False, fsdp=True,
+                     fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["Qwen2DecoderLayer"]})
     else:
         setup = dict(use_cpu=True, gradient_checkpointing=False)
     args = GRPOConfig(output_dir=str(out / f"trainer_{which}"), seed=0, report_to=[], max_steps=2,
@@ -70,6 +82,12 @@ def main(which: str, out: Path, backend: str = "ddp") -> None:
     trainer = cls(model=model, reward_funcs=lambda completions, **kw: [
         sum(ch.isdigit() for ch in c) / max(len(c), 1) + 0.05 * len(c) for c in completions],
         args=args, train_dataset=prompts, processing_class=tok)
+    if backend == "fsdp2":
+        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+        trainer.accelerator.state.distributed_type = DistributedType.FSDP
+        trainer.accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)
+        trainer.is_fsdp_enabled = True
     assert type(trainer.model_wrapped).__name__ != "DistributedDataParallel"  # wrapped in train()
     trainer.train()
     if backend == "zero3":
@@ -81,6 +99,14 @@ def main(which: str, out: Path, backend: str = "ddp") -> None:
         assert head.numel() == 0 and head.ds_numel == head.ds_shape.numel() > 0
         with deepspeed.zero.GatheredParameters(list(trainer.model.parameters())):
             flat = torch.cat([p.detach().reshape(-1).clone() for p in trainer.model.parameters()])
+    elif backend == "fsdp2":
+        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.tensor import DTensor
+
+        head = trainer.model.get_output_embeddings()
+        assert isinstance(trainer.model, FSDPModule) and isinstance(head, FSDPModule)  # a group of its own
+        assert all(isinstance(p, DTensor) for p in trainer.model.parameters())  # every one sharded
+        flat = torch.cat([p.full_tensor().detach().reshape(-1) for p in trainer.model.parameters()])
     else:
         assert type(trainer.model_wrapped).__name__ == "DistributedDataParallel"
         assert trainer.model_wrapped.find_unused_parameters

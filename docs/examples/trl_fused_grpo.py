@@ -15,7 +15,10 @@ What such a subclass must get right; each of these is wrong silently otherwise:
   the ranks drift apart. Here the unwrapped model's `forward` is swapped, for the one call, for
   one that runs the backbone and the loss, so the wrapper's hooks run and the LM head is used
   inside the forward (as DDP's find_unused_parameters=True requires: the Trainer's choice
-  when gradient checkpointing is off);
+  when gradient checkpointing is off); and the loss itself runs as the LM head's forward, the
+  same way, so that FSDP2 unshards the head's weight for it wherever it put the head (accelerate
+  gives it a group of its own with the final norm: read in the model's forward alone, an
+  FSDP2 head may still be a sharded DTensor, which the kernel refuses);
 - the hidden states: the backbone's (`model.base_model(...)`), not `model(...).logits` nor
   `output_hidden_states=True` (both form the logits); and shifted by one, the state at position
   t scores token t + 1: a completion of T tokens is scored by `hidden[:, -T - 1:-1]`
@@ -38,11 +41,13 @@ adapter on it would be left out), are refused by name. Checked with one process 
 and Qwen2-VL / Qwen2.5-VL on images), with DDP and with DeepSpeed ZeRO-3 (two CPU processes,
 text-only; under ZeRO-3 the LM head's weight is read inside the model's forward, where DeepSpeed
 gathers a partitioned parameter on access and reduces its gradient to the partitions); other
-vision-language families' inputs are passed the same way, unchecked. FSDP is unchecked with TRL
-(accelerate's FSDP needs an accelerator); the kernel inside an FSDP2 forward, as done here, is
-checked without TRL (tests/test_kernels_api.py, two CPU processes).
+vision-language families' inputs are passed the same way, unchecked; and under accelerate's FSDP2
+(two CPU processes: accelerate offers FSDP on accelerators only, so the test switches its CPU
+state over; the head wrapped by FSDP2, FSDP<Linear>, is taken as the nn.Linear it is).
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from trl import GRPOTrainer
@@ -53,6 +58,30 @@ from r1vl.kernels import fused_linear_grpo_loss
 # does for a batch in one chunk); num_images / num_tiles are its own bookkeeping, not model inputs
 IMAGE_INPUTS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
                 "token_type_ids", "mm_token_type_ids", "image_position_ids")
+
+
+def _module_class(module: torch.nn.Module) -> type:
+    """The module's own class: under FSDP2 its class is FSDP<class>, made by fully_shard with
+    FSDPModule and the module's class as its bases."""
+    cls = type(module)
+    bases = [b for b in cls.__bases__ if b.__name__ != "FSDPModule"]
+    return bases[0] if len(bases) == 1 and len(cls.__bases__) == 2 else cls
+
+
+@contextlib.contextmanager
+def _forward_swapped(module: torch.nn.Module, forward):
+    """`module(...)` runs `forward` while this lasts, with the hooks of whatever wraps the module
+    (DDP's, FSDP2's, DeepSpeed's) around it as around the module's own forward."""
+    had = "forward" in vars(module)  # (accelerate's mixed precision sets one on the instance)
+    saved = vars(module).get("forward")
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if had:
+            module.forward = saved
+        else:
+            del module.forward
 
 
 class FusedGRPOTrainer(GRPOTrainer):
@@ -69,7 +98,7 @@ class FusedGRPOTrainer(GRPOTrainer):
             ("the entropy bonus", self._entropy_bonus_enabled),
             ("a MoE auxiliary loss", self.aux_loss_enabled),
             (f"an LM head of type {type(head).__name__} (an adapter on it would be left out: the kernel reads "
-             "its weight and bias alone)", type(head) is not torch.nn.Linear)) if on]
+             "its weight and bias alone)", _module_class(head) is not torch.nn.Linear)) if on]
         if unsupported:
             raise NotImplementedError(f"FusedGRPOTrainer: not offered by r1vl.kernels: {', '.join(unsupported)}")
         mode = "train" if self.model.training else "eval"
@@ -88,11 +117,7 @@ class FusedGRPOTrainer(GRPOTrainer):
             if self.use_vllm and self.vllm_importance_sampling_correction else None
         images = {k: inputs[k] for k in IMAGE_INPUTS if inputs.get(k) is not None}
 
-        def backbone_and_loss():
-            with self.accelerator.autocast():  # the backbone alone: TRL's patched forward would form the logits
-                hidden = policy.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                                           **images).last_hidden_state
-            hidden = hidden[:, -t - 1:-1]  # the state at position i scores token i + 1
+        def loss_as_head(hidden):  # the LM head's forward: FSDP2 unshards its weight around it
             weight, bias = head.weight, head.bias
             if self.args.cast_lm_head_to_fp32:
                 hidden, weight = hidden.float(), weight.float()
@@ -110,16 +135,15 @@ class FusedGRPOTrainer(GRPOTrainer):
                 rollout_is_ratio=is_ratio, return_entropy=True,
                 use_bias_correction_kl=self.args.use_bias_correction_kl, delta=self.args.delta)
 
-        had = "forward" in vars(outer)  # (accelerate's mixed precision sets one on the instance)
-        saved = vars(outer).get("forward")
-        outer.forward = backbone_and_loss
-        try:
+        def backbone_and_loss():  # the whole model's forward: DDP's hooks run around it
+            with self.accelerator.autocast():  # the backbone alone: TRL's patched forward would form the logits
+                hidden = policy.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                           **images).last_hidden_state
+            with _forward_swapped(head, loss_as_head):
+                return head(hidden[:, -t - 1:-1])  # the state at position i scores token i + 1
+
+        with _forward_swapped(outer, backbone_and_loss):
             loss, metrics = model()  # through DDP's forward when wrapped: its gradient all-reduce is armed
-        finally:
-            if had:
-                outer.forward = saved
-            else:
-                del outer.forward
         if self.loss_type != "dapo" and mode == "train":
             loss = loss / self.current_gradient_accumulation_steps  # TRL scales for accumulation itself
 
