@@ -237,10 +237,10 @@ def test_the_fused_trainer_under_deepspeed_zero3_trains_as_trl(tmp_path):
 def test_the_fused_trainer_under_fsdp2_trains_as_trl(tmp_path):
     """Two processes under accelerate's FSDP2 (its CPU state switched to FSDP by the worker:
     accelerate offers FSDP on accelerators only), every parameter sharded, the final norm and
-    the untied LM head a group of their own: the example took the head, of class
-    FSDPLinear, for a layer it does not offer and refused to train; it now runs its
-    loss as the head's forward, where FSDP2 unshards the head's weight, and two steps end where
-    TRL's own loss under FSDP2 ends (3e-6 apart here)."""
+    the untied LM head a group of their own, gradient checkpointing on (TRL's default): the
+    example took the head, of class FSDPLinear, for a layer it does not offer and refused to
+    train; it now runs its loss as the head's forward, where FSDP2 unshards the head's weight,
+    and two steps end where TRL's own loss under FSDP2 ends (3e-6 apart here)."""
     params = _two_processes(tmp_path, "fsdp2")
     fused, stock = params["fused"], params["stock"]
     assert torch.equal(fused[0], fused[1])  # gathered: one model

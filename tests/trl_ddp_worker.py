@@ -2,8 +2,8 @@
 trains a tiny untied Qwen2 for 2 steps with TRL's GRPOTrainer or docs/examples' FusedGRPOTrainer,
 under DDP with the Trainer's settings (find_unused_parameters=True: no gradient checkpointing) or
 under DeepSpeed ZeRO-3 with every parameter partitioned (gradient checkpointing on, TRL's default),
-or under accelerate's FSDP2 (every parameter sharded), then rank 0 saves every rank's parameters
-(under ZeRO-3 and FSDP2 gathered: the same on every rank).
+or under accelerate's FSDP2 (every parameter sharded, gradient checkpointing on), then rank 0
+saves every rank's parameters (under ZeRO-3 and FSDP2 gathered: the same on every rank).
 Usage: torchrun --nproc-per-node 2 tests/trl_ddp_worker.py fused|stock OUT_DIR [ddp|zero3|fsdp2]"""
 import importlib.util
 import os
@@ -61,7 +61,7 @@ def main(which: str, out: Path, backend: str = "ddp") -> None:
 
         os.environ["ACCELERATE_USE_FSDP"] = "true"
         PartialState(cpu=True, backend="gloo")
-        setup = dict(accelerator_config={"use_configured_state": True}, gradient_checkpointing=False, fsdp=True,
+        setup = dict(accelerator_config={"use_configured_state": True}, gradient_checkpointing=True, fsdp=True,
                      fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["Qwen2DecoderLayer"]})
     else:
         setup = dict(use_cpu=True, gradient_checkpointing=False)
@@ -105,6 +105,7 @@ def main(which: str, out: Path, backend: str = "ddp") -> None:
 
         head = trainer.model.get_output_embeddings()
         assert isinstance(trainer.model, FSDPModule) and isinstance(head, FSDPModule)  # a group of its own
+        assert trainer.model.is_gradient_checkpointing  # (TRL's default)
         assert all(isinstance(p, DTensor) for p in trainer.model.parameters())  # every one sharded
         flat = torch.cat([p.full_tensor().detach().reshape(-1) for p in trainer.model.parameters()])
     else:
