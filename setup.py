@@ -66,6 +66,7 @@ setup(
             "pyarrow>=21",
             "trl==1.16.0",
             "accelerate>=1.10.1",
+            "peft>=0.21.2",  # tests/test_trl_example.py: TRL's peft_config (LoRA) through the example
             "wandb>=0.19",
         ],
     },

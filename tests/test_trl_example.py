@@ -121,6 +121,39 @@ def test_the_fused_trainer_gives_trls_loss_gradients_and_metrics(tiny, tmp_path,
     _assert_trls(checks)
 
 
+def test_the_fused_trainer_with_a_lora_adapter_gives_trls_loss_and_gradients(tiny, tmp_path):
+    """TRL's peft_config: LoRA on the attention, every other weight frozen, the KL reference
+    the same model with its adapter disabled. The example runs the backbone of the model inside
+    PEFT's wrapper (get_base_model()), whose LoRA layers are in it; each micro-batch's loss, the
+    adapter's gradients and the metrics are TRL's."""
+    pytest.importorskip("peft")
+    from datasets import Dataset
+    from peft import LoraConfig, PeftModel
+    from transformers import Qwen2ForCausalLM, set_seed
+    from trl import GRPOConfig
+
+    checks = []
+    set_seed(0)
+    path, tok = tiny
+    args = GRPOConfig(
+        output_dir=str(tmp_path / "out"), use_cpu=True, seed=0, data_seed=0, report_to=[], max_steps=2,
+        logging_steps=1, save_strategy="no", learning_rate=5e-2, per_device_train_batch_size=4, num_generations=4,
+        max_completion_length=8, gradient_accumulation_steps=2, num_iterations=2, temperature=0.7, beta=0.04,
+        bf16=False, dataloader_num_workers=0, disable_tqdm=True, shuffle_dataset=False,
+        generation_kwargs={"sequence_bias": [[[tok.eos_token_id], 3.0]]})
+    prompts = Dataset.from_dict({"prompt": [f"Q: {a} plus {b} is? A:" for a in range(4) for b in range(2)]})
+    trainer = _checked(_example().FusedGRPOTrainer, checks)(
+        model=Qwen2ForCausalLM.from_pretrained(path), reward_funcs=_reward, args=args, train_dataset=prompts,
+        processing_class=tok, peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    trainer.train()
+    assert isinstance(trainer.model, PeftModel)
+    trained = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert trained and all("lora_" in n for n in trained)
+    _assert_trls(checks)
+    # every adapter weight has a gradient once lora_B (zero at the start) has moved
+    assert all(g is not None and g.abs().max() > 0 for g in checks[-1][3])
+
+
 @pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])
 def test_the_fused_trainer_gives_trls_loss_and_gradients_on_images(tmp_path, arch):
     """A tiny Qwen2-VL / Qwen2.5-VL trained on image prompts: the example passes TRL's image

@@ -37,13 +37,14 @@ Metrics: the kernel's are this rank's token means, logged here under TRL's names
 `clip_ratio/low_min` and `clip_ratio/high_max` (per-sequence extremes) are not formed, and
 with several processes of different token counts the gathered mean is not TRL's token-weighted
 one. TRL options the kernel does not offer, and an LM head that is not a plain nn.Linear (a PEFT
-adapter on it would be left out), are refused by name. Checked with one process (text-only,
-and Qwen2-VL / Qwen2.5-VL on images), with DDP and with DeepSpeed ZeRO-3 (two CPU processes,
-text-only; under ZeRO-3 the LM head's weight is read inside the model's forward, where DeepSpeed
-gathers a partitioned parameter on access and reduces its gradient to the partitions); other
-vision-language families' inputs are passed the same way, unchecked; and under accelerate's FSDP2
-(two CPU processes: accelerate offers FSDP on accelerators only, so the test switches its CPU
-state over; the head wrapped by FSDP2, FSDP<Linear>, is taken as the nn.Linear it is).
+adapter on it would be left out), are refused by name; a PEFT adapter elsewhere (TRL's
+peft_config) is run with the backbone. Checked (tests/test_trl_example.py) with one process
+(text-only; Qwen2-VL / Qwen2.5-VL on images; a LoRA adapter on the attention), and with two CPU
+processes, text-only, under DDP, under DeepSpeed ZeRO-3 (the head's weight, a partition, is
+gathered by DeepSpeed in its forward and its gradient reduced to the partitions) and under
+accelerate's FSDP2 (accelerate offers FSDP on accelerators only, so the test switches its CPU
+state over; the head, of FSDP2's class FSDPLinear, is taken for the nn.Linear it is). Other
+vision-language families' inputs are passed the same way, unchecked.
 """
 from __future__ import annotations
 
