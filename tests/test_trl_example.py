@@ -96,9 +96,9 @@ def _assert_trls(checks: list, n: int = 4) -> None:
     assert clipped  # the ratios left 1: old log-probs were in play
 
 
-@pytest.mark.parametrize("loss_type,beta,spg", [("grpo", 0.04, None), ("bnpo", 0.0, None),
-                                                ("dr_grpo", 0.04, None), ("dapo", 0.04, 4)])
-def test_the_fused_trainer_gives_trls_loss_gradients_and_metrics(tiny, tmp_path, loss_type, beta, spg):
+def _train_checked(tiny, tmp_path, lr: float = 5e-3, **over) -> tuple[list, object]:
+    """The example's trainer on the tiny model, two steps, each micro-batch checked against TRL's
+    own loss (`_checked`); `over`: GRPOConfig fields, and peft_config for the trainer."""
     from datasets import Dataset
     from transformers import Qwen2ForCausalLM, set_seed
     from trl import GRPOConfig
@@ -106,18 +106,26 @@ def test_the_fused_trainer_gives_trls_loss_gradients_and_metrics(tiny, tmp_path,
     checks = []
     set_seed(0)
     path, tok = tiny
-    args = GRPOConfig(
-        output_dir=str(tmp_path / "out"), use_cpu=True, seed=0, data_seed=0, report_to=[], max_steps=2,
-        logging_steps=1, save_strategy="no", learning_rate=5e-3, per_device_train_batch_size=4, num_generations=4,
-        max_completion_length=8, gradient_accumulation_steps=2, num_iterations=2, temperature=0.7, beta=beta,
-        loss_type=loss_type, bf16=False, dataloader_num_workers=0, disable_tqdm=True, shuffle_dataset=False,
-        steps_per_generation=spg,
-        generation_kwargs={"sequence_bias": [[[tok.eos_token_id], 3.0]]})  # completions of several lengths
+    peft_config = over.pop("peft_config", None)
+    args = GRPOConfig(**{
+        **dict(output_dir=str(tmp_path / "out"), use_cpu=True, seed=0, data_seed=0, report_to=[], max_steps=2,
+               logging_steps=1, save_strategy="no", learning_rate=lr, per_device_train_batch_size=4,
+               num_generations=4, max_completion_length=8, gradient_accumulation_steps=2, num_iterations=2,
+               temperature=0.7, bf16=False, dataloader_num_workers=0, disable_tqdm=True, shuffle_dataset=False,
+               generation_kwargs={"sequence_bias": [[[tok.eos_token_id], 3.0]]}),  # completions of several lengths
+        **over})
     prompts = Dataset.from_dict({"prompt": [f"Q: {a} plus {b} is? A:" for a in range(4) for b in range(2)]})
     trainer = _checked(_example().FusedGRPOTrainer, checks)(
         model=Qwen2ForCausalLM.from_pretrained(path), reward_funcs=_reward, args=args, train_dataset=prompts,
-        processing_class=tok)
+        processing_class=tok, peft_config=peft_config)
     trainer.train()
+    return checks, trainer
+
+
+@pytest.mark.parametrize("loss_type,beta,spg", [("grpo", 0.04, None), ("bnpo", 0.0, None),
+                                                ("dr_grpo", 0.04, None), ("dapo", 0.04, 4)])
+def test_the_fused_trainer_gives_trls_loss_gradients_and_metrics(tiny, tmp_path, loss_type, beta, spg):
+    checks, _ = _train_checked(tiny, tmp_path, beta=beta, loss_type=loss_type, steps_per_generation=spg)
     _assert_trls(checks)
 
 
@@ -127,25 +135,10 @@ def test_the_fused_trainer_with_a_lora_adapter_gives_trls_loss_and_gradients(tin
     PEFT's wrapper (get_base_model()), whose LoRA layers are in it; each micro-batch's loss, the
     adapter's gradients and the metrics are TRL's."""
     pytest.importorskip("peft")
-    from datasets import Dataset
     from peft import LoraConfig, PeftModel
-    from transformers import Qwen2ForCausalLM, set_seed
-    from trl import GRPOConfig
 
-    checks = []
-    set_seed(0)
-    path, tok = tiny
-    args = GRPOConfig(
-        output_dir=str(tmp_path / "out"), use_cpu=True, seed=0, data_seed=0, report_to=[], max_steps=2,
-        logging_steps=1, save_strategy="no", learning_rate=5e-2, per_device_train_batch_size=4, num_generations=4,
-        max_completion_length=8, gradient_accumulation_steps=2, num_iterations=2, temperature=0.7, beta=0.04,
-        bf16=False, dataloader_num_workers=0, disable_tqdm=True, shuffle_dataset=False,
-        generation_kwargs={"sequence_bias": [[[tok.eos_token_id], 3.0]]})
-    prompts = Dataset.from_dict({"prompt": [f"Q: {a} plus {b} is? A:" for a in range(4) for b in range(2)]})
-    trainer = _checked(_example().FusedGRPOTrainer, checks)(
-        model=Qwen2ForCausalLM.from_pretrained(path), reward_funcs=_reward, args=args, train_dataset=prompts,
-        processing_class=tok, peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    trainer.train()
+    checks, trainer = _train_checked(tiny, tmp_path, lr=5e-2, beta=0.04, peft_config=LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     assert isinstance(trainer.model, PeftModel)
     trained = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
     assert trained and all("lora_" in n for n in trained)
