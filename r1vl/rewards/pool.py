@@ -189,17 +189,26 @@ class RewardPool:
             raise
 
     @staticmethod
-    def _kill(w: _Worker) -> None:
+    def _end(w: _Worker) -> None:
+        """Kill the worker's process and reap it; its pipes stay open (what it wrote is still there)."""
         try:
             w.process.kill()
             w.process.wait(timeout=10)
         except Exception:  # noqa: BLE001
             pass
+
+    @staticmethod
+    def _close_pipes(w: _Worker) -> None:
         for c in (w.inbox, w.outbox):
             try:
                 c.close()
             except OSError:
                 pass
+
+    @staticmethod
+    def _kill(w: _Worker) -> None:
+        RewardPool._end(w)
+        RewardPool._close_pipes(w)
 
     def close(self) -> None:
         if os.getpid() != self._pid:  # a forked child: the workers are its parent's
@@ -312,16 +321,12 @@ class RewardPool:
         def replace(i: int, w: _Worker, reason: str) -> None:
             nonlocal kills, remaining
             self._workers[i] = None  # until its successor runs: an interrupt here leaves no dead worker
-            try:
-                w.process.kill()
-                w.process.wait(timeout=10)
-            except Exception:  # noqa: BLE001
-                pass
+            self._end(w)
             if not w.inbox.closed:
                 # what it wrote before its end, seen by its exit status or its silence before its
                 # messages were read (its answers, "recycle"): not blamed on the completions they answer
                 receive(w)
-            self._kill(w)
+            self._close_pipes(w)
             if not w.ready:
                 # it ended before its start-up did, seen by its exit status or by its pipe's end
                 # (counted on the exit status alone, a worker whose end the pipe showed first, as
