@@ -193,15 +193,28 @@ def test_workers_exit_when_their_parent_dies(tmp_path):
             "os._exit(0)\n")  # no atexit: the worker is orphaned
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     pid = int(out.stdout.split()[-1])
-    deadline = time.monotonic() + 30
+    if not _ends_within(pid, 30):
+        os.kill(pid, signal.SIGKILL)
+        pytest.fail("an orphaned reward worker kept running")
+
+
+def _ends_within(pid: int, seconds: float) -> bool:
+    """Whether process `pid` is gone within `seconds` (polled)."""
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
-            return
+            return True
         time.sleep(0.2)
-    os.kill(pid, signal.SIGKILL)
-    pytest.fail("an orphaned reward worker kept running")
+    return False
+
+
+# a Python stand-in's start (os and sys imported): its pipes from the worker's arguments, and "ready"
+_STAND_IN_READY = ("from multiprocessing.connection import Connection\n"
+                   "inbox = Connection(int(sys.argv[3]), writable=False)\n"
+                   "outbox = Connection(int(sys.argv[4]), readable=False)\n"
+                   "outbox.send(('ready', os.getpid()))\n")
 
 
 def _stand_in_worker(monkeypatch, path, script: str) -> None:
@@ -639,9 +652,7 @@ def test_a_worker_seen_ended_before_its_last_messages_are_read_blames_no_complet
         f"if os.path.exists({str(first)!r}):  # every worker after the first: the real one\n"
         "    os.execv(sys.executable, [sys.executable] + sys.argv[1:])\n"
         f"open({str(first)!r}, 'w').close()\n"
-        "from multiprocessing.connection import Connection\n"
-        "inbox, outbox = Connection(int(sys.argv[3]), writable=False), Connection(int(sys.argv[4]), readable=False)\n"
-        "outbox.send(('ready', os.getpid()))\n"
+        + _STAND_IN_READY +
         "tasks = inbox.recv()[0]\n"
         "outbox.send((tasks[0][0], (0.0, 0.0, 0.0, False, True)))  # its deadline hit\n"
         "outbox.send(('recycle', os.getpid()))\n"
@@ -762,14 +773,7 @@ def test_a_worker_whose_parent_dies_during_its_start_up_exits(tmp_path):
         p.wait(timeout=120)
     worker, holder = (int(x) for x in line.split())
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                os.kill(worker, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.2)
-        pytest.fail("a reward worker orphaned during its start-up kept running")
+        assert _ends_within(worker, 30), "a reward worker orphaned during its start-up kept running"
     finally:
         for pid in (worker, holder):
             try:
@@ -805,9 +809,7 @@ def test_a_job_stopped_and_resumed_whole_kills_no_worker(monkeypatch, tmp_path):
     _stand_in_worker(
         monkeypatch, tmp_path / "answerer",
         f"#!{sys.executable}\nimport os, sys, time\n"
-        "from multiprocessing.connection import Connection\n"
-        "inbox, outbox = Connection(int(sys.argv[3]), writable=False), Connection(int(sys.argv[4]), readable=False)\n"
-        "outbox.send(('ready', os.getpid()))\n"
+        + _STAND_IN_READY +
         "while True:\n"
         "    msg = inbox.recv()\n"
         "    if msg is None:\n"
