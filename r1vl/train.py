@@ -1279,7 +1279,8 @@ class StopSignal:
     step (in an evaluation: before its next batch), with a checkpoint to resume from
     (train.resume=true), whatever train.save_every is. A second signal stops at once (SIGINT:
     KeyboardInterrupt), unless it arrived within REPEAT_S of the first (however late its handler
-    ran): that is the same stop delivered twice (a scheduler signalling every process while torchrun passes its own on).
+    ran): that is the same stop delivered twice (a scheduler signalling every process while
+    torchrun passes its own on).
     Elsewhere (`armed` false: start-up, the saves of warmup/ and final/) SIGINT interrupts at
     once; SIGTERM / SIGUSR1 then act at the next step or evaluation batch, and one during
     the final save lets the run finish. Used as a
