@@ -97,6 +97,11 @@ class ScoreJob:
             log.warning("%s", e)
             return self._fn()
 
+    def drop(self) -> None:
+        """Waits for a background call to end, its value or error dropped."""
+        if self._job is not None:
+            self._job.join()
+
 
 def progress_marks(total: int, lines: int = 10) -> set[int]:
     """The batches (1-based, of `total`) after which evaluate logs its progress: at most
@@ -184,24 +189,32 @@ def evaluate(engine, processor, samples: Sequence[Any], *, max_new_tokens: int, 
 
     # with reward worker processes, a batch is scored while the next one is generated
     pending = None
-    for b, s in enumerate(range(0, calls * batch_size, batch_size), start=1):
-        if stop is not None:
-            signum = stop()
-            if signum:
-                raise EvalStopped(signum, min(len(samples), s * d.world), len(samples))
-        chunk = [samples[i] for i in mine[s: s + batch_size]]
-        if not chunk and not lockstep:
-            continue
-        comps = engine.generate([make_prompt(processor, x) for x in chunk], 1, sampling)
-        if not chunk:
-            continue
-        scoring = ScoreJob(functools.partial(
-            score, [c.text for c in comps], chunk, alpha=alpha, variant=variant, accuracy_weight=accuracy_weight,
-            validity_weight=validity_weight, workers=reward_workers, timeout_s=reward_timeout_s),
-            background=reward_workers > 0)
+    try:
+        for b, s in enumerate(range(0, calls * batch_size, batch_size), start=1):
+            if stop is not None:
+                signum = stop()
+                if signum:
+                    raise EvalStopped(signum, min(len(samples), s * d.world), len(samples))
+            chunk = [samples[i] for i in mine[s: s + batch_size]]
+            if not chunk and not lockstep:
+                continue
+            comps = engine.generate([make_prompt(processor, x) for x in chunk], 1, sampling)
+            if not chunk:
+                continue
+            scoring = ScoreJob(functools.partial(
+                score, [c.text for c in comps], chunk, alpha=alpha, variant=variant, accuracy_weight=accuracy_weight,
+                validity_weight=validity_weight, workers=reward_workers, timeout_s=reward_timeout_s),
+                background=reward_workers > 0)
+            batch, pending = pending, (b, s, chunk, comps, scoring)
+            if batch is not None:  # (this batch's scoring, now pending, runs meanwhile)
+                collect(batch)
+    except Exception:
+        # stopped (EvalStopped) or failed with a batch still scored in the background: waited for,
+        # its scores dropped, so that no scoring thread outlives evaluate() (it held the reward
+        # pool, and a caller's next scoring, a checkpoint's or a retry's, waited behind it)
         if pending is not None:
-            collect(pending)
-        pending = (b, s, chunk, comps, scoring)
+            pending[4].drop()
+        raise
     if pending is not None:
         collect(pending)
     if stop is not None:  # once more: a signal during the last batch stops it too (as a step's end would)

@@ -687,6 +687,10 @@ class Background:
         except BaseException as e:  # noqa: BLE001 -- raised in the caller's thread by result()
             self._error = e
 
+    def join(self) -> None:
+        """Waits for fn to end; its value or exception stays for result()."""
+        self._thread.join()
+
     def result(self) -> Any:
         self._thread.join()
         if self._error is not None:

@@ -6,6 +6,7 @@ import logging
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -1213,6 +1214,47 @@ def test_evaluate_scores_a_batch_while_the_next_is_generated_with_the_same_resul
     for r in runs.values():
         r.pop("seconds")
     assert runs[0] == runs[2] and runs[0]["accuracy"] == pytest.approx(2 / 7)
+
+
+@pytest.mark.parametrize("scoring_fails", [False, True])
+@pytest.mark.parametrize("how", ["stopped", "generate_failed"])
+def test_an_evaluation_that_stops_or_fails_leaves_no_batch_scored_behind_it(monkeypatch, how, scoring_fails):
+    """With reward workers a batch is scored in a background thread while the next one is
+    generated. Stopped by a signal (EvalStopped) or failed in the next batch's generate,
+    evaluate() raised with that thread still scoring: it held the reward pool, which a caller's
+    next scoring (the trainer's checkpoint path, an in-process retry) then waited for. It is
+    waited for now, its scores (or its own error) dropped, and the original exception raised."""
+    started, ended = threading.Event(), threading.Event()
+
+    def score(texts, samples, **kw):
+        started.set()
+        time.sleep(0.5)
+        ended.set()
+        if scoring_fails:
+            raise ValueError("scoring failed")
+        return {"correct": [1.0] * len(texts)}  # never collected: its batch is the one in flight
+
+    class Engine:
+        calls = 0
+
+        def generate(self, prompts, n, sampling):
+            from r1vl.rollout.base import Completion
+
+            Engine.calls += 1
+            if how == "generate_failed" and Engine.calls == 2:
+                assert started.wait(10)
+                raise RuntimeError("CUDA out of memory (stand-in)")
+            return [Completion(i, [1], "### The final answer is: 7", "stop") for i in range(len(prompts))]
+
+    monkeypatch.setattr(ev, "score", score)
+    samples = _family_samples(["Q7"] * 4, ["f"] * 4)
+    stops = iter([0, 15] if how == "stopped" else [])
+    with pytest.raises(ev.EvalStopped if how == "stopped" else RuntimeError) as info:
+        ev.evaluate(Engine(), _Proc(), samples, max_new_tokens=4, batch_size=2, reward_workers=1,
+                    stop=(lambda: next(stops)) if how == "stopped" else None)
+    assert ended.is_set()  # (it was still asleep: 0.5 s)
+    assert not [t for t in threading.enumerate() if t.name == "r1vl-rewards"]
+    assert "scoring failed" not in str(info.value)
 
 
 class _Q7Engine:  # right answer for problems "Q7", wrong otherwise

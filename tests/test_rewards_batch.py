@@ -841,6 +841,47 @@ def test_a_job_stopped_and_resumed_whole_kills_no_worker(monkeypatch, tmp_path):
         pool.close()
 
 
+def test_a_job_stopped_while_its_workers_start_up_is_not_failed_by_the_start_up_limit(monkeypatch, tmp_path):
+    """The same suspend before any worker was ready: on resuming, the start-up limit had passed
+    for every worker, counted in time none of them ran, and the batch failed ("no reward worker
+    started within 120s"). Time this process did not run is not start-up time either. Here the
+    worker is stopped before its start-up; the parent's first wait sleeps past the (shortened)
+    limit, as the stopped job would, and resumes it."""
+    from r1vl.rewards import pool as pool_mod
+
+    _stand_in_worker(
+        monkeypatch, tmp_path / "answerer",
+        f"#!{sys.executable}\nimport os, sys\n"
+        + _STAND_IN_READY +
+        "while True:\n"
+        "    msg = inbox.recv()\n"
+        "    if msg is None:\n"
+        "        os._exit(0)\n"
+        "    for task in msg[0]:\n"
+        "        outbox.send((task[0], (1.0, 0.5, 1.0, True, False)))\n")
+    monkeypatch.setattr(pool_mod, "_STARTUP_TIMEOUT_S", 4.0)
+    pool = RewardPool(1)
+    try:
+        pid, real_wait, stopped = pool._workers[0].process.pid, pool_mod.wait, []
+        os.kill(pid, signal.SIGSTOP)  # not ready yet: the stand-in has not started
+
+        def wait(conns, timeout=None):
+            if not stopped:  # the whole job stopped 6 s (past the limit) in its first wait
+                stopped.append(1)
+                time.sleep(max(0.0, 6.0 - (time.monotonic() - pool._workers[0].spawned)))
+                os.kill(pid, signal.SIGCONT)
+                return []
+            return real_wait(conns, timeout)
+
+        monkeypatch.setattr(pool_mod, "wait", wait)
+        results, kills = pool.map([(i, "x", "y", []) for i in range(3)], alpha=0.1, variant="paper",
+                                  timeout_s=3.0)
+        assert stopped and kills == 0 and pool._workers[0].process.pid == pid
+        assert results == [(1.0, 0.5, 1.0, True, False)] * 3
+    finally:
+        pool.close()
+
+
 def test_a_child_forked_while_a_batch_runs_is_refused_the_parents_pool_at_once():
     """A RewardPool used in a process forked from its own refuses (RuntimeError); forked while
     another thread's map held the pool's lock (a trainer's background scoring), the child took

@@ -374,11 +374,14 @@ class RewardPool:
             # time this process did not run past the wait it asked for (stopped with its workers:
             # Ctrl-Z, a scheduler's suspend) is not their silence: counted, every busy worker
             # was killed at its hard deadline on resuming, though none had had a moment to run
-            # (not a timer's few ms late: those, added at each deadline, would make it spin)
+            # (not a timer's few ms late: those, added at each deadline, would make it spin);
+            # nor is it start-up time: a worker still importing when the job stopped was held to
+            # the start-up limit on resuming, and with no worker ready the batch failed
             lost = time.monotonic() - asleep - wait_s
             if lost > 0.25:
                 for w in self._workers:
                     w.last_heard += lost
+                    w.spawned += lost
             for conn in readable:
                 i = conns[conn]
                 w = self._workers[i]
