@@ -1397,9 +1397,10 @@ class StopSignal:
             log.warning("%s: stopping at the end of this step (in an evaluation: before its next batch) with a "
                         "checkpoint (%s to stop at once)", signal.Signals(signum).name, how)
 
-    def agreed(self, d) -> int:
+    def agreed(self, d, *, announce: bool = True) -> int:
         """The signal any rank got (0: none). A collective when there are several ranks:
-        every rank calls it at every step boundary, so all of them stop at the same step."""
+        every rank calls it at every step boundary, so all of them stop at the same step.
+        announce: rank 0 says so when the signal reached other ranks alone."""
         if d.world == 1:
             return self.signum
         import torch.distributed as dist
@@ -1407,7 +1408,7 @@ class StopSignal:
         t = torch.tensor([float(self.signum)], device=d.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         got = int(t.item())
-        if got and not self.signum and not self.quiet and not self._told:
+        if announce and got and not self.signum and not self.quiet and not self._told:
             # the signal went to other ranks only (a scheduler signalling one process): rank 0,
             # which alone speaks, says why the run stops
             self._told = True
@@ -2153,6 +2154,9 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
                  cfg.train.max_steps, ev1["accuracy"], ev1["step_rar"], ev1["step_rvr"], ev1["n"])
     if cfg.train.save_final:
         save_model_dir(out / "final", d, train_policy, processor)
+    # a signal after the final evaluation (during the final save) stops nothing: said below by rank 0,
+    # which alone speaks, also when it reached another rank alone
+    late = stop.agreed(d, announce=False)
     wall = time.time() - t_start
     if d.main:
         def pick(ev, k):
@@ -2210,9 +2214,10 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
 
         log.info("done in %.0fs: accuracy %s -> %s; summary in %s", wall, acc(summary["accuracy_after_warmup"]),
                  acc(summary["accuracy_final"]), out / "summary.json")
-    if stop.signum and d.main:  # it came after the final evaluation (during the final save, the summary)
+    late = late or stop.signum  # (rank 0's own, during the summary too)
+    if late and d.main:  # it came after the final evaluation (during the final save, the summary)
         log.warning("%s came after the final evaluation: the run finished, its outputs are complete",
-                    signal.Signals(stop.signum).name)
+                    signal.Signals(late).name)
     writer.close()  # an exception or a stop leaves it to _shutdown, which passes the exit code on
     _OPEN_WRITERS.remove(writer)
     return summary

@@ -197,6 +197,40 @@ def test_torchrun_two_ranks_end_to_end(tmp_path, data_dir):
     assert logged[2]["problem"] == json.loads(rows[first])["problem"]
 
 
+def test_a_signal_to_one_rank_during_the_final_save_finishes_the_run_and_rank_0_says_so(tmp_path, data_dir):
+    """A SIGUSR1 after the final evaluation (here: to rank 1 alone, as the final save starts)
+    stops nothing: the run finishes with its outputs complete, exit 0. Rank 0, which alone
+    speaks, said so only for a signal of its own: one that reached another rank alone was
+    silent on every rank."""
+    import subprocess
+    from pathlib import Path
+
+    from test_train import FAST
+
+    wrapper = tmp_path / "late_signal.py"
+    wrapper.write_text("import os, signal, sys, time\nimport r1vl.train as train\n"
+                       "save = train.save_model_dir\n"
+                       "def late(path, *a, **kw):\n"
+                       "    if path.name == 'final' and os.environ['RANK'] == '1':\n"
+                       "        os.kill(os.getpid(), signal.SIGUSR1)\n"
+                       "        time.sleep(0.05)\n"
+                       "    return save(path, *a, **kw)\n"
+                       "train.save_model_dir = late\n"
+                       "sys.exit(train.main(sys.argv[1:]))\n")
+    out = tmp_path / "run"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    r = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", str(free_port()), str(wrapper),
+                        f"output_dir={out}", f"data.synthetic_dir={data_dir}", *FAST, "train.max_steps=1",
+                        "logging.plot=false", "train.eval_before=false", "train.eval_after=false"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("SIGUSR1 came after the final evaluation: the run finished, its outputs are complete") \
+        == 1, r.stderr[-3000:]
+    assert "stopping at the end of this step" not in r.stderr  # (rank 1's handler: quiet)
+    assert (out / "final" / "model.safetensors").is_file() and (out / "summary.json").is_file()
+
+
 def _per_rank_cwd_run(tmp_path, dirs, *args, timeout_s=120):
     """torchrun, 2 ranks, each started in its own working directory (dirs[rank]): two nodes
     whose files differ, on one machine."""
