@@ -153,38 +153,19 @@ def test_the_fused_trainer_gives_trls_loss_and_gradients_on_images(tmp_path, arc
     inputs (pixel_values, image_grid_thw, mm_token_type_ids) to the backbone, so its loss, every
     gradient (the vision tower's too) and the metrics are TRL's. Without them the images'
     placeholders were scored as text: another loss, no vision-tower gradient."""
-    import numpy as np
-    from datasets import Dataset
-    from PIL import Image
-    from transformers import Qwen2VLProcessor, set_seed
-    from transformers.processing_utils import ProcessorMixin
+    from transformers import set_seed
     from trl import GRPOConfig
 
     import transformers
 
     from r1vl.models import TINY_ARCHS, build_tiny
-
-    class ImageOnlyProcessor(Qwen2VLProcessor):
-        """Qwen2-VL's processor without its video processor, which needs torchvision (not
-        loadable with the CPU torch here); images are processed as the stock one does."""
-
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
-            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
-            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+    from trl_ddp_worker import image_only_processor, image_prompts
 
     path = tmp_path / "tiny"
     _, proc = build_tiny(CORPUS, vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, out_dir=path, arch=arch)
-    processor = ImageOnlyProcessor(proc.image_processor, proc.tokenizer, chat_template=proc.tokenizer.chat_template)
-    rng = np.random.default_rng(0)
-    n = 8
-    data = Dataset.from_dict({
-        "prompt": [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"Q: {i} plus 2 is?"}]}]
-                   for i in range(n)],
-        "image": [Image.fromarray(rng.integers(0, 256, (56 + 28 * (i % 2), 56, 3), dtype=np.uint8))
-                  for i in range(n)]})
+    processor = image_only_processor(proc)
+    data = image_prompts(8)
     checks = []
     set_seed(0)
     args = GRPOConfig(
@@ -202,9 +183,9 @@ def test_the_fused_trainer_gives_trls_loss_and_gradients_on_images(tmp_path, arc
     assert vision and all(checks[0][2][i] is not None and checks[0][2][i].abs().max() > 0 for i in vision)
 
 
-def _two_processes(tmp_path, backend: str) -> dict:
-    """tests/trl_ddp_worker.py under torchrun (2 processes), TRL's trainer and the example's: each
-    one's final parameters, one row per rank."""
+def _two_processes(tmp_path, backend: str, data: str = "text", which=("fused", "stock")) -> dict:
+    """tests/trl_ddp_worker.py under torchrun (2 processes), TRL's trainer and the example's (or
+    those of `which`): each one's final parameters, one row per rank."""
     import os
     import subprocess
     import sys
@@ -212,13 +193,14 @@ def _two_processes(tmp_path, backend: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     from ports import free_port
 
+    tmp_path.mkdir(parents=True, exist_ok=True)
     params = {}
-    for which in ("fused", "stock"):
+    for trainer in which:
         r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                            str(free_port()), str(ROOT / "tests" / "trl_ddp_worker.py"), which, str(tmp_path),
-                            backend], env=env, capture_output=True, text=True, timeout=600)
+                            str(free_port()), str(ROOT / "tests" / "trl_ddp_worker.py"), trainer, str(tmp_path),
+                            backend, data], env=env, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
-        params[which] = torch.load(tmp_path / f"params_{which}.pt")
+        params[trainer] = torch.load(tmp_path / f"params_{trainer}.pt")
     return params
 
 
@@ -272,6 +254,29 @@ def test_the_fused_trainer_under_fsdp2_trains_as_trl(tmp_path):
     assert torch.equal(fused[0], fused[1])  # gathered: one model
     assert (fused - stock).abs().max().item() < 1e-4
     assert _moved(tmp_path, fused[0]) > 1e-3
+
+
+def test_the_fused_trainer_under_fsdp2_on_images_trains_as_under_ddp(tmp_path):
+    """A tiny Qwen2-VL (tied embeddings) on image prompts, two processes under accelerate's FSDP2
+    (decoder layers and vision blocks each a group, the root holding the embeddings, which are
+    the head, the merger and the norm): the image inputs reach the sharded backbone and the
+    tied head's weight is gathered for the loss, so two steps end where the same two steps under
+    DDP end (6e-7 apart here), the vision tower moved. (The one-process image test checks the
+    example's gradients against TRL's own loss; against TRL's trainer under either wrapper the
+    example ends 7.5e-5 apart here, from Adam's per-element amplification of rounding.)"""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    fsdp2 = _two_processes(tmp_path / "fsdp2", "fsdp2", "images", which=("fused",))["fused"]
+    ddp = _two_processes(tmp_path / "ddp", "ddp", "images", which=("fused",))["fused"]
+    assert torch.equal(fsdp2[0], fsdp2[1]) and torch.equal(ddp[0], ddp[1])
+    assert (fsdp2 - ddp).abs().max().item() < 1e-5
+    init = Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / "fsdp2" / "model_fused_0")
+    at, moved = 0, []
+    for name, p in init.named_parameters():
+        if "visual" in name:
+            moved.append((fsdp2[0, at: at + p.numel()] - p.detach().reshape(-1)).abs().max().item())
+        at += p.numel()
+    assert at == fsdp2.shape[1] and moved and min(moved) > 1e-3
 
 
 def test_the_fused_trainer_refuses_what_the_kernel_would_leave_out(tiny, tmp_path):

@@ -3,8 +3,10 @@ trains a tiny untied Qwen2 for 2 steps with TRL's GRPOTrainer or docs/examples' 
 under DDP with the Trainer's settings (find_unused_parameters=True: no gradient checkpointing) or
 under DeepSpeed ZeRO-3 with every parameter partitioned (gradient checkpointing on, TRL's default),
 or under accelerate's FSDP2 (every parameter sharded, gradient checkpointing on), then rank 0
-saves every rank's parameters (under ZeRO-3 and FSDP2 gathered: the same on every rank).
-Usage: torchrun --nproc-per-node 2 tests/trl_ddp_worker.py fused|stock OUT_DIR [ddp|zero3|fsdp2]"""
+saves every rank's parameters (under ZeRO-3 and FSDP2 gathered: the same on every rank). With
+`images`, a tiny Qwen2-VL (tied embeddings) on image prompts instead (`image_only_processor`,
+`image_prompts`: shared with the one-process image test).
+Usage: torchrun --nproc-per-node 2 tests/trl_ddp_worker.py fused|stock OUT_DIR [ddp|zero3|fsdp2] [text|images]"""
 import importlib.util
 import os
 import sys
@@ -22,7 +24,38 @@ ZERO3 = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold":
          "train_batch_size": "auto", "gradient_clipping": "auto"}
 
 
-def main(which: str, out: Path, backend: str = "ddp") -> None:
+def image_only_processor(proc):
+    """r1vl's tiny Qwen2-VL processor `proc` as a transformers Qwen2VLProcessor without its video
+    processor, which needs torchvision (not loadable with the CPU torch here); images are
+    processed as the stock one does."""
+    from transformers import Qwen2VLProcessor
+    from transformers.processing_utils import ProcessorMixin
+
+    class ImageOnlyProcessor(Qwen2VLProcessor):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+    return ImageOnlyProcessor(proc.image_processor, proc.tokenizer, chat_template=proc.tokenizer.chat_template)
+
+
+def image_prompts(n: int):
+    """n conversational prompts, each one random image (two sizes) and a question, as TRL takes them."""
+    import numpy as np
+    from datasets import Dataset
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    return Dataset.from_dict({
+        "prompt": [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"Q: {i} plus 2 is?"}]}]
+                   for i in range(n)],
+        "image": [Image.fromarray(rng.integers(0, 256, (56 + 28 * (i % 2), 56, 3), dtype=np.uint8))
+                  for i in range(n)]})
+
+
+def main(which: str, out: Path, backend: str = "ddp", data: str = "text") -> None:
     from datasets import Dataset
     from transformers import Qwen2Config, Qwen2ForCausalLM, set_seed
     from trl import GRPOConfig, GRPOTrainer
@@ -38,8 +71,18 @@ def main(which: str, out: Path, backend: str = "ddp") -> None:
                       bos_token_id=None)  # an untied head: a parameter the backbone's forward does not use
     torch.manual_seed(0)
     path = out / f"model_{which}_{os.environ['RANK']}"  # TRL builds the KL reference from the model's path
-    Qwen2ForCausalLM(cfg).save_pretrained(path)
-    model = Qwen2ForCausalLM.from_pretrained(path)
+    if data == "images":
+        from transformers import Qwen2VLForConditionalGeneration
+
+        from r1vl.models import build_tiny
+
+        _, proc = build_tiny(corpus, vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=2, num_key_value_heads=1, out_dir=path, arch="qwen2_vl")
+        tok = image_only_processor(proc)
+        model = Qwen2VLForConditionalGeneration.from_pretrained(path)
+    else:
+        Qwen2ForCausalLM(cfg).save_pretrained(path)
+        model = Qwen2ForCausalLM.from_pretrained(path)
     set_seed(0)
     if backend == "zero3":
         # TrainingArguments starts DeepSpeed's process group with CUDA's backend alone (on CPU it then
@@ -59,10 +102,11 @@ def main(which: str, out: Path, backend: str = "ddp") -> None:
         # tail each a group of their own)
         from accelerate.state import PartialState
 
+        layers = ["Qwen2VLDecoderLayer", "Qwen2VLVisionBlock"] if data == "images" else ["Qwen2DecoderLayer"]
         os.environ["ACCELERATE_USE_FSDP"] = "true"
         PartialState(cpu=True, backend="gloo")
         setup = dict(accelerator_config={"use_configured_state": True}, gradient_checkpointing=True, fsdp=True,
-                     fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["Qwen2DecoderLayer"]})
+                     fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": layers})
     else:
         setup = dict(use_cpu=True, gradient_checkpointing=False)
     args = GRPOConfig(output_dir=str(out / f"trainer_{which}"), seed=0, report_to=[], max_steps=2,
@@ -71,7 +115,8 @@ def main(which: str, out: Path, backend: str = "ddp") -> None:
                       dataloader_num_workers=0, **setup)
     # (ddp_find_unused_parameters left to the Trainer: without gradient checkpointing, on by
     # default in TRL's GRPOConfig, it is True, DDP's strictest mode for a head used outside forward)
-    prompts = Dataset.from_dict({"prompt": [f"Q: {a} plus {b} is? A:" for a in range(4) for b in range(4)]})
+    prompts = image_prompts(16) if data == "images" else \
+        Dataset.from_dict({"prompt": [f"Q: {a} plus {b} is? A:" for a in range(4) for b in range(4)]})
     if which == "fused":
         spec = importlib.util.spec_from_file_location("trl_fused_grpo", ROOT / "docs" / "examples" / "trl_fused_grpo.py")
         mod = importlib.util.module_from_spec(spec)
@@ -79,8 +124,11 @@ def main(which: str, out: Path, backend: str = "ddp") -> None:
         cls = mod.FusedGRPOTrainer
     else:
         cls = GRPOTrainer
+    def text(c):  # (a conversational prompt's completion is a list of messages)
+        return c if isinstance(c, str) else c[0]["content"]
+
     trainer = cls(model=model, reward_funcs=lambda completions, **kw: [
-        sum(ch.isdigit() for ch in c) / max(len(c), 1) + 0.05 * len(c) for c in completions],
+        sum(ch.isdigit() for ch in text(c)) / max(len(text(c)), 1) + 0.05 * len(text(c)) for c in completions],
         args=args, train_dataset=prompts, processing_class=tok)
     if backend == "fsdp2":
         from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin

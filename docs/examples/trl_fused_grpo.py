@@ -43,8 +43,9 @@ peft_config) is run with the backbone. Checked (tests/test_trl_example.py) with 
 processes, text-only, under DDP, under DeepSpeed ZeRO-3 (the head's weight, a partition, is
 gathered by DeepSpeed in its forward and its gradient reduced to the partitions) and under
 accelerate's FSDP2 (accelerate offers FSDP on accelerators only, so the test switches its CPU
-state over; the head, of FSDP2's class FSDPLinear, is taken for the nn.Linear it is). Other
-vision-language families' inputs are passed the same way, unchecked.
+state over; the head, of FSDP2's class FSDPLinear, is taken for the nn.Linear it is), and a
+tiny Qwen2-VL on images under FSDP2 against DDP. Other vision-language families' inputs are
+passed the same way, unchecked.
 """
 from __future__ import annotations
 
