@@ -692,7 +692,7 @@ class Background:
         self._thread.join()
 
     def result(self) -> Any:
-        self._thread.join()
+        self.join()
         if self._error is not None:
             error, self._error = self._error, None
             raise error
