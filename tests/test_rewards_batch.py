@@ -796,6 +796,24 @@ def test_close_waits_two_seconds_in_all_not_two_for_each_worker_that_does_not_ex
     assert all(p.returncode is not None for p in procs)
 
 
+_ANSWER = (1.0, 0.5, 1.0, True, False)
+
+
+def _answerer(monkeypatch, tmp_path, delay_s: float) -> None:
+    """Stand-in workers that answer each task `_ANSWER` after delay_s."""
+    _stand_in_worker(
+        monkeypatch, tmp_path / "answerer",
+        f"#!{sys.executable}\nimport os, sys, time\n"
+        + _STAND_IN_READY +
+        "while True:\n"
+        "    msg = inbox.recv()\n"
+        "    if msg is None:\n"
+        "        os._exit(0)\n"
+        "    for task in msg[0]:\n"
+        f"        time.sleep({delay_s})\n"
+        f"        outbox.send((task[0], {_ANSWER}))\n")
+
+
 def test_a_job_stopped_and_resumed_whole_kills_no_worker(monkeypatch, tmp_path):
     """Ctrl-Z then fg (SIGTSTP reaches the workers too), or a scheduler's suspend, stops this
     process and its workers together; past the hard deadline, the resumed parent found every
@@ -806,17 +824,7 @@ def test_a_job_stopped_and_resumed_whole_kills_no_worker(monkeypatch, tmp_path):
     deadline and resumes it) and comes back as it went: nothing readable yet."""
     from r1vl.rewards import pool as pool_mod
 
-    _stand_in_worker(
-        monkeypatch, tmp_path / "answerer",
-        f"#!{sys.executable}\nimport os, sys, time\n"
-        + _STAND_IN_READY +
-        "while True:\n"
-        "    msg = inbox.recv()\n"
-        "    if msg is None:\n"
-        "        os._exit(0)\n"
-        "    for task in msg[0]:\n"
-        "        time.sleep(0.1)\n"
-        "        outbox.send((task[0], (1.0, 0.5, 1.0, True, False)))\n")
+    _answerer(monkeypatch, tmp_path, delay_s=0.1)
     pool = RewardPool(1)
     try:
         w = pool._workers[0]
@@ -836,7 +844,7 @@ def test_a_job_stopped_and_resumed_whole_kills_no_worker(monkeypatch, tmp_path):
                                   timeout_s=0.5)
         assert stopped
         assert pool._workers[0].process.pid == pid and kills == 0
-        assert results == [(1.0, 0.5, 1.0, True, False)] * 4
+        assert results == [_ANSWER] * 4
     finally:
         pool.close()
 
@@ -849,16 +857,7 @@ def test_a_job_stopped_while_its_workers_start_up_is_not_failed_by_the_start_up_
     limit, as the stopped job would, and resumes it."""
     from r1vl.rewards import pool as pool_mod
 
-    _stand_in_worker(
-        monkeypatch, tmp_path / "answerer",
-        f"#!{sys.executable}\nimport os, sys\n"
-        + _STAND_IN_READY +
-        "while True:\n"
-        "    msg = inbox.recv()\n"
-        "    if msg is None:\n"
-        "        os._exit(0)\n"
-        "    for task in msg[0]:\n"
-        "        outbox.send((task[0], (1.0, 0.5, 1.0, True, False)))\n")
+    _answerer(monkeypatch, tmp_path, delay_s=0.0)
     monkeypatch.setattr(pool_mod, "_STARTUP_TIMEOUT_S", 4.0)
     pool = RewardPool(1)
     try:
@@ -877,7 +876,7 @@ def test_a_job_stopped_while_its_workers_start_up_is_not_failed_by_the_start_up_
         results, kills = pool.map([(i, "x", "y", []) for i in range(3)], alpha=0.1, variant="paper",
                                   timeout_s=3.0)
         assert stopped and kills == 0 and pool._workers[0].process.pid == pid
-        assert results == [(1.0, 0.5, 1.0, True, False)] * 3
+        assert results == [_ANSWER] * 3
     finally:
         pool.close()
 
