@@ -858,16 +858,16 @@ def test_a_job_stopped_while_its_workers_start_up_is_not_failed_by_the_start_up_
     from r1vl.rewards import pool as pool_mod
 
     _answerer(monkeypatch, tmp_path, delay_s=0.0)
-    monkeypatch.setattr(pool_mod, "_STARTUP_TIMEOUT_S", 4.0)
+    monkeypatch.setattr(pool_mod, "_STARTUP_TIMEOUT_S", 6.0)  # (about 5 s left for the stand-in's start on resuming)
     pool = RewardPool(1)
     try:
         pid, real_wait, stopped = pool._workers[0].process.pid, pool_mod.wait, []
         os.kill(pid, signal.SIGSTOP)  # not ready yet: the stand-in has not started
 
         def wait(conns, timeout=None):
-            if not stopped:  # the whole job stopped 6 s (past the limit) in its first wait
+            if not stopped:  # the whole job stopped until 8 s (past the limit) after the spawn, in its first wait
                 stopped.append(1)
-                time.sleep(max(0.0, 6.0 - (time.monotonic() - pool._workers[0].spawned)))
+                time.sleep(max(0.0, 8.0 - (time.monotonic() - pool._workers[0].spawned)))
                 os.kill(pid, signal.SIGCONT)
                 return []
             return real_wait(conns, timeout)
