@@ -662,6 +662,45 @@ def _end_distributed() -> None:
 
 _EXIT_WITHOUT_TEARDOWN = False
 _USED_VLLM = False
+_WORK_PREFIX = "r1vl-eval-"
+
+
+def _work_prefix(pid: int | None = None) -> str:
+    """The vLLM engine's temporary model folder's prefix: this host and process (or `pid`), for
+    `_sweep_stale_work`."""
+    import socket
+
+    return f"{_WORK_PREFIX}{socket.gethostname().replace('-', '_')}-{os.getpid() if pid is None else pid}-"
+
+
+def _sweep_stale_work(tmp: str | os.PathLike | None = None) -> list[Path]:
+    """Remove the engine folders (config + processor files, a few MB) that evaluations on this host
+    left in the temporary directory when they were killed (SIGKILL, the OOM killer: no cleanup
+    runs), found by their process being gone. Another host's (a temporary directory on a shared
+    file system) and a live or foreign process's are left. Returns those removed."""
+    import shutil
+    import socket
+    import tempfile
+
+    host = socket.gethostname().replace("-", "_")
+    removed = []
+    for p in Path(tmp or tempfile.gettempdir()).glob(f"{_WORK_PREFIX}{host}-*-*"):
+        pid = p.name[len(_WORK_PREFIX) + len(host) + 1:].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive
+        except PermissionError:
+            continue  # alive, another user's
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        if not p.exists():
+            removed.append(p)
+    return removed
 
 
 def _vllm_engine(args, settings: dict, dtype: str, dataset, model, processor, d):
@@ -678,7 +717,10 @@ def _vllm_engine(args, settings: dict, dtype: str, dataset, model, processor, d)
     ensure_process_group()  # a one-rank group without torchrun (vLLM's external_launcher needs one)
     longest = max(prompt_lengths(dataset, processor, "r1vl", rows=args.n or None, d=d), default=1)
     # the engine's model directory (config + processor files) must be one path on every rank
-    work = all_gather_objects(tempfile.mkdtemp(prefix="r1vl-eval-") if d.main else None, d)[0]
+    if d.main:
+        for p in _sweep_stale_work():
+            log.info("removed %s, the engine folder of an evaluation that was killed", p)
+    work = all_gather_objects(tempfile.mkdtemp(prefix=_work_prefix()) if d.main else None, d)[0]
     cfg = load_config(None, [
         f"output_dir={work}", "rollout.engine=vllm", f"model.dtype={dtype}",
         f"rollout.max_completion_length={settings['max_new_tokens']}",

@@ -1257,6 +1257,28 @@ def test_an_evaluation_that_stops_or_fails_leaves_no_batch_scored_behind_it(monk
     assert "scoring failed" not in str(info.value)
 
 
+def test_the_engine_folders_of_killed_evaluations_on_this_host_are_swept(tmp_path):
+    """The vLLM engine's temporary model folder (config + processor files, a few MB) is removed
+    by the evaluation itself, unless it was killed (SIGKILL, the OOM killer): those were left in
+    the temporary directory for good. Named by host and process now, a later evaluation removes
+    those of this host whose process is gone, and no other: a live process's, another host's
+    (a temporary directory on a shared file system), its own, anything else."""
+    import subprocess
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    dead = tmp_path / f"{ev._work_prefix(gone.pid)}abc123"
+    live = tmp_path / f"{ev._work_prefix(os.getppid())}abc123"
+    mine = tmp_path / f"{ev._work_prefix()}abc123"
+    other_host = tmp_path / ev._work_prefix(gone.pid).replace(ev._WORK_PREFIX, ev._WORK_PREFIX + "elsewhere", 1)
+    unrelated = tmp_path / "r1vl-eval-notes"
+    for p in (dead, live, mine, other_host, unrelated):
+        (p / "vllm_engine_model").mkdir(parents=True)
+        (p / "vllm_engine_model" / "config.json").write_text("{}")
+    assert ev._sweep_stale_work(tmp_path) == [dead]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (live, mine, other_host, unrelated))
+
+
 class _Q7Engine:  # right answer for problems "Q7", wrong otherwise
     def generate(self, prompts, n, sampling):
         from r1vl.rollout.base import Completion

@@ -54,7 +54,8 @@ def test_eval_cli_vllm_engine_matches_hf(tiny_tied, tmp_path):
 def test_eval_cli_vllm_engine_sigterm_removes_its_temporary_model_folder(tiny_tied, tmp_path):
     """SIGTERM once the engine is up: exit 143 with one line, and the engine's temporary model
     folder (config + processor files, r1vl-eval-* in the temporary directory) is removed, as on
-    Ctrl-C; SIGTERM's default action left it behind (found by an audit)."""
+    Ctrl-C; SIGTERM's default action left it behind (found by an audit). One that a killed
+    evaluation (SIGKILL: no cleanup runs) left on this host is removed as the next one starts."""
     import signal
     import time
 
@@ -65,6 +66,12 @@ def test_eval_cli_vllm_engine_sigterm_removes_its_temporary_model_folder(tiny_ti
     prepare_task(data, 4, 5, 0)
     tmp = tmp_path / "tmpdir"
     tmp.mkdir()
+    from r1vl.eval import _work_prefix
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stale = tmp / f"{_work_prefix(gone.pid)}x1y2z3"  # a killed evaluation's: swept at the next one's start
+    (stale / "vllm_engine_model").mkdir(parents=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", TMPDIR=str(tmp))
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
         env.pop(k, None)
@@ -75,7 +82,7 @@ def test_eval_cli_vllm_engine_sigterm_removes_its_temporary_model_folder(tiny_ti
     try:
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:
-            folders = list(tmp.glob("r1vl-eval-*"))
+            folders = [p for p in tmp.glob("r1vl-eval-*") if p != stale]
             if folders and (folders[0] / "vllm_engine_model" / "config.json").is_file():
                 break
             time.sleep(0.2)
@@ -88,4 +95,4 @@ def test_eval_cli_vllm_engine_sigterm_removes_its_temporary_model_folder(tiny_ti
             proc.kill()
     assert proc.returncode == 143, err[-3000:]
     assert err.strip().splitlines()[-1] == "r1vl.eval: stopped (SIGTERM): no result", err[-3000:]
-    assert list(tmp.glob("r1vl-eval-*")) == []
+    assert list(tmp.glob("r1vl-eval-*")) == []  # (the stale one too)
