@@ -275,6 +275,9 @@ def _signal_in_evaluation(monkeypatch, nth: int, signum: int, during: bool = Fal
     (1, signal.SIGINT, (), "warmup-000002", False),  # the evaluation after the warm-up (Ctrl-C)
     (1, signal.SIGTERM, (), "warmup-000002", True),  # ... during its last (only) batch
     (2, signal.SIGTERM, ("train.eval_every=1",), "grpo-000001", False),  # train.eval_every's, in the loop
+    # ... during its first of two batches, scored in the background: the stop before the second waits for it
+    (2, signal.SIGTERM, ("train.eval_every=1", "algorithm.reward_workers=1", "train.eval_batch_size=2"), "grpo-000001",
+     True),
     (3, signal.SIGTERM, ("train.eval_every=1",), "grpo-000002", False),  # the final one
     (3, signal.SIGTERM, ("train.eval_every=1",), "grpo-000002", True),  # ... during its last batch
 ])
