@@ -133,7 +133,9 @@ def evaluate(engine, processor, samples: Sequence[Any], *, max_new_tokens: int, 
     record per sample in data order (`output_record`), gathered from every rank.
     Rank 0 logs its progress (at most 10 lines: `progress_marks`). `stop` (the trainer's
     signal watch) is called before each batch and after the last on every rank, as many times on
-    each (it may be a collective); a nonzero signal number raises EvalStopped on every rank."""
+    each (it may be a collective); a nonzero signal number raises EvalStopped on every rank.
+    Stopped or failed, it first waits for a batch still scored in the background (reward_workers
+    > 0), its scores dropped: no scoring thread outlives the call."""
     from r1vl.utils import Dist, StatReducer
 
     d = d or Dist()
