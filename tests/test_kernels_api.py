@@ -345,7 +345,7 @@ def test_token_level_advantages(case, backend, level, monkeypatch):
     # and a per-token change moves the loss (the tokens' own advantages are used)
     other = rows.clone()
     other[1, 0] += 1.0   # mask[:, 0] is on in every case
-    assert abs(float(run(other)[0]) - float(want[0])) > 1e-4
+    assert abs(run(other)[0].item() - want[0].item()) > 1e-4
 
 
 @pytest.mark.parametrize("backend", ["torch", "torch-twopass", "triton"])
