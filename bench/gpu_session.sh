@@ -61,7 +61,8 @@ done
 OUT=${OUT:-$ROOT/gpu_out}
 mkdir -p "$OUT"
 export OUT PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
-STATUS=$(mktemp /tmp/gpu_session_stages.XXXXXX)      # outside $OUT: every file there comes back
+STATUS=$(mktemp "${TMPDIR:-/tmp}/gpu_session_stages.XXXXXX")   # outside $OUT: every file there comes back
+trap 'rm -f "$STATUS"' EXIT
 exec > >(tee -a "$OUT/session.log") 2>&1
 TEE_PID=$!
 WHL=${R1VL_WHL_DIR:-.whl}

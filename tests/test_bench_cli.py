@@ -419,8 +419,11 @@ def test_gpu_session_stops_pytest_with_sigint_and_keeps_its_junit(tmp_path):
                     "        if f.read().strip() == 'timeout':\n            os.kill(os.getppid(), signal.SIGALRM)\n"
                     "    time.sleep(600)\n")
     out = tmp_path / "out"
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
     env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, R1VL_WHL_DIR=str(tmp_path / "none"),
-               R1VL_GPU_DRYRUN="1", R1VL_TEST_FILES=str(slow), R1VL_CAP_tests="240", R1VL_CAP_tests_cuda_other="1")
+               R1VL_GPU_DRYRUN="1", R1VL_TEST_FILES=str(slow), R1VL_CAP_tests="240", R1VL_CAP_tests_cuda_other="1",
+               TMPDIR=str(tmp))
     r = subprocess.run(["bash", "bench/gpu_session.sh", "tests"], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=540)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
@@ -428,6 +431,7 @@ def test_gpu_session_stops_pytest_with_sigint_and_keeps_its_junit(tmp_path):
     assert "FAILED" in r.stdout and "test_fail" in r.stdout            # the -rfEs summary was printed
     line = next(x for x in (out / "summary.txt").read_text().splitlines() if x.startswith("tests "))
     assert "TIMEOUT" in line and "1 passed, 1 failed" in line, line
+    assert not list(tmp.glob("gpu_session_stages.*"))  # the stages' status file, outside $OUT, removed at exit
 
 
 def test_bench_decode_measures_the_check(capsys):
@@ -475,8 +479,10 @@ def test_gpu_session_dry_run_never_writes_into_an_interpreter(tmp_path):
     shutil.copy(root / "setup.py", repo)
     site = Path(sysconfig.get_paths()["purelib"])
     before = sorted(p.name for p in site.iterdir())
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
     env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=sys.executable, R1VL_WHL_DIR=str(tmp_path / "none"),
-               R1VL_GPU_DRYRUN="1")
+               R1VL_GPU_DRYRUN="1", TMPDIR=str(tmp))
     try:
         r = subprocess.run(["bash", str(repo / "bench" / "gpu_session.sh"), "ceilings"], cwd=repo, env=env,
                            capture_output=True, text=True, timeout=120)
@@ -488,3 +494,4 @@ def test_gpu_session_dry_run_never_writes_into_an_interpreter(tmp_path):
     assert r.returncode != 0
     assert "a dry run never writes into an interpreter" in r.stdout + r.stderr
     assert after == before
+    assert not list(tmp.glob("gpu_session_stages.*"))  # removed at its exit, a failed setup's too
