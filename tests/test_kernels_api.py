@@ -367,7 +367,7 @@ def test_an_empty_batch_gives_zero(backend, level, monkeypatch):
             torch.zeros(0, device=dev), old_logprobs=z, ref_logprobs=z, backend=backend,
             loss_type=loss_type, importance_sampling_level=level, max_completion_length=4)
         loss.backward()
-        assert float(loss) == 0.0, (loss_type, loss)
+        assert loss.item() == 0.0, (loss_type, loss)
         assert all(float(v) == 0.0 for v in metrics.values()), (loss_type, metrics)
         assert h.grad.shape == (0, 4, 8) and float(w.grad.abs().sum()) == 0.0
 
