@@ -258,12 +258,13 @@ def test_the_fused_trainer_under_fsdp2_trains_as_trl(tmp_path):
 
 def test_the_fused_trainer_under_fsdp2_on_images_trains_as_under_ddp(tmp_path):
     """A tiny Qwen2-VL (tied embeddings) on image prompts, two processes under accelerate's FSDP2
-    (decoder layers and vision blocks each a group, the root holding the embeddings, which are
-    the head, the merger and the norm): the image inputs reach the sharded backbone and the
-    tied head's weight is gathered for the loss, so two steps end where the same two steps under
-    DDP end (6e-7 apart here), the vision tower moved. (The one-process image test checks the
-    example's gradients against TRL's own loss; against TRL's trainer under either wrapper the
-    example ends 7.5e-5 apart here, from Adam's per-element amplification of rounding.)"""
+    (the vision blocks, the decoder layers, the embeddings and the LM head tied to them each a
+    group of their own: the head is FSDP2's FSDPLinear): the image inputs reach the sharded
+    backbone and the tied head's weight is gathered for the loss, so two steps end where the
+    same two steps under DDP end (6e-7 apart here), the vision tower moved. (The one-process
+    image test checks the example's gradients against TRL's own loss; against TRL's trainer
+    under either wrapper the example ends 7.5e-5 apart here, read as Adam's per-element
+    amplification of rounding: text-only it is 3e-6.)"""
     from transformers import Qwen2VLForConditionalGeneration
 
     fsdp2 = _two_processes(tmp_path / "fsdp2", "fsdp2", "images", which=("fused",))["fused"]
