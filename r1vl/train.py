@@ -1558,7 +1558,9 @@ def run(cfg: Config, stop: StopSignal | None = None) -> dict:
         if stage != state["zero_stage"]:  # DeepSpeed's loader would fail on the other stage's files
             raise UserError(f"train.resume: {resume_dir} was written under ZeRO-{state['zero_stage']}, "
                             f"deepspeed={cfg.deepspeed} is ZeRO-{stage}; resume with a stage-{state['zero_stage']} "
-                            "config")
+                            "config (DeepSpeed 0.19 loads neither stage's optimizer state under the other), or "
+                            f"start a new run from its weights alone: model.path={resume_dir} (a fresh optimizer, "
+                            "its KL reference those weights, the warm-up and the data from the start)")
         precision = ds.precision(ds_cfg_now)
         if state.get("ds_precision") not in (None, precision):  # its optimizer files are named by precision
             raise UserError(f"train.resume: {resume_dir} was written with DeepSpeed {state['ds_precision']}, "

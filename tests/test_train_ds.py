@@ -259,6 +259,7 @@ def test_resume_under_another_zero_stage_is_refused(tmp_path, data_dir, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert f"train.resume: {ck} was written under ZeRO-2, deepspeed={ROOT / 'configs' / 'ds_zero3.json'} is ZeRO-3" in err
+    assert f"or start a new run from its weights alone: model.path={ck}" in err
 
 
 _SIGNAL_IN_EVAL = '''
