@@ -667,12 +667,17 @@ _USED_VLLM = False
 _WORK_PREFIX = "r1vl-eval-"
 
 
+def _host() -> str:
+    """This host's name without '-', the separator of `_work_prefix`'s fields."""
+    import socket
+
+    return socket.gethostname().replace("-", "_")
+
+
 def _work_prefix(pid: int | None = None) -> str:
     """The vLLM engine's temporary model folder's prefix: this host and process (or `pid`), for
     `_sweep_stale_work`."""
-    import socket
-
-    return f"{_WORK_PREFIX}{socket.gethostname().replace('-', '_')}-{os.getpid() if pid is None else pid}-"
+    return f"{_WORK_PREFIX}{_host()}-{os.getpid() if pid is None else pid}-"
 
 
 def _sweep_stale_work(tmp: str | os.PathLike | None = None) -> list[Path]:
@@ -681,10 +686,9 @@ def _sweep_stale_work(tmp: str | os.PathLike | None = None) -> list[Path]:
     runs), found by their process being gone. Another host's (a temporary directory on a shared
     file system) and a live or foreign process's are left. Returns those removed."""
     import shutil
-    import socket
     import tempfile
 
-    host = socket.gethostname().replace("-", "_")
+    host = _host()
     removed = []
     for p in Path(tmp or tempfile.gettempdir()).glob(f"{_WORK_PREFIX}{host}-*-*"):
         pid = p.name[len(_WORK_PREFIX) + len(host) + 1:].split("-", 1)[0]
