@@ -124,12 +124,11 @@ def main(which: str, out: Path, backend: str = "ddp", data: str = "text") -> Non
         cls = mod.FusedGRPOTrainer
     else:
         cls = GRPOTrainer
-    def text(c):  # (a conversational prompt's completion is a list of messages)
-        return c if isinstance(c, str) else c[0]["content"]
+    def reward(completions, **kw):  # (a conversational prompt's completion is a list of messages)
+        texts = [c if isinstance(c, str) else c[0]["content"] for c in completions]
+        return [sum(ch.isdigit() for ch in t) / max(len(t), 1) + 0.05 * len(t) for t in texts]
 
-    trainer = cls(model=model, reward_funcs=lambda completions, **kw: [
-        sum(ch.isdigit() for ch in text(c)) / max(len(text(c)), 1) + 0.05 * len(text(c)) for c in completions],
-        args=args, train_dataset=prompts, processing_class=tok)
+    trainer = cls(model=model, reward_funcs=reward, args=args, train_dataset=prompts, processing_class=tok)
     if backend == "fsdp2":
         from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
